@@ -1,0 +1,47 @@
+"""fastvit: fused Triton/CUDA kernels for Vision Transformers behind a timm-compatible model.
+
+import fastvit
+model = fastvit.create_model("vit_base_patch16_224", num_classes=10)
+fastvit.backends()            # which fused backends can run here, and why not
+"""
+
+from fastvit import ops
+from fastvit.convert import from_hf, from_timm, from_torchvision, load_weights
+from fastvit.dispatch import backends, get_default_backend, set_default_backend
+from fastvit.model import (
+    PRESETS,
+    VisionTransformer,
+    ViT,
+    create_model,
+    list_models,
+    vit_base_patch16_224,
+    vit_base_patch32_224,
+    vit_huge_patch14_224,
+    vit_large_patch16_224,
+    vit_small_patch16_224,
+    vit_tiny_patch16_224,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "backends",
+    "get_default_backend",
+    "set_default_backend",
+    "VisionTransformer",
+    "ViT",
+    "PRESETS",
+    "create_model",
+    "list_models",
+    "from_timm",
+    "from_torchvision",
+    "from_hf",
+    "load_weights",
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "vit_base_patch32_224",
+    "vit_large_patch16_224",
+    "vit_huge_patch14_224",
+]

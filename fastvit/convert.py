@@ -1,0 +1,510 @@
+"""Weights in and out: timm, torchvision and Hugging Face ViT checkpoints to fastvit and back.
+
+fastvit's state dict *is* timm's, so converting means renaming keys (and packing/unpacking q, k, v).
+``load_weights`` accepts any of the three formats (auto-detected), from a state dict or a file
+(``.safetensors``, or a torch checkpoint loaded with ``weights_only=True``), resamples the position
+embedding to the model's patch grid, and checks every key and shape *before* touching the model, so
+a mismatched checkpoint raises a clear error and never leaves a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from fastvit.layers import LayerNorm, resample_abs_pos_embed
+from fastvit.model import VisionTransformer
+
+StateDict = dict[str, torch.Tensor]
+
+# embed_dim -> num_heads of the standard ViT sizes (Ti, S, B, L, H); anything else needs num_heads=.
+_STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+HF_LAYER_NORM_EPS = 1e-12  # transformers' ViTConfig default (google/vit-* checkpoints use it)
+
+# ------------------------------------------------------------------------------------------------
+# Files and formats
+
+
+def load_state_dict_file(path: str | os.PathLike) -> StateDict:
+    """Read a checkpoint file: safetensors, or a torch file (``weights_only=True``) possibly wrapped in
+    ``{'model': ...}`` / ``{'state_dict': ...}`` / ``{'state_dict_ema': ...}``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip archives, ...
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    return unwrap_state_dict(obj, source=path)
+
+
+def unwrap_state_dict(obj: object, source: str = "state_dict") -> StateDict:
+    """Unwrap the usual training-checkpoint containers down to a flat {name: tensor} dict."""
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{source}: expected a state dict (mapping of name -> tensor), got {type(obj).__name__}")
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    state = {}
+    for name, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{source}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        state[name[len("module.") :] if name.startswith("module.") else name] = value
+    return state
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """'timm' (also fastvit), 'torchvision' or 'hf', from characteristic key names."""
+    keys = set(state_dict)
+    if "patch_embed.proj.weight" in keys:
+        return "timm"
+    if "conv_proj.weight" in keys and any(k.startswith("encoder.layers.") for k in keys):
+        return "torchvision"
+    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in keys):
+        return "hf"
+    sample = ", ".join(sorted(keys)[:5])
+    raise ValueError(
+        "unrecognised checkpoint: expected a timm/fastvit ('patch_embed.proj.weight'), torchvision "
+        f"('conv_proj.weight') or Hugging Face ViT ('embeddings.patch_embeddings...') state dict; "
+        f"keys start with: {sample}"
+    )
+
+
+def to_timm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Any supported format -> timm/fastvit key names."""
+    fmt = detect_format(state_dict)
+    if fmt == "torchvision":
+        return torchvision_to_timm(state_dict)
+    if fmt == "hf":
+        return hf_to_timm(state_dict)
+    return dict(state_dict)
+
+
+def _block_indices(state_dict: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in state_dict if (m := regex.match(k))})
+
+
+def _take(state_dict: dict, key: str, source: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise KeyError(f"{source} state dict is missing {key!r}")
+    return state_dict.pop(key)
+
+
+def _no_leftovers(remaining: Mapping, source: str) -> None:
+    if remaining:
+        raise KeyError(f"{source} state dict has keys fastvit cannot map: {', '.join(sorted(remaining)[:8])}")
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision (torchvision.models.vit_b_16 and friends)
+
+_TV_BLOCK = {
+    "ln_1": "norm1",
+    "self_attention.in_proj": "attn.qkv",
+    "self_attention.out_proj": "attn.proj",
+    "ln_2": "norm2",
+    "mlp.0": "mlp.fc1",
+    "mlp.3": "mlp.fc2",
+    # Old torchvision checkpoints name the MLP Linears linear_1/linear_2.
+    "mlp.linear_1": "mlp.fc1",
+    "mlp.linear_2": "mlp.fc2",
+}
+
+
+def torchvision_to_timm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """torchvision ``VisionTransformer`` state dict -> timm/fastvit names."""
+    src = dict(state_dict)
+    if any(k.startswith("heads.pre_logits") for k in src):
+        raise ValueError("torchvision ViTs with a representation layer (heads.pre_logits) are not supported")
+    out = {
+        "cls_token": _take(src, "class_token", "torchvision"),
+        "pos_embed": _take(src, "encoder.pos_embedding", "torchvision"),
+        "patch_embed.proj.weight": _take(src, "conv_proj.weight", "torchvision"),
+    }
+    if "conv_proj.bias" in src:
+        out["patch_embed.proj.bias"] = src.pop("conv_proj.bias")
+    for i in _block_indices(src, r"encoder\.layers\.encoder_layer_(\d+)\."):
+        prefix = f"encoder.layers.encoder_layer_{i}."
+        for tv_name, timm_name in _TV_BLOCK.items():
+            for param in ("weight", "bias"):
+                key = (
+                    f"{prefix}{tv_name}_{param}"
+                    if tv_name == "self_attention.in_proj"
+                    else f"{prefix}{tv_name}.{param}"
+                )
+                if key in src:
+                    out[f"blocks.{i}.{timm_name}.{param}"] = src.pop(key)
+    out["norm.weight"] = _take(src, "encoder.ln.weight", "torchvision")
+    out["norm.bias"] = _take(src, "encoder.ln.bias", "torchvision")
+    for param in ("weight", "bias"):
+        if f"heads.head.{param}" in src:
+            out[f"head.{param}"] = src.pop(f"heads.head.{param}")
+    _no_leftovers(src, "torchvision")
+    return out
+
+
+def timm_to_torchvision(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """timm/fastvit state dict -> torchvision ``VisionTransformer`` names (standard ViT only)."""
+    src = dict(state_dict)
+    out = {
+        "class_token": _take(src, "cls_token", "timm"),
+        "encoder.pos_embedding": _take(src, "pos_embed", "timm"),
+        "conv_proj.weight": _take(src, "patch_embed.proj.weight", "timm"),
+    }
+    if "patch_embed.proj.bias" in src:
+        out["conv_proj.bias"] = src.pop("patch_embed.proj.bias")
+    reverse = {timm_name: tv_name for tv_name, timm_name in _TV_BLOCK.items() if "linear_" not in tv_name}
+    for i in _block_indices(src, r"blocks\.(\d+)\."):
+        for timm_name, tv_name in reverse.items():
+            for param in ("weight", "bias"):
+                key = f"blocks.{i}.{timm_name}.{param}"
+                if key not in src:
+                    continue
+                sep = "_" if tv_name == "self_attention.in_proj" else "."
+                out[f"encoder.layers.encoder_layer_{i}.{tv_name}{sep}{param}"] = src.pop(key)
+    out["encoder.ln.weight"] = _take(src, "norm.weight", "timm")
+    out["encoder.ln.bias"] = _take(src, "norm.bias", "timm")
+    for param in ("weight", "bias"):
+        if f"head.{param}" in src:
+            out[f"heads.head.{param}"] = src.pop(f"head.{param}")
+    _no_leftovers(src, "timm (for torchvision)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face transformers (ViTModel / ViTForImageClassification)
+#
+# Two key layouts exist: "legacy" (transformers < 5, and the checkpoint files on the Hub, e.g.
+# google/vit-base-patch16-224) and "v5" (the module names of transformers >= 5, which renames
+# legacy files on load). Both are read; timm_to_hf writes either.
+
+_HF_LAYOUTS = {
+    "legacy": dict(
+        block="encoder.layer.{i}.",
+        qkv=("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+        names={
+            "layernorm_before": "norm1",
+            "attention.output.dense": "attn.proj",
+            "layernorm_after": "norm2",
+            "intermediate.dense": "mlp.fc1",
+            "output.dense": "mlp.fc2",
+        },
+    ),
+    "v5": dict(
+        block="layers.{i}.",
+        qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+        names={
+            "layernorm_before": "norm1",
+            "attention.o_proj": "attn.proj",
+            "layernorm_after": "norm2",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        },
+    ),
+}
+
+
+def hf_to_timm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Hugging Face ``ViTModel``/``ViTForImageClassification`` state dict (either layout) -> timm/fastvit names.
+
+    The ``pooler`` (dense + tanh, unused by image classification) and ``mask_token`` have no timm
+    counterpart and are dropped.
+    """
+    src = dict(state_dict)
+    p = "vit." if "vit.embeddings.cls_token" in src else ""
+    layout = _HF_LAYOUTS["legacy" if any(k.startswith(f"{p}encoder.layer.") for k in src) else "v5"]
+    for key in [k for k in src if k.startswith(f"{p}pooler.") or k == f"{p}embeddings.mask_token"]:
+        del src[key]
+    out = {
+        "cls_token": _take(src, f"{p}embeddings.cls_token", "Hugging Face"),
+        "pos_embed": _take(src, f"{p}embeddings.position_embeddings", "Hugging Face"),
+        "patch_embed.proj.weight": _take(src, f"{p}embeddings.patch_embeddings.projection.weight", "Hugging Face"),
+    }
+    if f"{p}embeddings.patch_embeddings.projection.bias" in src:
+        out["patch_embed.proj.bias"] = src.pop(f"{p}embeddings.patch_embeddings.projection.bias")
+    block_regex = re.escape(p + layout["block"]).replace(re.escape("{i}"), r"(\d+)")
+    for i in _block_indices(src, block_regex):
+        prefix = p + layout["block"].format(i=i)
+        for param in ("weight", "bias"):
+            parts = [f"{prefix}{name}.{param}" for name in layout["qkv"]]
+            if all(k in src for k in parts):
+                out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat([src.pop(k) for k in parts], dim=0)
+            for hf_name, timm_name in layout["names"].items():
+                if f"{prefix}{hf_name}.{param}" in src:
+                    out[f"blocks.{i}.{timm_name}.{param}"] = src.pop(f"{prefix}{hf_name}.{param}")
+    out["norm.weight"] = _take(src, f"{p}layernorm.weight", "Hugging Face")
+    out["norm.bias"] = _take(src, f"{p}layernorm.bias", "Hugging Face")
+    for param in ("weight", "bias"):
+        if f"classifier.{param}" in src:
+            out[f"head.{param}"] = src.pop(f"classifier.{param}")
+    _no_leftovers(src, "Hugging Face")
+    return out
+
+
+def timm_to_hf(state_dict: Mapping[str, torch.Tensor], layout: str = "legacy") -> StateDict:
+    """timm/fastvit state dict -> Hugging Face names (``vit.``-prefixed with ``classifier`` when there is a head).
+
+    ``layout``: 'legacy' (Hub checkpoint files, transformers < 5) or 'v5' (transformers >= 5 modules).
+    """
+    if layout not in _HF_LAYOUTS:
+        raise ValueError(f"layout must be one of {tuple(_HF_LAYOUTS)}, got {layout!r}")
+    spec = _HF_LAYOUTS[layout]
+    src = dict(state_dict)
+    has_head = "head.weight" in src
+    p = "vit." if has_head else ""
+    out = {
+        f"{p}embeddings.cls_token": _take(src, "cls_token", "timm"),
+        f"{p}embeddings.position_embeddings": _take(src, "pos_embed", "timm"),
+        f"{p}embeddings.patch_embeddings.projection.weight": _take(src, "patch_embed.proj.weight", "timm"),
+    }
+    if "patch_embed.proj.bias" in src:
+        out[f"{p}embeddings.patch_embeddings.projection.bias"] = src.pop("patch_embed.proj.bias")
+    for i in _block_indices(src, r"blocks\.(\d+)\."):
+        prefix = p + spec["block"].format(i=i)
+        for param in ("weight", "bias"):
+            if f"blocks.{i}.attn.qkv.{param}" in src:
+                for name, part in zip(spec["qkv"], src.pop(f"blocks.{i}.attn.qkv.{param}").chunk(3)):
+                    out[f"{prefix}{name}.{param}"] = part
+            for hf_name, timm_name in spec["names"].items():
+                if f"blocks.{i}.{timm_name}.{param}" in src:
+                    out[f"{prefix}{hf_name}.{param}"] = src.pop(f"blocks.{i}.{timm_name}.{param}")
+    out[f"{p}layernorm.weight"] = _take(src, "norm.weight", "timm")
+    out[f"{p}layernorm.bias"] = _take(src, "norm.bias", "timm")
+    if has_head:
+        out["classifier.weight"] = src.pop("head.weight")
+        out["classifier.bias"] = _take(src, "head.bias", "timm")
+    _no_leftovers(src, "timm (for Hugging Face)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Architecture from weights
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None) -> dict:
+    """``VisionTransformer`` arguments that reproduce the architecture of a timm-named state dict.
+
+    Weights do not record the head count, the LayerNorm eps or the pooling: ``num_heads`` defaults to
+    the standard ViT size for the width (Ti 3, S 6, B 12, L 16, H 16), eps to 1e-6 and pooling to
+    'token' (or 'avg' with an fc_norm); override them as keyword arguments where they differ.
+    """
+    if "patch_embed.proj.weight" not in state_dict:
+        raise KeyError("state dict has no 'patch_embed.proj.weight': not a timm/fastvit ViT")
+    embed_dim, in_chans, patch_h, patch_w = state_dict["patch_embed.proj.weight"].shape
+    depth = len(_block_indices(state_dict, r"blocks\.(\d+)\."))
+    if num_heads is None:
+        if embed_dim not in _STANDARD_HEADS:
+            raise ValueError(
+                f"cannot infer num_heads for embed_dim={embed_dim} (not a standard ViT width); pass num_heads="
+            )
+        num_heads = _STANDARD_HEADS[embed_dim]
+    class_token = "cls_token" in state_dict
+    reg_tokens = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
+    num_prefix = int(class_token) + reg_tokens
+    has_fc_norm = "fc_norm.weight" in state_dict
+    config = dict(
+        patch_size=(patch_h, patch_w) if patch_h != patch_w else patch_h,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        num_classes=state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0,
+        class_token=class_token,
+        reg_tokens=reg_tokens,
+        global_pool="token" if class_token and not has_fc_norm else "avg",
+        fc_norm=has_fc_norm,
+        final_norm="norm.weight" in state_dict or has_fc_norm,
+        pre_norm="norm_pre.weight" in state_dict,
+    )
+    if depth:
+        config["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+        config["qkv_bias"] = "blocks.0.attn.qkv.bias" in state_dict
+        config["proj_bias"] = "blocks.0.attn.proj.bias" in state_dict
+        if "blocks.0.ls1.gamma" in state_dict:
+            config["init_values"] = 1e-5  # any non-zero value builds LayerScale; the weights set gamma
+    if "pos_embed" not in state_dict:
+        config["pos_embed"] = "none"
+        return config
+    num_pos = state_dict["pos_embed"].shape[1]
+    side = math.isqrt(num_pos - num_prefix) if num_pos >= num_prefix else 0
+    if side * side == num_pos - num_prefix and side > 0:
+        config["no_embed_class"] = False
+    elif math.isqrt(num_pos) ** 2 == num_pos:
+        side = math.isqrt(num_pos)
+        config["no_embed_class"] = True
+    else:
+        raise ValueError(f"pos_embed with {num_pos} tokens and {num_prefix} prefix tokens is not a square patch grid")
+    config["img_size"] = (side * patch_h, side * patch_w)
+    return config
+
+
+def _adapt_pos_embed(state_dict: StateDict, model: VisionTransformer) -> StateDict:
+    """Resample the checkpoint's position embedding to the model's patch grid (e.g. 224 -> 384 px)."""
+    posemb = state_dict.get("pos_embed")
+    if posemb is None or model.pos_embed is None or posemb.shape == model.pos_embed.shape:
+        return state_dict
+    if posemb.dim() != 3 or posemb.shape[-1] != model.pos_embed.shape[-1]:
+        raise ValueError(
+            f"pos_embed: checkpoint has shape {tuple(posemb.shape)}, the model expects {tuple(model.pos_embed.shape)}"
+        )
+    num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    state_dict = dict(state_dict)
+    state_dict["pos_embed"] = resample_abs_pos_embed(posemb, model.patch_embed.grid_size, num_prefix_tokens=num_prefix)
+    return state_dict
+
+
+def load_weights(model: VisionTransformer, source, strict: bool = True) -> VisionTransformer:
+    """Load ``source`` (a state dict in any supported format, an ``nn.Module``, or a checkpoint path) into ``model``.
+
+    The position embedding is resampled to the model's grid. Every key and shape is checked first:
+    missing or unexpected keys raise ``KeyError`` (unexpected ones only with ``strict=True``),
+    a shape mismatch raises ``ValueError``, and in either case the model is left untouched.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        state_dict = load_state_dict_file(source)
+    else:
+        state_dict = unwrap_state_dict(source)
+    state_dict = _adapt_pos_embed(to_timm_state_dict(state_dict), model)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or (strict and unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys the model needs: {', '.join(missing[:8])}")
+        if strict and unexpected:
+            parts.append(f"{len(unexpected)} keys the model does not have: {', '.join(unexpected[:8])}")
+        raise KeyError("checkpoint does not match the model architecture: " + "; ".join(parts))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state_dict[k].shape != v.shape
+    ]
+    if mismatched:
+        raise ValueError("checkpoint shapes do not match the model: " + "; ".join(mismatched[:8]))
+    model.load_state_dict({k: state_dict[k] for k in expected}, strict=True)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole-model converters
+
+
+def _build(state_dict: StateDict, config: dict, overrides: dict) -> VisionTransformer:
+    model = VisionTransformer(**{**config, **overrides, "weight_init": "skip"})
+    return load_weights(model, state_dict)
+
+
+def _gelu_layer(act: nn.Module):
+    if isinstance(act, nn.GELU):
+        return partial(nn.GELU, approximate=act.approximate)
+    name = type(act).__name__
+    if name in ("GELU", "GELUTanh"):  # timm.layers.activations
+        return partial(nn.GELU, approximate="tanh" if "Tanh" in name else "none")
+    raise ValueError(f"activation {name} is not supported by fastvit (GELU, exact or tanh, only)")
+
+
+def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
+    """A fastvit ``VisionTransformer`` with the weights of a timm ViT (module or state dict).
+
+    From a module, the whole configuration is read off it; from a state dict it is inferred
+    (:func:`infer_config`) and ``overrides`` (e.g. ``num_heads=``, ``img_size=``, ``global_pool=``)
+    fill in or change what weights cannot tell. A different ``img_size`` resamples the position
+    embedding. Unsupported timm features (attention pooling, qk-norm, other block types) raise ``ValueError``.
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        return _build(model_or_state_dict.state_dict(), _timm_module_config(model_or_state_dict), overrides)
+    state_dict = to_timm_state_dict(unwrap_state_dict(model_or_state_dict))
+    return _build(state_dict, infer_config(state_dict, overrides.get("num_heads")), overrides)
+
+
+def _timm_module_config(model: nn.Module) -> dict:
+    required = ("patch_embed", "blocks", "norm", "head", "global_pool", "num_prefix_tokens")
+    if not all(hasattr(model, attr) for attr in required):
+        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError(f"global_pool={model.global_pool!r} (attention pooling) is not supported by fastvit")
+    if not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity):
+        raise ValueError("a patch-embedding norm layer (embed_norm_layer) is not supported by fastvit")
+    config = infer_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 1)
+    if len(model.blocks):
+        block = model.blocks[0]
+        attn = block.attn
+        for part in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
+                raise ValueError(f"attention {part} (qk-norm / scale-norm) is not supported by fastvit")
+        if not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(block.mlp, "fc1"):
+            raise ValueError(f"MLP {type(block.mlp).__name__} with a norm or gating is not supported by fastvit")
+        if type(block).__name__ != "Block":
+            raise ValueError(f"block type {type(block).__name__} is not supported by fastvit (pre-norm Block only)")
+        config["norm_layer"] = partial(LayerNorm, eps=block.norm1.eps)
+        config["act_layer"] = _gelu_layer(block.mlp.act)
+        if not isinstance(block.ls1, nn.Identity):
+            config["init_values"] = float(block.ls1.init_values)
+    config.update(
+        img_size=tuple(model.patch_embed.img_size),
+        global_pool=model.global_pool,
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        no_embed_class=bool(getattr(model, "no_embed_class", False)),
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+    )
+    return config
+
+
+def from_torchvision(model_or_state_dict, **overrides) -> VisionTransformer:
+    """A fastvit ``VisionTransformer`` from a torchvision ViT (``torchvision.models.vit_b_16`` etc.)."""
+    if isinstance(model_or_state_dict, nn.Module):
+        tv = model_or_state_dict
+        state_dict = torchvision_to_timm(tv.state_dict())
+        config = infer_config(state_dict, num_heads=tv.encoder.layers[0].num_heads)
+        config["img_size"] = tv.image_size
+        config["norm_layer"] = partial(LayerNorm, eps=tv.encoder.ln.eps)
+        return _build(state_dict, config, overrides)
+    state_dict = torchvision_to_timm(unwrap_state_dict(model_or_state_dict))
+    return _build(state_dict, infer_config(state_dict, overrides.get("num_heads")), overrides)
+
+
+def from_hf(model_or_state_dict, **overrides) -> VisionTransformer:
+    """A fastvit ``VisionTransformer`` from a Hugging Face ``ViTModel`` / ``ViTForImageClassification``.
+
+    HF ViTs use LayerNorm eps 1e-12 (``config.layer_norm_eps``); it is read from a module and assumed
+    for a bare state dict (override with ``norm_layer=partial(fastvit.layers.LayerNorm, eps=...)``).
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        hf = model_or_state_dict
+        cfg = hf.config
+        state_dict = hf_to_timm(hf.state_dict())
+        config = infer_config(state_dict, num_heads=cfg.num_attention_heads)
+        act = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}.get(cfg.hidden_act)
+        if act is None:
+            raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported by fastvit (GELU only)")
+        config.update(
+            img_size=cfg.image_size,
+            norm_layer=partial(LayerNorm, eps=cfg.layer_norm_eps),
+            act_layer=partial(nn.GELU, approximate=act),
+        )
+        return _build(state_dict, config, overrides)
+    state_dict = hf_to_timm(unwrap_state_dict(model_or_state_dict))
+    config = infer_config(state_dict, overrides.get("num_heads"))
+    config["norm_layer"] = partial(LayerNorm, eps=HF_LAYER_NORM_EPS)
+    return _build(state_dict, config, overrides)

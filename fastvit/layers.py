@@ -1,0 +1,344 @@
+"""ViT building blocks as thin ``nn.Module``s over ``fastvit.ops``.
+
+Module and parameter names follow timm (``norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1,
+mlp.fc2, ...``) so state dicts load into either library unchanged. Every module that calls an op
+has a ``backend`` attribute (None = the process default); ``VisionTransformer.set_backend`` sets
+them all. Options no fused kernel covers (dropout inside attention or the MLP while training,
+a non-LayerNorm norm layer, a non-GELU activation) run the reference path for that module only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastvit import ops
+
+
+def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (eps 1e-6 by default, as timm's ViT) computed by ``fastvit.ops.layer_norm``."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs) -> None:
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.bias is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: ``proj`` is a Conv2d with kernel = stride = patch size.
+
+    ``forward`` returns the [B, N, D] patch tokens. ``VisionTransformer`` instead passes
+    ``proj``'s parameters to ``fastvit.ops.patch_embed`` together with the position embedding and
+    prefix tokens, so that all of it is one op.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
+        strict_img_size: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size, "patch_size")
+        self.img_size = to_2tuple(img_size, "img_size")
+        self._check_divisible(self.img_size, "img_size")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.strict_img_size = strict_img_size
+        self.proj = nn.Conv2d(
+            in_chans,
+            embed_dim,
+            kernel_size=self.patch_size,
+            stride=self.patch_size,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+        self.norm = nn.Identity()
+        self.backend: str | None = None
+
+    def _check_divisible(self, size: tuple[int, int], what: str) -> None:
+        if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
+            raise ValueError(
+                f"{what} {size[0]}x{size[1]} is not divisible by the patch size "
+                f"{self.patch_size[0]}x{self.patch_size[1]}"
+            )
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        self.img_size = to_2tuple(img_size, "img_size")
+        self._check_divisible(self.img_size, "img_size")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def check_input(self, x: object) -> torch.Tensor:
+        """Validate an image batch: a float [B, in_chans, H, W] tensor of an acceptable size."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor image batch [B, C, H, W], got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be a 4-D image batch [B, C, H, W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"x must be a floating-point image batch, got {x.dtype}; convert integer images with "
+                "x.float() / 255 and normalise them"
+            )
+        in_chans = self.proj.in_channels
+        if x.shape[1] != in_chans:
+            raise ValueError(f"x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}")
+        size = (x.shape[2], x.shape[3])
+        if self.strict_img_size:
+            if size != self.img_size:
+                raise ValueError(
+                    f"x must be {self.img_size[0]}x{self.img_size[1]} pixels (img_size), got {size[0]}x{size[1]}; "
+                    "build the model with that img_size, or with dynamic_img_size=True"
+                )
+        else:
+            self._check_divisible(size, "image size")
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias, backend=self.backend)
+
+
+def resample_abs_pos_embed(
+    posemb: torch.Tensor,
+    new_size: tuple[int, int],
+    old_size: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resize a [1, T+H·W, D] position embedding to a new patch grid (fine-tuning at another resolution).
+
+    The T prefix (class / register) embeddings are kept; the grid part is interpolated in fp32,
+    as timm's ``resample_abs_pos_embed`` (bicubic, antialiased). ``old_size`` defaults to a square grid.
+    """
+    num_grid = posemb.shape[1] - num_prefix_tokens
+    if old_size is None:
+        side = math.isqrt(num_grid)
+        if side * side != num_grid:
+            raise ValueError(
+                f"cannot infer the patch grid of a position embedding with {num_grid} grid tokens "
+                "(not a square); pass old_size"
+            )
+        old_size = (side, side)
+    if old_size[0] * old_size[1] != num_grid:
+        raise ValueError(f"old_size {old_size} does not match the {num_grid} grid tokens of posemb")
+    if tuple(old_size) == tuple(new_size):
+        return posemb
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    dim = posemb.shape[-1]
+    grid = grid.float().reshape(1, old_size[0], old_size[1], dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_size), mode=interpolation, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(posemb.dtype)
+    return torch.cat([prefix, grid], dim=1) if num_prefix_tokens else grid
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv Linear -> ``ops.qkv_attention`` on the packed buffer -> proj."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        x = ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """fc1 -> act -> drop1 -> fc2 -> drop2, with timm's ``Mlp`` names."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        bias: bool = True,
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable residual scale (CaiT / DeiT-III), parameter ``gamma``."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values), device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero the residual branch of whole samples with probability ``drop_prob``."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
+        return x * mask / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class PatchDropout(nn.Module):
+    """Keep a random subset of patch tokens while training (prefix tokens always kept)."""
+
+    def __init__(self, prob: float, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"patch_drop_rate must be in [0, 1), got {prob}")
+        self.prob = prob
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        batch, num_patches = patches.shape[:2]
+        num_keep = max(1, int(num_patches * (1.0 - self.prob)))
+        keep = torch.argsort(torch.randn(batch, num_patches, device=x.device), dim=-1)[:, :num_keep]
+        patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([prefix, patches], dim=1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+
+    The MLP half runs as one ``ops.ln_mlp`` call (LayerNorm, fc1, GELU, fc2 and the residual add)
+    whenever its pieces are the standard ones: ``norm2`` a LayerNorm, ``mlp.act`` a GELU, and no
+    MLP dropout active. LayerScale and drop-path, when present, are applied to its un-added output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = LayerNorm,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = Attention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            **dd,
+        )
+        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop, **dd)
+        self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.backend: str | None = None
+        # Fast paths are chosen once, here (timm's habit); only dropout depends on train/eval.
+        self.fuse_mlp = (
+            isinstance(self.norm2, nn.LayerNorm)
+            and self.norm2.weight is not None
+            and self.norm2.bias is not None
+            and type(self.mlp.act) is nn.GELU
+        )
+        self.mlp_residual_in_op = isinstance(self.ls2, nn.Identity) and isinstance(self.drop_path2, nn.Identity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        mlp_dropout = self.training and (self.mlp.drop1.p > 0.0 or self.mlp.drop2.p > 0.0)
+        if not self.fuse_mlp or mlp_dropout:
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        out = ops.ln_mlp(
+            x,
+            self.norm2.weight,
+            self.norm2.bias,
+            self.mlp.fc1.weight,
+            self.mlp.fc1.bias,
+            self.mlp.fc2.weight,
+            self.mlp.fc2.bias,
+            eps=self.norm2.eps,
+            approximate=self.mlp.act.approximate,
+            residual=self.mlp_residual_in_op,
+            backend=self.backend,
+        )
+        return out if self.mlp_residual_in_op else x + self.drop_path2(self.ls2(out))

@@ -1,0 +1,540 @@
+"""fastvit's VisionTransformer: timm's ViT classifier, same arguments, same state_dict, fused ops inside.
+
+Reference: Dosovitskiy et al., "An Image is Worth 16x16 Words" (arXiv:2010.11929); the module
+layout, argument names and defaults follow ``timm.models.vision_transformer.VisionTransformer``
+so that ``load_state_dict(timm_model.state_dict(), strict=True)`` works both ways.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from fastvit import dispatch, ops
+from fastvit.layers import Block, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
+
+GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token")
+WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
+OPS_USED = ["patch_embed", "layer_norm", "qkv_attention", "ln_mlp"]
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer classifier, timm-compatible, running its blocks through ``fastvit.ops``.
+
+    Args:
+        img_size: Input image size (int or (H, W)).
+        patch_size: Patch size (int or (P, P)).
+        in_chans: Number of image channels.
+        num_classes: Classifier outputs; 0 for no head (features only).
+        global_pool: '' | 'avg' | 'avgmax' | 'max' | 'token' (class token).
+        embed_dim: Token width D.
+        depth: Number of blocks.
+        num_heads: Attention heads per block.
+        mlp_ratio: MLP hidden width / D.
+        qkv_bias: Bias in the qkv Linear.
+        proj_bias: Bias in the attention proj and the MLP Linears.
+        init_values: LayerScale init value (LayerScale off when None/0).
+        class_token: Prepend a learnable class token.
+        pos_embed: 'learn' (learned absolute position embedding) or 'none'.
+        no_embed_class: Position embedding covers the patch tokens only (DeiT-III, big_vision).
+        reg_tokens: Number of register tokens.
+        pre_norm: LayerNorm after the embedding (CLIP); also drops the patch-projection bias.
+        final_norm: LayerNorm after the blocks.
+        fc_norm: Norm after pooling instead of before; None = on for 'avg'/'avgmax'/'max' pooling.
+        pool_include_prefix: Average/max pooling includes the prefix tokens.
+        dynamic_img_size: Accept any image size divisible by the patch (position embedding resampled).
+        drop_rate: Head dropout.
+        pos_drop_rate: Dropout after adding the position embedding.
+        patch_drop_rate: Fraction of patch tokens dropped while training.
+        proj_drop_rate: Dropout after attention proj and in the MLP.
+        attn_drop_rate: Attention-probability dropout.
+        drop_path_rate: Stochastic depth, rising linearly to this rate over the blocks.
+        weight_init: '' (timm) | 'jax' | 'jax_nlhb' | 'moco' | 'reset' | 'skip'.
+        fix_init: Scale proj/fc2 weights by 1/sqrt(2·(layer+1)).
+        norm_layer: Norm class, default ``fastvit.layers.LayerNorm`` with eps 1e-6.
+        act_layer: MLP activation class, default ``nn.GELU`` (exact erf).
+        block_fn: Block class.
+        backend: 'auto' | 'triton' | 'cuda' | 'torch'; None = the process default (FASTVIT_BACKEND).
+        device, dtype: Where and in which dtype to create parameters.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        init_values: float | None = None,
+        class_token: bool = True,
+        pos_embed: str = "learn",
+        no_embed_class: bool = False,
+        reg_tokens: int = 0,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: bool | None = None,
+        pool_include_prefix: bool = False,
+        dynamic_img_size: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        patch_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        weight_init: str = "",
+        fix_init: bool = False,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        act_layer: Callable[[], nn.Module] | None = None,
+        block_fn: Callable[..., nn.Module] = Block,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_config(
+            num_classes=num_classes,
+            global_pool=global_pool,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            class_token=class_token,
+            pos_embed=pos_embed,
+            reg_tokens=reg_tokens,
+            in_chans=in_chans,
+            weight_init=weight_init,
+            rates=dict(
+                drop_rate=drop_rate,
+                pos_drop_rate=pos_drop_rate,
+                patch_drop_rate=patch_drop_rate,
+                proj_drop_rate=proj_drop_rate,
+                attn_drop_rate=attn_drop_rate,
+                drop_path_rate=drop_path_rate,
+            ),
+        )
+        dd = {"device": device, "dtype": dtype}
+        use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
+        norm_layer = norm_layer or partial(LayerNorm, eps=1e-6)
+        act_layer = act_layer or nn.GELU
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_reg_tokens = reg_tokens
+        self.has_class_token = class_token
+        self.no_embed_class = no_embed_class
+        self.pool_include_prefix = pool_include_prefix
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            bias=not pre_norm,
+            strict_img_size=not dynamic_img_size,
+            **dd,
+        )
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd)) if class_token else None
+        self.reg_token = nn.Parameter(torch.empty(1, reg_tokens, embed_dim, **dd)) if reg_tokens else None
+        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        self.pos_embed = None if pos_embed in ("none", "") else nn.Parameter(torch.empty(1, embed_len, embed_dim, **dd))
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
+        self.patch_drop = (
+            PatchDropout(patch_drop_rate, num_prefix_tokens=self.num_prefix_tokens)
+            if patch_drop_rate > 0
+            else nn.Identity()
+        )
+        self.norm_pre = norm_layer(embed_dim, **dd) if pre_norm else nn.Identity()
+
+        drop_path_rates = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.Sequential(
+            *[
+                block_fn(
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_bias=proj_bias,
+                    init_values=init_values,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=drop_path_rates[i],
+                    norm_layer=norm_layer,
+                    act_layer=act_layer,
+                    **dd,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.norm = norm_layer(embed_dim, **dd) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim, **dd) if final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+        self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
+        self.fix_init = fix_init
+        if weight_init != "skip":
+            self.init_weights()
+        self.set_backend(backend)
+
+    # ------------------------------------------------------------------------------------------
+    # Backends
+
+    def set_backend(self, backend: str | None) -> VisionTransformer:
+        """Run every op of this model on ``backend`` ('auto' | 'triton' | 'cuda' | 'torch' | None).
+
+        An explicit fused backend must implement every op the model uses (checked here); 'auto'
+        takes the fused kernel for each op where one exists for the input's device, else the reference.
+        """
+        import fastvit.ops  # noqa: F401  (op registrations)
+
+        dispatch.check_backend_supports(backend, OPS_USED)
+        self.backend = backend
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
+                module.backend = backend
+        return self
+
+    def backend_plan(self, device: torch.device | str = "cpu") -> dict[str, str]:
+        """Which backend each op resolves to for inputs on ``device`` (raises if one cannot run there)."""
+        device = torch.device(device)
+        return {op: dispatch.resolve(op, self.backend, device) for op in OPS_USED}
+
+    # ------------------------------------------------------------------------------------------
+    # Initialisation (timm's schemes)
+
+    def init_weights(self, mode: str = "") -> None:
+        mode = mode or self.weight_init_mode
+        if mode not in WEIGHT_INITS or mode == "skip":
+            raise ValueError(f"init mode must be one of {WEIGHT_INITS[:-1]}, got {mode!r}")
+        head_bias = -math.log(self.num_classes) if "nlhb" in mode and self.num_classes > 0 else 0.0
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        for name, module in self.named_modules():
+            _init_module(module, name, mode, head_bias)
+        if self.fix_init:
+            with torch.no_grad():
+                for layer_id, block in enumerate(self.blocks):
+                    scale = math.sqrt(2.0 * (layer_id + 1))
+                    block.attn.proj.weight.div_(scale)
+                    block.mlp.fc2.weight.div_(scale)
+
+    # ------------------------------------------------------------------------------------------
+    # timm API
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh ``num_classes``-way Linear (0 = no head), optionally changing pooling."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+            if global_pool == "token" and not self.has_class_token:
+                raise ValueError("global_pool='token' needs the class token (model built with class_token=False)")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = next(self.parameters())
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.head.train(self.training)
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Change the input resolution, resampling the position embedding to the new patch grid."""
+        prev_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size)
+        if self.pos_embed is not None and self.patch_embed.grid_size != prev_grid:
+            num_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            resampled = resample_abs_pos_embed(
+                self.pos_embed.detach(), self.patch_embed.grid_size, prev_grid, num_prefix_tokens=num_prefix
+            )
+            self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def _prefix_tokens(self) -> torch.Tensor | None:
+        if self.cls_token is not None and self.reg_token is not None:
+            return torch.cat([self.cls_token, self.reg_token], dim=1)
+        return self.cls_token if self.cls_token is not None else self.reg_token
+
+    def _pos_embed_for(self, height: int, width: int) -> torch.Tensor | None:
+        if self.pos_embed is None or not self.dynamic_img_size:
+            return self.pos_embed
+        grid = self.patch_embed.dynamic_feat_size((height, width))
+        num_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return resample_abs_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=num_prefix)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image [B, C, H, W] -> tokens [B, T+N, D] (patches, position embedding, prefix tokens)."""
+        self.patch_embed.check_input(x)
+        pos_embed = self._pos_embed_for(x.shape[-2], x.shape[-1])
+        proj = self.patch_embed.proj
+        x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed, self._prefix_tokens(), backend=self.backend)
+        x = self.pos_drop(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image [B, C, H, W] -> normalised tokens [B, T+N, D]."""
+        x = self.embed(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            return x
+        if pool_type == "token":
+            return x[:, 0]
+        x = x if self.pool_include_prefix else x[:, self.num_prefix_tokens :]
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        if pool_type == "max":
+            return x.amax(dim=1)
+        return 0.5 * (x.amax(dim=1) + x.mean(dim=1))  # avgmax
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.fc_norm(self.pool(x))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Features after selected blocks, as timm's ``forward_intermediates``.
+
+        Args:
+            indices: last ``n`` blocks if int, these block indices if a list, all if None.
+            return_prefix_tokens: return (spatial, prefix) pairs.
+            norm: apply the final norm to each intermediate.
+            stop_early: skip the blocks after the last requested one.
+            output_fmt: 'NCHW' (spatial maps) or 'NLC' (token sequences).
+            intermediates_only: return only the intermediates.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = _take_indices(len(self.blocks), indices)
+        batch, _, height, width = self.patch_embed.check_input(x).shape
+        blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
+        intermediates = []
+        x = self.embed(x)
+        for i, block in enumerate(blocks):
+            x = self._run_block(block, x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [
+                y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
+            ]
+        if return_prefix_tokens and self.num_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+ViT = VisionTransformer
+
+# Architectures of timm's presets of the same names (timm.models.vision_transformer).
+PRESETS: dict[str, dict] = {
+    "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch32_224": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(PRESETS)
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Build a preset by timm's name; ``kwargs`` override any constructor argument (e.g. ``depth=2``).
+
+    ``pretrained=True`` is not supported (no weight downloads): build the model, then load weights
+    with ``fastvit.load_weights(model, path_or_state_dict)`` or convert one with ``fastvit.from_timm``.
+    """
+    if name not in PRESETS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    if pretrained:
+        raise ValueError(
+            "pretrained=True is not supported: fastvit downloads no weights; load a checkpoint with "
+            "fastvit.load_weights(model, path) or convert a timm model with fastvit.from_timm(model)"
+        )
+    return VisionTransformer(**{**PRESETS[name], **kwargs})
+
+
+def _make_preset(name: str) -> Callable[..., VisionTransformer]:
+    def preset(pretrained: bool = False, **kwargs) -> VisionTransformer:
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    args = ", ".join(f"{k}={v}" for k, v in PRESETS[name].items())
+    preset.__name__ = preset.__qualname__ = name
+    preset.__doc__ = f"{name}: VisionTransformer({args}); kwargs override any argument."
+    return preset
+
+
+vit_tiny_patch16_224 = _make_preset("vit_tiny_patch16_224")
+vit_small_patch16_224 = _make_preset("vit_small_patch16_224")
+vit_base_patch16_224 = _make_preset("vit_base_patch16_224")
+vit_base_patch32_224 = _make_preset("vit_base_patch32_224")
+vit_large_patch16_224 = _make_preset("vit_large_patch16_224")
+vit_huge_patch14_224 = _make_preset("vit_huge_patch14_224")
+
+
+def _take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices: asked for the last {indices} blocks of a {depth}-block model")
+        return list(range(depth - indices, depth))
+    take = [i + depth if i < 0 else i for i in indices]
+    bad = [i for i in take if not 0 <= i < depth]
+    if bad or not take:
+        raise ValueError(f"indices must name blocks in [-{depth}, {depth}), got {list(indices)}")
+    return take
+
+
+def _init_module(module: nn.Module, name: str, mode: str, head_bias: float) -> None:
+    """One module of timm's ViT init schemes ('' timm, 'jax*', 'moco', 'reset')."""
+    if mode == "reset":
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        return
+    if isinstance(module, nn.Linear):
+        if mode.startswith("jax"):
+            if name.startswith("head"):
+                nn.init.zeros_(module.weight)
+                nn.init.constant_(module.bias, head_bias)
+                return
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                if "mlp" in name:
+                    nn.init.normal_(module.bias, std=1e-6)
+                else:
+                    nn.init.zeros_(module.bias)
+            return
+        if mode == "moco" and "qkv" in name:
+            bound = math.sqrt(6.0 / float(module.weight.shape[0] // 3 + module.weight.shape[1]))
+            nn.init.uniform_(module.weight, -bound, bound)
+        elif mode == "moco":
+            nn.init.xavier_uniform_(module.weight)
+        else:
+            nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d) and mode.startswith("jax"):
+        # LeCun normal, truncated at 2 sigma (std corrected for the truncation), as big_vision.
+        fan_in = module.weight[0].numel()
+        std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _check_config(
+    *,
+    num_classes,
+    global_pool,
+    embed_dim,
+    depth,
+    num_heads,
+    mlp_ratio,
+    class_token,
+    pos_embed,
+    reg_tokens,
+    in_chans,
+    weight_init,
+    rates,
+) -> None:
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("in_chans", in_chans)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("depth", depth), ("num_classes", num_classes), ("reg_tokens", reg_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if embed_dim % num_heads != 0:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    if not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(
+            f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r} (attention pooling 'map'/'prr' "
+            "is not supported by fastvit)"
+        )
+    if global_pool == "token" and not class_token:
+        raise ValueError("global_pool='token' needs the class token; use class_token=True or global_pool='avg'")
+    if pos_embed not in ("learn", "none", ""):
+        raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
+    for name, value in rates.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+__all__ = ["VisionTransformer", "ViT", "PRESETS", "create_model", "list_models", *PRESETS]

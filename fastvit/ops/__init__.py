@@ -1,0 +1,11 @@
+"""Fused ops of a ViT, each with a pure-PyTorch reference and per-call backend dispatch.
+
+Every op accepts ``backend=`` ('auto' | 'triton' | 'cuda' | 'torch'); see ``fastvit.backends``.
+"""
+
+from fastvit.ops.attention import attention, qkv_attention
+from fastvit.ops.layer_norm import layer_norm
+from fastvit.ops.ln_mlp import ln_mlp
+from fastvit.ops.patch_embed import patch_embed
+
+__all__ = ["attention", "qkv_attention", "layer_norm", "ln_mlp", "patch_embed"]

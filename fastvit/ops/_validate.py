@@ -1,0 +1,64 @@
+"""Argument checks shared by the public ops: clear ``TypeError``/``ValueError`` naming the argument.
+
+Plain ``if``/``raise`` (never ``assert``, which ``python -O`` strips).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_tensor(name: str, value: object, *, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
+    """``value`` must be a floating-point tensor (of rank ``ndim``, or at least ``min_ndim``)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {value.dtype}"
+        )
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_shape(name: str, value: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {tuple(value.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    present = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(present.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_same_dtype(**tensors: torch.Tensor | None) -> None:
+    present = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(present.values())) > 1:
+        listing = ", ".join(f"{name} {dtype}" for name, dtype in present.items())
+        raise TypeError(f"all tensors must have one dtype, got {listing}")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_scale(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale must be None or a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_probability(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)

@@ -1,0 +1,101 @@
+"""Pure-PyTorch definitions of every fastvit op: the specification.
+
+Each fused kernel is tested against these functions (run in fp64 for the ground truth), and the
+``'torch'`` backend runs them directly, so autograd gives their backward. They take the same
+arguments as the public ops in ``fastvit.ops`` but do not validate them: validation lives in the
+op layer, once per op.
+
+Shapes: ``B`` batch, ``N`` tokens, ``H`` heads, ``D`` head dim, ``C = H*D`` width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm over the last dimension. x: [..., C], weight/bias: [C]."""
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v, no mask. q, k, v: [B, H, N, D] -> [B, H, N, D].
+
+    ``scale`` defaults to D**-0.5. The softmax runs in fp32 for fp16/bf16 inputs (the numerics rule
+    of every fastvit kernel). ``dropout_p`` drops attention probabilities (training only; the
+    fused kernels do not implement it).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)
+
+
+def qkv_attention(
+    qkv: torch.Tensor, num_heads: int, scale: float | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Multi-head self-attention on the packed output of a qkv Linear.
+
+    qkv: [B, N, 3*C], laid out as timm's ``reshape(B, N, 3, H, D)``; returns [B, N, C] (heads
+    concatenated, ready for the proj Linear).
+    """
+    batch, tokens, width3 = qkv.shape
+    head_dim = width3 // (3 * num_heads)
+    q, k, v = qkv.reshape(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attention(q, k, v, scale=scale, dropout_p=dropout_p)
+    return out.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
+
+
+def patch_embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Image to token sequence: non-overlapping P×P patches projected to D dims.
+
+    x: [B, Cin, Hin, Win] (Hin, Win divisible by P); weight: [D, Cin, P, P] (a conv kernel with
+    stride P); bias: [D] or None. ``cls_token``: [1, T, D] prefix tokens (class and/or register
+    tokens), prepended to the N patch tokens. ``pos_embed``: [1, T+N, D] is added to every token
+    (timm's default), or [1, N, D] to the patch tokens only (timm's ``no_embed_class``).
+    Returns [B, T+N, D].
+    """
+    patch = weight.shape[-2:]
+    tokens = F.conv2d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+    num_patches = tokens.shape[1]
+    if pos_embed is not None and pos_embed.shape[1] == num_patches:
+        tokens = tokens + pos_embed
+        pos_embed = None
+    if cls_token is not None:
+        tokens = torch.cat([cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed
+    return tokens
+
+
+def ln_mlp(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    approximate: str = "none",
+    residual: bool = True,
+) -> torch.Tensor:
+    """The MLP half of a pre-norm ViT block: ``x + fc2(gelu(fc1(LayerNorm(x))))``.
+
+    x: [..., C]; fc1_weight: [Hid, C]; fc2_weight: [C, Hid]. ``approximate`` is GELU's
+    ('none' = exact erf, as timm's nn.GELU; 'tanh'). ``residual=False`` drops the ``x +``.
+    """
+    hidden = F.gelu(F.linear(layer_norm(x, ln_weight, ln_bias, eps), fc1_weight, fc1_bias), approximate=approximate)
+    out = F.linear(hidden, fc2_weight, fc2_bias)
+    return x + out if residual else out
