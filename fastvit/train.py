@@ -24,7 +24,7 @@ from fastvit.data import random_shift
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 3
     label_smoothing: float = 0.1

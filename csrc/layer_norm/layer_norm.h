@@ -14,8 +14,16 @@
 
 namespace fastvit {
 
-// Argument checks shared by every device: shapes and dtypes of x, weight and bias.
-void check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+// Contiguous inputs and freshly allocated outputs of one forward call, shared by every device.
+struct LayerNormForward {
+  at::Tensor x, weight, bias;  // contiguous copies (or the inputs themselves when already contiguous)
+  at::Tensor out, mean, rstd;  // [rows, width] as x's shape; [rows] as x's leading shape
+  int64_t rows = 0, width = 0;
+};
+
+// Checks shapes, dtypes, devices and eps (ValueError/TypeError in Python), then allocates the outputs.
+LayerNormForward prepare_layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                            double eps);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                   const at::Tensor& bias, double eps);

@@ -11,7 +11,8 @@
 
 namespace fastvit {
 
-void check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+LayerNormForward prepare_layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                            double eps) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "layer_norm: x must have at least 1 dimension, got a 0-d tensor");
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
                    "layer_norm: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
@@ -29,6 +30,18 @@ void check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight, const 
                     "layer_norm: x, weight and bias must be on one device, got ", x.device(), ", ", weight.device(),
                     ", ", bias.device());
   TORCH_CHECK_VALUE(eps >= 0.0, "layer_norm: eps must be >= 0, got ", eps);
+
+  LayerNormForward fwd;
+  fwd.x = x.contiguous();
+  fwd.weight = weight.contiguous();
+  fwd.bias = bias.contiguous();
+  fwd.width = width;
+  fwd.rows = x.numel() / width;
+  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  fwd.out = at::empty_like(fwd.x);
+  fwd.mean = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(stats_dtype));
+  fwd.rstd = at::empty_like(fwd.mean);
+  return fwd;
 }
 
 namespace {
@@ -68,26 +81,17 @@ void layer_norm_fwd_cpu_kernel(const scalar_t* x, const scalar_t* weight, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                   const at::Tensor& bias, double eps) {
-  check_layer_norm_args(x, weight, bias, eps);
   TORCH_CHECK_VALUE(x.device().is_cpu(), "layer_norm_fwd_cpu: x must be a CPU tensor, got ", x.device());
-  const at::Tensor x_c = x.contiguous();
-  const at::Tensor weight_c = weight.contiguous();
-  const at::Tensor bias_c = bias.contiguous();
-  const int64_t width = x.size(-1);
-  const int64_t rows = x.numel() / width;
-  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty_like(x_c);
-  at::Tensor mean = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(stats_dtype));
-  at::Tensor rstd = at::empty_like(mean);
-  if (rows == 0) return {out, mean, rstd};
+  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps);
+  if (fwd.rows == 0) return {fwd.out, fwd.mean, fwd.rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    layer_norm_fwd_cpu_kernel<scalar_t>(x_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(),
-                                        bias_c.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows, width,
-                                        eps);
+    layer_norm_fwd_cpu_kernel<scalar_t>(fwd.x.const_data_ptr<scalar_t>(), fwd.weight.const_data_ptr<scalar_t>(),
+                                        fwd.bias.const_data_ptr<scalar_t>(), fwd.out.mutable_data_ptr<scalar_t>(),
+                                        fwd.mean.mutable_data_ptr<acc_t>(), fwd.rstd.mutable_data_ptr<acc_t>(),
+                                        fwd.rows, fwd.width, eps);
   });
-  return {out, mean, rstd};
+  return {fwd.out, fwd.mean, fwd.rstd};
 }
 
 }  // namespace fastvit

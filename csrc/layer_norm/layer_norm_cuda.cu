@@ -64,33 +64,24 @@ __global__ void layer_norm_fwd_kernel(const scalar_t* __restrict__ x,       // [
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                    const at::Tensor& bias, double eps) {
-  check_layer_norm_args(x, weight, bias, eps);
   TORCH_CHECK_VALUE(x.is_cuda(), "layer_norm_fwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const at::Tensor x_c = x.contiguous();
-  const at::Tensor weight_c = weight.contiguous();
-  const at::Tensor bias_c = bias.contiguous();
-  const int64_t width = x.size(-1);
-  const int64_t rows = x.numel() / width;
-  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty_like(x_c);
-  at::Tensor mean = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(stats_dtype));
-  at::Tensor rstd = at::empty_like(mean);
-  if (rows == 0) return {out, mean, rstd};
+  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps);
+  if (fwd.rows == 0) return {fwd.out, fwd.mean, fwd.rstd};
 
   const dim3 block(kWarpSize, kRowsPerBlock);
-  const int64_t num_blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  TORCH_CHECK_VALUE(num_blocks <= static_cast<int64_t>(INT32_MAX), "layer_norm: too many rows (", rows, ")");
+  const int64_t num_blocks = (fwd.rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  TORCH_CHECK_VALUE(num_blocks <= static_cast<int64_t>(INT32_MAX), "layer_norm: too many rows (", fwd.rows, ")");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     layer_norm_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(num_blocks), block, 0, stream>>>(
-        x_c.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(), bias_c.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows, width,
-        static_cast<acc_t>(eps));
+        fwd.x.const_data_ptr<scalar_t>(), fwd.weight.const_data_ptr<scalar_t>(), fwd.bias.const_data_ptr<scalar_t>(),
+        fwd.out.mutable_data_ptr<scalar_t>(), fwd.mean.mutable_data_ptr<acc_t>(), fwd.rstd.mutable_data_ptr<acc_t>(),
+        fwd.rows, fwd.width, static_cast<acc_t>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, mean, rstd};
+  return {fwd.out, fwd.mean, fwd.rstd};
 }
 
 }  // namespace fastvit
