@@ -7,7 +7,13 @@ fastvit.backends()            # which fused backends can run here, and why not
 
 from fastvit import ops
 from fastvit.convert import from_hf, from_timm, from_torchvision, load_weights
-from fastvit.dispatch import backends, get_default_backend, set_default_backend
+from fastvit.dispatch import (
+    backends,
+    deterministic_enabled,
+    get_default_backend,
+    set_default_backend,
+    set_deterministic,
+)
 from fastvit.model import (
     PRESETS,
     VisionTransformer,
@@ -29,6 +35,8 @@ __all__ = [
     "backends",
     "get_default_backend",
     "set_default_backend",
+    "set_deterministic",
+    "deterministic_enabled",
     "VisionTransformer",
     "ViT",
     "PRESETS",

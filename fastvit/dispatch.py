@@ -30,6 +30,7 @@ FUSED_BACKENDS = ("triton", "cuda")
 # op name -> {backend name -> implementation}; filled by the modules in fastvit/ops/ at import.
 _IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}
 _default_backend: str | None = None  # None: read FASTVIT_BACKEND on first use
+_deterministic = False
 
 
 def _check_backend_name(name: object, what: str) -> str:
@@ -50,6 +51,23 @@ def set_default_backend(name: str) -> None:
     """Set the process-wide default backend (overrides ``FASTVIT_BACKEND``)."""
     global _default_backend
     _default_backend = _check_backend_name(name, "backend")
+
+
+def set_deterministic(enabled: bool = True) -> None:
+    """Ask every fused kernel for bit-identical results run to run (no atomics in reductions).
+
+    Also on whenever ``torch.use_deterministic_algorithms(True)`` is: kernels check
+    :func:`deterministic_enabled`, which honours both.
+    """
+    global _deterministic
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _deterministic = enabled
+
+
+def deterministic_enabled() -> bool:
+    """True when ``fastvit.set_deterministic(True)`` or ``torch.use_deterministic_algorithms(True)`` is in force."""
+    return _deterministic or torch.are_deterministic_algorithms_enabled()
 
 
 def register(op_name: str, backend: str) -> Callable[[Callable], Callable]:

@@ -297,3 +297,19 @@ def test_mixed_devices_are_rejected():
         ops.layer_norm(torch.randn(2, 6), torch.ones(6, device="meta"), torch.zeros(6))
     with pytest.raises(ValueError, match="one device"):
         ops.patch_embed(torch.randn(1, 3, 8, 8), torch.randn(8, 3, 4, 4), None, torch.randn(1, 4, 8, device="meta"))
+
+
+def test_deterministic_flag_and_torch_setting():
+    assert not fastvit.deterministic_enabled()
+    fastvit.set_deterministic(True)
+    try:
+        assert fastvit.deterministic_enabled()
+    finally:
+        fastvit.set_deterministic(False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert fastvit.deterministic_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        fastvit.set_deterministic(1)
