@@ -22,6 +22,7 @@ from fastvit.model import (
     list_models,
     vit_base_patch16_224,
     vit_base_patch32_224,
+    vit_digits_patch4_32,
     vit_huge_patch14_224,
     vit_large_patch16_224,
     vit_small_patch16_224,
@@ -52,4 +53,5 @@ __all__ = [
     "vit_base_patch32_224",
     "vit_large_patch16_224",
     "vit_huge_patch14_224",
+    "vit_digits_patch4_32",
 ]

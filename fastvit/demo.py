@@ -1,9 +1,10 @@
 """``python -m fastvit demo``: train a small ViT on the bundled digits, save it, and time it against the reference.
 
-Steps: load scikit-learn's digits (8×8, upsampled to 32×32), train a 4-block ViT with 4×4 patches
-(AdamW, warm-up + cosine, label smoothing) with tqdm progress, report test accuracy, save a
-safetensors checkpoint, metrics JSON and a PNG of the curves, then print a side-by-side throughput
-table of fastvit and the reference implementations measured in the same process.
+Steps: train ``vit_digits_patch4_32`` (4 blocks, D=64, 4×4 patches) on scikit-learn's digits (8×8,
+upsampled to 32×32) with the ``train`` command's defaults (AdamW, warm-up + cosine, label smoothing,
+tqdm progress), report test accuracy, save a safetensors checkpoint, metrics and a PNG of the curves,
+then print a side-by-side throughput table of fastvit and the reference implementations measured in
+the same process.
 """
 
 from __future__ import annotations
@@ -12,31 +13,21 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import torch
 
 import fastvit
-from fastvit import dispatch
-from fastvit.data import DIGITS_NUM_CLASSES, digits_tensors
-from fastvit.model import OPS_USED, VisionTransformer
-from fastvit.train import TrainConfig, evaluate, fit, plot_history, save_safetensors
+from fastvit import dispatch, train
+from fastvit.data import DIGITS_NUM_CLASSES
+from fastvit.model import OPS_USED, PRESETS, VisionTransformer
 
-DEMO_MODEL = dict(
-    img_size=32,
-    patch_size=4,
-    in_chans=1,
-    num_classes=DIGITS_NUM_CLASSES,
-    embed_dim=64,
-    depth=4,
-    num_heads=4,
-    mlp_ratio=2.0,
-)
+DEMO_PRESET = "vit_digits_patch4_32"
+DEMO_MODEL = PRESETS[DEMO_PRESET]
 TARGET_ACCURACY = 0.95
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30: ~98%% test accuracy)")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30: ~98-99%% test accuracy)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -51,58 +42,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Train on the digits with the ``train`` command's engine, check the checkpoint, time the candidates."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but no CUDA device is available")
-    torch.manual_seed(args.seed)
-    os.makedirs(args.output, exist_ok=True)
-
-    train_x, train_y, test_x, test_y = digits_tensors(DEMO_MODEL["img_size"], seed=args.seed)
-    model = VisionTransformer(**DEMO_MODEL, backend=args.backend).to(device)
-    params = sum(p.numel() for p in model.parameters())
     print(
-        f"fastvit demo: digits {len(train_y)} train / {len(test_y)} test images, upsampled to 32x32; "
-        f"ViT with {params / 1e3:.0f}k parameters, 4x4 patches ({model.patch_embed.num_patches} tokens + class token)"
+        f"fastvit demo: {DEMO_PRESET} on the bundled digits (8x8 upsampled to 32x32, 4x4 patches: 64 tokens + "
+        "class token); AdamW, warm-up + cosine, label smoothing"
     )
-    print(f"device {device}; ops run on: {_plan_text(model, device)}")
-
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    start = time.perf_counter()
-    history = fit(model, train_x, train_y, test_x, test_y, config, progress=not args.quiet)
-    train_seconds = time.perf_counter() - start
-    test_loss, test_acc = evaluate(model, test_x, test_y)
+    options = dict(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        backend=args.backend,
+        output=args.output,
+        quiet=args.quiet,
+        model=DEMO_PRESET,
+    )
+    result = train.run(train.default_args(**options))
+    model, last = result.model, result.history[-1]
+    test_acc = last["test_top1"]
     verdict = "reached" if test_acc >= TARGET_ACCURACY else "MISSED"
     print(
-        f"trained {args.epochs} epochs in {train_seconds:.1f} s: test accuracy {100 * test_acc:.1f}% "
-        f"({verdict} the {100 * TARGET_ACCURACY:.0f}% target), test loss {test_loss:.3f}"
+        f"trained {args.epochs} epochs in {result.seconds:.1f} s: test accuracy {100 * test_acc:.1f}% "
+        f"({verdict} the {100 * TARGET_ACCURACY:.0f}% target), test loss {last['test_loss']:.3f}"
     )
 
-    checkpoint = os.path.join(args.output, "model.safetensors")
-    save_safetensors(model, checkpoint, metadata={"config": json.dumps(DEMO_MODEL), "fastvit": fastvit.__version__})
-    plot = os.path.join(args.output, "curves.png")
-    plot_history(history, plot, title=f"fastvit demo: digits, test accuracy {100 * test_acc:.1f}%")
-    result = dict(
+    checkpoint = os.path.join(args.output, "checkpoint", "model.safetensors")
+    reloaded = fastvit.load_weights(VisionTransformer(**DEMO_MODEL, weight_init="skip").to(device), checkpoint)
+    test_loader = torch.utils.data.DataLoader(result.data.test, batch_size=256)
+    reloaded_acc = train.evaluate(reloaded, test_loader, device)[1]
+    if abs(reloaded_acc - test_acc) > 1e-9:
+        raise RuntimeError(f"reloaded checkpoint scores {reloaded_acc:.4f}, the trained model {test_acc:.4f}")
+    print(f"saved {checkpoint} (reloaded: same accuracy), {os.path.join(args.output, 'curves.png')} and metrics")
+    summary = dict(
         test_accuracy=test_acc,
-        test_loss=test_loss,
-        train_seconds=train_seconds,
-        history=history,
+        test_loss=last["test_loss"],
+        train_seconds=result.seconds,
         model=DEMO_MODEL,
         device=str(device),
     )
-
-    reloaded = fastvit.load_weights(VisionTransformer(**DEMO_MODEL, weight_init="skip").to(device), checkpoint)
-    reloaded_acc = evaluate(reloaded, test_x, test_y)[1]
-    if reloaded_acc != test_acc:
-        raise RuntimeError(f"reloaded checkpoint scores {reloaded_acc:.4f}, the trained model {test_acc:.4f}")
-    print(f"saved {checkpoint} (reloaded: same accuracy) and {plot}")
-
     if not args.no_bench:
-        rows = throughput_table(model, test_x, device, min_run_time=args.bench_seconds)
-        result["throughput"] = rows
+        test_images = torch.stack([result.data.test[i][0] for i in range(64)])
+        rows = throughput_table(model, test_images, device, min_run_time=args.bench_seconds)
+        summary["throughput"] = rows
         print(format_throughput(rows, device))
-    with open(os.path.join(args.output, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    with open(os.path.join(args.output, "demo.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
 
 
 def _plan_text(model: VisionTransformer, device: torch.device) -> str:

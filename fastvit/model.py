@@ -395,7 +395,7 @@ class VisionTransformer(nn.Module):
 
 ViT = VisionTransformer
 
-# Architectures of timm's presets of the same names (timm.models.vision_transformer).
+# Architectures of timm's presets of the same names (timm.models.vision_transformer), plus one of ours.
 PRESETS: dict[str, dict] = {
     "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
@@ -403,7 +403,12 @@ PRESETS: dict[str, dict] = {
     "vit_base_patch32_224": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # fastvit's own: sized for the bundled 8x8 digits upsampled to 32x32 (the demo and train defaults).
+    "vit_digits_patch4_32": dict(
+        img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0
+    ),
 }
+TIMM_PRESETS = [name for name in PRESETS if name != "vit_digits_patch4_32"]
 
 
 def list_models() -> list[str]:
@@ -443,6 +448,7 @@ vit_base_patch16_224 = _make_preset("vit_base_patch16_224")
 vit_base_patch32_224 = _make_preset("vit_base_patch32_224")
 vit_large_patch16_224 = _make_preset("vit_large_patch16_224")
 vit_huge_patch14_224 = _make_preset("vit_huge_patch14_224")
+vit_digits_patch4_32 = _make_preset("vit_digits_patch4_32")
 
 
 def _take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:

@@ -19,6 +19,16 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale) over the keys, [B, H, N, M], in q's dtype (softmax in fp32 for fp16/bf16).
+
+    The attention weights themselves: what ``attention`` multiplies v by, and what attention rollout reads.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, dropout_p: float = 0.0
 ) -> torch.Tensor:
@@ -28,9 +38,7 @@ def attention(
     of every fastvit kernel). ``dropout_p`` drops attention probabilities (training only; the
     fused kernels do not implement it).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q * scale, k.transpose(-2, -1))
-    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    probs = attention_probs(q, k, scale)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v)

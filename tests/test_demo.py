@@ -16,10 +16,11 @@ pytest.importorskip("sklearn")
 
 
 def test_digits_data_shapes_and_split():
-    train_x, train_y, test_x, test_y = digits_tensors(32)
+    train_x, train_y, test_x, test_y, mean, std = digits_tensors(32)
     assert train_x.shape == (1437, 1, 32, 32) and test_x.shape == (360, 1, 32, 32)
     assert set(train_y.tolist()) == set(range(10)) and set(test_y.tolist()) == set(range(10))
     assert abs(train_x.mean().item()) < 1e-5 and abs(train_x.std().item() - 1) < 1e-4
+    assert 0 < mean < 1 and 0 < std < 1
     shifted = random_shift(train_x[:8], 2)
     assert shifted.shape == train_x[:8].shape and not shifted.equal(train_x[:8])
     assert random_shift(train_x[:8], 0).equal(train_x[:8])
@@ -35,12 +36,16 @@ def test_demo_default_reaches_target_and_writes_outputs(tmp_path):
     )
     print(result.stdout)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["test_accuracy"] >= 0.95
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert summary["test_accuracy"] >= 0.95
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(history) == 30 and history[-1]["test_top1"] == summary["test_accuracy"]
     assert (tmp_path / "curves.png").stat().st_size > 10_000
-    model = fastvit.load_weights(fastvit.ViT(**metrics["model"]), tmp_path / "model.safetensors")
+    model = fastvit.load_weights(
+        fastvit.create_model("vit_digits_patch4_32"), tmp_path / "checkpoint" / "model.safetensors"
+    )
     assert model.num_classes == 10
-    names = [row["name"] for row in metrics["throughput"]]
+    names = [row["name"] for row in summary["throughput"]]
     assert "fastvit reference" in names and "fastvit auto" in names
     assert "| implementation" in result.stdout
     if not torch.cuda.is_available():

@@ -1,0 +1,95 @@
+"""``python -m fastvit explain``: attention rollout over an image, as a PNG.
+
+Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", 2020): average each
+block's attention over heads, add the identity for the residual path, renormalise the rows, and
+multiply the blocks' matrices; the class token's row over the patch tokens shows which patches the
+prediction draws on. The attention weights come from ``fastvit.reference.attention_probs`` (fused
+kernels never materialise them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from fastvit import reference
+from fastvit.model import VisionTransformer
+
+
+@torch.no_grad()
+def attention_rollout(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Rollout of ``x`` [B, C, H, W] -> [B, grid_h, grid_w], each map summing to 1.
+
+    Without a class token the mean of the patch tokens' rows is used.
+    """
+    model.eval()
+    tokens = model.embed(x)
+    batch, num_tokens, _ = tokens.shape
+    eye = torch.eye(num_tokens, dtype=torch.float32, device=x.device)
+    rollout = eye.expand(batch, -1, -1)
+    for block in model.blocks:
+        attn = block.attn
+        qkv = attn.qkv(block.norm1(tokens)).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        weights = reference.attention_probs(q, k, attn.scale).float().mean(dim=1) + eye
+        rollout = (weights / weights.sum(-1, keepdim=True)) @ rollout
+        tokens = block(tokens)
+    prefix = model.num_prefix_tokens
+    rows = rollout[:, 0] if model.has_class_token else rollout[:, prefix:].mean(dim=1)
+    patch_weights = rows[:, prefix:]
+    patch_weights = patch_weights / patch_weights.sum(-1, keepdim=True)
+    grid_h, grid_w = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+    return patch_weights.reshape(batch, grid_h, grid_w)
+
+
+def explain_main(argv: list[str] | None = None) -> int:
+    from fastvit.inference import load_images, load_model
+
+    parser = argparse.ArgumentParser(prog="python -m fastvit explain", description="attention rollout PNG of an image")
+    parser.add_argument("image")
+    parser.add_argument(
+        "--init", required=True, help="checkpoint: fastvit dir/.safetensors, or timm/torchvision/HF file"
+    )
+    parser.add_argument("--output", default=None, help="PNG path (default: <image>.rollout.png)")
+    parser.add_argument("--num-heads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.image):
+        parser.error(f"image not found: {args.image}")
+    if not os.path.exists(args.init):
+        parser.error(f"--init {args.init!r} does not exist")
+    model, meta = load_model(args.init, backend="torch", num_heads=args.num_heads)
+    x = load_images([args.image], model.patch_embed.img_size[0], model.in_chans, meta["mean"], meta["std"])
+    heat = attention_rollout(model, x)[0]
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    label = meta["classes"][int(probs.argmax())]
+    output = args.output or os.path.splitext(args.image)[0] + ".rollout.png"
+    _plot(x[0], heat, f"predicted {label} ({100 * probs.max().item():.1f}%)", output)
+    print(f"{args.image}: predicted {label}; attention rollout written to {output}")
+    return 0
+
+
+def _plot(image: torch.Tensor, heat: torch.Tensor, title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+
+    shown = image.permute(1, 2, 0).float()
+    shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-12)
+    overlay = F.interpolate(heat[None, None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    axes[0].imshow(shown.squeeze(-1), cmap="gray" if shown.shape[-1] == 1 else None)
+    axes[0].set_title("input")
+    axes[1].imshow(shown.squeeze(-1), cmap="gray" if shown.shape[-1] == 1 else None)
+    axes[1].imshow(overlay, cmap="jet", alpha=0.5)
+    axes[1].set_title("attention rollout")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
