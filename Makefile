@@ -29,8 +29,10 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -x -q -k "not demo_default"
 
+# Timed benchmarks on this machine (smoke sizes without a GPU), then the report (markdown + PNG).
 bench: $(VENV)/.installed
-	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only --benchmark-json=bench.json
+	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only --benchmark-json=bench-out/bench.json
+	$(PY) -m benchmarks.report bench-out/bench.json --out bench-out
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fastvit kernels tests benchmarks setup.py

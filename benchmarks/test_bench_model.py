@@ -1,8 +1,15 @@
-"""End-to-end inference throughput: fastvit vs timm eager and the fastvit reference, same weights, same run.
+"""End-to-end ViT throughput: inference img/s and training-step img/s, every candidate in one run.
 
-On a GPU: ViT-S/16 and ViT-B/16 at 224 px, bf16 autocast, batch 64. Without one: a tiny ViT in fp32
-(smoke mode: proves the suite runs; the numbers say nothing about fused kernels, none run on CPU).
-Every candidate's logits are checked against timm's before it is timed.
+Candidates (same weights): timm eager, timm + torch.compile (default and max-autotune), fastvit
+reference (backend='torch'), fastvit auto (fused kernels where they exist for the device), and
+fastvit auto + torch.compile. On a GPU: ViT-S/16, B/16, L/16 at 224 px in bf16 autocast, inference
+at batch 1, 32, 256 and training steps (forward + backward + AdamW) at batch 64, 128, 256, with peak
+memory. Without a GPU (smoke mode): a 2-block ViT-Ti at 64 px in fp32, eager candidates only
+(compiling on CPU would take minutes and say nothing about GPUs).
+
+FLOPs are counted from the shapes (matmuls only: patch projection, qkv, q·kᵀ, attn·v, proj, fc1,
+fc2, head; training = 3× forward), so TFLOP/s and MFU compare candidates doing the same work.
+Each candidate's logits are checked against timm eager's before anything is timed.
 """
 
 from __future__ import annotations
@@ -11,52 +18,147 @@ import pytest
 import torch
 
 import fastvit
-from benchmarks.conftest import DEVICE, synchronized
+from benchmarks.harness import DEVICE, SMOKE, check_close, record, run_benchmark
 
 timm = pytest.importorskip("timm")
 
-if DEVICE.type == "cuda":
-    CASES = [("vit_small_patch16_224", dict(), 64), ("vit_base_patch16_224", dict(), 64)]
-    AUTOCAST_DTYPE, LOGIT_TOL = torch.bfloat16, 0.1
+if SMOKE:
+    MODELS = {"vit_tiny_patch16_224": dict(img_size=64, depth=2)}
+    INFER_BATCHES, TRAIN_BATCHES = [2, 4], [2, 4]
+    AMP_DTYPE, LOGIT_TOL = None, 1e-4
 else:
-    CASES = [("vit_tiny_patch16_224", dict(img_size=64, depth=2), 8)]
-    AUTOCAST_DTYPE, LOGIT_TOL = None, 1e-4
-CANDIDATES = ["timm eager", "fastvit reference", "fastvit auto"]
+    MODELS = {name: {} for name in ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")}
+    INFER_BATCHES, TRAIN_BATCHES = [1, 32, 256], [64, 128, 256]
+    AMP_DTYPE, LOGIT_TOL = torch.bfloat16, 0.15  # bf16 autocast: logits differ by bf16 rounding, not by math
+
+CANDIDATES = [
+    "timm eager",
+    "timm compile",
+    "timm compile max-autotune",
+    "fastvit reference",
+    "fastvit auto",
+    "fastvit auto compile",
+]
+GPU_ONLY = {"timm compile", "timm compile max-autotune", "fastvit auto compile"}
+
+
+def vit_forward_flops(model, batch: int) -> float:
+    """Matmul FLOPs of one forward pass, from the model's shapes."""
+    embed = model.embed_dim if hasattr(model, "embed_dim") else model.num_features
+    patch = model.patch_embed.proj.weight
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    hidden = model.blocks[0].mlp.fc1.out_features
+    per_block = 2 * tokens * embed * (3 * embed + embed + 2 * hidden) + 4 * tokens * tokens * embed
+    patch_flops = 2 * model.patch_embed.num_patches * embed * patch[0].numel()
+    head = 2 * embed * model.num_classes
+    return float(batch * (patch_flops + len(model.blocks) * per_block + head))
 
 
 def _build(candidate: str, name: str, kwargs: dict):
+    if SMOKE and candidate in GPU_ONLY:
+        pytest.skip(f"{candidate}: GPU-only candidate (compiling on CPU takes minutes and measures nothing useful)")
     torch.manual_seed(0)
-    timm_model = timm.create_model(name, pretrained=False, **kwargs).to(DEVICE).eval()
-    if candidate == "timm eager":
-        return timm_model, timm_model
-    backend = "torch" if candidate == "fastvit reference" else "auto"
-    ours = fastvit.from_timm(timm_model).to(DEVICE).eval().set_backend(backend)
-    return ours, timm_model
+    timm_model = timm.create_model(name, pretrained=False, **kwargs).to(DEVICE)
+    if candidate.startswith("timm"):
+        model = timm_model
+    else:
+        backend = "torch" if candidate == "fastvit reference" else "auto"
+        model = fastvit.from_timm(timm_model).to(DEVICE).set_backend(backend)
+    if "max-autotune" in candidate:
+        model = torch.compile(model, mode="max-autotune")
+    elif "compile" in candidate:
+        model = torch.compile(model)
+    return model, timm_model
+
+
+def _autocast():
+    return torch.autocast(DEVICE.type, dtype=AMP_DTYPE, enabled=AMP_DTYPE is not None)
+
+
+def _check_logits(candidate, model, timm_model, x):
+    with torch.no_grad(), _autocast():
+        expected = timm_model.eval()(x).float()
+        got = model.eval()(x).float()
+    return check_close(candidate, got, expected, atol=LOGIT_TOL * max(expected.abs().max().item(), 1.0))
+
+
+def _ops_plan(model) -> dict | str:
+    inner = getattr(model, "_orig_mod", model)
+    return inner.backend_plan(DEVICE) if hasattr(inner, "backend_plan") else "timm"
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)
-@pytest.mark.parametrize("name, kwargs, batch", CASES, ids=[c[0] for c in CASES])
-def test_inference_throughput(benchmark, candidate, name, kwargs, batch):
+@pytest.mark.parametrize("batch", INFER_BATCHES)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_inference(benchmark, name, batch, candidate):
+    kwargs = MODELS[name]
     model, timm_model = _build(candidate, name, kwargs)
     img_size = kwargs.get("img_size", 224)
     x = torch.randn(batch, 3, img_size, img_size, device=DEVICE)
-    autocast = torch.autocast(DEVICE.type, dtype=AUTOCAST_DTYPE, enabled=AUTOCAST_DTYPE is not None)
+    error = _check_logits(candidate, model, timm_model, x)
+    model.eval()
 
     def infer():
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), _autocast():
             return model(x)
 
-    expected = timm_model(x).float() if candidate != "timm eager" else None
-    out = infer().float()
-    if expected is not None:
-        error = (out - expected).abs().max().item()
-        assert error <= LOGIT_TOL, f"{candidate} logits differ from timm by {error:.3g}; not timing a wrong result"
-    benchmark.extra_info.update(
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run_benchmark(benchmark, infer)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
+    record(
+        benchmark,
+        "model",
+        f"{name} infer b{batch}",
+        candidate,
+        flops=vit_forward_flops(timm_model, batch),
+        items=batch,
         model=name,
+        mode="inference",
         batch=batch,
-        candidate=candidate,
-        dtype=str(AUTOCAST_DTYPE or "float32"),
-        ops=model.backend_plan(DEVICE) if hasattr(model, "backend_plan") else "timm",
+        dtype=str(AMP_DTYPE or torch.float32),
+        max_logit_error=error,
+        peak_memory_gib=peak,
+        ops=_ops_plan(model),
     )
-    benchmark.pedantic(synchronized(infer), warmup_rounds=2, rounds=5 if DEVICE.type == "cpu" else 20, iterations=1)
-    benchmark.extra_info["img_per_s"] = batch / benchmark.stats["median"] if benchmark.stats else None
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("batch", TRAIN_BATCHES)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_step(benchmark, name, batch, candidate):
+    kwargs = MODELS[name]
+    model, timm_model = _build(candidate, name, kwargs)
+    img_size = kwargs.get("img_size", 224)
+    x = torch.randn(batch, 3, img_size, img_size, device=DEVICE)
+    labels = torch.randint(0, timm_model.num_classes, (batch,), device=DEVICE)
+    error = _check_logits(candidate, model, timm_model, x)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE.type == "cuda")
+
+    def step():
+        with _autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run_benchmark(benchmark, step)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
+    record(
+        benchmark,
+        "model",
+        f"{name} train b{batch}",
+        candidate,
+        flops=3 * vit_forward_flops(timm_model, batch),
+        items=batch,
+        model=name,
+        mode="training",
+        batch=batch,
+        dtype=str(AMP_DTYPE or torch.float32),
+        max_logit_error=error,
+        peak_memory_gib=peak,
+        ops=_ops_plan(model),
+    )
