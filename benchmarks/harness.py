@@ -32,7 +32,6 @@ import torch
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMOKE = DEVICE.type != "cuda"
 L2_BYTES = 50 * 2**20  # H100: 50 MiB; inputs smaller than twice this are rotated
-BASELINES = ("timm eager", "timm compile", "timm compile max-autotune", "torch eager", "torch compile")
 
 # (suite, case) -> {candidate: median seconds}, filled as benchmarks run: the same-run speedups.
 _MEDIANS: dict[tuple[str, str], dict[str, float]] = {}
@@ -208,11 +207,21 @@ def record(
     bytes_moved: float | None = None,
     items: int | None = None,
     item_name: str = "img",
+    primary: str | None = None,
     **extra,
 ) -> None:
-    """Store the identification and the derived figures of a timed benchmark in ``extra_info``."""
+    """Store the identification and the derived figures of a timed benchmark in ``extra_info``.
+
+    ``primary`` ('items' | 'tflops' | 'gbps') names the figure the report tabulates; by default
+    items/s if ``items`` is given, else TFLOP/s, else GB/s. Candidates named "timm ...", "torch ..." or
+    "sdpa ..." are the baselines the report computes speedups against.
+    """
     info = benchmark.extra_info
     info.update(suite=suite, case=case, candidate=candidate, **extra)
+    if primary is not None:
+        if primary not in ("items", "tflops", "gbps"):
+            raise ValueError(f"primary must be 'items', 'tflops' or 'gbps', got {primary!r}")
+        info["primary"] = primary
     peaks = device_peaks()
     info["peaks"] = peaks
     if flops is not None:

@@ -17,7 +17,11 @@ import json
 import os
 from collections import OrderedDict
 
-BASELINES = ("timm eager", "timm compile", "timm compile max-autotune", "torch eager", "torch compile", "sdpa best")
+BASELINE_PREFIXES = ("timm", "torch", "sdpa")  # candidates named so are baselines (see harness.record)
+
+
+def is_baseline(candidate: str) -> bool:
+    return candidate.startswith(BASELINE_PREFIXES)
 
 
 def load(path: str) -> dict:
@@ -44,6 +48,11 @@ def throughput(row: dict) -> tuple[float | None, str]:
     median = row.get("median_s")
     if not median:
         return None, ""
+    primary = row.get("primary")
+    if primary == "gbps" and row.get("bytes"):
+        return row["bytes"] / median / 1e9, "GB/s"
+    if primary == "tflops" and row.get("flops"):
+        return row["flops"] / median / 1e12, "TFLOP/s"
     if row.get("items"):
         return row["items"] / median, f"{row.get('item_name', 'item')}/s"
     if row.get("flops"):
@@ -115,7 +124,7 @@ def _by_case(rows: list[dict]) -> tuple[OrderedDict, list[str]]:
 def _throughput_table(rows: list[dict]) -> list[str]:
     cases, candidates = _by_case(rows)
     unit = next((throughput(r)[1] for r in rows if r.get("median_s")), "")
-    baselines = [c for c in candidates if c in BASELINES or c.startswith("sdpa")]
+    baselines = [c for c in candidates if is_baseline(c)]
     header = "| case | " + " | ".join(candidates) + " |"
     lines = [
         f"Throughput in {unit}; `×a / ×b` = speedup over " + (", ".join(baselines) or "(no baseline)") + ".",
@@ -203,7 +212,7 @@ def plot(suites: dict[str, list[dict]], out_dir: str, stem: str) -> list[str]:
         written.append(path)
         # Speedup bars over the first baseline of each case.
         cases, candidates = _by_case(rows)
-        baselines = [c for c in candidates if c in BASELINES or c.startswith("sdpa")]
+        baselines = [c for c in candidates if is_baseline(c)]
         if not baselines:
             continue
         base = baselines[0]

@@ -87,6 +87,18 @@ def patch_embed(
     return tokens
 
 
+def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """The spec of the uint8 path's input: ``((images / 255 - mean[c]) / std[c]).to(dtype)``.
+
+    ``images``: uint8 [B, C, H, W] (any strides). Computed in fp32 (fp64 for an fp64 ``dtype``) exactly as
+    torchvision's ``Normalize`` on ``images.float() / 255``, then rounded to ``dtype``.
+    """
+    work = torch.promote_types(dtype, torch.float32)
+    mean = torch.tensor(mean, dtype=work, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=work, device=images.device).view(1, -1, 1, 1)
+    return ((images.to(work) / 255 - mean) / std).to(dtype)
+
+
 def ln_mlp(
     x: torch.Tensor,
     ln_weight: torch.Tensor,

@@ -6,6 +6,6 @@ Every op accepts ``backend=`` ('auto' | 'triton' | 'cuda' | 'torch'); see ``fast
 from fastvit.ops.attention import attention, qkv_attention
 from fastvit.ops.layer_norm import layer_norm
 from fastvit.ops.ln_mlp import ln_mlp
-from fastvit.ops.patch_embed import patch_embed
+from fastvit.ops.patch_embed import patch_embed, patch_embed_uint8
 
-__all__ = ["attention", "qkv_attention", "layer_norm", "ln_mlp", "patch_embed"]
+__all__ = ["attention", "qkv_attention", "layer_norm", "ln_mlp", "patch_embed", "patch_embed_uint8"]
