@@ -1,0 +1,526 @@
+"""Fused multi-head attention (forward and backward) in Triton, FlashAttention-2 style.
+
+The algorithm is FlashAttention-2 (Tri Dao, "FlashAttention-2: Faster Attention with Better
+Parallelism and Work Partitioning", 2023) as laid out in Triton's fused-attention tutorial
+(python/tutorials/06-fused-attention.py): online softmax with a running max in fp32, exp2 on
+log2(e)-scaled scores, only the per-row log-sum-exp saved for the backward, and a backward that
+recomputes the probabilities block by block. The code here is our own; the differences that matter
+for fastvit:
+
+- q, k, v, out and their gradients are addressed through four strides each ([B, H, N, D] order), so
+  the kernels read q/k/v straight out of the packed qkv Linear output ``[B, N, 3, H, D]`` and write
+  the output as ``[B, N, H*D]`` (and the gradients into one ``[B, N, 3*C]`` buffer): no permutes.
+- Any token count: masked loads and masked stores at the ragged tail, no padding copies. The key
+  loop runs over the full key blocks without masks and finishes with one masked block.
+- Head dims 32, 48, 64, 80, 96, 128: the tile is ``BLOCK_D`` = next power of two, and the columns
+  past ``HEAD_DIM`` are masked (loaded as zeros, never stored).
+- 1-D grid of ``num_blocks * B * H`` programs (no 65535 limit on B*H); batch/head and block offsets
+  are int64 before they meet a stride, tile-local offsets stay int32.
+- The backward has no atomics: one kernel owns dK/dV of a key block (looping over query blocks),
+  another owns dQ of a query block (looping over key blocks). Every gradient element is written by
+  one program in a fixed order, so gradients are bit-identical run to run, always.
+
+The launchers (grid, strides, allocation, autotuning) are in ``fastvit/ops/attention.py``; the
+spec is ``fastvit.reference.attention``. The block-size configurations tried by the autotuner are
+listed at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Globals read inside @triton.jit functions must be tl.constexpr (compiled kernels reject plain floats).
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2):   log(x) == log2(x) * LN2
+
+
+# ------------------------------------------------------------------------------------------------
+# Tile helpers: a [ROWS, BLOCK_D] tile whose rows may run past the sequence (MASK_ROWS) and whose
+# columns run past HEAD_DIM when BLOCK_D > HEAD_DIM. Masked elements load as 0 and are not stored.
+
+
+@triton.jit
+def _load_tile(ptrs, rows_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    if MASK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs, mask=rows_valid[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(ptrs, value, rows_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, value, mask=rows_valid[:, None])
+    else:
+        tl.store(ptrs, value, mask=rows_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _program_coords(num_blocks, H):
+    """1-D program id -> (block index, batch index, head index); batch/head as int64."""
+    pid = tl.program_id(0)
+    block = pid % num_blocks
+    pid_bh = (pid // num_blocks).to(tl.int64)
+    return block, pid_bh // H, pid_bh % H
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd_key_block(
+    acc,  # [BLOCK_M, BLOCK_D] fp32, running sum of p @ v (unnormalised)
+    l_i,  # [BLOCK_M] fp32, running row sum of p
+    m_i,  # [BLOCK_M] fp32, running row max of the log2-scaled scores
+    q,  # [BLOCK_M, BLOCK_D] the query tile
+    k_ptrs,  # [BLOCK_N, BLOCK_D] pointers to the key tile
+    v_ptrs,  # [BLOCK_N, BLOCK_D] pointers to the value tile
+    start_n,
+    N_KV,
+    qk_scale,  # softmax scale * log2(e)
+    offs_n,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,  # this key block runs past N_KV
+    INPUT_PRECISION: tl.constexpr,
+):
+    keys_valid = (start_n + offs_n) < N_KV
+    k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+    if MASK_N:
+        qk = tl.where(keys_valid[None, :], qk, float("-inf"))
+    # Every row has a valid key in every block we reach (N_KV >= 1, and the masked block holds at
+    # least one valid key), so m_new is finite and no exp2 sees (-inf) - (-inf).
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q,  # [B, H, N_Q, HEAD_DIM] strided, e.g. a view of qkv [B, N, 3, H, D]
+    K,  # [B, H, N_KV, HEAD_DIM] strided
+    V,  # [B, H, N_KV, HEAD_DIM] strided
+    Out,  # [B, H, N_Q, HEAD_DIM] strided, e.g. a view of out [B, N, H, D]; dtype of Q
+    Lse,  # [B, H, N_Q] fp32 contiguous: natural-log log-sum-exp of each row of scaled scores
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
+    H,
+    N_Q,
+    N_KV,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per loop step
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (ignored for 16-bit)
+):
+    pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
+    start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_valid = (start_m + offs_m) < N_Q
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
+    q_ptrs = q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+
+    qk_scale = sm_scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_key_block(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
+        )  # fmt: skip
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    if n_full < N_KV:
+        acc, l_i, m_i = _fwd_key_block(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
+        )  # fmt: skip
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * LN2
+    o_ptrs = Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
+    o_ptrs = o_ptrs + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    _store_tile(o_ptrs, acc.to(Out.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
+    lse_ptrs = Lse + (b * H + h) * N_Q + start_m + offs_m
+    tl.store(lse_ptrs, lse, mask=rows_valid)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward. With S = scale * q kᵀ, P = softmax(S), O = P v and dO the incoming gradient:
+#   dV = Pᵀ dO,  dP = dO vᵀ,  dS = P * (dP - Delta) with Delta = rowsum(dO * O),
+#   dQ = scale * dS k,  dK = scale * dSᵀ q.
+# P is recomputed from q, k and the saved log-sum-exp: P = exp2(S * log2(e) - lse * log2(e)).
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    Out,  # [B, H, N_Q, HEAD_DIM] strided: the forward's output
+    DO,  # [B, H, N_Q, HEAD_DIM] strided: gradient of the output
+    Delta,  # [B, H, N_Q] fp32 contiguous: rowsum(dO * O), written here
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dod,
+    H,
+    N_Q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
+    start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_valid = (start_m + offs_m) < N_Q
+    o_ptrs = Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
+    o_ptrs = o_ptrs + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    do_ptrs = DO + b * stride_dob + h * stride_doh + start_m.to(tl.int64) * stride_don
+    do_ptrs = do_ptrs + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    o = _load_tile(o_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    do = _load_tile(do_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    tl.store(Delta + (b * H + h) * N_Q + start_m + offs_m, delta, mask=rows_valid)
+
+
+@triton.jit
+def _bwd_dkdv_query_block(
+    dk,  # [BLOCK_N, BLOCK_D] fp32 accumulator
+    dv,  # [BLOCK_N, BLOCK_D] fp32 accumulator
+    k,  # [BLOCK_N, BLOCK_D] this program's key tile
+    v,  # [BLOCK_N, BLOCK_D] this program's value tile
+    q_ptrs,  # [BLOCK_M, BLOCK_D] pointers to the query tile
+    do_ptrs,  # [BLOCK_M, BLOCK_D] pointers to the output-gradient tile
+    lse_ptrs,  # [BLOCK_M] pointers into Lse
+    delta_ptrs,  # [BLOCK_M] pointers into Delta
+    start_m,
+    N_Q,
+    qk_scale,
+    offs_m,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_M: tl.constexpr,  # this query block runs past N_Q
+    INPUT_PRECISION: tl.constexpr,
+):
+    rows_valid = (start_m + offs_m) < N_Q
+    q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
+    do = _load_tile(do_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
+    if MASK_M:
+        # lse = +inf makes P exactly 0 on the missing rows (q and dO load as 0 there too).
+        lse = tl.load(lse_ptrs, mask=rows_valid, other=float("inf"))
+        delta = tl.load(delta_ptrs, mask=rows_valid, other=0.0)
+    else:
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    p_t = tl.math.exp2(qk_t * qk_scale - (lse * LOG2E)[None, :])
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q,  # [B, H, N_Q, HEAD_DIM] strided
+    K,  # [B, H, N_KV, HEAD_DIM] strided
+    V,  # [B, H, N_KV, HEAD_DIM] strided
+    DO,  # [B, H, N_Q, HEAD_DIM] strided
+    Lse,  # [B, H, N_Q] fp32 contiguous (from the forward)
+    Delta,  # [B, H, N_Q] fp32 contiguous (from the preprocess kernel)
+    DK,  # [B, H, N_KV, HEAD_DIM] strided, e.g. a view of dqkv [B, N, 3, H, D]; dtype of K
+    DV,  # [B, H, N_KV, HEAD_DIM] strided, likewise; dtype of V
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    H,
+    N_Q,
+    N_KV,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per loop step
+    BLOCK_N: tl.constexpr,  # key rows owned by this program
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_n, b, h = _program_coords(tl.cdiv(N_KV, BLOCK_N), H)
+    start_n = pid_n * BLOCK_N
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys_valid = (start_n + offs_n) < N_KV
+
+    k_ptrs = K + b * stride_kb + h * stride_kh + start_n.to(tl.int64) * stride_kn
+    k_ptrs = k_ptrs + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + start_n.to(tl.int64) * stride_vn
+    v_ptrs = v_ptrs + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    # Missing key rows load as 0; their dK/dV rows are computed but never stored.
+    k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    lse_ptrs = Lse + (b * H + h) * N_Q + offs_m
+    delta_ptrs = Delta + (b * H + h) * N_Q + offs_m
+
+    qk_scale = sm_scale * LOG2E
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = (N_Q // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _bwd_dkdv_query_block(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, N_Q, qk_scale, offs_m, offs_d,
+            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
+        )  # fmt: skip
+        q_ptrs += BLOCK_M * stride_qn
+        do_ptrs += BLOCK_M * stride_don
+        lse_ptrs += BLOCK_M
+        delta_ptrs += BLOCK_M
+    if m_full < N_Q:
+        dk, dv = _bwd_dkdv_query_block(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_full, N_Q, qk_scale, offs_m, offs_d,
+            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
+        )  # fmt: skip
+
+    dk *= sm_scale
+    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
+    dk_ptrs = dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
+    dv_ptrs = dv_ptrs + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dq_key_block(
+    dq,  # [BLOCK_M, BLOCK_D] fp32 accumulator
+    q,  # [BLOCK_M, BLOCK_D] this program's query tile
+    do,  # [BLOCK_M, BLOCK_D] this program's output-gradient tile
+    lse2,  # [BLOCK_M] fp32, lse * log2(e)
+    delta,  # [BLOCK_M] fp32
+    k_ptrs,  # [BLOCK_N, BLOCK_D] pointers to the key tile
+    v_ptrs,  # [BLOCK_N, BLOCK_D] pointers to the value tile
+    start_n,
+    N_KV,
+    qk_scale,
+    offs_n,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,  # this key block runs past N_KV
+    INPUT_PRECISION: tl.constexpr,
+):
+    keys_valid = (start_n + offs_n) < N_KV
+    k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASK_N:
+        p = tl.where(keys_valid[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q,  # [B, H, N_Q, HEAD_DIM] strided
+    K,  # [B, H, N_KV, HEAD_DIM] strided
+    V,  # [B, H, N_KV, HEAD_DIM] strided
+    DO,  # [B, H, N_Q, HEAD_DIM] strided
+    Lse,  # [B, H, N_Q] fp32 contiguous
+    Delta,  # [B, H, N_Q] fp32 contiguous
+    DQ,  # [B, H, N_Q, HEAD_DIM] strided, e.g. a view of dqkv [B, N, 3, H, D]; dtype of Q
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqn,
+    stride_dqd,
+    H,
+    N_Q,
+    N_KV,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows owned by this program
+    BLOCK_N: tl.constexpr,  # key rows per loop step
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
+    start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_valid = (start_m + offs_m) < N_Q
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
+    q_ptrs = q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    do_ptrs = DO + b * stride_dob + h * stride_doh + start_m.to(tl.int64) * stride_don
+    do_ptrs = do_ptrs + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    # Missing query rows load as 0 (lse and delta too); their dQ rows are never stored.
+    q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(do_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    row_offset = (b * H + h) * N_Q + start_m + offs_m
+    lse2 = tl.load(Lse + row_offset, mask=rows_valid, other=0.0) * LOG2E
+    delta = tl.load(Delta + row_offset, mask=rows_valid, other=0.0)
+
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    qk_scale = sm_scale * LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _bwd_dq_key_block(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
+        )  # fmt: skip
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    if n_full < N_KV:
+        dq = _bwd_dq_key_block(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
+            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
+        )  # fmt: skip
+
+    dq *= sm_scale
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
+    dq_ptrs = dq_ptrs + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
+
+
+# ------------------------------------------------------------------------------------------------
+# Block-size configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried by the autotuner on
+# GPUs, keyed on (N_Q, N_KV, HEAD_DIM, INPUT_PRECISION) and the tensors' dtypes: per GPU generation
+# for 16-bit inputs, one list for fp32 inputs. ``keep_config`` first drops the ones whose
+# shared-memory estimate cannot fit. Starting points from the Triton tutorial's search space and
+# FlashAttention-2's Triton kernels, cut to five or six per kernel so first-call tuning stays short.
+# ViT sequences are short (197-577 tokens), so 64-row query blocks keep enough programs in flight;
+# 128-row blocks win at large B*H.
+#
+# Every entry was compiled ahead of time for sm_80 and sm_90 (Triton 3.8, no GPU) at head dims 32,
+# 48, 64, 80, 128: all compile. bf16/fp16 at BLOCK_D <= 64 use no local memory; at BLOCK_D = 128 the
+# 4-warp sm_80 configs spill, and each list keeps non-spilling ones (8 warps; (16, 128, 8, 2) for
+# dK/dV). fp32 (full-precision "ieee" dots run on FMA units, not tensor cores) spills in all but
+# small tiles: it is supported for accuracy, not speed.
+#
+# Forward (BLOCK_M query rows per program, BLOCK_N keys per step).
+FWD_CONFIGS = {
+    80: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3)],  # A100 (sm_80/86/89)
+    90: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],  # H100 (sm_90+)
+    "fp32": [(32, 32, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2)],
+}
+# dK/dV (BLOCK_N keys per program, BLOCK_M queries per step): two [BLOCK_N, BLOCK_D] fp32 accumulators.
+BWD_DKDV_CONFIGS = {
+    80: [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 2)],
+    90: [(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3)],
+    "fp32": [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+}
+# dQ (BLOCK_M queries per program, BLOCK_N keys per step): one [BLOCK_M, BLOCK_D] fp32 accumulator.
+BWD_DQ_CONFIGS = {
+    80: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    90: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3)],
+    "fp32": [(32, 32, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2)],
+}
+# When keep_config drops every candidate, the autotuner runs this one: small tiles, no pipelining.
+FALLBACK_CONFIGS = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
+# Under TRITON_INTERPRET=1 (CPU) one fixed config, no tuning (it would time the interpreter): tiles
+# big enough to keep the interpreter's Python loop short, small enough that the CI shapes
+# (N = 7...257) cross several blocks and end in ragged tails. Warps and stages mean nothing there.
+INTERPRETER_CONFIGS = {"fwd": (64, 32, 1, 1), "dkdv": (32, 64, 1, 1), "dq": (64, 32, 1, 1)}
+PREPROCESS_BLOCK_M = 64
+
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes; sm_80 has 164 KiB per block, sm_90 227 KiB
+
+
+def keep_config(kernel: str, block_m: int, block_n: int, num_stages: int, block_d: int, elem_bytes: int) -> bool:
+    """False when a config's shared memory clearly overflows (a rough, conservative estimate).
+
+    ``kernel`` is 'fwd', 'dkdv' or 'dq'. Two tiles are streamed through the loop and buffered
+    ``num_stages`` deep (k and v for 'fwd' and 'dq'; q and dO for 'dkdv'); the program's own tiles
+    stay resident (q for 'fwd'; q and dO for 'dq'; k and v for 'dkdv').
+    """
+    streamed_rows = block_m if kernel == "dkdv" else block_n
+    resident_tiles, resident_rows = {"fwd": (1, block_m), "dq": (2, block_m), "dkdv": (2, block_n)}[kernel]
+    streamed = num_stages * 2 * streamed_rows * block_d * elem_bytes
+    resident = resident_tiles * resident_rows * block_d * elem_bytes
+    return streamed + resident <= SHARED_MEMORY_BUDGET
