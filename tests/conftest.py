@@ -43,6 +43,19 @@ def _seed():
     yield
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def triton_skip_reason() -> str | None:
+    """Why Triton kernels cannot run in this process (None when they can: a GPU, or the interpreter)."""
+    from fastvit import dispatch
+
+    if DEVICE.type == "cpu" and not dispatch.triton_interpreter_enabled():
+        return "no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run here"
+    return dispatch.backend_unusable_reason("triton", DEVICE)
+
+
 def has_module(name: str) -> bool:
     import importlib.util
 

@@ -19,18 +19,14 @@ import torch
 import torch.nn.functional as F
 
 import fastvit
-from conftest import assert_within_torch_error
-from fastvit import dispatch, ops, reference
+from conftest import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
+from fastvit import ops, reference
 
 attention_ops = importlib.import_module("fastvit.ops.attention")  # the module; fastvit.ops.attention is the function
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_INTERPRETER = DEVICE.type == "cpu"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-if ON_INTERPRETER and not dispatch.triton_interpreter_enabled():
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run here", allow_module_level=True)
-if dispatch.backend_unusable_reason("triton", DEVICE) is not None:
-    pytest.skip(dispatch.backend_unusable_reason("triton", DEVICE), allow_module_level=True)
+if triton_skip_reason() is not None:
+    pytest.skip(triton_skip_reason(), allow_module_level=True)
 
 TRITON_OPS = ("qkv_attention_fwd", "qkv_attention_bwd", "attention_fwd", "attention_bwd")
 

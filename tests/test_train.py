@@ -235,7 +235,8 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
     result = _run(tmp_path, epochs=1, max_steps=1)
     directory = os.path.join(result.output, "checkpoint")
     model_file = os.path.join(directory, ckpt.MODEL_FILE)
-    data = open(model_file, "rb").read()
+    with open(model_file, "rb") as f:
+        data = f.read()
     with open(model_file, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupted"):
