@@ -28,6 +28,8 @@ from fastvit.model import (
     vit_small_patch16_224,
     vit_tiny_patch16_224,
 )
+from fastvit.optimize import optimize
+from fastvit.session import InferenceSession
 
 __version__ = "0.1.0"
 
@@ -47,6 +49,8 @@ __all__ = [
     "from_torchvision",
     "from_hf",
     "load_weights",
+    "optimize",
+    "InferenceSession",
     "vit_tiny_patch16_224",
     "vit_small_patch16_224",
     "vit_base_patch16_224",

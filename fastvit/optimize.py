@@ -1,0 +1,109 @@
+"""``fastvit.optimize(model)``: swap a timm ViT's blocks and norms for fastvit's, in place, keeping its weights.
+
+The Liger-Kernel style drop-in for code that builds models with timm: the model object, its class,
+its ``state_dict`` keys and its ``nn.Parameter`` objects stay the same (an optimizer built before
+``optimize`` keeps working); only the submodules that run the math change. Every ``blocks[i]``
+becomes a ``fastvit.layers.Block`` (LayerNorm, qkv -> ``ops.qkv_attention`` on the packed buffer ->
+proj, ``ops.ln_mlp``) and every LayerNorm outside the blocks a ``fastvit.layers.LayerNorm``. The
+patch embedding stays timm's (under 1% of the FLOPs): build with ``fastvit.from_timm`` to fuse it too.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+
+from fastvit import dispatch
+from fastvit.layers import Block, LayerNorm
+from fastvit.model import VisionTransformer
+
+
+def optimize(model: nn.Module, backend: str | None = "auto") -> nn.Module:
+    """Run ``model`` through fastvit's ops (see module doc); returns the same object.
+
+    Args:
+        model: a timm ``VisionTransformer`` (or a fastvit one: its backend is set, nothing else changes).
+        backend: backend of the swapped modules ('auto' | 'triton' | 'cuda' | 'torch' | None = default).
+    """
+    if isinstance(model, VisionTransformer):
+        return model.set_backend(backend)
+    if not (hasattr(model, "blocks") and hasattr(model, "patch_embed") and isinstance(model.blocks, nn.Sequential)):
+        raise TypeError(f"optimize expects a timm VisionTransformer (or fastvit's), got {type(model).__name__}")
+    if backend is not None:
+        dispatch.check_backend_supports(backend, ["layer_norm", "qkv_attention", "ln_mlp"])
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = _fastvit_block(block, backend)
+    for name in ("norm_pre", "norm", "fc_norm"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.LayerNorm) and not isinstance(module, LayerNorm):
+            setattr(model, name, _fastvit_layer_norm(module, backend))
+    return model
+
+
+def _share_parameters(source: nn.Module, target: nn.Module) -> None:
+    """Make ``target``'s parameters *be* ``source``'s (same objects), name by name; the names must match."""
+    source_names = dict(source.named_parameters())
+    target_names = {name for name, _ in target.named_parameters()}
+    if set(source_names) != target_names:
+        raise ValueError(
+            f"cannot convert {type(source).__name__}: parameters differ "
+            f"(only in timm: {sorted(set(source_names) - target_names)}, only in fastvit: "
+            f"{sorted(target_names - set(source_names))})"
+        )
+    for name, param in source_names.items():
+        owner_path, _, leaf = name.rpartition(".")
+        owner = target.get_submodule(owner_path) if owner_path else target
+        setattr(owner, leaf, param)
+    target.train(source.training)
+
+
+def _fastvit_layer_norm(norm: nn.LayerNorm, backend: str | None) -> LayerNorm:
+    if norm.weight is None or len(norm.normalized_shape) != 1:
+        raise ValueError("only affine LayerNorms over the last dimension can be converted")
+    new = LayerNorm(norm.normalized_shape[0], eps=norm.eps, device="meta")
+    _share_parameters(norm, new)
+    new.backend = backend
+    return new
+
+
+def _gelu_layer(act: nn.Module):
+    if isinstance(act, nn.GELU):
+        return partial(nn.GELU, approximate=act.approximate)
+    if type(act).__name__ in ("GELU", "GELUTanh"):  # timm.layers.activations
+        return partial(nn.GELU, approximate="tanh" if "Tanh" in type(act).__name__ else "none")
+    raise ValueError(f"activation {type(act).__name__} is not supported by fastvit (GELU only)")
+
+
+def _fastvit_block(block: nn.Module, backend: str | None) -> Block:
+    if type(block).__name__ != "Block" or not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
+        raise ValueError(f"block type {type(block).__name__} is not supported (timm's pre-norm Block only)")
+    attn, mlp = block.attn, block.mlp
+    for part in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
+            raise ValueError(f"attention {part} (qk-norm / scale-norm) is not supported by fastvit")
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(mlp, "fc1"):
+        raise ValueError(f"MLP {type(mlp).__name__} with a norm or gating is not supported by fastvit")
+    if not isinstance(block.norm1, nn.LayerNorm):
+        raise ValueError(f"norm {type(block.norm1).__name__} is not supported (LayerNorm only)")
+    dim = attn.qkv.in_features
+    layer_scale = getattr(block.ls1, "gamma", None)
+    new = Block(
+        dim=dim,
+        num_heads=attn.num_heads,
+        mlp_ratio=mlp.fc1.out_features / dim,
+        qkv_bias=attn.qkv.bias is not None,
+        proj_bias=attn.proj.bias is not None,
+        proj_drop=attn.proj_drop.p,
+        attn_drop=attn.attn_drop.p if isinstance(attn.attn_drop, nn.Dropout) else float(attn.attn_drop),
+        init_values=1.0 if layer_scale is not None else None,  # gamma itself is shared below
+        drop_path=getattr(block.drop_path1, "drop_prob", 0.0),
+        act_layer=_gelu_layer(mlp.act),
+        norm_layer=partial(LayerNorm, eps=block.norm1.eps),
+        device="meta",
+    )
+    _share_parameters(block, new)
+    for module in new.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+    return new
