@@ -39,7 +39,8 @@ CANDIDATES = [
     "fastvit auto",
     "fastvit auto compile",
 ]
-GPU_ONLY = {"timm compile", "timm compile max-autotune", "fastvit auto compile"}
+INFERENCE_ONLY = ["fastvit auto cuda-graphs"]
+GPU_ONLY = {"timm compile", "timm compile max-autotune", "fastvit auto compile", "fastvit auto cuda-graphs"}
 
 
 def vit_forward_flops(model, batch: int) -> float:
@@ -62,7 +63,7 @@ def _build(candidate: str, name: str, kwargs: dict):
     if candidate.startswith("timm"):
         model = timm_model
     else:
-        backend = "torch" if candidate == "fastvit reference" else "auto"
+        backend = "torch" if candidate == "fastvit reference" else "auto"  # "auto": fused kernels on CUDA
         model = fastvit.from_timm(timm_model).to(DEVICE).set_backend(backend)
     if "max-autotune" in candidate:
         model = torch.compile(model, mode="max-autotune")
@@ -87,7 +88,7 @@ def _ops_plan(model) -> dict | str:
     return inner.backend_plan(DEVICE) if hasattr(inner, "backend_plan") else "timm"
 
 
-@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("candidate", CANDIDATES + INFERENCE_ONLY)
 @pytest.mark.parametrize("batch", INFER_BATCHES)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_inference(benchmark, name, batch, candidate):
@@ -97,10 +98,17 @@ def test_inference(benchmark, name, batch, candidate):
     x = torch.randn(batch, 3, img_size, img_size, device=DEVICE)
     error = _check_logits(candidate, model, timm_model, x)
     model.eval()
+    if candidate.endswith("cuda-graphs"):
+        session = fastvit.InferenceSession(model, batch_sizes=batch, dtype=AMP_DTYPE)
 
-    def infer():
-        with torch.inference_mode(), _autocast():
-            return model(x)
+        def infer():
+            return session(x)
+
+    else:
+
+        def infer():
+            with torch.inference_mode(), _autocast():
+                return model(x)
 
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
