@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 and torchvision 0.29.1 come from this machine's local wheel cache; elsewhere from PyPI.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 MAX_JOBS ?= 2
-EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
 .PHONY: all install demo test test-fast bench lint format clean
 

@@ -1,8 +1,12 @@
 // The one binding module of fastvit._C: TORCH_LIBRARY op schemas and their CPU/CUDA kernels,
 // plus pybind11 helpers that are not ops (build facts reported by fastvit.backends()).
+//
+// Fake (meta) impls and autograd formulas are registered from Python (fastvit/ops/layer_norm.py,
+// fastvit/ops/ln_mlp.py) with torch.library.register_fake / register_autograd.
 #include <torch/extension.h>
 
 #include "layer_norm/layer_norm.h"
+#include "ln_mlp/ln_mlp.h"
 
 #ifdef FASTVIT_WITH_CUDA
 #include <cublasLt.h>
@@ -10,12 +14,53 @@
 
 TORCH_LIBRARY(fastvit, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor grad_x, Tensor "
+      "grad_weight, Tensor grad_bias)");
+  m.def(
+      "ln_mlp_fwd(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+      "Tensor? fc2_bias, float eps, str approximate, bool residual, bool save_for_backward) -> (Tensor out, Tensor "
+      "mean, Tensor rstd, Tensor pre_act)");
+  m.def(
+      "ln_mlp_bwd(Tensor grad_out, Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor mean, Tensor rstd, Tensor "
+      "fc1_weight, Tensor pre_act, Tensor fc2_weight, str approximate, bool residual, bool deterministic) -> (Tensor "
+      "grad_x, Tensor grad_ln_weight, Tensor grad_ln_bias, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor "
+      "grad_fc2_weight, Tensor grad_fc2_bias)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit, CPU, m) { m.impl("layer_norm_fwd", &fastvit::layer_norm_fwd_cpu); }
+TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
+  m.impl("layer_norm_fwd", &fastvit::layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd_cpu);
+  m.impl("ln_mlp_fwd", &fastvit::ln_mlp_fwd_cpu);
+  m.impl("ln_mlp_bwd", &fastvit::ln_mlp_bwd_cpu);
+}
 
 #ifdef FASTVIT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastvit, CUDA, m) { m.impl("layer_norm_fwd", &fastvit::layer_norm_fwd_cuda); }
+TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
+  m.impl("layer_norm_fwd", &fastvit::layer_norm_fwd_cuda);
+  m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd_cuda);
+  m.impl("ln_mlp_fwd", &fastvit::ln_mlp_fwd_cuda);
+  m.impl("ln_mlp_bwd", &fastvit::ln_mlp_bwd_cuda);
+}
+#else
+namespace {
+// A CPU-only build still registers a CUDA kernel for every op, so that CUDA tensors get this
+// message instead of the dispatcher's generic "could not run ... with arguments from the 'CUDA' backend".
+[[noreturn]] void built_without_cuda(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false,
+              "fastvit._C was built without CUDA kernels (nvcc was not found at build time, or "
+              "FASTVIT_FORCE_CPU=1), so ",
+              op.schema().name(),
+              " cannot run on CUDA tensors. Rebuild with the CUDA "
+              "toolkit (`pip install --no-build-isolation -e .`) or use backend='torch'.");
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
+  for (const char* op : {"layer_norm_fwd", "layer_norm_bwd", "ln_mlp_fwd", "ln_mlp_bwd"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&built_without_cuda>());
+  }
+}
 #endif
 
 namespace {

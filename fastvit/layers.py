@@ -191,8 +191,34 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class Mlp(nn.Module):
-    """fc1 -> act -> drop1 -> fc2 -> drop2, with timm's ``Mlp`` names."""
+class LNMLP(nn.Module):
+    """LayerNorm -> fc1 -> GELU -> fc2 (+ residual) as one ``ops.ln_mlp`` call: a block's ``norm2`` + ``mlp``.
+
+    Submodules carry timm ``Mlp``'s names (``fc1``, ``act``, ``drop1``, ``fc2``, ``drop2``), so in a
+    block's ``mlp`` slot its keys are timm's ``mlp.fc1.weight`` ... The LayerNorm is either:
+
+    * owned (``norm=None``): a ``LayerNorm`` registered as ``norm`` (keys ``norm.weight``,
+      ``norm.bias``) for standalone use, or
+    * borrowed (``norm=block.norm2``): the norm stays registered by its owner, which keeps its keys
+      (``norm2.weight``, ``norm2.bias``); this module reads its parameters at call time and never
+      registers it. This is how a Block keeps timm's state dict:
+      ``self.norm2 = LayerNorm(dim); self.mlp = LNMLP(dim, hidden, norm=self.norm2)``. (A module
+      holding both cannot produce the sibling keys ``norm2.*`` and ``mlp.*`` by itself.)
+
+    ``forward(x)`` returns ``x + mlp(norm(x))`` (``residual=True``, the default) or ``mlp(norm(x))``.
+    Anything the fused op does not cover (a norm that is not an affine LayerNorm, a non-GELU
+    activation, active dropout while training) runs the same modules unfused.
+
+    Args:
+        in_features: C, the token width.
+        hidden_features: the hidden width (``mlp_ratio * C``).
+        act_layer: activation class; ``nn.GELU`` (either ``approximate``) is fused.
+        bias: Linear biases.
+        drop: dropout after the activation and after fc2 (training only; unfused).
+        eps: epsilon of the owned LayerNorm.
+        norm: a LayerNorm to borrow instead of owning one.
+        residual: default of ``forward``'s ``residual``.
+    """
 
     def __init__(
         self,
@@ -201,20 +227,81 @@ class Mlp(nn.Module):
         act_layer: Callable[[], nn.Module] = nn.GELU,
         bias: bool = True,
         drop: float = 0.0,
+        eps: float = 1e-6,
+        norm: nn.Module | None = None,
+        residual: bool = True,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        if norm is None:
+            self.norm = LayerNorm(in_features, eps=eps, **dd)
+        else:
+            object.__setattr__(self, "_borrowed_norm", norm)  # plain attribute: not a submodule, no keys
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drop)
+        self.residual = residual
+        self.backend: str | None = None
+        self._init_fusable()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+    @classmethod
+    def from_modules(cls, norm: nn.Module, mlp: nn.Module, residual: bool = True) -> LNMLP:
+        """An LNMLP over an existing norm (borrowed) and timm-style ``Mlp`` (its fc1/act/fc2/dropouts, shared)."""
+        hidden_norm = getattr(mlp, "norm", None)
+        if hidden_norm is not None and not isinstance(hidden_norm, nn.Identity):
+            raise ValueError("LNMLP.from_modules: an Mlp with a hidden-layer norm cannot be fused")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        object.__setattr__(module, "_borrowed_norm", norm)
+        module.fc1, module.act, module.fc2 = mlp.fc1, mlp.act, mlp.fc2
+        module.drop1 = getattr(mlp, "drop1", nn.Dropout(0.0))
+        module.drop2 = getattr(mlp, "drop2", nn.Dropout(0.0))
+        module.residual = residual
+        module.backend = None
+        module._init_fusable()
+        return module
+
+    def _init_fusable(self) -> None:
+        # Chosen once, at construction (timm's habit); only dropout depends on train/eval.
+        norm = self.layer_norm
+        self.fusable = (
+            isinstance(norm, nn.LayerNorm)
+            and norm.weight is not None
+            and norm.bias is not None
+            and len(norm.normalized_shape) == 1
+            and type(self.act) is nn.GELU
+        )
+
+    @property
+    def layer_norm(self) -> nn.Module:
+        """The LayerNorm applied first: the owned ``norm`` or the borrowed one."""
+        borrowed = self.__dict__.get("_borrowed_norm")
+        return borrowed if borrowed is not None else self.norm
+
+    def forward(self, x: torch.Tensor, residual: bool | None = None) -> torch.Tensor:
+        residual = self.residual if residual is None else residual
+        norm = self.layer_norm
+        dropout = self.training and (self.drop1.p > 0.0 or self.drop2.p > 0.0)
+        if not self.fusable or dropout:
+            out = self.drop2(self.fc2(self.drop1(self.act(self.fc1(norm(x))))))
+            return x + out if residual else out
+        return ops.ln_mlp(
+            x,
+            norm.weight,
+            norm.bias,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            eps=norm.eps,
+            approximate=self.act.approximate,
+            residual=residual,
+            backend=self.backend,
+        )
 
 
 class LayerScale(nn.Module):
@@ -274,9 +361,9 @@ class PatchDropout(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
 
-    The MLP half runs as one ``ops.ln_mlp`` call (LayerNorm, fc1, GELU, fc2 and the residual add)
-    whenever its pieces are the standard ones: ``norm2`` a LayerNorm, ``mlp.act`` a GELU, and no
-    MLP dropout active. LayerScale and drop-path, when present, are applied to its un-added output.
+    The MLP half is an ``LNMLP`` borrowing ``norm2``: one ``ops.ln_mlp`` call (LayerNorm, fc1, GELU, fc2
+    and the residual add) whenever its pieces are the standard ones (``norm2`` a LayerNorm, ``mlp.act``
+    a GELU, no MLP dropout active). LayerScale and drop-path, when present, apply to its un-added output.
     """
 
     def __init__(
@@ -310,35 +397,16 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop, **dd)
+        # norm2 stays registered here (timm's keys norm2.*); the MLP borrows it and runs both as one op.
+        self.mlp = LNMLP(
+            dim, int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop, norm=self.norm2, **dd
+        )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.backend: str | None = None
-        # Fast paths are chosen once, here (timm's habit); only dropout depends on train/eval.
-        self.fuse_mlp = (
-            isinstance(self.norm2, nn.LayerNorm)
-            and self.norm2.weight is not None
-            and self.norm2.bias is not None
-            and type(self.mlp.act) is nn.GELU
-        )
         self.mlp_residual_in_op = isinstance(self.ls2, nn.Identity) and isinstance(self.drop_path2, nn.Identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        mlp_dropout = self.training and (self.mlp.drop1.p > 0.0 or self.mlp.drop2.p > 0.0)
-        if not self.fuse_mlp or mlp_dropout:
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        out = ops.ln_mlp(
-            x,
-            self.norm2.weight,
-            self.norm2.bias,
-            self.mlp.fc1.weight,
-            self.mlp.fc1.bias,
-            self.mlp.fc2.weight,
-            self.mlp.fc2.bias,
-            eps=self.norm2.eps,
-            approximate=self.mlp.act.approximate,
-            residual=self.mlp_residual_in_op,
-            backend=self.backend,
-        )
-        return out if self.mlp_residual_in_op else x + self.drop_path2(self.ls2(out))
+        if self.mlp_residual_in_op:
+            return self.mlp(x, residual=True)
+        return x + self.drop_path2(self.ls2(self.mlp(x, residual=False)))

@@ -1,4 +1,7 @@
-"""The compiled extension fastvit._C: build facts, and its LayerNorm op on the C++ CPU path.
+"""The compiled extension fastvit._C: build facts, and its LayerNorm ops on the C++ CPU path.
+
+``layer_norm_fwd`` / ``layer_norm_bwd``: the autograd of ``ops.layer_norm(backend='cuda')`` calls the
+extension's backward (C++ on CPU tensors, CUDA kernels on CUDA tensors).
 
 CI has no GPU: these tests run the C++ CPU kernels through the same torch.library registration
 (schema, fake impl, autograd) that the CUDA kernels use. GPU tests at the end run the CUDA kernel.
@@ -11,9 +14,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_within_torch_error
 
 import fastvit
+from conftest import assert_within_torch_error
 from fastvit import dispatch, ops
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
@@ -125,6 +128,88 @@ def test_layer_norm_extension_rejects_bad_arguments(make, error, match):
 
 
 @needs_extension
+@pytest.mark.parametrize("shape", [(1, 7), (4, 24), (3, 5, 192), (300, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_layer_norm_bwd_op_matches_autograd(shape, dtype):
+    x, weight, bias = _layer_norm_inputs(shape, dtype)
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    _out, mean, rstd = torch.ops.fastvit.layer_norm_fwd(x, weight, bias, 1e-6)
+    grads = torch.ops.fastvit.layer_norm_bwd(grad_out.to(dtype), x, weight, mean, rstd)
+
+    def autograd_grads(dtype_):
+        leaves = [t.detach().to(dtype_).requires_grad_(True) for t in (x, weight, bias)]
+        out = F.layer_norm(leaves[0], shape[-1:], leaves[1], leaves[2], 1e-6)
+        return torch.autograd.grad(out, leaves, grad_out.to(dtype_))
+
+    same, exact = autograd_grads(dtype), autograd_grads(torch.float64)
+    floor = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 0.0)
+    for name, got, torch_same, want in zip(("dx", "dweight", "dbias"), grads, same, exact):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert_within_torch_error(
+            f"layer_norm_bwd {name} {dtype}", got, torch_same, want, floor=floor * want.abs().max()
+        )
+
+
+@needs_extension
+def test_layer_norm_bwd_reduction_does_not_depend_on_the_thread_count():
+    # dweight/dbias are summed over fixed row chunks, then the chunks in order: the same bits with
+    # any number of threads (and run to run).
+    x, weight, bias = _layer_norm_inputs((777, 48), torch.float32)
+    grad_out = torch.randn(777, 48)
+    _out, mean, rstd = torch.ops.fastvit.layer_norm_fwd(x, weight, bias, 1e-6)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.fastvit.layer_norm_bwd(grad_out, x, weight, mean, rstd))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for got, first in zip(other, results[0]):
+            assert torch.equal(got, first)
+
+
+@needs_extension
+def test_layer_norm_bwd_passes_opcheck():
+    x, weight, bias = _layer_norm_inputs((3, 5, 24), torch.float32)
+    _out, mean, rstd = torch.ops.fastvit.layer_norm_fwd(x, weight, bias, 1e-6)
+    grad_out = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.fastvit.layer_norm_bwd.default, (grad_out, x, weight, mean, rstd))
+    # Non-contiguous grad_out (an expanded gradient, as autograd produces for sums) is accepted.
+    expanded = torch.ones(1, 1, 24).expand(3, 5, 24)
+    grad_x, _, grad_bias = torch.ops.fastvit.layer_norm_bwd(expanded, x, weight, mean, rstd)
+    torch.testing.assert_close(grad_bias, torch.full((24,), 15.0))
+    assert grad_x.is_contiguous()
+
+
+@needs_extension
+def test_layer_norm_bwd_rejects_bad_arguments():
+    x, weight, bias = _layer_norm_inputs((4, 8), torch.float32)
+    _out, mean, rstd = torch.ops.fastvit.layer_norm_fwd(x, weight, bias, 1e-6)
+    dy = torch.randn_like(x)
+    bwd = torch.ops.fastvit.layer_norm_bwd
+    with pytest.raises(ValueError, match="grad_out must have the shape of x"):
+        bwd(dy[:2], x, weight, mean, rstd)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        bwd(dy, x, weight[:-1], mean, rstd)
+    with pytest.raises(ValueError, match="mean and rstd must have shape"):
+        bwd(dy, x, weight, mean[:-1], rstd)
+    with pytest.raises(TypeError, match="mean and rstd must be Float"):
+        bwd(dy, x, weight, mean.double(), rstd)
+    with pytest.raises(TypeError, match="must have the dtype of x"):
+        bwd(dy.double(), x, weight, mean, rstd)
+
+
+@needs_extension
+def test_layer_norm_bwd_empty_rows():
+    x, weight, bias = _layer_norm_inputs((0, 16), torch.float32)
+    _out, mean, rstd = torch.ops.fastvit.layer_norm_fwd(x, weight, bias, 1e-6)
+    grad_x, grad_weight, grad_bias = torch.ops.fastvit.layer_norm_bwd(torch.empty(0, 16), x, weight, mean, rstd)
+    assert grad_x.shape == (0, 16) and grad_weight.abs().sum() == 0 and grad_bias.abs().sum() == 0
+
+
+@needs_extension
 def test_cuda_backend_on_cpu_is_the_cpp_kernel():
     assert dispatch.resolve("layer_norm", "cuda", torch.device("cpu")) == "cuda"
     assert dispatch.resolve("layer_norm", "auto", torch.device("cpu")) == "torch"
@@ -141,3 +226,42 @@ def test_layer_norm_cuda_kernel(shape, dtype):
     same = F.layer_norm(x, x.shape[-1:], weight, bias, 1e-6)
     exact = F.layer_norm(x.double(), x.shape[-1:], weight.double(), bias.double(), 1e-6)
     assert_within_torch_error(f"layer_norm cuda {dtype}", ours, same, exact, floor=1e-6 * exact.abs().max().item())
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 7), (197, 768), (3, 257, 1280), (4096, 1000), (64 * 197, 384)])
+def test_layer_norm_cuda_backward_kernel(shape, dtype):
+    x, weight, bias = _layer_norm_inputs(shape, dtype, device="cuda")
+    grad_out = torch.randn(shape, dtype=torch.float64, device="cuda")
+
+    def run(fn, dtype_):
+        leaves = [t.detach().to(dtype_).requires_grad_(True) for t in (x, weight, bias)]
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, grad_out.to(dtype_))
+
+    ours = run(lambda x, w, b: ops.layer_norm(x, w, b, 1e-6, backend="cuda"), dtype)
+    same = run(lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-6), dtype)
+    exact = run(lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-6), torch.float64)
+    for name, got, torch_same, want in zip(("dx", "dweight", "dbias"), ours, same, exact):
+        floor = 1e-6 * want.abs().max().item()
+        assert_within_torch_error(f"layer_norm cuda bwd {name} {dtype}", got, torch_same, want, floor=floor)
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+def test_layer_norm_cuda_unaligned_rows_and_bit_identical_backward():
+    # A view starting one element in: rows are not 16-byte aligned, so the scalar (non-vector) path runs.
+    base, weight, bias = _layer_norm_inputs((513, 769), torch.bfloat16, device="cuda")
+    x = base[:, 1:]
+    weight, bias = weight[1:], bias[1:]
+    out, mean, rstd = torch.ops.fastvit.layer_norm_fwd(x, weight, bias, 1e-6)
+    torch.testing.assert_close(out, F.layer_norm(x, (768,), weight, bias, 1e-6), atol=2e-2, rtol=2e-2)
+    grad_out = torch.randn_like(x)
+    first = torch.ops.fastvit.layer_norm_bwd(grad_out, x, weight, mean, rstd)
+    for _ in range(3):
+        for got, want in zip(torch.ops.fastvit.layer_norm_bwd(grad_out, x, weight, mean, rstd), first):
+            assert torch.equal(got, want)

@@ -273,7 +273,7 @@ QKV = torch.randn(2, 5, 24)
                 eps=-1,
             ),
             ValueError,
-            "eps must be a non-negative",
+            "eps must be a positive finite number",
         ),
         (
             lambda: ops.layer_norm(torch.randn(2, 6), torch.ones(6), torch.zeros(5)),

@@ -1,4 +1,5 @@
-// LayerNorm forward over the last dimension: the C++/CUDA entry points of fastvit::layer_norm_fwd.
+// LayerNorm over the last dimension: the C++/CUDA entry points of fastvit::layer_norm_fwd and
+// fastvit::layer_norm_bwd, and the launchers the fused ln_mlp op reuses.
 //
 // Contract (same as fastvit.reference.layer_norm):
 //   x:      [..., C]  float16 / bfloat16 / float32 / float64, any strides (made contiguous)
@@ -6,6 +7,11 @@
 //   out:    [..., C]  dtype of x
 //   mean, rstd: [...] float32 (float64 when x is float64); saved for the backward pass
 // Statistics are accumulated in fp32 (fp64 for fp64 inputs), variance is biased, as torch.
+//
+// Backward, from the saved statistics (x̂ = (x - mean)·rstd, g = dy·weight, means over C):
+//   dx = rstd · (g - mean(g) - x̂ · mean(g·x̂)),  dweight = Σ_rows dy·x̂,  dbias = Σ_rows dy
+// The dweight/dbias sums are deterministic on every device: fixed row chunks summed into an fp32
+// [chunks, C] buffer, then the chunks summed in a fixed order (no atomics).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,12 +31,62 @@ struct LayerNormForward {
 LayerNormForward prepare_layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                             double eps);
 
+// Contiguous inputs and freshly allocated outputs of one backward call.
+struct LayerNormBackward {
+  at::Tensor grad_out, x, weight, mean, rstd;  // contiguous
+  at::Tensor grad_x, grad_weight, grad_bias;
+  int64_t rows = 0, width = 0;
+};
+
+LayerNormBackward prepare_layer_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& mean, const at::Tensor& rstd);
+
+// Optional extras of the backward launchers (undefined tensors = absent), used by ln_mlp:
+//   residual_grad [rows, C]: added to grad_x (the gradient of a residual `x + f(LN(x))`);
+//   bias + normed_out [rows, C]: also write LN(x) = x̂·weight + bias, recomputed from the saved
+//   statistics (ln_mlp's fc1 weight gradient needs it and does not keep it from the forward).
+struct LayerNormBackwardExtras {
+  at::Tensor residual_grad;
+  at::Tensor bias;
+  at::Tensor normed_out;
+};
+
+// Launchers on contiguous [rows, C] tensors with preallocated outputs (rows may be 0).
+void layer_norm_forward_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd);
+void layer_norm_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
+                                 const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                                 const LayerNormBackwardExtras& extras = {});
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                   const at::Tensor& bias, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                  const at::Tensor& weight, const at::Tensor& mean,
+                                                                  const at::Tensor& rstd);
 
 #ifdef FASTVIT_WITH_CUDA
+// CUDA launchers (current stream of the tensors' device; the caller sets the device guard).
+void layer_norm_forward_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                 const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd);
+void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
+                                  const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                                  const LayerNormBackwardExtras& extras = {});
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                    const at::Tensor& bias, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                   const at::Tensor& weight, const at::Tensor& mean,
+                                                                   const at::Tensor& rstd);
 #endif
+
+// Rows per chunk of the deterministic dweight/dbias reduction: depends on the row count only, so
+// the summation order (and the bits of the result) is the same on every run and every GPU.
+inline int64_t layer_norm_rows_per_chunk(int64_t rows) {
+  constexpr int64_t kMaxChunks = 256, kMinRowsPerChunk = 32;
+  const int64_t per_chunk = (rows + kMaxChunks - 1) / kMaxChunks;
+  return per_chunk < kMinRowsPerChunk ? kMinRowsPerChunk : per_chunk;
+}
 
 }  // namespace fastvit

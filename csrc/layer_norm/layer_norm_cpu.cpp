@@ -1,13 +1,16 @@
-// C++ CPU implementation of fastvit::layer_norm_fwd: the reference the CUDA kernel is tested
-// against on GPU machines, and the path CI runs on machines without one.
-#include "layer_norm/layer_norm.h"
-
+// C++ CPU implementation of fastvit::layer_norm_fwd / layer_norm_bwd: the reference the CUDA kernels
+// are tested against on GPU machines, and the path CI runs on machines without one. Also the shared
+// argument checks of both devices.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
+
+#include "layer_norm/layer_norm.h"
 
 namespace fastvit {
 
@@ -44,12 +47,53 @@ LayerNormForward prepare_layer_norm_forward(const at::Tensor& x, const at::Tenso
   return fwd;
 }
 
+LayerNormBackward prepare_layer_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "layer_norm_bwd: x must have at least 1 dimension, got a 0-d tensor");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
+                   "layer_norm_bwd: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  const int64_t width = x.size(-1);
+  TORCH_CHECK_VALUE(width > 0, "layer_norm_bwd: the last dimension of x must be > 0, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "layer_norm_bwd: grad_out must have the shape of x (", x.sizes(),
+                    "), got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == width, "layer_norm_bwd: weight must have shape [", width,
+                    "], got ", weight.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+                   "layer_norm_bwd: grad_out and weight must have the dtype of x (", x.scalar_type(), "), got ",
+                   grad_out.scalar_type(), " and ", weight.scalar_type());
+  const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto stats_shape = x.sizes().slice(0, x.dim() - 1);
+  TORCH_CHECK_VALUE(mean.sizes() == stats_shape && rstd.sizes() == stats_shape,
+                    "layer_norm_bwd: mean and rstd must have shape ", stats_shape, " (x's leading dimensions), got ",
+                    mean.sizes(), " and ", rstd.sizes());
+  TORCH_CHECK_TYPE(mean.scalar_type() == stats_dtype && rstd.scalar_type() == stats_dtype,
+                   "layer_norm_bwd: mean and rstd must be ", stats_dtype, " (as layer_norm_fwd returns them), got ",
+                   mean.scalar_type(), " and ", rstd.scalar_type());
+  for (const at::Tensor* t : {&grad_out, &weight, &mean, &rstd}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), "layer_norm_bwd: all tensors must be on one device, got x on ",
+                      x.device(), " and another on ", t->device());
+  }
+
+  LayerNormBackward bwd;
+  bwd.grad_out = grad_out.contiguous();
+  bwd.x = x.contiguous();
+  bwd.weight = weight.contiguous();
+  bwd.mean = mean.contiguous();
+  bwd.rstd = rstd.contiguous();
+  bwd.width = width;
+  bwd.rows = x.numel() / width;
+  bwd.grad_x = at::empty_like(bwd.x);
+  bwd.grad_weight = at::empty_like(bwd.weight);
+  bwd.grad_bias = at::empty_like(bwd.weight);
+  return bwd;
+}
+
 namespace {
 
 template <typename scalar_t>
 void layer_norm_fwd_cpu_kernel(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, scalar_t* out,
-                               at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out,
-                               int64_t rows, int64_t width, double eps) {
+                               at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out, int64_t rows,
+                               int64_t width, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -77,21 +121,126 @@ void layer_norm_fwd_cpu_kernel(const scalar_t* x, const scalar_t* weight, const 
   });
 }
 
+template <typename scalar_t>
+void layer_norm_bwd_cpu_kernel(const scalar_t* grad_out, const scalar_t* x, const scalar_t* weight,
+                               const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
+                               const scalar_t* residual_grad, const scalar_t* bias, scalar_t* normed_out,
+                               scalar_t* grad_x, scalar_t* grad_weight, scalar_t* grad_bias, int64_t rows,
+                               int64_t width) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t inv_width = acc_t(1) / static_cast<acc_t>(width);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t offset = row * width;
+      const acc_t mu = mean[row], r = rstd[row];
+      acc_t sum_g = 0, sum_g_xhat = 0;
+      for (int64_t i = 0; i < width; ++i) {
+        const acc_t xhat = (static_cast<acc_t>(x[offset + i]) - mu) * r;
+        const acc_t g = static_cast<acc_t>(grad_out[offset + i]) * static_cast<acc_t>(weight[i]);
+        sum_g += g;
+        sum_g_xhat += g * xhat;
+      }
+      const acc_t mean_g = sum_g * inv_width, mean_g_xhat = sum_g_xhat * inv_width;
+      for (int64_t i = 0; i < width; ++i) {
+        const acc_t xhat = (static_cast<acc_t>(x[offset + i]) - mu) * r;
+        const acc_t g = static_cast<acc_t>(grad_out[offset + i]) * static_cast<acc_t>(weight[i]);
+        acc_t dx = r * (g - mean_g - xhat * mean_g_xhat);
+        if (residual_grad != nullptr) dx += static_cast<acc_t>(residual_grad[offset + i]);
+        grad_x[offset + i] = static_cast<scalar_t>(dx);
+        if (normed_out != nullptr) {
+          normed_out[offset + i] =
+              static_cast<scalar_t>(xhat * static_cast<acc_t>(weight[i]) + static_cast<acc_t>(bias[i]));
+        }
+      }
+    }
+  });
+
+  // dweight / dbias: fixed row chunks (independent of the thread count) summed in parallel, then
+  // the chunk sums added in order: the same bits for any number of threads.
+  const int64_t rows_per_chunk = layer_norm_rows_per_chunk(rows);
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  std::vector<acc_t> partial_weight(chunks * width, acc_t(0)), partial_bias(chunks * width, acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      acc_t* dw = partial_weight.data() + chunk * width;
+      acc_t* db = partial_bias.data() + chunk * width;
+      const int64_t last = std::min(rows, (chunk + 1) * rows_per_chunk);
+      for (int64_t row = chunk * rows_per_chunk; row < last; ++row) {
+        const int64_t offset = row * width;
+        const acc_t mu = mean[row], r = rstd[row];
+        for (int64_t i = 0; i < width; ++i) {
+          const acc_t dy = static_cast<acc_t>(grad_out[offset + i]);
+          dw[i] += dy * (static_cast<acc_t>(x[offset + i]) - mu) * r;
+          db[i] += dy;
+        }
+      }
+    }
+  });
+  for (int64_t i = 0; i < width; ++i) {
+    acc_t dw = 0, db = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      dw += partial_weight[chunk * width + i];
+      db += partial_bias[chunk * width + i];
+    }
+    grad_weight[i] = static_cast<scalar_t>(dw);
+    grad_bias[i] = static_cast<scalar_t>(db);
+  }
+}
+
 }  // namespace
+
+void layer_norm_forward_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd) {
+  const int64_t width = x.size(-1), rows = width > 0 ? x.numel() / width : 0;
+  if (rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    layer_norm_fwd_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                                        bias.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows, width,
+                                        eps);
+  });
+}
+
+void layer_norm_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
+                                 const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                                 const LayerNormBackwardExtras& extras) {
+  const int64_t width = x.size(-1), rows = width > 0 ? x.numel() / width : 0;
+  if (rows == 0) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool write_normed = extras.normed_out.defined();
+    layer_norm_bwd_cpu_kernel<scalar_t>(
+        grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+        mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+        extras.residual_grad.defined() ? extras.residual_grad.const_data_ptr<scalar_t>() : nullptr,
+        write_normed ? extras.bias.const_data_ptr<scalar_t>() : nullptr,
+        write_normed ? extras.normed_out.mutable_data_ptr<scalar_t>() : nullptr, grad_x.mutable_data_ptr<scalar_t>(),
+        grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(), rows, width);
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                   const at::Tensor& bias, double eps) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "layer_norm_fwd_cpu: x must be a CPU tensor, got ", x.device());
   LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps);
-  if (fwd.rows == 0) return {fwd.out, fwd.mean, fwd.rstd};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    layer_norm_fwd_cpu_kernel<scalar_t>(fwd.x.const_data_ptr<scalar_t>(), fwd.weight.const_data_ptr<scalar_t>(),
-                                        fwd.bias.const_data_ptr<scalar_t>(), fwd.out.mutable_data_ptr<scalar_t>(),
-                                        fwd.mean.mutable_data_ptr<acc_t>(), fwd.rstd.mutable_data_ptr<acc_t>(),
-                                        fwd.rows, fwd.width, eps);
-  });
+  layer_norm_forward_out_cpu(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd);
   return {fwd.out, fwd.mean, fwd.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                  const at::Tensor& weight, const at::Tensor& mean,
+                                                                  const at::Tensor& rstd) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "layer_norm_bwd_cpu: x must be a CPU tensor, got ", x.device());
+  LayerNormBackward bwd = prepare_layer_norm_backward(grad_out, x, weight, mean, rstd);
+  layer_norm_backward_out_cpu(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight,
+                              bwd.grad_bias);
+  return {bwd.grad_x, bwd.grad_weight, bwd.grad_bias};
 }
 
 }  // namespace fastvit

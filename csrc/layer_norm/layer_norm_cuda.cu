@@ -1,87 +1,340 @@
-// CUDA implementation of fastvit::layer_norm_fwd: one warp per row, fp32 statistics.
+// CUDA LayerNorm forward and backward (fastvit::layer_norm_fwd / layer_norm_bwd, and the LN stages of
+// fastvit::ln_mlp_fwd / ln_mlp_bwd).
 //
-// Each warp strides over its row three times (sum, centred sum of squares, normalise); the
-// row stays in L1/L2 between passes, so DRAM traffic is one read of x and one write of out.
-// This is the starting kernel that exercises the build; the vectorised forward/backward pair
-// of the LN-GELU-MLP op replaces it.
-#include "layer_norm/layer_norm.h"
-
+// Forward: one warp per row, fp32 statistics (fp64 for fp64 inputs), two passes for the variance
+// (mean, then the centred sum of squares: no E[x²] - E[x]² cancellation), then the normalisation.
+// Every pass reads the row with 16-byte vector loads when the row length and pointers allow it;
+// the row stays in L1/L2 between passes, so DRAM traffic is one read of x and one write of out.
+//
+// Backward: one warp per row for dx (two passes: the row sums Σg and Σg·x̂, then dx), optionally
+// adding the residual gradient and writing the recomputed LN output (for ln_mlp). dweight and dbias
+// are reduced deterministically in two stages, with no atomics: a [chunks, C] fp32 buffer of
+// per-chunk column sums (chunk size fixed by the row count, see layer_norm_rows_per_chunk), then a
+// per-column sum over the chunks in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <type_traits>
+
+#include "common/cuda_utils.h"
+#include "layer_norm/layer_norm.h"
+
 namespace fastvit {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kRowsPerBlock = 4;
+constexpr int kRowsPerBlock = 4;  // warps per block in the row kernels, one row per warp
+constexpr int kColTile = 32;      // columns per block in the column-reduction kernels
+constexpr int kRowLanes = 8;      // threads along the rows in the column-reduction kernels
+constexpr int kRowKernelThreads = kWarpSize * kRowsPerBlock;
+constexpr int kColKernelThreads = kColTile * kRowLanes;
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_all_reduce_sum(acc_t value) {
+template <typename T, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kRowKernelThreads) layer_norm_fwd_kernel(const T* __restrict__ x,  // [rows, width]
+                                                                           const T* __restrict__ weight,  // [width]
+                                                                           const T* __restrict__ bias,    // [width]
+                                                                           T* __restrict__ out,  // [rows, width]
+                                                                           acc_t* __restrict__ mean_out,  // [rows]
+                                                                           acc_t* __restrict__ rstd_out,  // [rows]
+                                                                           int64_t rows, int64_t width, acc_t eps) {
+  using P = Pack<T, VEC>;
+  const int lane = threadIdx.x;
+  const int64_t packs = width / VEC;
+  const acc_t inv_width = acc_t(1) / static_cast<acc_t>(width);
+  const P* w = reinterpret_cast<const P*>(weight);
+  const P* b = reinterpret_cast<const P*>(bias);
+  // The row index depends on threadIdx.y only: a warp enters and leaves the loop together.
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const P* x_row = reinterpret_cast<const P*>(x + row * width);  // int64: rows * width may pass 2^31
+    acc_t sum = 0;
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const P v = x_row[p];
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
+      for (int j = 0; j < VEC; ++j) sum += static_cast<acc_t>(v.v[j]);
+    }
+    const acc_t mean = warp_all_reduce_sum(sum) * inv_width;
+
+    acc_t sq_sum = 0;
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const P v = x_row[p];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t centred = static_cast<acc_t>(v.v[j]) - mean;
+        sq_sum += centred * centred;
+      }
+    }
+    const acc_t rstd = rsqrt(warp_all_reduce_sum(sq_sum) * inv_width + eps);
+
+    P* out_row = reinterpret_cast<P*>(out + row * width);
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const P v = x_row[p], wv = w[p], bv = b[p];
+      P o;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t normed = (static_cast<acc_t>(v.v[j]) - mean) * rstd;
+        o.v[j] = static_cast<T>(normed * static_cast<acc_t>(wv.v[j]) + static_cast<acc_t>(bv.v[j]));
+      }
+      out_row[p] = o;
+    }
+    if (lane == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+  }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void layer_norm_fwd_kernel(const scalar_t* __restrict__ x,       // [rows, width]
-                                      const scalar_t* __restrict__ weight,  // [width]
-                                      const scalar_t* __restrict__ bias,    // [width]
-                                      scalar_t* __restrict__ out,           // [rows, width]
-                                      acc_t* __restrict__ mean_out,         // [rows]
-                                      acc_t* __restrict__ rstd_out,         // [rows]
-                                      int64_t rows, int64_t width, acc_t eps) {
+template <typename T, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kRowKernelThreads)
+    layer_norm_bwd_dx_kernel(const T* __restrict__ grad_out,       // [rows, width]
+                             const T* __restrict__ x,              // [rows, width]
+                             const T* __restrict__ weight,         // [width]
+                             const acc_t* __restrict__ mean,       // [rows]
+                             const acc_t* __restrict__ rstd,       // [rows]
+                             const T* __restrict__ residual_grad,  // [rows, width] or nullptr
+                             const T* __restrict__ bias,           // [width], with normed_out
+                             T* __restrict__ normed_out,           // [rows, width] or nullptr
+                             T* __restrict__ grad_x,               // [rows, width]
+                             int64_t rows, int64_t width) {
+  using P = Pack<T, VEC>;
   const int lane = threadIdx.x;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
-  if (row >= rows) return;
-  const scalar_t* x_row = x + row * width;  // int64: rows * width may pass 2^31
-  scalar_t* out_row = out + row * width;
+  const int64_t packs = width / VEC;
+  const acc_t inv_width = acc_t(1) / static_cast<acc_t>(width);
+  const P* w = reinterpret_cast<const P*>(weight);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t offset = row * width;
+    const P* dy_row = reinterpret_cast<const P*>(grad_out + offset);
+    const P* x_row = reinterpret_cast<const P*>(x + offset);
+    const acc_t mu = mean[row], r = rstd[row];
 
-  acc_t sum = 0;
-  for (int64_t i = lane; i < width; i += kWarpSize) sum += static_cast<acc_t>(x_row[i]);
-  const acc_t mean = warp_all_reduce_sum(sum) / static_cast<acc_t>(width);
+    acc_t sum_g = 0, sum_g_xhat = 0;
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const P dv = dy_row[p], xv = x_row[p], wv = w[p];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t xhat = (static_cast<acc_t>(xv.v[j]) - mu) * r;
+        const acc_t g = static_cast<acc_t>(dv.v[j]) * static_cast<acc_t>(wv.v[j]);
+        sum_g += g;
+        sum_g_xhat += g * xhat;
+      }
+    }
+    const acc_t mean_g = warp_all_reduce_sum(sum_g) * inv_width;
+    const acc_t mean_g_xhat = warp_all_reduce_sum(sum_g_xhat) * inv_width;
 
-  acc_t sq_sum = 0;
-  for (int64_t i = lane; i < width; i += kWarpSize) {
-    const acc_t centred = static_cast<acc_t>(x_row[i]) - mean;
-    sq_sum += centred * centred;
+    P* dx_row = reinterpret_cast<P*>(grad_x + offset);
+    const P* res_row = residual_grad != nullptr ? reinterpret_cast<const P*>(residual_grad + offset) : nullptr;
+    P* normed_row = normed_out != nullptr ? reinterpret_cast<P*>(normed_out + offset) : nullptr;
+    const P* b = reinterpret_cast<const P*>(bias);
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const P dv = dy_row[p], xv = x_row[p], wv = w[p];
+      P res;
+      if (res_row != nullptr) res = res_row[p];
+      P dx;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t xhat = (static_cast<acc_t>(xv.v[j]) - mu) * r;
+        const acc_t g = static_cast<acc_t>(dv.v[j]) * static_cast<acc_t>(wv.v[j]);
+        acc_t value = r * (g - mean_g - xhat * mean_g_xhat);
+        if (res_row != nullptr) value += static_cast<acc_t>(res.v[j]);
+        dx.v[j] = static_cast<T>(value);
+      }
+      dx_row[p] = dx;
+      if (normed_row != nullptr) {
+        // The forward's LN output: the same expression from the same statistics, rounded once.
+        const P bv = b[p];
+        P normed;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t xhat = (static_cast<acc_t>(xv.v[j]) - mu) * r;
+          normed.v[j] = static_cast<T>(xhat * static_cast<acc_t>(wv.v[j]) + static_cast<acc_t>(bv.v[j]));
+        }
+        normed_row[p] = normed;
+      }
+    }
   }
-  const acc_t var = warp_all_reduce_sum(sq_sum) / static_cast<acc_t>(width);
-  const acc_t rstd = rsqrt(var + eps);
+}
 
-  for (int64_t i = lane; i < width; i += kWarpSize) {
-    const acc_t normed = (static_cast<acc_t>(x_row[i]) - mean) * rstd;
-    out_row[i] = static_cast<scalar_t>(normed * static_cast<acc_t>(weight[i]) + static_cast<acc_t>(bias[i]));
+// Stage 1 of dweight/dbias: block (kColTile, kRowLanes) sums kColTile columns over one row chunk.
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kColKernelThreads)
+    layer_norm_bwd_partial_kernel(const T* __restrict__ grad_out,      // [rows, width]
+                                  const T* __restrict__ x,             // [rows, width]
+                                  const acc_t* __restrict__ mean,      // [rows]
+                                  const acc_t* __restrict__ rstd,      // [rows]
+                                  acc_t* __restrict__ partial_weight,  // [chunks, width]
+                                  acc_t* __restrict__ partial_bias,    // [chunks, width]
+                                  int64_t rows, int64_t width, int64_t rows_per_chunk) {
+  __shared__ acc_t s_weight[kRowLanes][kColTile + 1];
+  __shared__ acc_t s_bias[kRowLanes][kColTile + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t first = chunk * rows_per_chunk;
+  const int64_t last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
+  acc_t dw = 0, db = 0;
+  if (col < width) {
+    for (int64_t row = first + threadIdx.y; row < last; row += kRowLanes) {
+      const acc_t dy = static_cast<acc_t>(grad_out[row * width + col]);
+      dw += dy * (static_cast<acc_t>(x[row * width + col]) - mean[row]) * rstd[row];
+      db += dy;
+    }
   }
-  if (lane == 0) {
-    mean_out[row] = mean;
-    rstd_out[row] = rstd;
+  s_weight[threadIdx.y][threadIdx.x] = dw;
+  s_bias[threadIdx.y][threadIdx.x] = db;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < width) {
+    acc_t total_w = 0, total_b = 0;
+#pragma unroll
+    for (int i = 0; i < kRowLanes; ++i) {  // fixed order: deterministic
+      total_w += s_weight[i][threadIdx.x];
+      total_b += s_bias[i][threadIdx.x];
+    }
+    partial_weight[chunk * width + col] = total_w;
+    partial_bias[chunk * width + col] = total_b;
+  }
+}
+
+// Stage 2: per column, the sum over the chunks in a fixed order, rounded once to T.
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kColKernelThreads)
+    layer_norm_bwd_finalize_kernel(const acc_t* __restrict__ partial_weight,  // [chunks, width]
+                                   const acc_t* __restrict__ partial_bias,    // [chunks, width]
+                                   int64_t chunks, int64_t width,
+                                   T* __restrict__ grad_weight,  // [width]
+                                   T* __restrict__ grad_bias) {  // [width]
+  __shared__ acc_t s_weight[kRowLanes][kColTile + 1];
+  __shared__ acc_t s_bias[kRowLanes][kColTile + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
+  acc_t dw = 0, db = 0;
+  if (col < width) {
+    for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += kRowLanes) {
+      dw += partial_weight[chunk * width + col];
+      db += partial_bias[chunk * width + col];
+    }
+  }
+  s_weight[threadIdx.y][threadIdx.x] = dw;
+  s_bias[threadIdx.y][threadIdx.x] = db;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < width) {
+    acc_t total_w = 0, total_b = 0;
+#pragma unroll
+    for (int i = 0; i < kRowLanes; ++i) {
+      total_w += s_weight[i][threadIdx.x];
+      total_b += s_bias[i][threadIdx.x];
+    }
+    grad_weight[col] = static_cast<T>(total_w);
+    grad_bias[col] = static_cast<T>(total_b);
+  }
+}
+
+template <int V>
+using VecTag = std::integral_constant<int, V>;
+
+// Calls fn(VecTag<vec_width<T>()>) when 16-byte packs are possible, else fn(VecTag<1>).
+template <typename T, typename Fn>
+void with_vec_width(bool vectorize, Fn&& fn) {
+  if (vectorize) {
+    fn(VecTag<vec_width<T>()>{});
+  } else {
+    fn(VecTag<1>{});
   }
 }
 
 }  // namespace
+
+void layer_norm_forward_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                 const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd) {
+  const int64_t width = x.size(-1), rows = width > 0 ? x.numel() / width : 0;
+  if (rows == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const dim3 block(kWarpSize, kRowsPerBlock);
+  const unsigned grid = grid_for(rows, kRowsPerBlock);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool vectorize = can_vectorize<scalar_t>(
+        width, {x.const_data_ptr(), weight.const_data_ptr(), bias.const_data_ptr(), out.const_data_ptr()});
+    with_vec_width<scalar_t>(vectorize, [&](auto vec) {
+      layer_norm_fwd_kernel<scalar_t, acc_t, decltype(vec)::value><<<grid, block, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows, width,
+          static_cast<acc_t>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                  const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
+                                  const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                                  const LayerNormBackwardExtras& extras) {
+  const int64_t width = x.size(-1), rows = width > 0 ? x.numel() / width : 0;
+  if (rows == 0) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return;
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool write_normed = extras.normed_out.defined();
+  const int64_t rows_per_chunk = layer_norm_rows_per_chunk(rows);
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // Scratch for stage 1 (from PyTorch's caching allocator: no cudaMalloc per call).
+  const at::Tensor partial = at::empty({2, chunks, width}, x.options().dtype(acc_dtype));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* residual =
+        extras.residual_grad.defined() ? extras.residual_grad.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bias = write_normed ? extras.bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* normed = write_normed ? extras.normed_out.mutable_data_ptr<scalar_t>() : nullptr;
+    const bool vectorize =
+        can_vectorize<scalar_t>(width, {grad_out.const_data_ptr(), x.const_data_ptr(), weight.const_data_ptr(),
+                                        grad_x.const_data_ptr(), residual, bias, normed});
+    with_vec_width<scalar_t>(vectorize, [&](auto vec) {
+      layer_norm_bwd_dx_kernel<scalar_t, acc_t, decltype(vec)::value>
+          <<<grid_for(rows, kRowsPerBlock), dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(
+              grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+              mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), residual, bias, normed,
+              grad_x.mutable_data_ptr<scalar_t>(), rows, width);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+
+    acc_t* partial_weight = partial.mutable_data_ptr<acc_t>();
+    acc_t* partial_bias = partial_weight + chunks * width;
+    const int64_t col_tiles = (width + kColTile - 1) / kColTile;
+    TORCH_CHECK_VALUE(col_tiles <= static_cast<int64_t>(INT32_MAX), "layer_norm_bwd: width too large (", width, ")");
+    const dim3 block(kColTile, kRowLanes);
+    layer_norm_bwd_partial_kernel<scalar_t, acc_t>
+        <<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(chunks)), block, 0, stream>>>(
+            grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
+            rstd.const_data_ptr<acc_t>(), partial_weight, partial_bias, rows, width, rows_per_chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    layer_norm_bwd_finalize_kernel<scalar_t, acc_t><<<static_cast<unsigned>(col_tiles), block, 0, stream>>>(
+        partial_weight, partial_bias, chunks, width, grad_weight.mutable_data_ptr<scalar_t>(),
+        grad_bias.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                    const at::Tensor& bias, double eps) {
   TORCH_CHECK_VALUE(x.is_cuda(), "layer_norm_fwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps);
-  if (fwd.rows == 0) return {fwd.out, fwd.mean, fwd.rstd};
-
-  const dim3 block(kWarpSize, kRowsPerBlock);
-  const int64_t num_blocks = (fwd.rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  TORCH_CHECK_VALUE(num_blocks <= static_cast<int64_t>(INT32_MAX), "layer_norm: too many rows (", fwd.rows, ")");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    layer_norm_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(num_blocks), block, 0, stream>>>(
-        fwd.x.const_data_ptr<scalar_t>(), fwd.weight.const_data_ptr<scalar_t>(), fwd.bias.const_data_ptr<scalar_t>(),
-        fwd.out.mutable_data_ptr<scalar_t>(), fwd.mean.mutable_data_ptr<acc_t>(), fwd.rstd.mutable_data_ptr<acc_t>(),
-        fwd.rows, fwd.width, static_cast<acc_t>(eps));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  layer_norm_forward_out_cuda(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd);
   return {fwd.out, fwd.mean, fwd.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                   const at::Tensor& weight, const at::Tensor& mean,
+                                                                   const at::Tensor& rstd) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "layer_norm_bwd_cuda: x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  LayerNormBackward bwd = prepare_layer_norm_backward(grad_out, x, weight, mean, rstd);
+  layer_norm_backward_out_cuda(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight,
+                               bwd.grad_bias);
+  return {bwd.grad_x, bwd.grad_weight, bwd.grad_bias};
 }
 
 }  // namespace fastvit

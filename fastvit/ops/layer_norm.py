@@ -2,8 +2,9 @@
 
 Backends: ``torch`` (``F.layer_norm``) and ``cuda`` (``torch.ops.fastvit.layer_norm_fwd`` from the
 compiled extension: CUDA kernel on CUDA tensors, C++ kernel on CPU tensors). The extension op
-returns (out, mean, rstd); its backward is registered here from the saved statistics, in PyTorch
-ops computed in fp32.
+returns (out, mean, rstd); its autograd, registered here, calls the extension's
+``torch.ops.fastvit.layer_norm_bwd`` on the saved x, weight, mean and rstd (fp32 math, deterministic
+dweight/dbias reduction). The backward is not itself differentiable (no double backward).
 """
 
 from __future__ import annotations
@@ -40,22 +41,6 @@ def _layer_norm_extension(x, weight, bias, eps):
     return torch.ops.fastvit.layer_norm_fwd(x, weight, bias, eps)[0]
 
 
-def _layer_norm_backward_from_stats(grad_out, x, weight, mean, rstd):
-    """Gradients of LayerNorm given the forward's saved mean and rstd (all math in fp32 or fp64)."""
-    compute_dtype = mean.dtype
-    width = x.shape[-1]
-    x_hat = (x.to(compute_dtype) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    grad_out_c = grad_out.to(compute_dtype)
-    reduce_dims = tuple(range(x.dim() - 1))
-    grad_weight = (grad_out_c * x_hat).sum(dim=reduce_dims)
-    grad_bias = grad_out_c.sum(dim=reduce_dims)
-    g = grad_out_c * weight.to(compute_dtype)
-    grad_x = rstd.unsqueeze(-1) * (
-        g - g.sum(-1, keepdim=True) / width - x_hat * (g * x_hat).sum(-1, keepdim=True) / width
-    )
-    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
-
-
 def _register_extension_op() -> None:
     """Fake (meta) impl and autograd for the C++ op, so torch.compile and backward see through it."""
 
@@ -65,6 +50,14 @@ def _register_extension_op() -> None:
         stats = x.new_empty(x.shape[:-1], dtype=stats_dtype)
         return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
+    @torch.library.register_fake("fastvit::layer_norm_bwd")
+    def _(grad_out, x, weight, mean, rstd):
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+        )
+
     def setup_context(ctx, inputs, output):
         x, weight, _bias, _eps = inputs
         _out, mean, rstd = output
@@ -72,7 +65,7 @@ def _register_extension_op() -> None:
 
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = _layer_norm_backward_from_stats(grad_out, x, weight, mean, rstd)
+        grad_x, grad_weight, grad_bias = torch.ops.fastvit.layer_norm_bwd(grad_out, x, weight, mean, rstd)
         return grad_x, grad_weight, grad_bias, None
 
     torch.library.register_autograd("fastvit::layer_norm_fwd", backward, setup_context=setup_context)

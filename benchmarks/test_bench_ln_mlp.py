@@ -1,0 +1,162 @@
+"""The MLP half of a ViT block: fused ``ops.ln_mlp`` (C++/CUDA extension) vs eager and compiled PyTorch.
+
+Candidates, same weights and inputs:
+  "fastvit cuda"   ``fastvit.ops.ln_mlp(..., backend='cuda')``: LN kernel, cuBLASLt GEMMs with bias /
+                   GELU / residual epilogues, exact-GELU kernel; fused backward.
+  "torch eager"    ``x + timm.layers.Mlp(nn.LayerNorm(x))`` (baseline).
+  "torch compile"  ``torch.compile`` of the same module (baseline).
+Modes: "fwd" (inference, no autograd) and "fwd+bwd" (forward, then the gradients of x and of every
+parameter). On a GPU: ViT-S/B/L/H widths (384, 768, 1024, 1280; hidden = 4x), tokens = batch x 197
+with batch 32 and 128, bf16. FLOPs are the two GEMMs (4·M·C·H forward, 3x that for fwd+bwd), so
+TFLOP/s and MFU (against the measured bf16 matmul peak) compare candidates doing the same work: the
+floor this GEMM-bound op chases is the two (six) GEMMs at the matmul peak.
+
+Without a GPU (smoke mode): one tiny shape in fp32 on the extension's C++ CPU path; the compiled
+candidate is skipped (compiling on CPU takes long and says nothing about GPUs). Every candidate's
+output (and, for fwd+bwd, every gradient) is checked against an fp32 reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastvit
+from benchmarks.harness import DEVICE, SMOKE, check_close, record, rotating, run_benchmark
+from fastvit import dispatch
+
+try:
+    from timm.layers import Mlp
+except ImportError:  # the same module names and math as timm's
+    from fastvit.layers import Mlp
+
+TOKENS_PER_IMAGE = 197
+if SMOKE:
+    WIDTHS = {"tiny": 32}
+    BATCHES = [2]
+    DTYPE, REL_TOL = torch.float32, 1e-4
+else:
+    WIDTHS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_huge": 1280}
+    BATCHES = [32, 128]
+    DTYPE, REL_TOL = torch.bfloat16, 3e-2
+CANDIDATES = ["fastvit cuda", "torch eager", "torch compile"]
+GPU_ONLY = {"torch compile"}
+MODES = ["fwd", "fwd+bwd"]
+
+
+class EagerHalfBlock(nn.Module):
+    """``x + mlp(norm(x))`` with PyTorch's LayerNorm and timm's Mlp: what a timm ViT block runs."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, hidden, act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def _module(width: int) -> EagerHalfBlock:
+    torch.manual_seed(0)
+    module = EagerHalfBlock(width, 4 * width)
+    with torch.no_grad():  # non-trivial LN affine parameters
+        module.norm.weight.uniform_(0.5, 1.5)
+        module.norm.bias.normal_(0.0, 0.1)
+    return module.to(DEVICE, DTYPE)
+
+
+def _params(module: EagerHalfBlock) -> list[torch.Tensor]:
+    mlp = module.mlp
+    return [module.norm.weight, module.norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+
+
+def _candidate(candidate: str, module: EagerHalfBlock):
+    if candidate == "fastvit cuda":
+        params = _params(module)
+        return lambda x: fastvit.ops.ln_mlp(x, *params, eps=1e-6, backend="cuda")
+    if candidate == "torch compile":
+        return torch.compile(module)
+    return module
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_ln_mlp(benchmark, name, batch, candidate, mode):
+    if SMOKE and candidate in GPU_ONLY:
+        pytest.skip(f"{candidate}: GPU-only candidate (compiling on CPU takes long and measures nothing useful)")
+    if candidate == "fastvit cuda":
+        reason = dispatch.backend_unusable_reason("cuda", DEVICE)
+        if reason is not None:
+            pytest.skip(f"fastvit cuda: {reason}")
+    width = WIDTHS[name]
+    hidden = 4 * width
+    tokens = batch * TOKENS_PER_IMAGE
+    module = _module(width)
+    params = _params(module)
+    fn = _candidate(candidate, module)
+
+    def make_inputs():
+        x = torch.randn(batch, TOKENS_PER_IMAGE, width, device=DEVICE, dtype=DTYPE)
+        return x.requires_grad_(mode == "fwd+bwd"), torch.randn_like(x)
+
+    next_inputs = rotating(make_inputs, 2 * tokens * width * torch.finfo(DTYPE).bits // 8)
+
+    # Correctness first: output (and every gradient) vs the fp32 reference of the same weights.
+    x, grad_out = next_inputs()
+    params32 = [p.detach().float().requires_grad_(True) for p in params]
+    x32 = x.detach().float().requires_grad_(True)
+    ref = fastvit.ops.ln_mlp(x32, *params32, backend="torch")
+    scale = max(ref.abs().max().item(), 1.0)
+    out = fn(x)
+    error = check_close(f"{candidate} out", out, ref, atol=REL_TOL * scale)
+    if mode == "fwd+bwd":
+        ref_grads = torch.autograd.grad(ref, [x32, *params32], grad_out.float())
+        grads = torch.autograd.grad(out, [x, *params], grad_out)
+        for label, got, want in zip(("x", "ln_w", "ln_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b"), grads, ref_grads):
+            check_close(f"{candidate} grad {label}", got, want, atol=REL_TOL * max(want.abs().max().item(), 1.0))
+
+    if mode == "fwd":
+
+        def run():
+            x, _ = next_inputs()
+            with torch.inference_mode():
+                return fn(x)
+
+    else:
+
+        def run():
+            x, grad_out = next_inputs()
+            return torch.autograd.grad(fn(x), [x, *params], grad_out)
+
+    run_benchmark(benchmark, run)
+    gemm_flops = 4.0 * tokens * width * hidden
+    weights = _nbytes(*params)
+    activations = 2 * _nbytes(x)  # x read, out written
+    if mode == "fwd+bwd":  # dy read, x read again, dx written, weight gradients written
+        activations += 3 * _nbytes(x)
+        weights *= 2
+    record(
+        benchmark,
+        "ln_mlp",
+        f"{name} C{width} b{batch} {mode}",
+        candidate,
+        flops=gemm_flops if mode == "fwd" else 3 * gemm_flops,
+        bytes_moved=weights + activations,
+        items=tokens,
+        item_name="token",
+        model=name,
+        width=width,
+        hidden=hidden,
+        batch=batch,
+        tokens=tokens,
+        mode=mode,
+        dtype=str(DTYPE),
+        max_abs_error=error,
+    )

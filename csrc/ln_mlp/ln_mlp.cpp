@@ -1,0 +1,130 @@
+// Argument checks of fastvit::ln_mlp_fwd / ln_mlp_bwd, shared by the CPU and CUDA implementations:
+// every shape, dtype, device and scalar problem is reported (TypeError / ValueError in Python)
+// before any kernel runs.
+#include "ln_mlp/ln_mlp.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <string>
+
+namespace fastvit {
+namespace {
+
+bool parse_approximate(c10::string_view approximate, const char* op) {
+  const bool is_none = approximate == c10::string_view("none");
+  const bool is_tanh = approximate == c10::string_view("tanh");
+  TORCH_CHECK_VALUE(is_none || is_tanh, op, ": approximate must be 'none' (exact erf GELU) or 'tanh', got '",
+                    std::string(approximate.data(), approximate.size()), "'");
+  return is_tanh;
+}
+
+void check_floating(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
+                   "), got ", t.scalar_type(), " (mixed dtypes are not supported; cast the inputs)");
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": all tensors must be on one device, got x on ", x.device(), " and ",
+                    name, " on ", t.device());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* meaning, const char* op) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", expected, " (", meaning, "), got ",
+                    t.sizes());
+}
+
+// The parameter checks common to the forward and the backward.
+LnMlpArgs check_parameters(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                           const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, c10::string_view approximate,
+                           const char* op) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension, got a 0-d tensor");
+  check_floating(x, "x", op);
+  const int64_t width = x.size(-1);
+  TORCH_CHECK_VALUE(width > 0, op, ": the last dimension of x (the width C) must be > 0, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(fc1_weight.dim() == 2, op, ": fc1_weight must be 2-D [hidden, C], got shape ", fc1_weight.sizes());
+  const int64_t hidden = fc1_weight.size(0);
+  TORCH_CHECK_VALUE(hidden > 0, op, ": fc1_weight must have at least one output feature, got shape ",
+                    fc1_weight.sizes());
+  check_shape(ln_weight, "ln_weight", {width}, "[C], C = the last dimension of x", op);
+  check_shape(ln_bias, "ln_bias", {width}, "[C], C = the last dimension of x", op);
+  check_shape(fc1_weight, "fc1_weight", {hidden, width}, "[hidden, C]", op);
+  check_shape(fc2_weight, "fc2_weight", {width, hidden}, "[C, hidden], hidden = fc1_weight.shape[0]", op);
+  check_like_x(ln_weight, "ln_weight", x, op);
+  check_like_x(ln_bias, "ln_bias", x, op);
+  check_like_x(fc1_weight, "fc1_weight", x, op);
+  check_like_x(fc2_weight, "fc2_weight", x, op);
+
+  LnMlpArgs args;
+  args.width = width;
+  args.hidden = hidden;
+  args.rows = x.numel() / width;
+  args.tanh = parse_approximate(approximate, op);
+  args.x_shape = x.sizes().vec();
+  args.stats_shape = std::vector<int64_t>(args.x_shape.begin(), args.x_shape.end() - 1);
+  args.pre_shape = args.stats_shape;
+  args.pre_shape.push_back(hidden);
+  args.stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  args.x = x.contiguous().view({args.rows, width});
+  args.ln_weight = ln_weight.contiguous();
+  args.ln_bias = ln_bias.contiguous();
+  args.fc1_weight = fc1_weight.contiguous();
+  args.fc2_weight = fc2_weight.contiguous();
+  return args;
+}
+
+}  // namespace
+
+LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                 const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                                 const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
+                                 c10::string_view approximate) {
+  const char* op = "ln_mlp_fwd";
+  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, approximate, op);
+  if (fc1_bias.has_value() && fc1_bias->defined()) {
+    check_shape(*fc1_bias, "fc1_bias", {args.hidden}, "[hidden]", op);
+    check_like_x(*fc1_bias, "fc1_bias", x, op);
+    args.fc1_bias = fc1_bias->contiguous();
+  }
+  if (fc2_bias.has_value() && fc2_bias->defined()) {
+    check_shape(*fc2_bias, "fc2_bias", {args.width}, "[C]", op);
+    check_like_x(*fc2_bias, "fc2_bias", x, op);
+    args.fc2_bias = fc2_bias->contiguous();
+  }
+  // eps = 0 would divide by zero on constant rows (rstd = inf): the fused op asks for a positive eps.
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, op, ": eps must be a positive finite number, got ", eps);
+  return args;
+}
+
+LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
+                                  const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                  const at::Tensor& fc1_weight, const at::Tensor& pre_act, const at::Tensor& fc2_weight,
+                                  c10::string_view approximate) {
+  const char* op = "ln_mlp_bwd";
+  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, approximate, op);
+  check_shape(grad_out, "grad_out", args.x_shape, "the shape of x", op);
+  check_like_x(grad_out, "grad_out", x, op);
+  TORCH_CHECK_VALUE(pre_act.numel() != 0 || args.rows == 0, op,
+                    ": pre_act is empty: the forward ran with save_for_backward=False, so there is nothing to "
+                    "differentiate");
+  check_shape(pre_act, "pre_act", args.pre_shape, "[..., hidden], as returned by ln_mlp_fwd", op);
+  check_like_x(pre_act, "pre_act", x, op);
+  auto check_stats = [&](const at::Tensor& t, const char* name) {
+    check_shape(t, name, args.stats_shape, "x's leading dimensions, as returned by ln_mlp_fwd", op);
+    TORCH_CHECK_TYPE(t.scalar_type() == args.stats_dtype, op, ": ", name, " must be ", args.stats_dtype,
+                     " (as ln_mlp_fwd returns it), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": all tensors must be on one device, got x on ", x.device(),
+                      " and ", name, " on ", t.device());
+  };
+  check_stats(mean, "mean");
+  check_stats(rstd, "rstd");
+  args.grad_out = grad_out.contiguous().view({args.rows, args.width});
+  args.pre_act = pre_act.contiguous().view({args.rows, args.hidden});
+  args.mean = mean.contiguous().view({args.rows});
+  args.rstd = rstd.contiguous().view({args.rows});
+  return args;
+}
+
+}  // namespace fastvit

@@ -1,0 +1,89 @@
+// The MLP half of a pre-norm ViT block as one op: out = [x +] fc2(GELU(fc1(LayerNorm(x)))).
+//
+// fastvit::ln_mlp_fwd(x, ln_weight, ln_bias, fc1_weight, fc1_bias?, fc2_weight, fc2_bias?, eps,
+//                     approximate, residual, save_for_backward) -> (out, mean, rstd, pre_act)
+//   x:          [..., C]   (any strides; made contiguous), M = x.numel() / C rows
+//   ln_weight:  [C], ln_bias: [C]
+//   fc1_weight: [Hid, C], fc1_bias: [Hid] or None
+//   fc2_weight: [C, Hid], fc2_bias: [C] or None
+//   eps > 0; approximate: "none" (exact erf GELU, timm's default) or "tanh"; residual: add x
+//   out:        [..., C]; mean, rstd: [...] fp32 (fp64 for fp64 inputs)
+//   pre_act:    [..., Hid] = fc1(LN(x)) + fc1_bias in the compute dtype when save_for_backward, else [0]
+// Weights are made contiguous (a no-op for nn.Linear parameters; a copy for a transposed view).
+// All tensors share x's dtype and device: CPU float16/bfloat16/float32/float64, CUDA float16/
+// bfloat16/float32 (fp32 accumulation everywhere; TF32 only when torch allows it for matmuls).
+//
+// fastvit::ln_mlp_bwd(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight,
+//                     approximate, residual, deterministic)
+//   -> (grad_x, grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias [Hid], grad_fc2_weight,
+//       grad_fc2_bias [C])   (the bias gradients are always computed; drop them when the bias is None)
+//
+// What the backward needs, and why it is what the forward saves:
+//   * x, mean, rstd. LayerNorm's backward needs x̂ = (x - mean)·rstd, so x is kept in any case; the
+//     LN output LN(x) = x̂·w + b (needed for fc1's weight gradient) is then recomputed for free by
+//     the LN backward kernel, which reads x anyway. Saving LN(x) instead would cost another [M, C]
+//     per block, and recovering x̂ from it divides by the LN weight (unstable where w ≈ 0).
+//   * pre_act, the fc1 pre-activation in the compute dtype: GELU' needs it. GELU(pre_act), the
+//     largest activation ([M, Hid], 4C wide in a ViT), is not kept: one elementwise pass recomputes
+//     it for fc2's weight gradient (fused with GELU' on the exact path). Together the op keeps
+//     C + Hid values per token where eager PyTorch keeps C (x) + C (LN out) + 2·Hid (fc1 out, GELU out).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fastvit {
+
+using LnMlpForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LnMlpBackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Validated, contiguous arguments of one call, shared by the CPU and CUDA implementations.
+struct LnMlpArgs {
+  at::Tensor x;                              // [rows, width]
+  at::Tensor ln_weight, ln_bias;             // [width]
+  at::Tensor fc1_weight, fc1_bias;           // [hidden, width], [hidden] or undefined
+  at::Tensor fc2_weight, fc2_bias;           // [width, hidden], [width] or undefined
+  at::Tensor grad_out, mean, rstd, pre_act;  // backward only: [rows, width], [rows], [rows], [rows, hidden]
+  int64_t rows = 0, width = 0, hidden = 0;
+  bool tanh = false;                                     // approximate == "tanh"
+  std::vector<int64_t> x_shape, stats_shape, pre_shape;  // [..., C], [...], [..., Hid]
+  at::ScalarType stats_dtype = at::kFloat;
+};
+
+// Checks everything (TypeError / ValueError in Python) before any work is done.
+LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                 const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                                 const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
+                                 c10::string_view approximate);
+LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
+                                  const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                  const at::Tensor& fc1_weight, const at::Tensor& pre_act, const at::Tensor& fc2_weight,
+                                  c10::string_view approximate);
+
+LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                  const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                                  const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
+                                  c10::string_view approximate, bool residual, bool save_for_backward);
+LnMlpBackwardResult ln_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
+                                   const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                   const at::Tensor& fc1_weight, const at::Tensor& pre_act,
+                                   const at::Tensor& fc2_weight, c10::string_view approximate, bool residual,
+                                   bool deterministic);
+
+#ifdef FASTVIT_WITH_CUDA
+LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                   const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                                   const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
+                                   c10::string_view approximate, bool residual, bool save_for_backward);
+LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
+                                    const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                    const at::Tensor& fc1_weight, const at::Tensor& pre_act,
+                                    const at::Tensor& fc2_weight, c10::string_view approximate, bool residual,
+                                    bool deterministic);
+#endif
+
+}  // namespace fastvit

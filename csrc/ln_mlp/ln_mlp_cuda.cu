@@ -1,0 +1,278 @@
+// CUDA implementation of fastvit::ln_mlp_fwd / ln_mlp_bwd: our LayerNorm kernels, cuBLASLt GEMMs
+// with fused epilogues, and elementwise GELU kernels where cuBLASLt has no exact-GELU epilogue.
+// All work runs on the current stream of x's device; every intermediate comes from PyTorch's caching
+// allocator (no cudaMalloc per call); the cuBLASLt handle and workspace are cached (common/cublaslt).
+//
+// Forward (M tokens, C width, H hidden; row-major, see common/cublaslt.h for the column-major view):
+//   1. LN kernel:  ln = LayerNorm(x) [M, C], mean/rstd [M] fp32.
+//   2. fc1 GEMM:   approximate='tanh' (H % 8 == 0): epilogue GELU_AUX_BIAS writes h = GELU_tanh(pre)
+//                  and the aux pre = ln·W1ᵀ + b1 in one pass.
+//                  approximate='none' (exact erf, the default): epilogue BIAS writes pre, then one
+//                  elementwise kernel writes h = GELU_erf(pre). (Also the tanh fallback.)
+//                  Inference (save_for_backward=False) writes pre into h's buffer and GELUs in place.
+//   3. fc2 GEMM:   out = h·W2ᵀ + b2 + x: epilogue BIAS with C = x and beta = 1 (the residual add is
+//                  part of the GEMM; no separate pass).
+// Backward (dy = grad_out):
+//   1. dgrad fc2:  dh = dy·W2 [M, H]. tanh: epilogue DGELU_BGRAD turns it into dpre = dh·GELU'(pre)
+//                  and reduces db1 = Σ_tokens dpre, then a kernel recomputes h = GELU(pre).
+//                  erf: plain GEMM, then one kernel reads pre and dh, writes dpre (in place) and h.
+//   2. wgrad fc2:  dW2 = dyᵀ·h, epilogue BGRADB gives db2 = Σ_tokens dy.
+//   3. dgrad fc1:  dln = dpre·W1 [M, C].
+//   4. LN backward kernel: dx = LN'(dln) + dy (residual), dgamma/dbeta (deterministic two-stage
+//                  reduction), and ln = LN(x) recomputed from x, mean, rstd for step 5.
+//   5. wgrad fc1:  dW1 = dpreᵀ·ln, epilogue BGRADB gives db1 on the erf path.
+// Deterministic mode avoids every cuBLASLt reduction epilogue (BGRAD*) and split-K; bias gradients
+// then come from at::sum (deterministic), and our own kernels never use atomics.
+// Any epilogue cuBLASLt cannot run for a shape falls back to a plain GEMM + our kernel / at::sum.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "common/cublaslt.h"
+#include "layer_norm/layer_norm.h"
+#include "ln_mlp/gelu.h"
+#include "ln_mlp/ln_mlp.h"
+
+namespace fastvit {
+namespace {
+
+void check_cuda_dtype(const at::Tensor& x, const char* op) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
+                   " on CUDA supports float16, bfloat16 and float32, got ", dtype,
+                   " (the C++ CPU path and backend='torch' also take float64)");
+}
+
+void* data(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// cuBLASLt's GELU aux matrix needs a leading dimension divisible by 8.
+bool aux_ld_ok(int64_t hidden) { return hidden % 8 == 0; }
+
+// fc1 GEMM + bias + GELU: writes h [M, H], and pre [M, H] when `pre` is defined.
+void fc1_bias_gelu(const LnMlpArgs& a, const at::Tensor& ln_out, const at::Tensor& pre, const at::Tensor& h) {
+  const bool has_bias = a.fc1_bias.defined();
+  cublaslt::Matmul mm;  // pre[M, H] = ln[M, C] · W1[H, C]ᵀ  (m = H, n = M, k = C)
+  mm.trans_a = CUBLAS_OP_T;
+  mm.trans_b = CUBLAS_OP_N;
+  mm.m = a.hidden;
+  mm.n = a.rows;
+  mm.k = a.width;
+  mm.a = a.fc1_weight.data_ptr();
+  mm.lda = a.width;
+  mm.b = ln_out.data_ptr();
+  mm.ldb = a.width;
+  mm.ldd = a.hidden;
+  mm.dtype = a.x.scalar_type();
+
+  if (a.tanh && aux_ld_ok(a.hidden)) {  // one pass: cuBLASLt's GELU epilogue is the tanh form
+    cublaslt::Matmul fused = mm;
+    fused.d = h.data_ptr();
+    fused.bias = has_bias ? a.fc1_bias.data_ptr() : nullptr;
+    if (pre.defined()) {
+      fused.aux = pre.data_ptr();
+      fused.aux_ld = a.hidden;
+      fused.epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    } else {
+      fused.epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+    }
+    if (cublaslt::matmul(fused) == CUBLAS_STATUS_SUCCESS) return;
+  }
+
+  // GEMM (+ bias epilogue) into pre (or straight into h's buffer when pre is not kept), then GELU.
+  const at::Tensor& target = pre.defined() ? pre : h;
+  mm.d = target.data_ptr();
+  bool bias_done = true;
+  if (has_bias) {
+    cublaslt::Matmul with_bias = mm;
+    with_bias.epilogue = CUBLASLT_EPILOGUE_BIAS;
+    with_bias.bias = a.fc1_bias.data_ptr();
+    bias_done = cublaslt::matmul(with_bias) == CUBLAS_STATUS_SUCCESS;
+  }
+  if (!has_bias || !bias_done) cublaslt::matmul_or_throw(mm, "fc1");
+  launch_bias_gelu_forward(target, bias_done ? at::Tensor() : a.fc1_bias,
+                           (!bias_done && pre.defined()) ? pre : at::Tensor(), h, a.tanh);
+}
+
+// fc2 GEMM + bias + residual: out[M, C] = h[M, H] · W2[C, H]ᵀ + b2 (+ x)  (m = C, n = M, k = H).
+void fc2_bias_residual(const LnMlpArgs& a, const at::Tensor& h, bool residual, const at::Tensor& out) {
+  cublaslt::Matmul mm;
+  mm.trans_a = CUBLAS_OP_T;
+  mm.trans_b = CUBLAS_OP_N;
+  mm.m = a.width;
+  mm.n = a.rows;
+  mm.k = a.hidden;
+  mm.a = a.fc2_weight.data_ptr();
+  mm.lda = a.hidden;
+  mm.b = h.data_ptr();
+  mm.ldb = a.hidden;
+  mm.c = residual ? a.x.data_ptr() : nullptr;  // x is [M, C] contiguous: the same layout as out
+  mm.d = out.data_ptr();
+  mm.ldd = a.width;
+  mm.dtype = a.x.scalar_type();
+  if (a.fc2_bias.defined()) {
+    cublaslt::Matmul with_bias = mm;
+    with_bias.epilogue = CUBLASLT_EPILOGUE_BIAS;
+    with_bias.bias = a.fc2_bias.data_ptr();
+    if (cublaslt::matmul(with_bias) == CUBLAS_STATUS_SUCCESS) return;
+    cublaslt::matmul_or_throw(mm, "fc2");
+    out.add_(a.fc2_bias);  // rare fallback: one extra pass
+    return;
+  }
+  cublaslt::matmul_or_throw(mm, "fc2");
+}
+
+// Weight gradient dW[N, K] = dYᵀ[N, M] · X[M, K] with, when possible, the bias gradient Σ_tokens dY
+// from the BGRADB epilogue (m = K, n = N, k = M). `bias_grad` undefined: no bias gradient wanted.
+void weight_grad(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& grad_weight, at::Tensor bias_grad,
+                 bool deterministic, const char* what) {
+  const int64_t rows = x.size(0), in_features = x.size(1), out_features = dy.size(1);
+  cublaslt::Matmul mm;
+  mm.trans_a = CUBLAS_OP_N;
+  mm.trans_b = CUBLAS_OP_T;
+  mm.m = in_features;
+  mm.n = out_features;
+  mm.k = rows;
+  mm.a = x.data_ptr();
+  mm.lda = in_features;
+  mm.b = dy.data_ptr();
+  mm.ldb = out_features;
+  mm.d = grad_weight.data_ptr();
+  mm.ldd = in_features;
+  mm.dtype = x.scalar_type();
+  mm.deterministic = deterministic;
+  if (bias_grad.defined() && !deterministic) {
+    cublaslt::Matmul with_bgrad = mm;
+    with_bgrad.epilogue = CUBLASLT_EPILOGUE_BGRADB;
+    with_bgrad.bias = bias_grad.data_ptr();
+    if (cublaslt::matmul(with_bgrad) == CUBLAS_STATUS_SUCCESS) return;
+  }
+  cublaslt::matmul_or_throw(mm, what);
+  if (bias_grad.defined()) at::sum_out(bias_grad, dy, at::IntArrayRef{0});  // deterministic reduction
+}
+
+}  // namespace
+
+LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                   const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                                   const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
+                                   c10::string_view approximate, bool residual, bool save_for_backward) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "ln_mlp_fwd_cuda: x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const LnMlpArgs a =
+      prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate);
+  check_cuda_dtype(a.x, "ln_mlp_fwd");
+  const auto options = a.x.options();
+  const at::Tensor mean = at::empty({a.rows}, options.dtype(a.stats_dtype));
+  const at::Tensor rstd = at::empty_like(mean);
+  const at::Tensor out = at::empty({a.rows, a.width}, options);
+  const at::Tensor pre = save_for_backward ? at::empty({a.rows, a.hidden}, options) : at::Tensor();
+  const at::Tensor saved_pre = save_for_backward ? pre.view(a.pre_shape) : at::empty({0}, options);
+  if (a.rows == 0) return {out.view(a.x_shape), mean.view(a.stats_shape), rstd.view(a.stats_shape), saved_pre};
+
+  const at::Tensor ln_out = at::empty({a.rows, a.width}, options);
+  layer_norm_forward_out_cuda(a.x, a.ln_weight, a.ln_bias, eps, ln_out, mean, rstd);
+  const at::Tensor h = at::empty({a.rows, a.hidden}, options);
+  fc1_bias_gelu(a, ln_out, pre, h);
+  fc2_bias_residual(a, h, residual, out);
+  return {out.view(a.x_shape), mean.view(a.stats_shape), rstd.view(a.stats_shape), saved_pre};
+}
+
+LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
+                                    const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                    const at::Tensor& fc1_weight, const at::Tensor& pre_act,
+                                    const at::Tensor& fc2_weight, c10::string_view approximate, bool residual,
+                                    bool deterministic) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "ln_mlp_bwd_cuda: x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const LnMlpArgs a = prepare_ln_mlp_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act,
+                                              fc2_weight, approximate);
+  check_cuda_dtype(a.x, "ln_mlp_bwd");
+  const auto options = a.x.options();
+  const at::Tensor grad_x = at::empty({a.rows, a.width}, options);
+  const at::Tensor grad_ln_weight = at::empty_like(a.ln_weight);
+  const at::Tensor grad_ln_bias = at::empty_like(a.ln_weight);
+  const at::Tensor grad_fc1_weight = at::empty_like(a.fc1_weight);
+  const at::Tensor grad_fc1_bias = at::empty({a.hidden}, options);
+  const at::Tensor grad_fc2_weight = at::empty_like(a.fc2_weight);
+  const at::Tensor grad_fc2_bias = at::empty({a.width}, options);
+  if (a.rows == 0) {
+    for (const at::Tensor& t :
+         {grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias}) {
+      t.zero_();
+    }
+    return {grad_x.view(a.x_shape), grad_ln_weight,  grad_ln_bias, grad_fc1_weight,
+            grad_fc1_bias,          grad_fc2_weight, grad_fc2_bias};
+  }
+  const at::Tensor& dy = a.grad_out;  // [M, C]
+  const at::Tensor grad_pre = at::empty({a.rows, a.hidden}, options);
+  const at::Tensor hidden = at::empty({a.rows, a.hidden}, options);
+
+  // 1. dh = dy · W2  ([M, H]; m = H, n = M, k = C), then dpre = dh · GELU'(pre) and h = GELU(pre).
+  cublaslt::Matmul dgrad2;
+  dgrad2.trans_a = CUBLAS_OP_N;
+  dgrad2.trans_b = CUBLAS_OP_N;
+  dgrad2.m = a.hidden;
+  dgrad2.n = a.rows;
+  dgrad2.k = a.width;
+  dgrad2.a = a.fc2_weight.data_ptr();
+  dgrad2.lda = a.hidden;
+  dgrad2.b = dy.data_ptr();
+  dgrad2.ldb = a.width;
+  dgrad2.d = grad_pre.data_ptr();
+  dgrad2.ldd = a.hidden;
+  dgrad2.dtype = a.x.scalar_type();
+  dgrad2.deterministic = deterministic;
+  bool fc1_bias_done = false;
+  if (a.tanh && aux_ld_ok(a.hidden) && !deterministic) {
+    cublaslt::Matmul fused = dgrad2;
+    fused.epilogue = CUBLASLT_EPILOGUE_DGELU_BGRAD;
+    fused.aux = data(a.pre_act);
+    fused.aux_ld = a.hidden;
+    fused.bias = grad_fc1_bias.data_ptr();
+    if (cublaslt::matmul(fused) == CUBLAS_STATUS_SUCCESS) {
+      fc1_bias_done = true;
+      launch_bias_gelu_forward(a.pre_act, at::Tensor(), at::Tensor(), hidden, /*tanh=*/true);
+    }
+  }
+  if (!fc1_bias_done) {
+    cublaslt::matmul_or_throw(dgrad2, "fc2 input-gradient");
+    launch_gelu_backward(a.pre_act, grad_pre, hidden, a.tanh);
+  }
+
+  // 2. dW2 = dyᵀ · h and db2 = Σ_tokens dy.
+  weight_grad(hidden, dy, grad_fc2_weight, grad_fc2_bias, deterministic, "fc2 weight-gradient");
+
+  // 3. dln = dpre · W1  ([M, C]; m = C, n = M, k = H).
+  const at::Tensor grad_ln_out = at::empty({a.rows, a.width}, options);
+  cublaslt::Matmul dgrad1;
+  dgrad1.trans_a = CUBLAS_OP_N;
+  dgrad1.trans_b = CUBLAS_OP_N;
+  dgrad1.m = a.width;
+  dgrad1.n = a.rows;
+  dgrad1.k = a.hidden;
+  dgrad1.a = a.fc1_weight.data_ptr();
+  dgrad1.lda = a.width;
+  dgrad1.b = grad_pre.data_ptr();
+  dgrad1.ldb = a.hidden;
+  dgrad1.d = grad_ln_out.data_ptr();
+  dgrad1.ldd = a.width;
+  dgrad1.dtype = a.x.scalar_type();
+  dgrad1.deterministic = deterministic;
+  cublaslt::matmul_or_throw(dgrad1, "fc1 input-gradient");
+
+  // 4. LayerNorm backward (+ the residual's dy), writing LN(x) recomputed for step 5.
+  LayerNormBackwardExtras extras;
+  if (residual) extras.residual_grad = dy;
+  extras.bias = a.ln_bias;
+  extras.normed_out = at::empty({a.rows, a.width}, options);
+  layer_norm_backward_out_cuda(grad_ln_out, a.x, a.ln_weight, a.mean, a.rstd, grad_x, grad_ln_weight, grad_ln_bias,
+                               extras);
+
+  // 5. dW1 = dpreᵀ · LN(x), and db1 = Σ_tokens dpre unless step 1 already produced it.
+  weight_grad(extras.normed_out, grad_pre, grad_fc1_weight, fc1_bias_done ? at::Tensor() : grad_fc1_bias, deterministic,
+              "fc1 weight-gradient");
+  return {grad_x.view(a.x_shape), grad_ln_weight,  grad_ln_bias, grad_fc1_weight,
+          grad_fc1_bias,          grad_fc2_weight, grad_fc2_bias};
+}
+
+}  // namespace fastvit
