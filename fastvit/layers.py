@@ -30,6 +30,8 @@ def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (eps 1e-6 by default, as timm's ViT) computed by ``fastvit.ops.layer_norm``."""
 
+    op_name = "layer_norm"
+
     def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs) -> None:
         super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
         self.backend: str | None = None
@@ -47,6 +49,8 @@ class PatchEmbed(nn.Module):
     ``proj``'s parameters to ``fastvit.ops.patch_embed`` together with the position embedding and
     prefix tokens, so that all of it is one op.
     """
+
+    op_name = "patch_embed"
 
     def __init__(
         self,
@@ -161,6 +165,8 @@ def resample_abs_pos_embed(
 class Attention(nn.Module):
     """Multi-head self-attention: qkv Linear -> ``ops.qkv_attention`` on the packed buffer -> proj."""
 
+    op_name = "qkv_attention"
+
     def __init__(
         self,
         dim: int,
@@ -219,6 +225,8 @@ class LNMLP(nn.Module):
         norm: a LayerNorm to borrow instead of owning one.
         residual: default of ``forward``'s ``residual``.
     """
+
+    op_name = "ln_mlp"
 
     def __init__(
         self,

@@ -196,25 +196,39 @@ class VisionTransformer(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Backends
 
-    def set_backend(self, backend: str | None) -> VisionTransformer:
-        """Run every op of this model on ``backend`` ('auto' | 'triton' | 'cuda' | 'torch' | None).
+    def set_backend(self, backend: str | dict[str, str] | None) -> VisionTransformer:
+        """Choose where this model's ops run: one backend for all, or one per op.
 
-        An explicit fused backend must implement every op the model uses (checked here); 'auto'
-        takes the fused kernel for each op where one exists for the input's device, else the reference.
+        Args:
+            backend: 'auto' | 'triton' | 'cuda' | 'torch' | None (the process default), or a dict
+                {op name: backend} over ``OPS_USED`` (ops not named use the default), e.g.
+                ``{'qkv_attention': 'triton', 'ln_mlp': 'cuda'}``. An explicit fused backend must
+                implement the ops it is given (checked here); 'auto' takes the fused kernel for each
+                op where one exists for the input's device, else the reference.
         """
         import fastvit.ops  # noqa: F401  (op registrations)
 
-        dispatch.check_backend_supports(backend, OPS_USED)
+        if isinstance(backend, dict):
+            unknown = sorted(set(backend) - set(OPS_USED))
+            if unknown:
+                raise ValueError(f"backend: unknown op(s) {unknown}; the model's ops are {OPS_USED}")
+            for op, name in backend.items():
+                dispatch.check_backend_supports(name, [op])
+            per_op = dict(backend)
+        else:
+            dispatch.check_backend_supports(backend, OPS_USED)
+            per_op = dict.fromkeys(OPS_USED, backend)
         self.backend = backend
         for module in self.modules():
-            if module is not self and hasattr(module, "backend"):
-                module.backend = backend
+            if module is not self and hasattr(module, "op_name"):
+                module.backend = per_op.get(module.op_name)
         return self
 
     def backend_plan(self, device: torch.device | str = "cpu") -> dict[str, str]:
         """Which backend each op resolves to for inputs on ``device`` (raises if one cannot run there)."""
         device = torch.device(device)
-        return {op: dispatch.resolve(op, self.backend, device) for op in OPS_USED}
+        per_op = self.backend if isinstance(self.backend, dict) else dict.fromkeys(OPS_USED, self.backend)
+        return {op: dispatch.resolve(op, per_op.get(op), device) for op in OPS_USED}
 
     # ------------------------------------------------------------------------------------------
     # Initialisation (timm's schemes)
@@ -310,7 +324,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed.check_input(x)
         pos_embed = self._pos_embed_for(x.shape[-2], x.shape[-1])
         proj = self.patch_embed.proj
-        x = ops.patch_embed(x, proj.weight, proj.bias, pos_embed, self._prefix_tokens(), backend=self.backend)
+        x = ops.patch_embed(
+            x, proj.weight, proj.bias, pos_embed, self._prefix_tokens(), backend=self.patch_embed.backend
+        )
         x = self.pos_drop(x)
         x = self.patch_drop(x)
         return self.norm_pre(x)

@@ -5,8 +5,6 @@ Plain ``if``/``raise`` (never ``assert``, which ``python -O`` strips).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -53,7 +51,8 @@ def check_positive_int(name: str, value: object) -> int:
 def check_scale(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    # Comparisons rather than math.isfinite: torch.compile traces them as constants (NaN fails too).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ValueError(f"scale must be None or a positive finite number, got {value!r}")
     return float(value)
 

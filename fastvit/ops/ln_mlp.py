@@ -21,8 +21,6 @@ backward bit-identical run to run.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastvit import dispatch, reference
@@ -78,7 +76,7 @@ def ln_mlp(
         check_shape("fc2_bias", fc2_bias, (width,), "[C]")
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < float("inf"):  # NaN fails too
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")

@@ -1,0 +1,139 @@
+"""The whole model on fused kernels equals the reference model, forward and backward (CPU: interpreter + C++).
+
+On this machine the Triton kernels (patch embedding, attention) run in Triton's interpreter and the
+extension's ops (LayerNorm, LN-MLP) run their C++ CPU implementations, selected per op with
+``set_backend({...})``; on a GPU the same test runs the real kernels through ``backend='auto'``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import fastvit
+from conftest import DEVICE, needs_cuda, triton_skip_reason
+
+if triton_skip_reason() is not None:
+    pytest.skip(triton_skip_reason(), allow_module_level=True)
+if os.environ.get("FASTVIT_NO_EXT") == "1":
+    pytest.skip("FASTVIT_NO_EXT=1: the extension's ops are not built", allow_module_level=True)
+
+FUSED = {"patch_embed": "triton", "qkv_attention": "triton", "layer_norm": "cuda", "ln_mlp": "cuda"}
+TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)  # head dim 32
+
+
+def _pair(**options):
+    reference = fastvit.ViT(**{**TINY, **options}, backend="torch").to(DEVICE)
+    fused = copy.deepcopy(reference).set_backend(FUSED if DEVICE.type == "cpu" else "auto")
+    return reference, fused
+
+
+def _run(model, x, weight):
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    (logits * weight).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(init_values=0.1, reg_tokens=2, global_pool="avg"), dict(no_embed_class=True, qkv_bias=False)],
+    ids=["default", "layerscale-reg-avg", "no_embed_class-no_qkv_bias"],
+)
+def test_fused_model_equals_reference(options):
+    reference, fused = _pair(**options)
+    assert set(fused.backend_plan(DEVICE).values()) <= {"triton", "cuda"}
+    x = torch.randn(2, 3, 16, 16, device=DEVICE)
+    weight = torch.randn(2, 5, device=DEVICE)
+    ref_logits, ref_grads = _run(reference, x, weight)
+    logits, grads = _run(fused, x, weight)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    assert set(grads) == set(ref_grads)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fused_model_with_grad_checkpointing():
+    reference, fused = _pair()
+    fused.set_grad_checkpointing(True)
+    x, weight = torch.randn(2, 3, 16, 16, device=DEVICE), torch.randn(2, 5, device=DEVICE)
+    ref_logits, ref_grads = _run(reference, x, weight)
+    logits, grads = _run(fused, x, weight)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_model_compiles_fullgraph():
+    reference, fused = _pair()
+    x = torch.randn(2, 3, 16, 16, device=DEVICE, requires_grad=False)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    torch.testing.assert_close(compiled(x), reference(x), atol=1e-5, rtol=1e-4)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_per_op_backend_dict_is_validated():
+    model = fastvit.ViT(**TINY)
+    with pytest.raises(ValueError, match="unknown op"):
+        model.set_backend({"softmax": "triton"})
+    with pytest.raises(ValueError, match="backend 'triton' does not implement layer_norm"):
+        model.set_backend({"layer_norm": "triton"})
+    model.set_backend({"qkv_attention": "torch"})
+    assert model.blocks[0].attn.backend == "torch" and model.blocks[0].norm1.backend is None
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "vit_base_patch16_224"])
+def test_fused_vs_reference_on_gpu(name, dtype):
+    from conftest import assert_within_torch_error
+
+    torch.manual_seed(0)
+    reference = fastvit.create_model(name, depth=4).cuda()
+    fused = copy.deepcopy(reference).set_backend("auto")
+    reference.set_backend("torch")
+    exact = copy.deepcopy(reference).double()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        ours, torch_same = fused(x).float(), reference(x).float()
+    assert_within_torch_error(f"{name} logits {dtype}", ours, torch_same, exact(x.double()))
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_fused_training_follows_the_reference_loss_curve():
+    # bf16 autocast, 200 AdamW steps on the digits: the fused model's losses track the reference's.
+    from fastvit.data import build_data
+
+    data = build_data("digits", 32, shift=0)
+    images = torch.stack([data.train[i][0] for i in range(len(data.train))]).cuda()
+    labels = torch.stack([data.train[i][1] for i in range(len(data.train))]).cuda()
+    torch.manual_seed(0)
+    reference = fastvit.create_model("vit_digits_patch4_32", embed_dim=128, num_heads=4).cuda().set_backend("torch")
+    fused = copy.deepcopy(reference).set_backend("auto")
+    curves = {}
+    for label, model in (("reference", reference), ("fused", fused)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        losses = []
+        for _ in range(200):
+            idx = torch.randint(0, len(labels), (64,), device="cuda", generator=generator)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves[label] = torch.tensor(losses)
+    gap = (curves["fused"] - curves["reference"]).abs()
+    print(
+        f"max |loss gap| {gap.max():.4f}, mean {gap.mean():.4f}, final losses {curves['fused'][-1]:.4f} "
+        f"vs {curves['reference'][-1]:.4f}"
+    )
+    assert gap[:20].max() < 0.02  # early steps: bf16 rounding only
+    assert gap.mean() < 0.05 and abs(curves["fused"][-20:].mean() - curves["reference"][-20:].mean()) < 0.05
