@@ -20,8 +20,8 @@ from fastvit import train
 def transfer_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvit transfer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="runs/transfer")
-    parser.add_argument("--pretrain-epochs", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=15, help="epochs of each transfer run")
+    parser.add_argument("--pretrain-epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of each transfer run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
