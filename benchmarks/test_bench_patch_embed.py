@@ -135,7 +135,7 @@ def test_patch_embed(benchmark, name, batch, candidate, mode):
     )
 
 
-UINT8_CANDIDATES = ["fastvit triton uint8", "normalise + timm PatchEmbed + cat + pos"]
+UINT8_CANDIDATES = ["fastvit triton uint8", "timm PatchEmbed on normalised floats"]
 
 
 @pytest.mark.parametrize("candidate", UINT8_CANDIDATES)
