@@ -223,6 +223,8 @@ def format_throughput(rows: list[dict], device: torch.device) -> str:
         lines += [
             "",
             "No GPU here: fused Triton/CUDA kernels need CUDA tensors, so 'fastvit auto' runs the PyTorch reference",
-            "for every op on CPU. These rows measure the same math; differences are noise and Python overhead.",
+            "for every op on CPU. The rows compute the same function; fastvit's reference is slower than timm",
+            "here because it spells attention out as matmul-softmax-matmul (timm calls SDPA) and checks each op's",
+            "arguments.",
         ]
     return "\n".join(lines)
