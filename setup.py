@@ -66,6 +66,28 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def _check_arch_list(arch_list: str) -> None:
+    """Fail at once, with the reason, for GPU architectures the kernels do not support.
+
+    The kernels use bf16 arithmetic and cuBLASLt features of sm_80+ (A100, H100, ...); without this
+    check nvcc would fail minutes into the build with "Unsupported gpu architecture".
+    """
+    for entry in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        arch = entry.strip().removesuffix("+PTX")
+        if not arch:
+            continue
+        try:
+            major, minor = (int(part) for part in arch.rstrip("af").split("."))
+        except ValueError:
+            raise SystemExit(f"fastvit: TORCH_CUDA_ARCH_LIST entry {entry!r} is not like '8.0' or '9.0a'") from None
+        if (major, minor) < (8, 0):
+            raise SystemExit(
+                f"fastvit: TORCH_CUDA_ARCH_LIST={arch_list!r} includes {entry!r}; the CUDA kernels need compute "
+                "capability 8.0 or newer (A100, H100, ...). Set e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0a', or "
+                "FASTVIT_NO_EXT=1 to build without the extension (the Triton and PyTorch backends still work)."
+            )
+
+
 def _extensions():
     if _env_flag("FASTVIT_NO_EXT"):
         print("fastvit: FASTVIT_NO_EXT=1, building no C++/CUDA extension")
@@ -84,6 +106,7 @@ def _extensions():
     use_cuda = cuda_home is not None
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        _check_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
         include_dirs, library_dirs = _nvidia_pip_dirs()
         cuda_home_lib = os.path.join(cpp_extension.CUDA_HOME, "lib64")
         nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]

@@ -2,10 +2,12 @@
 // plus pybind11 helpers that are not ops (build facts reported by fastvit.backends()).
 //
 // Fake (meta) impls and autograd formulas are registered from Python (fastvit/ops/layer_norm.py,
-// fastvit/ops/ln_mlp.py) with torch.library.register_fake / register_autograd.
+// fastvit/ops/ln_mlp.py, fastvit/ops/linear_residual.py) with torch.library.register_fake /
+// register_autograd.
 #include <torch/extension.h>
 
 #include "layer_norm/layer_norm.h"
+#include "linear/linear_residual.h"
 #include "ln_mlp/ln_mlp.h"
 
 #ifdef FASTVIT_WITH_CUDA
@@ -26,6 +28,10 @@ TORCH_LIBRARY(fastvit, m) {
       "fc1_weight, Tensor pre_act, Tensor fc2_weight, str approximate, bool residual, bool deterministic) -> (Tensor "
       "grad_x, Tensor grad_ln_weight, Tensor grad_ln_bias, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor "
       "grad_fc2_weight, Tensor grad_fc2_bias)");
+  m.def("linear_residual_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
+  m.def(
+      "linear_residual_bwd(Tensor grad_out, Tensor x, Tensor weight, bool need_grad_x, bool need_grad_weight, bool "
+      "need_grad_bias, bool deterministic) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
@@ -33,6 +39,8 @@ TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
   m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd_cpu);
   m.impl("ln_mlp_fwd", &fastvit::ln_mlp_fwd_cpu);
   m.impl("ln_mlp_bwd", &fastvit::ln_mlp_bwd_cpu);
+  m.impl("linear_residual_fwd", &fastvit::linear_residual_fwd_cpu);
+  m.impl("linear_residual_bwd", &fastvit::linear_residual_bwd_cpu);
 }
 
 #ifdef FASTVIT_WITH_CUDA
@@ -41,6 +49,8 @@ TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd_cuda);
   m.impl("ln_mlp_fwd", &fastvit::ln_mlp_fwd_cuda);
   m.impl("ln_mlp_bwd", &fastvit::ln_mlp_bwd_cuda);
+  m.impl("linear_residual_fwd", &fastvit::linear_residual_fwd_cuda);
+  m.impl("linear_residual_bwd", &fastvit::linear_residual_bwd_cuda);
 }
 #else
 namespace {
@@ -57,7 +67,8 @@ namespace {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
-  for (const char* op : {"layer_norm_fwd", "layer_norm_bwd", "ln_mlp_fwd", "ln_mlp_bwd"}) {
+  for (const char* op : {"layer_norm_fwd", "layer_norm_bwd", "ln_mlp_fwd", "ln_mlp_bwd", "linear_residual_fwd",
+                         "linear_residual_bwd"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&built_without_cuda>());
   }
 }

@@ -48,7 +48,8 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip archives, ...
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+        first_line = (str(exc).strip().splitlines() or [""])[0]  # the full text stays in the chained exception
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {first_line})") from exc
     return unwrap_state_dict(obj, source=path)
 
 
@@ -356,28 +357,64 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     return config
 
 
-def _adapt_pos_embed(state_dict: StateDict, model: VisionTransformer) -> StateDict:
-    """Resample the checkpoint's position embedding to the model's patch grid (e.g. 224 -> 384 px)."""
-    posemb = state_dict.get("pos_embed")
-    if posemb is None or model.pos_embed is None or posemb.shape == model.pos_embed.shape:
-        return state_dict
-    if posemb.dim() != 3 or posemb.shape[-1] != model.pos_embed.shape[-1]:
-        raise ValueError(
-            f"pos_embed: checkpoint has shape {tuple(posemb.shape)}, the model expects {tuple(model.pos_embed.shape)}"
+class CheckpointMismatchError(KeyError, ValueError):
+    """A checkpoint that does not fit the model: every missing, unexpected and mis-shaped key, in one error.
+
+    Both a ``KeyError`` (missing / unexpected keys) and a ``ValueError`` (shapes), so code that catches either
+    keeps working. ``missing``, ``unexpected`` and ``mismatched`` hold the problems as data.
+    """
+
+    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys the model needs: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} keys the model does not have: {', '.join(unexpected)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shapes do not match the model: {'; '.join(mismatched)}")
+        super().__init__(
+            "checkpoint does not match the model architecture (the model was left unchanged): " + "; ".join(parts)
         )
-    num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+
+    def __str__(self) -> str:  # KeyError's own __str__ would print the message's repr
+        return str(self.args[0])
+
+
+def _adapt_pos_embed(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """Resample the checkpoint's position embedding to the model's patch grid (e.g. 224 -> 384 px).
+
+    A position embedding that cannot be resampled (other width or rank) is left as it is: ``load_weights``
+    then reports its shape together with every other mismatch.
+    """
+    posemb = state_dict.get("pos_embed")
+    model_posemb = getattr(model, "pos_embed", None)
+    if posemb is None or model_posemb is None or posemb.shape == model_posemb.shape:
+        return state_dict
+    if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
+        return state_dict
+    if posemb.dim() != 3 or posemb.shape[-1] != model_posemb.shape[-1] or posemb.shape[0] != 1:
+        return state_dict
+    num_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    try:
+        resampled = resample_abs_pos_embed(posemb, model.patch_embed.grid_size, num_prefix_tokens=num_prefix)
+    except ValueError:  # not a square grid: reported as a shape mismatch
+        return state_dict
     state_dict = dict(state_dict)
-    state_dict["pos_embed"] = resample_abs_pos_embed(posemb, model.patch_embed.grid_size, num_prefix_tokens=num_prefix)
+    state_dict["pos_embed"] = resampled
     return state_dict
 
 
-def load_weights(model: VisionTransformer, source, strict: bool = True) -> VisionTransformer:
+def load_weights(model: nn.Module, source, strict: bool = True) -> nn.Module:
     """Load ``source`` (a state dict in any supported format, an ``nn.Module``, or a checkpoint path) into ``model``.
 
-    The position embedding is resampled to the model's grid. Every key and shape is checked first:
-    missing or unexpected keys raise ``KeyError`` (unexpected ones only with ``strict=True``),
-    a shape mismatch raises ``ValueError``, and in either case the model is left untouched.
+    The position embedding is resampled to the model's grid. Every key and shape is checked first, and all
+    problems are reported together in one :class:`CheckpointMismatchError` (a ``KeyError`` and a
+    ``ValueError``): missing keys, unexpected keys (only with ``strict=True``) and shape mismatches. On any
+    error the model is left untouched.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a fastvit/timm VisionTransformer (an nn.Module), got {type(model).__name__}")
     if isinstance(source, (str, os.PathLike)):
         state_dict = load_state_dict_file(source)
     else:
@@ -385,21 +422,14 @@ def load_weights(model: VisionTransformer, source, strict: bool = True) -> Visio
     state_dict = _adapt_pos_embed(to_timm_state_dict(state_dict), model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or (strict and unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys the model needs: {', '.join(missing[:8])}")
-        if strict and unexpected:
-            parts.append(f"{len(unexpected)} keys the model does not have: {', '.join(unexpected[:8])}")
-        raise KeyError("checkpoint does not match the model architecture: " + "; ".join(parts))
+    unexpected = sorted(set(state_dict) - set(expected)) if strict else []
     mismatched = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if state_dict[k].shape != v.shape
+        if k in state_dict and state_dict[k].shape != v.shape
     ]
-    if mismatched:
-        raise ValueError("checkpoint shapes do not match the model: " + "; ".join(mismatched[:8]))
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched)
     model.load_state_dict({k: state_dict[k] for k in expected}, strict=True)
     return model
 

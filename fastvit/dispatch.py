@@ -13,16 +13,24 @@ The process-wide default comes from the environment variable ``FASTVIT_BACKEND``
 ``auto``) and can be changed with :func:`set_default_backend`. Asking explicitly for a backend that
 cannot run here, or that does not implement an op, raises a ``RuntimeError``/``ValueError`` that
 says why; there is no silent fallback.
+
+Where ``auto`` runs the reference on CUDA tensors (no usable fused backend, or an input the kernels
+do not cover), the ``"fastvit"`` logger says so at DEBUG level, e.g.
+``logging.getLogger("fastvit").setLevel(logging.DEBUG)`` with a handler (``logging.basicConfig()``).
+These messages are skipped while ``torch.compile`` traces (a logging call would break the graph).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 from collections.abc import Callable
 
 import torch
+
+logger = logging.getLogger("fastvit")
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 FUSED_BACKENDS = ("triton", "cuda")
@@ -158,6 +166,27 @@ def backend_unusable_reason(backend: str, device: torch.device) -> str | None:
     return f"device type {device.type!r} is not supported (CUDA or CPU tensors only)"
 
 
+def debug_enabled() -> bool:
+    """True when the ``"fastvit"`` logger takes DEBUG messages and torch.compile is not tracing.
+
+    Guard every debug message of code that ``torch.compile(fullgraph=True)`` may trace with it
+    (``if dispatch.debug_enabled(): dispatch.logger.debug(...)``): the tracer sees
+    ``torch.compiler.is_compiling()`` as True and drops the branch, where a logging call would break the
+    graph. Building the message inside the branch also keeps it free when debugging is off.
+    """
+    return not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG)
+
+
+def _auto_reference_reason(op_name: str, device: torch.device) -> str:
+    """Why ``auto`` runs the reference for ``op_name`` on ``device``."""
+    fused = [b for b in implementations(op_name) if b != "torch"]
+    if not fused:
+        return f"no fused implementation of {op_name}"
+    if device.type != "cuda":
+        return f"'auto' runs the reference on {device.type} tensors"
+    return "; ".join(f"{b}: {backend_unusable_reason(b, device)}" for b in fused)
+
+
 def resolve(op_name: str, backend: str | None, device: torch.device) -> str:
     """The backend that runs ``op_name`` for a tensor on ``device`` when ``backend`` is asked for."""
     backend = get_default_backend() if backend is None else _check_backend_name(backend, "backend")
@@ -167,6 +196,12 @@ def resolve(op_name: str, backend: str | None, device: torch.device) -> str:
             for candidate in available:
                 if candidate != "torch" and backend_unusable_reason(candidate, device) is None:
                     return candidate
+            if debug_enabled():
+                logger.debug(
+                    "%s: 'auto' runs the reference on CUDA tensors (%s)",
+                    op_name,
+                    _auto_reference_reason(op_name, device),
+                )
         return "torch"
     if backend not in available:
         raise ValueError(
@@ -177,6 +212,43 @@ def resolve(op_name: str, backend: str | None, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"{op_name}: backend {backend!r} cannot run on {device.type} tensors here: {reason}")
     return backend
+
+
+def reference_for_uncovered_input(
+    op_name: str, backend: str | None, device: torch.device, why: str | None
+) -> str | None:
+    """The backend an op layer passes on when its fused kernels may not cover an input.
+
+    ``why`` says what the kernels do not cover (None: they cover this input). Then ``auto`` (given, or
+    the process default) becomes ``'torch'``, with a DEBUG message on the ``"fastvit"`` logger for CUDA
+    tensors; any other backend is returned unchanged, so an explicit fused backend raises its own clear
+    error.
+    """
+    if why is None:
+        return backend
+    requested = get_default_backend() if backend is None else backend
+    if not isinstance(requested, str) or requested.strip().lower() != "auto":
+        return backend
+    if device.type == "cuda" and debug_enabled():
+        logger.debug("%s: 'auto' runs the reference for this input: %s", op_name, why)
+    return "torch"
+
+
+def fused_status(op_name: str, backend: str | None, device: torch.device) -> tuple[str, str | None]:
+    """``(backend that runs op_name on device, why that is not a fused kernel)``; the reason is None when it is.
+
+    An explicit backend that cannot run on ``device`` gives ``('unusable', why)`` instead of raising.
+    """
+    try:
+        resolved = resolve(op_name, backend, device)
+    except (RuntimeError, ValueError) as exc:
+        return "unusable", str(exc)
+    if resolved != "torch":
+        return resolved, None
+    requested = get_default_backend() if backend is None else _check_backend_name(backend, "backend")
+    if requested == "torch":
+        return "torch", "backend 'torch' was asked for"
+    return "torch", _auto_reference_reason(op_name, device)
 
 
 def implementation(op_name: str, backend: str | None, device: torch.device) -> Callable:

@@ -45,7 +45,7 @@ def attention_rollout(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor
 
 
 def explain_main(argv: list[str] | None = None) -> int:
-    from fastvit.inference import load_images, load_model
+    from fastvit.inference import _load_or_exit, load_images
 
     parser = argparse.ArgumentParser(prog="python -m fastvit explain", description="attention rollout PNG of an image")
     parser.add_argument("image")
@@ -59,7 +59,7 @@ def explain_main(argv: list[str] | None = None) -> int:
         parser.error(f"image not found: {args.image}")
     if not os.path.exists(args.init):
         parser.error(f"--init {args.init!r} does not exist")
-    model, meta = load_model(args.init, backend="torch", num_heads=args.num_heads)
+    model, meta = _load_or_exit(parser, args.init, backend="torch", num_heads=args.num_heads)
     x = load_images([args.image], model.patch_embed.img_size[0], model.in_chans, meta["mean"], meta["std"])
     heat = attention_rollout(model, x)[0]
     with torch.no_grad():

@@ -33,12 +33,26 @@ def load_model(path: str, backend: str | None = None, num_heads: int | None = No
     else:
         config = convert.infer_config(state, num_heads=num_heads)
     config = {**config, "weight_init": "skip", "backend": backend}
-    model = convert.load_weights(VisionTransformer(**config), state).eval()
+    try:
+        model = VisionTransformer(**config)
+    except TypeError as exc:  # a config key this fastvit does not know (metadata written by another version)
+        raise ValueError(f"{path}: the model config in its metadata is not valid here ({exc})") from exc
+    model = convert.load_weights(model, state).eval()
     in_chans = model.in_chans
     metadata.setdefault("classes", [str(i) for i in range(model.num_classes)])
     metadata.setdefault("mean", list(IMAGENET_MEAN[:in_chans]) if in_chans == 3 else [0.5] * in_chans)
     metadata.setdefault("std", list(IMAGENET_STD[:in_chans]) if in_chans == 3 else [0.5] * in_chans)
     return model, metadata
+
+
+def _load_or_exit(parser: argparse.ArgumentParser, path: str, backend: str | None = None, num_heads: int | None = None):
+    """``load_model``, with a bad checkpoint reported as one line and exit code 2 (as bad arguments are)."""
+    try:
+        return load_model(path, backend, num_heads)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+        if os.environ.get("FASTVIT_DEBUG") == "1":
+            raise
+        parser.exit(2, f"{parser.prog}: error: --init {path!r}: {exc}\n")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +83,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         parser.error(f"--init {args.init!r} does not exist")
     if args.data not in ("digits", "synthetic") and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not 'digits', 'synthetic' or an existing directory")
-    model, _ = load_model(args.init, args.backend, args.num_heads)
+    model, _ = _load_or_exit(parser, args.init, args.backend, args.num_heads)
     device = torch.device(args.device)
     model.to(device)
     data = build_data(args.data, model.patch_embed.img_size[0], args.classes, seed=args.seed, shift=0)
@@ -124,7 +138,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         parser.error(f"image not found: {', '.join(missing)}")
     if not os.path.exists(args.init):
         parser.error(f"--init {args.init!r} does not exist")
-    model, meta = load_model(args.init, num_heads=args.num_heads)
+    model, meta = _load_or_exit(parser, args.init, num_heads=args.num_heads)
     x = load_images(args.images, model.patch_embed.img_size[0], model.in_chans, meta["mean"], meta["std"])
     with torch.no_grad():
         probs = model(x).softmax(-1)

@@ -9,6 +9,7 @@ a non-LayerNorm norm layer, a non-GELU activation) run the reference path for th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -16,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvit import ops
+from fastvit import dispatch, ops
+from fastvit.ops.attention import SUPPORTED_HEAD_DIMS as ATTENTION_HEAD_DIMS
 
 
 def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -162,8 +164,41 @@ def resample_abs_pos_embed(
     return torch.cat([prefix, grid], dim=1) if num_prefix_tokens else grid
 
 
+class ResidualLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and keys) whose ``forward(x, residual)`` adds ``residual`` inside the GEMM.
+
+    ``forward(x)`` is ``F.linear``; ``forward(x, residual)`` is ``residual + linear(x)`` computed by
+    ``fastvit.ops.linear_residual`` (on CUDA one cuBLASLt GEMM, the bias in its epilogue and the residual
+    as its C operand). ``op_name``/``backend`` let ``VisionTransformer.set_backend`` choose that op's backend.
+    """
+
+    op_name = "linear_residual"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
+            return F.linear(x, self.weight, self.bias)
+        return ops.linear_residual(x, self.weight, self.bias, residual, backend=self.backend)
+
+
+def _dropout_active(module: nn.Module, training: bool) -> bool:
+    """A dropout-like module (``nn.Dropout``, ``DropPath``, ``nn.Identity``) that changes its input in this mode."""
+    if isinstance(module, nn.Identity):
+        return False
+    p = getattr(module, "p", getattr(module, "drop_prob", None))
+    return p is None or (training and p > 0.0)  # an unknown module: assume it does something
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention: qkv Linear -> ``ops.qkv_attention`` on the packed buffer -> proj."""
+    """Multi-head self-attention: qkv Linear -> ``ops.qkv_attention`` on the packed buffer -> proj.
+
+    ``forward(x, residual)`` returns ``residual + attention(x)`` with the add inside the proj GEMM
+    (``ops.linear_residual``) whenever ``proj_drop`` is inactive (eval, or p = 0); ``forward(x)`` returns
+    ``attention(x)``. ``proj`` is a ``ResidualLinear`` (an ``nn.Linear``: timm's keys ``proj.weight/bias``).
+    """
 
     op_name = "qkv_attention"
 
@@ -187,14 +222,24 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj = ResidualLinear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, C] (normalised tokens); residual: [B, N, C] or None. Returns [B, N, C]."""
         dropout_p = self.attn_drop.p if self.training else 0.0
-        x = ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
-        return self.proj_drop(self.proj(x))
+        out = ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
+        if residual is None:
+            return self.proj_drop(self.proj(out))
+        if _dropout_active(self.proj_drop, self.training) or not isinstance(self.proj, ResidualLinear):
+            if dispatch.debug_enabled():
+                dispatch.logger.debug(
+                    "Attention: the residual add runs separately (proj_drop active while training, or proj is a %s)",
+                    type(self.proj).__name__,
+                )
+            return residual + self.proj_drop(self.proj(out))
+        return self.proj(out, residual)
 
 
 class LNMLP(nn.Module):
@@ -366,12 +411,39 @@ class PatchDropout(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class HalfFusion:
+    """How one half of a ``Block`` runs: see ``Block.fusion_status``.
+
+    Attributes:
+        fused: the residual add is inside the half's last op and every op of the half runs a fused kernel.
+        backends: {op name: the backend that runs it} ('unusable' for an explicit backend that cannot run).
+        why_not: the reasons it is not fused (empty when ``fused``).
+    """
+
+    fused: bool
+    backends: dict[str, str]
+    why_not: tuple[str, ...]
+
+    def __str__(self) -> str:
+        ops_text = ", ".join(f"{op}={backend}" for op, backend in self.backends.items())
+        if self.fused:
+            return f"fused ({ops_text})"
+        return f"unfused ({ops_text}): " + "; ".join(self.why_not)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
 
-    The MLP half is an ``LNMLP`` borrowing ``norm2``: one ``ops.ln_mlp`` call (LayerNorm, fc1, GELU, fc2
-    and the residual add) whenever its pieces are the standard ones (``norm2`` a LayerNorm, ``mlp.act``
-    a GELU, no MLP dropout active). LayerScale and drop-path, when present, apply to its un-added output.
+    Attention half: with ``ls1`` an Identity and no active drop-path or proj dropout, the proj Linear and
+    the residual add are one ``ops.linear_residual`` call (``x = linear_residual(attn_out, proj.weight,
+    proj.bias, x)``). The MLP half is an ``LNMLP`` borrowing ``norm2``: one ``ops.ln_mlp`` call (LayerNorm,
+    fc1, GELU, fc2 and the residual add) whenever its pieces are the standard ones (``norm2`` a LayerNorm,
+    ``mlp.act`` a GELU, no MLP dropout active) and ``ls2`` is an Identity with no active drop-path.
+    Otherwise LayerScale and drop-path apply to the half's un-added output, as timm. Drop-path is
+    inactive in eval mode, so a model trained with it still runs fused for inference.
+    ``fusion_status`` says which halves run fused and why not; an unfused half also logs at DEBUG on
+    the ``"fastvit"`` logger.
     """
 
     def __init__(
@@ -411,10 +483,101 @@ class Block(nn.Module):
         )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.mlp_residual_in_op = isinstance(self.ls2, nn.Identity) and isinstance(self.drop_path2, nn.Identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        if self.mlp_residual_in_op:
+        if isinstance(self.ls1, nn.Identity) and not _dropout_active(self.drop_path1, self.training):
+            x = self.attn(self.norm1(x), residual=x)  # proj + residual: one op (unless proj_drop is active)
+        else:
+            if dispatch.debug_enabled():
+                dispatch.logger.debug("Block: attention half unfused: %s", "; ".join(self._attn_residual_blockers()))
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        if isinstance(self.ls2, nn.Identity) and not _dropout_active(self.drop_path2, self.training):
             return self.mlp(x, residual=True)
+        if dispatch.debug_enabled():
+            dispatch.logger.debug("Block: MLP half unfused: %s", "; ".join(self._mlp_residual_blockers()))
         return x + self.drop_path2(self.ls2(self.mlp(x, residual=False)))
+
+    def _attn_residual_blockers(self) -> list[str]:
+        """Why the attention half's residual add cannot be inside the proj GEMM (in the current mode)."""
+        reasons = []
+        if not isinstance(self.ls1, nn.Identity):
+            reasons.append(f"ls1 is a {type(self.ls1).__name__} (the residual add runs separately)")
+        if _dropout_active(self.drop_path1, self.training):
+            reasons.append(f"drop_path1 is active while training ({self.drop_path1})")
+        proj_drop = getattr(self.attn, "proj_drop", nn.Identity())
+        if _dropout_active(proj_drop, self.training):
+            reasons.append(f"attn.proj_drop is active while training (p={getattr(proj_drop, 'p', '?')})")
+        if not isinstance(getattr(self.attn, "proj", None), ResidualLinear):
+            reasons.append(f"attn.proj is a {type(getattr(self.attn, 'proj', None)).__name__}, not a ResidualLinear")
+        return reasons
+
+    def _mlp_residual_blockers(self) -> list[str]:
+        """Why the MLP half is not one ``ln_mlp`` call with the residual inside (in the current mode)."""
+        reasons = []
+        if not isinstance(self.ls2, nn.Identity):
+            reasons.append(f"ls2 is a {type(self.ls2).__name__} (the residual add runs separately)")
+        if _dropout_active(self.drop_path2, self.training):
+            reasons.append(f"drop_path2 is active while training ({self.drop_path2})")
+        if not getattr(self.mlp, "fusable", False):
+            norm, act = getattr(self.mlp, "layer_norm", self.norm2), getattr(self.mlp, "act", None)
+            reasons.append(
+                f"the MLP is not LayerNorm -> Linear -> GELU -> Linear (norm2 {type(norm).__name__}, "
+                f"act {type(act).__name__}): its modules run one by one"
+            )
+        drops = [getattr(self.mlp, name, nn.Identity()) for name in ("drop1", "drop2")]
+        if any(_dropout_active(d, self.training) for d in drops):
+            reasons.append(f"MLP dropout is active while training (p={getattr(drops[0], 'p', '?')})")
+        return reasons
+
+    def fusion_status(
+        self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> dict[str, HalfFusion]:
+        """Which halves of this block run fused for inputs on ``device``, in the current train/eval mode, and why not.
+
+        Args:
+            device: where the inputs will be.
+            dtype: the activations' dtype (default: the parameters'); the kernels take fp16/bf16/fp32
+                (the C++ CPU path also fp64).
+
+        Returns:
+            {'attn': HalfFusion, 'mlp': HalfFusion}.
+        """
+        device = torch.device(device)
+        dtype = self.attn.qkv.weight.dtype if dtype is None else dtype
+        dtype_limit = None if dtype in KERNEL_DTYPES else f"the kernels do not take {dtype}"
+        head_limit = None
+        if self.attn.head_dim not in ATTENTION_HEAD_DIMS:
+            head_limit = f"head_dim {self.attn.head_dim} is not one the kernels cover {ATTENTION_HEAD_DIMS}"
+        if _dropout_active(self.attn.attn_drop, self.training):
+            head_limit = f"attention dropout is active while training (p={self.attn.attn_drop.p})"
+        attn_ops = {
+            "qkv_attention": (self.attn.backend, head_limit, dtype_limit),
+            "linear_residual": (getattr(self.attn.proj, "backend", None), None, dtype_limit),
+        }
+        return {
+            "attn": _half_fusion(attn_ops, self._attn_residual_blockers(), device),
+            "mlp": _half_fusion(
+                {"ln_mlp": (self.mlp.backend, None, dtype_limit)}, self._mlp_residual_blockers(), device
+            ),
+        }
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _half_fusion(
+    op_backends: dict[str, tuple[str | None, str | None, str | None]], why_not: list[str], device: torch.device
+) -> HalfFusion:
+    """``op_backends``: {op: (backend asked for, a limit of every fused kernel, a dtype limit)}; the dtype
+    limit applies to Triton kernels and to CUDA tensors (the extension's C++ CPU path takes every dtype)."""
+    backends, why_not = {}, list(why_not)
+    for op, (backend, limit, dtype_limit) in op_backends.items():
+        resolved, reason = dispatch.fused_status(op, backend, device)
+        if reason is None and dtype_limit is not None and (resolved == "triton" or device.type == "cuda"):
+            limit = limit or dtype_limit
+        if reason is None and limit is not None:
+            resolved, reason = "torch", f"{limit}: the reference runs ('auto'; an explicit fused backend raises)"
+        backends[op] = resolved
+        if reason is not None:
+            why_not.append(f"{op}: {reason}")
+    return HalfFusion(fused=not why_not, backends=backends, why_not=tuple(why_not))

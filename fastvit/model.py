@@ -16,11 +16,26 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import dispatch, ops
-from fastvit.layers import Block, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
+from fastvit.layers import Block, HalfFusion, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
 
 GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
-OPS_USED = ["patch_embed", "layer_norm", "qkv_attention", "ln_mlp"]
+OPS_USED = ["patch_embed", "layer_norm", "qkv_attention", "linear_residual", "ln_mlp"]
+
+
+class FusionReport(list):
+    """``VisionTransformer.fusion_report()``: one {'attn': HalfFusion, 'mlp': HalfFusion} per block."""
+
+    @property
+    def all_fused(self) -> bool:
+        return all(half.fused for block in self for half in block.values())
+
+    def __str__(self) -> str:
+        lines = []
+        for index, block in enumerate(self):
+            for half, status in block.items():
+                lines.append(f"block {index:>2} {half:<4} {status}")
+        return "\n".join(lines)
 
 
 class VisionTransformer(nn.Module):
@@ -229,6 +244,30 @@ class VisionTransformer(nn.Module):
         device = torch.device(device)
         per_op = self.backend if isinstance(self.backend, dict) else dict.fromkeys(OPS_USED, self.backend)
         return {op: dispatch.resolve(op, per_op.get(op), device) for op in OPS_USED}
+
+    def fusion_report(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> FusionReport:
+        """Per block, whether its attention and MLP halves run fused for inputs on ``device``, and why not.
+
+        A half is fused when its residual add happens inside its last op (``linear_residual`` /
+        ``ln_mlp``) and each of its ops runs a fused kernel. Depends on the current train/eval mode
+        (dropout and drop-path only act while training) and on each op's backend. Never raises.
+
+        Args:
+            device: where the inputs will be.
+            dtype: the activations' dtype (default: the parameters'; pass the autocast dtype under autocast).
+
+        Returns:
+            a list (one entry per block) of {'attn': HalfFusion, 'mlp': HalfFusion}; ``str()`` of it is a
+            readable table.
+        """
+        report = FusionReport()
+        for block in self.blocks:
+            if isinstance(block, Block):
+                report.append(block.fusion_status(device, dtype))
+            else:
+                why = (f"{type(block).__name__} is not a fastvit Block",)
+                report.append({half: HalfFusion(False, {}, why) for half in ("attn", "mlp")})
+        return report
 
     # ------------------------------------------------------------------------------------------
     # Initialisation (timm's schemes)

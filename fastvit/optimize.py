@@ -4,8 +4,9 @@ The Liger-Kernel style drop-in for code that builds models with timm: the model 
 its ``state_dict`` keys and its ``nn.Parameter`` objects stay the same (an optimizer built before
 ``optimize`` keeps working); only the submodules that run the math change. Every ``blocks[i]``
 becomes a ``fastvit.layers.Block`` (LayerNorm, qkv -> ``ops.qkv_attention`` on the packed buffer ->
-proj, ``ops.ln_mlp``) and every LayerNorm outside the blocks a ``fastvit.layers.LayerNorm``. The
-patch embedding stays timm's (under 1% of the FLOPs): build with ``fastvit.from_timm`` to fuse it too.
+proj and the residual add as one ``ops.linear_residual``, ``ops.ln_mlp``) and every LayerNorm outside
+the blocks a ``fastvit.layers.LayerNorm``. The patch embedding stays timm's (under 1% of the FLOPs):
+build with ``fastvit.from_timm`` to fuse it too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 from fastvit import dispatch
 from fastvit.layers import Block, LayerNorm
-from fastvit.model import VisionTransformer
+from fastvit.model import OPS_USED, VisionTransformer
 
 
 def optimize(model: nn.Module, backend: str | None = "auto") -> nn.Module:
@@ -31,7 +32,7 @@ def optimize(model: nn.Module, backend: str | None = "auto") -> nn.Module:
     if not (hasattr(model, "blocks") and hasattr(model, "patch_embed") and isinstance(model.blocks, nn.Sequential)):
         raise TypeError(f"optimize expects a timm VisionTransformer (or fastvit's), got {type(model).__name__}")
     if backend is not None:
-        dispatch.check_backend_supports(backend, ["layer_norm", "qkv_attention", "ln_mlp"])
+        dispatch.check_backend_supports(backend, [op for op in OPS_USED if op != "patch_embed"])
     for index, block in enumerate(model.blocks):
         model.blocks[index] = _fastvit_block(block, backend)
     for name in ("norm_pre", "norm", "fc_norm"):

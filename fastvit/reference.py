@@ -119,3 +119,14 @@ def ln_mlp(
     hidden = F.gelu(F.linear(layer_norm(x, ln_weight, ln_bias, eps), fc1_weight, fc1_bias), approximate=approximate)
     out = F.linear(hidden, fc2_weight, fc2_bias)
     return x + out if residual else out
+
+
+def linear_residual(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """A Linear layer and the residual add after it: ``residual + x @ weight.T + bias``.
+
+    x: [..., K]; weight: [N, K]; bias: [N] or None; residual: [..., N] (x's leading shape). In a ViT
+    block this is the attention half's ``x + proj(attn_out)``.
+    """
+    return residual + F.linear(x, weight, bias)

@@ -37,13 +37,25 @@ class InferenceSession:
         warmup: int = 3,
         use_cuda_graphs: bool | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
         sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
         if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
             raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1 (autotuning must finish before capture), got {warmup!r}")
+        if input_shape is not None and (
+            len(tuple(input_shape)) != 3
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in tuple(input_shape))
+        ):
+            raise ValueError(f"input_shape must be (C, H, W) of positive ints, got {input_shape!r}")
+        parameter = next(iter(model.parameters()), None)
+        if parameter is None:
+            raise ValueError("model has no parameters: the session cannot tell its device")
         self.model = model.eval()
-        self.device = next(model.parameters()).device
+        self.device = parameter.device
         if use_cuda_graphs is None:
             use_cuda_graphs = self.device.type == "cuda"
         if use_cuda_graphs and self.device.type != "cuda":
@@ -91,6 +103,12 @@ class InferenceSession:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            # A captured graph's copy_ would convert integer images silently (no /255, no normalisation).
+            raise TypeError(
+                f"x must be a floating-point image batch, got {x.dtype}; normalise integer images first "
+                "(or use fastvit.ops.patch_embed_uint8)"
+            )
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.input_shape))}], got {tuple(x.shape)}")
         if x.device != self.device:

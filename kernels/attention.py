@@ -191,6 +191,14 @@ def attn_fwd_kernel(
 
 
 @triton.jit
+def _at_most_zero(exponent):
+    """min(exponent, 0), NaN kept: P = exp2(S·log2e - lse·log2e) is at most 1, but the recomputed scores and the saved
+    lse round differently (by about |S|·1e-7): with scores of ~1e9 and more that difference alone would overflow
+    exp2 into inf gradients for finite inputs. NaN must pass through (a NaN input gives NaN, as in PyTorch)."""
+    return tl.minimum(exponent, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def attn_bwd_preprocess_kernel(
     Out,  # [B, H, N_Q, HEAD_DIM] strided: the forward's output
     DO,  # [B, H, N_Q, HEAD_DIM] strided: gradient of the output
@@ -255,7 +263,7 @@ def _bwd_dkdv_query_block(
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-    p_t = tl.math.exp2(qk_t * qk_scale - (lse * LOG2E)[None, :])
+    p_t = tl.math.exp2(_at_most_zero(qk_t * qk_scale - (lse * LOG2E)[None, :]))
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
     ds_t = p_t * (dp_t - delta[None, :])
@@ -378,7 +386,7 @@ def _bwd_dq_key_block(
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    p = tl.math.exp2(_at_most_zero(qk * qk_scale - lse2[:, None]))
     if MASK_N:
         p = tl.where(keys_valid[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]

@@ -21,7 +21,13 @@ if triton_skip_reason() is not None:
 if os.environ.get("FASTVIT_NO_EXT") == "1":
     pytest.skip("FASTVIT_NO_EXT=1: the extension's ops are not built", allow_module_level=True)
 
-FUSED = {"patch_embed": "triton", "qkv_attention": "triton", "layer_norm": "cuda", "ln_mlp": "cuda"}
+FUSED = {
+    "patch_embed": "triton",
+    "qkv_attention": "triton",
+    "layer_norm": "cuda",
+    "linear_residual": "cuda",
+    "ln_mlp": "cuda",
+}
 TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)  # head dim 32
 
 
@@ -137,3 +143,83 @@ def test_fused_training_follows_the_reference_loss_curve():
     )
     assert gap[:20].max() < 0.02  # early steps: bf16 rounding only
     assert gap.mean() < 0.05 and abs(curves["fused"][-20:].mean() - curves["reference"][-20:].mean()) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# Which halves run fused: the ops called, model.fusion_report(), the debug log
+
+
+def test_fused_blocks_run_one_linear_residual_and_one_ln_mlp_each(monkeypatch):
+    _, fused = _pair()
+    calls = {"linear_residual": 0, "ln_mlp": 0}
+    for op in calls:
+        original = fastvit.dispatch._IMPLEMENTATIONS[op]["cuda"]
+
+        def counting(*args, _op=op, _original=original):
+            calls[_op] += 1
+            return _original(*args)
+
+        monkeypatch.setitem(fastvit.dispatch._IMPLEMENTATIONS[op], "cuda", counting)
+    fused(torch.randn(2, 3, 16, 16, device=DEVICE))
+    assert calls == {"linear_residual": 2, "ln_mlp": 2}  # depth 2
+
+
+def test_fusion_report_says_which_halves_run_fused_and_why_not():
+    _, fused = _pair()
+    report = fused.eval().fusion_report(DEVICE)
+    assert len(report) == 2 and report.all_fused, str(report)
+    assert report[0]["attn"].backends == {"qkv_attention": "triton", "linear_residual": "cuda"}
+    assert "block  0 attn fused (qkv_attention=triton, linear_residual=cuda)" in str(report)
+
+    _, layer_scaled = _pair(init_values=0.1)
+    status = layer_scaled.fusion_report(DEVICE)[1]
+    assert not status["attn"].fused and not status["mlp"].fused
+    assert "ls1 is a LayerScale" in str(status["attn"]) and "ls2 is a LayerScale" in str(status["mlp"])
+
+    _, drop_path = _pair(drop_path_rate=0.1, proj_drop_rate=0.1)
+    training = drop_path.train().fusion_report(DEVICE)[1]
+    assert "drop_path1 is active while training" in " ".join(training["attn"].why_not)
+    assert "attn.proj_drop is active" in " ".join(training["attn"].why_not)
+    assert "MLP dropout is active" in " ".join(training["mlp"].why_not)
+    assert drop_path.eval().fusion_report(DEVICE).all_fused  # inactive in eval: an inference model runs fused
+
+    reference = fastvit.ViT(**TINY, backend="torch")
+    assert "qkv_attention: backend 'torch' was asked for" in str(reference.fusion_report("cpu"))
+    auto = fastvit.ViT(**TINY, backend="auto").fusion_report("cpu")
+    assert "'auto' runs the reference on cpu tensors" in str(auto)
+    wide_heads = fastvit.ViT(**{**TINY, "num_heads": 4}).set_backend(FUSED).fusion_report("cpu")  # head dim 16
+    assert "head_dim 16 is not one the kernels cover" in str(wide_heads)
+    if not torch.cuda.is_available():
+        gpu_plan = fused.fusion_report("cuda")
+        assert gpu_plan[0]["attn"].backends["linear_residual"] == "unusable"
+
+
+def test_training_with_drop_path_equals_the_reference():
+    reference, fused = _pair(drop_path_rate=0.3)
+    reference.train(), fused.train()
+    x, weight = torch.randn(4, 3, 16, 16, device=DEVICE), torch.randn(4, 5, device=DEVICE)
+    torch.manual_seed(3)
+    ref_logits, ref_grads = _run(reference, x, weight)
+    torch.manual_seed(3)
+    logits, grads = _run(fused, x, weight)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_debug_log_names_unfused_halves_and_fullgraph_compile_still_works(caplog):
+    import logging
+
+    reference, layer_scaled = _pair(init_values=0.1)
+    x = torch.randn(2, 3, 16, 16, device=DEVICE)
+    with caplog.at_level(logging.DEBUG, logger="fastvit"):
+        eager = layer_scaled(x)
+        assert "Block: attention half unfused: ls1 is a LayerScale" in caplog.text
+        assert "Block: MLP half unfused: ls2 is a LayerScale" in caplog.text
+        caplog.clear()
+        # The logging calls sit behind torch.compiler.is_compiling(): no graph break under fullgraph.
+        compiled = torch.compile(
+            layer_scaled, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor"
+        )
+        torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(eager, reference(x), atol=1e-5, rtol=1e-4)

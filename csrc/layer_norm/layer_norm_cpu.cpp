@@ -99,17 +99,21 @@ void layer_norm_fwd_cpu_kernel(const scalar_t* x, const scalar_t* weight, const 
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* x_row = x + row * width;
       scalar_t* out_row = out + row * width;
-      // Two passes over the row (mean, then centred sum of squares): no cancellation for
-      // rows with a large mean, unlike E[x^2] - E[x]^2.
+      // Corrected two-pass statistics (Chan, Golub & LeVeque): a first mean, then the centred sums;
+      // the centred sum corrects the mean's rounding error, which grows with |mean| / std, and the
+      // variance avoids the E[x^2] - E[x]^2 cancellation.
       acc_t sum = 0;
       for (int64_t i = 0; i < width; ++i) sum += static_cast<acc_t>(x_row[i]);
-      const acc_t mean = sum / static_cast<acc_t>(width);
-      acc_t sq_sum = 0;
+      const acc_t rough_mean = sum / static_cast<acc_t>(width);
+      acc_t centred_sum = 0, sq_sum = 0;
       for (int64_t i = 0; i < width; ++i) {
-        const acc_t centred = static_cast<acc_t>(x_row[i]) - mean;
+        const acc_t centred = static_cast<acc_t>(x_row[i]) - rough_mean;
+        centred_sum += centred;
         sq_sum += centred * centred;
       }
-      const acc_t var = sq_sum / static_cast<acc_t>(width);
+      const acc_t mean = rough_mean + centred_sum / static_cast<acc_t>(width);
+      const acc_t n = static_cast<acc_t>(width);
+      const acc_t var = std::max(acc_t(0), (sq_sum - centred_sum * centred_sum / n) / n);
       const acc_t rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
       for (int64_t i = 0; i < width; ++i) {
         const acc_t normed = (static_cast<acc_t>(x_row[i]) - mean) * rstd;

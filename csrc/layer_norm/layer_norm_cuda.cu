@@ -54,18 +54,24 @@ __global__ void __launch_bounds__(kRowKernelThreads) layer_norm_fwd_kernel(const
 #pragma unroll
       for (int j = 0; j < VEC; ++j) sum += static_cast<acc_t>(v.v[j]);
     }
-    const acc_t mean = warp_all_reduce_sum(sum) * inv_width;
+    const acc_t rough_mean = warp_all_reduce_sum(sum) * inv_width;
 
-    acc_t sq_sum = 0;
+    // Corrected two-pass statistics: the centred sum corrects the first mean's rounding error
+    // (which grows with |mean| / std); the centred squares avoid E[x^2] - E[x]^2 cancellation.
+    acc_t centred_sum = 0, sq_sum = 0;
     for (int64_t p = lane; p < packs; p += kWarpSize) {
       const P v = x_row[p];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const acc_t centred = static_cast<acc_t>(v.v[j]) - mean;
+        const acc_t centred = static_cast<acc_t>(v.v[j]) - rough_mean;
+        centred_sum += centred;
         sq_sum += centred * centred;
       }
     }
-    const acc_t rstd = rsqrt(warp_all_reduce_sum(sq_sum) * inv_width + eps);
+    centred_sum = warp_all_reduce_sum(centred_sum);
+    const acc_t mean = rough_mean + centred_sum * inv_width;
+    const acc_t var = (warp_all_reduce_sum(sq_sum) - centred_sum * centred_sum * inv_width) * inv_width;
+    const acc_t rstd = rsqrt(fmax(var, acc_t(0)) + eps);
 
     P* out_row = reinterpret_cast<P*>(out + row * width);
     for (int64_t p = lane; p < packs; p += kWarpSize) {

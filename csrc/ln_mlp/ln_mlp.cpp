@@ -8,6 +8,8 @@
 #include <cmath>
 #include <string>
 
+#include "common/checks.h"
+
 namespace fastvit {
 namespace {
 
@@ -17,23 +19,6 @@ bool parse_approximate(c10::string_view approximate, const char* op) {
   TORCH_CHECK_VALUE(is_none || is_tanh, op, ": approximate must be 'none' (exact erf GELU) or 'tanh', got '",
                     std::string(approximate.data(), approximate.size()), "'");
   return is_tanh;
-}
-
-void check_floating(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
-                   " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-}
-
-void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
-                   "), got ", t.scalar_type(), " (mixed dtypes are not supported; cast the inputs)");
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": all tensors must be on one device, got x on ", x.device(), " and ",
-                    name, " on ", t.device());
-}
-
-void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* meaning, const char* op) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", expected, " (", meaning, "), got ",
-                    t.sizes());
 }
 
 // The parameter checks common to the forward and the backward.

@@ -28,20 +28,15 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "common/checks.h"
 #include "common/cublaslt.h"
+#include "common/linear.h"
 #include "layer_norm/layer_norm.h"
 #include "ln_mlp/gelu.h"
 #include "ln_mlp/ln_mlp.h"
 
 namespace fastvit {
 namespace {
-
-void check_cuda_dtype(const at::Tensor& x, const char* op) {
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
-                   " on CUDA supports float16, bfloat16 and float32, got ", dtype,
-                   " (the C++ CPU path and backend='torch' also take float64)");
-}
 
 void* data(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
@@ -51,18 +46,8 @@ bool aux_ld_ok(int64_t hidden) { return hidden % 8 == 0; }
 // fc1 GEMM + bias + GELU: writes h [M, H], and pre [M, H] when `pre` is defined.
 void fc1_bias_gelu(const LnMlpArgs& a, const at::Tensor& ln_out, const at::Tensor& pre, const at::Tensor& h) {
   const bool has_bias = a.fc1_bias.defined();
-  cublaslt::Matmul mm;  // pre[M, H] = ln[M, C] · W1[H, C]ᵀ  (m = H, n = M, k = C)
-  mm.trans_a = CUBLAS_OP_T;
-  mm.trans_b = CUBLAS_OP_N;
-  mm.m = a.hidden;
-  mm.n = a.rows;
-  mm.k = a.width;
-  mm.a = a.fc1_weight.data_ptr();
-  mm.lda = a.width;
-  mm.b = ln_out.data_ptr();
-  mm.ldb = a.width;
-  mm.ldd = a.hidden;
-  mm.dtype = a.x.scalar_type();
+  // pre[M, H] = ln[M, C] · W1[H, C]ᵀ; D is set below (h, or pre).
+  cublaslt::Matmul mm = cublaslt::linear_forward_matmul(ln_out, a.fc1_weight, h);
 
   if (a.tanh && aux_ld_ok(a.hidden)) {  // one pass: cuBLASLt's GELU epilogue is the tanh form
     cublaslt::Matmul fused = mm;
@@ -93,63 +78,6 @@ void fc1_bias_gelu(const LnMlpArgs& a, const at::Tensor& ln_out, const at::Tenso
                            (!bias_done && pre.defined()) ? pre : at::Tensor(), h, a.tanh);
 }
 
-// fc2 GEMM + bias + residual: out[M, C] = h[M, H] · W2[C, H]ᵀ + b2 (+ x)  (m = C, n = M, k = H).
-void fc2_bias_residual(const LnMlpArgs& a, const at::Tensor& h, bool residual, const at::Tensor& out) {
-  cublaslt::Matmul mm;
-  mm.trans_a = CUBLAS_OP_T;
-  mm.trans_b = CUBLAS_OP_N;
-  mm.m = a.width;
-  mm.n = a.rows;
-  mm.k = a.hidden;
-  mm.a = a.fc2_weight.data_ptr();
-  mm.lda = a.hidden;
-  mm.b = h.data_ptr();
-  mm.ldb = a.hidden;
-  mm.c = residual ? a.x.data_ptr() : nullptr;  // x is [M, C] contiguous: the same layout as out
-  mm.d = out.data_ptr();
-  mm.ldd = a.width;
-  mm.dtype = a.x.scalar_type();
-  if (a.fc2_bias.defined()) {
-    cublaslt::Matmul with_bias = mm;
-    with_bias.epilogue = CUBLASLT_EPILOGUE_BIAS;
-    with_bias.bias = a.fc2_bias.data_ptr();
-    if (cublaslt::matmul(with_bias) == CUBLAS_STATUS_SUCCESS) return;
-    cublaslt::matmul_or_throw(mm, "fc2");
-    out.add_(a.fc2_bias);  // rare fallback: one extra pass
-    return;
-  }
-  cublaslt::matmul_or_throw(mm, "fc2");
-}
-
-// Weight gradient dW[N, K] = dYᵀ[N, M] · X[M, K] with, when possible, the bias gradient Σ_tokens dY
-// from the BGRADB epilogue (m = K, n = N, k = M). `bias_grad` undefined: no bias gradient wanted.
-void weight_grad(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& grad_weight, at::Tensor bias_grad,
-                 bool deterministic, const char* what) {
-  const int64_t rows = x.size(0), in_features = x.size(1), out_features = dy.size(1);
-  cublaslt::Matmul mm;
-  mm.trans_a = CUBLAS_OP_N;
-  mm.trans_b = CUBLAS_OP_T;
-  mm.m = in_features;
-  mm.n = out_features;
-  mm.k = rows;
-  mm.a = x.data_ptr();
-  mm.lda = in_features;
-  mm.b = dy.data_ptr();
-  mm.ldb = out_features;
-  mm.d = grad_weight.data_ptr();
-  mm.ldd = in_features;
-  mm.dtype = x.scalar_type();
-  mm.deterministic = deterministic;
-  if (bias_grad.defined() && !deterministic) {
-    cublaslt::Matmul with_bgrad = mm;
-    with_bgrad.epilogue = CUBLASLT_EPILOGUE_BGRADB;
-    with_bgrad.bias = bias_grad.data_ptr();
-    if (cublaslt::matmul(with_bgrad) == CUBLAS_STATUS_SUCCESS) return;
-  }
-  cublaslt::matmul_or_throw(mm, what);
-  if (bias_grad.defined()) at::sum_out(bias_grad, dy, at::IntArrayRef{0});  // deterministic reduction
-}
-
 }  // namespace
 
 LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
@@ -160,7 +88,7 @@ LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_wei
   const c10::cuda::CUDAGuard device_guard(x.device());
   const LnMlpArgs a =
       prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate);
-  check_cuda_dtype(a.x, "ln_mlp_fwd");
+  check_cuda_gemm_dtype(a.x, "ln_mlp_fwd");
   const auto options = a.x.options();
   const at::Tensor mean = at::empty({a.rows}, options.dtype(a.stats_dtype));
   const at::Tensor rstd = at::empty_like(mean);
@@ -173,7 +101,7 @@ LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_wei
   layer_norm_forward_out_cuda(a.x, a.ln_weight, a.ln_bias, eps, ln_out, mean, rstd);
   const at::Tensor h = at::empty({a.rows, a.hidden}, options);
   fc1_bias_gelu(a, ln_out, pre, h);
-  fc2_bias_residual(a, h, residual, out);
+  cublaslt::linear_forward(h, a.fc2_weight, a.fc2_bias, residual ? a.x : at::Tensor(), out, "fc2");
   return {out.view(a.x_shape), mean.view(a.stats_shape), rstd.view(a.stats_shape), saved_pre};
 }
 
@@ -186,7 +114,7 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
   const c10::cuda::CUDAGuard device_guard(x.device());
   const LnMlpArgs a = prepare_ln_mlp_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act,
                                               fc2_weight, approximate);
-  check_cuda_dtype(a.x, "ln_mlp_bwd");
+  check_cuda_gemm_dtype(a.x, "ln_mlp_bwd");
   const auto options = a.x.options();
   const at::Tensor grad_x = at::empty({a.rows, a.width}, options);
   const at::Tensor grad_ln_weight = at::empty_like(a.ln_weight);
@@ -208,20 +136,7 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
   const at::Tensor hidden = at::empty({a.rows, a.hidden}, options);
 
   // 1. dh = dy · W2  ([M, H]; m = H, n = M, k = C), then dpre = dh · GELU'(pre) and h = GELU(pre).
-  cublaslt::Matmul dgrad2;
-  dgrad2.trans_a = CUBLAS_OP_N;
-  dgrad2.trans_b = CUBLAS_OP_N;
-  dgrad2.m = a.hidden;
-  dgrad2.n = a.rows;
-  dgrad2.k = a.width;
-  dgrad2.a = a.fc2_weight.data_ptr();
-  dgrad2.lda = a.hidden;
-  dgrad2.b = dy.data_ptr();
-  dgrad2.ldb = a.width;
-  dgrad2.d = grad_pre.data_ptr();
-  dgrad2.ldd = a.hidden;
-  dgrad2.dtype = a.x.scalar_type();
-  dgrad2.deterministic = deterministic;
+  const cublaslt::Matmul dgrad2 = cublaslt::linear_input_grad_matmul(dy, a.fc2_weight, grad_pre, deterministic);
   bool fc1_bias_done = false;
   if (a.tanh && aux_ld_ok(a.hidden) && !deterministic) {
     cublaslt::Matmul fused = dgrad2;
@@ -240,25 +155,11 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
   }
 
   // 2. dW2 = dyᵀ · h and db2 = Σ_tokens dy.
-  weight_grad(hidden, dy, grad_fc2_weight, grad_fc2_bias, deterministic, "fc2 weight-gradient");
+  cublaslt::linear_weight_grad(hidden, dy, grad_fc2_weight, grad_fc2_bias, deterministic, "fc2 weight-gradient");
 
   // 3. dln = dpre · W1  ([M, C]; m = C, n = M, k = H).
   const at::Tensor grad_ln_out = at::empty({a.rows, a.width}, options);
-  cublaslt::Matmul dgrad1;
-  dgrad1.trans_a = CUBLAS_OP_N;
-  dgrad1.trans_b = CUBLAS_OP_N;
-  dgrad1.m = a.width;
-  dgrad1.n = a.rows;
-  dgrad1.k = a.hidden;
-  dgrad1.a = a.fc1_weight.data_ptr();
-  dgrad1.lda = a.width;
-  dgrad1.b = grad_pre.data_ptr();
-  dgrad1.ldb = a.hidden;
-  dgrad1.d = grad_ln_out.data_ptr();
-  dgrad1.ldd = a.width;
-  dgrad1.dtype = a.x.scalar_type();
-  dgrad1.deterministic = deterministic;
-  cublaslt::matmul_or_throw(dgrad1, "fc1 input-gradient");
+  cublaslt::linear_input_grad(grad_pre, a.fc1_weight, grad_ln_out, deterministic, "fc1 input-gradient");
 
   // 4. LayerNorm backward (+ the residual's dy), writing LN(x) recomputed for step 5.
   LayerNormBackwardExtras extras;
@@ -269,8 +170,8 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
                                extras);
 
   // 5. dW1 = dpreᵀ · LN(x), and db1 = Σ_tokens dpre unless step 1 already produced it.
-  weight_grad(extras.normed_out, grad_pre, grad_fc1_weight, fc1_bias_done ? at::Tensor() : grad_fc1_bias, deterministic,
-              "fc1 weight-gradient");
+  cublaslt::linear_weight_grad(extras.normed_out, grad_pre, grad_fc1_weight,
+                               fc1_bias_done ? at::Tensor() : grad_fc1_bias, deterministic, "fc1 weight-gradient");
   return {grad_x.view(a.x_shape), grad_ln_weight,  grad_ln_bias, grad_fc1_weight,
           grad_fc1_bias,          grad_fc2_weight, grad_fc2_bias};
 }

@@ -42,6 +42,17 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> None:
         raise TypeError(f"all tensors must have one dtype, got {listing}")
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """True inside a ``torch.autocast`` region for ``device``'s type (never for devices autocast does not know)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def check_same_dtype_outside_autocast(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    """Outside autocast every tensor of an op must share one dtype (inside it, the op casts as autocast would)."""
+    if not autocast_enabled(device):
+        check_same_dtype(**tensors)
+
+
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

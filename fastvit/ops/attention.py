@@ -62,6 +62,11 @@ def qkv_attention(
     """
     check_tensor("qkv", qkv, ndim=3)
     check_positive_int("num_heads", num_heads)
+    if qkv.shape[-1] == 0:
+        raise ValueError(
+            f"qkv's last dimension must be 3 * num_heads * head_dim with head_dim >= 1, got qkv of shape "
+            f"{tuple(qkv.shape)}"
+        )
     if qkv.shape[-1] % (3 * num_heads) != 0:
         raise ValueError(
             f"qkv's last dimension must be 3 * num_heads * head_dim; got {qkv.shape[-1]}, "
@@ -103,6 +108,8 @@ def attention(
             f"q, k and v must share batch and head dimensions [B, H, ...]; got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    if q.shape[-1] == 0:
+        raise ValueError(f"q's head dim must be >= 1, got q of shape {tuple(q.shape)}")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k's head dim must equal q's ({q.shape[-1]}), got k {tuple(k.shape)}")
     if v.shape[-2] != k.shape[-2]:

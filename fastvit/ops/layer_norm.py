@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 
 from fastvit import dispatch, reference
-from fastvit.ops._validate import check_same_device, check_same_dtype, check_shape, check_tensor
+from fastvit.ops._validate import (
+    check_same_device,
+    check_same_dtype,
+    check_same_dtype_outside_autocast,
+    check_shape,
+    check_tensor,
+)
 
 
 def layer_norm(
@@ -20,13 +26,16 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm of ``x`` [..., C] with affine ``weight``, ``bias`` [C]; biased variance, fp32 statistics."""
     check_tensor("x", x, min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"x's last dimension (the normalised width) must be >= 1, got x of shape {tuple(x.shape)}")
     check_tensor("weight", weight, ndim=1)
     check_tensor("bias", bias, ndim=1)
     check_shape("weight", weight, (x.shape[-1],), "the last dimension of x")
     check_shape("bias", bias, (x.shape[-1],), "the last dimension of x")
     check_same_device(x=x, weight=weight, bias=bias)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_same_dtype_outside_autocast(x.device, x=x, weight=weight, bias=bias)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):  # NaN fails too
+        raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
     return dispatch.implementation("layer_norm", backend, x.device)(x, weight, bias, float(eps))
 
 

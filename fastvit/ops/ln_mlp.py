@@ -24,7 +24,13 @@ from __future__ import annotations
 import torch
 
 from fastvit import dispatch, reference
-from fastvit.ops._validate import check_same_device, check_same_dtype, check_shape, check_tensor
+from fastvit.ops._validate import (
+    check_same_device,
+    check_same_dtype,
+    check_same_dtype_outside_autocast,
+    check_shape,
+    check_tensor,
+)
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 
@@ -59,12 +65,18 @@ def ln_mlp(
     """
     check_tensor("x", x, min_ndim=1)
     width = x.shape[-1]
+    if width == 0:
+        raise ValueError(f"x's last dimension (the width C) must be >= 1, got x of shape {tuple(x.shape)}")
     check_tensor("ln_weight", ln_weight, ndim=1)
     check_tensor("ln_bias", ln_bias, ndim=1)
     check_shape("ln_weight", ln_weight, (width,), "the last dimension of x")
     check_shape("ln_bias", ln_bias, (width,), "the last dimension of x")
     check_tensor("fc1_weight", fc1_weight, ndim=2)
     hidden = fc1_weight.shape[0]
+    if hidden == 0:
+        raise ValueError(
+            f"fc1_weight must have at least one output feature (hidden >= 1), got {tuple(fc1_weight.shape)}"
+        )
     check_shape("fc1_weight", fc1_weight, (hidden, width), "[hidden, C]")
     check_tensor("fc2_weight", fc2_weight, ndim=2)
     check_shape("fc2_weight", fc2_weight, (width, hidden), "[C, hidden] with hidden = fc1_weight.shape[0]")
@@ -80,7 +92,7 @@ def ln_mlp(
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
-    check_same_device(
+    tensors = dict(
         x=x,
         ln_weight=ln_weight,
         ln_bias=ln_bias,
@@ -89,8 +101,25 @@ def ln_mlp(
         fc2_weight=fc2_weight,
         fc2_bias=fc2_bias,
     )
+    check_same_device(**tensors)
+    check_same_dtype_outside_autocast(x.device, **tensors)
+    backend = _backend_for_kernel_limits(backend, x)
     impl = dispatch.implementation("ln_mlp", backend, x.device)
     return impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), approximate, residual)
+
+
+CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the C++ CPU path also takes float64
+
+
+def _backend_for_kernel_limits(backend: str | None, x: torch.Tensor) -> str | None:
+    """``auto`` takes the reference for inputs the CUDA kernels do not cover (float64 CUDA tensors); explicit
+    backends are kept (and raise a clear error in their implementation)."""
+    resolved = dispatch.get_default_backend() if backend is None else backend
+    if not isinstance(resolved, str) or resolved.strip().lower() != "auto":
+        return backend
+    if x.device.type == "cuda" and x.dtype not in CUDA_KERNEL_DTYPES:  # autocast leaves float64 as it is
+        return "torch"
+    return backend
 
 
 @dispatch.register("ln_mlp", "torch")

@@ -38,7 +38,13 @@ from collections.abc import Sequence
 import torch
 
 from fastvit import dispatch, reference
-from fastvit.ops._validate import check_same_device, check_same_dtype, check_shape, check_tensor
+from fastvit.ops._validate import (
+    check_same_device,
+    check_same_dtype,
+    check_same_dtype_outside_autocast,
+    check_shape,
+    check_tensor,
+)
 
 normalize_uint8 = reference.normalize_uint8  # the uint8 path's spec, re-exported
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -71,6 +77,7 @@ def patch_embed(
     """
     check_tensor("x", x, ndim=4)
     _check_patch_args("x", x, weight, bias, pos_embed, cls_token)
+    check_same_dtype_outside_autocast(x.device, x=x, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
     backend = _backend_for_kernel_limits(backend, x.device, x, weight, bias, pos_embed, cls_token)
     return dispatch.implementation("patch_embed", backend, x.device)(x, weight, bias, pos_embed, cls_token)
 
@@ -123,6 +130,7 @@ def patch_embed_uint8(
         raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
     x = images.permute(0, 3, 1, 2) if channels_last else images  # [B, C, H, W] view, no copy
     _check_patch_args("images", x, weight, bias, pos_embed, cls_token)
+    check_same_dtype_outside_autocast(x.device, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
     in_chans = weight.shape[1]
     mean = _check_channel_values("mean", mean, in_chans, positive=False)
     std = _check_channel_values("std", std, in_chans, positive=True)
@@ -137,11 +145,20 @@ def _check_patch_args(x_name, x, weight, bias, pos_embed, cls_token) -> None:
     """Shapes and devices shared by both entry points; ``x`` is (a view of) the [B, Cin, H, W] batch."""
     check_tensor("weight", weight, ndim=4)
     embed_dim, in_chans, patch_h, patch_w = weight.shape
+    if min(weight.shape) == 0:
+        raise ValueError(
+            f"weight must have shape [D, Cin, PH, PW] with every size >= 1 (embed dim, input channels, patch size), "
+            f"got {tuple(weight.shape)}"
+        )
     if x.shape[1] != in_chans:
         raise ValueError(
             f"{x_name} must have {in_chans} channels (weight is {tuple(weight.shape)}), got shape {tuple(x.shape)}"
         )
     height, width = x.shape[-2:]
+    if height == 0 or width == 0:
+        raise ValueError(
+            f"image size {height}x{width} holds no patch; {x_name} must be at least one {patch_h}x{patch_w} patch"
+        )
     if height % patch_h != 0 or width % patch_w != 0:
         raise ValueError(
             f"image size {height}x{width} is not divisible by the patch size {patch_h}x{patch_w}; "

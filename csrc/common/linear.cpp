@@ -1,0 +1,109 @@
+// nn.Linear's GEMMs as cuBLASLt calls (see linear.h; transposition convention in cublaslt.h).
+#include "common/linear.h"
+
+#ifdef FASTVIT_WITH_CUDA
+
+#include <c10/util/Exception.h>
+
+namespace fastvit {
+namespace cublaslt {
+
+Matmul linear_forward_matmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out) {
+  // out[M, N] = x[M, K] · W[N, K]ᵀ  ->  outᵀ = W · xᵀ:  m = N, n = M, k = K.
+  Matmul mm;
+  mm.trans_a = CUBLAS_OP_T;
+  mm.trans_b = CUBLAS_OP_N;
+  mm.m = weight.size(0);
+  mm.n = x.size(0);
+  mm.k = x.size(1);
+  mm.a = weight.data_ptr();
+  mm.lda = mm.k;
+  mm.b = x.data_ptr();
+  mm.ldb = mm.k;
+  mm.d = out.data_ptr();
+  mm.ldd = mm.m;
+  mm.dtype = x.scalar_type();
+  return mm;
+}
+
+Matmul linear_input_grad_matmul(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& grad_x,
+                                bool deterministic) {
+  // dx[M, K] = dy[M, N] · W[N, K]  ->  dxᵀ = Wᵀ · dyᵀ:  m = K, n = M, k = N.
+  Matmul mm;
+  mm.trans_a = CUBLAS_OP_N;
+  mm.trans_b = CUBLAS_OP_N;
+  mm.m = weight.size(1);
+  mm.n = dy.size(0);
+  mm.k = weight.size(0);
+  mm.a = weight.data_ptr();
+  mm.lda = mm.m;
+  mm.b = dy.data_ptr();
+  mm.ldb = mm.k;
+  mm.d = grad_x.data_ptr();
+  mm.ldd = mm.m;
+  mm.dtype = dy.scalar_type();
+  mm.deterministic = deterministic;
+  return mm;
+}
+
+Matmul linear_weight_grad_matmul(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& grad_weight,
+                                 bool deterministic) {
+  // dW[N, K] = dy[M, N]ᵀ · x[M, K]  ->  dWᵀ = xᵀ · dy:  m = K, n = N, k = M.
+  Matmul mm;
+  mm.trans_a = CUBLAS_OP_N;
+  mm.trans_b = CUBLAS_OP_T;
+  mm.m = x.size(1);
+  mm.n = dy.size(1);
+  mm.k = x.size(0);
+  mm.a = x.data_ptr();
+  mm.lda = mm.m;
+  mm.b = dy.data_ptr();
+  mm.ldb = mm.n;
+  mm.d = grad_weight.data_ptr();
+  mm.ldd = mm.m;
+  mm.dtype = x.scalar_type();
+  mm.deterministic = deterministic;
+  return mm;
+}
+
+void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& residual,
+                    const at::Tensor& out, const char* what) {
+  Matmul mm = linear_forward_matmul(x, weight, out);
+  mm.c = residual.defined() ? residual.data_ptr() : nullptr;  // [M, N] contiguous: the layout of out
+  if (bias.defined()) {
+    Matmul with_bias = mm;
+    with_bias.epilogue = CUBLASLT_EPILOGUE_BIAS;
+    with_bias.bias = bias.data_ptr();
+    if (matmul(with_bias) == CUBLAS_STATUS_SUCCESS) return;
+    matmul_or_throw(mm, what);
+    out.add_(bias);  // rare fallback: one extra pass
+    return;
+  }
+  matmul_or_throw(mm, what);
+}
+
+void linear_input_grad(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& grad_x, bool deterministic,
+                       const char* what) {
+  matmul_or_throw(linear_input_grad_matmul(dy, weight, grad_x, deterministic), what);
+}
+
+void linear_weight_grad(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& grad_weight,
+                        const at::Tensor& grad_bias, bool deterministic, const char* what) {
+  const Matmul mm = linear_weight_grad_matmul(x, dy, grad_weight, deterministic);
+  if (grad_bias.defined() && !deterministic) {
+    Matmul with_bgrad = mm;
+    with_bgrad.epilogue = CUBLASLT_EPILOGUE_BGRADB;  // sums op(B) = dy over the tokens: length n = N
+    with_bgrad.bias = grad_bias.data_ptr();
+    if (matmul(with_bgrad) == CUBLAS_STATUS_SUCCESS) return;
+  }
+  matmul_or_throw(mm, what);
+  if (grad_bias.defined()) {
+    at::Tensor bias_out = grad_bias;  // deterministic reduction (fixed order)
+    at::sum_out(bias_out, dy, at::IntArrayRef{0});
+  }
+}
+
+}  // namespace cublaslt
+}  // namespace fastvit
+
+#endif  // FASTVIT_WITH_CUDA

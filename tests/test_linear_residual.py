@@ -1,0 +1,445 @@
+"""The extension's Linear-with-residual op (``ops.linear_residual``) and the layers that use it.
+
+CPU tests run the extension's C++ implementation (``backend='cuda'`` on CPU tensors) through the same
+torch.library registration (schemas, fake impls, autograd) as the CUDA kernels: forward and every
+gradient against the fp64 reference with the flash-attention rule (error <= 2x PyTorch's own error in
+the same dtype), fp64 agreement, gradcheck, opcheck, torch.compile, bad inputs. GPU tests at the end
+run the CUDA path (one cuBLASLt GEMM with the BIAS epilogue and C = residual; BGRADB backward).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+import fastvit
+from conftest import assert_within_torch_error, dtype_tols, needs_cuda
+from fastvit import dispatch, ops, reference
+from fastvit.layers import Attention, ResidualLinear
+
+EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
+pytestmark = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
+NAMES = ("x", "weight", "bias", "residual")
+
+
+def make_inputs(lead, in_features, out_features, dtype=torch.float32, device="cpu", bias=True, seed=0):
+    """x [*lead, K], weight [N, K], bias [N] (or None), residual [*lead, N]: drawn in fp64, then cast."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    tensors = [
+        randn(*lead, in_features),
+        randn(out_features, in_features) * in_features**-0.5,
+        0.2 * randn(out_features) if bias else None,
+        randn(*lead, out_features) * 2 + 0.5,
+    ]
+    return [None if t is None else t.to(device=device, dtype=dtype) for t in tensors]
+
+
+def run_with_grads(fn, inputs, grad_out):
+    """fn(*inputs) and the gradient of <out, grad_out> w.r.t. every non-None input."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, present, grad_out.to(out.dtype))
+    it = iter(grads)
+    return out.detach(), [None if t is None else next(it) for t in leaves]
+
+
+def fused(backend="cuda"):
+    return lambda *a: ops.linear_residual(*a, backend=backend)
+
+
+def check_against_reference(inputs, grad_seed=1, floor_rel=1e-6, label=""):
+    """Ours (backend='cuda') vs the fp64 reference, bounded by 2x the reference's own error in the same dtype."""
+    dtype, out_shape = inputs[0].dtype, inputs[3].shape
+    grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    grad_out = grad_out.to(inputs[0].device)
+    ours = run_with_grads(fused(), inputs, grad_out)
+    same = run_with_grads(reference.linear_residual, inputs, grad_out)
+    exact = run_with_grads(reference.linear_residual, [None if t is None else t.double() for t in inputs], grad_out)
+    pairs = [("out", ours[0], same[0], exact[0])]
+    pairs += [(f"d{name}", o, s, e) for name, o, s, e in zip(NAMES, ours[1], same[1], exact[1]) if o is not None]
+    for name, got, torch_same, want in pairs:
+        assert got.dtype == dtype and got.shape == want.shape, (name, got.dtype, got.shape)
+        floor = floor_rel * max(want.abs().max().item(), 1.0) if want.numel() else 0.0
+        assert_within_torch_error(f"linear_residual {label} {name} {dtype}", got, torch_same, want, floor=floor)
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy on the C++ CPU path
+
+# (leading shape, K, N): token counts 1, 7, 197; square (a ViT's proj) and odd widths.
+SHAPES = [((1, 1), 7, 13), ((2, 7), 24, 24), ((1, 197), 192, 192), ((3, 7), 24, 37), ((7,), 100, 28)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead, in_features, out_features", SHAPES)
+def test_cpu_fp32_forward_and_every_grad_within_torch_error(lead, in_features, out_features, bias):
+    inputs = make_inputs(lead, in_features, out_features, torch.float32, bias=bias)
+    check_against_reference(inputs, label=f"{lead}x{in_features}->{out_features}")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_fp64_matches_the_reference(bias):
+    inputs = make_inputs((3, 7), 24, 40, torch.float64, bias=bias)
+    grad_out = torch.randn(3, 7, 40, dtype=torch.float64)
+    ours = run_with_grads(fused(), inputs, grad_out)
+    want = run_with_grads(reference.linear_residual, inputs, grad_out)
+    torch.testing.assert_close(ours[0], want[0], **dtype_tols(torch.float64))
+    for name, got, expected in zip(NAMES, ours[1], want[1]):
+        assert (got is None) == (expected is None), name
+        if got is not None:
+            torch.testing.assert_close(got, expected, **dtype_tols(torch.float64), msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half_precision_within_torch_error(dtype):
+    check_against_reference(make_inputs((2, 7), 24, 40, dtype), floor_rel=1e-3, label="half")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_fp64(bias):
+    inputs = [
+        None if t is None else t.requires_grad_(True) for t in make_inputs((2, 3), 5, 6, torch.float64, bias=bias)
+    ]
+    assert torch.autograd.gradcheck(fused(), inputs)
+
+
+def test_non_contiguous_x_residual_and_weight():
+    x, weight, bias, residual = make_inputs((4, 6), 48, 40)
+    x_view = x.transpose(0, 1)[:, ::2, 5:29]  # [6, 2, 24], strided
+    residual_view = residual.transpose(0, 1)[:, ::2]  # [6, 2, 40], strided
+    weight_view = weight[:, 5:29]  # [40, 24], non-contiguous rows
+    weight_t = weight[:, 5:29].t().contiguous().t()  # [40, 24], transposed storage
+    for w in (weight_view, weight_t):
+        args = (x_view, w, bias, residual_view)
+        out = ops.linear_residual(*args, backend="cuda")
+        torch.testing.assert_close(out, reference.linear_residual(*args), **dtype_tols(torch.float32))
+        assert out.is_contiguous() and out.shape == residual_view.shape
+    check_against_reference([x_view, weight_view, bias, residual_view], label="views")
+
+
+def test_residual_gradient_is_grad_out_itself():
+    x, weight, bias, residual = [t.requires_grad_(True) for t in make_inputs((2, 5), 16, 16)]
+    out = ops.linear_residual(x, weight, bias, residual, backend="cuda")
+    grad_out = torch.randn_like(out)
+    (grad_residual,) = torch.autograd.grad(out, residual, grad_out)
+    assert grad_residual.data_ptr() == grad_out.data_ptr()  # passed through: no copy, no kernel
+
+
+def test_only_the_needed_gradients_are_computed(monkeypatch):
+    x, weight, bias, residual = make_inputs((2, 5), 16, 24)
+    calls = []
+    original = torch.ops.fastvit.linear_residual_bwd
+
+    def spy(*args):
+        calls.append(args[3:6])
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.fastvit, "linear_residual_bwd", spy)
+    x.requires_grad_(True)  # frozen layer: weight and bias need no gradient (linear probe, LoRA)
+    out = ops.linear_residual(x, weight, bias, residual, backend="cuda")
+    (grad_x,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad_x, weight.sum(0).expand(2, 5, 16), **dtype_tols(torch.float32))
+    assert calls == [(True, False, False)]
+
+
+def test_empty_batch():
+    inputs = make_inputs((0, 5), 24, 40)
+    out, grads = run_with_grads(fused(), inputs, torch.zeros(0, 5, 40))
+    assert out.shape == (0, 5, 40)
+    assert grads[0].shape == (0, 5, 24) and grads[1].abs().sum() == 0 and grads[2].abs().sum() == 0
+
+
+def test_backward_is_deterministic_on_cpu():
+    inputs = make_inputs((4, 50), 24, 40)
+    grad_out = torch.randn(4, 50, 40)
+    runs = []
+    fastvit.set_deterministic(True)
+    try:
+        runs = [run_with_grads(fused(), inputs, grad_out)[1] for _ in range(2)]
+    finally:
+        fastvit.set_deterministic(False)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_autocast_fp32_residual_is_added_outside_in_fp32():
+    inputs = make_inputs((2, 7), 32, 32, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.linear_residual(*inputs, backend="cuda")
+        expected = ops.linear_residual(*inputs, backend="torch")  # eager autocast: the same dtype rules
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, **dtype_tols(torch.bfloat16))
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ops.linear_residual(*leaves, backend="cuda").sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+
+
+def test_autocast_residual_in_the_autocast_dtype_stays_in_the_op(monkeypatch):
+    x, weight, bias, residual = make_inputs((2, 7), 32, 32, torch.float32)
+    residual = residual.bfloat16()
+    seen = []
+    original = torch.ops.fastvit.linear_residual_fwd
+    monkeypatch.setattr(torch.ops.fastvit, "linear_residual_fwd", lambda *a: seen.append(a[3]) or original(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.linear_residual(x, weight, bias, residual, backend="cuda")
+        expected = ops.linear_residual(x, weight, bias, residual, backend="torch")
+    assert out.dtype == expected.dtype == torch.bfloat16 and seen[0] is residual
+    torch.testing.assert_close(out, expected, **dtype_tols(torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration: opcheck and torch.compile
+
+
+@pytest.mark.parametrize("bias, residual, grad", [(True, True, True), (False, True, True), (True, False, False)])
+def test_linear_residual_fwd_passes_opcheck(bias, residual, grad):
+    x, w, b, r = make_inputs((3, 5), 24, 40, bias=bias)
+    args = [x, w, b, r if residual else None]
+    args = [None if t is None else t.requires_grad_(grad) for t in args]
+    torch.library.opcheck(torch.ops.fastvit.linear_residual_fwd.default, tuple(args))
+
+
+@pytest.mark.parametrize(
+    "flags", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
+)
+def test_linear_residual_bwd_passes_opcheck(flags):
+    x, w, _b, _r = make_inputs((3, 5), 24, 40)
+    grad_out = torch.randn(3, 5, 40)
+    for det in (False, True):
+        torch.library.opcheck(torch.ops.fastvit.linear_residual_bwd.default, (grad_out, x, w, *flags, det))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiles_fullgraph_with_backward(bias):
+    inputs = [None if t is None else t.requires_grad_(True) for t in make_inputs((3, 5), 24, 40, bias=bias)]
+    compiled = torch.compile(fused(), fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    expected = reference.linear_residual(*inputs)
+    torch.testing.assert_close(out, expected, **dtype_tols(torch.float32))
+    present = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(out.square().sum(), present)
+    expected_grads = torch.autograd.grad(expected.square().sum(), present)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, **dtype_tols(torch.float32))
+
+
+def test_cuda_backend_on_cpu_is_the_cpp_op():
+    assert dispatch.resolve("linear_residual", "cuda", torch.device("cpu")) == "cuda"
+    assert dispatch.resolve("linear_residual", "auto", torch.device("cpu")) == "torch"
+    assert "linear_residual" in fastvit.backends()["cuda"].ops
+
+
+def test_cuda_kernel_of_the_op_reports_a_clear_error_for_cpu_tensors():
+    args = make_inputs((2, 3), 8, 16)
+    cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises((RuntimeError, ValueError), match="built without CUDA kernels|must be a CUDA tensor"):
+        torch.ops.fastvit.linear_residual_fwd.default.redispatch(cuda_keys, *args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Debug log: 'auto' taking the reference on CUDA tensors says why
+
+
+def test_auto_reference_for_uncovered_cuda_input_is_logged(caplog):
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.DEBUG, logger="fastvit"):
+        assert dispatch.reference_for_uncovered_input("linear_residual", "auto", cuda, "x is torch.float64") == "torch"
+    assert "linear_residual: 'auto' runs the reference for this input: x is torch.float64" in caplog.text
+    # Covered inputs and explicit backends are left alone (an explicit backend raises its own error).
+    assert dispatch.reference_for_uncovered_input("linear_residual", "auto", cuda, None) == "auto"
+    assert dispatch.reference_for_uncovered_input("linear_residual", "cuda", cuda, "x is torch.float64") == "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_auto_on_cuda_tensors_without_a_gpu_logs_why(caplog):
+    with caplog.at_level(logging.DEBUG, logger="fastvit"):
+        assert dispatch.resolve("linear_residual", "auto", torch.device("cuda")) == "torch"
+    assert "linear_residual: 'auto' runs the reference on CUDA tensors (cuda: no CUDA device is available)" in (
+        caplog.text
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: clear errors before any kernel runs
+
+
+def _replace(args, index, value):
+    args = list(args)
+    args[index] = value
+    return args
+
+
+BAD_CASES = [
+    (lambda a: _replace(a, 1, a[1][:, :-1]), ValueError, "weight must have shape"),
+    (lambda a: _replace(a, 1, a[1][0]), ValueError, "weight must .*2"),
+    (lambda a: _replace(a, 2, a[2][:-1]), ValueError, "bias must have shape"),
+    (lambda a: _replace(a, 3, a[3][:, :-1]), ValueError, "residual must have shape"),
+    (lambda a: _replace(a, 3, a[3][..., :-1]), ValueError, "residual must have shape"),
+    (lambda a: _replace(a, 0, a[0][..., :0]), ValueError, "must be (>|>=) (0|1)"),
+    (lambda a: _replace(a, 1, a[1][:0]), ValueError, "at least one output feature"),
+]
+
+
+@pytest.mark.parametrize("make, error, match", BAD_CASES)
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+def test_public_op_rejects_bad_arguments(make, error, match, backend):
+    with pytest.raises(error, match=match):
+        ops.linear_residual(*make(make_inputs((2, 3), 8, 16)), backend=backend)
+
+
+@pytest.mark.parametrize("make, error, match", BAD_CASES)
+def test_extension_op_rejects_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.fastvit.linear_residual_fwd(*make(make_inputs((2, 3), 8, 16)))
+
+
+@pytest.mark.parametrize(
+    "index, value, match",
+    [
+        (1, lambda t: t.double(), "weight must have the dtype of x"),
+        (2, lambda t: t.half(), "bias must have the dtype of x"),
+        (3, lambda t: t.bfloat16(), "residual must have the dtype of x"),
+        (0, lambda t: t.int(), "x must be float16, bfloat16, float32 or float64"),
+    ],
+)
+def test_extension_op_rejects_bad_dtypes(index, value, match):
+    args = make_inputs((2, 3), 8, 16)
+    args[index] = value(args[index])
+    with pytest.raises(TypeError, match=match):
+        torch.ops.fastvit.linear_residual_fwd(*args)
+
+
+def test_public_op_rejects_mixed_and_unsupported_dtypes_and_non_tensors():
+    x, weight, bias, residual = make_inputs((2, 3), 8, 16)
+    with pytest.raises(TypeError, match="one dtype"):
+        ops.linear_residual(x, weight, bias, residual.double(), backend="cuda")
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.linear_residual(x.int(), weight, bias, residual, backend="cuda")
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        ops.linear_residual(x, weight, bias, None, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.linear_residual(x, weight, bias, residual, backend="cublas")
+    with pytest.raises(ValueError, match="'triton' backend does not implement this op"):
+        ops.linear_residual(x, weight, bias, residual, backend="triton")
+
+
+def test_bwd_rejects_bad_arguments():
+    x, w, _b, _r = make_inputs((2, 3), 8, 16)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        torch.ops.fastvit.linear_residual_bwd(torch.randn(2, 3, 8), x, w, True, True, True, False)
+    with pytest.raises(TypeError, match="grad_out must have the dtype of x"):
+        torch.ops.fastvit.linear_residual_bwd(torch.randn(2, 3, 16).double(), x, w, True, True, True, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The layers: ResidualLinear and Attention(x, residual)
+
+
+def test_residual_linear_is_an_nn_linear_with_the_same_keys():
+    layer = ResidualLinear(16, 24)
+    assert isinstance(layer, torch.nn.Linear) and sorted(layer.state_dict()) == ["bias", "weight"]
+    x, residual = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x), plain)
+    layer.backend = "cuda"
+    torch.testing.assert_close(layer(x, residual), residual + plain, **dtype_tols(torch.float32))
+
+
+@pytest.mark.parametrize("proj_drop, training", [(0.0, True), (0.3, False), (0.3, True)])
+def test_attention_with_residual_equals_residual_plus_attention(proj_drop, training):
+    attn = Attention(64, num_heads=2, qkv_bias=True, proj_drop=proj_drop).train(training)
+    attn.proj.backend = "cuda"
+    x, residual = torch.randn(2, 7, 64), torch.randn(2, 7, 64)
+    torch.manual_seed(1)
+    got = attn(x, residual=residual)
+    torch.manual_seed(1)
+    expected = residual + attn(x)
+    torch.testing.assert_close(got, expected, **dtype_tols(torch.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the CUDA path (cuBLASLt BIAS epilogue with C = residual, BGRADB backward)
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", [192, 384, 768, 1024, 1280])
+def test_gpu_forward_and_grads(width, dtype, bias, no_tf32):
+    inputs = make_inputs((4, 197), width, width, dtype, device="cuda", bias=bias)
+    check_against_reference(inputs, floor_rel=1e-6 if dtype == torch.float32 else 0.0, label=f"cuda {width}")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_odd_shapes_and_views(dtype, no_tf32):
+    # K, N not multiples of 8 (no 16-byte alignment), 1 and 7 tokens, strided x and residual.
+    for lead, k, n in [((1, 1), 7, 13), ((7,), 100, 300), ((3, 7), 24, 37)]:
+        check_against_reference(make_inputs(lead, k, n, dtype, device="cuda"), floor_rel=1e-6, label="odd")
+    x, w, b, r = make_inputs((4, 6), 96, 64, dtype, device="cuda")
+    check_against_reference([x.transpose(0, 1)[:, ::2], w, b, r.transpose(0, 1)[:, ::2]], floor_rel=1e-6)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_large_batch_bf16():
+    check_against_reference(make_inputs((128, 197), 768, 768, torch.bfloat16, device="cuda"), label="B128 bf16")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_deterministic_mode_gives_bit_identical_results(dtype):
+    inputs = make_inputs((32, 197), 384, 384, dtype, device="cuda")
+    grad_out = torch.randn(32, 197, 384, device="cuda")
+    fastvit.set_deterministic(True)
+    try:
+        runs = [run_with_grads(fused(), inputs, grad_out) for _ in range(3)]
+    finally:
+        fastvit.set_deterministic(False)
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0])
+        for name, got, first in zip(NAMES, grads, runs[0][1]):
+            assert torch.equal(got, first), f"d{name} differs between runs"
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_autocast_float64_fallback_and_compile(caplog):
+    inputs = make_inputs((8, 197), 384, 384, torch.float32, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = ops.linear_residual(*inputs, backend="cuda")
+        expected = ops.linear_residual(*inputs, backend="torch")
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, **dtype_tols(torch.bfloat16))
+    doubles = make_inputs((2, 7), 16, 16, torch.float64, device="cuda")
+    with caplog.at_level(logging.DEBUG, logger="fastvit"):
+        torch.testing.assert_close(ops.linear_residual(*doubles), reference.linear_residual(*doubles))
+    assert "runs the reference for this input" in caplog.text
+    with pytest.raises(TypeError, match="supports float16, bfloat16 and float32"):
+        ops.linear_residual(*doubles, backend="cuda")
+    args = [t.requires_grad_(True) for t in make_inputs((3, 50), 64, 64, torch.bfloat16, device="cuda")]
+    torch.library.opcheck(torch.ops.fastvit.linear_residual_fwd.default, tuple(args))
+    compiled = torch.compile(fused(), fullgraph=True)
+    got = compiled(*args)
+    torch.testing.assert_close(got, reference.linear_residual(*args), **dtype_tols(torch.bfloat16))
+    got.float().square().sum().backward()
