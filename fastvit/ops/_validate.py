@@ -72,3 +72,13 @@ def check_probability(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def cast_like_autocast_linear(device_type: str, *tensors: torch.Tensor | None) -> tuple:
+    """``tensors`` as autocast would feed a Linear on ``device_type``: floating tensors other than fp64 cast to
+    the autocast dtype when autocast is on (None passes through). Custom ops see no autocast of their own, so
+    ops that replace Linears apply its rule here, before the call."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)

@@ -29,6 +29,7 @@ import torch
 
 from fastvit import dispatch, reference
 from fastvit.ops._validate import (
+    cast_like_autocast_linear,
     check_same_device,
     check_same_dtype,
     check_same_dtype_outside_autocast,
@@ -92,17 +93,9 @@ def _linear_residual_torch(x, weight, bias, residual):
 @dispatch.register("linear_residual", "cuda")
 def _linear_residual_extension(x, weight, bias, residual):
     residual_outside = None
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Autocast's own rule for the Linear this op replaces: cast floating tensors other than fp64.
-        dtype = torch.get_autocast_dtype(device_type)
-
-        def cast(t):
-            return t if t is None or t.dtype == torch.float64 else t.to(dtype)
-
-        x, weight, bias = cast(x), cast(weight), cast(bias)
-        if residual.dtype != x.dtype:  # eager: residual + linear(x) in the promoted dtype
-            residual_outside, residual = residual, None
+    x, weight, bias = cast_like_autocast_linear(x.device.type, x, weight, bias)
+    if residual.dtype != x.dtype:  # as eager autocast: residual + linear(x) in the promoted dtype
+        residual_outside, residual = residual, None
     check_same_dtype(x=x, weight=weight, bias=bias, residual=residual)
     out = torch.ops.fastvit.linear_residual_fwd(x, weight, bias, residual)
     return out if residual_outside is None else residual_outside + out

@@ -25,6 +25,7 @@ import torch
 
 from fastvit import dispatch, reference
 from fastvit.ops._validate import (
+    cast_like_autocast_linear,
     check_same_device,
     check_same_dtype,
     check_same_dtype_outside_autocast,
@@ -133,18 +134,10 @@ def _ln_mlp_torch(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
 def _ln_mlp_extension(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual):
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     residual_outside = None
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Autocast's own rule for the Linear layers this op replaces: cast floating tensors other than fp64.
-        dtype = torch.get_autocast_dtype(device_type)
-
-        def cast(t):
-            return t if t is None or t.dtype == torch.float64 else t.to(dtype)
-
-        if residual and cast(x).dtype != x.dtype:
-            residual_outside, residual = x, False
-        x = cast(x)
-        params = tuple(cast(p) for p in params)
+    cast_x, *params = cast_like_autocast_linear(x.device.type, x, *params)
+    if residual and cast_x.dtype != x.dtype:  # as eager autocast: the residual added in x's dtype
+        residual_outside, residual = x, False
+    x = cast_x
     ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
     check_same_dtype(
         x=x,
