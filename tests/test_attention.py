@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import fastvit
 from conftest import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
-from fastvit import ops, reference
+from fastvit import dispatch, ops, reference
 
 attention_ops = importlib.import_module("fastvit.ops.attention")  # the module; fastvit.ops.attention is the function
 
@@ -393,11 +393,15 @@ def test_cpu_tensors_without_interpreter_say_why(monkeypatch):
 
 
 def test_auto_takes_the_reference_for_inputs_the_kernels_do_not_cover():
-    assert attention_ops._backend_for_kernel_limits("auto", 64, 64, torch.float16) == "auto"
-    assert attention_ops._backend_for_kernel_limits("auto", 16, 16, torch.float16) == "torch"
-    assert attention_ops._backend_for_kernel_limits("auto", 64, 32, torch.float16) == "torch"
-    assert attention_ops._backend_for_kernel_limits("auto", 64, 64, torch.float64) == "torch"
-    assert attention_ops._backend_for_kernel_limits("triton", 16, 16, torch.float64) == "triton"  # raises later
+    def backend_for(backend, head_dim, v_head_dim, dtype):
+        why = attention_ops._uncovered_by_kernels(head_dim, v_head_dim, dtype)
+        return dispatch.reference_for_uncovered_input("attention", backend, DEVICE, why)
+
+    assert backend_for("auto", 64, 64, torch.float16) == "auto"
+    assert backend_for("auto", 16, 16, torch.float16) == "torch"
+    assert backend_for("auto", 64, 32, torch.float16) == "torch"
+    assert backend_for("auto", 64, 64, torch.float64) == "torch"
+    assert backend_for("triton", 16, 16, torch.float64) == "triton"  # raises later
     # So a model with 16-wide heads still runs under 'auto' (on a GPU this would otherwise hit the kernel).
     out = ops.qkv_attention(torch.randn(1, 5, 3 * 2 * 16, device=DEVICE), 2, backend="auto")
     assert out.shape == (1, 5, 32)

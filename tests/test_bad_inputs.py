@@ -679,7 +679,11 @@ def test_auto_sends_float64_cuda_input_of_ln_mlp_to_the_reference():
     ln_mlp_ops = importlib.import_module("fastvit.ops.ln_mlp")
     cuda64 = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
     cuda32 = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
-    assert ln_mlp_ops._backend_for_kernel_limits("auto", cuda64) == "torch"
-    assert ln_mlp_ops._backend_for_kernel_limits("auto", cuda32) == "auto"
-    assert ln_mlp_ops._backend_for_kernel_limits("cuda", cuda64) == "cuda"  # explicit: its own clear error
-    assert ln_mlp_ops._backend_for_kernel_limits("auto", torch.ones(1, dtype=torch.float64)) == "auto"  # C++: fp64 ok
+
+    def backend_for(backend, x):
+        return dispatch.reference_for_uncovered_input("ln_mlp", backend, x.device, ln_mlp_ops._uncovered_by_kernels(x))
+
+    assert backend_for("auto", cuda64) == "torch"
+    assert backend_for("auto", cuda32) == "auto"
+    assert backend_for("cuda", cuda64) == "cuda"  # explicit: its own clear error
+    assert backend_for("auto", torch.ones(1, dtype=torch.float64)) == "auto"  # C++: fp64 ok

@@ -19,7 +19,7 @@ import torch
 
 import fastvit
 from conftest import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
-from fastvit import reference
+from fastvit import dispatch, reference
 
 pe_ops = importlib.import_module("fastvit.ops.patch_embed")  # the module; fastvit.ops.patch_embed is the function
 
@@ -443,10 +443,15 @@ def test_bad_inputs(index):
 def test_auto_takes_the_reference_outside_the_kernels_limits():
     cpu = torch.device("cpu")
     f32, f64 = torch.ones(1), torch.ones(1, dtype=torch.float64)
-    assert pe_ops._backend_for_kernel_limits("auto", cpu, f32, f32, None) == "auto"
-    assert pe_ops._backend_for_kernel_limits("auto", cpu, f64, f64) == "torch"
-    assert pe_ops._backend_for_kernel_limits("auto", cpu, f32, f32.half()) == "torch"
-    assert pe_ops._backend_for_kernel_limits("triton", cpu, f64) == "triton"  # explicit: its own clear error
+
+    def backend_for(backend, device, *tensors):
+        why = pe_ops._uncovered_by_kernels(device, *tensors)
+        return dispatch.reference_for_uncovered_input("patch_embed", backend, device, why)
+
+    assert backend_for("auto", cpu, f32, f32, None) == "auto"
+    assert backend_for("auto", cpu, f64, f64) == "torch"
+    assert backend_for("auto", cpu, f32, f32.half()) == "torch"
+    assert backend_for("triton", cpu, f64) == "triton"  # explicit: its own clear error
 
 
 def test_import_without_triton_still_works():

@@ -76,7 +76,8 @@ def qkv_attention(
     dropout_p = check_probability("dropout_p", dropout_p)
     backend = _backend_for_dropout("qkv_attention", backend, dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    backend = _backend_for_kernel_limits(backend, head_dim, head_dim, qkv.dtype)
+    why = _uncovered_by_kernels(head_dim, head_dim, qkv.dtype)
+    backend = dispatch.reference_for_uncovered_input("qkv_attention", backend, qkv.device, why)
     return dispatch.implementation("qkv_attention", backend, qkv.device)(qkv, num_heads, scale, dropout_p)
 
 
@@ -117,7 +118,8 @@ def attention(
     scale = check_scale(scale)
     dropout_p = check_probability("dropout_p", dropout_p)
     backend = _backend_for_dropout("attention", backend, dropout_p)
-    backend = _backend_for_kernel_limits(backend, q.shape[-1], v.shape[-1], q.dtype)
+    why = _uncovered_by_kernels(q.shape[-1], v.shape[-1], q.dtype)
+    backend = dispatch.reference_for_uncovered_input("attention", backend, q.device, why)
     return dispatch.implementation("attention", backend, q.device)(q, k, v, scale, dropout_p)
 
 
@@ -130,15 +132,16 @@ def _backend_for_dropout(op_name: str, backend: str | None, dropout_p: float) ->
     raise ValueError(f"{op_name}: dropout_p > 0 is implemented only by the 'torch' backend, not {resolved!r}")
 
 
-def _backend_for_kernel_limits(backend: str | None, head_dim: int, v_head_dim: int, dtype: torch.dtype) -> str | None:
-    """``auto`` takes the reference for inputs the Triton kernels do not cover; explicit backends are kept
-    (and raise a clear error in their implementation)."""
-    resolved = dispatch.get_default_backend() if backend is None else backend
-    if resolved != "auto":
-        return backend
-    if head_dim not in SUPPORTED_HEAD_DIMS or v_head_dim != head_dim or dtype not in TRITON_DTYPES:
-        return "torch"
-    return backend
+def _uncovered_by_kernels(head_dim: int, v_head_dim: int, dtype: torch.dtype) -> str | None:
+    """What the Triton kernels do not cover in this input (None: they cover it); ``auto`` then runs the
+    reference, an explicit backend raises its own clear error."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {head_dim} (the Triton kernels take {SUPPORTED_HEAD_DIMS})"
+    if v_head_dim != head_dim:
+        return f"v's head dim {v_head_dim} differs from q's {head_dim}"
+    if dtype not in TRITON_DTYPES:
+        return f"{dtype} (the Triton kernels take float16, bfloat16, float32)"
+    return None
 
 
 @dispatch.register("qkv_attention", "torch")

@@ -104,7 +104,7 @@ def ln_mlp(
     )
     check_same_device(**tensors)
     check_same_dtype_outside_autocast(x.device, **tensors)
-    backend = _backend_for_kernel_limits(backend, x)
+    backend = dispatch.reference_for_uncovered_input("ln_mlp", backend, x.device, _uncovered_by_kernels(x))
     impl = dispatch.implementation("ln_mlp", backend, x.device)
     return impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, float(eps), approximate, residual)
 
@@ -112,15 +112,12 @@ def ln_mlp(
 CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the C++ CPU path also takes float64
 
 
-def _backend_for_kernel_limits(backend: str | None, x: torch.Tensor) -> str | None:
-    """``auto`` takes the reference for inputs the CUDA kernels do not cover (float64 CUDA tensors); explicit
-    backends are kept (and raise a clear error in their implementation)."""
-    resolved = dispatch.get_default_backend() if backend is None else backend
-    if not isinstance(resolved, str) or resolved.strip().lower() != "auto":
-        return backend
-    if x.device.type == "cuda" and x.dtype not in CUDA_KERNEL_DTYPES:  # autocast leaves float64 as it is
-        return "torch"
-    return backend
+def _uncovered_by_kernels(x: torch.Tensor) -> str | None:
+    """What the CUDA kernels do not cover in this input (float64 CUDA tensors; autocast leaves float64 as it
+    is), or None; ``auto`` then runs the reference, an explicit backend raises its own clear error."""
+    if x.device.type == "cuda" and x.dtype not in CUDA_KERNEL_DTYPES:
+        return f"x is {x.dtype} (the CUDA kernels take float16, bfloat16, float32)"
+    return None
 
 
 @dispatch.register("ln_mlp", "torch")

@@ -78,7 +78,8 @@ def patch_embed(
     check_tensor("x", x, ndim=4)
     _check_patch_args("x", x, weight, bias, pos_embed, cls_token)
     check_same_dtype_outside_autocast(x.device, x=x, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
-    backend = _backend_for_kernel_limits(backend, x.device, x, weight, bias, pos_embed, cls_token)
+    why = _uncovered_by_kernels(x.device, x, weight, bias, pos_embed, cls_token)
+    backend = dispatch.reference_for_uncovered_input("patch_embed", backend, x.device, why)
     return dispatch.implementation("patch_embed", backend, x.device)(x, weight, bias, pos_embed, cls_token)
 
 
@@ -134,9 +135,10 @@ def patch_embed_uint8(
     in_chans = weight.shape[1]
     mean = _check_channel_values("mean", mean, in_chans, positive=False)
     std = _check_channel_values("std", std, in_chans, positive=True)
-    if in_chans > MAX_UINT8_CHANNELS and _resolved_name(backend) == "auto":
-        backend = "torch"
-    backend = _backend_for_kernel_limits(backend, x.device, weight, bias, pos_embed, cls_token)
+    why = _uncovered_by_kernels(x.device, weight, bias, pos_embed, cls_token)
+    if in_chans > MAX_UINT8_CHANNELS:
+        why = f"{in_chans} channels (the uint8 Triton path takes up to {MAX_UINT8_CHANNELS})"
+    backend = dispatch.reference_for_uncovered_input("patch_embed_uint8", backend, x.device, why)
     impl = dispatch.implementation("patch_embed_uint8", backend, x.device)
     return impl(x, weight, bias, pos_embed, cls_token, mean, std)
 
@@ -203,20 +205,15 @@ def _check_channel_values(name: str, values: object, in_chans: int, positive: bo
     return tuple(float(v) for v in values)
 
 
-def _resolved_name(backend: str | None) -> str | None:
-    name = dispatch.get_default_backend() if backend is None else backend
-    return name.strip().lower() if isinstance(name, str) else None
-
-
-def _backend_for_kernel_limits(backend: str | None, device: torch.device, *tensors: torch.Tensor | None) -> str | None:
-    """``auto`` takes the reference for inputs the Triton kernels do not cover (float64, mixed dtypes outside
-    autocast); explicit backends are kept (and raise a clear error in their implementation)."""
-    if _resolved_name(backend) != "auto":
-        return backend
+def _uncovered_by_kernels(device: torch.device, *tensors: torch.Tensor | None) -> str | None:
+    """What the Triton kernels do not cover in these tensors (float64, mixed dtypes outside autocast), or None;
+    ``auto`` then runs the reference, an explicit backend raises its own clear error."""
     dtypes = {t.dtype for t in tensors if t is not None}
-    if not dtypes <= set(TRITON_DTYPES) or (len(dtypes) > 1 and _autocast_dtype(device) is None):
-        return "torch"
-    return backend
+    if not dtypes <= set(TRITON_DTYPES):
+        return f"dtypes {sorted(map(str, dtypes))} (the Triton kernels take float16, bfloat16, float32)"
+    if len(dtypes) > 1 and _autocast_dtype(device) is None:
+        return f"mixed dtypes {sorted(map(str, dtypes))} outside autocast"
+    return None
 
 
 @dispatch.register("patch_embed", "torch")
