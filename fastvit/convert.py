@@ -452,6 +452,24 @@ def _gelu_layer(act: nn.Module):
     raise ValueError(f"activation {name} is not supported by fastvit (GELU, exact or tanh, only)")
 
 
+def timm_block_layers(block: nn.Module) -> dict:
+    """Check that a timm ``Block`` is one fastvit's ``Block`` can stand in for; returns its
+    ``norm_layer`` and ``act_layer`` (LayerNorm eps, GELU form) as fastvit constructor arguments.
+
+    Used by ``from_timm`` (a new model) and ``fastvit.optimize`` (blocks swapped in place).
+    """
+    if type(block).__name__ != "Block" or not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
+        raise ValueError(f"block type {type(block).__name__} is not supported by fastvit (timm's pre-norm Block only)")
+    for part in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(block.attn, part, nn.Identity()), nn.Identity):
+            raise ValueError(f"attention {part} (qk-norm / scale-norm) is not supported by fastvit")
+    if not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(block.mlp, "fc1"):
+        raise ValueError(f"MLP {type(block.mlp).__name__} with a norm or gating is not supported by fastvit")
+    if not isinstance(block.norm1, nn.LayerNorm):
+        raise ValueError(f"norm {type(block.norm1).__name__} is not supported by fastvit (LayerNorm only)")
+    return {"norm_layer": partial(LayerNorm, eps=block.norm1.eps), "act_layer": _gelu_layer(block.mlp.act)}
+
+
 def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
     """A fastvit ``VisionTransformer`` with the weights of a timm ViT (module or state dict).
 
@@ -477,16 +495,7 @@ def _timm_module_config(model: nn.Module) -> dict:
     config = infer_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 1)
     if len(model.blocks):
         block = model.blocks[0]
-        attn = block.attn
-        for part in ("q_norm", "k_norm", "norm"):
-            if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
-                raise ValueError(f"attention {part} (qk-norm / scale-norm) is not supported by fastvit")
-        if not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(block.mlp, "fc1"):
-            raise ValueError(f"MLP {type(block.mlp).__name__} with a norm or gating is not supported by fastvit")
-        if type(block).__name__ != "Block":
-            raise ValueError(f"block type {type(block).__name__} is not supported by fastvit (pre-norm Block only)")
-        config["norm_layer"] = partial(LayerNorm, eps=block.norm1.eps)
-        config["act_layer"] = _gelu_layer(block.mlp.act)
+        config.update(timm_block_layers(block))
         if not isinstance(block.ls1, nn.Identity):
             config["init_values"] = float(block.ls1.init_values)
     config.update(

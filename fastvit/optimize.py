@@ -11,11 +11,10 @@ build with ``fastvit.from_timm`` to fuse it too.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch.nn as nn
 
 from fastvit import dispatch
+from fastvit.convert import timm_block_layers
 from fastvit.layers import Block, LayerNorm
 from fastvit.model import OPS_USED, VisionTransformer
 
@@ -68,25 +67,9 @@ def _fastvit_layer_norm(norm: nn.LayerNorm, backend: str | None) -> LayerNorm:
     return new
 
 
-def _gelu_layer(act: nn.Module):
-    if isinstance(act, nn.GELU):
-        return partial(nn.GELU, approximate=act.approximate)
-    if type(act).__name__ in ("GELU", "GELUTanh"):  # timm.layers.activations
-        return partial(nn.GELU, approximate="tanh" if "Tanh" in type(act).__name__ else "none")
-    raise ValueError(f"activation {type(act).__name__} is not supported by fastvit (GELU only)")
-
-
 def _fastvit_block(block: nn.Module, backend: str | None) -> Block:
-    if type(block).__name__ != "Block" or not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
-        raise ValueError(f"block type {type(block).__name__} is not supported (timm's pre-norm Block only)")
+    layers = timm_block_layers(block)
     attn, mlp = block.attn, block.mlp
-    for part in ("q_norm", "k_norm", "norm"):
-        if not isinstance(getattr(attn, part, nn.Identity()), nn.Identity):
-            raise ValueError(f"attention {part} (qk-norm / scale-norm) is not supported by fastvit")
-    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(mlp, "fc1"):
-        raise ValueError(f"MLP {type(mlp).__name__} with a norm or gating is not supported by fastvit")
-    if not isinstance(block.norm1, nn.LayerNorm):
-        raise ValueError(f"norm {type(block.norm1).__name__} is not supported (LayerNorm only)")
     dim = attn.qkv.in_features
     layer_scale = getattr(block.ls1, "gamma", None)
     new = Block(
@@ -99,8 +82,7 @@ def _fastvit_block(block: nn.Module, backend: str | None) -> Block:
         attn_drop=attn.attn_drop.p if isinstance(attn.attn_drop, nn.Dropout) else float(attn.attn_drop),
         init_values=1.0 if layer_scale is not None else None,  # gamma itself is shared below
         drop_path=getattr(block.drop_path1, "drop_prob", 0.0),
-        act_layer=_gelu_layer(mlp.act),
-        norm_layer=partial(LayerNorm, eps=block.norm1.eps),
+        **layers,
         device="meta",
     )
     _share_parameters(block, new)
