@@ -53,6 +53,21 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     return unwrap_state_dict(obj, source=path)
 
 
+def load_any_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
+    """(timm-named state dict, metadata) from a fastvit checkpoint directory, a .safetensors file (with its
+    metadata), or a torch file in any supported format (no metadata)."""
+    from fastvit import checkpoint
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(checkpoint.checkpoint_dir(path), checkpoint.MODEL_FILE)
+    if path.endswith(".safetensors"):
+        state, metadata = checkpoint.read_weights(path)
+    else:
+        state, metadata = load_state_dict_file(path), {}
+    return to_timm_state_dict(state), metadata
+
+
 def unwrap_state_dict(obj: object, source: str = "state_dict") -> StateDict:
     """Unwrap the usual training-checkpoint containers down to a flat {name: tensor} dict."""
     if isinstance(obj, nn.Module):

@@ -8,7 +8,6 @@ import time
 
 import torch
 
-from fastvit import checkpoint as ckpt
 from fastvit import convert
 from fastvit.data import IMAGENET_MEAN, IMAGENET_STD, build_data
 from fastvit.model import VisionTransformer
@@ -20,13 +19,7 @@ def load_model(path: str, backend: str | None = None, num_heads: int | None = No
     Returns:
         (model in eval mode, metadata dict with 'classes', 'mean', 'std' where known).
     """
-    if os.path.isdir(path):
-        path = os.path.join(ckpt.checkpoint_dir(path), ckpt.MODEL_FILE)
-    if path.endswith(".safetensors"):
-        state, metadata = ckpt.read_weights(path)
-    else:
-        state, metadata = convert.load_state_dict_file(path), {}
-    state = convert.to_timm_state_dict(state)
+    state, metadata = convert.load_any_weights(path)
     config = metadata.get("config")
     if isinstance(config, dict):
         config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}

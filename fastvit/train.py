@@ -223,12 +223,7 @@ def load_init_weights(model: VisionTransformer, path: str) -> list[str]:
     """
     from fastvit import convert
 
-    state = (
-        ckpt.read_weights(os.path.join(ckpt.checkpoint_dir(path), ckpt.MODEL_FILE))[0]
-        if os.path.isdir(path)
-        else (convert.load_state_dict_file(path))
-    )
-    state = convert.to_timm_state_dict(state)
+    state = convert.load_any_weights(path)[0]
     notes = []
     expected = model.state_dict()
     head_keys = [k for k in ("head.weight", "head.bias") if k in state]
