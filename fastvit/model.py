@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastvit import dispatch, ops
 from fastvit.layers import Block, HalfFusion, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
+from fastvit.ops._validate import check_positive_int
 
 GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
@@ -573,8 +574,7 @@ def _check_config(
     rates,
 ) -> None:
     for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("in_chans", in_chans)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
     for name, value in (("depth", depth), ("num_classes", num_classes), ("reg_tokens", reg_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
