@@ -85,7 +85,8 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, r
 def run_benchmark(benchmark, fn: Callable, warmup_rounds: int | None = None, rounds: int | None = None):
     """Time ``fn`` (synchronised) with pytest-benchmark; warm-up rounds are not timed."""
     warmup_rounds = (1 if SMOKE else 5) if warmup_rounds is None else warmup_rounds
-    rounds = (3 if SMOKE else 30) if rounds is None else rounds
+    if rounds is None:
+        rounds = int(os.environ.get("FASTVIT_BENCH_ROUNDS", 3 if SMOKE else 30))
     timed = synchronized(fn)
     for _ in range(warmup_rounds):  # also under --benchmark-disable: compile/autotune/capture happen here
         timed()

@@ -15,28 +15,14 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from fastvit import dispatch, ops
-from fastvit.layers import Block, HalfFusion, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
-from fastvit.ops._validate import check_positive_int
+from fastvit import dispatch
+from fastvit.fusion import FusionReport, HalfFusion, block_fusion
+from fastvit.layers import Block, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
+from fastvit.validation import check_positive_int
 
 GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
 OPS_USED = ["patch_embed", "layer_norm", "qkv_attention", "linear_residual", "ln_mlp"]
-
-
-class FusionReport(list):
-    """``VisionTransformer.fusion_report()``: one {'attn': HalfFusion, 'mlp': HalfFusion} per block."""
-
-    @property
-    def all_fused(self) -> bool:
-        return all(half.fused for block in self for half in block.values())
-
-    def __str__(self) -> str:
-        lines = []
-        for index, block in enumerate(self):
-            for half, status in block.items():
-                lines.append(f"block {index:>2} {half:<4} {status}")
-        return "\n".join(lines)
 
 
 class VisionTransformer(nn.Module):
@@ -222,8 +208,6 @@ class VisionTransformer(nn.Module):
                 implement the ops it is given (checked here); 'auto' takes the fused kernel for each
                 op where one exists for the input's device, else the reference.
         """
-        import fastvit.ops  # noqa: F401  (op registrations)
-
         if isinstance(backend, dict):
             unknown = sorted(set(backend) - set(OPS_USED))
             if unknown:
@@ -261,10 +245,11 @@ class VisionTransformer(nn.Module):
             a list (one entry per block) of {'attn': HalfFusion, 'mlp': HalfFusion}; ``str()`` of it is a
             readable table.
         """
+        device = torch.device(device)
         report = FusionReport()
         for block in self.blocks:
             if isinstance(block, Block):
-                report.append(block.fusion_status(device, dtype))
+                report.append(block_fusion(block, device, block.attn.qkv.weight.dtype if dtype is None else dtype))
             else:
                 why = (f"{type(block).__name__} is not a fastvit Block",)
                 report.append({half: HalfFusion(False, {}, why) for half in ("attn", "mlp")})
@@ -362,11 +347,7 @@ class VisionTransformer(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] -> tokens [B, T+N, D] (patches, position embedding, prefix tokens)."""
         self.patch_embed.check_input(x)
-        pos_embed = self._pos_embed_for(x.shape[-2], x.shape[-1])
-        proj = self.patch_embed.proj
-        x = ops.patch_embed(
-            x, proj.weight, proj.bias, pos_embed, self._prefix_tokens(), backend=self.patch_embed.backend
-        )
+        x = self.patch_embed(x, self._pos_embed_for(x.shape[-2], x.shape[-1]), self._prefix_tokens())
         x = self.pos_drop(x)
         x = self.patch_drop(x)
         return self.norm_pre(x)

@@ -1,9 +1,10 @@
 """Pure-PyTorch definitions of every fastvit op: the specification.
 
-Each fused kernel is tested against these functions (run in fp64 for the ground truth), and the
-``'torch'`` backend runs them directly, so autograd gives their backward. They take the same
-arguments as the public ops in ``fastvit.ops`` but do not validate them: validation lives in the
-op layer, once per op.
+Every backend of every op (``torch``, ``triton``, ``cuda``) is tested against these functions, run in
+fp64 for the ground truth; autograd gives their backward. They are written to be read, not to be fast
+(attention materialises the N×N matrix, the patch embedding cuts patches out explicitly): the fast
+plain-PyTorch forms are the ``torch`` backends in ``fastvit/ops/<op>.py``. They take the same arguments as
+the public ops in ``fastvit.ops`` but do not validate them: validation lives in the op layer, once per op.
 
 Shapes: ``B`` batch, ``N`` tokens, ``H`` heads, ``D`` head dim, ``C = H*D`` width.
 """
@@ -74,8 +75,12 @@ def patch_embed(
     (timm's default), or [1, N, D] to the patch tokens only (timm's ``no_embed_class``).
     Returns [B, T+N, D].
     """
-    patch = weight.shape[-2:]
-    tokens = F.conv2d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+    batch, in_chans, height, width = x.shape
+    embed_dim, _, patch_h, patch_w = weight.shape
+    grid_h, grid_w = height // patch_h, width // patch_w
+    # One row per patch, its pixels in the conv weight's (Cin, P, P) order: [B, N, Cin·P·P].
+    patches = x.reshape(batch, in_chans, grid_h, patch_h, grid_w, patch_w).permute(0, 2, 4, 1, 3, 5)
+    tokens = F.linear(patches.reshape(batch, grid_h * grid_w, -1), weight.reshape(embed_dim, -1), bias)
     num_patches = tokens.shape[1]
     if pos_embed is not None and pos_embed.shape[1] == num_patches:
         tokens = tokens + pos_embed

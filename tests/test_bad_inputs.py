@@ -9,7 +9,6 @@ CLI and ``InferenceSession``.
 from __future__ import annotations
 
 import ast
-import importlib
 import os
 import pathlib
 import subprocess
@@ -19,8 +18,10 @@ import pytest
 import torch
 
 import fastvit
-from conftest import DEVICE, triton_skip_reason
 from fastvit import dispatch, ops
+from fastvit.ops.triton import launch
+
+from utils import DEVICE, triton_skip_reason
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=5)
 
@@ -120,9 +121,6 @@ def test_forward_intermediates_checks_arguments(model):
 # Backends: 'torch' everywhere; 'triton' for attention and patch embedding (Triton's interpreter on
 # CPU tensors); 'cuda' for LayerNorm and LN-MLP (the extension's C++ kernels on CPU tensors).
 
-attention_ops = importlib.import_module("fastvit.ops.attention")
-pe_ops = importlib.import_module("fastvit.ops.patch_embed")
-
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXTENSION_REASON = dispatch.backend_unusable_reason("cuda", DEVICE)
 OP_BACKENDS = {
@@ -218,8 +216,7 @@ def no_kernel_launch(monkeypatch):
         def __getattr__(self, name):
             raise AssertionError(f"a Triton kernel ({name}) was launched for an empty input")
 
-    monkeypatch.setattr(attention_ops, "_kernels", NoKernels)
-    monkeypatch.setattr(pe_ops, "_kernels", NoKernels)
+    monkeypatch.setattr(launch, "kernels", lambda op_file: NoKernels())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -671,19 +668,12 @@ def test_validation_survives_python_O():
     assert result.returncode == 0 and result.stdout.startswith("ok weight must have shape (4,)"), result.stderr
 
 
-def test_auto_sends_float64_cuda_input_of_ln_mlp_to_the_reference():
-    # The CUDA kernels of ln_mlp take 16/32-bit floats only: under 'auto' a float64 CUDA tensor must run the
-    # reference, not reach the kernel's TypeError. Checked on a stand-in (no GPU needed); explicit backends are kept.
-    from types import SimpleNamespace
-
-    ln_mlp_ops = importlib.import_module("fastvit.ops.ln_mlp")
-    cuda64 = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
-    cuda32 = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
-
-    def backend_for(backend, x):
-        return dispatch.reference_for_uncovered_input("ln_mlp", backend, x.device, ln_mlp_ops._uncovered_by_kernels(x))
-
-    assert backend_for("auto", cuda64) == "torch"
-    assert backend_for("auto", cuda32) == "auto"
-    assert backend_for("cuda", cuda64) == "cuda"  # explicit: its own clear error
-    assert backend_for("auto", torch.ones(1, dtype=torch.float64)) == "auto"  # C++: fp64 ok
+def test_auto_sends_float64_cuda_input_of_ln_mlp_to_the_torch_backend(pretend_gpu):
+    # The CUDA kernels of ln_mlp take 16/32-bit floats only: under 'auto' a float64 CUDA call must run the torch
+    # backend, not reach the kernel's TypeError. Checked on call signatures (no GPU needed).
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    call = dispatch.DeviceDtypeCall
+    assert dispatch.explain("ln_mlp", "auto", call(cuda, torch.float64))[0] == "torch"
+    assert dispatch.explain("ln_mlp", "auto", call(cuda, torch.float32)) == ("cuda", None)
+    assert dispatch.explain("ln_mlp", "cuda", call(cuda, torch.float64))[0] == "unusable"  # explicit: raises
+    assert dispatch.explain("ln_mlp", "cuda", call(cpu, torch.float64)) == ("cuda", None)  # the C++ twin: fp64 ok

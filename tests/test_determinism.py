@@ -10,18 +10,17 @@ bit for bit; a fused bf16 training step is bit-identical run to run on the GPU.
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastvit
-from conftest import DEVICE, needs_cuda, triton_skip_reason
 from fastvit import dispatch, ops
+from fastvit.ops.triton import attention as attention_triton
+from fastvit.ops.triton import patch_embed as pe_triton
 
-attention_ops = importlib.import_module("fastvit.ops.attention")
-pe_ops = importlib.import_module("fastvit.ops.patch_embed")
+from utils import DEVICE, needs_cuda, triton_skip_reason
 
 EXTENSION_REASON = dispatch.backend_unusable_reason("cuda", DEVICE)
 TRITON_REASON = triton_skip_reason()
@@ -54,16 +53,16 @@ def _cublas_workspace(monkeypatch):
 def tiny_tiles():
     """Patch embedding with 16-wide tiles and a 3-way split of the dW reduction: the path that uses atomics
     outside deterministic mode, reachable at CPU-test sizes."""
-    saved = dict(pe_ops._CONFIG_OVERRIDES)
-    pe_ops._CONFIG_OVERRIDES.update(
+    saved = dict(pe_triton.CONFIG_OVERRIDES)
+    pe_triton.CONFIG_OVERRIDES.update(
         fwd=dict(BLOCK_R=16, BLOCK_C=16, BLOCK_RED=16),
         bwd_input=dict(BLOCK_R=16, BLOCK_C=16, BLOCK_RED=16),
         bwd_weight=dict(BLOCK_D=16, BLOCK_K=16, BLOCK_M=16, split=3),
         colsum=dict(BLOCK_D=16),
     )
     yield
-    pe_ops._CONFIG_OVERRIDES.clear()
-    pe_ops._CONFIG_OVERRIDES.update(saved)
+    pe_triton.CONFIG_OVERRIDES.clear()
+    pe_triton.CONFIG_OVERRIDES.update(saved)
 
 
 def _inputs(op: str) -> dict:
@@ -154,7 +153,7 @@ def test_two_runs_are_bit_identical(op, backend, mode, tiny_tiles):
 def test_patch_embed_dw_uses_atomics_only_outside_deterministic_mode(mode, tiny_tiles, monkeypatch):
     # The one fused reduction that can use atomics (fp32 atomic adds of the split dW partials, order-dependent on
     # a GPU) must switch to the fixed-order sum of partials under either deterministic switch.
-    real = pe_ops._kernels()
+    real = pe_triton._kernels()
     flags = []
 
     class Spy:
@@ -173,7 +172,7 @@ def test_patch_embed_dw_uses_atomics_only_outside_deterministic_mode(mode, tiny_
 
             return Launcher()
 
-    monkeypatch.setattr(pe_ops, "_kernels", Spy)
+    monkeypatch.setattr(pe_triton, "_kernels", Spy)
     with deterministic(mode):
         _run("patch_embed", "triton", _inputs("patch_embed"))
     assert flags == [(3, mode is None)], flags  # a 3-way split; atomics only with both switches off
@@ -273,7 +272,7 @@ def test_gpu_capture_never_autotunes_and_replay_equals_eager(monkeypatch, dtype)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(autotuner.Autotuner, "prune_configs", spy)
-    attention_ops._autotuned.cache_clear()  # fresh autotuners: every key of this test is tuned here
+    attention_triton._autotuned.cache_clear()  # fresh autotuners: every key of this test is tuned here
     model = fastvit.create_model("vit_small_patch16_224", depth=2, num_classes=10).cuda().eval()
     assert model.backend_plan("cuda")["qkv_attention"] == "triton"
     session = fastvit.InferenceSession(model, batch_sizes=[1, 3], dtype=dtype)

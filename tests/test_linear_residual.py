@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import fastvit
-from conftest import assert_within_torch_error, dtype_tols, needs_cuda
 from fastvit import dispatch, ops, reference
 from fastvit.layers import Attention, ResidualLinear
+
+from utils import assert_within_torch_error, dtype_tols, needs_cuda
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
 pytestmark = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
@@ -246,24 +247,26 @@ def test_cuda_kernel_of_the_op_reports_a_clear_error_for_cpu_tensors():
 
 
 # ------------------------------------------------------------------------------------------------
-# Debug log: 'auto' taking the reference on CUDA tensors says why
+# Debug log: 'auto' taking the torch backend on CUDA tensors says why
 
 
-def test_auto_reference_for_uncovered_cuda_input_is_logged(caplog):
+def test_auto_torch_for_uncovered_cuda_input_is_logged(caplog, pretend_gpu):
     cuda = torch.device("cuda")
     with caplog.at_level(logging.DEBUG, logger="fastvit"):
-        assert dispatch.reference_for_uncovered_input("linear_residual", "auto", cuda, "x is torch.float64") == "torch"
-    assert "linear_residual: 'auto' runs the reference for this input: x is torch.float64" in caplog.text
-    # Covered inputs and explicit backends are left alone (an explicit backend raises its own error).
-    assert dispatch.reference_for_uncovered_input("linear_residual", "auto", cuda, None) == "auto"
-    assert dispatch.reference_for_uncovered_input("linear_residual", "cuda", cuda, "x is torch.float64") == "cuda"
+        fn = dispatch.select("linear_residual", "auto", dispatch.DeviceDtypeCall(cuda, torch.float64))
+    assert fn is dispatch._REGISTRY["linear_residual"]["torch"].fn
+    assert "linear_residual: 'auto' runs the torch backend on CUDA tensors (cuda: float64" in caplog.text
+    # A covered call takes the kernel; an explicit backend raises the predicate's reason.
+    assert dispatch.explain("linear_residual", "auto", dispatch.DeviceDtypeCall(cuda, torch.float16)) == ("cuda", None)
+    with pytest.raises(TypeError, match="does not cover this input: float64"):
+        dispatch.select("linear_residual", "cuda", dispatch.DeviceDtypeCall(cuda, torch.float64))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_auto_on_cuda_tensors_without_a_gpu_logs_why(caplog):
     with caplog.at_level(logging.DEBUG, logger="fastvit"):
         assert dispatch.resolve("linear_residual", "auto", torch.device("cuda")) == "torch"
-    assert "linear_residual: 'auto' runs the reference on CUDA tensors (cuda: no CUDA device is available)" in (
+    assert "linear_residual: 'auto' runs the torch backend on CUDA tensors (cuda: no CUDA device is available)" in (
         caplog.text
     )
 
@@ -341,29 +344,21 @@ def test_bwd_rejects_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------
-# The layers: ResidualLinear and Attention(x, residual)
+# The layers: ResidualLinear and Attention.forward_residual
 
 
 def test_residual_linear_is_an_nn_linear_with_the_same_keys():
     layer = ResidualLinear(16, 24)
     assert isinstance(layer, torch.nn.Linear) and sorted(layer.state_dict()) == ["bias", "weight"]
-    x, residual = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
-    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    torch.testing.assert_close(layer(x), plain)
-    layer.backend = "cuda"
-    torch.testing.assert_close(layer(x, residual), residual + plain, **dtype_tols(torch.float32))
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize("proj_drop, training", [(0.0, True), (0.3, False), (0.3, True)])
-def test_attention_with_residual_equals_residual_plus_attention(proj_drop, training):
-    attn = Attention(64, num_heads=2, qkv_bias=True, proj_drop=proj_drop).train(training)
+def test_attention_forward_residual_equals_residual_plus_attention():
+    attn = Attention(64, num_heads=2, qkv_bias=True)
     attn.proj.backend = "cuda"
     x, residual = torch.randn(2, 7, 64), torch.randn(2, 7, 64)
-    torch.manual_seed(1)
-    got = attn(x, residual=residual)
-    torch.manual_seed(1)
-    expected = residual + attn(x)
-    torch.testing.assert_close(got, expected, **dtype_tols(torch.float32))
+    torch.testing.assert_close(attn.forward_residual(x, residual), residual + attn(x), **dtype_tols(torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -434,8 +429,8 @@ def test_gpu_autocast_float64_fallback_and_compile(caplog):
     doubles = make_inputs((2, 7), 16, 16, torch.float64, device="cuda")
     with caplog.at_level(logging.DEBUG, logger="fastvit"):
         torch.testing.assert_close(ops.linear_residual(*doubles), reference.linear_residual(*doubles))
-    assert "runs the reference for this input" in caplog.text
-    with pytest.raises(TypeError, match="supports float16, bfloat16 and float32"):
+    assert "'auto' runs the torch backend on CUDA tensors (cuda: float64" in caplog.text
+    with pytest.raises(TypeError, match="does not cover this input: float64"):
         ops.linear_residual(*doubles, backend="cuda")
     args = [t.requires_grad_(True) for t in make_inputs((3, 50), 64, 64, torch.bfloat16, device="cuda")]
     torch.library.opcheck(torch.ops.fastvit.linear_residual_fwd.default, tuple(args))

@@ -9,7 +9,6 @@ run the CUDA path (LN kernels, cuBLASLt GEMMs and epilogues, GELU kernels).
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -17,9 +16,10 @@ import torch
 import torch.nn as nn
 
 import fastvit
-from conftest import assert_within_torch_error, dtype_tols
 from fastvit import dispatch, ops, reference
-from fastvit.layers import LNMLP, LayerNorm
+from fastvit.layers import LNMLP, LayerNorm, Mlp, mlp_blockers
+
+from utils import assert_within_torch_error, dtype_tols
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
 pytestmark = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
@@ -319,54 +319,23 @@ def test_public_op_rejects_mixed_dtypes_on_the_cuda_backend():
 # The LNMLP layer
 
 
-class _TimmStyleHalf(nn.Module):
-    """The MLP half of a timm Block: the module names whose state-dict keys LNMLP must keep."""
+def test_mlp_has_timm_keys_and_the_block_half_matches_the_unfused_modules():
+    from timm.layers import Mlp as TimmMlp
 
-    def __init__(self, dim, hidden):
-        from timm.layers import Mlp
-
-        super().__init__()
-        self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, hidden)
-
-    def forward(self, x):
-        return x + self.mlp(self.norm2(x))
-
-
-class _FusedHalf(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.norm2 = LayerNorm(dim)
-        self.mlp = LNMLP(dim, hidden, norm=self.norm2)
-
-    def forward(self, x):
-        return self.mlp(x)
-
-
-def test_lnmlp_borrowing_the_norm_keeps_timm_keys_and_matches_the_unfused_modules():
-    timm_style, fused_half = _TimmStyleHalf(24, 40), _FusedHalf(24, 40)
-    assert list(fused_half.state_dict()) == list(timm_style.state_dict())
-    assert sorted(fused_half.state_dict()) == [
-        "mlp.fc1.bias",
-        "mlp.fc1.weight",
-        "mlp.fc2.bias",
-        "mlp.fc2.weight",
-        "norm2.bias",
-        "norm2.weight",
-    ]
+    assert list(Mlp(24, 40).state_dict()) == list(TimmMlp(24, 40).state_dict())
+    norm, mlp = LayerNorm(24), Mlp(24, 40)
     with torch.no_grad():
-        for p in timm_style.parameters():
+        for p in (*norm.parameters(), *mlp.parameters()):
             p.normal_()
-    fused_half.load_state_dict(timm_style.state_dict())  # strict
     x = torch.randn(2, 7, 24)
-    fused_half.mlp.backend = "cuda"
-    torch.testing.assert_close(fused_half(x), timm_style(x), **dtype_tols(torch.float32))
-    # The borrowed norm is the owner's: .to() / deepcopy keep them one module.
-    copied = copy.deepcopy(fused_half).double()
-    assert copied.mlp.layer_norm is copied.norm2 and copied.norm2.weight.dtype == torch.float64
+    assert next(mlp_blockers(norm, mlp, mlp.norm, training=False), None) is None
+    fused = ops.ln_mlp(
+        x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend="cuda"
+    )
+    torch.testing.assert_close(fused, x + mlp(norm(x)), **dtype_tols(torch.float32))
 
 
-def test_lnmlp_owned_norm_and_from_modules():
+def test_lnmlp_owns_its_norm():
     layer = LNMLP(24, 40)
     assert sorted(layer.state_dict()) == [
         "fc1.bias",
@@ -382,22 +351,16 @@ def test_lnmlp_owned_norm_and_from_modules():
     torch.testing.assert_close(layer(x), expected, **dtype_tols(torch.float32))
     torch.testing.assert_close(layer(x, residual=False), expected - x, **dtype_tols(torch.float32))
 
-    from timm.models.vision_transformer import Block as TimmBlock
-
-    block = TimmBlock(24, num_heads=2, qkv_bias=True)
-    swapped = LNMLP.from_modules(block.norm2, block.mlp)
-    assert swapped.fc1 is block.mlp.fc1 and swapped.layer_norm is block.norm2
-    torch.testing.assert_close(swapped(x), x + block.mlp(block.norm2(x)), **dtype_tols(torch.float32))
-
 
 def test_lnmlp_unfused_paths():
     layer = LNMLP(16, 32, act_layer=nn.ReLU)  # not a GELU: unfused
-    assert not layer.fusable
+    assert "mlp.act is a ReLU" in next(mlp_blockers(layer.norm, layer, nn.Identity(), layer.training))
     x = torch.randn(3, 16)
     torch.testing.assert_close(layer(x), x + layer.fc2(torch.relu(layer.fc1(layer.norm(x)))))
     dropping = LNMLP(16, 32, drop=0.5).train()  # dropout while training: unfused; eval: fused
-    assert dropping.fusable
+    assert "MLP dropout is active" in next(mlp_blockers(dropping.norm, dropping, nn.Identity(), True))
     dropping.eval()
+    assert next(mlp_blockers(dropping.norm, dropping, nn.Identity(), False), None) is None
     torch.testing.assert_close(dropping(x), x + dropping.fc2(dropping.act(dropping.fc1(dropping.norm(x)))))
 
 

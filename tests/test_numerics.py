@@ -16,17 +16,15 @@ with a CUDA device.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import pytest
 import torch
 
-from conftest import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
 from fastvit import dispatch, ops, reference
+from fastvit.ops.triton import launch
 
-attention_ops = importlib.import_module("fastvit.ops.attention")
-pe_ops = importlib.import_module("fastvit.ops.patch_embed")
+from utils import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
 
 EXTENSION_REASON = dispatch.backend_unusable_reason("cuda", DEVICE)
 needs_triton = pytest.mark.skipif(triton_skip_reason() is not None, reason=str(triton_skip_reason()))
@@ -249,24 +247,21 @@ def test_large_magnitudes_stay_finite_and_accurate_where_the_reference_does(op, 
 @needs_triton
 @pytest.mark.parametrize("max_score", [30.0, 1e2, 1e3, 1e4, 1e6])
 def test_attention_gradient_accuracy_against_score_magnitude(max_score):
-    # The backward recomputes P = exp(S - lse) from the saved log-sum-exp (FlashAttention): in fp32, S and lse
-    # round by ~|S|·1e-7, so P, and the gradients, lose relative accuracy in proportion to the largest score.
-    # PyTorch's eager backward keeps P and does not. Up to scores of ~100 (ViT scores are far smaller) the 2x
-    # rule holds; beyond, the documented bound (1e-5 + 5e-8 x the largest score, relative) does; and the
-    # gradients stay finite at any magnitude.
+    # The backward recomputes P = exp(S - lse) from the saved log-sum-exp (FlashAttention). In fp32, S and lse are
+    # rounded at their own magnitude, so S - lse carries an absolute error of ~eps·|S|: P, and through
+    # dS = P∘(dP - Δ) every gradient, lose relative accuracy in proportion to the largest score. On top of that
+    # sits the accumulation error of any attention backward (fp32 sums over N tokens and D channels). So the bound
+    # is an error model, eps·(96 + max|S| / 2) relative to the largest gradient: about 1.1e-5 at ViT-like scores
+    # (~30), 6e-2 at 1e6. (PyTorch's eager backward keeps P; comparing against its error, which depends on the
+    # CPU's BLAS, made this test's verdict machine-dependent.) The gradients stay finite at any magnitude.
     tensors = _scaled("qkv_attention", torch.float32, max_score, "scores")
     ours = _run("qkv_attention", "triton", tensors)[1]
-    same = _run("qkv_attention", "torch", tensors)[1]
     exact = _run("qkv_attention", "torch", {"qkv": tensors["qkv"].double()})[1]
     assert torch.isfinite(ours).all()
-    if max_score <= 30:
-        floor = 1e-6 * (1 + exact.abs().max().item())  # as tests/test_attention.py
-        assert_within_torch_error(f"grad qkv, scores ~{max_score:g}", ours, same, exact, floor=floor)
-    else:
-        bound = 1e-5 + 5e-8 * max_score
-        error = (ours.double() - exact).abs().max().item() / exact.abs().max().item()
-        print(f"scores ~{max_score:g}: relative gradient error {error:.2e} (bound {bound:.0e})")
-        assert error < bound
+    bound = torch.finfo(torch.float32).eps * (96 + max_score / 2)
+    error = (ours.double() - exact).abs().max().item() / exact.abs().max().item()
+    print(f"scores ~{max_score:g}: relative gradient error {error:.2e} (bound {bound:.1e})")
+    assert error < bound
 
 
 @needs_extension
@@ -320,16 +315,12 @@ def poisoned_triton(monkeypatch):
         guards.append((base, guard, numel))
         return base[guard : guard + numel].view(shape)
 
-    def attention_output(like, shape, dtype=None):
-        return guarded(shape, dtype or like.dtype, like.device)
-
-    def patch_output(shape, dtype, device, memory_format=torch.contiguous_format):
+    def poisoned_output(shape, dtype, device, memory_format=torch.contiguous_format):
         if memory_format != torch.contiguous_format:
             return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
         return guarded(shape, dtype, device)
 
-    monkeypatch.setattr(attention_ops, "_new_output", attention_output)
-    monkeypatch.setattr(pe_ops, "_new_output", patch_output)
+    monkeypatch.setattr(launch, "new_output", poisoned_output)
     yield guards
     for base, guard, numel in guards:
         assert torch.isnan(base[:guard]).all() and torch.isnan(base[guard + numel :]).all(), "store outside output"

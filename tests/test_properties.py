@@ -13,19 +13,16 @@ compared to it), and fake/meta outputs with the real outputs' shapes, dtypes and
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastvit
-from conftest import DEVICE, DTYPE_TOLS, assert_within_torch_error, needs_cuda, triton_skip_reason
 from fastvit import dispatch, ops, reference
+from fastvit.ops.triton.attention import SUPPORTED_HEAD_DIMS
 
-attention_ops = importlib.import_module("fastvit.ops.attention")
-pe_ops = importlib.import_module("fastvit.ops.patch_embed")
+from utils import DEVICE, DTYPE_TOLS, assert_within_torch_error, needs_cuda, triton_skip_reason
 
 TRITON_REASON = triton_skip_reason()
 EXTENSION_REASON = dispatch.backend_unusable_reason("cuda", DEVICE)
@@ -46,7 +43,7 @@ GPU = settings(CPU, max_examples=200, derandomize=False)
 
 # bf16 tl.dot is broken in Triton's interpreter (triton#11584): bf16 Triton properties are GPU-only.
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
-HEAD_DIMS = list(attention_ops.SUPPORTED_HEAD_DIMS)
+HEAD_DIMS = list(SUPPORTED_HEAD_DIMS)
 
 
 def _grad_out(shape, seed=1) -> torch.Tensor:

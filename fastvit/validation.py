@@ -1,4 +1,4 @@
-"""Argument checks shared by the public ops: clear ``TypeError``/``ValueError`` naming the argument.
+"""Argument checks shared by the ops, layers and model: clear ``TypeError``/``ValueError`` naming the argument.
 
 Plain ``if``/``raise`` (never ``assert``, which ``python -O`` strips).
 """
@@ -47,6 +47,11 @@ def autocast_enabled(device: torch.device) -> bool:
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts matmuls to on ``device``'s type, or None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if autocast_enabled(device) else None
+
+
 def check_same_dtype_outside_autocast(device: torch.device, **tensors: torch.Tensor | None) -> None:
     """Outside autocast every tensor of an op must share one dtype (inside it, the op casts as autocast would)."""
     if not autocast_enabled(device):
@@ -57,6 +62,14 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_eps(value: object) -> float:
+    """A normalisation epsilon: positive and finite (0 would divide by zero on a constant row)."""
+    # Comparisons rather than math.isfinite: torch.compile traces them as constants (NaN fails too).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"eps must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def check_scale(value: object) -> float | None:
