@@ -58,3 +58,18 @@ def has_module(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def backend_skip_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on DEVICE tensors in this process (None when it can; ``torch`` always can)."""
+    from fastvit import dispatch
+
+    if backend == "triton":
+        return triton_skip_reason()
+    return dispatch.backend_unusable_reason(backend, DEVICE)
+
+
+def needs_backend(backend: str) -> pytest.MarkDecorator:
+    """Skip mark for a test that runs ``backend`` on DEVICE tensors."""
+    reason = backend_skip_reason(backend)
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
