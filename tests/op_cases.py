@@ -119,9 +119,11 @@ class _Draw:
         return torch.randint(0, 256, shape, generator=self.gen, dtype=torch.uint8)
 
 
-def randn(*shape: int, dtype=torch.float32, device=DEVICE, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    """One fp64 normal draw from ``seed``, scaled, then cast: for a suite's op-specific tensor."""
-    return _Draw(seed)(*shape, scale=scale).to(device, dtype)
+def randn(
+    *shape: int, dtype=torch.float32, device=DEVICE, seed: int = 0, scale: float = 1.0, offset: float = 0.0
+) -> torch.Tensor:
+    """One fp64 normal draw from ``seed``, ``* scale + offset``, then cast: for a suite's op-specific tensor."""
+    return _Draw(seed)(*shape, scale=scale, offset=offset).to(device, dtype)
 
 
 def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -385,11 +387,15 @@ _PATCH_TOKENS = {1: ((1, 1), 0), 7: ((1, 7), 0), 50: ((7, 7), 1), 197: ((14, 14)
                  577: ((24, 24), 1)}  # fmt: skip
 
 
-def _patch_variants(tokens: Iterable[int], **common) -> dict[str, dict]:
+def _patch_variants(tokens: Iterable[int], layouts: Iterable[str] = ("",), **common) -> dict[str, dict]:
+    """Variants by token count (and, for the float op, image memory format: '' or 'channels_last')."""
     return {
-        f"N{n}": dict(grid=grid, prefix=prefix, batch=1 if n >= 257 else 2, **common)
+        f"N{n}{'-' + layout if layout else ''}": dict(
+            grid=grid, prefix=prefix, batch=1 if n >= 257 else 2, **common, **({layout: True} if layout else {})
+        )
         for n, (grid, prefix) in _PATCH_TOKENS.items()
         if n in tokens
+        for layout in layouts
     }
 
 
@@ -427,7 +433,7 @@ PATCH_EMBED = OpCase(
     reference.patch_embed,
     main_rank=4,
     empty=dict(batch=0),
-    variants=_patch_variants(_PATCH_TOKENS, dim=24),  # D = 24: not a power of two, masked columns
+    variants=_patch_variants(_PATCH_TOKENS, ("", "channels_last"), dim=24),  # D = 24: masked columns
 )
 PATCH_EMBED_UINT8 = OpCase(
     "patch_embed_uint8",
@@ -486,21 +492,34 @@ OP_CASES: dict[str, OpCase] = {
 
 
 def backend_params(
-    op_names: Iterable[str] | None = None, *, fused_only: bool = False, extra: Iterable[tuple] = ((),)
+    op_names: Iterable[str] | None = None,
+    *,
+    fused_only: bool = False,
+    extra: Iterable[tuple] | Callable[[OpCase, str], Iterable[tuple]] = ((),),
 ) -> list:
     """``pytest.param(op, backend, *more)`` for every (op, backend implementing it) — fused backends only with
-    ``fused_only`` — times every tuple in ``extra``; a backend that cannot run here is marked skip with the reason.
-    Ids: ``op-backend[-more]``."""
+    ``fused_only`` — times every tuple ``more`` of ``extra`` (or of ``extra(case, backend)``); a backend that cannot
+    run here is marked skip with the reason. Ids: ``op-backend[-more]``, dtypes without ``torch.``."""
     params = []
     for name in OP_CASES if op_names is None else op_names:
         case = OP_CASES[name]
         for backend in case.fused_backends if fused_only else case.backends:
             reason = backend_skip_reason(backend)
             marks = [pytest.mark.skip(reason=reason)] if reason else []
-            for more in extra:
-                ident = "-".join(str(v) for v in (name, backend, *more))
+            for more in extra(case, backend) if callable(extra) else extra:
+                ident = "-".join(_param_id(v) for v in (name, backend, *more))
                 params.append(pytest.param(name, backend, *more, marks=marks, id=ident))
     return params
+
+
+def _param_id(value: Any) -> str:
+    return (
+        str(value).removeprefix("torch.")
+        if isinstance(value, torch.dtype)
+        else f"{value:g}"
+        if isinstance(value, float)
+        else str(value)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
