@@ -258,6 +258,7 @@ class OpCase:
         arg_names: its tensor arguments, in call order; the first is the main input.
         build: ``build(draw, **shape) -> (tensors, kwargs)``; its keyword defaults are the default sample.
         reference_fn: the spec, called with the op's arguments by name.
+        optional: the tensor arguments that may be None.
         main_rank: the rank the main input must have; None for ``[..., C]`` (any rank >= 1).
         empty: the shape options of an empty batch.
         variants: awkward sizes by label: shape options for :meth:`make` (the project's ragged sizes: 1, 7, 50,
@@ -268,6 +269,7 @@ class OpCase:
     arg_names: tuple[str, ...]
     build: Callable[..., tuple[dict, dict]]
     reference_fn: Callable[..., torch.Tensor]
+    optional: tuple[str, ...]
     main_rank: int | None
     empty: dict[str, Any]
     variants: dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -319,6 +321,11 @@ class OpCase:
 
     def reference(self, sample: Sample) -> torch.Tensor:
         return self.call(sample, REFERENCE)
+
+    def as_function(self, sample: Sample, backend: str | None) -> Callable[..., torch.Tensor]:
+        """The op as a function of ``sample``'s tensor arguments, positionally (for gradcheck, torch.compile)."""
+        names = list(sample.tensors)
+        return lambda *tensors: self.call(Sample(dict(zip(names, tensors)), sample.kwargs), backend)
 
     def run(self, sample: Sample, backend: str | None, grad_seed: int = 1) -> list[torch.Tensor | None]:
         """``[output, gradient of every tensor argument]`` (None for absent and uint8 ones) for the fixed output
@@ -406,6 +413,7 @@ QKV_ATTENTION = OpCase(
     ("qkv",),
     _qkv_attention,
     reference.qkv_attention,
+    optional=(),
     main_rank=3,
     empty=dict(batch=0),
     variants={
@@ -419,6 +427,7 @@ ATTENTION = OpCase(
     ("q", "k", "v"),
     _attention,
     reference.attention,
+    optional=(),
     main_rank=4,
     empty=dict(batch=0),
     variants={
@@ -431,6 +440,7 @@ PATCH_EMBED = OpCase(
     ("x", "weight", "bias", "pos_embed", "cls_token"),
     _patch_embed,
     reference.patch_embed,
+    optional=("bias", "pos_embed", "cls_token"),
     main_rank=4,
     empty=dict(batch=0),
     variants=_patch_variants(_PATCH_TOKENS, ("", "channels_last"), dim=24),  # D = 24: masked columns
@@ -440,6 +450,7 @@ PATCH_EMBED_UINT8 = OpCase(
     ("images", "weight", "bias", "pos_embed", "cls_token"),
     _patch_embed_uint8,
     _patch_embed_uint8_reference,
+    optional=("bias", "pos_embed", "cls_token"),
     main_rank=4,
     empty=dict(batch=0),
     variants=_patch_variants((1, 7, 197), dim=24, pos=None),
@@ -449,6 +460,7 @@ LAYER_NORM = OpCase(
     ("x", "weight", "bias"),
     _layer_norm,
     reference.layer_norm,
+    optional=(),
     main_rank=None,
     empty=dict(lead=(0, 5)),
     variants={
@@ -463,6 +475,7 @@ LN_MLP = OpCase(
     ("x", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
     _ln_mlp,
     reference.ln_mlp,
+    optional=("fc1_bias", "fc2_bias"),
     main_rank=None,
     empty=dict(lead=(0, 5)),
     variants={
@@ -476,6 +489,7 @@ LINEAR_RESIDUAL = OpCase(
     ("x", "weight", "bias", "residual"),
     _linear_residual,
     reference.linear_residual,
+    optional=("bias",),
     main_rank=None,
     empty=dict(lead=(0, 5)),
     variants={
