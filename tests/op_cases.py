@@ -287,6 +287,7 @@ class OpCase:
         self,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = DEVICE,
+        *,
         requires_grad: bool = False,
         seed: int = 0,
         **shape: Any,
