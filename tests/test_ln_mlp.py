@@ -30,6 +30,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # The op-case table's ln_mlp inputs, on CPU tensors (the extension's C++ path) unless a test asks for CUDA.
 cpu_sample = functools.partial(LN_MLP.make, device="cpu")
+gpu_sample = functools.partial(LN_MLP.make, device="cuda")
 
 
 def check_against_reference(sample: Sample, approximate="none", residual=True, floor_rel=1e-6, label=""):
@@ -321,7 +322,7 @@ def test_lnmlp_unfused_paths():
 
 
 def _gpu_case(lead, width, hidden, dtype, approximate, residual=True, biases=True):
-    sample = LN_MLP.make(dtype, "cuda", lead=lead, width=width, hidden=hidden, fc1_bias=biases, fc2_bias=biases)
+    sample = gpu_sample(dtype, lead=lead, width=width, hidden=hidden, fc1_bias=biases, fc2_bias=biases)
     floor = 1e-6 if dtype == torch.float32 else 0.0
     check_against_reference(sample, approximate, residual, floor_rel=floor, label=f"cuda {width}->{hidden}")
 
@@ -366,7 +367,7 @@ def test_gpu_large_batch_bf16(approximate):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gpu_deterministic_mode_gives_bit_identical_gradients(dtype, approximate):
-    sample = LN_MLP.make(dtype, "cuda", lead=(16, 197), width=384, hidden=1536).with_kwargs(approximate=approximate)
+    sample = gpu_sample(dtype, lead=(16, 197), width=384, hidden=1536).with_kwargs(approximate=approximate)
     fastvit.set_deterministic(True)
     try:
         runs = [LN_MLP.run(sample, "cuda") for _ in range(3)]
@@ -380,7 +381,7 @@ def test_gpu_deterministic_mode_gives_bit_identical_gradients(dtype, approximate
 @needs_cuda
 @pytest.mark.gpu
 def test_gpu_inference_path_and_autocast():
-    inputs = LN_MLP.make(device="cuda", lead=(8, 197), width=384, hidden=1536).args
+    inputs = gpu_sample(lead=(8, 197), width=384, hidden=1536).args
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = ops.ln_mlp(*inputs, backend="cuda")
         expected = ops.ln_mlp(*inputs, backend="torch")
@@ -391,7 +392,7 @@ def test_gpu_inference_path_and_autocast():
 @needs_cuda
 @pytest.mark.gpu
 def test_gpu_op_passes_opcheck_and_compiles():
-    sample = LN_MLP.make(torch.bfloat16, "cuda", requires_grad=True, lead=(3, 50), width=64, hidden=256)
+    sample = gpu_sample(torch.bfloat16, requires_grad=True, lead=(3, 50), width=64, hidden=256)
     args = sample.args
     torch.library.opcheck(torch.ops.fastvit.ln_mlp_fwd.default, (*args, 1e-6, "none", True, True))
     compiled = torch.compile(LN_MLP.as_function(sample, "cuda"), fullgraph=True)
