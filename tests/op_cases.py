@@ -13,7 +13,7 @@ Suites read it as::
     @pytest.mark.parametrize("op, backend", backend_params())
     def test_something(op, backend):
         case = OP_CASES[op]
-        sample = case.make(dtype=torch.float16, tokens=50)
+        sample = case.make(torch.float16)  # or case.variant("N197-D80"), case.make(**case.empty), ...
         assert_matches_reference(case, sample, backend)
 
 Inputs are drawn in fp64 from a seeded generator and then cast, so every dtype sees the same values.
@@ -357,6 +357,11 @@ class OpCase:
     @property
     def fused_backends(self) -> tuple[str, ...]:
         return tuple(b for b in self.backends if b != "torch")
+
+    @property
+    def runnable_backends(self) -> tuple[str, ...]:
+        """The backends implementing the op that can run on DEVICE tensors in this process."""
+        return tuple(b for b in self.backends if backend_skip_reason(b) is None)
 
     def signature(self, sample: Sample) -> Any:
         """The call signature the op itself builds for ``sample`` (what the ``supports`` predicates read): the op
