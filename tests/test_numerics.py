@@ -307,12 +307,12 @@ def test_awkward_sizes_every_element_written(op, backend, variant, monkeypatch):
     case = OP_CASES[op]
     sample = case.variant(variant)
     with POISON[backend](monkeypatch):
-        assert_matches_reference(case, sample, backend, name=variant)
+        cmp = assert_matches_reference(case, sample, backend, name=variant)
         if op == "ln_mlp":  # no residual: the branch alone
             branch = sample.with_kwargs(residual=False)
             torch.testing.assert_close(case.call(branch, backend), case.reference(branch), atol=1e-5, rtol=1e-4)
-        if op == "patch_embed_uint8":
-            torch.testing.assert_close(case.call(sample, backend), case.reference(sample), atol=1e-5, rtol=1e-5)
+        if op == "patch_embed_uint8":  # the output also within a plain fp32 tolerance of the reference's
+            torch.testing.assert_close(cmp.ours[0], cmp.same[0], atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
