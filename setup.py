@@ -141,7 +141,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastvit", "fastvit.ops", "fastvit.kernels"],
+    packages=["fastvit", "fastvit.ops", "fastvit.ops.triton", "fastvit.ops.cuda", "fastvit.kernels"],
     package_dir={"fastvit": "fastvit", "fastvit.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -167,9 +167,12 @@ _extension_module = None
 def _probe_triton() -> tuple[bool, str]:
     try:
         triton = importlib.import_module("triton")
-        importlib.import_module("fastvit.kernels")  # the kernels themselves must import, not only triton
     except Exception as exc:  # ImportError, or a broken install raising something else
-        return False, f"the Triton kernels are not importable ({type(exc).__name__}: {exc})"
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    try:
+        importlib.import_module("fastvit.kernels")  # the kernels themselves must import, not only triton
+    except Exception as exc:
+        return False, f"the Triton kernels (fastvit.kernels) are not importable ({type(exc).__name__}: {exc})"
     return True, f"triton {triton.__version__}"
 
 
@@ -240,7 +243,7 @@ def kernel_dtype_reason(backend: str, device: torch.device, dtypes: tuple[torch.
         return None
     bad = sorted({str(d).removeprefix("torch.") for d in dtypes if d not in KERNEL_DTYPES})
     if bad:
-        return DtypeReason(f"{', '.join(bad)} (the {backend!r} kernels take float16, bfloat16, float32)")
+        return DtypeReason(f"{', '.join(bad)} (the {backend!r} kernels take float16, bfloat16 and float32)")
     if backend == "triton" and device.type == "cpu" and torch.bfloat16 in dtypes:
         return DtypeReason(
             "bfloat16 under Triton's CPU interpreter (its bf16 tl.dot is broken, triton#11584; bf16 runs on a GPU)"

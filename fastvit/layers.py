@@ -30,11 +30,20 @@ from fastvit.ops.patch_embed import prefix_and_position
 
 
 def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """``value`` as an (H, W) pair of positive ints (an image or patch size)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        pair = (value, value)
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
 
 
 class LayerNorm(nn.LayerNorm):
@@ -101,8 +110,10 @@ class PatchEmbed(nn.Module):
             )
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        self.img_size = to_2tuple(img_size, "img_size")
-        self._check_divisible(self.img_size, "img_size")
+        """Change the expected image size; validated before anything changes."""
+        img_size = to_2tuple(img_size, "img_size")
+        self._check_divisible(img_size, "img_size")
+        self.img_size = img_size
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
@@ -131,6 +142,11 @@ class PatchEmbed(nn.Module):
                     "build the model with that img_size, or with dynamic_img_size=True"
                 )
         else:
+            if size[0] < self.patch_size[0] or size[1] < self.patch_size[1]:
+                raise ValueError(
+                    f"image size {size[0]}x{size[1]} holds no {self.patch_size[0]}x{self.patch_size[1]} patch; x must "
+                    "be at least one patch in each dimension"
+                )
             self._check_divisible(size, "image size")
         return x
 
@@ -286,48 +302,31 @@ def _fused_ln_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, residual: bo
     )  # fmt: skip
 
 
-class LNMLP(nn.Module):
+class LNMLP(Mlp):
     """LayerNorm -> fc1 -> GELU -> fc2 (+ residual) as one ``ops.ln_mlp`` call, for use outside a ``Block``.
 
-    Owns its LayerNorm (keys ``norm.weight``, ``norm.bias``, ``fc1.*``, ``fc2.*``). ``forward(x)`` returns
-    ``x + mlp(norm(x))`` (``residual=True``, the default) or ``mlp(norm(x))``. Anything the fused op does not
-    cover (a norm that is not a plain affine LayerNorm, a non-GELU activation, an adapter or hook on a Linear,
-    active dropout while training) runs the same modules unfused (``mlp_blockers``).
+    An ``Mlp`` whose ``norm`` slot holds the LayerNorm applied *before* fc1 (keys ``norm.weight``, ``norm.bias``,
+    ``fc1.*``, ``fc2.*``). ``forward(x)`` returns ``x + mlp(norm(x))`` (``residual=True``, the default) or
+    ``mlp(norm(x))``. Anything the fused op does not cover (a norm that is not a plain affine LayerNorm, a non-GELU
+    activation, an adapter or hook on a Linear, active dropout while training) runs the same modules unfused
+    (``mlp_blockers``).
 
     Args:
         in_features: C, the token width.
         hidden_features: the hidden width (``mlp_ratio * C``).
-        act_layer: activation class; ``nn.GELU`` (either ``approximate``) is fused.
-        bias: Linear biases.
-        drop: dropout after the activation and after fc2 (training only; unfused).
         eps: epsilon of the LayerNorm.
         residual: default of ``forward``'s ``residual``.
+        mlp_kwargs: ``Mlp``'s ``act_layer`` (``nn.GELU``, either ``approximate``, is fused), ``bias``, ``drop``
+            (dropout after the activation and after fc2: training only, unfused), ``device``, ``dtype``.
     """
 
-    op_name = "ln_mlp"
-
     def __init__(
-        self,
-        in_features: int,
-        hidden_features: int,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
-        bias: bool = True,
-        drop: float = 0.0,
-        eps: float = 1e-6,
-        residual: bool = True,
-        device=None,
-        dtype=None,
+        self, in_features: int, hidden_features: int, eps: float = 1e-6, residual: bool = True, **mlp_kwargs
     ) -> None:
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        super().__init__(in_features, hidden_features, **mlp_kwargs)
+        dd = {key: mlp_kwargs.get(key) for key in ("device", "dtype")}
         self.norm = LayerNorm(in_features, eps=eps, **dd)
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, **dd)
-        self.drop2 = nn.Dropout(drop)
         self.residual = residual
-        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor, residual: bool | None = None) -> torch.Tensor:
         residual = self.residual if residual is None else residual

@@ -561,8 +561,8 @@ def _check_config(
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if embed_dim % num_heads != 0:
         raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-    if not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
-        raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < float("inf"):
+        raise ValueError(f"mlp_ratio must be a positive finite number, got {mlp_ratio!r}")  # NaN fails too
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(
             f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r} (attention pooling 'map'/'prr' "

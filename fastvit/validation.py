@@ -28,6 +28,47 @@ def check_shape(name: str, value: torch.Tensor, expected: tuple[int, ...], meani
         raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {tuple(value.shape)}")
 
 
+def check_features(name: str, x: object, meaning: str) -> int:
+    """``x`` [..., F]: a floating-point tensor of rank >= 1 whose last dimension (``meaning``) is >= 1; returns F."""
+    check_tensor(name, x, min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name}'s last dimension ({meaning}) must be >= 1, got {name} of shape {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def check_linear(
+    weight_name: str,
+    weight: object,
+    bias_name: str,
+    bias: object,
+    in_features: int,
+    out: str,
+    meaning: str,
+    out_features: int | None = None,
+) -> int:
+    """A Linear's ``weight`` [out, in_features] (``out`` names its first dimension; ``out_features`` fixes it when
+    given) and ``bias`` [out] or None; returns the number of output features."""
+    check_tensor(weight_name, weight, ndim=2)
+    if out_features is None:
+        out_features = weight.shape[0]
+        if out_features == 0:
+            raise ValueError(
+                f"{weight_name} must have at least one output feature ({out} >= 1), got {tuple(weight.shape)}"
+            )
+    check_shape(weight_name, weight, (out_features, in_features), meaning)
+    if bias is not None:
+        check_tensor(bias_name, bias, ndim=1)
+        check_shape(bias_name, bias, (out_features,), f"[{out}] = {weight_name}.shape[0]")
+    return out_features
+
+
+def check_norm_params(width: int, **params: object) -> None:
+    """Affine parameters of a normalisation over the last dimension: [width] floating-point tensors."""
+    for name, value in params.items():
+        check_tensor(name, value, ndim=1)
+        check_shape(name, value, (width,), "the last dimension of x")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     present = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(present.values())) > 1:

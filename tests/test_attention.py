@@ -397,8 +397,8 @@ def test_one_coverage_rule_for_auto_explicit_backends_and_the_report():
         return attention_triton.supports(attention_call(DEVICE, dtype, head_dim, v_head_dim, dropout))
 
     assert why_not(64, 64, torch.float16) is None
-    assert "head dim 16" in why_not(16, 16, torch.float16)
-    assert "differs" in why_not(64, 32, torch.float16)
+    assert "got head_dim=16" in why_not(16, 16, torch.float16)
+    assert "v's head dim to equal q's" in why_not(64, 32, torch.float16)
     assert "float64" in why_not(64, 64, torch.float64)
     assert "dropout" in why_not(64, 64, torch.float16, dropout=True)
     if DEVICE.type == "cpu":  # the interpreter's bf16 tl.dot is broken: refused, never answered
@@ -406,7 +406,7 @@ def test_one_coverage_rule_for_auto_explicit_backends_and_the_report():
     # An explicit backend raises the predicate's reason; 'auto' runs the torch backend for such inputs
     # (so a model with 16-wide heads still runs under 'auto'; on a GPU it would otherwise hit the kernel).
     qkv = torch.randn(1, 5, 3 * 2 * 16, device=DEVICE)
-    with pytest.raises(ValueError, match=r"'triton' backend does not cover this input: head dim 16"):
+    with pytest.raises(ValueError, match=r"'triton' backend does not cover this input: .*got head_dim=16"):
         ops.qkv_attention(qkv, 2, backend="triton")
     assert ops.qkv_attention(qkv, 2, backend="auto").shape == (1, 5, 32)
     assert dispatch.explain("qkv_attention", "triton", attention_call(DEVICE, torch.float16, 16))[0] == "unusable"

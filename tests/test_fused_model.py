@@ -16,21 +16,12 @@ import torch
 
 import fastvit
 
-from utils import DEVICE, needs_cuda, triton_skip_reason
+from utils import DEVICE, FUSED, TINY, needs_cuda, triton_skip_reason
 
 if triton_skip_reason() is not None:
     pytest.skip(triton_skip_reason(), allow_module_level=True)
 if os.environ.get("FASTVIT_NO_EXT") == "1":
     pytest.skip("FASTVIT_NO_EXT=1: the extension's ops are not built", allow_module_level=True)
-
-FUSED = {
-    "patch_embed": "triton",
-    "qkv_attention": "triton",
-    "layer_norm": "cuda",
-    "linear_residual": "cuda",
-    "ln_mlp": "cuda",
-}
-TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)  # head dim 32
 
 
 def _pair(**options):
@@ -190,7 +181,7 @@ def test_fusion_report_says_which_halves_run_fused_and_why_not():
     auto = fastvit.ViT(**TINY, backend="auto").fusion_report("cpu")
     assert "'auto' runs the torch backend on cpu tensors" in str(auto)
     wide_heads = fastvit.ViT(**{**TINY, "num_heads": 4}).set_backend(FUSED).fusion_report("cpu")  # head dim 16
-    assert "head dim 16 (the Triton kernels take" in str(wide_heads)
+    assert "the Triton kernels take head_dim in (32, 48, 64, 80, 96, 128), got head_dim=16" in str(wide_heads)
     if not torch.cuda.is_available():
         gpu_plan = fused.fusion_report("cuda")
         assert gpu_plan[0]["attn"].backends["linear_residual"] == "unusable"

@@ -221,11 +221,10 @@ def test_auto_torch_for_uncovered_cuda_input_is_logged(caplog, pretend_gpu):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_auto_on_cuda_tensors_without_a_gpu_logs_why(caplog):
-    cuda = torch.device("cuda")
-    assert dispatch.resolve("linear_residual", "auto", cuda) == "torch"
-    with caplog.at_level(logging.DEBUG, logger="fastvit"):  # the message comes when a call is dispatched
-        fn = dispatch.select("linear_residual", "auto", dispatch.DeviceDtypeCall(cuda, torch.float32))
-    assert fn is dispatch._REGISTRY["linear_residual"]["torch"].fn
+    with caplog.at_level(logging.DEBUG, logger="fastvit"):
+        call = dispatch.DeviceDtypeCall(torch.device("cuda"), torch.float32)
+        assert dispatch.select("linear_residual", "auto", call) is dispatch._REGISTRY["linear_residual"]["torch"].fn
+    assert dispatch.resolve("linear_residual", "auto", torch.device("cuda")) == "torch"
     assert "linear_residual: 'auto' runs the torch backend on CUDA tensors (cuda: no CUDA device is available)" in (
         caplog.text
     )

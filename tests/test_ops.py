@@ -314,3 +314,13 @@ def test_deterministic_flag_and_torch_setting():
         torch.use_deterministic_algorithms(False)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         fastvit.set_deterministic(1)
+
+
+def test_layer_norm_and_ln_mlp_share_one_eps_rule():
+    x, w, b = torch.randn(2, 6), torch.ones(6), torch.zeros(6)
+    fc1, fc2 = torch.randn(9, 6), torch.randn(6, 9)
+    for eps in (0, 0.0, -1e-6, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            ops.layer_norm(x, w, b, eps=eps)
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            ops.ln_mlp(x, w, b, fc1, None, fc2, None, eps=eps)

@@ -20,22 +20,13 @@ import fastvit
 from fastvit import layers
 from fastvit.fusion import block_fusion
 
-from utils import DEVICE, has_module, triton_skip_reason
+from utils import DEVICE, FUSED, TINY, has_module, triton_skip_reason
 
 if triton_skip_reason() is not None:
     pytest.skip(triton_skip_reason(), allow_module_level=True)
 if os.environ.get("FASTVIT_NO_EXT") == "1":
     pytest.skip("FASTVIT_NO_EXT=1: the extension's ops are not built", allow_module_level=True)
 timm = pytest.importorskip("timm")
-
-FUSED = {
-    "patch_embed": "triton",
-    "qkv_attention": "triton",
-    "layer_norm": "cuda",
-    "linear_residual": "cuda",
-    "ln_mlp": "cuda",
-}
-TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)  # head dim 32
 
 
 class LoraLinear(nn.Module):
@@ -129,24 +120,23 @@ class _Scale(nn.Module):
         return x * self.gamma
 
 
+def _same_surgery(path, make):
+    """Both models of a pair, with ``path`` replaced by ``make(old)`` in each (same random init for both)."""
+    models = _pair()
+    for model in models:
+        torch.manual_seed(1)
+        _replace(model, path, make)
+    return models
+
+
 @pytest.mark.parametrize("surgery", list(SURGERIES))
 def test_replaced_submodules_are_run(surgery):
-    path, make = SURGERIES[surgery]
-    timm_model, fused = _pair()
-    torch.manual_seed(1)
-    _replace(timm_model, path, make)
-    torch.manual_seed(1)
-    _replace(fused, path, make)
-    _assert_same(timm_model, fused)
+    _assert_same(*_same_surgery(*SURGERIES[surgery]))
 
 
 @pytest.mark.parametrize("target", ADAPTER_TARGETS)
 def test_lora_style_adapters_take_effect(target):
-    timm_model, fused = _pair()
-    torch.manual_seed(2)
-    _replace(timm_model, target, LoraLinear)
-    torch.manual_seed(2)
-    _replace(fused, target, LoraLinear)
+    timm_model, fused = _same_surgery(target, LoraLinear)
     _assert_same(timm_model, fused)
     block = fused.get_submodule(".".join(target.split(".")[:2]))
     status = block_fusion(block, DEVICE, torch.float32)

@@ -73,3 +73,15 @@ def needs_backend(backend: str) -> pytest.MarkDecorator:
     """Skip mark for a test that runs ``backend`` on DEVICE tensors."""
     reason = backend_skip_reason(backend)
     return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
+# A model's ops on fused backends that run on CPU too (the Triton interpreter, the extension's C++ twin), and a
+# tiny ViT whose head dim (32) the Triton kernels cover.
+FUSED = {
+    "patch_embed": "triton",
+    "qkv_attention": "triton",
+    "layer_norm": "cuda",
+    "linear_residual": "cuda",
+    "ln_mlp": "cuda",
+}
+TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)

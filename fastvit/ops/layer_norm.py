@@ -15,10 +15,10 @@ from fastvit import dispatch
 from fastvit.validation import (
     autocast_enabled,
     check_eps,
+    check_features,
+    check_norm_params,
     check_same_device,
     check_same_dtype_outside_autocast,
-    check_shape,
-    check_tensor,
 )
 
 
@@ -33,13 +33,7 @@ def layer_norm(
         eps: added to the variance; positive.
         backend: 'auto' | 'cuda' | 'torch' (the backends implementing it); None = the process default.
     """
-    check_tensor("x", x, min_ndim=1)
-    if x.shape[-1] == 0:
-        raise ValueError(f"x's last dimension (the normalised width) must be >= 1, got x of shape {tuple(x.shape)}")
-    check_tensor("weight", weight, ndim=1)
-    check_tensor("bias", bias, ndim=1)
-    check_shape("weight", weight, (x.shape[-1],), "the last dimension of x")
-    check_shape("bias", bias, (x.shape[-1],), "the last dimension of x")
+    check_norm_params(check_features("x", x, "the normalised width"), weight=weight, bias=bias)
     check_same_device(x=x, weight=weight, bias=bias)
     check_same_dtype_outside_autocast(x.device, x=x, weight=weight, bias=bias)
     eps = check_eps(eps)

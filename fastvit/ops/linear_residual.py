@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from fastvit import dispatch
 from fastvit.validation import (
     autocast_dtype,
+    check_features,
+    check_linear,
     check_same_device,
     check_same_dtype_outside_autocast,
     check_shape,
@@ -49,18 +51,8 @@ def linear_residual(
     Returns:
         [..., N].
     """
-    check_tensor("x", x, min_ndim=1)
-    in_features = x.shape[-1]
-    if in_features == 0:
-        raise ValueError(f"x's last dimension (in_features K) must be >= 1, got x of shape {tuple(x.shape)}")
-    check_tensor("weight", weight, ndim=2)
-    out_features = weight.shape[0]
-    if out_features == 0:
-        raise ValueError(f"weight must have at least one output feature (N >= 1), got {tuple(weight.shape)}")
-    check_shape("weight", weight, (out_features, in_features), "[N, K], K = the last dimension of x")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-        check_shape("bias", bias, (out_features,), "[N], N = weight.shape[0]")
+    in_features = check_features("x", x, "in_features K")
+    out_features = check_linear("weight", weight, "bias", bias, in_features, "N", "[N, K], K = the last dimension of x")
     check_tensor("residual", residual)
     check_shape(
         "residual", residual, (*x.shape[:-1], out_features), "[..., N]: x's leading dimensions, N = weight.shape[0]"

@@ -21,10 +21,11 @@ from fastvit import dispatch
 from fastvit.ops.linear_residual import linear_call, linear_residual_torch
 from fastvit.validation import (
     check_eps,
+    check_features,
+    check_linear,
+    check_norm_params,
     check_same_device,
     check_same_dtype_outside_autocast,
-    check_shape,
-    check_tensor,
 )
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -58,43 +59,18 @@ def ln_mlp(
     Returns:
         [..., C].
     """
-    check_tensor("x", x, min_ndim=1)
-    width = x.shape[-1]
-    if width == 0:
-        raise ValueError(f"x's last dimension (the width C) must be >= 1, got x of shape {tuple(x.shape)}")
-    check_tensor("ln_weight", ln_weight, ndim=1)
-    check_tensor("ln_bias", ln_bias, ndim=1)
-    check_shape("ln_weight", ln_weight, (width,), "the last dimension of x")
-    check_shape("ln_bias", ln_bias, (width,), "the last dimension of x")
-    check_tensor("fc1_weight", fc1_weight, ndim=2)
-    hidden = fc1_weight.shape[0]
-    if hidden == 0:
-        raise ValueError(
-            f"fc1_weight must have at least one output feature (hidden >= 1), got {tuple(fc1_weight.shape)}"
-        )
-    check_shape("fc1_weight", fc1_weight, (hidden, width), "[hidden, C]")
-    check_tensor("fc2_weight", fc2_weight, ndim=2)
-    check_shape("fc2_weight", fc2_weight, (width, hidden), "[C, hidden] with hidden = fc1_weight.shape[0]")
-    if fc1_bias is not None:
-        check_tensor("fc1_bias", fc1_bias, ndim=1)
-        check_shape("fc1_bias", fc1_bias, (hidden,), "[hidden]")
-    if fc2_bias is not None:
-        check_tensor("fc2_bias", fc2_bias, ndim=1)
-        check_shape("fc2_bias", fc2_bias, (width,), "[C]")
+    width = check_features("x", x, "the width C")
+    check_norm_params(width, ln_weight=ln_weight, ln_bias=ln_bias)
+    hidden = check_linear("fc1_weight", fc1_weight, "fc1_bias", fc1_bias, width, "hidden", "[hidden, C]")
+    meaning = "[C, hidden] with hidden = fc1_weight.shape[0]"
+    check_linear("fc2_weight", fc2_weight, "fc2_bias", fc2_bias, hidden, "C", meaning, out_features=width)
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
     eps = check_eps(eps)
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
-    tensors = dict(
-        x=x,
-        ln_weight=ln_weight,
-        ln_bias=ln_bias,
-        fc1_weight=fc1_weight,
-        fc1_bias=fc1_bias,
-        fc2_weight=fc2_weight,
-        fc2_bias=fc2_bias,
-    )
+    names = ("x", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+    tensors = dict(zip(names, (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)))
     check_same_device(**tensors)
     check_same_dtype_outside_autocast(x.device, **tensors)
     impl = dispatch.select("ln_mlp", backend, linear_call(x))

@@ -16,9 +16,14 @@ from fastvit.validation import autocast_enabled
 
 @dispatch.register("layer_norm", "cuda")  # every floating dtype (the kernels dispatch float64 too)
 def layer_norm(x, weight, bias, eps):
-    if autocast_enabled(x.device):  # as autocast does for layer_norm: compute and return float32
-        x, weight, bias = (t if t.dtype == torch.float64 else t.float() for t in (x, weight, bias))
-    return torch.ops.fastvit.layer_norm_fwd(x, weight, bias, eps)[0]
+    if not autocast_enabled(x.device):
+        return torch.ops.fastvit.layer_norm_fwd(x, weight, bias, eps)[0]
+    # Under autocast the parameters may be fp32 and x bf16/fp16 (one dtype per call for the kernels): compute in
+    # fp32 and return what F.layer_norm returns there. CUDA autocast has layer_norm on its float32 list (fp32 out);
+    # CPU autocast leaves it alone and F.layer_norm takes mixed dtypes, answering in x's dtype.
+    out_dtype = torch.float32 if x.device.type == "cuda" and x.dtype != torch.float64 else x.dtype
+    x, weight, bias = (t if t.dtype == torch.float64 else t.float() for t in (x, weight, bias))
+    return torch.ops.fastvit.layer_norm_fwd(x, weight, bias, eps)[0].to(out_dtype)
 
 
 def _fake_forward(x, weight, bias, eps):

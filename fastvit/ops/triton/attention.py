@@ -32,9 +32,9 @@ def supports(call: AttentionCall) -> str | None:
     if call.dropout:
         return "attention dropout (dropout_p > 0) is implemented only by the 'torch' backend"
     if call.head_dim not in SUPPORTED_HEAD_DIMS:
-        return f"head dim {call.head_dim} (the Triton kernels take {SUPPORTED_HEAD_DIMS})"
+        return f"the Triton kernels take head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={call.head_dim}"
     if call.v_head_dim != call.head_dim:
-        return f"v's head dim {call.v_head_dim} differs from q's {call.head_dim}"
+        return f"the Triton kernels need v's head dim to equal q's ({call.head_dim}), got {call.v_head_dim}"
     return dispatch.kernel_dtype_reason("triton", call.device, (call.dtype,))
 
 
@@ -215,9 +215,15 @@ def _new_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 # [B, H, N, D] tensors. The forward returns (out, lse); lse [B, H, N] fp32 is saved for the backward.
 
 
-@torch.library.custom_op(
-    "fastvit::qkv_attention_fwd", mutates_args=(), schema="(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)"
+_QKV_FWD = "(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)"
+_QKV_BWD = "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale) -> Tensor"
+_FWD = "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
+_BWD = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)"
 )
+
+
+@torch.library.custom_op("fastvit::qkv_attention_fwd", mutates_args=(), schema=_QKV_FWD)
 def _qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     batch, tokens, width3 = qkv.shape
     out = _new_like(qkv, (batch, tokens, width3 // 3))
@@ -232,11 +238,7 @@ def _(qkv, num_heads, scale):
     return qkv.new_empty((batch, tokens, width3 // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=torch.float32)
 
 
-@torch.library.custom_op(
-    "fastvit::qkv_attention_bwd",
-    mutates_args=(),
-    schema="(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale) -> Tensor",
-)
+@torch.library.custom_op("fastvit::qkv_attention_bwd", mutates_args=(), schema=_QKV_BWD)
 def _qkv_attention_bwd(grad_out, qkv, out, lse, num_heads, scale):
     grad_qkv = _new_like(qkv)
     _attention_backward(
@@ -271,9 +273,7 @@ def _qkv_attention_backward(ctx, grad_out, _grad_lse):
 _qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv_attention_setup_context)
 
 
-@torch.library.custom_op(
-    "fastvit::attention_fwd", mutates_args=(), schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
-)
+@torch.library.custom_op("fastvit::attention_fwd", mutates_args=(), schema=_FWD)
 def _attention_fwd(q, k, v, scale):
     out = _new_like(q)
     lse = _new_like(q, tuple(q.shape[:-1]), torch.float32)
@@ -286,12 +286,7 @@ def _(q, k, v, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op(
-    "fastvit::attention_bwd",
-    mutates_args=(),
-    schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
-    "-> (Tensor, Tensor, Tensor)",
-)
+@torch.library.custom_op("fastvit::attention_bwd", mutates_args=(), schema=_BWD)
 def _attention_bwd(grad_out, q, k, v, out, lse, scale):
     dq, dk, dv = (_new_like(t) for t in (q, k, v))
     _attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale)

@@ -40,7 +40,7 @@ def supports(call: PatchEmbedCall) -> str | None:
     if len(call.dtypes) > 1 and call.autocast_dtype is None:
         return f"mixed dtypes {[str(d).removeprefix('torch.') for d in call.dtypes]} outside autocast"
     if call.uint8 and call.in_chans > MAX_UINT8_CHANNELS:
-        return f"{call.in_chans} channels (the uint8 path takes up to {MAX_UINT8_CHANNELS})"
+        return f"the uint8 path takes at most {MAX_UINT8_CHANNELS} channels, got {call.in_chans}"
     return None
 
 
