@@ -66,6 +66,21 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def backend_skip_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on DEVICE tensors in this process (None when it can; ``torch`` always can)."""
+    from fastvit import dispatch
+
+    if backend == "triton":
+        return triton_skip_reason()
+    return dispatch.backend_unusable_reason(backend, DEVICE)
+
+
+def needs_backend(backend: str) -> pytest.MarkDecorator:
+    """Skip mark for a test that runs ``backend`` on DEVICE tensors."""
+    reason = backend_skip_reason(backend)
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
 # A model's ops on fused backends that run on CPU too (the Triton interpreter, the extension's C++ twin), and a
 # tiny ViT whose head dim (32) the Triton kernels cover.
 FUSED = {
