@@ -5,7 +5,7 @@ model = fastvit.create_model("vit_base_patch16_224", num_classes=10)
 fastvit.backends()            # which fused backends can run here, and why not
 """
 
-from fastvit import ops
+from fastvit import ops, verification
 from fastvit.convert import from_hf, from_timm, from_torchvision, load_weights
 from fastvit.dispatch import (
     backends,
@@ -30,11 +30,14 @@ from fastvit.model import (
 )
 from fastvit.optimize import optimize
 from fastvit.session import InferenceSession
+from fastvit.verification import UnverifiedKernelWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "verification",
+    "UnverifiedKernelWarning",
     "backends",
     "get_default_backend",
     "set_default_backend",

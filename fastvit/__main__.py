@@ -71,6 +71,9 @@ def info() -> int:
     print(f"default backend: {fastvit.get_default_backend()} (FASTVIT_BACKEND)")
     for report in fastvit.backends().values():
         print(report)
+    from fastvit import verification
+
+    print(verification.describe())
     return 0
 
 
