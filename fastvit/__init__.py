@@ -3,6 +3,7 @@
 import fastvit
 model = fastvit.create_model("vit_base_patch16_224", num_classes=10)
 fastvit.backends()            # which fused backends can run here, and why not
+fastvit.selftest()            # check the fused kernels on this GPU; 'auto' uses them where they passed
 """
 
 from fastvit import ops, verification
@@ -29,6 +30,7 @@ from fastvit.model import (
     vit_tiny_patch16_224,
 )
 from fastvit.optimize import optimize
+from fastvit.selftest_runner import selftest
 from fastvit.session import InferenceSession
 from fastvit.verification import UnverifiedKernelWarning
 
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ops",
     "verification",
+    "selftest",
     "UnverifiedKernelWarning",
     "backends",
     "get_default_backend",
