@@ -118,9 +118,34 @@ def _run_one(check, device: torch.device) -> CheckResult:
     )
 
 
+_CONTEXT_ERRORS = ("CUDA error", "Triton Error [CUDA]", "AcceleratorError", "illegal memory access", "launch failure")
+NOT_RUN = "not run: "  # the detail of a check skipped after an earlier one broke the CUDA context
+
+
+def _not_run(check, why: str) -> CheckResult:
+    dtype = str(check.dtype).removeprefix("torch.")
+    return CheckResult(check.op, check.backend, dtype, check.label, check.configs, math.inf, NOT_RUN + why, 0.0)
+
+
 def _broken_context(result: CheckResult) -> bool:
     """True when the check's failure leaves the process's CUDA context unusable (e.g. an illegal address)."""
-    return result.detail.startswith(("AcceleratorError", "RuntimeError: CUDA error")) or "CUDA error" in result.detail
+    return any(marker in result.detail for marker in _CONTEXT_ERRORS)
+
+
+def _run_in_process(checks, device: torch.device, bar) -> list[CheckResult]:
+    """Run ``checks`` here, one after the other; after a check breaks the CUDA context the rest cannot run in
+    this process and are reported as not run (``--jobs 2`` and more restart them in a fresh process)."""
+    results, broken = [], None
+    for check in checks:
+        bar.set_postfix_str(f"{check.op} {str(check.dtype).removeprefix('torch.')}", refresh=False)
+        if broken is None:
+            results.append(_run_one(check, device))
+            if device.type == "cuda" and _broken_context(results[-1]):
+                broken = f"{results[-1].op} [{results[-1].label}]"
+        else:
+            results.append(_not_run(check, f"the CUDA context broke in {broken}"))
+        bar.update(1)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,15 +197,17 @@ def _run_in_workers(checks, device: torch.device, quick: bool, ops, jobs: int, b
             command = [sys.executable, "-m", "fastvit", "selftest", "--worker", str(shard), "--results", str(out)]
             command += ["--device", str(device)] + (["--quick"] if quick else [])
             command += ["--ops", ",".join(ops)] if ops else []
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            running.append((process, indices, out))
+            log = Path(tmp) / f"stderr{spawned}.log"
+            with open(log, "w") as errors:  # a file, not a pipe: a full pipe would block the worker
+                process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+            running.append((process, indices, out, log))
 
         for indices in pending:
             if indices:
                 spawn(indices)
         while running:
             time.sleep(0.2)
-            for process, indices, out in list(running):
+            for process, indices, out, log in list(running):
                 for line in out.read_text().splitlines():
                     index, result = _result_from_json(line)
                     if index not in results:
@@ -188,16 +215,16 @@ def _run_in_workers(checks, device: torch.device, quick: bool, ops, jobs: int, b
                         bar.update(1)
                 if process.poll() is None:
                     continue
-                running.remove((process, indices, out))
+                running.remove((process, indices, out, log))
                 left = [i for i in indices if i not in results]
                 if left and process.returncode not in (0, 3):  # died inside a check without reporting it
-                    last_line = ((process.stderr.read() or "").strip().splitlines() or [""])[-1][:200]
+                    last_line = (log.read_text().strip().splitlines() or [""])[-1][:200]
                     why = f"worker exited with code {process.returncode} during this check ({last_line})"
                     crashed = checks[left[0]]
+                    dtype = str(crashed.dtype).removeprefix("torch.")
                     results[left[0]] = CheckResult(
-                        crashed.op, crashed.backend, str(crashed.dtype).removeprefix("torch."), crashed.label,
-                        crashed.configs, math.inf, why, 0.0,
-                    )  # fmt: skip
+                        crashed.op, crashed.backend, dtype, crashed.label, crashed.configs, math.inf, why, 0.0
+                    )
                     bar.update(1)
                     left = left[1:]
                 if left:
@@ -216,12 +243,16 @@ def _progress(total: int, enabled: bool):
 
 
 def _records(results: list[CheckResult], device: torch.device, quick: bool) -> list[verification.Record]:
+    """One verdict per (op, backend, dtype); none for a group with checks that could not run and no failure of
+    its own (no evidence either way)."""
     groups: dict[tuple[str, str, str], list[CheckResult]] = {}
     for result in results:
         groups.setdefault((result.op, result.backend, result.dtype), []).append(result)
     records = []
     for (op, backend, dtype), group in groups.items():
-        failures = [r for r in group if not r.passed]
+        failures = [r for r in group if not r.passed and not r.detail.startswith(NOT_RUN)]
+        if not failures and any(r.detail.startswith(NOT_RUN) for r in group):
+            continue
         worst = max(r.ratio for r in group)
         records.append(
             verification.new_record(
@@ -283,11 +314,7 @@ def selftest(
     checks, skipped = plan(device, quick, ops)
     with _progress(len(checks), progress and stream is not None) as bar:
         if jobs == 1 or len(checks) <= 1:
-            results = []
-            for check in checks:
-                bar.set_postfix_str(f"{check.op} {str(check.dtype).removeprefix('torch.')}", refresh=False)
-                results.append(_run_one(check, device))
-                bar.update(1)
+            results = _run_in_process(checks, device, bar)
         else:
             by_index = _run_in_workers(checks, device, quick, ops, min(jobs, len(checks)), bar)
             results = [by_index[i] for i in range(len(checks))]
@@ -327,12 +354,22 @@ def format_report(report: SelftestReport, notes: list[str] = ()) -> str:
         f"{len(report.results)} checks in {report.seconds:.0f} s",
         f"{'op':<18} {'backend':<7} {'dtype':<9} {'checks':>6} {'configs':>7} {'worst err/bound':>15}  result",
     ]
-    for r in report.records:
-        worst = "inf" if not math.isfinite(r.worst_ratio) else f"{r.worst_ratio:.3f}"
-        verdict = "pass" if r.passed else "FAIL"
-        configs = r.configs or "-"  # none forced: the launcher's own choice per shape (the interpreter's, cuBLASLt's)
-        lines.append(f"{r.op:<18} {r.backend:<7} {r.dtype:<9} {r.checks:>6} {configs:>7} {worst:>15}  {verdict}")
-    failures = [r for r in report.results if not r.passed]
+    groups: dict[tuple[str, str, str], list[CheckResult]] = {}
+    for result in report.results:
+        groups.setdefault((result.op, result.backend, result.dtype), []).append(result)
+    for (op, backend, dtype), group in groups.items():
+        ran = [r for r in group if not r.detail.startswith(NOT_RUN)]
+        worst = max((r.ratio for r in ran), default=0.0)
+        worst_text = "inf" if not math.isfinite(worst) else f"{worst:.3f}"
+        verdict = "pass" if all(r.passed for r in group) else ("FAIL" if any(not r.passed for r in ran) else "not run")
+        # configs: the distinct forced kernel configs; '-' when none is forced (the launcher's own choice per
+        # shape: the interpreter's, cuBLASLt's)
+        configs = len({c for r in group for c in r.configs}) or "-"
+        lines.append(f"{op:<18} {backend:<7} {dtype:<9} {len(group):>6} {configs:>7} {worst_text:>15}  {verdict}")
+    failures = [r for r in report.results if not r.passed and not r.detail.startswith(NOT_RUN)]
+    not_run = [r for r in report.results if r.detail.startswith(NOT_RUN)]
+    if not_run:
+        lines.append(f"{len(not_run)} checks not run ({not_run[0].detail}); no verdict recorded for their groups")
     for r in failures[:20]:
         lines.append(f"FAIL {r.backend} {r.op} {r.dtype} [{r.label}]: {r.detail}")
     if len(failures) > 20:

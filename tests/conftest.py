@@ -24,7 +24,7 @@ def pretend_gpu(monkeypatch):
         return None if device.type == "cuda" else real(backend, device)
 
     monkeypatch.setattr(dispatch, "backend_unusable_reason", usable_on_cuda)
-    monkeypatch.setenv("FASTVIT_VERIFY", "off")  # coverage only: the evidence gate has its own tests (test_verification)
+    monkeypatch.setenv("FASTVIT_VERIFY", "off")  # coverage only; the evidence gate is test_verification.py's
     dispatch.clear_cache()
     yield
     monkeypatch.undo()

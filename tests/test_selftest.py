@@ -346,3 +346,34 @@ def test_the_accuracy_rule():
     with pytest.raises(AssertionError, match="exceeds 2.0 x torch's"):
         accuracy.assert_within_torch_error("x", ref.float() + 1.0, ref.float(), ref)
 
+
+def test_after_a_broken_cuda_context_the_rest_is_not_run_and_not_recorded(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(verification, "device_facts", lambda d: verification.DeviceFacts("9.0", "NVIDIA H200"))
+
+    def fine():
+        return selftest_cases.Outcome(0.5, "out: fine")
+
+    def illegal_address():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    Check = selftest_cases.Check
+    checks = [
+        Check("ln_mlp", "cuda", torch.float16, "first", fine),
+        Check("qkv_attention", "triton", torch.float16, "breaks", illegal_address),
+        Check("qkv_attention", "triton", torch.float16, "after", fine),
+        Check("layer_norm", "cuda", torch.float16, "after", fine),
+    ]
+    with selftest_runner._progress(len(checks), enabled=False) as bar:
+        results = selftest_runner._run_in_process(checks, torch.device("cuda"), bar)
+    assert [r.passed for r in results] == [True, False, False, False]
+    assert results[3].detail == "not run: the CUDA context broke in qkv_attention [breaks]"
+    records = selftest_runner._records(results, torch.device("cuda"), quick=False)
+    verdicts = {(r.op, r.passed) for r in records}
+    assert verdicts == {("ln_mlp", True), ("qkv_attention", False)}  # layer_norm: no evidence either way
+    report = selftest_runner.SelftestReport("cuda", "NVIDIA H200", False, 1.0, results, records, {})
+    table = selftest_runner.format_report(report)
+    assert ["layer_norm", "cuda", "float16", "1", "-", "0.000", "not", "run"] in [
+        line.split() for line in table.splitlines()
+    ]
+    assert "2 checks not run" in table and "FAIL triton qkv_attention float16 [breaks]" in table
