@@ -347,6 +347,57 @@ def test_the_accuracy_rule():
         accuracy.assert_within_torch_error("x", ref.float() + 1.0, ref.float(), ref)
 
 
+# ------------------------------------------------------------------------------------------------
+# The GPU round (benchmarks/gpu_round.sh) fits its budget by construction
+
+
+def _round(tmp_path, *args, python_body="exit 0"):
+    """Run the round script with a stand-in python (the orchestration only: nothing is built or measured)."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "fake python $*"\n{python_body}\n')
+    fake.chmod(0o755)
+    environment = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "FASTVIT_COMMIT": "abc123"}
+    command = ["bash", str(REPO / "benchmarks" / "gpu_round.sh"), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120)
+
+
+def test_the_round_plan_fits_eight_minutes():
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_round.sh"), "--dry-run"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for step in ("build", "selftest --write-manifest", "gpu and not slow", "compute-sanitizer", "headline"):
+        assert step in out, step
+    total = int(out.split("estimated total: ")[1].split(" s")[0])
+    assert total <= 480 and "fits: yes" in out
+    tight = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_round.sh"), "--dry-run", "--budget", "300"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert tight.returncode == 1 and "fits: NO" in tight.stdout
+
+
+def test_the_round_packs_at_most_eight_files_and_names_the_commit(tmp_path):
+    result = _round(tmp_path, "--budget", "200")
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(files) <= 8 and "summary.txt" in files and "round.tar.gz" in files
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "commit abc123" in summary
+    for step in ("facts", "build", "selftest", "gpu-tests", "sanitizer", "bench-ops", "bench-model"):
+        assert f"\n{step} " in summary, step
+
+
+def test_a_slow_round_is_cut_at_its_deadline(tmp_path):
+    result = _round(tmp_path, "--budget", "60", python_body="sleep 4")  # deadline 20 s: the build alone takes 8
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "skipped:" in summary and "left before the deadline" in summary, summary
+    seconds = int(summary.split("total ")[1].split(" s")[0])
+    assert seconds <= 60
+    assert result.returncode != 0  # the selftest never ran: the round did not pass
+
+
 def test_after_a_broken_cuda_context_the_rest_is_not_run_and_not_recorded(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(verification, "device_facts", lambda d: verification.DeviceFacts("9.0", "NVIDIA H200"))
