@@ -123,8 +123,10 @@ def test_bad_arguments_exit_2_with_the_reason(capsys):
         fastvit.selftest("meta")
 
 
-def test_info_reports_the_verification_settings(cache, capsys):
+def test_info_reports_the_verification_settings(cache, capsys, monkeypatch):
     from fastvit.__main__ import info
+
+    monkeypatch.delenv("FASTVIT_VERIFY")
 
     assert info() == 0
     out = capsys.readouterr().out
