@@ -308,3 +308,24 @@ def test_backends_reports_the_verification_state_per_op(gate, monkeypatch):
     monkeypatch.setenv("FASTVIT_VERIFY", "off")
     verification.reload()
     assert fastvit.backends()["cuda"].verification["ln_mlp"] == "not checked (FASTVIT_VERIFY=off)"
+
+
+def test_the_extension_hash_is_setup_pys_hash_of_csrc(tmp_path, monkeypatch):
+    import runpy
+    import shutil
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)  # read setup.py's functions without building
+    monkeypatch.setenv("FASTVIT_NO_EXT", "1")  # and without configuring an extension (which sets CUDA variables)
+    setup_py = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "setup.py"), run_name="not_main")
+    shutil.copytree(pathlib.Path(__file__).parent.parent / "csrc", tmp_path / "csrc")
+    before = setup_py["csrc_source_hash"](tmp_path)
+    assert len(before) == 16 and before == setup_py["csrc_source_hash"](tmp_path)
+    with open(tmp_path / "csrc" / "bindings.cpp", "a") as f:
+        f.write("\n// an edit\n")
+    assert setup_py["csrc_source_hash"](tmp_path) != before  # an edited kernel retires its evidence
+    compiled = verification.extension_source_hash()
+    if compiled in ("unbuilt", "unknown"):
+        pytest.skip(f"the extension here is {compiled} (built without the hash): nothing to compare")
+    assert len(compiled) == 16 and int(compiled, 16) >= 0
