@@ -79,7 +79,8 @@ def poisoned_triton_outputs():
 
     def allocate(shape, dtype, device, memory_format=torch.contiguous_format):
         numel = math.prod(shape)
-        base = torch.full((numel + 2 * GUARD,), float("nan"), dtype=dtype, device=device)
+        poison = float("nan") if dtype.is_floating_point else 0  # integer outputs: written-or-not is not visible
+        base = torch.full((numel + 2 * GUARD,), poison, dtype=dtype, device=device)
         bases.append((base, numel, tuple(shape)))
         view = base[GUARD : GUARD + numel]
         if memory_format == torch.channels_last and len(shape) == 4:
@@ -89,7 +90,9 @@ def poisoned_triton_outputs():
 
     def stray_store() -> str | None:
         for base, numel, shape in bases:
-            if not (torch.isnan(base[:GUARD]).all() and torch.isnan(base[GUARD + numel :]).all()):
+            guards = torch.cat([base[:GUARD], base[GUARD + numel :]])
+            intact = torch.isnan(guards).all() if base.is_floating_point() else (guards == 0).all()
+            if not intact:
                 return f"a store outside the {list(shape)} output's memory"
         return None
 
