@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fastvit
-from benchmarks.harness import DEVICE, SMOKE, check_close, record, run_benchmark
+from benchmarks.harness import DEVICE, PROFILE, SMOKE, check_close, profile_cases, record, run_benchmark
 
 timm = pytest.importorskip("timm")
 
@@ -34,6 +34,8 @@ if SMOKE:
 else:
     MODELS = [(name, {}, [1, 32, 256], [64, 128, 256]) for name in ("vit_small_patch16_224", "vit_base_patch16_224")]
     MODELS.append(("vit_large_patch16_224", {}, [1, 32, 256], [64, 128, 256]))
+    if PROFILE == "headline":  # ViT-B/16: inference at batch 256, a training step at batch 128
+        MODELS = [("vit_base_patch16_224", {}, [256], [128])]
     AMP_DTYPE, LOGIT_TOL = torch.bfloat16, 0.15  # bf16 autocast: logits differ by bf16 rounding, not by math
 INFER_CASES = [(name, kwargs, batch) for name, kwargs, batches, _ in MODELS for batch in batches]
 TRAIN_CASES = [(name, kwargs, batch) for name, kwargs, _, batches in MODELS for batch in batches]
@@ -47,6 +49,8 @@ CANDIDATES = [
     "fastvit auto",
     "fastvit auto compile",
 ]
+# headline: against timm eager and timm + torch.compile; max-autotune and compiling fastvit too cost minutes
+CANDIDATES = profile_cases(CANDIDATES, ["timm eager", "timm compile", "fastvit torch", "fastvit auto"])
 INFERENCE_ONLY = ["fastvit auto cuda-graphs"]
 GPU_ONLY = {"timm compile", "timm compile max-autotune", "fastvit auto compile", "fastvit auto cuda-graphs"}
 

@@ -9,13 +9,18 @@ Backends:
   ``'cuda'``    the compiled extension ``fastvit._C``: CUDA kernels on CUDA tensors, its C++
                 CPU kernels on CPU tensors.
   ``'auto'``    per op and call signature: the first fused backend that can run on the input's
-                device and covers the call, else ``'torch'``. On CPU tensors ``auto`` is ``'torch'``.
+                device, covers the call and has evidence on this GPU, else ``'torch'``. On CPU tensors
+                ``auto`` is ``'torch'``.
 
 Each (op, backend) is registered once with :func:`register`, together with its ``supports`` predicate:
 ``supports(call) -> reason | None`` says why the backend does not cover a call (None: it does). ``call``
 is the op's *call signature*, a small hashable tuple with everything the predicates read (device, compute
 dtype, head dim, ...), never tensors. ``auto`` asks the predicates; an explicit backend raises the
 predicate's reason; the fusion report asks :func:`explain`. One rule, one place.
+
+Evidence: on CUDA tensors ``auto`` also asks the evidence check that ``fastvit.verification`` installs with
+:func:`set_evidence` (a passing ``python -m fastvit selftest`` record for this kernel source, GPU and dtype);
+an explicit backend never asks it. The check is a constant-result function for ``torch.compile``.
 
 Selections are cached per (op, requested backend, call signature), so an op call costs one dict lookup
 after the first call with a given signature (as timm's ``fused_attn`` flag, decided once). Anything that
@@ -86,6 +91,10 @@ _REGISTRY: dict[str, dict[str, Implementation]] = {}
 _SELECTED: dict[tuple, tuple[str, str | None]] = {}
 _default_backend: str | None = None  # None: read FASTVIT_BACKEND on first use
 _deterministic = False
+# (op, backend, call, warn) -> why auto must not pick the backend for lack of evidence, or None; see set_evidence
+EvidenceCheck = Callable[[str, str, Any, bool], "str | None"]
+_evidence_check: EvidenceCheck | None = None
+_evidence_summary: Callable[[str, str], str] | None = None  # (op, backend) -> verification state, for backends()
 
 
 def _check_backend_name(name: object, what: str) -> str:
@@ -143,6 +152,19 @@ def register(
     return decorator
 
 
+def implementation(op_name: str, backend: str) -> Implementation:
+    """The registered implementation of ``op_name`` by ``backend`` (KeyError when there is none)."""
+    impl = _REGISTRY.get(op_name, {}).get(backend)
+    if impl is None:
+        raise KeyError(f"no {backend!r} implementation of {op_name!r} is registered")
+    return impl
+
+
+def fused_implementations() -> list[tuple[str, str]]:
+    """Every registered (op, fused backend) pair, ops sorted, backends in ``auto``'s order."""
+    return [(op, b) for op in sorted(_REGISTRY) for b in FUSED_BACKENDS if b in _REGISTRY[op]]
+
+
 def implementations(op_name: str) -> tuple[str, ...]:
     """The backends that implement ``op_name``, in ``auto``'s order of preference."""
     impls = _REGISTRY.get(op_name)
@@ -152,8 +174,22 @@ def implementations(op_name: str) -> tuple[str, ...]:
 
 
 def clear_cache() -> None:
-    """Forget every cached selection (after changing what a probe or predicate would answer)."""
+    """Forget every cached selection (after changing what a probe, predicate or the evidence would answer)."""
     _SELECTED.clear()
+
+
+def set_evidence(check: EvidenceCheck | None, summary: Callable[[str, str], str] | None = None) -> None:
+    """Install the evidence gate of ``auto`` (``fastvit.verification`` does, on import); None removes it.
+
+    Args:
+        check: ``check(op, backend, call, warn) -> reason | None``, asked by ``auto`` on CUDA tensors after the
+            backend's ``supports``/``auto_skip``: None lets ``auto`` pick the backend. ``warn`` is True when an
+            op is about to run (``select``), False for reports (``explain``, ``resolve``).
+        summary: ``summary(op, backend) -> str``, the verification state shown by :func:`backends`.
+    """
+    global _evidence_check, _evidence_summary
+    _evidence_check, _evidence_summary = check, summary
+    clear_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,10 +302,13 @@ def debug_enabled() -> bool:
 # Selection
 
 
-def _choose(op_name: str, requested: str, call: Hashable, coverage: bool = True) -> tuple[str, str | None]:
+def _choose(
+    op_name: str, requested: str, call: Hashable, coverage: bool = True, warn: bool = False
+) -> tuple[str, str | None]:
     """(backend that runs the call, why it is not a fused kernel or None); raises for an explicit backend
     that is missing, unusable here, or does not cover the call. ``coverage=False`` asks about the device only
-    (the ``supports``/``auto_skip`` predicates are not asked)."""
+    (the ``supports``/``auto_skip`` predicates are not asked; the evidence check still is, and answers for
+    calls that carry a dtype). ``warn``: passed to the evidence check (True when the op is about to run)."""
     impls = _REGISTRY.get(op_name)
     if impls is None:
         raise KeyError(f"unknown op {op_name!r}; known ops: {', '.join(sorted(_REGISTRY))}")
@@ -287,6 +326,8 @@ def _choose(op_name: str, requested: str, call: Hashable, coverage: bool = True)
                 why = impl.supports(call)
             if why is None and coverage and impl.auto_skip is not None:
                 why = impl.auto_skip(call)
+            if why is None and _evidence_check is not None:
+                why = _evidence_check(op_name, name, call, warn)
             if why is None:
                 return name, None
             reasons.append(f"{name}: {why}")
@@ -319,7 +360,7 @@ def select(op_name: str, backend: str | None, call: Hashable) -> Callable:
     key = (op_name, requested, call, triton_interpreter_enabled())
     chosen = _SELECTED.get(key)
     if chosen is None:
-        chosen = _choose(op_name, requested, call)
+        chosen = _choose(op_name, requested, call, warn=True)
         if not torch.compiler.is_compiling():
             _SELECTED[key] = chosen
     name, why = chosen
@@ -340,19 +381,22 @@ def explain(op_name: str, backend: str | None, call: Hashable) -> tuple[str, str
         return "unusable", str(exc)
 
 
-def resolve(op_name: str, backend: str | None, device: torch.device | str) -> str:
+def resolve(op_name: str, backend: str | None, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The backend ``op_name`` runs on tensors of ``device`` for calls every backend covers.
 
-    A device-level answer (which backend is usable and preferred); per-call coverage (dtype, head dim) is
-    :func:`explain`'s, for a call signature.
+    A device-level answer (which backend is usable and preferred; given ``dtype``, ``auto`` also asks the
+    evidence for that dtype); per-call coverage (head dim, dropout) is :func:`explain`'s, for a call signature.
     """
     device = torch.device(device)
     requested = get_default_backend() if backend is None else _check_backend_name(backend, "backend")
-    return _choose(op_name, requested, _DeviceOnly(device), coverage=False)[0]
+    return _choose(op_name, requested, DeviceOnlyCall(device, dtype), coverage=False)[0]
 
 
-class _DeviceOnly(NamedTuple):
+class DeviceOnlyCall(NamedTuple):
+    """The call signature :func:`resolve` asks about: a device, and the compute dtype when it is known."""
+
     device: torch.device
+    dtype: torch.dtype | None = None
 
 
 def check_backend_supports(backend: str | None, op_names: list[str]) -> None:
@@ -378,11 +422,14 @@ class BackendInfo:
     available: bool
     reason: str
     ops: tuple[str, ...]
+    verification: dict[str, str] = dataclasses.field(default_factory=dict)  # op -> evidence on this GPU
 
     def __str__(self) -> str:
         mark = "yes" if self.available else "no "
         ops = ", ".join(self.ops) if self.ops else "(no ops yet)"
-        return f"{self.name:<7} {mark}  {self.reason}\n          ops: {ops}"
+        lines = [f"{self.name:<7} {mark}  {self.reason}", f"          ops: {ops}"]
+        lines += [f"          {op}: {state}" for op, state in self.verification.items()]
+        return "\n".join(lines)
 
 
 def backends() -> dict[str, BackendInfo]:
@@ -410,5 +457,8 @@ def backends() -> dict[str, BackendInfo]:
                 if reason is None
                 else (f"no GPU here; {reason}")
             )
-        report[name] = BackendInfo(name, reason is None, f"{detail}; {where}" if ok else detail, ops)
+        verification = {}
+        if _evidence_summary is not None and reason is None and device.type == "cuda":
+            verification = {op: _evidence_summary(op, name) for op in ops}
+        report[name] = BackendInfo(name, reason is None, f"{detail}; {where}" if ok else detail, ops, verification)
     return report

@@ -3,7 +3,8 @@
 Whether a half is *structurally* fusable is the blocker list of ``fastvit.layers`` (``attention_half_blockers``,
 ``mlp_half_blockers``: the same functions the forward asks); whether each op of the half then runs a fused
 *kernel* for a given device and dtype is dispatch's rule (``fastvit.dispatch.explain``), asked with the op's
-call signature. This module only puts the two answers together.
+call signature, which on a GPU includes the selftest evidence (``fastvit.verification``, shown per op). This
+module only puts the answers together.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from fastvit import dispatch
+from fastvit import dispatch, verification
 from fastvit.layers import Attention, Mlp, ResidualLinear, attention_half_blockers, mlp_half_blockers
 from fastvit.ops.attention import attention_call
 
@@ -29,17 +30,36 @@ class HalfFusion:
         fused: the residual add is inside the half's last op and every op of the half runs a fused kernel.
         backends: {op name: the backend that runs it} ('unusable' for an explicit backend that cannot run).
         why_not: the reasons it is not fused (empty when ``fused``).
+        evidence: {op name: the selftest evidence behind ``auto``'s choice on a GPU} (empty on CPU and for the
+            torch backend; see ``fastvit.verification.evidence_state``).
     """
 
     fused: bool
     backends: dict[str, str]
     why_not: tuple[str, ...]
+    evidence: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         ops_text = ", ".join(f"{op}={backend}" for op, backend in self.backends.items())
-        if self.fused:
-            return f"fused ({ops_text})"
-        return f"unfused ({ops_text}): " + "; ".join(self.why_not)
+        text = f"fused ({ops_text})" if self.fused else f"unfused ({ops_text}): " + "; ".join(self.why_not)
+        if self.fused and self.evidence:
+            text += "; evidence: " + "; ".join(f"{op}: {state}" for op, state in self.evidence.items())
+        return text
+
+
+class BackendPlan(dict):
+    """``VisionTransformer.backend_plan()``: {op name: backend it runs on}, plus ``evidence`` {op name: the
+    selftest evidence behind ``auto``'s choice on a GPU ('' where none plays a part)}."""
+
+    def __init__(self, backends: dict[str, str], evidence: dict[str, str]):
+        super().__init__(backends)
+        self.evidence = evidence
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"{op:<16} {backend}" + (f"  ({self.evidence[op]})" if self.evidence.get(op) else "")
+            for op, backend in self.items()
+        )
 
 
 class FusionReport(list):
@@ -59,12 +79,15 @@ class FusionReport(list):
 
 def _half(why_not: list[str], op_calls: dict[str, tuple[str | None, object]]) -> HalfFusion:
     """``op_calls``: {op: (backend asked for, call signature)}; dispatch says which backend runs each."""
-    backends = {}
+    backends, evidence = {}, {}
     for op, (backend, call) in op_calls.items():
         backends[op], reason = dispatch.explain(op, backend, call)
         if reason is not None:
             why_not.append(f"{op}: {reason}")
-    return HalfFusion(fused=not why_not, backends=backends, why_not=tuple(why_not))
+        state = verification.evidence_state(op, backend, call.device, call.dtype)
+        if state:
+            evidence[op] = state
+    return HalfFusion(fused=not why_not, backends=backends, why_not=tuple(why_not), evidence=evidence)
 
 
 def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:

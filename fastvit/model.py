@@ -16,9 +16,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import dispatch
-from fastvit.fusion import FusionReport, HalfFusion, block_fusion
+from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion
 from fastvit.layers import Block, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
 from fastvit.validation import check_positive_int
+from fastvit.verification import evidence_state
 
 GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
@@ -224,11 +225,24 @@ class VisionTransformer(nn.Module):
                 module.backend = per_op.get(module.op_name)
         return self
 
-    def backend_plan(self, device: torch.device | str = "cpu") -> dict[str, str]:
-        """Which backend each op resolves to for inputs on ``device`` (raises if one cannot run there)."""
+    def backend_plan(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> BackendPlan:
+        """Which backend each op resolves to for inputs on ``device`` computing in ``dtype`` (raises if one cannot
+        run there).
+
+        Args:
+            device: where the inputs will be.
+            dtype: the activations' dtype (default: the parameters'; pass the autocast dtype under autocast). On a
+                GPU ``auto`` takes a fused kernel only where the selftest evidence covers this dtype.
+
+        Returns:
+            {op name: backend} (a dict), whose ``evidence`` attribute gives the verification state per op.
+        """
         device = torch.device(device)
+        if dtype is None:
+            dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
         per_op = self.backend if isinstance(self.backend, dict) else dict.fromkeys(OPS_USED, self.backend)
-        return {op: dispatch.resolve(op, per_op.get(op), device) for op in OPS_USED}
+        backends = {op: dispatch.resolve(op, per_op.get(op), device, dtype) for op in OPS_USED}
+        return BackendPlan(backends, {op: evidence_state(op, per_op.get(op), device, dtype) for op in OPS_USED})
 
     def fusion_report(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> FusionReport:
         """Per block, whether its attention and MLP halves run fused for inputs on ``device``, and why not.

@@ -1,4 +1,5 @@
-"""Shared test helpers: per-dtype tolerances, the flash-attention accuracy rule, the device and skip reasons.
+"""Shared test helpers: per-dtype tolerances, the flash-attention accuracy rule (``fastvit.accuracy``), the device and
+skip reasons.
 
 Imported by test modules as ``from utils import ...`` (pytest puts ``tests/`` on the path); fixtures live in
 ``conftest.py``.
@@ -6,10 +7,10 @@ Imported by test modules as ``from utils import ...`` (pytest puts ``tests/`` on
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+
+from fastvit.accuracy import assert_within_torch_error  # noqa: F401  (the rule lives in the package: selftest uses it)
 
 # Plain comparisons (e.g. fastvit vs timm running the same math in the same dtype).
 DTYPE_TOLS = {
@@ -22,29 +23,6 @@ DTYPE_TOLS = {
 
 def dtype_tols(dtype: torch.dtype) -> dict:
     return DTYPE_TOLS[dtype]
-
-
-def assert_within_torch_error(
-    name: str,
-    ours: torch.Tensor,
-    torch_same_dtype: torch.Tensor,
-    ref_fp64: torch.Tensor,
-    factor: float = 2.0,
-    floor: float = 0.0,
-) -> None:
-    """flash-attention's rule: max|ours - ref| <= factor * max|torch_same_dtype - ref| (+ floor).
-
-    ``floor`` guards the case where PyTorch happens to be exact (e.g. fp64), in units of the output scale. Where
-    PyTorch's own answer is not finite but the exact one is (e.g. fp16 LayerNorm backward with eps=1e-12 on a
-    constant row: PyTorch's rstd overflows fp16), PyTorch's error measures nothing and the floor alone is the bound.
-    """
-    ours_err = (ours.double() - ref_fp64).abs().max().item()
-    torch_err = (torch_same_dtype.double() - ref_fp64).abs().max().item()
-    if not math.isfinite(torch_err) and bool(ref_fp64.isfinite().all()):
-        torch_err = 0.0
-    bound = factor * torch_err + floor
-    print(f"{name}: ours {ours_err:.3e}, torch {torch_err:.3e}, bound {bound:.3e}")
-    assert ours_err <= bound, f"{name}: error {ours_err:.3e} exceeds {factor} x torch's {torch_err:.3e} (+{floor:.1e})"
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,6 +14,7 @@ for matmuls).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -137,15 +138,46 @@ def _autotuned(kind: str, arch: int, batch_heads_bucket: int):
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
+_FORCED_CONFIGS: dict[str, tuple[int, int, int, int]] = {}  # kernel kind -> config every launch must use
+
+
+@contextlib.contextmanager
+def forced_configs(configs: dict[str, tuple[int, int, int, int]]):
+    """Within the block, launch each kernel kind named in ``configs`` ('fwd' | 'dkdv' | 'dq') with the given
+    (BLOCK_M, BLOCK_N, warps, stages) instead of the autotuner's, the deterministic or the interpreter's choice.
+
+    How ``fastvit selftest`` runs every config of :func:`candidate_configs` through the real launcher, so that no
+    later autotuning can pick a config that was never checked on this GPU. Not thread-safe (process-wide).
+    """
+    unknown = sorted(set(configs) - set(_KERNELS))
+    if unknown:
+        raise ValueError(f"configs: unknown kernel kind(s) {unknown}; expected {sorted(_KERNELS)}")
+    for kind, entry in configs.items():
+        if not (isinstance(entry, tuple) and len(entry) == 4 and all(isinstance(v, int) and v > 0 for v in entry)):
+            raise ValueError(
+                f"configs[{kind!r}] must be (BLOCK_M, BLOCK_N, warps, stages) positive ints, got {entry!r}"
+            )
+    previous = dict(_FORCED_CONFIGS)
+    _FORCED_CONFIGS.update(configs)
+    try:
+        yield
+    finally:
+        _FORCED_CONFIGS.clear()
+        _FORCED_CONFIGS.update(previous)
+
+
 def _launch(kind: str, num_blocks, like: torch.Tensor, batch_heads: int, args: tuple, constants: dict) -> None:
     """Run one kernel on a 1-D grid of ``num_blocks(BLOCK_M, BLOCK_N)`` programs.
 
-    Under the interpreter one fixed config; in deterministic mode the first candidate config of this GPU
-    generation (no timing, so every process picks the same tiles and sums in the same order); else autotuned.
+    A config forced by :func:`forced_configs` first; else under the interpreter one fixed config; in deterministic
+    mode the first candidate config of this GPU generation (no timing, so every process picks the same tiles and
+    sums in the same order); else autotuned.
     """
     kernels = launch.kernels("attention")
     kernel = getattr(kernels, _KERNELS[kind])
-    if not launch.on_gpu(like):
+    if kind in _FORCED_CONFIGS:
+        fixed = _FORCED_CONFIGS[kind]
+    elif not launch.on_gpu(like):
         fixed = kernels.INTERPRETER_CONFIGS[kind]
     elif dispatch.deterministic_enabled():
         fixed = candidate_configs(kind, launch.gpu_arch(like), constants["BLOCK_D"], like.element_size())[0]

@@ -20,6 +20,8 @@ autocast (the autocast dtype, promoted with ``pos_embed``'s dtype when there is 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fastvit import dispatch
@@ -71,14 +73,59 @@ def patch_embed_uint8(x, weight, bias, pos_embed, cls_token, mean, std):
 
 CONFIG_OVERRIDES: dict[str, dict] = {}  # kernel kind -> config entries to replace (tests: tiny tiles, splits)
 _GEMM_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+CONFIG_KINDS = ("fwd", "bwd_input", "bwd_weight", "colsum")
 
 
 def _kernels():
     return launch.kernels("patch_embed")
 
 
+@contextlib.contextmanager
+def forced_configs(overrides: dict[str, dict]):
+    """Within the block, replace config entries per kernel kind (see :data:`CONFIG_KINDS`), as
+    ``CONFIG_OVERRIDES`` does: how ``fastvit selftest`` runs every config of :func:`candidate_configs` through the
+    real launchers. Restores the previous overrides on exit. Not thread-safe (process-wide)."""
+    unknown = sorted(set(overrides) - set(CONFIG_KINDS))
+    if unknown:
+        raise ValueError(f"overrides: unknown kernel kind(s) {unknown}; expected {list(CONFIG_KINDS)}")
+    previous = {kind: dict(entries) for kind, entries in CONFIG_OVERRIDES.items()}
+    for kind, entries in overrides.items():
+        CONFIG_OVERRIDES[kind] = {**CONFIG_OVERRIDES.get(kind, {}), **entries}
+    try:
+        yield
+    finally:
+        CONFIG_OVERRIDES.clear()
+        CONFIG_OVERRIDES.update(previous)
+
+
+def candidate_configs(kind: str, like: torch.Tensor, gemm_dtype: torch.dtype) -> list[dict]:
+    """Every tile config the heuristic of the ``fwd`` / ``bwd_input`` kernel can pick on ``like``'s GPU in
+    ``gemm_dtype``, whatever the shapes: the heuristic evaluated on one representative of each of its branches
+    (rows below/above the one-wave threshold; each power-of-two clamp of the columns and of the reduction).
+    Under the interpreter ``[{}]``: nothing to force, the launcher's own choice for the shapes at hand runs.
+    """
+    if kind not in ("fwd", "bwd_input"):
+        raise ValueError(f"kind must be 'fwd' or 'bwd_input' (the heuristic's kernels), got {kind!r}")
+    if not launch.on_gpu(like):
+        return [{}]
+    one_wave = 128 * launch.num_sms(like.device.index)  # rows at which 128-row tiles fill the GPU even at 1 column
+    configs = {}
+    for rows in (1, one_wave):
+        for cols in (1, 17, 33, 65):  # -> 16, 32, 64, 128 columns
+            for red in (1, 17, 33, 65):  # -> 16, 32, 64 (32 for fp32)
+                config = _heuristic_config(like, gemm_dtype, rows, cols, red)
+                configs[tuple(sorted(config.items()))] = config
+    return list(configs.values())
+
+
 def _config(kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int) -> dict:
     """Tile sizes of one kernel: ``rows`` × ``cols`` outputs reduced over ``red`` (see each launcher)."""
+    config = _heuristic_config(tensor, gemm_dtype, rows, cols, red)
+    config.update(CONFIG_OVERRIDES.get(kind, {}))
+    return config
+
+
+def _heuristic_config(tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int) -> dict:
     narrow = gemm_dtype != torch.float32
     if not launch.on_gpu(tensor):  # Triton's interpreter: large tiles mean fewer (slow, Python-level) programs
         config = dict(
@@ -94,7 +141,6 @@ def _config(kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int,
         block_red = launch.next_pow2(red, 16, 64 if narrow else 32)
         warps = 8 if block_r * block_c >= 128 * 128 else 4
         config = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_RED=block_red, num_warps=warps, num_stages=3)
-    config.update(CONFIG_OVERRIDES.get(kind, {}))
     return config
 
 
