@@ -178,7 +178,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=["fastvit", "fastvit.ops", "fastvit.ops.triton", "fastvit.ops.cuda", "fastvit.kernels"],
     package_dir={"fastvit": "fastvit", "fastvit.kernels": "kernels"},
-    package_data={"fastvit": ["verified.json"]},  # the selftest manifest written by GPU rounds
+    package_data={"fastvit": ["verified.json", "gemm_choices.json"]},  # manifests written by GPU rounds
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

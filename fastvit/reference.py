@@ -119,3 +119,25 @@ def linear_residual(
     block this is the attention half's ``x + proj(attn_out)``.
     """
     return residual + F.linear(x, weight, bias)
+
+
+def ln_linear(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A Linear layer with its glue: ``act(LayerNorm(x) @ weight.T + bias) + residual``.
+
+    x: [..., K]; ln_weight/ln_bias: [K], or both None (no LayerNorm); weight: [N, K]; bias: [N] or None;
+    ``activation``: 'none', 'gelu' (exact erf) or 'gelu_tanh'; residual: [..., N] (x's leading shape) or None.
+    """
+    hidden = x if ln_weight is None else layer_norm(x, ln_weight, ln_bias, eps)
+    out = F.linear(hidden, weight, bias)
+    if activation != "none":
+        out = F.gelu(out, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return out if residual is None else residual + out

@@ -136,3 +136,15 @@ def cast_like_autocast_linear(device_type: str, *tensors: torch.Tensor | None) -
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
+def centred_in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x - mean(x)`` (row mean in x's precision, not differentiated) rounded to ``dtype``: the op's LayerNorm input.
+
+    Eager autocast runs LayerNorm in fp32 and rounds its output; the fused op takes its LayerNorm input in the
+    autocast dtype. Rounding x itself would cost ``eps(dtype) * |mean| / std`` of the normalised row (large for
+    rows far from zero mean); LayerNorm is shift invariant, so rounding the centred row instead costs
+    ``eps(dtype)`` of it, the size of the rounding eager autocast applies to LayerNorm's output. The mean is
+    detached: LayerNorm's gradient has zero row mean, so the mean's gradient term is exactly 0.
+    """
+    return (x - x.detach().mean(-1, keepdim=True)).to(dtype)

@@ -9,6 +9,7 @@ from fastvit.ops import cuda, triton  # noqa: E402,F401,I001  (the fused backend
 from fastvit.ops.attention import attention, qkv_attention
 from fastvit.ops.layer_norm import layer_norm
 from fastvit.ops.linear_residual import linear_residual
+from fastvit.ops.ln_linear import ln_linear
 from fastvit.ops.ln_mlp import ln_mlp
 from fastvit.ops.patch_embed import patch_embed, patch_embed_uint8
 
@@ -17,6 +18,7 @@ __all__ = [
     "qkv_attention",
     "layer_norm",
     "linear_residual",
+    "ln_linear",
     "ln_mlp",
     "patch_embed",
     "patch_embed_uint8",

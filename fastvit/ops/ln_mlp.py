@@ -8,6 +8,10 @@ Backends:
              GELU) epilogue, an exact-GELU kernel, and fc2 with bias and the residual add in its
              epilogue; on CPU tensors its C++ implementation. It saves x, the LN statistics and the fc1
              pre-activation only: about half the activation memory of eager PyTorch.
+  ``triton`` two fused Triton GEMMs (``fastvit/ops/triton/linear.py``): fc1 with the LayerNorm applied to its A
+             tiles as they load and the bias + GELU epilogue, fc2 with the bias + residual epilogue; LN(x) is
+             never written. ``auto`` prefers it over ``cuda`` only where ``fastvit/gemm_choices.json`` holds
+             benchmark evidence for the (C x hidden, dtype, GPU); an explicit ``backend='triton'`` always runs it.
 The spec both are tested against is ``fastvit.reference.ln_mlp``. Outside autocast every tensor must share
 one dtype (TypeError otherwise); inside it the Linears compute in the autocast dtype, as eager autocast.
 """
@@ -18,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from fastvit import dispatch
-from fastvit.ops.linear_residual import linear_call, linear_residual_torch
+from fastvit.ops.linear_residual import linear_residual_torch
+from fastvit.ops.ln_linear import gemm_call
 from fastvit.validation import (
     check_eps,
     check_features,
@@ -73,7 +78,7 @@ def ln_mlp(
     tensors = dict(zip(names, (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)))
     check_same_device(**tensors)
     check_same_dtype_outside_autocast(x.device, **tensors)
-    impl = dispatch.select("ln_mlp", backend, linear_call(x))
+    impl = dispatch.select("ln_mlp", backend, gemm_call(x, width, hidden, layer_norm=True))
     return impl(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual)
 
 

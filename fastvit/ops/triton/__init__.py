@@ -5,4 +5,4 @@ which calls the kernels cover), and its launchers, ``torch.library`` custom ops 
 launch helpers live in ``launch.py``. Nothing here imports Triton at import time.
 """
 
-from fastvit.ops.triton import attention, patch_embed  # noqa: F401  (registrations)
+from fastvit.ops.triton import attention, linear, patch_embed  # noqa: F401  (registrations)

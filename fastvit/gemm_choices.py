@@ -1,0 +1,73 @@
+"""Measured choices of ``auto`` between GEMM implementations: (op, shape bucket, dtype, GPU arch) -> backend.
+
+Where two fused implementations of a Linear-based op compete (the Triton GEMMs with fused prologue/epilogue of
+``fastvit/ops/triton/linear.py`` against cuBLASLt + pointwise kernels, or cuBLAS through ``torch``), the winner is
+decided by benchmark evidence, not by hope: a small table shipped in the package, ``fastvit/gemm_choices.json``,
+filled by GPU rounds from ``benchmarks/test_bench_ln_mlp.py``. An entry::
+
+    {"op": "ln_mlp", "bucket": "768x3072", "dtype": "bfloat16", "capability": "9.0", "backend": "triton",
+     "evidence": "benchmarks/results/h100-....json: 1.12x cuda fwd+bwd"}
+
+``bucket`` is :func:`shape_bucket` of the GEMM's (in_features, out_features) (for ``ln_mlp``: (C, hidden)), or
+``"*"`` for every shape. With no entry for a call, ``auto`` does not pick the Triton GEMMs (it keeps cuBLASLt where
+the extension covers the call, else ``torch``); an explicit ``backend='triton'`` always runs them. Selftest
+evidence (``fastvit/verification.py``) is asked as well: a choice never enables an unverified kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from fastvit.verification import _constant_result as constant_result
+
+CHOICES_PATH = Path(__file__).with_name("gemm_choices.json")
+FORMAT_VERSION = 1
+ANY_BUCKET = "*"
+
+
+def shape_bucket(in_features: int, out_features: int) -> str:
+    """The table's name for a GEMM shape: ``'{in_features}x{out_features}'`` (the token count is not bucketed: it
+    changes with the batch, and a per-batch choice would recompile ``torch.compile`` graphs)."""
+    return f"{in_features}x{out_features}"
+
+
+def capability(device: torch.device) -> str:
+    """``'major.minor'`` of ``device``'s GPU."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
+@functools.cache
+def table(path: Path = CHOICES_PATH) -> dict[tuple[str, str, str, str], str]:
+    """The entries of ``path`` keyed by (op, bucket, dtype name, capability); a malformed file raises ValueError."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or not isinstance(data.get("choices"), list):
+        raise ValueError(f"{path}: expected {{'format': {FORMAT_VERSION}, 'choices': [...]}}")
+    choices = {}
+    for entry in data["choices"]:
+        try:
+            key = (entry["op"], entry["bucket"], entry["dtype"], entry["capability"])
+            choices[key] = entry["backend"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: malformed entry {entry!r} (needs op, bucket, dtype, capability, backend)") from exc
+    return choices
+
+
+@constant_result  # torch.compile bakes the answer in (it reads a file), as it does the evidence gate's
+def preferred(op_name: str, bucket: str | None, dtype: torch.dtype, device: torch.device) -> str | None:
+    """The backend the table chose for the call (an exact bucket before ``'*'``), or None without evidence."""
+    if device.type != "cuda":
+        return None
+    choices = table()
+    if not choices:
+        return None
+    dtype_name = str(dtype).removeprefix("torch.")
+    arch = capability(device)
+    for key in ((op_name, bucket, dtype_name, arch), (op_name, ANY_BUCKET, dtype_name, arch)):
+        if key[1] is not None and key in choices:
+            return choices[key]
+    return None
