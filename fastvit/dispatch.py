@@ -79,11 +79,16 @@ class Implementation:
         auto_skip: ``auto_skip(call) -> reason | None``: covered, but ``auto`` should prefer ``torch``
             (e.g. fp32 attention without TF32, where the kernels have no tensor cores). An explicit
             backend ignores it.
+        measured: ``measured(call) -> reason | None``: why benchmark evidence does not make ``auto`` pick this
+            backend over the next one (``fastvit.gemm_choices``). Unlike ``auto_skip`` it is also asked for
+            device-level calls (:func:`resolve`, where the call carries no shape), so it must accept any call.
+            An explicit backend ignores it.
     """
 
     fn: Callable
     supports: Supports | None = None
     auto_skip: Supports | None = None
+    measured: Supports | None = None
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
@@ -137,7 +142,12 @@ def deterministic_enabled() -> bool:
 
 
 def register(
-    op_name: str, backend: str, *, supports: Supports | None = None, auto_skip: Supports | None = None
+    op_name: str,
+    backend: str,
+    *,
+    supports: Supports | None = None,
+    auto_skip: Supports | None = None,
+    measured: Supports | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator: ``backend`` implements ``op_name`` for the calls ``supports`` accepts (see ``Implementation``)."""
     _check_backend_name(backend, "backend")
@@ -145,7 +155,7 @@ def register(
         raise ValueError("'auto' is a selection rule, not an implementation")
 
     def decorator(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op_name, {})[backend] = Implementation(fn, supports, auto_skip)
+        _REGISTRY.setdefault(op_name, {})[backend] = Implementation(fn, supports, auto_skip, measured)
         clear_cache()
         return fn
 
@@ -326,6 +336,8 @@ def _choose(
                 why = impl.supports(call)
             if why is None and coverage and impl.auto_skip is not None:
                 why = impl.auto_skip(call)
+            if why is None and impl.measured is not None:
+                why = impl.measured(call)
             if why is None and _evidence_check is not None:
                 why = _evidence_check(op_name, name, call, warn)
             if why is None:

@@ -28,9 +28,11 @@ import torch
 
 from fastvit import accuracy, dispatch, ops, reference
 from fastvit.ops.attention import attention_call
+from fastvit.ops.ln_linear import GemmCall
 from fastvit.ops.patch_embed import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PatchEmbedCall
 from fastvit.ops.triton import attention as attention_triton
 from fastvit.ops.triton import launch
+from fastvit.ops.triton import linear as linear_triton
 from fastvit.ops.triton import patch_embed as patch_embed_triton
 
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -560,7 +562,9 @@ def _layer_norm_case(rows, width, strided=False) -> OpCase:
     )
 
 
-def _ln_mlp_case(lead, width, hidden, approximate="none", residual=True, biases=True, strided=False) -> OpCase:
+def _ln_mlp_case(
+    lead, width, hidden, approximate="none", residual=True, biases=True, strided=False, backend="cuda"
+) -> OpCase:
     def make(gen):
         x = _randn(gen, *lead, 2 * width if strided else width, scale=2.0, shift=0.5)
         return [
@@ -583,7 +587,7 @@ def _ln_mlp_case(lead, width, hidden, approximate="none", residual=True, biases=
 
     names = ("out", "grad x", "grad ln_weight", "grad ln_bias", "grad fc1_weight", "grad fc1_bias", "grad fc2_weight")
     return OpCase(
-        fused=run("cuda"),
+        fused=run(backend),
         peer=run("spec"),
         spec=run("spec"),
         make=make,
@@ -666,6 +670,84 @@ def extension_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
     return checks
 
 
+# ----------------------------------------------------------------------------------------------
+# The Triton GEMMs with fused prologue/epilogue (triton): ln_linear, ln_mlp
+
+
+def _ln_linear_case(lead, k, n, layer_norm=True, activation="gelu", residual=True, bias=True, strided=False) -> OpCase:
+    def make(gen):
+        extra = 2 if strided else 1
+        return [
+            _randn(gen, *lead, extra * k, scale=2.0, shift=0.5),
+            _randn(gen, k, scale=0.2, shift=1.0) if layer_norm else None,
+            _randn(gen, k, scale=0.2) if layer_norm else None,
+            _randn(gen, n, k, scale=k**-0.5),
+            _randn(gen, n, scale=0.2) if bias else None,
+            _randn(gen, *lead, n) if residual else None,
+        ]
+
+    def run(backend):
+        def fn(x, ln_w, ln_b, w, b, r):
+            if backend == "spec":
+                return reference.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r)
+            return ops.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r, backend=backend)
+
+        return fn
+
+    return OpCase(
+        fused=run("triton"),
+        peer=run("spec"),
+        spec=run("spec"),
+        make=make,
+        layout=(lambda a: [a[0][..., ::2], *a[1:]]) if strided else (lambda a: a),
+        names=("out", "grad x", "grad ln_weight", "grad ln_bias", "grad weight", "grad bias", "grad residual"),
+    )
+
+
+def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
+    """Checks of the Triton GEMMs; on a GPU also every config their autotuners may pick, one kernel kind at a time."""
+    dtypes = covered_dtypes(op, "triton", lambda d: GemmCall(device, d, 64, 256, True))
+    checks = []
+    for dtype in dtypes:
+        seed = 300
+        if op == "ln_linear":
+            cases = [
+                ("2x7x24 -> 40 LN, gelu, residual", _ln_linear_case((2, 7), 24, 40)),
+                ("1x17x48 -> 37 gelu_tanh, strided", _ln_linear_case((1, 17), 48, 37, activation="gelu_tanh",
+                                                                     strided=True)),
+                ("2x7x24 -> 40 no LN, no bias, no activation", _ln_linear_case((2, 7), 24, 40, False, "none",
+                                                                               bias=False)),
+            ]  # fmt: skip
+            config_case = _ln_linear_case((2, 197), 192, 576)
+        else:
+            cases = [
+                ("1x1x7 -> 13", _ln_mlp_case((1, 1), 7, 13, backend="triton")),
+                ("2x7x24 -> 96 tanh", _ln_mlp_case((2, 7), 24, 96, "tanh", backend="triton")),
+                ("2x17x48 strided x, no biases", _ln_mlp_case((2, 17), 48, 96, biases=False, strided=True,
+                                                              backend="triton")),
+            ]  # fmt: skip
+            config_case = _ln_mlp_case((2, 197), 192, 768, backend="triton")
+        if not quick:
+            cases.append(("2x197x192 -> 768 (576)", config_case))
+        for label, case in cases:
+            seed += 1
+            checks.append(_check(op, "triton", dtype, label, case, device, seed))
+        if _on_gpu(device):
+            arch = launch.gpu_arch(torch.empty(0, device=device))
+            for kind in linear_triton.KINDS:
+                for entry in linear_triton.candidate_configs(kind, arch, dtype.itemsize):
+                    forced = {kind: entry}
+                    case = dataclasses.replace(config_case, fused_context=lambda f=forced: linear_triton.forced_configs(f))
+                    seed += 1
+                    config = f"{kind}={entry}"
+                    checks.append(_check(op, "triton", dtype, f"config {config}", case, device, seed, (config,)))
+        seed += 1
+        checks.append(
+            _deterministic_check(op, "triton", dtype, "deterministic mode, bitwise repeat", cases[1][1], device, seed)
+        )
+    return checks
+
+
 CASE_BUILDERS: dict[tuple[str, str], Callable[[str, torch.device, bool], list[Check]]] = {
     ("qkv_attention", "triton"): attention_checks,
     ("attention", "triton"): attention_checks,
@@ -674,6 +756,8 @@ CASE_BUILDERS: dict[tuple[str, str], Callable[[str, torch.device, bool], list[Ch
     ("layer_norm", "cuda"): extension_checks,
     ("ln_mlp", "cuda"): extension_checks,
     ("linear_residual", "cuda"): extension_checks,
+    ("ln_linear", "triton"): gemm_checks,
+    ("ln_mlp", "triton"): gemm_checks,
 }
 
 

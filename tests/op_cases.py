@@ -231,6 +231,22 @@ def _linear_residual(draw: _Draw, *, lead=(2, 5), in_features=24, out_features=4
     }, {}
 
 
+def _ln_linear(
+    draw: _Draw, *, lead=(2, 5), in_features=24, out_features=40, layer_norm=True, bias=True, residual=True,
+    activation="gelu",
+):  # fmt: skip
+    """x [*lead, K] (mean 0.5, std 2), LayerNorm weight/bias [K] or None, weight [N, K] (fan-in scaled), bias [N] or
+    None, residual [*lead, N] or None; ``activation`` as the op's keyword."""
+    return {
+        "x": draw(*lead, in_features, scale=2.0, offset=0.5),
+        "ln_weight": draw(in_features, scale=0.2, offset=1.0) if layer_norm else None,
+        "ln_bias": draw(in_features, scale=0.2) if layer_norm else None,
+        "weight": draw(out_features, in_features, scale=in_features**-0.5),
+        "bias": draw(out_features, scale=0.2) if bias else None,
+        "residual": draw(*lead, out_features) if residual else None,
+    }, {"activation": activation}
+
+
 def _patch_embed_uint8_reference(
     images, weight, bias, pos_embed=None, cls_token=None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
     channels_last=True,
@@ -504,10 +520,26 @@ LINEAR_RESIDUAL = OpCase(
         for k, n in _WIDTH_HIDDEN
     },
 )
+LN_LINEAR = OpCase(
+    "ln_linear",
+    ("x", "ln_weight", "ln_bias", "weight", "bias", "residual"),
+    _ln_linear,
+    reference.ln_linear,
+    optional=("ln_weight", "ln_bias", "bias", "residual"),
+    main_rank=None,
+    empty=dict(lead=(0, 5)),
+    variants={
+        f"{rows}x{k}->{n}": dict(lead=(rows,), in_features=k, out_features=n)
+        for rows in (1, 7)
+        for k, n in _WIDTH_HIDDEN
+    },
+)
 
 OP_CASES: dict[str, OpCase] = {
     case.name: case
-    for case in (QKV_ATTENTION, ATTENTION, PATCH_EMBED, PATCH_EMBED_UINT8, LAYER_NORM, LN_MLP, LINEAR_RESIDUAL)
+    for case in (
+        QKV_ATTENTION, ATTENTION, PATCH_EMBED, PATCH_EMBED_UINT8, LAYER_NORM, LN_MLP, LINEAR_RESIDUAL, LN_LINEAR
+    )
 }
 
 

@@ -330,13 +330,14 @@ def _aliased(op: str) -> Sample:
         return sample.replace(
             ln_bias=sample["ln_weight"], fc1_weight=square, fc1_bias=sample["fc2_bias"], fc2_weight=square.t()
         )
-    if op == "linear_residual":  # the residual overlaps x in one buffer; the bias is a column of the weight
+    if op in ("linear_residual", "ln_linear"):  # the residual overlaps x in one buffer; the bias is a weight column
         x, residual = sample["x"], sample["residual"]
         buffer = torch.randn(*x.shape[:-1], x.shape[-1] + residual.shape[-1] // 2, device=DEVICE)
         weight = sample["weight"]
-        return sample.replace(
+        aliased = sample.replace(
             x=buffer[..., : x.shape[-1]], residual=buffer[..., -residual.shape[-1] :], bias=weight[:, 3]
         )
+        return aliased.replace(ln_bias=sample["ln_weight"]) if op == "ln_linear" else aliased
     return sample.replace(bias=sample["weight"])
 
 

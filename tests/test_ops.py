@@ -41,9 +41,9 @@ def test_unknown_backend_name_is_a_value_error():
 
 
 def test_backend_without_the_op_is_a_clear_error():
-    x = torch.randn(2, 6)  # ln_mlp has no Triton implementation (torch and cuda only)
+    x = torch.randn(2, 6)  # linear_residual has no Triton implementation (torch and cuda only)
     with pytest.raises(ValueError, match="the 'triton' backend does not implement this op; implemented by: .*torch"):
-        ops.ln_mlp(x, torch.ones(6), torch.zeros(6), torch.randn(9, 6), None, torch.randn(6, 9), None, backend="triton")
+        ops.linear_residual(x, torch.randn(9, 6), None, torch.randn(2, 9), backend="triton")
 
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):

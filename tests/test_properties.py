@@ -26,6 +26,7 @@ from op_cases import (
     ATTENTION,
     LAYER_NORM,
     LINEAR_RESIDUAL,
+    LN_LINEAR,
     LN_MLP,
     OP_CASES,
     PATCH_EMBED,
@@ -409,6 +410,25 @@ def _samples_linear_residual():
     }
 
 
+def _samples_ln_linear():
+    x, lnw, lnb, w, b, r = LN_LINEAR.make(lead=(3, 5), requires_grad=True).args
+    x2d, r2d = x.detach().reshape(15, -1).requires_grad_(), r.detach().reshape(15, -1).requires_grad_()
+    detached = [t.detach() for t in (x2d, lnw, lnb, w, b, r2d)]
+    _, mean, rstd, pre = torch.ops.fastvit.ln_linear_fwd(*detached, 1e-6, 1, True)
+    grad = randn(15, 40, seed=4)
+    gelu = (grad, detached[0], lnw.detach(), lnb.detach(), mean, rstd, w.detach(), pre, 1, True)
+    empty = x2d.new_empty(0, dtype=torch.float32)
+    no_ln = (grad, detached[0], None, None, empty, empty.clone(), w.detach(), x2d.new_empty(0), 0, False)
+    return {
+        "ln_linear_fwd": [
+            (x2d, lnw, lnb, w, b, r2d, 1e-6, 1, True),
+            (relayout(x2d.detach(), "slice").requires_grad_(), None, None, w, None, None, 1e-6, 0, False),
+            (x2d, lnw, lnb, w, b, None, 1e-5, 2, True),
+        ],
+        "ln_linear_bwd": [gelu, no_ln],
+    }
+
+
 _SAMPLE_GROUPS = {
     "qkv_attention": (_samples_qkv_attention, TRITON_REASON),
     "attention": (_samples_attention, TRITON_REASON),
@@ -416,6 +436,7 @@ _SAMPLE_GROUPS = {
     "layer_norm": (_samples_layer_norm, EXTENSION_REASON),
     "ln_mlp": (_samples_ln_mlp, EXTENSION_REASON),
     "linear_residual": (_samples_linear_residual, EXTENSION_REASON),
+    "ln_linear": (_samples_ln_linear, TRITON_REASON or EXTENSION_REASON),  # its LN backward is the extension's
 }
 
 

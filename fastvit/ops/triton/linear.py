@@ -22,6 +22,7 @@ bias and residual epilogue; the only intermediates in memory are the statistics 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -45,9 +46,10 @@ def supports(call) -> str | None:
 
 
 def measured_choice(op_name: str):
-    """``auto_skip`` of ``op_name``: ``auto`` leaves the call to cuBLAS(Lt) unless the choice table says Triton won."""
+    """The ``measured`` predicate of ``op_name`` (see ``dispatch.Implementation``): ``auto`` leaves the call to
+    cuBLAS(Lt) unless the choice table says Triton won. Device-level calls carry no shape: only ``'*'`` entries."""
 
-    def auto_skip(call) -> str | None:
+    def measured(call) -> str | None:
         if call.device.type != "cuda":
             return None
         bucket = None
@@ -57,13 +59,14 @@ def measured_choice(op_name: str):
             return None
         return (
             f"no benchmark evidence that the Triton GEMMs beat cuBLAS(Lt) for {op_name} at {bucket or 'this shape'}, "
-            f"{str(call.dtype).removeprefix('torch.')} on this GPU (fastvit/gemm_choices.json)"
+            f"{'any dtype' if call.dtype is None else str(call.dtype).removeprefix('torch.')} on this GPU "
+            "(fastvit/gemm_choices.json)"
         )
 
-    return auto_skip
+    return measured
 
 
-@dispatch.register("ln_linear", "triton", supports=supports, auto_skip=measured_choice("ln_linear"))
+@dispatch.register("ln_linear", "triton", supports=supports, measured=measured_choice("ln_linear"))
 def ln_linear(x, ln_weight, ln_bias, weight, bias, eps, activation, residual):
     residual_outside = None
     cast_x, ln_weight, ln_bias, weight, bias = cast_like_autocast_linear(
@@ -93,7 +96,7 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias, eps, activation, residual):
     return out if residual_outside is None else residual_outside + out
 
 
-@dispatch.register("ln_mlp", "triton", supports=supports, auto_skip=measured_choice("ln_mlp"))
+@dispatch.register("ln_mlp", "triton", supports=supports, measured=measured_choice("ln_mlp"))
 def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual):
     """fc1 with the LayerNorm prologue and GELU epilogue, then fc2 with the bias and residual epilogue."""
     hidden = ln_linear(x, ln_weight, ln_bias, fc1_weight, fc1_bias, eps, _GELU_ACTIVATION[approximate], None)
@@ -120,6 +123,36 @@ def _triton_config(entry):
 
 
 _KERNELS = {"fwd": "linear_fwd_kernel", "input": "linear_bwd_input_kernel", "weight": "linear_bwd_weight_kernel"}
+KINDS = tuple(_KERNELS)
+_FORCED_CONFIGS: dict[str, tuple[int, ...]] = {}  # kernel kind -> config every launch must use
+
+
+@contextlib.contextmanager
+def forced_configs(configs: dict[str, tuple[int, ...]]):
+    """Within the block, launch each kernel kind named in ``configs`` ('fwd' | 'input' | 'weight') with the given
+    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) instead of the autotuner's, deterministic or interpreter's.
+
+    How ``fastvit selftest`` runs every config of :func:`candidate_configs` on a GPU, and how the tests run small
+    tiles (several K steps, several programs) on small shapes. Not thread-safe (process-wide).
+    """
+    unknown = sorted(set(configs) - set(_KERNELS))
+    if unknown:
+        raise ValueError(f"configs: unknown kernel kind(s) {unknown}; expected {sorted(_KERNELS)}")
+    for kind, entry in configs.items():
+        if not (isinstance(entry, tuple) and len(entry) == 6 and all(isinstance(v, int) and v > 0 for v in entry)):
+            raise ValueError(
+                f"configs[{kind!r}] must be (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) positive ints, "
+                f"got {entry!r}"
+            )
+        if any(block < 16 or block & (block - 1) for block in entry[:3]):
+            raise ValueError(f"configs[{kind!r}]: block sizes must be powers of two >= 16 (tl.dot), got {entry!r}")
+    previous = dict(_FORCED_CONFIGS)
+    _FORCED_CONFIGS.update(configs)
+    try:
+        yield
+    finally:
+        _FORCED_CONFIGS.clear()
+        _FORCED_CONFIGS.update(previous)
 
 
 @functools.cache
@@ -135,12 +168,14 @@ def _autotuned(kind: str, arch: int, elem_bytes: int, rows_bucket: int):
 
 
 def _launch(kind: str, like: torch.Tensor, rows: int, num_programs, args: tuple, constants: dict) -> None:
-    """Run kernel ``kind`` on a 1-D grid of ``num_programs(BLOCK_M, BLOCK_N, BLOCK_K)`` programs: the interpreter's
-    fixed config, the first table config in deterministic mode (no timing: every process picks the same tiles), else
+    """Run kernel ``kind`` on a 1-D grid of ``num_programs(BLOCK_M, BLOCK_N, BLOCK_K)`` programs: a config forced by
+    :func:`forced_configs`, else the interpreter's fixed config, the first table config in deterministic mode (no timing: every process picks the same tiles), else
     autotuned per bucket of ``rows``."""
     kernels = launch.kernels("linear")
     grid = lambda meta: (num_programs(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]),)
-    if not launch.on_gpu(like):
+    if kind in _FORCED_CONFIGS:
+        entry = _FORCED_CONFIGS[kind]
+    elif not launch.on_gpu(like):
         entry = kernels.INTERPRETER_CONFIG
     elif dispatch.deterministic_enabled():
         entry = candidate_configs(kind, launch.gpu_arch(like), like.element_size())[0]
