@@ -53,7 +53,8 @@ def table(path: Path = CHOICES_PATH) -> dict[tuple[str, str, str, str], str]:
             key = (entry["op"], entry["bucket"], entry["dtype"], entry["capability"])
             choices[key] = entry["backend"]
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: malformed entry {entry!r} (needs op, bucket, dtype, capability, backend)") from exc
+            needs = "op, bucket, dtype, capability, backend"
+            raise ValueError(f"{path}: malformed entry {entry!r} (needs {needs})") from exc
     return choices
 
 

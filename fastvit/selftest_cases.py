@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -736,8 +737,8 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
             arch = launch.gpu_arch(torch.empty(0, device=device))
             for kind in linear_triton.KINDS:
                 for entry in linear_triton.candidate_configs(kind, arch, dtype.itemsize):
-                    forced = {kind: entry}
-                    case = dataclasses.replace(config_case, fused_context=lambda f=forced: linear_triton.forced_configs(f))
+                    forced = functools.partial(linear_triton.forced_configs, {kind: entry})
+                    case = dataclasses.replace(config_case, fused_context=forced)
                     seed += 1
                     config = f"{kind}={entry}"
                     checks.append(_check(op, "triton", dtype, f"config {config}", case, device, seed, (config,)))

@@ -328,9 +328,8 @@ def linear_bwd_weight_kernel(
     k_valid = offs_k < K
     grad_ptrs = GradW + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(grad_ptrs, acc.to(GradW.dtype.element_ty), mask=cols_valid[:, None] & k_valid[None, :])
-    if HAS_BIAS:
-        if pid_k == 0:
-            tl.store(GradBias + offs_n, grad_bias.to(GradBias.dtype.element_ty), mask=cols_valid)
+    if HAS_BIAS:  # every K tile summed the same dz: the first one stores it
+        tl.store(GradBias + offs_n, grad_bias.to(GradBias.dtype.element_ty), mask=cols_valid & (pid_k == 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,7 +343,11 @@ _FP32 = [(64, 64, 32, 8, 4, 3), (32, 64, 32, 8, 4, 3), (64, 32, 32, 8, 4, 3)]
 CONFIGS = {
     "fwd": {90: _HOPPER, 80: _AMPERE, "fp32": _FP32},
     "input": {90: _HOPPER, 80: _AMPERE, "fp32": _FP32},
-    "weight": {90: [(64, 128, 64, 8, 4, 4), (64, 128, 128, 8, 8, 3), (32, 64, 64, 8, 4, 4)], 80: _AMPERE, "fp32": _FP32},
+    "weight": {
+        90: [(64, 128, 64, 8, 4, 4), (64, 128, 128, 8, 8, 3), (32, 64, 64, 8, 4, 4)],
+        80: _AMPERE,
+        "fp32": _FP32,
+    },
 }
 INTERPRETER_CONFIG = (16, 128, 128, 4, 4, 1)  # few, wide tiles: the interpreter pays per op, not per element
 STATS_BLOCK_M = 16

@@ -538,7 +538,14 @@ LN_LINEAR = OpCase(
 OP_CASES: dict[str, OpCase] = {
     case.name: case
     for case in (
-        QKV_ATTENTION, ATTENTION, PATCH_EMBED, PATCH_EMBED_UINT8, LAYER_NORM, LN_MLP, LINEAR_RESIDUAL, LN_LINEAR
+        QKV_ATTENTION,
+        ATTENTION,
+        PATCH_EMBED,
+        PATCH_EMBED_UINT8,
+        LAYER_NORM,
+        LN_MLP,
+        LINEAR_RESIDUAL,
+        LN_LINEAR,
     )
 }
 

@@ -169,8 +169,8 @@ def _autotuned(kind: str, arch: int, elem_bytes: int, rows_bucket: int):
 
 def _launch(kind: str, like: torch.Tensor, rows: int, num_programs, args: tuple, constants: dict) -> None:
     """Run kernel ``kind`` on a 1-D grid of ``num_programs(BLOCK_M, BLOCK_N, BLOCK_K)`` programs: a config forced by
-    :func:`forced_configs`, else the interpreter's fixed config, the first table config in deterministic mode (no timing: every process picks the same tiles), else
-    autotuned per bucket of ``rows``."""
+    :func:`forced_configs`, else the interpreter's fixed config, else the first table config in deterministic mode
+    (no timing: every process picks the same tiles), else autotuned per bucket of ``rows``."""
     kernels = launch.kernels("linear")
     grid = lambda meta: (num_programs(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]),)
     if kind in _FORCED_CONFIGS:
@@ -305,7 +305,8 @@ def _ln_linear_bwd(grad_out, x, ln_weight, ln_bias, mean, rstd, weight, pre_act,
 
 @_ln_linear_bwd.register_fake
 def _(grad_out, x, ln_weight, ln_bias, mean, rstd, weight, pre_act, activation, has_bias):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    grad_bias = weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), grad_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -344,4 +345,3 @@ def _ln_linear_backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_pre_act):
 
 
 _ln_linear_fwd.register_autograd(_ln_linear_backward, setup_context=_setup_context)
-

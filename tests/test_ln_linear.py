@@ -1,0 +1,257 @@
+"""The fused GEMM (``ops.ln_linear``, Triton: LayerNorm prologue, bias / GELU / residual epilogues) and ``ln_mlp``'s
+``triton`` backend built from two of them.
+
+CPU: Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest without a GPU) against the fp64 spec
+(``fastvit.reference.ln_linear`` / ``ln_mlp``) with the suites' rule (``fastvit.accuracy``: error <= 2x PyTorch's
+own in the same dtype plus a rounding floor), output and every gradient, fp32 and fp16 (bf16 ``tl.dot`` is broken
+in the interpreter), ragged M/N/K and K not a multiple of the tile, every prologue/epilogue switch, small forced
+tiles (several K steps, several programs per grid axis, grouped ordering); ``torch.compile(fullgraph=True)``; bad
+inputs; how ``auto`` reads the choice table. opcheck, fake impls, NaN/Inf propagation, large magnitudes, awkward
+sizes, non-contiguous and aliased inputs, empty batches and determinism run for this op from the op-case table
+(``tests/op_cases.py``) in the cross-cutting suites.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastvit import dispatch, gemm_choices, ops, reference
+from fastvit.ops.ln_linear import GemmCall
+from fastvit.ops.triton import linear as linear_triton
+
+from op_cases import LN_LINEAR, LN_MLP, assert_matches_reference, fp32_noise_floor, rounding_floor
+from utils import DEVICE, backend_skip_reason
+
+pytestmark = pytest.mark.skipif(backend_skip_reason("triton") is not None, reason=str(backend_skip_reason("triton")))
+needs_extension = pytest.mark.skipif(
+    backend_skip_reason("cuda") is not None, reason="the LayerNorm prologue's backward is the extension's"
+)
+
+# fp32: fp32 accumulation noise only (tf32 off); fp16: two roundings of the dtype (the normalised A tile and the
+# output) at the scale of the exact results, where PyTorch's own answer happens to be exact.
+FLOORS = {torch.float32: fp32_noise_floor(), torch.float16: rounding_floor(2.0)}
+SMALL_TILES = (16, 16, 16, 2, 4, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages
+
+
+def check(sample, dtype=torch.float32, backend="triton", case=LN_LINEAR, label=""):
+    assert_matches_reference(case, sample, backend, floor=FLOORS[dtype], name=f"{label} {dtype}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy: forward and every gradient vs the fp64 spec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_every_activation_with_and_without_layer_norm(dtype, activation, layer_norm):
+    if layer_norm and backend_skip_reason("cuda") is not None:
+        pytest.skip("the LayerNorm prologue's backward is the extension's")
+    sample = LN_LINEAR.make(dtype, DEVICE, lead=(2, 7), in_features=24, out_features=40, layer_norm=layer_norm,
+                            activation=activation)  # fmt: skip
+    check(sample, dtype, label=f"{activation} ln={layer_norm}")
+
+
+@needs_extension
+@pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (False, True)])
+def test_bias_and_residual_switches(bias, residual):
+    sample = LN_LINEAR.make(lead=(3, 5), in_features=37, out_features=19, bias=bias, residual=residual)
+    check(sample, label=f"bias={bias} residual={residual}")
+    _, *grads = LN_LINEAR.run(sample, "triton")
+    assert (grads[4] is None) == (not bias) and (grads[5] is None) == (not residual)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "lead, k, n",
+    [((1,), 1, 1), ((1,), 7, 13), ((50,), 57, 45), ((2, 33), 130, 17), ((197,), 24, 40)],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
+def test_ragged_shapes_with_small_tiles_take_several_steps_on_every_axis(dtype, lead, k, n):
+    # 16x16x16 tiles: M, N and K ragged and (mostly) longer than one tile, so every loop runs several steps over a
+    # masked tail, and the grouped program order maps several programs per axis (GROUP_M = 2).
+    sample = LN_LINEAR.make(dtype, DEVICE, lead=lead, in_features=k, out_features=n)
+    forced = dict.fromkeys(linear_triton.KINDS, SMALL_TILES)
+    with linear_triton.forced_configs(forced):
+        check(sample, dtype, label=f"{lead}x{k}->{n}")
+
+
+@needs_extension
+def test_k_longer_than_the_interpreter_tile():
+    # The interpreter's own config (BLOCK_K = 128): K = 300 takes three K steps, the last one ragged.
+    check(LN_LINEAR.make(lead=(7,), in_features=300, out_features=33), label="K300")
+
+
+@needs_extension
+def test_strided_rows_and_transposed_input():
+    sample = LN_LINEAR.make(lead=(4, 6), in_features=24, out_features=40)
+    wide = torch.randn(4, 6, 64, device=DEVICE)
+    wide[..., 5 : 5 + 24] = sample["x"]
+    check(sample.replace(x=wide[..., 5 : 5 + 24]), label="row stride 64")  # a row stride, not contiguous
+    columns = sample["x"].reshape(24, 24).t().contiguous().t().reshape(4, 6, 24)  # unit row stride
+    check(sample.replace(x=columns), label="column-major rows")
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("approximate, residual", [("none", True), ("tanh", False)])
+def test_ln_mlp_triton_backend_matches_the_spec(dtype, approximate, residual):
+    sample = LN_MLP.make(dtype, DEVICE, lead=(2, 9), width=24, hidden=70).with_kwargs(
+        approximate=approximate, residual=residual
+    )
+    check(sample, dtype, case=LN_MLP, label=f"ln_mlp {approximate} residual={residual}")
+
+
+@needs_extension
+def test_inference_saves_nothing_and_matches_training_output():
+    sample = LN_LINEAR.make(lead=(2, 7), in_features=24, out_features=40)
+    with torch.no_grad():
+        inference = LN_LINEAR.call(sample, "triton")
+    trained, *_ = LN_LINEAR.run(sample, "triton")
+    torch.testing.assert_close(inference, trained, atol=0, rtol=0)
+    x, lnw, lnb, w, b, r = (t.reshape(-1, t.shape[-1]) if t.dim() > 1 and t is not sample["weight"] else t
+                            for t in sample.args)  # fmt: skip
+    _, mean, rstd, pre_act = torch.ops.fastvit.ln_linear_fwd(x, lnw, lnb, w, b, r, 1e-6, 1, False)
+    assert pre_act.numel() == 0 and mean.shape == rstd.shape == (14,)
+
+
+@needs_extension
+def test_torch_compile_fullgraph_matches_eager():
+    sample = LN_LINEAR.make(lead=(2, 7), in_features=24, out_features=40)
+    fn = LN_LINEAR.as_function(sample, "triton")
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaves = [t.detach().requires_grad_() for t in sample.args]
+    out = compiled(*leaves)
+    out.square().sum().backward()
+    eager_leaves = [t.detach().requires_grad_() for t in sample.args]
+    eager = fn(*eager_leaves)
+    eager.square().sum().backward()
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
+    for got, want in zip(leaves, eager_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=0, rtol=0)
+
+
+def test_the_spec_is_layer_norm_linear_gelu_residual():
+    sample = LN_LINEAR.make(torch.float64, "cpu", lead=(3,), in_features=8, out_features=5, activation="gelu_tanh")
+    x, lnw, lnb, w, b, r = sample.args
+    by_hand = r + torch.nn.functional.gelu((reference.layer_norm(x, lnw, lnb, 1e-6)) @ w.t() + b, approximate="tanh")
+    torch.testing.assert_close(LN_LINEAR.reference(sample), by_hand, atol=1e-12, rtol=0)
+    torch.testing.assert_close(LN_LINEAR.call(sample, "torch"), by_hand, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def _args(**changes):
+    sample = LN_LINEAR.make(lead=(2, 3), in_features=8, out_features=5)
+    args = dict(sample.tensors, **sample.kwargs)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        (dict(ln_bias=None), ValueError, "ln_weight and ln_bias must both be tensors"),
+        (dict(activation="relu"), ValueError, "activation must be one of"),
+        (dict(residual=torch.randn(2, 3, 4)), ValueError, r"residual must have shape \(2, 3, 5\)"),
+        (dict(weight=torch.randn(5, 7)), ValueError, r"weight must have shape \(5, 8\)"),
+        (dict(ln_weight=torch.randn(7)), ValueError, r"ln_weight must have shape \(8,\)"),
+        (dict(eps=0.0), ValueError, "eps must be a positive finite number"),
+        (dict(x=torch.randn(2, 3, 8, dtype=torch.float64)), TypeError, "one dtype"),
+        (dict(x=torch.ones(2, 3, 8, dtype=torch.int64)), TypeError, "x must be a floating-point tensor"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        ops.ln_linear(**_args(**changes), backend="torch")
+
+
+def test_triton_refuses_float64_and_interpreted_bfloat16_with_a_type_error():
+    args = _args()
+    as64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(TypeError, match="float64"):
+        ops.ln_linear(**as64, backend="triton")
+    if DEVICE.type == "cpu":
+        as_bf16 = {k: v.bfloat16() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with pytest.raises(TypeError, match="bfloat16 under Triton's CPU interpreter"):
+            ops.ln_linear(**as_bf16, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "configs, match",
+    [
+        ({"dq": SMALL_TILES}, "unknown kernel kind"),
+        ({"fwd": (16, 16, 16)}, "positive ints"),
+        ({"fwd": (16, 24, 16, 1, 4, 1)}, "powers of two >= 16"),
+    ],
+)
+def test_forced_configs_reject_bad_entries(configs, match):
+    with pytest.raises(ValueError, match=match), linear_triton.forced_configs(configs):
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# auto and the choice table (call signatures only: no kernel runs)
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def choices(monkeypatch):
+    """Replace the shipped choice table with the entries given; restores it and dispatch's cache afterwards."""
+
+    def install(*entries):
+        monkeypatch.setattr(gemm_choices, "table", lambda path=None: {
+            (e["op"], e["bucket"], e["dtype"], e["capability"]): e["backend"] for e in entries
+        })  # fmt: skip
+        monkeypatch.setattr(gemm_choices, "capability", lambda device: "9.0")
+        dispatch.clear_cache()
+
+    yield install
+    dispatch.clear_cache()
+
+
+def test_the_shipped_choice_table_is_well_formed_and_empty():
+    assert gemm_choices.table() == {}  # no GPU evidence yet: auto keeps cuBLASLt / cuBLAS
+
+
+def test_a_malformed_choice_table_is_a_clear_error(tmp_path):
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps({"format": 1, "choices": [{"op": "ln_mlp"}]}))
+    with pytest.raises(ValueError, match="malformed entry"):
+        gemm_choices.table.__wrapped__(path)
+    path.write_text(json.dumps({"format": 2, "choices": []}))
+    with pytest.raises(ValueError, match="expected"):
+        gemm_choices.table.__wrapped__(path)
+
+
+def test_without_evidence_auto_keeps_cublaslt_and_says_why(pretend_gpu, choices):
+    choices()
+    call = GemmCall(CUDA, torch.bfloat16, 768, 3072, True)
+    assert dispatch.explain("ln_mlp", "auto", call) == ("cuda", None)
+    chosen, why = dispatch.explain("ln_linear", "auto", call)
+    assert chosen == "torch" and "no benchmark evidence" in why and "768x3072" in why
+    assert dispatch.explain("ln_mlp", "triton", call) == ("triton", None)  # explicit: always the kernel
+    assert dispatch.resolve("ln_mlp", "auto", CUDA, torch.bfloat16) == "cuda"  # device level: no shape, no choice
+
+
+def test_a_measured_choice_makes_auto_pick_triton_for_its_bucket_dtype_and_arch_only(pretend_gpu, choices):
+    choices(
+        dict(op="ln_mlp", bucket="768x3072", dtype="bfloat16", capability="9.0", backend="triton"),
+        dict(op="ln_linear", bucket="*", dtype="float16", capability="9.0", backend="triton"),
+    )
+    assert dispatch.explain("ln_mlp", "auto", GemmCall(CUDA, torch.bfloat16, 768, 3072, True))[0] == "triton"
+    assert dispatch.explain("ln_mlp", "auto", GemmCall(CUDA, torch.bfloat16, 384, 1536, True))[0] == "cuda"
+    assert dispatch.explain("ln_mlp", "auto", GemmCall(CUDA, torch.float16, 768, 3072, True))[0] == "cuda"
+    assert dispatch.explain("ln_linear", "auto", GemmCall(CUDA, torch.float16, 5, 7, False))[0] == "triton"  # '*'
+    assert dispatch.resolve("ln_linear", "auto", CUDA, torch.float16) == "triton"
+    assert dispatch.explain("ln_mlp", "auto", GemmCall(torch.device("cpu"), torch.float32, 768, 3072, True)) == (
+        "torch",
+        "'auto' runs the torch backend on cpu tensors",
+    )
