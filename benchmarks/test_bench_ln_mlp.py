@@ -1,8 +1,13 @@
-"""The MLP half of a ViT block: fused ``ops.ln_mlp`` (C++/CUDA extension) vs eager and compiled PyTorch.
+"""The MLP half of a ViT block: fused ``ops.ln_mlp`` (C++/CUDA extension, Triton GEMMs) vs eager and compiled
+PyTorch; and each of a ViT block's four fused GEMMs (``ops.ln_linear``) against ``torch.mm`` at the same shape.
 
 Candidates, same weights and inputs:
   "fastvit cuda"   ``fastvit.ops.ln_mlp(..., backend='cuda')``: LN kernel, cuBLASLt GEMMs with bias /
                    GELU / residual epilogues, exact-GELU kernel; fused backward.
+  "fastvit triton" ``fastvit.ops.ln_mlp(..., backend='triton')``: two Triton GEMMs, fc1 with the LayerNorm
+                   prologue and bias + exact-GELU epilogue, fc2 with the bias + residual epilogue; the GELU
+                   derivative fused into the backward GEMMs. Its wins (per width, batch bucket, dtype, GPU) go
+                   into ``fastvit/gemm_choices.json``, which ``auto`` reads.
   "torch eager"    ``x + timm.layers.Mlp(nn.LayerNorm(x))`` (baseline).
   "torch compile"  ``torch.compile`` of the same module (baseline).
 Modes: "fwd" (inference, no autograd) and "fwd+bwd" (forward, then the gradients of x and of every
@@ -40,7 +45,8 @@ else:
     WIDTHS = profile_cases({"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_huge": 1280}, ["vit_base"])
     BATCHES = profile_cases([32, 128], [128])
     DTYPE, REL_TOL = torch.bfloat16, 3e-2
-CANDIDATES = ["fastvit cuda", "torch eager", "torch compile"]
+CANDIDATES = ["fastvit cuda", "fastvit triton", "torch eager", "torch compile"]
+FUSED_BACKENDS = {"fastvit cuda": "cuda", "fastvit triton": "triton"}
 GPU_ONLY = {"torch compile"}
 MODES = ["fwd", "fwd+bwd"]
 
@@ -72,12 +78,19 @@ def _params(module: EagerHalfBlock) -> list[torch.Tensor]:
 
 
 def _candidate(candidate: str, module: EagerHalfBlock):
-    if candidate == "fastvit cuda":
+    if candidate in FUSED_BACKENDS:
         params = _params(module)
-        return lambda x: fastvit.ops.ln_mlp(x, *params, eps=1e-6, backend="cuda")
+        return lambda x: fastvit.ops.ln_mlp(x, *params, eps=1e-6, backend=FUSED_BACKENDS[candidate])
     if candidate == "torch compile":
         return torch.compile(module)
     return module
+
+
+def _skip_unusable(candidate: str) -> None:
+    backend = FUSED_BACKENDS.get(candidate)
+    reason = None if backend is None else dispatch.backend_unusable_reason(backend, DEVICE)
+    if reason is not None:
+        pytest.skip(f"{candidate}: {reason}")
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -91,10 +104,7 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 def test_ln_mlp(benchmark, name, batch, candidate, mode):
     if SMOKE and candidate in GPU_ONLY:
         pytest.skip(f"{candidate}: GPU-only candidate (compiling on CPU takes long and measures nothing useful)")
-    if candidate == "fastvit cuda":
-        reason = dispatch.backend_unusable_reason("cuda", DEVICE)
-        if reason is not None:
-            pytest.skip(f"fastvit cuda: {reason}")
+    _skip_unusable(candidate)
     width = WIDTHS[name]
     hidden = 4 * width
     tokens = batch * TOKENS_PER_IMAGE
@@ -157,6 +167,84 @@ def test_ln_mlp(benchmark, name, batch, candidate, mode):
         batch=batch,
         tokens=tokens,
         mode=mode,
+        dtype=str(DTYPE),
+        max_abs_error=error,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Each fused GEMM of a ViT block vs torch.mm at the same shape (the floor: the bare GEMM on cuBLAS)
+
+# name -> (K, N as multiples of the width, LayerNorm prologue, activation, residual): qkv, proj, fc1, fc2
+BLOCK_GEMMS = {
+    "qkv": (1, 3, True, "none", False),
+    "proj": (1, 1, False, "none", True),
+    "fc1": (1, 4, True, "gelu", False),
+    "fc2": (4, 1, False, "none", True),
+}
+GEMM_WIDTHS = {"tiny": 32} if SMOKE else profile_cases({"vit_base": 768, "vit_large": 1024}, ["vit_base"])
+GEMM_BATCH = 1 if SMOKE else 256
+GEMM_CANDIDATES = ["fastvit triton", "torch mm", "torch eager"]
+
+
+@pytest.mark.parametrize("candidate", GEMM_CANDIDATES)
+@pytest.mark.parametrize("gemm", list(BLOCK_GEMMS))
+@pytest.mark.parametrize("name", list(GEMM_WIDTHS))
+def test_block_gemm(benchmark, name, gemm, candidate):
+    """Forward TFLOP/s of one fused GEMM (``ops.ln_linear``, Triton) vs ``torch.mm`` (no glue: the floor the fused
+    kernel chases, goal >= 0.95x) and vs eager PyTorch doing the same glue (LN, bias, GELU, residual unfused)."""
+    _skip_unusable(candidate)
+    width = GEMM_WIDTHS[name]
+    k_mult, n_mult, layer_norm, activation, with_residual = BLOCK_GEMMS[gemm]
+    rows, k, n = GEMM_BATCH * TOKENS_PER_IMAGE, k_mult * width, n_mult * width
+    torch.manual_seed(0)
+    weight = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k**-0.5
+    bias = torch.randn(n, device=DEVICE, dtype=DTYPE) * 0.1
+    ln_weight, ln_bias = (torch.ones(k, device=DEVICE, dtype=DTYPE), torch.zeros(k, device=DEVICE, dtype=DTYPE))
+    if not layer_norm:
+        ln_weight = ln_bias = None
+
+    def make_inputs():
+        x = torch.randn(rows, k, device=DEVICE, dtype=DTYPE)
+        return x, torch.randn(rows, n, device=DEVICE, dtype=DTYPE) if with_residual else None
+
+    next_inputs = rotating(make_inputs, (rows * k + rows * n) * torch.finfo(DTYPE).bits // 8)
+    glue = dict(eps=1e-6, activation=activation)
+    if candidate == "torch mm":
+        fn = lambda x, residual: torch.mm(x, weight.t())  # noqa: E731
+    else:
+        backend = "triton" if candidate == "fastvit triton" else "torch"
+        fn = lambda x, residual: fastvit.ops.ln_linear(  # noqa: E731
+            x, ln_weight, ln_bias, weight, bias, **glue, residual=residual, backend=backend
+        )
+    x, residual = next_inputs()
+    if candidate != "torch mm":  # correctness first (torch.mm is the bare GEMM: nothing to compare)
+        ref = fastvit.ops.ln_linear(
+            *(None if t is None else t.float() for t in (x, ln_weight, ln_bias, weight, bias)), **glue,
+            residual=None if residual is None else residual.float(), backend="torch",
+        )  # fmt: skip
+        error = check_close(f"{candidate} {gemm}", fn(x, residual), ref, atol=REL_TOL * max(ref.abs().max().item(), 1))
+    else:
+        error = None
+
+    def run():
+        with torch.inference_mode():
+            return fn(*next_inputs())
+
+    run_benchmark(benchmark, run)
+    record(
+        benchmark,
+        "block_gemm",
+        f"{name} {gemm} {rows}x{k}->{n}",
+        candidate,
+        flops=2.0 * rows * k * n,
+        bytes_moved=(rows * k + n * k + rows * n * (2 if with_residual else 1)) * torch.finfo(DTYPE).bits // 8,
+        primary="tflops",
+        model=name,
+        gemm=gemm,
+        rows=rows,
+        k=k,
+        n=n,
         dtype=str(DTYPE),
         max_abs_error=error,
     )
