@@ -47,6 +47,7 @@ def _inputs(op: str) -> tuple[list, dict]:
 CASES = [
     ("layer_norm", "cuda"),
     ("ln_mlp", "cuda"),
+    ("ln_mlp", "triton"),
     ("linear_residual", "cuda"),
     ("qkv_attention", "triton"),
     ("attention", "triton"),

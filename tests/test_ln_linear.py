@@ -23,7 +23,7 @@ from fastvit.ops.ln_linear import GemmCall
 from fastvit.ops.triton import linear as linear_triton
 
 from op_cases import LN_LINEAR, LN_MLP, assert_matches_reference, fp32_noise_floor, rounding_floor
-from utils import DEVICE, backend_skip_reason
+from utils import DEVICE, DTYPE_TOLS, backend_skip_reason
 
 pytestmark = pytest.mark.skipif(backend_skip_reason("triton") is not None, reason=str(backend_skip_reason("triton")))
 needs_extension = pytest.mark.skipif(
@@ -133,6 +133,31 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(out, eager, atol=0, rtol=0)
     for got, want in zip(leaves, eager_leaves):
         torch.testing.assert_close(got.grad, want.grad, atol=0, rtol=0)
+
+
+@needs_extension
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU float16 autocast (the interpreter refuses bfloat16)")
+@pytest.mark.parametrize("case", [LN_LINEAR, LN_MLP], ids=["ln_linear", "ln_mlp"])
+def test_cpu_float16_autocast_answers_as_eager_autocast(case):
+    # Custom ops see no autocast: the backend casts x and the parameters to float16 (differentiably: fp32 master
+    # weights get fp32 gradients), centres x before rounding it for the LayerNorm, and adds an fp32 residual outside.
+    sample = case.make(lead=(2, 7))
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = [None if t is None else t.clone().requires_grad_() for t in sample.args]
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = case.call(type(sample)(dict(zip(sample.tensors, leaves)), sample.kwargs), backend)
+        out.float().square().sum().backward()
+        results[backend] = [out, *(None if t is None else t.grad for t in leaves)]
+    # Two float16 computations that round at different places (eager: the LN output, z, GELU's output, dz; ours: the
+    # normalised tile, z saved, dz): up to four float16 roundings apart at the scale of each result.
+    tols = DTYPE_TOLS[torch.float16]
+    for got, want in zip(results["triton"], results["torch"]):
+        if want is None:
+            continue
+        assert got.dtype == want.dtype, (got.dtype, want.dtype)
+        scale = max(want.abs().max().item(), 1.0)
+        torch.testing.assert_close(got, want, atol=4 * tols["atol"] * scale, rtol=tols["rtol"])
 
 
 def test_the_spec_is_layer_norm_linear_gelu_residual():

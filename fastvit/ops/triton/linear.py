@@ -72,12 +72,11 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias, eps, activation, residual):
     cast_x, ln_weight, ln_bias, weight, bias = cast_like_autocast_linear(
         x.device.type, x, ln_weight, ln_bias, weight, bias
     )
-    if cast_x.dtype != x.dtype:
-        if ln_weight is not None and cast_x.element_size() < x.element_size():
-            cast_x = centred_in_dtype(x, cast_x.dtype)
-        if residual is not None and residual.dtype != cast_x.dtype:  # as eager autocast: added in the wider dtype
-            residual_outside, residual = residual, None
+    if ln_weight is not None and cast_x.element_size() < x.element_size():
+        cast_x = centred_in_dtype(x, cast_x.dtype)  # see centred_in_dtype: LayerNorm is shift invariant
     x = cast_x
+    if residual is not None and residual.dtype != x.dtype:  # under autocast: added as eager does (type promotion)
+        residual_outside, residual = residual, None
     in_features, out_features = weight.shape[1], weight.shape[0]
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, ln_weight, ln_bias, weight, bias, residual)
