@@ -112,13 +112,13 @@ def _grad_pre_activation(grad_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _load_row_stats(Mean, Rstd, offs_m, rows_valid, HAS_LN: tl.constexpr):
+def _load_row_stats(Mean, Rstd, offs_m, rows_valid, HAS_LN: tl.constexpr, BLOCK_M: tl.constexpr):
     """Per-row (mean, rstd) of the LayerNorm prologue as fp32 [BLOCK_M] vectors (zeros without HAS_LN)."""
     if HAS_LN:
         mean = tl.load(Mean + offs_m, mask=rows_valid, other=0.0)
         rstd = tl.load(Rstd + offs_m, mask=rows_valid, other=0.0)
     else:
-        mean = tl.zeros(offs_m.shape, dtype=tl.float32)
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
         rstd = mean
     return mean, rstd
 
@@ -208,7 +208,7 @@ def linear_fwd_kernel(
     rows64 = offs_m.to(tl.int64)
     a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    mean, rstd = _load_row_stats(Mean, Rstd, offs_m, rows_valid, HAS_LN)
+    mean, rstd = _load_row_stats(Mean, Rstd, offs_m, rows_valid, HAS_LN, BLOCK_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -319,7 +319,7 @@ def linear_bwd_weight_kernel(
         dz = _grad_pre_activation(
             GradOut + grad_offsets, PreAct + grad_offsets, rows_valid[:, None] & cols_valid[None, :], ACTIVATION
         )
-        mean, rstd = _load_row_stats(Mean, Rstd, rows, rows_valid, HAS_LN)
+        mean, rstd = _load_row_stats(Mean, Rstd, rows, rows_valid, HAS_LN, BLOCK_M)
         a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
         a = _load_a_tile(a_ptrs, rows_valid, offs_k, K, mean, rstd, LnWeight, LnBias, GradW.dtype.element_ty, HAS_LN)
         acc = tl.dot(tl.trans(dz.to(GradW.dtype.element_ty)), a, acc, input_precision=INPUT_PRECISION)
