@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvit
-from conftest import assert_within_torch_error
+from conftest import assert_within_torch_error, dtype_tols
 from fastvit import dispatch, ops
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
@@ -265,3 +265,73 @@ def test_layer_norm_cuda_unaligned_rows_and_bit_identical_backward():
     for _ in range(3):
         for got, want in zip(torch.ops.fastvit.layer_norm_bwd(grad_out, x, weight, mean, rstd), first):
             assert torch.equal(got, want)
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [768, 769, 4104])
+def test_layer_norm_cuda_weight_gradients_vectorised_and_scalar(width, dtype):
+    # Stage 1 of dweight/dbias reads 16-byte packs of VEC columns when rows are aligned (768, 4104: VEC columns
+    # per thread, tiles of 256 (bf16) / 128 (fp32) columns, 4104 ends in a partial tile) and single columns
+    # otherwise (769). Same bound as every LayerNorm gradient: 2x PyTorch's own error.
+    x, weight, bias = _layer_norm_inputs((333, width), dtype, device="cuda")
+    grad_out = torch.randn(333, width, dtype=torch.float64, device="cuda")
+
+    def grads(fn, dtype_):
+        leaves = [t.detach().to(dtype_).requires_grad_(True) for t in (x, weight, bias)]
+        return torch.autograd.grad(fn(*leaves), leaves[1:], grad_out.to(dtype_))
+
+    ours = grads(lambda x, w, b: ops.layer_norm(x, w, b, 1e-6, backend="cuda"), dtype)
+    same = grads(lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-6), dtype)
+    exact = grads(lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-6), torch.float64)
+    for name, got, torch_same, want in zip(("dweight", "dbias"), ours, same, exact):
+        floor = 1e-6 * want.abs().max().item()
+        assert_within_torch_error(f"layer_norm cuda {name} {dtype} C={width}", got, torch_same, want, floor=floor)
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+def test_ln_mlp_deterministic_tanh_backward_keeps_its_accuracy():
+    # Deterministic mode keeps the DGELU epilogue (only the bias gradient moves to at::sum): same error bound as
+    # the default path, and bit-identical gradients run to run.
+    from test_ln_mlp import NAMES, check_against_reference, fused, make_inputs, run_with_grads
+
+    inputs = make_inputs((8, 197), 384, 1536, torch.bfloat16, device="cuda")
+    fastvit.set_deterministic(True)
+    try:
+        check_against_reference(inputs, "tanh", True, floor_rel=0.0, label="deterministic")
+        grad_out = torch.randn(8, 197, 384, device="cuda")
+        first, again = (run_with_grads(fused("tanh"), inputs, grad_out) for _ in range(2))
+    finally:
+        fastvit.set_deterministic(False)
+    for name, got, want in zip(NAMES, again[1], first[1]):
+        assert torch.equal(got, want), f"d{name} differs between deterministic runs"
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+def test_cublaslt_gemms_under_cuda_graph_trees_stay_correct_across_generations():
+    # torch.compile(mode="reduce-overhead") records the ops into CUDA-graph trees whose private memory pool is
+    # reset between generations. The GEMMs' cuBLASLt workspace must not be a block of that pool kept across
+    # generations (it would be handed to another tensor while split-K writes into it): every replay, with other
+    # allocations in between, must give what eager gives.
+    from test_ln_mlp import fused, make_inputs
+
+    torch._dynamo.reset()
+    params = make_inputs((1, 1), 768, 3072, torch.bfloat16, device="cuda")[1:]
+    run = fused("none")
+    compiled = torch.compile(lambda x: run(x, *params), mode="reduce-overhead")
+    with torch.inference_mode():
+        for step in range(6):
+            x = torch.randn(32, 197, 768, device="cuda", dtype=torch.bfloat16) * (1 + step)
+            got = compiled(x).clone()
+            scratch = torch.full((64, 1 << 20), float(step), device="cuda")  # reuse freed blocks in between
+            want = run(x, *params)
+            # Same ops, same shapes: at most a different GEMM algorithm, i.e. bf16 rounding differences.
+            torch.testing.assert_close(got, want, **dtype_tols(torch.bfloat16))
+            del scratch
+    torch._dynamo.reset()
