@@ -6,6 +6,14 @@ removes that overhead. The session warms the model up first (Triton autotuning, 
 workspaces happen there, never inside the capture), captures one graph per requested batch size, and
 runs any other batch size eagerly (counted in ``fallback_calls``). Autocast to ``dtype`` happens
 inside, so callers pass float32 images.
+
+Device and stream rules (both needed for a correct graph, see ``_capture``):
+- Warm-up, capture and replay run under ``torch.cuda.device(model's device)``. ``torch.cuda.graph``
+  captures the *current device's* stream, while every fastvit launcher switches to its tensors' device
+  and launches on that device's current stream: with a model on cuda:1 and cuda:0 current, the kernels
+  would run eagerly on cuda:1 during "capture" and the graph would be empty (stale output on replay).
+- One side stream per session serves every batch size: cuBLAS(Lt) keeps one workspace (up to 32 MiB)
+  per stream, so a stream per batch size would hold one workspace per captured batch size.
 """
 
 from __future__ import annotations
@@ -67,9 +75,12 @@ class InferenceSession:
         self.fallback_calls = 0
         self.replays = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._stream: torch.cuda.Stream | None = None  # the one warm-up and capture stream (CUDA graphs only)
         if use_cuda_graphs:
-            for batch in sizes:
-                self._capture(batch)
+            with torch.cuda.device(self.device):
+                self._stream = torch.cuda.Stream(device=self.device)
+                for batch in sizes:
+                    self._capture(batch)
 
     @staticmethod
     def _default_input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -88,15 +99,19 @@ class InferenceSession:
             return self.model(x)
 
     def _capture(self, batch: int) -> None:
+        """Warm up, then capture one graph for ``batch`` images. Runs under ``torch.cuda.device(self.device)``."""
         static_input = torch.randn(batch, *self.input_shape, device=self.device)
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        # Warm-up on the session's stream (the one the capture uses): per-stream state such as the cuBLAS(Lt)
+        # workspace is created here, outside the capture.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
             for _ in range(self.warmup):
                 self._forward(static_input)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # An explicit stream of the model's device: torch.cuda.graph's default capture stream is created once per
+        # process on whichever device was current at its first use.
+        with torch.cuda.graph(graph, stream=self._stream):
             static_output = self._forward(static_input)
         self._graphs[batch] = (graph, static_input, static_output)
 
@@ -118,7 +133,9 @@ class InferenceSession:
             self.fallback_calls += 1
             return self._forward(x)
         graph, static_input, static_output = entry
-        static_input.copy_(x)
-        graph.replay()
-        self.replays += 1
-        return static_output.clone()  # the static buffer is overwritten by the next replay
+        # Replay on the model's device: graph.replay() and the copies run on the *current* device's current stream.
+        with torch.cuda.device(self.device):
+            static_input.copy_(x)
+            graph.replay()
+            self.replays += 1
+            return static_output.clone()  # the static buffer is overwritten by the next replay

@@ -92,3 +92,20 @@ def test_cuda_graph_replay_equals_eager(dtype):
         assert torch.equal(session(x), expected)
     session(torch.randn(3, 3, 224, 224, device="cuda"))
     assert session.replays == 2 and session.fallback_calls == 1
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_graph_of_a_model_off_the_current_device():
+    # Model on cuda:1 while cuda:0 is current: capture and replay must target the model's device and stream, else
+    # the kernels run eagerly during "capture" and every replay returns the first input's (stale) output.
+    model = fastvit.create_model("vit_tiny_patch16_224", depth=2).to("cuda:1")
+    with torch.cuda.device(0):
+        session = fastvit.InferenceSession(model, batch_sizes=[2], dtype=torch.bfloat16)
+        for _ in range(3):
+            x = torch.randn(2, 3, 224, 224, device="cuda:1")
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                expected = model(x)
+            assert torch.equal(session(x), expected)
+    assert session.replays == 3
