@@ -254,42 +254,29 @@ def _fixed_config(tensor: torch.Tensor) -> bool:
 
 @functools.cache
 def _autotuned(kind: str, arch: int):
-    """The autotuned wrapper of one kernel for one GPU generation (80: Ampere/Ada, 90: Hopper and newer).
+    """The autotuned wrapper of one kernel for one GPU (``arch``: compute capability 10*major+minor, e.g. 90).
 
-    It holds the generation's 16-bit configs and the fp32 configs; the prune step keeps those of the
-    call's dtype that fit in shared memory (``kernels.keep_config``).
+    Its prune step hands the autotuner exactly ``kernels.autotune_configs`` of the call's dtype and BLOCK_D: the
+    arch generation's table entries that fit the arch's shared memory (the set the static resource check covers).
     """
     import triton
 
     kernels = _kernels()
-    kernel, table = {
-        "fwd": (kernels.attn_fwd_kernel, kernels.FWD_CONFIGS),
-        "dkdv": (kernels.attn_bwd_dkdv_kernel, kernels.BWD_DKDV_CONFIGS),
-        "dq": (kernels.attn_bwd_dq_kernel, kernels.BWD_DQ_CONFIGS),
-    }[kind]
+    kernel = {"fwd": kernels.attn_fwd_kernel, "dkdv": kernels.attn_bwd_dkdv_kernel, "dq": kernels.attn_bwd_dq_kernel}[
+        kind
+    ]
 
     def make(entry):
         block_m, block_n, warps, stages = entry
         return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
-    def entry(config):
-        return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
-
-    configs = [make(e) for e in dict.fromkeys([*table[arch], *table["fp32"]])]
-
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        block_d, elem_bytes = args["BLOCK_D"], args["Q"].element_size()
-        wanted = set(table["fp32"] if elem_bytes == 4 else table[arch])
-        kept = [
-            c
-            for c in configs
-            if entry(c) in wanted and kernels.keep_config(kind, *entry(c)[:2], c.num_stages, block_d, elem_bytes)
-        ]
-        return kept or [make(kernels.FALLBACK_CONFIGS[kind])]
+        return [make(e) for e in kernels.autotune_configs(kind, arch, args["BLOCK_D"], args["Q"].element_size())]
 
     # Tensor dtypes join the key automatically (Triton appends every tensor argument's dtype).
     key = ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
+    configs = [make(e) for e in kernels.all_table_configs(kind, arch)]
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -300,7 +287,8 @@ def _launch(kind: str, kernel, num_blocks, like: torch.Tensor, args: tuple, cons
         grid = (num_blocks(block_m, block_n),)
         kernel[grid](*args, **constants, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
         return
-    arch = 90 if torch.cuda.get_device_capability(like.device)[0] >= 9 else 80
+    major, minor = torch.cuda.get_device_capability(like.device)
+    arch = 10 * major + minor
     _autotuned(kind, arch)[lambda meta: (num_blocks(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **constants)
 
 
