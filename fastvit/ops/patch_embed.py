@@ -334,6 +334,15 @@ def _config(kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int,
         block_r = 128 if _cdiv(rows, 128) * _cdiv(cols, block_c) >= num_sms else 64
         block_red = _pow2(red, 16, 64 if narrow else 32)
         warps = 8 if block_r * block_c >= 128 * 128 else 4
+        if _channels_inner(tensor):
+            # Channel-innermost gathers are element-wise loads held in registers (no async copy). 8 warps, a 32-wide
+            # K tile for the forward at 128 rows and at most 64 K columns for dX keep them spill-free on sm_80 and
+            # sm_90 with Triton 3.6 and 3.8 (python -m fastvit.kernels.resources).
+            warps = 8
+            if kind == "fwd" and block_r == 128:
+                block_red = min(block_red, 32)
+            elif kind == "bwd_input":  # its columns are K
+                block_c = min(block_c, 64)
         config = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_RED=block_red, num_warps=warps, num_stages=3)
     config.update(_CONFIG_OVERRIDES.get(kind, {}))
     return config
@@ -447,9 +456,10 @@ def _backward_weight(grad, x, weight, norm_scale, norm_shift) -> torch.Tensor:
     # at least 8 row blocks per split); the split depends on shapes and device only, so reruns are bit-identical.
     if _on_gpu(x):
         cfg = dict(BLOCK_D=64, BLOCK_K=64, BLOCK_M=64 if weight.dtype != torch.float32 else 32, num_stages=3)
+        cfg.update(num_warps=8 if _channels_inner(x) else 4)  # channel-innermost gathers: 4 warps spill on sm_80
     else:
         cfg = dict(BLOCK_D=_pow2(g["D"], 16, 64), BLOCK_K=_pow2(g["K"], 16, 64), BLOCK_M=_pow2(num_rows, 16, 64))
-        cfg.update(num_stages=1)
+        cfg.update(num_warps=4, num_stages=1)
     cfg.update(_CONFIG_OVERRIDES.get("bwd_weight", {}))
     block_d, block_k, block_m = cfg["BLOCK_D"], cfg["BLOCK_K"], cfg["BLOCK_M"]
     tiles = _cdiv(g["D"], block_d) * _cdiv(g["K"], block_k)
@@ -474,7 +484,7 @@ def _backward_weight(grad, x, weight, norm_scale, norm_shift) -> torch.Tensor:
             NORMALIZE=norm_scale is not None, ATOMIC=atomic, GEMM_DTYPE=_GEMM_DTYPE_CODES[weight.dtype],
             INPUT_PRECISION=_input_precision(weight.dtype),
             BLOCK_D=block_d, BLOCK_K=block_k, BLOCK_M=block_m,
-            num_warps=4, num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
     if split == 1:
         return work
