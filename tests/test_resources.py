@@ -36,24 +36,34 @@ def test_launchable_triton_configs_do_not_spill_and_fit_shared_memory(launchable
     assert not problems, "configs the launchers may pick spill or overflow shared memory:\n" + "\n".join(problems)
 
 
-def test_the_check_covers_exactly_the_autotuners_candidates():
-    # The set compiled above is the launcher's own (kernels.attention.autotune_configs), not a copy of the tables.
-    from fastvit.kernels import attention as tables
+def test_the_check_compiles_what_the_launchers_autotuner_is_given():
+    # The launcher's prune step (what the autotuner benchmarks on a GPU) and the compiled set must be the same configs
+    # for every arch, kernel, dtype and head dim the CI check covers.
+    import importlib
 
+    import torch
+    from fastvit.kernels import attention as kernel_tables
+
+    attention_ops = importlib.import_module("fastvit.ops.attention")  # the module (fastvit.ops.attention is the op)
     for arch_name, (arch, _sms) in resources.ARCHS.items():
         launches = resources.attention_launches(arch, full=False)
         for kind in ("fwd", "dkdv", "dq"):
-            for dtype, elem_bytes in (("bf16", 2), ("fp16", 2)):
+            tuned = attention_ops._autotuned(kind, arch)
+            for dtype_name in resources.CI_DTYPES:
+                dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype_name])
                 for head_dim in resources.CI_HEAD_DIMS:
+                    block_d = kernel_tables.block_d(head_dim)
+                    pruned = tuned.early_config_prune(
+                        tuned.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d
+                    )
+                    given = {str((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)) for c in pruned}
                     compiled = {
                         launch.config
                         for launch in launches
-                        if launch.kernel == f"attention.{kind}"
-                        and launch.dtype == dtype
-                        and launch.case == f"D={head_dim}"
+                        if (launch.kernel, launch.dtype, launch.case)
+                        == (f"attention.{kind}", dtype_name, f"D={head_dim}")
                     }
-                    expected = tables.autotune_configs(kind, arch, tables.block_d(head_dim), elem_bytes)
-                    assert compiled == {str(e) for e in expected}, (arch_name, kind, dtype, head_dim)
+                    assert compiled == given, (arch_name, kind, dtype_name, head_dim)
 
 
 def test_patch_embed_launches_are_the_launchers_choice():
