@@ -322,7 +322,9 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config(kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int) -> dict:
+def _config(
+    kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int, patch_w: int
+) -> dict:
     """Tile sizes of one kernel: ``rows`` × ``cols`` outputs reduced over ``red`` (see each launcher)."""
     narrow = gemm_dtype != torch.float32
     if not _on_gpu(tensor):  # Triton's interpreter: large tiles mean fewer (slow, Python-level) programs
@@ -334,10 +336,9 @@ def _config(kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int,
         block_r = 128 if _cdiv(rows, 128) * _cdiv(cols, block_c) >= num_sms else 64
         block_red = _pow2(red, 16, 64 if narrow else 32)
         warps = 8 if block_r * block_c >= 128 * 128 else 4
-        if _channels_inner(tensor):
-            # Channel-innermost gathers are element-wise loads held in registers (no async copy). 8 warps, a 32-wide
-            # K tile for the forward at 128 rows and at most 64 K columns for dX keep them spill-free on sm_80 and
-            # sm_90 with Triton 3.6 and 3.8 (python -m fastvit.kernels.resources).
+        if _narrow_gather(tensor, patch_w):
+            # 8 warps, a 32-wide K tile for the forward at 128 rows and at most 64 K columns for dX keep narrow gathers
+            # spill-free on sm_80 and sm_90 with Triton 3.6 and 3.8 (python -m fastvit.kernels.resources).
             warps = 8
             if kind == "fwd" and block_r == 128:
                 block_red = min(block_red, 32)
@@ -367,6 +368,12 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor, num_tokens: int) -> dict:
     )
 
 
+def _narrow_gather(x: torch.Tensor, patch_w: int) -> bool:
+    """Patches are gathered with narrow loads held in registers (no 16-byte vectors, no async copies): channel-innermost
+    images, or patch rows not a multiple of 8 pixels wide (ViT-*/14). Such kernels need more warps not to spill."""
+    return _channels_inner(x) or patch_w % 8 != 0
+
+
 def _channels_inner(x: torch.Tensor) -> bool:
     """Order K channel-innermost when the channel stride is the smallest (channels_last memory)."""
     return x.shape[1] > 1 and x.stride(1) < x.stride(3)
@@ -392,7 +399,7 @@ def _forward(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift) -> t
     num_rows = g["B"] * g["L"]
     if out.numel() == 0:
         return out
-    cfg = _config("fwd", x, weight.dtype, num_rows, g["D"], g["K"])
+    cfg = _config("fwd", x, weight.dtype, num_rows, g["D"], g["K"], g["PW"])
     dummy = weight  # stands in for absent tensors (their HAS_* flag is off: never read)
     pos_offset = 0 if pos_embed is None or pos_embed.shape[1] == g["L"] else g["T"]
     grid = (_cdiv(num_rows, cfg["BLOCK_R"]) * _cdiv(g["D"], cfg["BLOCK_C"]),)
@@ -430,7 +437,7 @@ def _backward_input(grad, x, weight) -> torch.Tensor:
     num_rows = g["B"] * g["N"]
     if dx.numel() == 0:
         return dx
-    cfg = _config("bwd_input", x, weight.dtype, num_rows, g["K"], g["D"])
+    cfg = _config("bwd_input", x, weight.dtype, num_rows, g["K"], g["D"], g["PW"])
     grid = (_cdiv(num_rows, cfg["BLOCK_R"]) * _cdiv(g["K"], cfg["BLOCK_C"]),)
     with _device_guard(x):
         _kernels().patch_embed_bwd_input_kernel[grid](
@@ -456,7 +463,7 @@ def _backward_weight(grad, x, weight, norm_scale, norm_shift) -> torch.Tensor:
     # at least 8 row blocks per split); the split depends on shapes and device only, so reruns are bit-identical.
     if _on_gpu(x):
         cfg = dict(BLOCK_D=64, BLOCK_K=64, BLOCK_M=64 if weight.dtype != torch.float32 else 32, num_stages=3)
-        cfg.update(num_warps=8 if _channels_inner(x) else 4)  # channel-innermost gathers: 4 warps spill on sm_80
+        cfg.update(num_warps=8 if _narrow_gather(x, g["PW"]) else 4)  # 4 warps spill on sm_80
     else:
         cfg = dict(BLOCK_D=_pow2(g["D"], 16, 64), BLOCK_K=_pow2(g["K"], 16, 64), BLOCK_M=_pow2(num_rows, 16, 64))
         cfg.update(num_warps=4, num_stages=1)
