@@ -3,9 +3,10 @@
 import fastvit
 model = fastvit.create_model("vit_base_patch16_224", num_classes=10)
 fastvit.backends()            # which fused backends can run here, and why not
+fastvit.selftest()            # check the fused kernels on this GPU; 'auto' uses them where they passed
 """
 
-from fastvit import ops
+from fastvit import ops, verification
 from fastvit.convert import from_hf, from_timm, from_torchvision, load_weights
 from fastvit.dispatch import (
     backends,
@@ -29,12 +30,17 @@ from fastvit.model import (
     vit_tiny_patch16_224,
 )
 from fastvit.optimize import optimize
+from fastvit.selftest_runner import selftest
 from fastvit.session import InferenceSession
+from fastvit.verification import UnverifiedKernelWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops",
+    "verification",
+    "selftest",
+    "UnverifiedKernelWarning",
     "backends",
     "get_default_backend",
     "set_default_backend",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastvit {demo,train,eval,predict,explain,transfer,info} [options]``.
+"""Command line: ``python -m fastvit {demo,train,eval,predict,explain,transfer,selftest,info} [options]``.
 
 Each command has its own ``--help``. Bad arguments print one line and exit with code 2.
 """
@@ -15,6 +15,7 @@ COMMANDS = {
     "predict": "top classes of image files",
     "explain": "attention-rollout PNG of an image",
     "transfer": "pre-train on digits 0-4, transfer to 5-9: probe vs fine-tune vs scratch",
+    "selftest": "check every fused kernel on this GPU against the spec; record it so that 'auto' uses them",
     "info": "versions, devices and which fastvit backends can run here",
 }
 
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastvit.transfer import transfer_main
 
         return transfer_main(rest)
+    if command == "selftest":
+        from fastvit.selftest_runner import main as selftest_main
+
+        return selftest_main(rest)
     return info()
 
 
@@ -71,6 +76,9 @@ def info() -> int:
     print(f"default backend: {fastvit.get_default_backend()} (FASTVIT_BACKEND)")
     for report in fastvit.backends().values():
         print(report)
+    from fastvit import verification
+
+    print(verification.describe())
     return 0
 
 

@@ -8,7 +8,7 @@ shared memory per block. Which configs are compiled:
 
 - attention: ``kernels.attention.autotune_configs`` (the function the launcher's autotuner prune step returns)
   for bf16 and fp16 at head dims 64 and 128, on packed-qkv views ([B, N, 3, H, D] strides);
-- patch embedding: the tiles ``fastvit.ops.patch_embed``'s launchers choose, recorded by running those launchers
+- patch embedding: the tiles ``fastvit.ops.triton.patch_embed``'s launchers choose, recorded by running those launchers
   (kernel launches replaced by recorders) on ViT-B/16 shapes at batch 1 and 64, NCHW and channels_last, float
   and uint8 images.
 
@@ -230,7 +230,7 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Patch-embedding launches: recorded from the launchers in fastvit/ops/patch_embed.py
+# Patch-embedding launches: recorded from the launchers in fastvit/ops/triton/patch_embed.py
 
 
 class _Recorder:
@@ -255,16 +255,17 @@ _PATCH_MODELS_FULL = (
 
 
 def patch_embed_launches(arch: int, num_sms: int, full: bool) -> list[Launch]:
-    """The launches ``fastvit.ops.patch_embed`` makes on a GPU of ``num_sms`` SMs, for ViT shapes.
+    """The launches ``fastvit.ops.triton.patch_embed`` makes on a GPU of ``num_sms`` SMs, for ViT shapes.
 
-    The launchers run on meta tensors with their kernels replaced by recorders and ``_on_gpu`` forced true, so
+    The launchers run on meta tensors with their kernels replaced by recorders and ``launch.on_gpu`` forced true, so
     the tiles, warps, stages and arguments are the launchers' own choice.
     """
     import importlib
 
     import torch
 
-    launchers = importlib.import_module("fastvit.ops.patch_embed")  # the module (fastvit.ops.patch_embed is the op)
+    launchers = importlib.import_module("fastvit.ops.triton.patch_embed")
+    launch_helpers = importlib.import_module("fastvit.ops.triton.launch")
 
     sink: list = []
     names = ("patch_embed_fwd_kernel", "patch_embed_bwd_input_kernel", "patch_embed_bwd_weight_kernel")
@@ -277,8 +278,8 @@ def patch_embed_launches(arch: int, num_sms: int, full: bool) -> list[Launch]:
     launches = []
     patches = (
         mock.patch.object(launchers, "_kernels", lambda: recorders),
-        mock.patch.object(launchers, "_on_gpu", lambda tensor: True),
-        mock.patch.object(launchers, "_num_sms", lambda index: num_sms),
+        mock.patch.object(launch_helpers, "on_gpu", lambda tensor: True),
+        mock.patch.object(launch_helpers, "num_sms", lambda index: num_sms),
     )
     with contextlib.ExitStack() as stack:
         for patch in patches:
@@ -345,11 +346,18 @@ def _drain(sink: list, case: str, dtype: str) -> list[Launch]:
 # Compiling (worker processes: Triton's JIT must not be in interpreter mode there)
 
 
+def _worker_environment(cache_dir: str) -> dict[str, str]:
+    return {
+        "TRITON_INTERPRET": "0",  # compiled-mode JIT functions (the tests' parent process runs the interpreter)
+        "TRITON_CACHE_DIR": cache_dir,  # a fresh cache: every kernel really goes through ptxas
+        "TRITON_DUMP_PTXAS_LOG": "1",  # Triton prints ptxas -v's report on stdout
+    }
+
+
 def _init_worker(cache_dir: str) -> None:
-    # Before any fastvit.kernels module is imported in this process: @triton.jit reads these when it decorates.
-    os.environ["TRITON_INTERPRET"] = "0"
-    os.environ["TRITON_CACHE_DIR"] = cache_dir  # a fresh cache: every kernel really goes through ptxas
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints ptxas -v's report on stdout
+    # Also set in the environment the workers are spawned with (see compile_rows); here again for a pool whose
+    # processes were started otherwise.
+    os.environ.update(_worker_environment(cache_dir))
 
 
 def unsupported_reason() -> str | None:
@@ -561,7 +569,11 @@ def compile_rows(
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fastvit-resources-") as cache_dir:
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, context, _init_worker, (cache_dir,)) as pool:
+        # Spawned workers inherit this environment from their first instruction: Triton must never be imported there
+        # with TRITON_INTERPRET=1 (the test suite's setting), which would leave triton.language's helpers in
+        # interpreter form and break compiled-mode kernels (an AssertionError in Triton's gluon import, 3.8).
+        environment = mock.patch.dict(os.environ, _worker_environment(cache_dir))
+        with environment, concurrent.futures.ProcessPoolExecutor(jobs, context, _init_worker, (cache_dir,)) as pool:
             futures = {
                 pool.submit(compile_launch, launch, ARCHS[arch_name][0]): key
                 for key, (arch_name, launch) in unique.items()
@@ -574,7 +586,9 @@ def compile_rows(
                 except concurrent.futures.process.BrokenProcessPool:
                     raise  # a worker died (out of memory, or a script without a __main__ guard under spawn)
                 except Exception as exc:  # a compile failure is a result (reported and failed), not a crash
-                    rows[key] = Row(launch, arch_name, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                    rows[key] = Row(
+                        launch, arch_name, None, f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
+                    )
                 if progress:
                     elapsed = time.monotonic() - start
                     progress(f"[{done}/{len(unique)} {elapsed:.0f}s] {arch_name} {launch.kernel} {launch.config}")

@@ -39,16 +39,15 @@ def test_launchable_triton_configs_do_not_spill_and_fit_shared_memory(launchable
 def test_the_check_compiles_what_the_launchers_autotuner_is_given():
     # The launcher's prune step (what the autotuner benchmarks on a GPU) and the compiled set must be the same configs
     # for every arch, kernel, dtype and head dim the CI check covers.
-    import importlib
-
     import torch
     from fastvit.kernels import attention as kernel_tables
 
-    attention_ops = importlib.import_module("fastvit.ops.attention")  # the module (fastvit.ops.attention is the op)
+    from fastvit.ops.triton import attention as attention_launcher
+
     for arch_name, (arch, _sms) in resources.ARCHS.items():
         launches = resources.attention_launches(arch, full=False)
         for kind in ("fwd", "dkdv", "dq"):
-            tuned = attention_ops._autotuned(kind, arch)
+            tuned = attention_launcher._autotuned(kind, arch, 1)
             for dtype_name in resources.CI_DTYPES:
                 dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype_name])
                 for head_dim in resources.CI_HEAD_DIMS:
@@ -67,7 +66,7 @@ def test_the_check_compiles_what_the_launchers_autotuner_is_given():
 
 
 def test_patch_embed_launches_are_the_launchers_choice():
-    # Recorded from fastvit/ops/patch_embed.py's launchers: forward, dX, dW and the column sum, both layouts,
+    # Recorded from fastvit/ops/triton/patch_embed.py's launchers: forward, dX, dW and the column sum, both layouts,
     # float and uint8 images, with the tile sizes the heuristic gives at batch 1 and 64.
     launches = resources.patch_embed_launches(90, 132, full=False)
     kinds = {launch.kernel for launch in launches}
