@@ -55,6 +55,10 @@ ARCHS = {"sm_90a": (90, 132), "sm_80": (80, 108)}  # H100 SXM, A100
 MAX_CUDA_REGISTERS = 64
 CI_HEAD_DIMS = (64, 128)
 CI_DTYPES = ("bf16", "fp16")
+# Launchable configs of these dtypes must not spill. fp32 launches (full-precision "ieee" dots on FMA units: an
+# accuracy path, not a fast one) are compiled and reported, and must fit shared memory, but their spills are
+# accepted: the attention kernels spill in fp32 at head dims >= 48 whatever the tile.
+SPILL_FREE_DTYPES = CI_DTYPES
 _TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -134,16 +138,32 @@ class Row:
         return shared_memory_limit(ARCHS[self.arch][0])
 
     @property
+    def spill(self) -> str | None:
+        """What the kernel spills to local memory, or None."""
+        usage = self.usage
+        if usage is None or not (usage.spill_stores or usage.spill_loads or usage.stack_bytes):
+            return None
+        return f"spills {usage.spill_stores} B (stack {usage.stack_bytes} B, loads {usage.spill_loads} B)"
+
+    @property
     def problems(self) -> list[str]:
+        """Everything wrong with the compiled kernel (whether or not it fails the check: see ``failing``)."""
         if self.error is not None:
             return [f"compile error: {self.error}"]
-        found = []
-        if self.usage.spill_stores or self.usage.spill_loads or self.usage.stack_bytes:
-            usage = self.usage
-            found.append(f"spills {usage.spill_stores} B (stack {usage.stack_bytes} B, loads {usage.spill_loads} B)")
+        found = [self.spill] if self.spill else []
         if self.usage.shared_bytes > self.shared_limit:
             found.append(f"shared memory {self.usage.shared_bytes} B > {self.shared_limit} B")
         return found
+
+    @property
+    def failing(self) -> list[str]:
+        """The problems that fail the check: those of a launchable config, except spills outside
+        ``SPILL_FREE_DTYPES`` (fp32). Table entries the autotuner never gets on this arch fail nothing."""
+        if not self.launch.picked:
+            return []
+        if self.launch.dtype in SPILL_FREE_DTYPES:
+            return self.problems
+        return [problem for problem in self.problems if problem != self.spill]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -600,9 +620,8 @@ def failures(rows: Sequence[Row], cuda_rows: Sequence[CudaRow] = ()) -> list[str
     """One line per launchable Triton config or CUDA kernel that spills or overflows shared memory."""
     lines = []
     for row in rows:
-        if row.launch.picked:
-            lines += [f"{row.arch} {row.launch.kernel} {row.launch.case} {row.launch.dtype} {row.launch.config}: {p}"
-                      for p in row.problems]  # fmt: skip
+        lines += [f"{row.arch} {row.launch.kernel} {row.launch.case} {row.launch.dtype} {row.launch.config}: {p}"
+                  for p in row.failing]  # fmt: skip
     for row in cuda_rows:
         lines += [f"{row.arch} {row.kernel}: {p}" for p in row.problems]
     return lines
@@ -626,10 +645,12 @@ def _versions() -> str:
     return f"Triton {triton.__version__} (ptxas {ptxas}), torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def _verdict(problems: list[str], picked: bool = True) -> str:
-    if not problems:
-        return "ok" if picked else "ok (not launched)"
-    return ("FAIL: " if picked else "not launched: ") + "; ".join(problems)
+def _verdict(problems: list[str], failing: list[str], picked: bool = True) -> str:
+    if failing:
+        return "FAIL: " + "; ".join(failing)
+    if not picked:
+        return "not launched: " + "; ".join(problems) if problems else "ok (not launched)"
+    return "fp32, accepted: " + "; ".join(problems) if problems else "ok"
 
 
 def _triton_table(rows: Sequence[Row]) -> list[list[str]]:
@@ -643,7 +664,8 @@ def _triton_table(rows: Sequence[Row]) -> list[list[str]]:
         else:
             cells += [str(usage.registers), str(usage.spill_stores), str(usage.stack_bytes), str(usage.shared_bytes)]
             cells.append(str(row.shared_limit))
-        table.append([*cells, _verdict(row.problems, row.launch.picked), "; ".join(usage.notes) if usage else ""])
+        verdict = _verdict(row.problems, row.failing, row.launch.picked)
+        table.append([*cells, verdict, "; ".join(usage.notes) if usage else ""])
     return table
 
 
@@ -652,7 +674,7 @@ def _cuda_table(rows: Sequence[CudaRow]) -> list[list[str]]:
     for row in rows:
         usage = row.usage
         cells = [row.kernel, row.arch, str(usage.registers), str(usage.stack_bytes), str(usage.spill_stores)]
-        table.append([*cells, str(usage.shared_bytes), _verdict(row.problems)])
+        table.append([*cells, str(usage.shared_bytes), _verdict(row.problems, row.problems)])
     return table
 
 
@@ -671,20 +693,40 @@ def _plain(table: list[list[str]]) -> str:
 
 
 def summary(rows: Sequence[Row], cuda_rows: Sequence[CudaRow]) -> list[str]:
-    """Headline numbers: per arch, launchable configs, failures, worst registers / spill, configs not launched."""
+    """Headline numbers per arch: launchable 16-bit configs (failures, worst registers / spill / shared memory), the
+    fp32 accuracy path's spills, the table entries never launched, the CUDA kernels."""
     lines = []
     for arch in dict.fromkeys([r.arch for r in rows] + [r.arch for r in cuda_rows]):
-        picked = [r for r in rows if r.arch == arch and r.launch.picked and r.usage is not None]
-        dropped = [r for r in rows if r.arch == arch and not r.launch.picked]
-        bad = [r for r in rows if r.arch == arch and r.launch.picked and r.problems]
-        if picked:
-            worst = max(picked, key=lambda r: r.usage.registers)
+        of_arch = [r for r in rows if r.arch == arch]
+        checked = [r for r in of_arch if r.launch.picked and r.launch.dtype in SPILL_FREE_DTYPES]
+        fp32 = [r for r in of_arch if r.launch.picked and r.launch.dtype not in SPILL_FREE_DTYPES]
+        dropped = [r for r in of_arch if not r.launch.picked]
+        compiled = [r for r in checked if r.usage is not None]
+        if checked:
+            line = (
+                f"{arch}: {len(checked)} launchable {'/'.join(SPILL_FREE_DTYPES)} Triton configs, "
+                f"{sum(bool(r.failing) for r in checked)} failing"
+            )
+            if compiled:
+                worst = max(compiled, key=lambda r: r.usage.registers)
+                line += (
+                    f"; most registers {worst.usage.registers} ({worst.launch.kernel} {worst.launch.case} "
+                    f"{worst.launch.config}); largest spill {max(r.usage.spill_stores for r in compiled)} B; largest "
+                    f"shared memory {max(r.usage.shared_bytes for r in compiled)} B of {compiled[0].shared_limit} B"
+                )
+            lines.append(line)
+        if fp32:
+            spilling = [r for r in fp32 if r.spill]
             lines.append(
-                f"{arch}: {len(picked)} launchable Triton configs, {len(bad)} failing; most registers "
-                f"{worst.usage.registers} ({worst.launch.kernel} {worst.launch.case} {worst.launch.config}); "
-                f"largest spill {max(r.usage.spill_stores for r in picked)} B; largest shared memory "
-                f"{max(r.usage.shared_bytes for r in picked)} B of {picked[0].shared_limit} B"
-                + (f"; {len(dropped)} table entries not launched (listed for reference)" if dropped else "")
+                f"{arch}: {len(fp32)} launchable fp32 Triton configs (the accuracy path: spills reported, not "
+                f"failed), {sum(bool(r.failing) for r in fp32)} failing, {len(spilling)} spill"
+                + (f" (largest {max(r.usage.spill_stores for r in spilling)} B)" if spilling else "")
+            )
+        if dropped:
+            lines.append(
+                f"{arch}: {len(dropped)} table entries never launched on this arch (dropped by `keep_config`, in "
+                f"another BLOCK_D list, or the fallback, used only when no entry fits), listed for reference: "
+                f"{sum(bool(r.problems) for r in dropped)} of them spill or overflow, none counts as failing"
             )
         cuda = [r for r in cuda_rows if r.arch.removesuffix("a") == arch.removesuffix("a")]
         if cuda:
@@ -705,9 +747,11 @@ def render(rows: Sequence[Row], cuda_rows: Sequence[CudaRow], cuda_note: str | N
             "",
             f"Generated by `python -m fastvit.kernels.resources {' '.join(sys.argv[1:])}` with {_versions()}.",
             "Registers, stack frame and spill bytes are per thread (ptxas -v), shared memory per block (Triton's "
-            "metadata) against the arch's per-block limit. A launchable config passes with no spill and shared "
-            "memory within the limit; rows marked *not launched* are table entries the autotuner never gets on this "
-            "arch (dropped by `keep_config` or belonging to another dtype/BLOCK_D list).",
+            "metadata) against the arch's per-block limit. A launchable bf16/fp16 config passes with no spill and "
+            "shared memory within the limit (verdict *FAIL* otherwise); a launchable fp32 config (the accuracy path: "
+            "full-precision dots on FMA units) must fit shared memory, its spills are reported (*fp32, accepted*); "
+            "rows marked *not launched* are table entries the autotuner never gets on this arch (dropped by "
+            "`keep_config`, in another BLOCK_D list, or the fallback, used only when no entry fits) and fail nothing.",
             "",
         ]
     parts += ["## Summary" if markdown else "Summary:", "", *[f"- {line}" for line in summary(rows, cuda_rows)], ""]

@@ -144,6 +144,26 @@ Resource usage:
     assert resources._short_kernel_name(name) == "ln_kernel<bf16, float, 8>"
 
 
+def test_verdicts_fail_launchable_16_bit_spills_and_any_shared_memory_overflow():
+    def row(dtype, picked, spill=0, shared=1024):
+        launch = resources.Launch("attention.fwd", "D=64", dtype, "(64, 64, 4, 3)", picked, "attention", "f", (), ())
+        usage = resources.Usage(registers=255, stack_bytes=spill, spill_stores=spill, spill_loads=spill,
+                                shared_bytes=shared)  # fmt: skip
+        return resources.Row(launch, "sm_90a", usage)
+
+    too_big = 228 * 1024  # over sm_90's 227 KiB
+    assert row("bf16", True, spill=8).failing and row("fp16", True, shared=too_big).failing
+    assert not row("fp32", True, spill=8).failing and row("fp32", True, spill=8).problems  # reported, accepted
+    assert row("fp32", True, shared=too_big).failing  # would not launch at all
+    assert not row("bf16", False, spill=8, shared=too_big).failing  # a table entry never launched here
+    assert not row("bf16", True).problems
+    rows = [row("bf16", True), row("fp32", True, spill=8), row("bf16", False, spill=8)]
+    assert resources.failures(rows) == []
+    text = resources.render(rows, [], None, markdown=True)
+    assert "| ok |" in text and "| fp32, accepted: spills 8 B" in text and "| not launched: spills 8 B" in text
+    assert "0 failing" in text and "1 table entries never launched" in text
+
+
 def test_cuda_kernels_do_not_spill_and_stay_within_64_registers():
     rows, reason = resources.cuda_rows_or_reason(list(resources.ARCHS))
     if reason is not None:
