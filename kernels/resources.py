@@ -10,7 +10,9 @@ shared memory per block. Which configs are compiled:
   for bf16 and fp16 at head dims 64 and 128, on packed-qkv views ([B, N, 3, H, D] strides);
 - patch embedding: the tiles ``fastvit.ops.triton.patch_embed``'s launchers choose, recorded by running those launchers
   (kernel launches replaced by recorders) on ViT-B/16 shapes at batch 1 and 64, NCHW and channels_last, float
-  and uint8 images.
+  and uint8 images;
+- fused GEMM (``kernels/linear.py``): every config of its per-arch table (the autotuner's set) for the forward and
+  both backward GEMMs at ViT-B's fc1 (LayerNorm prologue, GELU) and fc2 (bias + residual), and the statistics kernel.
 
 ``--all`` compiles the full matrix instead: every table entry (also those ``keep_config`` drops), head dims 32 to
 128, fp32 too, and more model shapes and batch sizes for the patch embedding.
@@ -241,6 +243,74 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
                             config=str((block_m, block_n, warps, stages)),
                             picked=(block_m, block_n, warps, stages) in picked,
                             module="attention",
+                            function=function,
+                            args=args,
+                            kwargs=tuple(sorted(kwargs.items())),
+                        )
+                    )
+    return launches
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused-GEMM launches (kernels/linear.py): every table config of the arch at ViT-B's fc1 (LayerNorm prologue, GELU
+# epilogue) and fc2 (bias + residual epilogue), forward and both backward GEMMs, with the launcher's argument order
+
+
+def _linear_args(kind: str, dtype, fc1: bool, rows: int = 64 * 197, width: int = 768) -> tuple[tuple, dict]:
+    """(arguments, flag constexprs) of one fused-GEMM kernel as ``fastvit.ops.triton.linear`` launches it."""
+    import torch
+
+    k, n = (width, 4 * width) if fc1 else (4 * width, width)
+    x = torch.empty(rows, k, dtype=dtype, device="meta")
+    weight = torch.empty(n, k, dtype=dtype, device="meta")
+    out = torch.empty(rows, n, dtype=dtype, device="meta")  # also the bias/residual/pre-activation stand-in
+    stats = torch.empty(rows, dtype=torch.float32, device="meta")
+    ln = torch.empty(k, dtype=dtype, device="meta")
+    activation = 1 if fc1 else 0
+    if kind == "fwd":
+        tensors = (x, weight, out[0], out, out, out, stats, stats, ln, ln, rows, n, k, *x.stride(), *weight.stride())
+        flags = dict(HAS_LN=fc1, HAS_BIAS=True, ACTIVATION=activation, HAS_RESIDUAL=not fc1, SAVE_PRE_ACT=fc1)
+        return tuple(map(_as_arg, (*tensors, *out.stride()))), flags
+    if kind == "input":
+        return tuple(map(_as_arg, (out, out, weight, x, rows, n, k, *weight.stride()))), dict(ACTIVATION=activation)
+    tensors = (out, out, x, stats, stats, ln, ln, weight, out[0], rows, n, k, *x.stride())
+    return tuple(map(_as_arg, tensors)), dict(HAS_LN=fc1, HAS_BIAS=True, ACTIVATION=activation)
+
+
+def linear_launches(arch: int, full: bool) -> list[Launch]:
+    """Fused-GEMM launches on ``arch``: every config of the launcher's table for the dtype (the autotuner's set)."""
+    import torch
+    from fastvit.kernels import linear as tables
+
+    functions = {"fwd": "linear_fwd_kernel", "input": "linear_bwd_input_kernel", "weight": "linear_bwd_weight_kernel"}
+    dtypes = ("bf16", "fp16", "fp32") if full else CI_DTYPES
+    launches = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, _TORCH_DTYPES[dtype_name])
+        precision = "ieee" if dtype == torch.float32 else "tf32"  # the launcher's default (no allow_tf32)
+        stats_args = tuple(map(_as_arg, (torch.empty(197, 768, dtype=dtype, device="meta"),
+                                         *(torch.empty(197, dtype=torch.float32, device="meta"),) * 2,
+                                         197, 768, 768, 1, 1e-6)))  # fmt: skip
+        blocks = dict(BLOCK_M=tables.STATS_BLOCK_M, BLOCK_K=tables.STATS_BLOCK_K)
+        launches.append(
+            Launch("linear.stats", "C=768", dtype_name, str(tuple(blocks.values())), True, "linear", "ln_stats_kernel",
+                   stats_args, tuple(sorted(blocks.items())))
+        )  # fmt: skip
+        for kind, function in functions.items():
+            table = tables.CONFIGS[kind]["fp32" if dtype == torch.float32 else arch]
+            for fc1 in (True, False):
+                args, flags = _linear_args(kind, dtype, fc1)
+                for block_m, block_n, block_k, group_m, warps, stages in table:
+                    kwargs = {**flags, "INPUT_PRECISION": precision, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                    kwargs.update(BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+                    launches.append(
+                        Launch(
+                            kernel=f"linear.{kind}",
+                            case="ViT-B fc1 (LN, GELU)" if fc1 else "ViT-B fc2 (residual)",
+                            dtype=dtype_name,
+                            config=str((block_m, block_n, block_k, group_m, warps, stages)),
+                            picked=True,
+                            module="linear",
                             function=function,
                             args=args,
                             kwargs=tuple(sorted(kwargs.items())),
@@ -568,7 +638,7 @@ def cuda_kernel_rows(library: str, archs: Iterable[str]) -> list[CudaRow]:
 
 def triton_launches(arch_name: str, full: bool) -> list[Launch]:
     arch, num_sms = ARCHS[arch_name]
-    return attention_launches(arch, full) + patch_embed_launches(arch, num_sms, full)
+    return attention_launches(arch, full) + patch_embed_launches(arch, num_sms, full) + linear_launches(arch, full)
 
 
 def compile_rows(

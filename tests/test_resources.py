@@ -9,6 +9,7 @@ head dims 32-128, fp32) is the tool's ``--all``; its output is committed under b
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -75,6 +76,32 @@ def test_patch_embed_launches_are_the_launchers_choice():
     for layout in ("NCHW", "channels_last", "uint8 NHWC"):
         assert layout in cases
     assert all(dict(launch.kwargs).get("num_stages", 3) >= 1 for launch in launches)
+
+
+def test_linear_launches_are_the_launchers_config_tables():
+    # The fused GEMM's autotuner gets candidate_configs(kind, arch, elem_bytes): the check compiles exactly those, for
+    # the forward and both backward kernels at fc1 (LayerNorm prologue, GELU) and fc2 (residual), in launch order.
+    from fastvit.kernels import linear as kernels
+
+    from fastvit.ops.triton import linear as launcher
+
+    for arch_name, (arch, _sms) in resources.ARCHS.items():
+        launches = resources.linear_launches(arch, full=False)
+        for kind in launcher.KINDS:
+            for dtype_name in resources.CI_DTYPES:
+                compiled = {
+                    (launch.case, launch.config)
+                    for launch in launches
+                    if (launch.kernel, launch.dtype) == (f"linear.{kind}", dtype_name)
+                }
+                given = {str(entry) for entry in launcher.candidate_configs(kind, arch, 2)}
+                assert {config for _, config in compiled} == given, (arch_name, kind, dtype_name)
+                assert len({case for case, _ in compiled}) == 2  # fc1 and fc2
+        for launch in launches:  # every runtime argument of the kernel, no more
+            fn = getattr(kernels, launch.function)
+            params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()  # the Python function under the JIT
+            runtime = [p for p in params if "constexpr" not in str(p.annotation)]
+            assert len(launch.args) == len(runtime), (launch.function, len(launch.args), len(runtime))
 
 
 def test_keep_config_uses_each_arch_shared_memory_limit():
