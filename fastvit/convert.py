@@ -18,7 +18,16 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from fastvit.layers import LayerNorm, resample_abs_pos_embed
+from fastvit.layers import (
+    GluMlp,
+    LayerNorm,
+    Mlp,
+    QuickGELU,
+    RmsNorm,
+    SwiGLU,
+    SwiGLUPacked,
+    resample_abs_pos_embed,
+)
 from fastvit.model import VisionTransformer
 
 StateDict = dict[str, torch.Tensor]
@@ -345,13 +354,17 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
         num_classes=state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0,
         class_token=class_token,
         reg_tokens=reg_tokens,
-        global_pool="token" if class_token and not has_fc_norm else "avg",
+        global_pool="map"
+        if "attn_pool.latent" in state_dict
+        else "token"
+        if class_token and not has_fc_norm
+        else "avg",
         fc_norm=has_fc_norm,
         final_norm="norm.weight" in state_dict or has_fc_norm,
         pre_norm="norm_pre.weight" in state_dict,
     )
     if depth:
-        config["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+        config.update(_infer_block_layers(state_dict, embed_dim))
         config["qkv_bias"] = "blocks.0.attn.qkv.bias" in state_dict
         config["proj_bias"] = "blocks.0.attn.proj.bias" in state_dict
         if "blocks.0.ls1.gamma" in state_dict:
@@ -369,6 +382,33 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     else:
         raise ValueError(f"pos_embed with {num_pos} tokens and {num_prefix} prefix tokens is not a square patch grid")
     config["img_size"] = (side * patch_h, side * patch_w)
+    return config
+
+
+def mlp_ratio_for(hidden: int, dim: int) -> float:
+    """The ``mlp_ratio`` for which ``int(dim * mlp_ratio) == hidden`` (fastvit and timm size the MLP that way; a
+    plain ``hidden / dim`` can land a rounding error below, e.g. SigLIP so400m's 4304 / 1152)."""
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def _infer_block_layers(state_dict: Mapping[str, torch.Tensor], embed_dim: int) -> dict:
+    """The block knobs a timm-named state dict shows: MLP type and width, qk-norm, hidden-layer norm, RmsNorm."""
+    config = {}
+    if "blocks.0.mlp.fc1_g.weight" in state_dict:  # split SwiGLU
+        hidden = state_dict["blocks.0.mlp.fc1_g.weight"].shape[0]
+        config.update(mlp_layer=SwiGLU, act_layer=nn.SiLU)
+    else:
+        hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+        if state_dict["blocks.0.mlp.fc2.weight"].shape[1] * 2 == hidden:  # packed SwiGLU (DINOv2 giant)
+            config.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    config["mlp_ratio"] = mlp_ratio_for(hidden, embed_dim)
+    config["qk_norm"] = "blocks.0.attn.q_norm.weight" in state_dict
+    config["scale_mlp_norm"] = "blocks.0.mlp.norm.weight" in state_dict
+    if "blocks.0.norm1.weight" in state_dict and "blocks.0.norm1.bias" not in state_dict:
+        config["norm_layer"] = partial(RmsNorm, eps=1e-6)
     return config
 
 
@@ -458,31 +498,84 @@ def _build(state_dict: StateDict, config: dict, overrides: dict) -> VisionTransf
     return load_weights(model, state_dict)
 
 
-def _gelu_layer(act: nn.Module):
+def _act_layer(act: nn.Module):
+    """fastvit's activation class for a timm MLP's activation module."""
     if isinstance(act, nn.GELU):
         return partial(nn.GELU, approximate=act.approximate)
     name = type(act).__name__
     if name in ("GELU", "GELUTanh"):  # timm.layers.activations
         return partial(nn.GELU, approximate="tanh" if "Tanh" in name else "none")
-    raise ValueError(f"activation {name} is not supported by fastvit (GELU, exact or tanh, only)")
+    if name == "QuickGELU":
+        return QuickGELU
+    if isinstance(act, nn.SiLU) or name in ("SiLU", "Swish"):
+        return nn.SiLU
+    raise ValueError(
+        f"act_layer {name} is not supported by fastvit (GELU exact or tanh, QuickGELU, SiLU); pass act_layer= to "
+        "a fastvit model of the same shape"
+    )
+
+
+def _norm_layer(norm: nn.Module, what: str):
+    """fastvit's norm class (with its eps) for a timm norm module; ``what`` names it in the error."""
+    name = type(norm).__name__
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and norm.elementwise_affine:
+        return partial(LayerNorm, eps=norm.eps)
+    if name == "RmsNorm" and getattr(norm, "weight", None) is not None:
+        return partial(RmsNorm, eps=norm.eps)
+    raise ValueError(f"{what} is a {name}: fastvit supports affine LayerNorm and RmsNorm (norm_layer)")
+
+
+def _mlp_layer(mlp: nn.Module) -> dict:
+    """fastvit's ``mlp_layer`` (and whether it has a hidden-layer norm) for a timm MLP module."""
+    name = type(mlp).__name__
+    if name == "Mlp" and isinstance(getattr(mlp, "fc1", None), nn.Linear):
+        layer = Mlp
+    elif name == "GluMlp" and isinstance(getattr(mlp, "fc1", None), nn.Linear):
+        layer = partial(GluMlp, gate_last=mlp.gate_last)
+        if not mlp.gate_last and isinstance(mlp.act, nn.SiLU):
+            layer = SwiGLUPacked
+    elif name == "SwiGLU":
+        layer = SwiGLU
+    else:
+        raise ValueError(f"mlp_layer {name} is not supported by fastvit (Mlp, GluMlp/SwiGLUPacked, SwiGLU)")
+    return {"mlp_layer": layer, "scale_mlp_norm": not isinstance(mlp.norm, nn.Identity)}
 
 
 def timm_block_layers(block: nn.Module) -> dict:
-    """Check that a timm ``Block`` is one fastvit's ``Block`` can stand in for; returns its
-    ``norm_layer`` and ``act_layer`` (LayerNorm eps, GELU form) as fastvit constructor arguments.
+    """Check that a timm ``Block`` is one fastvit's ``Block`` can stand in for; returns the fastvit ``Block`` /
+    ``VisionTransformer`` arguments that rebuild it: ``norm_layer`` (LayerNorm or RmsNorm, with its eps),
+    ``act_layer``, ``mlp_layer``, ``qk_norm``, ``scale_mlp_norm``.
 
-    Used by ``from_timm`` (a new model) and ``fastvit.optimize`` (blocks swapped in place).
+    Used by ``from_timm`` (a new model) and ``fastvit.optimize`` (blocks swapped in place). Anything else (parallel
+    blocks of the ``_xp`` models, a norm after attention, ...) is one ``ValueError`` naming timm's knob.
     """
-    if type(block).__name__ != "Block" or not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
-        raise ValueError(f"block type {type(block).__name__} is not supported by fastvit (timm's pre-norm Block only)")
-    for part in ("q_norm", "k_norm", "norm"):
-        if not isinstance(getattr(block.attn, part, nn.Identity()), nn.Identity):
-            raise ValueError(f"attention {part} (qk-norm / scale-norm) is not supported by fastvit")
-    if not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(block.mlp, "fc1"):
-        raise ValueError(f"MLP {type(block.mlp).__name__} with a norm or gating is not supported by fastvit")
-    if not isinstance(block.norm1, nn.LayerNorm):
-        raise ValueError(f"norm {type(block.norm1).__name__} is not supported by fastvit (LayerNorm only)")
-    return {"norm_layer": partial(LayerNorm, eps=block.norm1.eps), "act_layer": _gelu_layer(block.mlp.act)}
+    kind = type(block).__name__
+    if kind != "Block" or not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
+        raise ValueError(
+            f"block_fn={kind} is not supported by fastvit (timm's pre-norm Block only; ParallelScalingBlock and "
+            "ParallelThingsBlock are the parallel blocks of the _xp models and parallel ViTs)"
+        )
+    attn = block.attn
+    if type(attn).__name__ != "Attention":
+        raise ValueError(f"attn_layer={type(attn).__name__} is not supported by fastvit (timm's Attention only)")
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        raise ValueError("scale_attn_norm=True (a norm between attention and proj) is not supported by fastvit")
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("gated attention (attn.gate) is not supported by fastvit")
+    if getattr(attn, "attn_dim", attn.qkv.in_features) != attn.qkv.in_features:
+        raise ValueError("attn_head_dim that changes the attention width is not supported by fastvit")
+    norm_layer = _norm_layer(block.norm1, "norm_layer (block.norm1)")
+    qk_norm = not isinstance(attn.q_norm, nn.Identity)
+    if qk_norm:
+        qk_layer = _norm_layer(attn.q_norm, "the qk-norm (attn.q_norm)")
+        if qk_layer.func is not norm_layer.func or qk_layer.keywords != norm_layer.keywords:
+            raise ValueError("qk_norm with a norm other than the blocks' norm_layer is not supported by fastvit")
+    return {
+        "norm_layer": norm_layer,
+        "act_layer": _act_layer(block.mlp.act),
+        "qk_norm": qk_norm,
+        **_mlp_layer(block.mlp),
+    }
 
 
 def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
@@ -503,14 +596,22 @@ def _timm_module_config(model: nn.Module) -> dict:
     required = ("patch_embed", "blocks", "norm", "head", "global_pool", "num_prefix_tokens")
     if not all(hasattr(model, attr) for attr in required):
         raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(f"global_pool={model.global_pool!r} (attention pooling) is not supported by fastvit")
+    if type(model).__name__ != "VisionTransformer":
+        raise ValueError(
+            f"timm's {type(model).__name__} class is not supported by fastvit.from_timm yet (timm's VisionTransformer "
+            "only: the Eva class of DINOv3, EVA02, PE, AIMv2 and the RoPE ViTs needs RoPE, which fastvit lacks)"
+        )
     if not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity):
         raise ValueError("a patch-embedding norm layer (embed_norm_layer) is not supported by fastvit")
-    config = infer_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 1)
     if len(model.blocks):
+        layers = timm_block_layers(model.blocks[0])  # first: it names an unsupported block before anything reads it
+        num_heads = model.blocks[0].attn.num_heads
+    else:
+        layers, num_heads = {}, 1
+    config = infer_config(model.state_dict(), num_heads=num_heads)
+    if len(model.blocks):
+        config.update(layers)
         block = model.blocks[0]
-        config.update(timm_block_layers(block))
         if not isinstance(block.ls1, nn.Identity):
             config["init_values"] = float(block.ls1.init_values)
     config.update(
@@ -522,7 +623,35 @@ def _timm_module_config(model: nn.Module) -> dict:
         pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
         dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
     )
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None:
+        _check_attn_pool(attn_pool, config)
     return config
+
+
+def _check_attn_pool(pool: nn.Module, config: dict) -> None:
+    """A timm attention-pooling head must be the one fastvit's ``global_pool='map'`` builds (timm's ViT builds it
+    from the model's heads, mlp_ratio, norm and activation: one latent, q projection, no pool pos-embed)."""
+    if type(pool).__name__ != "AttentionPoolLatent":
+        raise ValueError(f"global_pool={config['global_pool']!r} ({type(pool).__name__}) is not supported by fastvit")
+    width = config["embed_dim"]
+    expected = {
+        "latent_len": (pool.latent_len, 1),
+        "q_proj": (isinstance(pool.q, nn.Linear), True),
+        "pos_embed": (pool.pos_embed is None, True),
+        "pool_type": (pool.pool, "token"),
+        "num_heads": (pool.num_heads, config["num_heads"]),
+        "qk_norm": (isinstance(pool.q_norm, nn.Identity), True),
+        "mlp hidden width": (
+            pool.mlp.fc1.out_features if pool.mlp is not None else None,
+            int(width * config.get("mlp_ratio", 4.0)),
+        ),
+    }
+    for knob, (got, want) in expected.items():
+        if got != want:
+            raise ValueError(f"attention pooling with {knob}={got!r} is not supported by fastvit (global_pool='map')")
+    if repr(_act_layer(pool.mlp.act)()) != repr(config.get("act_layer", nn.GELU)()):
+        raise ValueError("attention pooling whose MLP activation differs from the blocks' is not supported by fastvit")
 
 
 def from_torchvision(model_or_state_dict, **overrides) -> VisionTransformer:

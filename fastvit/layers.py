@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -61,6 +62,70 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
 
 
+class RmsNorm(nn.Module):
+    """timm's ``RmsNorm``: ``x * rsqrt(mean(x**2) + eps) * weight`` over the last dimension (key ``weight``).
+
+    Used by AIMv2 and the ``_xp`` ViTs. Runs ``F.rms_norm`` (the spec is ``fastvit.reference.rms_norm``).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.normalized_shape = (channels,)
+        self.eps = eps
+        self.elementwise_affine = affine
+        self.weight = nn.Parameter(torch.ones(channels, device=device, dtype=dtype)) if affine else None
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape[0]}, eps={self.eps}, affine={self.elementwise_affine}"
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's GELU approximation ``x * sigmoid(1.702 x)`` (timm's ``act_layer='quick_gelu'``)."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# timm's names for the activations and norms its ViT families use (``act_layer='gelu_tanh'``, ``norm_layer=...``).
+ACT_LAYERS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": partial(nn.GELU, approximate="tanh"),
+    "quick_gelu": QuickGELU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+}
+NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {"layernorm": LayerNorm, "rmsnorm": RmsNorm}
+
+
+def get_act_layer(act_layer: str | Callable[[], nn.Module] | None) -> Callable[[], nn.Module] | None:
+    """An activation class from timm's name for it (``'gelu'``, ``'gelu_tanh'``, ``'quick_gelu'``, ``'silu'``), or
+    the class itself."""
+    if isinstance(act_layer, str):
+        if act_layer not in ACT_LAYERS:
+            raise ValueError(f"act_layer must be one of {sorted(ACT_LAYERS)} or a module class, got {act_layer!r}")
+        return ACT_LAYERS[act_layer]
+    return act_layer
+
+
+def get_norm_layer(norm_layer: str | Callable[..., nn.Module] | None) -> Callable[..., nn.Module] | None:
+    """A norm class from its name (``'layernorm'``, ``'rmsnorm'``), or the class itself."""
+    if isinstance(norm_layer, str):
+        if norm_layer not in NORM_LAYERS:
+            raise ValueError(f"norm_layer must be one of {sorted(NORM_LAYERS)} or a module class, got {norm_layer!r}")
+        return NORM_LAYERS[norm_layer]
+    return norm_layer
+
+
 class PatchEmbed(nn.Module):
     """Image to patch tokens: ``proj`` is a Conv2d with kernel = stride = patch size (timm's keys ``proj.*``).
 
@@ -68,6 +133,10 @@ class PatchEmbed(nn.Module):
     also prepends the prefix (class / register) tokens and adds the position embedding, all as one
     ``ops.patch_embed`` call while ``proj`` is a plain Conv2d and ``norm`` an Identity (else ``proj`` and
     ``norm`` are called and the rest follows).
+
+    An ``img_size`` that is not a multiple of the patch (SigLIP so400m/14 at 384 px: 27 patches of 14 and 6 pixels
+    over) is accepted as timm's: the Conv2d's stride drops the trailing pixels, so the image is cropped to the patch
+    grid before ``ops.patch_embed``. Images of any other size (``dynamic_img_size``) must be multiples of the patch.
     """
 
     op_name = "patch_embed"
@@ -86,7 +155,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size = to_2tuple(patch_size, "patch_size")
         self.img_size = to_2tuple(img_size, "img_size")
-        self._check_divisible(self.img_size, "img_size")
+        self._check_holds_a_patch(self.img_size, "img_size")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.strict_img_size = strict_img_size
@@ -102,6 +171,13 @@ class PatchEmbed(nn.Module):
         self.norm = nn.Identity()
         self.backend: str | None = None
 
+    def _check_holds_a_patch(self, size: tuple[int, int], what: str) -> None:
+        if size[0] < self.patch_size[0] or size[1] < self.patch_size[1]:
+            raise ValueError(
+                f"{what} {size[0]}x{size[1]} holds no {self.patch_size[0]}x{self.patch_size[1]} patch; it must "
+                "be at least one patch in each dimension"
+            )
+
     def _check_divisible(self, size: tuple[int, int], what: str) -> None:
         if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
             raise ValueError(
@@ -112,7 +188,7 @@ class PatchEmbed(nn.Module):
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         """Change the expected image size; validated before anything changes."""
         img_size = to_2tuple(img_size, "img_size")
-        self._check_divisible(img_size, "img_size")
+        self._check_holds_a_patch(img_size, "img_size")
         self.img_size = img_size
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -142,11 +218,7 @@ class PatchEmbed(nn.Module):
                     "build the model with that img_size, or with dynamic_img_size=True"
                 )
         else:
-            if size[0] < self.patch_size[0] or size[1] < self.patch_size[1]:
-                raise ValueError(
-                    f"image size {size[0]}x{size[1]} holds no {self.patch_size[0]}x{self.patch_size[1]} patch; x must "
-                    "be at least one patch in each dimension"
-                )
+            self._check_holds_a_patch(size, "image size")
             self._check_divisible(size, "image size")
         return x
 
@@ -155,6 +227,8 @@ class PatchEmbed(nn.Module):
     ) -> torch.Tensor:
         """x: [B, C, H, W] -> [B, T+N, D]; pos_embed: [1, T+N, D] or [1, N, D] or None; prefix_tokens: [1, T, D]."""
         self.check_input(x)
+        grid_h, grid_w = self.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        x = x[..., : grid_h * self.patch_size[0], : grid_w * self.patch_size[1]]  # as the conv's stride: no-op if exact
         proj = self.proj
         if plain(proj, nn.Conv2d) and plain(self.norm, nn.Identity) and not _global_hooks():
             return ops.patch_embed(x, proj.weight, proj.bias, pos_embed, prefix_tokens, backend=self.backend)
@@ -217,6 +291,10 @@ class Attention(nn.Module):
     ``forward(x)`` returns ``proj_drop(proj(attention(x)))`` as timm's. ``forward_residual(x, residual)``
     returns ``residual + proj(attention(x))`` with the add inside the proj GEMM (``ops.linear_residual``); its
     caller (``Block``) checks first that nothing it skips acts (``attention_half_blockers``).
+
+    With ``qk_norm=True`` (timm's keys ``q_norm.*``, ``k_norm.*``: a ``norm_layer`` over each head's D channels)
+    the normalised q and k are no longer slices of the packed buffer: q, k, v are split, the norms called, and
+    ``ops.attention`` runs on the [B, H, N, D] views (the spec: ``fastvit.reference.qk_norm_attention``).
     """
 
     op_name = "qkv_attention"
@@ -226,9 +304,11 @@ class Attention(nn.Module):
         dim: int,
         num_heads: int = 8,
         qkv_bias: bool = False,
+        qk_norm: bool = False,
         proj_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        norm_layer: Callable[..., nn.Module] | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -240,15 +320,32 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        qk_norm_layer = norm_layer or LayerNorm
+        self.q_norm = qk_norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = qk_norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = ResidualLinear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend: str | None = None
 
+    def packed(self) -> bool:
+        """True when q and k are used as the qkv Linear wrote them (no qk-norm), so ``ops.qkv_attention`` reads the
+        packed buffer directly."""
+        return isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] -> q, k, v: [B, H, N, D] each, as attention uses them (after qk-norm)."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C], before proj."""
         dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
-        return ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
+        if self.packed():
+            return ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
+        q, k, v = self.heads(x)
+        out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
+        return out.transpose(1, 2).flatten(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]."""
@@ -265,6 +362,7 @@ class Mlp(nn.Module):
 
     In a ``Block`` the norm before it (``norm2``), this MLP and the residual add run as one ``ops.ln_mlp``
     call when ``mlp_half_blockers`` finds nothing that must be called; ``backend`` is that op's backend.
+    ``norm_layer`` is the hidden-layer norm (timm's ``scale_mlp_norm``), which ``ln_mlp`` does not cover.
     """
 
     op_name = "ln_mlp"
@@ -273,7 +371,9 @@ class Mlp(nn.Module):
         self,
         in_features: int,
         hidden_features: int,
+        out_features: int | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] | None = None,
         bias: bool = True,
         drop: float = 0.0,
         device=None,
@@ -284,13 +384,92 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, **dd)
+        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drop)
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class GluMlp(nn.Module):
+    """timm's ``GluMlp``: one fc1 whose output halves are a value and a gate, ``act(gate) * value`` -> fc2.
+
+    ``hidden_features`` is fc1's width (twice the gated width fc2 reads). ``gate_last=False`` gates with the first
+    half: ``SwiGLUPacked`` (SiLU, DINOv2 giant, EVA without sub-LN). Keys ``fc1.*``, ``norm.*``, ``fc2.*``. Runs as
+    modules (``ops.ln_mlp`` covers GELU MLPs only); the spec is ``fastvit.reference.glu_mlp``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        act_layer: Callable[[], nn.Module] = nn.Sigmoid,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool = True,
+        drop: float = 0.0,
+        gate_last: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if hidden_features % 2:
+            raise ValueError(f"a gated MLP's hidden_features must be even (two halves), got {hidden_features}")
+        dd = {"device": device, "dtype": dtype}
+        self.gate_last = gate_last
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden_features // 2, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features // 2, out_features or in_features, bias=bias, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.fc1(x).chunk(2, dim=-1)
+        x = first * self.act(second) if self.gate_last else self.act(first) * second
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+SwiGLUPacked = partial(GluMlp, act_layer=nn.SiLU, gate_last=False)
+
+
+class SwiGLU(nn.Module):
+    """timm's ``SwiGLU`` with split fc1: ``fc2(norm(silu(fc1_g(x)) * fc1_x(x)))`` (EVA02, AIMv2, DINOv3 S+/H+).
+
+    Keys ``fc1_g.*``, ``fc1_x.*``, ``norm.*`` (the sub-LN, timm's ``scale_mlp``), ``fc2.*``. The spec is
+    ``fastvit.reference.swiglu_mlp``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        act_layer: Callable[[], nn.Module] = nn.SiLU,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool = True,
+        drop: float = 0.0,
+        align_to: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if align_to:
+            hidden_features += -hidden_features % align_to
+        self.fc1_g = nn.Linear(in_features, hidden_features, bias=bias, **dd)
+        self.fc1_x = nn.Linear(in_features, hidden_features, bias=bias, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1_g(x)) * self.fc1_x(x)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
 
 
 def _fused_ln_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, residual: bool, backend: str | None):
@@ -393,6 +572,74 @@ class PatchDropout(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
 
+class AttentionPoolLatent(nn.Module):
+    """timm's ``AttentionPoolLatent`` (``global_pool='map'``, SigLIP): one learned latent query attends over the
+    tokens, then proj and a residual ``norm`` -> ``mlp``; returns the pooled [B, C].
+
+    Keys ``latent`` [1, 1, C], ``q.*``, ``kv.*`` (k and v packed as timm's ``reshape(B, N, 2, H, D)``),
+    ``q_norm``/``k_norm`` (qk-norm), ``proj.*``, ``norm.*``, ``mlp.fc1.*``, ``mlp.fc2.*``. The attention is
+    ``ops.attention`` with one query; ``x + mlp(norm(x))`` is one ``ops.ln_mlp`` call while ``mlp_blockers`` finds
+    nothing that must be called (a LayerNorm and a GELU Mlp). The spec is ``fastvit.reference.attention_pool``.
+    """
+
+    op_name = "qkv_attention"  # the attention's backend follows the model's attention backend
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if in_features % num_heads != 0:
+            raise ValueError(f"embed_dim ({in_features}) must be divisible by num_heads ({num_heads})")
+        dd = {"device": device, "dtype": dtype}
+        norm_layer = norm_layer or LayerNorm
+        self.num_heads = num_heads
+        self.head_dim = in_features // num_heads
+        self.scale = self.head_dim**-0.5
+        self.latent_len = 1
+        self.latent = nn.Parameter(torch.zeros(1, 1, in_features, **dd))
+        self.q = nn.Linear(in_features, in_features, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(in_features, in_features * 2, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(in_features, in_features, **dd)
+        self.proj_drop = nn.Dropout(drop)
+        self.norm = norm_layer(in_features, **dd)
+        self.mlp = Mlp(in_features, int(in_features * mlp_ratio), act_layer=act_layer, **dd)
+        self.backend: str | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.latent, std=self.latent.shape[-1] ** -0.5)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] -> q [B, H, 1, D] (from the latent), k, v [B, H, N, D]."""
+        batch = x.shape[0]
+        q = self.q(self.latent).expand(batch, -1, -1).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = self.kv(x).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] -> [B, C]."""
+        q, k, v = self.heads(x)
+        x = ops.attention(q, k, v, self.scale, backend=self.backend).transpose(1, 2).flatten(2)  # [B, 1, C]
+        x = self.proj_drop(self.proj(x))
+        if next(mlp_blockers(self.norm, self.mlp, self.mlp.norm, self.training), None) is None:
+            x = _fused_ln_mlp(self.norm, self.mlp, x, True, self.mlp.backend)
+        else:
+            x = x + self.mlp(self.norm(x))
+        return x[:, 0]
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (timm's names and keys).
 
@@ -404,6 +651,10 @@ class Block(nn.Module):
     ``ops.ln_mlp`` call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
     eval mode, so a model trained with it still runs fused for inference. ``fastvit.fusion.block_fusion`` says
     which halves run fused and why not; an unfused half also logs at DEBUG on the ``"fastvit"`` logger.
+
+    timm's knobs for the modern families: ``mlp_layer`` (``Mlp``, ``SwiGLUPacked``/``GluMlp``, ``SwiGLU``: the gated
+    ones run as modules), ``qk_norm`` (``attn.q_norm``/``attn.k_norm``, a ``norm_layer`` per head), ``scale_mlp_norm``
+    (a ``norm_layer`` on the MLP's hidden layer), ``norm_layer`` (``LayerNorm`` any eps, ``RmsNorm``), ``act_layer``.
     """
 
     def __init__(
@@ -419,6 +670,9 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         act_layer: Callable[[], nn.Module] = nn.GELU,
         norm_layer: Callable[..., nn.Module] = LayerNorm,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
+        qk_norm: bool = False,
+        scale_mlp_norm: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -429,15 +683,25 @@ class Block(nn.Module):
             dim,
             num_heads=num_heads,
             qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
             proj_bias=proj_bias,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
+            norm_layer=norm_layer,
             **dd,
         )
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop, **dd)
+        self.mlp = mlp_layer(
+            in_features=dim,
+            hidden_features=int(dim * mlp_ratio),
+            act_layer=act_layer,
+            norm_layer=norm_layer if scale_mlp_norm else None,
+            bias=proj_bias,
+            drop=proj_drop,
+            **dd,
+        )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -546,6 +810,9 @@ def mlp_blockers(norm: nn.Module, mlp: nn.Module, hidden_norm: nn.Module, traini
 def mlp_half_blockers(block: nn.Module) -> Iterator[str]:
     """Why ``block``'s MLP half is not one ``ops.ln_mlp`` call with the residual inside."""
     training = block.training
+    if isinstance(block.mlp, (GluMlp, SwiGLU)):
+        yield f"mlp is a gated {type(block.mlp).__name__} (SwiGLU): ln_mlp covers GELU MLPs only, it runs unfused"
+        return
     if not plain(block.mlp, Mlp):
         yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, or not fastvit's Mlp"
         return

@@ -16,12 +16,23 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import dispatch
-from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion
-from fastvit.layers import Block, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
+from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion, pool_fusion
+from fastvit.layers import (
+    AttentionPoolLatent,
+    Block,
+    LayerNorm,
+    Mlp,
+    PatchDropout,
+    PatchEmbed,
+    SwiGLUPacked,
+    get_act_layer,
+    get_norm_layer,
+    resample_abs_pos_embed,
+)
 from fastvit.validation import check_positive_int
 from fastvit.verification import evidence_state
 
-GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token")
+GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token", "map")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
 OPS_USED = ["patch_embed", "layer_norm", "qkv_attention", "linear_residual", "ln_mlp"]
 
@@ -34,12 +45,15 @@ class VisionTransformer(nn.Module):
         patch_size: Patch size (int or (P, P)).
         in_chans: Number of image channels.
         num_classes: Classifier outputs; 0 for no head (features only).
-        global_pool: '' | 'avg' | 'avgmax' | 'max' | 'token' (class token).
+        global_pool: '' | 'avg' | 'avgmax' | 'max' | 'token' (class token) | 'map' (attention pooling with a
+            learned latent query, ``attn_pool``: SigLIP).
         embed_dim: Token width D.
         depth: Number of blocks.
         num_heads: Attention heads per block.
         mlp_ratio: MLP hidden width / D.
         qkv_bias: Bias in the qkv Linear.
+        qk_norm: Normalise q and k per head with ``norm_layer`` (keys ``attn.q_norm``, ``attn.k_norm``).
+        scale_mlp_norm: A ``norm_layer`` on the MLP's hidden layer (key ``mlp.norm``).
         proj_bias: Bias in the attention proj and the MLP Linears.
         init_values: LayerScale init value (LayerScale off when None/0).
         class_token: Prepend a learnable class token.
@@ -59,9 +73,13 @@ class VisionTransformer(nn.Module):
         drop_path_rate: Stochastic depth, rising linearly to this rate over the blocks.
         weight_init: '' (timm) | 'jax' | 'jax_nlhb' | 'moco' | 'reset' | 'skip'.
         fix_init: Scale proj/fc2 weights by 1/sqrt(2·(layer+1)).
-        norm_layer: Norm class, default ``fastvit.layers.LayerNorm`` with eps 1e-6.
-        act_layer: MLP activation class, default ``nn.GELU`` (exact erf).
+        norm_layer: Norm class or name ('layernorm', 'rmsnorm'), default ``fastvit.layers.LayerNorm`` with eps 1e-6
+            (CLIP: eps 1e-5).
+        act_layer: MLP activation class or timm's name ('gelu', 'gelu_tanh', 'quick_gelu', 'silu'), default
+            ``nn.GELU`` (exact erf).
         block_fn: Block class.
+        mlp_layer: MLP class: ``Mlp``, ``SwiGLUPacked`` (DINOv2 giant; mlp_ratio counts both halves, as timm),
+            ``SwiGLU``, ``GluMlp`` (``fastvit.layers``).
         backend: 'auto' | 'triton' | 'cuda' | 'torch'; None = the process default (FASTVIT_BACKEND).
         device, dtype: Where and in which dtype to create parameters.
     """
@@ -78,6 +96,8 @@ class VisionTransformer(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        qk_norm: bool = False,
+        scale_mlp_norm: bool = False,
         proj_bias: bool = True,
         init_values: float | None = None,
         class_token: bool = True,
@@ -100,6 +120,7 @@ class VisionTransformer(nn.Module):
         norm_layer: Callable[..., nn.Module] | None = None,
         act_layer: Callable[[], nn.Module] | None = None,
         block_fn: Callable[..., nn.Module] = Block,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
         backend: str | None = None,
         device=None,
         dtype=None,
@@ -128,8 +149,8 @@ class VisionTransformer(nn.Module):
         )
         dd = {"device": device, "dtype": dtype}
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
-        norm_layer = norm_layer or partial(LayerNorm, eps=1e-6)
-        act_layer = act_layer or nn.GELU
+        norm_layer = get_norm_layer(norm_layer) or partial(LayerNorm, eps=1e-6)
+        act_layer = get_act_layer(act_layer) or nn.GELU
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -180,12 +201,22 @@ class VisionTransformer(nn.Module):
                     drop_path=drop_path_rates[i],
                     norm_layer=norm_layer,
                     act_layer=act_layer,
+                    mlp_layer=mlp_layer,
+                    qk_norm=qk_norm,
+                    scale_mlp_norm=scale_mlp_norm,
                     **dd,
                 )
                 for i in range(depth)
             ]
         )
         self.norm = norm_layer(embed_dim, **dd) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = (
+            AttentionPoolLatent(
+                embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=norm_layer, act_layer=act_layer, **dd
+            )
+            if global_pool == "map"
+            else None
+        )
         self.fc_norm = norm_layer(embed_dim, **dd) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
@@ -267,6 +298,9 @@ class VisionTransformer(nn.Module):
             else:
                 why = (f"{type(block).__name__} is not a fastvit Block",)
                 report.append({half: HalfFusion(False, {}, why) for half in ("attn", "mlp")})
+        if self.attn_pool is not None:
+            pool_dtype = self.attn_pool.kv.weight.dtype if dtype is None else dtype
+            report.pool = pool_fusion(self.attn_pool, device, pool_dtype)
         return report
 
     # ------------------------------------------------------------------------------------------
@@ -322,6 +356,10 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             if global_pool == "token" and not self.has_class_token:
                 raise ValueError("global_pool='token' needs the class token (model built with class_token=False)")
+            if global_pool == "map" and self.attn_pool is None:
+                raise ValueError("global_pool='map' cannot be added by reset_classifier; build the model with it")
+            if global_pool != "map":
+                self.attn_pool = None  # as timm: leaving attention pooling drops the pool
             self.global_pool = global_pool
         self.num_classes = num_classes
         ref = next(self.parameters())
@@ -379,6 +417,8 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        if self.attn_pool is not None:
+            return self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix_tokens :])
         pool_type = self.global_pool if pool_type is None else pool_type
         if not pool_type:
             return x
@@ -446,7 +486,8 @@ class VisionTransformer(nn.Module):
 
 ViT = VisionTransformer
 
-# Architectures of timm's presets of the same names (timm.models.vision_transformer), plus one of ours.
+# Architectures of timm's presets of the same names (timm.models.vision_transformer), plus one of ours. The families'
+# presets take timm's default image size and head (num_classes=0: a feature extractor) from its pretrained configs.
 PRESETS: dict[str, dict] = {
     "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
@@ -454,6 +495,67 @@ PRESETS: dict[str, dict] = {
     "vit_base_patch32_224": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # The modern families (timm's names and architectures; img_size as timm's pretrained configs).
+    "vit_base_patch16_siglip_224": dict(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, class_token=False, global_pool="map", num_classes=0
+    ),
+    "vit_so400m_patch14_siglip_384": dict(
+        img_size=384,
+        patch_size=14,
+        embed_dim=1152,
+        depth=27,
+        num_heads=16,
+        mlp_ratio=3.7362,
+        class_token=False,
+        global_pool="map",
+        num_classes=0,
+    ),
+    "vit_so400m_patch16_siglip_256": dict(  # SigLIP2's so400m: GELU tanh
+        img_size=256,
+        patch_size=16,
+        embed_dim=1152,
+        depth=27,
+        num_heads=16,
+        mlp_ratio=3.7362,
+        class_token=False,
+        global_pool="map",
+        act_layer="gelu_tanh",
+        num_classes=0,
+    ),
+    "vit_large_patch14_clip_336": dict(
+        img_size=336,
+        patch_size=14,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-5),
+    ),
+    "vit_base_patch32_clip_quickgelu_224": dict(
+        patch_size=32,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-5),
+        act_layer="quick_gelu",
+        num_classes=512,
+    ),
+    "vit_base_patch14_dinov2": dict(
+        img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5, num_classes=0
+    ),
+    "vit_giant_patch14_dinov2": dict(
+        img_size=518,
+        patch_size=14,
+        embed_dim=1536,
+        depth=40,
+        num_heads=24,
+        init_values=1e-5,
+        mlp_ratio=2.66667 * 2,
+        mlp_layer=SwiGLUPacked,
+        act_layer="silu",
+        num_classes=0,
+    ),
     # fastvit's own: sized for the bundled 8x8 digits upsampled to 32x32 (the demo and train defaults).
     "vit_digits_patch4_32": dict(
         img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0
@@ -500,6 +602,13 @@ vit_base_patch32_224 = _make_preset("vit_base_patch32_224")
 vit_large_patch16_224 = _make_preset("vit_large_patch16_224")
 vit_huge_patch14_224 = _make_preset("vit_huge_patch14_224")
 vit_digits_patch4_32 = _make_preset("vit_digits_patch4_32")
+vit_base_patch16_siglip_224 = _make_preset("vit_base_patch16_siglip_224")
+vit_so400m_patch14_siglip_384 = _make_preset("vit_so400m_patch14_siglip_384")
+vit_so400m_patch16_siglip_256 = _make_preset("vit_so400m_patch16_siglip_256")
+vit_large_patch14_clip_336 = _make_preset("vit_large_patch14_clip_336")
+vit_base_patch32_clip_quickgelu_224 = _make_preset("vit_base_patch32_clip_quickgelu_224")
+vit_base_patch14_dinov2 = _make_preset("vit_base_patch14_dinov2")
+vit_giant_patch14_dinov2 = _make_preset("vit_giant_patch14_dinov2")
 
 
 def _take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
@@ -579,7 +688,7 @@ def _check_config(
         raise ValueError(f"mlp_ratio must be a positive finite number, got {mlp_ratio!r}")  # NaN fails too
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(
-            f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r} (attention pooling 'map'/'prr' "
+            f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r} (patch-representation refinement 'prr' "
             "is not supported by fastvit)"
         )
     if global_pool == "token" and not class_token:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from fastvit import dispatch
-from fastvit.convert import timm_block_layers
+from fastvit.convert import mlp_ratio_for, timm_block_layers
 from fastvit.layers import Block, LayerNorm
 from fastvit.model import OPS_USED, VisionTransformer
 
@@ -75,7 +75,7 @@ def _fastvit_block(block: nn.Module, backend: str | None) -> Block:
     new = Block(
         dim=dim,
         num_heads=attn.num_heads,
-        mlp_ratio=mlp.fc1.out_features / dim,
+        mlp_ratio=mlp_ratio_for((mlp.fc1_g if hasattr(mlp, "fc1_g") else mlp.fc1).out_features, dim),
         qkv_bias=attn.qkv.bias is not None,
         proj_bias=attn.proj.bias is not None,
         proj_drop=attn.proj_drop.p,

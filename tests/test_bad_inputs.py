@@ -72,9 +72,9 @@ def test_empty_batch_returns_empty_logits(model):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(img_size=30), "img_size 30x30 is not divisible by the patch size 8x8"),
+        (dict(img_size=6), "img_size 6x6 holds no 8x8 patch"),
         (dict(embed_dim=50), "embed_dim \\(50\\) must be divisible by num_heads \\(3\\)"),
-        (dict(global_pool="map"), "global_pool must be one of"),
+        (dict(global_pool="prr"), "global_pool must be one of"),
         (dict(class_token=False), "global_pool='token' needs the class token"),
         (dict(drop_path_rate=1.5), "drop_path_rate must be in \\[0, 1\\)"),
         (dict(depth=-1), "depth must be an int >= 0"),
@@ -94,7 +94,7 @@ def test_patch_size_type_is_checked():
 
 
 def test_unknown_preset_name():
-    with pytest.raises(KeyError, match="unknown model 'vit_tiny_patch8_1024'; available: vit_base_patch16_224"):
+    with pytest.raises(KeyError, match="unknown model 'vit_tiny_patch8_1024'; available: .*vit_base_patch16_224"):
         fastvit.create_model("vit_tiny_patch8_1024")
 
 
