@@ -19,6 +19,7 @@ from fastvit.model import (
     PRESETS,
     VisionTransformer,
     ViT,
+    aimv2_large_patch14_224,
     create_model,
     list_models,
     vit_base_patch14_dinov2,
@@ -78,4 +79,5 @@ __all__ = [
     "vit_base_patch32_clip_quickgelu_224",
     "vit_base_patch14_dinov2",
     "vit_giant_patch14_dinov2",
+    "aimv2_large_patch14_224",
 ]

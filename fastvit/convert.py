@@ -363,6 +363,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
         final_norm="norm.weight" in state_dict or has_fc_norm,
         pre_norm="norm_pre.weight" in state_dict,
     )
+    if "patch_embed.norm.weight" in state_dict:
+        norm = LayerNorm if "patch_embed.norm.bias" in state_dict else RmsNorm
+        config["embed_norm_layer"] = partial(norm, eps=1e-6)
     if depth:
         config.update(_infer_block_layers(state_dict, embed_dim))
         config["qkv_bias"] = "blocks.0.attn.qkv.bias" in state_dict
@@ -601,8 +604,6 @@ def _timm_module_config(model: nn.Module) -> dict:
             f"timm's {type(model).__name__} class is not supported by fastvit.from_timm yet (timm's VisionTransformer "
             "only: the Eva class of DINOv3, EVA02, PE, AIMv2 and the RoPE ViTs needs RoPE, which fastvit lacks)"
         )
-    if not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity):
-        raise ValueError("a patch-embedding norm layer (embed_norm_layer) is not supported by fastvit")
     if len(model.blocks):
         layers = timm_block_layers(model.blocks[0])  # first: it names an unsupported block before anything reads it
         num_heads = model.blocks[0].attn.num_heads
@@ -614,6 +615,9 @@ def _timm_module_config(model: nn.Module) -> dict:
         block = model.blocks[0]
         if not isinstance(block.ls1, nn.Identity):
             config["init_values"] = float(block.ls1.init_values)
+    embed_norm = getattr(model.patch_embed, "norm", nn.Identity())
+    if not isinstance(embed_norm, nn.Identity):
+        config["embed_norm_layer"] = _norm_layer(embed_norm, "embed_norm_layer (patch_embed.norm)")
     config.update(
         img_size=tuple(model.patch_embed.img_size),
         global_pool=model.global_pool,

@@ -149,6 +149,7 @@ class PatchEmbed(nn.Module):
         embed_dim: int = 768,
         bias: bool = True,
         strict_img_size: bool = True,
+        norm_layer: Callable[..., nn.Module] | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -168,7 +169,7 @@ class PatchEmbed(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.norm = nn.Identity()
+        self.norm = norm_layer(embed_dim, device=device, dtype=dtype) if norm_layer is not None else nn.Identity()
         self.backend: str | None = None
 
     def _check_holds_a_patch(self, size: tuple[int, int], what: str) -> None:

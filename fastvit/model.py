@@ -24,6 +24,8 @@ from fastvit.layers import (
     Mlp,
     PatchDropout,
     PatchEmbed,
+    RmsNorm,
+    SwiGLU,
     SwiGLUPacked,
     get_act_layer,
     get_norm_layer,
@@ -73,6 +75,8 @@ class VisionTransformer(nn.Module):
         drop_path_rate: Stochastic depth, rising linearly to this rate over the blocks.
         weight_init: '' (timm) | 'jax' | 'jax_nlhb' | 'moco' | 'reset' | 'skip'.
         fix_init: Scale proj/fc2 weights by 1/sqrt(2·(layer+1)).
+        embed_norm_layer: Norm after the patch projection (key ``patch_embed.norm``; AIMv2's RmsNorm); the patch
+            embedding then runs as Conv2d, norm, then prefix tokens and position embedding, unfused.
         norm_layer: Norm class or name ('layernorm', 'rmsnorm'), default ``fastvit.layers.LayerNorm`` with eps 1e-6
             (CLIP: eps 1e-5).
         act_layer: MLP activation class or timm's name ('gelu', 'gelu_tanh', 'quick_gelu', 'silu'), default
@@ -117,6 +121,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         weight_init: str = "",
         fix_init: bool = False,
+        embed_norm_layer: Callable[..., nn.Module] | str | None = None,
         norm_layer: Callable[..., nn.Module] | None = None,
         act_layer: Callable[[], nn.Module] | None = None,
         block_fn: Callable[..., nn.Module] = Block,
@@ -171,6 +176,7 @@ class VisionTransformer(nn.Module):
             embed_dim=embed_dim,
             bias=not pre_norm,
             strict_img_size=not dynamic_img_size,
+            norm_layer=get_norm_layer(embed_norm_layer),
             **dd,
         )
         num_patches = self.patch_embed.num_patches
@@ -556,6 +562,23 @@ PRESETS: dict[str, dict] = {
         act_layer="silu",
         num_classes=0,
     ),
+    "aimv2_large_patch14_224": dict(
+        patch_size=14,
+        embed_dim=1024,
+        depth=24,
+        num_heads=8,
+        class_token=False,
+        fc_norm=False,
+        mlp_ratio=2.75,
+        global_pool="avg",
+        qkv_bias=False,
+        proj_bias=False,
+        act_layer="silu",
+        norm_layer=partial(RmsNorm, eps=1e-5),
+        embed_norm_layer=partial(RmsNorm, eps=1e-5),
+        mlp_layer=SwiGLU,
+        num_classes=0,
+    ),
     # fastvit's own: sized for the bundled 8x8 digits upsampled to 32x32 (the demo and train defaults).
     "vit_digits_patch4_32": dict(
         img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0
@@ -609,6 +632,7 @@ vit_large_patch14_clip_336 = _make_preset("vit_large_patch14_clip_336")
 vit_base_patch32_clip_quickgelu_224 = _make_preset("vit_base_patch32_clip_quickgelu_224")
 vit_base_patch14_dinov2 = _make_preset("vit_base_patch14_dinov2")
 vit_giant_patch14_dinov2 = _make_preset("vit_giant_patch14_dinov2")
+aimv2_large_patch14_224 = _make_preset("aimv2_large_patch14_224")
 
 
 def _take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:

@@ -45,8 +45,8 @@ def test_from_timm_rejects_unsupported_features():
     # qk-norm and attention pooling load now (tests/test_families.py); these knobs are refused by name.
     with pytest.raises(ValueError, match="scale_attn_norm"):
         fastvit.from_timm(TimmViT(**TINY, scale_attn_norm=True))
-    with pytest.raises(ValueError, match="embed_norm_layer"):
-        fastvit.from_timm(TimmViT(**TINY, embed_norm_layer=torch.nn.LayerNorm))
+    with pytest.raises(ValueError, match="AttentionPoolPrr"):
+        fastvit.from_timm(TimmViT(**TINY, global_pool="prr"))
 
 
 def test_infer_config_needs_num_heads_for_unusual_widths():

@@ -54,6 +54,8 @@ FAMILIES = [
     ("dinov2-reg4", "vit_base_patch14_reg4_dinov2", dict(embed_dim=64, num_heads=2, img_size=28)),
     # DINOv2 giant: packed SwiGLU (SwiGLUPacked, SiLU).
     ("dinov2-giant", "vit_giant_patch14_dinov2", dict(embed_dim=96, num_heads=2, img_size=28)),
+    # AIMv2: RmsNorm (also on the patch embedding), split SwiGLU, no qkv/proj bias, avg pooling without fc_norm.
+    ("aimv2", "aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),
     # qk-norm (timm's qk_norm=True, keys attn.q_norm/k_norm) on a plain ViT.
     ("qk-norm", "vit_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=32, qk_norm=True)),
 ]
@@ -128,7 +130,13 @@ def test_state_dict_round_trip_both_ways(name, size):
 def _unrecorded(model: fastvit.ViT) -> dict:
     """What a state dict does not record (heads, image size, eps, activation), read off a built model."""
     block = model.blocks[0]
+    embed_norm = model.patch_embed.norm
+    if not isinstance(embed_norm, nn.Identity):
+        extra = dict(embed_norm_layer=partial(type(embed_norm), eps=embed_norm.eps))
+    else:
+        extra = {}
     return dict(
+        **extra,
         num_heads=block.attn.num_heads,
         img_size=model.patch_embed.img_size,
         norm_layer=partial(type(block.norm1), eps=block.norm1.eps),
@@ -187,6 +195,7 @@ PRESETS = [
     "vit_base_patch32_clip_quickgelu_224",
     "vit_base_patch14_dinov2",
     "vit_giant_patch14_dinov2",
+    "aimv2_large_patch14_224",
 ]
 
 
