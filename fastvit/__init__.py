@@ -8,6 +8,7 @@ fastvit.selftest()            # check the fused kernels on this GPU; 'auto' uses
 
 from fastvit import ops, verification
 from fastvit.convert import from_hf, from_timm, from_torchvision, load_weights
+from fastvit.eva import Eva
 from fastvit.dispatch import (
     backends,
     deterministic_enabled,
@@ -56,6 +57,7 @@ __all__ = [
     "deterministic_enabled",
     "VisionTransformer",
     "ViT",
+    "Eva",
     "PRESETS",
     "create_model",
     "list_models",

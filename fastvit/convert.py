@@ -589,6 +589,12 @@ def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
     fill in or change what weights cannot tell. A different ``img_size`` resamples the position
     embedding. Unsupported timm features (attention pooling, qk-norm, other block types) raise ``ValueError``.
     """
+    if isinstance(model_or_state_dict, nn.Module) and type(model_or_state_dict).__name__ == "Eva":
+        from fastvit.eva import Eva
+
+        config = _timm_eva_config(model_or_state_dict)
+        eva = Eva(**{**config, **overrides})
+        return load_weights(eva, model_or_state_dict.state_dict())
     if isinstance(model_or_state_dict, nn.Module):
         return _build(model_or_state_dict.state_dict(), _timm_module_config(model_or_state_dict), overrides)
     state_dict = to_timm_state_dict(unwrap_state_dict(model_or_state_dict))
@@ -601,8 +607,8 @@ def _timm_module_config(model: nn.Module) -> dict:
         raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
     if type(model).__name__ != "VisionTransformer":
         raise ValueError(
-            f"timm's {type(model).__name__} class is not supported by fastvit.from_timm yet (timm's VisionTransformer "
-            "only: the Eva class of DINOv3, EVA02, PE, AIMv2 and the RoPE ViTs needs RoPE, which fastvit lacks)"
+            f"timm's {type(model).__name__} class is not supported by fastvit.from_timm (timm's VisionTransformer "
+            "and Eva only)"
         )
     if len(model.blocks):
         layers = timm_block_layers(model.blocks[0])  # first: it names an unsupported block before anything reads it
@@ -656,6 +662,122 @@ def _check_attn_pool(pool: nn.Module, config: dict) -> None:
             raise ValueError(f"attention pooling with {knob}={got!r} is not supported by fastvit (global_pool='map')")
     if repr(_act_layer(pool.mlp.act)()) != repr(config.get("act_layer", nn.GELU)()):
         raise ValueError("attention pooling whose MLP activation differs from the blocks' is not supported by fastvit")
+
+
+def _timm_eva_config(model: nn.Module) -> dict:
+    """fastvit ``Eva`` arguments that rebuild a timm ``Eva`` (EVA02, DINOv3, PE, RoPE ViTs); one ``ValueError`` naming
+    timm's knob for anything fastvit does not implement."""
+    refused = {
+        "use_post_norm (EvaBlockPostNorm)": any(type(b).__name__ != "EvaBlock" for b in model.blocks),
+        "rope_type='mixed'": getattr(model, "rope_mixed", False),
+        "patch_drop_rate": getattr(model, "patch_drop", None) is not None,
+        "embed norm": not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity),
+    }
+    for knob, present in refused.items():
+        if present:
+            raise ValueError(f"timm Eva with {knob} is not supported by fastvit")
+    dim = model.embed_dim
+    config = dict(
+        img_size=tuple(model.patch_embed.img_size),
+        patch_size=tuple(model.patch_embed.patch_size),
+        in_chans=model.patch_embed.proj.in_channels,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=dim,
+        depth=len(model.blocks),
+        class_token=model.cls_token is not None,
+        num_reg_tokens=model.reg_token.shape[1] if model.reg_token is not None else 0,
+        no_embed_class=bool(model.no_embed_class),
+        use_abs_pos_emb=model.pos_embed is not None,
+        use_pre_transformer_norm=not isinstance(model.norm_pre, nn.Identity),
+        use_post_transformer_norm=not isinstance(model.norm, nn.Identity),
+        use_fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        dynamic_img_size=bool(model.dynamic_img_size),
+    )
+    if len(model.blocks):
+        config.update(_timm_eva_block_config(model.blocks[0], dim))
+    config.update(_timm_rope_config(getattr(model, "rope", None)))
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        if type(pool).__name__ != "AttentionPoolLatent" or pool.latent_len != 1 or pool.pos_embed is not None:
+            raise ValueError(f"timm Eva attention pooling {type(pool).__name__} of this kind is not supported")
+        config.update(
+            attn_pool_num_heads=pool.num_heads, attn_pool_mlp_ratio=mlp_ratio_for(pool.mlp.fc1.out_features, dim)
+        )
+    return config
+
+
+def _timm_eva_block_config(block: nn.Module, dim: int) -> dict:
+    attn, mlp = block.attn, block.mlp
+    kind = type(attn).__name__
+    if kind not in ("EvaAttention", "AttentionRope"):
+        raise ValueError(f"timm Eva attention {kind} is not supported by fastvit")
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("timm Eva with gated_attn is not supported by fastvit")
+    if getattr(attn, "num_kv_groups", 1) != 1:
+        raise ValueError("timm Eva with num_kv_heads (grouped-query attention) is not supported by fastvit")
+    if (block.gamma_1 is None) != (block.gamma_2 is None):
+        raise ValueError("timm Eva with attn_only_layer_scale is not supported by fastvit")
+    fused = attn.qkv is not None
+    if kind == "EvaAttention":
+        qkv_bias = attn.q_bias is not None if fused else attn.q_proj.bias is not None
+    else:
+        qkv_bias = (attn.qkv if fused else attn.q_proj).bias is not None
+    config = dict(
+        num_heads=attn.num_heads,
+        qkv_bias=qkv_bias,
+        qkv_fused=fused,
+        attn_type="eva" if kind == "EvaAttention" else "rope",
+        qk_norm=not isinstance(attn.q_norm, nn.Identity),
+        scale_attn_inner=not isinstance(attn.norm, nn.Identity),
+        init_values=block.init_values if block.gamma_1 is not None else None,
+        norm_layer=_norm_layer(block.norm1, "norm_layer (block.norm1)"),
+    )
+    mlp_kind = type(mlp).__name__
+    if mlp_kind == "Mlp":
+        act = _act_layer(mlp.act)
+        if repr(act()) != repr(nn.GELU()):
+            raise ValueError(f"timm Eva MLP activation {type(mlp.act).__name__} is not supported (GELU only, as timm)")
+        config.update(
+            mlp_ratio=mlp_ratio_for(mlp.fc1.out_features, dim), scale_mlp=not isinstance(mlp.norm, nn.Identity)
+        )
+    elif mlp_kind == "SwiGLU":
+        scale_mlp = not isinstance(mlp.norm, nn.Identity)
+        config.update(
+            mlp_ratio=mlp_ratio_for(mlp.fc1_g.out_features, dim), swiglu_mlp=True, scale_mlp=scale_mlp,
+            swiglu_align_to=0 if scale_mlp else 1,  # 1: selects the split SwiGLU without changing its width
+        )  # fmt: skip
+    elif mlp_kind == "GluMlp" and not mlp.gate_last:
+        config.update(mlp_ratio=mlp_ratio_for(mlp.fc1.out_features // 2, dim), swiglu_mlp=True)
+    else:
+        raise ValueError(f"timm Eva MLP {mlp_kind} is not supported by fastvit")
+    return config
+
+
+def _timm_rope_config(rope: nn.Module | None) -> dict:
+    if rope is None:
+        return dict(use_rot_pos_emb=False)
+    kind = type(rope).__name__
+    if getattr(rope, "aug_active", False):
+        raise ValueError("timm RoPE coordinate augmentation (rope_shift/jitter/rescale_coords) is not supported")
+    if kind == "RotaryEmbeddingCat":
+        if rope.in_pixels or rope.grid_type != "index":
+            raise ValueError("timm RoPE with in_pixels=True is not supported by fastvit")
+        ref = rope.ref_feat_shape
+        return dict(
+            use_rot_pos_emb=True, rope_type="cat", rope_temperature=float(rope.temperature),
+            rope_grid_offset=float(rope.grid_offset), rope_grid_indexing=rope.grid_indexing,
+            rope_rotate_half=bool(rope.rotate_half), ref_feat_shape=tuple(ref) if ref is not None else None,
+        )  # fmt: skip
+    if kind == "RotaryEmbeddingDinoV3":
+        if rope.min_period is not None or rope.normalize_coords != "separate":
+            raise ValueError("timm DINOv3 RoPE with min/max periods or normalize_coords != 'separate' is not supported")
+        return dict(
+            use_rot_pos_emb=True, rope_type="dinov3", rope_temperature=float(rope.temperature),
+            rope_grid_offset=float(rope.grid_offset), rope_grid_indexing=rope.grid_indexing,
+            rope_rotate_half=bool(rope.rotate_half),
+        )  # fmt: skip
+    raise ValueError(f"timm RoPE {kind} (rope_type) is not supported by fastvit ('cat' and 'dinov3' only)")
 
 
 def from_torchvision(model_or_state_dict, **overrides) -> VisionTransformer:

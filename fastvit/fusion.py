@@ -18,9 +18,11 @@ from fastvit import dispatch, verification
 from fastvit.layers import (
     Attention,
     AttentionPoolLatent,
+    EvaBlock,
     Mlp,
     ResidualLinear,
     attention_half_blockers,
+    eva_mlp_half_blockers,
     mlp_blockers,
     mlp_half_blockers,
 )
@@ -139,4 +141,17 @@ def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> di
     return {
         "attn": _half(attn_why, {"attention": (pool.backend, call)}),
         "mlp": _half(mlp_why, {"ln_mlp": (pool.mlp.backend, dispatch.DeviceDtypeCall(device, dtype))}),
+    }
+
+
+def eva_block_fusion(block: EvaBlock, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
+    """How an ``EvaBlock``'s halves run: the attention half calls its modules (q/k/v projections, qk-norm and RoPE
+    before ``ops.attention``, then proj); the MLP half is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``."""
+    attn = block.attn
+    call = attention_call(device, dtype, attn.head_dim, dropout=block.training and attn.attn_drop.p > 0.0)
+    attn_why = ["EvaAttention: q/k/v projections and RoPE run before ops.attention, proj and the residual add after"]
+    mlp_call = dispatch.DeviceDtypeCall(device, dtype)
+    return {
+        "attn": _half(attn_why, {"attention": (attn.backend, call)}),
+        "mlp": _half(list(eva_mlp_half_blockers(block)), {"ln_mlp": (getattr(block.mlp, "backend", None), mlp_call)}),
     }

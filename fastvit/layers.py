@@ -722,6 +722,192 @@ class Block(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+class EvaAttention(nn.Module):
+    """timm's ``EvaAttention`` (the ``Eva`` class: EVA02, DINOv3, ...): q/k/v from one bias-free ``qkv`` Linear plus
+    ``q_bias``/``v_bias`` (k has none: timm's zero ``k_bias`` buffer, not in the state dict), or three Linears
+    ``q_proj``/``k_proj``/``v_proj`` (``qkv_fused=False``, k bias-free); optional qk-norm; 2D RoPE on every token but
+    the ``num_prefix_tokens`` first; an optional norm before ``proj`` (``scale_norm``, EVA02-CLIP).
+
+    q, k, v are [B, H, N, D] views; the attention is ``ops.attention`` (the Triton kernel where it covers the head dim:
+    RoPE and qk-norm run before it as separate ops). The spec is ``fastvit.reference.qk_norm_attention``.
+    """
+
+    op_name = "qkv_attention"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        qkv_fused: bool = True,
+        num_prefix_tokens: int = 1,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        qk_norm: bool = False,
+        scale_norm: bool = True,
+        rotate_half: bool = False,
+        attn_type: str = "eva",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if attn_type not in ("eva", "rope"):
+            raise ValueError(f"attn_type must be 'eva' or 'rope', got {attn_type!r}")
+        dd = {"device": device, "dtype": dtype}
+        norm_layer = norm_layer or LayerNorm
+        k_bias = qkv_bias and attn_type == "rope"  # timm's AttentionRope: plain Linear biases, k's included
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.num_prefix_tokens = num_prefix_tokens
+        self.rotate_half = rotate_half
+        separate_bias = qkv_bias and not k_bias
+        if qkv_fused:
+            self.qkv = nn.Linear(dim, dim * 3, bias=k_bias, **dd)
+            self.q_proj = self.k_proj = self.v_proj = None
+            self.q_bias = nn.Parameter(torch.zeros(dim, **dd)) if separate_bias else None
+            self.v_bias = nn.Parameter(torch.zeros(dim, **dd)) if separate_bias else None
+        else:
+            self.qkv = self.q_bias = self.v_bias = None
+            self.q_proj = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+            self.k_proj = nn.Linear(dim, dim, bias=k_bias, **dd)
+            self.v_proj = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.backend: str | None = None
+
+    def heads(self, x: torch.Tensor, rope: torch.Tensor | None = None):
+        """x: [B, N, C]; rope: [N - num_prefix_tokens, 2·D] or None -> q, k, v [B, H, N, D] as attention uses them."""
+        if self.qkv is not None:
+            qkv = self.qkv(x)
+            if self.q_bias is not None:  # timm adds [q_bias, 0, v_bias] inside the GEMM: the same sums
+                qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (
+                proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+                for proj in (self.q_proj, self.k_proj, self.v_proj)
+            )
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = apply_rope(q, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+            k = apply_rope(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]."""
+        dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
+        q, k, v = self.heads(x, rope)
+        out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend).transpose(1, 2).flatten(2)
+        return self.proj_drop(self.proj(self.norm(out)))
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, rotate_half: bool) -> torch.Tensor:
+    """2D RoPE of x [B, H, N, D] from rope = cat(sin, cos) [N - T, 2·D], the T prefix tokens left as they are; the
+    fast form of ``fastvit.reference.apply_rope`` (same layouts)."""
+    sin, cos = rope.tensor_split(2, dim=-1)
+    prefix, patches = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
+    if rotate_half:
+        first, second = patches.chunk(2, dim=-1)
+        rotated = torch.cat([-second, first], dim=-1)
+    else:
+        rotated = torch.stack([-patches[..., 1::2], patches[..., ::2]], dim=-1).reshape(patches.shape)
+    return torch.cat([prefix, patches * cos + rotated * sin], dim=2)
+
+
+class EvaBlock(nn.Module):
+    """timm's ``EvaBlock``: ``x + gamma_1 * attn(norm1(x), rope)`` then ``x + gamma_2 * mlp(norm2(x))``.
+
+    The same pre-norm block as ``Block`` with timm's ``Eva`` keys: LayerScale is a bare parameter (``gamma_1``,
+    ``gamma_2``), the attention is ``EvaAttention`` (RoPE). MLP: ``Mlp`` (GELU, optional sub-LN ``scale_mlp``),
+    ``SwiGLU`` (split, with ``scale_mlp`` or ``swiglu_align_to``: EVA02) or ``SwiGLUPacked`` (DINOv3 S+/H+). The MLP
+    half is one ``ops.ln_mlp`` call under ``Block``'s rule (a plain GELU ``Mlp``, no LayerScale, no active
+    dropout); the attention half runs its modules.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qkv_fused: bool = True,
+        mlp_ratio: float = 4.0,
+        swiglu_mlp: bool = False,
+        swiglu_align_to: int = 0,
+        scale_mlp: bool = False,
+        scale_attn_inner: bool = False,
+        num_prefix_tokens: int = 1,
+        rotate_half: bool = False,
+        qk_norm: bool = False,
+        attn_type: str = "eva",
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = LayerNorm,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = EvaAttention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, qkv_fused=qkv_fused, num_prefix_tokens=num_prefix_tokens,
+            attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, qk_norm=qk_norm,
+            scale_norm=scale_attn_inner, rotate_half=rotate_half, attn_type=attn_type, **dd,
+        )  # fmt: skip
+        self.init_values = init_values
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values), **dd)) if init_values is not None else None
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        hidden = int(dim * mlp_ratio)
+        mlp_norm = norm_layer if scale_mlp else None
+        if swiglu_mlp and (scale_mlp or swiglu_align_to):
+            self.mlp = SwiGLU(dim, hidden, norm_layer=mlp_norm, drop=proj_drop, align_to=swiglu_align_to, **dd)
+        elif swiglu_mlp:
+            self.mlp = GluMlp(dim, hidden * 2, act_layer=nn.SiLU, gate_last=False, drop=proj_drop, **dd)
+        else:
+            self.mlp = Mlp(dim, hidden, act_layer=act_layer, norm_layer=mlp_norm, drop=proj_drop, **dd)
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values), **dd)) if init_values is not None else None
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def reset_parameters(self) -> None:
+        for gamma in (self.gamma_1, self.gamma_2):
+            if gamma is not None:
+                nn.init.constant_(gamma, self.init_values)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, C]; rope: [N - T, 2·D] or None -> [B, N, C]."""
+        out = self.attn(self.norm1(x), rope)
+        x = x + self.drop_path1(out if self.gamma_1 is None else self.gamma_1 * out)
+        if next(eva_mlp_half_blockers(self), None) is None:
+            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend)
+        out = self.mlp(self.norm2(x))
+        return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
+
+
+def eva_mlp_half_blockers(block: EvaBlock) -> Iterator[str]:
+    """Why an ``EvaBlock``'s MLP half is not one ``ops.ln_mlp`` call (``mlp_half_blockers`` for timm's Eva keys)."""
+    if block.gamma_2 is not None:
+        yield "gamma_2 (LayerScale) scales the MLP output: the residual add runs separately"
+    if isinstance(block.mlp, (GluMlp, SwiGLU)):
+        yield f"mlp is a gated {type(block.mlp).__name__} (SwiGLU): ln_mlp covers GELU MLPs only, it runs unfused"
+        return
+    if not plain(block.mlp, Mlp):
+        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, or not fastvit's Mlp"
+        return
+    yield from _skippable("drop_path2", block.drop_path2, block.training)
+    yield from mlp_blockers(block.norm2, block.mlp, block.mlp.norm, block.training)
+
+
 # ------------------------------------------------------------------------------------------------
 # The fusion rule: what a fused path may skip or read instead of calling.
 

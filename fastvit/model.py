@@ -589,22 +589,28 @@ TIMM_PRESETS = [name for name in PRESETS if name != "vit_digits_patch4_32"]
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`."""
-    return sorted(PRESETS)
+    from fastvit.eva import EVA_PRESETS
+
+    return sorted([*PRESETS, *EVA_PRESETS])
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """Build a preset by timm's name; ``kwargs`` override any constructor argument (e.g. ``depth=2``).
 
     ``pretrained=True`` is not supported (no weight downloads): build the model, then load weights
     with ``fastvit.load_weights(model, path_or_state_dict)`` or convert one with ``fastvit.from_timm``.
     """
-    if name not in PRESETS:
+    from fastvit.eva import EVA_PRESETS, Eva
+
+    if name not in PRESETS and name not in EVA_PRESETS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     if pretrained:
         raise ValueError(
             "pretrained=True is not supported: fastvit downloads no weights; load a checkpoint with "
             "fastvit.load_weights(model, path) or convert a timm model with fastvit.from_timm(model)"
         )
+    if name in EVA_PRESETS:  # timm's Eva class (RoPE): fastvit.eva.Eva
+        return Eva(**{**EVA_PRESETS[name], **kwargs})
     return VisionTransformer(**{**PRESETS[name], **kwargs})
 
 

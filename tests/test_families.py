@@ -58,8 +58,23 @@ FAMILIES = [
     ("aimv2", "aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),
     # qk-norm (timm's qk_norm=True, keys attn.q_norm/k_norm) on a plain ViT.
     ("qk-norm", "vit_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=32, qk_norm=True)),
+    # timm's Eva class (fastvit.Eva): 2D RoPE.
+    # EVA02: interleaved RoPE rescaled to the pretraining grid, separate q/k/v (no k bias), SwiGLU with sub-LN.
+    ("eva02", "eva02_base_patch14_448", dict(embed_dim=64, num_heads=2, img_size=56)),
+    # EVA02-CLIP: fused qkv with q/v biases, a norm before the attention proj (scale_attn_inner).
+    ("eva02-clip", "eva02_base_patch16_clip_224", dict(embed_dim=64, num_heads=2, img_size=48)),
+    # DINOv3: rotate-half RoPE on patch centres, 4 registers + class token untouched, no abs. position embedding,
+    # LayerScale, no qkv bias, eps 1e-5, dynamic image size; S+ has packed SwiGLU, _qkvb q/v biases.
+    ("dinov3", "vit_base_patch16_dinov3", dict(embed_dim=64, num_heads=2, img_size=48)),
+    ("dinov3-splus", "vit_small_plus_patch16_dinov3", dict(embed_dim=64, num_heads=2, img_size=48)),
+    ("dinov3-qkvb", "vit_small_patch16_dinov3_qkvb", dict(embed_dim=64, num_heads=2, img_size=48)),
+    # timm RoPE ViT: 'xy' grid indexing, AttentionRope (plain qkv bias), token pooling.
+    ("rope-vit", "vit_base_patch16_rope_224", dict(embed_dim=64, num_heads=2, img_size=48)),
+    # Perception Encoder: attention-pool head with its own heads, pre-norm, grid offset 1, ref grid.
+    ("pe-core", "vit_pe_core_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=48, attn_pool_num_heads=4)),
 ]
 IDS = [family[0] for family in FAMILIES]
+EVA = {"eva02", "eva02-clip", "dinov3", "dinov3-splus", "dinov3-qkvb", "rope-vit", "pe-core"}
 
 
 def _timm_model(name: str, size: dict, **kwargs) -> nn.Module:
@@ -122,6 +137,8 @@ def test_state_dict_round_trip_both_ways(name, size):
     back.load_state_dict(ours.state_dict(), strict=True)
     for key, value in theirs.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+    if type(ours).__name__ == "Eva":
+        return  # from_timm infers VisionTransformer (not Eva) architectures from a bare state dict
     # and from the state dict alone, with what weights do not record given as arguments
     again = fastvit.from_timm(theirs.state_dict(), **_unrecorded(ours))
     assert_same_logits_and_grads(again.eval(), theirs.eval(), _images(theirs))
@@ -218,9 +235,20 @@ def test_parallel_xp_blocks_are_one_clear_error():
         fastvit.optimize(model)
 
 
-def test_eva_class_is_one_clear_error():
-    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1)
-    with pytest.raises(ValueError, match="Eva class"):
+@pytest.mark.parametrize(
+    "kwargs, knob",
+    [
+        (dict(rope_type="mixed", attn_type="rope", use_rot_pos_emb=True), "rope_type='mixed'"),
+        (dict(use_post_norm=True), "use_post_norm"),
+        (dict(attn_type="rope", qkv_fused=False, num_kv_heads=1), "num_kv_heads"),
+        (dict(use_rot_pos_emb=True, rope_shift_coords=0.5), "coordinate augmentation"),
+    ],
+)
+def test_unsupported_eva_knobs_are_one_clear_error(kwargs, knob):
+    from timm.models.eva import Eva as TimmEva
+
+    model = TimmEva(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, **kwargs)
+    with pytest.raises(ValueError, match=knob):
         fastvit.from_timm(model)
 
 
@@ -276,12 +304,13 @@ def test_siglip2_on_fused_backends_matches_timm():
 F64 = dict(dtype=torch.float64)
 
 
-def _check_against_spec(module: nn.Module, spec, x: torch.Tensor) -> None:
+def _check_against_spec(module, spec, x: torch.Tensor, params=None) -> None:
+    params = list(module.parameters()) if params is None else params
     x = x.clone().requires_grad_(True)
     got = module(x)
-    got_grads = torch.autograd.grad(got.sum(), [x, *module.parameters()])
+    got_grads = torch.autograd.grad(got.sum(), [x, *params])
     want = spec(x)
-    want_grads = torch.autograd.grad(want.sum(), [x, *module.parameters()])
+    want_grads = torch.autograd.grad(want.sum(), [x, *params])
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad, want_grad, atol=1e-12, rtol=1e-10)
@@ -353,3 +382,56 @@ def test_attention_pool_matches_the_spec():
         )  # fmt: skip
 
     _check_against_spec(pool, spec, X)
+
+
+@pytest.mark.parametrize("rotate_half", [False, True], ids=["interleaved", "rotate-half"])
+def test_rope_matches_the_spec_and_timm(rotate_half):
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    from fastvit.layers import apply_rope
+
+    x = torch.randn(2, 3, 1 + 12, 8, **F64)  # one prefix token, a 3x4 grid, head dim 8
+    rope = torch.randn(12, 16, **F64)
+    want = reference.apply_rope(x, rope, num_prefix_tokens=1, rotate_half=rotate_half)
+    torch.testing.assert_close(want[:, :, :1], x[:, :, :1], atol=0, rtol=0)  # the prefix token is not rotated
+    timm_out = apply_rot_embed_cat(x[:, :, 1:], rope, half=rotate_half)
+    torch.testing.assert_close(want[:, :, 1:], timm_out, atol=1e-14, rtol=1e-12)
+    torch.testing.assert_close(apply_rope(x, rope, 1, rotate_half), want, atol=1e-14, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name, size", [f[1:] for f in FAMILIES if f[0] in EVA], ids=[f[0] for f in FAMILIES if f[0] in EVA]
+)
+def test_rope_table_is_timms(name, size):
+    theirs = _timm_model(name, size)
+    ours = fastvit.from_timm(theirs)
+    for grid in (theirs.patch_embed.grid_size, (2, 5)):
+        want = (
+            theirs.rope.get_embed(shape=list(grid))
+            if theirs.dynamic_img_size or grid != theirs.patch_embed.grid_size
+            else theirs.rope.get_embed()
+        )
+        if grid != theirs.patch_embed.grid_size and not theirs.dynamic_img_size:
+            continue  # a fixed-size timm model's RoPE has one grid
+        torch.testing.assert_close(ours.rope(grid, torch.device("cpu")), want, atol=1e-6, rtol=1e-6)
+
+
+def test_eva_attention_with_rope_and_qk_norm_matches_the_spec():
+    from fastvit.eva import rope_table
+    from fastvit.layers import EvaAttention
+
+    attn = EvaAttention(16, num_heads=2, qkv_bias=True, qk_norm=True, num_prefix_tokens=1, rotate_half=True, **F64)
+    attn = _randomise(attn)
+    rope = rope_table((2, 3), 8, rope_type="dinov3", temperature=100.0, rotate_half=True).double()
+    x = torch.randn(2, 7, 16, **F64)
+
+    def spec(x):
+        qkv = F.linear(x, attn.qkv.weight, torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias]))
+        norm = lambda m: lambda t: reference.layer_norm(t, m.weight, m.bias, m.eps)  # noqa: E731
+        out = reference.qk_norm_attention(
+            qkv, 2, norm(attn.q_norm), norm(attn.k_norm), rope=rope, num_prefix_tokens=1, rotate_half=True
+        )
+        return F.linear(reference.layer_norm(out, attn.norm.weight, attn.norm.bias, attn.norm.eps), attn.proj.weight,
+                        attn.proj.bias)  # fmt: skip
+
+    _check_against_spec(lambda t: attn(t, rope), spec, x, params=list(attn.parameters()))
