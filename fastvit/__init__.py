@@ -8,7 +8,6 @@ fastvit.selftest()            # check the fused kernels on this GPU; 'auto' uses
 
 from fastvit import ops, verification
 from fastvit.convert import from_hf, from_timm, from_torchvision, load_weights
-from fastvit.eva import Eva
 from fastvit.dispatch import (
     backends,
     deterministic_enabled,
@@ -16,6 +15,7 @@ from fastvit.dispatch import (
     set_default_backend,
     set_deterministic,
 )
+from fastvit.eva import Eva
 from fastvit.model import (
     PRESETS,
     VisionTransformer,
