@@ -266,6 +266,7 @@ class Eva(nn.Module):
     _prefix_tokens = VisionTransformer._prefix_tokens
     _pos_embed_for = VisionTransformer._pos_embed_for
     no_weight_decay = VisionTransformer.no_weight_decay
+    group_matcher = VisionTransformer.group_matcher
     get_classifier = VisionTransformer.get_classifier
     set_grad_checkpointing = VisionTransformer.set_grad_checkpointing
     set_input_size = VisionTransformer.set_input_size  # resamples pos_embed; the RoPE table follows the grid

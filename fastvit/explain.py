@@ -22,22 +22,31 @@ from fastvit.model import VisionTransformer
 def attention_rollout(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Rollout of ``x`` [B, C, H, W] -> [B, grid_h, grid_w], each map summing to 1.
 
-    Without a class token the mean of the patch tokens' rows is used.
+    The attention weights are those the model uses (after qk-norm and RoPE: ``attn.heads``). With attention pooling
+    (``global_pool='map'``) the pooled query's attention over the tokens is the last step; else the class token's
+    row, or without a class token the mean of the patch tokens' rows.
     """
     model.eval()
-    tokens = model.embed(x)
+    embedded = model.embed(x)
+    tokens, extra = (embedded[0], embedded[1:]) if isinstance(embedded, tuple) else (embedded, ())  # Eva: RoPE
     batch, num_tokens, _ = tokens.shape
     eye = torch.eye(num_tokens, dtype=torch.float32, device=x.device)
     rollout = eye.expand(batch, -1, -1)
     for block in model.blocks:
         attn = block.attn
-        qkv = attn.qkv(block.norm1(tokens)).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, _ = attn.heads(block.norm1(tokens), *extra)
         weights = reference.attention_probs(q, k, attn.scale).float().mean(dim=1) + eye
         rollout = (weights / weights.sum(-1, keepdim=True)) @ rollout
-        tokens = block(tokens)
+        tokens = block(tokens, *extra)
     prefix = model.num_prefix_tokens
-    rows = rollout[:, 0] if model.has_class_token else rollout[:, prefix:].mean(dim=1)
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        pooled_from = 0 if model.pool_include_prefix else prefix
+        q, k, _ = pool.heads(model.norm(tokens)[:, pooled_from:])
+        query = reference.attention_probs(q, k, pool.scale).float().mean(dim=1)[:, 0]  # [B, tokens pooled]
+        rows = (query.unsqueeze(1) @ rollout[:, pooled_from:])[:, 0]
+    else:
+        rows = rollout[:, 0] if model.has_class_token else rollout[:, prefix:].mean(dim=1)
     patch_weights = rows[:, prefix:]
     patch_weights = patch_weights / patch_weights.sum(-1, keepdim=True)
     grid_h, grid_w = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))

@@ -435,3 +435,13 @@ def test_eva_attention_with_rope_and_qk_norm_matches_the_spec():
                         attn.proj.bias)  # fmt: skip
 
     _check_against_spec(lambda t: attn(t, rope), spec, x, params=list(attn.parameters()))
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_base_patch16_dinov3", "vit_base_patch16_224"])
+def test_attention_rollout_covers_map_pooling_rope_and_qk_norm(name):
+    from fastvit.explain import attention_rollout
+
+    extra = dict(qk_norm=True) if name == "vit_base_patch16_224" else {}
+    model = fastvit.create_model(name, depth=2, embed_dim=64, num_heads=2, img_size=48, **extra)
+    heat = attention_rollout(model, torch.randn(2, 3, 48, 48))
+    assert heat.shape == (2, 3, 3) and torch.allclose(heat.sum(dim=(1, 2)), torch.ones(2))
