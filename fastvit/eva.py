@@ -361,7 +361,8 @@ EVA_PRESETS: dict[str, dict] = {
         swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16), num_classes=1000,
     ),
     "vit_base_patch16_dinov3": dict(
-        patch_size=16, dynamic_img_size=True, embed_dim=768, depth=12, num_heads=12, qkv_bias=False, init_values=1e-5,
+        img_size=256, patch_size=16, dynamic_img_size=True, embed_dim=768, depth=12, num_heads=12, qkv_bias=False,
+        init_values=1e-5,
         rope_type="dinov3", rope_temperature=100, rope_rotate_half=True, use_rot_pos_emb=True, use_abs_pos_emb=False,
         num_reg_tokens=4, use_fc_norm=False, norm_layer=partial(LayerNorm, eps=1e-5), num_classes=0,
     ),

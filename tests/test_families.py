@@ -192,9 +192,17 @@ def test_one_training_step_matches_timm(name, size):
         assert relative_error(ours.state_dict()[key], value) <= REL_TOL, key
 
 
-def test_torch_compile_fullgraph_siglip():
-    theirs = _timm_model("vit_so400m_patch14_siglip_384", dict(embed_dim=144, num_heads=2, img_size=46)).eval()
-    ours = fastvit.from_timm(theirs, backend="torch").eval()
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("vit_so400m_patch14_siglip_384", dict(embed_dim=144, num_heads=2, img_size=46)),  # map pooling, head dim 72
+        ("vit_base_patch16_dinov3", dict(embed_dim=64, num_heads=2, img_size=48)),  # RoPE, registers, LayerScale
+    ],
+    ids=["siglip-so400m", "dinov3"],
+)
+def test_torch_compile_fullgraph(name, size):
+    theirs = _timm_model(name, size).eval()
+    ours = fastvit.from_timm(theirs).eval().set_backend("torch")
     x = _images(theirs)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), ours(x))
@@ -213,6 +221,9 @@ PRESETS = [
     "vit_base_patch14_dinov2",
     "vit_giant_patch14_dinov2",
     "aimv2_large_patch14_224",
+    "eva02_base_patch14_448",
+    "vit_base_patch16_dinov3",
+    "vit_base_patch16_rope_224",
 ]
 
 
@@ -224,7 +235,7 @@ def test_preset_is_timms_architecture(name):
     assert ours.patch_embed.img_size == theirs.patch_embed.img_size
     assert type(ours.blocks[0].mlp.act).__name__ == type(theirs.blocks[0].mlp.act).__name__.replace("Tanh", "")
     assert ours.blocks[0].norm1.eps == theirs.blocks[0].norm1.eps
-    assert name in fastvit.list_models() and getattr(fastvit, name)(depth=1).embed_dim == ours.embed_dim
+    assert name in fastvit.list_models() and type(ours).__name__ == type(theirs).__name__
 
 
 def test_parallel_xp_blocks_are_one_clear_error():
@@ -284,6 +295,10 @@ def test_fusion_report_names_the_unfused_family_parts():
     assert "qk-norm" in " ".join(qk[0]["attn"].why_not) and "attention" in qk[0]["attn"].backends
     siglip = fastvit.ViT(**base, class_token=False, global_pool="map").fusion_report()
     assert siglip.pool is not None and "attn_pool mlp" in str(siglip)
+    eva = fastvit.Eva(**base, use_rot_pos_emb=True, global_pool="avg").fusion_report()  # GELU Mlp, no LayerScale
+    assert "RoPE" in " ".join(eva[0]["attn"].why_not) and not any("gated" in w for w in eva[0]["mlp"].why_not)
+    dinov3 = fastvit.create_model("vit_base_patch16_dinov3", depth=1, embed_dim=64, num_heads=2).fusion_report()
+    assert "gamma_2" in " ".join(dinov3[0]["mlp"].why_not)
 
 
 @pytest.mark.skipif(triton_skip_reason() is not None, reason=str(triton_skip_reason()))
