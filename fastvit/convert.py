@@ -598,6 +598,12 @@ def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
     if isinstance(model_or_state_dict, nn.Module):
         return _build(model_or_state_dict.state_dict(), _timm_module_config(model_or_state_dict), overrides)
     state_dict = to_timm_state_dict(unwrap_state_dict(model_or_state_dict))
+    if any(re.match(r"blocks\.\d+\.(gamma_1|attn\.q_bias|attn\.q_proj\.)", key) for key in state_dict):
+        raise ValueError(
+            "this is a state dict of timm's Eva class (gamma_1 / q_bias / q_proj keys): its RoPE settings are not in "
+            "the weights; build fastvit.create_model(<timm name>) or fastvit.Eva(...) and fastvit.load_weights(model, "
+            "state_dict), or pass the timm module to from_timm"
+        )
     return _build(state_dict, infer_config(state_dict, overrides.get("num_heads")), overrides)
 
 

@@ -26,8 +26,14 @@ def optimize(model: nn.Module, backend: str | None = "auto") -> nn.Module:
         model: a timm ``VisionTransformer`` (or a fastvit one: its backend is set, nothing else changes).
         backend: backend of the swapped modules ('auto' | 'triton' | 'cuda' | 'torch' | None = default).
     """
-    if isinstance(model, VisionTransformer):
+    from fastvit.eva import Eva
+
+    if isinstance(model, (VisionTransformer, Eva)):
         return model.set_backend(backend)
+    if type(model).__name__ == "Eva":
+        raise TypeError(
+            "optimize swaps blocks of timm's VisionTransformer; for timm's Eva use fastvit.from_timm(model)"
+        )
     if not (hasattr(model, "blocks") and hasattr(model, "patch_embed") and isinstance(model.blocks, nn.Sequential)):
         raise TypeError(f"optimize expects a timm VisionTransformer (or fastvit's), got {type(model).__name__}")
     if backend is not None:

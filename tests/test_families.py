@@ -137,8 +137,14 @@ def test_state_dict_round_trip_both_ways(name, size):
     back.load_state_dict(ours.state_dict(), strict=True)
     for key, value in theirs.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
-    if type(ours).__name__ == "Eva":
-        return  # from_timm infers VisionTransformer (not Eva) architectures from a bare state dict
+    if type(ours).__name__ == "Eva":  # RoPE settings are not in the weights: build the model, then load_weights
+        # Eva's own keys say so in a clear error (PE's keys are a plain ViT's: its RoPE cannot be seen in them)
+        if any(key.endswith(("gamma_1", "q_bias", "q_proj.weight")) for key in theirs.state_dict()):
+            with pytest.raises(ValueError, match="Eva class"):
+                fastvit.from_timm(theirs.state_dict())
+        fresh = fastvit.from_timm(theirs)
+        fastvit.load_weights(fresh, theirs.state_dict())
+        return
     # and from the state dict alone, with what weights do not record given as arguments
     again = fastvit.from_timm(theirs.state_dict(), **_unrecorded(ours))
     assert_same_logits_and_grads(again.eval(), theirs.eval(), _images(theirs))
@@ -244,6 +250,8 @@ def test_parallel_xp_blocks_are_one_clear_error():
         fastvit.from_timm(model)
     with pytest.raises(ValueError, match="block_fn=ParallelScalingBlock"):
         fastvit.optimize(model)
+    with pytest.raises(TypeError, match="for timm's Eva use fastvit.from_timm"):
+        fastvit.optimize(timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1))
 
 
 @pytest.mark.parametrize(
