@@ -468,3 +468,24 @@ def test_attention_rollout_covers_map_pooling_rope_and_qk_norm(name):
     model = fastvit.create_model(name, depth=2, embed_dim=64, num_heads=2, img_size=48, **extra)
     heat = attention_rollout(model, torch.randn(2, 3, 48, 48))
     assert heat.shape == (2, 3, 3) and torch.allclose(heat.sum(dim=(1, 2)), torch.ones(2))
+
+
+TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: fastvit.ViT(**TINY_VIT, act_layer="relu6"), "act_layer must be one of"),
+        (lambda: fastvit.ViT(**TINY_VIT, norm_layer="batchnorm"), "norm_layer must be one of"),
+        (lambda: fastvit.ViT(**TINY_VIT, mlp_layer=GluMlp, mlp_ratio=33 / 32), "hidden_features must be even"),
+        (lambda: fastvit.Eva(**TINY_VIT, use_rot_pos_emb=True, rope_type="mixed"), "rope_type must be one of"),
+        (lambda: fastvit.Eva(**TINY_VIT, rope_grid_indexing="yx"), "rope_grid_indexing must be 'ij' or 'xy'"),
+        (lambda: fastvit.Eva(**TINY_VIT, attn_type="gqa"), "attn_type must be 'eva' or 'rope'"),
+        (lambda: fastvit.Eva(**{**TINY_VIT, "embed_dim": 36, "num_heads": 6}, use_rot_pos_emb=True), "divisible by 4"),
+    ],
+    ids=["act", "norm", "glu-width", "rope-type", "rope-indexing", "attn-type", "rope-head-dim"],
+)
+def test_bad_family_knobs_are_value_errors_naming_them(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
