@@ -19,7 +19,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from fastvit.layers import (
     AttentionPoolLatent,
@@ -270,6 +269,8 @@ class Eva(nn.Module):
     get_classifier = VisionTransformer.get_classifier
     set_grad_checkpointing = VisionTransformer.set_grad_checkpointing
     set_input_size = VisionTransformer.set_input_size  # resamples pos_embed; the RoPE table follows the grid
+    _run_block = VisionTransformer._run_block
+    forward_intermediates = VisionTransformer.forward_intermediates
 
     def init_weights(self) -> None:
         """timm's Eva init: trunc-normal(0.02) Linears and embeddings, zero biases, the head scaled down."""
@@ -331,14 +332,15 @@ class Eva(nn.Module):
         rope = self.rope(grid, x.device)
         return self.norm_pre(self.pos_drop(tokens)), rope  # rope stays float32, as timm's
 
+    def _embed_with_block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        tokens, rope = self.embed(x)
+        return tokens, (rope,)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] -> normalised tokens [B, T+N, D]."""
-        x, rope = self.embed(x)
+        x, block_args = self._embed_with_block_args(x)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope)
+            x = self._run_block(block, x, *block_args)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:

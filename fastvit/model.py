@@ -410,10 +410,14 @@ class VisionTransformer(nn.Module):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _embed_with_block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Tokens and the extra arguments every block takes (none here; ``fastvit.Eva``: the RoPE table)."""
+        return self.embed(x), ()
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, *block_args) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, x, *block_args, use_reentrant=False)
+        return block(x, *block_args)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] -> normalised tokens [B, T+N, D]."""
@@ -471,9 +475,9 @@ class VisionTransformer(nn.Module):
         batch, _, height, width = self.patch_embed.check_input(x).shape
         blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
         intermediates = []
-        x = self.embed(x)
+        x, block_args = self._embed_with_block_args(x)
         for i, block in enumerate(blocks):
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, *block_args)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]

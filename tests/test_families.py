@@ -489,3 +489,24 @@ TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, n
 def test_bad_family_knobs_are_value_errors_naming_them(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("vit_base_patch16_dinov3", dict(embed_dim=64, num_heads=2, img_size=48)),
+        ("vit_base_patch16_siglip_224", dict(embed_dim=64, num_heads=2, img_size=32)),
+    ],
+    ids=["dinov3", "siglip"],
+)
+def test_forward_intermediates_and_grad_checkpointing_match_timm(name, size):
+    theirs = _timm_model(name, size).eval()
+    ours = fastvit.from_timm(theirs).eval()
+    x = _images(theirs)
+    want_final, want = theirs.forward_intermediates(x, indices=2, return_prefix_tokens=True)
+    got_final, got = ours.forward_intermediates(x, indices=2, return_prefix_tokens=True)
+    assert relative_error(got_final, want_final) <= REL_TOL
+    for (got_map, got_prefix), (want_map, want_prefix) in zip(got, want):
+        assert relative_error(got_map, want_map) <= REL_TOL and relative_error(got_prefix, want_prefix) <= REL_TOL
+    ours.train().set_grad_checkpointing(True)
+    assert_same_logits_and_grads(ours, theirs.train(), x)
