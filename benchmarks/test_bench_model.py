@@ -120,6 +120,17 @@ def _ops_plan(model) -> dict | str:
     return inner.backend_plan(DEVICE) if hasattr(inner, "backend_plan") else "timm"
 
 
+def _record_model(benchmark, candidate, name, batch, mode, flops, error, model):
+    """One model row: images/s, TFLOP/s, the logit error against timm, peak memory (CUDA) and the ops' backends."""
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
+    label = "infer" if mode == "inference" else "train"
+    record(
+        benchmark, "model", f"{name} {label} b{batch}", candidate, flops=flops, items=batch, model=name, mode=mode,
+        batch=batch, dtype=str(AMP_DTYPE or torch.float32), max_logit_error=error, peak_memory_gib=peak,
+        ops=_ops_plan(model),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("candidate", CANDIDATES + INFERENCE_ONLY)
 @pytest.mark.parametrize("name, kwargs, batch", INFER_CASES, ids=CASE_IDS(INFER_CASES))
 def test_inference(benchmark, name, kwargs, batch, candidate):
@@ -142,22 +153,7 @@ def test_inference(benchmark, name, kwargs, batch, candidate):
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run_benchmark(benchmark, infer)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
-    record(
-        benchmark,
-        "model",
-        f"{name} infer b{batch}",
-        candidate,
-        flops=vit_forward_flops(timm_model, batch),
-        items=batch,
-        model=name,
-        mode="inference",
-        batch=batch,
-        dtype=str(AMP_DTYPE or torch.float32),
-        max_logit_error=error,
-        peak_memory_gib=peak,
-        ops=_ops_plan(model),
-    )
+    _record_model(benchmark, candidate, name, batch, "inference", vit_forward_flops(timm_model, batch), error, model)
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)
@@ -180,19 +176,4 @@ def test_training_step(benchmark, name, kwargs, batch, candidate):
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run_benchmark(benchmark, step)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else None
-    record(
-        benchmark,
-        "model",
-        f"{name} train b{batch}",
-        candidate,
-        flops=3 * vit_forward_flops(timm_model, batch),
-        items=batch,
-        model=name,
-        mode="training",
-        batch=batch,
-        dtype=str(AMP_DTYPE or torch.float32),
-        max_logit_error=error,
-        peak_memory_gib=peak,
-        ops=_ops_plan(model),
-    )
+    _record_model(benchmark, candidate, name, batch, "training", 3 * vit_forward_flops(timm_model, batch), error, model)

@@ -87,7 +87,10 @@ def assert_within_torch_error(
     """
     check = check_within_torch_error(ours, torch_same_dtype, ref_fp64, factor, floor)
     print(f"{name}: {check}")
-    assert check.ok, f"{name}: error {check.ours:.3e} exceeds {factor} x torch's {check.torch:.3e} (+{floor:.1e})"
+    if not check.ok:  # raised, not asserted: python -O must not turn the check off
+        raise AssertionError(
+            f"{name}: error {check.ours:.3e} exceeds {factor} x torch's {check.torch:.3e} (+{floor:.1e})"
+        )
 
 
 ACCUMULATION_NOISE_ULPS = 8  # ulps of the accumulation dtype allowed where the same-dtype PyTorch result is exact

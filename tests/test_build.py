@@ -83,12 +83,24 @@ def test_import_with_neither_triton_nor_the_extension():
         "print(r['cuda'].reason)\n"
         "m = fastvit.create_model('vit_tiny_patch16_224', depth=1, img_size=32, num_classes=3)\n"
         "print(tuple(m(torch.randn(1, 3, 32, 32)).shape))\n"
+        "w = torch.randn(6, 3, 4, 4)\n"
+        "print(tuple(fastvit.ops.patch_embed_uint8(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), w, None).shape))\n"
+        "print(tuple(fastvit.ops.layer_norm(torch.randn(2, 6), torch.ones(6), torch.zeros(6)).shape))\n"
+        "calls = [lambda: fastvit.ops.patch_embed(torch.randn(1, 3, 8, 8), w, None, backend='triton'),\n"
+        "         lambda: fastvit.ops.layer_norm(torch.randn(2, 6), torch.ones(6), torch.zeros(6), backend='cuda')]\n"
+        "for call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as e:\n"
+        "        print('refused:', e)\n"
     )
     result = _python(code)
     assert result.returncode == 0, result.stderr
     assert "[('torch', True), ('triton', False), ('cuda', False)]" in result.stdout
     assert "triton is not importable" in result.stdout and "fastvit._C is not built" in result.stdout
-    assert "(1, 3)" in result.stdout
+    assert "(1, 3)" in result.stdout and "(1, 4, 6)" in result.stdout and "(2, 6)" in result.stdout
+    # an explicit fused backend that cannot run says why instead of falling back
+    assert result.stdout.count("refused:") == 2, result.stdout
 
 
 # ------------------------------------------------------------------------------------------------

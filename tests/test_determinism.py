@@ -98,6 +98,32 @@ def test_two_runs_are_bit_identical(op, backend, mode, tiny_tiles):
         assert torch.equal(a, b), f"{op} {backend} {name}: runs differ under deterministic mode {mode!r}"
 
 
+# ViT-S sizes on a GPU: the cuBLASLt GEMMs' split-K and the extension's column reductions really run in parallel.
+GPU_SHAPES = {
+    "ln_mlp": dict(lead=(16, 197), width=384, hidden=1536),
+    "linear_residual": dict(lead=(32, 197), in_features=384, out_features=384),
+}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", list(GPU_SHAPES))
+def test_gpu_extension_ops_are_bit_identical_at_vit_sizes(op, dtype, approximate):
+    case = OP_CASES[op]
+    sample = case.make(dtype, "cuda", **GPU_SHAPES[op])
+    if op == "ln_mlp":
+        sample = sample.with_kwargs(approximate=approximate)
+    elif approximate == "tanh":
+        pytest.skip("linear_residual has no activation")
+    with deterministic("fastvit"):
+        runs = [case.run(sample, "cuda") for _ in range(3)]
+    for run in runs[1:]:
+        for label, got, first in zip(case.labels(sample), run, runs[0]):
+            assert torch.equal(got, first), f"{op} {label} differs between runs"
+
+
 @pytest.mark.skipif(TRITON_REASON is not None, reason=str(TRITON_REASON))
 @pytest.mark.parametrize("mode", [None, *MODES])
 def test_patch_embed_dw_uses_atomics_only_outside_deterministic_mode(mode, tiny_tiles, monkeypatch):

@@ -10,9 +10,6 @@ gradients of x, weight, bias, pos_embed and cls_token.
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -193,17 +190,6 @@ def test_gpu_tile_heuristics_run_in_the_interpreter(monkeypatch, poisoned, deter
         _check("gpu heuristics", torch.float32, inputs, "channels_last")
     finally:
         fastvit.set_deterministic(False)
-
-
-def test_deterministic_gradients_are_bit_identical(tiny_tiles):
-    inputs = _cast(_make(2, 3, 16, 16, 4, 32, 1, "all"), torch.float32)
-    fastvit.set_deterministic(True)
-    try:
-        runs = [_run(lambda *a: fastvit.ops.patch_embed(*a, backend="triton"), inputs) for _ in range(2)]
-    finally:
-        fastvit.set_deterministic(False)
-    for label, first, second in zip(NAMES, *runs):
-        assert torch.equal(first, second), label
 
 
 def test_gradient_only_where_asked():
@@ -463,24 +449,6 @@ def test_one_coverage_rule_for_the_triton_kernels():
         fastvit.ops.patch_embed(
             torch.randn(1, 3, 8, 8).double(), torch.randn(6, 3, 4, 4).double(), None, backend="triton"
         )
-
-
-def test_import_without_triton_still_works():
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import importlib, fastvit, torch\n"
-        "pe = importlib.import_module('fastvit.ops.patch_embed')\n"
-        "x, w = torch.randn(1, 3, 8, 8), torch.randn(6, 3, 4, 4)\n"
-        "print(fastvit.ops.patch_embed(x, w, None).shape)\n"
-        "print(pe.patch_embed_uint8(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), w, None).shape)\n"
-        "try:\n"
-        "    fastvit.ops.patch_embed(x, w, None, backend='triton')\n"
-        "except RuntimeError as e:\n"
-        "    print('error:', e)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("torch.Size([1, 4, 6])") == 2 and "triton is not importable" in result.stdout
 
 
 def test_uint8_torch_backend_supports_many_channels_and_fp64():

@@ -6,9 +6,10 @@ the bias gradients into the GEMMs where cuBLASLt can. On CPU tensors the C++ imp
 x, the LN statistics and the fc1 pre-activation (not LN(x) nor GELU's output, which the backward recomputes).
 
 Autocast: custom ops are not cast by ``torch.autocast``, so this backend does what autocast does for the Linear
-layers it replaces: inside an autocast region it runs the fused op in the autocast dtype (x and the parameters
-are cast, differentiably, so fp32 master weights get fp32 gradients) and adds the residual outside the op in x's
-own dtype, as eager autocast would (fp32 + bf16 -> fp32). Deterministic mode (``fastvit.set_deterministic`` /
+layers it replaces: inside an autocast region it runs the fused op in the autocast dtype (the parameters are
+cast, differentiably, so fp32 master weights get fp32 gradients; x is centred in its own precision before it is
+rounded, see ``_centred_in_autocast_dtype``) and adds the residual outside the op in x's own dtype, as eager
+autocast would (fp32 + bf16 -> fp32). Deterministic mode (``fastvit.set_deterministic`` /
 ``torch.use_deterministic_algorithms``) makes the backward bit-identical run to run.
 """
 
@@ -25,13 +26,28 @@ def supports(call: dispatch.DeviceDtypeCall) -> str | None:
     return dispatch.kernel_dtype_reason("cuda", call.device, (call.dtype,))
 
 
+def _centred_in_autocast_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x - mean(x)`` (row mean in x's precision, not differentiated) rounded to ``dtype``: the op's LayerNorm input.
+
+    Eager autocast runs LayerNorm in fp32 and rounds its output; the fused op takes its LayerNorm input in the
+    autocast dtype. Rounding x itself would cost ``eps(dtype) * |mean| / std`` of the normalised row (large for
+    rows far from zero mean); LayerNorm is shift invariant, so rounding the centred row instead costs
+    ``eps(dtype)`` of it, the size of the rounding eager autocast applies to LayerNorm's output. The mean is
+    detached: LayerNorm's gradient has zero row mean, so the mean's gradient term is exactly 0.
+    """
+    return (x - x.detach().mean(-1, keepdim=True)).to(dtype)
+
+
 @dispatch.register("ln_mlp", "cuda", supports=supports)
 def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual):
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     residual_outside = None
     cast_x, *params = cast_like_autocast_linear(x.device.type, x, *params)
-    if residual and cast_x.dtype != x.dtype:  # as eager autocast: the residual added in x's dtype
-        residual_outside, residual = x, False
+    if cast_x.dtype != x.dtype:
+        if residual:  # as eager autocast: the residual added in x's dtype
+            residual_outside, residual = x, False
+        if cast_x.element_size() < x.element_size():
+            cast_x = _centred_in_autocast_dtype(x, cast_x.dtype)
     x = cast_x
     ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
     check_same_dtype(
