@@ -2,11 +2,13 @@
 
 import fastvit
 model = fastvit.create_model("vit_base_patch16_224", num_classes=10)
+model = fastvit.load_run("runs/train")                    # what `python -m fastvit train` saved
+transform = fastvit.data.create_transform(model)          # PIL image -> the model's input, from its data config
 fastvit.backends()            # which fused backends can run here, and why not
 """
 
-from fastvit import ops
-from fastvit.convert import from_hf, from_timm, from_torchvision, load_weights
+from fastvit import data, ops
+from fastvit.convert import from_hf, from_timm, from_torchvision, load_run, load_weights
 from fastvit.dispatch import (
     backends,
     deterministic_enabled,
@@ -34,6 +36,7 @@ from fastvit.session import InferenceSession
 __version__ = "0.1.0"
 
 __all__ = [
+    "data",
     "ops",
     "backends",
     "get_default_backend",
@@ -49,6 +52,7 @@ __all__ = [
     "from_torchvision",
     "from_hf",
     "load_weights",
+    "load_run",
     "optimize",
     "InferenceSession",
     "vit_tiny_patch16_224",
