@@ -63,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     return info(rest)
 
 
+def make_info_parser() -> cli.Parser:
+    return cli.Parser(prog="python -m fastvit info", description=COMMANDS["info"])
+
+
 def info(argv: list[str] | None = None) -> int:
     import os
     import platform
 
-    parser = cli.Parser(prog="python -m fastvit info", description=COMMANDS["info"])
+    parser = make_info_parser()
     parser.parse_args(argv)
 
     import torch

@@ -57,9 +57,14 @@ DEMO_NUMBERS = {
 }
 
 
-def demo_main(argv: list[str] | None = None) -> int:
+def make_parser() -> cli.Parser:
     parser = cli.Parser(prog="python -m fastvit demo", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    return parser
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     cli.check_numbers(parser, args, DEMO_NUMBERS)
     cli.check_device(parser, args.device)

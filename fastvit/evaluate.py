@@ -98,11 +98,16 @@ def resolve_eval_data(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return source, classes, 0 if seed is None else seed
 
 
+def make_eval_parser() -> cli.Parser:
+    parser = cli.Parser(prog="python -m fastvit eval", description="top-1 (and top-5) accuracy and throughput")
+    add_eval_arguments(parser)
+    return parser
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     from fastvit.train import evaluate
 
-    parser = cli.Parser(prog="python -m fastvit eval", description="top-1 (and top-5) accuracy and throughput")
-    add_eval_arguments(parser)
+    parser = make_eval_parser()
     args = parser.parse_args(argv)
     cli.check_numbers(parser, args, EVAL_NUMBERS)
     cli.check_device(parser, args.device)
@@ -160,11 +165,16 @@ def class_names(model: VisionTransformer) -> list[str]:
     return model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
 
 
-def predict_main(argv: list[str] | None = None) -> int:
+def make_predict_parser() -> cli.Parser:
     parser = cli.Parser(prog="python -m fastvit predict", description="top classes of image files", epilog=DIGITS_INPUT)
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     add_model_arguments(parser)
     parser.add_argument("--topk", type=int, default=3, help="classes to show per image (at most the class count)")
+    return parser
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    parser = make_predict_parser()
     args = parser.parse_args(argv)
     cli.check_numbers(parser, args, {"topk": cli.AT_LEAST_ONE, "num_heads": cli.AT_LEAST_ONE})
     missing = [p for p in args.images if not os.path.isfile(p)]

@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from fastvit import reference
+from fastvit import cli, reference
+from fastvit.evaluate import DIGITS_INPUT, add_model_arguments, class_names, load_images, load_or_exit
 from fastvit.model import VisionTransformer
 
 
@@ -43,16 +44,18 @@ def attention_rollout(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor
     return patch_weights.reshape(batch, grid_h, grid_w)
 
 
-def explain_main(argv: list[str] | None = None) -> int:
-    from fastvit import cli
-    from fastvit.evaluate import DIGITS_INPUT, add_model_arguments, class_names, load_images, load_or_exit
-
+def make_parser() -> cli.Parser:
     parser = cli.Parser(
         prog="python -m fastvit explain", description="attention rollout PNG of an image", epilog=DIGITS_INPUT
     )
     parser.add_argument("image", help="an image file (PNG, JPEG, ...)")
     add_model_arguments(parser)
     parser.add_argument("--output", default=None, help="PNG path (default: <image>.rollout.png)")
+    return parser
+
+
+def explain_main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     cli.check_numbers(parser, args, {"num_heads": cli.AT_LEAST_ONE})
     if not os.path.isfile(args.image):
@@ -87,8 +90,9 @@ def _plot(image: torch.Tensor, heat: torch.Tensor, title: str, path: str) -> Non
     import torch.nn.functional as F
 
     shown = image.permute(1, 2, 0).float()
-    shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-12)
-    overlay = F.interpolate(heat[None, None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+    shown = ((shown - shown.min()) / (shown.max() - shown.min() + 1e-12)).numpy()
+    size = tuple(image.shape[-2:])
+    overlay = F.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
     fig, axes = plt.subplots(1, 2, figsize=(8.8, 4))
     axes[0].imshow(shown.squeeze(-1), cmap="gray" if shown.shape[-1] == 1 else None)
     axes[0].set_title("input")
@@ -98,7 +102,7 @@ def _plot(image: torch.Tensor, heat: torch.Tensor, title: str, path: str) -> Non
     for ax in axes:
         ax.axis("off")
     colorbar = fig.colorbar(heat_image, ax=axes[1], fraction=0.046, pad=0.04)
-    colorbar.set_label("share of the class token's attention per pixel")
+    colorbar.set_label("rollout weight (patch weights sum to 1)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -417,7 +417,7 @@ def setup_distributed(device: str | None) -> Distributed:
 class StartingPoint:
     """What a run builds its model from: an architecture, its data config, and initial weights (if any)."""
 
-    name: str  # preset name, or a description of the checkpoint the architecture came from
+    name: str  # preset name ("" for an architecture read off --init weights that no preset names)
     config: dict  # VisionTransformer arguments before adapting to the data
     data_config: dict  # pretrained_cfg entries of those weights (ImageFolder preprocessing follows them)
     init_state: dict | None = None  # --init weights (timm names)
@@ -429,7 +429,7 @@ def starting_point(args: argparse.Namespace, resumed: dict | None) -> StartingPo
     if resumed is not None:
         metadata = resumed["metadata"]
         config = convert.config_from_json(metadata.get("config") or {})
-        return StartingPoint(metadata.get("model") or "checkpoint", config, convert.metadata_data_cfg(metadata))
+        return StartingPoint(metadata.get("model") or "", config, convert.metadata_data_cfg(metadata))
     init_state, metadata = convert.load_any_weights(args.init) if args.init else (None, {})
     if args.model is not None or not args.init:
         name = args.model or DEFAULT_MODEL
@@ -442,7 +442,7 @@ def starting_point(args: argparse.Namespace, resumed: dict | None) -> StartingPo
         config = convert.config_from_json(metadata["config"])
     else:
         config = convert.infer_config(init_state)
-    name = metadata.get("model") if isinstance(metadata.get("model"), str) else f"the architecture of {args.init}"
+    name = metadata.get("model") if isinstance(metadata.get("model"), str) else ""  # "": no preset of that name
     data_config = {**default_pretrained_cfg(config.get("in_chans", 3)), **convert.metadata_data_cfg(metadata)}
     return StartingPoint(name, config, data_config, init_state)
 
@@ -765,7 +765,7 @@ def _train(args: argparse.Namespace, env: Distributed, output: str) -> TrainResu
     model.pretrained_cfg = {
         **model.pretrained_cfg,
         **{k: v for k, v in data.data_config.items() if k != "input_size"},
-        "architecture": args.model or start.name,
+        "architecture": args.model or start.name or None,
         "label_names": list(data.classes),
     }
     if args.freeze_backbone:
@@ -826,14 +826,15 @@ def _train(args: argparse.Namespace, env: Distributed, output: str) -> TrainResu
     else:
         seed_everything(args.seed + env.rank)  # different augmentation streams per rank
 
-    run_info = dict(model=args.model or start.name, img_size=img_size)
+    run_info = dict(model=args.model or start.name or None, img_size=img_size)
     if env.is_main:
         _write_args_yaml(output, args, run_info)
         trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in raw_model.parameters())
         size = f"{img_size}px" if isinstance(img_size, int) else "x".join(map(str, img_size)) + "px"
+        arch = run_info["model"] or f"the architecture of {args.init or args.resume}"
         print(
-            f"fastvit train: {run_info['model']} on {data.name} ({len(data.train)} train / {len(data.test)} test, "
+            f"fastvit train: {arch} on {data.name} ({len(data.train)} train / {len(data.test)} test, "
             f"{data.num_classes} classes, {size}), {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
             f"{env.world_size} process(es) on {env.device.type}, global batch "
             f"{args.batch_size * env.world_size * args.grad_accum}, ops: "

@@ -16,13 +16,18 @@ import os
 from fastvit import cli, train
 
 
-def transfer_main(argv: list[str] | None = None) -> int:
+def make_parser() -> cli.Parser:
     parser = cli.Parser(prog="python -m fastvit transfer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="runs/transfer", help="folder of the four runs (replaced on each run)")
     parser.add_argument("--pretrain-epochs", type=int, default=60, help="epochs of the pre-training on 0-4")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of each transfer run")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (weights, data order, split)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def transfer_main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     cli.check_numbers(parser, args, {"pretrain_epochs": cli.AT_LEAST_ONE, "epochs": cli.AT_LEAST_ONE, "seed": cli.SEED})
     common = dict(seed=args.seed, quiet=args.quiet, overwrite=True)  # the folder holds the last transfer
