@@ -262,7 +262,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine would raise the learning rate")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         parser.error(f"--mixup/--cutmix need an even --batch-size, got {args.batch_size}")
-    if args.init and not os.path.exists(ckpt.with_crash_fallback(args.init)):
+    if args.init and not args.resume and not os.path.exists(ckpt.with_crash_fallback(args.init)):
         parser.error(f"--init {args.init!r} does not exist")
     cli.check_device(parser, args.device)
     _check_output(args, parser)

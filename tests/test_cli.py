@@ -646,3 +646,59 @@ def test_install_hints_name_extras_that_provide_the_package():
     assert hints
     for package, extra in hints:
         assert extra in extras and any(r.startswith(package) for r in extras[extra]), (package, extra)
+
+
+def test_undecodable_image_in_an_image_folder_is_named(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            Image.new("RGB", (20, 20), (10, 200, 30)).save(folder / "ok.png")
+    broken = tmp_path / "images" / "val" / "b" / "broken.png"
+    broken.write_bytes(b"\x89PNG but not really")
+    argv = [
+        "--data",
+        tmp_path / "images",
+        "--img-size",
+        "16",
+        "-b",
+        "2",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--quiet",
+    ]
+    code, _, err = run_cli(capsys, "train", *argv, "--output", tmp_path / "out")
+    assert_one_line_error(code, err, f"cannot read image {broken}")
+
+
+def _captured_figure(monkeypatch):
+    """The figure a plotting function closes at its end (matplotlib's close, intercepted)."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    return figures
+
+
+def test_curves_have_a_learning_rate_panel(tmp_path, monkeypatch):
+    figures = _captured_figure(monkeypatch)
+    history = [dict(epoch=e, train_loss=1.0 / e, test_loss=1.1 / e, test_top1=0.5, lr=1e-3 * e) for e in (1, 2)]
+    train.plot_history(history, str(tmp_path / "curves.png"))
+    (figure,) = figures
+    titles = [axis.get_title() for axis in figure.axes]
+    assert "learning rate (end of epoch)" in titles
+    (lr_axis,) = [a for a in figure.axes if a.get_title().startswith("learning rate")]
+    assert list(lr_axis.lines[0].get_ydata()) == [1e-3, 2e-3]
+
+
+def test_explain_heat_map_has_a_colour_bar(tmp_path, monkeypatch):
+    from fastvit.explain import _plot
+
+    figures = _captured_figure(monkeypatch)
+    _plot(torch.rand(1, 32, 32), torch.full((8, 8), 1 / 64), "title", str(tmp_path / "r.png"))
+    (figure,) = figures
+    assert any(axis.get_ylabel() == "rollout weight (patch weights sum to 1)" for axis in figure.axes)
