@@ -2,16 +2,19 @@
 
 A checkpoint is a directory::
 
-    model.safetensors   weights (timm/fastvit names); metadata holds the model config and preprocessing
+    model.safetensors   weights (timm/fastvit names); metadata holds the model config, the data config
+                        (``pretrained_cfg``: preprocessing and class names), the data source and split, and the
+                        run's options
     ema.safetensors     EMA weights, when training with --ema
-    state.pt            optimizer, LR scheduler, grad scaler, epoch, update count, metrics so far, and
+    state.pt            optimizer, grad scaler, epoch, update count, metrics so far, and
                         the RNG states of every rank (torch, CUDA, numpy, Python), so --resume continues
                         bit-identically
 
 It is written into ``<dir>.tmp`` and renamed into place (the previous one kept as ``<dir>.old`` until
-the rename is done), so a crash mid-save leaves the last complete checkpoint. Loading reads and checks
+the rename is done), so a crash mid-save leaves the last complete checkpoint; every loader looks in the
+``.old`` copy when a crash came between the two renames (:func:`with_crash_fallback`). Loading reads and checks
 every file before anything is applied: a truncated or corrupted file raises ``ValueError``, never a
-half-loaded model.
+half-loaded model. A run's output folder is locked while a run writes to it (:class:`OutputLock`).
 """
 
 from __future__ import annotations

@@ -283,6 +283,10 @@ def _check_output(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     resumed_from = _resumed_run_dir(args.resume) if args.resume else None
     if args.overwrite and resumed_from == output:
         parser.error("--overwrite would delete the run that --resume continues; leave out --overwrite")
+    if args.overwrite and args.init:
+        init = os.path.abspath(ckpt.with_crash_fallback(args.init))
+        if init == output or init.startswith(output + os.sep):
+            parser.error("--overwrite would delete the --init weights, which are in --output; choose another --output")
     if resumed_from != output and not args.overwrite and ckpt.holds_run(output):
         parser.error(
             f"--output {args.output!r} already holds a training run: --resume {args.output} continues it, "

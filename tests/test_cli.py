@@ -402,6 +402,8 @@ def test_resume_with_a_changed_weight_decay_applies_it(tmp_path, capsys):
 def test_output_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys, trained):
     code, _, err = run_cli(capsys, "train", *SMALL, "--output", trained)
     assert_one_line_error(code, err, "already holds a training run: --resume")
+    code, _, err = run_cli(capsys, "train", *SMALL, "--init", trained, "--output", trained, "--overwrite")
+    assert_one_line_error(code, err, "--overwrite would delete the --init weights")
     other = tmp_path / "copy"
     import shutil
 
