@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     saved += [
         os.path.join(args.output, name) for name in ("curves.png",) if os.path.exists(os.path.join(args.output, name))
     ]
-    print(f"saved {' and '.join(saved)} and metrics (fastvit.load_run({args.output!r}) reloads it: same accuracy)")
+    print(f"saved {', '.join(saved)} and the metrics; fastvit.load_run({args.output!r}) reloads it (same accuracy)")
     summary = dict(
         test_accuracy=test_acc,
         test_loss=last["test_loss"],
