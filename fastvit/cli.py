@@ -114,10 +114,10 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace, rul
         value = getattr(args, dest, None)
         if value is None or isinstance(value, bool):
             continue
-        if not rule.contains(value):
-            flag = "--" + dest.replace("_", "-")
-            shown = value if math.isfinite(value) else str(value)
-            parser.error(f"{flag} must be {rule.describe()}, got {shown}")
+        for number in value if isinstance(value, (list, tuple)) else (value,):  # (H, W) sizes of a resumed run
+            if not rule.contains(number):
+                flag = "--" + dest.replace("_", "-")
+                parser.error(f"{flag} must be {rule.describe()}, got {number}")
 
 
 # ------------------------------------------------------------------------------------------------

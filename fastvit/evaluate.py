@@ -17,6 +17,7 @@ from fastvit import cli
 from fastvit.checkpoint import with_crash_fallback
 from fastvit.convert import read_run
 from fastvit.data import build_data, channel_conversion, create_transform, read_image
+from fastvit.dispatch import BACKENDS
 from fastvit.model import VisionTransformer
 
 INIT_HELP = (
@@ -63,7 +64,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-b", "--batch-size", type=int, default=256, help="images per forward")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    parser.add_argument("--backend", default=None, choices=["auto", "triton", "cuda", "torch"], help="fastvit backend")
+    parser.add_argument("--backend", default=None, choices=list(BACKENDS), help="fastvit backend")
     parser.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"], help="autocast dtype")
 
 

@@ -252,12 +252,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if config:
         patch = config.get("patch_size", 16)
         img_size = args.img_size if args.img_size is not None else config.get("img_size", 224)
-        if img_size % patch:
+        side = min(img_size) if isinstance(img_size, tuple) else img_size
+        if any(size % patch for size in (img_size if isinstance(img_size, tuple) else (img_size,))):
             parser.error(f"--img-size {img_size} is not divisible by the patch size {patch} of {name}")
-        if args.data == "digits" and img_size < 8:
+        if args.data == "digits" and side < 8:
             parser.error(f"--img-size must be >= 8 for digits, got {img_size}")
-        if args.data == "digits" and args.shift >= img_size:
-            parser.error(f"--shift must be smaller than the image ({img_size} px), got {args.shift}")
+        if args.data == "digits" and args.shift >= side:
+            parser.error(f"--shift must be smaller than the image ({side} px), got {args.shift}")
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine would raise the learning rate")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
@@ -325,6 +326,8 @@ def merge_resumed_args(
     config = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
     if saved.get("img_size") is None and "img_size" in config:  # runs saved before the effective size was kept
         merged.img_size = config["img_size"][0] if isinstance(config["img_size"], list) else config["img_size"]
+    if isinstance(merged.img_size, list):  # (H, W) in JSON
+        merged.img_size = tuple(merged.img_size)
     if saved.get("model") is None and isinstance(metadata.get("model"), str):
         merged.model = metadata["model"] or None
     for key in sorted(given - set(PER_INVOCATION)):
