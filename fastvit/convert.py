@@ -68,7 +68,8 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
 
 def load_any_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
     """(timm-named state dict, metadata) from a fastvit checkpoint directory, a .safetensors file (with its
-    metadata), or a torch file in any supported format (no metadata)."""
+    metadata), or a torch file in any supported format. A torchvision or Hugging Face file without a data config
+    gets its source's preprocessing (:data:`TORCHVISION_DATA_CFG`, :data:`HF_DATA_CFG`) as ``pretrained_cfg``."""
     from fastvit import checkpoint
 
     path = checkpoint.weights_file(os.fspath(path))  # a run folder, a checkpoint dir, or what a crash left
@@ -76,6 +77,9 @@ def load_any_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
         state, metadata = checkpoint.read_weights(path)
     else:
         state, metadata = load_state_dict_file(path), {}
+    source_cfg = {"torchvision": TORCHVISION_DATA_CFG, "hf": HF_DATA_CFG}.get(detect_format(state))
+    if source_cfg is not None and not metadata_data_cfg(metadata):
+        metadata = {**metadata, "pretrained_cfg": dict(source_cfg)}
     return to_timm_state_dict(state), metadata
 
 

@@ -251,3 +251,18 @@ def test_from_hf_and_torchvision_carry_their_preprocessing():
 
     assert tv["mean"] == IMAGENET_DEFAULT_MEAN and tv["std"] == IMAGENET_DEFAULT_STD
     assert tv["crop_pct"] == 224 / 256 and tv["interpolation"] == "bilinear"
+
+
+def test_weights_files_of_torchvision_and_hf_bring_their_preprocessing(tmp_path):
+    # A bare weights file has no data config; its format says whose preprocessing the weights expect.
+    ours = fastvit.ViT(**TINY)
+    for name, state, expected in (
+        ("tv.pth", convert.timm_to_torchvision(ours.state_dict()), convert.TORCHVISION_DATA_CFG),
+        ("hf.pth", convert.timm_to_hf(ours.state_dict()), convert.HF_DATA_CFG),
+        ("timm.pth", ours.state_dict(), {k: ours.pretrained_cfg[k] for k in DATA_KEYS}),
+    ):
+        torch.save(state, tmp_path / name)
+        loaded = fastvit.load_run(tmp_path / name, num_heads=3).pretrained_cfg
+        assert {k: loaded[k] for k in DATA_KEYS} == {
+            k: tuple(v) if isinstance(v, list) else v for k, v in expected.items()
+        }, name
