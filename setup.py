@@ -7,12 +7,17 @@ Switches (environment variables), in the style of flash-attention's setup.py:
   DEBUG=1                 compile with -O0 -g
   MAX_JOBS                parallel compile jobs (ninja)
 
+The extension reports ``fastvit._C.source_hash()``, a hash of ``csrc/`` at build time (written to a generated
+header in the build folder, included by ``csrc/bindings.cpp`` only): ``fastvit selftest`` records it with every
+verdict, so evidence from other sources does not count for this build.
+
 The CUDA build links cuBLASLt. When the CUDA toolkit lacks its headers or libraries (as on a
 machine with nvcc but no full toolkit), they are taken from the pip ``nvidia-cublas`` package
 that ships with PyTorch's CUDA wheels (``nvidia/cu13`` or ``nvidia/cublas``).
 """
 
 import glob
+import hashlib
 import os
 import shutil
 import sys
@@ -88,6 +93,36 @@ def _check_arch_list(arch_list: str) -> None:
             )
 
 
+def csrc_source_hash(root: Path = ROOT) -> str:
+    """A short hash of every file under ``csrc/`` (relative path and content, line endings normalised)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in (root / "csrc").rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _with_source_hash(build_ext_class):
+    """``build_ext`` that first writes ``<build_temp>/fastvit_generated/fastvit_source_hash.h`` and puts it on the
+    include path. Only bindings.cpp includes it, and the file is rewritten only when the hash changes, so editing a
+    kernel recompiles that kernel and bindings.cpp, not everything (a -D flag would change every command line)."""
+
+    class BuildExtWithSourceHash(build_ext_class):
+        def build_extensions(self):
+            generated = Path(self.build_temp).resolve() / "fastvit_generated"
+            generated.mkdir(parents=True, exist_ok=True)
+            header = generated / "fastvit_source_hash.h"
+            text = f'#define FASTVIT_SOURCE_HASH "{csrc_source_hash()}"\n'
+            if not header.exists() or header.read_text() != text:
+                header.write_text(text)
+            for extension in self.extensions:
+                if str(generated) not in extension.include_dirs:
+                    extension.include_dirs.append(str(generated))
+            super().build_extensions()
+
+    return BuildExtWithSourceHash
+
+
 def _extensions():
     if _env_flag("FASTVIT_NO_EXT"):
         print("fastvit: FASTVIT_NO_EXT=1, building no C++/CUDA extension")
@@ -135,14 +170,15 @@ def _extensions():
             include_dirs=[str(ROOT / "csrc")],
             extra_compile_args={"cxx": cxx_flags},
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _with_source_hash(cpp_extension.BuildExtension.with_options(use_ninja=True))}
 
 
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastvit", "fastvit.ops", "fastvit.kernels"],
+    packages=["fastvit", "fastvit.ops", "fastvit.ops.triton", "fastvit.ops.cuda", "fastvit.kernels"],
     package_dir={"fastvit": "fastvit", "fastvit.kernels": "kernels"},
+    package_data={"fastvit": ["verified.json"]},  # the selftest manifest written by GPU rounds
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -16,6 +16,11 @@ Every suite (``benchmarks/test_bench_*.py``) follows the same recipe:
 On a machine without a GPU the suites run in smoke mode (tiny shapes, CPU): proof that they run,
 not performance numbers. The default pytest options include ``--benchmark-disable``, which runs each
 body once; ``make bench`` (``--benchmark-enable``) times them.
+
+``FASTVIT_BENCH_PROFILE=headline`` (read by every suite, GPU mode only) keeps the headline cases a time-boxed
+GPU round can afford (``benchmarks/gpu_round.sh``): ViT-B/16 inference at batch 256 and a training step at batch
+128 against timm eager and timm + ``torch.compile``, attention at N = 197 and 577 (head dim 64), ``ln_mlp`` and
+the patch embedding at ViT-B/16 sizes. The default, ``full``, runs everything.
 """
 
 from __future__ import annotations
@@ -31,6 +36,34 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMOKE = DEVICE.type != "cuda"
+BENCH_PROFILES = ("full", "headline")
+
+
+def bench_profile() -> str:
+    """``FASTVIT_BENCH_PROFILE``: 'full' (default) or 'headline' (see the module docstring)."""
+    profile = os.environ.get("FASTVIT_BENCH_PROFILE", "full").strip().lower() or "full"
+    if profile not in BENCH_PROFILES:
+        raise ValueError(f"FASTVIT_BENCH_PROFILE must be one of {BENCH_PROFILES}, got {profile!r}")
+    return profile
+
+
+PROFILE = bench_profile()
+
+
+def profile_cases(full, headline):
+    """``full`` (a dict of cases, or a list), cut to the ``headline`` keys / items under the headline profile on a
+    GPU; unchanged otherwise (smoke mode keeps its tiny cases). A headline entry ``full`` lacks is an error, so
+    renaming a case cannot silently empty the round."""
+    if PROFILE != "headline" or SMOKE:
+        return full
+    missing = [key for key in headline if key not in full]
+    if missing:
+        raise KeyError(f"headline profile: {missing} not among the suite's cases {list(full)}")
+    if isinstance(full, dict):
+        return {key: full[key] for key in headline}
+    return [item for item in full if item in headline]
+
+
 L2_BYTES = 50 * 2**20  # H100: 50 MiB; inputs smaller than twice this are rotated
 
 # (suite, case) -> {candidate: median seconds}, filled as benchmarks run: the same-run speedups.
@@ -85,7 +118,8 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, r
 def run_benchmark(benchmark, fn: Callable, warmup_rounds: int | None = None, rounds: int | None = None):
     """Time ``fn`` (synchronised) with pytest-benchmark; warm-up rounds are not timed."""
     warmup_rounds = (1 if SMOKE else 5) if warmup_rounds is None else warmup_rounds
-    rounds = (3 if SMOKE else 30) if rounds is None else rounds
+    if rounds is None:
+        rounds = int(os.environ.get("FASTVIT_BENCH_ROUNDS", 3 if SMOKE else 30))
     timed = synchronized(fn)
     for _ in range(warmup_rounds):  # also under --benchmark-disable: compile/autotune/capture happen here
         timed()

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import DEVICE, SMOKE, check_close, record, rotating, run_benchmark
+from benchmarks.harness import DEVICE, SMOKE, check_close, profile_cases, record, rotating, run_benchmark
 from fastvit import dispatch, ops, reference
 
 if SMOKE:
@@ -37,6 +37,7 @@ else:
         "vit_huge_patch14_224": (48, 257, 16, 80),
         "vit_base_patch16_384": (64, 577, 12, 64),
     }
+    CASES = profile_cases(CASES, headline=["vit_base_patch16_224", "vit_base_patch16_384"])  # N = 197, 577; D = 64
     DTYPE, REL_TOL, ROUNDS = torch.bfloat16, 2e-2, 30
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import fastvit
-from benchmarks.harness import DEVICE, SMOKE, check_close, record, rotating, run_benchmark
+from benchmarks.harness import DEVICE, SMOKE, check_close, profile_cases, record, rotating, run_benchmark
 from fastvit import dispatch
 
 try:
@@ -37,8 +37,8 @@ if SMOKE:
     BATCHES = [2]
     DTYPE, REL_TOL = torch.float32, 1e-4
 else:
-    WIDTHS = {"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_huge": 1280}
-    BATCHES = [32, 128]
+    WIDTHS = profile_cases({"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_huge": 1280}, ["vit_base"])
+    BATCHES = profile_cases([32, 128], [128])
     DTYPE, REL_TOL = torch.bfloat16, 3e-2
 CANDIDATES = ["fastvit cuda", "torch eager", "torch compile"]
 GPU_ONLY = {"torch compile"}

@@ -1,11 +1,13 @@
 """End-to-end ViT throughput: inference img/s and training-step img/s, every candidate in one run.
 
 Candidates (same weights): timm eager, timm + torch.compile (default and max-autotune), fastvit
-reference (backend='torch'), fastvit auto (fused kernels where they exist for the device), and
-fastvit auto + torch.compile. On a GPU: ViT-S/16, B/16, L/16 at 224 px in bf16 autocast, inference
-at batch 1, 32, 256 and training steps (forward + backward + AdamW) at batch 64, 128, 256, with peak
-memory. Without a GPU (smoke mode): a 2-block ViT-Ti at 64 px in fp32, eager candidates only
-(compiling on CPU would take minutes and say nothing about GPUs).
+torch (backend='torch': the plain-PyTorch form of every op), fastvit auto (fused kernels where they exist
+for the device and call), and fastvit auto + torch.compile. On a GPU: ViT-S/16, B/16, L/16 at 224 px in
+bf16 autocast, inference at batch 1, 32, 256 and training steps (forward + backward + AdamW) at batch 64,
+128, 256, with peak memory. Without a GPU (smoke mode), fp32, eager candidates only (compiling on CPU would
+take minutes and say nothing about GPUs): a 2-block ViT-Ti at 64 px (fast), and ViT-S/16 at 224 px, batch 8,
+where fastvit ``auto`` runs the ``torch`` backend and must keep up with timm eager (``FASTVIT_BENCH_ROUNDS``
+sets the timed rounds of a committed CPU run).
 
 FLOPs are counted from the shapes (matmuls only: patch projection, qkv, q·kᵀ, attn·v, proj, fc1,
 fc2, head; training = 3× forward), so TFLOP/s and MFU compare candidates doing the same work.
@@ -18,27 +20,37 @@ import pytest
 import torch
 
 import fastvit
-from benchmarks.harness import DEVICE, SMOKE, check_close, record, run_benchmark
+from benchmarks.harness import DEVICE, PROFILE, SMOKE, check_close, profile_cases, record, run_benchmark
 
 timm = pytest.importorskip("timm")
 
+# (model name, timm kwargs, inference batches, training batches)
 if SMOKE:
-    MODELS = {"vit_tiny_patch16_224": dict(img_size=64, depth=2)}
-    INFER_BATCHES, TRAIN_BATCHES = [2, 4], [2, 4]
+    MODELS = [
+        ("vit_tiny_patch16_224", dict(img_size=64, depth=2), [2, 4], [2, 4]),
+        ("vit_small_patch16_224", {}, [8], [8]),
+    ]
     AMP_DTYPE, LOGIT_TOL = None, 1e-4
 else:
-    MODELS = {name: {} for name in ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")}
-    INFER_BATCHES, TRAIN_BATCHES = [1, 32, 256], [64, 128, 256]
+    MODELS = [(name, {}, [1, 32, 256], [64, 128, 256]) for name in ("vit_small_patch16_224", "vit_base_patch16_224")]
+    MODELS.append(("vit_large_patch16_224", {}, [1, 32, 256], [64, 128, 256]))
+    if PROFILE == "headline":  # ViT-B/16: inference at batch 256, a training step at batch 128
+        MODELS = [("vit_base_patch16_224", {}, [256], [128])]
     AMP_DTYPE, LOGIT_TOL = torch.bfloat16, 0.15  # bf16 autocast: logits differ by bf16 rounding, not by math
+INFER_CASES = [(name, kwargs, batch) for name, kwargs, batches, _ in MODELS for batch in batches]
+TRAIN_CASES = [(name, kwargs, batch) for name, kwargs, _, batches in MODELS for batch in batches]
+CASE_IDS = lambda cases: [f"{name}-b{batch}" for name, _, batch in cases]  # noqa: E731
 
 CANDIDATES = [
     "timm eager",
     "timm compile",
     "timm compile max-autotune",
-    "fastvit reference",
+    "fastvit torch",
     "fastvit auto",
     "fastvit auto compile",
 ]
+# headline: against timm eager and timm + torch.compile; max-autotune and compiling fastvit too cost minutes
+CANDIDATES = profile_cases(CANDIDATES, ["timm eager", "timm compile", "fastvit torch", "fastvit auto"])
 INFERENCE_ONLY = ["fastvit auto cuda-graphs"]
 GPU_ONLY = {"timm compile", "timm compile max-autotune", "fastvit auto compile", "fastvit auto cuda-graphs"}
 
@@ -63,7 +75,7 @@ def _build(candidate: str, name: str, kwargs: dict):
     if candidate.startswith("timm"):
         model = timm_model
     else:
-        backend = "torch" if candidate == "fastvit reference" else "auto"  # "auto": fused kernels on CUDA
+        backend = "torch" if candidate == "fastvit torch" else "auto"  # "auto": fused kernels on CUDA
         model = fastvit.from_timm(timm_model).to(DEVICE).set_backend(backend)
     if "max-autotune" in candidate:
         model = torch.compile(model, mode="max-autotune")
@@ -89,10 +101,8 @@ def _ops_plan(model) -> dict | str:
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES + INFERENCE_ONLY)
-@pytest.mark.parametrize("batch", INFER_BATCHES)
-@pytest.mark.parametrize("name", list(MODELS))
-def test_inference(benchmark, name, batch, candidate):
-    kwargs = MODELS[name]
+@pytest.mark.parametrize("name, kwargs, batch", INFER_CASES, ids=CASE_IDS(INFER_CASES))
+def test_inference(benchmark, name, kwargs, batch, candidate):
     model, timm_model = _build(candidate, name, kwargs)
     img_size = kwargs.get("img_size", 224)
     x = torch.randn(batch, 3, img_size, img_size, device=DEVICE)
@@ -132,10 +142,8 @@ def test_inference(benchmark, name, batch, candidate):
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)
-@pytest.mark.parametrize("batch", TRAIN_BATCHES)
-@pytest.mark.parametrize("name", list(MODELS))
-def test_training_step(benchmark, name, batch, candidate):
-    kwargs = MODELS[name]
+@pytest.mark.parametrize("name, kwargs, batch", TRAIN_CASES, ids=CASE_IDS(TRAIN_CASES))
+def test_training_step(benchmark, name, kwargs, batch, candidate):
     model, timm_model = _build(candidate, name, kwargs)
     img_size = kwargs.get("img_size", 224)
     x = torch.randn(batch, 3, img_size, img_size, device=DEVICE)

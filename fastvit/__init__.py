@@ -5,9 +5,10 @@ model = fastvit.create_model("vit_base_patch16_224", num_classes=10)
 model = fastvit.load_run("runs/train")                    # what `python -m fastvit train` saved
 transform = fastvit.data.create_transform(model)          # PIL image -> the model's input, from its data config
 fastvit.backends()            # which fused backends can run here, and why not
+fastvit.selftest()            # check the fused kernels on this GPU; 'auto' uses them where they passed
 """
 
-from fastvit import data, ops
+from fastvit import data, ops, verification
 from fastvit.convert import from_hf, from_timm, from_torchvision, load_run, load_weights
 from fastvit.dispatch import (
     backends,
@@ -31,13 +32,18 @@ from fastvit.model import (
     vit_tiny_patch16_224,
 )
 from fastvit.optimize import optimize
+from fastvit.selftest_runner import selftest
 from fastvit.session import InferenceSession
+from fastvit.verification import UnverifiedKernelWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "data",
     "ops",
+    "verification",
+    "selftest",
+    "UnverifiedKernelWarning",
     "backends",
     "get_default_backend",
     "set_default_backend",

@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastvit {demo,train,eval,predict,explain,transfer,info} [options]`` (or ``fastvit ...``).
+"""Command line: ``python -m fastvit {demo,train,eval,predict,explain,transfer,selftest,info} [options]``
+(or ``fastvit ...``).
 
 Each command has its own ``--help`` (with every option's default). A bad argument prints one line and exits
 with code 2, as does an expected failure (a bad checkpoint or image, a missing optional extra).
@@ -18,6 +19,7 @@ COMMANDS = {
     "predict": "top classes of image files",
     "explain": "attention-rollout PNG of an image",
     "transfer": "pre-train on digits 0-4, transfer to 5-9: probe vs fine-tune vs scratch",
+    "selftest": "check every fused kernel on this GPU against the spec; record it so that 'auto' uses them",
     "info": "versions, devices and which fastvit backends can run here",
 }
 
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastvit.transfer import transfer_main
 
         return transfer_main(rest)
+    if command == "selftest":
+        from fastvit.selftest_runner import main as selftest_main
+
+        return selftest_main(rest)
     return info(rest)
 
 
@@ -89,6 +95,9 @@ def info(argv: list[str] | None = None) -> int:
     print(f"default backend: {default} ({source})")
     for report in fastvit.backends().values():
         print(report)
+    from fastvit import verification
+
+    print(verification.describe())
     return 0
 
 

@@ -2,31 +2,48 @@
 
 Module and parameter names follow timm (``norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1,
 mlp.fc2, ...``) so state dicts load into either library unchanged. Every module that calls an op
-has a ``backend`` attribute (None = the process default); ``VisionTransformer.set_backend`` sets
-them all. Options no fused kernel covers (dropout inside attention or the MLP while training,
-a non-LayerNorm norm layer, a non-GELU activation) run the reference path for that module only.
+has ``op_name`` and ``backend`` attributes (None = the process default); ``VisionTransformer.set_backend``
+sets them all.
+
+A fused path reads submodules' weights instead of calling them (``ops.ln_mlp`` reads ``norm2``, ``mlp.fc1``
+and ``mlp.fc2``; the attention half adds the residual inside the proj GEMM; ``ops.patch_embed`` reads
+``proj``). That is only right while those submodules are the plain modules it expects: a peft LoRA wrapper,
+a forward hook, a replaced ``forward``, a swapped norm or activation, or active dropout/drop-path must be
+*called*. So the rule is read off the modules registered now, on every call (a handful of type and dict
+checks; the structure can change after construction, which a flag decided once would miss): one blocker list
+per half (:func:`attention_half_blockers`, :func:`mlp_half_blockers`), asked by the forward and by
+``fastvit.fusion``'s report. Anything a fused path cannot read runs the registered modules one by one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
 
 from fastvit import dispatch, ops
-from fastvit.ops.attention import SUPPORTED_HEAD_DIMS as ATTENTION_HEAD_DIMS
+from fastvit.ops.patch_embed import prefix_and_position
 
 
 def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """``value`` as an (H, W) pair of positive ints (an image or patch size)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        pair = (value, value)
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
 
 
 class LayerNorm(nn.LayerNorm):
@@ -45,11 +62,12 @@ class LayerNorm(nn.LayerNorm):
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens: ``proj`` is a Conv2d with kernel = stride = patch size.
+    """Image to patch tokens: ``proj`` is a Conv2d with kernel = stride = patch size (timm's keys ``proj.*``).
 
-    ``forward`` returns the [B, N, D] patch tokens. ``VisionTransformer`` instead passes
-    ``proj``'s parameters to ``fastvit.ops.patch_embed`` together with the position embedding and
-    prefix tokens, so that all of it is one op.
+    ``forward(x)`` returns the [B, N, D] patch tokens, as timm's; ``forward(x, pos_embed, prefix_tokens)``
+    also prepends the prefix (class / register) tokens and adds the position embedding, all as one
+    ``ops.patch_embed`` call while ``proj`` is a plain Conv2d and ``norm`` an Identity (else ``proj`` and
+    ``norm`` are called and the rest follows).
     """
 
     op_name = "patch_embed"
@@ -92,8 +110,10 @@ class PatchEmbed(nn.Module):
             )
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        self.img_size = to_2tuple(img_size, "img_size")
-        self._check_divisible(self.img_size, "img_size")
+        """Change the expected image size; validated before anything changes."""
+        img_size = to_2tuple(img_size, "img_size")
+        self._check_divisible(img_size, "img_size")
+        self.img_size = img_size
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
@@ -122,12 +142,24 @@ class PatchEmbed(nn.Module):
                     "build the model with that img_size, or with dynamic_img_size=True"
                 )
         else:
+            if size[0] < self.patch_size[0] or size[1] < self.patch_size[1]:
+                raise ValueError(
+                    f"image size {size[0]}x{size[1]} holds no {self.patch_size[0]}x{self.patch_size[1]} patch; x must "
+                    "be at least one patch in each dimension"
+                )
             self._check_divisible(size, "image size")
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos_embed: torch.Tensor | None = None, prefix_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [B, C, H, W] -> [B, T+N, D]; pos_embed: [1, T+N, D] or [1, N, D] or None; prefix_tokens: [1, T, D]."""
         self.check_input(x)
-        return ops.patch_embed(x, self.proj.weight, self.proj.bias, backend=self.backend)
+        proj = self.proj
+        if plain(proj, nn.Conv2d) and plain(self.norm, nn.Identity) and not _global_hooks():
+            return ops.patch_embed(x, proj.weight, proj.bias, pos_embed, prefix_tokens, backend=self.backend)
+        tokens = self.norm(proj(x).flatten(2).transpose(1, 2))
+        return prefix_and_position(tokens, pos_embed, prefix_tokens)
 
 
 def resample_abs_pos_embed(
@@ -165,11 +197,11 @@ def resample_abs_pos_embed(
 
 
 class ResidualLinear(nn.Linear):
-    """``nn.Linear`` (same parameters and keys) whose ``forward(x, residual)`` adds ``residual`` inside the GEMM.
+    """``nn.Linear`` (same parameters and keys) that also carries the backend of ``ops.linear_residual``.
 
-    ``forward(x)`` is ``F.linear``; ``forward(x, residual)`` is ``residual + linear(x)`` computed by
-    ``fastvit.ops.linear_residual`` (on CUDA one cuBLASLt GEMM, the bias in its epilogue and the residual
-    as its C operand). ``op_name``/``backend`` let ``VisionTransformer.set_backend`` choose that op's backend.
+    ``forward(x)`` is ``F.linear``. A ``Block`` whose attention half is fusable adds its residual inside this
+    Linear's GEMM through ``Attention.forward_residual`` (``ops.linear_residual`` with this layer's weight,
+    bias and ``backend``).
     """
 
     op_name = "linear_residual"
@@ -178,26 +210,13 @@ class ResidualLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.backend: str | None = None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if residual is None:
-            return F.linear(x, self.weight, self.bias)
-        return ops.linear_residual(x, self.weight, self.bias, residual, backend=self.backend)
-
-
-def _dropout_active(module: nn.Module, training: bool) -> bool:
-    """A dropout-like module (``nn.Dropout``, ``DropPath``, ``nn.Identity``) that changes its input in this mode."""
-    if isinstance(module, nn.Identity):
-        return False
-    p = getattr(module, "p", getattr(module, "drop_prob", None))
-    return p is None or (training and p > 0.0)  # an unknown module: assume it does something
-
 
 class Attention(nn.Module):
     """Multi-head self-attention: qkv Linear -> ``ops.qkv_attention`` on the packed buffer -> proj.
 
-    ``forward(x, residual)`` returns ``residual + attention(x)`` with the add inside the proj GEMM
-    (``ops.linear_residual``) whenever ``proj_drop`` is inactive (eval, or p = 0); ``forward(x)`` returns
-    ``attention(x)``. ``proj`` is a ``ResidualLinear`` (an ``nn.Linear``: timm's keys ``proj.weight/bias``).
+    ``forward(x)`` returns ``proj_drop(proj(attention(x)))`` as timm's. ``forward_residual(x, residual)``
+    returns ``residual + proj(attention(x))`` with the add inside the proj GEMM (``ops.linear_residual``); its
+    caller (``Block``) checks first that nothing it skips acts (``attention_half_blockers``).
     """
 
     op_name = "qkv_attention"
@@ -226,49 +245,26 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend: str | None = None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, N, C] (normalised tokens); residual: [B, N, C] or None. Returns [B, N, C]."""
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        out = ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
-        if residual is None:
-            return self.proj_drop(self.proj(out))
-        if _dropout_active(self.proj_drop, self.training) or not isinstance(self.proj, ResidualLinear):
-            if dispatch.debug_enabled():
-                dispatch.logger.debug(
-                    "Attention: the residual add runs separately (proj_drop active while training, or proj is a %s)",
-                    type(self.proj).__name__,
-                )
-            return residual + self.proj_drop(self.proj(out))
-        return self.proj(out, residual)
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C], before proj."""
+        dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
+        return ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]."""
+        return self.proj_drop(self.proj(self.attend(x)))
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + proj(attention(x))``, the add inside the proj GEMM; proj_drop is not applied."""
+        proj = self.proj
+        return ops.linear_residual(self.attend(x), proj.weight, proj.bias, residual, backend=proj.backend)
 
 
-class LNMLP(nn.Module):
-    """LayerNorm -> fc1 -> GELU -> fc2 (+ residual) as one ``ops.ln_mlp`` call: a block's ``norm2`` + ``mlp``.
+class Mlp(nn.Module):
+    """timm's ``Mlp``: fc1 -> act -> drop1 -> norm -> fc2 -> drop2 (same names and keys).
 
-    Submodules carry timm ``Mlp``'s names (``fc1``, ``act``, ``drop1``, ``fc2``, ``drop2``), so in a
-    block's ``mlp`` slot its keys are timm's ``mlp.fc1.weight`` ... The LayerNorm is either:
-
-    * owned (``norm=None``): a ``LayerNorm`` registered as ``norm`` (keys ``norm.weight``,
-      ``norm.bias``) for standalone use, or
-    * borrowed (``norm=block.norm2``): the norm stays registered by its owner, which keeps its keys
-      (``norm2.weight``, ``norm2.bias``); this module reads its parameters at call time and never
-      registers it. This is how a Block keeps timm's state dict:
-      ``self.norm2 = LayerNorm(dim); self.mlp = LNMLP(dim, hidden, norm=self.norm2)``. (A module
-      holding both cannot produce the sibling keys ``norm2.*`` and ``mlp.*`` by itself.)
-
-    ``forward(x)`` returns ``x + mlp(norm(x))`` (``residual=True``, the default) or ``mlp(norm(x))``.
-    Anything the fused op does not cover (a norm that is not an affine LayerNorm, a non-GELU
-    activation, active dropout while training) runs the same modules unfused.
-
-    Args:
-        in_features: C, the token width.
-        hidden_features: the hidden width (``mlp_ratio * C``).
-        act_layer: activation class; ``nn.GELU`` (either ``approximate``) is fused.
-        bias: Linear biases.
-        drop: dropout after the activation and after fc2 (training only; unfused).
-        eps: epsilon of the owned LayerNorm.
-        norm: a LayerNorm to borrow instead of owning one.
-        residual: default of ``forward``'s ``residual``.
+    In a ``Block`` the norm before it (``norm2``), this MLP and the residual add run as one ``ops.ln_mlp``
+    call when ``mlp_half_blockers`` finds nothing that must be called; ``backend`` is that op's backend.
     """
 
     op_name = "ln_mlp"
@@ -280,81 +276,67 @@ class LNMLP(nn.Module):
         act_layer: Callable[[], nn.Module] = nn.GELU,
         bias: bool = True,
         drop: float = 0.0,
-        eps: float = 1e-6,
-        norm: nn.Module | None = None,
-        residual: bool = True,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if norm is None:
-            self.norm = LayerNorm(in_features, eps=eps, **dd)
-        else:
-            object.__setattr__(self, "_borrowed_norm", norm)  # plain attribute: not a submodule, no keys
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drop)
-        self.residual = residual
         self.backend: str | None = None
-        self._init_fusable()
 
-    @classmethod
-    def from_modules(cls, norm: nn.Module, mlp: nn.Module, residual: bool = True) -> LNMLP:
-        """An LNMLP over an existing norm (borrowed) and timm-style ``Mlp`` (its fc1/act/fc2/dropouts, shared)."""
-        hidden_norm = getattr(mlp, "norm", None)
-        if hidden_norm is not None and not isinstance(hidden_norm, nn.Identity):
-            raise ValueError("LNMLP.from_modules: an Mlp with a hidden-layer norm cannot be fused")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        object.__setattr__(module, "_borrowed_norm", norm)
-        module.fc1, module.act, module.fc2 = mlp.fc1, mlp.act, mlp.fc2
-        module.drop1 = getattr(mlp, "drop1", nn.Dropout(0.0))
-        module.drop2 = getattr(mlp, "drop2", nn.Dropout(0.0))
-        module.residual = residual
-        module.backend = None
-        module._init_fusable()
-        return module
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
-    def _init_fusable(self) -> None:
-        # Chosen once, at construction (timm's habit); only dropout depends on train/eval.
-        norm = self.layer_norm
-        self.fusable = (
-            isinstance(norm, nn.LayerNorm)
-            and norm.weight is not None
-            and norm.bias is not None
-            and len(norm.normalized_shape) == 1
-            and type(self.act) is nn.GELU
-        )
 
-    @property
-    def layer_norm(self) -> nn.Module:
-        """The LayerNorm applied first: the owned ``norm`` or the borrowed one."""
-        borrowed = self.__dict__.get("_borrowed_norm")
-        return borrowed if borrowed is not None else self.norm
+def _fused_ln_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, residual: bool, backend: str | None):
+    """``[x +] mlp(norm(x))`` as one ``ops.ln_mlp`` call (the caller checked ``mlp_blockers``)."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    return ops.ln_mlp(
+        x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+        eps=norm.eps, approximate=mlp.act.approximate, residual=residual, backend=backend,
+    )  # fmt: skip
+
+
+class LNMLP(Mlp):
+    """LayerNorm -> fc1 -> GELU -> fc2 (+ residual) as one ``ops.ln_mlp`` call, for use outside a ``Block``.
+
+    An ``Mlp`` whose ``norm`` slot holds the LayerNorm applied *before* fc1 (keys ``norm.weight``, ``norm.bias``,
+    ``fc1.*``, ``fc2.*``). ``forward(x)`` returns ``x + mlp(norm(x))`` (``residual=True``, the default) or
+    ``mlp(norm(x))``. Anything the fused op does not cover (a norm that is not a plain affine LayerNorm, a non-GELU
+    activation, an adapter or hook on a Linear, active dropout while training) runs the same modules unfused
+    (``mlp_blockers``).
+
+    Args:
+        in_features: C, the token width.
+        hidden_features: the hidden width (``mlp_ratio * C``).
+        eps: epsilon of the LayerNorm.
+        residual: default of ``forward``'s ``residual``.
+        mlp_kwargs: ``Mlp``'s ``act_layer`` (``nn.GELU``, either ``approximate``, is fused), ``bias``, ``drop``
+            (dropout after the activation and after fc2: training only, unfused), ``device``, ``dtype``.
+    """
+
+    def __init__(
+        self, in_features: int, hidden_features: int, eps: float = 1e-6, residual: bool = True, **mlp_kwargs
+    ) -> None:
+        super().__init__(in_features, hidden_features, **mlp_kwargs)
+        dd = {key: mlp_kwargs.get(key) for key in ("device", "dtype")}
+        self.norm = LayerNorm(in_features, eps=eps, **dd)
+        self.residual = residual
 
     def forward(self, x: torch.Tensor, residual: bool | None = None) -> torch.Tensor:
         residual = self.residual if residual is None else residual
-        norm = self.layer_norm
-        dropout = self.training and (self.drop1.p > 0.0 or self.drop2.p > 0.0)
-        if not self.fusable or dropout:
-            out = self.drop2(self.fc2(self.drop1(self.act(self.fc1(norm(x))))))
-            return x + out if residual else out
-        return ops.ln_mlp(
-            x,
-            norm.weight,
-            norm.bias,
-            self.fc1.weight,
-            self.fc1.bias,
-            self.fc2.weight,
-            self.fc2.bias,
-            eps=norm.eps,
-            approximate=self.act.approximate,
-            residual=residual,
-            backend=self.backend,
-        )
+        if next(mlp_blockers(self.norm, self, _NO_HIDDEN_NORM, self.training), None) is None:
+            return _fused_ln_mlp(self.norm, self, x, residual, self.backend)
+        out = self.drop2(self.fc2(self.drop1(self.act(self.fc1(self.norm(x))))))
+        return x + out if residual else out
+
+
+_NO_HIDDEN_NORM = nn.Identity()  # LNMLP has no hidden-layer norm
 
 
 class LayerScale(nn.Module):
@@ -411,39 +393,17 @@ class PatchDropout(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
 
-@dataclasses.dataclass(frozen=True)
-class HalfFusion:
-    """How one half of a ``Block`` runs: see ``Block.fusion_status``.
-
-    Attributes:
-        fused: the residual add is inside the half's last op and every op of the half runs a fused kernel.
-        backends: {op name: the backend that runs it} ('unusable' for an explicit backend that cannot run).
-        why_not: the reasons it is not fused (empty when ``fused``).
-    """
-
-    fused: bool
-    backends: dict[str, str]
-    why_not: tuple[str, ...]
-
-    def __str__(self) -> str:
-        ops_text = ", ".join(f"{op}={backend}" for op, backend in self.backends.items())
-        if self.fused:
-            return f"fused ({ops_text})"
-        return f"unfused ({ops_text}): " + "; ".join(self.why_not)
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (timm's names and keys).
 
-    Attention half: with ``ls1`` an Identity and no active drop-path or proj dropout, the proj Linear and
-    the residual add are one ``ops.linear_residual`` call (``x = linear_residual(attn_out, proj.weight,
-    proj.bias, x)``). The MLP half is an ``LNMLP`` borrowing ``norm2``: one ``ops.ln_mlp`` call (LayerNorm,
-    fc1, GELU, fc2 and the residual add) whenever its pieces are the standard ones (``norm2`` a LayerNorm,
-    ``mlp.act`` a GELU, no MLP dropout active) and ``ls2`` is an Identity with no active drop-path.
-    Otherwise LayerScale and drop-path apply to the half's un-added output, as timm. Drop-path is
-    inactive in eval mode, so a model trained with it still runs fused for inference.
-    ``fusion_status`` says which halves run fused and why not; an unfused half also logs at DEBUG on
-    the ``"fastvit"`` logger.
+    Attention half: while ``attention_half_blockers`` finds nothing that must be called (``ls1`` an Identity,
+    drop-path and proj dropout inactive, ``attn``/``attn.proj`` plain fastvit modules without hooks), the proj
+    Linear and the residual add are one ``ops.linear_residual`` call. MLP half: while ``mlp_half_blockers``
+    finds nothing (``norm2`` a plain LayerNorm, ``mlp`` fastvit's ``Mlp`` with plain Linears and a GELU, no
+    dropout, ``ls2`` an Identity, no active drop-path), LayerNorm, fc1, GELU, fc2 and the residual add are one
+    ``ops.ln_mlp`` call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
+    eval mode, so a model trained with it still runs fused for inference. ``fastvit.fusion.block_fusion`` says
+    which halves run fused and why not; an unfused half also logs at DEBUG on the ``"fastvit"`` logger.
     """
 
     def __init__(
@@ -477,107 +437,118 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        # norm2 stays registered here (timm's keys norm2.*); the MLP borrows it and runs both as one op.
-        self.mlp = LNMLP(
-            dim, int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop, norm=self.norm2, **dd
-        )
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop, **dd)
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.ls1, nn.Identity) and not _dropout_active(self.drop_path1, self.training):
-            x = self.attn(self.norm1(x), residual=x)  # proj + residual: one op (unless proj_drop is active)
+        why = next(attention_half_blockers(self), None)
+        if why is None:
+            x = self.attn.forward_residual(self.norm1(x), x)  # proj + bias + residual: one op
         else:
             if dispatch.debug_enabled():
-                dispatch.logger.debug("Block: attention half unfused: %s", "; ".join(self._attn_residual_blockers()))
+                dispatch.logger.debug("Block: attention half unfused: %s", why)
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        if isinstance(self.ls2, nn.Identity) and not _dropout_active(self.drop_path2, self.training):
-            return self.mlp(x, residual=True)
+        why = next(mlp_half_blockers(self), None)
+        if why is None:
+            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend)
         if dispatch.debug_enabled():
-            dispatch.logger.debug("Block: MLP half unfused: %s", "; ".join(self._mlp_residual_blockers()))
-        return x + self.drop_path2(self.ls2(self.mlp(x, residual=False)))
-
-    def _attn_residual_blockers(self) -> list[str]:
-        """Why the attention half's residual add cannot be inside the proj GEMM (in the current mode)."""
-        reasons = []
-        if not isinstance(self.ls1, nn.Identity):
-            reasons.append(f"ls1 is a {type(self.ls1).__name__} (the residual add runs separately)")
-        if _dropout_active(self.drop_path1, self.training):
-            reasons.append(f"drop_path1 is active while training ({self.drop_path1})")
-        proj_drop = getattr(self.attn, "proj_drop", nn.Identity())
-        if _dropout_active(proj_drop, self.training):
-            reasons.append(f"attn.proj_drop is active while training (p={getattr(proj_drop, 'p', '?')})")
-        if not isinstance(getattr(self.attn, "proj", None), ResidualLinear):
-            reasons.append(f"attn.proj is a {type(getattr(self.attn, 'proj', None)).__name__}, not a ResidualLinear")
-        return reasons
-
-    def _mlp_residual_blockers(self) -> list[str]:
-        """Why the MLP half is not one ``ln_mlp`` call with the residual inside (in the current mode)."""
-        reasons = []
-        if not isinstance(self.ls2, nn.Identity):
-            reasons.append(f"ls2 is a {type(self.ls2).__name__} (the residual add runs separately)")
-        if _dropout_active(self.drop_path2, self.training):
-            reasons.append(f"drop_path2 is active while training ({self.drop_path2})")
-        if not getattr(self.mlp, "fusable", False):
-            norm, act = getattr(self.mlp, "layer_norm", self.norm2), getattr(self.mlp, "act", None)
-            reasons.append(
-                f"the MLP is not LayerNorm -> Linear -> GELU -> Linear (norm2 {type(norm).__name__}, "
-                f"act {type(act).__name__}): its modules run one by one"
-            )
-        drops = [getattr(self.mlp, name, nn.Identity()) for name in ("drop1", "drop2")]
-        if any(_dropout_active(d, self.training) for d in drops):
-            reasons.append(f"MLP dropout is active while training (p={getattr(drops[0], 'p', '?')})")
-        return reasons
-
-    def fusion_status(
-        self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-    ) -> dict[str, HalfFusion]:
-        """Which halves of this block run fused for inputs on ``device``, in the current train/eval mode, and why not.
-
-        Args:
-            device: where the inputs will be.
-            dtype: the activations' dtype (default: the parameters'); the kernels take fp16/bf16/fp32
-                (the C++ CPU path also fp64).
-
-        Returns:
-            {'attn': HalfFusion, 'mlp': HalfFusion}.
-        """
-        device = torch.device(device)
-        dtype = self.attn.qkv.weight.dtype if dtype is None else dtype
-        dtype_limit = None if dtype in KERNEL_DTYPES else f"the kernels do not take {dtype}"
-        head_limit = None
-        if self.attn.head_dim not in ATTENTION_HEAD_DIMS:
-            head_limit = f"head_dim {self.attn.head_dim} is not one the kernels cover {ATTENTION_HEAD_DIMS}"
-        if _dropout_active(self.attn.attn_drop, self.training):
-            head_limit = f"attention dropout is active while training (p={self.attn.attn_drop.p})"
-        attn_ops = {
-            "qkv_attention": (self.attn.backend, head_limit, dtype_limit),
-            "linear_residual": (getattr(self.attn.proj, "backend", None), None, dtype_limit),
-        }
-        return {
-            "attn": _half_fusion(attn_ops, self._attn_residual_blockers(), device),
-            "mlp": _half_fusion(
-                {"ln_mlp": (self.mlp.backend, None, dtype_limit)}, self._mlp_residual_blockers(), device
-            ),
-        }
+            dispatch.logger.debug("Block: MLP half unfused: %s", why)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# ------------------------------------------------------------------------------------------------
+# The fusion rule: what a fused path may skip or read instead of calling.
 
 
-def _half_fusion(
-    op_backends: dict[str, tuple[str | None, str | None, str | None]], why_not: list[str], device: torch.device
-) -> HalfFusion:
-    """``op_backends``: {op: (backend asked for, a limit of every fused kernel, a dtype limit)}; the dtype
-    limit applies to Triton kernels and to CUDA tensors (the extension's C++ CPU path takes every dtype)."""
-    backends, why_not = {}, list(why_not)
-    for op, (backend, limit, dtype_limit) in op_backends.items():
-        resolved, reason = dispatch.fused_status(op, backend, device)
-        if reason is None and dtype_limit is not None and (resolved == "triton" or device.type == "cuda"):
-            limit = limit or dtype_limit
-        if reason is None and limit is not None:
-            resolved, reason = "torch", f"{limit}: the reference runs ('auto'; an explicit fused backend raises)"
-        backends[op] = resolved
-        if reason is not None:
-            why_not.append(f"{op}: {reason}")
-    return HalfFusion(fused=not why_not, backends=backends, why_not=tuple(why_not))
+def plain(module: object, *types: type) -> bool:
+    """True when ``module`` is exactly one of ``types`` (no subclass or wrapper), with no hooks and its class's
+    own ``forward``: then reading its weights is the same as calling it."""
+    return (
+        type(module) in types
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not module._backward_hooks
+        and not module._backward_pre_hooks
+        and "forward" not in module.__dict__
+    )
+
+
+def _global_hooks() -> bool:
+    """Module hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook``...)."""
+    return bool(
+        torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    )
+
+
+def dropout_active(module: nn.Module, training: bool) -> bool:
+    """A dropout-like module (``nn.Dropout``, ``DropPath``, ``nn.Identity``) that changes its input in this mode."""
+    if isinstance(module, nn.Identity):
+        return False
+    p = getattr(module, "p", getattr(module, "drop_prob", None))
+    return p is None or (training and p > 0.0)  # an unknown module: assume it does something
+
+
+def _skippable(name: str, module: nn.Module, training: bool) -> Iterator[str]:
+    """Reasons a residual-branch module that the fused path does not call (LayerScale slot, drop-path, dropout)
+    cannot be skipped: it acts in this mode, or it is not a plain Identity/Dropout/DropPath."""
+    if not isinstance(module, (nn.Identity, nn.Dropout, DropPath)):
+        yield f"{name} is a {type(module).__name__} (the residual add runs separately)"
+    elif dropout_active(module, training):
+        yield f"{name} is active while training ({module})"
+    elif not plain(module, type(module)):
+        yield f"{name} has hooks or a replaced forward"
+
+
+def attention_half_blockers(block: nn.Module) -> Iterator[str]:
+    """Why ``block``'s attention half cannot add its residual inside the proj GEMM (``ops.linear_residual``)."""
+    training = block.training
+    attn = block.attn
+    if not plain(attn, Attention):
+        yield f"attn is a {type(attn).__name__} with hooks or a replaced forward, or not fastvit's Attention"
+        return
+    yield from _skippable("ls1", block.ls1, training)
+    yield from _skippable("drop_path1", block.drop_path1, training)
+    yield from _skippable("attn.proj_drop", attn.proj_drop, training)
+    if not plain(attn.proj, ResidualLinear):
+        yield f"attn.proj is a {type(attn.proj).__name__} (an adapter, hook or subclass): it is called unfused"
+    if _global_hooks():
+        yield "global module hooks are registered: every module is called"
+
+
+def mlp_blockers(norm: nn.Module, mlp: nn.Module, hidden_norm: nn.Module, training: bool) -> Iterator[str]:
+    """Why ``x + mlp(norm(x))`` is not one ``ops.ln_mlp`` call: the modules it reads must be plain LayerNorm,
+    Linear, GELU, Linear, and the dropouts it skips inactive."""
+    if not plain(norm, LayerNorm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+        yield f"the norm is a {type(norm).__name__}, not a plain affine LayerNorm: the MLP runs unfused"
+    elif len(norm.normalized_shape) != 1:
+        yield "the LayerNorm normalises more than the last dimension"
+    for name in ("fc1", "fc2"):
+        linear = getattr(mlp, name)
+        if not plain(linear, nn.Linear):
+            yield f"mlp.{name} is a {type(linear).__name__} (an adapter, hook or subclass): it is called unfused"
+    if not plain(mlp.act, nn.GELU):
+        yield f"mlp.act is a {type(mlp.act).__name__}, not a plain nn.GELU: it is called unfused"
+    if not plain(hidden_norm, nn.Identity):
+        yield f"mlp.norm is a {type(hidden_norm).__name__}: the hidden-layer norm is called unfused"
+    drops = [(name, getattr(mlp, name)) for name in ("drop1", "drop2")]
+    if any(dropout_active(d, training) for _, d in drops):
+        yield f"MLP dropout is active while training (p={getattr(drops[0][1], 'p', '?')})"
+    elif not all(plain(d, type(d)) and isinstance(d, (nn.Dropout, nn.Identity)) for _, d in drops):
+        yield "the MLP's dropout modules are not plain nn.Dropout/nn.Identity"
+    if _global_hooks():
+        yield "global module hooks are registered: every module is called"
+
+
+def mlp_half_blockers(block: nn.Module) -> Iterator[str]:
+    """Why ``block``'s MLP half is not one ``ops.ln_mlp`` call with the residual inside."""
+    training = block.training
+    if not plain(block.mlp, Mlp):
+        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, or not fastvit's Mlp"
+        return
+    yield from _skippable("ls2", block.ls2, training)
+    yield from _skippable("drop_path2", block.drop_path2, training)
+    yield from mlp_blockers(block.norm2, block.mlp, block.mlp.norm, training)

@@ -15,28 +15,15 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from fastvit import dispatch, ops
-from fastvit.layers import Block, HalfFusion, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
-from fastvit.ops._validate import check_positive_int
+from fastvit import dispatch
+from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion
+from fastvit.layers import Block, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
+from fastvit.validation import check_positive_int
+from fastvit.verification import evidence_state
 
 GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
 OPS_USED = ["patch_embed", "layer_norm", "qkv_attention", "linear_residual", "ln_mlp"]
-
-
-class FusionReport(list):
-    """``VisionTransformer.fusion_report()``: one {'attn': HalfFusion, 'mlp': HalfFusion} per block."""
-
-    @property
-    def all_fused(self) -> bool:
-        return all(half.fused for block in self for half in block.values())
-
-    def __str__(self) -> str:
-        lines = []
-        for index, block in enumerate(self):
-            for half, status in block.items():
-                lines.append(f"block {index:>2} {half:<4} {status}")
-        return "\n".join(lines)
 
 
 class VisionTransformer(nn.Module):
@@ -123,7 +110,6 @@ class VisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         _check_config(
-            img_size=img_size,
             qk_norm=qk_norm,
             num_classes=num_classes,
             global_pool=global_pool,
@@ -229,8 +215,6 @@ class VisionTransformer(nn.Module):
                 implement the ops it is given (checked here); 'auto' takes the fused kernel for each
                 op where one exists for the input's device, else the reference.
         """
-        import fastvit.ops  # noqa: F401  (op registrations)
-
         if isinstance(backend, dict):
             unknown = sorted(set(backend) - set(OPS_USED))
             if unknown:
@@ -247,11 +231,24 @@ class VisionTransformer(nn.Module):
                 module.backend = per_op.get(module.op_name)
         return self
 
-    def backend_plan(self, device: torch.device | str = "cpu") -> dict[str, str]:
-        """Which backend each op resolves to for inputs on ``device`` (raises if one cannot run there)."""
+    def backend_plan(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> BackendPlan:
+        """Which backend each op resolves to for inputs on ``device`` computing in ``dtype`` (raises if one cannot
+        run there).
+
+        Args:
+            device: where the inputs will be.
+            dtype: the activations' dtype (default: the parameters'; pass the autocast dtype under autocast). On a
+                GPU ``auto`` takes a fused kernel only where the selftest evidence covers this dtype.
+
+        Returns:
+            {op name: backend} (a dict), whose ``evidence`` attribute gives the verification state per op.
+        """
         device = torch.device(device)
+        if dtype is None:
+            dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
         per_op = self.backend if isinstance(self.backend, dict) else dict.fromkeys(OPS_USED, self.backend)
-        return {op: dispatch.resolve(op, per_op.get(op), device) for op in OPS_USED}
+        backends = {op: dispatch.resolve(op, per_op.get(op), device, dtype) for op in OPS_USED}
+        return BackendPlan(backends, {op: evidence_state(op, per_op.get(op), device, dtype) for op in OPS_USED})
 
     def fusion_report(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> FusionReport:
         """Per block, whether its attention and MLP halves run fused for inputs on ``device``, and why not.
@@ -268,10 +265,11 @@ class VisionTransformer(nn.Module):
             a list (one entry per block) of {'attn': HalfFusion, 'mlp': HalfFusion}; ``str()`` of it is a
             readable table.
         """
+        device = torch.device(device)
         report = FusionReport()
         for block in self.blocks:
             if isinstance(block, Block):
-                report.append(block.fusion_status(device, dtype))
+                report.append(block_fusion(block, device, block.attn.qkv.weight.dtype if dtype is None else dtype))
             else:
                 why = (f"{type(block).__name__} is not a fastvit Block",)
                 report.append({half: HalfFusion(False, {}, why) for half in ("attn", "mlp")})
@@ -394,11 +392,7 @@ class VisionTransformer(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] -> tokens [B, T+N, D] (patches, position embedding, prefix tokens)."""
         self.patch_embed.check_input(x)
-        pos_embed = self._pos_embed_for(x.shape[-2], x.shape[-1])
-        proj = self.patch_embed.proj
-        x = ops.patch_embed(
-            x, proj.weight, proj.bias, pos_embed, self._prefix_tokens(), backend=self.patch_embed.backend
-        )
+        x = self.patch_embed(x, self._pos_embed_for(x.shape[-2], x.shape[-1]), self._prefix_tokens())
         x = self.pos_drop(x)
         x = self.patch_drop(x)
         return self.norm_pre(x)
@@ -808,15 +802,8 @@ def resolve_norm_layer(norm_layer=None) -> Callable[..., nn.Module]:
     return partial(LayerNorm, eps=module.eps)
 
 
-def _check_img_size(img_size) -> None:
-    sizes = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
-    if len(sizes) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-        raise ValueError(f"img_size must be a positive int or (height, width) of positive ints, got {img_size!r}")
-
-
 def _check_config(
     *,
-    img_size,
     qk_norm,
     num_classes,
     global_pool,
@@ -831,7 +818,6 @@ def _check_config(
     weight_init,
     rates,
 ) -> None:
-    _check_img_size(img_size)
     if qk_norm:
         raise ValueError("qk_norm=True (timm's q/k LayerNorm) is not supported by fastvit")
     for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("in_chans", in_chans)):
@@ -841,8 +827,8 @@ def _check_config(
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if embed_dim % num_heads != 0:
         raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-    if not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
-        raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < float("inf"):
+        raise ValueError(f"mlp_ratio must be a positive finite number, got {mlp_ratio!r}")  # NaN fails too
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(
             f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r} (attention pooling 'map'/'prr' "

@@ -1,9 +1,10 @@
 """Pure-PyTorch definitions of every fastvit op: the specification.
 
-Each fused kernel is tested against these functions (run in fp64 for the ground truth), and the
-``'torch'`` backend runs them directly, so autograd gives their backward. They take the same
-arguments as the public ops in ``fastvit.ops`` but do not validate them: validation lives in the
-op layer, once per op.
+Every backend of every op (``torch``, ``triton``, ``cuda``) is tested against these functions, run in
+fp64 for the ground truth; autograd gives their backward. They are written to be read, not to be fast
+(attention materialises the N×N matrix, the patch embedding cuts patches out explicitly): the fast
+plain-PyTorch forms are the ``torch`` backends in ``fastvit/ops/<op>.py``. They take the same arguments as
+the public ops in ``fastvit.ops`` but do not validate them: validation lives in the op layer, once per op.
 
 Shapes: ``B`` batch, ``N`` tokens, ``H`` heads, ``D`` head dim, ``C = H*D`` width.
 """
@@ -59,13 +60,7 @@ def qkv_attention(
     return out.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
 
 
-def patch_embed(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    pos_embed: torch.Tensor | None = None,
-    cls_token: torch.Tensor | None = None,
-) -> torch.Tensor:
+def patch_embed(x, weight, bias, pos_embed=None, cls_token=None):
     """Image to token sequence: non-overlapping P×P patches projected to D dims.
 
     x: [B, Cin, Hin, Win] (Hin, Win divisible by P); weight: [D, Cin, P, P] (a conv kernel with
@@ -74,17 +69,20 @@ def patch_embed(
     (timm's default), or [1, N, D] to the patch tokens only (timm's ``no_embed_class``).
     Returns [B, T+N, D].
     """
-    patch = weight.shape[-2:]
-    tokens = F.conv2d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)
-    num_patches = tokens.shape[1]
-    if pos_embed is not None and pos_embed.shape[1] == num_patches:
-        tokens = tokens + pos_embed
-        pos_embed = None
-    if cls_token is not None:
-        tokens = torch.cat([cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-    if pos_embed is not None:
-        tokens = tokens + pos_embed
-    return tokens
+    batch, in_chans, height, width = x.shape
+    embed_dim, _, patch_h, patch_w = weight.shape
+    grid_h, grid_w = height // patch_h, width // patch_w
+    # One row per patch, its pixels in the conv weight's (Cin, P, P) order: [B, N, Cin·P·P].
+    patches = x.reshape(batch, in_chans, grid_h, patch_h, grid_w, patch_w).permute(0, 2, 4, 1, 3, 5)
+    tokens = F.linear(patches.reshape(batch, grid_h * grid_w, -1), weight.reshape(embed_dim, -1), bias)
+    num_prefix = 0 if cls_token is None else cls_token.shape[1]
+    if num_prefix:
+        tokens = torch.cat([cls_token.expand(batch, -1, -1).to(tokens.dtype), tokens], dim=1)
+    if pos_embed is None:
+        return tokens
+    if pos_embed.shape[1] == grid_h * grid_w:  # patch tokens only: nothing is added to the prefix tokens
+        return torch.cat([tokens[:, :num_prefix], tokens[:, num_prefix:] + pos_embed], dim=1)
+    return tokens + pos_embed
 
 
 def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
@@ -100,17 +98,8 @@ def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torc
 
 
 def ln_mlp(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: torch.Tensor | None,
-    fc2_weight: torch.Tensor,
-    fc2_bias: torch.Tensor | None,
-    eps: float = 1e-6,
-    approximate: str = "none",
-    residual: bool = True,
-) -> torch.Tensor:
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6, approximate="none", residual=True
+):
     """The MLP half of a pre-norm ViT block: ``x + fc2(gelu(fc1(LayerNorm(x))))``.
 
     x: [..., C]; fc1_weight: [Hid, C]; fc2_weight: [C, Hid]. ``approximate`` is GELU's

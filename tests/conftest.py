@@ -1,40 +1,17 @@
-"""Shared test helpers: seeding, per-dtype tolerances and the flash-attention accuracy rule."""
+"""Fixtures shared by the test modules (helpers they import live in ``utils.py``)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-# Plain comparisons (e.g. fastvit vs timm running the same math in the same dtype).
-DTYPE_TOLS = {
-    torch.float64: dict(atol=1e-10, rtol=1e-8),
-    torch.float32: dict(atol=1e-5, rtol=1e-4),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
-}
+from fastvit import dispatch
 
-
-def dtype_tols(dtype: torch.dtype) -> dict:
-    return DTYPE_TOLS[dtype]
-
-
-def assert_within_torch_error(
-    name: str,
-    ours: torch.Tensor,
-    torch_same_dtype: torch.Tensor,
-    ref_fp64: torch.Tensor,
-    factor: float = 2.0,
-    floor: float = 0.0,
-) -> None:
-    """flash-attention's rule: max|ours - ref| <= factor * max|torch_same_dtype - ref| (+ floor).
-
-    ``floor`` guards the case where PyTorch happens to be exact (e.g. fp64), in units of the output scale.
-    """
-    ours_err = (ours.double() - ref_fp64).abs().max().item()
-    torch_err = (torch_same_dtype.double() - ref_fp64).abs().max().item()
-    bound = factor * torch_err + floor
-    print(f"{name}: ours {ours_err:.3e}, torch {torch_err:.3e}, bound {bound:.3e}")
-    assert ours_err <= bound, f"{name}: error {ours_err:.3e} exceeds {factor} x torch's {torch_err:.3e} (+{floor:.1e})"
+# The tests run the fused kernels themselves (also under backend='auto' on a GPU): what this machine's selftest
+# records say must not change them. The evidence gate has its own tests (test_verification.py turns it back on).
+os.environ["FASTVIT_VERIFY"] = "off"
 
 
 @pytest.fixture(autouse=True)
@@ -43,20 +20,17 @@ def _seed():
     yield
 
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """Every fused backend counts as usable on CUDA tensors, so dispatch's selection for CUDA call signatures can
+    be checked on a machine without a GPU (no kernel runs: only call signatures are asked about)."""
+    real = dispatch.backend_unusable_reason
 
+    def usable_on_cuda(backend, device):
+        return None if device.type == "cuda" else real(backend, device)
 
-def triton_skip_reason() -> str | None:
-    """Why Triton kernels cannot run in this process (None when they can: a GPU, or the interpreter)."""
-    from fastvit import dispatch
-
-    if DEVICE.type == "cpu" and not dispatch.triton_interpreter_enabled():
-        return "no GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run here"
-    return dispatch.backend_unusable_reason("triton", DEVICE)
-
-
-def has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
+    monkeypatch.setattr(dispatch, "backend_unusable_reason", usable_on_cuda)
+    dispatch.clear_cache()
+    yield
+    monkeypatch.undo()
+    dispatch.clear_cache()

@@ -9,9 +9,9 @@ CLI and ``InferenceSession``.
 from __future__ import annotations
 
 import ast
-import importlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,8 +19,12 @@ import pytest
 import torch
 
 import fastvit
-from conftest import DEVICE, triton_skip_reason
-from fastvit import dispatch, ops
+from fastvit import dispatch
+from fastvit.ops.triton import launch
+from fastvit.ops.triton.attention import SUPPORTED_HEAD_DIMS
+
+from op_cases import OP_CASES, Sample, backend_params, fixed_grad, relayout
+from utils import DEVICE, backend_skip_reason, triton_skip_reason
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=5)
 
@@ -115,99 +119,15 @@ def test_forward_intermediates_checks_arguments(model):
 
 
 # ================================================================================================
-# Every public op on every backend that can run here: the same input rules, the same errors.
-#
-# Backends: 'torch' everywhere; 'triton' for attention and patch embedding (Triton's interpreter on
-# CPU tensors); 'cuda' for LayerNorm and LN-MLP (the extension's C++ kernels on CPU tensors).
-
-attention_ops = importlib.import_module("fastvit.ops.attention")
-pe_ops = importlib.import_module("fastvit.ops.patch_embed")
+# Every public op on every backend that implements it and can run here (the op-case table, tests/op_cases.py):
+# the same input rules, the same errors. 'torch' everywhere; 'triton' (attention, patch embedding) through
+# Triton's interpreter on CPU tensors; 'cuda' (LayerNorm, LN-MLP, Linear+residual) through the extension's C++
+# kernels on CPU tensors.
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-EXTENSION_REASON = dispatch.backend_unusable_reason("cuda", DEVICE)
-OP_BACKENDS = {
-    "qkv_attention": ("torch", "triton"),
-    "attention": ("torch", "triton"),
-    "patch_embed": ("torch", "triton"),
-    "patch_embed_uint8": ("torch", "triton"),
-    "ln_mlp": ("torch", "cuda"),
-    "layer_norm": ("torch", "cuda"),
-}
-
-
-def _backend_param(op: str, backend: str, *values, label: str | None = None):
-    reason = {"triton": triton_skip_reason(), "cuda": EXTENSION_REASON}.get(backend)
-    marks = [pytest.mark.skip(reason=reason)] if reason else []
-    return pytest.param(op, backend, *values, marks=marks, id="-".join(filter(None, (op, backend, label))))
-
-
-ALL = [_backend_param(op, backend) for op, backends in OP_BACKENDS.items() for backend in backends]
-
-
-def _case(op: str, batch: int = 2) -> dict:
-    """Valid inputs of ``op`` on DEVICE, by argument name (the first one is the main input). Head dim 32: Triton
-    covers it."""
-    return {name: t.to(DEVICE) for name, t in _cpu_case(op, batch).items()}
-
-
-def _cpu_case(op: str, batch: int) -> dict:
-    gen = torch.Generator().manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen) * scale
-
-    if op == "qkv_attention":
-        return {"qkv": randn(batch, 5, 3 * 2 * 32)}
-    if op == "attention":
-        return {"q": randn(batch, 2, 5, 32), "k": randn(batch, 2, 6, 32), "v": randn(batch, 2, 6, 32)}
-    params = {
-        "weight": randn(16, 3, 4, 4, scale=0.2),
-        "bias": randn(16),
-        "pos_embed": randn(1, 7, 16),  # 8x12 image, 4x4 patches: 6 patches + 1 class token
-        "cls_token": randn(1, 1, 16),
-    }
-    if op == "patch_embed":
-        return {"x": randn(batch, 3, 8, 12), **params}
-    if op == "patch_embed_uint8":
-        return {"images": torch.randint(0, 256, (batch, 8, 12, 3), generator=gen, dtype=torch.uint8), **params}
-    if op == "ln_mlp":
-        return {
-            "x": randn(batch, 5, 24),
-            "ln_weight": 1 + randn(24, scale=0.1),
-            "ln_bias": randn(24, scale=0.1),
-            "fc1_weight": randn(40, 24, scale=0.2),
-            "fc1_bias": randn(40, scale=0.1),
-            "fc2_weight": randn(24, 40, scale=0.2),
-            "fc2_bias": randn(24, scale=0.1),
-        }
-    if op == "layer_norm":
-        return {"x": randn(batch, 5, 24), "weight": 1 + randn(24, scale=0.1), "bias": randn(24, scale=0.1)}
-    raise KeyError(op)
-
-
-def _call(op: str, backend: str, tensors: dict) -> torch.Tensor:
-    args = list(tensors.values())
-    if op == "qkv_attention":
-        return ops.qkv_attention(*args, 2, backend=backend)
-    return getattr(ops, op)(*args, backend=backend)
-
-
-def _float_leaves(tensors: dict) -> dict:
-    return {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in tensors.items()}
-
-
-def _run(op, backend, tensors):
-    """Output and the gradient of every float input (None for uint8 images) for a fixed output gradient."""
-    leaves = _float_leaves(tensors)
-    out = _call(op, backend, leaves)
-    wanted = [t for t in leaves.values() if t.requires_grad]
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
-    grads = iter(torch.autograd.grad(out, wanted, grad_out))
-    return out.detach(), [next(grads) if t.requires_grad else None for t in leaves.values()]
-
-
-def _replace(tensors: dict, name: str, value) -> dict:
-    return {**tensors, name: value}
+EXTENSION_REASON = backend_skip_reason("cuda")
+ALL = backend_params()
+WITH_PARAMETERS = backend_params([op for op, case in OP_CASES.items() if len(case.arg_names) > 1])
 
 
 @pytest.fixture
@@ -218,8 +138,7 @@ def no_kernel_launch(monkeypatch):
         def __getattr__(self, name):
             raise AssertionError(f"a Triton kernel ({name}) was launched for an empty input")
 
-    monkeypatch.setattr(attention_ops, "_kernels", NoKernels)
-    monkeypatch.setattr(pe_ops, "_kernels", NoKernels)
+    monkeypatch.setattr(launch, "kernels", lambda op_file: NoKernels())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,40 +148,42 @@ def no_kernel_launch(monkeypatch):
 @pytest.mark.parametrize("bad", [torch.int32, torch.bool, torch.complex64], ids=["int32", "bool", "complex64"])
 @pytest.mark.parametrize("op, backend", ALL)
 def test_non_float_main_input_is_a_type_error_naming_it(op, backend, bad):
-    tensors = _case(op)
-    name, main = next(iter(tensors.items()))
+    case = OP_CASES[op]
+    sample = case.make()
+    name = sample.main
     if op == "patch_embed_uint8":  # its main input must be uint8: a float or bool batch is the error here
         bad = torch.float32 if bad == torch.int32 else bad
         message = f"images must be a uint8 tensor .*got {bad}"
     else:
         message = f"{name} must be a floating-point tensor .*got {bad}"
     with pytest.raises(TypeError, match=message):
-        _call(op, backend, _replace(tensors, name, main.to(bad)))
+        case.call(sample.replace(**{name: sample[name].to(bad)}), backend)
 
 
-@pytest.mark.parametrize("op, backend", [p for p in ALL if p.values[0] != "qkv_attention"])
+@pytest.mark.parametrize("op, backend", WITH_PARAMETERS)
 def test_non_float_parameter_is_a_type_error_naming_it(op, backend):
-    tensors = _case(op)
-    name = list(tensors)[1]
+    case = OP_CASES[op]
+    sample, name = case.make(), case.arg_names[1]
     with pytest.raises(TypeError, match=f"{name} must be a floating-point tensor .*got torch.int64"):
-        _call(op, backend, _replace(tensors, name, tensors[name].long()))
+        case.call(sample.replace(**{name: sample[name].long()}), backend)
 
 
 @pytest.mark.parametrize("op, backend", ALL)
 def test_wrong_rank_is_a_value_error_naming_the_argument_and_shape(op, backend):
-    tensors = _case(op)
-    name, main = next(iter(tensors.items()))
-    if op in ("ln_mlp", "layer_norm"):  # x: [..., C], any rank >= 1
+    case = OP_CASES[op]
+    sample = case.make()
+    name, main = sample.main, sample[sample.main]
+    if case.main_rank is None:  # x: [..., C], any rank >= 1
         bad, expected = main.sum(), "at least 1 dimensions, got shape \\(\\)"
     else:
-        bad, expected = main[0], f"4 dimensions.*got shape \\({', '.join(map(str, main.shape[1:]))},?\\)"
-        expected = expected if op != "qkv_attention" else "3 dimensions, got shape \\(5, 192\\)"
+        bad = main[0]
+        expected = f"{case.main_rank} dimensions.*got shape {re.escape(str(tuple(bad.shape)))}"
     with pytest.raises(ValueError, match=f"{name} must have {expected}"):
-        _call(op, backend, _replace(tensors, name, bad))
-    if op != "qkv_attention":  # a parameter of the wrong rank
-        param = list(tensors)[1]
+        case.call(sample.replace(**{name: bad}), backend)
+    if len(case.arg_names) > 1:  # a parameter of the wrong rank
+        param = case.arg_names[1]
         with pytest.raises(ValueError, match=f"{param} must have"):
-            _call(op, backend, _replace(tensors, param, tensors[param].unsqueeze(0)))
+            case.call(sample.replace(**{param: sample[param].unsqueeze(0)}), backend)
 
 
 _SHAPE_ERRORS = [
@@ -274,20 +195,18 @@ _SHAPE_ERRORS = [
     ("patch_embed_uint8", "size", r"image size 8x10 is not divisible by the patch size 4x4"),
     ("ln_mlp", "width", r"ln_weight must have shape \(23,\)"),
     ("layer_norm", "width", r"weight must have shape \(23,\)"),
+    ("linear_residual", "width", r"weight must have shape \(40, 23\)"),
 ]
 
 
 @pytest.mark.parametrize(
     "op, backend, change, match",
-    [
-        _backend_param(op, b, change, match, label=change)
-        for op, change, match in _SHAPE_ERRORS
-        for b in OP_BACKENDS[op]
-    ],
+    [param for op, change, match in _SHAPE_ERRORS for param in backend_params([op], extra=[(change, match)])],
 )
 def test_wrong_channel_count_or_size_names_what_was_expected(op, backend, change, match):
-    tensors = _case(op)
-    name, main = next(iter(tensors.items()))
+    case = OP_CASES[op]
+    sample = case.make()
+    name, main = sample.main, sample[sample.main]
     bad = {
         "width": main[..., :-1],
         "k head dim": main,
@@ -295,9 +214,9 @@ def test_wrong_channel_count_or_size_names_what_was_expected(op, backend, change
         "size": main[..., :10] if op == "patch_embed" else main[:, :, :10],
     }[change]
     if change == "k head dim":
-        tensors = _replace(tensors, "k", tensors["k"][..., :16])
+        sample = sample.replace(k=sample["k"][..., :16])
     with pytest.raises(ValueError, match=match):
-        _call(op, backend, _replace(tensors, name, bad))
+        case.call(sample.replace(**{name: bad}), backend)
 
 
 @pytest.mark.parametrize("head_dim", [8, 16, 24, 40, 256])
@@ -305,45 +224,45 @@ def test_wrong_channel_count_or_size_names_what_was_expected(op, backend, change
 def test_unsupported_head_dim_on_triton_names_the_value_and_the_supported_ones(op, head_dim):
     if triton_skip_reason():
         pytest.skip(triton_skip_reason())
-    tensors = {"qkv": torch.randn(1, 5, 3 * 2 * head_dim, device=DEVICE)} if op == "qkv_attention" else {
-        name: torch.randn(1, 2, 5, head_dim, device=DEVICE) for name in "qkv"
-    }  # fmt: skip
-    with pytest.raises(ValueError, match=rf"head_dim in \(32, 48, 64, 80, 96, 128\), got head_dim={head_dim}"):
-        _call(op, "triton", tensors)
-    assert _call(op, "auto", tensors).shape[-1] == (2 * head_dim if op == "qkv_attention" else head_dim)
+    case = OP_CASES[op]
+    sample = case.make(batch=1, head_dim=head_dim)
+    supported = re.escape(str(SUPPORTED_HEAD_DIMS))
+    with pytest.raises(ValueError, match=rf"head_dim in {supported}, got head_dim={head_dim}"):
+        case.call(sample, "triton")
+    assert case.call(sample, "auto").shape == case.reference(sample).shape
 
 
 # ------------------------------------------------------------------------------------------------
 # Mixed dtypes and devices
 
 
-@pytest.mark.parametrize("op, backend", [p for p in ALL if p.values[0] != "qkv_attention"])
+@pytest.mark.parametrize("op, backend", WITH_PARAMETERS)
 def test_mixed_dtypes_are_a_type_error_naming_each_tensor(op, backend):
-    tensors = _case(op)
-    names = [n for n, t in tensors.items() if t.is_floating_point()]
-    first, second = names[0], names[1]
+    case = OP_CASES[op]
+    sample = case.make()
+    first, second = sample.float_names()[:2]
     with pytest.raises(TypeError, match=f"one dtype, got .*{first} torch.float32.*{second} torch.float64"):
-        _call(op, backend, _replace(tensors, second, tensors[second].double()))
+        case.call(sample.replace(**{second: sample[second].double()}), backend)
 
 
-@pytest.mark.parametrize("op, backend", [p for p in ALL if p.values[0] != "qkv_attention"])
+@pytest.mark.parametrize("op, backend", WITH_PARAMETERS)
 def test_mixed_devices_are_a_value_error_naming_each_device(op, backend):
     # The meta device stands in for a second device on a machine without a GPU.
-    tensors = _case(op)
-    first, second = list(tensors)[:2]
-    with pytest.raises(ValueError, match=f"one device, got {first} on {tensors[first].device}, {second} on meta"):
-        _call(op, backend, _replace(tensors, second, tensors[second].to("meta")))
+    case = OP_CASES[op]
+    sample = case.make()
+    first, second = case.arg_names[:2]
+    with pytest.raises(ValueError, match=f"one device, got {first} on {sample[first].device}, {second} on meta"):
+        case.call(sample.replace(**{second: sample[second].to("meta")}), backend)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fused_backends_refuse_meta_tensors_with_a_reason(backend):
-    reason = triton_skip_reason() if backend == "triton" else EXTENSION_REASON
+    reason = backend_skip_reason(backend)
     if reason:
         pytest.skip(reason)
-    op = "qkv_attention" if backend == "triton" else "layer_norm"
-    tensors = {k: v.to("meta") for k, v in _case(op).items()}
+    case = OP_CASES["qkv_attention" if backend == "triton" else "layer_norm"]
     with pytest.raises(RuntimeError, match="device type 'meta' is not supported"):
-        _call(op, backend, tensors)
+        case.call(case.make(device="meta"), backend)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,104 +271,103 @@ def test_fused_backends_refuse_meta_tensors_with_a_reason(backend):
 
 @pytest.mark.parametrize("op, backend", ALL)
 def test_empty_batch_gives_empty_output_and_zero_grads_without_a_launch(op, backend, no_kernel_launch):
-    full = _call(op, "torch", _case(op, batch=1))  # the fixture forbids kernels from here on
-    out, grads = _run(op, backend, _case(op, batch=0))
+    case = OP_CASES[op]
+    full = case.call(case.make(), "torch")  # the fixture forbids kernels from here on
+    empty = case.make(**case.empty)
+    out, *grads = case.run(empty, backend)
     assert out.shape == (0, *full.shape[1:]) and out.dtype == full.dtype
-    for (name, tensor), grad in zip(_case(op, batch=0).items(), grads):
+    for (name, tensor), grad in zip(empty.tensors.items(), grads):
         if grad is not None:
             assert grad.shape == tensor.shape and not grad.any(), name
 
 
-def _strided(t: torch.Tensor) -> torch.Tensor:
-    """The same values as a non-contiguous view: every other element along the last dim of a wider buffer."""
-    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-    wide[..., ::2] = t
-    view = wide[..., ::2]
-    assert not view.is_contiguous() or view.numel() <= 1
-    return view
-
-
 @pytest.mark.parametrize("op, backend", ALL)
 def test_non_contiguous_inputs_match_contiguous(op, backend):
-    tensors = _case(op)
-    expected = _run(op, backend, tensors)
-    views = {name: _strided(t) for name, t in tensors.items()}
+    case = OP_CASES[op]
+    sample = case.make()
+    expected = case.run(sample, backend)
+    views = sample.map(lambda t: relayout(t, "slice"), floats_only=False)  # the images too
+    assert all(t.numel() <= 1 or not t.is_contiguous() for t in views.tensors.values() if t is not None)
     variants = [views]
     if op == "patch_embed":
-        variants.append(_replace(tensors, "x", tensors["x"].contiguous(memory_format=torch.channels_last)))
-    if op in ("qkv_attention", "ln_mlp", "layer_norm"):  # token-major / transposed views
-        main = next(iter(tensors))
-        variants.append(_replace(tensors, main, tensors[main].transpose(0, 1).contiguous().transpose(0, 1)))
+        variants.append(sample.replace(x=relayout(sample["x"], "channels_last")))
+    if case.main_rank in (None, 3):  # token-major / transposed views of [B, N, C] and [..., C] inputs
+        variants.append(sample.replace(**{sample.main: relayout(sample[sample.main], "transposed")}))
     for variant in variants:
-        got = _run(op, backend, variant)
+        got = case.run(variant, backend)
         torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
-        for grad, want in zip(got[1], expected[1]):
+        for grad, want in zip(got[1:], expected[1:]):
             if want is not None:
                 torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
 
 
 def test_uint8_channels_first_view_matches_channels_last():
-    backends = ["torch"] + ([] if triton_skip_reason() else ["triton"])
-    tensors = _case("patch_embed_uint8")
-    images, params = tensors["images"], list(tensors.values())[1:]
-    for backend in backends:
-        expected = ops.patch_embed_uint8(images, *params, backend=backend)
-        nchw_view = images.permute(0, 3, 1, 2)  # a non-contiguous [B, C, H, W] view of the same bytes
-        got = ops.patch_embed_uint8(nchw_view, *params, channels_last=False, backend=backend)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    case = OP_CASES["patch_embed_uint8"]
+    sample = case.make()
+    nchw_view = sample["images"].permute(0, 3, 1, 2)  # a non-contiguous [B, C, H, W] view of the same bytes
+    channels_first = sample.replace(images=nchw_view).with_kwargs(channels_last=False)
+    for backend in case.runnable_backends:
+        torch.testing.assert_close(case.call(channels_first, backend), case.call(sample, backend), atol=1e-5, rtol=1e-5)
 
 
-def _aliased(op: str) -> dict:
+def _aliased(op: str) -> Sample:
     """Inputs that share memory with each other (same tensor twice, overlapping views of one buffer)."""
-    tensors = _case(op)
+    sample = OP_CASES[op].make()
     if op == "qkv_attention":
-        base = torch.randn(2, 5, 3 * 2 * 32 + 32, device=DEVICE)
-        return {"qkv": base[..., 16 : 16 + 3 * 2 * 32]}
+        qkv = sample["qkv"]
+        base = torch.randn(*qkv.shape[:-1], qkv.shape[-1] + 32, device=DEVICE)
+        return sample.replace(qkv=base[..., 16 : 16 + qkv.shape[-1]])
     if op == "attention":
-        q = torch.randn(2, 2, 5, 32, device=DEVICE)
-        return {"q": q, "k": q, "v": q}
+        q = sample["q"]
+        return sample.replace(k=q, v=q)
     if op in ("patch_embed", "patch_embed_uint8"):
-        buffer = torch.randn(1, 8, 16, device=DEVICE)
-        return {**tensors, "pos_embed": buffer[:, :7], "cls_token": buffer[:, 6:7]}  # overlapping views
+        tokens, dim = sample["pos_embed"].shape[1:]
+        buffer = torch.randn(1, tokens + 1, dim, device=DEVICE)
+        return sample.replace(pos_embed=buffer[:, :tokens], cls_token=buffer[:, tokens - 1 : tokens])  # overlapping
     if op == "ln_mlp":
-        square = torch.randn(24, 24, device=DEVICE) * 0.2
-        return {
-            **tensors,
-            "ln_bias": tensors["ln_weight"],
-            "fc1_weight": square,
-            "fc1_bias": tensors["fc2_bias"],
-            "fc2_weight": square.t(),
-        }
-    return {**tensors, "bias": tensors["weight"]}
+        width = sample["x"].shape[-1]
+        square = torch.randn(width, width, device=DEVICE) * width**-0.5
+        return sample.replace(
+            ln_bias=sample["ln_weight"], fc1_weight=square, fc1_bias=sample["fc2_bias"], fc2_weight=square.t()
+        )
+    if op == "linear_residual":  # the residual overlaps x in one buffer; the bias is a column of the weight
+        x, residual = sample["x"], sample["residual"]
+        buffer = torch.randn(*x.shape[:-1], x.shape[-1] + residual.shape[-1] // 2, device=DEVICE)
+        weight = sample["weight"]
+        return sample.replace(
+            x=buffer[..., : x.shape[-1]], residual=buffer[..., -residual.shape[-1] :], bias=weight[:, 3]
+        )
+    return sample.replace(bias=sample["weight"])
 
 
-def _run_aliased(fn, tensors: dict):
-    """fn on leaves that keep the aliasing: one leaf per distinct storage, every input a view of its leaf."""
+def _run_aliased(run, sample: Sample):
+    """run(sample) on leaves that keep the aliasing: one leaf per distinct storage, every input a view of its leaf."""
     leaves, inputs = {}, {}
-    for name, t in tensors.items():
+    for name, t in sample.tensors.items():
         key = t.untyped_storage().data_ptr()
         if key not in leaves:
             base = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device=t.device)
             base.untyped_storage().copy_(t.untyped_storage())
             leaves[key] = base.requires_grad_(t.is_floating_point())
         inputs[name] = leaves[key].as_strided(t.shape, t.stride(), t.storage_offset())
-    out = fn(inputs)
+    views = Sample(inputs, sample.kwargs)
+    out = run(views)
     wanted = [leaf for leaf in leaves.values() if leaf.requires_grad]
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
-    return out.detach(), torch.autograd.grad(out, wanted, grad_out), inputs
+    return out.detach(), torch.autograd.grad(out, wanted, fixed_grad(out)), views
 
 
 @pytest.mark.parametrize("op, backend", ALL)
 def test_inputs_that_alias_each_other_give_the_reference_result(op, backend):
-    tensors = _aliased(op)
-    got, got_grads, inputs = _run_aliased(lambda t: _call(op, backend, t), tensors)
-    want, want_grads, _ = _run_aliased(lambda t: _call(op, "torch", t), tensors)
+    case = OP_CASES[op]
+    sample = _aliased(op)
+    got, got_grads, inputs = _run_aliased(lambda s: case.call(s, backend), sample)
+    want, want_grads, _ = _run_aliased(case.reference, sample)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for grad, expected in zip(got_grads, want_grads):  # gradients of aliased inputs add up in the shared leaf
         torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
     # The output is a new tensor: writing to it cannot change an input.
-    out = _call(op, backend, {k: v.detach() for k, v in inputs.items()})
-    storages = {t.untyped_storage().data_ptr() for t in inputs.values()}
+    out = case.call(inputs.map(torch.Tensor.detach), backend)
+    storages = {t.untyped_storage().data_ptr() for t in inputs.tensors.values()}
     assert out.untyped_storage().data_ptr() not in storages
 
 
@@ -678,19 +596,12 @@ def test_validation_survives_python_O():
     assert result.returncode == 0 and result.stdout.startswith("ok weight must have shape (4,)"), result.stderr
 
 
-def test_auto_sends_float64_cuda_input_of_ln_mlp_to_the_reference():
-    # The CUDA kernels of ln_mlp take 16/32-bit floats only: under 'auto' a float64 CUDA tensor must run the
-    # reference, not reach the kernel's TypeError. Checked on a stand-in (no GPU needed); explicit backends are kept.
-    from types import SimpleNamespace
-
-    ln_mlp_ops = importlib.import_module("fastvit.ops.ln_mlp")
-    cuda64 = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
-    cuda32 = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
-
-    def backend_for(backend, x):
-        return dispatch.reference_for_uncovered_input("ln_mlp", backend, x.device, ln_mlp_ops._uncovered_by_kernels(x))
-
-    assert backend_for("auto", cuda64) == "torch"
-    assert backend_for("auto", cuda32) == "auto"
-    assert backend_for("cuda", cuda64) == "cuda"  # explicit: its own clear error
-    assert backend_for("auto", torch.ones(1, dtype=torch.float64)) == "auto"  # C++: fp64 ok
+def test_auto_sends_float64_cuda_input_of_ln_mlp_to_the_torch_backend(pretend_gpu):
+    # The CUDA kernels of ln_mlp take 16/32-bit floats only: under 'auto' a float64 CUDA call must run the torch
+    # backend, not reach the kernel's TypeError. Checked on call signatures (no GPU needed).
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    call = dispatch.DeviceDtypeCall
+    assert dispatch.explain("ln_mlp", "auto", call(cuda, torch.float64))[0] == "torch"
+    assert dispatch.explain("ln_mlp", "auto", call(cuda, torch.float32)) == ("cuda", None)
+    assert dispatch.explain("ln_mlp", "cuda", call(cuda, torch.float64))[0] == "unusable"  # explicit: raises
+    assert dispatch.explain("ln_mlp", "cuda", call(cpu, torch.float64)) == ("cuda", None)  # the C++ twin: fp64 ok

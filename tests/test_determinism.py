@@ -10,21 +10,20 @@ bit for bit; a fused bf16 training step is bit-identical run to run on the GPU.
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastvit
-from conftest import DEVICE, needs_cuda, triton_skip_reason
-from fastvit import dispatch, ops
+from fastvit.ops.triton import attention as attention_triton
+from fastvit.ops.triton import patch_embed as pe_triton
 
-attention_ops = importlib.import_module("fastvit.ops.attention")
-pe_ops = importlib.import_module("fastvit.ops.patch_embed")
+from op_cases import OP_CASES, PATCH_EMBED, backend_params
+from utils import DEVICE, backend_skip_reason, needs_cuda
 
-EXTENSION_REASON = dispatch.backend_unusable_reason("cuda", DEVICE)
-TRITON_REASON = triton_skip_reason()
+EXTENSION_REASON = backend_skip_reason("cuda")
+TRITON_REASON = backend_skip_reason("triton")
 MODES = ["fastvit", "torch"]
 
 
@@ -54,97 +53,47 @@ def _cublas_workspace(monkeypatch):
 def tiny_tiles():
     """Patch embedding with 16-wide tiles and a 3-way split of the dW reduction: the path that uses atomics
     outside deterministic mode, reachable at CPU-test sizes."""
-    saved = dict(pe_ops._CONFIG_OVERRIDES)
-    pe_ops._CONFIG_OVERRIDES.update(
+    saved = dict(pe_triton.CONFIG_OVERRIDES)
+    pe_triton.CONFIG_OVERRIDES.update(
         fwd=dict(BLOCK_R=16, BLOCK_C=16, BLOCK_RED=16),
         bwd_input=dict(BLOCK_R=16, BLOCK_C=16, BLOCK_RED=16),
         bwd_weight=dict(BLOCK_D=16, BLOCK_K=16, BLOCK_M=16, split=3),
         colsum=dict(BLOCK_D=16),
     )
     yield
-    pe_ops._CONFIG_OVERRIDES.clear()
-    pe_ops._CONFIG_OVERRIDES.update(saved)
+    pe_triton.CONFIG_OVERRIDES.clear()
+    pe_triton.CONFIG_OVERRIDES.update(saved)
 
 
-def _inputs(op: str) -> dict:
-    gen = torch.Generator().manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
-
-    pe_params = {
-        "weight": randn(40, 3, 4, 4, scale=0.2),
-        "bias": randn(40),
-        "pos_embed": randn(1, 27, 40),  # 16x24 image, 4x4 patches: 24 patches + 3 prefix tokens
-        "cls_token": randn(1, 3, 40),
-    }
-    return {
-        "qkv_attention": lambda: {"qkv": randn(2, 65, 3 * 2 * 64)},
-        "attention": lambda: {"q": randn(1, 2, 50, 32), "k": randn(1, 2, 70, 32), "v": randn(1, 2, 70, 32)},
-        "patch_embed": lambda: {"x": randn(2, 3, 16, 24), **pe_params},
-        "patch_embed_uint8": lambda: {
-            "images": torch.randint(0, 256, (2, 16, 24, 3), generator=gen, dtype=torch.uint8).to(DEVICE),
-            **pe_params,
-        },
-        "ln_mlp": lambda: {
-            "x": randn(4, 50, 24, scale=2.0),
-            "ln_weight": 1 + randn(24, scale=0.2),
-            "ln_bias": randn(24, scale=0.2),
-            "fc1_weight": randn(40, 24, scale=0.2),
-            "fc1_bias": randn(40, scale=0.2),
-            "fc2_weight": randn(24, 40, scale=0.15),
-            "fc2_bias": randn(24, scale=0.2),
-        },
-        "layer_norm": lambda: {"x": randn(777, 48, scale=3.0), "weight": randn(48), "bias": randn(48)},
-        "linear_residual": lambda: {
-            "x": randn(4, 50, 24),
-            "weight": randn(40, 24, scale=0.2),
-            "bias": randn(40),
-            "residual": randn(4, 50, 40),
-        },
-    }[op]()
-
-
-def _run(op: str, backend: str, tensors: dict) -> list[torch.Tensor]:
-    leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in tensors.items()}
-    args = list(leaves.values())
-    out = ops.qkv_attention(*args, 2, backend=backend) if op == "qkv_attention" else getattr(ops, op)(
-        *args, backend=backend
-    )  # fmt: skip
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
-    wanted = [t for t in leaves.values() if t.requires_grad]
-    return [out.detach(), *torch.autograd.grad(out, wanted, grad_out)]
+# Larger than the table's default samples: several tiles per kernel, a split dW reduction (with tiny_tiles), rows
+# across thread blocks.
+SHAPES = {
+    "qkv_attention": dict(tokens=65, head_dim=64),
+    "attention": dict(batch=1, q_tokens=50, kv_tokens=70),
+    "patch_embed": dict(grid=(4, 6), dim=40, prefix=3),  # 16x24 image, 4x4 patches: 24 patches + 3 prefix tokens
+    "patch_embed_uint8": dict(grid=(4, 6), dim=40, prefix=3),
+    "ln_mlp": dict(lead=(4, 50)),
+    "layer_norm": dict(lead=(777,), width=48),
+    "linear_residual": dict(lead=(4, 50)),
+}
 
 
 def _registered() -> set[str]:
     return {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastvit::")}
 
 
-OP_BACKENDS = [
-    pytest.param(op, backend, marks=[pytest.mark.skip(reason=str(reason))] if reason else [], id=f"{op}-{backend}")
-    for op, fused in (
-        ("qkv_attention", "triton"),
-        ("attention", "triton"),
-        ("patch_embed", "triton"),
-        ("patch_embed_uint8", "triton"),
-        ("ln_mlp", "cuda"),
-        ("layer_norm", "cuda"),
-        *((("linear_residual", "cuda"),) if "linear_residual_fwd" in _registered() else ()),
-    )
-    for backend, reason in (("torch", None), (fused, TRITON_REASON if fused == "triton" else EXTENSION_REASON))
-]
-
-
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op, backend", OP_BACKENDS)
+@pytest.mark.parametrize("op, backend", backend_params())
 def test_two_runs_are_bit_identical(op, backend, mode, tiny_tiles):
-    tensors = _inputs(op)
+    case = OP_CASES[op]
+    sample = case.make(**SHAPES.get(op, {}))
     with deterministic(mode):
-        first = _run(op, backend, tensors)
-        second = _run(op, backend, tensors)
-    names = ["out", *(f"grad {name}" for name, t in tensors.items() if t.is_floating_point())]
-    assert len(first) == len(names)
-    for name, a, b in zip(names, first, second):
+        first = case.run(sample, backend)
+        second = case.run(sample, backend)
+    for name, a, b in zip(case.labels(sample), first, second):
+        if a is None:  # an absent argument or the uint8 images: no gradient either time
+            assert b is None, name
+            continue
         assert torch.isfinite(a).all(), f"{op} {backend} {name}: non-finite"
         assert torch.equal(a, b), f"{op} {backend} {name}: runs differ under deterministic mode {mode!r}"
 
@@ -154,7 +103,7 @@ def test_two_runs_are_bit_identical(op, backend, mode, tiny_tiles):
 def test_patch_embed_dw_uses_atomics_only_outside_deterministic_mode(mode, tiny_tiles, monkeypatch):
     # The one fused reduction that can use atomics (fp32 atomic adds of the split dW partials, order-dependent on
     # a GPU) must switch to the fixed-order sum of partials under either deterministic switch.
-    real = pe_ops._kernels()
+    real = pe_triton._kernels()
     flags = []
 
     class Spy:
@@ -173,9 +122,9 @@ def test_patch_embed_dw_uses_atomics_only_outside_deterministic_mode(mode, tiny_
 
             return Launcher()
 
-    monkeypatch.setattr(pe_ops, "_kernels", Spy)
+    monkeypatch.setattr(pe_triton, "_kernels", Spy)
     with deterministic(mode):
-        _run("patch_embed", "triton", _inputs("patch_embed"))
+        PATCH_EMBED.run(PATCH_EMBED.make(**SHAPES["patch_embed"]), "triton")
     assert flags == [(3, mode is None)], flags  # a 3-way split; atomics only with both switches off
 
 
@@ -273,7 +222,7 @@ def test_gpu_capture_never_autotunes_and_replay_equals_eager(monkeypatch, dtype)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(autotuner.Autotuner, "prune_configs", spy)
-    attention_ops._autotuned.cache_clear()  # fresh autotuners: every key of this test is tuned here
+    attention_triton._autotuned.cache_clear()  # fresh autotuners: every key of this test is tuned here
     model = fastvit.create_model("vit_small_patch16_224", depth=2, num_classes=10).cuda().eval()
     assert model.backend_plan("cuda")["qkv_attention"] == "triton"
     session = fastvit.InferenceSession(model, batch_sizes=[1, 3], dtype=dtype)

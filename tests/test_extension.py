@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import fastvit
-from conftest import assert_within_torch_error
 from fastvit import dispatch, ops
+
+from utils import assert_within_torch_error
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
 needs_extension = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")

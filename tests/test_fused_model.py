@@ -8,27 +8,20 @@ extension's ops (LayerNorm, LN-MLP) run their C++ CPU implementations, selected 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
 import torch
 
 import fastvit
-from conftest import DEVICE, needs_cuda, triton_skip_reason
+
+from utils import DEVICE, FUSED, TINY, needs_cuda, triton_skip_reason
 
 if triton_skip_reason() is not None:
     pytest.skip(triton_skip_reason(), allow_module_level=True)
 if os.environ.get("FASTVIT_NO_EXT") == "1":
     pytest.skip("FASTVIT_NO_EXT=1: the extension's ops are not built", allow_module_level=True)
-
-FUSED = {
-    "patch_embed": "triton",
-    "qkv_attention": "triton",
-    "layer_norm": "cuda",
-    "linear_residual": "cuda",
-    "ln_mlp": "cuda",
-}
-TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)  # head dim 32
 
 
 def _pair(**options):
@@ -97,7 +90,7 @@ def test_per_op_backend_dict_is_validated():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["vit_small_patch16_224", "vit_base_patch16_224"])
 def test_fused_vs_reference_on_gpu(name, dtype):
-    from conftest import assert_within_torch_error
+    from utils import assert_within_torch_error
 
     torch.manual_seed(0)
     reference = fastvit.create_model(name, depth=4).cuda()
@@ -153,13 +146,13 @@ def test_fused_blocks_run_one_linear_residual_and_one_ln_mlp_each(monkeypatch):
     _, fused = _pair()
     calls = {"linear_residual": 0, "ln_mlp": 0}
     for op in calls:
-        original = fastvit.dispatch._IMPLEMENTATIONS[op]["cuda"]
+        original = fastvit.dispatch._REGISTRY[op]["cuda"]
 
-        def counting(*args, _op=op, _original=original):
+        def counting(*args, _op=op, _original=original.fn):
             calls[_op] += 1
             return _original(*args)
 
-        monkeypatch.setitem(fastvit.dispatch._IMPLEMENTATIONS[op], "cuda", counting)
+        monkeypatch.setitem(fastvit.dispatch._REGISTRY[op], "cuda", dataclasses.replace(original, fn=counting))
     fused(torch.randn(2, 3, 16, 16, device=DEVICE))
     assert calls == {"linear_residual": 2, "ln_mlp": 2}  # depth 2
 
@@ -186,9 +179,9 @@ def test_fusion_report_says_which_halves_run_fused_and_why_not():
     reference = fastvit.ViT(**TINY, backend="torch")
     assert "qkv_attention: backend 'torch' was asked for" in str(reference.fusion_report("cpu"))
     auto = fastvit.ViT(**TINY, backend="auto").fusion_report("cpu")
-    assert "'auto' runs the reference on cpu tensors" in str(auto)
+    assert "'auto' runs the torch backend on cpu tensors" in str(auto)
     wide_heads = fastvit.ViT(**{**TINY, "num_heads": 4}).set_backend(FUSED).fusion_report("cpu")  # head dim 16
-    assert "head_dim 16 is not one the kernels cover" in str(wide_heads)
+    assert "the Triton kernels take head_dim in (32, 48, 64, 80, 96, 128), got head_dim=16" in str(wide_heads)
     if not torch.cuda.is_available():
         gpu_plan = fused.fusion_report("cuda")
         assert gpu_plan[0]["attn"].backends["linear_residual"] == "unusable"

@@ -9,6 +9,7 @@ run the CUDA path (one cuBLASLt GEMM with the BIAS epilogue and C = residual; BG
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -16,59 +17,25 @@ import pytest
 import torch
 
 import fastvit
-from conftest import assert_within_torch_error, dtype_tols, needs_cuda
 from fastvit import dispatch, ops, reference
 from fastvit.layers import Attention, ResidualLinear
 
+from op_cases import LINEAR_RESIDUAL, REFERENCE, Sample, assert_matches_reference, relative_floor
+from utils import dtype_tols, needs_cuda
+
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
 pytestmark = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
-NAMES = ("x", "weight", "bias", "residual")
 
 
-def make_inputs(lead, in_features, out_features, dtype=torch.float32, device="cpu", bias=True, seed=0):
-    """x [*lead, K], weight [N, K], bias [N] (or None), residual [*lead, N]: drawn in fp64, then cast."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    tensors = [
-        randn(*lead, in_features),
-        randn(out_features, in_features) * in_features**-0.5,
-        0.2 * randn(out_features) if bias else None,
-        randn(*lead, out_features) * 2 + 0.5,
-    ]
-    return [None if t is None else t.to(device=device, dtype=dtype) for t in tensors]
+# The op-case table's linear_residual inputs, on CPU tensors (the extension's C++ path) unless a test asks for CUDA.
+cpu_sample = functools.partial(LINEAR_RESIDUAL.make, device="cpu")
+gpu_sample = functools.partial(LINEAR_RESIDUAL.make, device="cuda")
 
 
-def run_with_grads(fn, inputs, grad_out):
-    """fn(*inputs) and the gradient of <out, grad_out> w.r.t. every non-None input."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*leaves)
-    present = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(out, present, grad_out.to(out.dtype))
-    it = iter(grads)
-    return out.detach(), [None if t is None else next(it) for t in leaves]
-
-
-def fused(backend="cuda"):
-    return lambda *a: ops.linear_residual(*a, backend=backend)
-
-
-def check_against_reference(inputs, grad_seed=1, floor_rel=1e-6, label=""):
-    """Ours (backend='cuda') vs the fp64 reference, bounded by 2x the reference's own error in the same dtype."""
-    dtype, out_shape = inputs[0].dtype, inputs[3].shape
-    grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    grad_out = grad_out.to(inputs[0].device)
-    ours = run_with_grads(fused(), inputs, grad_out)
-    same = run_with_grads(reference.linear_residual, inputs, grad_out)
-    exact = run_with_grads(reference.linear_residual, [None if t is None else t.double() for t in inputs], grad_out)
-    pairs = [("out", ours[0], same[0], exact[0])]
-    pairs += [(f"d{name}", o, s, e) for name, o, s, e in zip(NAMES, ours[1], same[1], exact[1]) if o is not None]
-    for name, got, torch_same, want in pairs:
-        assert got.dtype == dtype and got.shape == want.shape, (name, got.dtype, got.shape)
-        floor = floor_rel * max(want.abs().max().item(), 1.0) if want.numel() else 0.0
-        assert_within_torch_error(f"linear_residual {label} {name} {dtype}", got, torch_same, want, floor=floor)
+def check_against_reference(sample: Sample, floor_rel=1e-6, label=""):
+    """The extension (backend='cuda') vs the fp64 reference, bounded by 2x the reference's own error in the same
+    dtype (plus ``floor_rel`` of each tensor's scale), output and every gradient."""
+    assert_matches_reference(LINEAR_RESIDUAL, sample, "cuda", floor=relative_floor(floor_rel), name=label)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,38 +48,31 @@ SHAPES = [((1, 1), 7, 13), ((2, 7), 24, 24), ((1, 197), 192, 192), ((3, 7), 24, 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("lead, in_features, out_features", SHAPES)
 def test_cpu_fp32_forward_and_every_grad_within_torch_error(lead, in_features, out_features, bias):
-    inputs = make_inputs(lead, in_features, out_features, torch.float32, bias=bias)
-    check_against_reference(inputs, label=f"{lead}x{in_features}->{out_features}")
+    sample = cpu_sample(lead=lead, in_features=in_features, out_features=out_features, bias=bias)
+    check_against_reference(sample, label=f"{lead}x{in_features}->{out_features}")
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_fp64_matches_the_reference(bias):
-    inputs = make_inputs((3, 7), 24, 40, torch.float64, bias=bias)
-    grad_out = torch.randn(3, 7, 40, dtype=torch.float64)
-    ours = run_with_grads(fused(), inputs, grad_out)
-    want = run_with_grads(reference.linear_residual, inputs, grad_out)
-    torch.testing.assert_close(ours[0], want[0], **dtype_tols(torch.float64))
-    for name, got, expected in zip(NAMES, ours[1], want[1]):
-        assert (got is None) == (expected is None), name
-        if got is not None:
-            torch.testing.assert_close(got, expected, **dtype_tols(torch.float64), msg=f"d{name}")
+    sample = cpu_sample(torch.float64, lead=(3, 7), in_features=24, out_features=40, bias=bias)
+    check_against_reference(sample, label="fp64")  # float64: within DTYPE_TOLS[float64], None where no bias
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_half_precision_within_torch_error(dtype):
-    check_against_reference(make_inputs((2, 7), 24, 40, dtype), floor_rel=1e-3, label="half")
+    check_against_reference(
+        cpu_sample(dtype, lead=(2, 7), in_features=24, out_features=40), floor_rel=1e-3, label="half"
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck_fp64(bias):
-    inputs = [
-        None if t is None else t.requires_grad_(True) for t in make_inputs((2, 3), 5, 6, torch.float64, bias=bias)
-    ]
-    assert torch.autograd.gradcheck(fused(), inputs)
+    sample = cpu_sample(torch.float64, requires_grad=True, lead=(2, 3), in_features=5, out_features=6, bias=bias)
+    assert torch.autograd.gradcheck(LINEAR_RESIDUAL.as_function(sample, "cuda"), sample.args)
 
 
 def test_non_contiguous_x_residual_and_weight():
-    x, weight, bias, residual = make_inputs((4, 6), 48, 40)
+    x, weight, bias, residual = cpu_sample(lead=(4, 6), in_features=48, out_features=40).args
     x_view = x.transpose(0, 1)[:, ::2, 5:29]  # [6, 2, 24], strided
     residual_view = residual.transpose(0, 1)[:, ::2]  # [6, 2, 40], strided
     weight_view = weight[:, 5:29]  # [40, 24], non-contiguous rows
@@ -122,11 +82,12 @@ def test_non_contiguous_x_residual_and_weight():
         out = ops.linear_residual(*args, backend="cuda")
         torch.testing.assert_close(out, reference.linear_residual(*args), **dtype_tols(torch.float32))
         assert out.is_contiguous() and out.shape == residual_view.shape
-    check_against_reference([x_view, weight_view, bias, residual_view], label="views")
+    views = Sample(dict(x=x_view, weight=weight_view, bias=bias, residual=residual_view))
+    check_against_reference(views, label="views")
 
 
 def test_residual_gradient_is_grad_out_itself():
-    x, weight, bias, residual = [t.requires_grad_(True) for t in make_inputs((2, 5), 16, 16)]
+    x, weight, bias, residual = cpu_sample(requires_grad=True, lead=(2, 5), in_features=16, out_features=16).args
     out = ops.linear_residual(x, weight, bias, residual, backend="cuda")
     grad_out = torch.randn_like(out)
     (grad_residual,) = torch.autograd.grad(out, residual, grad_out)
@@ -134,7 +95,7 @@ def test_residual_gradient_is_grad_out_itself():
 
 
 def test_only_the_needed_gradients_are_computed(monkeypatch):
-    x, weight, bias, residual = make_inputs((2, 5), 16, 24)
+    x, weight, bias, residual = cpu_sample(lead=(2, 5), in_features=16, out_features=24).args
     calls = []
     original = torch.ops.fastvit.linear_residual_bwd
 
@@ -151,19 +112,17 @@ def test_only_the_needed_gradients_are_computed(monkeypatch):
 
 
 def test_empty_batch():
-    inputs = make_inputs((0, 5), 24, 40)
-    out, grads = run_with_grads(fused(), inputs, torch.zeros(0, 5, 40))
-    assert out.shape == (0, 5, 40)
+    out, *grads = LINEAR_RESIDUAL.run(cpu_sample(lead=(0, 5), in_features=24, out_features=40), "cuda")
+    assert out.shape == (0, 5, 40) and grads[3].shape == (0, 5, 40)
     assert grads[0].shape == (0, 5, 24) and grads[1].abs().sum() == 0 and grads[2].abs().sum() == 0
 
 
 def test_backward_is_deterministic_on_cpu():
-    inputs = make_inputs((4, 50), 24, 40)
-    grad_out = torch.randn(4, 50, 40)
+    sample = cpu_sample(lead=(4, 50), in_features=24, out_features=40)
     runs = []
     fastvit.set_deterministic(True)
     try:
-        runs = [run_with_grads(fused(), inputs, grad_out)[1] for _ in range(2)]
+        runs = [LINEAR_RESIDUAL.run(sample, "cuda")[1:] for _ in range(2)]
     finally:
         fastvit.set_deterministic(False)
     for a, b in zip(*runs):
@@ -171,7 +130,7 @@ def test_backward_is_deterministic_on_cpu():
 
 
 def test_autocast_fp32_residual_is_added_outside_in_fp32():
-    inputs = make_inputs((2, 7), 32, 32, torch.float32)
+    inputs = cpu_sample(lead=(2, 7), in_features=32, out_features=32).args
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ops.linear_residual(*inputs, backend="cuda")
         expected = ops.linear_residual(*inputs, backend="torch")  # eager autocast: the same dtype rules
@@ -184,7 +143,7 @@ def test_autocast_fp32_residual_is_added_outside_in_fp32():
 
 
 def test_autocast_residual_in_the_autocast_dtype_stays_in_the_op(monkeypatch):
-    x, weight, bias, residual = make_inputs((2, 7), 32, 32, torch.float32)
+    x, weight, bias, residual = cpu_sample(lead=(2, 7), in_features=32, out_features=32).args
     residual = residual.bfloat16()
     seen = []
     original = torch.ops.fastvit.linear_residual_fwd
@@ -202,9 +161,8 @@ def test_autocast_residual_in_the_autocast_dtype_stays_in_the_op(monkeypatch):
 
 @pytest.mark.parametrize("bias, residual, grad", [(True, True, True), (False, True, True), (True, False, False)])
 def test_linear_residual_fwd_passes_opcheck(bias, residual, grad):
-    x, w, b, r = make_inputs((3, 5), 24, 40, bias=bias)
+    x, w, b, r = cpu_sample(requires_grad=grad, lead=(3, 5), in_features=24, out_features=40, bias=bias).args
     args = [x, w, b, r if residual else None]
-    args = [None if t is None else t.requires_grad_(grad) for t in args]
     torch.library.opcheck(torch.ops.fastvit.linear_residual_fwd.default, tuple(args))
 
 
@@ -212,7 +170,7 @@ def test_linear_residual_fwd_passes_opcheck(bias, residual, grad):
     "flags", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
 )
 def test_linear_residual_bwd_passes_opcheck(flags):
-    x, w, _b, _r = make_inputs((3, 5), 24, 40)
+    x, w, _b, _r = cpu_sample(lead=(3, 5), in_features=24, out_features=40).args
     grad_out = torch.randn(3, 5, 40)
     for det in (False, True):
         torch.library.opcheck(torch.ops.fastvit.linear_residual_bwd.default, (grad_out, x, w, *flags, det))
@@ -220,12 +178,12 @@ def test_linear_residual_bwd_passes_opcheck(flags):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_compiles_fullgraph_with_backward(bias):
-    inputs = [None if t is None else t.requires_grad_(True) for t in make_inputs((3, 5), 24, 40, bias=bias)]
-    compiled = torch.compile(fused(), fullgraph=True, backend="aot_eager")
-    out = compiled(*inputs)
-    expected = reference.linear_residual(*inputs)
+    sample = cpu_sample(requires_grad=True, lead=(3, 5), in_features=24, out_features=40, bias=bias)
+    compiled = torch.compile(LINEAR_RESIDUAL.as_function(sample, "cuda"), fullgraph=True, backend="aot_eager")
+    out = compiled(*sample.args)
+    expected = LINEAR_RESIDUAL.call(sample, REFERENCE)
     torch.testing.assert_close(out, expected, **dtype_tols(torch.float32))
-    present = [t for t in inputs if t is not None]
+    present = [t for t in sample.args if t is not None]
     grads = torch.autograd.grad(out.square().sum(), present)
     expected_grads = torch.autograd.grad(expected.square().sum(), present)
     for got, want in zip(grads, expected_grads):
@@ -239,31 +197,35 @@ def test_cuda_backend_on_cpu_is_the_cpp_op():
 
 
 def test_cuda_kernel_of_the_op_reports_a_clear_error_for_cpu_tensors():
-    args = make_inputs((2, 3), 8, 16)
+    args = cpu_sample(lead=(2, 3), in_features=8, out_features=16).args
     cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with pytest.raises((RuntimeError, ValueError), match="built without CUDA kernels|must be a CUDA tensor"):
         torch.ops.fastvit.linear_residual_fwd.default.redispatch(cuda_keys, *args)
 
 
 # ------------------------------------------------------------------------------------------------
-# Debug log: 'auto' taking the reference on CUDA tensors says why
+# Debug log: 'auto' taking the torch backend on CUDA tensors says why
 
 
-def test_auto_reference_for_uncovered_cuda_input_is_logged(caplog):
+def test_auto_torch_for_uncovered_cuda_input_is_logged(caplog, pretend_gpu):
     cuda = torch.device("cuda")
     with caplog.at_level(logging.DEBUG, logger="fastvit"):
-        assert dispatch.reference_for_uncovered_input("linear_residual", "auto", cuda, "x is torch.float64") == "torch"
-    assert "linear_residual: 'auto' runs the reference for this input: x is torch.float64" in caplog.text
-    # Covered inputs and explicit backends are left alone (an explicit backend raises its own error).
-    assert dispatch.reference_for_uncovered_input("linear_residual", "auto", cuda, None) == "auto"
-    assert dispatch.reference_for_uncovered_input("linear_residual", "cuda", cuda, "x is torch.float64") == "cuda"
+        fn = dispatch.select("linear_residual", "auto", dispatch.DeviceDtypeCall(cuda, torch.float64))
+    assert fn is dispatch._REGISTRY["linear_residual"]["torch"].fn
+    assert "linear_residual: 'auto' runs the torch backend on CUDA tensors (cuda: float64" in caplog.text
+    # A covered call takes the kernel; an explicit backend raises the predicate's reason.
+    assert dispatch.explain("linear_residual", "auto", dispatch.DeviceDtypeCall(cuda, torch.float16)) == ("cuda", None)
+    with pytest.raises(TypeError, match="does not cover this input: float64"):
+        dispatch.select("linear_residual", "cuda", dispatch.DeviceDtypeCall(cuda, torch.float64))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_auto_on_cuda_tensors_without_a_gpu_logs_why(caplog):
     with caplog.at_level(logging.DEBUG, logger="fastvit"):
-        assert dispatch.resolve("linear_residual", "auto", torch.device("cuda")) == "torch"
-    assert "linear_residual: 'auto' runs the reference on CUDA tensors (cuda: no CUDA device is available)" in (
+        call = dispatch.DeviceDtypeCall(torch.device("cuda"), torch.float32)
+        assert dispatch.select("linear_residual", "auto", call) is dispatch._REGISTRY["linear_residual"]["torch"].fn
+    assert dispatch.resolve("linear_residual", "auto", torch.device("cuda")) == "torch"
+    assert "linear_residual: 'auto' runs the torch backend on CUDA tensors (cuda: no CUDA device is available)" in (
         caplog.text
     )
 
@@ -293,13 +255,13 @@ BAD_CASES = [
 @pytest.mark.parametrize("backend", ["cuda", "torch"])
 def test_public_op_rejects_bad_arguments(make, error, match, backend):
     with pytest.raises(error, match=match):
-        ops.linear_residual(*make(make_inputs((2, 3), 8, 16)), backend=backend)
+        ops.linear_residual(*make(cpu_sample(lead=(2, 3), in_features=8, out_features=16).args), backend=backend)
 
 
 @pytest.mark.parametrize("make, error, match", BAD_CASES)
 def test_extension_op_rejects_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
-        torch.ops.fastvit.linear_residual_fwd(*make(make_inputs((2, 3), 8, 16)))
+        torch.ops.fastvit.linear_residual_fwd(*make(cpu_sample(lead=(2, 3), in_features=8, out_features=16).args))
 
 
 @pytest.mark.parametrize(
@@ -312,14 +274,14 @@ def test_extension_op_rejects_bad_arguments(make, error, match):
     ],
 )
 def test_extension_op_rejects_bad_dtypes(index, value, match):
-    args = make_inputs((2, 3), 8, 16)
+    args = cpu_sample(lead=(2, 3), in_features=8, out_features=16).args
     args[index] = value(args[index])
     with pytest.raises(TypeError, match=match):
         torch.ops.fastvit.linear_residual_fwd(*args)
 
 
 def test_public_op_rejects_mixed_and_unsupported_dtypes_and_non_tensors():
-    x, weight, bias, residual = make_inputs((2, 3), 8, 16)
+    x, weight, bias, residual = cpu_sample(lead=(2, 3), in_features=8, out_features=16).args
     with pytest.raises(TypeError, match="one dtype"):
         ops.linear_residual(x, weight, bias, residual.double(), backend="cuda")
     with pytest.raises(TypeError, match="floating-point"):
@@ -333,7 +295,7 @@ def test_public_op_rejects_mixed_and_unsupported_dtypes_and_non_tensors():
 
 
 def test_bwd_rejects_bad_arguments():
-    x, w, _b, _r = make_inputs((2, 3), 8, 16)
+    x, w, _b, _r = cpu_sample(lead=(2, 3), in_features=8, out_features=16).args
     with pytest.raises(ValueError, match="grad_out must have shape"):
         torch.ops.fastvit.linear_residual_bwd(torch.randn(2, 3, 8), x, w, True, True, True, False)
     with pytest.raises(TypeError, match="grad_out must have the dtype of x"):
@@ -341,29 +303,21 @@ def test_bwd_rejects_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------
-# The layers: ResidualLinear and Attention(x, residual)
+# The layers: ResidualLinear and Attention.forward_residual
 
 
 def test_residual_linear_is_an_nn_linear_with_the_same_keys():
     layer = ResidualLinear(16, 24)
     assert isinstance(layer, torch.nn.Linear) and sorted(layer.state_dict()) == ["bias", "weight"]
-    x, residual = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
-    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    torch.testing.assert_close(layer(x), plain)
-    layer.backend = "cuda"
-    torch.testing.assert_close(layer(x, residual), residual + plain, **dtype_tols(torch.float32))
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize("proj_drop, training", [(0.0, True), (0.3, False), (0.3, True)])
-def test_attention_with_residual_equals_residual_plus_attention(proj_drop, training):
-    attn = Attention(64, num_heads=2, qkv_bias=True, proj_drop=proj_drop).train(training)
+def test_attention_forward_residual_equals_residual_plus_attention():
+    attn = Attention(64, num_heads=2, qkv_bias=True)
     attn.proj.backend = "cuda"
     x, residual = torch.randn(2, 7, 64), torch.randn(2, 7, 64)
-    torch.manual_seed(1)
-    got = attn(x, residual=residual)
-    torch.manual_seed(1)
-    expected = residual + attn(x)
-    torch.testing.assert_close(got, expected, **dtype_tols(torch.float32))
+    torch.testing.assert_close(attn.forward_residual(x, residual), residual + attn(x), **dtype_tols(torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,8 +338,8 @@ def no_tf32():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("width", [192, 384, 768, 1024, 1280])
 def test_gpu_forward_and_grads(width, dtype, bias, no_tf32):
-    inputs = make_inputs((4, 197), width, width, dtype, device="cuda", bias=bias)
-    check_against_reference(inputs, floor_rel=1e-6 if dtype == torch.float32 else 0.0, label=f"cuda {width}")
+    sample = gpu_sample(dtype, lead=(4, 197), in_features=width, out_features=width, bias=bias)
+    check_against_reference(sample, floor_rel=1e-6 if dtype == torch.float32 else 0.0, label=f"cuda {width}")
 
 
 @needs_cuda
@@ -394,52 +348,54 @@ def test_gpu_forward_and_grads(width, dtype, bias, no_tf32):
 def test_gpu_odd_shapes_and_views(dtype, no_tf32):
     # K, N not multiples of 8 (no 16-byte alignment), 1 and 7 tokens, strided x and residual.
     for lead, k, n in [((1, 1), 7, 13), ((7,), 100, 300), ((3, 7), 24, 37)]:
-        check_against_reference(make_inputs(lead, k, n, dtype, device="cuda"), floor_rel=1e-6, label="odd")
-    x, w, b, r = make_inputs((4, 6), 96, 64, dtype, device="cuda")
-    check_against_reference([x.transpose(0, 1)[:, ::2], w, b, r.transpose(0, 1)[:, ::2]], floor_rel=1e-6)
+        sample = gpu_sample(dtype, lead=lead, in_features=k, out_features=n)
+        check_against_reference(sample, floor_rel=1e-6, label="odd")
+    sample = gpu_sample(dtype, lead=(4, 6), in_features=96, out_features=64)
+    x, residual = sample["x"].transpose(0, 1)[:, ::2], sample["residual"].transpose(0, 1)[:, ::2]
+    check_against_reference(sample.replace(x=x, residual=residual), floor_rel=1e-6)
 
 
 @needs_cuda
 @pytest.mark.gpu
 def test_gpu_large_batch_bf16():
-    check_against_reference(make_inputs((128, 197), 768, 768, torch.bfloat16, device="cuda"), label="B128 bf16")
+    sample = gpu_sample(torch.bfloat16, lead=(128, 197), in_features=768, out_features=768)
+    check_against_reference(sample, label="B128 bf16")
 
 
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_deterministic_mode_gives_bit_identical_results(dtype):
-    inputs = make_inputs((32, 197), 384, 384, dtype, device="cuda")
-    grad_out = torch.randn(32, 197, 384, device="cuda")
+    sample = gpu_sample(dtype, lead=(32, 197), in_features=384, out_features=384)
     fastvit.set_deterministic(True)
     try:
-        runs = [run_with_grads(fused(), inputs, grad_out) for _ in range(3)]
+        runs = [LINEAR_RESIDUAL.run(sample, "cuda") for _ in range(3)]
     finally:
         fastvit.set_deterministic(False)
-    for out, grads in runs[1:]:
-        assert torch.equal(out, runs[0][0])
-        for name, got, first in zip(NAMES, grads, runs[0][1]):
-            assert torch.equal(got, first), f"d{name} differs between runs"
+    for run in runs[1:]:
+        for label, got, first in zip(LINEAR_RESIDUAL.labels(sample), run, runs[0]):
+            assert torch.equal(got, first), f"{label} differs between runs"
 
 
 @needs_cuda
 @pytest.mark.gpu
 def test_gpu_autocast_float64_fallback_and_compile(caplog):
-    inputs = make_inputs((8, 197), 384, 384, torch.float32, device="cuda")
+    inputs = gpu_sample(lead=(8, 197), in_features=384, out_features=384).args
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = ops.linear_residual(*inputs, backend="cuda")
         expected = ops.linear_residual(*inputs, backend="torch")
     assert out.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(out, expected, **dtype_tols(torch.bfloat16))
-    doubles = make_inputs((2, 7), 16, 16, torch.float64, device="cuda")
+    doubles = gpu_sample(torch.float64, lead=(2, 7), in_features=16, out_features=16).args
     with caplog.at_level(logging.DEBUG, logger="fastvit"):
         torch.testing.assert_close(ops.linear_residual(*doubles), reference.linear_residual(*doubles))
-    assert "runs the reference for this input" in caplog.text
-    with pytest.raises(TypeError, match="supports float16, bfloat16 and float32"):
+    assert "'auto' runs the torch backend on CUDA tensors (cuda: float64" in caplog.text
+    with pytest.raises(TypeError, match="does not cover this input: float64"):
         ops.linear_residual(*doubles, backend="cuda")
-    args = [t.requires_grad_(True) for t in make_inputs((3, 50), 64, 64, torch.bfloat16, device="cuda")]
+    sample = gpu_sample(torch.bfloat16, requires_grad=True, lead=(3, 50), in_features=64, out_features=64)
+    args = sample.args
     torch.library.opcheck(torch.ops.fastvit.linear_residual_fwd.default, tuple(args))
-    compiled = torch.compile(fused(), fullgraph=True)
+    compiled = torch.compile(LINEAR_RESIDUAL.as_function(sample, "cuda"), fullgraph=True)
     got = compiled(*args)
     torch.testing.assert_close(got, reference.linear_residual(*args), **dtype_tols(torch.bfloat16))
     got.float().square().sum().backward()

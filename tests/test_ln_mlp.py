@@ -9,7 +9,7 @@ run the CUDA path (LN kernels, cuBLASLt GEMMs and epilogues, GELU kernels).
 
 from __future__ import annotations
 
-import copy
+import functools
 import os
 
 import pytest
@@ -17,67 +17,27 @@ import torch
 import torch.nn as nn
 
 import fastvit
-from conftest import assert_within_torch_error, dtype_tols
 from fastvit import dispatch, ops, reference
-from fastvit.layers import LNMLP, LayerNorm
+from fastvit.layers import LNMLP, LayerNorm, Mlp, mlp_blockers
+
+from op_cases import LN_MLP, REFERENCE, Sample, assert_matches_reference, relative_floor
+from utils import dtype_tols
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
 pytestmark = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-NAMES = ("x", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
 
-def make_inputs(lead, width, hidden, dtype=torch.float32, device="cpu", fc1_bias=True, fc2_bias=True, seed=0):
-    """x [*lead, width] and the six parameters, drawn in fp64 then cast (so every dtype sees the same values)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    tensors = [
-        randn(*lead, width) * 2 + 0.5,
-        1 + 0.2 * randn(width),
-        0.2 * randn(width),
-        randn(hidden, width) * width**-0.5,
-        0.2 * randn(hidden) if fc1_bias else None,
-        randn(width, hidden) * hidden**-0.5,
-        0.2 * randn(width) if fc2_bias else None,
-    ]
-    return [None if t is None else t.to(device=device, dtype=dtype) for t in tensors]
+# The op-case table's ln_mlp inputs, on CPU tensors (the extension's C++ path) unless a test asks for CUDA.
+cpu_sample = functools.partial(LN_MLP.make, device="cpu")
+gpu_sample = functools.partial(LN_MLP.make, device="cuda")
 
 
-def run_with_grads(fn, inputs, grad_out):
-    """fn(*inputs) and the gradient of <out, grad_out> w.r.t. every non-None input."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*leaves)
-    present = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(out, present, grad_out.to(out.dtype))
-    it = iter(grads)
-    return out.detach(), [None if t is None else next(it) for t in leaves]
-
-
-def fused(approximate="none", residual=True, eps=1e-6, backend="cuda"):
-    return lambda *a: ops.ln_mlp(*a, eps=eps, approximate=approximate, residual=residual, backend=backend)
-
-
-def ref(approximate="none", residual=True, eps=1e-6):
-    return lambda *a: reference.ln_mlp(*a, eps, approximate, residual)
-
-
-def check_against_reference(inputs, approximate, residual, grad_seed=1, floor_rel=1e-6, label=""):
-    """Ours (backend='cuda') vs the fp64 reference, bounded by 2x the reference's own error in the same dtype."""
-    dtype = inputs[0].dtype
-    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    grad_out = grad_out.to(inputs[0].device)
-    ours = run_with_grads(fused(approximate, residual), inputs, grad_out)
-    same = run_with_grads(ref(approximate, residual), inputs, grad_out)
-    exact = run_with_grads(ref(approximate, residual), [None if t is None else t.double() for t in inputs], grad_out)
-    pairs = [("out", ours[0], same[0], exact[0])]
-    pairs += [(f"d{name}", o, s, e) for name, o, s, e in zip(NAMES, ours[1], same[1], exact[1]) if o is not None]
-    for name, got, torch_same, want in pairs:
-        assert got.dtype == dtype and got.shape == want.shape, (name, got.dtype, got.shape)
-        floor = floor_rel * max(want.abs().max().item(), 1.0) if want.numel() else 0.0
-        assert_within_torch_error(f"ln_mlp {label} {name} {dtype}", got, torch_same, want, floor=floor)
+def check_against_reference(sample: Sample, approximate="none", residual=True, floor_rel=1e-6, label=""):
+    """The extension (backend='cuda') vs the fp64 reference, bounded by 2x the reference's own error in the same
+    dtype (plus ``floor_rel`` of each tensor's scale), output and every gradient."""
+    sample = sample.with_kwargs(approximate=approximate, residual=residual)
+    assert_matches_reference(LN_MLP, sample, "cuda", floor=relative_floor(floor_rel), name=label)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,48 +52,44 @@ SHAPES = [((1, 1), 7, 13), ((2, 7), 24, 96), ((1, 197), 192, 768), ((3, 7), 24, 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("lead, width, hidden", SHAPES)
 def test_cpu_fp32_forward_and_every_grad_within_torch_error(lead, width, hidden, approximate, residual):
-    inputs = make_inputs(lead, width, hidden, torch.float32)
-    check_against_reference(inputs, approximate, residual, label=f"{lead}x{width}->{hidden} {approximate}")
+    sample = cpu_sample(lead=lead, width=width, hidden=hidden)
+    check_against_reference(sample, approximate, residual, label=f"{lead}x{width}->{hidden} {approximate}")
 
 
 @pytest.mark.parametrize("fc1_bias, fc2_bias", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_cpu_without_biases(fc1_bias, fc2_bias, approximate):
-    inputs = make_inputs((2, 7), 24, 40, torch.float32, fc1_bias=fc1_bias, fc2_bias=fc2_bias)
-    check_against_reference(inputs, approximate, True, label="bias")
-    _, grads = run_with_grads(fused(approximate), inputs, torch.randn(2, 7, 24))
+    sample = cpu_sample(lead=(2, 7), width=24, hidden=40, fc1_bias=fc1_bias, fc2_bias=fc2_bias)
+    check_against_reference(sample, approximate, True, label="bias")
+    _, *grads = LN_MLP.run(sample.with_kwargs(approximate=approximate), "cuda")
     assert (grads[4] is None) == (not fc1_bias) and (grads[6] is None) == (not fc2_bias)
 
 
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_cpu_fp64_matches_the_reference(approximate, residual):
-    inputs = make_inputs((3, 7), 24, 40, torch.float64)
-    grad_out = torch.randn(3, 7, 24, dtype=torch.float64)
-    ours = run_with_grads(fused(approximate, residual), inputs, grad_out)
-    want = run_with_grads(ref(approximate, residual), inputs, grad_out)
-    torch.testing.assert_close(ours[0], want[0], **dtype_tols(torch.float64))
-    for name, got, expected in zip(NAMES, ours[1], want[1]):
-        torch.testing.assert_close(got, expected, **dtype_tols(torch.float64), msg=f"d{name}")
+    sample = cpu_sample(torch.float64, lead=(3, 7), width=24, hidden=40)
+    check_against_reference(sample, approximate, residual, label="fp64")  # float64: within DTYPE_TOLS[float64]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_half_precision_within_torch_error(dtype):
-    inputs = make_inputs((2, 7), 24, 96, dtype)
-    check_against_reference(inputs, "none", True, floor_rel=1e-3, label="half")
+    check_against_reference(cpu_sample(dtype, lead=(2, 7), width=24, hidden=96), floor_rel=1e-3, label="half")
 
 
 @pytest.mark.parametrize(
     "residual, approximate, biases", [(True, "none", True), (False, "tanh", True), (True, "tanh", False)]
 )
 def test_gradcheck_fp64(residual, approximate, biases):
-    inputs = make_inputs((2, 3), 5, 6, torch.float64, fc1_bias=biases, fc2_bias=biases)
-    inputs = [None if t is None else t.requires_grad_(True) for t in inputs]
-    assert torch.autograd.gradcheck(fused(approximate, residual, eps=1e-5), inputs)
+    sample = cpu_sample(
+        torch.float64, requires_grad=True, lead=(2, 3), width=5, hidden=6, fc1_bias=biases, fc2_bias=biases
+    )
+    sample = sample.with_kwargs(eps=1e-5, approximate=approximate, residual=residual)
+    assert torch.autograd.gradcheck(LN_MLP.as_function(sample, "cuda"), sample.args)
 
 
 def test_eps_and_non_contiguous_views():
-    x, *params = make_inputs((4, 6), 48, 40, torch.float32)
+    x, *params = cpu_sample(lead=(4, 6), width=48, hidden=40).args
     view = x.transpose(0, 1)[:, ::2, 5:29]  # strided x: [6, 2, 24]
     ln_w, ln_b = params[0][5:29], params[1][5:29]
     fc1_w = params[2][:, 5:29]  # non-contiguous weight view [40, 24]
@@ -146,14 +102,13 @@ def test_eps_and_non_contiguous_views():
 
 
 def test_empty_batch():
-    inputs = make_inputs((0, 5), 24, 40, torch.float32)
-    out, grads = run_with_grads(fused(), inputs, torch.zeros(0, 5, 24))
-    assert out.shape == (0, 5, 24)
+    out, *grads = LN_MLP.run(cpu_sample(lead=(0, 5), width=24, hidden=40), "cuda")
+    assert out.shape == (0, 5, 24) and grads[0].shape == (0, 5, 24)
     assert all(g is not None and g.abs().sum() == 0 for g in grads[1:])
 
 
 def test_no_grad_skips_the_saved_pre_activation():
-    args = make_inputs((2, 7), 24, 40)
+    args = cpu_sample(lead=(2, 7), width=24, hidden=40).args
     out, mean, rstd, pre = torch.ops.fastvit.ln_mlp_fwd(*args, 1e-6, "none", True, False)
     assert pre.shape == (0,) and mean.shape == rstd.shape == (2, 7) and mean.dtype == torch.float32
     out2, _, _, pre2 = torch.ops.fastvit.ln_mlp_fwd(*args, 1e-6, "none", True, True)
@@ -165,13 +120,12 @@ def test_no_grad_skips_the_saved_pre_activation():
 
 
 def test_backward_is_deterministic_on_cpu():
-    inputs = make_inputs((4, 50), 24, 40)
-    grad_out = torch.randn(4, 50, 24)
+    sample = cpu_sample(lead=(4, 50), width=24, hidden=40)
     with_det = []
     for _ in range(2):
         fastvit.set_deterministic(True)
         try:
-            with_det.append(run_with_grads(fused(), inputs, grad_out)[1])
+            with_det.append(LN_MLP.run(sample, "cuda")[1:])
         finally:
             fastvit.set_deterministic(False)
     for a, b in zip(*with_det):
@@ -179,7 +133,7 @@ def test_backward_is_deterministic_on_cpu():
 
 
 def test_autocast_runs_the_op_in_the_autocast_dtype_and_adds_the_residual_outside():
-    inputs = make_inputs((2, 7), 32, 64, torch.float32)
+    inputs = cpu_sample(lead=(2, 7), width=32, hidden=64).args
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ops.ln_mlp(*inputs, backend="cuda")
         expected = ops.ln_mlp(*inputs, backend="torch")  # eager autocast: the same dtype rules
@@ -197,14 +151,13 @@ def test_autocast_runs_the_op_in_the_autocast_dtype_and_adds_the_residual_outsid
 
 @pytest.mark.parametrize("save, biases", [(True, True), (False, True), (True, False)])
 def test_ln_mlp_fwd_passes_opcheck(save, biases):
-    args = make_inputs((3, 5), 24, 40, fc1_bias=biases, fc2_bias=biases)
     # save=False is the inference form (nothing kept for a backward): opcheck it without grads.
-    args = [None if t is None else t.requires_grad_(save) for t in args]
+    args = cpu_sample(requires_grad=save, lead=(3, 5), width=24, hidden=40, fc1_bias=biases, fc2_bias=biases).args
     torch.library.opcheck(torch.ops.fastvit.ln_mlp_fwd.default, (*args, 1e-5, "tanh", True, save))
 
 
 def test_ln_mlp_bwd_passes_opcheck():
-    args = make_inputs((3, 5), 24, 40)
+    args = cpu_sample(lead=(3, 5), width=24, hidden=40).args
     _, mean, rstd, pre = torch.ops.fastvit.ln_mlp_fwd(*args, 1e-6, "none", True, True)
     x, ln_w, ln_b, w1, _b1, w2, _b2 = args
     grad_out = torch.randn_like(x)
@@ -216,14 +169,14 @@ def test_ln_mlp_bwd_passes_opcheck():
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_compiles_fullgraph_with_backward(approximate):
-    inputs = [t.requires_grad_(True) for t in make_inputs((3, 5), 24, 40)]
-    compiled = torch.compile(fused(approximate), fullgraph=True, backend="aot_eager")
-    out = compiled(*inputs)
-    expected = reference.ln_mlp(*inputs, 1e-6, approximate, True)
+    sample = cpu_sample(requires_grad=True, lead=(3, 5), width=24, hidden=40).with_kwargs(approximate=approximate)
+    compiled = torch.compile(LN_MLP.as_function(sample, "cuda"), fullgraph=True, backend="aot_eager")
+    out = compiled(*sample.args)
+    expected = LN_MLP.call(sample, REFERENCE)
     torch.testing.assert_close(out, expected, **dtype_tols(torch.float32))
-    grads = torch.autograd.grad(out.square().sum(), inputs)
-    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
-    for name, got, want in zip(NAMES, grads, expected_grads):
+    grads = torch.autograd.grad(out.square().sum(), sample.args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), sample.args)
+    for name, got, want in zip(sample.tensors, grads, expected_grads):
         torch.testing.assert_close(got, want, **dtype_tols(torch.float32), msg=f"d{name}")
 
 
@@ -235,7 +188,7 @@ def test_cuda_backend_on_cpu_is_the_cpp_op():
 def test_cuda_kernel_of_the_op_reports_a_clear_error_for_cpu_tensors():
     # CPU tensors sent to the CUDA kernel: the CPU-only build says it has no CUDA kernels, the CUDA
     # build that x must be a CUDA tensor. Either way a clear message, never a crash.
-    args = make_inputs((2, 3), 8, 16)
+    args = cpu_sample(lead=(2, 3), width=8, hidden=16).args
     cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with pytest.raises((RuntimeError, ValueError), match="built without CUDA kernels|must be a CUDA tensor"):
         torch.ops.fastvit.ln_mlp_fwd.default.redispatch(cuda_keys, *args, 1e-6, "none", True, False)
@@ -274,22 +227,22 @@ def _replace(args, index, value):
 )
 def test_fwd_rejects_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
-        _fwd(make(make_inputs((2, 3), 8, 16)))
+        _fwd(make(cpu_sample(lead=(2, 3), width=8, hidden=16).args))
 
 
 @pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan"), float("inf")])
 def test_fwd_rejects_non_positive_eps(eps):
     with pytest.raises(ValueError, match="eps must be a positive finite number"):
-        _fwd(make_inputs((2, 3), 8, 16), eps=eps)
+        _fwd(cpu_sample(lead=(2, 3), width=8, hidden=16).args, eps=eps)
 
 
 def test_fwd_rejects_unknown_gelu_form():
     with pytest.raises(ValueError, match="approximate must be 'none'"):
-        _fwd(make_inputs((2, 3), 8, 16), approximate="sigmoid")
+        _fwd(cpu_sample(lead=(2, 3), width=8, hidden=16).args, approximate="sigmoid")
 
 
 def test_bwd_rejects_bad_arguments():
-    args = make_inputs((2, 3), 8, 16)
+    args = cpu_sample(lead=(2, 3), width=8, hidden=16).args
     _, mean, rstd, pre = _fwd(args)
     x, ln_w, ln_b, w1, _b1, w2, _b2 = args
     dy = torch.randn_like(x)
@@ -310,7 +263,7 @@ def test_bwd_rejects_bad_arguments():
 
 
 def test_public_op_rejects_mixed_dtypes_on_the_cuda_backend():
-    x, *params = make_inputs((2, 3), 8, 16)
+    x, *params = cpu_sample(lead=(2, 3), width=8, hidden=16).args
     with pytest.raises(TypeError, match="one dtype"):
         ops.ln_mlp(x.double(), *params, backend="cuda")
 
@@ -319,54 +272,23 @@ def test_public_op_rejects_mixed_dtypes_on_the_cuda_backend():
 # The LNMLP layer
 
 
-class _TimmStyleHalf(nn.Module):
-    """The MLP half of a timm Block: the module names whose state-dict keys LNMLP must keep."""
+def test_mlp_has_timm_keys_and_the_block_half_matches_the_unfused_modules():
+    from timm.layers import Mlp as TimmMlp
 
-    def __init__(self, dim, hidden):
-        from timm.layers import Mlp
-
-        super().__init__()
-        self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, hidden)
-
-    def forward(self, x):
-        return x + self.mlp(self.norm2(x))
-
-
-class _FusedHalf(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.norm2 = LayerNorm(dim)
-        self.mlp = LNMLP(dim, hidden, norm=self.norm2)
-
-    def forward(self, x):
-        return self.mlp(x)
-
-
-def test_lnmlp_borrowing_the_norm_keeps_timm_keys_and_matches_the_unfused_modules():
-    timm_style, fused_half = _TimmStyleHalf(24, 40), _FusedHalf(24, 40)
-    assert list(fused_half.state_dict()) == list(timm_style.state_dict())
-    assert sorted(fused_half.state_dict()) == [
-        "mlp.fc1.bias",
-        "mlp.fc1.weight",
-        "mlp.fc2.bias",
-        "mlp.fc2.weight",
-        "norm2.bias",
-        "norm2.weight",
-    ]
+    assert list(Mlp(24, 40).state_dict()) == list(TimmMlp(24, 40).state_dict())
+    norm, mlp = LayerNorm(24), Mlp(24, 40)
     with torch.no_grad():
-        for p in timm_style.parameters():
+        for p in (*norm.parameters(), *mlp.parameters()):
             p.normal_()
-    fused_half.load_state_dict(timm_style.state_dict())  # strict
     x = torch.randn(2, 7, 24)
-    fused_half.mlp.backend = "cuda"
-    torch.testing.assert_close(fused_half(x), timm_style(x), **dtype_tols(torch.float32))
-    # The borrowed norm is the owner's: .to() / deepcopy keep them one module.
-    copied = copy.deepcopy(fused_half).double()
-    assert copied.mlp.layer_norm is copied.norm2 and copied.norm2.weight.dtype == torch.float64
+    assert next(mlp_blockers(norm, mlp, mlp.norm, training=False), None) is None
+    fused = ops.ln_mlp(
+        x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, backend="cuda"
+    )
+    torch.testing.assert_close(fused, x + mlp(norm(x)), **dtype_tols(torch.float32))
 
 
-def test_lnmlp_owned_norm_and_from_modules():
+def test_lnmlp_owns_its_norm():
     layer = LNMLP(24, 40)
     assert sorted(layer.state_dict()) == [
         "fc1.bias",
@@ -382,22 +304,16 @@ def test_lnmlp_owned_norm_and_from_modules():
     torch.testing.assert_close(layer(x), expected, **dtype_tols(torch.float32))
     torch.testing.assert_close(layer(x, residual=False), expected - x, **dtype_tols(torch.float32))
 
-    from timm.models.vision_transformer import Block as TimmBlock
-
-    block = TimmBlock(24, num_heads=2, qkv_bias=True)
-    swapped = LNMLP.from_modules(block.norm2, block.mlp)
-    assert swapped.fc1 is block.mlp.fc1 and swapped.layer_norm is block.norm2
-    torch.testing.assert_close(swapped(x), x + block.mlp(block.norm2(x)), **dtype_tols(torch.float32))
-
 
 def test_lnmlp_unfused_paths():
     layer = LNMLP(16, 32, act_layer=nn.ReLU)  # not a GELU: unfused
-    assert not layer.fusable
+    assert "mlp.act is a ReLU" in next(mlp_blockers(layer.norm, layer, nn.Identity(), layer.training))
     x = torch.randn(3, 16)
     torch.testing.assert_close(layer(x), x + layer.fc2(torch.relu(layer.fc1(layer.norm(x)))))
     dropping = LNMLP(16, 32, drop=0.5).train()  # dropout while training: unfused; eval: fused
-    assert dropping.fusable
+    assert "MLP dropout is active" in next(mlp_blockers(dropping.norm, dropping, nn.Identity(), True))
     dropping.eval()
+    assert next(mlp_blockers(dropping.norm, dropping, nn.Identity(), False), None) is None
     torch.testing.assert_close(dropping(x), x + dropping.fc2(dropping.act(dropping.fc1(dropping.norm(x)))))
 
 
@@ -406,9 +322,9 @@ def test_lnmlp_unfused_paths():
 
 
 def _gpu_case(lead, width, hidden, dtype, approximate, residual=True, biases=True):
-    inputs = make_inputs(lead, width, hidden, dtype, device="cuda", fc1_bias=biases, fc2_bias=biases)
+    sample = gpu_sample(dtype, lead=lead, width=width, hidden=hidden, fc1_bias=biases, fc2_bias=biases)
     floor = 1e-6 if dtype == torch.float32 else 0.0
-    check_against_reference(inputs, approximate, residual, floor_rel=floor, label=f"cuda {width}->{hidden}")
+    check_against_reference(sample, approximate, residual, floor_rel=floor, label=f"cuda {width}->{hidden}")
 
 
 @pytest.fixture
@@ -451,23 +367,21 @@ def test_gpu_large_batch_bf16(approximate):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gpu_deterministic_mode_gives_bit_identical_gradients(dtype, approximate):
-    inputs = make_inputs((16, 197), 384, 1536, dtype, device="cuda")
-    grad_out = torch.randn(16, 197, 384, device="cuda")
+    sample = gpu_sample(dtype, lead=(16, 197), width=384, hidden=1536).with_kwargs(approximate=approximate)
     fastvit.set_deterministic(True)
     try:
-        runs = [run_with_grads(fused(approximate), inputs, grad_out) for _ in range(3)]
+        runs = [LN_MLP.run(sample, "cuda") for _ in range(3)]
     finally:
         fastvit.set_deterministic(False)
-    for out, grads in runs[1:]:
-        assert torch.equal(out, runs[0][0])
-        for name, got, first in zip(NAMES, grads, runs[0][1]):
-            assert torch.equal(got, first), f"d{name} differs between runs"
+    for run in runs[1:]:
+        for label, got, first in zip(LN_MLP.labels(sample), run, runs[0]):
+            assert torch.equal(got, first), f"{label} differs between runs"
 
 
 @needs_cuda
 @pytest.mark.gpu
 def test_gpu_inference_path_and_autocast():
-    inputs = make_inputs((8, 197), 384, 1536, torch.float32, device="cuda")
+    inputs = gpu_sample(lead=(8, 197), width=384, hidden=1536).args
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = ops.ln_mlp(*inputs, backend="cuda")
         expected = ops.ln_mlp(*inputs, backend="torch")
@@ -478,9 +392,10 @@ def test_gpu_inference_path_and_autocast():
 @needs_cuda
 @pytest.mark.gpu
 def test_gpu_op_passes_opcheck_and_compiles():
-    args = [t.requires_grad_(True) for t in make_inputs((3, 50), 64, 256, torch.bfloat16, device="cuda")]
+    sample = gpu_sample(torch.bfloat16, requires_grad=True, lead=(3, 50), width=64, hidden=256)
+    args = sample.args
     torch.library.opcheck(torch.ops.fastvit.ln_mlp_fwd.default, (*args, 1e-6, "none", True, True))
-    compiled = torch.compile(fused(), fullgraph=True)
+    compiled = torch.compile(LN_MLP.as_function(sample, "cuda"), fullgraph=True)
     out = compiled(*args)
     torch.testing.assert_close(out, reference.ln_mlp(*args), **dtype_tols(torch.bfloat16))
     out.float().square().sum().backward()

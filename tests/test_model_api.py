@@ -90,9 +90,17 @@ def test_qk_norm_is_a_clear_error():
     fastvit.ViT(**TINY, qk_norm=False)
 
 
-@pytest.mark.parametrize("img_size", [0, -8, (32, 0), (32,), 32.0, True])
-def test_img_size_is_checked(img_size):
-    with pytest.raises(ValueError, match="img_size must be a positive int or"):
+@pytest.mark.parametrize(
+    "img_size, error, match",
+    [
+        (-8, ValueError, "img_size must be positive"),  # 0 and (32, 0): tests/test_model_validation.py
+        ((32,), TypeError, "img_size must be an int or a pair of ints"),
+        (32.0, TypeError, "img_size must be an int or a pair of ints"),
+        (True, TypeError, "img_size must be an int or a pair of ints"),
+    ],
+)
+def test_img_size_is_checked(img_size, error, match):
+    with pytest.raises(error, match=match):
         fastvit.ViT(**{**TINY, "img_size": img_size})
 
 

@@ -48,7 +48,7 @@ def test_backend_without_the_op_is_a_clear_error():
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setitem(dispatch._IMPLEMENTATIONS["layer_norm"], "triton", lambda *a: None)
+    monkeypatch.setitem(dispatch._REGISTRY["layer_norm"], "triton", dispatch.Implementation(lambda *a: None))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dispatch.resolve("layer_norm", "triton", torch.device("cpu"))
 
@@ -139,8 +139,8 @@ def test_attention_dropout_only_on_the_reference():
     qkv = torch.randn(1, 5, 12)
     out = ops.qkv_attention(qkv, 2, dropout_p=0.5)  # auto -> torch when dropout is on
     assert out.shape == (1, 5, 4)
-    with pytest.raises(ValueError, match="dropout_p > 0 is implemented only by the 'torch' backend"):
-        ops.qkv_attention(qkv, 2, dropout_p=0.5, backend="cuda")
+    with pytest.raises(ValueError, match=r"dropout \(dropout_p > 0\) is implemented only by the 'torch' backend"):
+        ops.qkv_attention(qkv, 2, dropout_p=0.5, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,3 +314,13 @@ def test_deterministic_flag_and_torch_setting():
         torch.use_deterministic_algorithms(False)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         fastvit.set_deterministic(1)
+
+
+def test_layer_norm_and_ln_mlp_share_one_eps_rule():
+    x, w, b = torch.randn(2, 6), torch.ones(6), torch.zeros(6)
+    fc1, fc2 = torch.randn(9, 6), torch.randn(6, 9)
+    for eps in (0, 0.0, -1e-6, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            ops.layer_norm(x, w, b, eps=eps)
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            ops.ln_mlp(x, w, b, fc1, None, fc2, None, eps=eps)

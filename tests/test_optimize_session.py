@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fastvit
-from conftest import needs_cuda
+
+from utils import needs_cuda
 
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402

@@ -1,9 +1,10 @@
 """Property-based tests (hypothesis) of every op against the reference, and torch.library hygiene of every op.
 
-Properties: for shapes, dtypes and strides drawn by hypothesis, each fused op (``triton`` in Triton's interpreter,
-``cuda`` through the extension's C++ kernels) gives the output and every gradient within 2x PyTorch's own error
-in the same dtype, against the fp64 reference (plus one rounding). CPU runs are bounded (few examples, small
-shapes, derandomized so CI is reproducible); ``gpu`` runs draw wider shapes and more examples.
+Properties: for shapes, dtypes and strides drawn by hypothesis, each fused backend of each op (from the op-case
+table, ``tests/op_cases.py``: ``triton`` in Triton's interpreter, ``cuda`` through the extension's C++ kernels)
+gives the output and every gradient within 2x PyTorch's own error in the same dtype, against the fp64 reference
+(plus one rounding). The dtypes drawn are the ones the backend's ``supports`` predicate takes. CPU runs are bounded
+(few examples, small shapes, derandomized so CI is reproducible); ``gpu`` runs draw wider shapes and more examples.
 
 Hygiene: ``torch.library.opcheck`` on every registered ``fastvit::`` op (the list comes from the dispatcher, so a new
 op without a sample here fails), ``torch.autograd.gradcheck`` in fp64 through each op's reference-equivalent path
@@ -13,25 +14,37 @@ compared to it), and fake/meta outputs with the real outputs' shapes, dtypes and
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastvit
-from conftest import DEVICE, DTYPE_TOLS, assert_within_torch_error, needs_cuda, triton_skip_reason
-from fastvit import dispatch, ops, reference
+from fastvit.ops.triton.attention import SUPPORTED_HEAD_DIMS
 
-attention_ops = importlib.import_module("fastvit.ops.attention")
-pe_ops = importlib.import_module("fastvit.ops.patch_embed")
+from op_cases import (
+    ATTENTION,
+    LAYER_NORM,
+    LINEAR_RESIDUAL,
+    LN_MLP,
+    OP_CASES,
+    PATCH_EMBED,
+    PATCH_EMBED_UINT8,
+    QKV_ATTENTION,
+    REFERENCE,
+    OpCase,
+    Sample,
+    assert_matches_reference,
+    backend_params,
+    randn,
+    relayout,
+    rounding_floor,
+)
+from utils import DEVICE, backend_skip_reason, needs_cuda
 
-TRITON_REASON = triton_skip_reason()
-EXTENSION_REASON = dispatch.backend_unusable_reason("cuda", DEVICE)
-needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=str(TRITON_REASON))
-needs_extension = pytest.mark.skipif(EXTENSION_REASON is not None, reason=str(EXTENSION_REASON))
-ON_GPU = DEVICE.type == "cuda"
+TRITON_REASON = backend_skip_reason("triton")
+EXTENSION_REASON = backend_skip_reason("cuda")
+CPU_DEVICE = torch.device("cpu")
 
 # CPU: a handful of derandomized examples per op (the interpreter is slow); GPU: wider and random.
 CPU = settings(
@@ -43,72 +56,21 @@ CPU = settings(
 )
 CPP = settings(CPU, max_examples=100)  # the extension's C++ kernels are fast
 GPU = settings(CPU, max_examples=200, derandomize=False)
-
-# bf16 tl.dot is broken in Triton's interpreter (triton#11584): bf16 Triton properties are GPU-only.
-TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
-HEAD_DIMS = list(attention_ops.SUPPORTED_HEAD_DIMS)
+HEAD_DIMS = list(SUPPORTED_HEAD_DIMS)
 
 
-def _grad_out(shape, seed=1) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def _fused(*op_names: str) -> list:
+    return backend_params(op_names, fused_only=True)
 
 
-def _run(fn, inputs: list, grad_out: torch.Tensor) -> list:
-    """[fn(*inputs), gradient of every floating input (None elsewhere)]."""
-    leaves = [None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
-    out = fn(*leaves)
-    wanted = [t for t in leaves if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(out, wanted, grad_out.to(out.device, out.dtype)))
-    return [out.detach()] + [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+def _dtypes(case: OpCase, backend: str) -> list[torch.dtype]:
+    """The dtypes ``backend`` takes for ``case`` on DEVICE, then those it takes on CPU tensors only (the C++ twin's
+    float64 on a GPU machine: drawn on CPU tensors). bf16 Triton is GPU-only (triton#11584)."""
+    return list(dict.fromkeys((*case.dtypes(backend, DEVICE), *case.dtypes(backend, CPU_DEVICE))))
 
 
-def _check(name, fused, reference_fn, inputs: list, rounding_floor: float = 2.0, per_grad_out: float = 0.0):
-    """fused vs the reference in the inputs' dtype vs the reference in fp64: the flash-attention rule everywhere.
-
-    The floor is ``rounding_floor`` roundings of the dtype at the scale of the exact result (needed where PyTorch
-    happens to be exact, e.g. a sum of two values), plus 1e-6 of it for fp32 cancellation noise, plus
-    ``per_grad_out`` x max|grad_out| (attention: see ``_attention_floor``).
-    """
-    dtype = next(t.dtype for t in inputs if t is not None and t.is_floating_point())
-    exact_inputs = [None if t is None else (t.double() if t.is_floating_point() else t) for t in inputs]
-    probe = reference_fn(*exact_inputs)
-    grad_out = _grad_out(probe.shape).to(probe.device)
-    ours = _run(fused, inputs, grad_out)
-    same = _run(reference_fn, inputs, grad_out)
-    exact = _run(reference_fn, exact_inputs, grad_out)
-    scale = max(ref.abs().max().item() for ref in exact if ref is not None and ref.numel())
-    floor = (rounding_floor * torch.finfo(dtype).eps + 1e-6) * (
-        1.0 + scale
-    ) + per_grad_out * grad_out.abs().max().item()
-    for i, (mine, theirs, ref) in enumerate(zip(ours, same, exact)):
-        if ref is None:
-            assert mine is None
-            continue
-        label = "out" if i == 0 else f"grad {i - 1}"
-        assert mine.shape == ref.shape and mine.dtype == theirs.dtype, (label, mine.shape, mine.dtype, theirs.dtype)
-        assert torch.isfinite(mine).all(), f"{name} {label}: non-finite"
-        if dtype == torch.float64:
-            torch.testing.assert_close(mine, ref, **DTYPE_TOLS[torch.float64])
-        else:
-            assert_within_torch_error(f"{name} {label}", mine, theirs, ref, floor=floor)
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``x`` in another memory layout: a view with other strides (never a copy's strides)."""
-    if layout == "slice":  # every other element along the last dim of a wider buffer, with an offset
-        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1] + 3, dtype=x.dtype, device=x.device)
-        wide[..., 3::2] = x
-        return wide[..., 3::2]
-    if layout == "transposed":  # the first two dims swapped in memory
-        return x.transpose(0, 1).contiguous().transpose(0, 1) if x.dim() >= 2 else x
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def _randn(*shape, dtype, seed, scale=1.0, device=DEVICE) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
+def _device(case: OpCase, backend: str, dtype: torch.dtype) -> torch.device:
+    return DEVICE if dtype in case.dtypes(backend, DEVICE) else CPU_DEVICE
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,13 +91,13 @@ def _attention_floor(head_dim: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 @st.composite
-def qkv_cases(draw, max_tokens=80, max_batch=2, max_heads=2):
+def qkv_cases(draw, dtypes, max_tokens=80, max_batch=2, max_heads=2):
     return dict(
         batch=draw(st.integers(1, max_batch)),
         tokens=draw(st.integers(1, max_tokens)),
         heads=draw(st.integers(1, max_heads)),
         head_dim=draw(st.sampled_from(HEAD_DIMS)),
-        dtype=draw(st.sampled_from(TRITON_DTYPES)),
+        dtype=draw(st.sampled_from(dtypes)),
         layout=draw(st.sampled_from(["contiguous", "slice", "transposed"])),
         scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))),
         magnitude=draw(st.sampled_from([0.5, 1.0, 3.0])),
@@ -143,60 +105,50 @@ def qkv_cases(draw, max_tokens=80, max_batch=2, max_heads=2):
     )
 
 
-def _check_qkv(case):
-    qkv = _randn(
-        case["batch"], case["tokens"], 3 * case["heads"] * case["head_dim"],
-        dtype=case["dtype"], seed=case["seed"], scale=case["magnitude"],
-    )  # fmt: skip
-    heads, scale = case["heads"], case["scale"]
-    _check(
-        f"qkv_attention {case}",
-        lambda x: ops.qkv_attention(x, heads, scale, backend="triton"),
-        lambda x: reference.qkv_attention(x, heads, scale),
-        [_layout(qkv, case["layout"])],
-        per_grad_out=_attention_floor(case["head_dim"], qkv, qkv, qkv, scale),
-    )
+def _check_qkv(case, backend):
+    shape = {k: case[k] for k in ("batch", "tokens", "heads", "head_dim")}
+    sample = QKV_ATTENTION.make(torch.float64, seed=case["seed"], **shape)
+    qkv = (sample["qkv"] * case["magnitude"]).to(case["dtype"])
+    sample = sample.replace(qkv=relayout(qkv, case["layout"])).with_kwargs(scale=case["scale"])
+    floor = rounding_floor(per_grad_out=_attention_floor(case["head_dim"], qkv, qkv, qkv, case["scale"]))
+    assert_matches_reference(QKV_ATTENTION, sample, backend, floor=floor, name=str(case))
 
 
-@needs_triton
 @CPU
-@given(qkv_cases())
-def test_qkv_attention_property(case):
-    _check_qkv(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("qkv_attention"))
+def test_qkv_attention_property(op, backend, data):
+    _check_qkv(data.draw(qkv_cases(_dtypes(QKV_ATTENTION, backend))), backend)
 
 
 @st.composite
-def attention_cases(draw, max_tokens=60, max_batch=2, max_heads=2):
+def attention_cases(draw, dtypes, max_tokens=60, max_batch=2, max_heads=2):
     return dict(
         batch=draw(st.integers(1, max_batch)),
         heads=draw(st.integers(1, max_heads)),
         q_tokens=draw(st.integers(1, max_tokens)),
         kv_tokens=draw(st.integers(1, max_tokens)),
         head_dim=draw(st.sampled_from(HEAD_DIMS)),
-        dtype=draw(st.sampled_from(TRITON_DTYPES)),
+        dtype=draw(st.sampled_from(dtypes)),
         layouts=draw(st.lists(st.sampled_from(["contiguous", "slice", "transposed"]), min_size=3, max_size=3)),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-def _check_attention(case):
-    shapes = [(case["batch"], case["heads"], n, case["head_dim"]) for n in (case["q_tokens"], case["kv_tokens"])]
-    q, k, v = (_randn(*shapes[min(i, 1)], dtype=case["dtype"], seed=case["seed"] + i) for i in range(3))
-    inputs = [_layout(t, layout) for t, layout in zip((q, k, v), case["layouts"])]
-    _check(
-        f"attention {case}",
-        lambda q, k, v: ops.attention(q, k, v, backend="triton"),
-        reference.attention,
-        inputs,
-        per_grad_out=_attention_floor(case["head_dim"], q, k, v, None),
-    )
+def _check_attention(case, backend):
+    shape = {k: case[k] for k in ("batch", "heads", "q_tokens", "kv_tokens", "head_dim")}
+    sample = ATTENTION.make(case["dtype"], seed=case["seed"], **shape)
+    q, k, v = sample.args
+    sample = sample.replace(**{n: relayout(sample[n], layout) for n, layout in zip("qkv", case["layouts"])})
+    floor = rounding_floor(per_grad_out=_attention_floor(case["head_dim"], q, k, v, None))
+    assert_matches_reference(ATTENTION, sample, backend, floor=floor, name=str(case))
 
 
-@needs_triton
 @CPU
-@given(attention_cases())
-def test_attention_property(case):
-    _check_attention(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("attention"))
+def test_attention_property(op, backend, data):
+    _check_attention(data.draw(attention_cases(_dtypes(ATTENTION, backend))), backend)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +156,7 @@ def test_attention_property(case):
 
 
 @st.composite
-def patch_cases(draw, max_grid=5, max_dim=48, max_batch=2):
+def patch_cases(draw, dtypes, max_grid=5, max_dim=48, max_batch=2):
     return dict(
         batch=draw(st.integers(1, max_batch)),
         in_chans=draw(st.integers(1, 4)),
@@ -214,49 +166,34 @@ def patch_cases(draw, max_grid=5, max_dim=48, max_batch=2):
         prefix=draw(st.integers(0, 3)),
         pos=draw(st.sampled_from([None, "all", "patch"])),
         bias=draw(st.booleans()),
-        dtype=draw(st.sampled_from(TRITON_DTYPES)),
+        dtype=draw(st.sampled_from(dtypes)),
         layout=draw(st.sampled_from(["contiguous", "channels_last", "slice"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-def _patch_inputs(case, dtype):
-    (ph, pw), (gh, gw), dim, prefix = case["patch"], case["grid"], case["dim"], case["prefix"]
-    seed = case["seed"]
-    fan_in = case["in_chans"] * ph * pw
-    pos_tokens = {"all": gh * gw + prefix, "patch": gh * gw}.get(case["pos"])
-    return [
-        _randn(case["batch"], case["in_chans"], gh * ph, gw * pw, dtype=dtype, seed=seed),
-        _randn(dim, case["in_chans"], ph, pw, dtype=dtype, seed=seed + 1, scale=fan_in**-0.5),
-        _randn(dim, dtype=dtype, seed=seed + 2) if case["bias"] else None,
-        _randn(1, pos_tokens, dim, dtype=dtype, seed=seed + 3) if pos_tokens else None,
-        _randn(1, prefix, dim, dtype=dtype, seed=seed + 4) if prefix else None,
-    ]
+_PATCH_SHAPE = ("batch", "in_chans", "patch", "grid", "dim", "prefix", "pos", "bias")
 
 
-def _check_patch(case):
-    x, *params = _patch_inputs(case, case["dtype"])
-    _check(
-        f"patch_embed {case}",
-        lambda *a: ops.patch_embed(*a, backend="triton"),
-        reference.patch_embed,
-        [_layout(x, case["layout"]), *params],
-        rounding_floor=4.0,  # sums of B·N values rounded once in fp32 vs PyTorch's reduction order
-    )
+def _check_patch(case, backend):
+    sample = PATCH_EMBED.make(case["dtype"], seed=case["seed"], **{k: case[k] for k in _PATCH_SHAPE})
+    sample = sample.replace(x=relayout(sample["x"], case["layout"]))
+    # rounding_floor 4: sums of B·N values rounded once in fp32 vs PyTorch's reduction order
+    assert_matches_reference(PATCH_EMBED, sample, backend, floor=rounding_floor(4.0), name=str(case))
 
 
-@needs_triton
 @CPU
-@given(patch_cases())
-def test_patch_embed_property(case):
-    _check_patch(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("patch_embed"))
+def test_patch_embed_property(op, backend, data):
+    _check_patch(data.draw(patch_cases(_dtypes(PATCH_EMBED, backend))), backend)
 
 
 @st.composite
-def uint8_cases(draw):
+def uint8_cases(draw, dtypes):
     in_chans = draw(st.integers(1, 4))
     return dict(
-        case=draw(patch_cases()),
+        case=draw(patch_cases(dtypes)),
         in_chans=in_chans,
         channels_last=draw(st.booleans()),
         mean=draw(st.lists(st.floats(0.0, 1.0), min_size=in_chans, max_size=in_chans)),
@@ -264,47 +201,31 @@ def uint8_cases(draw):
     )
 
 
-def _check_uint8(draw_case):
+def _check_uint8(draw_case, backend):
     case = {**draw_case["case"], "in_chans": draw_case["in_chans"]}
-    _, *params = _patch_inputs(case, case["dtype"])
-    (ph, pw), (gh, gw) = case["patch"], case["grid"]
-    gen = torch.Generator().manual_seed(case["seed"])
-    images = torch.randint(0, 256, (case["batch"], gh * ph, gw * pw, case["in_chans"]), generator=gen).byte()
-    images = images.to(DEVICE)
-    if not draw_case["channels_last"]:
-        images = images.permute(0, 3, 1, 2).contiguous()
-    mean, std, channels_last = draw_case["mean"], draw_case["std"], draw_case["channels_last"]
-
-    def spec(*p):
-        nchw = images.permute(0, 3, 1, 2) if channels_last else images
-        return reference.patch_embed(reference.normalize_uint8(nchw, mean, std, p[0].dtype), *p)
-
-    fused = lambda *p: ops.patch_embed_uint8(  # noqa: E731
-        images, *p, mean=mean, std=std, channels_last=channels_last, backend="triton"
-    )
-    _check(f"patch_embed_uint8 {draw_case}", fused, spec, params, rounding_floor=8.0)
+    options = {k: draw_case[k] for k in ("channels_last", "mean", "std")}
+    sample = PATCH_EMBED_UINT8.make(case["dtype"], seed=case["seed"], **{k: case[k] for k in _PATCH_SHAPE}, **options)
+    assert_matches_reference(PATCH_EMBED_UINT8, sample, backend, floor=rounding_floor(8.0), name=str(draw_case))
 
 
-@needs_triton
 @settings(CPU, max_examples=15)
-@given(uint8_cases())
-def test_patch_embed_uint8_property(case):
-    _check_uint8(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("patch_embed_uint8"))
+def test_patch_embed_uint8_property(op, backend, data):
+    _check_uint8(data.draw(uint8_cases(_dtypes(PATCH_EMBED_UINT8, backend))), backend)
 
 
 # ------------------------------------------------------------------------------------------------
 # LayerNorm and LN-MLP on the extension (C++ on CPU tensors)
 
-EXT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
 
 @st.composite
-def ln_mlp_cases(draw, max_width=64, max_hidden=96):
+def ln_mlp_cases(draw, dtypes, max_width=64, max_hidden=96):
     return dict(
         lead=tuple(draw(st.lists(st.integers(1, 5), min_size=0, max_size=2))),
         width=draw(st.integers(1, max_width)),
         hidden=draw(st.integers(1, max_hidden)),
-        dtype=draw(st.sampled_from(EXT_DTYPES)),
+        dtype=draw(st.sampled_from(dtypes)),
         fc1_bias=draw(st.booleans()),
         fc2_bias=draw(st.booleans()),
         residual=draw(st.booleans()),
@@ -315,74 +236,52 @@ def ln_mlp_cases(draw, max_width=64, max_hidden=96):
     )
 
 
-def _check_ln_mlp(case):
-    dtype, width, hidden, seed = case["dtype"], case["width"], case["hidden"], case["seed"]
-    device = "cpu" if dtype == torch.float64 else DEVICE  # the CUDA kernels take 16/32-bit floats; C++ all four
-    inputs = [
-        _randn(*case["lead"], width, dtype=dtype, seed=seed, scale=2.0, device=device) + 0.5,
-        1 + _randn(width, dtype=dtype, seed=seed + 1, scale=0.2, device=device),
-        _randn(width, dtype=dtype, seed=seed + 2, scale=0.2, device=device),
-        _randn(hidden, width, dtype=dtype, seed=seed + 3, scale=width**-0.5, device=device),
-        _randn(hidden, dtype=dtype, seed=seed + 4, scale=0.2, device=device) if case["fc1_bias"] else None,
-        _randn(width, hidden, dtype=dtype, seed=seed + 5, scale=hidden**-0.5, device=device),
-        _randn(width, dtype=dtype, seed=seed + 6, scale=0.2, device=device) if case["fc2_bias"] else None,
-    ]
-    inputs[0] = _layout(inputs[0], case["layout"])
-    kwargs = dict(eps=case["eps"], approximate=case["approximate"], residual=case["residual"])
-    _check(
-        f"ln_mlp {case}",
-        lambda *a: ops.ln_mlp(*a, **kwargs, backend="cuda"),
-        lambda *a: reference.ln_mlp(*a, **kwargs),
-        inputs,
-        rounding_floor=4.0,
-    )
+def _check_ln_mlp(case, backend):
+    dtype = case["dtype"]
+    shape = {k: case[k] for k in ("lead", "width", "hidden", "fc1_bias", "fc2_bias")}
+    sample = LN_MLP.make(dtype, _device(LN_MLP, backend, dtype), seed=case["seed"], **shape)
+    sample = sample.replace(x=relayout(sample["x"], case["layout"]))
+    sample = sample.with_kwargs(eps=case["eps"], approximate=case["approximate"], residual=case["residual"])
+    assert_matches_reference(LN_MLP, sample, backend, floor=rounding_floor(4.0), name=str(case))
 
 
-@needs_extension
 @CPP
-@given(ln_mlp_cases())
-def test_ln_mlp_property(case):
-    _check_ln_mlp(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("ln_mlp"))
+def test_ln_mlp_property(op, backend, data):
+    _check_ln_mlp(data.draw(ln_mlp_cases(_dtypes(LN_MLP, backend))), backend)
 
 
 @st.composite
-def layer_norm_cases(draw, max_width=300):
+def layer_norm_cases(draw, dtypes, max_width=300):
     return dict(
         lead=tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=3))),
         width=draw(st.integers(1, max_width)),
-        dtype=draw(st.sampled_from(EXT_DTYPES)),
-        eps=draw(st.sampled_from([0.0, 1e-6, 1e-5])),
+        dtype=draw(st.sampled_from(dtypes)),
+        eps=draw(st.sampled_from([1e-12, 1e-6, 1e-5])),  # eps must be positive; 1e-12: next to no regularisation
         layout=draw(st.sampled_from(["contiguous", "slice", "transposed"])),
         offset=draw(st.floats(-10.0, 10.0)),  # |mean| <= 3.3 std: see test_layer_norm_accuracy_with_a_large_mean
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-def _check_layer_norm(case):
-    dtype, width, seed = case["dtype"], case["width"], case["seed"]
-    x = _randn(*case["lead"], width, dtype=torch.float64, seed=seed, scale=3.0) + case["offset"]
-    if width == 1 and case["eps"] == 0.0:
-        case = {**case, "eps": 1e-6}  # one element with eps 0: 0/0 in every implementation
-    eps = case["eps"]
-    inputs = [
-        _layout(x.to(dtype), case["layout"]),
-        _randn(width, dtype=dtype, seed=seed + 1),
-        _randn(width, dtype=dtype, seed=seed + 2),
-    ]
-    _check(
-        f"layer_norm {case}",
-        lambda *a: ops.layer_norm(*a, eps=eps, backend="cuda"),
-        lambda *a: reference.layer_norm(*a, eps),
-        inputs,
-        rounding_floor=4.0,
-    )
+def _check_layer_norm(case, backend):
+    dtype, lead, width, seed = case["dtype"], case["lead"], case["width"], case["seed"]
+    device = _device(LAYER_NORM, backend, dtype)
+    x = randn(*lead, width, dtype=torch.float64, device=device, seed=seed + 1, scale=3.0, offset=case["offset"])
+    sample = LAYER_NORM.make(torch.float64, device, seed=seed, lead=lead, width=width).replace(x=x).to(dtype)
+    # One element per row: the variance is 0 and rstd = eps**-0.5, which PyTorch's float16 reference overflows
+    # for eps < ~2.4e-10 (the same-dtype error would be NaN).
+    eps = max(case["eps"], 1e-6) if width == 1 else case["eps"]
+    sample = sample.replace(x=relayout(sample["x"], case["layout"])).with_kwargs(eps=eps)
+    assert_matches_reference(LAYER_NORM, sample, backend, floor=rounding_floor(4.0), name=str(case))
 
 
-@needs_extension
 @CPP
-@given(layer_norm_cases())
-def test_layer_norm_property(case):
-    _check_layer_norm(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("layer_norm"))
+def test_layer_norm_property(op, backend, data):
+    _check_layer_norm(data.draw(layer_norm_cases(_dtypes(LAYER_NORM, backend))), backend)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,47 +290,50 @@ def test_layer_norm_property(case):
 
 @pytest.mark.gpu
 @needs_cuda
-@needs_triton
 @GPU
-@given(qkv_cases(max_tokens=1100, max_batch=4, max_heads=16))
-def test_gpu_qkv_attention_property(case):
-    _check_qkv(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("qkv_attention"))
+def test_gpu_qkv_attention_property(op, backend, data):
+    dtypes = _dtypes(QKV_ATTENTION, backend)
+    _check_qkv(data.draw(qkv_cases(dtypes, max_tokens=1100, max_batch=4, max_heads=16)), backend)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@needs_triton
 @GPU
-@given(attention_cases(max_tokens=1100, max_batch=4, max_heads=8))
-def test_gpu_attention_property(case):
-    _check_attention(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("attention"))
+def test_gpu_attention_property(op, backend, data):
+    dtypes = _dtypes(ATTENTION, backend)
+    _check_attention(data.draw(attention_cases(dtypes, max_tokens=1100, max_batch=4, max_heads=8)), backend)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@needs_triton
 @GPU
-@given(patch_cases(max_grid=40, max_dim=1280, max_batch=8))
-def test_gpu_patch_embed_property(case):
-    _check_patch(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("patch_embed"))
+def test_gpu_patch_embed_property(op, backend, data):
+    dtypes = _dtypes(PATCH_EMBED, backend)
+    _check_patch(data.draw(patch_cases(dtypes, max_grid=40, max_dim=1280, max_batch=8)), backend)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@needs_extension
 @GPU
-@given(ln_mlp_cases(max_width=1536, max_hidden=6144))
-def test_gpu_ln_mlp_property(case):
-    _check_ln_mlp(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("ln_mlp"))
+def test_gpu_ln_mlp_property(op, backend, data):
+    _check_ln_mlp(data.draw(ln_mlp_cases(_dtypes(LN_MLP, backend), max_width=1536, max_hidden=6144)), backend)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@needs_extension
 @GPU
-@given(layer_norm_cases(max_width=8192))
-def test_gpu_layer_norm_property(case):
-    _check_layer_norm(case)
+@given(data=st.data())
+@pytest.mark.parametrize("op, backend", _fused("layer_norm"))
+def test_gpu_layer_norm_property(op, backend, data):
+    _check_layer_norm(data.draw(layer_norm_cases(_dtypes(LAYER_NORM, backend), max_width=8192)), backend)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -444,21 +346,17 @@ def _registered_ops() -> list[str]:
     return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastvit::"))
 
 
-def _f32(*shape, grad=False, seed=0):
-    return _randn(*shape, dtype=torch.float32, seed=seed).requires_grad_(grad)
-
-
 def _samples_qkv_attention():
-    qkv = _f32(1, 9, 3 * 2 * 32, grad=True)
+    qkv = QKV_ATTENTION.make(batch=1, tokens=9, requires_grad=True)["qkv"]
     out, lse = torch.ops.fastvit.qkv_attention_fwd(qkv.detach(), 2, 0.2)
     return {
-        "qkv_attention_fwd": [(qkv, 2, 0.2), (_layout(qkv.detach(), "slice").requires_grad_(), 2, 0.3)],
+        "qkv_attention_fwd": [(qkv, 2, 0.2), (relayout(qkv.detach(), "slice").requires_grad_(), 2, 0.3)],
         "qkv_attention_bwd": [(torch.randn_like(out), qkv.detach(), out, lse, 2, 0.2)],
     }
 
 
 def _samples_attention():
-    q, k, v = (_f32(1, 2, n, 48, grad=True, seed=n) for n in (9, 12, 12))
+    q, k, v = ATTENTION.make(batch=1, q_tokens=9, kv_tokens=12, head_dim=48, requires_grad=True).args
     out, lse = torch.ops.fastvit.attention_fwd(q.detach(), k.detach(), v.detach(), 0.2)
     return {
         "attention_fwd": [(q, k, v, 0.2)],
@@ -467,22 +365,14 @@ def _samples_attention():
 
 
 def _samples_patch_embed():
-    x, w, b, pos, cls = _f32(2, 3, 8, 12, grad=True), _f32(16, 3, 4, 4, grad=True), _f32(16, grad=True), None, None
-    pos, cls = _f32(1, 7, 16, grad=True, seed=3), _f32(1, 1, 16, grad=True, seed=4)
-    images = torch.randint(0, 256, (2, 8, 12, 3), dtype=torch.uint8, device=DEVICE).permute(0, 3, 1, 2)
-    grad = _f32(2, 7, 16, seed=5)
+    x, w, b, pos, cls = PATCH_EMBED.make(requires_grad=True).args  # x [2, 3, 8, 12], 4x4 patches, 7 tokens
+    images = PATCH_EMBED_UINT8.make()["images"].permute(0, 3, 1, 2)
+    grad = randn(2, 7, 16, seed=5)
+    channels_last = relayout(x.detach(), "channels_last").requires_grad_()
     return {
         "patch_embed_fwd": [
             (x, w, b, pos, cls, None, None),
-            (
-                x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),
-                w,
-                None,
-                None,
-                None,
-                None,
-                None,
-            ),
+            (channels_last, w, None, None, None, None, None),
             (images, w, b, pos, cls, [1 / 255.0] * 3, [-0.5] * 3),
         ],
         "patch_embed_bwd_input": [(grad, x.detach(), w.detach())],
@@ -492,18 +382,17 @@ def _samples_patch_embed():
 
 
 def _samples_layer_norm():
-    x, w, b = _f32(3, 5, 24, grad=True), _f32(24, grad=True, seed=1), _f32(24, grad=True, seed=2)
+    x, w, b = LAYER_NORM.make(lead=(3, 5), requires_grad=True).args
     _, mean, rstd = torch.ops.fastvit.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
     return {
-        "layer_norm_fwd": [(x, w, b, 1e-5), (_layout(x.detach(), "slice").requires_grad_(), w, b, 1e-6)],
+        "layer_norm_fwd": [(x, w, b, 1e-5), (relayout(x.detach(), "slice").requires_grad_(), w, b, 1e-6)],
         "layer_norm_bwd": [(torch.randn_like(x.detach()), x.detach(), w.detach(), mean, rstd)],
     }
 
 
 def _samples_ln_mlp():
-    x, lnw, lnb = _f32(3, 5, 24, grad=True), _f32(24, grad=True, seed=1), _f32(24, grad=True, seed=2)
-    w1, b1, w2, b2 = _f32(40, 24, grad=True, seed=3), _f32(40, grad=True, seed=4), _f32(24, 40, grad=True, seed=5), None
-    args = (x, lnw, lnb, w1, b1, w2, b2)
+    args = LN_MLP.make(lead=(3, 5), fc2_bias=False, requires_grad=True).args
+    x, lnw, lnb, w1, _, w2, _ = args
     _, mean, rstd, pre = torch.ops.fastvit.ln_mlp_fwd(
         *(t if t is None else t.detach() for t in args), 1e-6, "none", True, True
     )
@@ -518,9 +407,8 @@ def _samples_ln_mlp():
 
 
 def _samples_linear_residual():
-    x, weight = _f32(3, 5, 24, grad=True), _f32(40, 24, grad=True, seed=1)
-    bias, residual = _f32(40, grad=True, seed=2), _f32(3, 5, 40, grad=True, seed=3)
-    grad = _f32(3, 5, 40, seed=4)
+    x, weight, bias, residual = LINEAR_RESIDUAL.make(lead=(3, 5), requires_grad=True).args
+    grad = randn(3, 5, 40, seed=4)
     return {
         "linear_residual_fwd": [(x, weight, bias, residual), (x, weight, None, None)],
         "linear_residual_bwd": [
@@ -589,31 +477,14 @@ def test_fake_outputs_have_the_real_shapes_dtypes_and_strides(op_name):
                 assert r.stride() == f.stride(), (op_name, i, r.stride(), f.stride())
 
 
-@pytest.mark.parametrize(
-    "op", ["qkv_attention", "attention", "patch_embed", "patch_embed_uint8", "ln_mlp", "layer_norm"]
-)
+@pytest.mark.parametrize("op", list(OP_CASES))
 def test_public_ops_on_meta_tensors_give_the_real_shapes(op):
-    # 'auto' runs the reference on meta tensors: shape inference for a whole model without memory.
-    cases = {
-        "qkv_attention": lambda d: ops.qkv_attention(torch.randn(2, 7, 3 * 2 * 32, device=d), 2),
-        "attention": lambda d: ops.attention(*(torch.randn(2, 2, n, 32, device=d) for n in (7, 9, 9))),
-        "patch_embed": lambda d: ops.patch_embed(
-            torch.randn(2, 3, 8, 12, device=d), torch.randn(16, 3, 4, 4, device=d), None, None,
-            torch.randn(1, 2, 16, device=d),
-        ),
-        "patch_embed_uint8": lambda d: ops.patch_embed_uint8(
-            torch.zeros(2, 8, 12, 3, dtype=torch.uint8, device=d), torch.randn(16, 3, 4, 4, device=d), None
-        ),
-        "ln_mlp": lambda d: ops.ln_mlp(
-            torch.randn(2, 5, 24, device=d), torch.ones(24, device=d), torch.zeros(24, device=d),
-            torch.randn(40, 24, device=d), None, torch.randn(24, 40, device=d), None,
-        ),
-        "layer_norm": lambda d: ops.layer_norm(
-            torch.randn(2, 5, 24, device=d), torch.ones(24, device=d), torch.zeros(24, device=d)
-        ),
-    }  # fmt: skip
-    meta, real = cases[op]("meta"), cases[op]("cpu")
-    assert meta.device.type == "meta" and (meta.shape, meta.dtype) == (real.shape, real.dtype)
+    # 'auto' runs the torch backend on meta tensors: shape inference for a whole model without memory.
+    case = OP_CASES[op]
+    for absent in ((), case.optional):  # every tensor argument given, then the optional ones left out
+        meta = case.call(case.make(device="meta").replace(**dict.fromkeys(absent)), "auto")
+        real = case.call(case.make(device="cpu").replace(**dict.fromkeys(absent)), "auto")
+        assert meta.device.type == "meta" and (meta.shape, meta.dtype) == (real.shape, real.dtype)
 
 
 def test_model_on_the_meta_device_infers_shapes():
@@ -626,91 +497,62 @@ def test_model_on_the_meta_device_infers_shapes():
 # gradcheck in fp64 through each op's reference-equivalent path
 
 
-@needs_extension
+@pytest.mark.parametrize("op, backend", _fused("layer_norm"))
 @pytest.mark.parametrize("shape", [(2, 3, 5), (4, 1), (1, 7)])
-def test_layer_norm_extension_gradcheck_fp64(shape):
-    gen = torch.Generator().manual_seed(0)
-    inputs = [
-        torch.randn(shape, dtype=torch.float64, generator=gen).requires_grad_(),
-        torch.randn(shape[-1], dtype=torch.float64, generator=gen).requires_grad_(),
-        torch.randn(shape[-1], dtype=torch.float64, generator=gen).requires_grad_(),
-    ]
-    fn = lambda *a: ops.layer_norm(*a, eps=1e-5, backend="cuda")  # noqa: E731
-    assert torch.autograd.gradcheck(fn, inputs)
+def test_layer_norm_extension_gradcheck_fp64(op, backend, shape):
+    sample = LAYER_NORM.make(torch.float64, requires_grad=True, lead=shape[:-1], width=shape[-1])
+    sample = sample.with_kwargs(eps=1e-5)
+    assert torch.autograd.gradcheck(LAYER_NORM.as_function(sample, backend), sample.args)
 
 
-@needs_extension
+@pytest.mark.parametrize("op, backend", _fused("ln_mlp"))
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("residual", [True, False])
-def test_ln_mlp_extension_gradcheck_fp64(approximate, residual):
-    gen = torch.Generator().manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).requires_grad_()
-
-    inputs = [randn(2, 3, 5), 1 + randn(5, scale=0.1), randn(5), randn(7, 5), randn(7), randn(5, 7), randn(5)]
-    inputs[1] = inputs[1].detach().requires_grad_()
-    fn = lambda *a: ops.ln_mlp(*a, eps=1e-5, approximate=approximate, residual=residual, backend="cuda")  # noqa: E731
-    assert torch.autograd.gradcheck(fn, inputs)
+def test_ln_mlp_extension_gradcheck_fp64(op, backend, approximate, residual):
+    sample = LN_MLP.make(torch.float64, requires_grad=True, lead=(2, 3), width=5, hidden=7)
+    sample = sample.with_kwargs(eps=1e-5, approximate=approximate, residual=residual)
+    assert torch.autograd.gradcheck(LN_MLP.as_function(sample, backend), sample.args)
 
 
-def _gradcheck_and_compare(reference_fn, fused_fn, inputs_fp64: list):
-    """gradcheck the reference in fp64; then the fused kernel's fp32 gradients must match those fp64 gradients."""
-    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs_fp64]
-    assert torch.autograd.gradcheck(reference_fn, leaves)
-    grad_out = _grad_out(reference_fn(*leaves).shape).to(leaves[0].device)
-    exact = _run(reference_fn, leaves, grad_out)
-    fused = _run(fused_fn, [t.float() if t.is_floating_point() else t for t in leaves], grad_out)
+def _gradcheck_and_compare(case: OpCase, sample: Sample, backend: str):
+    """gradcheck the reference on the fp64 ``sample``; then ``backend``'s fp32 gradients must match those fp64
+    gradients."""
+    leaves = sample.map(lambda t: t.detach().requires_grad_())
+    assert torch.autograd.gradcheck(case.as_function(leaves, REFERENCE), leaves.args)
+    exact = case.run(sample, REFERENCE)
+    fused = case.run(sample.to(torch.float32), backend)
     for i, (got, want) in enumerate(zip(fused, exact)):
         if want is not None:
+            assert got.shape == want.shape, f"tensor {i}"
             scale = 1.0 + want.abs().max().item()
             assert (got.double() - want).abs().max().item() <= 1e-5 * scale, f"tensor {i}"
 
 
-@needs_triton
+@pytest.mark.parametrize("op, backend", _fused("qkv_attention"))
 @pytest.mark.parametrize("head_dim", [32, 80])
-def test_qkv_attention_reference_gradcheck_and_kernel_agree(head_dim):
-    qkv = torch.randn(1, 5, 3 * 2 * head_dim, dtype=torch.float64, device=DEVICE)
-    _gradcheck_and_compare(
-        lambda x: reference.qkv_attention(x, 2), lambda x: ops.qkv_attention(x, 2, backend="triton"), [qkv]
-    )
+def test_qkv_attention_reference_gradcheck_and_kernel_agree(op, backend, head_dim):
+    sample = QKV_ATTENTION.make(torch.float64, batch=1, tokens=5, head_dim=head_dim)
+    _gradcheck_and_compare(QKV_ATTENTION, sample, backend)
 
 
-@needs_triton
-def test_attention_reference_gradcheck_and_kernel_agree():
-    q, k, v = (torch.randn(1, 2, n, 32, dtype=torch.float64, device=DEVICE) for n in (4, 6, 6))
-    _gradcheck_and_compare(
-        lambda q, k, v: reference.attention(q, k, v, 0.3),
-        lambda q, k, v: ops.attention(q, k, v, 0.3, backend="triton"),
-        [q, k, v],
-    )
+@pytest.mark.parametrize("op, backend", _fused("attention"))
+def test_attention_reference_gradcheck_and_kernel_agree(op, backend):
+    sample = ATTENTION.make(torch.float64, batch=1, q_tokens=4, kv_tokens=6).with_kwargs(scale=0.3)
+    _gradcheck_and_compare(ATTENTION, sample, backend)
 
 
-@needs_triton
+# x [2, 2, 4, 8], weight [5, 2, 2, 4]: 4 patches of 2x4, one prefix token
+_SMALL_PATCHES = dict(batch=2, patch=(2, 4), grid=(2, 2), dim=5, prefix=1)
+
+
+@pytest.mark.parametrize("op, backend", _fused("patch_embed"))
 @pytest.mark.parametrize("pos", ["all", "patch"])
-def test_patch_embed_reference_gradcheck_and_kernel_agree(pos):
-    x, weight, bias = torch.randn(2, 2, 4, 8), torch.randn(5, 2, 2, 4) * 0.3, torch.randn(5)
-    tokens = 4 + 1 if pos == "all" else 4
-    pos_embed, cls_token = torch.randn(1, tokens, 5), torch.randn(1, 1, 5)
-    _gradcheck_and_compare(
-        reference.patch_embed,
-        lambda *a: ops.patch_embed(*a, backend="triton"),
-        [t.to(DEVICE, torch.float64) for t in (x, weight, bias, pos_embed, cls_token)],
-    )
+def test_patch_embed_reference_gradcheck_and_kernel_agree(op, backend, pos):
+    sample = PATCH_EMBED.make(torch.float64, in_chans=2, pos=pos, **_SMALL_PATCHES)
+    _gradcheck_and_compare(PATCH_EMBED, sample, backend)
 
 
-@needs_triton
-def test_patch_embed_uint8_reference_gradcheck_and_kernel_agree():
-    images = torch.randint(0, 256, (2, 4, 8, 3), dtype=torch.uint8, device=DEVICE)
-    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.4)
-
-    def spec(*p):
-        x = reference.normalize_uint8(images.permute(0, 3, 1, 2), mean, std, p[0].dtype)
-        return reference.patch_embed(x, *p)
-
-    params = [torch.randn(5, 3, 2, 4) * 0.3, torch.randn(5), torch.randn(1, 5, 5), torch.randn(1, 1, 5)]
-    _gradcheck_and_compare(
-        spec,
-        lambda *p: ops.patch_embed_uint8(images, *p, mean=mean, std=std, backend="triton"),
-        [t.to(DEVICE, torch.float64) for t in params],
-    )
+@pytest.mark.parametrize("op, backend", _fused("patch_embed_uint8"))
+def test_patch_embed_uint8_reference_gradcheck_and_kernel_agree(op, backend):
+    options = dict(in_chans=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4), **_SMALL_PATCHES)
+    _gradcheck_and_compare(PATCH_EMBED_UINT8, PATCH_EMBED_UINT8.make(torch.float64, **options), backend)

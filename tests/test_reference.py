@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import assert_within_torch_error
 
 from fastvit import reference
+
+from utils import assert_within_torch_error
 
 
 def _grads(fn, *inputs):

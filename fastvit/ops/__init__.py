@@ -1,8 +1,11 @@
-"""Fused ops of a ViT, each with a pure-PyTorch reference and per-call backend dispatch.
+"""Fused ops of a ViT. Each op is one file here (public function, argument checks, call signature, the
+``torch`` backend), with its fused backends in ``fastvit/ops/triton/`` and ``fastvit/ops/cuda/``, one file per
+op, and its spec in ``fastvit/reference.py``.
 
-Every op accepts ``backend=`` ('auto' | 'triton' | 'cuda' | 'torch'); see ``fastvit.backends``.
+Every op accepts ``backend=`` ('auto' or one of the backends implementing it); see ``fastvit.backends``.
 """
 
+from fastvit.ops import cuda, triton  # noqa: E402,F401,I001  (the fused backends register themselves)
 from fastvit.ops.attention import attention, qkv_attention
 from fastvit.ops.layer_norm import layer_norm
 from fastvit.ops.linear_residual import linear_residual

@@ -1,4 +1,4 @@
-"""Argument checks shared by the public ops: clear ``TypeError``/``ValueError`` naming the argument.
+"""Argument checks shared by the ops, layers and model: clear ``TypeError``/``ValueError`` naming the argument.
 
 Plain ``if``/``raise`` (never ``assert``, which ``python -O`` strips).
 """
@@ -28,6 +28,47 @@ def check_shape(name: str, value: torch.Tensor, expected: tuple[int, ...], meani
         raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {tuple(value.shape)}")
 
 
+def check_features(name: str, x: object, meaning: str) -> int:
+    """``x`` [..., F]: a floating-point tensor of rank >= 1 whose last dimension (``meaning``) is >= 1; returns F."""
+    check_tensor(name, x, min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name}'s last dimension ({meaning}) must be >= 1, got {name} of shape {tuple(x.shape)}")
+    return x.shape[-1]
+
+
+def check_linear(
+    weight_name: str,
+    weight: object,
+    bias_name: str,
+    bias: object,
+    in_features: int,
+    out: str,
+    meaning: str,
+    out_features: int | None = None,
+) -> int:
+    """A Linear's ``weight`` [out, in_features] (``out`` names its first dimension; ``out_features`` fixes it when
+    given) and ``bias`` [out] or None; returns the number of output features."""
+    check_tensor(weight_name, weight, ndim=2)
+    if out_features is None:
+        out_features = weight.shape[0]
+        if out_features == 0:
+            raise ValueError(
+                f"{weight_name} must have at least one output feature ({out} >= 1), got {tuple(weight.shape)}"
+            )
+    check_shape(weight_name, weight, (out_features, in_features), meaning)
+    if bias is not None:
+        check_tensor(bias_name, bias, ndim=1)
+        check_shape(bias_name, bias, (out_features,), f"[{out}] = {weight_name}.shape[0]")
+    return out_features
+
+
+def check_norm_params(width: int, **params: object) -> None:
+    """Affine parameters of a normalisation over the last dimension: [width] floating-point tensors."""
+    for name, value in params.items():
+        check_tensor(name, value, ndim=1)
+        check_shape(name, value, (width,), "the last dimension of x")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     present = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(present.values())) > 1:
@@ -47,6 +88,11 @@ def autocast_enabled(device: torch.device) -> bool:
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts matmuls to on ``device``'s type, or None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if autocast_enabled(device) else None
+
+
 def check_same_dtype_outside_autocast(device: torch.device, **tensors: torch.Tensor | None) -> None:
     """Outside autocast every tensor of an op must share one dtype (inside it, the op casts as autocast would)."""
     if not autocast_enabled(device):
@@ -57,6 +103,14 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_eps(value: object) -> float:
+    """A normalisation epsilon: positive and finite (0 would divide by zero on a constant row)."""
+    # Comparisons rather than math.isfinite: torch.compile traces them as constants (NaN fails too).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"eps must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def check_scale(value: object) -> float | None:

@@ -1,0 +1,109 @@
+"""The fusion report: which half of each block runs as one fused op on fused kernels, and why not.
+
+Whether a half is *structurally* fusable is the blocker list of ``fastvit.layers`` (``attention_half_blockers``,
+``mlp_half_blockers``: the same functions the forward asks); whether each op of the half then runs a fused
+*kernel* for a given device and dtype is dispatch's rule (``fastvit.dispatch.explain``), asked with the op's
+call signature, which on a GPU includes the selftest evidence (``fastvit.verification``, shown per op). This
+module only puts the answers together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from fastvit import dispatch, verification
+from fastvit.layers import Attention, Mlp, ResidualLinear, attention_half_blockers, mlp_half_blockers
+from fastvit.ops.attention import attention_call
+
+# ------------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfFusion:
+    """How one half of a ``Block`` runs: see :func:`block_fusion`.
+
+    Attributes:
+        fused: the residual add is inside the half's last op and every op of the half runs a fused kernel.
+        backends: {op name: the backend that runs it} ('unusable' for an explicit backend that cannot run).
+        why_not: the reasons it is not fused (empty when ``fused``).
+        evidence: {op name: the selftest evidence behind ``auto``'s choice on a GPU} (empty on CPU and for the
+            torch backend; see ``fastvit.verification.evidence_state``).
+    """
+
+    fused: bool
+    backends: dict[str, str]
+    why_not: tuple[str, ...]
+    evidence: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        ops_text = ", ".join(f"{op}={backend}" for op, backend in self.backends.items())
+        text = f"fused ({ops_text})" if self.fused else f"unfused ({ops_text}): " + "; ".join(self.why_not)
+        if self.fused and self.evidence:
+            text += "; evidence: " + "; ".join(f"{op}: {state}" for op, state in self.evidence.items())
+        return text
+
+
+class BackendPlan(dict):
+    """``VisionTransformer.backend_plan()``: {op name: backend it runs on}, plus ``evidence`` {op name: the
+    selftest evidence behind ``auto``'s choice on a GPU ('' where none plays a part)}."""
+
+    def __init__(self, backends: dict[str, str], evidence: dict[str, str]):
+        super().__init__(backends)
+        self.evidence = evidence
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"{op:<16} {backend}" + (f"  ({self.evidence[op]})" if self.evidence.get(op) else "")
+            for op, backend in self.items()
+        )
+
+
+class FusionReport(list):
+    """``VisionTransformer.fusion_report()``: one {'attn': HalfFusion, 'mlp': HalfFusion} per block."""
+
+    @property
+    def all_fused(self) -> bool:
+        return all(half.fused for block in self for half in block.values())
+
+    def __str__(self) -> str:
+        lines = []
+        for index, block in enumerate(self):
+            for half, status in block.items():
+                lines.append(f"block {index:>2} {half:<4} {status}")
+        return "\n".join(lines)
+
+
+def _half(why_not: list[str], op_calls: dict[str, tuple[str | None, object]]) -> HalfFusion:
+    """``op_calls``: {op: (backend asked for, call signature)}; dispatch says which backend runs each."""
+    backends, evidence = {}, {}
+    for op, (backend, call) in op_calls.items():
+        backends[op], reason = dispatch.explain(op, backend, call)
+        if reason is not None:
+            why_not.append(f"{op}: {reason}")
+        state = verification.evidence_state(op, backend, call.device, call.dtype)
+        if state:
+            evidence[op] = state
+    return HalfFusion(fused=not why_not, backends=backends, why_not=tuple(why_not), evidence=evidence)
+
+
+def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
+    """Which halves of a fastvit ``Block`` run fused for inputs on ``device`` computing in ``dtype``, in the
+    block's current train/eval mode and structure, and why not."""
+    attn_calls = {}
+    if isinstance(block.attn, Attention):
+        dropout = block.training and getattr(block.attn.attn_drop, "p", 0.0) > 0.0
+        call = attention_call(device, dtype, block.attn.head_dim, dropout=dropout)
+        attn_calls["qkv_attention"] = (block.attn.backend, call)
+        if isinstance(block.attn.proj, ResidualLinear):
+            attn_calls["linear_residual"] = (block.attn.proj.backend, dispatch.DeviceDtypeCall(device, dtype))
+    mlp_calls = {}
+    if isinstance(block.mlp, Mlp):
+        mlp_calls["ln_mlp"] = (block.mlp.backend, dispatch.DeviceDtypeCall(device, dtype))
+    return {
+        "attn": _half(list(attention_half_blockers(block)), attn_calls),
+        "mlp": _half(list(mlp_half_blockers(block)), mlp_calls),
+    }

@@ -1,0 +1,93 @@
+"""The ``cuda`` backend of ``ln_mlp``: the extension op ``fastvit::ln_mlp_fwd/bwd`` (csrc/ln_mlp), fake impls, autograd.
+
+On CUDA tensors: a LayerNorm kernel, fc1 on cuBLASLt with a bias (and, for ``approximate='tanh'``, GELU)
+epilogue, an exact-GELU kernel, fc2 with bias and the residual add in its epilogue; the backward fuses dGELU and
+the bias gradients into the GEMMs where cuBLASLt can. On CPU tensors the C++ implementation. The forward saves
+x, the LN statistics and the fc1 pre-activation (not LN(x) nor GELU's output, which the backward recomputes).
+
+Autocast: custom ops are not cast by ``torch.autocast``, so this backend does what autocast does for the Linear
+layers it replaces: inside an autocast region it runs the fused op in the autocast dtype (x and the parameters
+are cast, differentiably, so fp32 master weights get fp32 gradients) and adds the residual outside the op in x's
+own dtype, as eager autocast would (fp32 + bf16 -> fp32). Deterministic mode (``fastvit.set_deterministic`` /
+``torch.use_deterministic_algorithms``) makes the backward bit-identical run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvit import dispatch
+from fastvit.ops.cuda.extension import register_extension_op
+from fastvit.validation import cast_like_autocast_linear, check_same_dtype
+
+
+def supports(call: dispatch.DeviceDtypeCall) -> str | None:
+    return dispatch.kernel_dtype_reason("cuda", call.device, (call.dtype,))
+
+
+@dispatch.register("ln_mlp", "cuda", supports=supports)
+def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual):
+    params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    residual_outside = None
+    cast_x, *params = cast_like_autocast_linear(x.device.type, x, *params)
+    if residual and cast_x.dtype != x.dtype:  # as eager autocast: the residual added in x's dtype
+        residual_outside, residual = x, False
+    x = cast_x
+    ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
+    check_same_dtype(
+        x=x, ln_weight=ln_weight, ln_bias=ln_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
+        fc2_weight=fc2_weight, fc2_bias=fc2_bias,
+    )  # fmt: skip
+    # The fc1 pre-activation is kept only when a backward can follow (not under no_grad/inference).
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    out = torch.ops.fastvit.ln_mlp_fwd(
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual, save
+    )[0]
+    return out if residual_outside is None else residual_outside + out
+
+
+def _fake_forward(
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual, save_for_backward
+):
+    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = x.new_empty(x.shape[:-1], dtype=stats_dtype)
+    pre_act = x.new_empty((*x.shape[:-1], fc1_weight.shape[0]) if save_for_backward else (0,))
+    return x.new_empty(x.shape), mean, torch.empty_like(mean), pre_act
+
+
+def _fake_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight, *flags, **named_flags):
+    # flags: approximate, residual, deterministic (no effect on shapes)
+    return (
+        x.new_empty(x.shape),
+        ln_weight.new_empty(ln_weight.shape),
+        ln_weight.new_empty(ln_weight.shape),
+        fc1_weight.new_empty(fc1_weight.shape),
+        fc1_weight.new_empty(fc1_weight.shape[:1]),
+        fc2_weight.new_empty(fc2_weight.shape),
+        fc2_weight.new_empty(fc2_weight.shape[:1]),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _eps, approximate, residual, _save = inputs
+    _out, mean, rstd, pre_act = output
+    ctx.save_for_backward(x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight)
+    ctx.approximate, ctx.residual = approximate, residual
+    ctx.has_fc1_bias, ctx.has_fc2_bias = fc1_bias is not None, fc2_bias is not None
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_pre_act):
+    x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight = ctx.saved_tensors
+    grad_x, grad_lnw, grad_lnb, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.fastvit.ln_mlp_bwd(
+        grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight,
+        ctx.approximate, ctx.residual, dispatch.deterministic_enabled(),
+    )  # fmt: skip
+    grad_b1 = grad_b1 if ctx.has_fc1_bias else None
+    grad_b2 = grad_b2 if ctx.has_fc2_bias else None
+    return grad_x, grad_lnw, grad_lnb, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None
+
+
+register_extension_op(
+    "ln_mlp", fakes={"ln_mlp_fwd": _fake_forward, "ln_mlp_bwd": _fake_backward},
+    backward=_backward, setup_context=_setup_context,
+)  # fmt: skip

@@ -1,0 +1,346 @@
+"""The Triton backend of ``qkv_attention`` and ``attention``: coverage, launchers, custom ops and autograd.
+
+The kernels are ``fastvit/kernels/attention.py`` (FlashAttention-2 style); this file is the host side:
+which calls they cover, autocast, allocation, strides, grids and autotuning, then the ``torch.library``
+custom ops (``fastvit::qkv_attention_fwd/bwd``, ``fastvit::attention_fwd/bwd``) with fake impls and
+autograd, so ``torch.compile`` treats them as opaque nodes and traces through the backward.
+``qkv_attention`` reads q/k/v straight from the packed buffer and writes ``[B, N, C]``; its backward
+writes dq/dk/dv into one ``[B, N, 3*C]`` gradient. The backward uses no atomics; with
+``fastvit.set_deterministic(True)`` the tile sizes are fixed per GPU generation instead of autotuned, so
+results are bit-identical across processes too (autotuning may pick near-tied configs differently).
+Under ``torch.autocast``, inputs are cast to the autocast dtype before the custom op runs (as autocast does
+for matmuls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from fastvit import dispatch
+from fastvit.ops.attention import AttentionCall
+from fastvit.ops.autograd import no_double_backward
+from fastvit.ops.triton import launch
+from fastvit.validation import autocast_dtype
+
+SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
+
+
+def supports(call: AttentionCall) -> str | None:
+    """Why the Triton kernels do not cover ``call`` (None: they do)."""
+    if call.dropout:
+        return "attention dropout (dropout_p > 0) is implemented only by the 'torch' backend"
+    if call.head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"the Triton kernels take head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={call.head_dim}"
+    if call.v_head_dim != call.head_dim:
+        return f"the Triton kernels need v's head dim to equal q's ({call.head_dim}), got {call.v_head_dim}"
+    return dispatch.kernel_dtype_reason("triton", call.device, (call.dtype,))
+
+
+def auto_skip(call: AttentionCall) -> str | None:
+    """``auto`` leaves float32 without TF32 to SDPA: the kernels would multiply without tensor cores."""
+    if call.dtype == torch.float32 and not call.allow_tf32 and call.device.type == "cuda":
+        return "float32 without TF32 (torch.backends.cuda.matmul.allow_tf32 is off): no tensor cores in the kernels"
+    return None
+
+
+def _cast_for_autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Inside ``torch.autocast``, cast float16/float32 inputs to the autocast dtype (as matmuls are)."""
+    dtype = autocast_dtype(tensors[0].device)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t.dtype in (torch.float16, torch.float32) else t for t in tensors)
+
+
+@dispatch.register("qkv_attention", "triton", supports=supports, auto_skip=auto_skip)
+def qkv_attention(qkv, num_heads, scale, dropout_p):
+    (qkv,) = _cast_for_autocast(qkv)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    scale = head_dim**-0.5 if scale is None else scale
+    return torch.ops.fastvit.qkv_attention_fwd(qkv, num_heads, scale)[0]
+
+
+@dispatch.register("attention", "triton", supports=supports, auto_skip=auto_skip)
+def attention(q, k, v, scale, dropout_p):
+    q, k, v = _cast_for_autocast(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.fastvit.attention_fwd(q, k, v, scale)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers: every tensor reaches the kernels as a [B, H, N, D] strided view.
+
+
+def _heads_view(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, N, H*D] -> [B, H, N, D] view (no copy)."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def _split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, N, 3*C] (timm's [B, N, 3, H, D]) -> q, k, v as [B, H, N, D] views (no copy)."""
+    parts = qkv.unflatten(-1, (3, num_heads, -1)).transpose(1, 3)  # [B, H, 3, N, D]
+    return parts[:, :, 0], parts[:, :, 1], parts[:, :, 2]
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+_CONFIG_TABLES = {"fwd": "FWD_CONFIGS", "dkdv": "BWD_DKDV_CONFIGS", "dq": "BWD_DQ_CONFIGS"}
+_KERNELS = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
+
+
+def candidate_configs(kind: str, arch: int, block_d: int, elem_bytes: int) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, warps, stages) configs the autotuner may pick for one kernel, in table order.
+
+    ``kind``: 'fwd' | 'dkdv' | 'dq'; ``arch``: 80 or 90. The arch's 16-bit table or the fp32 table, filtered by
+    the kernels' shared-memory rule; the fallback config when nothing fits.
+    """
+    kernels = launch.kernels("attention")
+    table = getattr(kernels, _CONFIG_TABLES[kind])
+    entries = table["fp32"] if elem_bytes == 4 else table[arch]
+    kept = [e for e in entries if kernels.keep_config(kind, e[0], e[1], e[3], block_d, elem_bytes)]
+    return kept or [kernels.FALLBACK_CONFIGS[kind]]
+
+
+def _triton_config(entry):
+    import triton
+
+    block_m, block_n, warps, stages = entry
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+@functools.cache
+def _autotuned(kind: str, arch: int, batch_heads_bucket: int):
+    """The autotuned wrapper of one kernel for one GPU generation and one bucket of B·H (next power of two).
+
+    Autotuning times configs at the first call's shape; B·H changes which tiles fill the GPU, so a config
+    tuned at batch 1 (an ``InferenceSession`` warm-up) is not reused at batch 256: one tuner per bucket.
+    The prune step keeps the configs of :func:`candidate_configs` for the call's dtype and head dim.
+    """
+    import triton
+
+    kernels = launch.kernels("attention")
+    table = getattr(kernels, _CONFIG_TABLES[kind])
+    entries = list(dict.fromkeys([*table[arch], *table["fp32"], kernels.FALLBACK_CONFIGS[kind]]))
+    configs = [_triton_config(e) for e in entries]
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wanted = set(candidate_configs(kind, arch, args["BLOCK_D"], args["Q"].element_size()))
+        return [c for c, e in zip(configs, entries) if e in wanted]
+
+    # Tensor dtypes join the key automatically (Triton appends every tensor argument's dtype).
+    key = ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
+    kernel = getattr(kernels, _KERNELS[kind])
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_FORCED_CONFIGS: dict[str, tuple[int, int, int, int]] = {}  # kernel kind -> config every launch must use
+
+
+@contextlib.contextmanager
+def forced_configs(configs: dict[str, tuple[int, int, int, int]]):
+    """Within the block, launch each kernel kind named in ``configs`` ('fwd' | 'dkdv' | 'dq') with the given
+    (BLOCK_M, BLOCK_N, warps, stages) instead of the autotuner's, the deterministic or the interpreter's choice.
+
+    How ``fastvit selftest`` runs every config of :func:`candidate_configs` through the real launcher, so that no
+    later autotuning can pick a config that was never checked on this GPU. Not thread-safe (process-wide).
+    """
+    unknown = sorted(set(configs) - set(_KERNELS))
+    if unknown:
+        raise ValueError(f"configs: unknown kernel kind(s) {unknown}; expected {sorted(_KERNELS)}")
+    for kind, entry in configs.items():
+        if not (isinstance(entry, tuple) and len(entry) == 4 and all(isinstance(v, int) and v > 0 for v in entry)):
+            raise ValueError(
+                f"configs[{kind!r}] must be (BLOCK_M, BLOCK_N, warps, stages) positive ints, got {entry!r}"
+            )
+    previous = dict(_FORCED_CONFIGS)
+    _FORCED_CONFIGS.update(configs)
+    try:
+        yield
+    finally:
+        _FORCED_CONFIGS.clear()
+        _FORCED_CONFIGS.update(previous)
+
+
+def _launch(kind: str, num_blocks, like: torch.Tensor, batch_heads: int, args: tuple, constants: dict) -> None:
+    """Run one kernel on a 1-D grid of ``num_blocks(BLOCK_M, BLOCK_N)`` programs.
+
+    A config forced by :func:`forced_configs` first; else under the interpreter one fixed config; in deterministic
+    mode the first candidate config of this GPU generation (no timing, so every process picks the same tiles and
+    sums in the same order); else autotuned.
+    """
+    kernels = launch.kernels("attention")
+    kernel = getattr(kernels, _KERNELS[kind])
+    if kind in _FORCED_CONFIGS:
+        fixed = _FORCED_CONFIGS[kind]
+    elif not launch.on_gpu(like):
+        fixed = kernels.INTERPRETER_CONFIGS[kind]
+    elif dispatch.deterministic_enabled():
+        fixed = candidate_configs(kind, launch.gpu_arch(like), constants["BLOCK_D"], like.element_size())[0]
+    else:
+        bucket = launch.next_pow2(batch_heads, 1, 1 << 30)
+        tuned = _autotuned(kind, launch.gpu_arch(like), bucket)
+        tuned[lambda meta: (num_blocks(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **constants)
+        return
+    block_m, block_n, warps, stages = fixed
+    grid = (num_blocks(block_m, block_n),)
+    kernel[grid](*args, **constants, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+def _constants(q: torch.Tensor) -> dict:
+    head_dim = q.shape[-1]
+    return dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), INPUT_PRECISION=launch.input_precision(q.dtype))
+
+
+def _attention_forward(q, k, v, out, lse, scale: float) -> None:
+    """out = softmax(q kᵀ scale) v and lse = its row log-sum-exp. q, out: [B, H, N_Q, D]; k, v: [B, H, N_KV, D]
+    (strided views); lse: [B, H, N_Q] fp32 contiguous."""
+    batch, heads, n_q, _ = q.shape
+    n_kv = k.shape[2]
+    if out.numel() == 0:
+        return
+    if n_kv == 0:  # softmax over no keys: the spec's empty matmul gives zeros
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, n_q, n_kv)
+    with launch.device_guard(q):
+        num_blocks = lambda bm, bn: launch.cdiv(n_q, bm) * batch * heads  # one program per query block
+        _launch("fwd", num_blocks, q, batch * heads, args, _constants(q))
+
+
+def _attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale: float) -> None:
+    """dq, dk, dv of ``_attention_forward`` (all [B, H, N, D] strided views), FlashAttention-2 recomputation."""
+    batch, heads, n_q, head_dim = q.shape
+    n_kv = k.shape[2]
+    kernels = launch.kernels("attention")
+    constants = _constants(q)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    with launch.device_guard(q):
+        delta = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+        if dq.numel() > 0:
+            grid = (launch.cdiv(n_q, kernels.PREPROCESS_BLOCK_M) * batch * heads,)
+            kernels.attn_bwd_preprocess_kernel[grid](
+                out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q,
+                HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"], BLOCK_M=kernels.PREPROCESS_BLOCK_M,
+            )  # fmt: skip
+            args = (q, k, v, grad_out, lse, delta, dq, scale, *strides, *dq.stride(), heads, n_q, n_kv)
+            num_blocks = lambda bm, bn: launch.cdiv(n_q, bm) * batch * heads  # one program per query block
+            _launch("dq", num_blocks, q, batch * heads, args, constants)
+        if dk.numel() > 0:
+            inputs = (q, k, v, grad_out, lse, delta, dk, dv, scale)
+            args = (*inputs, *strides, *dk.stride(), *dv.stride(), heads, n_q, n_kv)
+            num_blocks = lambda bm, bn: launch.cdiv(n_kv, bn) * batch * heads  # one program per key block
+            _launch("dkdv", num_blocks, q, batch * heads, args, constants)
+
+
+def _new_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    return launch.new_output(tuple(t.shape) if shape is None else shape, dtype or t.dtype, t.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops: fastvit::qkv_attention_fwd / _bwd on the packed buffer, fastvit::attention_fwd / _bwd on
+# [B, H, N, D] tensors. The forward returns (out, lse); lse [B, H, N] fp32 is saved for the backward.
+
+
+_QKV_FWD = "(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)"
+_QKV_BWD = "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale) -> Tensor"
+_FWD = "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
+_BWD = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("fastvit::qkv_attention_fwd", mutates_args=(), schema=_QKV_FWD)
+def _qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, tokens, width3 = qkv.shape
+    out = _new_like(qkv, (batch, tokens, width3 // 3))
+    lse = _new_like(qkv, (batch, num_heads, tokens), torch.float32)
+    _attention_forward(*_split_qkv(qkv, num_heads), _heads_view(out, num_heads), lse, scale)
+    return out, lse
+
+
+@_qkv_attention_fwd.register_fake
+def _(qkv, num_heads, scale):
+    batch, tokens, width3 = qkv.shape
+    return qkv.new_empty((batch, tokens, width3 // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::qkv_attention_bwd", mutates_args=(), schema=_QKV_BWD)
+def _qkv_attention_bwd(grad_out, qkv, out, lse, num_heads, scale):
+    grad_qkv = _new_like(qkv)
+    _attention_backward(
+        _heads_view(grad_out, num_heads),
+        *_split_qkv(qkv, num_heads),
+        _heads_view(out, num_heads),
+        lse,
+        *_split_qkv(grad_qkv, num_heads),
+        scale,
+    )
+    return grad_qkv
+
+
+@_qkv_attention_bwd.register_fake
+def _(grad_out, qkv, out, lse, num_heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _qkv_attention_setup_context(ctx, inputs, output):
+    qkv, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+@no_double_backward("qkv_attention")
+def _qkv_attention_backward(ctx, grad_out, _grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return torch.ops.fastvit.qkv_attention_bwd(grad_out, qkv, out, lse, ctx.num_heads, ctx.scale), None, None
+
+
+_qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv_attention_setup_context)
+
+
+@torch.library.custom_op("fastvit::attention_fwd", mutates_args=(), schema=_FWD)
+def _attention_fwd(q, k, v, scale):
+    out = _new_like(q)
+    lse = _new_like(q, tuple(q.shape[:-1]), torch.float32)
+    _attention_forward(q, k, v, out, lse, scale)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::attention_bwd", mutates_args=(), schema=_BWD)
+def _attention_bwd(grad_out, q, k, v, out, lse, scale):
+    dq, dk, dv = (_new_like(t) for t in (q, k, v))
+    _attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+@no_double_backward("attention")
+def _attention_backward_autograd(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return (*torch.ops.fastvit.attention_bwd(grad_out, q, k, v, out, lse, ctx.scale), None)
+
+
+_attention_fwd.register_autograd(_attention_backward_autograd, setup_context=_attention_setup_context)

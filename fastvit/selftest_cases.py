@@ -1,0 +1,685 @@
+"""What ``fastvit selftest`` checks: for every fused (op, backend), a list of :class:`Check` per dtype.
+
+Each check runs the fused op forward **and** backward on one input and holds the output and every gradient to the
+test suite's rule (``fastvit.accuracy``: error vs an fp64 run of the spec ``fastvit.reference`` at most 2× the
+error PyTorch makes in the same dtype, plus :func:`~fastvit.accuracy.rounding_floor`). PyTorch's same-dtype
+result comes from what the op's own tests compare with: SDPA for attention (the spec with TF32 matmuls when the
+check runs TF32), the spec in the same dtype for the others. Triton outputs are allocated NaN-filled inside a NaN
+guard band: an element a kernel does not write, or a store outside its output, fails the check.
+
+The cases cover the kernels' paths: ViT token counts with ragged tails (1, 17, 197, 257; 577 in a full run on a
+GPU), every supported head dim, prefix (class / register) tokens, strided, channels_last and expanded inputs,
+uint8 images, residual on/off, TF32, autocast, deterministic mode (run twice: bitwise identical), and on a GPU
+**every tile config the launchers may pick there**: every candidate of the attention autotuner
+(``candidate_configs``, the list its prune step keeps) for each head dim and dtype, and every config of the patch
+embedding's heuristic (``candidate_configs``), forced one at a time through the real launchers. Under Triton's
+interpreter (CPU) the launchers use one fixed config per shape, and bfloat16 is not covered there.
+``quick=True`` (CI, compute-sanitizer) keeps one or two head dims and the small shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fastvit import accuracy, dispatch, ops, reference
+from fastvit.ops.attention import attention_call
+from fastvit.ops.patch_embed import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PatchEmbedCall
+from fastvit.ops.triton import attention as attention_triton
+from fastvit.ops.triton import launch
+from fastvit.ops.triton import patch_embed as patch_embed_triton
+
+ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+GUARD = 4096  # NaN elements on each side of every Triton output
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """The result of one check: ``ratio`` = worst error / bound over its tensors (<= 1 passes; inf for a crash,
+    a non-finite value, a stray store or a bitwise mismatch), ``detail`` names the worst tensor."""
+
+    ratio: float
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio <= 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One input of one fused (op, backend) in one dtype; ``run()`` computes and judges it.
+
+    Attributes:
+        configs: the kernel configs it forces, as 'kind=config' strings (what the selftest table counts).
+    """
+
+    op: str
+    backend: str
+    dtype: torch.dtype
+    label: str
+    run: Callable[[], Outcome]
+    configs: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one fused op against PyTorch and the spec
+
+
+@contextlib.contextmanager
+def poisoned_triton_outputs():
+    """Every Triton launcher output is allocated NaN-filled inside a NaN guard band; yields a check that returns
+    the name of a broken guard band (a store outside an output), or None."""
+    real = launch.new_output
+    bases = []
+
+    def allocate(shape, dtype, device, memory_format=torch.contiguous_format):
+        numel = math.prod(shape)
+        poison = float("nan") if dtype.is_floating_point else 0  # integer outputs: written-or-not is not visible
+        base = torch.full((numel + 2 * GUARD,), poison, dtype=dtype, device=device)
+        bases.append((base, numel, tuple(shape)))
+        view = base[GUARD : GUARD + numel]
+        if memory_format == torch.channels_last and len(shape) == 4:
+            batch, channels, height, width = shape
+            return view.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        return view.view(shape)
+
+    def stray_store() -> str | None:
+        for base, numel, shape in bases:
+            guards = torch.cat([base[:GUARD], base[GUARD + numel :]])
+            intact = torch.isnan(guards).all() if base.is_floating_point() else (guards == 0).all()
+            if not intact:
+                return f"a store outside the {list(shape)} output's memory"
+        return None
+
+    launch.new_output = allocate
+    try:
+        yield stray_store
+    finally:
+        launch.new_output = real
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """PyTorch's TF32 matmul switch (which the kernels follow for float32) set to ``enabled`` within the block."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool):
+    """``fastvit.set_deterministic(enabled)`` within the block."""
+    previous = dispatch._deterministic  # the fastvit switch alone (torch's own is left as it is)
+    dispatch.set_deterministic(enabled)
+    try:
+        yield
+    finally:
+        dispatch.set_deterministic(previous)
+
+
+def _forward_backward(fn: Callable, inputs: Sequence, grad_seed: int) -> list:
+    """[output, gradient of every floating input (None for the others)] for a fixed random output gradient."""
+    leaves = [t.detach().requires_grad_(True) if _differentiable(t) else t for t in inputs]
+    out = fn(*leaves)
+    wanted = [t for t in leaves if _differentiable(t)]
+    gen = torch.Generator().manual_seed(grad_seed)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
+    grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
+    return [out.detach()] + [next(grads) if _differentiable(t) else None for t in leaves]
+
+
+def _differentiable(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def _cast(t, dtype: torch.dtype, device: torch.device):
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    """One op call: ``fused``, ``peer`` (PyTorch in the same dtype) and ``spec`` (run in fp64) take the same
+    arguments; ``make(gen)`` draws them (fp64 / uint8, CPU); ``layout(args)`` turns the cast arguments into the
+    layouts under test (views: strided, channels_last, expanded); ``names`` label the output and the arguments."""
+
+    fused: Callable
+    peer: Callable
+    spec: Callable
+    make: Callable[[torch.Generator], list]
+    names: tuple[str, ...]
+    layout: Callable[[list], list] = lambda args: args
+    fused_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # around fused and peer
+    compute_dtype: torch.dtype | None = None  # the dtype the arguments are cast to (default: the check's)
+
+
+def measure(case: OpCase, dtype: torch.dtype, device: torch.device, seed: int, repeat_bitwise: bool = False) -> Outcome:
+    """Run ``case`` (fused, peer, spec; forward and backward) and judge every tensor by the accuracy rule.
+
+    ``repeat_bitwise``: run the fused op a second time and require bit-identical outputs and gradients.
+    """
+    args64 = case.make(torch.Generator().manual_seed(seed))
+    cast_dtype = case.compute_dtype or dtype
+    args = case.layout([_cast(t, cast_dtype, device) for t in args64])
+    with poisoned_triton_outputs() as stray_store:
+        with case.fused_context():
+            ours = _forward_backward(case.fused, args, seed + 1)
+        stray = stray_store()
+        if repeat_bitwise:
+            with case.fused_context():
+                again = _forward_backward(case.fused, args, seed + 1)
+            stray = stray or stray_store()
+    if stray is not None:
+        return Outcome(math.inf, stray)
+    with case.fused_context():
+        peer = _forward_backward(case.peer, args, seed + 1)
+    exact = _forward_backward(case.spec, case.layout([_cast(t, torch.float64, device) for t in args64]), seed + 1)
+    worst = Outcome(0.0, "")
+    for index, (name, mine, theirs, ref) in enumerate(zip(case.names, ours, peer, exact)):
+        if ref is None:
+            continue
+        if mine is None or mine.shape != ref.shape or mine.dtype != theirs.dtype:
+            got = None if mine is None else (tuple(mine.shape), mine.dtype)
+            return Outcome(math.inf, f"{name}: got {got}, expected {tuple(ref.shape)} {theirs.dtype}")
+        if repeat_bitwise and not torch.equal(mine, again[index]):
+            return Outcome(math.inf, f"{name}: two deterministic runs differ")
+        check = accuracy.check_within_torch_error(mine, theirs, ref, floor=accuracy.rounding_floor(ref, mine.dtype))
+        if check.ratio > worst.ratio or not worst.detail:
+            worst = Outcome(check.ratio, f"{name}: {check}")
+    return worst
+
+
+def _check(op, backend, dtype, label, case: OpCase, device, seed, configs=(), **options) -> Check:
+    return Check(op, backend, dtype, label, lambda: measure(case, dtype, device, seed, **options), tuple(configs))
+
+
+def covered_dtypes(op: str, backend: str, call_for: Callable[[torch.dtype], object]) -> list[torch.dtype]:
+    """The dtypes ``backend`` covers for ``op`` (its ``supports`` predicate, through dispatch)."""
+    return [d for d in ALL_DTYPES if dispatch.explain(op, backend, call_for(d))[0] == backend]
+
+
+def _on_gpu(device: torch.device) -> bool:
+    return launch.on_gpu(torch.empty(0, device=device))
+
+
+def _randn(gen, *shape, scale=1.0, shift=0.0):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention (triton): qkv_attention and attention share the kernels
+
+
+def _sdpa_qkv(qkv, num_heads, scale=None):
+    return ops.qkv_attention(qkv, num_heads, scale, backend="torch")
+
+
+def _qkv_case(batch, tokens, heads, head_dim, scale=None, spread=1.0, view=None, tf32_on=False) -> OpCase:
+    """qkv_attention on a [B, N, 3·H·D] buffer (``view``: 'strided' = every other token of a wider buffer)."""
+    width3 = 3 * heads * head_dim
+
+    def make(gen):
+        if view == "strided":  # token stride 2·(3C + 24), 8 columns in
+            return [_randn(gen, batch, 2 * tokens, width3 + 24, scale=spread)]
+        return [_randn(gen, batch, tokens, width3, scale=spread)]
+
+    def layout(args):
+        return [args[0][:, ::2, 8 : 8 + width3]] if view == "strided" else args
+
+    peer = _sdpa_qkv
+    if tf32_on:  # SDPA's fp32 kernels do not take TF32; the spec's matmuls do, as the kernels then
+        peer = reference.qkv_attention
+    return OpCase(
+        fused=lambda qkv: ops.qkv_attention(qkv, heads, scale, backend="triton"),
+        peer=lambda qkv: peer(qkv, heads, scale),
+        spec=lambda qkv: reference.qkv_attention(qkv, heads, scale),
+        make=make,
+        layout=layout,
+        names=("out", "grad qkv"),
+        fused_context=(lambda: tf32(True)) if tf32_on else contextlib.nullcontext,
+    )
+
+
+def _attention_case(batch, heads, n_q, n_kv, head_dim, view=None) -> OpCase:
+    """attention on [B, H, N, D] tensors; ``view``: 'strided' (token-major q, column-sliced k, transposed v) or
+    'expanded' (k and v broadcast over the heads: stride 0)."""
+
+    def make(gen):
+        if view == "expanded":
+            q = _randn(gen, batch, heads, n_q, head_dim)
+            return [q, _randn(gen, batch, 1, n_kv, head_dim), _randn(gen, batch, 1, n_kv, head_dim)]
+        if view == "strided":
+            return [
+                _randn(gen, batch, n_q, heads, head_dim),
+                _randn(gen, batch, heads, n_kv, head_dim + 16),
+                _randn(gen, batch, heads, head_dim, n_kv),
+            ]
+        return [_randn(gen, batch, heads, n, head_dim) for n in (n_q, n_kv, n_kv)]
+
+    def layout(args):
+        q, k, v = args
+        if view == "expanded":
+            return [q, k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1)]
+        if view == "strided":
+            return [q.transpose(1, 2), k[..., 8 : 8 + head_dim], v.transpose(-1, -2)]
+        return args
+
+    def spec(q, k, v):
+        return reference.attention(q, k, v)
+
+    return OpCase(
+        fused=lambda q, k, v: ops.attention(q, k, v, backend="triton"),
+        peer=lambda q, k, v: ops.attention(q, k, v, backend="torch"),
+        spec=spec,
+        make=make,
+        layout=layout,
+        names=("out", "grad q", "grad k", "grad v"),
+    )
+
+
+def _config_text(configs: dict) -> tuple[str, ...]:
+    return tuple(f"{kind}={config}" for kind, config in sorted(configs.items()))
+
+
+def _forced(case: OpCase, force) -> OpCase:
+    """``case`` with the fused run inside the ``force`` context (a forced kernel config)."""
+    inner = case.fused_context
+
+    @contextlib.contextmanager
+    def both():
+        with force(), inner():
+            yield
+
+    fused = case.fused
+    return dataclasses.replace(case, fused=lambda *a: _call_in(both, fused, a), fused_context=inner)
+
+
+def _call_in(context, fn, args):
+    with context():
+        return fn(*args)
+
+
+def attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
+    """Checks of the Triton attention kernels through ``op`` ('qkv_attention' or 'attention').
+
+    qkv_attention: the config sweep (every autotuner candidate of every kernel, per head dim; IEEE and TF32 for
+    float32), then token counts through the launcher's own choice (on a GPU: the autotuner), a strided view, a
+    peaked softmax and deterministic mode. attention: unequal query/key lengths, strided and expanded inputs.
+    """
+    dtypes = covered_dtypes(op, "triton", lambda d: attention_call(device, d, 64))
+    gpu = _on_gpu(device)
+    if quick:  # CI (interpreter) and compute-sanitizer: small token counts
+        head_dims, sweep_tokens = ((64, 80) if gpu else (64,)), 33
+        shapes, cross = [(2, 1), (1, 17)], [(7, 33, None), (33, 7, None), (20, 20, "strided"), (20, 13, "expanded")]
+    else:
+        head_dims, sweep_tokens = attention_triton.SUPPORTED_HEAD_DIMS, 197
+        shapes = [(2, 1), (2, 17), (1, 197), (1, 257)] + ([(2, 577)] if gpu else [])
+        cross = [(7, 197, None), (197, 7, None), (37, 37, "strided"), (50, 33, "expanded")]
+    checks = []
+    for dtype in dtypes:
+        variants = [False, True] if gpu and dtype == torch.float32 else [False]  # fp32: IEEE and TF32 kernels
+        seed = 0
+        if op != "qkv_attention":
+            for n_q, n_kv, view in cross:
+                seed += 1
+                label = f"N_q={n_q} N_kv={n_kv}" + (f" {view}" if view else "")
+                case = _attention_case(1, 2, n_q, n_kv, 80 if view == "strided" else 64, view=view)
+                checks.append(_check(op, "triton", dtype, label, case, device, seed))
+            continue
+        for head_dim in head_dims:
+            for tf32_on in variants:
+                for configs in _attention_config_sweep(device, dtype, head_dim):
+                    seed += 1
+                    case = _qkv_case(2, sweep_tokens, 2, head_dim, tf32_on=tf32_on)
+                    label = f"B=2 N={sweep_tokens} H=2 D={head_dim}" + (" tf32" if tf32_on else "")
+                    if configs:
+                        case = _forced(case, lambda c=configs: attention_triton.forced_configs(c))
+                        label += " " + " ".join(_config_text(configs))
+                    checks.append(_check(op, "triton", dtype, label, case, device, seed, _config_text(configs)))
+        for batch, tokens in shapes:
+            seed += 1
+            label = f"B={batch} N={tokens} H=2 D=64" + (" (autotuned)" if gpu else "")
+            checks.append(_check(op, "triton", dtype, label, _qkv_case(batch, tokens, 2, 64), device, seed))
+        seed += 1
+        case = _qkv_case(2, 20 if quick else 50, 2, 48, scale=0.2, view="strided")
+        checks.append(_check(op, "triton", dtype, "strided view of a wider buffer, D=48", case, device, seed))
+        if not quick:  # inputs x3: scores up to ~50, the running-max rescaling at work
+            seed += 1
+            case = _qkv_case(1, 70, 2, 96, spread=3.0)
+            checks.append(_check(op, "triton", dtype, "peaked softmax, D=96", case, device, seed))
+        seed += 1
+        case = _qkv_case(2, 20 if quick else 65, 2, 64)
+        checks.append(
+            _deterministic_check(op, "triton", dtype, "deterministic mode, bitwise repeat", case, device, seed)
+        )
+    return checks
+
+
+def _attention_config_sweep(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[dict]:
+    """Forced (fwd, dkdv, dq) configs covering every candidate of each kernel on this GPU, the i-th check taking
+    each kernel's i-th candidate (cycling through the shorter lists); ``[{}]`` under the interpreter."""
+    like = torch.empty(0, device=device, dtype=dtype)
+    if not launch.on_gpu(like):
+        return [{}]
+    arch, block_d = launch.gpu_arch(like), attention_triton._block_d(head_dim)
+    candidates = {
+        kind: attention_triton.candidate_configs(kind, arch, block_d, like.element_size())
+        for kind in ("fwd", "dkdv", "dq")
+    }
+    count = max(len(c) for c in candidates.values())
+    return [{kind: c[i % len(c)] for kind, c in candidates.items()} for i in range(count)]
+
+
+def _deterministic_check(op, backend, dtype, label, case: OpCase, device, seed) -> Check:
+    inner = case.fused_context
+
+    @contextlib.contextmanager
+    def context():
+        with deterministic(True), inner():
+            yield
+
+    case = dataclasses.replace(case, fused_context=context)
+    return _check(op, backend, dtype, label, case, device, seed, repeat_bitwise=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch embedding (triton): patch_embed and patch_embed_uint8
+
+
+def _patch_params(gen, in_chans, patch, dim, num_patches, num_prefix, pos, bias=True):
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+    tokens = {"all": num_patches + num_prefix, "patch": num_patches}
+    return [
+        _randn(gen, dim, in_chans, patch_h, patch_w, scale=(in_chans * patch_h * patch_w) ** -0.5),
+        _randn(gen, dim) if bias else None,
+        _randn(gen, 1, tokens[pos], dim) if pos else None,
+        _randn(gen, 1, num_prefix, dim) if num_prefix else None,
+    ]
+
+
+def _patch_case(batch, in_chans, height, width, patch, dim, num_prefix, pos, bias=True, layout="contiguous"):
+    """patch_embed on a float image; ``layout``: contiguous | channels_last | slice (every other column of a wider
+    image) | expanded (one image broadcast over the batch: batch stride 0)."""
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+    num_patches = (height // patch_h) * (width // patch_w)
+
+    def make(gen):
+        image_batch = 1 if layout == "expanded" else batch
+        image_width = 2 * width if layout == "slice" else width
+        x = _randn(gen, image_batch, in_chans, height, image_width)
+        return [x, *_patch_params(gen, in_chans, patch, dim, num_patches, num_prefix, pos, bias)]
+
+    def arrange(args):
+        x, *rest = args
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "slice":
+            x = x[..., ::2]
+        elif layout == "expanded":
+            x = x.expand(batch, -1, -1, -1)
+        return [x, *rest]
+
+    return OpCase(
+        fused=lambda *a: ops.patch_embed(*a, backend="triton"),
+        peer=reference.patch_embed,
+        spec=reference.patch_embed,
+        make=make,
+        layout=arrange,
+        names=("tokens", "grad x", "grad weight", "grad bias", "grad pos_embed", "grad cls_token"),
+    )
+
+
+def _uint8_case(batch, in_chans, height, width, patch, dim, num_prefix, pos, channels_last, mean, std):
+    num_patches = (height // patch) * (width // patch)
+
+    def make(gen):
+        shape = (batch, height, width, in_chans) if channels_last else (batch, in_chans, height, width)
+        images = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+        return [images, *_patch_params(gen, in_chans, patch, dim, num_patches, num_prefix, pos)]
+
+    def spec(images, weight, *rest):  # normalise (fp32; fp64 for fp64), round to the GEMM dtype, the reference
+        x = reference.normalize_uint8(images.permute(0, 3, 1, 2) if channels_last else images, mean, std, weight.dtype)
+        return reference.patch_embed(x, weight, *rest)
+
+    def fused(images, *params):
+        return ops.patch_embed_uint8(images, *params, mean=mean, std=std, channels_last=channels_last, backend="triton")
+
+    names = ("tokens", "images", "grad weight", "grad bias", "grad pos_embed", "grad cls_token")
+    return OpCase(fused=fused, peer=spec, spec=spec, make=make, names=names)
+
+
+def patch_embed_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
+    """Checks of the Triton patch-embedding kernels through ``op`` ('patch_embed' or 'patch_embed_uint8')."""
+    dtypes = covered_dtypes(op, "triton", lambda d: PatchEmbedCall(device, (d,), None, 3, op == "patch_embed_uint8"))
+    checks = []
+    for dtype in dtypes:
+        seed = 100
+        if op == "patch_embed_uint8":
+            uint8_cases = [
+                ("rgb [B,H,W,C] imagenet, class token", 3, True, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 1, "all"),
+                ("gray [B,C,H,W] custom, 3 registers", 1, False, (0.5,), (0.25,), 3, "patch"),
+            ]
+            if not quick:
+                uint8_cases.append(
+                    ("rgba [B,C,H,W] custom", 4, False, (0.1, 0.2, 0.3, 0.4), (0.5, 0.6, 0.7, 0.8), 1, "all")
+                )
+            for label, chans, last, mean, std, prefix, pos in uint8_cases:
+                seed += 1
+                case = _uint8_case(2, chans, 16, 24, 4, 32, prefix, pos, last, mean, std)
+                checks.append(_check(op, "triton", dtype, label, case, device, seed))
+            continue
+        gpu = _on_gpu(device)
+        # ViT-like: K = 3·16·16 = 768 and D = 192 cross several tiles, 4·17 = 68 token rows cross a 64-row tile
+        sweep_shape = (2, 3, 32, 32, 8, 64) if quick and not gpu else (4, 3, 64, 64, 16, 192)
+        variants = [False, True] if gpu and dtype == torch.float32 else [False]
+        like = torch.empty(0, device=device)
+        fwd = patch_embed_triton.candidate_configs("fwd", like, dtype)
+        bwd = patch_embed_triton.candidate_configs("bwd_input", like, dtype)
+        for tf32_on in variants:
+            for i in range(max(len(fwd), len(bwd))):
+                # The i-th config of each heuristic kernel, and the dW reduction split 3 ways (atomics) on odd checks
+                overrides = {"fwd": fwd[i % len(fwd)], "bwd_input": bwd[i % len(bwd)]}
+                if i % 2:
+                    overrides["bwd_weight"] = {"split": 3}
+                overrides = {kind: entries for kind, entries in overrides.items() if entries}
+                seed += 1
+                case = _patch_case(*sweep_shape, 1, "all")
+                if tf32_on:
+                    case = dataclasses.replace(case, fused_context=lambda: tf32(True))
+                batch, chans, height, width, patch, dim = sweep_shape
+                label = f"B={batch} {chans}x{height}x{width} p{patch} D={dim} class+pos" + (" tf32" if tf32_on else "")
+                configs = _config_text(overrides)
+                if overrides:
+                    case = _forced(case, lambda o=overrides: patch_embed_triton.forced_configs(o))
+                    label += " " + " ".join(configs)
+                checks.append(_check(op, "triton", dtype, label, case, device, seed, configs))
+        shapes = [
+            ("rgb 16x16 p4 class+pos", (2, 3, 16, 16, 4, 32, 1, "all"), "channels_last"),
+            ("gray 16x24 p8 3 registers, pos on patches only", (2, 1, 16, 24, 8, 48, 3, "patch"), "contiguous"),
+            ("rgb 16x24 p4 no prefix no pos", (2, 3, 16, 24, 4, 16, 0, None), "slice"),
+            ("rgb 16x16 p4 class+pos", (3, 3, 16, 16, 4, 24, 1, "all"), "expanded"),
+            ("2ch 16x16 rectangular p4x8 3 registers", (2, 2, 16, 16, (4, 8), 20, 3, "all"), "contiguous"),
+        ]
+        if not quick:
+            shapes += [
+                ("rgb 28x28 p14 (ViT-H patch) class+pos", (2, 3, 28, 28, 14, 40, 1, "all"), "contiguous"),
+                ("rgba 8x16 p4 no bias", (1, 4, 8, 16, 4, 24, 1, "patch", False), "channels_last"),
+                ("batch 17 8x8 p4 class+pos", (17, 3, 8, 8, 4, 16, 1, "all"), "contiguous"),
+            ]
+        for label, shape, layout in shapes:
+            seed += 1
+            case = _patch_case(*shape, layout=layout)
+            checks.append(_check(op, "triton", dtype, f"{label} {layout}", case, device, seed))
+        if gpu and dtype != torch.float32:  # autocast: float32 image and parameters, the GEMM in ``dtype``
+            seed += 1
+            case = dataclasses.replace(
+                _patch_case(2, 3, 32, 32, 16, 64, 1, "all"),
+                fused_context=lambda d=dtype: torch.autocast(device.type, dtype=d),
+                compute_dtype=torch.float32,
+            )
+            checks.append(_check(op, "triton", dtype, "autocast, float32 inputs", case, device, seed))
+        seed += 1
+        case = _forced(
+            _patch_case(2, 3, 16, 24, 4, 40, 3, "all"),
+            lambda: patch_embed_triton.forced_configs({"bwd_weight": {"split": 3}}),
+        )
+        label = "deterministic mode, dW split 3 ways, bitwise repeat"
+        checks.append(_deterministic_check(op, "triton", dtype, label, case, device, seed))
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# The extension (cuda): layer_norm, ln_mlp, linear_residual
+
+
+def _layer_norm_case(rows, width, strided=False) -> OpCase:
+    def make(gen):
+        x = (
+            _randn(gen, width, rows, scale=2.0, shift=0.5)
+            if strided
+            else _randn(gen, rows, width, scale=2.0, shift=0.5)
+        )
+        return [x, _randn(gen, width, scale=0.2, shift=1.0), _randn(gen, width, scale=0.2)]
+
+    return OpCase(
+        fused=lambda x, w, b: ops.layer_norm(x, w, b, 1e-6, backend="cuda"),
+        peer=lambda x, w, b: reference.layer_norm(x, w, b, 1e-6),
+        spec=lambda x, w, b: reference.layer_norm(x, w, b, 1e-6),
+        make=make,
+        layout=(lambda a: [a[0].t(), *a[1:]]) if strided else (lambda a: a),
+        names=("out", "grad x", "grad weight", "grad bias"),
+    )
+
+
+def _ln_mlp_case(lead, width, hidden, approximate="none", residual=True, biases=True, strided=False) -> OpCase:
+    def make(gen):
+        x = _randn(gen, *lead, 2 * width if strided else width, scale=2.0, shift=0.5)
+        return [
+            x,
+            _randn(gen, width, scale=0.2, shift=1.0),
+            _randn(gen, width, scale=0.2),
+            _randn(gen, hidden, width, scale=width**-0.5),
+            _randn(gen, hidden, scale=0.2) if biases else None,
+            _randn(gen, width, hidden, scale=hidden**-0.5),
+            _randn(gen, width, scale=0.2) if biases else None,
+        ]
+
+    def run(backend):
+        def fn(*a):
+            if backend == "spec":
+                return reference.ln_mlp(*a, 1e-6, approximate, residual)
+            return ops.ln_mlp(*a, eps=1e-6, approximate=approximate, residual=residual, backend=backend)
+
+        return fn
+
+    names = ("out", "grad x", "grad ln_weight", "grad ln_bias", "grad fc1_weight", "grad fc1_bias", "grad fc2_weight")
+    return OpCase(
+        fused=run("cuda"),
+        peer=run("spec"),
+        spec=run("spec"),
+        make=make,
+        layout=(lambda a: [a[0][..., ::2], *a[1:]]) if strided else (lambda a: a),
+        names=(*names, "grad fc2_bias"),
+    )
+
+
+def _linear_residual_case(lead, k, n, bias=True, strided=False) -> OpCase:
+    def make(gen):
+        extra = 2 if strided else 1
+        return [
+            _randn(gen, *lead, extra * k),
+            _randn(gen, n, k, scale=k**-0.5),
+            _randn(gen, n, scale=0.2) if bias else None,
+            _randn(gen, *lead, extra * n),
+        ]
+
+    def arrange(args):
+        x, w, b, r = args
+        return [x[..., ::2], w, b, r[..., ::2]] if strided else args
+
+    return OpCase(
+        fused=lambda *a: ops.linear_residual(*a, backend="cuda"),
+        peer=reference.linear_residual,
+        spec=reference.linear_residual,
+        make=make,
+        layout=arrange,
+        names=("out", "grad x", "grad weight", "grad bias", "grad residual"),
+    )
+
+
+def extension_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
+    """Checks of the extension's ops (CUDA kernels on a GPU, the C++ twin on CPU tensors)."""
+    dtypes = covered_dtypes(op, "cuda", lambda d: dispatch.DeviceDtypeCall(device, d))
+    gpu = device.type == "cuda"
+    checks = []
+    for dtype in dtypes:
+        seed = 200
+        if op == "layer_norm":
+            cases = [("1x7", _layer_norm_case(1, 7)), ("394x192", _layer_norm_case(394, 192))]
+            cases.append(("transposed 24x40 view", _layer_norm_case(24, 40, strided=True)))
+            if not quick:
+                cases += [("5x768", _layer_norm_case(5, 768)), ("3x1280", _layer_norm_case(3, 1280))]
+            determinism = _layer_norm_case(197, 384)
+        elif op == "ln_mlp":
+            cases = [
+                ("1x1x7 -> 13", _ln_mlp_case((1, 1), 7, 13)),
+                ("2x7x24 -> 96 tanh", _ln_mlp_case((2, 7), 24, 96, "tanh")),
+                ("2x7x24 -> 40 no residual, no biases", _ln_mlp_case((2, 7), 24, 40, residual=False, biases=False)),
+                ("2x17x48 strided x", _ln_mlp_case((2, 17), 48, 96, strided=True)),
+            ]
+            if not quick:
+                cases += [
+                    ("2x197x192 -> 768", _ln_mlp_case((2, 197), 192, 768)),
+                    ("1x197x768 -> 3072 tanh", _ln_mlp_case((1, 197), 768, 3072, "tanh")),
+                ]
+            determinism = _ln_mlp_case((2, 65), 64, 256)
+        else:
+            cases = [
+                ("2x7x24 -> 40", _linear_residual_case((2, 7), 24, 40)),
+                ("2x17x48 -> 48 no bias, strided", _linear_residual_case((2, 17), 48, 48, bias=False, strided=True)),
+            ]
+            if not quick:
+                cases += [
+                    ("2x197x192 -> 192", _linear_residual_case((2, 197), 192, 192)),
+                    ("1x197x768 -> 768", _linear_residual_case((1, 197), 768, 768)),
+                ]
+            determinism = _linear_residual_case((2, 65), 64, 64)
+        if gpu and dtype == torch.float32 and op != "layer_norm":  # cuBLASLt in TF32 when PyTorch allows it
+            tf32_case = dataclasses.replace(cases[1][1], fused_context=lambda: tf32(True))
+            cases.append((cases[1][0] + " tf32", tf32_case))
+        for label, case in cases:
+            seed += 1
+            checks.append(_check(op, "cuda", dtype, label, case, device, seed))
+        seed += 1
+        checks.append(
+            _deterministic_check(op, "cuda", dtype, "deterministic mode, bitwise repeat", determinism, device, seed)
+        )
+    return checks
+
+
+CASE_BUILDERS: dict[tuple[str, str], Callable[[str, torch.device, bool], list[Check]]] = {
+    ("qkv_attention", "triton"): attention_checks,
+    ("attention", "triton"): attention_checks,
+    ("patch_embed", "triton"): patch_embed_checks,
+    ("patch_embed_uint8", "triton"): patch_embed_checks,
+    ("layer_norm", "cuda"): extension_checks,
+    ("ln_mlp", "cuda"): extension_checks,
+    ("linear_residual", "cuda"): extension_checks,
+}
+
+
+def build_checks(op: str, backend: str, device: torch.device, quick: bool) -> list[Check]:
+    """Every check of ``backend``'s ``op`` on ``device``; KeyError when the selftest has no cases for it."""
+    builder = CASE_BUILDERS.get((op, backend))
+    if builder is None:
+        raise KeyError(f"the selftest has no cases for {backend} {op}: add them to fastvit/selftest_cases.py")
+    return builder(op, device, quick)
