@@ -301,6 +301,7 @@ def test_bad_arguments_are_one_line_with_exit_code_2_from_a_shell(tmp_path):
         (["train", "--resume", "/no/such/run"], "--resume '/no/such/run' does not exist"),
         (["train", "--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
         (["eval", "--init", "/no/such/run"], "--init '/no/such/run' does not exist"),
+        (["eval", "--init", "/no/such/run", "--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
         (["info", "--verbose"], "unrecognized arguments: --verbose"),
     ],
 )

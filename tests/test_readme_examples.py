@@ -1,16 +1,18 @@
 """The README's examples run as written.
 
-Every ```python block runs in a fresh interpreter and every ``python -m fastvit`` line of a ```bash block runs as a
-command, in README order, in one scratch folder. A block preceded by ``<!-- readme-test: skip (why) -->`` is
-not run (minutes of training, a GPU, a package install); the reason is in the README next to it. The inputs the
-README names but cannot ship are made here as tiny stand-ins: ``digit.png`` (a digit from the test split),
-``DIR`` (an ImageFolder of a few random images) and ``vit_b16_224.pth`` (a one-block timm ViT with 16-px
-patches: the fine-tuning command builds whatever architecture the file holds), and ``runs/demo`` (what ``make
-demo`` writes, from a 1-epoch run).
+Every ```python block runs in a fresh interpreter, and the ``python -m fastvit`` lines of a ```bash block run as
+commands, in README order, in one fresh interpreter per block (each line through ``fastvit.__main__.main``, what
+``python -m fastvit`` calls, so that a block pays for importing torch once), all in one scratch folder. A block
+preceded by ``<!-- readme-test: skip (why) -->`` is not run (minutes of training, a GPU, a package install); the
+reason is in the README next to it. The inputs the README names but cannot ship are made here as tiny stand-ins:
+``digit.png`` (a digit from the test split), ``DIR`` (an ImageFolder of a few random images) and
+``vit_b16_224.pth`` (a one-block timm ViT with 16-px patches: the fine-tuning command builds whatever architecture
+the file holds), and ``runs/demo`` (what ``make demo`` writes, from a 1-epoch run).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -54,7 +56,7 @@ def bash_commands(code: str) -> list[list[str]]:
     for line in joined.splitlines():
         words = shlex.split(line, comments=True)
         if words[:3] == ["python", "-m", "fastvit"]:
-            commands.append([sys.executable, *words[1:]])
+            commands.append(words[3:])
         elif words:
             raise AssertionError(f"a README bash line the test cannot run (mark the block skipped): {line!r}")
     return commands
@@ -81,13 +83,41 @@ def workdir(tmp_path_factory):
     timm = pytest.importorskip("timm")
     stand_in = timm.models.vision_transformer.VisionTransformer(patch_size=16, embed_dim=192, depth=1, num_heads=3)
     torch.save(stand_in.state_dict(), folder / "vit_b16_224.pth")
-    demo = [sys.executable, "-m", "fastvit", "train", "--epochs", "1", "--output", "runs/demo", "--quiet"]
-    subprocess.run(demo, cwd=folder, check=True, capture_output=True, env=_env())
+    demo = ["train", "--epochs", "1", "--output", "runs/demo", "--quiet"]
+    result = _run_commands([demo], folder)
+    assert result.returncode == 0, result.stderr[-3000:]
     return folder
 
 
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+# Runs each argv list as `python -m fastvit ARGV` would (the same main, the same exit-code rule), stopping at the
+# first command that exits non-zero, and names it.
+RUNNER = """
+import json, shlex, sys
+from fastvit.__main__ import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    if code not in (0, None):
+        sys.exit(f"exit code {code} from: python -m fastvit {shlex.join(argv)}")
+"""
+
+
+def _run_commands(commands: list[list[str]], cwd) -> subprocess.CompletedProcess:
+    """The ``python -m fastvit`` argument lists ``commands`` in one fresh interpreter, in order."""
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, json.dumps(commands)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
 
 
 BLOCKS = readme_blocks()
@@ -111,7 +141,6 @@ def test_readme_block_runs(workdir, line, language, code, skip):
         )
         assert result.returncode == 0, f"README.md:{line}\n{result.stderr[-3000:]}"
         return
-    for command in bash_commands(code):
-        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600, env=_env())
-        assert result.returncode == 0, f"README.md:{line}: {shlex.join(command[1:])}\n{result.stderr[-3000:]}"
-        assert "Traceback" not in result.stderr
+    result = _run_commands(bash_commands(code), workdir)
+    assert result.returncode == 0, f"README.md:{line}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr
