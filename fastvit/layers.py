@@ -90,6 +90,7 @@ class PatchEmbed(nn.Module):
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.strict_img_size = strict_img_size
+        self.in_chans = in_chans
         self.proj = nn.Conv2d(
             in_chans,
             embed_dim,
@@ -131,7 +132,8 @@ class PatchEmbed(nn.Module):
                 f"x must be a floating-point image batch, got {x.dtype}; convert integer images with "
                 "x.float() / 255 and normalise them"
             )
-        in_chans = self.proj.in_channels
+        # An adapter wrapping proj (a peft LoRA Conv2d) has no in_channels of its own: the width built then holds.
+        in_chans = getattr(self.proj, "in_channels", self.in_chans)
         if x.shape[1] != in_chans:
             raise ValueError(f"x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}")
         size = (x.shape[2], x.shape[3])

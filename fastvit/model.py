@@ -40,6 +40,7 @@ class VisionTransformer(nn.Module):
         num_heads: Attention heads per block.
         mlp_ratio: MLP hidden width / D.
         qkv_bias: Bias in the qkv Linear.
+        qk_norm: timm's q/k LayerNorm; not supported by fastvit (``True`` raises ``ValueError``).
         proj_bias: Bias in the attention proj and the MLP Linears.
         init_values: LayerScale init value (LayerScale off when None/0).
         class_token: Prepend a learnable class token.
@@ -59,8 +60,10 @@ class VisionTransformer(nn.Module):
         drop_path_rate: Stochastic depth, rising linearly to this rate over the blocks.
         weight_init: '' (timm) | 'jax' | 'jax_nlhb' | 'moco' | 'reset' | 'skip'.
         fix_init: Scale proj/fc2 weights by 1/sqrt(2·(layer+1)).
-        norm_layer: Norm class, default ``fastvit.layers.LayerNorm`` with eps 1e-6.
-        act_layer: MLP activation class, default ``nn.GELU`` (exact erf).
+        norm_layer: Norm layer: a LayerNorm class or ``partial`` (eps read from it), an instance, or timm's
+            name ('layernorm'); default ``fastvit.layers.LayerNorm`` with eps 1e-6. See :func:`resolve_norm_layer`.
+        act_layer: MLP activation: ``nn.GELU`` (exact erf, the default) or its tanh form, as a class, ``partial``,
+            instance or timm's name ('gelu', 'gelu_tanh'). See :func:`resolve_act_layer`.
         block_fn: Block class.
         backend: 'auto' | 'triton' | 'cuda' | 'torch'; None = the process default (FASTVIT_BACKEND).
         device, dtype: Where and in which dtype to create parameters.
@@ -78,6 +81,7 @@ class VisionTransformer(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        qk_norm: bool = False,
         proj_bias: bool = True,
         init_values: float | None = None,
         class_token: bool = True,
@@ -106,6 +110,7 @@ class VisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         _check_config(
+            qk_norm=qk_norm,
             num_classes=num_classes,
             global_pool=global_pool,
             embed_dim=embed_dim,
@@ -128,8 +133,8 @@ class VisionTransformer(nn.Module):
         )
         dd = {"device": device, "dtype": dtype}
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
-        norm_layer = norm_layer or partial(LayerNorm, eps=1e-6)
-        act_layer = act_layer or nn.GELU
+        norm_layer = resolve_norm_layer(norm_layer)
+        act_layer = resolve_act_layer(act_layer)
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -190,6 +195,7 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
+        self._pretrained_cfg = default_pretrained_cfg(in_chans)
         self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
         self.fix_init = fix_init
         if weight_init != "skip":
@@ -343,6 +349,31 @@ class VisionTransformer(nn.Module):
             )
             self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
 
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The data config that goes with these weights, in timm's form (what ``timm.data.resolve_model_data_config``
+        and :func:`fastvit.data.create_transform` read): ``input_size`` (C, H, W), ``interpolation``,
+        ``crop_pct``, ``crop_mode``, ``mean``, ``std``, plus ``num_classes``, ``label_names`` (when known),
+        ``architecture``, ``tag``, ``first_conv``, ``classifier``.
+
+        ``input_size``, ``fixed_input_size`` and ``num_classes`` always describe the model as it is now
+        (after ``set_input_size``/``reset_classifier``); the rest travels with the weights: converters copy it
+        from the source model, checkpoints store it, loaders restore it. Assign a dict to replace it (checked).
+        """
+        cfg = self._pretrained_cfg
+        cfg["input_size"] = (self.in_chans, *self.patch_embed.img_size)
+        cfg["fixed_input_size"] = not self.dynamic_img_size
+        cfg["num_classes"] = self.num_classes
+        if cfg.get("label_names") is not None and len(cfg["label_names"]) != self.num_classes:
+            cfg["label_names"] = None  # names of another head (reset_classifier) describe nothing here
+        return cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict) -> None:
+        self._pretrained_cfg = check_pretrained_cfg(cfg, self.in_chans)
+
+    default_cfg = pretrained_cfg  # timm's older name for the same dict
+
     # ------------------------------------------------------------------------------------------
     # Forward
 
@@ -459,28 +490,166 @@ PRESETS: dict[str, dict] = {
         img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0
     ),
 }
-TIMM_PRESETS = [name for name in PRESETS if name != "vit_digits_patch4_32"]
+# Data config of a fresh preset (before weights bring their own): timm's for its ViTs (bicubic, crop 0.9,
+# mean/std 0.5: timm.models.vision_transformer's default cfg); the digits model sees its 8x8 images
+# upsampled bilinearly and never cropped.
+PRESET_DATA_CFGS: dict[str, dict] = {
+    "vit_digits_patch4_32": dict(interpolation="bilinear", crop_pct=1.0, crop_mode="squash"),
+}
+DATA_CFG_KEYS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "label_names")  # what travels with weights
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(PRESETS)
+def default_pretrained_cfg(in_chans: int = 3) -> dict:
+    """The ``pretrained_cfg`` of a model without weights of its own: timm's ViT defaults."""
+    return dict(
+        architecture=None,
+        tag=None,
+        interpolation="bicubic",
+        crop_pct=0.9,
+        crop_mode="center",
+        mean=(0.5,) * in_chans,
+        std=(0.5,) * in_chans,
+        label_names=None,
+        first_conv="patch_embed.proj",
+        classifier="head",
+    )
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Build a preset by timm's name; ``kwargs`` override any constructor argument (e.g. ``depth=2``).
+def check_pretrained_cfg(cfg, in_chans: int) -> dict:
+    """A checked copy of a data config for an ``in_chans``-channel model (``ValueError`` naming the bad key).
 
-    ``pretrained=True`` is not supported (no weight downloads): build the model, then load weights
-    with ``fastvit.load_weights(model, path_or_state_dict)`` or convert one with ``fastvit.from_timm``.
+    ``mean``/``std`` of one value apply to every channel; a 3-channel mean/std on a 1-channel model (RGB weights
+    adapted to grey images, as timm's ``adapt_input_conv``) is averaged over the channels.
     """
-    if name not in PRESETS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    from collections.abc import Mapping, Sequence
+
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"pretrained_cfg must be a dict, got {type(cfg).__name__}")
+    out = {**default_pretrained_cfg(in_chans), **cfg}
+    for key in ("mean", "std"):
+        values = out[key]
+        if isinstance(values, (int, float)) and not isinstance(values, bool):
+            values = (values,)
+        if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+            raise ValueError(f"pretrained_cfg[{key!r}] must be a sequence of numbers, got {values!r}")
+        values = tuple(float(v) for v in values)
+        if len(values) == 1:
+            values = values * in_chans
+        elif len(values) == 3 and in_chans == 1:
+            values = (sum(values) / 3,)
+        if len(values) != in_chans or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"pretrained_cfg[{key!r}] must hold {in_chans} finite numbers, got {out[key]!r}")
+        if key == "std" and not all(v > 0 for v in values):
+            raise ValueError(f"pretrained_cfg['std'] must be positive, got {out[key]!r}")
+        out[key] = values
+    crop_pct = out["crop_pct"]
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+        raise ValueError(f"pretrained_cfg['crop_pct'] must be in (0, 1], got {crop_pct!r}")
+    if out["interpolation"] not in INTERPOLATIONS:
+        raise ValueError(
+            f"pretrained_cfg['interpolation'] must be one of {INTERPOLATIONS}, got {out['interpolation']!r}"
+        )
+    if out["crop_mode"] not in CROP_MODES:
+        raise ValueError(f"pretrained_cfg['crop_mode'] must be one of {CROP_MODES}, got {out['crop_mode']!r}")
+    names = out.get("label_names")
+    if names is not None:
+        if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"pretrained_cfg['label_names'] must be a list of strings, got {names!r}")
+        out["label_names"] = list(names)
+    return out
+
+
+def list_models(
+    filter: str | list[str] = "", pretrained: bool = False, exclude_filters: str | list[str] = ""
+) -> list[str]:
+    """Names :func:`create_model` accepts, as timm's ``list_models``.
+
+    Args:
+        filter: shell-style pattern(s), e.g. ``'vit_s*'`` or ``['*patch16*', '*digits*']``.
+        pretrained: list timm's pretrained tags of fastvit's architectures instead
+            (``'vit_base_patch16_224.augreg_in21k'``): weights fastvit can load once timm has them
+            (fastvit downloads nothing: ``fastvit.from_timm(timm.create_model(name, pretrained=True))``).
+        exclude_filters: shell-style pattern(s) of names to leave out.
+    """
+    import fnmatch
+
+    if pretrained:
+        import timm
+
+        names = [n for n in timm.list_pretrained() if n.partition(".")[0] in PRESETS]
+    else:
+        names = list(PRESETS)
+    patterns = [filter] if isinstance(filter, str) else list(filter)
+    excluded = [exclude_filters] if isinstance(exclude_filters, str) else list(exclude_filters)
+    if any(p for p in patterns):
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns if p)]
+    names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in excluded if p)]
+    return sorted(names)
+
+
+def _tag_cfg(name: str) -> dict:
+    """timm's pretrained_cfg for ``architecture.tag`` (``ValueError`` when timm has no such tag)."""
+    from timm.models import get_pretrained_cfg
+
+    arch, _, tag = name.partition(".")
+    try:
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:  # timm's answer for an unknown tag or an architecture it does not have
+        cfg = None
+    if cfg is None:
+        known = [n.partition(".")[2] for n in list_models(f"{arch}.*", pretrained=True)]
+        raise ValueError(f"unknown pretrained tag {tag!r} for {arch}; timm knows: {', '.join(known) or 'none'}")
+    return cfg.to_dict()
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    pretrained_cfg_overlay: dict | None = None,
+    **kwargs,
+) -> VisionTransformer:
+    """Build a preset by timm's name (a pretrained tag too: ``'vit_base_patch16_224.augreg_in21k'``).
+
+    Args:
+        name: a name from :func:`list_models`, optionally with one of timm's pretrained tags: the tag's data
+            config (mean/std, crop, interpolation) and class count become the model's defaults.
+        pretrained: not supported (fastvit downloads no weights): pass ``checkpoint_path`` or use
+            ``fastvit.from_timm(timm.create_model(name, pretrained=True))``.
+        checkpoint_path: weights to load (any format :func:`fastvit.load_weights` reads, a training run's
+            folder included); a fastvit checkpoint also brings its data config and class names.
+        pretrained_cfg_overlay: entries that replace the model's ``pretrained_cfg`` ones (as timm's).
+        kwargs: any constructor argument, e.g. ``num_classes=10`` or ``depth=2``.
+    """
+    arch, _, tag = name.partition(".")
+    if arch not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(arch, list(PRESETS), n=1)
+        hint = f" (closest: {close[0]!r})" if close else ""
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}{hint}")
     if pretrained:
         raise ValueError(
-            "pretrained=True is not supported: fastvit downloads no weights; load a checkpoint with "
-            "fastvit.load_weights(model, path) or convert a timm model with fastvit.from_timm(model)"
+            "pretrained=True is not supported: fastvit downloads no weights; pass checkpoint_path=, load a "
+            "checkpoint with fastvit.load_weights(model, path) or convert a timm model with fastvit.from_timm(model)"
         )
-    return VisionTransformer(**{**PRESETS[name], **kwargs})
+    cfg = {**PRESET_DATA_CFGS.get(arch, {}), "architecture": arch, "tag": tag or None}
+    defaults = {}
+    if tag:
+        tag_cfg = _tag_cfg(name)
+        cfg.update({key: tag_cfg[key] for key in DATA_CFG_KEYS if tag_cfg.get(key) is not None})
+        defaults["num_classes"] = tag_cfg.get("num_classes", 1000)
+        if tag_cfg.get("input_size"):
+            defaults["img_size"] = tuple(tag_cfg["input_size"][1:])
+    model = VisionTransformer(**{**PRESETS[arch], **defaults, **kwargs})
+    model.pretrained_cfg = {**model.pretrained_cfg, **cfg, **(pretrained_cfg_overlay or {})}
+    if checkpoint_path is not None:
+        from fastvit.convert import load_weights  # convert builds on this module
+
+        load_weights(model, checkpoint_path)
+    return model
 
 
 def _make_preset(name: str) -> Callable[..., VisionTransformer]:
@@ -553,8 +722,89 @@ def _init_module(module: nn.Module, name: str, mode: str, head_bias: float) -> N
             nn.init.zeros_(module.bias)
 
 
+# timm's names (timm.layers.get_act_layer / get_norm_layer) of the layers fastvit builds.
+_GELU_NAMES = {"gelu": "none", "gelu_tanh": "tanh"}
+_LAYER_NORM_NAMES = ("layernorm",)
+
+
+def _gelu_form(module: nn.Module) -> str | None:
+    """'none' / 'tanh' for torch's or timm's GELU modules, None for anything else (subclasses included)."""
+    if type(module) is nn.GELU:
+        return module.approximate
+    if type(module).__module__.startswith("timm.") and type(module).__name__ in ("GELU", "GELUTanh"):
+        return "tanh" if type(module).__name__ == "GELUTanh" else "none"
+    return None
+
+
+def _probe(layer, name: str, *args) -> nn.Module:
+    """An instance of a layer given as a class or ``partial`` (or the instance itself), to read its settings."""
+    if isinstance(layer, nn.Module):
+        return layer
+    if not callable(layer):
+        raise TypeError(f"{name} must be a layer class, a partial of one, an instance or a name, got {layer!r}")
+    try:
+        module = layer(*args)
+    except TypeError as exc:
+        raise ValueError(f"{name}={layer!r} cannot be built as timm builds it ({exc})") from exc
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{name}={layer!r} builds a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def resolve_act_layer(act_layer=None) -> Callable[[], nn.Module]:
+    """The one rule for the MLP activation, applied by ``VisionTransformer(act_layer=...)``, ``from_timm`` and
+    ``optimize``: GELU, exact (erf) or tanh, given as timm takes it (a class, a ``partial``, a name: 'gelu',
+    'gelu_tanh') or as the instance of a model being converted. Anything else raises ``ValueError``.
+
+    Returns:
+        a factory of ``nn.GELU(approximate=...)`` ('none' for ``None``, the default).
+    """
+    if act_layer is None:
+        return partial(nn.GELU, approximate="none")
+    if isinstance(act_layer, str):
+        form = _GELU_NAMES.get(act_layer.lower())
+        what = repr(act_layer)
+    else:
+        module = _probe(act_layer, "act_layer")
+        form, what = _gelu_form(module), type(module).__name__
+    if form is None:
+        raise ValueError(
+            f"act_layer {what} is not supported by fastvit: the MLP activation must be GELU, exact or tanh "
+            f"(nn.GELU, nn.GELU(approximate='tanh'), 'gelu', 'gelu_tanh')"
+        )
+    return partial(nn.GELU, approximate=form)
+
+
+def resolve_norm_layer(norm_layer=None) -> Callable[..., nn.Module]:
+    """The one rule for the norm layers, applied by ``VisionTransformer(norm_layer=...)``, ``from_timm`` and
+    ``optimize``: an affine LayerNorm over the last dimension, given as a class or ``partial`` (its eps is read
+    from an instance), timm's name 'layernorm' (eps 1e-6, as timm's ``LayerNorm``), or an instance.
+
+    Returns:
+        a factory of ``fastvit.layers.LayerNorm(dim, eps=...)`` (eps 1e-6 for ``None``, the default).
+    """
+    if norm_layer is None:
+        return partial(LayerNorm, eps=1e-6)
+    if isinstance(norm_layer, str):
+        if norm_layer.lower().replace("_", "") not in _LAYER_NORM_NAMES:
+            raise ValueError(f"norm_layer {norm_layer!r} is not supported by fastvit (LayerNorm only: 'layernorm')")
+        return partial(LayerNorm, eps=1e-6)
+    module = _probe(norm_layer, "norm_layer", 8)
+    if (
+        not isinstance(module, nn.LayerNorm)
+        or len(module.normalized_shape) != 1
+        or module.weight is None
+        or module.bias is None
+    ):
+        raise ValueError(
+            f"norm_layer {type(module).__name__} is not supported by fastvit (an affine LayerNorm with bias only)"
+        )
+    return partial(LayerNorm, eps=module.eps)
+
+
 def _check_config(
     *,
+    qk_norm,
     num_classes,
     global_pool,
     embed_dim,
@@ -568,6 +818,8 @@ def _check_config(
     weight_init,
     rates,
 ) -> None:
+    if qk_norm:
+        raise ValueError("qk_norm=True (timm's q/k LayerNorm) is not supported by fastvit")
     for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("in_chans", in_chans)):
         check_positive_int(name, value)
     for name, value in (("depth", depth), ("num_classes", num_classes), ("reg_tokens", reg_tokens)):
@@ -593,4 +845,13 @@ def _check_config(
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
-__all__ = ["VisionTransformer", "ViT", "PRESETS", "create_model", "list_models", *PRESETS]
+__all__ = [
+    "VisionTransformer",
+    "ViT",
+    "PRESETS",
+    "create_model",
+    "list_models",
+    "resolve_act_layer",
+    "resolve_norm_layer",
+    *PRESETS,
+]
