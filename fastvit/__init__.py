@@ -2,12 +2,14 @@
 
 import fastvit
 model = fastvit.create_model("vit_base_patch16_224", num_classes=10)
+model = fastvit.load_run("runs/train")                    # what `python -m fastvit train` saved
+transform = fastvit.data.create_transform(model)          # PIL image -> the model's input, from its data config
 fastvit.backends()            # which fused backends can run here, and why not
 fastvit.selftest()            # check the fused kernels on this GPU; 'auto' uses them where they passed
 """
 
-from fastvit import ops, verification
-from fastvit.convert import from_hf, from_timm, from_torchvision, load_weights
+from fastvit import data, ops, verification
+from fastvit.convert import from_hf, from_timm, from_torchvision, load_run, load_weights
 from fastvit.dispatch import (
     backends,
     deterministic_enabled,
@@ -46,6 +48,7 @@ from fastvit.verification import UnverifiedKernelWarning
 __version__ = "0.1.0"
 
 __all__ = [
+    "data",
     "ops",
     "verification",
     "selftest",
@@ -65,6 +68,7 @@ __all__ = [
     "from_torchvision",
     "from_hf",
     "load_weights",
+    "load_run",
     "optimize",
     "InferenceSession",
     "vit_tiny_patch16_224",

@@ -25,10 +25,16 @@ from fastvit.layers import (
     EvaBlock,
     LayerNorm,
     PatchEmbed,
-    get_norm_layer,
     to_2tuple,
 )
-from fastvit.model import GLOBAL_POOLS, VisionTransformer, _check_config, _init_module
+from fastvit.model import (
+    GLOBAL_POOLS,
+    VisionTransformer,
+    _check_config,
+    _init_module,
+    default_pretrained_cfg,
+    resolve_norm_layer,
+)
 
 ROPE_TYPES = ("cat", "dinov3")
 
@@ -174,7 +180,7 @@ class Eva(nn.Module):
         if use_rot_pos_emb and (embed_dim // num_heads) % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {embed_dim // num_heads}")
         dd = {"device": device, "dtype": dtype}
-        norm_layer = get_norm_layer(norm_layer) or partial(LayerNorm, eps=1e-6)
+        norm_layer = resolve_norm_layer(norm_layer)
         fc_norm = global_pool == "avg" if use_fc_norm is None else use_fc_norm
         post_norm = not fc_norm if use_post_transformer_norm is None else use_post_transformer_norm
 
@@ -256,6 +262,7 @@ class Eva(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head_init_scale = head_init_scale
+        self._pretrained_cfg = default_pretrained_cfg(in_chans)
         self.init_weights()
         self.set_backend(backend)
 
@@ -266,6 +273,8 @@ class Eva(nn.Module):
     _pos_embed_for = VisionTransformer._pos_embed_for
     no_weight_decay = VisionTransformer.no_weight_decay
     group_matcher = VisionTransformer.group_matcher
+    pretrained_cfg = VisionTransformer.pretrained_cfg
+    default_cfg = VisionTransformer.default_cfg
     get_classifier = VisionTransformer.get_classifier
     set_grad_checkpointing = VisionTransformer.set_grad_checkpointing
     set_input_size = VisionTransformer.set_input_size  # resamples pos_embed; the RoPE table follows the grid

@@ -96,36 +96,6 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-# timm's names for the activations and norms its ViT families use (``act_layer='gelu_tanh'``, ``norm_layer=...``).
-ACT_LAYERS: dict[str, Callable[[], nn.Module]] = {
-    "gelu": nn.GELU,
-    "gelu_tanh": partial(nn.GELU, approximate="tanh"),
-    "quick_gelu": QuickGELU,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
-}
-NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {"layernorm": LayerNorm, "rmsnorm": RmsNorm}
-
-
-def get_act_layer(act_layer: str | Callable[[], nn.Module] | None) -> Callable[[], nn.Module] | None:
-    """An activation class from timm's name for it (``'gelu'``, ``'gelu_tanh'``, ``'quick_gelu'``, ``'silu'``), or
-    the class itself."""
-    if isinstance(act_layer, str):
-        if act_layer not in ACT_LAYERS:
-            raise ValueError(f"act_layer must be one of {sorted(ACT_LAYERS)} or a module class, got {act_layer!r}")
-        return ACT_LAYERS[act_layer]
-    return act_layer
-
-
-def get_norm_layer(norm_layer: str | Callable[..., nn.Module] | None) -> Callable[..., nn.Module] | None:
-    """A norm class from its name (``'layernorm'``, ``'rmsnorm'``), or the class itself."""
-    if isinstance(norm_layer, str):
-        if norm_layer not in NORM_LAYERS:
-            raise ValueError(f"norm_layer must be one of {sorted(NORM_LAYERS)} or a module class, got {norm_layer!r}")
-        return NORM_LAYERS[norm_layer]
-    return norm_layer
-
-
 class PatchEmbed(nn.Module):
     """Image to patch tokens: ``proj`` is a Conv2d with kernel = stride = patch size (timm's keys ``proj.*``).
 
@@ -160,6 +130,7 @@ class PatchEmbed(nn.Module):
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.strict_img_size = strict_img_size
+        self.in_chans = in_chans
         self.proj = nn.Conv2d(
             in_chans,
             embed_dim,
@@ -208,7 +179,8 @@ class PatchEmbed(nn.Module):
                 f"x must be a floating-point image batch, got {x.dtype}; convert integer images with "
                 "x.float() / 255 and normalise them"
             )
-        in_chans = self.proj.in_channels
+        # An adapter wrapping proj (a peft LoRA Conv2d) has no in_channels of its own: the width built then holds.
+        in_chans = getattr(self.proj, "in_channels", self.in_chans)
         if x.shape[1] != in_chans:
             raise ValueError(f"x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}")
         size = (x.shape[2], x.shape[3])

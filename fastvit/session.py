@@ -6,11 +6,20 @@ removes that overhead. The session warms the model up first (Triton autotuning, 
 workspaces happen there, never inside the capture), captures one graph per requested batch size, and
 runs any other batch size eagerly (counted in ``fallback_calls``). Autocast to ``dtype`` happens
 inside, so callers pass float32 images.
+
+Device and stream rules (both needed for a correct graph, see ``_capture``):
+- Warm-up, capture and replay run under ``torch.cuda.device(model's device)``. ``torch.cuda.graph``
+  captures the *current device's* stream, while every fastvit launcher switches to its tensors' device
+  and launches on that device's current stream: with a model on cuda:1 and cuda:0 current, the kernels
+  would run eagerly on cuda:1 during "capture" and the graph would be empty (stale output on replay).
+- One side stream per session serves every batch size: cuBLAS(Lt) keeps one workspace (up to 32 MiB)
+  per stream, so a stream per batch size would hold one workspace per captured batch size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +35,13 @@ class InferenceSession:
         input_shape: (C, H, W) of one image; default from ``model.patch_embed`` / ``model.in_chans``.
         warmup: eager iterations before each capture.
         use_cuda_graphs: default True on CUDA; False runs eagerly (the only option on CPU).
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, ``dtype`` not one of the three, ``use_cuda_graphs`` not a bool
+            or None.
+        ValueError: ``batch_sizes`` not a positive int or a non-empty sequence of them (floats such as 2.0 and
+            bools included), ``warmup`` not an int >= 1, ``input_shape`` not three positive ints, a model without
+            parameters, or CUDA graphs asked for a model off CUDA. Each message names the argument.
     """
 
     def __init__(
@@ -41,16 +57,17 @@ class InferenceSession:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
-        sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
-        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
-            raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup must be an int >= 1 (autotuning must finish before capture), got {warmup!r}")
-        if input_shape is not None and (
-            len(tuple(input_shape)) != 3
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in tuple(input_shape))
-        ):
-            raise ValueError(f"input_shape must be (C, H, W) of positive ints, got {input_shape!r}")
+        sizes = _batch_sizes(batch_sizes)
+        if not _is_positive_int(warmup):
+            raise ValueError(
+                f"warmup must be an int >= 1 (autotuning must finish before capture), got {_describe(warmup)}"
+            )
+        if input_shape is not None:
+            input_shape = _input_shape(input_shape)
+        if use_cuda_graphs is not None and not isinstance(use_cuda_graphs, bool):
+            raise TypeError(
+                f"use_cuda_graphs must be True, False or None (automatic), got {_describe(use_cuda_graphs)}"
+            )
         parameter = next(iter(model.parameters()), None)
         if parameter is None:
             raise ValueError("model has no parameters: the session cannot tell its device")
@@ -63,21 +80,27 @@ class InferenceSession:
         self.use_cuda_graphs = use_cuda_graphs
         self.dtype = dtype
         self.input_shape = tuple(input_shape) if input_shape is not None else self._default_input_shape(model)
-        self.warmup = warmup
+        self.warmup = int(warmup)
         self.fallback_calls = 0
         self.replays = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._stream: torch.cuda.Stream | None = None  # the one warm-up and capture stream (CUDA graphs only)
         if use_cuda_graphs:
-            for batch in sizes:
-                self._capture(batch)
+            with torch.cuda.device(self.device):
+                self._stream = torch.cuda.Stream(device=self.device)
+                for batch in sizes:
+                    self._capture(batch)
 
     @staticmethod
     def _default_input_shape(model: nn.Module) -> tuple[int, int, int]:
-        patch_embed = getattr(model, "patch_embed", None)
-        if patch_embed is None or not hasattr(patch_embed, "img_size"):
-            raise ValueError("pass input_shape=(C, H, W): the model has no patch_embed.img_size")
-        in_chans = getattr(model, "in_chans", None) or patch_embed.proj.in_channels
-        return (in_chans, *tuple(patch_embed.img_size))
+        # The model's data config (fastvit.data.resolve_data_config): its channels and patch_embed.img_size, or
+        # the input_size of its pretrained_cfg when it has no patch embedding to read them from.
+        from fastvit.data import resolve_data_config
+
+        has_size = hasattr(getattr(model, "patch_embed", None), "img_size")
+        if not has_size and "input_size" not in (getattr(model, "pretrained_cfg", None) or {}):
+            raise ValueError("pass input_shape=(C, H, W): the model has no patch_embed.img_size or data config")
+        return tuple(resolve_data_config(model)["input_size"])
 
     @property
     def captured_batch_sizes(self) -> list[int]:
@@ -88,15 +111,19 @@ class InferenceSession:
             return self.model(x)
 
     def _capture(self, batch: int) -> None:
+        """Warm up, then capture one graph for ``batch`` images. Runs under ``torch.cuda.device(self.device)``."""
         static_input = torch.randn(batch, *self.input_shape, device=self.device)
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        # Warm-up on the session's stream (the one the capture uses): per-stream state such as the cuBLAS(Lt)
+        # workspace is created here, outside the capture.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
             for _ in range(self.warmup):
                 self._forward(static_input)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # An explicit stream of the model's device: torch.cuda.graph's default capture stream is created once per
+        # process on whichever device was current at its first use.
+        with torch.cuda.graph(graph, stream=self._stream):
             static_output = self._forward(static_input)
         self._graphs[batch] = (graph, static_input, static_output)
 
@@ -118,7 +145,45 @@ class InferenceSession:
             self.fallback_calls += 1
             return self._forward(x)
         graph, static_input, static_output = entry
-        static_input.copy_(x)
-        graph.replay()
-        self.replays += 1
-        return static_output.clone()  # the static buffer is overwritten by the next replay
+        # Replay on the model's device: graph.replay() and the copies run on the *current* device's current stream.
+        with torch.cuda.device(self.device):
+            static_input.copy_(x)
+            graph.replay()
+            self.replays += 1
+            return static_output.clone()  # the static buffer is overwritten by the next replay
+
+
+def _is_positive_int(value: object) -> bool:
+    """An integer >= 1 (Python or NumPy); ``True`` is not a count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _describe(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _batch_sizes(batch_sizes: object) -> list[int]:
+    """``batch_sizes`` as a non-empty list of ints >= 1, or a ValueError naming the offending entry."""
+    rule = "batch_sizes must be positive ints (one int or a sequence of them)"
+    if _is_positive_int(batch_sizes):
+        return [int(batch_sizes)]
+    if isinstance(batch_sizes, (str, bytes, numbers.Number, torch.Tensor)) or not isinstance(batch_sizes, Iterable):
+        raise ValueError(f"{rule}, got {_describe(batch_sizes)}")
+    sizes = list(batch_sizes)
+    if not sizes:
+        raise ValueError(f"{rule}, got an empty {type(batch_sizes).__name__}")
+    for index, size in enumerate(sizes):
+        if not _is_positive_int(size):
+            raise ValueError(f"{rule}, got batch_sizes[{index}] = {_describe(size)}")
+    return [int(size) for size in sizes]
+
+
+def _input_shape(input_shape: object) -> tuple[int, int, int]:
+    """``input_shape`` as (C, H, W) ints >= 1, or a ValueError naming it."""
+    rule = "input_shape must be (C, H, W) of positive ints"
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Iterable):
+        raise ValueError(f"{rule}, got {_describe(input_shape)}")
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(_is_positive_int(size) for size in shape):
+        raise ValueError(f"{rule}, got {input_shape!r}")
+    return tuple(int(size) for size in shape)

@@ -477,36 +477,57 @@ def attn_bwd_dq_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Block-size configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried by the autotuner on
-# GPUs, keyed on (N_Q, N_KV, HEAD_DIM, INPUT_PRECISION) and the tensors' dtypes: per GPU generation
-# for 16-bit inputs, one list for fp32 inputs. ``keep_config`` first drops the ones whose
-# shared-memory estimate cannot fit. Starting points from the Triton tutorial's search space and
-# FlashAttention-2's Triton kernels, cut to five or six per kernel so first-call tuning stays short.
-# ViT sequences are short (197-577 tokens), so 64-row query blocks keep enough programs in flight;
+# Block-size configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried by the autotuner on GPUs, keyed on
+# (N_Q, N_KV, HEAD_DIM, INPUT_PRECISION) and the tensors' dtypes. 16-bit inputs: one list per GPU generation (80:
+# Ampere/Ada, 90: Hopper and newer) and BLOCK_D bound (<= 64: head dims 32-64; <= 128: head dims 80-128); fp32
+# inputs: one list. ``autotune_configs`` hands the autotuner the entries of the launch's list that ``keep_config``
+# keeps for the GPU's shared memory. Starting points from the Triton tutorial's search space and FlashAttention-2's
+# Triton kernels; ViT sequences are short (197-577 tokens), so 64-row query blocks keep enough programs in flight and
 # 128-row blocks win at large B*H.
 #
-# Every entry was compiled ahead of time for sm_80 and sm_90 (Triton 3.8, no GPU) at head dims 32,
-# 48, 64, 80, 128: all compile. bf16/fp16 at BLOCK_D <= 64 use no local memory; at BLOCK_D = 128 the
-# 4-warp sm_80 configs spill, and each list keeps non-spilling ones (8 warps; (16, 128, 8, 2) for
-# dK/dV). fp32 (full-precision "ieee" dots run on FMA units, not tensor cores) spills in all but
-# small tiles: it is supported for accuracy, not speed.
+# Chosen from ahead-of-time compiles (python -m fastvit.kernels.resources --all, no GPU): every 16-bit entry compiles
+# without spilling for its generation at every head dim of its BLOCK_D list, with Triton 3.8. CI (test_resources.py)
+# keeps that true for bf16/fp16 at head dims 64 and 128 on sm_90a and sm_80; the committed tables
+# benchmarks/results/resources-sm90a.md and -sm80.md hold that set (0 spills; at most 255 registers, shared memory up
+# to 224 KiB of sm_90's 227 KiB for (128, 128, 8, 3)). At BLOCK_D = 128 the sm_80 kernels need 8 warps (4-warp tiles
+# spill 100-1000 B per thread, (128, 64, 4, 3) 20 KB), and dK/dV has only two spill-free tiles there. fp32
+# (full-precision "ieee" dots run on FMA units, not tensor cores) spills at head dims >= 48 whatever the tile, and
+# some tiles at 32: supported for accuracy, not speed (the tool reports its spills without failing them).
 #
 # Forward (BLOCK_M query rows per program, BLOCK_N keys per step).
 FWD_CONFIGS = {
-    80: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3)],  # A100 (sm_80/86/89)
-    90: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],  # H100 (sm_90+)
+    80: {
+        64: [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
+    },
+    90: {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
+        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 3)],
+    },
     "fp32": [(32, 32, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2)],
 }
 # dK/dV (BLOCK_N keys per program, BLOCK_M queries per step): two [BLOCK_N, BLOCK_D] fp32 accumulators.
 BWD_DKDV_CONFIGS = {
-    80: [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 2)],
-    90: [(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3)],
+    80: {
+        64: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 2)],
+        128: [(16, 128, 8, 2), (32, 32, 8, 2)],
+    },
+    90: {
+        64: [(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3)],
+        128: [(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 2)],
+    },
     "fp32": [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
 }
 # dQ (BLOCK_M queries per program, BLOCK_N keys per step): one [BLOCK_M, BLOCK_D] fp32 accumulator.
 BWD_DQ_CONFIGS = {
-    80: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
-    90: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3)],
+    80: {
+        64: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+        128: [(128, 32, 8, 2), (128, 16, 8, 2), (32, 64, 4, 2), (32, 32, 4, 3), (32, 32, 4, 2)],
+    },
+    90: {
+        64: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3)],
+        128: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 3)],
+    },
     "fp32": [(32, 32, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2)],
 }
 # When keep_config drops every candidate, the autotuner runs this one: small tiles, no pipelining.
@@ -517,18 +538,99 @@ FALLBACK_CONFIGS = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32
 INTERPRETER_CONFIGS = {"fwd": (64, 32, 1, 1), "dkdv": (32, 64, 1, 1), "dq": (64, 32, 1, 1)}
 PREPROCESS_BLOCK_M = 64
 
-SHARED_MEMORY_BUDGET = 160 * 1024  # bytes; sm_80 has 164 KiB per block, sm_90 227 KiB
+# Shared memory one block may use (bytes; cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability
+# 10*major+minor: what Triton checks every compiled kernel against before launching it.
+SHARED_MEMORY_PER_BLOCK = {
+    80: 163 * 1024,  # A100
+    86: 99 * 1024,  # RTX 30xx, A10, A40
+    87: 163 * 1024,  # Jetson Orin
+    89: 99 * 1024,  # RTX 40xx, L4, L40
+    90: 227 * 1024,  # H100, H200
+    100: 227 * 1024,  # B200
+    103: 227 * 1024,  # B300
+    120: 99 * 1024,  # RTX 50xx
+}
 
 
-def keep_config(kernel: str, block_m: int, block_n: int, num_stages: int, block_d: int, elem_bytes: int) -> bool:
-    """False when a config's shared memory clearly overflows (a rough, conservative estimate).
+def shared_memory_limit(arch: int) -> int:
+    """Shared memory per block, in bytes, on a GPU of compute capability ``arch`` (10*major+minor, e.g. 90).
 
-    ``kernel`` is 'fwd', 'dkdv' or 'dq'. Two tiles are streamed through the loop and buffered
-    ``num_stages`` deep (k and v for 'fwd' and 'dq'; q and dO for 'dkdv'); the program's own tiles
-    stay resident (q for 'fwd'; q and dO for 'dq'; k and v for 'dkdv').
+    A GPU missing from ``SHARED_MEMORY_PER_BLOCK`` gets the smallest limit of the table: configs may be dropped
+    that would fit, never kept when they cannot launch.
+    """
+    if isinstance(arch, bool) or not isinstance(arch, int):
+        raise TypeError(f"arch must be an int compute capability 10*major+minor (e.g. 90), got {arch!r}")
+    if arch < 80:
+        raise ValueError(f"arch must be a compute capability >= 80 (the kernels need sm_80+), got {arch}")
+    return SHARED_MEMORY_PER_BLOCK.get(arch, min(SHARED_MEMORY_PER_BLOCK.values()))
+
+
+def config_generation(arch: int) -> int:
+    """The key of the 16-bit config tables for compute capability ``arch``: 90 for Hopper and newer, else 80."""
+    return 90 if arch >= 90 else 80
+
+
+def block_d(head_dim: int) -> int:
+    """``BLOCK_D`` of a head dim: the next power of two, at least 16 (the smallest tl.dot size)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def keep_config(
+    kernel: str, block_m: int, block_n: int, num_stages: int, block_d: int, elem_bytes: int, arch: int
+) -> bool:
+    """False when a config's shared memory exceeds the GPU's per-block limit (an estimate of Triton's allocation).
+
+    ``kernel`` is 'fwd', 'dkdv' or 'dq'; ``arch`` the compute capability (10*major+minor). Two tiles are streamed
+    through the loop and buffered ``num_stages`` deep (k and v for 'fwd' and 'dq'; q and dO for 'dkdv', with their
+    fp32 lse and delta rows); the program's own tiles stay resident (q for 'fwd'; q and dO for 'dq'; k and v for
+    'dkdv'). With Triton 3.8 on sm_90 this is what the compiled kernels allocate (to the byte for 'fwd' and 'dq',
+    a few hundred bytes more for 'dkdv'); on sm_80 Triton needs less, so a config that would fit there may be
+    dropped. The static resource check compares the real allocation of every kept config with the limit.
     """
     streamed_rows = block_m if kernel == "dkdv" else block_n
     resident_tiles, resident_rows = {"fwd": (1, block_m), "dq": (2, block_m), "dkdv": (2, block_n)}[kernel]
     streamed = num_stages * 2 * streamed_rows * block_d * elem_bytes
+    if kernel == "dkdv":
+        streamed += num_stages * 2 * block_m * 4  # lse and delta rows (fp32) of each query block
     resident = resident_tiles * resident_rows * block_d * elem_bytes
-    return streamed + resident <= SHARED_MEMORY_BUDGET
+    return streamed + resident <= shared_memory_limit(arch)
+
+
+CONFIG_TABLES = {"fwd": FWD_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dq": BWD_DQ_CONFIGS}
+
+
+def table_configs(kernel: str, arch: int, block_d: int, elem_bytes: int) -> list[tuple[int, int, int, int]]:
+    """The table entries for one launch, before the shared-memory check: fp32 inputs have their own list,
+    16-bit inputs the list of the arch's generation for this ``BLOCK_D``."""
+    tables = CONFIG_TABLES[kernel]
+    if elem_bytes == 4:
+        return list(tables["fp32"])
+    by_block_d = tables[config_generation(arch)]
+    return list(by_block_d[min(bound for bound in by_block_d if bound >= block_d)])
+
+
+def autotune_configs(kernel: str, arch: int, block_d: int, elem_bytes: int) -> list[tuple[int, int, int, int]]:
+    """Every config the autotuner may pick for one launch, as (BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    The launcher's prune step returns exactly these, and the static resource check (``fastvit.kernels.resources``)
+    compiles exactly these: the table entries that ``keep_config`` keeps for ``arch``, or ``FALLBACK_CONFIGS`` when
+    it keeps none.
+    """
+    kept = [
+        entry
+        for entry in table_configs(kernel, arch, block_d, elem_bytes)
+        if keep_config(kernel, entry[0], entry[1], entry[3], block_d, elem_bytes, arch)
+    ]
+    return kept or [FALLBACK_CONFIGS[kernel]]
+
+
+def dtype_table_configs(kernel: str, arch: int, elem_bytes: int) -> list[tuple[int, int, int, int]]:
+    """Every table entry for inputs of ``elem_bytes`` on ``arch`` (all BLOCK_D lists), then the fallback."""
+    tables = CONFIG_TABLES[kernel]
+    lists = [tables["fp32"]] if elem_bytes == 4 else tables[config_generation(arch)].values()
+    return list(dict.fromkeys([*(e for configs in lists for e in configs), FALLBACK_CONFIGS[kernel]]))
+
+
+def all_table_configs(kernel: str, arch: int) -> list[tuple[int, int, int, int]]:
+    """Every entry the autotuner of ``arch`` can be handed for ``kernel``, whatever the dtype and BLOCK_D."""
+    return list(dict.fromkeys([*dtype_table_configs(kernel, arch, 2), *dtype_table_configs(kernel, arch, 4)]))

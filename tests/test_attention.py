@@ -283,9 +283,9 @@ from fastvit.kernels import attention as K
 
 POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 for kind, fn, (block_m, block_n, warps, stages) in [
-    ("fwd", K.attn_fwd_kernel, K.FWD_CONFIGS[80][0]),
-    ("dkdv", K.attn_bwd_dkdv_kernel, K.BWD_DKDV_CONFIGS[80][0]),
-    ("dq", K.attn_bwd_dq_kernel, K.BWD_DQ_CONFIGS[80][0]),
+    ("fwd", K.attn_fwd_kernel, K.autotune_configs("fwd", 80, 128, 2)[0]),
+    ("dkdv", K.attn_bwd_dkdv_kernel, K.autotune_configs("dkdv", 80, 128, 2)[0]),
+    ("dq", K.attn_bwd_dq_kernel, K.autotune_configs("dq", 80, 128, 2)[0]),
 ]:
     # HEAD_DIM 80 in 128-wide tiles: the masked-column paths. Specialised as the JIT would for a
     # packed qkv buffer: unit head-dim strides, 16-divisible pointers and strides.

@@ -449,13 +449,20 @@ def test_load_weights_reports_every_problem_in_one_error_and_leaves_the_model_un
         fastvit.load_weights(model, state)
 
 
-def test_load_weights_lists_every_key_not_a_sample():
+def test_load_weights_summarises_long_key_lists():
+    # A message lists the count and the first few keys of each kind (issue 21: never hundreds of names on one
+    # line); every key stays available as data.
+    from fastvit.convert import CheckpointMismatchError
+
     model = fastvit.ViT(**TINY)
     deeper = fastvit.ViT(**{**TINY, "depth": 3}).state_dict()  # 2 extra blocks: 2 x 12 unexpected keys
     with pytest.raises(KeyError) as info:
         fastvit.load_weights(model, deeper)
     extra = sorted(k for k in deeper if k.startswith(("blocks.1.", "blocks.2.")))
-    assert f"{len(extra)} keys the model does not have: {', '.join(extra)}" in str(info.value)
+    shown = CheckpointMismatchError.SHOWN
+    summary = f"{len(extra)} keys the model does not have: {', '.join(extra[:shown])}, ... ({len(extra) - shown} more"
+    assert summary in str(info.value)
+    assert info.value.unexpected == extra
 
 
 @pytest.mark.parametrize(
@@ -490,20 +497,20 @@ def test_loaders_report_missing_truncated_and_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
     from fastvit import checkpoint as ckpt
-    from fastvit.inference import load_model
+    from fastvit import load_run
 
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        load_model(str(tmp_path / "absent.pth"))
+        load_run(str(tmp_path / "absent.pth"))
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        load_model(str(tmp_path))  # a directory without a checkpoint
+        load_run(str(tmp_path))  # a directory without a checkpoint
     good = tmp_path / "good.safetensors"
     save_file(fastvit.ViT(**TINY).state_dict(), str(good), {"config": '{"img_size": 32, "no_such_option": 1}'})
     with pytest.raises(ValueError, match="the model config in its metadata is not valid here"):
-        load_model(str(good))
+        load_run(str(good))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:100])
     with pytest.raises(ValueError, match="truncated or corrupted"):
-        load_model(str(truncated))
+        load_run(str(truncated))
     state_dir = tmp_path / "run" / "checkpoint"
     state_dir.mkdir(parents=True)
     save_file(fastvit.ViT(**TINY).state_dict(), str(state_dir / ckpt.MODEL_FILE))

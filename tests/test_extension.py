@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import fastvit
 from fastvit import dispatch, ops
 
-from utils import assert_within_torch_error
+from op_cases import LINEAR_RESIDUAL, LN_MLP, assert_matches_reference, fp32_noise_floor, relative_floor
+from utils import assert_within_torch_error, dtype_tols
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
 needs_extension = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
@@ -266,3 +267,99 @@ def test_layer_norm_cuda_unaligned_rows_and_bit_identical_backward():
     for _ in range(3):
         for got, want in zip(torch.ops.fastvit.layer_norm_bwd(grad_out, x, weight, mean, rstd), first):
             assert torch.equal(got, want)
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [768, 769, 4104])
+def test_layer_norm_cuda_weight_gradients_vectorised_and_scalar(width, dtype):
+    # Stage 1 of dweight/dbias reads 16-byte packs of VEC columns when rows are aligned (768, 4104: VEC columns
+    # per thread, tiles of 256 (bf16) / 128 (fp32) columns, 4104 ends in a partial tile) and single columns
+    # otherwise (769). Same bound as every LayerNorm gradient: 2x PyTorch's own error.
+    x, weight, bias = _layer_norm_inputs((333, width), dtype, device="cuda")
+    grad_out = torch.randn(333, width, dtype=torch.float64, device="cuda")
+
+    def grads(fn, dtype_):
+        leaves = [t.detach().to(dtype_).requires_grad_(True) for t in (x, weight, bias)]
+        return torch.autograd.grad(fn(*leaves), leaves[1:], grad_out.to(dtype_))
+
+    ours = grads(lambda x, w, b: ops.layer_norm(x, w, b, 1e-6, backend="cuda"), dtype)
+    same = grads(lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-6), dtype)
+    exact = grads(lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-6), torch.float64)
+    for name, got, torch_same, want in zip(("dweight", "dbias"), ours, same, exact):
+        floor = 1e-6 * want.abs().max().item()
+        assert_within_torch_error(f"layer_norm cuda {name} {dtype} C={width}", got, torch_same, want, floor=floor)
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_ln_mlp_deterministic_backward_keeps_its_accuracy(approximate):
+    # Deterministic mode keeps the DGELU epilogue (only the bias gradient moves to at::sum): the same error bound as
+    # the default path (test_ln_mlp's GPU tests; bit-identical repeats are checked there too).
+    sample = LN_MLP.make(torch.bfloat16, "cuda", lead=(8, 197), width=384, hidden=1536)
+    fastvit.set_deterministic(True)
+    try:
+        assert_matches_reference(
+            LN_MLP, sample.with_kwargs(approximate=approximate), "cuda", floor=relative_floor(0.0), name="deterministic"
+        )
+    finally:
+        fastvit.set_deterministic(False)
+
+
+# The extension's cuBLASLt GEMMs: ln_mlp (fc1 with the bias/GELU epilogue, fc2) and linear_residual, ViT-B sizes.
+_GEMM_CASES = [
+    pytest.param(LN_MLP, dict(width=768, hidden=3072), id="ln_mlp"),
+    pytest.param(LINEAR_RESIDUAL, dict(in_features=768, out_features=768), id="linear_residual"),
+]
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, sizes", _GEMM_CASES)
+def test_cublaslt_gemms_under_cuda_graph_trees_stay_correct_across_generations(case, sizes):
+    # torch.compile(mode="reduce-overhead") records the ops into CUDA-graph trees whose private memory pool is
+    # reset between generations. The GEMMs' cuBLASLt workspace must not be a block of that pool kept across
+    # generations (it would be handed to another tensor while split-K writes into it): every replay, with new
+    # inputs and other allocations in between, must give what eager gives.
+    torch._dynamo.reset()
+    template = case.make(torch.bfloat16, "cuda", lead=(32, 197), **sizes)
+    compiled = torch.compile(case.as_function(template, "cuda"), mode="reduce-overhead")
+    try:
+        with torch.inference_mode():
+            for step in range(6):
+                sample = case.make(torch.bfloat16, "cuda", seed=step, lead=(32, 197), **sizes)
+                got = compiled(*sample.args).clone()
+                scratch = torch.full((64, 1 << 20), float(step), device="cuda")  # reuse freed blocks in between
+                want = case.call(sample, "cuda")
+                # Same ops, same shapes: at most a different GEMM algorithm, i.e. bf16 rounding differences.
+                torch.testing.assert_close(got, want, **dtype_tols(torch.bfloat16), msg=f"generation {step}")
+                del scratch
+    finally:
+        torch._dynamo.reset()
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cublaslt_plan_cache_gives_each_gemm_shape_its_own_plan(dtype, monkeypatch):
+    # Descriptors, layouts and the algorithm are cached per GEMM shape (and dtype, strides, epilogue): calls that
+    # alternate between shapes differing in one dimension only, the bias on and off, must each match the spec.
+    shapes = [
+        dict(lead=(7,), in_features=64, out_features=128),
+        dict(lead=(7,), in_features=128, out_features=64),
+        dict(lead=(9,), in_features=64, out_features=128),
+        dict(lead=(7,), in_features=64, out_features=136),
+        dict(lead=(7,), in_features=64, out_features=128, bias=False),
+    ]
+    floor = fp32_noise_floor() if dtype == torch.float32 else relative_floor(0.0)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 GEMMs under the fp32 rule
+    for _round in range(2):
+        for shape in shapes:
+            sample = LINEAR_RESIDUAL.make(dtype, "cuda", **shape)
+            assert_matches_reference(LINEAR_RESIDUAL, sample, "cuda", floor=floor, name=str(shape))

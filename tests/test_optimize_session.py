@@ -79,6 +79,52 @@ def test_inference_session_rejects_bad_arguments():
         session(torch.randn(1, 3, 16, 16))
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        # batch_sizes: one positive int or a non-empty sequence of them (issue 22: 2.0 said "'float' object is not
+        # iterable")
+        (dict(batch_sizes=2.0), ValueError, r"batch_sizes must be positive ints .*got 2\.0 \(float\)"),
+        (dict(batch_sizes=float("nan")), ValueError, r"batch_sizes must be positive ints .*got nan \(float\)"),
+        (dict(batch_sizes=True), ValueError, r"batch_sizes must be positive ints .*got True \(bool\)"),
+        (dict(batch_sizes=None), ValueError, r"batch_sizes must be positive ints .*got None \(NoneType\)"),
+        (dict(batch_sizes="12"), ValueError, r"batch_sizes must be positive ints .*got '12' \(str\)"),
+        (dict(batch_sizes=torch.tensor(2)), ValueError, r"batch_sizes must be positive ints .*\(Tensor\)"),
+        (dict(batch_sizes=[]), ValueError, r"batch_sizes must be positive ints .*got an empty list"),
+        (dict(batch_sizes=-3), ValueError, r"batch_sizes must be positive ints .*got -3 \(int\)"),
+        (dict(batch_sizes=[1, 2.0]), ValueError, r"got batch_sizes\[1\] = 2\.0 \(float\)"),
+        (dict(batch_sizes=(4, 0)), ValueError, r"got batch_sizes\[1\] = 0 \(int\)"),
+        (dict(batch_sizes=[1, None]), ValueError, r"got batch_sizes\[1\] = None"),
+        # the other arguments
+        (dict(warmup=2.0), ValueError, r"warmup must be an int >= 1 .*got 2\.0 \(float\)"),
+        (dict(warmup=True), ValueError, r"warmup must be an int >= 1 .*got True \(bool\)"),
+        (dict(input_shape=224), ValueError, r"input_shape must be \(C, H, W\) of positive ints, got 224 \(int\)"),
+        (dict(input_shape="3x32x32"), ValueError, r"input_shape must be \(C, H, W\) .*got '3x32x32' \(str\)"),
+        (dict(input_shape=(3, 32.0, 32)), ValueError, r"input_shape must be \(C, H, W\) of positive ints"),
+        (dict(input_shape=(3, 32, 0)), ValueError, r"input_shape must be \(C, H, W\) of positive ints"),
+        (dict(use_cuda_graphs="yes"), TypeError, r"use_cuda_graphs must be True, False or None .*got 'yes' \(str\)"),
+        (dict(use_cuda_graphs=1), TypeError, r"use_cuda_graphs must be True, False or None"),
+        (dict(dtype=None), TypeError, r"dtype must be torch\.bfloat16, torch\.float16 or torch\.float32"),
+    ],
+)
+def test_inference_session_names_the_bad_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastvit.InferenceSession(fastvit.ViT(**TINY), **kwargs)
+
+
+def test_inference_session_accepts_integer_like_sizes_and_sequences():
+    np = pytest.importorskip("numpy")
+    model = fastvit.ViT(**TINY)
+    for batch_sizes, expected in [(np.int64(2), 2), (range(1, 3), 2), ((4, 4), 4)]:
+        session = fastvit.InferenceSession(model, batch_sizes=batch_sizes, dtype=torch.float32, warmup=np.int32(1))
+        assert session.warmup == 1 and type(session.warmup) is int
+        x = torch.randn(expected, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(session(x), model(x), rtol=0, atol=0)
+    session = fastvit.InferenceSession(model, input_shape=[3, 32, 32], dtype=torch.float32)
+    assert session.input_shape == (3, 32, 32)
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -93,3 +139,20 @@ def test_cuda_graph_replay_equals_eager(dtype):
         assert torch.equal(session(x), expected)
     session(torch.randn(3, 3, 224, 224, device="cuda"))
     assert session.replays == 2 and session.fallback_calls == 1
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_graph_of_a_model_off_the_current_device():
+    # Model on cuda:1 while cuda:0 is current: capture and replay must target the model's device and stream, else
+    # the kernels run eagerly during "capture" and every replay returns the first input's (stale) output.
+    model = fastvit.create_model("vit_tiny_patch16_224", depth=2).to("cuda:1")
+    with torch.cuda.device(0):
+        session = fastvit.InferenceSession(model, batch_sizes=[2], dtype=torch.bfloat16)
+        for _ in range(3):
+            x = torch.randn(2, 3, 224, 224, device="cuda:1")
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                expected = model(x)
+            assert torch.equal(session(x), expected)
+    assert session.replays == 3

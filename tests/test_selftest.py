@@ -10,6 +10,7 @@ launchers can pick.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -253,12 +254,17 @@ def test_the_attention_sweep_forces_every_autotune_candidate(pretend_gpu_launch,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_patch_embed_candidates_hold_every_choice_of_the_heuristic(pretend_gpu_launch, dtype):
     like = torch.empty(0)
-    candidates = patch_embed_triton.candidate_configs("fwd", like, dtype)
-    assert len(candidates) == (24 if dtype != torch.float32 else 16)  # 2 row tiles x 4 column tiles x 3 (2) K tiles
+    candidates = {kind: patch_embed_triton.candidate_configs(kind, like, dtype) for kind in ("fwd", "bwd_input")}
+    # Wide gathers: 2 row tiles x 4 column tiles x 3 (fp32: 2) K tiles. Narrow gathers (channels_last, patch rows
+    # not a multiple of 8) run 8 warps, the forward's K tile at most 32 at 128 rows: 12 (8) new 64-row tiles and 6
+    # new 128-row ones (the 8-warp 128x128 tiles are shared).
+    assert len(candidates["fwd"]) == (24 + 18 if dtype != torch.float32 else 16 + 14)
     rng = random.Random(0)
     for _ in range(2000):
         rows, cols, red = rng.randint(1, 10**6), rng.randint(1, 5000), rng.randint(1, 10**4)
-        assert patch_embed_triton._heuristic_config(like, dtype, rows, cols, red) in candidates, (rows, cols, red)
+        for kind, narrow_gather in itertools.product(("fwd", "bwd_input"), (False, True)):
+            config = patch_embed_triton._heuristic_config(kind, like, dtype, rows, cols, red, narrow_gather)
+            assert config in candidates[kind], (kind, narrow_gather, rows, cols, red)
 
 
 def test_the_plan_covers_every_fused_implementation_with_forced_configs_on_a_gpu(pretend_gpu_launch):
@@ -275,7 +281,7 @@ def test_the_plan_covers_every_fused_implementation_with_forced_configs_on_a_gpu
     labels = [c.label for c in checks]
     assert any("tf32" in label for label in labels) and any("(autotuned)" in label for label in labels)
     pe = selftest_cases.build_checks("patch_embed", "triton", CPU, quick=False)
-    assert len({c for check in pe for c in check.configs if c.startswith("fwd=")}) == 24  # float16: every config
+    assert len({c for check in pe for c in check.configs if c.startswith("fwd=")}) == 42  # float16: every config
 
 
 def test_forced_configs_reach_the_attention_launch(monkeypatch):

@@ -1,5 +1,6 @@
-// A thin cuBLASLt GEMM helper for row-major torch tensors: one cached handle per device, one cached
-// workspace per (device, stream), cached algorithm choices, and the epilogues the fused ops use.
+// A thin cuBLASLt GEMM helper for row-major torch tensors: PyTorch's cuBLASLt handle and per-stream workspace
+// (our own, allocated outside every memory pool, before PyTorch 2.9), GEMM plans (descriptor, layouts,
+// algorithm) cached per shape and per thread, and the epilogues the fused ops use.
 //
 // Transposition convention (used by every caller):
 //   cuBLASLt is column-major; torch tensors are row-major. A contiguous row-major [R, S] tensor is,

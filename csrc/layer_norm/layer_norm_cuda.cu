@@ -9,8 +9,8 @@
 // Backward: one warp per row for dx (two passes: the row sums Σg and Σg·x̂, then dx), optionally
 // adding the residual gradient and writing the recomputed LN output (for ln_mlp). dweight and dbias
 // are reduced deterministically in two stages, with no atomics: a [chunks, C] fp32 buffer of
-// per-chunk column sums (chunk size fixed by the row count, see layer_norm_rows_per_chunk), then a
-// per-column sum over the chunks in a fixed order.
+// per-chunk column sums (chunk size fixed by the row count, see layer_norm_rows_per_chunk; rows read
+// with 16-byte loads when aligned), then a per-column sum over the chunks in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -162,8 +162,10 @@ __global__ void __launch_bounds__(kRowKernelThreads)
   }
 }
 
-// Stage 1 of dweight/dbias: block (kColTile, kRowLanes) sums kColTile columns over one row chunk.
-template <typename T, typename acc_t>
+// Stage 1 of dweight/dbias: block (kColTile, kRowLanes) sums kColTile·VEC columns over one row chunk. Each
+// thread owns VEC adjacent columns and reads them as one 16-byte pack per row (VEC = 1: scalar fallback for
+// unaligned rows); a warp reads 32 consecutive packs of a row, 512 contiguous bytes.
+template <typename T, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kColKernelThreads)
     layer_norm_bwd_partial_kernel(const T* __restrict__ grad_out,      // [rows, width]
                                   const T* __restrict__ x,             // [rows, width]
@@ -172,29 +174,48 @@ __global__ void __launch_bounds__(kColKernelThreads)
                                   acc_t* __restrict__ partial_weight,  // [chunks, width]
                                   acc_t* __restrict__ partial_bias,    // [chunks, width]
                                   int64_t rows, int64_t width, int64_t rows_per_chunk) {
-  __shared__ acc_t s_weight[kRowLanes][kColTile + 1];
-  __shared__ acc_t s_bias[kRowLanes][kColTile + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
+  using P = Pack<T, VEC>;
+  constexpr int kTileCols = kColTile * VEC;
+  // [row lane][column in tile]. The final reads below are conflict-free (consecutive threads, consecutive
+  // columns); the VEC-strided writes before them are not, a once-per-block cost next to the row loop.
+  __shared__ acc_t s_weight[kRowLanes][kTileCols];
+  __shared__ acc_t s_bias[kRowLanes][kTileCols];
+  const int64_t tile_start = static_cast<int64_t>(blockIdx.x) * kTileCols;
+  const int64_t pack = tile_start / VEC + threadIdx.x;  // this thread's pack of VEC columns within a row
   const int64_t chunk = blockIdx.y;
   const int64_t first = chunk * rows_per_chunk;
   const int64_t last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
-  acc_t dw = 0, db = 0;
-  if (col < width) {
+  acc_t dw[VEC], db[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) dw[j] = db[j] = 0;
+  if (pack * VEC < width) {  // width % VEC == 0: a pack is all in or all out
     for (int64_t row = first + threadIdx.y; row < last; row += kRowLanes) {
-      const acc_t dy = static_cast<acc_t>(grad_out[row * width + col]);
-      dw += dy * (static_cast<acc_t>(x[row * width + col]) - mean[row]) * rstd[row];
-      db += dy;
+      const P dv = reinterpret_cast<const P*>(grad_out + row * width)[pack];
+      const P xv = reinterpret_cast<const P*>(x + row * width)[pack];
+      const acc_t mu = mean[row], r = rstd[row];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t dy = static_cast<acc_t>(dv.v[j]);
+        dw[j] += dy * (static_cast<acc_t>(xv.v[j]) - mu) * r;
+        db[j] += dy;
+      }
     }
   }
-  s_weight[threadIdx.y][threadIdx.x] = dw;
-  s_bias[threadIdx.y][threadIdx.x] = db;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    s_weight[threadIdx.y][threadIdx.x * VEC + j] = dw[j];
+    s_bias[threadIdx.y][threadIdx.x * VEC + j] = db[j];
+  }
   __syncthreads();
-  if (threadIdx.y == 0 && col < width) {
+  // Every thread of the block finishes columns of the tile: consecutive threads, consecutive columns.
+  for (int c = threadIdx.y * kColTile + threadIdx.x; c < kTileCols; c += kColKernelThreads) {
+    const int64_t col = tile_start + c;
+    if (col >= width) break;
     acc_t total_w = 0, total_b = 0;
 #pragma unroll
     for (int i = 0; i < kRowLanes; ++i) {  // fixed order: deterministic
-      total_w += s_weight[i][threadIdx.x];
-      total_b += s_bias[i][threadIdx.x];
+      total_w += s_weight[i][c];
+      total_b += s_bias[i][c];
     }
     partial_weight[chunk * width + col] = total_w;
     partial_bias[chunk * width + col] = total_b;
@@ -308,14 +329,20 @@ void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& 
 
     acc_t* partial_weight = partial.mutable_data_ptr<acc_t>();
     acc_t* partial_bias = partial_weight + chunks * width;
+    const dim3 block(kColTile, kRowLanes);
+    const bool vectorize_columns =
+        can_vectorize<scalar_t>(width, {grad_out.const_data_ptr(), x.const_data_ptr()});
+    with_vec_width<scalar_t>(vectorize_columns, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      const int64_t tiles = (width + kColTile * kVec - 1) / (kColTile * kVec);
+      layer_norm_bwd_partial_kernel<scalar_t, acc_t, kVec>
+          <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), block, 0, stream>>>(
+              grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
+              rstd.const_data_ptr<acc_t>(), partial_weight, partial_bias, rows, width, rows_per_chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     const int64_t col_tiles = (width + kColTile - 1) / kColTile;
     TORCH_CHECK_VALUE(col_tiles <= static_cast<int64_t>(INT32_MAX), "layer_norm_bwd: width too large (", width, ")");
-    const dim3 block(kColTile, kRowLanes);
-    layer_norm_bwd_partial_kernel<scalar_t, acc_t>
-        <<<dim3(static_cast<unsigned>(col_tiles), static_cast<unsigned>(chunks)), block, 0, stream>>>(
-            grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
-            rstd.const_data_ptr<acc_t>(), partial_weight, partial_bias, rows, width, rows_per_chunk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     layer_norm_bwd_finalize_kernel<scalar_t, acc_t><<<static_cast<unsigned>(col_tiles), block, 0, stream>>>(
         partial_weight, partial_bias, chunks, width, grad_weight.mutable_data_ptr<scalar_t>(),
         grad_bias.mutable_data_ptr<scalar_t>());

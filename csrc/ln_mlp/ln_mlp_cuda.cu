@@ -1,7 +1,7 @@
 // CUDA implementation of fastvit::ln_mlp_fwd / ln_mlp_bwd: our LayerNorm kernels, cuBLASLt GEMMs
 // with fused epilogues, and elementwise GELU kernels where cuBLASLt has no exact-GELU epilogue.
 // All work runs on the current stream of x's device; every intermediate comes from PyTorch's caching
-// allocator (no cudaMalloc per call); the cuBLASLt handle and workspace are cached (common/cublaslt).
+// allocator (no cudaMalloc per call); cuBLASLt handle, workspace and GEMM plans: common/cublaslt.
 //
 // Forward (M tokens, C width, H hidden; row-major, see common/cublaslt.h for the column-major view):
 //   1. LN kernel:  ln = LayerNorm(x) [M, C], mean/rstd [M] fp32.
@@ -14,7 +14,8 @@
 //                  part of the GEMM; no separate pass).
 // Backward (dy = grad_out):
 //   1. dgrad fc2:  dh = dy·W2 [M, H]. tanh: epilogue DGELU_BGRAD turns it into dpre = dh·GELU'(pre)
-//                  and reduces db1 = Σ_tokens dpre, then a kernel recomputes h = GELU(pre).
+//                  and reduces db1 = Σ_tokens dpre (deterministic mode: epilogue DGELU, no reduction),
+//                  then a kernel recomputes h = GELU(pre).
 //                  erf: plain GEMM, then one kernel reads pre and dh, writes dpre (in place) and h.
 //   2. wgrad fc2:  dW2 = dyᵀ·h, epilogue BGRADB gives db2 = Σ_tokens dy.
 //   3. dgrad fc1:  dln = dpre·W1 [M, C].
@@ -22,7 +23,8 @@
 //                  reduction), and ln = LN(x) recomputed from x, mean, rstd for step 5.
 //   5. wgrad fc1:  dW1 = dpreᵀ·ln, epilogue BGRADB gives db1 on the erf path.
 // Deterministic mode avoids every cuBLASLt reduction epilogue (BGRAD*) and split-K; bias gradients
-// then come from at::sum (deterministic), and our own kernels never use atomics.
+// then come from at::sum (deterministic), and our own kernels never use atomics. Epilogues without a
+// reduction (DGELU) stay fused.
 // Any epilogue cuBLASLt cannot run for a shape falls back to a plain GEMM + our kernel / at::sum.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -137,19 +139,22 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
 
   // 1. dh = dy · W2  ([M, H]; m = H, n = M, k = C), then dpre = dh · GELU'(pre) and h = GELU(pre).
   const cublaslt::Matmul dgrad2 = cublaslt::linear_input_grad_matmul(dy, a.fc2_weight, grad_pre, deterministic);
-  bool fc1_bias_done = false;
-  if (a.tanh && aux_ld_ok(a.hidden) && !deterministic) {
+  bool gelu_done = false, fc1_bias_done = false;
+  if (a.tanh && aux_ld_ok(a.hidden)) {
+    // DGELU_BGRAD also reduces db1 over the tokens (an order cuBLASLt does not fix); deterministic mode keeps
+    // the elementwise DGELU epilogue and takes db1 from at::sum in step 5.
     cublaslt::Matmul fused = dgrad2;
-    fused.epilogue = CUBLASLT_EPILOGUE_DGELU_BGRAD;
+    fused.epilogue = deterministic ? CUBLASLT_EPILOGUE_DGELU : CUBLASLT_EPILOGUE_DGELU_BGRAD;
     fused.aux = data(a.pre_act);
     fused.aux_ld = a.hidden;
-    fused.bias = grad_fc1_bias.data_ptr();
+    fused.bias = deterministic ? nullptr : grad_fc1_bias.data_ptr();
     if (cublaslt::matmul(fused) == CUBLAS_STATUS_SUCCESS) {
-      fc1_bias_done = true;
+      gelu_done = true;
+      fc1_bias_done = !deterministic;
       launch_bias_gelu_forward(a.pre_act, at::Tensor(), at::Tensor(), hidden, /*tanh=*/true);
     }
   }
-  if (!fc1_bias_done) {
+  if (!gelu_done) {
     cublaslt::matmul_or_throw(dgrad2, "fc2 input-gradient");
     launch_gelu_backward(a.pre_act, grad_pre, hidden, a.tanh);
   }

@@ -6,7 +6,7 @@ custom ops (``fastvit::qkv_attention_fwd/bwd``, ``fastvit::attention_fwd/bwd``) 
 autograd, so ``torch.compile`` treats them as opaque nodes and traces through the backward.
 ``qkv_attention`` reads q/k/v straight from the packed buffer and writes ``[B, N, C]``; its backward
 writes dq/dk/dv into one ``[B, N, 3*C]`` gradient. The backward uses no atomics; with
-``fastvit.set_deterministic(True)`` the tile sizes are fixed per GPU generation instead of autotuned, so
+``fastvit.set_deterministic(True)`` the tile sizes are fixed per GPU (compute capability) instead of autotuned, so
 results are bit-identical across processes too (autotuning may pick near-tied configs differently).
 Under ``torch.autocast``, inputs are cast to the autocast dtype before the custom op runs (as autocast does
 for matmuls).
@@ -85,24 +85,22 @@ def _split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.T
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, 1 << (head_dim - 1).bit_length())
+    """``BLOCK_D`` of a head dim (the kernels' rule, ``kernels.attention.block_d``)."""
+    return launch.kernels("attention").block_d(head_dim)
 
 
-_CONFIG_TABLES = {"fwd": "FWD_CONFIGS", "dkdv": "BWD_DKDV_CONFIGS", "dq": "BWD_DQ_CONFIGS"}
 _KERNELS = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
 
 
 def candidate_configs(kind: str, arch: int, block_d: int, elem_bytes: int) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, warps, stages) configs the autotuner may pick for one kernel, in table order.
 
-    ``kind``: 'fwd' | 'dkdv' | 'dq'; ``arch``: 80 or 90. The arch's 16-bit table or the fp32 table, filtered by
-    the kernels' shared-memory rule; the fallback config when nothing fits.
+    ``kind``: 'fwd' | 'dkdv' | 'dq'; ``arch``: compute capability 10*major+minor (e.g. 90). The one definition is
+    ``kernels.attention.autotune_configs`` (the table entries of the arch's generation, BLOCK_D and dtype that fit
+    the arch's shared memory; the fallback config when none does): the prune step, deterministic mode, the selftest
+    and the static resource check (``python -m fastvit.kernels.resources``) all read it.
     """
-    kernels = launch.kernels("attention")
-    table = getattr(kernels, _CONFIG_TABLES[kind])
-    entries = table["fp32"] if elem_bytes == 4 else table[arch]
-    kept = [e for e in entries if kernels.keep_config(kind, e[0], e[1], e[3], block_d, elem_bytes)]
-    return kept or [kernels.FALLBACK_CONFIGS[kind]]
+    return launch.kernels("attention").autotune_configs(kind, arch, block_d, elem_bytes)
 
 
 def _triton_config(entry):
@@ -114,23 +112,21 @@ def _triton_config(entry):
 
 @functools.cache
 def _autotuned(kind: str, arch: int, batch_heads_bucket: int):
-    """The autotuned wrapper of one kernel for one GPU generation and one bucket of B·H (next power of two).
+    """The autotuned wrapper of one kernel for one GPU (``arch``: 10*major+minor) and one bucket of B·H (next
+    power of two).
 
     Autotuning times configs at the first call's shape; B·H changes which tiles fill the GPU, so a config
     tuned at batch 1 (an ``InferenceSession`` warm-up) is not reused at batch 256: one tuner per bucket.
-    The prune step keeps the configs of :func:`candidate_configs` for the call's dtype and head dim.
+    The prune step hands the autotuner exactly :func:`candidate_configs` for the call's dtype and BLOCK_D.
     """
     import triton
 
     kernels = launch.kernels("attention")
-    table = getattr(kernels, _CONFIG_TABLES[kind])
-    entries = list(dict.fromkeys([*table[arch], *table["fp32"], kernels.FALLBACK_CONFIGS[kind]]))
-    configs = [_triton_config(e) for e in entries]
+    configs = [_triton_config(e) for e in kernels.all_table_configs(kind, arch)]
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = set(candidate_configs(kind, arch, args["BLOCK_D"], args["Q"].element_size()))
-        return [c for c, e in zip(configs, entries) if e in wanted]
+        return [_triton_config(e) for e in candidate_configs(kind, arch, args["BLOCK_D"], args["Q"].element_size())]
 
     # Tensor dtypes join the key automatically (Triton appends every tensor argument's dtype).
     key = ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
@@ -170,7 +166,7 @@ def _launch(kind: str, num_blocks, like: torch.Tensor, batch_heads: int, args: t
     """Run one kernel on a 1-D grid of ``num_blocks(BLOCK_M, BLOCK_N)`` programs.
 
     A config forced by :func:`forced_configs` first; else under the interpreter one fixed config; in deterministic
-    mode the first candidate config of this GPU generation (no timing, so every process picks the same tiles and
+    mode the first candidate config of this GPU (no timing, so every process picks the same tiles and
     sums in the same order); else autotuned.
     """
     kernels = launch.kernels("attention")

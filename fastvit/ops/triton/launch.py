@@ -54,8 +54,10 @@ def num_sms(device_index: int | None) -> int:
 
 
 def gpu_arch(tensor: torch.Tensor) -> int:
-    """The config generation of ``tensor``'s GPU: 90 for Hopper and newer, 80 for Ampere/Ada."""
-    return 90 if torch.cuda.get_device_capability(tensor.device)[0] >= 9 else 80
+    """The compute capability of ``tensor``'s GPU as 10*major+minor (86 for sm_86): config tables are per generation,
+    but shared memory per block differs within one (A100 163 KiB, RTX 30xx 99 KiB)."""
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return 10 * major + minor
 
 
 def input_precision(dtype: torch.dtype) -> str:

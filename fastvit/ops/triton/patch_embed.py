@@ -100,9 +100,10 @@ def forced_configs(overrides: dict[str, dict]):
 
 def candidate_configs(kind: str, like: torch.Tensor, gemm_dtype: torch.dtype) -> list[dict]:
     """Every tile config the heuristic of the ``fwd`` / ``bwd_input`` kernel can pick on ``like``'s GPU in
-    ``gemm_dtype``, whatever the shapes: the heuristic evaluated on one representative of each of its branches
-    (rows below/above the one-wave threshold; each power-of-two clamp of the columns and of the reduction).
-    Under the interpreter ``[{}]``: nothing to force, the launcher's own choice for the shapes at hand runs.
+    ``gemm_dtype``, whatever the shapes and image layout: the heuristic evaluated on one representative of each of
+    its branches (rows below/above the one-wave threshold; each power-of-two clamp of the columns and of the
+    reduction; wide or narrow patch gathers, see :func:`_narrow_gather`). Under the interpreter ``[{}]``: nothing to
+    force, the launcher's own choice for the shapes at hand runs.
     """
     if kind not in ("fwd", "bwd_input"):
         raise ValueError(f"kind must be 'fwd' or 'bwd_input' (the heuristic's kernels), got {kind!r}")
@@ -110,22 +111,29 @@ def candidate_configs(kind: str, like: torch.Tensor, gemm_dtype: torch.dtype) ->
         return [{}]
     one_wave = 128 * launch.num_sms(like.device.index)  # rows at which 128-row tiles fill the GPU even at 1 column
     configs = {}
-    for rows in (1, one_wave):
-        for cols in (1, 17, 33, 65):  # -> 16, 32, 64, 128 columns
-            for red in (1, 17, 33, 65):  # -> 16, 32, 64 (32 for fp32)
-                config = _heuristic_config(like, gemm_dtype, rows, cols, red)
-                configs[tuple(sorted(config.items()))] = config
+    for narrow_gather in (False, True):
+        for rows in (1, one_wave):
+            for cols in (1, 17, 33, 65):  # -> 16, 32, 64, 128 columns
+                for red in (1, 17, 33, 65):  # -> 16, 32, 64 (32 for fp32)
+                    config = _heuristic_config(kind, like, gemm_dtype, rows, cols, red, narrow_gather)
+                    configs[tuple(sorted(config.items()))] = config
     return list(configs.values())
 
 
-def _config(kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int) -> dict:
+def _config(
+    kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int, narrow_gather: bool
+) -> dict:
     """Tile sizes of one kernel: ``rows`` × ``cols`` outputs reduced over ``red`` (see each launcher)."""
-    config = _heuristic_config(tensor, gemm_dtype, rows, cols, red)
+    config = _heuristic_config(kind, tensor, gemm_dtype, rows, cols, red, narrow_gather)
     config.update(CONFIG_OVERRIDES.get(kind, {}))
     return config
 
 
-def _heuristic_config(tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int) -> dict:
+def _heuristic_config(
+    kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int, narrow_gather: bool
+) -> dict:
+    """The ``fwd`` / ``bwd_input`` (``kind``) tiles for ``rows`` × ``cols`` outputs reduced over ``red``, on
+    ``tensor``'s device; ``narrow_gather``: :func:`_narrow_gather` of the image."""
     narrow = gemm_dtype != torch.float32
     if not launch.on_gpu(tensor):  # Triton's interpreter: large tiles mean fewer (slow, Python-level) programs
         config = dict(
@@ -140,6 +148,15 @@ def _heuristic_config(tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, 
         block_r = 128 if launch.cdiv(rows, 128) * launch.cdiv(cols, block_c) >= num_sms else 64
         block_red = launch.next_pow2(red, 16, 64 if narrow else 32)
         warps = 8 if block_r * block_c >= 128 * 128 else 4
+        if narrow_gather:
+            # Narrow gathers hold more in registers: 8 warps, a 32-wide K tile for the forward at 128 rows and at
+            # most 64 K columns for dX keep them spill-free on sm_80 and sm_90 with Triton 3.6 and 3.8 (4 warps
+            # spilled up to 436 B; python -m fastvit.kernels.resources).
+            warps = 8
+            if kind == "fwd" and block_r == 128:
+                block_red = min(block_red, 32)
+            elif kind == "bwd_input":  # its columns are K
+                block_c = min(block_c, 64)
         config = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_RED=block_red, num_warps=warps, num_stages=3)
     return config
 
@@ -161,6 +178,12 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor, num_tokens: int) -> dict:
         L=num_tokens,
         K=in_chans * patch_h * patch_w,
     )
+
+
+def _narrow_gather(x: torch.Tensor, patch_w: int) -> bool:
+    """Patches are gathered with narrow loads held in registers (no 16-byte vectors, no async copies): channel-innermost
+    images, or patch rows not a multiple of 8 pixels wide (ViT-*/14). Such kernels need more warps not to spill."""
+    return _channels_inner(x) or patch_w % 8 != 0
 
 
 def _channels_inner(x: torch.Tensor) -> bool:
@@ -188,7 +211,7 @@ def _forward(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift) -> t
     num_rows = g["B"] * g["L"]
     if out.numel() == 0:
         return out
-    cfg = _config("fwd", x, weight.dtype, num_rows, g["D"], g["K"])
+    cfg = _config("fwd", x, weight.dtype, num_rows, g["D"], g["K"], _narrow_gather(x, g["PW"]))
     dummy = weight  # stands in for absent tensors (their HAS_* flag is off: never read)
     pos_offset = 0 if pos_embed is None or pos_embed.shape[1] == g["L"] else g["T"]
     grid = (launch.cdiv(num_rows, cfg["BLOCK_R"]) * launch.cdiv(g["D"], cfg["BLOCK_C"]),)
@@ -226,7 +249,7 @@ def _backward_input(grad, x, weight) -> torch.Tensor:
     num_rows = g["B"] * g["N"]
     if dx.numel() == 0:
         return dx
-    cfg = _config("bwd_input", x, weight.dtype, num_rows, g["K"], g["D"])
+    cfg = _config("bwd_input", x, weight.dtype, num_rows, g["K"], g["D"], _narrow_gather(dx, g["PW"]))
     grid = (launch.cdiv(num_rows, cfg["BLOCK_R"]) * launch.cdiv(g["K"], cfg["BLOCK_C"]),)
     with launch.device_guard(x):
         _kernels().patch_embed_bwd_input_kernel[grid](
@@ -252,13 +275,14 @@ def _backward_weight(grad, x, weight, norm_scale, norm_shift) -> torch.Tensor:
     # at least 8 row blocks per split); the split depends on shapes and device only, so reruns are bit-identical.
     if launch.on_gpu(x):
         cfg = dict(BLOCK_D=64, BLOCK_K=64, BLOCK_M=64 if weight.dtype != torch.float32 else 32, num_stages=3)
+        cfg.update(num_warps=8 if _narrow_gather(x, g["PW"]) else 4)  # 4 warps spill on sm_80
     else:
         cfg = dict(
             BLOCK_D=launch.next_pow2(g["D"], 16, 64),
             BLOCK_K=launch.next_pow2(g["K"], 16, 64),
             BLOCK_M=launch.next_pow2(num_rows, 16, 64),
         )
-        cfg.update(num_stages=1)
+        cfg.update(num_warps=4, num_stages=1)
     cfg.update(CONFIG_OVERRIDES.get("bwd_weight", {}))
     block_d, block_k, block_m = cfg["BLOCK_D"], cfg["BLOCK_K"], cfg["BLOCK_M"]
     tiles = launch.cdiv(g["D"], block_d) * launch.cdiv(g["K"], block_k)
@@ -287,7 +311,7 @@ def _backward_weight(grad, x, weight, norm_scale, norm_shift) -> torch.Tensor:
             NORMALIZE=norm_scale is not None, ATOMIC=atomic, GEMM_DTYPE=_GEMM_DTYPE_CODES[weight.dtype],
             INPUT_PRECISION=launch.input_precision(weight.dtype),
             BLOCK_D=block_d, BLOCK_K=block_k, BLOCK_M=block_m,
-            num_warps=4, num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
     if split == 1:
         return work
