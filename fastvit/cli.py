@@ -107,6 +107,15 @@ FRACTION = Range(0, 1, high_open=True)  # [0, 1): dropout-like rates, label smoo
 SEED = Range(0, 2**32 - 1)  # numpy's and scikit-learn's seeds are 32-bit
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None, numbers: dict[str, Range]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, then the numeric options' ranges and ``--device`` (when the parser has one)."""
+    args = parser.parse_args(argv)
+    check_numbers(parser, args, numbers)
+    if "device" in vars(args):
+        check_device(parser, args.device)
+    return args
+
+
 def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace, rules: dict[str, Range]) -> None:
     """``parser.error`` (one line, exit 2) for the first option in ``rules`` whose value is outside its range,
     NaN or infinite."""

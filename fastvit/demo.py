@@ -65,9 +65,7 @@ def make_parser() -> cli.Parser:
 
 def demo_main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
-    cli.check_numbers(parser, args, DEMO_NUMBERS)
-    cli.check_device(parser, args.device)
+    args = cli.parse(parser, argv, DEMO_NUMBERS)
     with cli.errors_exit(parser):
         result = run(args)
     return 0 if result["test_accuracy"] >= TARGET_ACCURACY else 1

@@ -109,9 +109,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from fastvit.train import evaluate
 
     parser = make_eval_parser()
-    args = parser.parse_args(argv)
-    cli.check_numbers(parser, args, EVAL_NUMBERS)
-    cli.check_device(parser, args.device)
+    args = cli.parse(parser, argv, EVAL_NUMBERS)
     if args.data is not None and args.data not in ("digits", "synthetic") and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not 'digits', 'synthetic' or an existing directory")
     model, metadata = load_or_exit(parser, args.init, args.backend, args.num_heads)
@@ -176,8 +174,7 @@ def make_predict_parser() -> cli.Parser:
 
 def predict_main(argv: list[str] | None = None) -> int:
     parser = make_predict_parser()
-    args = parser.parse_args(argv)
-    cli.check_numbers(parser, args, {"topk": cli.AT_LEAST_ONE, "num_heads": cli.AT_LEAST_ONE})
+    args = cli.parse(parser, argv, {"topk": cli.AT_LEAST_ONE, "num_heads": cli.AT_LEAST_ONE})
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
         parser.error(f"image not found: {', '.join(missing)}")

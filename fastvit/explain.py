@@ -65,8 +65,7 @@ def make_parser() -> cli.Parser:
 
 def explain_main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
-    cli.check_numbers(parser, args, {"num_heads": cli.AT_LEAST_ONE})
+    args = cli.parse(parser, argv, {"num_heads": cli.AT_LEAST_ONE})
     if not os.path.isfile(args.image):
         parser.error(f"image not found: {args.image}")
     output = args.output or os.path.splitext(args.image)[0] + ".rollout.png"

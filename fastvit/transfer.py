@@ -28,8 +28,7 @@ def make_parser() -> cli.Parser:
 
 def transfer_main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
-    cli.check_numbers(parser, args, {"pretrain_epochs": cli.AT_LEAST_ONE, "epochs": cli.AT_LEAST_ONE, "seed": cli.SEED})
+    args = cli.parse(parser, argv, {"pretrain_epochs": cli.AT_LEAST_ONE, "epochs": cli.AT_LEAST_ONE, "seed": cli.SEED})
     common = dict(seed=args.seed, quiet=args.quiet, overwrite=True)  # the folder holds the last transfer
     pretrain_dir = os.path.join(args.output, "pretrain_0-4")
     runs = [
