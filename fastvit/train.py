@@ -245,6 +245,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """Reject bad arguments up front with a one-line message (``parser.error`` exits with code 2)."""
     cli.check_numbers(parser, args, TRAIN_NUMBERS)
     if args.model is not None and args.model not in PRESETS:
+        from fastvit.eva import EVA_PRESETS
+
+        if args.model in EVA_PRESETS:
+            parser.error(
+                f"--model {args.model!r} is an Eva (RoPE) model, which the CLI does not train yet; "
+                f"from Python: fastvit.create_model({args.model!r})"
+            )
         parser.error(f"--model {args.model!r} is not a preset; choose one of: {', '.join(sorted(PRESETS))}")
     if args.data not in ("digits", "synthetic") and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not 'digits', 'synthetic' or an existing directory")
