@@ -24,16 +24,33 @@ from benchmarks.harness import DEVICE, PROFILE, SMOKE, check_close, profile_case
 
 timm = pytest.importorskip("timm")
 
+# The families' headline models (issue 17), at their own image sizes, with a 1000-class head to train.
+FAMILY_MODELS = [
+    "vit_so400m_patch14_siglip_384",  # SigLIP: map pooling, head dim 72 (attention on torch), MLP 1152 -> 4304
+    "vit_large_patch14_clip_336",  # CLIP L/14-336 (LLaVA's tower): pre-norm, eps 1e-5
+    "vit_base_patch14_dinov2",  # DINOv2 B/14 at 518 px: LayerScale
+    "vit_base_patch16_dinov3",  # DINOv3 B/16 (timm's Eva): RoPE, registers
+    "eva02_base_patch14_448",  # EVA02 B/14-448: RoPE, separate q/k/v, SwiGLU with sub-LN
+]
+
 # (model name, timm kwargs, inference batches, training batches)
 if SMOKE:
     MODELS = [
         ("vit_tiny_patch16_224", dict(img_size=64, depth=2), [2, 4], [2, 4]),
         ("vit_small_patch16_224", {}, [8], [8]),
+        # one family at smoke size: SigLIP so400m's shape (head dim 72, map pooling, 384/14-like crop), tiny
+        (
+            "vit_so400m_patch14_siglip_384",
+            dict(img_size=46, depth=1, embed_dim=144, num_heads=2, num_classes=10),
+            [2],
+            [2],
+        ),
     ]
     AMP_DTYPE, LOGIT_TOL = None, 1e-4
 else:
     MODELS = [(name, {}, [1, 32, 256], [64, 128, 256]) for name in ("vit_small_patch16_224", "vit_base_patch16_224")]
     MODELS.append(("vit_large_patch16_224", {}, [1, 32, 256], [64, 128, 256]))
+    MODELS += [(name, dict(num_classes=1000), [1, 32], [32]) for name in FAMILY_MODELS]
     if PROFILE == "headline":  # ViT-B/16: inference at batch 256, a training step at batch 128
         MODELS = [("vit_base_patch16_224", {}, [256], [128])]
     AMP_DTYPE, LOGIT_TOL = torch.bfloat16, 0.15  # bf16 autocast: logits differ by bf16 rounding, not by math
@@ -60,8 +77,11 @@ def vit_forward_flops(model, batch: int) -> float:
     embed = model.embed_dim if hasattr(model, "embed_dim") else model.num_features
     patch = model.patch_embed.proj.weight
     tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    hidden = model.blocks[0].mlp.fc1.out_features
-    per_block = 2 * tokens * embed * (3 * embed + embed + 2 * hidden) + 4 * tokens * tokens * embed
+    # every Linear of a block (qkv or q/k/v, proj, fc1 or its gate and value halves, fc2), per token
+    linear_macs = sum(
+        m.in_features * m.out_features for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear)
+    )
+    per_block = 2 * tokens * linear_macs + 4 * tokens * tokens * embed
     patch_flops = 2 * model.patch_embed.num_patches * embed * patch[0].numel()
     head = 2 * embed * model.num_classes
     return float(batch * (patch_flops + len(model.blocks) * per_block + head))
@@ -115,8 +135,7 @@ def _record_model(benchmark, candidate, name, batch, mode, flops, error, model):
 @pytest.mark.parametrize("name, kwargs, batch", INFER_CASES, ids=CASE_IDS(INFER_CASES))
 def test_inference(benchmark, name, kwargs, batch, candidate):
     model, timm_model = _build(candidate, name, kwargs)
-    img_size = kwargs.get("img_size", 224)
-    x = torch.randn(batch, 3, img_size, img_size, device=DEVICE)
+    x = torch.randn(batch, 3, *timm_model.patch_embed.img_size, device=DEVICE)
     error = _check_logits(candidate, model, timm_model, x)
     model.eval()
     if candidate.endswith("cuda-graphs"):
@@ -141,8 +160,7 @@ def test_inference(benchmark, name, kwargs, batch, candidate):
 @pytest.mark.parametrize("name, kwargs, batch", TRAIN_CASES, ids=CASE_IDS(TRAIN_CASES))
 def test_training_step(benchmark, name, kwargs, batch, candidate):
     model, timm_model = _build(candidate, name, kwargs)
-    img_size = kwargs.get("img_size", 224)
-    x = torch.randn(batch, 3, img_size, img_size, device=DEVICE)
+    x = torch.randn(batch, 3, *timm_model.patch_embed.img_size, device=DEVICE)
     labels = torch.randint(0, timm_model.num_classes, (batch,), device=DEVICE)
     error = _check_logits(candidate, model, timm_model, x)
     model.train()

@@ -1,6 +1,8 @@
-"""Command line: ``python -m fastvit {demo,train,eval,predict,explain,transfer,selftest,info} [options]``.
+"""Command line: ``python -m fastvit {demo,train,eval,predict,explain,transfer,selftest,info} [options]``
+(or ``fastvit ...``).
 
-Each command has its own ``--help``. Bad arguments print one line and exit with code 2.
+Each command has its own ``--help`` (with every option's default). A bad argument prints one line and exits
+with code 2, as does an expected failure (a bad checkpoint or image, a missing optional extra).
 """
 
 from __future__ import annotations
@@ -8,10 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastvit import cli
+
 COMMANDS = {
     "demo": "train the digits ViT, save it, print a throughput table",
     "train": "train / fine-tune / transfer (torchrun for several processes)",
-    "eval": "top-1/top-5 and throughput of a checkpoint on a dataset",
+    "eval": "top-1 accuracy and throughput of a checkpoint on a dataset",
     "predict": "top classes of image files",
     "explain": "attention-rollout PNG of an image",
     "transfer": "pre-train on digits 0-4, transfer to 5-9: probe vs fine-tune vs scratch",
@@ -22,28 +26,32 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        parser = argparse.ArgumentParser(prog="python -m fastvit", description=__doc__.split("\n\n")[0])
-        parser.add_argument("command", choices=list(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
-        parser.parse_args(argv[:1])  # prints usage / the unknown-command error (exit 2)
+    if not argv or argv[0] not in COMMANDS:
+        parser = cli.Parser(
+            prog="python -m fastvit",
+            description=__doc__.split("\n\n")[0],
+            epilog="commands:\n" + "\n".join(f"  {k:<9} {v}" for k, v in COMMANDS.items()),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument(
+            "command", choices=list(COMMANDS), help="see the list below; COMMAND --help for its options"
+        )
+        parser.parse_args(argv[:1])  # prints the help, or the missing / unknown command as one line (exit 2)
     command, rest = argv[0], argv[1:]
     if command == "demo":
-        from fastvit import demo
+        from fastvit.demo import demo_main
 
-        parser = argparse.ArgumentParser(prog="python -m fastvit demo", description=COMMANDS["demo"])
-        demo.add_arguments(parser)
-        result = demo.run(parser.parse_args(rest))
-        return 0 if result["test_accuracy"] >= demo.TARGET_ACCURACY else 1
+        return demo_main(rest)
     if command == "train":
         from fastvit.train import main as train_main
 
         return train_main(rest)
     if command == "eval":
-        from fastvit.inference import eval_main
+        from fastvit.evaluate import eval_main
 
         return eval_main(rest)
     if command == "predict":
-        from fastvit.inference import predict_main
+        from fastvit.evaluate import predict_main
 
         return predict_main(rest)
     if command == "explain":
@@ -58,11 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         from fastvit.selftest_runner import main as selftest_main
 
         return selftest_main(rest)
-    return info()
+    return info(rest)
 
 
-def info() -> int:
+def make_info_parser() -> cli.Parser:
+    return cli.Parser(prog="python -m fastvit info", description=COMMANDS["info"])
+
+
+def info(argv: list[str] | None = None) -> int:
+    import os
     import platform
+
+    parser = make_info_parser()
+    parser.parse_args(argv)
 
     import torch
 
@@ -73,7 +89,10 @@ def info() -> int:
         print(f"CUDA device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     else:
         print("CUDA device: none")
-    print(f"default backend: {fastvit.get_default_backend()} (FASTVIT_BACKEND)")
+    source = "from FASTVIT_BACKEND" if os.environ.get("FASTVIT_BACKEND") else "built-in; set FASTVIT_BACKEND to change"
+    with cli.errors_exit(parser):  # a bad FASTVIT_BACKEND value
+        default = fastvit.get_default_backend()
+    print(f"default backend: {default} ({source})")
     for report in fastvit.backends().values():
         print(report)
     from fastvit import verification

@@ -18,8 +18,24 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from fastvit.layers import LayerNorm, resample_abs_pos_embed
-from fastvit.model import VisionTransformer
+from fastvit.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from fastvit.layers import (
+    GluMlp,
+    LayerNorm,
+    Mlp,
+    RmsNorm,
+    SwiGLU,
+    SwiGLUPacked,
+    resample_abs_pos_embed,
+)
+from fastvit.model import (
+    DATA_CFG_KEYS,
+    VisionTransformer,
+    act_layer_name,
+    norm_layer_spec,
+    resolve_act_layer,
+    resolve_norm_layer,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -38,16 +54,28 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from fastvit.checkpoint import read_weights
 
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
+        return read_weights(path)[0]
+    import pickle
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated zip archives, ...
+    except pickle.UnpicklingError as exc:
+        # PyTorch's message advises weights_only=False, which would run code from the file: never pass that on
+        # (not even in the chained traceback); say what the file holds instead.
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise ValueError(
+                f"{path} is not a weights-only checkpoint: besides tensors it holds pickled Python objects "
+                f"({found.group(1)}), and fastvit never runs pickled code; save the state dict alone "
+                "(torch.save(model.state_dict(), path)) or as safetensors"
+            ) from None
+        after = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else ""
+        detail = next((line.strip() for line in after.splitlines() if line.strip()), "not a pickle")
+        raise ValueError(f"{path} is not a readable torch checkpoint (unpickling failed: {detail})") from None
+    except Exception as exc:  # truncated zip archives, other formats, ...
         first_line = (str(exc).strip().splitlines() or [""])[0]  # the full text stays in the chained exception
         raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {first_line})") from exc
     return unwrap_state_dict(obj, source=path)
@@ -55,16 +83,18 @@ def load_state_dict_file(path: str | os.PathLike) -> StateDict:
 
 def load_any_weights(path: str | os.PathLike) -> tuple[StateDict, dict]:
     """(timm-named state dict, metadata) from a fastvit checkpoint directory, a .safetensors file (with its
-    metadata), or a torch file in any supported format (no metadata)."""
+    metadata), or a torch file in any supported format. A torchvision or Hugging Face file without a data config
+    gets its source's preprocessing (:data:`TORCHVISION_DATA_CFG`, :data:`HF_DATA_CFG`) as ``pretrained_cfg``."""
     from fastvit import checkpoint
 
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(checkpoint.checkpoint_dir(path), checkpoint.MODEL_FILE)
+    path = checkpoint.weights_file(os.fspath(path))  # a run folder, a checkpoint dir, or what a crash left
     if path.endswith(".safetensors"):
         state, metadata = checkpoint.read_weights(path)
     else:
         state, metadata = load_state_dict_file(path), {}
+    source_cfg = {"torchvision": TORCHVISION_DATA_CFG, "hf": HF_DATA_CFG}.get(detect_format(state))
+    if source_cfg is not None and not metadata_data_cfg(metadata):
+        metadata = {**metadata, "pretrained_cfg": dict(source_cfg)}
     return to_timm_state_dict(state), metadata
 
 
@@ -324,6 +354,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     """
     if "patch_embed.proj.weight" not in state_dict:
         raise KeyError("state dict has no 'patch_embed.proj.weight': not a timm/fastvit ViT")
+    _reject_distilled("dist_token" in state_dict or "head_dist.weight" in state_dict)
     embed_dim, in_chans, patch_h, patch_w = state_dict["patch_embed.proj.weight"].shape
     depth = len(_block_indices(state_dict, r"blocks\.(\d+)\."))
     if num_heads is None:
@@ -345,13 +376,20 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
         num_classes=state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0,
         class_token=class_token,
         reg_tokens=reg_tokens,
-        global_pool="token" if class_token and not has_fc_norm else "avg",
+        global_pool="map"
+        if "attn_pool.latent" in state_dict
+        else "token"
+        if class_token and not has_fc_norm
+        else "avg",
         fc_norm=has_fc_norm,
         final_norm="norm.weight" in state_dict or has_fc_norm,
         pre_norm="norm_pre.weight" in state_dict,
     )
+    if "patch_embed.norm.weight" in state_dict:
+        norm = LayerNorm if "patch_embed.norm.bias" in state_dict else RmsNorm
+        config["embed_norm_layer"] = partial(norm, eps=1e-6)
     if depth:
-        config["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+        config.update(_infer_block_layers(state_dict, embed_dim))
         config["qkv_bias"] = "blocks.0.attn.qkv.bias" in state_dict
         config["proj_bias"] = "blocks.0.attn.proj.bias" in state_dict
         if "blocks.0.ls1.gamma" in state_dict:
@@ -372,6 +410,41 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     return config
 
 
+def mlp_ratio_for(hidden: int, dim: int) -> float:
+    """The ``mlp_ratio`` for which ``int(dim * mlp_ratio) == hidden`` (fastvit and timm size the MLP that way; a
+    plain ``hidden / dim`` can land a rounding error below, e.g. SigLIP so400m's 4304 / 1152)."""
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def _infer_block_layers(state_dict: Mapping[str, torch.Tensor], embed_dim: int) -> dict:
+    """The block knobs a timm-named state dict shows: MLP type and width, qk-norm, hidden-layer norm, RmsNorm."""
+    config = {}
+    if "blocks.0.mlp.fc1_g.weight" in state_dict:  # split SwiGLU
+        hidden = state_dict["blocks.0.mlp.fc1_g.weight"].shape[0]
+        config.update(mlp_layer=SwiGLU, act_layer=nn.SiLU)
+    else:
+        hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+        if state_dict["blocks.0.mlp.fc2.weight"].shape[1] * 2 == hidden:  # packed SwiGLU (DINOv2 giant)
+            config.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    config["mlp_ratio"] = mlp_ratio_for(hidden, embed_dim)
+    config["qk_norm"] = "blocks.0.attn.q_norm.weight" in state_dict
+    config["scale_mlp_norm"] = "blocks.0.mlp.norm.weight" in state_dict
+    if "blocks.0.norm1.weight" in state_dict and "blocks.0.norm1.bias" not in state_dict:
+        config["norm_layer"] = partial(RmsNorm, eps=1e-6)
+    return config
+
+
+def _reject_distilled(distilled: bool) -> None:
+    if distilled:
+        raise ValueError(
+            "DeiT distilled models (a dist_token and a head_dist classifier) are not supported by fastvit; "
+            "the non-distilled DeiT models (deit_*_patch16_224) are"
+        )
+
+
 class CheckpointMismatchError(KeyError, ValueError):
     """A checkpoint that does not fit the model: every missing, unexpected and mis-shaped key, in one error.
 
@@ -379,21 +452,33 @@ class CheckpointMismatchError(KeyError, ValueError):
     keeps working. ``missing``, ``unexpected`` and ``mismatched`` hold the problems as data.
     """
 
+    SHOWN = 5  # names listed per kind of problem; all of them stay in the attributes
+
     def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} keys the model needs: {', '.join(missing)}")
+            parts.append(f"missing {len(missing)} keys the model needs: {self._first(missing, ', ', 'missing')}")
         if unexpected:
-            parts.append(f"{len(unexpected)} keys the model does not have: {', '.join(unexpected)}")
+            parts.append(
+                f"{len(unexpected)} keys the model does not have: {self._first(unexpected, ', ', 'unexpected')}"
+            )
         if mismatched:
-            parts.append(f"{len(mismatched)} shapes do not match the model: {'; '.join(mismatched)}")
+            parts.append(
+                f"{len(mismatched)} shapes do not match the model: {self._first(mismatched, '; ', 'mismatched')}"
+            )
         super().__init__(
             "checkpoint does not match the model architecture (the model was left unchanged): " + "; ".join(parts)
         )
 
     def __str__(self) -> str:  # KeyError's own __str__ would print the message's repr
         return str(self.args[0])
+
+    @classmethod
+    def _first(cls, items: list[str], sep: str, attribute: str) -> str:
+        if len(items) <= cls.SHOWN:
+            return sep.join(items)
+        return f"{sep.join(items[: cls.SHOWN])}{sep}... ({len(items) - cls.SHOWN} more in .{attribute})"
 
 
 def _adapt_pos_embed(state_dict: StateDict, model: nn.Module) -> StateDict:
@@ -430,8 +515,9 @@ def load_weights(model: nn.Module, source, strict: bool = True) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a fastvit/timm VisionTransformer (an nn.Module), got {type(model).__name__}")
+    metadata = {}
     if isinstance(source, (str, os.PathLike)):
-        state_dict = load_state_dict_file(source)
+        state_dict, metadata = load_any_weights(source)
     else:
         state_dict = unwrap_state_dict(source)
     state_dict = _adapt_pos_embed(to_timm_state_dict(state_dict), model)
@@ -446,43 +532,166 @@ def load_weights(model: nn.Module, source, strict: bool = True) -> nn.Module:
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(missing, unexpected, mismatched)
     model.load_state_dict({k: state_dict[k] for k in expected}, strict=True)
+    data_cfg = metadata_data_cfg(metadata)
+    if data_cfg and hasattr(model, "_pretrained_cfg"):  # a fastvit VisionTransformer or Eva
+        model.pretrained_cfg = {**model.pretrained_cfg, **data_cfg}
     return model
+
+
+def metadata_data_cfg(metadata: Mapping) -> dict:
+    """The data config (and class names) a fastvit checkpoint's metadata holds, as ``pretrained_cfg`` entries."""
+    cfg = metadata.get("pretrained_cfg")
+    if isinstance(cfg, Mapping):
+        return {k: cfg[k] for k in (*DATA_CFG_KEYS, "architecture", "tag") if cfg.get(k) is not None}
+    if "mean" not in metadata:
+        return {}
+    # Written before checkpoints stored a data config: predict then squashed images to the input size.
+    legacy = dict(mean=metadata["mean"], std=metadata["std"], interpolation="bilinear", crop_pct=1.0)
+    legacy["crop_mode"] = "squash"
+    if isinstance(metadata.get("classes"), list):
+        legacy["label_names"] = metadata["classes"]
+    return legacy
+
+
+_MLP_LAYER_NAMES = {"mlp": Mlp, "swiglu_packed": SwiGLUPacked, "swiglu": SwiGLU, "glu": GluMlp}
+_LAYER_KEYS = ("norm_layer", "act_layer", "embed_norm_layer", "mlp_layer")
+
+
+def _mlp_layer_name(layer) -> str:
+    for name, known in _MLP_LAYER_NAMES.items():
+        if layer is known:
+            return name
+    raise ValueError(f"mlp_layer {layer!r} has no name in checkpoint metadata (Mlp, SwiGLUPacked, SwiGLU, GluMlp)")
+
+
+def config_to_json(config: Mapping) -> dict:
+    """A ``VisionTransformer`` config as JSON values (tuples as lists, the norm, activation and MLP layers as timm's
+    names plus the norm eps), for checkpoint metadata; :func:`config_from_json` reverses it."""
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k not in _LAYER_KEYS}
+    out = {k: v for k, v in out.items() if not callable(v)}
+    out["act_layer"] = act_layer_name(config.get("act_layer"))
+    norm_kind, out["norm_eps"] = norm_layer_spec(config.get("norm_layer"))
+    if norm_kind != "layernorm":
+        out["norm_type"] = norm_kind
+    if config.get("embed_norm_layer") is not None:
+        out["embed_norm_type"], out["embed_norm_eps"] = norm_layer_spec(config["embed_norm_layer"])
+    if config.get("mlp_layer") is not None:
+        out["mlp_layer"] = _mlp_layer_name(config["mlp_layer"])
+    return out
+
+
+def config_from_json(config: Mapping) -> dict:
+    """Constructor arguments from :func:`config_to_json`'s output (or older metadata without the layers)."""
+    out = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    norm = {"layernorm": LayerNorm, "rmsnorm": RmsNorm}
+    eps = out.pop("norm_eps", None)
+    if eps is not None:
+        out["norm_layer"] = partial(norm[out.pop("norm_type", "layernorm")], eps=eps)
+    if "embed_norm_type" in out:
+        out["embed_norm_layer"] = partial(norm[out.pop("embed_norm_type")], eps=out.pop("embed_norm_eps"))
+    if "mlp_layer" in out:
+        out["mlp_layer"] = _MLP_LAYER_NAMES[out["mlp_layer"]]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
 # Whole-model converters
 
 
-def _build(state_dict: StateDict, config: dict, overrides: dict) -> VisionTransformer:
+# Preprocessing of the weights each source publishes, where the source model does not carry it: torchvision's
+# ViT_*_Weights.IMAGENET1K_V1.transforms() (resize 256, crop 224, bilinear, ImageNet mean/std) and Hugging Face's
+# ViTImageProcessor (resize straight to the input size, bilinear, mean/std 0.5).
+TORCHVISION_DATA_CFG = dict(
+    interpolation="bilinear",
+    crop_pct=224 / 256,
+    crop_mode="center",
+    mean=IMAGENET_DEFAULT_MEAN,
+    std=IMAGENET_DEFAULT_STD,
+)
+HF_DATA_CFG = dict(interpolation="bilinear", crop_pct=1.0, crop_mode="squash", mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _build(state_dict: StateDict, config: dict, overrides: dict, data_cfg: Mapping | None = None) -> VisionTransformer:
     model = VisionTransformer(**{**config, **overrides, "weight_init": "skip"})
-    return load_weights(model, state_dict)
+    model = load_weights(model, state_dict)
+    if data_cfg:
+        model.pretrained_cfg = {**model.pretrained_cfg, **data_cfg}
+    return model
 
 
-def _gelu_layer(act: nn.Module):
-    if isinstance(act, nn.GELU):
-        return partial(nn.GELU, approximate=act.approximate)
-    name = type(act).__name__
-    if name in ("GELU", "GELUTanh"):  # timm.layers.activations
-        return partial(nn.GELU, approximate="tanh" if "Tanh" in name else "none")
-    raise ValueError(f"activation {name} is not supported by fastvit (GELU, exact or tanh, only)")
+def _act_layer(act: nn.Module):
+    """fastvit's activation factory for a timm MLP's activation module (``resolve_act_layer``: the one rule)."""
+    return resolve_act_layer(act)
+
+
+def _norm_layer(norm: nn.Module, what: str):
+    """fastvit's norm factory (with its eps) for a timm norm module (``resolve_norm_layer``); ``what`` names it,
+    except for the blocks' own norm, whose error is the constructor's word for word."""
+    try:
+        return resolve_norm_layer(norm)
+    except ValueError as exc:
+        if what.startswith("norm_layer"):
+            raise
+        raise ValueError(f"{what}: {exc}") from None
+
+
+def _mlp_layer(mlp: nn.Module) -> dict:
+    """fastvit's ``mlp_layer`` (and whether it has a hidden-layer norm) for a timm MLP module."""
+    name = type(mlp).__name__
+    if name == "Mlp" and isinstance(getattr(mlp, "fc1", None), nn.Linear):
+        layer = Mlp
+    elif name == "GluMlp" and isinstance(getattr(mlp, "fc1", None), nn.Linear):
+        layer = partial(GluMlp, gate_last=mlp.gate_last)
+        if not mlp.gate_last and isinstance(mlp.act, nn.SiLU):
+            layer = SwiGLUPacked
+    elif name == "SwiGLU":
+        layer = SwiGLU
+    else:
+        raise ValueError(f"mlp_layer {name} is not supported by fastvit (Mlp, GluMlp/SwiGLUPacked, SwiGLU)")
+    return {"mlp_layer": layer, "scale_mlp_norm": not isinstance(mlp.norm, nn.Identity)}
+
+
+def _timm_data_cfg(model: nn.Module) -> dict:
+    """The data config entries of a timm model's ``pretrained_cfg`` (empty when it has none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {k: cfg[k] for k in (*DATA_CFG_KEYS, "architecture", "tag") if cfg.get(k) is not None}
 
 
 def timm_block_layers(block: nn.Module) -> dict:
-    """Check that a timm ``Block`` is one fastvit's ``Block`` can stand in for; returns its
-    ``norm_layer`` and ``act_layer`` (LayerNorm eps, GELU form) as fastvit constructor arguments.
+    """Check that a timm ``Block`` is one fastvit's ``Block`` can stand in for; returns the fastvit ``Block`` /
+    ``VisionTransformer`` arguments that rebuild it: ``norm_layer`` (LayerNorm or RmsNorm, with its eps),
+    ``act_layer``, ``mlp_layer``, ``qk_norm``, ``scale_mlp_norm``.
 
-    Used by ``from_timm`` (a new model) and ``fastvit.optimize`` (blocks swapped in place).
+    Used by ``from_timm`` (a new model) and ``fastvit.optimize`` (blocks swapped in place). Anything else (parallel
+    blocks of the ``_xp`` models, a norm after attention, ...) is one ``ValueError`` naming timm's knob.
     """
-    if type(block).__name__ != "Block" or not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
-        raise ValueError(f"block type {type(block).__name__} is not supported by fastvit (timm's pre-norm Block only)")
-    for part in ("q_norm", "k_norm", "norm"):
-        if not isinstance(getattr(block.attn, part, nn.Identity()), nn.Identity):
-            raise ValueError(f"attention {part} (qk-norm / scale-norm) is not supported by fastvit")
-    if not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(block.mlp, "fc1"):
-        raise ValueError(f"MLP {type(block.mlp).__name__} with a norm or gating is not supported by fastvit")
-    if not isinstance(block.norm1, nn.LayerNorm):
-        raise ValueError(f"norm {type(block.norm1).__name__} is not supported by fastvit (LayerNorm only)")
-    return {"norm_layer": partial(LayerNorm, eps=block.norm1.eps), "act_layer": _gelu_layer(block.mlp.act)}
+    kind = type(block).__name__
+    if kind != "Block" or not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
+        raise ValueError(
+            f"block_fn={kind} is not supported by fastvit (timm's pre-norm Block only; ParallelScalingBlock and "
+            "ParallelThingsBlock are the parallel blocks of the _xp models and parallel ViTs)"
+        )
+    attn = block.attn
+    if type(attn).__name__ != "Attention":
+        raise ValueError(f"attn_layer={type(attn).__name__} is not supported by fastvit (timm's Attention only)")
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        raise ValueError("scale_attn_norm=True (a norm between attention and proj) is not supported by fastvit")
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("gated attention (attn.gate) is not supported by fastvit")
+    if getattr(attn, "attn_dim", attn.qkv.in_features) != attn.qkv.in_features:
+        raise ValueError("attn_head_dim that changes the attention width is not supported by fastvit")
+    norm_layer = _norm_layer(block.norm1, "norm_layer (block.norm1)")
+    qk_norm = not isinstance(attn.q_norm, nn.Identity)
+    if qk_norm:
+        qk_layer = _norm_layer(attn.q_norm, "the qk-norm (attn.q_norm)")
+        if qk_layer.func is not norm_layer.func or qk_layer.keywords != norm_layer.keywords:
+            raise ValueError("qk_norm with a norm other than the blocks' norm_layer is not supported by fastvit")
+    return {
+        "norm_layer": norm_layer,
+        "act_layer": _act_layer(block.mlp.act),
+        "qk_norm": qk_norm,
+        **_mlp_layer(block.mlp),
+    }
 
 
 def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
@@ -491,11 +700,27 @@ def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
     From a module, the whole configuration is read off it; from a state dict it is inferred
     (:func:`infer_config`) and ``overrides`` (e.g. ``num_heads=``, ``img_size=``, ``global_pool=``)
     fill in or change what weights cannot tell. A different ``img_size`` resamples the position
-    embedding. Unsupported timm features (attention pooling, qk-norm, other block types) raise ``ValueError``.
+    embedding. The timm model's data config (``pretrained_cfg``: mean/std, crop, interpolation) comes along.
+    Unsupported timm features (attention pooling, qk-norm, distillation tokens, other block types, non-GELU
+    activations, non-LayerNorm norms) raise ``ValueError``.
     """
+    if isinstance(model_or_state_dict, nn.Module) and type(model_or_state_dict).__name__ == "Eva":
+        from fastvit.eva import Eva
+
+        config = _timm_eva_config(model_or_state_dict)
+        eva = load_weights(Eva(**{**config, **overrides}), model_or_state_dict.state_dict())
+        eva.pretrained_cfg = {**eva.pretrained_cfg, **_timm_data_cfg(model_or_state_dict)}
+        return eva
     if isinstance(model_or_state_dict, nn.Module):
-        return _build(model_or_state_dict.state_dict(), _timm_module_config(model_or_state_dict), overrides)
+        model = model_or_state_dict
+        return _build(model.state_dict(), _timm_module_config(model), overrides, _timm_data_cfg(model))
     state_dict = to_timm_state_dict(unwrap_state_dict(model_or_state_dict))
+    if any(re.match(r"blocks\.\d+\.(gamma_1|attn\.q_bias|attn\.q_proj\.)", key) for key in state_dict):
+        raise ValueError(
+            "this is a state dict of timm's Eva class (gamma_1 / q_bias / q_proj keys): its RoPE settings are not in "
+            "the weights; build fastvit.create_model(<timm name>) or fastvit.Eva(...) and fastvit.load_weights(model, "
+            "state_dict), or pass the timm module to from_timm"
+        )
     return _build(state_dict, infer_config(state_dict, overrides.get("num_heads")), overrides)
 
 
@@ -503,16 +728,26 @@ def _timm_module_config(model: nn.Module) -> dict:
     required = ("patch_embed", "blocks", "norm", "head", "global_pool", "num_prefix_tokens")
     if not all(hasattr(model, attr) for attr in required):
         raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(f"global_pool={model.global_pool!r} (attention pooling) is not supported by fastvit")
-    if not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity):
-        raise ValueError("a patch-embedding norm layer (embed_norm_layer) is not supported by fastvit")
-    config = infer_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads if len(model.blocks) else 1)
+    _reject_distilled(getattr(model, "dist_token", None) is not None)
+    if type(model).__name__ != "VisionTransformer":
+        raise ValueError(
+            f"timm's {type(model).__name__} class is not supported by fastvit.from_timm (timm's VisionTransformer "
+            "and Eva only)"
+        )
     if len(model.blocks):
+        layers = timm_block_layers(model.blocks[0])  # first: it names an unsupported block before anything reads it
+        num_heads = model.blocks[0].attn.num_heads
+    else:
+        layers, num_heads = {}, 1
+    config = infer_config(model.state_dict(), num_heads=num_heads)
+    if len(model.blocks):
+        config.update(layers)
         block = model.blocks[0]
-        config.update(timm_block_layers(block))
         if not isinstance(block.ls1, nn.Identity):
             config["init_values"] = float(block.ls1.init_values)
+    embed_norm = getattr(model.patch_embed, "norm", nn.Identity())
+    if not isinstance(embed_norm, nn.Identity):
+        config["embed_norm_layer"] = _norm_layer(embed_norm, "embed_norm_layer (patch_embed.norm)")
     config.update(
         img_size=tuple(model.patch_embed.img_size),
         global_pool=model.global_pool,
@@ -522,43 +757,235 @@ def _timm_module_config(model: nn.Module) -> dict:
         pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
         dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
     )
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None:
+        _check_attn_pool(attn_pool, config)
     return config
 
 
+def _check_attn_pool(pool: nn.Module, config: dict) -> None:
+    """A timm attention-pooling head must be the one fastvit's ``global_pool='map'`` builds (timm's ViT builds it
+    from the model's heads, mlp_ratio, norm and activation: one latent, q projection, no pool pos-embed)."""
+    if type(pool).__name__ != "AttentionPoolLatent":
+        raise ValueError(f"global_pool={config['global_pool']!r} ({type(pool).__name__}) is not supported by fastvit")
+    width = config["embed_dim"]
+    expected = {
+        "latent_len": (pool.latent_len, 1),
+        "q_proj": (isinstance(pool.q, nn.Linear), True),
+        "pos_embed": (pool.pos_embed is None, True),
+        "pool_type": (pool.pool, "token"),
+        "num_heads": (pool.num_heads, config["num_heads"]),
+        "qk_norm": (isinstance(pool.q_norm, nn.Identity), True),
+        "mlp hidden width": (
+            pool.mlp.fc1.out_features if pool.mlp is not None else None,
+            int(width * config.get("mlp_ratio", 4.0)),
+        ),
+    }
+    for knob, (got, want) in expected.items():
+        if got != want:
+            raise ValueError(f"attention pooling with {knob}={got!r} is not supported by fastvit (global_pool='map')")
+    if repr(_act_layer(pool.mlp.act)()) != repr(config.get("act_layer", nn.GELU)()):
+        raise ValueError("attention pooling whose MLP activation differs from the blocks' is not supported by fastvit")
+
+
+def _timm_eva_config(model: nn.Module) -> dict:
+    """fastvit ``Eva`` arguments that rebuild a timm ``Eva`` (EVA02, DINOv3, PE, RoPE ViTs); one ``ValueError`` naming
+    timm's knob for anything fastvit does not implement."""
+    refused = {
+        "use_post_norm (EvaBlockPostNorm)": any(type(b).__name__ != "EvaBlock" for b in model.blocks),
+        "rope_type='mixed'": getattr(model, "rope_mixed", False),
+        "patch_drop_rate": getattr(model, "patch_drop", None) is not None,
+        "embed norm": not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity),
+    }
+    for knob, present in refused.items():
+        if present:
+            raise ValueError(f"timm Eva with {knob} is not supported by fastvit")
+    dim = model.embed_dim
+    config = dict(
+        img_size=tuple(model.patch_embed.img_size),
+        patch_size=tuple(model.patch_embed.patch_size),
+        in_chans=model.patch_embed.proj.in_channels,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=dim,
+        depth=len(model.blocks),
+        class_token=model.cls_token is not None,
+        num_reg_tokens=model.reg_token.shape[1] if model.reg_token is not None else 0,
+        no_embed_class=bool(model.no_embed_class),
+        use_abs_pos_emb=model.pos_embed is not None,
+        use_pre_transformer_norm=not isinstance(model.norm_pre, nn.Identity),
+        use_post_transformer_norm=not isinstance(model.norm, nn.Identity),
+        use_fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        dynamic_img_size=bool(model.dynamic_img_size),
+    )
+    if len(model.blocks):
+        config.update(_timm_eva_block_config(model.blocks[0], dim))
+    config.update(_timm_rope_config(getattr(model, "rope", None)))
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        if type(pool).__name__ != "AttentionPoolLatent" or pool.latent_len != 1 or pool.pos_embed is not None:
+            raise ValueError(f"timm Eva attention pooling {type(pool).__name__} of this kind is not supported")
+        config.update(
+            attn_pool_num_heads=pool.num_heads, attn_pool_mlp_ratio=mlp_ratio_for(pool.mlp.fc1.out_features, dim)
+        )
+    return config
+
+
+def _timm_eva_block_config(block: nn.Module, dim: int) -> dict:
+    attn, mlp = block.attn, block.mlp
+    kind = type(attn).__name__
+    if kind not in ("EvaAttention", "AttentionRope"):
+        raise ValueError(f"timm Eva attention {kind} is not supported by fastvit")
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("timm Eva with gated_attn is not supported by fastvit")
+    if getattr(attn, "num_kv_groups", 1) != 1:
+        raise ValueError("timm Eva with num_kv_heads (grouped-query attention) is not supported by fastvit")
+    if (block.gamma_1 is None) != (block.gamma_2 is None):
+        raise ValueError("timm Eva with attn_only_layer_scale is not supported by fastvit")
+    fused = attn.qkv is not None
+    if kind == "EvaAttention":
+        qkv_bias = attn.q_bias is not None if fused else attn.q_proj.bias is not None
+    else:
+        qkv_bias = (attn.qkv if fused else attn.q_proj).bias is not None
+    config = dict(
+        num_heads=attn.num_heads,
+        qkv_bias=qkv_bias,
+        qkv_fused=fused,
+        attn_type="eva" if kind == "EvaAttention" else "rope",
+        qk_norm=not isinstance(attn.q_norm, nn.Identity),
+        scale_attn_inner=not isinstance(attn.norm, nn.Identity),
+        init_values=block.init_values if block.gamma_1 is not None else None,
+        norm_layer=_norm_layer(block.norm1, "norm_layer (block.norm1)"),
+    )
+    mlp_kind = type(mlp).__name__
+    if mlp_kind == "Mlp":
+        act = _act_layer(mlp.act)
+        if repr(act()) != repr(nn.GELU()):
+            raise ValueError(f"timm Eva MLP activation {type(mlp.act).__name__} is not supported (GELU only, as timm)")
+        config.update(
+            mlp_ratio=mlp_ratio_for(mlp.fc1.out_features, dim), scale_mlp=not isinstance(mlp.norm, nn.Identity)
+        )
+    elif mlp_kind == "SwiGLU":
+        scale_mlp = not isinstance(mlp.norm, nn.Identity)
+        config.update(
+            mlp_ratio=mlp_ratio_for(mlp.fc1_g.out_features, dim), swiglu_mlp=True, scale_mlp=scale_mlp,
+            swiglu_align_to=0 if scale_mlp else 1,  # 1: selects the split SwiGLU without changing its width
+        )  # fmt: skip
+    elif mlp_kind == "GluMlp" and not mlp.gate_last:
+        config.update(mlp_ratio=mlp_ratio_for(mlp.fc1.out_features // 2, dim), swiglu_mlp=True)
+    else:
+        raise ValueError(f"timm Eva MLP {mlp_kind} is not supported by fastvit")
+    return config
+
+
+def _timm_rope_config(rope: nn.Module | None) -> dict:
+    if rope is None:
+        return dict(use_rot_pos_emb=False)
+    kind = type(rope).__name__
+    if getattr(rope, "aug_active", False):
+        raise ValueError("timm RoPE coordinate augmentation (rope_shift/jitter/rescale_coords) is not supported")
+    if kind == "RotaryEmbeddingCat":
+        if rope.in_pixels or rope.grid_type != "index":
+            raise ValueError("timm RoPE with in_pixels=True is not supported by fastvit")
+        ref = rope.ref_feat_shape
+        return dict(
+            use_rot_pos_emb=True, rope_type="cat", rope_temperature=float(rope.temperature),
+            rope_grid_offset=float(rope.grid_offset), rope_grid_indexing=rope.grid_indexing,
+            rope_rotate_half=bool(rope.rotate_half), ref_feat_shape=tuple(ref) if ref is not None else None,
+        )  # fmt: skip
+    if kind == "RotaryEmbeddingDinoV3":
+        if rope.min_period is not None or rope.normalize_coords != "separate":
+            raise ValueError("timm DINOv3 RoPE with min/max periods or normalize_coords != 'separate' is not supported")
+        return dict(
+            use_rot_pos_emb=True, rope_type="dinov3", rope_temperature=float(rope.temperature),
+            rope_grid_offset=float(rope.grid_offset), rope_grid_indexing=rope.grid_indexing,
+            rope_rotate_half=bool(rope.rotate_half),
+        )  # fmt: skip
+    raise ValueError(f"timm RoPE {kind} (rope_type) is not supported by fastvit ('cat' and 'dinov3' only)")
+
+
 def from_torchvision(model_or_state_dict, **overrides) -> VisionTransformer:
-    """A fastvit ``VisionTransformer`` from a torchvision ViT (``torchvision.models.vit_b_16`` etc.)."""
+    """A fastvit ``VisionTransformer`` from a torchvision ViT (``torchvision.models.vit_b_16`` etc.).
+
+    Its data config is torchvision's for the ImageNet weights (:data:`TORCHVISION_DATA_CFG`).
+    """
     if isinstance(model_or_state_dict, nn.Module):
         tv = model_or_state_dict
         state_dict = torchvision_to_timm(tv.state_dict())
         config = infer_config(state_dict, num_heads=tv.encoder.layers[0].num_heads)
         config["img_size"] = tv.image_size
         config["norm_layer"] = partial(LayerNorm, eps=tv.encoder.ln.eps)
-        return _build(state_dict, config, overrides)
+        return _build(state_dict, config, overrides, TORCHVISION_DATA_CFG)
     state_dict = torchvision_to_timm(unwrap_state_dict(model_or_state_dict))
-    return _build(state_dict, infer_config(state_dict, overrides.get("num_heads")), overrides)
+    return _build(state_dict, infer_config(state_dict, overrides.get("num_heads")), overrides, TORCHVISION_DATA_CFG)
 
 
 def from_hf(model_or_state_dict, **overrides) -> VisionTransformer:
     """A fastvit ``VisionTransformer`` from a Hugging Face ``ViTModel`` / ``ViTForImageClassification``.
 
     HF ViTs use LayerNorm eps 1e-12 (``config.layer_norm_eps``); it is read from a module and assumed
-    for a bare state dict (override with ``norm_layer=partial(fastvit.layers.LayerNorm, eps=...)``).
+    for a bare state dict (override with ``norm_layer=partial(fastvit.layers.LayerNorm, eps=...)``). The data
+    config is ``ViTImageProcessor``'s (:data:`HF_DATA_CFG`: mean/std 0.5, resized without cropping), with the
+    classifier's ``id2label`` as ``label_names``.
     """
     if isinstance(model_or_state_dict, nn.Module):
         hf = model_or_state_dict
         cfg = hf.config
         state_dict = hf_to_timm(hf.state_dict())
         config = infer_config(state_dict, num_heads=cfg.num_attention_heads)
-        act = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}.get(cfg.hidden_act)
-        if act is None:
-            raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported by fastvit (GELU only)")
+        # HF's names for the GELU forms, mapped to timm's; the model's one rule decides what is supported.
+        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(cfg.hidden_act, cfg.hidden_act)
         config.update(
             img_size=cfg.image_size,
             norm_layer=partial(LayerNorm, eps=cfg.layer_norm_eps),
-            act_layer=partial(nn.GELU, approximate=act),
+            act_layer=act,
         )
-        return _build(state_dict, config, overrides)
+        data_cfg = dict(HF_DATA_CFG)
+        id2label = getattr(cfg, "id2label", None) or {}
+        if config["num_classes"] and len(id2label) == config["num_classes"]:
+            data_cfg["label_names"] = [str(id2label[i]) for i in range(len(id2label))]
+        return _build(state_dict, config, overrides, data_cfg)
     state_dict = hf_to_timm(unwrap_state_dict(model_or_state_dict))
     config = infer_config(state_dict, overrides.get("num_heads"))
     config["norm_layer"] = partial(LayerNorm, eps=HF_LAYER_NORM_EPS)
-    return _build(state_dict, config, overrides)
+    return _build(state_dict, config, overrides, HF_DATA_CFG)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trained runs
+
+
+def read_run(path: str | os.PathLike, backend: str | None = None, num_heads: int | None = None):
+    """:func:`load_run`, also returning the checkpoint's metadata (training options, data provenance).
+
+    Returns:
+        (model in eval mode, metadata dict; empty for a file without metadata).
+    """
+    state, metadata = load_any_weights(path)
+    config = metadata.get("config")
+    config = config_from_json(config) if isinstance(config, Mapping) else infer_config(state, num_heads=num_heads)
+    try:
+        model = VisionTransformer(**{**config, "weight_init": "skip", "backend": backend})
+    except TypeError as exc:  # a config key this fastvit does not know (metadata written by another version)
+        raise ValueError(f"{os.fspath(path)}: the model config in its metadata is not valid here ({exc})") from exc
+    model = load_weights(model, state)
+    data_cfg = metadata_data_cfg(metadata)
+    if data_cfg:
+        model.pretrained_cfg = {**model.pretrained_cfg, **data_cfg}
+    return model.eval(), metadata
+
+
+def load_run(path: str | os.PathLike, backend: str | None = None, num_heads: int | None = None) -> VisionTransformer:
+    """The model a training run saved (or any checkpoint holds), built and loaded, in eval mode.
+
+    Args:
+        path: a ``python -m fastvit train`` output folder, its ``checkpoint/``, ``model_best.safetensors``, or a
+            timm / torchvision / Hugging Face weights file (architecture inferred, see :func:`infer_config`).
+        backend: the model's backend.
+        num_heads: for weights files of a non-standard width (fastvit checkpoints record it).
+
+    Returns:
+        the model; ``model.pretrained_cfg`` holds its data config (input size, interpolation, crop, mean/std, for
+        :func:`fastvit.data.create_transform`) and ``label_names`` (the class names) where the checkpoint has them.
+    """
+    return read_run(path, backend, num_heads)[0]

@@ -9,12 +9,12 @@ kernels never materialise them).
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
-from fastvit import reference
+from fastvit import cli, reference
+from fastvit.evaluate import DIGITS_INPUT, add_model_arguments, class_names, load_images, load_or_exit
 from fastvit.model import VisionTransformer
 
 
@@ -22,73 +22,95 @@ from fastvit.model import VisionTransformer
 def attention_rollout(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Rollout of ``x`` [B, C, H, W] -> [B, grid_h, grid_w], each map summing to 1.
 
-    Without a class token the mean of the patch tokens' rows is used.
+    The attention weights are those the model uses (after qk-norm and RoPE: ``attn.heads``). With attention pooling
+    (``global_pool='map'``) the pooled query's attention over the tokens is the last step; else the class token's
+    row, or without a class token the mean of the patch tokens' rows.
     """
     model.eval()
-    tokens = model.embed(x)
+    embedded = model.embed(x)
+    tokens, extra = (embedded[0], embedded[1:]) if isinstance(embedded, tuple) else (embedded, ())  # Eva: RoPE
     batch, num_tokens, _ = tokens.shape
     eye = torch.eye(num_tokens, dtype=torch.float32, device=x.device)
     rollout = eye.expand(batch, -1, -1)
     for block in model.blocks:
         attn = block.attn
-        qkv = attn.qkv(block.norm1(tokens)).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, _ = attn.heads(block.norm1(tokens), *extra)
         weights = reference.attention_probs(q, k, attn.scale).float().mean(dim=1) + eye
         rollout = (weights / weights.sum(-1, keepdim=True)) @ rollout
-        tokens = block(tokens)
+        tokens = block(tokens, *extra)
     prefix = model.num_prefix_tokens
-    rows = rollout[:, 0] if model.has_class_token else rollout[:, prefix:].mean(dim=1)
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        pooled_from = 0 if model.pool_include_prefix else prefix
+        q, k, _ = pool.heads(model.norm(tokens)[:, pooled_from:])
+        query = reference.attention_probs(q, k, pool.scale).float().mean(dim=1)[:, 0]  # [B, tokens pooled]
+        rows = (query.unsqueeze(1) @ rollout[:, pooled_from:])[:, 0]
+    else:
+        rows = rollout[:, 0] if model.has_class_token else rollout[:, prefix:].mean(dim=1)
     patch_weights = rows[:, prefix:]
     patch_weights = patch_weights / patch_weights.sum(-1, keepdim=True)
     grid_h, grid_w = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
     return patch_weights.reshape(batch, grid_h, grid_w)
 
 
-def explain_main(argv: list[str] | None = None) -> int:
-    from fastvit.inference import _load_or_exit, load_images
-
-    parser = argparse.ArgumentParser(prog="python -m fastvit explain", description="attention rollout PNG of an image")
-    parser.add_argument("image")
-    parser.add_argument(
-        "--init", required=True, help="checkpoint: fastvit dir/.safetensors, or timm/torchvision/HF file"
+def make_parser() -> cli.Parser:
+    parser = cli.Parser(
+        prog="python -m fastvit explain", description="attention rollout PNG of an image", epilog=DIGITS_INPUT
     )
+    parser.add_argument("image", help="an image file (PNG, JPEG, ...)")
+    add_model_arguments(parser)
     parser.add_argument("--output", default=None, help="PNG path (default: <image>.rollout.png)")
-    parser.add_argument("--num-heads", type=int, default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def explain_main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = cli.parse(parser, argv, {"num_heads": cli.AT_LEAST_ONE})
     if not os.path.isfile(args.image):
         parser.error(f"image not found: {args.image}")
-    if not os.path.exists(args.init):
-        parser.error(f"--init {args.init!r} does not exist")
-    model, meta = _load_or_exit(parser, args.init, backend="torch", num_heads=args.num_heads)
-    x = load_images([args.image], model.patch_embed.img_size[0], model.in_chans, meta["mean"], meta["std"])
-    heat = attention_rollout(model, x)[0]
-    with torch.no_grad():
-        probs = model(x).softmax(-1)[0]
-    label = meta["classes"][int(probs.argmax())]
     output = args.output or os.path.splitext(args.image)[0] + ".rollout.png"
-    _plot(x[0], heat, f"predicted {label} ({100 * probs.max().item():.1f}%)", output)
-    print(f"{args.image}: predicted {label}; attention rollout written to {output}")
+    if os.path.isdir(output):
+        parser.error(f"--output {output!r} is a directory; name a PNG file")
+    model, _ = load_or_exit(parser, args.init, backend="torch", num_heads=args.num_heads)
+    with cli.errors_exit(parser):
+        x = load_images([args.image], model, parser.prog)
+        heat = attention_rollout(model, x)[0]
+        with torch.no_grad():
+            logits = model(x)[0]
+        if model.num_classes:
+            probs = logits.softmax(-1)
+            title = f"predicted {class_names(model)[int(probs.argmax())]} ({100 * probs.max().item():.1f}%)"
+        else:
+            title = "attention rollout (the model has no classifier head)"
+        _plot(x[0], heat, title, output)
+    print(f"{args.image}: {title}; attention rollout written to {output}")
     return 0
 
 
 def _plot(image: torch.Tensor, heat: torch.Tensor, title: str, path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the rollout PNG needs matplotlib: pip install 'fastvit[demo]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
     shown = image.permute(1, 2, 0).float()
-    shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-12)
-    overlay = F.interpolate(heat[None, None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    shown = ((shown - shown.min()) / (shown.max() - shown.min() + 1e-12)).numpy()
+    size = tuple(image.shape[-2:])
+    overlay = F.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(8.8, 4))
     axes[0].imshow(shown.squeeze(-1), cmap="gray" if shown.shape[-1] == 1 else None)
     axes[0].set_title("input")
     axes[1].imshow(shown.squeeze(-1), cmap="gray" if shown.shape[-1] == 1 else None)
-    axes[1].imshow(overlay, cmap="jet", alpha=0.5)
+    heat_image = axes[1].imshow(overlay, cmap="jet", alpha=0.5)
     axes[1].set_title("attention rollout")
     for ax in axes:
         ax.axis("off")
+    colorbar = fig.colorbar(heat_image, ax=axes[1], fraction=0.046, pad=0.04)
+    colorbar.set_label("rollout weight (patch weights sum to 1)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -15,7 +15,17 @@ import torch
 import torch.nn as nn
 
 from fastvit import dispatch, verification
-from fastvit.layers import Attention, Mlp, ResidualLinear, attention_half_blockers, mlp_half_blockers
+from fastvit.layers import (
+    Attention,
+    AttentionPoolLatent,
+    EvaBlock,
+    Mlp,
+    ResidualLinear,
+    attention_half_blockers,
+    eva_mlp_half_blockers,
+    mlp_blockers,
+    mlp_half_blockers,
+)
 from fastvit.ops.attention import attention_call
 
 # ------------------------------------------------------------------------------------------------
@@ -63,17 +73,23 @@ class BackendPlan(dict):
 
 
 class FusionReport(list):
-    """``VisionTransformer.fusion_report()``: one {'attn': HalfFusion, 'mlp': HalfFusion} per block."""
+    """``VisionTransformer.fusion_report()``: one {'attn': HalfFusion, 'mlp': HalfFusion} per block, and ``pool``:
+    the same for the attention-pooling head (``global_pool='map'``), None without one."""
+
+    pool: dict[str, HalfFusion] | None = None
 
     @property
     def all_fused(self) -> bool:
-        return all(half.fused for block in self for half in block.values())
+        parts = [*self, self.pool] if self.pool is not None else list(self)
+        return all(half.fused for part in parts for half in part.values())
 
     def __str__(self) -> str:
         lines = []
         for index, block in enumerate(self):
             for half, status in block.items():
                 lines.append(f"block {index:>2} {half:<4} {status}")
+        for half, status in (self.pool or {}).items():
+            lines.append(f"attn_pool {half:<4} {status}")
         return "\n".join(lines)
 
 
@@ -93,17 +109,49 @@ def _half(why_not: list[str], op_calls: dict[str, tuple[str | None, object]]) ->
 def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
     """Which halves of a fastvit ``Block`` run fused for inputs on ``device`` computing in ``dtype``, in the
     block's current train/eval mode and structure, and why not."""
-    attn_calls = {}
+    attn_calls, attn_why = {}, list(attention_half_blockers(block))
     if isinstance(block.attn, Attention):
         dropout = block.training and getattr(block.attn.attn_drop, "p", 0.0) > 0.0
         call = attention_call(device, dtype, block.attn.head_dim, dropout=dropout)
-        attn_calls["qkv_attention"] = (block.attn.backend, call)
+        if block.attn.packed():
+            attn_calls["qkv_attention"] = (block.attn.backend, call)
+        else:
+            attn_calls["attention"] = (block.attn.backend, call)
+            attn_why.append("qk-norm: attn.q_norm/k_norm run as separate norms before ops.attention")
         if isinstance(block.attn.proj, ResidualLinear):
             attn_calls["linear_residual"] = (block.attn.proj.backend, dispatch.DeviceDtypeCall(device, dtype))
     mlp_calls = {}
     if isinstance(block.mlp, Mlp):
         mlp_calls["ln_mlp"] = (block.mlp.backend, dispatch.DeviceDtypeCall(device, dtype))
     return {
-        "attn": _half(list(attention_half_blockers(block)), attn_calls),
+        "attn": _half(attn_why, attn_calls),
         "mlp": _half(list(mlp_half_blockers(block)), mlp_calls),
+    }
+
+
+def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
+    """How an attention-pooling head runs: its attention (``ops.attention``, one query; q/kv/proj Linears called)
+    and its ``x + mlp(norm(x))`` (one ``ops.ln_mlp`` call while ``mlp_blockers`` finds nothing)."""
+    if not isinstance(pool, AttentionPoolLatent):
+        why = (f"{type(pool).__name__} is not fastvit's AttentionPoolLatent",)
+        return {half: HalfFusion(False, {}, why) for half in ("attn", "mlp")}
+    call = attention_call(device, dtype, pool.head_dim)
+    attn_why = ["the q, kv and proj Linears and the residual-free proj run as separate ops"]
+    mlp_why = list(mlp_blockers(pool.norm, pool.mlp, pool.mlp.norm, pool.training))
+    return {
+        "attn": _half(attn_why, {"attention": (pool.backend, call)}),
+        "mlp": _half(mlp_why, {"ln_mlp": (pool.mlp.backend, dispatch.DeviceDtypeCall(device, dtype))}),
+    }
+
+
+def eva_block_fusion(block: EvaBlock, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
+    """How an ``EvaBlock``'s halves run: the attention half calls its modules (q/k/v projections, qk-norm and RoPE
+    before ``ops.attention``, then proj); the MLP half is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``."""
+    attn = block.attn
+    call = attention_call(device, dtype, attn.head_dim, dropout=block.training and attn.attn_drop.p > 0.0)
+    attn_why = ["EvaAttention: q/k/v projections and RoPE run before ops.attention, proj and the residual add after"]
+    mlp_call = dispatch.DeviceDtypeCall(device, dtype)
+    return {
+        "attn": _half(attn_why, {"attention": (attn.backend, call)}),
+        "mlp": _half(list(eva_mlp_half_blockers(block)), {"ln_mlp": (getattr(block.mlp, "backend", None), mlp_call)}),
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -61,6 +62,40 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
 
 
+class RmsNorm(nn.Module):
+    """timm's ``RmsNorm``: ``x * rsqrt(mean(x**2) + eps) * weight`` over the last dimension (key ``weight``).
+
+    Used by AIMv2 and the ``_xp`` ViTs. Runs ``F.rms_norm`` (the spec is ``fastvit.reference.rms_norm``).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.normalized_shape = (channels,)
+        self.eps = eps
+        self.elementwise_affine = affine
+        self.weight = nn.Parameter(torch.ones(channels, device=device, dtype=dtype)) if affine else None
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape[0]}, eps={self.eps}, affine={self.elementwise_affine}"
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's GELU approximation ``x * sigmoid(1.702 x)`` (timm's ``act_layer='quick_gelu'``)."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class PatchEmbed(nn.Module):
     """Image to patch tokens: ``proj`` is a Conv2d with kernel = stride = patch size (timm's keys ``proj.*``).
 
@@ -68,6 +103,10 @@ class PatchEmbed(nn.Module):
     also prepends the prefix (class / register) tokens and adds the position embedding, all as one
     ``ops.patch_embed`` call while ``proj`` is a plain Conv2d and ``norm`` an Identity (else ``proj`` and
     ``norm`` are called and the rest follows).
+
+    An ``img_size`` that is not a multiple of the patch (SigLIP so400m/14 at 384 px: 27 patches of 14 and 6 pixels
+    over) is accepted as timm's: the Conv2d's stride drops the trailing pixels, so the image is cropped to the patch
+    grid before ``ops.patch_embed``. Images of any other size (``dynamic_img_size``) must be multiples of the patch.
     """
 
     op_name = "patch_embed"
@@ -80,16 +119,18 @@ class PatchEmbed(nn.Module):
         embed_dim: int = 768,
         bias: bool = True,
         strict_img_size: bool = True,
+        norm_layer: Callable[..., nn.Module] | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         self.patch_size = to_2tuple(patch_size, "patch_size")
         self.img_size = to_2tuple(img_size, "img_size")
-        self._check_divisible(self.img_size, "img_size")
+        self._check_holds_a_patch(self.img_size, "img_size")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.strict_img_size = strict_img_size
+        self.in_chans = in_chans
         self.proj = nn.Conv2d(
             in_chans,
             embed_dim,
@@ -99,8 +140,15 @@ class PatchEmbed(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.norm = nn.Identity()
+        self.norm = norm_layer(embed_dim, device=device, dtype=dtype) if norm_layer is not None else nn.Identity()
         self.backend: str | None = None
+
+    def _check_holds_a_patch(self, size: tuple[int, int], what: str) -> None:
+        if size[0] < self.patch_size[0] or size[1] < self.patch_size[1]:
+            raise ValueError(
+                f"{what} {size[0]}x{size[1]} holds no {self.patch_size[0]}x{self.patch_size[1]} patch; it must "
+                "be at least one patch in each dimension"
+            )
 
     def _check_divisible(self, size: tuple[int, int], what: str) -> None:
         if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
@@ -112,7 +160,7 @@ class PatchEmbed(nn.Module):
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         """Change the expected image size; validated before anything changes."""
         img_size = to_2tuple(img_size, "img_size")
-        self._check_divisible(img_size, "img_size")
+        self._check_holds_a_patch(img_size, "img_size")
         self.img_size = img_size
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -131,7 +179,8 @@ class PatchEmbed(nn.Module):
                 f"x must be a floating-point image batch, got {x.dtype}; convert integer images with "
                 "x.float() / 255 and normalise them"
             )
-        in_chans = self.proj.in_channels
+        # An adapter wrapping proj (a peft LoRA Conv2d) has no in_channels of its own: the width built then holds.
+        in_chans = getattr(self.proj, "in_channels", self.in_chans)
         if x.shape[1] != in_chans:
             raise ValueError(f"x must have {in_chans} channels (in_chans), got shape {tuple(x.shape)}")
         size = (x.shape[2], x.shape[3])
@@ -142,11 +191,7 @@ class PatchEmbed(nn.Module):
                     "build the model with that img_size, or with dynamic_img_size=True"
                 )
         else:
-            if size[0] < self.patch_size[0] or size[1] < self.patch_size[1]:
-                raise ValueError(
-                    f"image size {size[0]}x{size[1]} holds no {self.patch_size[0]}x{self.patch_size[1]} patch; x must "
-                    "be at least one patch in each dimension"
-                )
+            self._check_holds_a_patch(size, "image size")
             self._check_divisible(size, "image size")
         return x
 
@@ -155,6 +200,8 @@ class PatchEmbed(nn.Module):
     ) -> torch.Tensor:
         """x: [B, C, H, W] -> [B, T+N, D]; pos_embed: [1, T+N, D] or [1, N, D] or None; prefix_tokens: [1, T, D]."""
         self.check_input(x)
+        grid_h, grid_w = self.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        x = x[..., : grid_h * self.patch_size[0], : grid_w * self.patch_size[1]]  # as the conv's stride: no-op if exact
         proj = self.proj
         if plain(proj, nn.Conv2d) and plain(self.norm, nn.Identity) and not _global_hooks():
             return ops.patch_embed(x, proj.weight, proj.bias, pos_embed, prefix_tokens, backend=self.backend)
@@ -217,6 +264,10 @@ class Attention(nn.Module):
     ``forward(x)`` returns ``proj_drop(proj(attention(x)))`` as timm's. ``forward_residual(x, residual)``
     returns ``residual + proj(attention(x))`` with the add inside the proj GEMM (``ops.linear_residual``); its
     caller (``Block``) checks first that nothing it skips acts (``attention_half_blockers``).
+
+    With ``qk_norm=True`` (timm's keys ``q_norm.*``, ``k_norm.*``: a ``norm_layer`` over each head's D channels)
+    the normalised q and k are no longer slices of the packed buffer: q, k, v are split, the norms called, and
+    ``ops.attention`` runs on the [B, H, N, D] views (the spec: ``fastvit.reference.qk_norm_attention``).
     """
 
     op_name = "qkv_attention"
@@ -226,9 +277,11 @@ class Attention(nn.Module):
         dim: int,
         num_heads: int = 8,
         qkv_bias: bool = False,
+        qk_norm: bool = False,
         proj_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        norm_layer: Callable[..., nn.Module] | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -240,15 +293,32 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        qk_norm_layer = norm_layer or LayerNorm
+        self.q_norm = qk_norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = qk_norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = ResidualLinear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend: str | None = None
 
+    def packed(self) -> bool:
+        """True when q and k are used as the qkv Linear wrote them (no qk-norm), so ``ops.qkv_attention`` reads the
+        packed buffer directly."""
+        return isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] -> q, k, v: [B, H, N, D] each, as attention uses them (after qk-norm)."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C], before proj."""
         dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
-        return ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
+        if self.packed():
+            return ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
+        q, k, v = self.heads(x)
+        out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
+        return out.transpose(1, 2).flatten(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]."""
@@ -265,6 +335,7 @@ class Mlp(nn.Module):
 
     In a ``Block`` the norm before it (``norm2``), this MLP and the residual add run as one ``ops.ln_mlp``
     call when ``mlp_half_blockers`` finds nothing that must be called; ``backend`` is that op's backend.
+    ``norm_layer`` is the hidden-layer norm (timm's ``scale_mlp_norm``), which ``ln_mlp`` does not cover.
     """
 
     op_name = "ln_mlp"
@@ -273,7 +344,9 @@ class Mlp(nn.Module):
         self,
         in_features: int,
         hidden_features: int,
+        out_features: int | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] | None = None,
         bias: bool = True,
         drop: float = 0.0,
         device=None,
@@ -284,13 +357,92 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, **dd)
+        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drop)
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class GluMlp(nn.Module):
+    """timm's ``GluMlp``: one fc1 whose output halves are a value and a gate, ``act(gate) * value`` -> fc2.
+
+    ``hidden_features`` is fc1's width (twice the gated width fc2 reads). ``gate_last=False`` gates with the first
+    half: ``SwiGLUPacked`` (SiLU, DINOv2 giant, EVA without sub-LN). Keys ``fc1.*``, ``norm.*``, ``fc2.*``. Runs as
+    modules (``ops.ln_mlp`` covers GELU MLPs only); the spec is ``fastvit.reference.glu_mlp``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        act_layer: Callable[[], nn.Module] = nn.Sigmoid,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool = True,
+        drop: float = 0.0,
+        gate_last: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if hidden_features % 2:
+            raise ValueError(f"a gated MLP's hidden_features must be even (two halves), got {hidden_features}")
+        dd = {"device": device, "dtype": dtype}
+        self.gate_last = gate_last
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden_features // 2, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features // 2, out_features or in_features, bias=bias, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.fc1(x).chunk(2, dim=-1)
+        x = first * self.act(second) if self.gate_last else self.act(first) * second
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
+SwiGLUPacked = partial(GluMlp, act_layer=nn.SiLU, gate_last=False)
+
+
+class SwiGLU(nn.Module):
+    """timm's ``SwiGLU`` with split fc1: ``fc2(norm(silu(fc1_g(x)) * fc1_x(x)))`` (EVA02, AIMv2, DINOv3 S+/H+).
+
+    Keys ``fc1_g.*``, ``fc1_x.*``, ``norm.*`` (the sub-LN, timm's ``scale_mlp``), ``fc2.*``. The spec is
+    ``fastvit.reference.swiglu_mlp``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        act_layer: Callable[[], nn.Module] = nn.SiLU,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool = True,
+        drop: float = 0.0,
+        align_to: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if align_to:
+            hidden_features += -hidden_features % align_to
+        self.fc1_g = nn.Linear(in_features, hidden_features, bias=bias, **dd)
+        self.fc1_x = nn.Linear(in_features, hidden_features, bias=bias, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1_g(x)) * self.fc1_x(x)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
 
 
 def _fused_ln_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, residual: bool, backend: str | None):
@@ -393,6 +545,74 @@ class PatchDropout(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
 
+class AttentionPoolLatent(nn.Module):
+    """timm's ``AttentionPoolLatent`` (``global_pool='map'``, SigLIP): one learned latent query attends over the
+    tokens, then proj and a residual ``norm`` -> ``mlp``; returns the pooled [B, C].
+
+    Keys ``latent`` [1, 1, C], ``q.*``, ``kv.*`` (k and v packed as timm's ``reshape(B, N, 2, H, D)``),
+    ``q_norm``/``k_norm`` (qk-norm), ``proj.*``, ``norm.*``, ``mlp.fc1.*``, ``mlp.fc2.*``. The attention is
+    ``ops.attention`` with one query; ``x + mlp(norm(x))`` is one ``ops.ln_mlp`` call while ``mlp_blockers`` finds
+    nothing that must be called (a LayerNorm and a GELU Mlp). The spec is ``fastvit.reference.attention_pool``.
+    """
+
+    op_name = "qkv_attention"  # the attention's backend follows the model's attention backend
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if in_features % num_heads != 0:
+            raise ValueError(f"embed_dim ({in_features}) must be divisible by num_heads ({num_heads})")
+        dd = {"device": device, "dtype": dtype}
+        norm_layer = norm_layer or LayerNorm
+        self.num_heads = num_heads
+        self.head_dim = in_features // num_heads
+        self.scale = self.head_dim**-0.5
+        self.latent_len = 1
+        self.latent = nn.Parameter(torch.zeros(1, 1, in_features, **dd))
+        self.q = nn.Linear(in_features, in_features, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(in_features, in_features * 2, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(in_features, in_features, **dd)
+        self.proj_drop = nn.Dropout(drop)
+        self.norm = norm_layer(in_features, **dd)
+        self.mlp = Mlp(in_features, int(in_features * mlp_ratio), act_layer=act_layer, **dd)
+        self.backend: str | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.latent, std=self.latent.shape[-1] ** -0.5)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] -> q [B, H, 1, D] (from the latent), k, v [B, H, N, D]."""
+        batch = x.shape[0]
+        q = self.q(self.latent).expand(batch, -1, -1).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = self.kv(x).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] -> [B, C]."""
+        q, k, v = self.heads(x)
+        x = ops.attention(q, k, v, self.scale, backend=self.backend).transpose(1, 2).flatten(2)  # [B, 1, C]
+        x = self.proj_drop(self.proj(x))
+        if next(mlp_blockers(self.norm, self.mlp, self.mlp.norm, self.training), None) is None:
+            x = _fused_ln_mlp(self.norm, self.mlp, x, True, self.mlp.backend)
+        else:
+            x = x + self.mlp(self.norm(x))
+        return x[:, 0]
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (timm's names and keys).
 
@@ -404,6 +624,10 @@ class Block(nn.Module):
     ``ops.ln_mlp`` call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
     eval mode, so a model trained with it still runs fused for inference. ``fastvit.fusion.block_fusion`` says
     which halves run fused and why not; an unfused half also logs at DEBUG on the ``"fastvit"`` logger.
+
+    timm's knobs for the modern families: ``mlp_layer`` (``Mlp``, ``SwiGLUPacked``/``GluMlp``, ``SwiGLU``: the gated
+    ones run as modules), ``qk_norm`` (``attn.q_norm``/``attn.k_norm``, a ``norm_layer`` per head), ``scale_mlp_norm``
+    (a ``norm_layer`` on the MLP's hidden layer), ``norm_layer`` (``LayerNorm`` any eps, ``RmsNorm``), ``act_layer``.
     """
 
     def __init__(
@@ -419,6 +643,9 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         act_layer: Callable[[], nn.Module] = nn.GELU,
         norm_layer: Callable[..., nn.Module] = LayerNorm,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
+        qk_norm: bool = False,
+        scale_mlp_norm: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -429,15 +656,25 @@ class Block(nn.Module):
             dim,
             num_heads=num_heads,
             qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
             proj_bias=proj_bias,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
+            norm_layer=norm_layer,
             **dd,
         )
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop, **dd)
+        self.mlp = mlp_layer(
+            in_features=dim,
+            hidden_features=int(dim * mlp_ratio),
+            act_layer=act_layer,
+            norm_layer=norm_layer if scale_mlp_norm else None,
+            bias=proj_bias,
+            drop=proj_drop,
+            **dd,
+        )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -455,6 +692,192 @@ class Block(nn.Module):
         if dispatch.debug_enabled():
             dispatch.logger.debug("Block: MLP half unfused: %s", why)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class EvaAttention(nn.Module):
+    """timm's ``EvaAttention`` (the ``Eva`` class: EVA02, DINOv3, ...): q/k/v from one bias-free ``qkv`` Linear plus
+    ``q_bias``/``v_bias`` (k has none: timm's zero ``k_bias`` buffer, not in the state dict), or three Linears
+    ``q_proj``/``k_proj``/``v_proj`` (``qkv_fused=False``, k bias-free); optional qk-norm; 2D RoPE on every token but
+    the ``num_prefix_tokens`` first; an optional norm before ``proj`` (``scale_norm``, EVA02-CLIP).
+
+    q, k, v are [B, H, N, D] views; the attention is ``ops.attention`` (the Triton kernel where it covers the head dim:
+    RoPE and qk-norm run before it as separate ops). The spec is ``fastvit.reference.qk_norm_attention``.
+    """
+
+    op_name = "qkv_attention"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        qkv_fused: bool = True,
+        num_prefix_tokens: int = 1,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        qk_norm: bool = False,
+        scale_norm: bool = True,
+        rotate_half: bool = False,
+        attn_type: str = "eva",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if attn_type not in ("eva", "rope"):
+            raise ValueError(f"attn_type must be 'eva' or 'rope', got {attn_type!r}")
+        dd = {"device": device, "dtype": dtype}
+        norm_layer = norm_layer or LayerNorm
+        k_bias = qkv_bias and attn_type == "rope"  # timm's AttentionRope: plain Linear biases, k's included
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.num_prefix_tokens = num_prefix_tokens
+        self.rotate_half = rotate_half
+        separate_bias = qkv_bias and not k_bias
+        if qkv_fused:
+            self.qkv = nn.Linear(dim, dim * 3, bias=k_bias, **dd)
+            self.q_proj = self.k_proj = self.v_proj = None
+            self.q_bias = nn.Parameter(torch.zeros(dim, **dd)) if separate_bias else None
+            self.v_bias = nn.Parameter(torch.zeros(dim, **dd)) if separate_bias else None
+        else:
+            self.qkv = self.q_bias = self.v_bias = None
+            self.q_proj = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+            self.k_proj = nn.Linear(dim, dim, bias=k_bias, **dd)
+            self.v_proj = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.backend: str | None = None
+
+    def heads(self, x: torch.Tensor, rope: torch.Tensor | None = None):
+        """x: [B, N, C]; rope: [N - num_prefix_tokens, 2·D] or None -> q, k, v [B, H, N, D] as attention uses them."""
+        if self.qkv is not None:
+            qkv = self.qkv(x)
+            if self.q_bias is not None:  # timm adds [q_bias, 0, v_bias] inside the GEMM: the same sums
+                qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (
+                proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+                for proj in (self.q_proj, self.k_proj, self.v_proj)
+            )
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = apply_rope(q, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+            k = apply_rope(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]."""
+        dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
+        q, k, v = self.heads(x, rope)
+        out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend).transpose(1, 2).flatten(2)
+        return self.proj_drop(self.proj(self.norm(out)))
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, rotate_half: bool) -> torch.Tensor:
+    """2D RoPE of x [B, H, N, D] from rope = cat(sin, cos) [N - T, 2·D], the T prefix tokens left as they are; the
+    fast form of ``fastvit.reference.apply_rope`` (same layouts)."""
+    sin, cos = rope.tensor_split(2, dim=-1)
+    prefix, patches = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
+    if rotate_half:
+        first, second = patches.chunk(2, dim=-1)
+        rotated = torch.cat([-second, first], dim=-1)
+    else:
+        rotated = torch.stack([-patches[..., 1::2], patches[..., ::2]], dim=-1).reshape(patches.shape)
+    return torch.cat([prefix, patches * cos + rotated * sin], dim=2)
+
+
+class EvaBlock(nn.Module):
+    """timm's ``EvaBlock``: ``x + gamma_1 * attn(norm1(x), rope)`` then ``x + gamma_2 * mlp(norm2(x))``.
+
+    The same pre-norm block as ``Block`` with timm's ``Eva`` keys: LayerScale is a bare parameter (``gamma_1``,
+    ``gamma_2``), the attention is ``EvaAttention`` (RoPE). MLP: ``Mlp`` (GELU, optional sub-LN ``scale_mlp``),
+    ``SwiGLU`` (split, with ``scale_mlp`` or ``swiglu_align_to``: EVA02) or ``SwiGLUPacked`` (DINOv3 S+/H+). The MLP
+    half is one ``ops.ln_mlp`` call under ``Block``'s rule (a plain GELU ``Mlp``, no LayerScale, no active
+    dropout); the attention half runs its modules.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qkv_fused: bool = True,
+        mlp_ratio: float = 4.0,
+        swiglu_mlp: bool = False,
+        swiglu_align_to: int = 0,
+        scale_mlp: bool = False,
+        scale_attn_inner: bool = False,
+        num_prefix_tokens: int = 1,
+        rotate_half: bool = False,
+        qk_norm: bool = False,
+        attn_type: str = "eva",
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = LayerNorm,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = EvaAttention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, qkv_fused=qkv_fused, num_prefix_tokens=num_prefix_tokens,
+            attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, qk_norm=qk_norm,
+            scale_norm=scale_attn_inner, rotate_half=rotate_half, attn_type=attn_type, **dd,
+        )  # fmt: skip
+        self.init_values = init_values
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values), **dd)) if init_values is not None else None
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        hidden = int(dim * mlp_ratio)
+        mlp_norm = norm_layer if scale_mlp else None
+        if swiglu_mlp and (scale_mlp or swiglu_align_to):
+            self.mlp = SwiGLU(dim, hidden, norm_layer=mlp_norm, drop=proj_drop, align_to=swiglu_align_to, **dd)
+        elif swiglu_mlp:
+            self.mlp = GluMlp(dim, hidden * 2, act_layer=nn.SiLU, gate_last=False, drop=proj_drop, **dd)
+        else:
+            self.mlp = Mlp(dim, hidden, act_layer=act_layer, norm_layer=mlp_norm, drop=proj_drop, **dd)
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values), **dd)) if init_values is not None else None
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def reset_parameters(self) -> None:
+        for gamma in (self.gamma_1, self.gamma_2):
+            if gamma is not None:
+                nn.init.constant_(gamma, self.init_values)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, C]; rope: [N - T, 2·D] or None -> [B, N, C]."""
+        out = self.attn(self.norm1(x), rope)
+        x = x + self.drop_path1(out if self.gamma_1 is None else self.gamma_1 * out)
+        if next(eva_mlp_half_blockers(self), None) is None:
+            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend)
+        out = self.mlp(self.norm2(x))
+        return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
+
+
+def eva_mlp_half_blockers(block: EvaBlock) -> Iterator[str]:
+    """Why an ``EvaBlock``'s MLP half is not one ``ops.ln_mlp`` call (``mlp_half_blockers`` for timm's Eva keys)."""
+    if block.gamma_2 is not None:
+        yield "gamma_2 (LayerScale) scales the MLP output: the residual add runs separately"
+    if isinstance(block.mlp, (GluMlp, SwiGLU)):
+        yield f"mlp is a gated {type(block.mlp).__name__} (SwiGLU): ln_mlp covers GELU MLPs only, it runs unfused"
+        return
+    if not plain(block.mlp, Mlp):
+        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, or not fastvit's Mlp"
+        return
+    yield from _skippable("drop_path2", block.drop_path2, block.training)
+    yield from mlp_blockers(block.norm2, block.mlp, block.mlp.norm, block.training)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -546,6 +969,9 @@ def mlp_blockers(norm: nn.Module, mlp: nn.Module, hidden_norm: nn.Module, traini
 def mlp_half_blockers(block: nn.Module) -> Iterator[str]:
     """Why ``block``'s MLP half is not one ``ops.ln_mlp`` call with the residual inside."""
     training = block.training
+    if isinstance(block.mlp, (GluMlp, SwiGLU)):
+        yield f"mlp is a gated {type(block.mlp).__name__} (SwiGLU): ln_mlp covers GELU MLPs only, it runs unfused"
+        return
     if not plain(block.mlp, Mlp):
         yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, or not fastvit's Mlp"
         return

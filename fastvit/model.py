@@ -16,12 +16,24 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import dispatch
-from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion
-from fastvit.layers import Block, LayerNorm, PatchDropout, PatchEmbed, resample_abs_pos_embed
+from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion, pool_fusion
+from fastvit.layers import (
+    AttentionPoolLatent,
+    Block,
+    LayerNorm,
+    Mlp,
+    PatchDropout,
+    PatchEmbed,
+    QuickGELU,
+    RmsNorm,
+    SwiGLU,
+    SwiGLUPacked,
+    resample_abs_pos_embed,
+)
 from fastvit.validation import check_positive_int
 from fastvit.verification import evidence_state
 
-GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token")
+GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token", "map")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
 OPS_USED = ["patch_embed", "layer_norm", "qkv_attention", "linear_residual", "ln_mlp"]
 
@@ -34,12 +46,15 @@ class VisionTransformer(nn.Module):
         patch_size: Patch size (int or (P, P)).
         in_chans: Number of image channels.
         num_classes: Classifier outputs; 0 for no head (features only).
-        global_pool: '' | 'avg' | 'avgmax' | 'max' | 'token' (class token).
+        global_pool: '' | 'avg' | 'avgmax' | 'max' | 'token' (class token) | 'map' (attention pooling with a
+            learned latent query, ``attn_pool``: SigLIP).
         embed_dim: Token width D.
         depth: Number of blocks.
         num_heads: Attention heads per block.
         mlp_ratio: MLP hidden width / D.
         qkv_bias: Bias in the qkv Linear.
+        qk_norm: Normalise q and k per head with ``norm_layer`` (keys ``attn.q_norm``, ``attn.k_norm``).
+        scale_mlp_norm: A ``norm_layer`` on the MLP's hidden layer (key ``mlp.norm``).
         proj_bias: Bias in the attention proj and the MLP Linears.
         init_values: LayerScale init value (LayerScale off when None/0).
         class_token: Prepend a learnable class token.
@@ -59,9 +74,16 @@ class VisionTransformer(nn.Module):
         drop_path_rate: Stochastic depth, rising linearly to this rate over the blocks.
         weight_init: '' (timm) | 'jax' | 'jax_nlhb' | 'moco' | 'reset' | 'skip'.
         fix_init: Scale proj/fc2 weights by 1/sqrt(2·(layer+1)).
-        norm_layer: Norm class, default ``fastvit.layers.LayerNorm`` with eps 1e-6.
-        act_layer: MLP activation class, default ``nn.GELU`` (exact erf).
+        embed_norm_layer: Norm after the patch projection (key ``patch_embed.norm``; AIMv2's RmsNorm); the patch
+            embedding then runs as Conv2d, norm, then prefix tokens and position embedding, unfused.
+        norm_layer: Norm layer: a LayerNorm or RmsNorm class or ``partial`` (eps read from it), an instance, or timm's
+            name ('layernorm', 'rmsnorm'); default ``fastvit.layers.LayerNorm`` with eps 1e-6 (CLIP: 1e-5). See
+            :func:`resolve_norm_layer`.
+        act_layer: MLP activation: GELU (exact erf, the default, or tanh), QuickGELU or SiLU, as a class, ``partial``,
+            instance or timm's name ('gelu', 'gelu_tanh', 'quick_gelu', 'silu'). See :func:`resolve_act_layer`.
         block_fn: Block class.
+        mlp_layer: MLP class: ``Mlp``, ``SwiGLUPacked`` (DINOv2 giant; mlp_ratio counts both halves, as timm),
+            ``SwiGLU``, ``GluMlp`` (``fastvit.layers``).
         backend: 'auto' | 'triton' | 'cuda' | 'torch'; None = the process default (FASTVIT_BACKEND).
         device, dtype: Where and in which dtype to create parameters.
     """
@@ -78,6 +100,8 @@ class VisionTransformer(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        qk_norm: bool = False,
+        scale_mlp_norm: bool = False,
         proj_bias: bool = True,
         init_values: float | None = None,
         class_token: bool = True,
@@ -97,9 +121,11 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         weight_init: str = "",
         fix_init: bool = False,
+        embed_norm_layer: Callable[..., nn.Module] | str | None = None,
         norm_layer: Callable[..., nn.Module] | None = None,
         act_layer: Callable[[], nn.Module] | None = None,
         block_fn: Callable[..., nn.Module] = Block,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
         backend: str | None = None,
         device=None,
         dtype=None,
@@ -128,8 +154,8 @@ class VisionTransformer(nn.Module):
         )
         dd = {"device": device, "dtype": dtype}
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
-        norm_layer = norm_layer or partial(LayerNorm, eps=1e-6)
-        act_layer = act_layer or nn.GELU
+        norm_layer = resolve_norm_layer(norm_layer)
+        act_layer = resolve_act_layer(act_layer)
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -150,6 +176,7 @@ class VisionTransformer(nn.Module):
             embed_dim=embed_dim,
             bias=not pre_norm,
             strict_img_size=not dynamic_img_size,
+            norm_layer=resolve_norm_layer(embed_norm_layer) if embed_norm_layer is not None else None,
             **dd,
         )
         num_patches = self.patch_embed.num_patches
@@ -180,16 +207,27 @@ class VisionTransformer(nn.Module):
                     drop_path=drop_path_rates[i],
                     norm_layer=norm_layer,
                     act_layer=act_layer,
+                    mlp_layer=mlp_layer,
+                    qk_norm=qk_norm,
+                    scale_mlp_norm=scale_mlp_norm,
                     **dd,
                 )
                 for i in range(depth)
             ]
         )
         self.norm = norm_layer(embed_dim, **dd) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = (
+            AttentionPoolLatent(
+                embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=norm_layer, act_layer=act_layer, **dd
+            )
+            if global_pool == "map"
+            else None
+        )
         self.fc_norm = norm_layer(embed_dim, **dd) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
+        self._pretrained_cfg = default_pretrained_cfg(in_chans)
         self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
         self.fix_init = fix_init
         if weight_init != "skip":
@@ -267,6 +305,9 @@ class VisionTransformer(nn.Module):
             else:
                 why = (f"{type(block).__name__} is not a fastvit Block",)
                 report.append({half: HalfFusion(False, {}, why) for half in ("attn", "mlp")})
+        if self.attn_pool is not None:
+            pool_dtype = self.attn_pool.kv.weight.dtype if dtype is None else dtype
+            report.pool = pool_fusion(self.attn_pool, device, pool_dtype)
         return report
 
     # ------------------------------------------------------------------------------------------
@@ -322,6 +363,10 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             if global_pool == "token" and not self.has_class_token:
                 raise ValueError("global_pool='token' needs the class token (model built with class_token=False)")
+            if global_pool == "map" and self.attn_pool is None:
+                raise ValueError("global_pool='map' cannot be added by reset_classifier; build the model with it")
+            if global_pool != "map":
+                self.attn_pool = None  # as timm: leaving attention pooling drops the pool
             self.global_pool = global_pool
         self.num_classes = num_classes
         ref = next(self.parameters())
@@ -342,6 +387,31 @@ class VisionTransformer(nn.Module):
                 self.pos_embed.detach(), self.patch_embed.grid_size, prev_grid, num_prefix_tokens=num_prefix
             )
             self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The data config that goes with these weights, in timm's form (what ``timm.data.resolve_model_data_config``
+        and :func:`fastvit.data.create_transform` read): ``input_size`` (C, H, W), ``interpolation``,
+        ``crop_pct``, ``crop_mode``, ``mean``, ``std``, plus ``num_classes``, ``label_names`` (when known),
+        ``architecture``, ``tag``, ``first_conv``, ``classifier``.
+
+        ``input_size``, ``fixed_input_size`` and ``num_classes`` always describe the model as it is now
+        (after ``set_input_size``/``reset_classifier``); the rest travels with the weights: converters copy it
+        from the source model, checkpoints store it, loaders restore it. Assign a dict to replace it (checked).
+        """
+        cfg = self._pretrained_cfg
+        cfg["input_size"] = (self.in_chans, *self.patch_embed.img_size)
+        cfg["fixed_input_size"] = not self.dynamic_img_size
+        cfg["num_classes"] = self.num_classes
+        if cfg.get("label_names") is not None and len(cfg["label_names"]) != self.num_classes:
+            cfg["label_names"] = None  # names of another head (reset_classifier) describe nothing here
+        return cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, cfg: dict) -> None:
+        self._pretrained_cfg = check_pretrained_cfg(cfg, self.in_chans)
+
+    default_cfg = pretrained_cfg  # timm's older name for the same dict
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -366,10 +436,14 @@ class VisionTransformer(nn.Module):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _embed_with_block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Tokens and the extra arguments every block takes (none here; ``fastvit.Eva``: the RoPE table)."""
+        return self.embed(x), ()
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, *block_args) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, x, *block_args, use_reentrant=False)
+        return block(x, *block_args)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] -> normalised tokens [B, T+N, D]."""
@@ -379,6 +453,8 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        if self.attn_pool is not None:
+            return self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix_tokens :])
         pool_type = self.global_pool if pool_type is None else pool_type
         if not pool_type:
             return x
@@ -425,9 +501,9 @@ class VisionTransformer(nn.Module):
         batch, _, height, width = self.patch_embed.check_input(x).shape
         blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
         intermediates = []
-        x = self.embed(x)
+        x, block_args = self._embed_with_block_args(x)
         for i, block in enumerate(blocks):
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, *block_args)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
@@ -446,7 +522,8 @@ class VisionTransformer(nn.Module):
 
 ViT = VisionTransformer
 
-# Architectures of timm's presets of the same names (timm.models.vision_transformer), plus one of ours.
+# Architectures of timm's presets of the same names (timm.models.vision_transformer), plus one of ours. The families'
+# presets take timm's default image size and head (num_classes=0: a feature extractor) from its pretrained configs.
 PRESETS: dict[str, dict] = {
     "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
@@ -454,33 +531,268 @@ PRESETS: dict[str, dict] = {
     "vit_base_patch32_224": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # The modern families (timm's names and architectures; img_size as timm's pretrained configs).
+    "vit_base_patch16_siglip_224": dict(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, class_token=False, global_pool="map", num_classes=0
+    ),
+    "vit_so400m_patch14_siglip_384": dict(
+        img_size=384,
+        patch_size=14,
+        embed_dim=1152,
+        depth=27,
+        num_heads=16,
+        mlp_ratio=3.7362,
+        class_token=False,
+        global_pool="map",
+        num_classes=0,
+    ),
+    "vit_so400m_patch16_siglip_256": dict(  # SigLIP2's so400m: GELU tanh
+        img_size=256,
+        patch_size=16,
+        embed_dim=1152,
+        depth=27,
+        num_heads=16,
+        mlp_ratio=3.7362,
+        class_token=False,
+        global_pool="map",
+        act_layer="gelu_tanh",
+        num_classes=0,
+    ),
+    "vit_large_patch14_clip_336": dict(
+        img_size=336,
+        patch_size=14,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-5),
+    ),
+    "vit_base_patch32_clip_quickgelu_224": dict(
+        patch_size=32,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-5),
+        act_layer="quick_gelu",
+        num_classes=512,
+    ),
+    "vit_base_patch14_dinov2": dict(
+        img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5, num_classes=0
+    ),
+    "vit_giant_patch14_dinov2": dict(
+        img_size=518,
+        patch_size=14,
+        embed_dim=1536,
+        depth=40,
+        num_heads=24,
+        init_values=1e-5,
+        mlp_ratio=2.66667 * 2,
+        mlp_layer=SwiGLUPacked,
+        act_layer="silu",
+        num_classes=0,
+    ),
+    "aimv2_large_patch14_224": dict(
+        patch_size=14,
+        embed_dim=1024,
+        depth=24,
+        num_heads=8,
+        class_token=False,
+        fc_norm=False,
+        mlp_ratio=2.75,
+        global_pool="avg",
+        qkv_bias=False,
+        proj_bias=False,
+        act_layer="silu",
+        norm_layer=partial(RmsNorm, eps=1e-5),
+        embed_norm_layer=partial(RmsNorm, eps=1e-5),
+        mlp_layer=SwiGLU,
+        num_classes=0,
+    ),
     # fastvit's own: sized for the bundled 8x8 digits upsampled to 32x32 (the demo and train defaults).
     "vit_digits_patch4_32": dict(
         img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0
     ),
 }
-TIMM_PRESETS = [name for name in PRESETS if name != "vit_digits_patch4_32"]
+# Data config of a fresh preset (before weights bring their own): timm's for its ViTs (bicubic, crop 0.9,
+# mean/std 0.5: timm.models.vision_transformer's default cfg); the digits model sees its 8x8 images
+# upsampled bilinearly and never cropped.
+_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_OPENAI_CLIP = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+PRESET_DATA_CFGS: dict[str, dict] = {
+    "vit_digits_patch4_32": dict(interpolation="bilinear", crop_pct=1.0, crop_mode="squash"),
+    # the families' (timm's default pretrained cfgs of these names)
+    "vit_large_patch14_clip_336": dict(crop_pct=1.0, crop_mode="squash"),
+    "vit_base_patch32_clip_quickgelu_224": dict(_OPENAI_CLIP),
+    "vit_base_patch14_dinov2": dict(_IMAGENET, crop_pct=1.0),
+    "vit_giant_patch14_dinov2": dict(_IMAGENET, crop_pct=1.0),
+    "aimv2_large_patch14_224": dict(_OPENAI_CLIP, crop_pct=1.0),
+    "eva02_base_patch14_448": dict(_OPENAI_CLIP, crop_pct=1.0, crop_mode="squash"),
+    "vit_base_patch16_dinov3": dict(_IMAGENET, crop_pct=1.0),
+    "vit_base_patch16_rope_224": dict(_IMAGENET),
+}
+DATA_CFG_KEYS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "label_names")  # what travels with weights
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(PRESETS)
+def default_pretrained_cfg(in_chans: int = 3) -> dict:
+    """The ``pretrained_cfg`` of a model without weights of its own: timm's ViT defaults."""
+    return dict(
+        architecture=None,
+        tag=None,
+        interpolation="bicubic",
+        crop_pct=0.9,
+        crop_mode="center",
+        mean=(0.5,) * in_chans,
+        std=(0.5,) * in_chans,
+        label_names=None,
+        first_conv="patch_embed.proj",
+        classifier="head",
+    )
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Build a preset by timm's name; ``kwargs`` override any constructor argument (e.g. ``depth=2``).
+def check_pretrained_cfg(cfg, in_chans: int) -> dict:
+    """A checked copy of a data config for an ``in_chans``-channel model (``ValueError`` naming the bad key).
 
-    ``pretrained=True`` is not supported (no weight downloads): build the model, then load weights
-    with ``fastvit.load_weights(model, path_or_state_dict)`` or convert one with ``fastvit.from_timm``.
+    ``mean``/``std`` of one value apply to every channel; a 3-channel mean/std on a 1-channel model (RGB weights
+    adapted to grey images, as timm's ``adapt_input_conv``) is averaged over the channels.
     """
-    if name not in PRESETS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    from collections.abc import Mapping, Sequence
+
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"pretrained_cfg must be a dict, got {type(cfg).__name__}")
+    out = {**default_pretrained_cfg(in_chans), **cfg}
+    for key in ("mean", "std"):
+        values = out[key]
+        if isinstance(values, (int, float)) and not isinstance(values, bool):
+            values = (values,)
+        if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+            raise ValueError(f"pretrained_cfg[{key!r}] must be a sequence of numbers, got {values!r}")
+        values = tuple(float(v) for v in values)
+        if len(values) == 1:
+            values = values * in_chans
+        elif len(values) == 3 and in_chans == 1:
+            values = (sum(values) / 3,)
+        if len(values) != in_chans or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"pretrained_cfg[{key!r}] must hold {in_chans} finite numbers, got {out[key]!r}")
+        if key == "std" and not all(v > 0 for v in values):
+            raise ValueError(f"pretrained_cfg['std'] must be positive, got {out[key]!r}")
+        out[key] = values
+    crop_pct = out["crop_pct"]
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+        raise ValueError(f"pretrained_cfg['crop_pct'] must be in (0, 1], got {crop_pct!r}")
+    if out["interpolation"] not in INTERPOLATIONS:
+        raise ValueError(
+            f"pretrained_cfg['interpolation'] must be one of {INTERPOLATIONS}, got {out['interpolation']!r}"
+        )
+    if out["crop_mode"] not in CROP_MODES:
+        raise ValueError(f"pretrained_cfg['crop_mode'] must be one of {CROP_MODES}, got {out['crop_mode']!r}")
+    names = out.get("label_names")
+    if names is not None:
+        if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"pretrained_cfg['label_names'] must be a list of strings, got {names!r}")
+        out["label_names"] = list(names)
+    return out
+
+
+def list_models(
+    filter: str | list[str] = "", pretrained: bool = False, exclude_filters: str | list[str] = ""
+) -> list[str]:
+    """Names :func:`create_model` accepts, as timm's ``list_models``.
+
+    Args:
+        filter: shell-style pattern(s), e.g. ``'vit_s*'`` or ``['*patch16*', '*digits*']``.
+        pretrained: list timm's pretrained tags of fastvit's architectures instead
+            (``'vit_base_patch16_224.augreg_in21k'``): weights fastvit can load once timm has them
+            (fastvit downloads nothing: ``fastvit.from_timm(timm.create_model(name, pretrained=True))``).
+        exclude_filters: shell-style pattern(s) of names to leave out.
+    """
+    import fnmatch
+
+    from fastvit.eva import EVA_PRESETS
+
+    all_presets = {**PRESETS, **EVA_PRESETS}
+    if pretrained:
+        import timm
+
+        names = [n for n in timm.list_pretrained() if n.partition(".")[0] in all_presets]
+    else:
+        names = list(all_presets)
+    patterns = [filter] if isinstance(filter, str) else list(filter)
+    excluded = [exclude_filters] if isinstance(exclude_filters, str) else list(exclude_filters)
+    if any(p for p in patterns):
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns if p)]
+    names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in excluded if p)]
+    return sorted(names)
+
+
+def _tag_cfg(name: str) -> dict:
+    """timm's pretrained_cfg for ``architecture.tag`` (``ValueError`` when timm has no such tag)."""
+    from timm.models import get_pretrained_cfg
+
+    arch, _, tag = name.partition(".")
+    try:
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:  # timm's answer for an unknown tag or an architecture it does not have
+        cfg = None
+    if cfg is None:
+        known = [n.partition(".")[2] for n in list_models(f"{arch}.*", pretrained=True)]
+        raise ValueError(f"unknown pretrained tag {tag!r} for {arch}; timm knows: {', '.join(known) or 'none'}")
+    return cfg.to_dict()
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    pretrained_cfg_overlay: dict | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a preset by timm's name (a pretrained tag too: ``'vit_base_patch16_224.augreg_in21k'``).
+
+    Args:
+        name: a name from :func:`list_models`, optionally with one of timm's pretrained tags: the tag's data
+            config (mean/std, crop, interpolation) and class count become the model's defaults.
+        pretrained: not supported (fastvit downloads no weights): pass ``checkpoint_path`` or use
+            ``fastvit.from_timm(timm.create_model(name, pretrained=True))``.
+        checkpoint_path: weights to load (any format :func:`fastvit.load_weights` reads, a training run's
+            folder included); a fastvit checkpoint also brings its data config and class names.
+        pretrained_cfg_overlay: entries that replace the model's ``pretrained_cfg`` ones (as timm's).
+        kwargs: any constructor argument, e.g. ``num_classes=10`` or ``depth=2``.
+    """
+    from fastvit.eva import EVA_PRESETS, Eva
+
+    arch, _, tag = name.partition(".")
+    if arch not in PRESETS and arch not in EVA_PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(arch, [*PRESETS, *EVA_PRESETS], n=1)
+        hint = f" (closest: {close[0]!r})" if close else ""
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}{hint}")
     if pretrained:
         raise ValueError(
-            "pretrained=True is not supported: fastvit downloads no weights; load a checkpoint with "
-            "fastvit.load_weights(model, path) or convert a timm model with fastvit.from_timm(model)"
+            "pretrained=True is not supported: fastvit downloads no weights; pass checkpoint_path=, load a "
+            "checkpoint with fastvit.load_weights(model, path) or convert a timm model with fastvit.from_timm(model)"
         )
-    return VisionTransformer(**{**PRESETS[name], **kwargs})
+    cfg = {**PRESET_DATA_CFGS.get(arch, {}), "architecture": arch, "tag": tag or None}
+    defaults = {}
+    if tag:
+        tag_cfg = _tag_cfg(name)
+        cfg.update({key: tag_cfg[key] for key in DATA_CFG_KEYS if tag_cfg.get(key) is not None})
+        defaults["num_classes"] = tag_cfg.get("num_classes", 1000)
+        if tag_cfg.get("input_size"):
+            defaults["img_size"] = tuple(tag_cfg["input_size"][1:])
+    if arch in EVA_PRESETS:  # timm's Eva class (RoPE): fastvit.eva.Eva
+        model = Eva(**{**EVA_PRESETS[arch], **defaults, **kwargs})
+    else:
+        model = VisionTransformer(**{**PRESETS[arch], **defaults, **kwargs})
+    model.pretrained_cfg = {**model.pretrained_cfg, **cfg, **(pretrained_cfg_overlay or {})}
+    if checkpoint_path is not None:
+        from fastvit.convert import load_weights  # convert builds on this module
+
+        load_weights(model, checkpoint_path)
+    return model
 
 
 def _make_preset(name: str) -> Callable[..., VisionTransformer]:
@@ -500,6 +812,14 @@ vit_base_patch32_224 = _make_preset("vit_base_patch32_224")
 vit_large_patch16_224 = _make_preset("vit_large_patch16_224")
 vit_huge_patch14_224 = _make_preset("vit_huge_patch14_224")
 vit_digits_patch4_32 = _make_preset("vit_digits_patch4_32")
+vit_base_patch16_siglip_224 = _make_preset("vit_base_patch16_siglip_224")
+vit_so400m_patch14_siglip_384 = _make_preset("vit_so400m_patch14_siglip_384")
+vit_so400m_patch16_siglip_256 = _make_preset("vit_so400m_patch16_siglip_256")
+vit_large_patch14_clip_336 = _make_preset("vit_large_patch14_clip_336")
+vit_base_patch32_clip_quickgelu_224 = _make_preset("vit_base_patch32_clip_quickgelu_224")
+vit_base_patch14_dinov2 = _make_preset("vit_base_patch14_dinov2")
+vit_giant_patch14_dinov2 = _make_preset("vit_giant_patch14_dinov2")
+aimv2_large_patch14_224 = _make_preset("aimv2_large_patch14_224")
 
 
 def _take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
@@ -553,6 +873,110 @@ def _init_module(module: nn.Module, name: str, mode: str, head_bias: float) -> N
             nn.init.zeros_(module.bias)
 
 
+# timm's names (timm.layers.get_act_layer / get_norm_layer) of the layers fastvit builds.
+_ACT_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "silu": "silu", "swish": "silu"}
+_NORM_NAMES = {"layernorm": "layernorm", "rmsnorm": "rmsnorm"}
+_TIMM_ACTS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "Swish": "silu"}
+
+
+def _act_kind(module: nn.Module) -> str | None:
+    """'gelu' / 'gelu_tanh' / 'quick_gelu' / 'silu' for torch's, timm's and fastvit's activation modules of those
+    kinds (exact classes, no subclasses), None for anything else."""
+    if type(module) is nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if type(module) is nn.SiLU:
+        return "silu"
+    if type(module) is QuickGELU:
+        return "quick_gelu"
+    if type(module).__module__.startswith("timm."):
+        return _TIMM_ACTS.get(type(module).__name__)
+    return None
+
+
+def _probe(layer, name: str, *args) -> nn.Module:
+    """An instance of a layer given as a class or ``partial`` (or the instance itself), to read its settings."""
+    if isinstance(layer, nn.Module):
+        return layer
+    if not callable(layer):
+        raise TypeError(f"{name} must be a layer class, a partial of one, an instance or a name, got {layer!r}")
+    try:
+        module = layer(*args)
+    except TypeError as exc:
+        raise ValueError(f"{name}={layer!r} cannot be built as timm builds it ({exc})") from exc
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{name}={layer!r} builds a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def resolve_act_layer(act_layer=None) -> Callable[[], nn.Module]:
+    """The one rule for the MLP activation, applied by ``VisionTransformer(act_layer=...)``, ``from_timm`` and
+    ``optimize``: GELU (exact or tanh), QuickGELU (OpenAI CLIP) or SiLU (SwiGLU MLPs), given as timm takes it (a
+    class, a ``partial``, a name: 'gelu', 'gelu_tanh', 'quick_gelu', 'silu') or as the instance of a model being
+    converted. Anything else raises ``ValueError``.
+
+    Returns:
+        a factory of ``nn.GELU(approximate=...)``, ``fastvit.layers.QuickGELU`` or ``nn.SiLU`` (exact GELU for
+        ``None``, the default).
+    """
+    if act_layer is None:
+        return partial(nn.GELU, approximate="none")
+    if isinstance(act_layer, str):
+        kind, what = _ACT_NAMES.get(act_layer.lower()), repr(act_layer)
+    else:
+        module = _probe(act_layer, "act_layer")
+        kind, what = _act_kind(module), type(module).__name__
+    if kind is None:
+        raise ValueError(
+            f"act_layer {what} is not supported by fastvit: the MLP activation must be GELU (exact or tanh), "
+            "QuickGELU or SiLU (nn.GELU, nn.GELU(approximate='tanh'), 'gelu', 'gelu_tanh', 'quick_gelu', 'silu')"
+        )
+    if kind in ("gelu", "gelu_tanh"):
+        return partial(nn.GELU, approximate="tanh" if kind == "gelu_tanh" else "none")
+    return QuickGELU if kind == "quick_gelu" else nn.SiLU
+
+
+def act_layer_name(act_layer) -> str:
+    """timm's name of an activation fastvit builds ('gelu', 'gelu_tanh', 'quick_gelu', 'silu')."""
+    return _act_kind(resolve_act_layer(act_layer)())
+
+
+def resolve_norm_layer(norm_layer=None) -> Callable[..., nn.Module]:
+    """The one rule for the norm layers, applied by ``VisionTransformer(norm_layer=...)``, ``from_timm`` and
+    ``optimize``: an affine LayerNorm (with bias) or an affine RmsNorm over the last dimension, given as a class or
+    ``partial`` (its eps is read from an instance), timm's name ('layernorm', 'rmsnorm': eps 1e-6, as timm's), or an
+    instance.
+
+    Returns:
+        a factory of ``fastvit.layers.LayerNorm(dim, eps=...)`` or ``fastvit.layers.RmsNorm(dim, eps=...)`` (a
+        LayerNorm with eps 1e-6 for ``None``, the default).
+    """
+    if norm_layer is None:
+        return partial(LayerNorm, eps=1e-6)
+    if isinstance(norm_layer, str):
+        kind = _NORM_NAMES.get(norm_layer.lower().replace("_", ""))
+        if kind is None:
+            raise ValueError(
+                f"norm_layer {norm_layer!r} is not supported by fastvit (LayerNorm or RmsNorm: 'layernorm', 'rmsnorm')"
+            )
+        return partial(LayerNorm if kind == "layernorm" else RmsNorm, eps=1e-6)
+    module = _probe(norm_layer, "norm_layer", 8)
+    shape = tuple(getattr(module, "normalized_shape", ()))
+    if type(module).__name__ == "RmsNorm" and getattr(module, "weight", None) is not None and len(shape) == 1:
+        return partial(RmsNorm, eps=module.eps)
+    if isinstance(module, nn.LayerNorm) and len(shape) == 1 and module.weight is not None and module.bias is not None:
+        return partial(LayerNorm, eps=module.eps)
+    raise ValueError(
+        f"norm_layer {type(module).__name__} is not supported by fastvit (an affine LayerNorm with bias, or an "
+        "affine RmsNorm)"
+    )
+
+
+def norm_layer_spec(norm_layer) -> tuple[str, float]:
+    """('layernorm' | 'rmsnorm', eps) of a norm layer fastvit builds."""
+    factory = resolve_norm_layer(norm_layer)
+    return ("rmsnorm" if factory.func is RmsNorm else "layernorm"), factory.keywords["eps"]
+
+
 def _check_config(
     *,
     num_classes,
@@ -579,7 +1003,7 @@ def _check_config(
         raise ValueError(f"mlp_ratio must be a positive finite number, got {mlp_ratio!r}")  # NaN fails too
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(
-            f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r} (attention pooling 'map'/'prr' "
+            f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r} (patch-representation refinement 'prr' "
             "is not supported by fastvit)"
         )
     if global_pool == "token" and not class_token:
@@ -593,4 +1017,13 @@ def _check_config(
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
-__all__ = ["VisionTransformer", "ViT", "PRESETS", "create_model", "list_models", *PRESETS]
+__all__ = [
+    "VisionTransformer",
+    "ViT",
+    "PRESETS",
+    "create_model",
+    "list_models",
+    "resolve_act_layer",
+    "resolve_norm_layer",
+    *PRESETS,
+]

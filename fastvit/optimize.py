@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from fastvit import dispatch
-from fastvit.convert import timm_block_layers
+from fastvit.convert import mlp_ratio_for, timm_block_layers
 from fastvit.layers import Block, LayerNorm
 from fastvit.model import OPS_USED, VisionTransformer
 
@@ -26,8 +26,14 @@ def optimize(model: nn.Module, backend: str | None = "auto") -> nn.Module:
         model: a timm ``VisionTransformer`` (or a fastvit one: its backend is set, nothing else changes).
         backend: backend of the swapped modules ('auto' | 'triton' | 'cuda' | 'torch' | None = default).
     """
-    if isinstance(model, VisionTransformer):
+    from fastvit.eva import Eva
+
+    if isinstance(model, (VisionTransformer, Eva)):
         return model.set_backend(backend)
+    if type(model).__name__ == "Eva":
+        raise TypeError(
+            "optimize swaps blocks of timm's VisionTransformer; for timm's Eva use fastvit.from_timm(model)"
+        )
     if not (hasattr(model, "blocks") and hasattr(model, "patch_embed") and isinstance(model.blocks, nn.Sequential)):
         raise TypeError(f"optimize expects a timm VisionTransformer (or fastvit's), got {type(model).__name__}")
     if backend is not None:
@@ -75,7 +81,7 @@ def _fastvit_block(block: nn.Module, backend: str | None) -> Block:
     new = Block(
         dim=dim,
         num_heads=attn.num_heads,
-        mlp_ratio=mlp.fc1.out_features / dim,
+        mlp_ratio=mlp_ratio_for((mlp.fc1_g if hasattr(mlp, "fc1_g") else mlp.fc1).out_features, dim),
         qkv_bias=attn.qkv.bias is not None,
         proj_bias=attn.proj.bias is not None,
         proj_drop=attn.proj_drop.p,

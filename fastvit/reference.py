@@ -141,3 +141,105 @@ def ln_linear(
     if activation != "none":
         out = F.gelu(out, approximate="tanh" if activation == "gelu_tanh" else "none")
     return out if residual is None else residual + out
+
+
+# ------------------------------------------------------------------------------------------------
+# The modern families' parts (SigLIP, CLIP, DINOv2, EVA02, AIMv2, ...). The modules in ``fastvit.layers`` run them
+# in plain fast PyTorch; these are the readable definitions they are tested against.
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's activation: ``x * sigmoid(1.702 x)``."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dimension: ``x / sqrt(mean(x²) + eps) * weight``. x: [..., C], weight: [C] or None."""
+    out = x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return out if weight is None else out * weight
+
+
+def glu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act=F.silu, gate_last=False, norm=None):
+    """A gated MLP with one packed fc1 (timm's ``GluMlp``; ``SwiGLUPacked`` is ``act=silu, gate_last=False``).
+
+    x: [..., C]; fc1_weight: [2·Hid, C], its output split in two halves ``a, b`` of Hid; the hidden layer is
+    ``act(a) * b`` (``gate_last=False``) or ``a * act(b)``; ``norm``: an optional function on it; fc2_weight:
+    [C_out, Hid]. Returns [..., C_out].
+    """
+    first, second = F.linear(x, fc1_weight, fc1_bias).chunk(2, dim=-1)
+    hidden = first * act(second) if gate_last else act(first) * second
+    if norm is not None:
+        hidden = norm(hidden)
+    return F.linear(hidden, fc2_weight, fc2_bias)
+
+
+def swiglu_mlp(x, fc1_g_weight, fc1_g_bias, fc1_x_weight, fc1_x_bias, fc2_weight, fc2_bias, norm=None):
+    """SwiGLU with split fc1 (timm's ``SwiGLU``): ``fc2(norm(silu(x W_gᵀ + b_g) * (x W_xᵀ + b_x)))``.
+
+    x: [..., C]; fc1_g_weight, fc1_x_weight: [Hid, C]; ``norm``: optional function on the [..., Hid] hidden layer
+    (EVA02's sub-LN); fc2_weight: [C_out, Hid].
+    """
+    hidden = F.silu(F.linear(x, fc1_g_weight, fc1_g_bias)) * F.linear(x, fc1_x_weight, fc1_x_bias)
+    if norm is not None:
+        hidden = norm(hidden)
+    return F.linear(hidden, fc2_weight, fc2_bias)
+
+
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, N, H·D] -> [B, H, N, D]."""
+    batch, tokens, width = t.shape
+    return t.reshape(batch, tokens, num_heads, width // num_heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> [B, N, H·D]."""
+    batch, heads, tokens, head_dim = t.shape
+    return t.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def qk_norm_attention(qkv, num_heads, q_norm, k_norm, scale=None, rope=None, num_prefix_tokens=0, rotate_half=False):
+    """Self-attention on a packed qkv buffer with q and k normalised per head (qk-norm) and optionally rotated.
+
+    qkv: [B, N, 3·C] (timm's layout); ``q_norm``, ``k_norm``: functions on the [..., D] head vectors (timm's
+    ``attn.q_norm``/``attn.k_norm``: LayerNorm or RMSNorm over D), applied before attention; ``rope``: optional
+    [N - num_prefix_tokens, 2·D] sin/cos table (see :func:`apply_rope`), applied after the norms to every token but
+    the first ``num_prefix_tokens``. Returns [B, N, C].
+    """
+    q, k, v = (split_heads(part, num_heads) for part in qkv.chunk(3, dim=-1))
+    q, k = q_norm(q), k_norm(k)
+    if rope is not None:
+        q = apply_rope(q, rope, num_prefix_tokens, rotate_half)
+        k = apply_rope(k, rope, num_prefix_tokens, rotate_half)
+    return merge_heads(attention(q, k, v, scale=scale))
+
+
+def attention_pool(x, latent, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, num_heads, norm, mlp):
+    """timm's ``AttentionPoolLatent`` (SigLIP's ``global_pool='map'``): one learned query attends over the tokens.
+
+    x: [B, N, C]; latent: [1, 1, C]; q_weight: [C, C]; kv_weight: [2·C, C] (k rows, then v rows); proj_weight: [C, C].
+    ``norm`` and ``mlp`` are functions on [..., C]. Returns [B, C]:
+    ``y = proj(attention(q(latent), k(x), v(x)))`` then ``y + mlp(norm(y))``.
+    """
+    q = split_heads(F.linear(latent, q_weight, q_bias).expand(x.shape[0], -1, -1), num_heads)
+    k, v = (split_heads(part, num_heads) for part in F.linear(x, kv_weight, kv_bias).chunk(2, dim=-1))
+    y = F.linear(merge_heads(attention(q, k, v)), proj_weight, proj_bias)
+    return (y + mlp(norm(y)))[:, 0]
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int = 0, rotate_half: bool = False):
+    """Rotary position embedding of ``x`` [B, H, N, D] from a [N - T, 2·D] table ``rope = cat(sin, cos)``.
+
+    Each pair of channels is rotated by its angle: ``x·cos + rot(x)·sin``, where ``rot`` pairs channel i with its
+    partner, negating the first of each pair: *interleaved* pairs (2i, 2i+1) -> (-x[2i+1], x[2i]) (EVA02, timm's
+    default), or *rotate-half* pairs (i, i + D/2) -> (-x[i + D/2], x[i]) (DINOv3, ``rotate_half=True``). The first
+    ``num_prefix_tokens`` tokens (class / register) are left unrotated.
+    """
+    sin, cos = rope.chunk(2, dim=-1)
+    prefix, patches = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
+    if rotate_half:
+        first, second = patches.chunk(2, dim=-1)
+        rotated = torch.cat([-second, first], dim=-1)
+    else:
+        pairs = patches.unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return torch.cat([prefix, patches * cos + rotated * sin], dim=2)

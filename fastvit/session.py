@@ -93,11 +93,14 @@ class InferenceSession:
 
     @staticmethod
     def _default_input_shape(model: nn.Module) -> tuple[int, int, int]:
-        patch_embed = getattr(model, "patch_embed", None)
-        if patch_embed is None or not hasattr(patch_embed, "img_size"):
-            raise ValueError("pass input_shape=(C, H, W): the model has no patch_embed.img_size")
-        in_chans = getattr(model, "in_chans", None) or patch_embed.proj.in_channels
-        return (in_chans, *tuple(patch_embed.img_size))
+        # The model's data config (fastvit.data.resolve_data_config): its channels and patch_embed.img_size, or
+        # the input_size of its pretrained_cfg when it has no patch embedding to read them from.
+        from fastvit.data import resolve_data_config
+
+        has_size = hasattr(getattr(model, "patch_embed", None), "img_size")
+        if not has_size and "input_size" not in (getattr(model, "pretrained_cfg", None) or {}):
+            raise ValueError("pass input_shape=(C, H, W): the model has no patch_embed.img_size or data config")
+        return tuple(resolve_data_config(model)["input_size"])
 
     @property
     def captured_batch_sizes(self) -> list[int]:

@@ -29,74 +29,198 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import fastvit
 from fastvit import checkpoint as ckpt
+from fastvit import cli, convert
 from fastvit.data import DataBundle, build_data
-from fastvit.model import PRESETS, VisionTransformer
+from fastvit.model import PRESET_DATA_CFGS, PRESETS, VisionTransformer, default_pretrained_cfg
 
+PROG = "python -m fastvit train"
 DEFAULT_MODEL = "vit_digits_patch4_32"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+MODEL_EMA_DECAY = 0.9998  # timm's --model-ema-decay default
+MAX_IMG_SIZE = 8192  # 262k tokens at patch 16: beyond any GPU's memory for one image
+MAX_WORKERS = 256
+MAX_SYNTHETIC = 10**8
+
+# Numeric options and their valid ranges (NaN and +-inf are never valid); a value outside is a one-line error.
+TRAIN_NUMBERS = {
+    "img_size": cli.Range(1, MAX_IMG_SIZE),
+    "shift": cli.NON_NEGATIVE,
+    "workers": cli.Range(0, MAX_WORKERS),
+    "synthetic_size": cli.Range(1, MAX_SYNTHETIC),
+    "drop_path": cli.FRACTION,
+    "epochs": cli.AT_LEAST_ONE,
+    "batch_size": cli.AT_LEAST_ONE,
+    "grad_accum": cli.AT_LEAST_ONE,
+    "lr": cli.POSITIVE,
+    "min_lr": cli.NON_NEGATIVE,
+    "warmup_epochs": cli.NON_NEGATIVE,
+    "weight_decay": cli.NON_NEGATIVE,
+    "momentum": cli.FRACTION,
+    "layer_decay": cli.Range(0, 1, low_open=True),
+    "label_smoothing": cli.FRACTION,
+    "mixup": cli.NON_NEGATIVE,
+    "cutmix": cli.NON_NEGATIVE,
+    "clip_grad": cli.NON_NEGATIVE,
+    "ema": cli.Range(0, 1, low_open=True, high_open=True),
+    "seed": cli.SEED,
+    "max_steps": cli.AT_LEAST_ONE,
+    "stop_after": cli.AT_LEAST_ONE,
+}
+
+# --resume: options that define the run (its data, split, architecture, optimizer state layout) cannot change;
+# these belong to one invocation and are never taken from the resumed run; every other option is the run's own
+# unless given again (then a warning says what changed).
+FIXED_ON_RESUME = (
+    "model",
+    "data",
+    "classes",
+    "img_size",
+    "synthetic_size",
+    "seed",
+    "init",
+    "opt",
+    "layer_decay",
+    "freeze_backbone",
+    "batch_size",
+    "grad_accum",
+    "fsdp",
+)
+PER_INVOCATION = ("resume", "output", "overwrite", "stop_after", "max_steps", "quiet")
 
 
 # ------------------------------------------------------------------------------------------------
 # Arguments
 
 
+class _ModelEma(argparse.Action):
+    """timm's ``--model-ema`` flag: EMA on, with timm's default decay unless a decay was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, MODEL_EMA_DECAY)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``train`` command's options; the defaults train the digits model to ~98-99% in under a minute."""
+    """The ``train`` command's options (timm's spellings accepted as aliases where they mean the same); the
+    defaults train the digits model to ~98% in about a minute on 2 CPU cores."""
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--data", default="digits", help="'digits' (bundled, default), 'synthetic', or an ImageFolder dir"
+        "--data",
+        "--data-dir",
+        default="digits",
+        help="'digits' (bundled), 'synthetic' (random images, for throughput), or an ImageFolder directory "
+        "(DIR/train + DIR/val, or one folder split 80/20)",
     )
-    data.add_argument("--classes", default=None, help="digits subset, e.g. '0-4' (labels renumbered from 0)")
-    data.add_argument("--img-size", type=int, default=None, help="input size (default: the model preset's)")
-    data.add_argument("--shift", type=int, default=2, help="digits: random-translation augmentation in pixels")
-    data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    data.add_argument("--synthetic-size", type=int, default=1024, help="synthetic: images per epoch")
+    data.add_argument("--classes", default=None, help="digits subset, e.g. '0-4' or '1,3,5' (labels renumbered from 0)")
+    data.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help=f"input size in pixels, a multiple of the patch size, at most {MAX_IMG_SIZE} "
+        "(default: the model's; a different size resamples --init's position embedding)",
+    )
+    data.add_argument(
+        "--shift", type=int, default=2, help="digits: random-translation augmentation in pixels (0 = off)"
+    )
+    data.add_argument(
+        "-j", "--workers", type=int, default=0, help="DataLoader worker processes (0 = load in the main process)"
+    )
+    data.add_argument(
+        "--synthetic-size", type=int, default=1024, help=f"synthetic: images per epoch (at most {MAX_SYNTHETIC:,})"
+    )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name (default {DEFAULT_MODEL})")
     model.add_argument(
-        "--backend", default=None, help="fastvit backend: auto|triton|cuda|torch (default FASTVIT_BACKEND)"
+        "--model",
+        default=None,
+        help=f"preset name (fastvit.list_models()); default: --init's architecture, else {DEFAULT_MODEL}",
     )
-    model.add_argument("--drop-path", type=float, default=0.0, help="stochastic-depth rate")
+    model.add_argument(
+        "--backend",
+        default=None,
+        choices=list(fastvit.dispatch.BACKENDS),
+        help="fastvit backend (default: FASTVIT_BACKEND, else auto)",
+    )
+    model.add_argument("--drop-path", type=float, default=0.0, help="stochastic-depth rate, in [0, 1)")
     model.add_argument(
         "--init",
+        "--initial-checkpoint",
         default=None,
-        help="initial weights: fastvit checkpoint dir, .safetensors or .pth "
-        "(timm, torchvision or Hugging Face names); head and position embedding are adapted",
+        help="initial weights: a train --output folder, a checkpoint dir, .safetensors or .pth (timm, torchvision "
+        "or Hugging Face names); builds their architecture unless --model is given; a head of another size is "
+        "re-initialised, the position embedding resampled, RGB patch weights adapted to grey input",
     )
     model.add_argument("--freeze-backbone", action="store_true", help="train only the head (linear probe)")
-    model.add_argument("--grad-checkpointing", action="store_true")
+    model.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)"
+    )
     model.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=30)
-    optim.add_argument("--batch-size", type=int, default=64, help="per-process batch size")
-    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--opt", default="adamw", choices=["adamw", "sgd", "lamb"])
-    optim.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default tuned for digits)")
-    optim.add_argument("--min-lr", type=float, default=0.0)
-    optim.add_argument("--warmup-epochs", type=float, default=3.0)
+    optim.add_argument("--epochs", type=int, default=30, help="epochs of the schedule (warm-up + cosine)")
     optim.add_argument(
-        "--weight-decay", type=float, default=0.05, help="not applied to norms, biases, pos/cls embeddings"
+        "-b", "--batch-size", type=int, default=64, help="per-process batch size (global: x processes x --grad-accum)"
     )
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay, e.g. 0.75 for fine-tuning")
-    optim.add_argument("--label-smoothing", type=float, default=0.1)
+    optim.add_argument(
+        "--grad-accum", "--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer update"
+    )
+    optim.add_argument("--opt", default="adamw", choices=["adamw", "sgd", "lamb"], help="optimizer (timm's)")
+    optim.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, > 0 (the default suits digits)")
+    optim.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine, <= --lr")
+    optim.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=3.0,
+        help="linear warm-up from 1%% of --lr, in epochs (fractions allowed; 0 = none)",
+    )
+    optim.add_argument(
+        "--weight-decay", type=float, default=0.05, help="decoupled weight decay; not on norms, biases, pos/cls tokens"
+    )
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, in [0, 1)")
+    optim.add_argument(
+        "--layer-decay", type=float, default=None, help="layer-wise LR decay in (0, 1], e.g. 0.75 for fine-tuning"
+    )
+    optim.add_argument("--label-smoothing", "--smoothing", type=float, default=0.1, help="label smoothing, in [0, 1)")
     optim.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
     optim.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off)")
-    optim.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
+    optim.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     optim.add_argument(
-        "--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights, e.g. 0.999"
+        "--ema",
+        "--model-ema-decay",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights with this decay in (0, 1), e.g. 0.999",
+    )
+    optim.add_argument(
+        "--model-ema",
+        nargs=0,
+        action=_ModelEma,
+        dest="ema",
+        help=f"timm's spelling: --ema {MODEL_EMA_DECAY} (unless a decay is given)",
     )
     optim.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output", default="runs/train", help="checkpoint/, metrics.json, metrics.csv, curves.png")
-    run.add_argument("--resume", default=None, help="continue from a checkpoint (dir, or an output dir)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    run.add_argument(
+        "--output",
+        default="runs/train",
+        help="folder for checkpoint/, model_best.safetensors, args.yaml, metrics.json/.csv, curves.png "
+        "(with --resume: the resumed run's folder)",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --output (else that is an error)"
+    )
+    run.add_argument(
+        "--resume",
+        default=None,
+        help="continue a run (its --output folder or checkpoint dir) with its own options; options given again "
+        "replace them (with a warning), --epochs extends the schedule",
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and train/test split")
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)")
-    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer updates")
+    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer updates in all")
     run.add_argument(
         "--stop-after",
         type=int,
@@ -107,54 +231,158 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _architecture(args: argparse.Namespace) -> tuple[str, dict]:
+    """(name, constructor config) of the model a run starts from, when it can be known before loading weights:
+    the --model preset, or the default one when neither --model nor --init is given ({} when --init decides)."""
+    if args.model is not None:
+        return args.model, dict(PRESETS[args.model])
+    if args.init:
+        return "", {}
+    return DEFAULT_MODEL, dict(PRESETS[DEFAULT_MODEL])
+
+
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Reject bad arguments up front with a one-line message (``parser.error`` exits with code 2)."""
-    if args.model not in PRESETS:
+    cli.check_numbers(parser, args, TRAIN_NUMBERS)
+    if args.model is not None and args.model not in PRESETS:
+        from fastvit.eva import EVA_PRESETS
+
+        if args.model in EVA_PRESETS:
+            parser.error(
+                f"--model {args.model!r} is an Eva (RoPE) model, which the CLI does not train yet; "
+                f"from Python: fastvit.create_model({args.model!r})"
+            )
         parser.error(f"--model {args.model!r} is not a preset; choose one of: {', '.join(sorted(PRESETS))}")
-    for name in ("epochs", "batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.data not in ("digits", "synthetic") and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not 'digits', 'synthetic' or an existing directory")
-    patch = PRESETS[args.model].get("patch_size", 16)
-    img_size = args.img_size or PRESETS[args.model].get("img_size", 224)
-    if img_size % patch:
-        parser.error(f"--img-size {img_size} is not divisible by the patch size {patch} of {args.model}")
-    if args.data == "digits" and img_size < 8:
-        parser.error(f"--img-size must be >= 8 for digits, got {img_size}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
-        parser.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    name, config = _architecture(args)
+    if config:
+        patch = config.get("patch_size", 16)
+        img_size = args.img_size if args.img_size is not None else config.get("img_size", 224)
+        side = min(img_size) if isinstance(img_size, tuple) else img_size
+        if any(size % patch for size in (img_size if isinstance(img_size, tuple) else (img_size,))):
+            parser.error(f"--img-size {img_size} is not divisible by the patch size {patch} of {name}")
+        if args.data == "digits" and side < 8:
+            parser.error(f"--img-size must be >= 8 for digits, got {img_size}")
+        if args.data == "digits" and args.shift >= side:
+            parser.error(f"--shift must be smaller than the image ({side} px), got {args.shift}")
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine would raise the learning rate")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         parser.error(f"--mixup/--cutmix need an even --batch-size, got {args.batch_size}")
-    if args.ema is not None and not 0 < args.ema < 1:
-        parser.error(f"--ema must be in (0, 1), got {args.ema}")
-    if not 0 <= args.drop_path < 1:
-        parser.error(f"--drop-path must be in [0, 1), got {args.drop_path}")
-    if args.init and not os.path.exists(args.init):
+    if args.init and not args.resume and not os.path.exists(ckpt.with_crash_fallback(args.init)):
         parser.error(f"--init {args.init!r} does not exist")
-    if args.resume and not os.path.exists(args.resume):
+    cli.check_device(parser, args.device)
+    _check_output(args, parser)
+    if args.warmup_epochs >= args.epochs:
+        cli.warn(
+            PROG,
+            f"--warmup-epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate never reaches "
+            f"--lr (warm-up is cut to end one update before the run does)",
+        )
+
+
+def _check_output(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--output must be a folder we may write a run into: not a file, and not holding another run unless
+    --overwrite (a resumed run writes into its own folder)."""
+    output = os.path.abspath(args.output)
+    if os.path.exists(output) and not os.path.isdir(output):
+        parser.error(f"--output {args.output!r} is a file, not a folder")
+    resumed_from = _resumed_run_dir(args.resume) if args.resume else None
+    if args.overwrite and resumed_from == output:
+        parser.error("--overwrite would delete the run that --resume continues; leave out --overwrite")
+    if args.overwrite and args.init:
+        init = os.path.abspath(ckpt.with_crash_fallback(args.init))
+        if init == output or init.startswith(output + os.sep):
+            parser.error("--overwrite would delete the --init weights, which are in --output; choose another --output")
+    if resumed_from != output and not args.overwrite and ckpt.holds_run(output):
+        parser.error(
+            f"--output {args.output!r} already holds a training run: --resume {args.output} continues it, "
+            "--overwrite replaces it, or choose another --output"
+        )
+
+
+def _resumed_run_dir(resume: str) -> str | None:
+    try:
+        return ckpt.run_dir(ckpt.checkpoint_dir(resume))
+    except FileNotFoundError:
+        return None
+
+
+def _saved_run_args(resume: str) -> tuple[dict, dict]:
+    """(the resumed run's options, its checkpoint metadata): from the weights file's header, or from state.pt
+    for checkpoints written before the options were kept in the metadata."""
+    metadata = ckpt.read_metadata(resume)
+    saved = metadata.get("args")
+    if not isinstance(saved, dict):
+        saved = ckpt.load_checkpoint(resume)["state"].get("args", {})
+    return dict(saved), metadata
+
+
+def merge_resumed_args(
+    args: argparse.Namespace, given: set[str], parser: argparse.ArgumentParser
+) -> argparse.Namespace:
+    """--resume: the resumed run's options, replaced by those given now (a warning for each that changes; a
+    one-line error for one in :data:`FIXED_ON_RESUME`), in the resumed run's folder unless --output is given."""
+    if not os.path.exists(ckpt.with_crash_fallback(args.resume)):
         parser.error(f"--resume {args.resume!r} does not exist")
-    if args.backend is not None and args.backend not in fastvit.dispatch.BACKENDS:
-        parser.error(f"--backend must be one of {', '.join(fastvit.dispatch.BACKENDS)}, got {args.backend!r}")
-    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
-        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda was given but no CUDA device is available")
+    with cli.errors_exit(parser, prefix=f"--resume {args.resume!r}: "):
+        saved, metadata = _saved_run_args(args.resume)
+    defaults = vars(parser.parse_args([]))
+    merged = argparse.Namespace(**{**defaults, **{k: v for k, v in saved.items() if k in defaults}})
+    config = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
+    if saved.get("img_size") is None and "img_size" in config:  # runs saved before the effective size was kept
+        merged.img_size = config["img_size"][0] if isinstance(config["img_size"], list) else config["img_size"]
+    if isinstance(merged.img_size, list):  # (H, W) in JSON
+        merged.img_size = tuple(merged.img_size)
+    if saved.get("model") is None and isinstance(metadata.get("model"), str):
+        merged.model = metadata["model"] or None
+    for key in sorted(given - set(PER_INVOCATION)):
+        new, old = getattr(args, key), getattr(merged, key, None)
+        if new == old or (key in ("data", "init") and _same_path(new, old)):
+            continue
+        if key in FIXED_ON_RESUME:
+            parser.error(
+                f"--resume: --{key.replace('_', '-')} {new} differs from the resumed run's {old}; it cannot change "
+                "within a run (start a new one, e.g. with --init from this one)"
+            )
+        cli.warn(PROG, f"--resume: --{key.replace('_', '-')} {new} replaces the resumed run's {old}")
+        setattr(merged, key, new)
+    for key in PER_INVOCATION:
+        setattr(merged, key, getattr(args, key))
+    if "output" not in given:
+        merged.output = _resumed_run_dir(args.resume) or saved.get("output", args.output)
+    return merged
+
+
+def _same_path(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def prepare_args(args: argparse.Namespace, given: set[str], parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Final options: --resume's merged in, then every check (one-line errors)."""
+    if args.resume:
+        args = merge_resumed_args(args, given, parser)
+    check_args(args, parser)
+    return args
+
+
+def make_parser(prog: str = PROG) -> cli.Parser:
+    parser = cli.Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_train_arguments(parser)
+    return parser
 
 
 def default_args(**overrides) -> argparse.Namespace:
-    """The ``train`` defaults as a Namespace, with ``overrides`` (for programmatic runs: demo, transfer)."""
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
+    """The ``train`` options as a Namespace: the defaults with ``overrides`` (for programmatic runs: demo,
+    transfer), checked and, with ``resume=``, merged with the resumed run's as on the command line."""
+    parser = make_parser()
     args = parser.parse_args([])
     for key, value in overrides.items():
         if not hasattr(args, key):
             raise TypeError(f"unknown training option {key!r}")
         setattr(args, key, value)
-    check_args(args, parser)
-    return args
+    return prepare_args(args, set(overrides), parser)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,10 +427,45 @@ def setup_distributed(device: str | None) -> Distributed:
 # Model
 
 
-def model_config(args: argparse.Namespace, data: DataBundle) -> dict:
-    """Constructor arguments: the preset, adapted to the data (classes, channels, size) and the options."""
+@dataclasses.dataclass
+class StartingPoint:
+    """What a run builds its model from: an architecture, its data config, and initial weights (if any)."""
+
+    name: str  # preset name ("" for an architecture read off --init weights that no preset names)
+    config: dict  # VisionTransformer arguments before adapting to the data
+    data_config: dict  # pretrained_cfg entries of those weights (ImageFolder preprocessing follows them)
+    init_state: dict | None = None  # --init weights (timm names)
+
+
+def starting_point(args: argparse.Namespace, resumed: dict | None) -> StartingPoint:
+    """The architecture: the resumed checkpoint's; the --model preset; --init's own (recorded in a fastvit
+    checkpoint, else inferred from the weights); or the default preset."""
+    if resumed is not None:
+        metadata = resumed["metadata"]
+        config = convert.config_from_json(metadata.get("config") or {})
+        return StartingPoint(metadata.get("model") or "", config, convert.metadata_data_cfg(metadata))
+    init_state, metadata = convert.load_any_weights(args.init) if args.init else (None, {})
+    if args.model is not None or not args.init:
+        name = args.model or DEFAULT_MODEL
+        config = dict(PRESETS[name])
+        data_config = {**default_pretrained_cfg(config.get("in_chans", 3)), **PRESET_DATA_CFGS.get(name, {})}
+        if args.init:
+            data_config.update(convert.metadata_data_cfg(metadata))
+        return StartingPoint(name, config, data_config, init_state)
+    if isinstance(metadata.get("config"), dict):
+        config = convert.config_from_json(metadata["config"])
+    else:
+        config = convert.infer_config(init_state)
+    name = metadata.get("model") if isinstance(metadata.get("model"), str) else ""  # "": no preset of that name
+    data_config = {**default_pretrained_cfg(config.get("in_chans", 3)), **convert.metadata_data_cfg(metadata)}
+    return StartingPoint(name, config, data_config, init_state)
+
+
+def model_config(start: StartingPoint, args: argparse.Namespace, data: DataBundle) -> dict:
+    """Constructor arguments: the starting architecture, adapted to the data (classes, channels, size) and options."""
+    config = {k: v for k, v in start.config.items() if k not in ("backend", "weight_init")}
     return {
-        **PRESETS[args.model],
+        **config,
         "img_size": data.img_size,
         "in_chans": data.in_chans,
         "num_classes": data.num_classes,
@@ -210,20 +473,18 @@ def model_config(args: argparse.Namespace, data: DataBundle) -> dict:
     }
 
 
-def _json_safe(config: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not callable(v)}
-
-
-def load_init_weights(model: VisionTransformer, path: str) -> list[str]:
+def load_init_weights(model: VisionTransformer, source, name: str = "--init") -> list[str]:
     """Initialise from a checkpoint for fine-tuning; returns what had to be adapted.
 
     The classifier is kept when its shape matches the new task, else re-initialised
     (``reset_classifier``); the position embedding is resampled to the new grid; patch-embedding
     weights for a different number of input channels are adapted as timm does (``adapt_input_conv``).
-    """
-    from fastvit import convert
 
-    state = convert.load_any_weights(path)[0]
+    Args:
+        source: a path (any format ``fastvit.load_weights`` reads) or a timm-named state dict.
+        name: how errors name the source.
+    """
+    state = dict(source) if isinstance(source, dict) else convert.load_any_weights(source)[0]
     notes = []
     expected = model.state_dict()
     head_keys = [k for k in ("head.weight", "head.bias") if k in state]
@@ -242,7 +503,12 @@ def load_init_weights(model: VisionTransformer, path: str) -> list[str]:
         notes.append(f"patch embedding adapted from {proj.shape[1]} to {model.in_chans} input channels")
     if "pos_embed" in state and model.pos_embed is not None and state["pos_embed"].shape != model.pos_embed.shape:
         notes.append(f"position embedding resampled to the {model.patch_embed.grid_size} grid")
-    convert.load_weights(model, state)
+    try:
+        convert.load_weights(model, state)
+    except convert.CheckpointMismatchError as exc:
+        raise ValueError(
+            f"{name} does not fit the model ({exc}); leave out --model to build the checkpoint's own architecture"
+        ) from exc
     return notes
 
 
@@ -367,25 +633,28 @@ def _load_full_state_dicts(model: nn.Module, optimizer, model_state, optim_state
 
 
 def write_metrics(output: str, history: list[dict]) -> None:
-    """metrics.json, metrics.csv and curves.png in ``output``."""
+    """metrics.json, metrics.csv and curves.png in ``output`` (the plot is skipped, with a note, without matplotlib)."""
     with open(os.path.join(output, "metrics.json"), "w") as f:
         json.dump(history, f, indent=2)
     with open(os.path.join(output, "metrics.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    plot_history(history, os.path.join(output, "curves.png"))
+    try:
+        plot_history(history, os.path.join(output, "curves.png"))
+    except ImportError:
+        print("curves.png skipped: matplotlib is not installed (pip install 'fastvit[demo]')")
 
 
 def plot_history(history: list[dict], path: str, title: str = "") -> None:
-    """PNG with the loss curves and the test accuracy per epoch."""
+    """PNG with the loss curves, the test accuracy and the learning rate per epoch (needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(14, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax_loss.plot(epochs, [h["test_loss"] for h in history], label="test")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
@@ -393,6 +662,10 @@ def plot_history(history: list[dict], path: str, title: str = "") -> None:
     ax_acc.plot(epochs, [100 * h["test_top1"] for h in history], color="C2", label="top-1")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy", ylim=(0, 100))
     ax_acc.grid(alpha=0.3)
+    ax_lr.plot(epochs, [h["lr"] for h in history], color="C3")
+    ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax_lr.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -447,28 +720,68 @@ class TrainResult:
     seconds: float
 
 
-def run(args: argparse.Namespace) -> TrainResult:
-    """Train as ``args`` says; returns the model and per-epoch metrics (see ``add_train_arguments``)."""
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-    from timm.utils import ModelEmaV3
-    from tqdm.auto import tqdm
+def _check_finite(model: nn.Module, env: Distributed, epoch: int, lr: float) -> None:
+    """``ValueError`` on every rank when any rank's weights hold NaN/Inf (the run diverged): stop before saving."""
+    bad = any(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in model.parameters())
+    flag = torch.tensor([float(bad)], device=env.device)
+    if env.enabled:
+        dist.all_reduce(flag)
+    if flag.item():
+        raise ValueError(
+            f"training diverged in epoch {epoch}: the weights hold NaN/Inf (learning rate {lr:.3g}); lower --lr or "
+            "--weight-decay, or keep --clip-grad on (the last checkpoint is the previous epoch's)"
+        )
 
+
+def run(args: argparse.Namespace) -> TrainResult:
+    """Train as ``args`` says (see ``add_train_arguments``; use :func:`default_args` to build them); returns the
+    model and per-epoch metrics."""
     env = setup_distributed(args.device)
     if args.fsdp and not env.enabled:
         raise ValueError("--fsdp shards across processes: launch with torchrun --nproc-per-node N")
     if args.fsdp and args.ema:
         raise ValueError("--ema is not supported with --fsdp (the EMA copy would hold unsharded weights)")
+    output = args.output
+    with contextlib.ExitStack() as stack:
+        if env.is_main:
+            os.makedirs(output, exist_ok=True)
+            stack.enter_context(ckpt.OutputLock(output))  # one run per folder, held until the run ends
+            if args.overwrite:
+                ckpt.remove_run(output)
+        return _train(args, env, output)
+
+
+def _train(args: argparse.Namespace, env: Distributed, output: str) -> TrainResult:
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.utils import ModelEmaV3
+    from tqdm.auto import tqdm
+
     amp_dtype = AMP_DTYPES[args.amp]
-    img_size = args.img_size or PRESETS[args.model].get("img_size", 224)
+    resumed = ckpt.load_checkpoint(args.resume) if args.resume else None
+    start = starting_point(args, resumed)
+    img_size = args.img_size if args.img_size is not None else start.config.get("img_size", 224)
     data = build_data(
-        args.data, img_size, args.classes, seed=args.seed, shift=args.shift, synthetic_size=args.synthetic_size
+        args.data,
+        img_size,
+        args.classes,
+        seed=args.seed,
+        shift=args.shift,
+        synthetic_size=args.synthetic_size,
+        # ImageFolder images are preprocessed as the starting weights expect; the digits bring their own statistics.
+        data_config=None if args.data == "digits" else start.data_config,
     )
-    config = model_config(args, data)
+    config = model_config(start, args, data)
 
     seed_everything(args.seed)  # identical initial weights on every rank
     model = VisionTransformer(**config, backend=args.backend)
-    notes = load_init_weights(model, args.init) if args.init else []
+    notes = load_init_weights(model, start.init_state, f"--init {args.init}") if start.init_state else []
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        **{k: v for k, v in data.data_config.items() if k != "input_size"},
+        "architecture": args.model or start.name or None,
+        "label_names": list(data.classes),
+    }
     if args.freeze_backbone:
         freeze_backbone(model)
     model.set_grad_checkpointing(args.grad_checkpointing)
@@ -503,14 +816,18 @@ def run(args: argparse.Namespace) -> TrainResult:
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
 
     start_epoch, num_updates, history = 0, 0, []
-    if args.resume:
-        loaded = ckpt.load_checkpoint(args.resume)
-        state = loaded["state"]
-        _load_full_state_dicts(raw_model, optimizer, loaded["model"], state["optimizer"], args.fsdp)
-        scheduler.load_state_dict(state["scheduler"])
+    if resumed is not None:
+        state = resumed["state"]
+        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        _load_full_state_dicts(raw_model, optimizer, resumed["model"], state["optimizer"], args.fsdp)
+        # The optimizer's state (moments) continues; its settings are this run's (a changed --weight-decay or
+        # --lr applies), and the schedule is rebuilt from --epochs/--warmup-epochs/--lr, not restored: the
+        # timm scheduler is a function of the update count, so an extended --epochs really trains.
+        for group, settings in zip(optimizer.param_groups, hyperparameters):
+            group.update(settings)
         scaler.load_state_dict(state["scaler"])
-        if ema is not None and loaded["ema"] is not None:
-            ema.module.load_state_dict(loaded["ema"])
+        if ema is not None:
+            ema.module.load_state_dict(resumed["ema"] if resumed["ema"] is not None else raw_model.state_dict())
         start_epoch, num_updates, history = state["epoch"], state["num_updates"], list(state["history"])
         if len(state["rng"]) == env.world_size:
             ckpt.set_rng_state(state["rng"][env.rank])
@@ -523,24 +840,31 @@ def run(args: argparse.Namespace) -> TrainResult:
     else:
         seed_everything(args.seed + env.rank)  # different augmentation streams per rank
 
-    output = args.output
+    run_info = dict(model=args.model or start.name or None, img_size=img_size)
     if env.is_main:
-        os.makedirs(output, exist_ok=True)
+        _write_args_yaml(output, args, run_info)
         trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in raw_model.parameters())
+        size = f"{img_size}px" if isinstance(img_size, int) else "x".join(map(str, img_size)) + "px"
+        arch = run_info["model"] or f"the architecture of {args.init or args.resume}"
         print(
-            f"fastvit train: {args.model} on {data.name} ({len(data.train)} train / {len(data.test)} test, "
-            f"{data.num_classes} classes, {img_size}px), {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
+            f"fastvit train: {arch} on {data.name} ({len(data.train)} train / {len(data.test)} test, "
+            f"{data.num_classes} classes, {size}), {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable), "
             f"{env.world_size} process(es) on {env.device.type}, global batch "
             f"{args.batch_size * env.world_size * args.grad_accum}, ops: "
             + ", ".join(f"{k}={v}" for k, v in raw_model.backend_plan(env.device).items())
         )
         for note in notes:
             print(f"init from {args.init}: {note}")
+        if resumed is not None:
+            print(f"resumed from {resumed['dir']} after epoch {start_epoch} ({num_updates} updates)")
 
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
+    if env.is_main and start_epoch >= last_epoch:
+        print(f"nothing to train: the run has done {start_epoch} of its {args.epochs} epochs")
+    show_top5 = data.num_classes > 5  # with 5 classes or fewer top-5 is always 100%
     bar = tqdm(
-        total=(last_epoch - start_epoch) * len(train_loader),
+        total=max(last_epoch - start_epoch, 0) * len(train_loader),
         disable=args.quiet or not env.is_main,
         unit="batch",
         dynamic_ncols=True,
@@ -572,7 +896,7 @@ def run(args: argparse.Namespace) -> TrainResult:
             loss_sum += loss.detach().double() * len(x)
             seen += len(x)
             if is_update:
-                if args.clip_grad:
+                if args.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
                 scaler.step(optimizer)
@@ -599,6 +923,7 @@ def run(args: argparse.Namespace) -> TrainResult:
             counts = torch.tensor([loss_sum.item(), float(seen)], dtype=torch.float64, device=env.device)
             dist.all_reduce(counts)
             loss_sum, seen = counts[0], int(counts[1].item())
+        _check_finite(raw_model, env, epoch + 1, optimizer.param_groups[0]["lr"])
         test_loss, top1, top5 = evaluate(train_model, test_loader, env.device, amp_dtype, env)
         row = dict(
             epoch=epoch + 1,
@@ -617,9 +942,10 @@ def run(args: argparse.Namespace) -> TrainResult:
         history.append(row)
         _save(args, env, raw_model, optimizer, scheduler, scaler, ema, epoch + 1, num_updates, history, config, data)
         if env.is_main:
+            top5_text = f", top-5 {100 * top5:.2f}%" if show_top5 else ""
             bar.write(
                 f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f}, test loss {test_loss:.4f}, "
-                f"top-1 {100 * top1:.2f}%, top-5 {100 * top5:.2f}%, {row['img_per_s']:.0f} img/s"
+                f"top-1 {100 * top1:.2f}%{top5_text}, {row['img_per_s']:.0f} img/s"
             )
         if stop:
             break
@@ -630,11 +956,30 @@ def run(args: argparse.Namespace) -> TrainResult:
     return TrainResult(model=raw_model, history=history, config=config, data=data, output=output, seconds=seconds)
 
 
+def _saved_args(args: argparse.Namespace, run_info: dict) -> dict:
+    """The options to keep with the run (what --resume restores), with the model and image size it really used."""
+    return {**vars(args), **run_info}
+
+
+def _write_args_yaml(output: str, args: argparse.Namespace, run_info: dict) -> None:
+    """args.yaml, as timm's train.py writes it: every option of the run."""
+    import yaml
+
+    with open(os.path.join(output, "args.yaml"), "w") as f:
+        yaml.safe_dump(_saved_args(args, run_info), f, default_flow_style=False)
+
+
+BEST_FILE = "model_best.safetensors"
+
+
 def _save(args, env, model, optimizer, scheduler, scaler, ema, epoch, num_updates, history, config, data) -> None:
+    """The checkpoint after an epoch, and ``model_best.safetensors`` when the test top-1 improved (the EMA's
+    when training with --ema, as timm's train.py: those weights and that metric)."""
     model_state, optim_state = _full_state_dicts(model, optimizer, args.fsdp)  # collective under FSDP
     rng = _gather_rng(env)  # collective when distributed
     if not env.is_main:
         return
+    run_info = dict(model=model.pretrained_cfg["architecture"], img_size=data.img_size)
     state = dict(
         epoch=epoch,
         num_updates=num_updates,
@@ -643,41 +988,37 @@ def _save(args, env, model, optimizer, scheduler, scaler, ema, epoch, num_update
         scaler=scaler.state_dict(),
         rng=rng,
         history=history,
-        args=vars(args),
+        args=_saved_args(args, run_info),
     )
+    cfg = model.pretrained_cfg
     metadata = dict(
-        config=_json_safe(config),
-        classes=data.classes,
-        mean=data.mean,
-        std=data.std,
+        config=convert.config_to_json(config),
+        pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        data=data.provenance,
+        args=_saved_args(args, run_info),
         fastvit=fastvit.__version__,
-        model=args.model,
+        model=run_info["model"],
     )
-    ckpt.save_checkpoint(
-        os.path.join(args.output, "checkpoint"),
-        model_state,
-        state,
-        metadata,
-        ema_state=ema.module.state_dict() if ema is not None else None,
-    )
+    ema_state = ema.module.state_dict() if ema is not None else None
+    ckpt.save_checkpoint(os.path.join(args.output, "checkpoint"), model_state, state, metadata, ema_state=ema_state)
+    metric = "ema_test_top1" if ema is not None else "test_top1"
+    if history[-1][metric] > max((h[metric] for h in history[:-1]), default=-1.0):
+        best = dict(epoch=epoch, metric=metric, value=history[-1][metric])
+        weights = ema_state if ema is not None else model_state
+        ckpt.save_weights(os.path.join(args.output, BEST_FILE), weights, {**metadata, "best": best})
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m fastvit train") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    add_train_arguments(parser)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    parser = make_parser(prog)
     args = parser.parse_args(argv)
-    check_args(args, parser)
-    try:
+    args = prepare_args(args, cli.given_options(parser, argv), parser)
+    with cli.errors_exit(parser):
         result = run(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # bad data, checkpoint or option combination
-        if os.environ.get("FASTVIT_DEBUG") == "1":
-            raise
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     if result.history and (not dist.is_initialized() or dist.get_rank() == 0):
         last = result.history[-1]
         print(
             f"done in {result.seconds:.1f} s: test top-1 {100 * last['test_top1']:.2f}%; "
-            f"checkpoint {os.path.join(args.output, 'checkpoint')}, metrics in {args.output}"
+            f"checkpoint {os.path.join(result.output, 'checkpoint')}, metrics in {result.output}"
         )
     if dist.is_initialized():
         dist.destroy_process_group()

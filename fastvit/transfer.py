@@ -11,23 +11,25 @@ the table at the end compares their test accuracy on 5–9.
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from fastvit import train
+from fastvit import cli, train
+
+
+def make_parser() -> cli.Parser:
+    parser = cli.Parser(prog="python -m fastvit transfer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="runs/transfer", help="folder of the four runs (replaced on each run)")
+    parser.add_argument("--pretrain-epochs", type=int, default=60, help="epochs of the pre-training on 0-4")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of each transfer run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (weights, data order, split)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
 
 
 def transfer_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvit transfer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="runs/transfer")
-    parser.add_argument("--pretrain-epochs", type=int, default=60)
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of each transfer run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    if args.pretrain_epochs < 1 or args.epochs < 1:
-        parser.error("--pretrain-epochs and --epochs must be >= 1")
-    common = dict(seed=args.seed, quiet=args.quiet)
+    parser = make_parser()
+    args = cli.parse(parser, argv, {"pretrain_epochs": cli.AT_LEAST_ONE, "epochs": cli.AT_LEAST_ONE, "seed": cli.SEED})
+    common = dict(seed=args.seed, quiet=args.quiet, overwrite=True)  # the folder holds the last transfer
     pretrain_dir = os.path.join(args.output, "pretrain_0-4")
     runs = [
         ("pre-train on 0-4", "-", dict(classes="0-4", epochs=args.pretrain_epochs, output=pretrain_dir)),
@@ -66,7 +68,8 @@ def transfer_main(argv: list[str] | None = None) -> int:
     rows = []
     for name, init, options in runs:
         print(f"\n== {name} ==")
-        result = train.run(train.default_args(**common, **options))
+        with cli.errors_exit(parser):
+            result = train.run(train.default_args(**common, **options))
         trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
         best = max(h["test_top1"] for h in result.history)
         rows.append(

@@ -21,6 +21,15 @@ def _seed():
 
 
 @pytest.fixture
+def no_tf32():
+    """fp32 matmuls in full precision for the test (GPU comparisons against the fp32 reference)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
 def pretend_gpu(monkeypatch):
     """Every fused backend counts as usable on CUDA tensors, so dispatch's selection for CUDA call signatures can
     be checked on a machine without a GPU (no kernel runs: only call signatures are asked about)."""

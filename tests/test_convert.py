@@ -42,10 +42,11 @@ def test_from_timm_reads_eps_and_image_size():
 
 
 def test_from_timm_rejects_unsupported_features():
-    with pytest.raises(ValueError, match="qk-norm"):
-        fastvit.from_timm(TimmViT(**TINY, qk_norm=True))
-    with pytest.raises(ValueError, match="attention pooling"):
-        fastvit.from_timm(TimmViT(**TINY, global_pool="map"))
+    # qk-norm and attention pooling load now (tests/test_families.py); these knobs are refused by name.
+    with pytest.raises(ValueError, match="scale_attn_norm"):
+        fastvit.from_timm(TimmViT(**TINY, scale_attn_norm=True))
+    with pytest.raises(ValueError, match="AttentionPoolPrr"):
+        fastvit.from_timm(TimmViT(**TINY, global_pool="prr"))
 
 
 def test_infer_config_needs_num_heads_for_unusual_widths():
@@ -203,7 +204,7 @@ def test_corrupted_or_foreign_files_raise_clear_errors(tmp_path):
     save_file(model.state_dict(), str(good))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: os.path.getsize(good) // 2])
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match="truncated or corrupted"):
         fastvit.load_weights(model, truncated)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
@@ -215,3 +216,52 @@ def test_corrupted_or_foreign_files_raise_clear_errors(tmp_path):
         fastvit.load_weights(model, {"fc.weight": torch.zeros(2, 2)})
     with pytest.raises(TypeError, match="expected a state dict"):
         fastvit.load_weights(model, [1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------------------
+# The data config comes along (issue 21: timm.data.resolve_model_data_config on a converted model)
+
+DATA_KEYS = ("interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+def test_from_timm_carries_the_data_config():
+    timm_model = timm.create_model(
+        "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+        pretrained=False,
+        depth=1,
+        img_size=32,
+        patch_size=8,
+        num_classes=5,
+        pretrained_cfg_overlay=dict(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), crop_pct=0.95),
+    )
+    ours = fastvit.from_timm(timm_model)
+    theirs = timm.data.resolve_model_data_config(timm_model)
+    resolved = timm.data.resolve_model_data_config(ours)
+    assert {k: resolved[k] for k in DATA_KEYS} == {k: theirs[k] for k in DATA_KEYS}
+    assert resolved["mean"] == (0.1, 0.2, 0.3) and resolved["crop_pct"] == 0.95
+    assert resolved["input_size"] == (3, 32, 32)  # the model's own size (timm's cfg still says 224)
+    assert ours.pretrained_cfg["tag"] == "augreg_in21k_ft_in1k"
+
+
+def test_from_hf_and_torchvision_carry_their_preprocessing():
+    hf = fastvit.from_hf(_hf_vit()).pretrained_cfg
+    assert hf["mean"] == hf["std"] == (0.5, 0.5, 0.5) and hf["crop_mode"] == "squash" and hf["crop_pct"] == 1.0
+    assert hf["label_names"] == [f"LABEL_{i}" for i in range(5)]  # the classifier's id2label
+    tv = fastvit.from_torchvision(_torchvision_vit()).pretrained_cfg
+    from fastvit.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    assert tv["mean"] == IMAGENET_DEFAULT_MEAN and tv["std"] == IMAGENET_DEFAULT_STD
+    assert tv["crop_pct"] == 224 / 256 and tv["interpolation"] == "bilinear"
+
+
+def test_weights_files_of_torchvision_and_hf_bring_their_preprocessing(tmp_path):
+    # A bare weights file has no data config; its format says whose preprocessing the weights expect.
+    ours = fastvit.ViT(**TINY)
+    for name, state, expected in (
+        ("tv.pth", convert.timm_to_torchvision(ours.state_dict()), convert.TORCHVISION_DATA_CFG),
+        ("hf.pth", convert.timm_to_hf(ours.state_dict()), convert.HF_DATA_CFG),
+        ("timm.pth", ours.state_dict(), {k: ours.pretrained_cfg[k] for k in DATA_KEYS}),
+    ):
+        torch.save(state, tmp_path / name)
+        loaded = fastvit.load_run(tmp_path / name, num_heads=3).pretrained_cfg
+        assert {k: loaded[k] for k in DATA_KEYS} == {k: expected[k] for k in DATA_KEYS}, name

@@ -56,3 +56,28 @@ def test_info_command_reports_backends():
     result = subprocess.run([sys.executable, "-m", "fastvit", "info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "torch   yes" in result.stdout and "triton" in result.stdout and "cuda" in result.stdout
+
+
+def _rows(reference_infer: float, reference_train: float) -> list[dict]:
+    timm_row = dict(name="timm eager", infer_img_s=1000.0, train_img_s=400.0)
+    reference = dict(
+        name="fastvit reference", infer_img_s=1000.0 * reference_infer, train_img_s=400.0 * reference_train
+    )
+    return [timm_row, reference, dict(name="fastvit auto", infer_img_s=990.0, train_img_s=401.0)]
+
+
+@pytest.mark.parametrize(
+    "ratios, expected",
+    [
+        ((1.07, 1.23), "the fastvit reference is 1.07x as fast as timm eager at inference and 1.23x as fast as it"),
+        ((0.8, 0.5), "the fastvit reference is slower than (0.80x) timm eager at inference and slower than (0.50x) it"),
+        ((1.01, 0.97), "is about as fast as (1.01x) timm eager at inference and about as fast as (0.97x) it"),
+    ],
+)
+def test_demo_closing_text_follows_the_measured_numbers(ratios, expected):
+    from fastvit.demo import closing_text
+
+    text = " ".join(closing_text(_rows(*ratios), torch.device("cpu")))
+    assert expected in text
+    assert "'fastvit auto' runs the same PyTorch reference code as 'fastvit reference'" in text
+    assert "No GPU here" not in " ".join(closing_text(_rows(*ratios), torch.device("cuda")))

@@ -299,14 +299,6 @@ def test_attention_forward_residual_equals_residual_plus_attention():
 # GPU: the CUDA path (cuBLASLt BIAS epilogue with C = residual, BGRADB backward)
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("bias", [True, False])

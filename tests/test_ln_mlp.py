@@ -301,14 +301,6 @@ def _gpu_case(lead, width, hidden, dtype, approximate, residual=True, biases=Tru
     check_against_reference(sample, approximate, residual, floor_rel=floor, label=f"cuda {width}->{hidden}")
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("approximate", ["none", "tanh"])

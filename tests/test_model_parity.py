@@ -69,7 +69,7 @@ def test_preset_matches_timm(name):
 
 
 def test_presets_are_the_documented_architectures():
-    assert fastvit.list_models() == sorted(PRESET_NAMES + ["vit_digits_patch4_32"])
+    assert set(PRESET_NAMES + ["vit_digits_patch4_32"]) <= set(fastvit.list_models())  # families: test_families.py
     for name in PRESET_NAMES:
         assert getattr(fastvit, name)(depth=1).embed_dim == fastvit.PRESETS[name]["embed_dim"]
         full = fastvit.PRESETS[name]

@@ -49,8 +49,8 @@ def test_optimizer_built_before_optimize_still_trains_the_model():
 def test_optimize_fastvit_model_sets_backend_and_rejects_unsupported():
     ours = fastvit.ViT(**TINY)
     assert fastvit.optimize(ours, backend="torch") is ours and ours.backend == "torch"
-    with pytest.raises(ValueError, match="qk-norm"):
-        fastvit.optimize(TimmViT(**TINY, qk_norm=True))
+    with pytest.raises(ValueError, match="scale_attn_norm"):
+        fastvit.optimize(TimmViT(**TINY, scale_attn_norm=True))
     with pytest.raises(TypeError, match="expects a timm VisionTransformer"):
         fastvit.optimize(torch.nn.Linear(2, 2))
 

@@ -129,7 +129,7 @@ def test_info_reports_the_verification_settings(cache, capsys, monkeypatch):
 
     monkeypatch.delenv("FASTVIT_VERIFY")
 
-    assert info() == 0
+    assert info([]) == 0
     out = capsys.readouterr().out
     assert "verification: FASTVIT_VERIFY=on" in out and str(verification.cache_path()) in out
     assert "shipped manifest:" in out

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit import dispatch, reference
+from fastvit.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # the one definition, re-exported here
 from fastvit.validation import (
     autocast_dtype,
     check_same_device,
@@ -33,9 +34,6 @@ from fastvit.validation import (
     check_shape,
     check_tensor,
 )
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 class PatchEmbedCall(NamedTuple):
