@@ -14,7 +14,6 @@ for matmuls).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -137,7 +136,6 @@ def _autotuned(kind: str, arch: int, batch_heads_bucket: int):
 _FORCED_CONFIGS: dict[str, tuple[int, int, int, int]] = {}  # kernel kind -> config every launch must use
 
 
-@contextlib.contextmanager
 def forced_configs(configs: dict[str, tuple[int, int, int, int]]):
     """Within the block, launch each kernel kind named in ``configs`` ('fwd' | 'dkdv' | 'dq') with the given
     (BLOCK_M, BLOCK_N, warps, stages) instead of the autotuner's, the deterministic or the interpreter's choice.
@@ -145,21 +143,7 @@ def forced_configs(configs: dict[str, tuple[int, int, int, int]]):
     How ``fastvit selftest`` runs every config of :func:`candidate_configs` through the real launcher, so that no
     later autotuning can pick a config that was never checked on this GPU. Not thread-safe (process-wide).
     """
-    unknown = sorted(set(configs) - set(_KERNELS))
-    if unknown:
-        raise ValueError(f"configs: unknown kernel kind(s) {unknown}; expected {sorted(_KERNELS)}")
-    for kind, entry in configs.items():
-        if not (isinstance(entry, tuple) and len(entry) == 4 and all(isinstance(v, int) and v > 0 for v in entry)):
-            raise ValueError(
-                f"configs[{kind!r}] must be (BLOCK_M, BLOCK_N, warps, stages) positive ints, got {entry!r}"
-            )
-    previous = dict(_FORCED_CONFIGS)
-    _FORCED_CONFIGS.update(configs)
-    try:
-        yield
-    finally:
-        _FORCED_CONFIGS.clear()
-        _FORCED_CONFIGS.update(previous)
+    return launch.forced_configs(_FORCED_CONFIGS, _KERNELS, configs, ("BLOCK_M", "BLOCK_N", "warps", "stages"))
 
 
 def _launch(kind: str, num_blocks, like: torch.Tensor, batch_heads: int, args: tuple, constants: dict) -> None:

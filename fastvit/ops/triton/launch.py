@@ -70,3 +70,24 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+@contextlib.contextmanager
+def forced_configs(store: dict, kinds, configs: dict[str, tuple[int, ...]], fields: tuple[str, ...]):
+    """Within the block, ``store`` (a launcher's forced-config table) also holds ``configs``: kernel kind -> a tuple
+    of positive ints named ``fields``; checked first, restored after. Not thread-safe (process-wide)."""
+    unknown = sorted(set(configs) - set(kinds))
+    if unknown:
+        raise ValueError(f"configs: unknown kernel kind(s) {unknown}; expected {sorted(kinds)}")
+    for kind, entry in configs.items():
+        if not (
+            isinstance(entry, tuple) and len(entry) == len(fields) and all(isinstance(v, int) and v > 0 for v in entry)
+        ):
+            raise ValueError(f"configs[{kind!r}] must be ({', '.join(fields)}) positive ints, got {entry!r}")
+    previous = dict(store)
+    store.update(configs)
+    try:
+        yield
+    finally:
+        store.clear()
+        store.update(previous)

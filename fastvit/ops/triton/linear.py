@@ -134,24 +134,12 @@ def forced_configs(configs: dict[str, tuple[int, ...]]):
     How ``fastvit selftest`` runs every config of :func:`candidate_configs` on a GPU, and how the tests run small
     tiles (several K steps, several programs) on small shapes. Not thread-safe (process-wide).
     """
-    unknown = sorted(set(configs) - set(_KERNELS))
-    if unknown:
-        raise ValueError(f"configs: unknown kernel kind(s) {unknown}; expected {sorted(_KERNELS)}")
-    for kind, entry in configs.items():
-        if not (isinstance(entry, tuple) and len(entry) == 6 and all(isinstance(v, int) and v > 0 for v in entry)):
-            raise ValueError(
-                f"configs[{kind!r}] must be (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) positive ints, "
-                f"got {entry!r}"
-            )
-        if any(block < 16 or block & (block - 1) for block in entry[:3]):
-            raise ValueError(f"configs[{kind!r}]: block sizes must be powers of two >= 16 (tl.dot), got {entry!r}")
-    previous = dict(_FORCED_CONFIGS)
-    _FORCED_CONFIGS.update(configs)
-    try:
+    fields = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "warps", "stages")
+    with launch.forced_configs(_FORCED_CONFIGS, _KERNELS, configs, fields):
+        for kind, entry in configs.items():
+            if any(block < 16 or block & (block - 1) for block in entry[:3]):
+                raise ValueError(f"configs[{kind!r}]: block sizes must be powers of two >= 16 (tl.dot), got {entry!r}")
         yield
-    finally:
-        _FORCED_CONFIGS.clear()
-        _FORCED_CONFIGS.update(previous)
 
 
 @functools.cache
