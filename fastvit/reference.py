@@ -60,6 +60,20 @@ def qkv_attention(
     return out.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
 
 
+def varlen_qkv_attention(
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, scale: float | None = None
+) -> torch.Tensor:
+    """Multi-head self-attention within each of B sequences packed back to back (no attention across them).
+
+    qkv: [T, 3*C], the qkv Linear's output of every sequence's tokens in turn (timm's per-token layout);
+    cu_seqlens: [B + 1] ints, sequence b is tokens ``cu_seqlens[b]:cu_seqlens[b + 1]`` (empty ones allowed).
+    Returns [T, C]: :func:`qkv_attention` of each sequence alone, concatenated.
+    """
+    bounds = cu_seqlens.tolist()
+    parts = [qkv_attention(qkv[None, start:end], num_heads, scale)[0] for start, end in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts) if parts else qkv[:, : qkv.shape[-1] // 3].clone()  # B = 0: T = 0
+
+
 def patch_embed(x, weight, bias, pos_embed=None, cls_token=None):
     """Image to token sequence: non-overlapping P×P patches projected to D dims.
 

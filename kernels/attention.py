@@ -72,6 +72,31 @@ def _program_coords(num_blocks, H):
     return block, pid_bh // H, pid_bh % H
 
 
+# Variable-length (packed) sequences, VARLEN=True: q/k/v/out and the gradients are [1, H, T, D] strided views of the
+# packed [T, 3, H, D] buffer (T tokens back to back, N_Q = N_KV = T), sequence s owns tokens cu_seqlens[s] to
+# cu_seqlens[s + 1], and Lse/Delta are [H, T]. The grid has cdiv(max_seqlen, BLOCK) blocks per (sequence, head), as
+# flash-attn's varlen kernels: a program past its sequence's end returns after reading two int32 (no host sync; the
+# grid depends on max_seqlen and B alone, so a CUDA graph can replay it). A kernel then shifts its base pointers to
+# the sequence's first token, sets b = 0 and N_Q = N_KV = the sequence's length, and runs the plain code unchanged;
+# with VARLEN=False nothing of this is compiled.
+
+
+@triton.jit
+def _varlen_coords(num_blocks, H, Cu_seqlens):
+    """1-D program id -> (block index, sequence index, head index, first token of the sequence as int64, its length)."""
+    block, seq, h = _program_coords(num_blocks, H)
+    start = tl.load(Cu_seqlens + seq)
+    length = tl.load(Cu_seqlens + seq + 1) - start
+    return block, seq, h, start.to(tl.int64), length
+
+
+@triton.jit
+def _varlen_stats_shift(h, tokens, seq_start, length):
+    """Lse/Delta pointer shift for the plain addressing ``(b * H + h) * N_Q + row`` (b = 0, N_Q = ``length``) to land
+    on row ``seq_start + row`` of head ``h`` in the [H, T] layout (T = ``tokens``)."""
+    return h * (tokens - length) + seq_start
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 
@@ -142,8 +167,23 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (ignored for 16-bit)
+    Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
+    max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
+    VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
 ):
-    pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
+    if VARLEN:
+        pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
+        if pid_m * BLOCK_M >= length:  # past the end of its sequence
+            return
+        Q += seq_start * stride_qn
+        K += seq_start * stride_kn
+        V += seq_start * stride_vn
+        Out += seq_start * stride_on
+        stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
+        Lse += stats_shift
+        b, N_Q, N_KV = 0, length, length
+    else:
+        pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
     start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -314,8 +354,26 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows owned by this program
     INPUT_PRECISION: tl.constexpr,
+    Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
+    max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
+    VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
 ):
-    pid_n, b, h = _program_coords(tl.cdiv(N_KV, BLOCK_N), H)
+    if VARLEN:
+        pid_n, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_N), H, Cu_seqlens)
+        if pid_n * BLOCK_N >= length:  # past the end of its sequence
+            return
+        Q += seq_start * stride_qn
+        K += seq_start * stride_kn
+        V += seq_start * stride_vn
+        DO += seq_start * stride_don
+        DK += seq_start * stride_dkn
+        DV += seq_start * stride_dvn
+        stats_shift = _varlen_stats_shift(h, N_KV, seq_start, length)
+        Lse += stats_shift
+        Delta += stats_shift
+        b, N_KV, N_Q = 0, length, length
+    else:
+        pid_n, b, h = _program_coords(tl.cdiv(N_KV, BLOCK_N), H)
     start_n = pid_n * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -433,8 +491,25 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,
+    Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
+    max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
+    VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
 ):
-    pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
+    if VARLEN:
+        pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
+        if pid_m * BLOCK_M >= length:  # past the end of its sequence
+            return
+        Q += seq_start * stride_qn
+        K += seq_start * stride_kn
+        V += seq_start * stride_vn
+        DO += seq_start * stride_don
+        DQ += seq_start * stride_dqn
+        stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
+        Lse += stats_shift
+        Delta += stats_shift
+        b, N_Q, N_KV = 0, length, length
+    else:
+        pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
     start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

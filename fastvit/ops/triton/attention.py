@@ -15,6 +15,7 @@ for matmuls).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -59,6 +60,14 @@ def qkv_attention(qkv, num_heads, scale, dropout_p):
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim**-0.5 if scale is None else scale
     return torch.ops.fastvit.qkv_attention_fwd(qkv, num_heads, scale)[0]
+
+
+@dispatch.register("varlen_qkv_attention", "triton", supports=supports, auto_skip=auto_skip)
+def varlen_qkv_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+    (qkv,) = _cast_for_autocast(qkv)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    scale = head_dim**-0.5 if scale is None else scale
+    return torch.ops.fastvit.varlen_qkv_attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale)[0]
 
 
 @dispatch.register("attention", "triton", supports=supports, auto_skip=auto_skip)
@@ -110,13 +119,15 @@ def _triton_config(entry):
 
 
 @functools.cache
-def _autotuned(kind: str, arch: int, batch_heads_bucket: int):
+def _autotuned(kind: str, arch: int, batch_heads_bucket: int, varlen: bool = False):
     """The autotuned wrapper of one kernel for one GPU (``arch``: 10*major+minor) and one bucket of B·H (next
     power of two).
 
     Autotuning times configs at the first call's shape; B·H changes which tiles fill the GPU, so a config
     tuned at batch 1 (an ``InferenceSession`` warm-up) is not reused at batch 256: one tuner per bucket.
     The prune step hands the autotuner exactly :func:`candidate_configs` for the call's dtype and BLOCK_D.
+    ``varlen``: the packed variable-length launches, keyed on ``max_seqlen`` instead of the packed token count
+    (which changes with every batch of images while the longest sequence does not).
     """
     import triton
 
@@ -128,7 +139,9 @@ def _autotuned(kind: str, arch: int, batch_heads_bucket: int):
         return [_triton_config(e) for e in candidate_configs(kind, arch, args["BLOCK_D"], args["Q"].element_size())]
 
     # Tensor dtypes join the key automatically (Triton appends every tensor argument's dtype).
-    key = ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
+    key = ["max_seqlen" if varlen else "N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
+    if varlen:
+        key.remove("N_KV")
     kernel = getattr(kernels, _KERNELS[kind])
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
@@ -146,7 +159,9 @@ def forced_configs(configs: dict[str, tuple[int, int, int, int]]):
     return launch.forced_configs(_FORCED_CONFIGS, _KERNELS, configs, ("BLOCK_M", "BLOCK_N", "warps", "stages"))
 
 
-def _launch(kind: str, num_blocks, like: torch.Tensor, batch_heads: int, args: tuple, constants: dict) -> None:
+def _launch(
+    kind: str, num_blocks, like: torch.Tensor, batch_heads: int, args: tuple, constants: dict, varlen: bool = False
+) -> None:
     """Run one kernel on a 1-D grid of ``num_blocks(BLOCK_M, BLOCK_N)`` programs.
 
     A config forced by :func:`forced_configs` first; else under the interpreter one fixed config; in deterministic
@@ -163,7 +178,7 @@ def _launch(kind: str, num_blocks, like: torch.Tensor, batch_heads: int, args: t
         fixed = candidate_configs(kind, launch.gpu_arch(like), constants["BLOCK_D"], like.element_size())[0]
     else:
         bucket = launch.next_pow2(batch_heads, 1, 1 << 30)
-        tuned = _autotuned(kind, launch.gpu_arch(like), bucket)
+        tuned = _autotuned(kind, launch.gpu_arch(like), bucket, varlen)
         tuned[lambda meta: (num_blocks(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **constants)
         return
     block_m, block_n, warps, stages = fixed
@@ -171,14 +186,31 @@ def _launch(kind: str, num_blocks, like: torch.Tensor, batch_heads: int, args: t
     kernel[grid](*args, **constants, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def _constants(q: torch.Tensor) -> dict:
+class Varlen(NamedTuple):
+    """Packed variable-length sequences: the [1, H, T, D] views hold ``len(cu_seqlens) - 1`` sequences back to back."""
+
+    cu_seqlens: torch.Tensor  # [B + 1] int32, on the tensors' device
+    max_seqlen: int  # at least the longest sequence's length
+
+
+def _grid_rows(varlen: Varlen | None, tokens: int) -> tuple[int, int]:
+    """(sequences, rows per sequence the grid covers): (B, N) for [B, H, N, D] tensors, (B, max_seqlen) packed."""
+    return (1, tokens) if varlen is None else (varlen.cu_seqlens.numel() - 1, varlen.max_seqlen)
+
+
+def _constants(q: torch.Tensor, varlen: Varlen | None = None) -> dict:
+    """The kernels' keyword arguments: constexprs, and for packed sequences the trailing varlen ones (the plain path
+    leaves them at their defaults, so it compiles as it did before they existed)."""
     head_dim = q.shape[-1]
-    return dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), INPUT_PRECISION=launch.input_precision(q.dtype))
+    constants = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), INPUT_PRECISION=launch.input_precision(q.dtype))
+    if varlen is not None:
+        constants.update(Cu_seqlens=varlen.cu_seqlens, max_seqlen=varlen.max_seqlen, VARLEN=True)
+    return constants
 
 
-def _attention_forward(q, k, v, out, lse, scale: float) -> None:
+def _attention_forward(q, k, v, out, lse, scale: float, varlen: Varlen | None = None) -> None:
     """out = softmax(q kᵀ scale) v and lse = its row log-sum-exp. q, out: [B, H, N_Q, D]; k, v: [B, H, N_KV, D]
-    (strided views); lse: [B, H, N_Q] fp32 contiguous."""
+    (strided views); lse: [B, H, N_Q] fp32 contiguous. With ``varlen``: B = 1, N_Q = N_KV = T and lse is [H, T]."""
     batch, heads, n_q, _ = q.shape
     n_kv = k.shape[2]
     if out.numel() == 0:
@@ -187,18 +219,22 @@ def _attention_forward(q, k, v, out, lse, scale: float) -> None:
         out.zero_()
         lse.fill_(float("-inf"))
         return
+    sequences, rows = _grid_rows(varlen, n_q)
     args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, n_q, n_kv)
+    constants = _constants(q, varlen)
     with launch.device_guard(q):
-        num_blocks = lambda bm, bn: launch.cdiv(n_q, bm) * batch * heads  # one program per query block
-        _launch("fwd", num_blocks, q, batch * heads, args, _constants(q))
+        num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch * sequences * heads  # one per query block
+        _launch("fwd", num_blocks, q, batch * sequences * heads, args, constants, varlen is not None)
 
 
-def _attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale: float) -> None:
+def _attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale: float, varlen: Varlen | None = None) -> None:
     """dq, dk, dv of ``_attention_forward`` (all [B, H, N, D] strided views), FlashAttention-2 recomputation."""
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     kernels = launch.kernels("attention")
-    constants = _constants(q)
+    constants = _constants(q, varlen)
+    sequences, rows = _grid_rows(varlen, n_q)
+    batch_heads = batch * sequences * heads
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     with launch.device_guard(q):
         delta = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
@@ -209,13 +245,14 @@ def _attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale: float) -
                 HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"], BLOCK_M=kernels.PREPROCESS_BLOCK_M,
             )  # fmt: skip
             args = (q, k, v, grad_out, lse, delta, dq, scale, *strides, *dq.stride(), heads, n_q, n_kv)
-            num_blocks = lambda bm, bn: launch.cdiv(n_q, bm) * batch * heads  # one program per query block
-            _launch("dq", num_blocks, q, batch * heads, args, constants)
+            num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch_heads  # one program per query block
+            _launch("dq", num_blocks, q, batch_heads, args, constants, varlen is not None)
         if dk.numel() > 0:
             inputs = (q, k, v, grad_out, lse, delta, dk, dv, scale)
             args = (*inputs, *strides, *dk.stride(), *dv.stride(), heads, n_q, n_kv)
-            num_blocks = lambda bm, bn: launch.cdiv(n_kv, bn) * batch * heads  # one program per key block
-            _launch("dkdv", num_blocks, q, batch * heads, args, constants)
+            key_rows = n_kv if varlen is None else rows
+            num_blocks = lambda bm, bn: launch.cdiv(key_rows, bn) * batch_heads  # one program per key block
+            _launch("dkdv", num_blocks, q, batch_heads, args, constants, varlen is not None)
 
 
 def _new_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
@@ -283,6 +320,82 @@ def _qkv_attention_backward(ctx, grad_out, _grad_lse):
 
 
 _qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv_attention_setup_context)
+
+
+# fastvit::varlen_qkv_attention_fwd / _bwd: packed sequences, qkv [T, 3*C] -> out [T, C] and lse [H, T] fp32.
+
+_VARLEN_FWD = "(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float scale) -> (Tensor, Tensor)"
+_VARLEN_BWD = (
+    "(Tensor grad_out, Tensor qkv, Tensor cu_seqlens, Tensor out, Tensor lse, int max_seqlen, int num_heads, "
+    "float scale) -> Tensor"
+)
+
+
+def _packed_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[T, H*D] -> [1, H, T, D] view (no copy)."""
+    return _heads_view(x.unsqueeze(0), num_heads)
+
+
+def _packed_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T, 3*C] -> q, k, v as [1, H, T, D] views (no copy)."""
+    return _split_qkv(qkv.unsqueeze(0), num_heads)
+
+
+@torch.library.custom_op("fastvit::varlen_qkv_attention_fwd", mutates_args=(), schema=_VARLEN_FWD)
+def _varlen_qkv_attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+    tokens, width3 = qkv.shape
+    out = _new_like(qkv, (tokens, width3 // 3))
+    lse = _new_like(qkv, (num_heads, tokens), torch.float32)
+    varlen = Varlen(cu_seqlens, max_seqlen)
+    _attention_forward(*_packed_qkv(qkv, num_heads), _packed_heads(out, num_heads), lse.unsqueeze(0), scale, varlen)
+    return out, lse
+
+
+@_varlen_qkv_attention_fwd.register_fake
+def _(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+    tokens, width3 = qkv.shape
+    return qkv.new_empty((tokens, width3 // 3)), qkv.new_empty((num_heads, tokens), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::varlen_qkv_attention_bwd", mutates_args=(), schema=_VARLEN_BWD)
+def _varlen_qkv_attention_bwd(grad_out, qkv, cu_seqlens, out, lse, max_seqlen, num_heads, scale):
+    grad_qkv = _new_like(qkv)
+    _attention_backward(
+        _packed_heads(grad_out, num_heads),
+        *_packed_qkv(qkv, num_heads),
+        _packed_heads(out, num_heads),
+        lse.unsqueeze(0),
+        *_packed_qkv(grad_qkv, num_heads),
+        scale,
+        Varlen(cu_seqlens, max_seqlen),
+    )
+    return grad_qkv
+
+
+@_varlen_qkv_attention_bwd.register_fake
+def _(grad_out, qkv, cu_seqlens, out, lse, max_seqlen, num_heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _varlen_qkv_attention_setup_context(ctx, inputs, output):
+    qkv, cu_seqlens, max_seqlen, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, cu_seqlens, out, lse)
+    ctx.max_seqlen, ctx.num_heads, ctx.scale = max_seqlen, num_heads, scale
+
+
+@no_double_backward("varlen_qkv_attention")
+def _varlen_qkv_attention_backward(ctx, grad_out, _grad_lse):
+    qkv, cu_seqlens, out, lse = ctx.saved_tensors
+    grad_qkv = torch.ops.fastvit.varlen_qkv_attention_bwd(
+        grad_out, qkv, cu_seqlens, out, lse, ctx.max_seqlen, ctx.num_heads, ctx.scale
+    )
+    return grad_qkv, None, None, None, None
+
+
+_varlen_qkv_attention_fwd.register_autograd(
+    _varlen_qkv_attention_backward, setup_context=_varlen_qkv_attention_setup_context
+)
 
 
 @torch.library.custom_op("fastvit::attention_fwd", mutates_args=(), schema=_FWD)

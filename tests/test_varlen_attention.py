@@ -1,0 +1,321 @@
+"""Variable-length (packed, cu_seqlens) attention: ``ops.varlen_qkv_attention`` against per-sequence fp64 references.
+
+Every backend (the Triton kernels with ``VARLEN=True``, the torch backend's per-sequence and padded paths) is held to
+``fastvit.accuracy``'s rule on the output and the qkv gradient: max|ours - ref64| <= 2 x max|PyTorch same dtype -
+ref64| + a rounding floor. Without a GPU the kernels run in Triton's interpreter (the root conftest sets
+TRITON_INTERPRET=1), so the packed batches stay tiny: T ~ 110 tokens, H = 2, D = 32. The lengths cover an empty
+sequence, length 1, one longer than every interpreter block (64 rows) and ragged tails. GPU tests add bfloat16,
+longer sequences and a CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvit
+from fastvit import accuracy, dispatch, ops, reference
+from fastvit.ops.attention import _varlen_padded, _varlen_per_sequence, attention_call
+from fastvit.ops.triton import attention as attention_triton
+from fastvit.selftest_cases import poisoned_triton_outputs
+
+from utils import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
+
+needs_triton = pytest.mark.skipif(triton_skip_reason() is not None, reason=str(triton_skip_reason()))
+
+HEADS, HEAD_DIM = 2, 32
+# Empty, length 1, 70 > every interpreter block (fwd/dq BLOCK_M 64, dkdv BLOCK_N 64, key steps 32), ragged tails.
+LENGTHS = (7, 0, 1, 70, 33)
+
+
+def _cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
+def _packed(lengths=LENGTHS, heads=HEADS, head_dim=HEAD_DIM, dtype=torch.float32, seed=0):
+    """(qkv [T, 3*H*D] drawn in fp64 then cast, cu_seqlens, max_seqlen)."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(sum(lengths), 3 * heads * head_dim, generator=gen, dtype=torch.float64)
+    return qkv.to(device=DEVICE, dtype=dtype), _cu_seqlens(lengths), max(lengths, default=0)
+
+
+def _forward_backward(fn, qkv):
+    """(out, grad qkv) of ``fn(qkv)`` for fixed random output weights."""
+    x = qkv.detach().clone().requires_grad_(True)
+    out = fn(x)
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    return out.detach(), grad
+
+
+def _triton(qkv, cu_seqlens, max_seqlen, heads=HEADS, scale=None):
+    return ops.varlen_qkv_attention(qkv, cu_seqlens, max_seqlen, heads, scale, backend="triton")
+
+
+def _per_sequence_sdpa(qkv, cu_seqlens, max_seqlen, heads=HEADS, scale=None):
+    """PyTorch's own kernel in the same dtype: one SDPA per sequence (the torch backend's CPU path)."""
+    return _varlen_per_sequence(qkv, cu_seqlens, heads, scale)
+
+
+def _padded_sdpa(qkv, cu_seqlens, max_seqlen, heads=HEADS, scale=None):
+    """The torch backend's sync-free path (CUDA tensors, torch.compile): pad, masked SDPA, gather back."""
+    return _varlen_padded(qkv, cu_seqlens, max_seqlen, heads, scale)
+
+
+def _spec(qkv, cu_seqlens, max_seqlen, heads=HEADS, scale=None):
+    return reference.varlen_qkv_attention(qkv, cu_seqlens, heads, scale)
+
+
+def _check(name, fn, peer, qkv, cu_seqlens, max_seqlen, **kw):
+    """The accuracy rule on out and grad qkv: ``fn`` vs the fp64 spec, bounded by ``peer``'s error in qkv's dtype."""
+    ours = _forward_backward(lambda x: fn(x, cu_seqlens, max_seqlen, **kw), qkv)
+    theirs = _forward_backward(lambda x: peer(x, cu_seqlens, max_seqlen, **kw), qkv)
+    exact = _forward_backward(lambda x: _spec(x, cu_seqlens, max_seqlen, **kw), qkv.double())
+    for label, mine, peer_value, ref in zip(("out", "grad qkv"), ours, theirs, exact):
+        assert mine.shape == ref.shape and mine.dtype == qkv.dtype, (label, mine.shape, mine.dtype)
+        assert torch.isfinite(mine).all(), f"{name} {label}: non-finite values"
+        floor = accuracy.rounding_floor(ref, mine.dtype)
+        assert_within_torch_error(f"{name} {label}", mine, peer_value, ref, floor=floor)
+    return ours
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy against per-sequence fp64 references
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_matches_per_sequence_reference(dtype):
+    qkv, cu_seqlens, max_seqlen = _packed(dtype=dtype)
+    out, grad = _check(f"triton {dtype}", _triton, _per_sequence_sdpa, qkv, cu_seqlens, max_seqlen)
+    assert out.shape == (qkv.shape[0], HEADS * HEAD_DIM) and grad.shape == qkv.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("path", [_per_sequence_sdpa, _padded_sdpa], ids=["per-sequence", "padded"])
+def test_torch_backend_paths_match_per_sequence_reference(path, dtype):
+    # PyTorch's error here: the spec itself run in the same dtype (naive matmuls, fp32 softmax).
+    qkv, cu_seqlens, max_seqlen = _packed(dtype=dtype)
+    _check(f"torch {path.__name__} {dtype}", path, _spec, qkv, cu_seqlens, max_seqlen)
+
+
+def test_torch_backend_is_what_auto_runs_on_cpu():
+    qkv, cu_seqlens, max_seqlen = _packed()
+    expected = _per_sequence_sdpa(qkv, cu_seqlens, max_seqlen)
+    assert torch.equal(ops.varlen_qkv_attention(qkv, cu_seqlens, max_seqlen, HEADS, backend="auto"), expected)
+    assert torch.equal(ops.varlen_qkv_attention(qkv, cu_seqlens, max_seqlen, HEADS, backend="torch"), expected)
+
+
+@needs_triton
+def test_triton_other_head_dim_scale_and_one_sequence():
+    # D=48 runs in 64-wide tiles (masked columns); a single sequence is plain attention over T tokens.
+    qkv, cu_seqlens, max_seqlen = _packed(lengths=(5, 40), head_dim=48, seed=2)
+    _check("triton D=48", _triton, _per_sequence_sdpa, qkv, cu_seqlens, max_seqlen, scale=0.3)
+    qkv, cu_seqlens, max_seqlen = _packed(lengths=(50,), seed=3)
+    _check("triton one sequence", _triton, _per_sequence_sdpa, qkv, cu_seqlens, max_seqlen)
+
+
+@needs_triton
+def test_triton_equals_each_sequence_alone_through_qkv_attention():
+    # Same tiles, same sums in the same order: packing must change nothing, bit for bit (deterministic mode fixes
+    # the tiles on a GPU, where varlen and plain launches have separate autotuners).
+    qkv, cu_seqlens, max_seqlen = _packed(seed=4)
+    bounds = cu_seqlens.tolist()
+    fastvit.set_deterministic(True)
+    try:
+        packed_out, packed_grad = _forward_backward(lambda x: _triton(x, cu_seqlens, max_seqlen), qkv)
+        for start, end in zip(bounds, bounds[1:]):
+            alone = lambda x: ops.qkv_attention(x[None], HEADS, backend="triton")[0]  # noqa: E731
+            gen = torch.Generator().manual_seed(1)
+            weights = torch.randn(packed_out.shape, generator=gen, dtype=torch.float64).to(qkv.dtype)[start:end]
+            x = qkv[start:end].clone().requires_grad_(True)
+            out = alone(x)
+            (grad,) = torch.autograd.grad(out, x, weights) if end > start else (torch.zeros_like(x),)
+            assert torch.equal(packed_out[start:end], out.detach()), (start, end)
+            assert torch.equal(packed_grad[start:end], grad), (start, end)
+    finally:
+        fastvit.set_deterministic(False)
+
+
+@needs_triton
+def test_larger_max_seqlen_only_adds_idle_programs_and_outputs_are_fully_written():
+    # max_seqlen past the longest sequence: the extra programs return at once. Poisoned (NaN) outputs inside NaN
+    # guard bands: every row of out and grad qkv is written (empty sequences included), nothing outside them.
+    qkv, cu_seqlens, max_seqlen = _packed(seed=5)
+    with poisoned_triton_outputs() as stray_store:
+        exact = _forward_backward(lambda x: _triton(x, cu_seqlens, max_seqlen), qkv)
+        roomy = _forward_backward(lambda x: _triton(x, cu_seqlens, max_seqlen + 40), qkv)
+        assert stray_store() is None
+    for tight, loose in zip(exact, roomy):
+        assert torch.isfinite(tight).all()
+        assert torch.equal(tight, loose)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("lengths", [(), (0,), (0, 0)], ids=["B0", "one-empty", "two-empty"])
+def test_no_tokens(backend, lengths):
+    qkv, cu_seqlens, max_seqlen = _packed(lengths=lengths)
+    out, grad = _forward_backward(
+        lambda x: ops.varlen_qkv_attention(x, cu_seqlens, max_seqlen, HEADS, backend=backend), qkv
+    )
+    assert out.shape == (0, HEADS * HEAD_DIM) and grad.shape == (0, 3 * HEADS * HEAD_DIM)
+
+
+@needs_triton
+def test_non_contiguous_qkv_view():
+    # Every other row of a wider buffer, 8 columns in: the kernels read through strides.
+    lengths = (9, 1, 20)
+    qkv, cu_seqlens, max_seqlen = _packed(lengths=lengths, seed=6)
+    wide = torch.randn(2 * qkv.shape[0], qkv.shape[1] + 24, device=DEVICE)
+    wide[::2, 8 : 8 + qkv.shape[1]] = qkv
+    view = wide[::2, 8 : 8 + qkv.shape[1]]
+    assert not view.is_contiguous()
+    torch.testing.assert_close(_triton(view, cu_seqlens, max_seqlen), _triton(qkv, cu_seqlens, max_seqlen))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library and torch.compile
+
+
+@needs_triton
+def test_opcheck_forward_and_backward():
+    qkv, cu_seqlens, max_seqlen = _packed(lengths=(3, 0, 5), heads=1, seed=7)
+    out, lse = torch.ops.fastvit.varlen_qkv_attention_fwd(qkv, cu_seqlens, max_seqlen, 1, 0.2)
+    assert lse.shape == (1, qkv.shape[0]) and lse.dtype == torch.float32  # per token, [H, T]
+    torch.library.opcheck(
+        torch.ops.fastvit.varlen_qkv_attention_fwd.default,
+        (qkv.clone().requires_grad_(True), cu_seqlens, max_seqlen, 1, 0.2),
+    )
+    torch.library.opcheck(
+        torch.ops.fastvit.varlen_qkv_attention_bwd.default,
+        (torch.randn_like(out), qkv, cu_seqlens, out, lse, max_seqlen, 1, 0.2),
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_torch_compile_fullgraph_with_backward(backend):
+    # The torch backend traces its padded path (no host sync); the value checks of cu_seqlens are skipped there.
+    torch._dynamo.reset()
+    qkv, cu_seqlens, max_seqlen = _packed(lengths=(6, 0, 15), seed=8)
+
+    def step(x):
+        return (ops.varlen_qkv_attention(x, cu_seqlens, max_seqlen, HEADS, backend=backend) * 1.5).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_x, compiled_x = (qkv.clone().requires_grad_(True) for _ in range(2))
+    step(eager_x).backward()
+    compiled(compiled_x).backward()
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+
+
+def test_autotuner_of_packed_launches_is_keyed_on_max_seqlen():
+    # GPU-only code path, checked without launching: the packed token count changes with every batch.
+    pytest.importorskip("triton")
+    assert attention_triton._autotuned("fwd", 90, 1, True).keys == ["max_seqlen", "HEAD_DIM", "INPUT_PRECISION"]
+    assert attention_triton._autotuned("fwd", 90, 1).keys == ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs and coverage
+
+QKV = torch.randn(10, 3 * HEADS * HEAD_DIM)
+CU = torch.tensor([0, 4, 10], dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: ops.varlen_qkv_attention(QKV[None], CU, 6, HEADS), ValueError, "qkv must have 2 dimensions"),
+        (lambda: ops.varlen_qkv_attention(QKV.long(), CU, 6, HEADS), TypeError, "qkv must be a floating-point"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU, 6, 5), ValueError, r"not divisible by 3 \* num_heads = 15"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU.tolist(), 6, HEADS), TypeError, "cu_seqlens must be a torch.Tensor"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU.long(), 6, HEADS), TypeError, "cu_seqlens must be an int32"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU[None], 6, HEADS), ValueError, "cu_seqlens must be 1-D"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU[:0], 6, HEADS), ValueError, "cu_seqlens must be 1-D"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU, 6.0, HEADS), ValueError, "max_seqlen must be a non-negative int"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU, -1, HEADS), ValueError, "max_seqlen must be a non-negative int"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU, 5, HEADS), ValueError, r"max_seqlen \(5\) is less than the longest"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU + 1, 6, HEADS), ValueError, "cu_seqlens must start at 0"),
+        (lambda: ops.varlen_qkv_attention(QKV, CU[:2], 6, HEADS), ValueError, r"cu_seqlens\[-1\] must equal .* T = 10"),
+        (
+            lambda: ops.varlen_qkv_attention(QKV, torch.tensor([0, 6, 4, 10], dtype=torch.int32), 6, HEADS),
+            ValueError,
+            "non-decreasing",
+        ),
+        (
+            lambda: ops.varlen_qkv_attention(QKV, CU, 6, HEADS, scale=0.0),
+            ValueError,
+            "scale must be None or a positive",
+        ),
+        (
+            lambda: ops.varlen_qkv_attention(QKV, CU, 6, HEADS, check_seqlens=1),
+            TypeError,
+            "check_seqlens must be a bool",
+        ),
+        (lambda: ops.varlen_qkv_attention(QKV, CU, 6, HEADS, backend="cudnn"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_check_seqlens_false_skips_only_the_value_checks():
+    # Wrong values are then the caller's business (CUDA graphs: no host sync); dtype/shape checks still run.
+    out = ops.varlen_qkv_attention(QKV, CU, 6, HEADS, check_seqlens=False, backend="torch")
+    assert out.shape == (10, HEADS * HEAD_DIM)
+    with pytest.raises(TypeError, match="int32"):
+        ops.varlen_qkv_attention(QKV, CU.long(), 6, HEADS, check_seqlens=False)
+
+
+@needs_triton
+def test_triton_coverage_is_the_attention_rule():
+    with pytest.raises(ValueError, match="head_dim in"):
+        ops.varlen_qkv_attention(torch.randn(10, 3 * 2 * 16), CU, 6, 2, backend="triton")
+    with pytest.raises(TypeError, match="bfloat16 under Triton's CPU interpreter"):
+        ops.varlen_qkv_attention(QKV.bfloat16(), CU, 6, HEADS, backend="triton")
+    assert "varlen_qkv_attention" in fastvit.backends()["triton"].ops
+    call = attention_call(torch.device("cpu"), torch.float32, HEAD_DIM)
+    assert dispatch.explain("varlen_qkv_attention", "auto", call)[0] == "torch"
+
+
+def test_auto_picks_triton_on_cuda_where_it_covers_the_call(pretend_gpu):
+    cuda = torch.device("cuda")
+    assert dispatch.explain("varlen_qkv_attention", "auto", attention_call(cuda, torch.bfloat16, 64))[0] == "triton"
+    assert dispatch.explain("varlen_qkv_attention", "auto", attention_call(cuda, torch.bfloat16, 16))[0] == "torch"
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: bfloat16, longer sequences, CUDA graphs
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_realistic_mix(dtype):
+    # NaFlex-like: 16 images of 16-576 patches (+1 class token), ViT-S heads.
+    lengths = tuple(int(n) for n in torch.randint(16, 577, (16,), generator=torch.Generator().manual_seed(0)) + 1)
+    qkv, cu_seqlens, max_seqlen = _packed(lengths=lengths + (0, 1), heads=6, head_dim=64, dtype=dtype, seed=9)
+    _check(f"gpu {dtype}", _triton, _padded_sdpa, qkv, cu_seqlens, max_seqlen, heads=6)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_cuda_graph_replay_with_new_lengths():
+    # The grid depends on B and max_seqlen only: a captured launch replays for other lengths of the same budget.
+    qkv, cu_seqlens, max_seqlen = _packed(lengths=(100, 60, 97), heads=6, head_dim=64, dtype=torch.bfloat16, seed=10)
+    run = lambda: ops.varlen_qkv_attention(qkv, cu_seqlens, 128, 6, check_seqlens=False, backend="triton")  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    cu_seqlens.copy_(_cu_seqlens((128, 1, 128)))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = _padded_sdpa(qkv, cu_seqlens, 128, heads=6)
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
