@@ -367,6 +367,56 @@ def attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
     return checks
 
 
+def _varlen_case(lengths: Sequence[int], heads: int, head_dim: int) -> OpCase:
+    """varlen_qkv_attention on sequences of ``lengths`` packed into qkv [T, 3·H·D]; peer: the torch backend (one
+    SDPA per sequence on CPU, padded masked SDPA on a GPU), spec: each sequence alone."""
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    max_seqlen = max(lengths)
+
+    def make(gen):
+        return [_randn(gen, bounds[-1], 3 * heads * head_dim), torch.tensor(bounds, dtype=torch.int32)]
+
+    return OpCase(
+        fused=lambda qkv, cu: ops.varlen_qkv_attention(qkv, cu, max_seqlen, heads, backend="triton"),
+        peer=lambda qkv, cu: ops.varlen_qkv_attention(qkv, cu, max_seqlen, heads, backend="torch"),
+        spec=lambda qkv, cu: reference.varlen_qkv_attention(qkv, cu, heads),
+        make=make,
+        names=("out", "grad qkv", "cu_seqlens"),
+    )
+
+
+def varlen_attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
+    """Checks of the attention kernels' packed variable-length path (``varlen_qkv_attention``, VARLEN=True): empty,
+    length-1 and multi-block sequences with ragged tails, per head dim; on a GPU every autotuner candidate forced."""
+    dtypes = covered_dtypes(op, "triton", lambda d: attention_call(device, d, 64))
+    gpu = _on_gpu(device)
+    mixes = [(5, 0, 1, 70)] if quick else [(5, 0, 1, 70), (197, 50, 0, 257, 1) + ((577,) if gpu else ())]
+    head_dims = (64, 80) if gpu and quick else (64,) if quick else attention_triton.SUPPORTED_HEAD_DIMS
+    checks = []
+    for dtype in dtypes:
+        seed = 0
+        for head_dim in head_dims:
+            for configs in _attention_config_sweep(device, dtype, head_dim):
+                seed += 1
+                case, label = _varlen_case(mixes[0], 2, head_dim), f"lengths {mixes[0]} H=2 D={head_dim}"
+                if configs:
+                    case = _forced(case, lambda c=configs: attention_triton.forced_configs(c))
+                    label += " " + " ".join(_config_text(configs))
+                checks.append(_check(op, "triton", dtype, label, case, device, seed, _config_text(configs)))
+            for lengths in mixes[1:]:
+                seed += 1
+                label = f"lengths {lengths} H=2 D={head_dim}" + (" (autotuned)" if gpu else "")
+                checks.append(_check(op, "triton", dtype, label, _varlen_case(lengths, 2, head_dim), device, seed))
+        seed += 1
+        case = _varlen_case((20, 0, 45), 2, 64)
+        checks.append(
+            _deterministic_check(op, "triton", dtype, "deterministic mode, bitwise repeat", case, device, seed)
+        )
+    return checks
+
+
 def _attention_config_sweep(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[dict]:
     """Forced (fwd, dkdv, dq) configs covering every candidate of each kernel on this GPU, the i-th check taking
     each kernel's i-th candidate (cycling through the shorter lists); ``[{}]`` under the interpreter."""
@@ -752,6 +802,7 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
 CASE_BUILDERS: dict[tuple[str, str], Callable[[str, torch.device, bool], list[Check]]] = {
     ("qkv_attention", "triton"): attention_checks,
     ("attention", "triton"): attention_checks,
+    ("varlen_qkv_attention", "triton"): varlen_attention_checks,
     ("patch_embed", "triton"): patch_embed_checks,
     ("patch_embed_uint8", "triton"): patch_embed_checks,
     ("layer_norm", "cuda"): extension_checks,

@@ -10,6 +10,10 @@ longer sequences and a CUDA-graph replay.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -210,6 +214,48 @@ def test_torch_compile_fullgraph_with_backward(backend):
     step(eager_x).backward()
     compiled(compiled_x).backward()
     torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+
+
+_AOT_COMPILE_VARLEN = r"""
+import tempfile, torch
+from fastvit.kernels import attention as A, resources as R
+
+R._init_worker(tempfile.mkdtemp())
+KERNELS = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
+for arch in (90, 80):
+    for kind, function in KERNELS.items():
+        block_m, block_n, warps, stages = A.autotune_configs(kind, arch, 128, 2)[0]
+        kwargs = dict(HEAD_DIM=80, BLOCK_D=128, INPUT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n,
+                      num_warps=warps, num_stages=stages, Cu_seqlens=R.Pointer(torch.int32), max_seqlen=197)
+        kwargs.update(VARLEN=True)
+        args = R._attention_args(kind, torch.bfloat16, 80)
+        usage = R.compile_launch(R.Launch(kind, "", "bf16", "", True, "attention", function, args,
+                                          tuple(sorted(kwargs.items()))), arch)
+        print(arch, kind, "spills", usage.spill_stores + usage.stack_bytes, "shared", usage.shared_bytes)
+"""
+
+
+def test_varlen_kernels_compile_for_sm80_and_sm90_without_a_gpu():
+    # The interpreter never runs Triton's compiler: compile the VARLEN=True kernels ahead of time as the launcher
+    # specialises them (packed-qkv strides, bf16, head dim 80 in 128-wide tiles, each arch's first autotune candidate)
+    # and require what the resource check requires of launchable configs: no spills, shared memory within the limit.
+    if DEVICE.type == "cuda":
+        pytest.skip("on a GPU the kernels are compiled and run by the other tests")
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton install has no bundled ptxas")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", _AOT_COMPILE_VARLEN], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 6, result.stdout
+    from fastvit.kernels.attention import shared_memory_limit
+
+    for line in lines:
+        arch, kind, _, spills, _, shared = line.split()
+        assert int(spills) == 0 and int(shared) <= shared_memory_limit(int(arch)), line
 
 
 def test_autotuner_of_packed_launches_is_keyed_on_max_seqlen():
