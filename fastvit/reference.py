@@ -20,43 +20,64 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, key_padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(q kᵀ · scale) over the keys, [B, H, N, M], in q's dtype (softmax in fp32 for fp16/bf16).
 
     The attention weights themselves: what ``attention`` multiplies v by, and what attention rollout reads.
+    ``key_padding_mask``: [B, M] bool, True = the key takes part (timm NaFlexViT's ``patch_valid``, SDPA's boolean
+    ``attn_mask``); masked keys get weight 0, and a batch entry without any kept key gets all-zero weights (so its
+    attention output is 0, not NaN).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
-    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :]
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    if key_padding_mask is not None:  # softmax over no key is NaN: zero weights instead
+        probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)
+    return probs.to(q.dtype)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, dropout_p: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v, no mask. q, k, v: [B, H, N, D] -> [B, H, N, D].
+    """softmax(q kᵀ · scale) v. q, k, v: [B, H, N, D] -> [B, H, N, D].
 
     ``scale`` defaults to D**-0.5. The softmax runs in fp32 for fp16/bf16 inputs (the numerics rule
     of every fastvit kernel). ``dropout_p`` drops attention probabilities (training only; the
-    fused kernels do not implement it).
+    fused kernels do not implement it). ``key_padding_mask``: [B, M] bool, see :func:`attention_probs`.
     """
-    probs = attention_probs(q, k, scale)
+    probs = attention_probs(q, k, scale, key_padding_mask)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v)
 
 
 def qkv_attention(
-    qkv: torch.Tensor, num_heads: int, scale: float | None = None, dropout_p: float = 0.0
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-head self-attention on the packed output of a qkv Linear.
 
     qkv: [B, N, 3*C], laid out as timm's ``reshape(B, N, 3, H, D)``; returns [B, N, C] (heads
-    concatenated, ready for the proj Linear).
+    concatenated, ready for the proj Linear). ``key_padding_mask``: [B, N] bool, True = keep (see
+    :func:`attention_probs`).
     """
     batch, tokens, width3 = qkv.shape
     head_dim = width3 // (3 * num_heads)
     q, k, v = qkv.reshape(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    out = attention(q, k, v, scale=scale, dropout_p=dropout_p)
+    out = attention(q, k, v, scale=scale, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
     return out.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
 
 

@@ -97,6 +97,19 @@ def _varlen_stats_shift(h, tokens, seq_start, length):
     return h * (tokens - length) + seq_start
 
 
+# Key-padding mask, KEY_MASK=True ([B, N_KV] uint8, nonzero = keep; the padded NaFlex layout): masked keys get
+# score -inf (P = 0). Key loops stop after each batch's last kept key, so trailing padding (where NaFlex puts it)
+# costs no key block; a dK/dV program whose keys are all past it writes zeros without visiting a query. Rows with
+# no kept key at all give output 0 (lse = +inf), as the spec.
+
+
+@triton.jit
+def _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n):
+    """(pointers to batch ``b``'s mask row at ``offs_n``, the number of keys the loops visit: up to its last kept
+    one)."""
+    return KeyKeep + b * N_KV + offs_n, tl.load(KeyExtent + b)
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 
@@ -118,18 +131,27 @@ def _fwd_key_block(
     BLOCK_D: tl.constexpr,
     MASK_N: tl.constexpr,  # this key block runs past N_KV
     INPUT_PRECISION: tl.constexpr,
+    keep_ptrs=None,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
+    KEY_MASK: tl.constexpr = False,
 ):
     keys_valid = (start_n + offs_n) < N_KV
+    if KEY_MASK:
+        keys_valid = keys_valid & (tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0)
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-    if MASK_N:
+    if MASK_N | KEY_MASK:
         qk = tl.where(keys_valid[None, :], qk, float("-inf"))
-    # Every row has a valid key in every block we reach (N_KV >= 1, and the masked block holds at
-    # least one valid key), so m_new is finite and no exp2 sees (-inf) - (-inf).
+    # Without KEY_MASK every row has a valid key in every block we reach (N_KV >= 1, and the masked block holds at
+    # least one valid key), so m_new is finite and no exp2 sees (-inf) - (-inf). With it, a row may have seen no kept
+    # key yet (m_new = -inf): subtracting 0 instead keeps p = 0 and alpha = 0 there.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    if KEY_MASK:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
     return acc, l_i, m_new
@@ -170,6 +192,9 @@ def attn_fwd_kernel(
     Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
     max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
     VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
+    KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
+    KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
+    KEY_MASK: tl.constexpr = False,
 ):
     if VARLEN:
         pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
@@ -195,6 +220,9 @@ def attn_fwd_kernel(
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    keep_ptrs = KeyKeep
+    if KEY_MASK:
+        keep_ptrs, N_KV = _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n)
 
     qk_scale = sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -204,16 +232,20 @@ def attn_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_key_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
+            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION, keep_ptrs, KEY_MASK,
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:
         acc, l_i, m_i = _fwd_key_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
+            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION, keep_ptrs, KEY_MASK,
         )  # fmt: skip
 
+    if KEY_MASK:  # a row without any kept key (acc = 0, l_i = 0): output 0 and lse = +inf, so the backward's P = 0
+        no_keys = l_i == 0.0
+        l_i = tl.where(no_keys, 1.0, l_i)
+        m_i = tl.where(no_keys, float("inf"), m_i)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2
     o_ptrs = Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
@@ -291,6 +323,8 @@ def _bwd_dkdv_query_block(
     BLOCK_D: tl.constexpr,
     MASK_M: tl.constexpr,  # this query block runs past N_Q
     INPUT_PRECISION: tl.constexpr,
+    key_keep=None,  # [BLOCK_N] bool: the program's keys the key-padding mask keeps (KEY_MASK only)
+    KEY_MASK: tl.constexpr = False,
 ):
     rows_valid = (start_m + offs_m) < N_Q
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
@@ -304,6 +338,8 @@ def _bwd_dkdv_query_block(
         delta = tl.load(delta_ptrs)
     qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
     p_t = tl.math.exp2(_at_most_zero(qk_t * qk_scale - (lse * LOG2E)[None, :]))
+    if KEY_MASK:
+        p_t = tl.where(key_keep[:, None], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
     ds_t = p_t * (dp_t - delta[None, :])
@@ -357,6 +393,9 @@ def attn_bwd_dkdv_kernel(
     Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
     max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
     VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
+    KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
+    KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
+    KEY_MASK: tl.constexpr = False,
 ):
     if VARLEN:
         pid_n, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_N), H, Cu_seqlens)
@@ -387,6 +426,11 @@ def attn_bwd_dkdv_kernel(
     # Missing key rows load as 0; their dK/dV rows are computed but never stored.
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    key_keep = KeyKeep
+    if KEY_MASK:
+        keep_ptrs, extent = _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n)
+        key_keep = tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0
+        N_Q = tl.where(start_n < extent, N_Q, 0)  # no kept key here: dK = dV = 0, no query visited
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
@@ -400,7 +444,7 @@ def attn_bwd_dkdv_kernel(
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _bwd_dkdv_query_block(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, N_Q, qk_scale, offs_m, offs_d,
-            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
+            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION, key_keep, KEY_MASK,
         )  # fmt: skip
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
@@ -409,7 +453,7 @@ def attn_bwd_dkdv_kernel(
     if m_full < N_Q:
         dk, dv = _bwd_dkdv_query_block(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_full, N_Q, qk_scale, offs_m, offs_d,
-            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
+            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION, key_keep, KEY_MASK,
         )  # fmt: skip
 
     dk *= sm_scale
@@ -439,13 +483,17 @@ def _bwd_dq_key_block(
     BLOCK_D: tl.constexpr,
     MASK_N: tl.constexpr,  # this key block runs past N_KV
     INPUT_PRECISION: tl.constexpr,
+    keep_ptrs=None,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
+    KEY_MASK: tl.constexpr = False,
 ):
     keys_valid = (start_n + offs_n) < N_KV
+    if KEY_MASK:
+        keys_valid = keys_valid & (tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0)
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
     p = tl.math.exp2(_at_most_zero(qk * qk_scale - lse2[:, None]))
-    if MASK_N:
+    if MASK_N | KEY_MASK:
         p = tl.where(keys_valid[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
@@ -494,6 +542,9 @@ def attn_bwd_dq_kernel(
     Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
     max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
     VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
+    KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
+    KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
+    KEY_MASK: tl.constexpr = False,
 ):
     if VARLEN:
         pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
@@ -530,19 +581,22 @@ def attn_bwd_dq_kernel(
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     qk_scale = sm_scale * LOG2E
+    keep_ptrs = KeyKeep
+    if KEY_MASK:
+        keep_ptrs, N_KV = _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _bwd_dq_key_block(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
+            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION, keep_ptrs, KEY_MASK,
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:
         dq = _bwd_dq_key_block(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
+            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION, keep_ptrs, KEY_MASK,
         )  # fmt: skip
 
     dq *= sm_scale

@@ -59,6 +59,8 @@ def qkv_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Self-attention on a packed qkv buffer.
 
@@ -68,6 +70,12 @@ def qkv_attention(
         scale: softmax scale, default D**-0.5.
         dropout_p: attention-probability dropout (``torch`` backend only).
         backend: 'auto' | 'triton' | 'torch' (the backends implementing it); None = the process default.
+        key_padding_mask: [B, N] bool on qkv's device, True = the key takes part (the convention of timm
+            NaFlexViT's ``patch_valid`` and of SDPA's boolean ``attn_mask``); the padded NaFlex layout. Masked keys
+            get attention weight 0 (every query row, padding rows included, attends to the kept keys). A batch entry
+            whose keys are all masked gives output 0 and gradient 0 (the spec, ``fastvit.reference``; PyTorch
+            2.14's SDPA gives 0 there too on CPU, older versions and some CUDA kernels NaN). The Triton kernels skip
+            the key blocks after each entry's last kept key (NaFlex pads at the end).
 
     Returns:
         [B, N, C], heads concatenated.
@@ -76,7 +84,24 @@ def qkv_attention(
     scale = check_scale(scale)
     dropout_p = check_probability("dropout_p", dropout_p)
     call = attention_call(qkv.device, qkv.dtype, head_dim, dropout=dropout_p > 0.0)
-    return dispatch.select("qkv_attention", backend, call)(qkv, num_heads, scale, dropout_p)
+    fn = dispatch.select("qkv_attention", backend, call)
+    if key_padding_mask is None:
+        return fn(qkv, num_heads, scale, dropout_p)
+    _check_key_padding_mask(key_padding_mask, qkv)
+    return fn(qkv, num_heads, scale, dropout_p, key_padding_mask)
+
+
+def _check_key_padding_mask(mask: object, qkv: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = keep the key), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(qkv.shape[:2]):
+        raise ValueError(
+            f"key_padding_mask must be [B, N] = {list(qkv.shape[:2])} (qkv's batch and tokens), got {list(mask.shape)}"
+        )
+    if mask.device != qkv.device:
+        raise ValueError(f"key_padding_mask must be on qkv's device ({qkv.device}), got {mask.device}")
 
 
 def varlen_qkv_attention(
@@ -212,7 +237,17 @@ def attention(
 
 
 @dispatch.register("qkv_attention", "torch")
-def _qkv_attention_torch(qkv, num_heads, scale, dropout_p, attn_mask=None):
+def _qkv_attention_torch(qkv, num_heads, scale, dropout_p, key_padding_mask=None):
+    if key_padding_mask is None:
+        return _qkv_sdpa(qkv, num_heads, scale, dropout_p)
+    # An entry without any kept key attends to every key (finite everywhere, whatever SDPA kernel runs: fully
+    # masked rows are NaN in some) and is then zeroed, as the spec; its gradient is 0 through the product.
+    any_kept = key_padding_mask.any(-1, keepdim=True)  # [B, 1]
+    keep = (key_padding_mask | ~any_kept)[:, None, None, :]  # [B, 1, 1, N]
+    return _qkv_sdpa(qkv, num_heads, scale, dropout_p, keep) * any_kept[..., None]
+
+
+def _qkv_sdpa(qkv, num_heads, scale, dropout_p, attn_mask=None):
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
     return _sdpa(q, k, v, scale, dropout_p, attn_mask).transpose(1, 2).flatten(2)
 
@@ -229,9 +264,7 @@ def _varlen_qkv_attention_torch(qkv, cu_seqlens, max_seqlen, num_heads, scale):
 
 def _varlen_per_sequence(qkv, cu_seqlens, num_heads, scale):
     bounds = cu_seqlens.tolist()
-    parts = [
-        _qkv_attention_torch(qkv[None, start:end], num_heads, scale, 0.0)[0] for start, end in zip(bounds, bounds[1:])
-    ]
+    parts = [_qkv_sdpa(qkv[None, start:end], num_heads, scale, 0.0)[0] for start, end in zip(bounds, bounds[1:])]
     return torch.cat(parts) if parts else _no_tokens(qkv)
 
 
@@ -248,7 +281,7 @@ def _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale):
     # An empty sequence keeps one (padding) key, so that no row of SDPA is fully masked (NaN there would reach the
     # gradient through 0 * NaN); padding rows are dropped below and get no gradient.
     keep = (positions < lengths.clamp(min=1)[:, None])[:, None, None, :]  # [B, 1, 1, L]
-    out = _qkv_attention_torch(padded, num_heads, scale, 0.0, keep)  # [B, L, C]
+    out = _qkv_sdpa(padded, num_heads, scale, 0.0, keep)  # [B, L, C]
     token = torch.arange(tokens, device=qkv.device)
     sequence = torch.searchsorted(bounds[1:], token, right=True)  # the sequence of each token
     return out[sequence, token - starts[sequence]]

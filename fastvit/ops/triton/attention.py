@@ -55,11 +55,11 @@ def _cast_for_autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @dispatch.register("qkv_attention", "triton", supports=supports, auto_skip=auto_skip)
-def qkv_attention(qkv, num_heads, scale, dropout_p):
+def qkv_attention(qkv, num_heads, scale, dropout_p, key_padding_mask=None):
     (qkv,) = _cast_for_autocast(qkv)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim**-0.5 if scale is None else scale
-    return torch.ops.fastvit.qkv_attention_fwd(qkv, num_heads, scale)[0]
+    return torch.ops.fastvit.qkv_attention_fwd(qkv, num_heads, scale, key_padding_mask)[0]
 
 
 @dispatch.register("varlen_qkv_attention", "triton", supports=supports, auto_skip=auto_skip)
@@ -198,19 +198,24 @@ def _grid_rows(varlen: Varlen | None, tokens: int) -> tuple[int, int]:
     return (1, tokens) if varlen is None else (varlen.cu_seqlens.numel() - 1, varlen.max_seqlen)
 
 
-def _constants(q: torch.Tensor, varlen: Varlen | None = None) -> dict:
-    """The kernels' keyword arguments: constexprs, and for packed sequences the trailing varlen ones (the plain path
-    leaves them at their defaults, so it compiles as it did before they existed)."""
+def _constants(q: torch.Tensor, varlen: Varlen | None = None, key_keep: torch.Tensor | None = None) -> dict:
+    """The kernels' keyword arguments: constexprs, and the trailing ones of packed sequences and of a key-padding
+    mask (the plain path leaves those at their defaults, so it compiles as it did before they existed)."""
     head_dim = q.shape[-1]
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), INPUT_PRECISION=launch.input_precision(q.dtype))
     if varlen is not None:
         constants.update(Cu_seqlens=varlen.cu_seqlens, max_seqlen=varlen.max_seqlen, VARLEN=True)
+    if key_keep is not None:  # [B, N_KV] bool -> uint8 mask and each row's extent (1 + its last kept key, 0 if none)
+        position = torch.arange(1, key_keep.shape[-1] + 1, dtype=torch.int32, device=key_keep.device)
+        extent = (key_keep * position).amax(-1).to(torch.int32)
+        constants.update(KeyKeep=key_keep.contiguous().view(torch.uint8), KeyExtent=extent, KEY_MASK=True)
     return constants
 
 
-def _attention_forward(q, k, v, out, lse, scale: float, varlen: Varlen | None = None) -> None:
+def _attention_forward(q, k, v, out, lse, scale: float, varlen: Varlen | None = None, key_keep=None) -> None:
     """out = softmax(q kᵀ scale) v and lse = its row log-sum-exp. q, out: [B, H, N_Q, D]; k, v: [B, H, N_KV, D]
-    (strided views); lse: [B, H, N_Q] fp32 contiguous. With ``varlen``: B = 1, N_Q = N_KV = T and lse is [H, T]."""
+    (strided views); lse: [B, H, N_Q] fp32 contiguous. With ``varlen``: B = 1, N_Q = N_KV = T and lse is [H, T].
+    ``key_keep``: [B, N_KV] bool key-padding mask (True = keep); rows without a kept key give 0 (lse +inf)."""
     batch, heads, n_q, _ = q.shape
     n_kv = k.shape[2]
     if out.numel() == 0:
@@ -221,18 +226,20 @@ def _attention_forward(q, k, v, out, lse, scale: float, varlen: Varlen | None = 
         return
     sequences, rows = _grid_rows(varlen, n_q)
     args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, n_q, n_kv)
-    constants = _constants(q, varlen)
+    constants = _constants(q, varlen, key_keep)
     with launch.device_guard(q):
         num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch * sequences * heads  # one per query block
         _launch("fwd", num_blocks, q, batch * sequences * heads, args, constants, varlen is not None)
 
 
-def _attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale: float, varlen: Varlen | None = None) -> None:
+def _attention_backward(
+    grad_out, q, k, v, out, lse, dq, dk, dv, scale: float, varlen: Varlen | None = None, key_keep=None
+) -> None:
     """dq, dk, dv of ``_attention_forward`` (all [B, H, N, D] strided views), FlashAttention-2 recomputation."""
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     kernels = launch.kernels("attention")
-    constants = _constants(q, varlen)
+    constants = _constants(q, varlen, key_keep)
     sequences, rows = _grid_rows(varlen, n_q)
     batch_heads = batch * sequences * heads
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
@@ -264,8 +271,11 @@ def _new_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 # [B, H, N, D] tensors. The forward returns (out, lse); lse [B, H, N] fp32 is saved for the backward.
 
 
-_QKV_FWD = "(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)"
-_QKV_BWD = "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale) -> Tensor"
+_QKV_FWD = "(Tensor qkv, int num_heads, float scale, Tensor? key_padding_mask=None) -> (Tensor, Tensor)"
+_QKV_BWD = (
+    "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, "
+    "Tensor? key_padding_mask=None) -> Tensor"
+)
 _FWD = "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
 _BWD = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)"
@@ -273,22 +283,22 @@ _BWD = (
 
 
 @torch.library.custom_op("fastvit::qkv_attention_fwd", mutates_args=(), schema=_QKV_FWD)
-def _qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _qkv_attention_fwd(qkv, num_heads, scale, key_padding_mask=None):
     batch, tokens, width3 = qkv.shape
     out = _new_like(qkv, (batch, tokens, width3 // 3))
     lse = _new_like(qkv, (batch, num_heads, tokens), torch.float32)
-    _attention_forward(*_split_qkv(qkv, num_heads), _heads_view(out, num_heads), lse, scale)
+    _attention_forward(*_split_qkv(qkv, num_heads), _heads_view(out, num_heads), lse, scale, key_keep=key_padding_mask)
     return out, lse
 
 
 @_qkv_attention_fwd.register_fake
-def _(qkv, num_heads, scale):
+def _(qkv, num_heads, scale, key_padding_mask=None):
     batch, tokens, width3 = qkv.shape
     return qkv.new_empty((batch, tokens, width3 // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastvit::qkv_attention_bwd", mutates_args=(), schema=_QKV_BWD)
-def _qkv_attention_bwd(grad_out, qkv, out, lse, num_heads, scale):
+def _qkv_attention_bwd(grad_out, qkv, out, lse, num_heads, scale, key_padding_mask=None):
     grad_qkv = _new_like(qkv)
     _attention_backward(
         _heads_view(grad_out, num_heads),
@@ -297,26 +307,28 @@ def _qkv_attention_bwd(grad_out, qkv, out, lse, num_heads, scale):
         lse,
         *_split_qkv(grad_qkv, num_heads),
         scale,
+        key_keep=key_padding_mask,
     )
     return grad_qkv
 
 
 @_qkv_attention_bwd.register_fake
-def _(grad_out, qkv, out, lse, num_heads, scale):
+def _(grad_out, qkv, out, lse, num_heads, scale, key_padding_mask=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _qkv_attention_setup_context(ctx, inputs, output):
-    qkv, num_heads, scale = inputs
+    qkv, num_heads, scale, key_padding_mask = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse)
+    ctx.save_for_backward(qkv, out, lse, key_padding_mask)
     ctx.num_heads, ctx.scale = num_heads, scale
 
 
 @no_double_backward("qkv_attention")
 def _qkv_attention_backward(ctx, grad_out, _grad_lse):
-    qkv, out, lse = ctx.saved_tensors
-    return torch.ops.fastvit.qkv_attention_bwd(grad_out, qkv, out, lse, ctx.num_heads, ctx.scale), None, None
+    qkv, out, lse, key_padding_mask = ctx.saved_tensors
+    grad_qkv = torch.ops.fastvit.qkv_attention_bwd(grad_out, qkv, out, lse, ctx.num_heads, ctx.scale, key_padding_mask)
+    return grad_qkv, None, None, None
 
 
 _qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv_attention_setup_context)
