@@ -252,6 +252,27 @@ def _qkv_case(batch, tokens, heads, head_dim, scale=None, spread=1.0, view=None,
     )
 
 
+def _masked_qkv_case(tokens, heads, head_dim) -> OpCase:
+    """qkv_attention with a key-padding mask on qkv [3, N, 3·H·D]: trailing padding (NaFlex's), every key masked,
+    holes across key blocks plus a masked tail."""
+
+    def make(gen):
+        keep = torch.ones(3, tokens, dtype=torch.bool)
+        keep[0, tokens * 3 // 5 :] = False
+        keep[1] = False
+        keep[2, tokens // 4 : tokens // 2] = False
+        keep[2, tokens * 4 // 5 :] = False
+        return [_randn(gen, 3, tokens, 3 * heads * head_dim), keep]
+
+    return OpCase(
+        fused=lambda qkv, keep: ops.qkv_attention(qkv, heads, backend="triton", key_padding_mask=keep),
+        peer=lambda qkv, keep: ops.qkv_attention(qkv, heads, backend="torch", key_padding_mask=keep),
+        spec=lambda qkv, keep: reference.qkv_attention(qkv, heads, key_padding_mask=keep),
+        make=make,
+        names=("out", "grad qkv", "key_padding_mask"),
+    )
+
+
 def _attention_case(batch, heads, n_q, n_kv, head_dim, view=None) -> OpCase:
     """attention on [B, H, N, D] tensors; ``view``: 'strided' (token-major q, column-sliced k, transposed v) or
     'expanded' (k and v broadcast over the heads: stride 0)."""
@@ -355,6 +376,9 @@ def attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
         seed += 1
         case = _qkv_case(2, 20 if quick else 50, 2, 48, scale=0.2, view="strided")
         checks.append(_check(op, "triton", dtype, "strided view of a wider buffer, D=48", case, device, seed))
+        seed += 1
+        case = _masked_qkv_case(70 if quick else 197, 2, 64)
+        checks.append(_check(op, "triton", dtype, "key-padding mask", case, device, seed))
         if not quick:  # inputs x3: scores up to ~50, the running-max rescaling at work
             seed += 1
             case = _qkv_case(1, 70, 2, 96, spread=3.0)
