@@ -342,9 +342,28 @@ def _registered_ops() -> list[str]:
 def _samples_qkv_attention():
     qkv = QKV_ATTENTION.make(batch=1, tokens=9, requires_grad=True)["qkv"]
     out, lse = torch.ops.fastvit.qkv_attention_fwd(qkv.detach(), 2, 0.2)
+    keep = torch.arange(9, device=qkv.device)[None, :] < 5  # a key-padding mask: the last 4 keys masked
+    masked_out, masked_lse = torch.ops.fastvit.qkv_attention_fwd(qkv.detach(), 2, 0.2, keep)
     return {
-        "qkv_attention_fwd": [(qkv, 2, 0.2), (relayout(qkv.detach(), "slice").requires_grad_(), 2, 0.3)],
-        "qkv_attention_bwd": [(torch.randn_like(out), qkv.detach(), out, lse, 2, 0.2)],
+        "qkv_attention_fwd": [
+            (qkv, 2, 0.2),
+            (relayout(qkv.detach(), "slice").requires_grad_(), 2, 0.3),
+            (qkv, 2, 0.2, keep),
+        ],
+        "qkv_attention_bwd": [
+            (torch.randn_like(out), qkv.detach(), out, lse, 2, 0.2),
+            (torch.randn_like(out), qkv.detach(), masked_out, masked_lse, 2, 0.2, keep),
+        ],
+    }
+
+
+def _samples_varlen_qkv_attention():
+    qkv = randn(9, 3 * 2 * 32, seed=5).requires_grad_()
+    cu_seqlens = torch.tensor([0, 4, 4, 9], dtype=torch.int32, device=DEVICE)  # an empty sequence in the middle
+    out, lse = torch.ops.fastvit.varlen_qkv_attention_fwd(qkv.detach(), cu_seqlens, 5, 2, 0.2)
+    return {
+        "varlen_qkv_attention_fwd": [(qkv, cu_seqlens, 5, 2, 0.2)],
+        "varlen_qkv_attention_bwd": [(torch.randn_like(out), qkv.detach(), cu_seqlens, out, lse, 5, 2, 0.2)],
     }
 
 
@@ -432,6 +451,7 @@ def _samples_ln_linear():
 _SAMPLE_GROUPS = {
     "qkv_attention": (_samples_qkv_attention, TRITON_REASON),
     "attention": (_samples_attention, TRITON_REASON),
+    "varlen_qkv_attention": (_samples_varlen_qkv_attention, TRITON_REASON),
     "patch_embed": (_samples_patch_embed, TRITON_REASON),
     "layer_norm": (_samples_layer_norm, EXTENSION_REASON),
     "ln_mlp": (_samples_ln_mlp, EXTENSION_REASON),
