@@ -16,6 +16,9 @@ for fastvit:
   past ``HEAD_DIM`` are masked (loaded as zeros, never stored).
 - 1-D grid of ``num_blocks * B * H`` programs (no 65535 limit on B*H); batch/head and block offsets
   are int64 before they meet a stride, tile-local offsets stay int32.
+- Packed variable-length sequences (``VARLEN``: cu_seqlens, programs per (sequence, block), as flash-attn's
+  varlen kernels) and key-padding masks (``KEY_MASK``) are constexpr switches on the same kernels, with trailing
+  arguments whose defaults leave the plain path's compiled code unchanged.
 - The backward has no atomics: one kernel owns dK/dV of a key block (looping over query blocks),
   another owns dQ of a query block (looping over key blocks). Every gradient element is written by
   one program in a fixed order, so gradients are bit-identical run to run, always.

@@ -1,7 +1,10 @@
-"""Multi-head self-attention: ``fastvit.ops.attention`` and ``fastvit.ops.qkv_attention``.
+"""Multi-head self-attention: ``fastvit.ops.attention``, ``fastvit.ops.qkv_attention`` and
+``fastvit.ops.varlen_qkv_attention``.
 
 ``qkv_attention`` takes the packed ``[B, N, 3*C]`` output of the qkv Linear and returns
-``[B, N, C]`` for the proj Linear; ``attention`` is the SDPA-shaped ``[B, H, N, D]`` variant.
+``[B, N, C]`` for the proj Linear (optionally with a ``[B, N]`` key-padding mask, NaFlex's padded layout);
+``attention`` is the SDPA-shaped ``[B, H, N, D]`` variant; ``varlen_qkv_attention`` takes the sequences of
+several images packed back to back, ``[T, 3*C]`` with ``cu_seqlens`` (flash-attn's varlen form), no padding.
 
 Backends:
   ``torch``   ``F.scaled_dot_product_attention`` on strided q/k/v views (timm's own path); every dtype,
@@ -9,7 +12,8 @@ Backends:
   ``triton``  FlashAttention-2-style kernels (``fastvit/ops/triton/attention.py``): head dims 32, 48, 64,
               80, 96, 128, v's head dim equal to q's, float16/bfloat16/float32, no dropout. ``auto`` leaves
               float32 without TF32 to ``torch`` (the kernels then have no tensor cores).
-The spec both are tested against is ``fastvit.reference.attention``.
+The spec both are tested against is ``fastvit.reference.attention`` (``reference.varlen_qkv_attention`` for the
+packed form: each sequence alone).
 """
 
 from __future__ import annotations
