@@ -7,9 +7,10 @@ autograd, so ``torch.compile`` treats them as opaque nodes and traces through th
 ``qkv_attention`` reads q/k/v straight from the packed buffer and writes ``[B, N, C]``; its backward
 writes dq/dk/dv into one ``[B, N, 3*C]`` gradient. ``fastvit::varlen_qkv_attention_fwd/bwd`` run the same kernels
 with ``VARLEN=True`` on ``[T, 3*C]`` (the views are [1, H, T, D], the grid covers max_seqlen rows per sequence), and
-a key-padding mask reaches them as ``KEY_MASK=True`` with a uint8 mask and each row's last kept key. The backward uses no atomics; with
-``fastvit.set_deterministic(True)`` the tile sizes are fixed per GPU (compute capability) instead of autotuned, so
-results are bit-identical across processes too (autotuning may pick near-tied configs differently).
+a key-padding mask reaches them as ``KEY_MASK=True`` with a uint8 mask and each row's last kept key. The backward
+uses no atomics; with ``fastvit.set_deterministic(True)`` the tile sizes are fixed per GPU (compute capability)
+instead of autotuned, so results are bit-identical across processes too (autotuning may pick near-tied configs
+differently).
 Under ``torch.autocast``, inputs are cast to the autocast dtype before the custom op runs (as autocast does
 for matmuls).
 """
