@@ -291,7 +291,8 @@ for kind, fn, (block_m, block_n, warps, stages) in [
     # packed qkv buffer: unit head-dim strides, 16-divisible pointers and strides.
     consts = dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION="tf32")
     consts.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
-    consts.update(Cu_seqlens=None, max_seqlen=None, VARLEN=False)  # the plain path (packed-sequence args unset)
+    # The plain path: the packed-sequence and key-padding-mask arguments unset.
+    consts.update(Cu_seqlens=None, max_seqlen=None, VARLEN=False, KeyKeep=None, KeyExtent=None, KEY_MASK=False)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
