@@ -362,7 +362,9 @@ def _varlen_qkv_attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale):
     out = _new_like(qkv, (tokens, width3 // 3))
     lse = _new_like(qkv, (num_heads, tokens), torch.float32)
     varlen = Varlen(cu_seqlens, max_seqlen)
-    _attention_forward(*_packed_qkv(qkv, num_heads), _packed_heads(out, num_heads), lse.unsqueeze(0), scale, varlen)
+    _attention_forward(
+        *_packed_qkv(qkv, num_heads), _packed_heads(out, num_heads), lse.unsqueeze(0), scale, varlen=varlen
+    )
     return out, lse
 
 
@@ -382,7 +384,7 @@ def _varlen_qkv_attention_bwd(grad_out, qkv, cu_seqlens, out, lse, max_seqlen, n
         lse.unsqueeze(0),
         *_packed_qkv(grad_qkv, num_heads),
         scale,
-        Varlen(cu_seqlens, max_seqlen),
+        varlen=Varlen(cu_seqlens, max_seqlen),
     )
     return grad_qkv
 
