@@ -87,11 +87,12 @@ def qkv_attention(
     head_dim = _check_qkv("qkv", qkv, 3, num_heads)
     scale = check_scale(scale)
     dropout_p = check_probability("dropout_p", dropout_p)
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, qkv)
     call = attention_call(qkv.device, qkv.dtype, head_dim, dropout=dropout_p > 0.0)
     fn = dispatch.select("qkv_attention", backend, call)
     if key_padding_mask is None:
         return fn(qkv, num_heads, scale, dropout_p)
-    _check_key_padding_mask(key_padding_mask, qkv)
     return fn(qkv, num_heads, scale, dropout_p, key_padding_mask)
 
 
@@ -134,9 +135,8 @@ def varlen_qkv_attention(
         check_seqlens: check cu_seqlens' values and max_seqlen against them. That reads cu_seqlens on the host (one
             device sync per call); pass False in code captured by CUDA graphs or timed per launch, with cu_seqlens
             built correctly: the kernels trust it, and bad values give wrong results or reads and writes outside
-            qkv and out (keep the check on while developing). Under
-            ``torch.compile`` the value checks are skipped (they would break the graph); the cheap ones (dtype,
-            shape, device) always run.
+            qkv and out (keep the check on while developing). Under ``torch.compile`` the value checks are
+            skipped (they would break the graph); the cheap ones (dtype, shape, device) always run.
         backend: 'auto' | 'triton' | 'torch'; None = the process default.
 
     Returns:
