@@ -171,15 +171,19 @@ def test_no_tokens(backend, lengths):
 
 
 @needs_triton
-def test_non_contiguous_qkv_view():
-    # Every other row of a wider buffer, 8 columns in: the kernels read through strides.
+def test_non_contiguous_qkv_view_and_cu_seqlens():
+    # Every other row of a wider buffer, 8 columns in: the kernels read through strides; a strided cu_seqlens view.
     lengths = (9, 1, 20)
     qkv, cu_seqlens, max_seqlen = _packed(lengths=lengths, seed=6)
     wide = torch.randn(2 * qkv.shape[0], qkv.shape[1] + 24, device=DEVICE)
     wide[::2, 8 : 8 + qkv.shape[1]] = qkv
     view = wide[::2, 8 : 8 + qkv.shape[1]]
     assert not view.is_contiguous()
-    torch.testing.assert_close(_triton(view, cu_seqlens, max_seqlen), _triton(qkv, cu_seqlens, max_seqlen))
+    strided_cu_seqlens = torch.stack([cu_seqlens, torch.full_like(cu_seqlens, -7)], dim=1)[:, 0]  # stride 2
+    assert not strided_cu_seqlens.is_contiguous()
+    expected = _triton(qkv, cu_seqlens, max_seqlen)
+    torch.testing.assert_close(_triton(view, cu_seqlens, max_seqlen), expected)
+    torch.testing.assert_close(_triton(qkv, strided_cu_seqlens, max_seqlen), expected)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -207,7 +207,8 @@ def _constants(q: torch.Tensor, varlen: Varlen | None = None, key_keep: torch.Te
     head_dim = q.shape[-1]
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), INPUT_PRECISION=launch.input_precision(q.dtype))
     if varlen is not None:
-        constants.update(Cu_seqlens=varlen.cu_seqlens, max_seqlen=varlen.max_seqlen, VARLEN=True)
+        # The kernels index cu_seqlens as a contiguous array.
+        constants.update(Cu_seqlens=varlen.cu_seqlens.contiguous(), max_seqlen=varlen.max_seqlen, VARLEN=True)
     if key_keep is not None:  # [B, N_KV] bool -> uint8 mask and each row's extent (1 + its last kept key, 0 if none)
         position = torch.arange(1, key_keep.shape[-1] + 1, dtype=torch.int32, device=key_keep.device)
         extent = (key_keep * position).amax(-1).to(torch.int32)
