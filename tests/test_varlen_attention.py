@@ -227,7 +227,7 @@ from fastvit.kernels import attention as A, resources as R
 
 R._init_worker(tempfile.mkdtemp())
 KERNELS = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
-for arch in (90, 80):
+for arch in (90,):
     for kind, function in KERNELS.items():
         block_m, block_n, warps, stages = A.autotune_configs(kind, arch, 128, 2)[0]
         common = dict(HEAD_DIM=80, BLOCK_D=128, INPUT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n,
@@ -244,12 +244,13 @@ for arch in (90, 80):
 """
 
 
-def test_varlen_and_key_mask_kernels_compile_for_sm80_and_sm90_without_a_gpu():
+def test_varlen_and_key_mask_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter never runs Triton's compiler: compile the VARLEN=True and KEY_MASK=True kernels ahead of time as
-    # the launcher specialises them (packed-qkv strides, bf16, head dim 80 in 128-wide tiles, each arch's first
-    # autotune candidate) and require shared memory within the limit, and for VARLEN what the resource check requires
-    # of launchable configs: no spills. KEY_MASK's forward spills 8 B at (128, 128, 8, 3) on sm_90a (255 registers
-    # without the mask too); its spills are printed, not failed.
+    # the launcher specialises them (packed-qkv strides, bf16, head dim 80 in 128-wide tiles, sm_90a's first autotune
+    # candidate) and require shared memory within the limit, and for VARLEN what the resource check requires of
+    # launchable configs: no spills. KEY_MASK's forward spills 8 B at (128, 128, 8, 3) on sm_90a (255 registers
+    # without the mask too); its spills are printed, not failed. sm_80 (one arch keeps the test under 20 s) compiled
+    # both without spills when this was written (bf16, D = 64 and 80).
     if DEVICE.type == "cuda":
         pytest.skip("on a GPU the kernels are compiled and run by the other tests")
     triton = pytest.importorskip("triton")
@@ -262,7 +263,7 @@ def test_varlen_and_key_mask_kernels_compile_for_sm80_and_sm90_without_a_gpu():
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 12, result.stdout
+    assert len(lines) == 6, result.stdout
     from fastvit.kernels.attention import shared_memory_limit
 
     for line in lines:
