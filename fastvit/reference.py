@@ -46,13 +46,28 @@ def attention(
 
 
 def qkv_attention(
-    qkv: torch.Tensor, num_heads: int, scale: float | None = None, dropout_p: float = 0.0
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rope_layout: str = "interleaved",
+    q_norm=None,
+    k_norm=None,
 ) -> torch.Tensor:
     """Multi-head self-attention on the packed output of a qkv Linear.
 
     qkv: [B, N, 3*C], laid out as timm's ``reshape(B, N, 3, H, D)``; returns [B, N, C] (heads
-    concatenated, ready for the proj Linear).
+    concatenated, ready for the proj Linear). The prologue arguments are ``fastvit.ops.qkv_attention``'s: ``q_norm``
+    / ``k_norm`` (``fastvit.ops.QKNorm``: weight, bias, eps, kind 'layer' | 'rms') normalise each head vector, then
+    ``rope`` ([N - num_prefix_tokens, 2·D] cat(sin, cos)) rotates all but the prefix tokens: :func:`qk_norm_attention`.
     """
+    if rope is not None or q_norm is not None or k_norm is not None:
+        return qk_norm_attention(
+            qkv, num_heads, qk_norm(q_norm), qk_norm(k_norm), scale, rope, num_prefix_tokens, rope_layout == "half"
+        )
     batch, tokens, width3 = qkv.shape
     head_dim = width3 // (3 * num_heads)
     q, k, v = qkv.reshape(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -195,6 +210,21 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
     """[B, H, N, D] -> [B, N, H·D]."""
     batch, heads, tokens, head_dim = t.shape
     return t.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def qk_norm(norm):
+    """The function a ``fastvit.ops.QKNorm`` (weight, bias, eps, kind) applies to [..., D] head vectors; identity
+    for None. LayerNorm ('layer', bias optional) or RMSNorm ('rms')."""
+    if norm is None:
+        return lambda x: x
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        weight = norm.weight.to(x.dtype)
+        if norm.kind == "rms":
+            return rms_norm(x, weight, norm.eps)
+        return F.layer_norm(x, x.shape[-1:], weight, None if norm.bias is None else norm.bias.to(x.dtype), norm.eps)
+
+    return apply
 
 
 def qk_norm_attention(qkv, num_heads, q_norm, k_norm, scale=None, rope=None, num_prefix_tokens=0, rotate_half=False):
