@@ -296,14 +296,17 @@ class Eva(nn.Module):
             self.attn_pool.reset_parameters()
 
     def fusion_report(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-        """Per block: the MLP half fused (``ops.ln_mlp``) or why not; the attention half runs its modules (RoPE and
-        q/k/v projections before ``ops.attention``). See ``VisionTransformer.fusion_report``."""
+        """Per block: the MLP half fused (``ops.ln_mlp``) or why not; the attention is one ``ops.qkv_attention`` with
+        qk-norm and RoPE as its prologue where the structure allows (proj and the residual add after it). See
+        ``VisionTransformer.fusion_report``."""
         from fastvit.fusion import FusionReport, eva_block_fusion, pool_fusion
 
         device = torch.device(device)
         report = FusionReport()
+        rope = self.rope_config is not None
         for block in self.blocks:
-            report.append(eva_block_fusion(block, device, block.norm1.weight.dtype if dtype is None else dtype))
+            block_dtype = block.norm1.weight.dtype if dtype is None else dtype
+            report.append(eva_block_fusion(block, device, block_dtype, rope=rope))
         if self.attn_pool is not None:
             report.pool = pool_fusion(
                 self.attn_pool, device, self.attn_pool.kv.weight.dtype if dtype is None else dtype

@@ -25,6 +25,8 @@ from fastvit.layers import (
     eva_mlp_half_blockers,
     mlp_blockers,
     mlp_half_blockers,
+    prologue_blockers,
+    qk_norm_params,
 )
 from fastvit.ops.attention import attention_call
 
@@ -111,13 +113,8 @@ def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> 
     block's current train/eval mode and structure, and why not."""
     attn_calls, attn_why = {}, list(attention_half_blockers(block))
     if isinstance(block.attn, Attention):
-        dropout = block.training and getattr(block.attn.attn_drop, "p", 0.0) > 0.0
-        call = attention_call(device, dtype, block.attn.head_dim, dropout=dropout)
-        if block.attn.packed():
-            attn_calls["qkv_attention"] = (block.attn.backend, call)
-        else:
-            attn_calls["attention"] = (block.attn.backend, call)
-            attn_why.append("qk-norm: attn.q_norm/k_norm run as separate norms before ops.attention")
+        attn_calls.update(_attention_op_call(block.attn, device, dtype, block.training, rope=False))
+        attn_why.extend(f"qk-norm: {reason}" for reason in prologue_blockers(block.attn))
         if isinstance(block.attn.proj, ResidualLinear):
             attn_calls["linear_residual"] = (block.attn.proj.backend, dispatch.DeviceDtypeCall(device, dtype))
     mlp_calls = {}
@@ -127,6 +124,26 @@ def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> 
         "attn": _half(attn_why, attn_calls),
         "mlp": _half(list(mlp_half_blockers(block)), mlp_calls),
     }
+
+
+def _prologue_parts(attn: nn.Module, rope: bool) -> tuple[str, ...]:
+    """The prologue parts (``AttentionPrologue.describe``) of ``attn``'s ``ops.qkv_attention`` call."""
+    parts = [f"rope:{'half' if attn.rotate_half else 'interleaved'}"] if rope else []
+    for name in ("q_norm", "k_norm"):
+        norm = qk_norm_params(getattr(attn, name))
+        if norm is not None:
+            parts.append(f"{name}:{norm.kind}")
+    return tuple(parts)
+
+
+def _attention_op_call(attn: nn.Module, device, dtype, training: bool, rope: bool) -> dict[str, tuple]:
+    """{op: (backend, call)} of the attention op ``attn`` runs: ``qkv_attention`` with its prologue when
+    ``prologue_blockers`` finds nothing (``rope``: a RoPE table is passed), else ``attention``."""
+    dropout = training and getattr(attn.attn_drop, "p", 0.0) > 0.0
+    if attn.packed():
+        call = attention_call(device, dtype, attn.head_dim, dropout=dropout, prologue=_prologue_parts(attn, rope))
+        return {"qkv_attention": (attn.backend, call)}
+    return {"attention": (attn.backend, attention_call(device, dtype, attn.head_dim, dropout=dropout))}
 
 
 def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
@@ -144,14 +161,18 @@ def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> di
     }
 
 
-def eva_block_fusion(block: EvaBlock, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
-    """How an ``EvaBlock``'s halves run: the attention half calls its modules (q/k/v projections, qk-norm and RoPE
-    before ``ops.attention``, then proj); the MLP half is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``."""
+def eva_block_fusion(
+    block: EvaBlock, device: torch.device, dtype: torch.dtype, rope: bool = True
+) -> dict[str, HalfFusion]:
+    """How an ``EvaBlock``'s halves run: the attention is one ``ops.qkv_attention`` call with qk-norm and RoPE as its
+    prologue while ``prologue_blockers`` finds nothing (else the modules, then ``ops.attention``), proj and the
+    residual add after it; the MLP half is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``. ``rope``: the
+    model passes its blocks a RoPE table."""
     attn = block.attn
-    call = attention_call(device, dtype, attn.head_dim, dropout=block.training and attn.attn_drop.p > 0.0)
-    attn_why = ["EvaAttention: q/k/v projections and RoPE run before ops.attention, proj and the residual add after"]
+    attn_why = [f"qk-norm / RoPE: {reason}" for reason in prologue_blockers(attn)]
+    attn_why.append("EvaAttention: the qkv Linear runs before the attention op, proj and the residual add after it")
     mlp_call = dispatch.DeviceDtypeCall(device, dtype)
     return {
-        "attn": _half(attn_why, {"attention": (attn.backend, call)}),
+        "attn": _half(attn_why, _attention_op_call(attn, device, dtype, block.training, rope)),
         "mlp": _half(list(eva_mlp_half_blockers(block)), {"ln_mlp": (getattr(block.mlp, "backend", None), mlp_call)}),
     }

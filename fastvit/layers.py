@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as torch_module
 
 from fastvit import dispatch, ops
+from fastvit.ops.attention import QKNorm, apply_rope
 from fastvit.ops.patch_embed import prefix_and_position
 
 
@@ -266,7 +267,8 @@ class Attention(nn.Module):
     caller (``Block``) checks first that nothing it skips acts (``attention_half_blockers``).
 
     With ``qk_norm=True`` (timm's keys ``q_norm.*``, ``k_norm.*``: a ``norm_layer`` over each head's D channels)
-    the normalised q and k are no longer slices of the packed buffer: q, k, v are split, the norms called, and
+    the norms are ``ops.qkv_attention``'s prologue (applied inside the kernel) while ``prologue_blockers`` finds
+    nothing (plain affine LayerNorm / RmsNorm modules); otherwise q, k, v are split, the norm modules called and
     ``ops.attention`` runs on the [B, H, N, D] views (the spec: ``fastvit.reference.qk_norm_attention``).
     """
 
@@ -302,9 +304,9 @@ class Attention(nn.Module):
         self.backend: str | None = None
 
     def packed(self) -> bool:
-        """True when q and k are used as the qkv Linear wrote them (no qk-norm), so ``ops.qkv_attention`` reads the
-        packed buffer directly."""
-        return isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        """True when ``ops.qkv_attention`` reads the packed qkv buffer directly, its prologue applying the qk-norm
+        (if any): ``prologue_blockers`` finds nothing."""
+        return next(prologue_blockers(self), None) is None
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, N, C] -> q, k, v: [B, H, N, D] each, as attention uses them (after qk-norm)."""
@@ -315,7 +317,11 @@ class Attention(nn.Module):
         """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C], before proj."""
         dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
         if self.packed():
-            return ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
+            q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
+            qkv = self.qkv(x)
+            return ops.qkv_attention(
+                qkv, self.num_heads, self.scale, dropout_p, self.backend, q_norm=q_norm, k_norm=k_norm
+            )
         q, k, v = self.heads(x)
         out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
         return out.transpose(1, 2).flatten(2)
@@ -700,8 +706,10 @@ class EvaAttention(nn.Module):
     ``q_proj``/``k_proj``/``v_proj`` (``qkv_fused=False``, k bias-free); optional qk-norm; 2D RoPE on every token but
     the ``num_prefix_tokens`` first; an optional norm before ``proj`` (``scale_norm``, EVA02-CLIP).
 
-    q, k, v are [B, H, N, D] views; the attention is ``ops.attention`` (the Triton kernel where it covers the head dim:
-    RoPE and qk-norm run before it as separate ops). The spec is ``fastvit.reference.qk_norm_attention``.
+    With one packed ``qkv`` Linear and plain qk-norm modules (``prologue_blockers`` finds nothing) the attention is one
+    ``ops.qkv_attention`` call on the packed buffer, qk-norm and RoPE its prologue (inside the Triton kernel);
+    otherwise q, k, v are [B, H, N, D] views, qk-norm and RoPE run as separate ops and the attention is
+    ``ops.attention``. The spec is ``fastvit.reference.qk_norm_attention``.
     """
 
     op_name = "qkv_attention"
@@ -755,12 +763,21 @@ class EvaAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend: str | None = None
 
+    def packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] -> q, k, v packed as [B, N, 3·C], biases added. With separate projections
+        (``qkv_fused=False``) their outputs are concatenated: one copy, cheaper than the rotated q/k copies that the
+        module path makes."""
+        if self.qkv is None:
+            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = self.qkv(x)
+        if self.q_bias is not None:  # timm adds [q_bias, 0, v_bias] inside the GEMM: the same sums
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        return qkv
+
     def heads(self, x: torch.Tensor, rope: torch.Tensor | None = None):
         """x: [B, N, C]; rope: [N - num_prefix_tokens, 2·D] or None -> q, k, v [B, H, N, D] as attention uses them."""
         if self.qkv is not None:
-            qkv = self.qkv(x)
-            if self.q_bias is not None:  # timm adds [q_bias, 0, v_bias] inside the GEMM: the same sums
-                qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+            qkv = self.packed_qkv(x)
             q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = (
@@ -776,22 +793,49 @@ class EvaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]."""
         dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
-        q, k, v = self.heads(x, rope)
-        out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend).transpose(1, 2).flatten(2)
+        if self.packed():
+            out = ops.qkv_attention(
+                self.packed_qkv(x), self.num_heads, self.scale, dropout_p, self.backend,
+                rope=rope, num_prefix_tokens=self.num_prefix_tokens if rope is not None else 0,
+                rope_layout="half" if self.rotate_half else "interleaved",
+                q_norm=qk_norm_params(self.q_norm), k_norm=qk_norm_params(self.k_norm),
+            )  # fmt: skip
+        else:
+            q, k, v = self.heads(x, rope)
+            out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
+            out = out.transpose(1, 2).flatten(2)
         return self.proj_drop(self.proj(self.norm(out)))
 
+    def packed(self) -> bool:
+        """True when the attention is one ``ops.qkv_attention`` call with qk-norm and RoPE as its prologue."""
+        return next(prologue_blockers(self), None) is None
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, rotate_half: bool) -> torch.Tensor:
-    """2D RoPE of x [B, H, N, D] from rope = cat(sin, cos) [N - T, 2·D], the T prefix tokens left as they are; the
-    fast form of ``fastvit.reference.apply_rope`` (same layouts)."""
-    sin, cos = rope.tensor_split(2, dim=-1)
-    prefix, patches = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
-    if rotate_half:
-        first, second = patches.chunk(2, dim=-1)
-        rotated = torch.cat([-second, first], dim=-1)
-    else:
-        rotated = torch.stack([-patches[..., 1::2], patches[..., ::2]], dim=-1).reshape(patches.shape)
-    return torch.cat([prefix, patches * cos + rotated * sin], dim=2)
+
+def qk_norm_params(norm: nn.Module) -> QKNorm | None:
+    """The ``QKNorm`` that ``ops.qkv_attention``'s prologue applies for a qk-norm module that ``prologue_blockers``
+    accepted (None for ``nn.Identity``)."""
+    if isinstance(norm, nn.Identity):
+        return None
+    kind = "rms" if isinstance(norm, RmsNorm) else "layer"
+    return QKNorm(norm.weight, getattr(norm, "bias", None), norm.eps, kind)
+
+
+def prologue_blockers(attn: nn.Module) -> Iterator[str]:
+    """Why an ``Attention`` / ``EvaAttention``'s q/k path is not ``ops.qkv_attention``'s prologue on the packed qkv
+    buffer. The projections are called, whatever they are; the prologue reads the norms' weights instead of calling
+    them, so they must be plain affine LayerNorm / RmsNorm modules over the head dim, or ``nn.Identity``."""
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn, name)
+        if plain(norm, nn.Identity):
+            continue
+        if not plain(norm, LayerNorm, nn.LayerNorm, RmsNorm):
+            yield f"attn.{name} is a {type(norm).__name__} (not a plain LayerNorm/RmsNorm): it is called as a module"
+        elif norm.weight is None:
+            yield f"attn.{name} has no weight (elementwise_affine=False): it is called as a module"
+        elif tuple(norm.normalized_shape) != (attn.head_dim,):
+            yield f"attn.{name} normalises {tuple(norm.normalized_shape)}, not the head dim ({attn.head_dim},)"
+    if _global_hooks():
+        yield "global module hooks are registered: every module is called"
 
 
 class EvaBlock(nn.Module):

@@ -308,6 +308,72 @@ def test_odd_head_dim_with_rope_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------
+# Models: the Eva family's attention (qk-norm + RoPE) as one fused call
+
+
+def _tiny_eva(name: str) -> torch.nn.Module:
+    """A 2-block, head-dim-32 model of a RoPE family with random (non-trivial) parameters, in fp32."""
+    sizes = {
+        # DINOv3: rotate-half RoPE ('dinov3' table), a class token + 4 registers, LayerScale, 3x3 grid.
+        "dinov3": ("vit_base_patch16_dinov3", dict(img_size=48)),
+        # EVA02: interleaved RoPE ('cat' table), q/v biases, sub-LN SwiGLU, 4x4 grid.
+        "eva02": ("eva02_base_patch14_448", dict(img_size=56)),
+    }
+    preset, size = sizes[name]
+    torch.manual_seed(0)
+    model = fastvit.create_model(preset, depth=2, embed_dim=64, num_heads=2, num_classes=5, **size).to(DEVICE)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+def _set_attention_backend(model: torch.nn.Module, backend: str) -> None:
+    for module in model.modules():
+        if getattr(module, "op_name", None) == "qkv_attention":
+            module.backend = backend
+
+
+@pytest.mark.parametrize("name", ["dinov3", "eva02"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "rope+qk_norm"])
+def test_eva_family_model_on_triton_equals_its_torch_path(name, qk_norm):
+    model = _tiny_eva(name)
+    if qk_norm:  # timm's qk_norm=True: LayerNorm q_norm / k_norm (random weights)
+        for block in model.blocks:
+            for attr in ("q_norm", "k_norm"):
+                norm = fastvit.layers.LayerNorm(32, device=DEVICE)
+                torch.nn.init.normal_(norm.weight, 1.0, 0.3), torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+                setattr(block.attn, attr, norm)
+    assert all(block.attn.packed() for block in model.blocks)
+    images = torch.randn(2, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        _set_attention_backend(model, backend)
+        model.zero_grad(set_to_none=True)
+        logits = model(images)
+        logits.square().sum().backward()
+        results[backend] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    report = model.fusion_report(DEVICE)
+    assert report[0]["attn"].backends == {"qkv_attention": "triton"}, str(report)
+    assert not any("RoPE" in reason or "qk-norm" in reason for reason in report[0]["attn"].why_not), str(report)
+    (want, want_grads), (got, got_grads) = results["torch"], results["triton"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for param_name, grad in want_grads.items():
+        torch.testing.assert_close(
+            got_grads[param_name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=param_name: f"{n}: {m}"
+        )
+
+
+def test_unfusable_qk_norm_module_runs_the_module_path_and_says_why():
+    model = _tiny_eva("dinov3")
+    model.blocks[0].attn.q_norm = torch.nn.GroupNorm(1, 1)  # a norm the prologue cannot read
+    assert not model.blocks[0].attn.packed() and model.blocks[1].attn.packed()
+    report = model.fusion_report(DEVICE)
+    assert "attention" in report[0]["attn"].backends and "GroupNorm" in " ".join(report[0]["attn"].why_not)
+    assert "qkv_attention" in report[1]["attn"].backends
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU: bfloat16, every head dim, longer sequences (skipped without CUDA)
 
 

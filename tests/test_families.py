@@ -299,12 +299,15 @@ def test_fusion_report_names_the_unfused_family_parts():
     assert "gated SwiGLU" in " ".join(swiglu[0]["mlp"].why_not) or "gated GluMlp" in " ".join(swiglu[0]["mlp"].why_not)
     quick = fastvit.ViT(**base, act_layer="quick_gelu").fusion_report()
     assert "QuickGELU" in " ".join(quick[0]["mlp"].why_not)
-    qk = fastvit.ViT(**base, qk_norm=True).fusion_report()
-    assert "qk-norm" in " ".join(qk[0]["attn"].why_not) and "attention" in qk[0]["attn"].backends
+    qk = fastvit.ViT(**base, qk_norm=True).fusion_report()  # qk-norm is qkv_attention's prologue
+    assert "qk-norm" not in " ".join(qk[0]["attn"].why_not) and "qkv_attention" in qk[0]["attn"].backends
     siglip = fastvit.ViT(**base, class_token=False, global_pool="map").fusion_report()
     assert siglip.pool is not None and "attn_pool mlp" in str(siglip)
     eva = fastvit.Eva(**base, use_rot_pos_emb=True, global_pool="avg").fusion_report()  # GELU Mlp, no LayerScale
-    assert "RoPE" in " ".join(eva[0]["attn"].why_not) and not any("gated" in w for w in eva[0]["mlp"].why_not)
+    assert "qkv_attention" in eva[0]["attn"].backends and "proj and the residual add" in " ".join(
+        eva[0]["attn"].why_not
+    )
+    assert not any("gated" in w for w in eva[0]["mlp"].why_not)
     dinov3 = fastvit.create_model("vit_base_patch16_dinov3", depth=1, embed_dim=64, num_heads=2).fusion_report()
     assert "gamma_2" in " ".join(dinov3[0]["mlp"].why_not)
 
