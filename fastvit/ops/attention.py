@@ -123,7 +123,8 @@ def qkv_attention(
         dropout_p: attention-probability dropout (``torch`` backend only).
         backend: 'auto' | 'triton' | 'torch' (the backends implementing it); None = the process default.
         rope: [N - T, 2*D] floating table cat(sin, cos) (``fastvit.eva.rope_table``), T = ``num_prefix_tokens``:
-            token T + i of q and k is rotated by row i, ``x*cos + rot(x)*sin`` per channel; None: no RoPE.
+            token T + i of q and k is rotated by row i, ``x*cos + rot(x)*sin`` per channel; None: no RoPE. A function
+            of positions: the ``triton`` backend gives it no gradient.
         num_prefix_tokens: T, the leading (class / register) tokens left unrotated; only with ``rope``.
         rope_layout: how ``rot`` pairs the channels: 'interleaved' (2i, 2i+1) -> (-x[2i+1], x[2i]) (EVA02) or
             'half' (i, i + D/2) -> (-x[i + D/2], x[i]) (DINOv3, timm's RoPE ViTs). D must be even.

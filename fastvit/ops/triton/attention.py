@@ -17,6 +17,7 @@ for matmuls).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -65,11 +66,32 @@ def qkv_attention(qkv, num_heads, scale, dropout_p, prologue: AttentionPrologue 
     return torch.ops.fastvit.qkv_attention_prologue_fwd(qkv, num_heads, scale, *_prologue_args(prologue))[0]
 
 
-def _prologue_args(prologue: AttentionPrologue) -> tuple:
-    """The prologue as the custom ops take it (see ``_PROLOGUE``): rope, num_prefix_tokens, rotate_half, then
-    (kind, weight, bias, eps) of the q norm and of the k norm (None, None, None, 0.0 where absent)."""
-    norms = ((n.kind, n.weight, n.bias, n.eps) if n is not None else (None, None, None, 0.0) for n in prologue[3:])
-    return (prologue.rope, prologue.num_prefix_tokens, prologue.rotate_half, *[x for n in norms for x in n])
+class PrologueArgs(NamedTuple):
+    """The prologue as the custom ops take it, in their schema's order (``_PROLOGUE``); a norm's kind is None (and
+    its tensors None, its eps 0.0) where it is absent."""
+
+    rope: torch.Tensor | None
+    num_prefix_tokens: int
+    rotate_half: bool
+    q_norm: str | None
+    q_weight: torch.Tensor | None
+    q_bias: torch.Tensor | None
+    q_eps: float
+    k_norm: str | None
+    k_weight: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    k_eps: float
+
+    def tensors(self) -> tuple:
+        return self.rope, self.q_weight, self.q_bias, self.k_weight, self.k_bias
+
+    def with_tensors(self, rope, q_weight, q_bias, k_weight, k_bias) -> PrologueArgs:
+        return self._replace(rope=rope, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias)
+
+
+def _prologue_args(prologue: AttentionPrologue) -> PrologueArgs:
+    norms = [(n.kind, n.weight, n.bias, n.eps) if n is not None else (None, None, None, 0.0) for n in prologue[3:]]
+    return PrologueArgs(prologue.rope, prologue.num_prefix_tokens, prologue.rotate_half, *norms[0], *norms[1])
 
 
 @dispatch.register("attention", "triton", supports=supports, auto_skip=auto_skip)
@@ -199,16 +221,14 @@ def _constants(q: torch.Tensor, prologue: dict | None) -> dict:
 _NORM_CODES = {None: 0, "layer": 1, "rms": 2}  # kernels.attention's NORM_LAYER, NORM_RMS
 
 
-def _prologue_kwargs(
-    rope, num_prefix_tokens, rotate_half, q_kind, q_weight, q_bias, q_eps, k_kind, k_weight, k_bias, k_eps
-):
-    """The kernels' prologue arguments from the custom ops' (``_PROLOGUE``). A LayerNorm without bias gets zeros."""
-    kwargs = dict(ROPE=0 if rope is None else (2 if rotate_half else 1), Q_NORM=_NORM_CODES[q_kind])
-    kwargs.update(K_NORM=_NORM_CODES[k_kind], NUM_PREFIX=num_prefix_tokens, q_eps=q_eps, k_eps=k_eps)
-    if rope is not None:
-        rope = rope.contiguous()
+def _prologue_kwargs(p: PrologueArgs) -> dict:
+    """The kernels' prologue arguments. A LayerNorm without bias gets zeros."""
+    kwargs = dict(ROPE=0 if p.rope is None else (2 if p.rotate_half else 1), Q_NORM=_NORM_CODES[p.q_norm])
+    kwargs.update(K_NORM=_NORM_CODES[p.k_norm], NUM_PREFIX=p.num_prefix_tokens, q_eps=p.q_eps, k_eps=p.k_eps)
+    if p.rope is not None:
+        rope = p.rope.contiguous()
         kwargs.update(Rope=rope, stride_rope_n=rope.stride(0))
-    for prefix, kind, weight, bias in (("Q", q_kind, q_weight, q_bias), ("K", k_kind, k_weight, k_bias)):
+    for prefix, kind, weight, bias in (("Q", p.q_norm, p.q_weight, p.q_bias), ("K", p.k_norm, p.k_weight, p.k_bias)):
         if kind == "layer" and bias is None:
             bias = torch.zeros_like(weight)
         kwargs.update({f"{prefix}W": weight, f"{prefix}B": bias})
@@ -366,7 +386,8 @@ def _qkv_attention_prologue_fwd(qkv, num_heads, scale, *prologue):
     out = _new_like(qkv, (batch, tokens, width3 // 3))
     lse = _new_like(qkv, (batch, num_heads, tokens), torch.float32)
     q, k, v = _split_qkv(qkv, num_heads)
-    _attention_forward(q, k, v, _heads_view(out, num_heads), lse, scale, _prologue_kwargs(*prologue))
+    prologue = _prologue_kwargs(PrologueArgs(*prologue))
+    _attention_forward(q, k, v, _heads_view(out, num_heads), lse, scale, prologue)
     return out, lse
 
 
@@ -385,9 +406,10 @@ def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *prol
     batch, tokens, _ = qkv.shape
     head_dim = qkv.shape[-1] // (3 * num_heads)
     grad_qkv = _new_like(qkv)
+    prologue = PrologueArgs(*prologue)
     partials = {
         name: _norm_grad_partials(batch * num_heads, tokens, head_dim, qkv.device) if kind is not None else None
-        for name, kind in (("q", prologue[3]), ("k", prologue[7]))
+        for name, kind in (("q", prologue.q_norm), ("k", prologue.k_norm))
     }
     _attention_backward(
         _heads_view(grad_out, num_heads),
@@ -396,7 +418,7 @@ def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *prol
         lse,
         *_split_qkv(grad_qkv, num_heads),
         scale,
-        _prologue_kwargs(*prologue),
+        _prologue_kwargs(prologue),
         partials["q"],
         partials["k"],
     )
@@ -409,7 +431,8 @@ def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *prol
 
 @_qkv_attention_prologue_bwd.register_fake
 def _(grad_out, qkv, out, lse, num_heads, scale, *prologue):
-    q_shape, k_shape = (_norm_grad_shape(kind, qkv, num_heads) for kind in (prologue[3], prologue[7]))
+    prologue = PrologueArgs(*prologue)
+    q_shape, k_shape = (_norm_grad_shape(kind, qkv, num_heads) for kind in (prologue.q_norm, prologue.k_norm))
     return (
         qkv.new_empty(qkv.shape),
         qkv.new_empty(q_shape, dtype=torch.float32),
@@ -420,22 +443,24 @@ def _(grad_out, qkv, out, lse, num_heads, scale, *prologue):
 def _qkv_attention_prologue_setup_context(ctx, inputs, output):
     qkv, num_heads, scale, *prologue = inputs
     out, lse = output
-    rope, q_weight, q_bias, k_weight, k_bias = (prologue[i] for i in (0, 4, 5, 8, 9))
-    ctx.save_for_backward(qkv, out, lse, rope, q_weight, q_bias, k_weight, k_bias)
+    prologue = PrologueArgs(*prologue)
+    ctx.save_for_backward(qkv, out, lse, *prologue.tensors())
     ctx.num_heads, ctx.scale = num_heads, scale
-    ctx.options = (prologue[1], prologue[2], prologue[3], prologue[6], prologue[7], prologue[10])
+    ctx.prologue = prologue.with_tensors(None, None, None, None, None)  # the tensors go through save_for_backward
 
 
 @no_double_backward("qkv_attention")
 def _qkv_attention_prologue_backward(ctx, grad_out, _grad_lse):
-    qkv, out, lse, rope, q_weight, q_bias, k_weight, k_bias = ctx.saved_tensors
-    num_prefix_tokens, rotate_half, q_kind, q_eps, k_kind, k_eps = ctx.options
-    prologue = (rope, num_prefix_tokens, rotate_half, q_kind, q_weight, q_bias, q_eps, k_kind, k_weight, k_bias, k_eps)
+    qkv, out, lse, *tensors = ctx.saved_tensors
+    prologue = ctx.prologue.with_tensors(*tensors)
     grad_qkv, q_grads, k_grads = torch.ops.fastvit.qkv_attention_prologue_bwd(
         grad_out, qkv, out, lse, ctx.num_heads, ctx.scale, *prologue
     )
     grads = []
-    for norm_grads, weight, bias in ((q_grads, q_weight, q_bias), (k_grads, k_weight, k_bias)):
+    for norm_grads, weight, bias in (
+        (q_grads, prologue.q_weight, prologue.q_bias),
+        (k_grads, prologue.k_weight, prologue.k_bias),
+    ):
         grads.append(None if weight is None else norm_grads[0].to(weight.dtype))
         grads.append(None if bias is None else norm_grads[1].to(bias.dtype))
     q_weight_grad, q_bias_grad, k_weight_grad, k_bias_grad = grads
