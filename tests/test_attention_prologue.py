@@ -140,7 +140,7 @@ def test_qk_norm_then_rope(kind, layout, dtype):
     grid = (4, 7)
     tokens, prefix = 1 + grid[0] * grid[1], 1
     rope = _table(tokens - prefix, 32, layout, "grid", grid)
-    qkv = _qkv(2, tokens, 2, 32, dtype, seed=5)
+    qkv = _qkv(1, tokens, 2, 32, dtype, seed=5)
     _check(qkv, 2, rope=rope, prefix=prefix, layout=layout, q_kind=kind, k_kind=kind, name=f"{kind}+{layout} {dtype}")
 
 
