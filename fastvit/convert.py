@@ -175,64 +175,63 @@ _TV_BLOCK = {
 }
 
 
+_TV_TOP = [  # (torchvision key, timm key, required) outside the blocks
+    ("class_token", "cls_token", True),
+    ("encoder.pos_embedding", "pos_embed", True),
+    ("conv_proj.weight", "patch_embed.proj.weight", True),
+    ("conv_proj.bias", "patch_embed.proj.bias", False),
+    ("encoder.ln.weight", "norm.weight", True),
+    ("encoder.ln.bias", "norm.bias", True),
+    ("heads.head.weight", "head.weight", False),
+    ("heads.head.bias", "head.bias", False),
+]
+
+
+def _torchvision_names(blocks: list[int]) -> list[tuple[str, str, bool]]:
+    """(torchvision key, timm key, required) of every tensor of a torchvision ViT with these block indices."""
+    names = list(_TV_TOP)
+    for i in blocks:
+        for tv_name, timm_name in _TV_BLOCK.items():
+            sep = "_" if tv_name == "self_attention.in_proj" else "."  # the packed in_proj is a Parameter
+            for param in ("weight", "bias"):
+                names.append(
+                    (
+                        f"encoder.layers.encoder_layer_{i}.{tv_name}{sep}{param}",
+                        f"blocks.{i}.{timm_name}.{param}",
+                        False,
+                    )
+                )
+    return names
+
+
+def _rename(state_dict: Mapping[str, torch.Tensor], names: list[tuple[str, str, bool]], source: str) -> StateDict:
+    """Move ``state_dict``'s tensors to new keys by ``(old, new, required)``; the first of two old names for one new
+    one wins (the MLP Linears' old and new torchvision names); unmapped keys are an error."""
+    src, out = dict(state_dict), {}
+    for old, new, required in names:
+        if old in src and new not in out:
+            out[new] = src.pop(old)
+        elif required:
+            out[new] = _take(src, old, source)
+    _no_leftovers(src, source)
+    return out
+
+
 def torchvision_to_timm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """torchvision ``VisionTransformer`` state dict -> timm/fastvit names."""
-    src = dict(state_dict)
-    if any(k.startswith("heads.pre_logits") for k in src):
+    if any(k.startswith("heads.pre_logits") for k in state_dict):
         raise ValueError("torchvision ViTs with a representation layer (heads.pre_logits) are not supported")
-    out = {
-        "cls_token": _take(src, "class_token", "torchvision"),
-        "pos_embed": _take(src, "encoder.pos_embedding", "torchvision"),
-        "patch_embed.proj.weight": _take(src, "conv_proj.weight", "torchvision"),
-    }
-    if "conv_proj.bias" in src:
-        out["patch_embed.proj.bias"] = src.pop("conv_proj.bias")
-    for i in _block_indices(src, r"encoder\.layers\.encoder_layer_(\d+)\."):
-        prefix = f"encoder.layers.encoder_layer_{i}."
-        for tv_name, timm_name in _TV_BLOCK.items():
-            for param in ("weight", "bias"):
-                key = (
-                    f"{prefix}{tv_name}_{param}"
-                    if tv_name == "self_attention.in_proj"
-                    else f"{prefix}{tv_name}.{param}"
-                )
-                if key in src:
-                    out[f"blocks.{i}.{timm_name}.{param}"] = src.pop(key)
-    out["norm.weight"] = _take(src, "encoder.ln.weight", "torchvision")
-    out["norm.bias"] = _take(src, "encoder.ln.bias", "torchvision")
-    for param in ("weight", "bias"):
-        if f"heads.head.{param}" in src:
-            out[f"head.{param}"] = src.pop(f"heads.head.{param}")
-    _no_leftovers(src, "torchvision")
-    return out
+    blocks = _block_indices(state_dict, r"encoder\.layers\.encoder_layer_(\d+)\.")
+    return _rename(state_dict, _torchvision_names(blocks), "torchvision")
 
 
 def timm_to_torchvision(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """timm/fastvit state dict -> torchvision ``VisionTransformer`` names (standard ViT only)."""
-    src = dict(state_dict)
-    out = {
-        "class_token": _take(src, "cls_token", "timm"),
-        "encoder.pos_embedding": _take(src, "pos_embed", "timm"),
-        "conv_proj.weight": _take(src, "patch_embed.proj.weight", "timm"),
-    }
-    if "patch_embed.proj.bias" in src:
-        out["conv_proj.bias"] = src.pop("patch_embed.proj.bias")
-    reverse = {timm_name: tv_name for tv_name, timm_name in _TV_BLOCK.items() if "linear_" not in tv_name}
-    for i in _block_indices(src, r"blocks\.(\d+)\."):
-        for timm_name, tv_name in reverse.items():
-            for param in ("weight", "bias"):
-                key = f"blocks.{i}.{timm_name}.{param}"
-                if key not in src:
-                    continue
-                sep = "_" if tv_name == "self_attention.in_proj" else "."
-                out[f"encoder.layers.encoder_layer_{i}.{tv_name}{sep}{param}"] = src.pop(key)
-    out["encoder.ln.weight"] = _take(src, "norm.weight", "timm")
-    out["encoder.ln.bias"] = _take(src, "norm.bias", "timm")
-    for param in ("weight", "bias"):
-        if f"head.{param}" in src:
-            out[f"heads.head.{param}"] = src.pop(f"head.{param}")
-    _no_leftovers(src, "timm (for torchvision)")
-    return out
+    names = [
+        (new, old, required)
+        for old, new, required in _torchvision_names(_block_indices(state_dict, r"blocks\.(\d+)\."))
+    ]
+    return _rename(state_dict, names, "timm (for torchvision)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,14 +241,14 @@ def timm_to_torchvision(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 # google/vit-base-patch16-224) and "v5" (the module names of transformers >= 5, which renames
 # legacy files on load). Both are read; timm_to_hf writes either.
 
+_HF_NORMS = {"layernorm_before": "norm1", "layernorm_after": "norm2"}  # same in both layouts
 _HF_LAYOUTS = {
     "legacy": dict(
         block="encoder.layer.{i}.",
         qkv=("attention.attention.query", "attention.attention.key", "attention.attention.value"),
         names={
-            "layernorm_before": "norm1",
+            **_HF_NORMS,
             "attention.output.dense": "attn.proj",
-            "layernorm_after": "norm2",
             "intermediate.dense": "mlp.fc1",
             "output.dense": "mlp.fc2",
         },
@@ -257,13 +256,7 @@ _HF_LAYOUTS = {
     "v5": dict(
         block="layers.{i}.",
         qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
-        names={
-            "layernorm_before": "norm1",
-            "attention.o_proj": "attn.proj",
-            "layernorm_after": "norm2",
-            "mlp.fc1": "mlp.fc1",
-            "mlp.fc2": "mlp.fc2",
-        },
+        names={**_HF_NORMS, "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
     ),
 }
 

@@ -218,18 +218,11 @@ def test_torch_compile_fullgraph(name, size):
 # Presets and refusals
 
 
+PLAIN_KEYS = {"patch_size", "embed_dim", "depth", "num_heads"}  # the plain ViTs: tests/test_model_parity.py
 PRESETS = [
-    "vit_base_patch16_siglip_224",
-    "vit_so400m_patch14_siglip_384",
-    "vit_so400m_patch16_siglip_256",
-    "vit_large_patch14_clip_336",
-    "vit_base_patch32_clip_quickgelu_224",
-    "vit_base_patch14_dinov2",
-    "vit_giant_patch14_dinov2",
-    "aimv2_large_patch14_224",
-    "eva02_base_patch14_448",
-    "vit_base_patch16_dinov3",
-    "vit_base_patch16_rope_224",
+    name
+    for name in fastvit.list_models()
+    if name != "vit_digits_patch4_32" and set(fastvit.PRESETS.get(name, {})) != PLAIN_KEYS
 ]
 
 
