@@ -71,6 +71,17 @@ def _row_and_column_block(num_columns, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _patch_row_offsets(rows, T, N, GRID_W, sdb, sdl, sxb, sxh, sxw, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr):
+    """For patch rows in [0, B·N): the offset of each row's token gradient (token T + n of image b) and of its
+    patch's origin pixel in the image."""
+    b = rows // N
+    n = rows % N
+    dy_row = b.to(tl.int64) * sdb + (n + T).to(tl.int64) * sdl
+    x_row = b.to(tl.int64) * sxb + ((n // GRID_W) * PATCH_H).to(tl.int64) * sxh
+    return dy_row, x_row + ((n % GRID_W) * PATCH_W).to(tl.int64) * sxw
+
+
+@triton.jit
 def _load_patches(
     x_ptr,  # [B, Cin, H, W] image (any strides), float or uint8
     x_row,  # [BLOCK_M] int64: offset of each row's patch origin (b, ph·PH, pw·PW)
@@ -192,12 +203,7 @@ def patch_embed_bwd_input_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # patch rows in [0, B·N)
     row_mask = rows < num_rows
-    b = rows // N
-    n = rows % N
-    ph = n // GRID_W
-    pw = n % GRID_W
-    dy_row = b.to(tl.int64) * sdb + (n + T).to(tl.int64) * sdl
-    x_row = b.to(tl.int64) * sxb + (ph * PATCH_H).to(tl.int64) * sxh + (pw * PATCH_W).to(tl.int64) * sxw
+    dy_row, x_row = _patch_row_offsets(rows, T, N, GRID_W, sdb, sdl, sxb, sxh, sxw, PATCH_H, PATCH_W)
 
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = ks < K
@@ -260,12 +266,7 @@ def patch_embed_bwd_weight_kernel(
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
-        b = rows // N
-        n = rows % N
-        ph = n // GRID_W
-        pw = n % GRID_W
-        dy_row = b.to(tl.int64) * sdb + (n + T).to(tl.int64) * sdl
-        x_row = b.to(tl.int64) * sxb + (ph * PATCH_H).to(tl.int64) * sxh + (pw * PATCH_W).to(tl.int64) * sxw
+        dy_row, x_row = _patch_row_offsets(rows, T, N, GRID_W, sdb, sdl, sxb, sxh, sxw, PATCH_H, PATCH_W)
         dy = tl.load(dy_ptr + dy_row[:, None] + ds[None, :] * sdd, mask=row_mask[:, None] & d_mask[None, :], other=0)
         a = _load_patches(
             x_ptr, x_row, row_mask, c, kh, kw, k_mask, sxc, sxh, sxw,
