@@ -23,6 +23,7 @@ from fastvit.layers import (
     GluMlp,
     LayerNorm,
     Mlp,
+    ParallelScalingBlock,
     RmsNorm,
     SwiGLU,
     SwiGLUPacked,
@@ -381,7 +382,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     if "patch_embed.norm.weight" in state_dict:
         norm = LayerNorm if "patch_embed.norm.bias" in state_dict else RmsNorm
         config["embed_norm_layer"] = partial(norm, eps=1e-6)
-    if depth:
+    if depth and "blocks.0.in_proj.weight" in state_dict:
+        config.update(_infer_parallel_block_layers(state_dict, embed_dim))
+    elif depth:
         config.update(_infer_block_layers(state_dict, embed_dim))
         config["qkv_bias"] = "blocks.0.attn.qkv.bias" in state_dict
         config["proj_bias"] = "blocks.0.attn.proj.bias" in state_dict
@@ -427,6 +430,24 @@ def _infer_block_layers(state_dict: Mapping[str, torch.Tensor], embed_dim: int) 
     config["scale_mlp_norm"] = "blocks.0.mlp.norm.weight" in state_dict
     if "blocks.0.norm1.weight" in state_dict and "blocks.0.norm1.bias" not in state_dict:
         config["norm_layer"] = partial(RmsNorm, eps=1e-6)
+    return config
+
+
+def _infer_parallel_block_layers(state_dict: Mapping[str, torch.Tensor], embed_dim: int) -> dict:
+    """The knobs of timm ``ParallelScalingBlock``s (the ``_xp`` models) that a state dict shows."""
+    fused_out = "blocks.0.out_proj.weight" in state_dict
+    out_proj = "blocks.0.out_proj" if fused_out else "blocks.0.attn_out_proj"
+    config = dict(
+        block_fn=partial(ParallelScalingBlock, fuse_out_proj=True) if fused_out else ParallelScalingBlock,
+        mlp_ratio=mlp_ratio_for(state_dict["blocks.0.in_proj.weight"].shape[0] - 3 * embed_dim, embed_dim),
+        qk_norm="blocks.0.q_norm.weight" in state_dict,
+        qkv_bias="blocks.0.in_proj.bias" in state_dict,
+        proj_bias=f"{out_proj}.bias" in state_dict,
+    )
+    if "blocks.0.in_norm.bias" not in state_dict:
+        config["norm_layer"] = partial(RmsNorm, eps=1e-6)
+    if "blocks.0.ls.gamma" in state_dict:
+        config["init_values"] = 1e-5  # any non-zero value builds LayerScale; the weights set gamma
     return config
 
 
@@ -659,10 +680,12 @@ def timm_block_layers(block: nn.Module) -> dict:
     blocks of the ``_xp`` models, a norm after attention, ...) is one ``ValueError`` naming timm's knob.
     """
     kind = type(block).__name__
+    if kind == "ParallelScalingBlock":
+        return _parallel_block_layers(block)
     if kind != "Block" or not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
         raise ValueError(
-            f"block_fn={kind} is not supported by fastvit (timm's pre-norm Block only; ParallelScalingBlock and "
-            "ParallelThingsBlock are the parallel blocks of the _xp models and parallel ViTs)"
+            f"block_fn={kind} is not supported by fastvit (timm's pre-norm Block and the _xp models' "
+            "ParallelScalingBlock; ParallelThingsBlock, the parallel ViTs' block, is not)"
         )
     attn = block.attn
     if type(attn).__name__ != "Attention":
@@ -674,17 +697,31 @@ def timm_block_layers(block: nn.Module) -> dict:
     if getattr(attn, "attn_dim", attn.qkv.in_features) != attn.qkv.in_features:
         raise ValueError("attn_head_dim that changes the attention width is not supported by fastvit")
     norm_layer = _norm_layer(block.norm1, "norm_layer (block.norm1)")
-    qk_norm = not isinstance(attn.q_norm, nn.Identity)
-    if qk_norm:
-        qk_layer = _norm_layer(attn.q_norm, "the qk-norm (attn.q_norm)")
-        if qk_layer.func is not norm_layer.func or qk_layer.keywords != norm_layer.keywords:
-            raise ValueError("qk_norm with a norm other than the blocks' norm_layer is not supported by fastvit")
     return {
         "norm_layer": norm_layer,
         "act_layer": _act_layer(block.mlp.act),
-        "qk_norm": qk_norm,
+        "qk_norm": _qk_norm(attn, norm_layer),
         **_mlp_layer(block.mlp),
     }
+
+
+def _qk_norm(module: nn.Module, norm_layer) -> bool:
+    """Whether ``module`` (a timm attention or parallel block) has qk-norm; it must use the blocks' norm_layer."""
+    if isinstance(module.q_norm, nn.Identity):
+        return False
+    qk_layer = _norm_layer(module.q_norm, "the qk-norm (q_norm)")
+    if qk_layer.func is not norm_layer.func or qk_layer.keywords != norm_layer.keywords:
+        raise ValueError("qk_norm with a norm other than the blocks' norm_layer is not supported by fastvit")
+    return True
+
+
+def _parallel_block_layers(block: nn.Module) -> dict:
+    """``timm_block_layers`` of a timm ``ParallelScalingBlock`` (the ``_xp`` models)."""
+    norm_layer = _norm_layer(block.in_norm, "norm_layer (block.in_norm)")
+    layers = {"block_fn": ParallelScalingBlock, "norm_layer": norm_layer, "act_layer": _act_layer(block.mlp_act)}
+    if getattr(block, "out_proj", None) is not None:
+        layers["block_fn"] = partial(ParallelScalingBlock, fuse_out_proj=True)
+    return {**layers, "qk_norm": _qk_norm(block, norm_layer)}
 
 
 def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
@@ -729,15 +766,15 @@ def _timm_module_config(model: nn.Module) -> dict:
         )
     if len(model.blocks):
         layers = timm_block_layers(model.blocks[0])  # first: it names an unsupported block before anything reads it
-        num_heads = model.blocks[0].attn.num_heads
+        num_heads = getattr(model.blocks[0], "attn", model.blocks[0]).num_heads  # a parallel block holds it itself
     else:
         layers, num_heads = {}, 1
     config = infer_config(model.state_dict(), num_heads=num_heads)
     if len(model.blocks):
         config.update(layers)
-        block = model.blocks[0]
-        if not isinstance(block.ls1, nn.Identity):
-            config["init_values"] = float(block.ls1.init_values)
+        layer_scale = getattr(model.blocks[0], "ls1", getattr(model.blocks[0], "ls", None))
+        if not isinstance(layer_scale, nn.Identity):
+            config["init_values"] = float(layer_scale.init_values)
     embed_norm = getattr(model.patch_embed, "norm", nn.Identity())
     if not isinstance(embed_norm, nn.Identity):
         config["embed_norm_layer"] = _norm_layer(embed_norm, "embed_norm_layer (patch_embed.norm)")

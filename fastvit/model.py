@@ -16,12 +16,13 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import dispatch
-from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion, pool_fusion
+from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion, parallel_block_fusion, pool_fusion
 from fastvit.layers import (
     AttentionPoolLatent,
     Block,
     LayerNorm,
     Mlp,
+    ParallelScalingBlock,
     PatchDropout,
     PatchEmbed,
     QuickGELU,
@@ -302,6 +303,10 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             if isinstance(block, Block):
                 report.append(block_fusion(block, device, block.attn.qkv.weight.dtype if dtype is None else dtype))
+            elif isinstance(block, ParallelScalingBlock):
+                report.append(
+                    parallel_block_fusion(block, device, block.in_proj.weight.dtype if dtype is None else dtype)
+                )
             else:
                 why = (f"{type(block).__name__} is not a fastvit Block",)
                 report.append({half: HalfFusion(False, {}, why) for half in ("attn", "mlp")})
@@ -330,8 +335,14 @@ class VisionTransformer(nn.Module):
             with torch.no_grad():
                 for layer_id, block in enumerate(self.blocks):
                     scale = math.sqrt(2.0 * (layer_id + 1))
-                    block.attn.proj.weight.div_(scale)
-                    block.mlp.fc2.weight.div_(scale)
+                    if isinstance(block, Block):
+                        out_projs = (block.attn.proj, block.mlp.fc2)
+                    else:  # a ParallelScalingBlock: its one or two out projections
+                        out_projs = [
+                            m for m in (block.attn_out_proj, block.mlp_out_proj, block.out_proj) if m is not None
+                        ]
+                    for linear in out_projs:
+                        linear.weight.div_(scale)
 
     # ------------------------------------------------------------------------------------------
     # timm API

@@ -25,6 +25,8 @@ from fastvit.layers import (
     AttentionPoolLatent,
     GluMlp,
     LayerNorm,
+    LayerScale,
+    ParallelScalingBlock,
     QuickGELU,
     RmsNorm,
     SwiGLU,
@@ -58,6 +60,9 @@ FAMILIES = [
     ("aimv2", "aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),
     # qk-norm (timm's qk_norm=True, keys attn.q_norm/k_norm) on a plain ViT.
     ("qk-norm", "vit_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=32, qk_norm=True)),
+    # The _xp models: ParallelScalingBlock (attention and MLP side by side, one in_proj), RmsNorm qk-norm, pre-norm.
+    ("xp", "vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32)),
+    ("xp-qkv-bias", "vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32, qkv_bias=True)),
     # timm's Eva class (fastvit.Eva): 2D RoPE.
     # EVA02: interleaved RoPE rescaled to the pretraining grid, separate q/k/v (no k bias), SwiGLU with sub-LN.
     ("eva02", "eva02_base_patch14_448", dict(embed_dim=64, num_heads=2, img_size=56)),
@@ -153,6 +158,8 @@ def test_state_dict_round_trip_both_ways(name, size):
 def _unrecorded(model: fastvit.ViT) -> dict:
     """What a state dict does not record (heads, image size, eps, activation), read off a built model."""
     block = model.blocks[0]
+    parallel = isinstance(block, ParallelScalingBlock)  # its norm, heads and activation sit on the block itself
+    norm, act = (block.in_norm, block.mlp_act) if parallel else (block.norm1, block.mlp.act)
     embed_norm = model.patch_embed.norm
     if not isinstance(embed_norm, nn.Identity):
         extra = dict(embed_norm_layer=partial(type(embed_norm), eps=embed_norm.eps))
@@ -160,12 +167,10 @@ def _unrecorded(model: fastvit.ViT) -> dict:
         extra = {}
     return dict(
         **extra,
-        num_heads=block.attn.num_heads,
+        num_heads=(block if parallel else block.attn).num_heads,
         img_size=model.patch_embed.img_size,
-        norm_layer=partial(type(block.norm1), eps=block.norm1.eps),
-        act_layer=type(block.mlp.act)
-        if not isinstance(block.mlp.act, nn.GELU)
-        else partial(nn.GELU, approximate=block.mlp.act.approximate),
+        norm_layer=partial(type(norm), eps=norm.eps),
+        act_layer=type(act) if not isinstance(act, nn.GELU) else partial(nn.GELU, approximate=act.approximate),
         global_pool=model.global_pool,
     )
 
@@ -237,14 +242,54 @@ def test_preset_is_timms_architecture(name):
     assert name in fastvit.list_models() and type(ours).__name__ == type(theirs).__name__
 
 
-def test_parallel_xp_blocks_are_one_clear_error():
-    model = timm.create_model("vit_base_patch16_xp_224", pretrained=False, depth=1, embed_dim=64, num_heads=2)
-    with pytest.raises(ValueError, match="block_fn=ParallelScalingBlock"):
-        fastvit.from_timm(model)
-    with pytest.raises(ValueError, match="block_fn=ParallelScalingBlock"):
-        fastvit.optimize(model)
+def test_parallel_blocks_swap_explain_and_refusals():
+    from fastvit.explain import attention_rollout
+
+    theirs = _timm_model("vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32)).eval()
+    x = _images(theirs)
+    with torch.no_grad():
+        want = theirs(x)
+        swapped = fastvit.optimize(copy.deepcopy(theirs), backend="torch")  # blocks swapped in place, weights shared
+        assert type(swapped.blocks[0]).__name__ == "ParallelScalingBlock"
+        assert relative_error(swapped(x), want) <= REL_TOL
+    ours = fastvit.from_timm(theirs).eval()
+    assert attention_rollout(ours, x[:1]).shape == (1, 2, 2)  # a parallel block's attention
+    report = ours.fusion_report()
+    assert "fc1 is part of in_proj" in str(report) and report[0]["attn"].backends["linear_residual"] == "torch"
+    parallel_vit = timm.create_model("vit_small_patch16_18x2_224", pretrained=False, depth=1, embed_dim=64, num_heads=2)
+    for convert in (fastvit.from_timm, fastvit.optimize):
+        with pytest.raises(ValueError, match="block_fn=ParallelThingsBlock is not supported"):
+            convert(parallel_vit)
     with pytest.raises(TypeError, match="for timm's Eva use fastvit.from_timm"):
         fastvit.optimize(timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1))
+
+
+@pytest.mark.parametrize("fuse_out_proj", [False, True])
+def test_parallel_block_matches_timms_and_its_unfused_path(fuse_out_proj):
+    """timm's VisionTransformer cannot pass fuse_out_proj: compare the blocks themselves; and the fused residual path
+    (two ops.linear_residual calls) against the modules, which LayerScale forces."""
+    from timm.models.vision_transformer import ParallelScalingBlock as TimmParallelBlock
+
+    from fastvit.layers import parallel_block_blockers
+
+    torch.manual_seed(0)
+    kwargs = dict(dim=32, num_heads=2, qk_norm=True, fuse_out_proj=fuse_out_proj)
+    theirs = TimmParallelBlock(**kwargs, norm_layer=nn.LayerNorm).eval()
+    ours = ParallelScalingBlock(**kwargs, norm_layer=partial(LayerNorm, eps=1e-5)).eval()
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert relative_error(ours(x), theirs(x)) <= REL_TOL
+        unfused = next(parallel_block_blockers(ours), None)
+        assert (unfused is None) != fuse_out_proj
+        ours.ls = LayerScale(32, init_values=1.0)  # gamma 1: same function, the modules' path
+        assert next(parallel_block_blockers(ours)).startswith(
+            "fuse_out_proj" if fuse_out_proj else "ls is a LayerScale"
+        )
+        assert relative_error(ours(x), theirs(x)) <= REL_TOL
 
 
 @pytest.mark.parametrize(
