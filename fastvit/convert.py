@@ -823,7 +823,6 @@ def _timm_eva_config(model: nn.Module) -> dict:
     timm's knob for anything fastvit does not implement."""
     refused = {
         "use_post_norm (EvaBlockPostNorm)": any(type(b).__name__ != "EvaBlock" for b in model.blocks),
-        "rope_type='mixed'": getattr(model, "rope_mixed", False),
         "patch_drop_rate": getattr(model, "patch_drop", None) is not None,
         "embed norm": not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity),
     }
@@ -931,7 +930,14 @@ def _timm_rope_config(rope: nn.Module | None) -> dict:
             rope_grid_offset=float(rope.grid_offset), rope_grid_indexing=rope.grid_indexing,
             rope_rotate_half=bool(rope.rotate_half),
         )  # fmt: skip
-    raise ValueError(f"timm RoPE {kind} (rope_type) is not supported by fastvit ('cat' and 'dinov3' only)")
+    if kind == "RotaryEmbeddingMixed":
+        return dict(
+            use_rot_pos_emb=True,
+            rope_type="mixed",
+            rope_temperature=float(rope.temperature),
+            rope_grid_indexing=rope.grid_indexing,
+        )
+    raise ValueError(f"timm RoPE {kind} (rope_type) is not supported by fastvit ('cat', 'dinov3' and 'mixed' only)")
 
 
 def from_torchvision(model_or_state_dict, **overrides) -> VisionTransformer:

@@ -7,8 +7,9 @@ so that ``load_state_dict(timm_model.state_dict(), strict=True)`` works both way
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch
@@ -447,9 +448,9 @@ class VisionTransformer(nn.Module):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    def _embed_with_block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """Tokens and the extra arguments every block takes (none here; ``fastvit.Eva``: the RoPE table)."""
-        return self.embed(x), ()
+    def _embed_with_block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, Iterable[tuple]]:
+        """Tokens and, per block, the extra arguments it takes (none here; ``fastvit.Eva``: its RoPE table)."""
+        return self.embed(x), itertools.repeat(())
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, *block_args) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -513,8 +514,8 @@ class VisionTransformer(nn.Module):
         blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
         intermediates = []
         x, block_args = self._embed_with_block_args(x)
-        for i, block in enumerate(blocks):
-            x = self._run_block(block, x, *block_args)
+        for i, (block, args) in enumerate(zip(blocks, block_args)):
+            x = self._run_block(block, x, *args)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]

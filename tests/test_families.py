@@ -75,11 +75,24 @@ FAMILIES = [
     ("dinov3-qkvb", "vit_small_patch16_dinov3_qkvb", dict(embed_dim=64, num_heads=2, img_size=48)),
     # timm RoPE ViT: 'xy' grid indexing, AttentionRope (plain qkv bias), token pooling.
     ("rope-vit", "vit_base_patch16_rope_224", dict(embed_dim=64, num_heads=2, img_size=48)),
+    # RoPE-Mixed: learned per-block, per-head frequencies (key rope.freqs, trained); _ape adds an abs. embedding.
+    ("rope-mixed", "vit_base_patch16_rope_mixed_224", dict(embed_dim=64, num_heads=2, img_size=48)),
+    ("rope-mixed-ape", "vit_base_patch16_rope_mixed_ape_224", dict(embed_dim=64, num_heads=2, img_size=48)),
     # Perception Encoder: attention-pool head with its own heads, pre-norm, grid offset 1, ref grid.
     ("pe-core", "vit_pe_core_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=48, attn_pool_num_heads=4)),
 ]
 IDS = [family[0] for family in FAMILIES]
-EVA = {"eva02", "eva02-clip", "dinov3", "dinov3-splus", "dinov3-qkvb", "rope-vit", "pe-core"}
+EVA = {
+    "eva02",
+    "eva02-clip",
+    "dinov3",
+    "dinov3-splus",
+    "dinov3-qkvb",
+    "rope-vit",
+    "rope-mixed",
+    "rope-mixed-ape",
+    "pe-core",
+}
 
 
 def _timm_model(name: str, size: dict, **kwargs) -> nn.Module:
@@ -295,7 +308,6 @@ def test_parallel_block_matches_timms_and_its_unfused_path(fuse_out_proj):
 @pytest.mark.parametrize(
     "kwargs, knob",
     [
-        (dict(rope_type="mixed", attn_type="rope", use_rot_pos_emb=True), "rope_type='mixed'"),
         (dict(use_post_norm=True), "use_post_norm"),
         (dict(attn_type="rope", qkv_fused=False, num_kv_heads=1), "num_kv_heads"),
         (dict(use_rot_pos_emb=True, rope_shift_coords=0.5), "coordinate augmentation"),
@@ -491,6 +503,17 @@ def test_rope_table_is_timms(name, size):
         torch.testing.assert_close(ours.rope(grid, torch.device("cpu")), want, atol=1e-6, rtol=1e-6)
 
 
+def test_mixed_rope_initial_frequencies_have_timms_magnitudes_and_turns():
+    from fastvit.eva import init_mixed_rope_freqs
+
+    freqs = init_mixed_rope_freqs(head_dim=16, depth=3, num_heads=2, temperature=10.0)  # [2, depth, heads, D/2]
+    magnitude = 1.0 / 10.0 ** (torch.arange(0, 16, 4) / 16)
+    torch.testing.assert_close(freqs.norm(dim=0), magnitude.repeat(2).expand(3, 2, -1))
+    angle = torch.atan2(freqs[1], freqs[0])  # the second half is the first turned by 90 degrees
+    turn = torch.remainder(angle[..., 4:] - angle[..., :4], 2 * torch.pi)
+    torch.testing.assert_close(turn, torch.full_like(turn, torch.pi / 2))
+
+
 def test_eva_attention_with_rope_and_qk_norm_matches_the_spec():
     from fastvit.eva import rope_table
     from fastvit.layers import EvaAttention
@@ -531,7 +554,7 @@ TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, n
         (lambda: fastvit.ViT(**TINY_VIT, act_layer="relu6"), "act_layer.*relu6"),
         (lambda: fastvit.ViT(**TINY_VIT, norm_layer="batchnorm"), "norm_layer.*batchnorm"),
         (lambda: fastvit.ViT(**TINY_VIT, mlp_layer=GluMlp, mlp_ratio=33 / 32), "hidden_features must be even"),
-        (lambda: fastvit.Eva(**TINY_VIT, use_rot_pos_emb=True, rope_type="mixed"), "rope_type must be one of"),
+        (lambda: fastvit.Eva(**TINY_VIT, use_rot_pos_emb=True, rope_type="mrope"), "rope_type must be one of"),
         (lambda: fastvit.Eva(**TINY_VIT, rope_grid_indexing="yx"), "rope_grid_indexing must be 'ij' or 'xy'"),
         (lambda: fastvit.Eva(**TINY_VIT, attn_type="gqa"), "attn_type must be 'eva' or 'rope'"),
         (lambda: fastvit.Eva(**{**TINY_VIT, "embed_dim": 36, "num_heads": 6}, use_rot_pos_emb=True), "divisible by 4"),
