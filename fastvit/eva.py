@@ -388,7 +388,7 @@ class Eva(nn.Module):
         rope = self.rope(grid, x.device)
         return self.norm_pre(self.pos_drop(tokens)), rope  # rope stays float32, as timm's
 
-    def _embed_with_block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, Iterable[tuple]]:
+    def embed_for_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, Iterable[tuple]]:
         """Tokens and each block's RoPE table (RoPE-Mixed: the block's own, [heads, H·W, 2·D])."""
         tokens, rope = self.embed(x)
         if self.rope.mixed:
@@ -397,7 +397,7 @@ class Eva(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] -> normalised tokens [B, T+N, D]."""
-        x, block_args = self._embed_with_block_args(x)
+        x, block_args = self.embed_for_blocks(x)
         for block, args in zip(self.blocks, block_args):
             x = self._run_block(block, x, *args)
         return self.norm(x)

@@ -27,12 +27,11 @@ def attention_rollout(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor
     row, or without a class token the mean of the patch tokens' rows.
     """
     model.eval()
-    embedded = model.embed(x)
-    tokens, extra = (embedded[0], embedded[1:]) if isinstance(embedded, tuple) else (embedded, ())  # Eva: RoPE
+    tokens, block_args = model.embed_for_blocks(x)  # Eva: each block's RoPE table
     batch, num_tokens, _ = tokens.shape
     eye = torch.eye(num_tokens, dtype=torch.float32, device=x.device)
     rollout = eye.expand(batch, -1, -1)
-    for block in model.blocks:
+    for block, extra in zip(model.blocks, block_args):
         attn = getattr(block, "attn", None)
         if attn is not None:
             q, k, _ = attn.heads(block.norm1(tokens), *extra)

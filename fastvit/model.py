@@ -448,8 +448,9 @@ class VisionTransformer(nn.Module):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    def _embed_with_block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, Iterable[tuple]]:
-        """Tokens and, per block, the extra arguments it takes (none here; ``fastvit.Eva``: its RoPE table)."""
+    def embed_for_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, Iterable[tuple]]:
+        """Image [B, C, H, W] -> tokens [B, T+N, D] and, per block, the extra arguments it takes (none here;
+        ``fastvit.Eva``: its RoPE table)."""
         return self.embed(x), itertools.repeat(())
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, *block_args) -> torch.Tensor:
@@ -513,7 +514,7 @@ class VisionTransformer(nn.Module):
         batch, _, height, width = self.patch_embed.check_input(x).shape
         blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
         intermediates = []
-        x, block_args = self._embed_with_block_args(x)
+        x, block_args = self.embed_for_blocks(x)
         for i, (block, args) in enumerate(zip(blocks, block_args)):
             x = self._run_block(block, x, *args)
             if i in take:

@@ -535,12 +535,25 @@ def test_eva_attention_with_rope_and_qk_norm_matches_the_spec():
     _check_against_spec(lambda t: attn(t, rope), spec, x, params=list(attn.parameters()))
 
 
-@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_base_patch16_dinov3", "vit_base_patch16_224"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit_base_patch16_siglip_224",
+        "vit_base_patch16_dinov3",
+        "vit_base_patch16_224",
+        "vit_base_patch16_rope_mixed_224",
+    ],
+)
 def test_attention_rollout_covers_map_pooling_rope_and_qk_norm(name):
     from fastvit.explain import attention_rollout
 
     extra = dict(qk_norm=True) if name == "vit_base_patch16_224" else {}
-    model = fastvit.create_model(name, depth=2, embed_dim=64, num_heads=2, img_size=48, **extra)
+    if "mixed" in name:  # not a preset: timm's architecture, converted
+        model = fastvit.from_timm(
+            timm.create_model(name, pretrained=False, depth=2, embed_dim=64, num_heads=2, img_size=48)
+        )
+    else:
+        model = fastvit.create_model(name, depth=2, embed_dim=64, num_heads=2, img_size=48, **extra)
     heat = attention_rollout(model, torch.randn(2, 3, 48, 48))
     assert heat.shape == (2, 3, 3) and torch.allclose(heat.sum(dim=(1, 2)), torch.ones(2))
 
@@ -585,3 +598,16 @@ def test_forward_intermediates_and_grad_checkpointing_match_timm(name, size):
         assert relative_error(got_map, want_map) <= REL_TOL and relative_error(got_prefix, want_prefix) <= REL_TOL
     ours.train().set_grad_checkpointing(True)
     assert_same_logits_and_grads(ours, theirs.train(), x)
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_rope_mixed_224", "vit_base_patch16_xp_224"])
+def test_forward_intermediates_match_timms(name):
+    """Per-block arguments (RoPE-Mixed's own table per block) and parallel blocks through forward_intermediates."""
+    theirs = _timm_model(name, dict(embed_dim=64, num_heads=2, img_size=48)).eval()
+    ours = fastvit.from_timm(theirs).eval()
+    x = _images(theirs)
+    with torch.no_grad():
+        want = theirs.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        got = ours.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g, w) <= REL_TOL
