@@ -20,11 +20,13 @@ from fastvit.layers import (
     AttentionPoolLatent,
     EvaBlock,
     Mlp,
+    ParallelScalingBlock,
     ResidualLinear,
     attention_half_blockers,
     eva_mlp_half_blockers,
     mlp_blockers,
     mlp_half_blockers,
+    parallel_block_blockers,
     prologue_blockers,
     qk_norm_params,
 )
@@ -113,7 +115,7 @@ def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> 
     block's current train/eval mode and structure, and why not."""
     attn_calls, attn_why = {}, list(attention_half_blockers(block))
     if isinstance(block.attn, Attention):
-        attn_calls.update(_attention_op_call(block.attn, device, dtype, block.training, rope=False))
+        attn_calls.update(_attention_op_call(block.attn, device, dtype, block.training, False, block.attn.packed()))
         attn_why.extend(f"qk-norm: {reason}" for reason in prologue_blockers(block.attn))
         if isinstance(block.attn.proj, ResidualLinear):
             attn_calls["linear_residual"] = (block.attn.proj.backend, dispatch.DeviceDtypeCall(device, dtype))
@@ -136,11 +138,11 @@ def _prologue_parts(attn: nn.Module, rope: bool) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def _attention_op_call(attn: nn.Module, device, dtype, training: bool, rope: bool) -> dict[str, tuple]:
-    """{op: (backend, call)} of the attention op ``attn`` runs: ``qkv_attention`` with its prologue when
-    ``prologue_blockers`` finds nothing (``rope``: a RoPE table is passed), else ``attention``."""
+def _attention_op_call(attn: nn.Module, device, dtype, training: bool, rope: bool, fused: bool) -> dict[str, tuple]:
+    """{op: (backend, call)} of the attention op ``attn`` runs: ``qkv_attention`` with its prologue when ``fused``
+    (``rope``: a RoPE table is passed), else ``attention``."""
     dropout = training and getattr(attn.attn_drop, "p", 0.0) > 0.0
-    if attn.packed():
+    if fused:
         call = attention_call(device, dtype, attn.head_dim, dropout=dropout, prologue=_prologue_parts(attn, rope))
         return {"qkv_attention": (attn.backend, call)}
     return {"attention": (attn.backend, attention_call(device, dtype, attn.head_dim, dropout=dropout))}
@@ -162,17 +164,37 @@ def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> di
 
 
 def eva_block_fusion(
-    block: EvaBlock, device: torch.device, dtype: torch.dtype, rope: bool = True
+    block: EvaBlock, device: torch.device, dtype: torch.dtype, rope: bool = True, rope_why: tuple[str, ...] = ()
 ) -> dict[str, HalfFusion]:
     """How an ``EvaBlock``'s halves run: the attention is one ``ops.qkv_attention`` call with qk-norm and RoPE as its
-    prologue while ``prologue_blockers`` finds nothing (else the modules, then ``ops.attention``), proj and the
-    residual add after it; the MLP half is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``. ``rope``: the
-    model passes its blocks a RoPE table."""
+    prologue while ``prologue_blockers`` finds nothing and the table fits (``rope_why``: ``layers.rope_blockers`` of
+    the model's tables), else the modules, then ``ops.attention``; proj and the residual add after it. The MLP half
+    is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``. ``rope``: the model passes its blocks a RoPE table."""
     attn = block.attn
-    attn_why = [f"qk-norm / RoPE: {reason}" for reason in prologue_blockers(attn)]
+    attn_why = [f"qk-norm / RoPE: {reason}" for reason in (*prologue_blockers(attn), *rope_why)]
+    fused = not attn_why
     attn_why.append("EvaAttention: the qkv Linear runs before the attention op, proj and the residual add after it")
     mlp_call = dispatch.DeviceDtypeCall(device, dtype)
     return {
-        "attn": _half(attn_why, _attention_op_call(attn, device, dtype, block.training, rope)),
+        "attn": _half(attn_why, _attention_op_call(attn, device, dtype, block.training, rope, fused)),
         "mlp": _half(list(eva_mlp_half_blockers(block)), {"ln_mlp": (getattr(block.mlp, "backend", None), mlp_call)}),
     }
+
+
+def parallel_block_fusion(block: ParallelScalingBlock, device: torch.device, dtype: torch.dtype) -> dict:
+    """How a ``ParallelScalingBlock`` runs: ``ops.attention`` on q/k/v views of the shared in_proj output and one
+    ``ops.linear_residual`` per out projection while ``parallel_block_blockers`` finds nothing; the MLP's GELU runs
+    as its own op (fc1 shares the in_proj GEMM with q, k and v, so ``ln_mlp`` does not apply)."""
+    blockers = list(parallel_block_blockers(block))
+    call = attention_call(device, dtype, block.head_dim, dropout=block.training and block.attn_drop.p > 0.0)
+    residual_call = dispatch.DeviceDtypeCall(device, dtype)
+    attn_why = list(blockers)
+    if not isinstance(block.q_norm, nn.Identity):
+        attn_why.append("qk-norm: q_norm/k_norm run as separate norms before ops.attention")
+    attn_calls = {"attention": (block.backend, call)}
+    mlp_calls = {}
+    if block.out_proj is None:
+        attn_calls["linear_residual"] = (block.attn_out_proj.backend, residual_call)
+        mlp_calls["linear_residual"] = (block.mlp_out_proj.backend, residual_call)
+    mlp_why = [*blockers, "the MLP's fc1 is part of in_proj (shared with q, k, v): its activation runs as its own op"]
+    return {"attn": _half(attn_why, attn_calls), "mlp": _half(mlp_why, mlp_calls)}

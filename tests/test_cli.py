@@ -706,3 +706,13 @@ def test_explain_heat_map_has_a_colour_bar(tmp_path, monkeypatch):
     _plot(torch.rand(1, 32, 32), torch.full((8, 8), 1 / 64), "title", str(tmp_path / "r.png"))
     (figure,) = figures
     assert any(axis.get_ylabel() == "rollout weight (patch weights sum to 1)" for axis in figure.axes)
+
+
+def test_every_command_has_an_entry_point():
+    import importlib
+
+    from fastvit.__main__ import COMMANDS, ENTRY_POINTS
+
+    assert set(ENTRY_POINTS) | {"info"} == set(COMMANDS)
+    for module, function in ENTRY_POINTS.values():
+        assert callable(getattr(importlib.import_module(module), function))
