@@ -384,6 +384,18 @@ def test_unfusable_qk_norm_module_runs_the_module_path_and_says_why():
     assert "qkv_attention" in report[1]["attn"].backends
 
 
+def test_rope_mixed_learned_tables_keep_the_module_path_with_their_gradient():
+    # RoPE-Mixed: per-head tables built from learned frequencies; the prologue takes one shared, gradient-free table.
+    torch.manual_seed(0)
+    size = dict(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=3)
+    model = fastvit.Eva(**size, use_rot_pos_emb=True, rope_type="mixed").to(DEVICE)
+    _set_attention_backend(model, "triton")
+    report = model.fusion_report(DEVICE)
+    assert "attention" in report[0]["attn"].backends and "RoPE-Mixed" in " ".join(report[0]["attn"].why_not)
+    model(torch.randn(1, 3, 32, 32, device=DEVICE)).sum().backward()
+    assert model.rope.freqs.grad is not None and model.rope.freqs.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: bfloat16, every head dim, longer sequences (skipped without CUDA)
 
