@@ -19,6 +19,10 @@ for fastvit:
 - The backward has no atomics: one kernel owns dK/dV of a key block (looping over query blocks),
   another owns dQ of a query block (looping over key blocks). Every gradient element is written by
   one program in a fixed order, so gradients are bit-identical run to run, always.
+- An optional prologue (constexpr-switched, off by default: the plain kernels compile as without it): qk-norm
+  (LayerNorm / RMSNorm over the head dim) then RoPE applied to every q and k tile as it is loaded, and its
+  backward (transposed rotation, norm backward, norm-weight gradient partials) applied to dQ / dK before they
+  are stored. No normalised or rotated copy of q or k is written. See ``_prologue``.
 
 The launchers (grid, strides, allocation, autotuning) are in ``fastvit/ops/attention.py``; the
 spec is ``fastvit.reference.attention``. The block-size configurations tried by the autotuner are
