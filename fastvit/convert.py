@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from fastvit.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from fastvit.layers import (
+    Block,
     GluMlp,
     LayerNorm,
     Mlp,
@@ -578,12 +579,33 @@ def _mlp_layer_name(layer) -> str:
     raise ValueError(f"mlp_layer {layer!r} has no name in checkpoint metadata (Mlp, SwiGLUPacked, SwiGLU, GluMlp)")
 
 
+_BLOCK_FNS = {
+    "parallel_scaling": ParallelScalingBlock,
+    "parallel_scaling_fused": partial(ParallelScalingBlock, fuse_out_proj=True),
+}
+
+
+def _block_fn_name(block_fn) -> str:
+    """The metadata name of a ``block_fn`` other than ``Block`` (the ``_xp`` models' parallel block)."""
+    base = block_fn.func if isinstance(block_fn, partial) else block_fn
+    keywords = block_fn.keywords if isinstance(block_fn, partial) else {}
+    if base is ParallelScalingBlock and keywords in ({}, {"fuse_out_proj": False}):
+        return "parallel_scaling"
+    if base is ParallelScalingBlock and keywords == {"fuse_out_proj": True}:
+        return "parallel_scaling_fused"
+    raise ValueError(f"block_fn {block_fn!r} cannot be written to checkpoint metadata (Block or ParallelScalingBlock)")
+
+
 def config_to_json(config: Mapping) -> dict:
-    """A ``VisionTransformer`` config as JSON values (tuples as lists, the norm, activation and MLP layers as timm's
-    names plus the norm eps), for checkpoint metadata; :func:`config_from_json` reverses it."""
+    """A ``VisionTransformer`` (or, with ``model_class='Eva'``, ``fastvit.Eva``) config as JSON values (tuples as
+    lists, the norm, activation, MLP and block layers as names plus the norm eps), for checkpoint metadata;
+    :func:`config_from_json` reverses it."""
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k not in _LAYER_KEYS}
     out = {k: v for k, v in out.items() if not callable(v)}
-    out["act_layer"] = act_layer_name(config.get("act_layer"))
+    if config.get("block_fn") not in (None, Block):
+        out["block_fn"] = _block_fn_name(config["block_fn"])
+    if config.get("model_class") != "Eva":  # Eva has no act_layer (GELU, or SwiGLU by its flags)
+        out["act_layer"] = act_layer_name(config.get("act_layer"))
     norm_kind, out["norm_eps"] = norm_layer_spec(config.get("norm_layer"))
     if norm_kind != "layernorm":
         out["norm_type"] = norm_kind
@@ -605,7 +627,21 @@ def config_from_json(config: Mapping) -> dict:
         out["embed_norm_layer"] = partial(norm[out.pop("embed_norm_type")], eps=out.pop("embed_norm_eps"))
     if "mlp_layer" in out:
         out["mlp_layer"] = _MLP_LAYER_NAMES[out["mlp_layer"]]
+    if "block_fn" in out:
+        out["block_fn"] = _BLOCK_FNS[out["block_fn"]]
     return out
+
+
+def build_model(config: Mapping, **overrides) -> nn.Module:
+    """The model a config describes (:func:`config_from_json`'s output, a preset's): ``fastvit.Eva`` when
+    ``config['model_class'] == 'Eva'``, else a ``VisionTransformer``; ``overrides`` win over the config."""
+    config = {**config, **overrides}
+    if config.pop("model_class", "VisionTransformer") == "Eva":
+        from fastvit.eva import Eva
+
+        config.pop("weight_init", None)  # Eva has one init scheme (timm's); loaded weights replace it anyway
+        return Eva(**config)
+    return VisionTransformer(**config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1001,7 +1037,7 @@ def read_run(path: str | os.PathLike, backend: str | None = None, num_heads: int
     config = metadata.get("config")
     config = config_from_json(config) if isinstance(config, Mapping) else infer_config(state, num_heads=num_heads)
     try:
-        model = VisionTransformer(**{**config, "weight_init": "skip", "backend": backend})
+        model = build_model(config, weight_init="skip", backend=backend)
     except TypeError as exc:  # a config key this fastvit does not know (metadata written by another version)
         raise ValueError(f"{os.fspath(path)}: the model config in its metadata is not valid here ({exc})") from exc
     model = load_weights(model, state)

@@ -297,7 +297,10 @@ def test_bad_arguments_are_one_line_with_exit_code_2_from_a_shell(tmp_path):
         (["train", "--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is above --lr 0.01"),
         (["train", "--mixup", "0.2", "-b", "15"], "need an even --batch-size"),
         (["train", "--model", "vit_gigantic"], "--model 'vit_gigantic' is not a preset"),
-        (["train", "--model", "eva02_base_patch14_448"], "is an Eva (RoPE) model, which the CLI does not train yet"),
+        (
+            ["train", "--model", "eva02_base_patch14_448", "--img-size", "32"],
+            "--img-size 32 is not divisible by the patch size 14 of eva02_base_patch14_448",
+        ),
         (["train", "--init", "/no/such/file.pth"], "--init '/no/such/file.pth' does not exist"),
         (["train", "--resume", "/no/such/run"], "--resume '/no/such/run' does not exist"),
         (["train", "--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),

@@ -221,8 +221,12 @@ def test_one_training_step_matches_timm(name, size):
     [
         ("vit_so400m_patch14_siglip_384", dict(embed_dim=144, num_heads=2, img_size=46)),  # map pooling, head dim 72
         ("vit_base_patch16_dinov3", dict(embed_dim=64, num_heads=2, img_size=48)),  # RoPE, registers, LayerScale
+        ("vit_base_patch16_rope_mixed_224", dict(embed_dim=64, num_heads=2, img_size=48)),  # learned per-block RoPE
+        ("vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32)),  # parallel blocks, qk-norm
+        ("eva02_base_patch14_448", dict(embed_dim=64, num_heads=2, img_size=56)),  # q/k/v Linears, SwiGLU + sub-LN
+        ("aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),  # RmsNorm, split SwiGLU, avg pool
     ],
-    ids=["siglip-so400m", "dinov3"],
+    ids=["siglip-so400m", "dinov3", "rope-mixed", "xp", "eva02", "aimv2"],
 )
 def test_torch_compile_fullgraph(name, size):
     theirs = _timm_model(name, size).eval()
