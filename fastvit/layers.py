@@ -487,7 +487,7 @@ def fused_mlp_call(norm: nn.Module, mlp: nn.Module, device: torch.device, dtype:
     from fastvit.ops.ln_mlp import MlpCall
 
     return MlpCall(
-        device, dtype, mlp.fc2.in_features, mlp.fc2.in_features, True, mlp_act(mlp) or "gelu",
+        device, dtype, mlp.fc2.out_features, mlp.fc2.in_features, True, mlp_act(mlp) or "gelu",
         norm_kind(norm) or "layer", not isinstance(mlp.norm, nn.Identity),
     )  # fmt: skip
 

@@ -35,6 +35,7 @@ at::Tensor act_forward(const at::Tensor& pre, MlpAct act) {
     }
   }
   TORCH_CHECK(false, "ln_mlp: unknown activation");
+  return pre;  // unreachable
 }
 
 // dL/dpre [rows, P] from dL/dact [rows, hidden] and pre [rows, P].
@@ -61,6 +62,7 @@ at::Tensor act_backward(const at::Tensor& grad_hidden, const at::Tensor& pre, Ml
     }
   }
   TORCH_CHECK(false, "ln_mlp: unknown activation");
+  return pre;  // unreachable
 }
 
 }  // namespace
