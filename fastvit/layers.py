@@ -690,15 +690,17 @@ class Block(nn.Module):
     Attention half: while ``attention_half_blockers`` finds nothing that must be called (``ls1`` an Identity,
     drop-path and proj dropout inactive, ``attn``/``attn.proj`` plain fastvit modules without hooks), the proj
     Linear and the residual add are one ``ops.linear_residual`` call. MLP half: while ``mlp_half_blockers``
-    finds nothing (``norm2`` a plain LayerNorm, ``mlp`` fastvit's ``Mlp`` with plain Linears and a GELU, no
-    dropout, ``ls2`` an Identity, no active drop-path), LayerNorm, fc1, GELU, fc2 and the residual add are one
-    ``ops.ln_mlp`` call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
+    finds nothing (``norm2`` a plain LayerNorm/RmsNorm, ``mlp`` fastvit's ``Mlp``/``GluMlp``/``SwiGLU`` with plain
+    Linears and an activation ``ln_mlp`` computes, no dropout, ``ls2`` an Identity or a plain LayerScale, no active
+    drop-path), the norm, fc1, activation, hidden norm, fc2, LayerScale and the residual add are one ``ops.ln_mlp``
+    call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
     eval mode, so a model trained with it still runs fused for inference. ``fastvit.fusion.block_fusion`` says
     which halves run fused and why not; an unfused half also logs at DEBUG on the ``"fastvit"`` logger.
 
-    timm's knobs for the modern families: ``mlp_layer`` (``Mlp``, ``SwiGLUPacked``/``GluMlp``, ``SwiGLU``: the gated
-    ones run as modules), ``qk_norm`` (``attn.q_norm``/``attn.k_norm``, a ``norm_layer`` per head), ``scale_mlp_norm``
-    (a ``norm_layer`` on the MLP's hidden layer), ``norm_layer`` (``LayerNorm`` any eps, ``RmsNorm``), ``act_layer``.
+    timm's knobs for the modern families: ``mlp_layer`` (``Mlp``, ``SwiGLUPacked``/``GluMlp``, ``SwiGLU``: SiLU-gated
+    ones run as ``ln_mlp(act='swiglu')``), ``qk_norm`` (``attn.q_norm``/``attn.k_norm``, a ``norm_layer`` per head),
+    ``scale_mlp_norm`` (a ``norm_layer`` on the MLP's hidden layer), ``norm_layer`` (``LayerNorm`` any eps,
+    ``RmsNorm``), ``act_layer``.
     """
 
     def __init__(
