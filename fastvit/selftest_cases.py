@@ -769,6 +769,7 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
             cases = [
                 ("1x1x7 -> 13", _ln_mlp_case((1, 1), 7, 13, backend="triton")),
                 ("2x7x24 -> 96 tanh", _ln_mlp_case((2, 7), 24, 96, "tanh", backend="triton")),
+                ("2x7x24 -> 40 quick_gelu", _ln_mlp_case((2, 7), 24, 40, backend="triton", act="quick_gelu")),
                 ("2x17x48 strided x, no biases", _ln_mlp_case((2, 17), 48, 96, biases=False, strided=True,
                                                               backend="triton")),
             ]  # fmt: skip

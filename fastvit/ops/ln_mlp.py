@@ -17,7 +17,7 @@ Backends:
              about half the activation memory of eager PyTorch. Every variant but the hidden-layer norm.
   ``triton`` two fused Triton GEMMs (``fastvit/ops/triton/linear.py``): fc1 with the LayerNorm applied to its A
              tiles as they load and the bias + GELU epilogue, fc2 with the bias + residual epilogue; LN(x) is
-             never written. LayerNorm with GELU / GELU-tanh only. ``auto`` prefers it over ``cuda`` only where
+             never written. LayerNorm with GELU / GELU-tanh / QuickGELU. ``auto`` prefers it over ``cuda`` only where
              ``fastvit/gemm_choices.json`` holds benchmark evidence for the (C x hidden, dtype, GPU); an explicit
              ``backend='triton'`` always runs it.
 The spec they are tested against is ``fastvit.reference.ln_mlp``. Outside autocast every tensor must share one dtype

@@ -33,8 +33,8 @@ from fastvit.ops.ln_linear import GemmCall
 from fastvit.ops.triton import launch
 from fastvit.validation import cast_like_autocast_linear, centred_in_dtype
 
-ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernels/linear.py's ACT_* constants
-_MLP_ACTIVATIONS = ("gelu", "gelu_tanh")  # the ln_mlp activations the GEMM epilogue computes
+ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}  # kernels/linear.py's ACT_* constants
+_MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")  # the ln_mlp activations the GEMM epilogue computes
 
 
 def supports(call) -> str | None:
@@ -98,7 +98,7 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias, eps, activation, residual):
 def mlp_supports(call) -> str | None:
     """Why the two Triton GEMMs do not cover ``ln_mlp``'s ``call`` (its variant: LayerNorm and GELU only)."""
     if getattr(call, "act", "gelu") not in _MLP_ACTIVATIONS:
-        return f"act={call.act!r}: the Triton GEMM epilogues compute GELU and GELU-tanh only"
+        return f"act={call.act!r}: the Triton GEMM epilogues compute GELU, GELU-tanh and QuickGELU only"
     if getattr(call, "norm", "layer") != "layer":
         return f"norm={call.norm!r}: the Triton GEMM prologue is a LayerNorm"
     if getattr(call, "hidden_norm", False):
@@ -110,7 +110,10 @@ def mlp_supports(call) -> str | None:
 def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, residual, norm, hidden_norm):
     """fc1 with the LayerNorm prologue and GELU epilogue, then fc2 with the bias and residual epilogue."""
     if act not in _MLP_ACTIVATIONS or norm != "layer" or hidden_norm is not None:
-        raise ValueError(f"ln_mlp(backend='triton') runs LayerNorm + GELU MLPs only, got act={act!r}, norm={norm!r}")
+        raise ValueError(
+            f"ln_mlp(backend='triton'): the Triton GEMMs run LayerNorm + GELU/QuickGELU MLPs only, got "
+            f"act={act!r}, norm={norm!r}"
+        )
     if ln_bias is None:  # the prologue takes both LayerNorm parameters: a zero bias is the bias-free LayerNorm
         ln_bias = torch.zeros_like(ln_weight)
     hidden = ln_linear(x, ln_weight, ln_bias, fc1_weight, fc1_bias, eps, act, None)
