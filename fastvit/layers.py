@@ -483,13 +483,15 @@ def _fc1(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def fused_mlp_call(norm: nn.Module, mlp: nn.Module, device: torch.device, dtype: torch.dtype):
-    """The ``ops.ln_mlp`` call signature (``MlpCall``) of ``_fused_ln_mlp(norm, mlp, ...)`` on ``device``/``dtype``."""
+    """The ``ops.ln_mlp`` call signature (``MlpCall``) of ``_fused_ln_mlp(norm, mlp, ...)`` on ``device``/``dtype``.
+
+    Reads no more than it must: a replaced fc2 (an adapter without ``in_features``) gives shape 0 (the blockers
+    already say that half runs unfused)."""
     from fastvit.ops.ln_mlp import MlpCall
 
-    return MlpCall(
-        device, dtype, mlp.fc2.out_features, mlp.fc2.in_features, True, mlp_act(mlp) or "gelu",
-        norm_kind(norm) or "layer", not isinstance(mlp.norm, nn.Identity),
-    )  # fmt: skip
+    width, hidden = getattr(mlp.fc2, "out_features", 0), getattr(mlp.fc2, "in_features", 0)
+    hidden_norm = not isinstance(getattr(mlp, "norm", None), (nn.Identity, type(None)))
+    return MlpCall(device, dtype, width, hidden, True, mlp_act(mlp) or "gelu", norm_kind(norm) or "layer", hidden_norm)
 
 
 def _fused_ln_mlp(
