@@ -20,12 +20,14 @@ from fastvit.layers import (
     Attention,
     AttentionPoolLatent,
     EvaBlock,
+    ParallelScalingBlock,
     ResidualLinear,
     attention_half_blockers,
     eva_mlp_half_blockers,
     fused_mlp_call,
     mlp_blockers,
     mlp_half_blockers,
+    parallel_block_blockers,
 )
 from fastvit.ops.attention import attention_call
 
@@ -158,3 +160,22 @@ def eva_block_fusion(block: EvaBlock, device: torch.device, dtype: torch.dtype) 
         "attn": _half(attn_why, {"attention": (attn.backend, call)}),
         "mlp": _half(list(eva_mlp_half_blockers(block)), mlp_calls),
     }
+
+
+def parallel_block_fusion(block: ParallelScalingBlock, device: torch.device, dtype: torch.dtype) -> dict:
+    """How a ``ParallelScalingBlock`` runs: ``ops.attention`` on q/k/v views of the shared in_proj output and one
+    ``ops.linear_residual`` per out projection while ``parallel_block_blockers`` finds nothing; the MLP's GELU runs
+    as its own op (fc1 shares the in_proj GEMM with q, k and v, so ``ln_mlp`` does not apply)."""
+    blockers = list(parallel_block_blockers(block))
+    call = attention_call(device, dtype, block.head_dim, dropout=block.training and block.attn_drop.p > 0.0)
+    residual_call = dispatch.DeviceDtypeCall(device, dtype)
+    attn_why = list(blockers)
+    if not isinstance(block.q_norm, nn.Identity):
+        attn_why.append("qk-norm: q_norm/k_norm run as separate norms before ops.attention")
+    attn_calls = {"attention": (block.backend, call)}
+    mlp_calls = {}
+    if block.out_proj is None:
+        attn_calls["linear_residual"] = (block.attn_out_proj.backend, residual_call)
+        mlp_calls["linear_residual"] = (block.mlp_out_proj.backend, residual_call)
+    mlp_why = [*blockers, "the MLP's fc1 is part of in_proj (shared with q, k, v): its activation runs as its own op"]
+    return {"attn": _half(attn_why, attn_calls), "mlp": _half(mlp_why, mlp_calls)}

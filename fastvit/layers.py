@@ -951,6 +951,128 @@ def eva_mlp_half_blockers(block: EvaBlock) -> Iterator[str]:
     yield from mlp_blockers(block.norm2, block.mlp, block.mlp.norm, block.training)
 
 
+class ParallelScalingBlock(nn.Module):
+    """timm's ``ParallelScalingBlock`` (the ``_xp`` models): attention and MLP side by side on one normalised input,
+    ``x + ls(attn_out_proj(attn) + mlp_out_proj(act(fc1)))`` (Dehghani et al., "Scaling Vision Transformers to 22
+    Billion Parameters", arXiv:2302.05442).
+
+    timm's keys: ``in_norm``, ``in_proj`` (fc1 and q, k, v in one Linear: [H + 3C, C], H the MLP width first),
+    ``mlp_bias`` (fc1's bias when ``qkv_bias=False``; with ``qkv_bias=True`` every bias lives in ``in_proj.bias``),
+    ``q_norm``/``k_norm``, ``attn_out_proj`` and ``mlp_out_proj`` (or one ``out_proj`` over [attn, mlp] with
+    ``fuse_out_proj``), ``ls``. The attention runs on ``ops.attention`` (q/k/v [B, H, N, D] views of the in_proj
+    output). While ``parallel_block_blockers`` finds nothing that must be called (separate out projections as plain
+    ``ResidualLinear``s, ``ls`` an Identity, no active drop-path or dropout), both out projections add into the
+    residual stream inside their GEMMs: two ``ops.linear_residual`` calls, ``(x + mlp) + attn`` — one rounding
+    order apart from timm's ``x + (attn + mlp)``.
+    """
+
+    op_name = "qkv_attention"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_attn_norm: bool = False,
+        scale_mlp_norm: bool = False,
+        proj_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = LayerNorm,
+        mlp_layer: Callable[..., nn.Module] | None = None,  # timm's signature; the MLP is built in
+        fuse_out_proj: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if scale_attn_norm or scale_mlp_norm:
+            raise ValueError("ParallelScalingBlock has no inner norms (scale_attn_norm / scale_mlp_norm), as timm's")
+        if mlp_layer not in (None, Mlp):
+            raise ValueError(f"ParallelScalingBlock builds its own GELU MLP; mlp_layer={mlp_layer!r} is not supported")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        hidden = int(mlp_ratio * dim)
+        self.in_split = [hidden, dim, dim, dim]
+        self.in_norm = norm_layer(dim, **dd)
+        self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=qkv_bias, **dd)
+        self.mlp_bias = None if qkv_bias else nn.Parameter(torch.zeros(hidden, **dd))
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.mlp_drop = nn.Dropout(proj_drop)
+        self.mlp_act = act_layer()
+        if fuse_out_proj:
+            self.out_proj = nn.Linear(dim + hidden, dim, bias=proj_bias, **dd)
+            self.attn_out_proj = self.mlp_out_proj = None
+        else:
+            self.out_proj = None
+            self.attn_out_proj = ResidualLinear(dim, dim, bias=proj_bias, **dd)
+            self.mlp_out_proj = ResidualLinear(hidden, dim, bias=proj_bias, **dd)
+        self.ls = LayerScale(dim, init_values=init_values, **dd) if init_values is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.backend: str | None = None
+
+    def reset_parameters(self) -> None:
+        if self.mlp_bias is not None:
+            nn.init.zeros_(self.mlp_bias)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] (the block input) -> the MLP's pre-activation [B, N, H] and q, k, v [B, heads, N, D] as the
+        attention uses them (after qk-norm)."""
+        x_mlp, q, k, v = self.in_proj(self.in_norm(x)).split(self.in_split, dim=-1)
+        if self.mlp_bias is not None:
+            x_mlp = x_mlp + self.mlp_bias
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        return x_mlp, self.q_norm(q), self.k_norm(k), v
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] (the block input) -> q, k, v [B, heads, N, D] (``fastvit.explain``'s view of a block)."""
+        return self.split(x)[1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]."""
+        x_mlp, q, k, v = self.split(x)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        x_attn = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend).transpose(1, 2)
+        x_attn = x_attn.flatten(2)
+        x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
+        why = next(parallel_block_blockers(self), None)
+        if why is None:
+            mlp_proj, attn_proj = self.mlp_out_proj, self.attn_out_proj
+            x = ops.linear_residual(x_mlp, mlp_proj.weight, mlp_proj.bias, x, backend=mlp_proj.backend)
+            return ops.linear_residual(x_attn, attn_proj.weight, attn_proj.bias, x, backend=attn_proj.backend)
+        if dispatch.debug_enabled():
+            dispatch.logger.debug("ParallelScalingBlock: out projections unfused: %s", why)
+        if self.out_proj is not None:
+            y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
+        else:
+            y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
+        return x + self.drop_path(self.ls(y))
+
+
+def parallel_block_blockers(block: ParallelScalingBlock) -> Iterator[str]:
+    """Why a ``ParallelScalingBlock``'s out projections cannot add into the residual stream inside their GEMMs."""
+    if block.out_proj is not None:
+        yield "fuse_out_proj: one out_proj over [attn, mlp] runs as a module, then the residual add"
+        return
+    yield from _skippable("ls", block.ls, block.training)
+    yield from _skippable("drop_path", block.drop_path, block.training)
+    for name in ("attn_out_proj", "mlp_out_proj"):
+        if not plain(getattr(block, name), ResidualLinear):
+            yield f"{name} is a {type(getattr(block, name)).__name__} (an adapter, hook or subclass): it is called"
+    if _global_hooks():
+        yield "global module hooks are registered: every module is called"
+
+
 # ------------------------------------------------------------------------------------------------
 # The fusion rule: what a fused path may skip or read instead of calling.
 

@@ -58,6 +58,15 @@ def _tile_coords(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP
 
 
 @triton.jit
+def _output_tile(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_R: tl.constexpr):
+    """This program's output tile (grouped order): row offsets, column offsets and their in-bounds masks."""
+    pid_r, pid_c = _tile_coords(ROWS, COLS, BLOCK_R, BLOCK_C, GROUP_R)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return offs_r, offs_c, offs_r < ROWS, offs_c < COLS
+
+
+@triton.jit
 def _load_a_tile(
     a_ptrs,  # [BLOCK_M, BLOCK_K] pointers into A [M, K]
     rows_valid,  # [BLOCK_M]
@@ -207,12 +216,8 @@ def linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rows_valid, cols_valid = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    rows_valid = offs_m < M
-    cols_valid = offs_n < N
     rows64 = offs_m.to(tl.int64)
     a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
@@ -262,12 +267,8 @@ def linear_bwd_input_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = _tile_coords(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m, offs_k, rows_valid, k_valid = _output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_n = tl.arange(0, BLOCK_N)
-    rows_valid = offs_m < M
-    k_valid = offs_k < K
     rows64 = offs_m.to(tl.int64)
     grad_offsets = rows64[:, None] * N + offs_n[None, :]
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
