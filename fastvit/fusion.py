@@ -16,14 +16,15 @@ import torch.nn as nn
 
 from fastvit import dispatch, verification
 from fastvit.layers import (
+    MLP_TYPES,
     Attention,
     AttentionPoolLatent,
     EvaBlock,
-    Mlp,
     ParallelScalingBlock,
     ResidualLinear,
     attention_half_blockers,
     eva_mlp_half_blockers,
+    fused_mlp_call,
     mlp_blockers,
     mlp_half_blockers,
     parallel_block_blockers,
@@ -120,8 +121,8 @@ def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> 
         if isinstance(block.attn.proj, ResidualLinear):
             attn_calls["linear_residual"] = (block.attn.proj.backend, dispatch.DeviceDtypeCall(device, dtype))
     mlp_calls = {}
-    if isinstance(block.mlp, Mlp):
-        mlp_calls["ln_mlp"] = (block.mlp.backend, dispatch.DeviceDtypeCall(device, dtype))
+    if isinstance(block.mlp, MLP_TYPES):
+        mlp_calls["ln_mlp"] = (block.mlp.backend, fused_mlp_call(block.norm2, block.mlp, device, dtype))
     return {
         "attn": _half(attn_why, attn_calls),
         "mlp": _half(list(mlp_half_blockers(block)), mlp_calls),
@@ -159,7 +160,7 @@ def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> di
     mlp_why = list(mlp_blockers(pool.norm, pool.mlp, pool.mlp.norm, pool.training))
     return {
         "attn": _half(attn_why, {"attention": (pool.backend, call)}),
-        "mlp": _half(mlp_why, {"ln_mlp": (pool.mlp.backend, dispatch.DeviceDtypeCall(device, dtype))}),
+        "mlp": _half(mlp_why, {"ln_mlp": (pool.mlp.backend, fused_mlp_call(pool.norm, pool.mlp, device, dtype))}),
     }
 
 
@@ -174,10 +175,12 @@ def eva_block_fusion(
     attn_why = [f"qk-norm / RoPE: {reason}" for reason in (*prologue_blockers(attn), *rope_why)]
     fused = not attn_why
     attn_why.append("EvaAttention: the qkv Linear runs before the attention op, proj and the residual add after it")
-    mlp_call = dispatch.DeviceDtypeCall(device, dtype)
+    mlp_calls = {}
+    if isinstance(block.mlp, MLP_TYPES):
+        mlp_calls["ln_mlp"] = (block.mlp.backend, fused_mlp_call(block.norm2, block.mlp, device, dtype))
     return {
         "attn": _half(attn_why, _attention_op_call(attn, device, dtype, block.training, rope, fused)),
-        "mlp": _half(list(eva_mlp_half_blockers(block)), {"ln_mlp": (getattr(block.mlp, "backend", None), mlp_call)}),
+        "mlp": _half(list(eva_mlp_half_blockers(block)), mlp_calls),
     }
 
 

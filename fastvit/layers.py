@@ -339,9 +339,10 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """timm's ``Mlp``: fc1 -> act -> drop1 -> norm -> fc2 -> drop2 (same names and keys).
 
-    In a ``Block`` the norm before it (``norm2``), this MLP and the residual add run as one ``ops.ln_mlp``
-    call when ``mlp_half_blockers`` finds nothing that must be called; ``backend`` is that op's backend.
-    ``norm_layer`` is the hidden-layer norm (timm's ``scale_mlp_norm``), which ``ln_mlp`` does not cover.
+    In a ``Block`` the norm before it (``norm2``), this MLP, LayerScale (``ls2``) and the residual add run as one
+    ``ops.ln_mlp`` call when ``mlp_half_blockers`` finds nothing that must be called (activations ``nn.GELU``
+    either form, ``QuickGELU``); ``backend`` is that op's backend. ``norm_layer`` is the hidden-layer norm (timm's
+    ``scale_mlp_norm``), passed to ``ln_mlp`` as its hidden norm when it is of the block norm's kind.
     """
 
     op_name = "ln_mlp"
@@ -376,9 +377,12 @@ class GluMlp(nn.Module):
     """timm's ``GluMlp``: one fc1 whose output halves are a value and a gate, ``act(gate) * value`` -> fc2.
 
     ``hidden_features`` is fc1's width (twice the gated width fc2 reads). ``gate_last=False`` gates with the first
-    half: ``SwiGLUPacked`` (SiLU, DINOv2 giant, EVA without sub-LN). Keys ``fc1.*``, ``norm.*``, ``fc2.*``. Runs as
-    modules (``ops.ln_mlp`` covers GELU MLPs only); the spec is ``fastvit.reference.glu_mlp``.
+    half: ``SwiGLUPacked`` (SiLU, DINOv2 giant, EVA without sub-LN). Keys ``fc1.*``, ``norm.*``, ``fc2.*``. In a
+    ``Block``, SiLU gating with the first half runs as one ``ops.ln_mlp(act='swiglu')`` call (as ``Mlp``; ``backend``
+    is that op's backend); other gates run as modules. The spec is ``fastvit.reference.glu_mlp``.
     """
+
+    op_name = "ln_mlp"
 
     def __init__(
         self,
@@ -404,6 +408,7 @@ class GluMlp(nn.Module):
         self.norm = norm_layer(hidden_features // 2, **dd) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden_features // 2, out_features or in_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drop)
+        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = self.fc1(x).chunk(2, dim=-1)
@@ -417,9 +422,13 @@ SwiGLUPacked = partial(GluMlp, act_layer=nn.SiLU, gate_last=False)
 class SwiGLU(nn.Module):
     """timm's ``SwiGLU`` with split fc1: ``fc2(norm(silu(fc1_g(x)) * fc1_x(x)))`` (EVA02, AIMv2, DINOv3 S+/H+).
 
-    Keys ``fc1_g.*``, ``fc1_x.*``, ``norm.*`` (the sub-LN, timm's ``scale_mlp``), ``fc2.*``. The spec is
+    Keys ``fc1_g.*``, ``fc1_x.*``, ``norm.*`` (the sub-LN, timm's ``scale_mlp``), ``fc2.*``. In a ``Block`` it runs
+    as one ``ops.ln_mlp(act='swiglu')`` call on ``cat([fc1_g, fc1_x])`` (one [2·Hid, C] copy of the weights per call:
+    the op keeps one packed layout, so every backend has one GEMM for fc1). The spec is
     ``fastvit.reference.swiglu_mlp``.
     """
+
+    op_name = "ln_mlp"
 
     def __init__(
         self,
@@ -445,18 +454,82 @@ class SwiGLU(nn.Module):
         self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drop)
+        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.fc1_g(x)) * self.fc1_x(x)
         return self.drop2(self.fc2(self.norm(self.drop1(x))))
 
 
-def _fused_ln_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, residual: bool, backend: str | None):
-    """``[x +] mlp(norm(x))`` as one ``ops.ln_mlp`` call (the caller checked ``mlp_blockers``)."""
-    fc1, fc2 = mlp.fc1, mlp.fc2
+def norm_kind(norm: nn.Module) -> str | None:
+    """``ops.ln_mlp``'s ``norm`` for a plain norm module with a weight ('layer' | 'rms'), else None."""
+    if plain(norm, LayerNorm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1:
+        return "layer"
+    if plain(norm, RmsNorm) and norm.weight is not None:
+        return "rms"
+    return None
+
+
+def mlp_act(mlp: nn.Module) -> str | None:
+    """``ops.ln_mlp``'s ``act`` for a plain activation of ``mlp`` (the gated MLPs: SiLU gating with the first half),
+    else None."""
+    if isinstance(mlp, (GluMlp, SwiGLU)):
+        return "swiglu" if plain(mlp.act, nn.SiLU) and not getattr(mlp, "gate_last", False) else None
+    if plain(mlp.act, nn.GELU):
+        return "gelu_tanh" if mlp.act.approximate == "tanh" else "gelu"
+    return "quick_gelu" if plain(mlp.act, QuickGELU) else None
+
+
+def _fc1(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fc1's weight [P, C] and bias [P] or None; the split SwiGLU's two Linears as one packed fc1, gate rows first."""
+    if isinstance(mlp, SwiGLU):
+        g, v = mlp.fc1_g, mlp.fc1_x
+        return torch.cat([g.weight, v.weight]), None if g.bias is None else torch.cat([g.bias, v.bias])
+    return mlp.fc1.weight, mlp.fc1.bias
+
+
+def fused_mlp_call(norm: nn.Module, mlp: nn.Module, device: torch.device, dtype: torch.dtype):
+    """The ``ops.ln_mlp`` call signature (``MlpCall``) of ``_fused_ln_mlp(norm, mlp, ...)`` on ``device``/``dtype``.
+
+    Reads no more than it must: a replaced fc2 (an adapter without ``in_features``) gives shape 0 (the blockers
+    already say that half runs unfused)."""
+    from fastvit.ops.ln_mlp import MlpCall
+
+    width, hidden = getattr(mlp.fc2, "out_features", 0), getattr(mlp.fc2, "in_features", 0)
+    hidden_norm = not isinstance(getattr(mlp, "norm", None), (nn.Identity, type(None)))
+    return MlpCall(device, dtype, width, hidden, True, mlp_act(mlp) or "gelu", norm_kind(norm) or "layer", hidden_norm)
+
+
+def _fused_ln_mlp(
+    norm: nn.Module,
+    mlp: nn.Module,
+    x: torch.Tensor,
+    residual: bool,
+    backend: str | None,
+    layer_scale: nn.Module | torch.Tensor | None = None,
+    hidden_norm: nn.Module | None = None,
+):
+    """``[x +] layer_scale(mlp(norm(x)))`` as one ``ops.ln_mlp`` call (the caller checked the blockers).
+
+    ``layer_scale``: a ``LayerScale``, a gamma [C], an Identity or None; ``hidden_norm``: the norm over the hidden
+    layer (default ``mlp.norm``; an Identity for none).
+    """
+    hidden_norm = mlp.norm if hidden_norm is None else hidden_norm
+    if isinstance(layer_scale, LayerScale):
+        layer_scale = layer_scale.gamma
+    elif isinstance(layer_scale, nn.Module):  # nn.Identity
+        layer_scale = None
+    hidden_kwargs = {}
+    if not isinstance(hidden_norm, nn.Identity):
+        hidden_kwargs = dict(
+            hidden_norm_weight=hidden_norm.weight, hidden_norm_bias=getattr(hidden_norm, "bias", None),
+            hidden_norm_eps=hidden_norm.eps,
+        )  # fmt: skip
+    fc1_weight, fc1_bias = _fc1(mlp)
     return ops.ln_mlp(
-        x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-        eps=norm.eps, approximate=mlp.act.approximate, residual=residual, backend=backend,
+        x, norm.weight, getattr(norm, "bias", None), fc1_weight, fc1_bias, mlp.fc2.weight, mlp.fc2.bias,
+        eps=norm.eps, residual=residual, backend=backend, act=mlp_act(mlp), norm=norm_kind(norm),
+        layer_scale=layer_scale, **hidden_kwargs,
     )  # fmt: skip
 
 
@@ -489,7 +562,7 @@ class LNMLP(Mlp):
     def forward(self, x: torch.Tensor, residual: bool | None = None) -> torch.Tensor:
         residual = self.residual if residual is None else residual
         if next(mlp_blockers(self.norm, self, _NO_HIDDEN_NORM, self.training), None) is None:
-            return _fused_ln_mlp(self.norm, self, x, residual, self.backend)
+            return _fused_ln_mlp(self.norm, self, x, residual, self.backend, hidden_norm=_NO_HIDDEN_NORM)
         out = self.drop2(self.fc2(self.drop1(self.act(self.fc1(self.norm(x))))))
         return x + out if residual else out
 
@@ -625,15 +698,17 @@ class Block(nn.Module):
     Attention half: while ``attention_half_blockers`` finds nothing that must be called (``ls1`` an Identity,
     drop-path and proj dropout inactive, ``attn``/``attn.proj`` plain fastvit modules without hooks), the proj
     Linear and the residual add are one ``ops.linear_residual`` call. MLP half: while ``mlp_half_blockers``
-    finds nothing (``norm2`` a plain LayerNorm, ``mlp`` fastvit's ``Mlp`` with plain Linears and a GELU, no
-    dropout, ``ls2`` an Identity, no active drop-path), LayerNorm, fc1, GELU, fc2 and the residual add are one
-    ``ops.ln_mlp`` call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
+    finds nothing (``norm2`` a plain LayerNorm/RmsNorm, ``mlp`` fastvit's ``Mlp``/``GluMlp``/``SwiGLU`` with plain
+    Linears and an activation ``ln_mlp`` computes, no dropout, ``ls2`` an Identity or a plain LayerScale, no active
+    drop-path), the norm, fc1, activation, hidden norm, fc2, LayerScale and the residual add are one ``ops.ln_mlp``
+    call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
     eval mode, so a model trained with it still runs fused for inference. ``fastvit.fusion.block_fusion`` says
     which halves run fused and why not; an unfused half also logs at DEBUG on the ``"fastvit"`` logger.
 
-    timm's knobs for the modern families: ``mlp_layer`` (``Mlp``, ``SwiGLUPacked``/``GluMlp``, ``SwiGLU``: the gated
-    ones run as modules), ``qk_norm`` (``attn.q_norm``/``attn.k_norm``, a ``norm_layer`` per head), ``scale_mlp_norm``
-    (a ``norm_layer`` on the MLP's hidden layer), ``norm_layer`` (``LayerNorm`` any eps, ``RmsNorm``), ``act_layer``.
+    timm's knobs for the modern families: ``mlp_layer`` (``Mlp``, ``SwiGLUPacked``/``GluMlp``, ``SwiGLU``: SiLU-gated
+    ones run as ``ln_mlp(act='swiglu')``), ``qk_norm`` (``attn.q_norm``/``attn.k_norm``, a ``norm_layer`` per head),
+    ``scale_mlp_norm`` (a ``norm_layer`` on the MLP's hidden layer), ``norm_layer`` (``LayerNorm`` any eps,
+    ``RmsNorm``), ``act_layer``.
     """
 
     def __init__(
@@ -694,7 +769,7 @@ class Block(nn.Module):
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         why = next(mlp_half_blockers(self), None)
         if why is None:
-            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend)
+            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend, self.ls2)
         if dispatch.debug_enabled():
             dispatch.logger.debug("Block: MLP half unfused: %s", why)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -917,20 +992,16 @@ class EvaBlock(nn.Module):
         out = self.attn(self.norm1(x), rope)
         x = x + self.drop_path1(out if self.gamma_1 is None else self.gamma_1 * out)
         if next(eva_mlp_half_blockers(self), None) is None:
-            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend)
+            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend, self.gamma_2)
         out = self.mlp(self.norm2(x))
         return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
 
 
 def eva_mlp_half_blockers(block: EvaBlock) -> Iterator[str]:
     """Why an ``EvaBlock``'s MLP half is not one ``ops.ln_mlp`` call (``mlp_half_blockers`` for timm's Eva keys)."""
-    if block.gamma_2 is not None:
-        yield "gamma_2 (LayerScale) scales the MLP output: the residual add runs separately"
-    if isinstance(block.mlp, (GluMlp, SwiGLU)):
-        yield f"mlp is a gated {type(block.mlp).__name__} (SwiGLU): ln_mlp covers GELU MLPs only, it runs unfused"
-        return
-    if not plain(block.mlp, Mlp):
-        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, or not fastvit's Mlp"
+    # gamma_2 (LayerScale) is folded into fc2 by ops.ln_mlp.
+    if not plain(block.mlp, *MLP_TYPES):
+        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, not {_MLP_NAMES}"
         return
     yield from _skippable("drop_path2", block.drop_path2, block.training)
     yield from mlp_blockers(block.norm2, block.mlp, block.mlp.norm, block.training)
@@ -1120,21 +1191,32 @@ def attention_half_blockers(block: nn.Module) -> Iterator[str]:
         yield "global module hooks are registered: every module is called"
 
 
+MLP_TYPES = (Mlp, GluMlp, SwiGLU)  # the MLP classes ops.ln_mlp runs
+_MLP_NAMES = "fastvit's " + "/".join(t.__name__ for t in MLP_TYPES)
+
+
 def mlp_blockers(norm: nn.Module, mlp: nn.Module, hidden_norm: nn.Module, training: bool) -> Iterator[str]:
-    """Why ``x + mlp(norm(x))`` is not one ``ops.ln_mlp`` call: the modules it reads must be plain LayerNorm,
-    Linear, GELU, Linear, and the dropouts it skips inactive."""
-    if not plain(norm, LayerNorm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
-        yield f"the norm is a {type(norm).__name__}, not a plain affine LayerNorm: the MLP runs unfused"
-    elif len(norm.normalized_shape) != 1:
-        yield "the LayerNorm normalises more than the last dimension"
-    for name in ("fc1", "fc2"):
+    """Why ``x + mlp(norm(x))`` is not one ``ops.ln_mlp`` call: the modules it reads must be a plain LayerNorm /
+    RmsNorm, Linears, an activation ``ln_mlp`` computes, a hidden norm of the first norm's kind (or none), and the
+    dropouts it skips inactive."""
+    kind = norm_kind(norm)
+    if kind is None:
+        yield f"the norm is a {type(norm).__name__}, not a plain LayerNorm/RmsNorm with a weight: the MLP runs unfused"
+    linears = ("fc1_g", "fc1_x", "fc2") if isinstance(mlp, SwiGLU) else ("fc1", "fc2")
+    for name in linears:
         linear = getattr(mlp, name)
         if not plain(linear, nn.Linear):
             yield f"mlp.{name} is a {type(linear).__name__} (an adapter, hook or subclass): it is called unfused"
-    if not plain(mlp.act, nn.GELU):
-        yield f"mlp.act is a {type(mlp.act).__name__}, not a plain nn.GELU: it is called unfused"
-    if not plain(hidden_norm, nn.Identity):
-        yield f"mlp.norm is a {type(hidden_norm).__name__}: the hidden-layer norm is called unfused"
+    if isinstance(mlp, SwiGLU) and (mlp.fc1_g.bias is None) != (mlp.fc1_x.bias is None):
+        yield "mlp.fc1_g and mlp.fc1_x differ in having a bias"
+    if mlp_act(mlp) is None:
+        gate = " gating with the second half (gate_last=True)" if getattr(mlp, "gate_last", False) else ""
+        yield (
+            f"mlp.act is a {type(mlp.act).__name__}{gate}: ln_mlp computes nn.GELU (either form), QuickGELU, and "
+            "SiLU gating with the first half; it is called unfused"
+        )
+    if not plain(hidden_norm, nn.Identity) and (norm_kind(hidden_norm) is None or norm_kind(hidden_norm) != kind):
+        yield f"mlp.norm is a {type(hidden_norm).__name__}, not a plain norm of the first norm's kind: called unfused"
     drops = [(name, getattr(mlp, name)) for name in ("drop1", "drop2")]
     if any(dropout_active(d, training) for _, d in drops):
         yield f"MLP dropout is active while training (p={getattr(drops[0][1], 'p', '?')})"
@@ -1147,12 +1229,10 @@ def mlp_blockers(norm: nn.Module, mlp: nn.Module, hidden_norm: nn.Module, traini
 def mlp_half_blockers(block: nn.Module) -> Iterator[str]:
     """Why ``block``'s MLP half is not one ``ops.ln_mlp`` call with the residual inside."""
     training = block.training
-    if isinstance(block.mlp, (GluMlp, SwiGLU)):
-        yield f"mlp is a gated {type(block.mlp).__name__} (SwiGLU): ln_mlp covers GELU MLPs only, it runs unfused"
+    if not plain(block.mlp, *MLP_TYPES):
+        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, not {_MLP_NAMES}"
         return
-    if not plain(block.mlp, Mlp):
-        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, or not fastvit's Mlp"
-        return
-    yield from _skippable("ls2", block.ls2, training)
+    if not plain(block.ls2, LayerScale):  # a plain LayerScale is folded into fc2 by ops.ln_mlp
+        yield from _skippable("ls2", block.ls2, training)
     yield from _skippable("drop_path2", block.drop_path2, training)
     yield from mlp_blockers(block.norm2, block.mlp, block.mlp.norm, training)

@@ -113,16 +113,62 @@ def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torc
 
 
 def ln_mlp(
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6, approximate="none", residual=True
+    x,
+    ln_weight,
+    ln_bias,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    eps=1e-6,
+    approximate="none",
+    residual=True,
+    *,
+    act=None,
+    norm="layer",
+    hidden_norm_weight=None,
+    hidden_norm_bias=None,
+    hidden_norm_eps=None,
+    layer_scale=None,
 ):
-    """The MLP half of a pre-norm ViT block: ``x + fc2(gelu(fc1(LayerNorm(x))))``.
+    """The MLP half of a pre-norm ViT block: ``x + layer_scale * fc2(hidden_norm(act(fc1(Norm(x)))))``.
 
-    x: [..., C]; fc1_weight: [Hid, C]; fc2_weight: [C, Hid]. ``approximate`` is GELU's
-    ('none' = exact erf, as timm's nn.GELU; 'tanh'). ``residual=False`` drops the ``x +``.
+    x: [..., C]; fc1_weight: [P, C]; fc2_weight: [C, Hid] with P = Hid, or 2·Hid for ``act='swiglu'``.
+    ``act``: 'gelu' (exact erf, timm's nn.GELU), 'gelu_tanh', 'quick_gelu' (``x·σ(1.702x)``) or 'swiglu'
+    (``silu(a) * b`` for fc1's output halves ``a, b``: timm's SwiGLUPacked, and timm's SwiGLU with
+    ``fc1 = cat([fc1_g, fc1_x])``); None takes GELU's ``approximate`` ('none' or 'tanh'). ``norm``: 'layer'
+    (LayerNorm, ``ln_bias`` may be None) or 'rms' (RMSNorm, ``ln_bias`` None). ``hidden_norm_weight``/``_bias``: an
+    optional norm of the same kind over the Hid features before fc2 (timm's ``scale_mlp_norm`` / SwiGLU's sub-LN),
+    eps ``hidden_norm_eps`` (default ``eps``). ``layer_scale``: [C] LayerScale gamma on fc2's output, or None.
+    ``residual=False`` drops the ``x +``.
     """
-    hidden = F.gelu(F.linear(layer_norm(x, ln_weight, ln_bias, eps), fc1_weight, fc1_bias), approximate=approximate)
+    act = act or ("gelu_tanh" if approximate == "tanh" else "gelu")
+    pre = F.linear(_norm(x, ln_weight, ln_bias, eps, norm), fc1_weight, fc1_bias)
+    hidden = mlp_activation(pre, act)
+    if hidden_norm_weight is not None:
+        hidden = _norm(
+            hidden, hidden_norm_weight, hidden_norm_bias, eps if hidden_norm_eps is None else hidden_norm_eps, norm
+        )
     out = F.linear(hidden, fc2_weight, fc2_bias)
+    if layer_scale is not None:
+        out = out * layer_scale
     return x + out if residual else out
+
+
+def _norm(x, weight, bias, eps, kind):
+    """LayerNorm (``kind='layer'``, bias may be None) or RMSNorm (``kind='rms'``) over the last dimension."""
+    return rms_norm(x, weight, eps) if kind == "rms" else F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def mlp_activation(pre: torch.Tensor, act: str) -> torch.Tensor:
+    """The MLP's activation on fc1's output ``pre`` [..., P]: 'gelu', 'gelu_tanh', 'quick_gelu' ([..., P]) or
+    'swiglu' (``silu(first half) * second half``, [..., P/2]: the gate is the first half, timm's SwiGLUPacked)."""
+    if act == "swiglu":
+        gate, value = pre.chunk(2, dim=-1)
+        return F.silu(gate) * value
+    if act == "quick_gelu":
+        return quick_gelu(pre)
+    return F.gelu(pre, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
 def linear_residual(

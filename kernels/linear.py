@@ -9,7 +9,7 @@ programs (GROUP_M row tiles walk the N tiles together, so the W tiles they share
 - **Prologue** (``HAS_LN``): LayerNorm applied to each A tile as it is loaded, from per-row mean/rstd (fp32,
   :func:`ln_stats_kernel`) and the per-column gamma/beta of K. The normalised tile is rounded to W's dtype, as the
   stored LayerNorm output would be, and never written to memory: no ``ln_out`` [M, K] round trip.
-- **Epilogue**: bias, the activation (none, exact-erf GELU, tanh GELU) and the residual add on the fp32
+- **Epilogue**: bias, the activation (none, exact-erf GELU, tanh GELU, QuickGELU) and the residual add on the fp32
   accumulator; optionally the pre-activation is stored for the backward (``SAVE_PRE_ACT``).
 - **Backward**: ``dz = dout * act'(z)`` is formed tile by tile as the output gradient is loaded (from the saved
   pre-activation z), in both backward GEMMs: dÂ = dz @ W (:func:`linear_bwd_input_kernel`) and dW = dzᵀ @ Â with
@@ -33,6 +33,8 @@ import triton.language as tl
 ACT_NONE = tl.constexpr(0)
 ACT_GELU = tl.constexpr(1)  # exact: 0.5 z (1 + erf(z / sqrt 2)), timm's nn.GELU
 ACT_GELU_TANH = tl.constexpr(2)  # 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) == z * sigmoid(2 u)
+ACT_QUICK_GELU = tl.constexpr(3)  # z * sigmoid(1.702 z), OpenAI CLIP's QuickGELU
+QUICK_GELU_SCALE = tl.constexpr(1.702)
 SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 TANH_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
@@ -102,6 +104,8 @@ def _activation(z, ACTIVATION: tl.constexpr):
         z = 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
     elif ACTIVATION == ACT_GELU_TANH:
         z = z * _sigmoid((z + z * z * z * TANH_A) * (2.0 * TANH_C))
+    elif ACTIVATION == ACT_QUICK_GELU:
+        z = z * _sigmoid(z * QUICK_GELU_SCALE)
     return z
 
 
@@ -117,6 +121,10 @@ def _grad_pre_activation(grad_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr):
         z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
         s = _sigmoid((z + z * z * z * TANH_A) * (2.0 * TANH_C))
         grad = grad * (s + z * 2.0 * s * (1.0 - s) * (1.0 + z * z * (3.0 * TANH_A)) * TANH_C)
+    elif ACTIVATION == ACT_QUICK_GELU:
+        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+        s = _sigmoid(z * QUICK_GELU_SCALE)
+        grad = grad * (s + QUICK_GELU_SCALE * z * s * (1.0 - s))
     return grad
 
 
