@@ -8,6 +8,7 @@ with code 2, as does an expected failure (a bad checkpoint or image, a missing o
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from fastvit import cli
@@ -21,6 +22,15 @@ COMMANDS = {
     "transfer": "pre-train on digits 0-4, transfer to 5-9: probe vs fine-tune vs scratch",
     "selftest": "check every fused kernel on this GPU against the spec; record it so that 'auto' uses them",
     "info": "versions, devices and which fastvit backends can run here",
+}
+ENTRY_POINTS = {  # command -> (module, its main function)
+    "demo": ("fastvit.demo", "demo_main"),
+    "train": ("fastvit.train", "main"),
+    "eval": ("fastvit.evaluate", "eval_main"),
+    "predict": ("fastvit.evaluate", "predict_main"),
+    "explain": ("fastvit.explain", "explain_main"),
+    "transfer": ("fastvit.transfer", "transfer_main"),
+    "selftest": ("fastvit.selftest_runner", "main"),
 }
 
 
@@ -38,35 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         parser.parse_args(argv[:1])  # prints the help, or the missing / unknown command as one line (exit 2)
     command, rest = argv[0], argv[1:]
-    if command == "demo":
-        from fastvit.demo import demo_main
-
-        return demo_main(rest)
-    if command == "train":
-        from fastvit.train import main as train_main
-
-        return train_main(rest)
-    if command == "eval":
-        from fastvit.evaluate import eval_main
-
-        return eval_main(rest)
-    if command == "predict":
-        from fastvit.evaluate import predict_main
-
-        return predict_main(rest)
-    if command == "explain":
-        from fastvit.explain import explain_main
-
-        return explain_main(rest)
-    if command == "transfer":
-        from fastvit.transfer import transfer_main
-
-        return transfer_main(rest)
-    if command == "selftest":
-        from fastvit.selftest_runner import main as selftest_main
-
-        return selftest_main(rest)
-    return info(rest)
+    if command == "info":
+        return info(rest)
+    module, function = ENTRY_POINTS[command]  # imported on use: `info` and `--help` stay fast
+    return getattr(importlib.import_module(module), function)(rest)
 
 
 def make_info_parser() -> cli.Parser:

@@ -20,9 +20,11 @@ import torch.nn as nn
 
 from fastvit.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from fastvit.layers import (
+    Block,
     GluMlp,
     LayerNorm,
     Mlp,
+    ParallelScalingBlock,
     RmsNorm,
     SwiGLU,
     SwiGLUPacked,
@@ -175,64 +177,63 @@ _TV_BLOCK = {
 }
 
 
+_TV_TOP = [  # (torchvision key, timm key, required) outside the blocks
+    ("class_token", "cls_token", True),
+    ("encoder.pos_embedding", "pos_embed", True),
+    ("conv_proj.weight", "patch_embed.proj.weight", True),
+    ("conv_proj.bias", "patch_embed.proj.bias", False),
+    ("encoder.ln.weight", "norm.weight", True),
+    ("encoder.ln.bias", "norm.bias", True),
+    ("heads.head.weight", "head.weight", False),
+    ("heads.head.bias", "head.bias", False),
+]
+
+
+def _torchvision_names(blocks: list[int]) -> list[tuple[str, str, bool]]:
+    """(torchvision key, timm key, required) of every tensor of a torchvision ViT with these block indices."""
+    names = list(_TV_TOP)
+    for i in blocks:
+        for tv_name, timm_name in _TV_BLOCK.items():
+            sep = "_" if tv_name == "self_attention.in_proj" else "."  # the packed in_proj is a Parameter
+            for param in ("weight", "bias"):
+                names.append(
+                    (
+                        f"encoder.layers.encoder_layer_{i}.{tv_name}{sep}{param}",
+                        f"blocks.{i}.{timm_name}.{param}",
+                        False,
+                    )
+                )
+    return names
+
+
+def _rename(state_dict: Mapping[str, torch.Tensor], names: list[tuple[str, str, bool]], source: str) -> StateDict:
+    """Move ``state_dict``'s tensors to new keys by ``(old, new, required)``; the first of two old names for one new
+    one wins (the MLP Linears' old and new torchvision names); unmapped keys are an error."""
+    src, out = dict(state_dict), {}
+    for old, new, required in names:
+        if old in src and new not in out:
+            out[new] = src.pop(old)
+        elif required:
+            out[new] = _take(src, old, source)
+    _no_leftovers(src, source)
+    return out
+
+
 def torchvision_to_timm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """torchvision ``VisionTransformer`` state dict -> timm/fastvit names."""
-    src = dict(state_dict)
-    if any(k.startswith("heads.pre_logits") for k in src):
+    if any(k.startswith("heads.pre_logits") for k in state_dict):
         raise ValueError("torchvision ViTs with a representation layer (heads.pre_logits) are not supported")
-    out = {
-        "cls_token": _take(src, "class_token", "torchvision"),
-        "pos_embed": _take(src, "encoder.pos_embedding", "torchvision"),
-        "patch_embed.proj.weight": _take(src, "conv_proj.weight", "torchvision"),
-    }
-    if "conv_proj.bias" in src:
-        out["patch_embed.proj.bias"] = src.pop("conv_proj.bias")
-    for i in _block_indices(src, r"encoder\.layers\.encoder_layer_(\d+)\."):
-        prefix = f"encoder.layers.encoder_layer_{i}."
-        for tv_name, timm_name in _TV_BLOCK.items():
-            for param in ("weight", "bias"):
-                key = (
-                    f"{prefix}{tv_name}_{param}"
-                    if tv_name == "self_attention.in_proj"
-                    else f"{prefix}{tv_name}.{param}"
-                )
-                if key in src:
-                    out[f"blocks.{i}.{timm_name}.{param}"] = src.pop(key)
-    out["norm.weight"] = _take(src, "encoder.ln.weight", "torchvision")
-    out["norm.bias"] = _take(src, "encoder.ln.bias", "torchvision")
-    for param in ("weight", "bias"):
-        if f"heads.head.{param}" in src:
-            out[f"head.{param}"] = src.pop(f"heads.head.{param}")
-    _no_leftovers(src, "torchvision")
-    return out
+    blocks = _block_indices(state_dict, r"encoder\.layers\.encoder_layer_(\d+)\.")
+    return _rename(state_dict, _torchvision_names(blocks), "torchvision")
 
 
 def timm_to_torchvision(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """timm/fastvit state dict -> torchvision ``VisionTransformer`` names (standard ViT only)."""
-    src = dict(state_dict)
-    out = {
-        "class_token": _take(src, "cls_token", "timm"),
-        "encoder.pos_embedding": _take(src, "pos_embed", "timm"),
-        "conv_proj.weight": _take(src, "patch_embed.proj.weight", "timm"),
-    }
-    if "patch_embed.proj.bias" in src:
-        out["conv_proj.bias"] = src.pop("patch_embed.proj.bias")
-    reverse = {timm_name: tv_name for tv_name, timm_name in _TV_BLOCK.items() if "linear_" not in tv_name}
-    for i in _block_indices(src, r"blocks\.(\d+)\."):
-        for timm_name, tv_name in reverse.items():
-            for param in ("weight", "bias"):
-                key = f"blocks.{i}.{timm_name}.{param}"
-                if key not in src:
-                    continue
-                sep = "_" if tv_name == "self_attention.in_proj" else "."
-                out[f"encoder.layers.encoder_layer_{i}.{tv_name}{sep}{param}"] = src.pop(key)
-    out["encoder.ln.weight"] = _take(src, "norm.weight", "timm")
-    out["encoder.ln.bias"] = _take(src, "norm.bias", "timm")
-    for param in ("weight", "bias"):
-        if f"head.{param}" in src:
-            out[f"heads.head.{param}"] = src.pop(f"head.{param}")
-    _no_leftovers(src, "timm (for torchvision)")
-    return out
+    names = [
+        (new, old, required)
+        for old, new, required in _torchvision_names(_block_indices(state_dict, r"blocks\.(\d+)\."))
+    ]
+    return _rename(state_dict, names, "timm (for torchvision)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,14 +243,14 @@ def timm_to_torchvision(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 # google/vit-base-patch16-224) and "v5" (the module names of transformers >= 5, which renames
 # legacy files on load). Both are read; timm_to_hf writes either.
 
+_HF_NORMS = {"layernorm_before": "norm1", "layernorm_after": "norm2"}  # same in both layouts
 _HF_LAYOUTS = {
     "legacy": dict(
         block="encoder.layer.{i}.",
         qkv=("attention.attention.query", "attention.attention.key", "attention.attention.value"),
         names={
-            "layernorm_before": "norm1",
+            **_HF_NORMS,
             "attention.output.dense": "attn.proj",
-            "layernorm_after": "norm2",
             "intermediate.dense": "mlp.fc1",
             "output.dense": "mlp.fc2",
         },
@@ -257,13 +258,7 @@ _HF_LAYOUTS = {
     "v5": dict(
         block="layers.{i}.",
         qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
-        names={
-            "layernorm_before": "norm1",
-            "attention.o_proj": "attn.proj",
-            "layernorm_after": "norm2",
-            "mlp.fc1": "mlp.fc1",
-            "mlp.fc2": "mlp.fc2",
-        },
+        names={**_HF_NORMS, "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
     ),
 }
 
@@ -388,7 +383,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     if "patch_embed.norm.weight" in state_dict:
         norm = LayerNorm if "patch_embed.norm.bias" in state_dict else RmsNorm
         config["embed_norm_layer"] = partial(norm, eps=1e-6)
-    if depth:
+    if depth and "blocks.0.in_proj.weight" in state_dict:
+        config.update(_infer_parallel_block_layers(state_dict, embed_dim))
+    elif depth:
         config.update(_infer_block_layers(state_dict, embed_dim))
         config["qkv_bias"] = "blocks.0.attn.qkv.bias" in state_dict
         config["proj_bias"] = "blocks.0.attn.proj.bias" in state_dict
@@ -434,6 +431,24 @@ def _infer_block_layers(state_dict: Mapping[str, torch.Tensor], embed_dim: int) 
     config["scale_mlp_norm"] = "blocks.0.mlp.norm.weight" in state_dict
     if "blocks.0.norm1.weight" in state_dict and "blocks.0.norm1.bias" not in state_dict:
         config["norm_layer"] = partial(RmsNorm, eps=1e-6)
+    return config
+
+
+def _infer_parallel_block_layers(state_dict: Mapping[str, torch.Tensor], embed_dim: int) -> dict:
+    """The knobs of timm ``ParallelScalingBlock``s (the ``_xp`` models) that a state dict shows."""
+    fused_out = "blocks.0.out_proj.weight" in state_dict
+    out_proj = "blocks.0.out_proj" if fused_out else "blocks.0.attn_out_proj"
+    config = dict(
+        block_fn=partial(ParallelScalingBlock, fuse_out_proj=True) if fused_out else ParallelScalingBlock,
+        mlp_ratio=mlp_ratio_for(state_dict["blocks.0.in_proj.weight"].shape[0] - 3 * embed_dim, embed_dim),
+        qk_norm="blocks.0.q_norm.weight" in state_dict,
+        qkv_bias="blocks.0.in_proj.bias" in state_dict,
+        proj_bias=f"{out_proj}.bias" in state_dict,
+    )
+    if "blocks.0.in_norm.bias" not in state_dict:
+        config["norm_layer"] = partial(RmsNorm, eps=1e-6)
+    if "blocks.0.ls.gamma" in state_dict:
+        config["init_values"] = 1e-5  # any non-zero value builds LayerScale; the weights set gamma
     return config
 
 
@@ -564,12 +579,33 @@ def _mlp_layer_name(layer) -> str:
     raise ValueError(f"mlp_layer {layer!r} has no name in checkpoint metadata (Mlp, SwiGLUPacked, SwiGLU, GluMlp)")
 
 
+_BLOCK_FNS = {
+    "parallel_scaling": ParallelScalingBlock,
+    "parallel_scaling_fused": partial(ParallelScalingBlock, fuse_out_proj=True),
+}
+
+
+def _block_fn_name(block_fn) -> str:
+    """The metadata name of a ``block_fn`` other than ``Block`` (the ``_xp`` models' parallel block)."""
+    base = block_fn.func if isinstance(block_fn, partial) else block_fn
+    keywords = block_fn.keywords if isinstance(block_fn, partial) else {}
+    if base is ParallelScalingBlock and keywords in ({}, {"fuse_out_proj": False}):
+        return "parallel_scaling"
+    if base is ParallelScalingBlock and keywords == {"fuse_out_proj": True}:
+        return "parallel_scaling_fused"
+    raise ValueError(f"block_fn {block_fn!r} cannot be written to checkpoint metadata (Block or ParallelScalingBlock)")
+
+
 def config_to_json(config: Mapping) -> dict:
-    """A ``VisionTransformer`` config as JSON values (tuples as lists, the norm, activation and MLP layers as timm's
-    names plus the norm eps), for checkpoint metadata; :func:`config_from_json` reverses it."""
+    """A ``VisionTransformer`` (or, with ``model_class='Eva'``, ``fastvit.Eva``) config as JSON values (tuples as
+    lists, the norm, activation, MLP and block layers as names plus the norm eps), for checkpoint metadata;
+    :func:`config_from_json` reverses it."""
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k not in _LAYER_KEYS}
     out = {k: v for k, v in out.items() if not callable(v)}
-    out["act_layer"] = act_layer_name(config.get("act_layer"))
+    if config.get("block_fn") not in (None, Block):
+        out["block_fn"] = _block_fn_name(config["block_fn"])
+    if config.get("model_class") != "Eva":  # Eva has no act_layer (GELU, or SwiGLU by its flags)
+        out["act_layer"] = act_layer_name(config.get("act_layer"))
     norm_kind, out["norm_eps"] = norm_layer_spec(config.get("norm_layer"))
     if norm_kind != "layernorm":
         out["norm_type"] = norm_kind
@@ -591,7 +627,21 @@ def config_from_json(config: Mapping) -> dict:
         out["embed_norm_layer"] = partial(norm[out.pop("embed_norm_type")], eps=out.pop("embed_norm_eps"))
     if "mlp_layer" in out:
         out["mlp_layer"] = _MLP_LAYER_NAMES[out["mlp_layer"]]
+    if "block_fn" in out:
+        out["block_fn"] = _BLOCK_FNS[out["block_fn"]]
     return out
+
+
+def build_model(config: Mapping, **overrides) -> nn.Module:
+    """The model a config describes (:func:`config_from_json`'s output, a preset's): ``fastvit.Eva`` when
+    ``config['model_class'] == 'Eva'``, else a ``VisionTransformer``; ``overrides`` win over the config."""
+    config = {**config, **overrides}
+    if config.pop("model_class", "VisionTransformer") == "Eva":
+        from fastvit.eva import Eva
+
+        config.pop("weight_init", None)  # Eva has one init scheme (timm's); loaded weights replace it anyway
+        return Eva(**config)
+    return VisionTransformer(**config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -666,10 +716,12 @@ def timm_block_layers(block: nn.Module) -> dict:
     blocks of the ``_xp`` models, a norm after attention, ...) is one ``ValueError`` naming timm's knob.
     """
     kind = type(block).__name__
+    if kind == "ParallelScalingBlock":
+        return _parallel_block_layers(block)
     if kind != "Block" or not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
         raise ValueError(
-            f"block_fn={kind} is not supported by fastvit (timm's pre-norm Block only; ParallelScalingBlock and "
-            "ParallelThingsBlock are the parallel blocks of the _xp models and parallel ViTs)"
+            f"block_fn={kind} is not supported by fastvit (timm's pre-norm Block and the _xp models' "
+            "ParallelScalingBlock; ParallelThingsBlock, the parallel ViTs' block, is not)"
         )
     attn = block.attn
     if type(attn).__name__ != "Attention":
@@ -681,17 +733,31 @@ def timm_block_layers(block: nn.Module) -> dict:
     if getattr(attn, "attn_dim", attn.qkv.in_features) != attn.qkv.in_features:
         raise ValueError("attn_head_dim that changes the attention width is not supported by fastvit")
     norm_layer = _norm_layer(block.norm1, "norm_layer (block.norm1)")
-    qk_norm = not isinstance(attn.q_norm, nn.Identity)
-    if qk_norm:
-        qk_layer = _norm_layer(attn.q_norm, "the qk-norm (attn.q_norm)")
-        if qk_layer.func is not norm_layer.func or qk_layer.keywords != norm_layer.keywords:
-            raise ValueError("qk_norm with a norm other than the blocks' norm_layer is not supported by fastvit")
     return {
         "norm_layer": norm_layer,
         "act_layer": _act_layer(block.mlp.act),
-        "qk_norm": qk_norm,
+        "qk_norm": _qk_norm(attn, norm_layer),
         **_mlp_layer(block.mlp),
     }
+
+
+def _qk_norm(module: nn.Module, norm_layer) -> bool:
+    """Whether ``module`` (a timm attention or parallel block) has qk-norm; it must use the blocks' norm_layer."""
+    if isinstance(module.q_norm, nn.Identity):
+        return False
+    qk_layer = _norm_layer(module.q_norm, "the qk-norm (q_norm)")
+    if qk_layer.func is not norm_layer.func or qk_layer.keywords != norm_layer.keywords:
+        raise ValueError("qk_norm with a norm other than the blocks' norm_layer is not supported by fastvit")
+    return True
+
+
+def _parallel_block_layers(block: nn.Module) -> dict:
+    """``timm_block_layers`` of a timm ``ParallelScalingBlock`` (the ``_xp`` models)."""
+    norm_layer = _norm_layer(block.in_norm, "norm_layer (block.in_norm)")
+    layers = {"block_fn": ParallelScalingBlock, "norm_layer": norm_layer, "act_layer": _act_layer(block.mlp_act)}
+    if getattr(block, "out_proj", None) is not None:
+        layers["block_fn"] = partial(ParallelScalingBlock, fuse_out_proj=True)
+    return {**layers, "qk_norm": _qk_norm(block, norm_layer)}
 
 
 def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
@@ -736,15 +802,15 @@ def _timm_module_config(model: nn.Module) -> dict:
         )
     if len(model.blocks):
         layers = timm_block_layers(model.blocks[0])  # first: it names an unsupported block before anything reads it
-        num_heads = model.blocks[0].attn.num_heads
+        num_heads = getattr(model.blocks[0], "attn", model.blocks[0]).num_heads  # a parallel block holds it itself
     else:
         layers, num_heads = {}, 1
     config = infer_config(model.state_dict(), num_heads=num_heads)
     if len(model.blocks):
         config.update(layers)
-        block = model.blocks[0]
-        if not isinstance(block.ls1, nn.Identity):
-            config["init_values"] = float(block.ls1.init_values)
+        layer_scale = getattr(model.blocks[0], "ls1", getattr(model.blocks[0], "ls", None))
+        if not isinstance(layer_scale, nn.Identity):
+            config["init_values"] = float(layer_scale.init_values)
     embed_norm = getattr(model.patch_embed, "norm", nn.Identity())
     if not isinstance(embed_norm, nn.Identity):
         config["embed_norm_layer"] = _norm_layer(embed_norm, "embed_norm_layer (patch_embed.norm)")
@@ -793,7 +859,6 @@ def _timm_eva_config(model: nn.Module) -> dict:
     timm's knob for anything fastvit does not implement."""
     refused = {
         "use_post_norm (EvaBlockPostNorm)": any(type(b).__name__ != "EvaBlock" for b in model.blocks),
-        "rope_type='mixed'": getattr(model, "rope_mixed", False),
         "patch_drop_rate": getattr(model, "patch_drop", None) is not None,
         "embed norm": not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity),
     }
@@ -901,7 +966,14 @@ def _timm_rope_config(rope: nn.Module | None) -> dict:
             rope_grid_offset=float(rope.grid_offset), rope_grid_indexing=rope.grid_indexing,
             rope_rotate_half=bool(rope.rotate_half),
         )  # fmt: skip
-    raise ValueError(f"timm RoPE {kind} (rope_type) is not supported by fastvit ('cat' and 'dinov3' only)")
+    if kind == "RotaryEmbeddingMixed":
+        return dict(
+            use_rot_pos_emb=True,
+            rope_type="mixed",
+            rope_temperature=float(rope.temperature),
+            rope_grid_indexing=rope.grid_indexing,
+        )
+    raise ValueError(f"timm RoPE {kind} (rope_type) is not supported by fastvit ('cat', 'dinov3' and 'mixed' only)")
 
 
 def from_torchvision(model_or_state_dict, **overrides) -> VisionTransformer:
@@ -965,7 +1037,7 @@ def read_run(path: str | os.PathLike, backend: str | None = None, num_heads: int
     config = metadata.get("config")
     config = config_from_json(config) if isinstance(config, Mapping) else infer_config(state, num_heads=num_heads)
     try:
-        model = VisionTransformer(**{**config, "weight_init": "skip", "backend": backend})
+        model = build_model(config, weight_init="skip", backend=backend)
     except TypeError as exc:  # a config key this fastvit does not know (metadata written by another version)
         raise ValueError(f"{os.fspath(path)}: the model config in its metadata is not valid here ({exc})") from exc
     model = load_weights(model, state)

@@ -7,20 +7,24 @@ module layout, argument names, defaults and the RoPE tables follow ``timm.models
 ``timm.layers.pos_embed_sincos`` (``RotaryEmbeddingCat``, ``RotaryEmbeddingDinoV3``) so that
 ``load_state_dict(timm_model.state_dict(), strict=True)`` works both ways and the outputs match.
 
-The RoPE tables hold no parameters (timm's buffers are non-persistent): they are a function of the patch grid, built
-in float32 for each forward (a few hundred sin/cos values; cached per grid size).
+The 'cat' and 'dinov3' RoPE tables hold no parameters (timm's buffers are non-persistent): they are a function of the
+patch grid, built in float32 (a few hundred sin/cos values; cached per grid size). RoPE-Mixed (``rope_type='mixed'``,
+the ``vit_*_rope_mixed_*`` models) learns its frequencies (``rope.freqs``) and rebuilds its per-block tables each
+forward.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch
 import torch.nn as nn
 
 from fastvit.layers import (
+    MIXED_ROPE_BLOCKER,
     AttentionPoolLatent,
     EvaBlock,
     LayerNorm,
@@ -36,7 +40,7 @@ from fastvit.model import (
     resolve_norm_layer,
 )
 
-ROPE_TYPES = ("cat", "dinov3")
+ROPE_TYPES = ("cat", "dinov3", "mixed")
 
 
 def rope_table(
@@ -90,11 +94,66 @@ def rope_table(
     return torch.cat([sin, cos], dim=-1)
 
 
+def _grid_coords(grid: tuple[int, int], grid_indexing: str) -> torch.Tensor:
+    """[H·W, 2] patch-index coordinates of a grid, channel order as timm's ``_build_grid`` ('xy' swaps them)."""
+    shape = list(grid)[::-1] if grid_indexing == "xy" else list(grid)
+    coords = [torch.arange(size, dtype=torch.int64).to(torch.float32) for size in shape]
+    return torch.stack(torch.meshgrid(coords, indexing=grid_indexing), dim=-1).reshape(-1, 2)
+
+
+def init_mixed_rope_freqs(head_dim: int, depth: int, num_heads: int, temperature: float = 10.0) -> torch.Tensor:
+    """RoPE-Mixed's initial frequencies [2, depth, heads, D/2] (row and column axes): the D/4 magnitudes
+    ``temperature ** (-4i / D)`` turned by one random angle per block and head, and by that angle + 90°."""
+    magnitude = 1.0 / temperature ** (torch.arange(0, head_dim, 4, dtype=torch.float32) / head_dim)
+    angle = torch.rand(depth, num_heads, 1) * 2 * math.pi
+    turned = torch.cat([angle, angle + math.pi / 2], dim=-1).repeat_interleave(head_dim // 4, dim=-1)
+    magnitude = magnitude.repeat(2)
+    return torch.stack([magnitude * turned.cos(), magnitude * turned.sin()])
+
+
+def mixed_rope_tables(freqs: torch.Tensor, grid: tuple[int, int], grid_indexing: str = "xy") -> torch.Tensor:
+    """RoPE-Mixed tables (timm's ``RotaryEmbeddingMixed``): cat(sin, cos) [depth, heads, H·W, 2·D] of the angles
+    ``x · fx + y · fy`` per block and head, from the learned ``freqs`` [2, depth, heads, D/2]; float32, with grads.
+    The pairs are interleaved whatever ``rope_rotate_half`` says (as timm's tables)."""
+    coords = _grid_coords(grid, grid_indexing).to(freqs.device)
+    freqs = freqs.float()
+    angles = coords[:, 0, None] * freqs[0].unsqueeze(-2) + coords[:, 1, None] * freqs[1].unsqueeze(-2)
+    return torch.cat([angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)], dim=-1)
+
+
+class RotaryEmbedding2d(nn.Module):
+    """The model's 2D RoPE (timm's ``Eva.rope``): ``rope(grid, device)`` gives the table(s) of a patch grid, or None
+    without RoPE. 'cat' / 'dinov3': one [H·W, 2·D] table, no parameters (cached per grid). 'mixed' (RoPE-Mixed): the
+    learned ``freqs`` [2, depth, heads, D/2] (timm's key ``rope.freqs``) give one table per block and head,
+    [depth, heads, H·W, 2·D], rebuilt each call (they carry the gradient of the frequencies)."""
+
+    def __init__(self, config: dict | None, head_dim: int, depth: int, num_heads: int, device=None) -> None:
+        super().__init__()
+        self.config, self.head_dim = config, head_dim
+        self.mixed = config is not None and config["rope_type"] == "mixed"
+        if self.mixed:
+            freqs = init_mixed_rope_freqs(head_dim, depth, num_heads, config["temperature"])
+            self.freqs = nn.Parameter(freqs.to(device))
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        if self.config is None:
+            return None
+        if self.mixed:
+            return mixed_rope_tables(self.freqs, tuple(grid), self.config["grid_indexing"])
+        if torch.compiler.is_compiling():  # traced into the graph (constant-folded): no cache mutation
+            return rope_table(tuple(grid), self.head_dim, **self.config).to(device)
+        key = (tuple(grid), device)
+        if key not in self._cache:
+            self._cache[key] = rope_table(tuple(grid), self.head_dim, **self.config).to(device)
+        return self._cache[key]
+
+
 class Eva(nn.Module):
     """timm's ``Eva`` vision transformer (abs. and/or 2D rotary position embedding), running through ``fastvit.ops``.
 
     Arguments are timm's (``timm.models.eva.Eva``) for what fastvit implements; others are refused with a
-    ``ValueError`` naming them (mixed/MRoPE RoPE, ``attn_type='rope'`` grouped-query attention, post-norm blocks,
+    ``ValueError`` naming them (MRoPE, ``attn_type='rope'`` grouped-query attention, post-norm blocks,
     gated attention, patch dropout, RoPE coordinate augmentation).
 
     Args:
@@ -106,7 +165,7 @@ class Eva(nn.Module):
             alignment, a sub-LN before fc2). scale_attn_inner: a norm before the attention's proj.
         init_values: LayerScale (``gamma_1``/``gamma_2``) init; None = off.
         class_token, num_reg_tokens, no_embed_class, use_abs_pos_emb: prefix tokens and learned position embedding.
-        use_rot_pos_emb, rope_type ('cat' | 'dinov3'), rope_grid_offset, rope_grid_indexing ('ij' | 'xy'),
+        use_rot_pos_emb, rope_type ('cat' | 'dinov3' | 'mixed'), rope_grid_offset, rope_grid_indexing ('ij' | 'xy'),
             rope_temperature, rope_rotate_half, ref_feat_shape: 2D RoPE (see :func:`rope_table`).
         use_pre_transformer_norm: norm after the embedding (and no patch-projection bias).
         use_post_transformer_norm, use_fc_norm: final norm before / after pooling (None: timm's defaults).
@@ -218,7 +277,8 @@ class Eva(nn.Module):
             if use_rot_pos_emb
             else None
         )
-        self._rope_cache: dict[tuple, torch.Tensor] = {}
+        head_dim = embed_dim // num_heads
+        self.rope = RotaryEmbedding2d(self.rope_config, head_dim, depth, num_heads, device=device)
         self.norm_pre = norm_layer(embed_dim, **dd) if use_pre_transformer_norm else nn.Identity()
         drop_path_rates = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.ModuleList(
@@ -296,14 +356,17 @@ class Eva(nn.Module):
             self.attn_pool.reset_parameters()
 
     def fusion_report(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-        """Per block: the MLP half fused (``ops.ln_mlp``) or why not; the attention half runs its modules (RoPE and
-        q/k/v projections before ``ops.attention``). See ``VisionTransformer.fusion_report``."""
+        """Per block: the MLP half fused (``ops.ln_mlp``) or why not; the attention is one ``ops.qkv_attention`` with
+        qk-norm and RoPE as its prologue where the structure allows (proj and the residual add after it). See
+        ``VisionTransformer.fusion_report``."""
         from fastvit.fusion import FusionReport, eva_block_fusion, pool_fusion
 
         device = torch.device(device)
         report = FusionReport()
+        rope, rope_why = self.rope_config is not None, (MIXED_ROPE_BLOCKER,) if self.rope.mixed else ()
         for block in self.blocks:
-            report.append(eva_block_fusion(block, device, block.norm1.weight.dtype if dtype is None else dtype))
+            block_dtype = block.norm1.weight.dtype if dtype is None else dtype
+            report.append(eva_block_fusion(block, device, block_dtype, rope=rope, rope_why=rope_why))
         if self.attn_pool is not None:
             report.pool = pool_fusion(
                 self.attn_pool, device, self.attn_pool.kv.weight.dtype if dtype is None else dtype
@@ -320,20 +383,8 @@ class Eva(nn.Module):
             self.global_pool = global_pool
         VisionTransformer.reset_classifier(self, num_classes)
 
-    def rope(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
-        """The [H·W, 2·D] RoPE table for a patch grid, or None without RoPE."""
-        if self.rope_config is None:
-            return None
-        head_dim = self.embed_dim // self.blocks[0].attn.num_heads if len(self.blocks) else 4
-        if torch.compiler.is_compiling():  # traced into the graph (constant-folded): no cache mutation
-            return rope_table(tuple(grid), head_dim, **self.rope_config).to(device)
-        key = (tuple(grid), device)
-        if key not in self._rope_cache:
-            self._rope_cache[key] = rope_table(tuple(grid), head_dim, **self.rope_config).to(device)
-        return self._rope_cache[key]
-
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Image [B, C, H, W] -> tokens [B, T+N, D] and the RoPE table of its grid."""
+        """Image [B, C, H, W] -> tokens [B, T+N, D] and the RoPE table(s) of its grid (see ``RotaryEmbedding2d``)."""
         self.patch_embed.check_input(x)
         height, width = x.shape[-2:]
         tokens = self.patch_embed(x, self._pos_embed_for(height, width), self._prefix_tokens())
@@ -341,15 +392,18 @@ class Eva(nn.Module):
         rope = self.rope(grid, x.device)
         return self.norm_pre(self.pos_drop(tokens)), rope  # rope stays float32, as timm's
 
-    def _embed_with_block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    def embed_for_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, Iterable[tuple]]:
+        """Tokens and each block's RoPE table (RoPE-Mixed: the block's own, [heads, H·W, 2·D])."""
         tokens, rope = self.embed(x)
-        return tokens, (rope,)
+        if self.rope.mixed:
+            return tokens, [(table,) for table in rope.unbind(0)]
+        return tokens, itertools.repeat((rope,))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] -> normalised tokens [B, T+N, D]."""
-        x, block_args = self._embed_with_block_args(x)
-        for block in self.blocks:
-            x = self._run_block(block, x, *block_args)
+        x, block_args = self.embed_for_blocks(x)
+        for block, args in zip(self.blocks, block_args):
+            x = self._run_block(block, x, *args)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:

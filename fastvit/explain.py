@@ -27,14 +27,17 @@ def attention_rollout(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor
     row, or without a class token the mean of the patch tokens' rows.
     """
     model.eval()
-    embedded = model.embed(x)
-    tokens, extra = (embedded[0], embedded[1:]) if isinstance(embedded, tuple) else (embedded, ())  # Eva: RoPE
+    tokens, block_args = model.embed_for_blocks(x)  # Eva: each block's RoPE table
     batch, num_tokens, _ = tokens.shape
     eye = torch.eye(num_tokens, dtype=torch.float32, device=x.device)
     rollout = eye.expand(batch, -1, -1)
-    for block in model.blocks:
-        attn = block.attn
-        q, k, _ = attn.heads(block.norm1(tokens), *extra)
+    for block, extra in zip(model.blocks, block_args):
+        attn = getattr(block, "attn", None)
+        if attn is not None:
+            q, k, _ = attn.heads(block.norm1(tokens), *extra)
+        else:  # a ParallelScalingBlock: attention from the block input, beside the MLP
+            attn = block
+            q, k, _ = block.heads(tokens)
         weights = reference.attention_probs(q, k, attn.scale).float().mean(dim=1) + eye
         rollout = (weights / weights.sum(-1, keepdim=True)) @ rollout
         tokens = block(tokens, *extra)

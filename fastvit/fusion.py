@@ -16,15 +16,20 @@ import torch.nn as nn
 
 from fastvit import dispatch, verification
 from fastvit.layers import (
+    MLP_TYPES,
     Attention,
     AttentionPoolLatent,
     EvaBlock,
-    Mlp,
+    ParallelScalingBlock,
     ResidualLinear,
     attention_half_blockers,
     eva_mlp_half_blockers,
+    fused_mlp_call,
     mlp_blockers,
     mlp_half_blockers,
+    parallel_block_blockers,
+    prologue_blockers,
+    qk_norm_params,
 )
 from fastvit.ops.attention import attention_call
 
@@ -111,22 +116,37 @@ def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> 
     block's current train/eval mode and structure, and why not."""
     attn_calls, attn_why = {}, list(attention_half_blockers(block))
     if isinstance(block.attn, Attention):
-        dropout = block.training and getattr(block.attn.attn_drop, "p", 0.0) > 0.0
-        call = attention_call(device, dtype, block.attn.head_dim, dropout=dropout)
-        if block.attn.packed():
-            attn_calls["qkv_attention"] = (block.attn.backend, call)
-        else:
-            attn_calls["attention"] = (block.attn.backend, call)
-            attn_why.append("qk-norm: attn.q_norm/k_norm run as separate norms before ops.attention")
+        attn_calls.update(_attention_op_call(block.attn, device, dtype, block.training, False, block.attn.packed()))
+        attn_why.extend(f"qk-norm: {reason}" for reason in prologue_blockers(block.attn))
         if isinstance(block.attn.proj, ResidualLinear):
             attn_calls["linear_residual"] = (block.attn.proj.backend, dispatch.DeviceDtypeCall(device, dtype))
     mlp_calls = {}
-    if isinstance(block.mlp, Mlp):
-        mlp_calls["ln_mlp"] = (block.mlp.backend, dispatch.DeviceDtypeCall(device, dtype))
+    if isinstance(block.mlp, MLP_TYPES):
+        mlp_calls["ln_mlp"] = (block.mlp.backend, fused_mlp_call(block.norm2, block.mlp, device, dtype))
     return {
         "attn": _half(attn_why, attn_calls),
         "mlp": _half(list(mlp_half_blockers(block)), mlp_calls),
     }
+
+
+def _prologue_parts(attn: nn.Module, rope: bool) -> tuple[str, ...]:
+    """The prologue parts (``AttentionPrologue.describe``) of ``attn``'s ``ops.qkv_attention`` call."""
+    parts = [f"rope:{'half' if attn.rotate_half else 'interleaved'}"] if rope else []
+    for name in ("q_norm", "k_norm"):
+        norm = qk_norm_params(getattr(attn, name))
+        if norm is not None:
+            parts.append(f"{name}:{norm.kind}")
+    return tuple(parts)
+
+
+def _attention_op_call(attn: nn.Module, device, dtype, training: bool, rope: bool, fused: bool) -> dict[str, tuple]:
+    """{op: (backend, call)} of the attention op ``attn`` runs: ``qkv_attention`` with its prologue when ``fused``
+    (``rope``: a RoPE table is passed), else ``attention``."""
+    dropout = training and getattr(attn.attn_drop, "p", 0.0) > 0.0
+    if fused:
+        call = attention_call(device, dtype, attn.head_dim, dropout=dropout, prologue=_prologue_parts(attn, rope))
+        return {"qkv_attention": (attn.backend, call)}
+    return {"attention": (attn.backend, attention_call(device, dtype, attn.head_dim, dropout=dropout))}
 
 
 def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
@@ -140,18 +160,44 @@ def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> di
     mlp_why = list(mlp_blockers(pool.norm, pool.mlp, pool.mlp.norm, pool.training))
     return {
         "attn": _half(attn_why, {"attention": (pool.backend, call)}),
-        "mlp": _half(mlp_why, {"ln_mlp": (pool.mlp.backend, dispatch.DeviceDtypeCall(device, dtype))}),
+        "mlp": _half(mlp_why, {"ln_mlp": (pool.mlp.backend, fused_mlp_call(pool.norm, pool.mlp, device, dtype))}),
     }
 
 
-def eva_block_fusion(block: EvaBlock, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
-    """How an ``EvaBlock``'s halves run: the attention half calls its modules (q/k/v projections, qk-norm and RoPE
-    before ``ops.attention``, then proj); the MLP half is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``."""
+def eva_block_fusion(
+    block: EvaBlock, device: torch.device, dtype: torch.dtype, rope: bool = True, rope_why: tuple[str, ...] = ()
+) -> dict[str, HalfFusion]:
+    """How an ``EvaBlock``'s halves run: the attention is one ``ops.qkv_attention`` call with qk-norm and RoPE as its
+    prologue while ``prologue_blockers`` finds nothing and the table fits (``rope_why``: ``layers.rope_blockers`` of
+    the model's tables), else the modules, then ``ops.attention``; proj and the residual add after it. The MLP half
+    is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``. ``rope``: the model passes its blocks a RoPE table."""
     attn = block.attn
-    call = attention_call(device, dtype, attn.head_dim, dropout=block.training and attn.attn_drop.p > 0.0)
-    attn_why = ["EvaAttention: q/k/v projections and RoPE run before ops.attention, proj and the residual add after"]
-    mlp_call = dispatch.DeviceDtypeCall(device, dtype)
+    attn_why = [f"qk-norm / RoPE: {reason}" for reason in (*prologue_blockers(attn), *rope_why)]
+    fused = not attn_why
+    attn_why.append("EvaAttention: the qkv Linear runs before the attention op, proj and the residual add after it")
+    mlp_calls = {}
+    if isinstance(block.mlp, MLP_TYPES):
+        mlp_calls["ln_mlp"] = (block.mlp.backend, fused_mlp_call(block.norm2, block.mlp, device, dtype))
     return {
-        "attn": _half(attn_why, {"attention": (attn.backend, call)}),
-        "mlp": _half(list(eva_mlp_half_blockers(block)), {"ln_mlp": (getattr(block.mlp, "backend", None), mlp_call)}),
+        "attn": _half(attn_why, _attention_op_call(attn, device, dtype, block.training, rope, fused)),
+        "mlp": _half(list(eva_mlp_half_blockers(block)), mlp_calls),
     }
+
+
+def parallel_block_fusion(block: ParallelScalingBlock, device: torch.device, dtype: torch.dtype) -> dict:
+    """How a ``ParallelScalingBlock`` runs: ``ops.attention`` on q/k/v views of the shared in_proj output and one
+    ``ops.linear_residual`` per out projection while ``parallel_block_blockers`` finds nothing; the MLP's GELU runs
+    as its own op (fc1 shares the in_proj GEMM with q, k and v, so ``ln_mlp`` does not apply)."""
+    blockers = list(parallel_block_blockers(block))
+    call = attention_call(device, dtype, block.head_dim, dropout=block.training and block.attn_drop.p > 0.0)
+    residual_call = dispatch.DeviceDtypeCall(device, dtype)
+    attn_why = list(blockers)
+    if not isinstance(block.q_norm, nn.Identity):
+        attn_why.append("qk-norm: q_norm/k_norm run as separate norms before ops.attention")
+    attn_calls = {"attention": (block.backend, call)}
+    mlp_calls = {}
+    if block.out_proj is None:
+        attn_calls["linear_residual"] = (block.attn_out_proj.backend, residual_call)
+        mlp_calls["linear_residual"] = (block.mlp_out_proj.backend, residual_call)
+    mlp_why = [*blockers, "the MLP's fc1 is part of in_proj (shared with q, k, v): its activation runs as its own op"]
+    return {"attn": _half(attn_why, attn_calls), "mlp": _half(mlp_why, mlp_calls)}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as torch_module
 
 from fastvit import dispatch, ops
+from fastvit.ops.attention import QKNorm, apply_rope
 from fastvit.ops.patch_embed import prefix_and_position
 
 
@@ -266,7 +267,8 @@ class Attention(nn.Module):
     caller (``Block``) checks first that nothing it skips acts (``attention_half_blockers``).
 
     With ``qk_norm=True`` (timm's keys ``q_norm.*``, ``k_norm.*``: a ``norm_layer`` over each head's D channels)
-    the normalised q and k are no longer slices of the packed buffer: q, k, v are split, the norms called, and
+    the norms are ``ops.qkv_attention``'s prologue (applied inside the kernel) while ``prologue_blockers`` finds
+    nothing (plain affine LayerNorm / RmsNorm modules); otherwise q, k, v are split, the norm modules called and
     ``ops.attention`` runs on the [B, H, N, D] views (the spec: ``fastvit.reference.qk_norm_attention``).
     """
 
@@ -302,9 +304,9 @@ class Attention(nn.Module):
         self.backend: str | None = None
 
     def packed(self) -> bool:
-        """True when q and k are used as the qkv Linear wrote them (no qk-norm), so ``ops.qkv_attention`` reads the
-        packed buffer directly."""
-        return isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        """True when ``ops.qkv_attention`` reads the packed qkv buffer directly, its prologue applying the qk-norm
+        (if any): ``prologue_blockers`` finds nothing."""
+        return next(prologue_blockers(self), None) is None
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, N, C] -> q, k, v: [B, H, N, D] each, as attention uses them (after qk-norm)."""
@@ -315,7 +317,11 @@ class Attention(nn.Module):
         """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C], before proj."""
         dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
         if self.packed():
-            return ops.qkv_attention(self.qkv(x), self.num_heads, self.scale, dropout_p=dropout_p, backend=self.backend)
+            q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
+            qkv = self.qkv(x)
+            return ops.qkv_attention(
+                qkv, self.num_heads, self.scale, dropout_p, self.backend, q_norm=q_norm, k_norm=k_norm
+            )
         q, k, v = self.heads(x)
         out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
         return out.transpose(1, 2).flatten(2)
@@ -333,9 +339,10 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """timm's ``Mlp``: fc1 -> act -> drop1 -> norm -> fc2 -> drop2 (same names and keys).
 
-    In a ``Block`` the norm before it (``norm2``), this MLP and the residual add run as one ``ops.ln_mlp``
-    call when ``mlp_half_blockers`` finds nothing that must be called; ``backend`` is that op's backend.
-    ``norm_layer`` is the hidden-layer norm (timm's ``scale_mlp_norm``), which ``ln_mlp`` does not cover.
+    In a ``Block`` the norm before it (``norm2``), this MLP, LayerScale (``ls2``) and the residual add run as one
+    ``ops.ln_mlp`` call when ``mlp_half_blockers`` finds nothing that must be called (activations ``nn.GELU``
+    either form, ``QuickGELU``); ``backend`` is that op's backend. ``norm_layer`` is the hidden-layer norm (timm's
+    ``scale_mlp_norm``), passed to ``ln_mlp`` as its hidden norm when it is of the block norm's kind.
     """
 
     op_name = "ln_mlp"
@@ -370,9 +377,12 @@ class GluMlp(nn.Module):
     """timm's ``GluMlp``: one fc1 whose output halves are a value and a gate, ``act(gate) * value`` -> fc2.
 
     ``hidden_features`` is fc1's width (twice the gated width fc2 reads). ``gate_last=False`` gates with the first
-    half: ``SwiGLUPacked`` (SiLU, DINOv2 giant, EVA without sub-LN). Keys ``fc1.*``, ``norm.*``, ``fc2.*``. Runs as
-    modules (``ops.ln_mlp`` covers GELU MLPs only); the spec is ``fastvit.reference.glu_mlp``.
+    half: ``SwiGLUPacked`` (SiLU, DINOv2 giant, EVA without sub-LN). Keys ``fc1.*``, ``norm.*``, ``fc2.*``. In a
+    ``Block``, SiLU gating with the first half runs as one ``ops.ln_mlp(act='swiglu')`` call (as ``Mlp``; ``backend``
+    is that op's backend); other gates run as modules. The spec is ``fastvit.reference.glu_mlp``.
     """
+
+    op_name = "ln_mlp"
 
     def __init__(
         self,
@@ -398,6 +408,7 @@ class GluMlp(nn.Module):
         self.norm = norm_layer(hidden_features // 2, **dd) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden_features // 2, out_features or in_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drop)
+        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = self.fc1(x).chunk(2, dim=-1)
@@ -411,9 +422,13 @@ SwiGLUPacked = partial(GluMlp, act_layer=nn.SiLU, gate_last=False)
 class SwiGLU(nn.Module):
     """timm's ``SwiGLU`` with split fc1: ``fc2(norm(silu(fc1_g(x)) * fc1_x(x)))`` (EVA02, AIMv2, DINOv3 S+/H+).
 
-    Keys ``fc1_g.*``, ``fc1_x.*``, ``norm.*`` (the sub-LN, timm's ``scale_mlp``), ``fc2.*``. The spec is
+    Keys ``fc1_g.*``, ``fc1_x.*``, ``norm.*`` (the sub-LN, timm's ``scale_mlp``), ``fc2.*``. In a ``Block`` it runs
+    as one ``ops.ln_mlp(act='swiglu')`` call on ``cat([fc1_g, fc1_x])`` (one [2·Hid, C] copy of the weights per call:
+    the op keeps one packed layout, so every backend has one GEMM for fc1). The spec is
     ``fastvit.reference.swiglu_mlp``.
     """
+
+    op_name = "ln_mlp"
 
     def __init__(
         self,
@@ -439,18 +454,82 @@ class SwiGLU(nn.Module):
         self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drop)
+        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.fc1_g(x)) * self.fc1_x(x)
         return self.drop2(self.fc2(self.norm(self.drop1(x))))
 
 
-def _fused_ln_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, residual: bool, backend: str | None):
-    """``[x +] mlp(norm(x))`` as one ``ops.ln_mlp`` call (the caller checked ``mlp_blockers``)."""
-    fc1, fc2 = mlp.fc1, mlp.fc2
+def norm_kind(norm: nn.Module) -> str | None:
+    """``ops.ln_mlp``'s ``norm`` for a plain norm module with a weight ('layer' | 'rms'), else None."""
+    if plain(norm, LayerNorm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1:
+        return "layer"
+    if plain(norm, RmsNorm) and norm.weight is not None:
+        return "rms"
+    return None
+
+
+def mlp_act(mlp: nn.Module) -> str | None:
+    """``ops.ln_mlp``'s ``act`` for a plain activation of ``mlp`` (the gated MLPs: SiLU gating with the first half),
+    else None."""
+    if isinstance(mlp, (GluMlp, SwiGLU)):
+        return "swiglu" if plain(mlp.act, nn.SiLU) and not getattr(mlp, "gate_last", False) else None
+    if plain(mlp.act, nn.GELU):
+        return "gelu_tanh" if mlp.act.approximate == "tanh" else "gelu"
+    return "quick_gelu" if plain(mlp.act, QuickGELU) else None
+
+
+def _fc1(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fc1's weight [P, C] and bias [P] or None; the split SwiGLU's two Linears as one packed fc1, gate rows first."""
+    if isinstance(mlp, SwiGLU):
+        g, v = mlp.fc1_g, mlp.fc1_x
+        return torch.cat([g.weight, v.weight]), None if g.bias is None else torch.cat([g.bias, v.bias])
+    return mlp.fc1.weight, mlp.fc1.bias
+
+
+def fused_mlp_call(norm: nn.Module, mlp: nn.Module, device: torch.device, dtype: torch.dtype):
+    """The ``ops.ln_mlp`` call signature (``MlpCall``) of ``_fused_ln_mlp(norm, mlp, ...)`` on ``device``/``dtype``.
+
+    Reads no more than it must: a replaced fc2 (an adapter without ``in_features``) gives shape 0 (the blockers
+    already say that half runs unfused)."""
+    from fastvit.ops.ln_mlp import MlpCall
+
+    width, hidden = getattr(mlp.fc2, "out_features", 0), getattr(mlp.fc2, "in_features", 0)
+    hidden_norm = not isinstance(getattr(mlp, "norm", None), (nn.Identity, type(None)))
+    return MlpCall(device, dtype, width, hidden, True, mlp_act(mlp) or "gelu", norm_kind(norm) or "layer", hidden_norm)
+
+
+def _fused_ln_mlp(
+    norm: nn.Module,
+    mlp: nn.Module,
+    x: torch.Tensor,
+    residual: bool,
+    backend: str | None,
+    layer_scale: nn.Module | torch.Tensor | None = None,
+    hidden_norm: nn.Module | None = None,
+):
+    """``[x +] layer_scale(mlp(norm(x)))`` as one ``ops.ln_mlp`` call (the caller checked the blockers).
+
+    ``layer_scale``: a ``LayerScale``, a gamma [C], an Identity or None; ``hidden_norm``: the norm over the hidden
+    layer (default ``mlp.norm``; an Identity for none).
+    """
+    hidden_norm = mlp.norm if hidden_norm is None else hidden_norm
+    if isinstance(layer_scale, LayerScale):
+        layer_scale = layer_scale.gamma
+    elif isinstance(layer_scale, nn.Module):  # nn.Identity
+        layer_scale = None
+    hidden_kwargs = {}
+    if not isinstance(hidden_norm, nn.Identity):
+        hidden_kwargs = dict(
+            hidden_norm_weight=hidden_norm.weight, hidden_norm_bias=getattr(hidden_norm, "bias", None),
+            hidden_norm_eps=hidden_norm.eps,
+        )  # fmt: skip
+    fc1_weight, fc1_bias = _fc1(mlp)
     return ops.ln_mlp(
-        x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-        eps=norm.eps, approximate=mlp.act.approximate, residual=residual, backend=backend,
+        x, norm.weight, getattr(norm, "bias", None), fc1_weight, fc1_bias, mlp.fc2.weight, mlp.fc2.bias,
+        eps=norm.eps, residual=residual, backend=backend, act=mlp_act(mlp), norm=norm_kind(norm),
+        layer_scale=layer_scale, **hidden_kwargs,
     )  # fmt: skip
 
 
@@ -483,7 +562,7 @@ class LNMLP(Mlp):
     def forward(self, x: torch.Tensor, residual: bool | None = None) -> torch.Tensor:
         residual = self.residual if residual is None else residual
         if next(mlp_blockers(self.norm, self, _NO_HIDDEN_NORM, self.training), None) is None:
-            return _fused_ln_mlp(self.norm, self, x, residual, self.backend)
+            return _fused_ln_mlp(self.norm, self, x, residual, self.backend, hidden_norm=_NO_HIDDEN_NORM)
         out = self.drop2(self.fc2(self.drop1(self.act(self.fc1(self.norm(x))))))
         return x + out if residual else out
 
@@ -619,15 +698,17 @@ class Block(nn.Module):
     Attention half: while ``attention_half_blockers`` finds nothing that must be called (``ls1`` an Identity,
     drop-path and proj dropout inactive, ``attn``/``attn.proj`` plain fastvit modules without hooks), the proj
     Linear and the residual add are one ``ops.linear_residual`` call. MLP half: while ``mlp_half_blockers``
-    finds nothing (``norm2`` a plain LayerNorm, ``mlp`` fastvit's ``Mlp`` with plain Linears and a GELU, no
-    dropout, ``ls2`` an Identity, no active drop-path), LayerNorm, fc1, GELU, fc2 and the residual add are one
-    ``ops.ln_mlp`` call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
+    finds nothing (``norm2`` a plain LayerNorm/RmsNorm, ``mlp`` fastvit's ``Mlp``/``GluMlp``/``SwiGLU`` with plain
+    Linears and an activation ``ln_mlp`` computes, no dropout, ``ls2`` an Identity or a plain LayerScale, no active
+    drop-path), the norm, fc1, activation, hidden norm, fc2, LayerScale and the residual add are one ``ops.ln_mlp``
+    call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
     eval mode, so a model trained with it still runs fused for inference. ``fastvit.fusion.block_fusion`` says
     which halves run fused and why not; an unfused half also logs at DEBUG on the ``"fastvit"`` logger.
 
-    timm's knobs for the modern families: ``mlp_layer`` (``Mlp``, ``SwiGLUPacked``/``GluMlp``, ``SwiGLU``: the gated
-    ones run as modules), ``qk_norm`` (``attn.q_norm``/``attn.k_norm``, a ``norm_layer`` per head), ``scale_mlp_norm``
-    (a ``norm_layer`` on the MLP's hidden layer), ``norm_layer`` (``LayerNorm`` any eps, ``RmsNorm``), ``act_layer``.
+    timm's knobs for the modern families: ``mlp_layer`` (``Mlp``, ``SwiGLUPacked``/``GluMlp``, ``SwiGLU``: SiLU-gated
+    ones run as ``ln_mlp(act='swiglu')``), ``qk_norm`` (``attn.q_norm``/``attn.k_norm``, a ``norm_layer`` per head),
+    ``scale_mlp_norm`` (a ``norm_layer`` on the MLP's hidden layer), ``norm_layer`` (``LayerNorm`` any eps,
+    ``RmsNorm``), ``act_layer``.
     """
 
     def __init__(
@@ -688,7 +769,7 @@ class Block(nn.Module):
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         why = next(mlp_half_blockers(self), None)
         if why is None:
-            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend)
+            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend, self.ls2)
         if dispatch.debug_enabled():
             dispatch.logger.debug("Block: MLP half unfused: %s", why)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -700,8 +781,10 @@ class EvaAttention(nn.Module):
     ``q_proj``/``k_proj``/``v_proj`` (``qkv_fused=False``, k bias-free); optional qk-norm; 2D RoPE on every token but
     the ``num_prefix_tokens`` first; an optional norm before ``proj`` (``scale_norm``, EVA02-CLIP).
 
-    q, k, v are [B, H, N, D] views; the attention is ``ops.attention`` (the Triton kernel where it covers the head dim:
-    RoPE and qk-norm run before it as separate ops). The spec is ``fastvit.reference.qk_norm_attention``.
+    With one packed ``qkv`` Linear and plain qk-norm modules (``prologue_blockers`` finds nothing) the attention is one
+    ``ops.qkv_attention`` call on the packed buffer, qk-norm and RoPE its prologue (inside the Triton kernel);
+    otherwise q, k, v are [B, H, N, D] views, qk-norm and RoPE run as separate ops and the attention is
+    ``ops.attention``. The spec is ``fastvit.reference.qk_norm_attention``.
     """
 
     op_name = "qkv_attention"
@@ -755,12 +838,21 @@ class EvaAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend: str | None = None
 
+    def packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] -> q, k, v packed as [B, N, 3·C], biases added. With separate projections
+        (``qkv_fused=False``) their outputs are concatenated: one copy, cheaper than the rotated q/k copies that the
+        module path makes."""
+        if self.qkv is None:
+            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = self.qkv(x)
+        if self.q_bias is not None:  # timm adds [q_bias, 0, v_bias] inside the GEMM: the same sums
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        return qkv
+
     def heads(self, x: torch.Tensor, rope: torch.Tensor | None = None):
         """x: [B, N, C]; rope: [N - num_prefix_tokens, 2·D] or None -> q, k, v [B, H, N, D] as attention uses them."""
         if self.qkv is not None:
-            qkv = self.qkv(x)
-            if self.q_bias is not None:  # timm adds [q_bias, 0, v_bias] inside the GEMM: the same sums
-                qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+            qkv = self.packed_qkv(x)
             q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = (
@@ -776,22 +868,61 @@ class EvaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]."""
         dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
-        q, k, v = self.heads(x, rope)
-        out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend).transpose(1, 2).flatten(2)
+        if self.packed() and next(rope_blockers(rope), None) is None:
+            out = ops.qkv_attention(
+                self.packed_qkv(x), self.num_heads, self.scale, dropout_p, self.backend,
+                rope=rope, num_prefix_tokens=self.num_prefix_tokens if rope is not None else 0,
+                rope_layout="half" if self.rotate_half else "interleaved",
+                q_norm=qk_norm_params(self.q_norm), k_norm=qk_norm_params(self.k_norm),
+            )  # fmt: skip
+        else:
+            q, k, v = self.heads(x, rope)
+            out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
+            out = out.transpose(1, 2).flatten(2)
         return self.proj_drop(self.proj(self.norm(out)))
 
+    def packed(self) -> bool:
+        """True when the attention is one ``ops.qkv_attention`` call with qk-norm and RoPE as its prologue."""
+        return next(prologue_blockers(self), None) is None
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, rotate_half: bool) -> torch.Tensor:
-    """2D RoPE of x [B, H, N, D] from rope = cat(sin, cos) [N - T, 2·D], the T prefix tokens left as they are; the
-    fast form of ``fastvit.reference.apply_rope`` (same layouts)."""
-    sin, cos = rope.tensor_split(2, dim=-1)
-    prefix, patches = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
-    if rotate_half:
-        first, second = patches.chunk(2, dim=-1)
-        rotated = torch.cat([-second, first], dim=-1)
-    else:
-        rotated = torch.stack([-patches[..., 1::2], patches[..., ::2]], dim=-1).reshape(patches.shape)
-    return torch.cat([prefix, patches * cos + rotated * sin], dim=2)
+
+MIXED_ROPE_BLOCKER = (
+    "RoPE-Mixed: per-head learned tables (with their gradient) run as separate ops before the attention"
+)
+
+
+def rope_blockers(rope: torch.Tensor | None) -> Iterator[str]:
+    """Why a block's RoPE table is not ``ops.qkv_attention``'s prologue: the prologue takes one [N - T, 2·D] table
+    shared by the heads that needs no gradient (RoPE-Mixed's per-head, learned tables do not fit)."""
+    if rope is not None and (rope.ndim != 2 or rope.requires_grad):
+        yield MIXED_ROPE_BLOCKER
+
+
+def qk_norm_params(norm: nn.Module) -> QKNorm | None:
+    """The ``QKNorm`` that ``ops.qkv_attention``'s prologue applies for a qk-norm module that ``prologue_blockers``
+    accepted (None for ``nn.Identity``)."""
+    if isinstance(norm, nn.Identity):
+        return None
+    kind = "rms" if isinstance(norm, RmsNorm) else "layer"
+    return QKNorm(norm.weight, getattr(norm, "bias", None), norm.eps, kind)
+
+
+def prologue_blockers(attn: nn.Module) -> Iterator[str]:
+    """Why an ``Attention`` / ``EvaAttention``'s q/k path is not ``ops.qkv_attention``'s prologue on the packed qkv
+    buffer. The projections are called, whatever they are; the prologue reads the norms' weights instead of calling
+    them, so they must be plain affine LayerNorm / RmsNorm modules over the head dim, or ``nn.Identity``."""
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn, name)
+        if plain(norm, nn.Identity):
+            continue
+        if not plain(norm, LayerNorm, nn.LayerNorm, RmsNorm):
+            yield f"attn.{name} is a {type(norm).__name__} (not a plain LayerNorm/RmsNorm): it is called as a module"
+        elif norm.weight is None:
+            yield f"attn.{name} has no weight (elementwise_affine=False): it is called as a module"
+        elif tuple(norm.normalized_shape) != (attn.head_dim,):
+            yield f"attn.{name} normalises {tuple(norm.normalized_shape)}, not the head dim ({attn.head_dim},)"
+    if _global_hooks():
+        yield "global module hooks are registered: every module is called"
 
 
 class EvaBlock(nn.Module):
@@ -861,23 +992,141 @@ class EvaBlock(nn.Module):
         out = self.attn(self.norm1(x), rope)
         x = x + self.drop_path1(out if self.gamma_1 is None else self.gamma_1 * out)
         if next(eva_mlp_half_blockers(self), None) is None:
-            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend)
+            return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend, self.gamma_2)
         out = self.mlp(self.norm2(x))
         return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
 
 
 def eva_mlp_half_blockers(block: EvaBlock) -> Iterator[str]:
     """Why an ``EvaBlock``'s MLP half is not one ``ops.ln_mlp`` call (``mlp_half_blockers`` for timm's Eva keys)."""
-    if block.gamma_2 is not None:
-        yield "gamma_2 (LayerScale) scales the MLP output: the residual add runs separately"
-    if isinstance(block.mlp, (GluMlp, SwiGLU)):
-        yield f"mlp is a gated {type(block.mlp).__name__} (SwiGLU): ln_mlp covers GELU MLPs only, it runs unfused"
-        return
-    if not plain(block.mlp, Mlp):
-        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, or not fastvit's Mlp"
+    # gamma_2 (LayerScale) is folded into fc2 by ops.ln_mlp.
+    if not plain(block.mlp, *MLP_TYPES):
+        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, not {_MLP_NAMES}"
         return
     yield from _skippable("drop_path2", block.drop_path2, block.training)
     yield from mlp_blockers(block.norm2, block.mlp, block.mlp.norm, block.training)
+
+
+class ParallelScalingBlock(nn.Module):
+    """timm's ``ParallelScalingBlock`` (the ``_xp`` models): attention and MLP side by side on one normalised input,
+    ``x + ls(attn_out_proj(attn) + mlp_out_proj(act(fc1)))`` (Dehghani et al., "Scaling Vision Transformers to 22
+    Billion Parameters", arXiv:2302.05442).
+
+    timm's keys: ``in_norm``, ``in_proj`` (fc1 and q, k, v in one Linear: [H + 3C, C], H the MLP width first),
+    ``mlp_bias`` (fc1's bias when ``qkv_bias=False``; with ``qkv_bias=True`` every bias lives in ``in_proj.bias``),
+    ``q_norm``/``k_norm``, ``attn_out_proj`` and ``mlp_out_proj`` (or one ``out_proj`` over [attn, mlp] with
+    ``fuse_out_proj``), ``ls``. The attention runs on ``ops.attention`` (q/k/v [B, H, N, D] views of the in_proj
+    output). While ``parallel_block_blockers`` finds nothing that must be called (separate out projections as plain
+    ``ResidualLinear``s, ``ls`` an Identity, no active drop-path or dropout), both out projections add into the
+    residual stream inside their GEMMs: two ``ops.linear_residual`` calls, ``(x + mlp) + attn`` — one rounding
+    order apart from timm's ``x + (attn + mlp)``.
+    """
+
+    op_name = "qkv_attention"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_attn_norm: bool = False,
+        scale_mlp_norm: bool = False,
+        proj_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = LayerNorm,
+        mlp_layer: Callable[..., nn.Module] | None = None,  # timm's signature; the MLP is built in
+        fuse_out_proj: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if scale_attn_norm or scale_mlp_norm:
+            raise ValueError("ParallelScalingBlock has no inner norms (scale_attn_norm / scale_mlp_norm), as timm's")
+        if mlp_layer not in (None, Mlp):
+            raise ValueError(f"ParallelScalingBlock builds its own GELU MLP; mlp_layer={mlp_layer!r} is not supported")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        hidden = int(mlp_ratio * dim)
+        self.in_split = [hidden, dim, dim, dim]
+        self.in_norm = norm_layer(dim, **dd)
+        self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=qkv_bias, **dd)
+        self.mlp_bias = None if qkv_bias else nn.Parameter(torch.zeros(hidden, **dd))
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.mlp_drop = nn.Dropout(proj_drop)
+        self.mlp_act = act_layer()
+        if fuse_out_proj:
+            self.out_proj = nn.Linear(dim + hidden, dim, bias=proj_bias, **dd)
+            self.attn_out_proj = self.mlp_out_proj = None
+        else:
+            self.out_proj = None
+            self.attn_out_proj = ResidualLinear(dim, dim, bias=proj_bias, **dd)
+            self.mlp_out_proj = ResidualLinear(hidden, dim, bias=proj_bias, **dd)
+        self.ls = LayerScale(dim, init_values=init_values, **dd) if init_values is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.backend: str | None = None
+
+    def reset_parameters(self) -> None:
+        if self.mlp_bias is not None:
+            nn.init.zeros_(self.mlp_bias)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] (the block input) -> the MLP's pre-activation [B, N, H] and q, k, v [B, heads, N, D] as the
+        attention uses them (after qk-norm)."""
+        x_mlp, q, k, v = self.in_proj(self.in_norm(x)).split(self.in_split, dim=-1)
+        if self.mlp_bias is not None:
+            x_mlp = x_mlp + self.mlp_bias
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        return x_mlp, self.q_norm(q), self.k_norm(k), v
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] (the block input) -> q, k, v [B, heads, N, D] (``fastvit.explain``'s view of a block)."""
+        return self.split(x)[1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]."""
+        x_mlp, q, k, v = self.split(x)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        x_attn = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend).transpose(1, 2)
+        x_attn = x_attn.flatten(2)
+        x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
+        why = next(parallel_block_blockers(self), None)
+        if why is None:
+            mlp_proj, attn_proj = self.mlp_out_proj, self.attn_out_proj
+            x = ops.linear_residual(x_mlp, mlp_proj.weight, mlp_proj.bias, x, backend=mlp_proj.backend)
+            return ops.linear_residual(x_attn, attn_proj.weight, attn_proj.bias, x, backend=attn_proj.backend)
+        if dispatch.debug_enabled():
+            dispatch.logger.debug("ParallelScalingBlock: out projections unfused: %s", why)
+        if self.out_proj is not None:
+            y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
+        else:
+            y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
+        return x + self.drop_path(self.ls(y))
+
+
+def parallel_block_blockers(block: ParallelScalingBlock) -> Iterator[str]:
+    """Why a ``ParallelScalingBlock``'s out projections cannot add into the residual stream inside their GEMMs."""
+    if block.out_proj is not None:
+        yield "fuse_out_proj: one out_proj over [attn, mlp] runs as a module, then the residual add"
+        return
+    yield from _skippable("ls", block.ls, block.training)
+    yield from _skippable("drop_path", block.drop_path, block.training)
+    for name in ("attn_out_proj", "mlp_out_proj"):
+        if not plain(getattr(block, name), ResidualLinear):
+            yield f"{name} is a {type(getattr(block, name)).__name__} (an adapter, hook or subclass): it is called"
+    if _global_hooks():
+        yield "global module hooks are registered: every module is called"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -942,21 +1191,32 @@ def attention_half_blockers(block: nn.Module) -> Iterator[str]:
         yield "global module hooks are registered: every module is called"
 
 
+MLP_TYPES = (Mlp, GluMlp, SwiGLU)  # the MLP classes ops.ln_mlp runs
+_MLP_NAMES = "fastvit's " + "/".join(t.__name__ for t in MLP_TYPES)
+
+
 def mlp_blockers(norm: nn.Module, mlp: nn.Module, hidden_norm: nn.Module, training: bool) -> Iterator[str]:
-    """Why ``x + mlp(norm(x))`` is not one ``ops.ln_mlp`` call: the modules it reads must be plain LayerNorm,
-    Linear, GELU, Linear, and the dropouts it skips inactive."""
-    if not plain(norm, LayerNorm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
-        yield f"the norm is a {type(norm).__name__}, not a plain affine LayerNorm: the MLP runs unfused"
-    elif len(norm.normalized_shape) != 1:
-        yield "the LayerNorm normalises more than the last dimension"
-    for name in ("fc1", "fc2"):
+    """Why ``x + mlp(norm(x))`` is not one ``ops.ln_mlp`` call: the modules it reads must be a plain LayerNorm /
+    RmsNorm, Linears, an activation ``ln_mlp`` computes, a hidden norm of the first norm's kind (or none), and the
+    dropouts it skips inactive."""
+    kind = norm_kind(norm)
+    if kind is None:
+        yield f"the norm is a {type(norm).__name__}, not a plain LayerNorm/RmsNorm with a weight: the MLP runs unfused"
+    linears = ("fc1_g", "fc1_x", "fc2") if isinstance(mlp, SwiGLU) else ("fc1", "fc2")
+    for name in linears:
         linear = getattr(mlp, name)
         if not plain(linear, nn.Linear):
             yield f"mlp.{name} is a {type(linear).__name__} (an adapter, hook or subclass): it is called unfused"
-    if not plain(mlp.act, nn.GELU):
-        yield f"mlp.act is a {type(mlp.act).__name__}, not a plain nn.GELU: it is called unfused"
-    if not plain(hidden_norm, nn.Identity):
-        yield f"mlp.norm is a {type(hidden_norm).__name__}: the hidden-layer norm is called unfused"
+    if isinstance(mlp, SwiGLU) and (mlp.fc1_g.bias is None) != (mlp.fc1_x.bias is None):
+        yield "mlp.fc1_g and mlp.fc1_x differ in having a bias"
+    if mlp_act(mlp) is None:
+        gate = " gating with the second half (gate_last=True)" if getattr(mlp, "gate_last", False) else ""
+        yield (
+            f"mlp.act is a {type(mlp.act).__name__}{gate}: ln_mlp computes nn.GELU (either form), QuickGELU, and "
+            "SiLU gating with the first half; it is called unfused"
+        )
+    if not plain(hidden_norm, nn.Identity) and (norm_kind(hidden_norm) is None or norm_kind(hidden_norm) != kind):
+        yield f"mlp.norm is a {type(hidden_norm).__name__}, not a plain norm of the first norm's kind: called unfused"
     drops = [(name, getattr(mlp, name)) for name in ("drop1", "drop2")]
     if any(dropout_active(d, training) for _, d in drops):
         yield f"MLP dropout is active while training (p={getattr(drops[0][1], 'p', '?')})"
@@ -969,12 +1229,10 @@ def mlp_blockers(norm: nn.Module, mlp: nn.Module, hidden_norm: nn.Module, traini
 def mlp_half_blockers(block: nn.Module) -> Iterator[str]:
     """Why ``block``'s MLP half is not one ``ops.ln_mlp`` call with the residual inside."""
     training = block.training
-    if isinstance(block.mlp, (GluMlp, SwiGLU)):
-        yield f"mlp is a gated {type(block.mlp).__name__} (SwiGLU): ln_mlp covers GELU MLPs only, it runs unfused"
+    if not plain(block.mlp, *MLP_TYPES):
+        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, not {_MLP_NAMES}"
         return
-    if not plain(block.mlp, Mlp):
-        yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, or not fastvit's Mlp"
-        return
-    yield from _skippable("ls2", block.ls2, training)
+    if not plain(block.ls2, LayerScale):  # a plain LayerScale is folded into fc2 by ops.ln_mlp
+        yield from _skippable("ls2", block.ls2, training)
     yield from _skippable("drop_path2", block.drop_path2, training)
     yield from mlp_blockers(block.norm2, block.mlp, block.mlp.norm, training)

@@ -7,8 +7,9 @@ so that ``load_state_dict(timm_model.state_dict(), strict=True)`` works both way
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch
@@ -16,12 +17,13 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import dispatch
-from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion, pool_fusion
+from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion, parallel_block_fusion, pool_fusion
 from fastvit.layers import (
     AttentionPoolLatent,
     Block,
     LayerNorm,
     Mlp,
+    ParallelScalingBlock,
     PatchDropout,
     PatchEmbed,
     QuickGELU,
@@ -302,6 +304,10 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             if isinstance(block, Block):
                 report.append(block_fusion(block, device, block.attn.qkv.weight.dtype if dtype is None else dtype))
+            elif isinstance(block, ParallelScalingBlock):
+                report.append(
+                    parallel_block_fusion(block, device, block.in_proj.weight.dtype if dtype is None else dtype)
+                )
             else:
                 why = (f"{type(block).__name__} is not a fastvit Block",)
                 report.append({half: HalfFusion(False, {}, why) for half in ("attn", "mlp")})
@@ -330,8 +336,14 @@ class VisionTransformer(nn.Module):
             with torch.no_grad():
                 for layer_id, block in enumerate(self.blocks):
                     scale = math.sqrt(2.0 * (layer_id + 1))
-                    block.attn.proj.weight.div_(scale)
-                    block.mlp.fc2.weight.div_(scale)
+                    if isinstance(block, Block):
+                        out_projs = (block.attn.proj, block.mlp.fc2)
+                    else:  # a ParallelScalingBlock: its one or two out projections
+                        out_projs = [
+                            m for m in (block.attn_out_proj, block.mlp_out_proj, block.out_proj) if m is not None
+                        ]
+                    for linear in out_projs:
+                        linear.weight.div_(scale)
 
     # ------------------------------------------------------------------------------------------
     # timm API
@@ -436,9 +448,10 @@ class VisionTransformer(nn.Module):
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    def _embed_with_block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """Tokens and the extra arguments every block takes (none here; ``fastvit.Eva``: the RoPE table)."""
-        return self.embed(x), ()
+    def embed_for_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, Iterable[tuple]]:
+        """Image [B, C, H, W] -> tokens [B, T+N, D] and, per block, the extra arguments it takes (none here;
+        ``fastvit.Eva``: its RoPE table)."""
+        return self.embed(x), itertools.repeat(())
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, *block_args) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -501,9 +514,9 @@ class VisionTransformer(nn.Module):
         batch, _, height, width = self.patch_embed.check_input(x).shape
         blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
         intermediates = []
-        x, block_args = self._embed_with_block_args(x)
-        for i, block in enumerate(blocks):
-            x = self._run_block(block, x, *block_args)
+        x, block_args = self.embed_for_blocks(x)
+        for i, (block, args) in enumerate(zip(blocks, block_args)):
+            x = self._run_block(block, x, *args)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
@@ -524,6 +537,12 @@ ViT = VisionTransformer
 
 # Architectures of timm's presets of the same names (timm.models.vision_transformer), plus one of ours. The families'
 # presets take timm's default image size and head (num_classes=0: a feature extractor) from its pretrained configs.
+# What the presets of one family share (SigLIP so400m v1/v2, OpenAI CLIP, DINOv2).
+_SIGLIP_SO400M = dict(
+    embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, class_token=False, global_pool="map", num_classes=0
+)
+_CLIP = dict(pre_norm=True, norm_layer=partial(LayerNorm, eps=1e-5))
+_DINOV2 = dict(img_size=518, patch_size=14, init_values=1e-5, num_classes=0)
 PRESETS: dict[str, dict] = {
     "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
@@ -535,85 +554,26 @@ PRESETS: dict[str, dict] = {
     "vit_base_patch16_siglip_224": dict(
         patch_size=16, embed_dim=768, depth=12, num_heads=12, class_token=False, global_pool="map", num_classes=0
     ),
-    "vit_so400m_patch14_siglip_384": dict(
-        img_size=384,
-        patch_size=14,
-        embed_dim=1152,
-        depth=27,
-        num_heads=16,
-        mlp_ratio=3.7362,
-        class_token=False,
-        global_pool="map",
-        num_classes=0,
-    ),
-    "vit_so400m_patch16_siglip_256": dict(  # SigLIP2's so400m: GELU tanh
-        img_size=256,
-        patch_size=16,
-        embed_dim=1152,
-        depth=27,
-        num_heads=16,
-        mlp_ratio=3.7362,
-        class_token=False,
-        global_pool="map",
-        act_layer="gelu_tanh",
-        num_classes=0,
-    ),
-    "vit_large_patch14_clip_336": dict(
-        img_size=336,
-        patch_size=14,
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        pre_norm=True,
-        norm_layer=partial(LayerNorm, eps=1e-5),
-    ),
+    "vit_so400m_patch14_siglip_384": dict(_SIGLIP_SO400M, img_size=384, patch_size=14),
+    "vit_so400m_patch16_siglip_256": dict(_SIGLIP_SO400M, img_size=256, patch_size=16, act_layer="gelu_tanh"),  # v2
+    "vit_large_patch14_clip_336": dict(_CLIP, img_size=336, patch_size=14, embed_dim=1024, depth=24, num_heads=16),
     "vit_base_patch32_clip_quickgelu_224": dict(
-        patch_size=32,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        pre_norm=True,
-        norm_layer=partial(LayerNorm, eps=1e-5),
-        act_layer="quick_gelu",
-        num_classes=512,
+        _CLIP, patch_size=32, embed_dim=768, depth=12, num_heads=12, act_layer="quick_gelu", num_classes=512
     ),
-    "vit_base_patch14_dinov2": dict(
-        img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5, num_classes=0
-    ),
+    "vit_base_patch14_dinov2": dict(_DINOV2, embed_dim=768, depth=12, num_heads=12),
     "vit_giant_patch14_dinov2": dict(
-        img_size=518,
-        patch_size=14,
-        embed_dim=1536,
-        depth=40,
-        num_heads=24,
-        init_values=1e-5,
-        mlp_ratio=2.66667 * 2,
-        mlp_layer=SwiGLUPacked,
-        act_layer="silu",
-        num_classes=0,
+        _DINOV2, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer="silu"
     ),
     "aimv2_large_patch14_224": dict(
-        patch_size=14,
-        embed_dim=1024,
-        depth=24,
-        num_heads=8,
-        class_token=False,
-        fc_norm=False,
-        mlp_ratio=2.75,
-        global_pool="avg",
-        qkv_bias=False,
-        proj_bias=False,
-        act_layer="silu",
-        norm_layer=partial(RmsNorm, eps=1e-5),
-        embed_norm_layer=partial(RmsNorm, eps=1e-5),
-        mlp_layer=SwiGLU,
-        num_classes=0,
+        patch_size=14, embed_dim=1024, depth=24, num_heads=8, class_token=False, fc_norm=False, mlp_ratio=2.75,
+        global_pool="avg", qkv_bias=False, proj_bias=False, act_layer="silu", norm_layer=partial(RmsNorm, eps=1e-5),
+        embed_norm_layer=partial(RmsNorm, eps=1e-5), mlp_layer=SwiGLU, num_classes=0,
     ),
     # fastvit's own: sized for the bundled 8x8 digits upsampled to 32x32 (the demo and train defaults).
     "vit_digits_patch4_32": dict(
         img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0
     ),
-}
+}  # fmt: skip
 # Data config of a fresh preset (before weights bring their own): timm's for its ViTs (bicubic, crop 0.9,
 # mean/std 0.5: timm.models.vision_transformer's default cfg); the digits model sees its 8x8 images
 # upsampled bilinearly and never cropped.

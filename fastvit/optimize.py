@@ -73,21 +73,31 @@ def _fastvit_layer_norm(norm: nn.LayerNorm, backend: str | None) -> LayerNorm:
     return new
 
 
-def _fastvit_block(block: nn.Module, backend: str | None) -> Block:
+def _fastvit_block(block: nn.Module, backend: str | None) -> nn.Module:
     layers = timm_block_layers(block)
-    attn, mlp = block.attn, block.mlp
-    dim = attn.qkv.in_features
-    layer_scale = getattr(block.ls1, "gamma", None)
-    new = Block(
-        dim=dim,
-        num_heads=attn.num_heads,
-        mlp_ratio=mlp_ratio_for((mlp.fc1_g if hasattr(mlp, "fc1_g") else mlp.fc1).out_features, dim),
-        qkv_bias=attn.qkv.bias is not None,
-        proj_bias=attn.proj.bias is not None,
-        proj_drop=attn.proj_drop.p,
-        attn_drop=attn.attn_drop.p if isinstance(attn.attn_drop, nn.Dropout) else float(attn.attn_drop),
+    if "block_fn" in layers:  # a ParallelScalingBlock (the _xp models)
+        block_fn = layers.pop("block_fn")
+        dim, hidden = block.in_proj.in_features, block.in_split[0]
+        sizes = dict(dim=dim, num_heads=block.num_heads, mlp_ratio=mlp_ratio_for(hidden, dim))
+        out_proj = block.out_proj if block.out_proj is not None else block.attn_out_proj
+        biases = dict(qkv_bias=block.in_proj.bias is not None, proj_bias=out_proj.bias is not None)
+        drops = dict(proj_drop=block.mlp_drop.p, attn_drop=block.attn_drop.p)
+        layer_scale, drop_path = getattr(block.ls, "gamma", None), block.drop_path
+    else:
+        block_fn, attn, mlp = Block, block.attn, block.mlp
+        dim = attn.qkv.in_features
+        fc1 = mlp.fc1_g if hasattr(mlp, "fc1_g") else mlp.fc1
+        sizes = dict(dim=dim, num_heads=attn.num_heads, mlp_ratio=mlp_ratio_for(fc1.out_features, dim))
+        biases = dict(qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None)
+        attn_drop = attn.attn_drop.p if isinstance(attn.attn_drop, nn.Dropout) else float(attn.attn_drop)
+        drops = dict(proj_drop=attn.proj_drop.p, attn_drop=attn_drop)
+        layer_scale, drop_path = getattr(block.ls1, "gamma", None), block.drop_path1
+    new = block_fn(
+        **sizes,
+        **biases,
+        **drops,
         init_values=1.0 if layer_scale is not None else None,  # gamma itself is shared below
-        drop_path=getattr(block.drop_path1, "drop_prob", 0.0),
+        drop_path=getattr(drop_path, "drop_prob", 0.0),
         **layers,
         device="meta",
     )

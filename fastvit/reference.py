@@ -67,13 +67,33 @@ def qkv_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
+    *,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rope_layout: str = "interleaved",
+    q_norm=None,
+    k_norm=None,
 ) -> torch.Tensor:
     """Multi-head self-attention on the packed output of a qkv Linear.
 
     qkv: [B, N, 3*C], laid out as timm's ``reshape(B, N, 3, H, D)``; returns [B, N, C] (heads
-    concatenated, ready for the proj Linear). ``key_padding_mask``: [B, N] bool, True = keep (see
-    :func:`attention_probs`).
+    concatenated, ready for the proj Linear). The prologue arguments are ``fastvit.ops.qkv_attention``'s: ``q_norm``
+    / ``k_norm`` (``fastvit.ops.QKNorm``: weight, bias, eps, kind 'layer' | 'rms') normalise each head vector, then
+    ``rope`` ([N - num_prefix_tokens, 2·D] cat(sin, cos)) rotates all but the prefix tokens: :func:`qk_norm_attention`.
+    ``key_padding_mask``: [B, N] bool, True = keep (see :func:`attention_probs`).
     """
+    if rope is not None or q_norm is not None or k_norm is not None:
+        return qk_norm_attention(
+            qkv,
+            num_heads,
+            qk_norm(q_norm),
+            qk_norm(k_norm),
+            scale,
+            rope,
+            num_prefix_tokens,
+            rope_layout == "half",
+            key_padding_mask,
+        )
     batch, tokens, width3 = qkv.shape
     head_dim = width3 // (3 * num_heads)
     q, k, v = qkv.reshape(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -133,16 +153,62 @@ def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torc
 
 
 def ln_mlp(
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6, approximate="none", residual=True
+    x,
+    ln_weight,
+    ln_bias,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    eps=1e-6,
+    approximate="none",
+    residual=True,
+    *,
+    act=None,
+    norm="layer",
+    hidden_norm_weight=None,
+    hidden_norm_bias=None,
+    hidden_norm_eps=None,
+    layer_scale=None,
 ):
-    """The MLP half of a pre-norm ViT block: ``x + fc2(gelu(fc1(LayerNorm(x))))``.
+    """The MLP half of a pre-norm ViT block: ``x + layer_scale * fc2(hidden_norm(act(fc1(Norm(x)))))``.
 
-    x: [..., C]; fc1_weight: [Hid, C]; fc2_weight: [C, Hid]. ``approximate`` is GELU's
-    ('none' = exact erf, as timm's nn.GELU; 'tanh'). ``residual=False`` drops the ``x +``.
+    x: [..., C]; fc1_weight: [P, C]; fc2_weight: [C, Hid] with P = Hid, or 2·Hid for ``act='swiglu'``.
+    ``act``: 'gelu' (exact erf, timm's nn.GELU), 'gelu_tanh', 'quick_gelu' (``x·σ(1.702x)``) or 'swiglu'
+    (``silu(a) * b`` for fc1's output halves ``a, b``: timm's SwiGLUPacked, and timm's SwiGLU with
+    ``fc1 = cat([fc1_g, fc1_x])``); None takes GELU's ``approximate`` ('none' or 'tanh'). ``norm``: 'layer'
+    (LayerNorm, ``ln_bias`` may be None) or 'rms' (RMSNorm, ``ln_bias`` None). ``hidden_norm_weight``/``_bias``: an
+    optional norm of the same kind over the Hid features before fc2 (timm's ``scale_mlp_norm`` / SwiGLU's sub-LN),
+    eps ``hidden_norm_eps`` (default ``eps``). ``layer_scale``: [C] LayerScale gamma on fc2's output, or None.
+    ``residual=False`` drops the ``x +``.
     """
-    hidden = F.gelu(F.linear(layer_norm(x, ln_weight, ln_bias, eps), fc1_weight, fc1_bias), approximate=approximate)
+    act = act or ("gelu_tanh" if approximate == "tanh" else "gelu")
+    pre = F.linear(_norm(x, ln_weight, ln_bias, eps, norm), fc1_weight, fc1_bias)
+    hidden = mlp_activation(pre, act)
+    if hidden_norm_weight is not None:
+        hidden = _norm(
+            hidden, hidden_norm_weight, hidden_norm_bias, eps if hidden_norm_eps is None else hidden_norm_eps, norm
+        )
     out = F.linear(hidden, fc2_weight, fc2_bias)
+    if layer_scale is not None:
+        out = out * layer_scale
     return x + out if residual else out
+
+
+def _norm(x, weight, bias, eps, kind):
+    """LayerNorm (``kind='layer'``, bias may be None) or RMSNorm (``kind='rms'``) over the last dimension."""
+    return rms_norm(x, weight, eps) if kind == "rms" else F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def mlp_activation(pre: torch.Tensor, act: str) -> torch.Tensor:
+    """The MLP's activation on fc1's output ``pre`` [..., P]: 'gelu', 'gelu_tanh', 'quick_gelu' ([..., P]) or
+    'swiglu' (``silu(first half) * second half``, [..., P/2]: the gate is the first half, timm's SwiGLUPacked)."""
+    if act == "swiglu":
+        gate, value = pre.chunk(2, dim=-1)
+        return F.silu(gate) * value
+    if act == "quick_gelu":
+        return quick_gelu(pre)
+    return F.gelu(pre, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
 def linear_residual(
@@ -232,7 +298,24 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-def qk_norm_attention(qkv, num_heads, q_norm, k_norm, scale=None, rope=None, num_prefix_tokens=0, rotate_half=False):
+def qk_norm(norm):
+    """The function a ``fastvit.ops.QKNorm`` (weight, bias, eps, kind) applies to [..., D] head vectors; identity
+    for None. LayerNorm ('layer', bias optional) or RMSNorm ('rms')."""
+    if norm is None:
+        return lambda x: x
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        weight = norm.weight.to(x.dtype)
+        if norm.kind == "rms":
+            return rms_norm(x, weight, norm.eps)
+        return F.layer_norm(x, x.shape[-1:], weight, None if norm.bias is None else norm.bias.to(x.dtype), norm.eps)
+
+    return apply
+
+
+def qk_norm_attention(
+    qkv, num_heads, q_norm, k_norm, scale=None, rope=None, num_prefix_tokens=0, rotate_half=False, key_padding_mask=None
+):
     """Self-attention on a packed qkv buffer with q and k normalised per head (qk-norm) and optionally rotated.
 
     qkv: [B, N, 3·C] (timm's layout); ``q_norm``, ``k_norm``: functions on the [..., D] head vectors (timm's
@@ -245,7 +328,7 @@ def qk_norm_attention(qkv, num_heads, q_norm, k_norm, scale=None, rope=None, num
     if rope is not None:
         q = apply_rope(q, rope, num_prefix_tokens, rotate_half)
         k = apply_rope(k, rope, num_prefix_tokens, rotate_half)
-    return merge_heads(attention(q, k, v, scale=scale))
+    return merge_heads(attention(q, k, v, scale=scale, key_padding_mask=key_padding_mask))
 
 
 def attention_pool(x, latent, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, num_heads, norm, mlp):

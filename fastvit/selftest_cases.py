@@ -615,7 +615,7 @@ def patch_embed_checks(op: str, device: torch.device, quick: bool) -> list[Check
 
 
 # ----------------------------------------------------------------------------------------------
-# The extension (cuda): layer_norm, ln_mlp, linear_residual
+# The extension (cuda): layer_norm, rms_norm, ln_mlp, linear_residual
 
 
 def _layer_norm_case(rows, width, strided=False) -> OpCase:
@@ -638,25 +638,42 @@ def _layer_norm_case(rows, width, strided=False) -> OpCase:
 
 
 def _ln_mlp_case(
-    lead, width, hidden, approximate="none", residual=True, biases=True, strided=False, backend="cuda"
+    lead,
+    width,
+    hidden,
+    approximate="none",
+    residual=True,
+    biases=True,
+    strided=False,
+    backend="cuda",
+    act=None,
+    norm="layer",
+    layer_scale=False,
 ) -> OpCase:
+    """An ``ln_mlp`` case; ``act``/``norm``/``layer_scale`` pick a variant (swiglu: fc1 has 2·hidden rows)."""
+    act = act or ("gelu_tanh" if approximate == "tanh" else "gelu")
+    fc1_rows = 2 * hidden if act == "swiglu" else hidden
+
     def make(gen):
         x = _randn(gen, *lead, 2 * width if strided else width, scale=2.0, shift=0.5)
-        return [
+        args = [
             x,
             _randn(gen, width, scale=0.2, shift=1.0),
-            _randn(gen, width, scale=0.2),
-            _randn(gen, hidden, width, scale=width**-0.5),
-            _randn(gen, hidden, scale=0.2) if biases else None,
+            _randn(gen, width, scale=0.2) if norm == "layer" else None,
+            _randn(gen, fc1_rows, width, scale=width**-0.5),
+            _randn(gen, fc1_rows, scale=0.2) if biases else None,
             _randn(gen, width, hidden, scale=hidden**-0.5),
             _randn(gen, width, scale=0.2) if biases else None,
         ]
+        return [*args, _randn(gen, width, scale=0.2, shift=0.5)] if layer_scale else args
 
     def run(backend):
         def fn(*a):
+            gamma = a[7] if layer_scale else None
+            variant = dict(act=act, norm=norm, layer_scale=gamma)
             if backend == "spec":
-                return reference.ln_mlp(*a, 1e-6, approximate, residual)
-            return ops.ln_mlp(*a, eps=1e-6, approximate=approximate, residual=residual, backend=backend)
+                return reference.ln_mlp(*a[:7], 1e-6, residual=residual, **variant)
+            return ops.ln_mlp(*a[:7], eps=1e-6, residual=residual, backend=backend, **variant)
 
         return fn
 
@@ -667,7 +684,21 @@ def _ln_mlp_case(
         spec=run("spec"),
         make=make,
         layout=(lambda a: [a[0][..., ::2], *a[1:]]) if strided else (lambda a: a),
-        names=(*names, "grad fc2_bias"),
+        names=(*names, "grad fc2_bias", *(("grad layer_scale",) if layer_scale else ())),
+    )
+
+
+def _rms_norm_case(rows, width) -> OpCase:
+    def make(gen):
+        return [_randn(gen, rows, width, scale=2.0, shift=0.5), _randn(gen, width, scale=0.2, shift=1.0)]
+
+    return OpCase(
+        fused=lambda x, w: ops.rms_norm(x, w, 1e-6, backend="cuda"),
+        peer=lambda x, w: reference.rms_norm(x, w, 1e-6),
+        spec=lambda x, w: reference.rms_norm(x, w, 1e-6),
+        make=make,
+        layout=lambda a: a,
+        names=("out", "grad x", "grad weight"),
     )
 
 
@@ -708,12 +739,24 @@ def extension_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
             if not quick:
                 cases += [("5x768", _layer_norm_case(5, 768)), ("3x1280", _layer_norm_case(3, 1280))]
             determinism = _layer_norm_case(197, 384)
+        elif op == "rms_norm":
+            cases = [("1x7", _rms_norm_case(1, 7)), ("394x192", _rms_norm_case(394, 192))]
+            if not quick:
+                cases += [("3x1280", _rms_norm_case(3, 1280))]
+            determinism = _rms_norm_case(197, 384)
         elif op == "ln_mlp":
             cases = [
                 ("1x1x7 -> 13", _ln_mlp_case((1, 1), 7, 13)),
                 ("2x7x24 -> 96 tanh", _ln_mlp_case((2, 7), 24, 96, "tanh")),
                 ("2x7x24 -> 40 no residual, no biases", _ln_mlp_case((2, 7), 24, 40, residual=False, biases=False)),
                 ("2x17x48 strided x", _ln_mlp_case((2, 17), 48, 96, strided=True)),
+                ("2x7x24 -> 40 quick_gelu", _ln_mlp_case((2, 7), 24, 40, act="quick_gelu")),
+                ("2x7x24 -> 2x48 swiglu", _ln_mlp_case((2, 7), 24, 48, act="swiglu")),
+                (
+                    "2x7x24 -> 2x20 rms swiglu no biases",
+                    _ln_mlp_case((2, 7), 24, 20, act="swiglu", norm="rms", biases=False),
+                ),
+                ("2x7x24 -> 96 tanh, layer scale", _ln_mlp_case((2, 7), 24, 96, "tanh", layer_scale=True)),
             ]
             if not quick:
                 cases += [
@@ -732,7 +775,9 @@ def extension_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
                     ("1x197x768 -> 768", _linear_residual_case((1, 197), 768, 768)),
                 ]
             determinism = _linear_residual_case((2, 65), 64, 64)
-        if gpu and dtype == torch.float32 and op != "layer_norm":  # cuBLASLt in TF32 when PyTorch allows it
+        if (
+            gpu and dtype == torch.float32 and op not in ("layer_norm", "rms_norm")
+        ):  # cuBLASLt in TF32 when PyTorch allows it
             tf32_case = dataclasses.replace(cases[1][1], fused_context=lambda: tf32(True))
             cases.append((cases[1][0] + " tf32", tf32_case))
         for label, case in cases:
@@ -798,6 +843,7 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
             cases = [
                 ("1x1x7 -> 13", _ln_mlp_case((1, 1), 7, 13, backend="triton")),
                 ("2x7x24 -> 96 tanh", _ln_mlp_case((2, 7), 24, 96, "tanh", backend="triton")),
+                ("2x7x24 -> 40 quick_gelu", _ln_mlp_case((2, 7), 24, 40, backend="triton", act="quick_gelu")),
                 ("2x17x48 strided x, no biases", _ln_mlp_case((2, 17), 48, 96, biases=False, strided=True,
                                                               backend="triton")),
             ]  # fmt: skip
@@ -830,6 +876,7 @@ CASE_BUILDERS: dict[tuple[str, str], Callable[[str, torch.device, bool], list[Ch
     ("patch_embed", "triton"): patch_embed_checks,
     ("patch_embed_uint8", "triton"): patch_embed_checks,
     ("layer_norm", "cuda"): extension_checks,
+    ("rms_norm", "cuda"): extension_checks,
     ("ln_mlp", "cuda"): extension_checks,
     ("linear_residual", "cuda"): extension_checks,
     ("ln_linear", "triton"): gemm_checks,

@@ -31,7 +31,7 @@ import fastvit
 from fastvit import checkpoint as ckpt
 from fastvit import cli, convert
 from fastvit.data import DataBundle, build_data
-from fastvit.model import PRESET_DATA_CFGS, PRESETS, VisionTransformer, default_pretrained_cfg
+from fastvit.model import PRESET_DATA_CFGS, PRESETS, VisionTransformer, default_pretrained_cfg, list_models
 
 PROG = "python -m fastvit train"
 DEFAULT_MODEL = "vit_digits_patch4_32"
@@ -235,24 +235,25 @@ def _architecture(args: argparse.Namespace) -> tuple[str, dict]:
     """(name, constructor config) of the model a run starts from, when it can be known before loading weights:
     the --model preset, or the default one when neither --model nor --init is given ({} when --init decides)."""
     if args.model is not None:
-        return args.model, dict(PRESETS[args.model])
+        return args.model, preset_config(args.model)
     if args.init:
         return "", {}
-    return DEFAULT_MODEL, dict(PRESETS[DEFAULT_MODEL])
+    return DEFAULT_MODEL, preset_config(DEFAULT_MODEL)
+
+
+def preset_config(name: str) -> dict:
+    """A preset's constructor config; timm's Eva-class presets (EVA02, DINOv3, RoPE ViTs) say ``model_class='Eva'``
+    (``convert.build_model`` builds them, checkpoints record it)."""
+    from fastvit.eva import EVA_PRESETS
+
+    return dict(PRESETS[name]) if name in PRESETS else {**EVA_PRESETS[name], "model_class": "Eva"}
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Reject bad arguments up front with a one-line message (``parser.error`` exits with code 2)."""
     cli.check_numbers(parser, args, TRAIN_NUMBERS)
-    if args.model is not None and args.model not in PRESETS:
-        from fastvit.eva import EVA_PRESETS
-
-        if args.model in EVA_PRESETS:
-            parser.error(
-                f"--model {args.model!r} is an Eva (RoPE) model, which the CLI does not train yet; "
-                f"from Python: fastvit.create_model({args.model!r})"
-            )
-        parser.error(f"--model {args.model!r} is not a preset; choose one of: {', '.join(sorted(PRESETS))}")
+    if args.model is not None and args.model not in list_models():
+        parser.error(f"--model {args.model!r} is not a preset; choose one of: {', '.join(list_models())}")
     if args.data not in ("digits", "synthetic") and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not 'digits', 'synthetic' or an existing directory")
     name, config = _architecture(args)
@@ -447,7 +448,7 @@ def starting_point(args: argparse.Namespace, resumed: dict | None) -> StartingPo
     init_state, metadata = convert.load_any_weights(args.init) if args.init else (None, {})
     if args.model is not None or not args.init:
         name = args.model or DEFAULT_MODEL
-        config = dict(PRESETS[name])
+        config = preset_config(name)
         data_config = {**default_pretrained_cfg(config.get("in_chans", 3)), **PRESET_DATA_CFGS.get(name, {})}
         if args.init:
             data_config.update(convert.metadata_data_cfg(metadata))
@@ -774,7 +775,7 @@ def _train(args: argparse.Namespace, env: Distributed, output: str) -> TrainResu
     config = model_config(start, args, data)
 
     seed_everything(args.seed)  # identical initial weights on every rank
-    model = VisionTransformer(**config, backend=args.backend)
+    model = convert.build_model(config, backend=args.backend)
     notes = load_init_weights(model, start.init_state, f"--init {args.init}") if start.init_state else []
     model.pretrained_cfg = {
         **model.pretrained_cfg,

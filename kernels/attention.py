@@ -22,6 +22,10 @@ for fastvit:
 - The backward has no atomics: one kernel owns dK/dV of a key block (looping over query blocks),
   another owns dQ of a query block (looping over key blocks). Every gradient element is written by
   one program in a fixed order, so gradients are bit-identical run to run, always.
+- An optional prologue (constexpr-switched, off by default: the plain kernels compile as without it): qk-norm
+  (LayerNorm / RMSNorm over the head dim) then RoPE applied to every q and k tile as it is loaded, and its
+  backward (transposed rotation, norm backward, norm-weight gradient partials) applied to dQ / dK before they
+  are stored. No normalised or rotated copy of q or k is written. See ``_prologue``.
 
 The launchers (grid, strides, allocation, autotuning) are in ``fastvit/ops/attention.py``; the
 spec is ``fastvit.reference.attention``. The block-size configurations tried by the autotuner are
@@ -114,6 +118,182 @@ def _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n):
 
 
 # ------------------------------------------------------------------------------------------------
+# Prologue: qk-norm then RoPE applied to q and k tiles as they are loaded (timm's order), and its backward applied
+# to dq/dk before they are stored. Switched by constexprs (ROPE: 0 none, 1 interleaved pairs (2i, 2i+1), 2
+# rotate-half pairs (i, i + D/2); Q_NORM / K_NORM: 0 none, 1 LayerNorm, 2 RMSNorm over the head dim): with all three
+# 0 no prologue code is compiled. RoPE of channel c: y[c] = n[c]·cos[c] + sign[c]·n[p(c)]·sin[c], p(c) the partner
+# column and sign -1 on the first of each pair (``fastvit.reference.apply_rope``); the table row of token t is
+# t - NUM_PREFIX (prefix tokens are not rotated). Rotation and norm are computed in fp32 and the result rounded once
+# to the tile's dtype. Ideas from flash-attention's rotary kernel and Liger-Kernel's rope (partner columns read
+# through a second pointer tile); the code is ours.
+ROPE_INTERLEAVED = tl.constexpr(1)
+ROPE_HALF = tl.constexpr(2)
+NORM_LAYER = tl.constexpr(1)
+NORM_RMS = tl.constexpr(2)
+# The norm-weight gradient partials are written per slot of NORM_GRAD_ROWS rows (every tile size is a multiple), so
+# that the partial buffer does not depend on the tile size the autotuner picks: see ``_store_norm_grad``.
+NORM_GRAD_ROWS = tl.constexpr(16)
+
+
+@triton.jit
+def _rope_partner(offs_d, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """The partner column p(c) of each column c and the sign of ``rot(x)[c] = sign[c]·x[p(c)]``; the padded columns
+    (c >= HEAD_DIM) are their own partners."""
+    if ROPE == ROPE_INTERLEAVED:
+        partner = offs_d ^ 1
+        sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
+    else:
+        first = offs_d < HEAD_DIM // 2
+        partner = tl.where(first, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
+        sign = tl.where(first, -1.0, 1.0)
+    partner = tl.where(offs_d < HEAD_DIM, partner, offs_d)
+    return partner, sign
+
+
+@triton.jit
+def _rope_sin_cos(Rope, stride_rope_n, rows, rows_valid, offs_d, NUM_PREFIX, HEAD_DIM: tl.constexpr):
+    """sin, cos [ROWS, BLOCK_D] fp32 of tokens ``rows`` from the cat(sin, cos) table [N - NUM_PREFIX, 2·HEAD_DIM]
+    (unit stride along columns); prefix tokens, missing rows and padded columns get sin 0, cos 1 (no rotation)."""
+    mask = (rows_valid & (rows >= NUM_PREFIX))[:, None] & (offs_d[None, :] < HEAD_DIM)
+    table_rows = tl.maximum(rows - NUM_PREFIX, 0).to(tl.int64)
+    ptrs = Rope + table_rows[:, None] * stride_rope_n + offs_d[None, :]
+    sin = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(ptrs + HEAD_DIM, mask=mask, other=1.0).to(tl.float32)
+    return sin, cos
+
+
+@triton.jit
+def _norm_stats(x, offs_d, eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
+    """Row mean (0 for RMSNorm) and 1/sqrt(var + eps) of x [ROWS, BLOCK_D] fp32 over its HEAD_DIM columns, and
+    x̂ = (x - mean)·rstd (0 on the padded columns)."""
+    if NORM == NORM_LAYER:
+        mean = tl.sum(x, 1) / HEAD_DIM
+        centred = x - mean[:, None]
+        if BLOCK_D != HEAD_DIM:
+            centred = tl.where(offs_d[None, :] < HEAD_DIM, centred, 0.0)
+    else:
+        mean = tl.sum(x, 1) * 0.0
+        centred = x
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / HEAD_DIM + eps)
+    return mean, rstd, centred * rstd[:, None]
+
+
+@triton.jit
+def _norm_apply(xhat, W, Bias, cols, HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
+    """x̂·w (+ b for LayerNorm) with the weights of columns ``cols`` (0 past HEAD_DIM); x̂ [ROWS, BLOCK_D] fp32."""
+    valid = cols < HEAD_DIM
+    y = xhat * tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)[None, :]
+    if NORM == NORM_LAYER:
+        y += tl.load(Bias + cols, mask=valid, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _prologue(
+    x,  # [ROWS, BLOCK_D] the raw q or k tile, as loaded from ptrs
+    ptrs,  # [ROWS, BLOCK_D] its pointers (the partner columns are loaded through them)
+    stride_d,
+    rows,  # [ROWS] token indices
+    rows_valid,
+    offs_d,
+    Rope,  # [N - NUM_PREFIX, 2·HEAD_DIM] cat(sin, cos), or None when ROPE == 0
+    stride_rope_n,
+    NUM_PREFIX,
+    W,  # [HEAD_DIM] norm weight, or None when NORM == 0
+    Bias,  # [HEAD_DIM] norm bias (LayerNorm), or None
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    ROPE: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """The tile attention uses: rope(norm(x)), in x's dtype. Missing rows come out as the norm's bias (callers mask
+    them as they mask the plain path's zero rows)."""
+    y = x.to(tl.float32)
+    if NORM != 0:
+        mean, rstd, xhat = _norm_stats(y, offs_d, eps, HEAD_DIM, BLOCK_D, NORM)
+        y = _norm_apply(xhat, W, Bias, offs_d, HEAD_DIM, NORM)
+    if ROPE != 0:
+        partner, sign = _rope_partner(offs_d, HEAD_DIM, ROPE)
+        partner_ptrs = ptrs + ((partner - offs_d) * stride_d)[None, :]
+        y_partner = _load_tile(partner_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_ROWS).to(tl.float32)
+        if NORM != 0:
+            xhat_partner = (y_partner - mean[:, None]) * rstd[:, None]
+            y_partner = _norm_apply(xhat_partner, W, Bias, partner, HEAD_DIM, NORM)
+        sin, cos = _rope_sin_cos(Rope, stride_rope_n, rows, rows_valid, offs_d, NUM_PREFIX, HEAD_DIM)
+        y = y * cos + sign[None, :] * y_partner * sin
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _prologue_backward(
+    g,  # [ROWS, BLOCK_D] fp32: gradient w.r.t. the tile _prologue returned
+    x,  # [ROWS, BLOCK_D] the raw tile
+    rows,
+    rows_valid,
+    offs_d,
+    Rope,
+    stride_rope_n,
+    NUM_PREFIX,
+    W,
+    Bias,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """(gradient w.r.t. x [ROWS, BLOCK_D] fp32, this tile's row sums of the norm weight and bias gradients
+    [BLOCK_D] fp32 each: zero without a norm or for RMSNorm's bias). The rotation's backward is its transpose:
+    dn[c] = g[c]·cos[c] - sign[c]·(g·sin)[p(c)]; the partner columns of a register tile come from ``tl.gather``."""
+    if ROPE != 0:
+        partner, sign = _rope_partner(offs_d, HEAD_DIM, ROPE)
+        sin, cos = _rope_sin_cos(Rope, stride_rope_n, rows, rows_valid, offs_d, NUM_PREFIX, HEAD_DIM)
+        g_sin = g * sin
+        g = g * cos - sign[None, :] * tl.gather(g_sin, tl.broadcast_to(partner[None, :], g_sin.shape), 1)
+    dw = tl.sum(g, 0) * 0.0
+    db = dw
+    if NORM != 0:
+        mean, rstd, xhat = _norm_stats(x.to(tl.float32), offs_d, eps, HEAD_DIM, BLOCK_D, NORM)
+        g_valid = tl.where(rows_valid[:, None], g, 0.0)  # missing rows carry garbage gradients: keep them out
+        dw = tl.sum(g_valid * xhat, 0)
+        if NORM == NORM_LAYER:
+            db = tl.sum(g_valid, 0)
+        g_w = g * tl.load(W + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+        g = g_w - xhat * (tl.sum(g_w * xhat, 1) / HEAD_DIM)[:, None]
+        if NORM == NORM_LAYER:
+            g -= (tl.sum(g_w, 1) / HEAD_DIM)[:, None]
+        g = g * rstd[:, None]
+    return g, dw, db
+
+
+@triton.jit
+def _store_norm_grad(
+    NormGrad,  # [B·H, cdiv(N, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: per-slot partial weight / bias gradients
+    bh,
+    start,  # first row of this program's tile
+    N,
+    dw,  # [BLOCK_D] fp32 partial weight gradient of the tile
+    db,  # [BLOCK_D] fp32 partial bias gradient
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """Write the tile's partials into its first slot and zeros into the other slots it covers: every slot is written
+    by exactly one program whatever the tile size, so the host's sum over slots is deterministic and never sees a
+    slot left over from another config the autotuner tried."""
+    num_slots = tl.cdiv(N, NORM_GRAD_ROWS)
+    offs_s = tl.arange(0, BLOCK_ROWS // NORM_GRAD_ROWS)
+    slots = start // NORM_GRAD_ROWS + offs_s
+    first = (offs_s == 0)[:, None]
+    ptrs = NormGrad + (bh * num_slots + slots.to(tl.int64))[:, None] * (2 * HEAD_DIM) + offs_d[None, :]
+    mask = (slots < num_slots)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(ptrs, tl.where(first, dw[None, :], 0.0), mask=mask)
+    tl.store(ptrs + HEAD_DIM, tl.where(first, db[None, :], 0.0), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
 # Forward
 
 
@@ -134,6 +314,15 @@ def _fwd_key_block(
     BLOCK_D: tl.constexpr,
     MASK_N: tl.constexpr,  # this key block runs past N_KV
     INPUT_PRECISION: tl.constexpr,
+    stride_kd,  # the key prologue's arguments (see _prologue)
+    Rope,
+    stride_rope_n,
+    NUM_PREFIX,
+    KW,
+    KB,
+    k_eps,
+    ROPE: tl.constexpr,
+    K_NORM: tl.constexpr,
     keep_ptrs=None,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
 ):
@@ -142,6 +331,11 @@ def _fwd_key_block(
         keys_valid = keys_valid & (tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0)
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+    if ROPE != 0 or K_NORM != 0:
+        k = _prologue(
+            k, k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
+            HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
+        )  # fmt: skip
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
     if MASK_N | KEY_MASK:
         qk = tl.where(keys_valid[None, :], qk, float("-inf"))
@@ -192,6 +386,19 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (ignored for 16-bit)
+    # Prologue (qk-norm then RoPE on the q and k tiles; all off by default): see _prologue.
+    Rope=None,  # [N - NUM_PREFIX, 2·HEAD_DIM] cat(sin, cos), unit column stride
+    stride_rope_n=0,
+    NUM_PREFIX=0,  # leading tokens left unrotated
+    QW=None,  # [HEAD_DIM] q norm weight
+    QB=None,  # [HEAD_DIM] q norm bias (LayerNorm)
+    q_eps=0.0,
+    KW=None,  # [HEAD_DIM] k norm weight
+    KB=None,  # [HEAD_DIM] k norm bias (LayerNorm)
+    k_eps=0.0,
+    ROPE: tl.constexpr = 0,  # 0 none, ROPE_INTERLEAVED, ROPE_HALF
+    Q_NORM: tl.constexpr = 0,  # 0 none, NORM_LAYER, NORM_RMS
+    K_NORM: tl.constexpr = 0,
     Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
     max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
     VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
@@ -223,6 +430,11 @@ def attn_fwd_kernel(
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    if ROPE != 0 or Q_NORM != 0:
+        q = _prologue(
+            q, q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
+            HEAD_DIM, BLOCK_D, True, ROPE, Q_NORM,
+        )  # fmt: skip
     keep_ptrs = KeyKeep
     if KEY_MASK:
         keep_ptrs, N_KV = _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n)
@@ -235,14 +447,16 @@ def attn_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _fwd_key_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION, keep_ptrs, KEY_MASK,
+            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
+            stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:
         acc, l_i, m_i = _fwd_key_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION, keep_ptrs, KEY_MASK,
+            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
+            stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
         )  # fmt: skip
 
     if KEY_MASK:  # a row without any kept key (acc = 0, l_i = 0): output 0 and lse = +inf, so the backward's P = 0
@@ -326,11 +540,25 @@ def _bwd_dkdv_query_block(
     BLOCK_D: tl.constexpr,
     MASK_M: tl.constexpr,  # this query block runs past N_Q
     INPUT_PRECISION: tl.constexpr,
+    stride_qd,  # the query prologue's arguments (see _prologue)
+    Rope,
+    stride_rope_n,
+    NUM_PREFIX,
+    QW,
+    QB,
+    q_eps,
+    ROPE: tl.constexpr,
+    Q_NORM: tl.constexpr,
     key_keep=None,  # [BLOCK_N] bool: the program's keys the key-padding mask keeps (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
 ):
     rows_valid = (start_m + offs_m) < N_Q
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
+    if ROPE != 0 or Q_NORM != 0:
+        q = _prologue(
+            q, q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
+            HEAD_DIM, BLOCK_D, MASK_M, ROPE, Q_NORM,
+        )  # fmt: skip
     do = _load_tile(do_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
     if MASK_M:
         # lse = +inf makes P exactly 0 on the missing rows (q and dO load as 0 there too).
@@ -393,6 +621,20 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows owned by this program
     INPUT_PRECISION: tl.constexpr,
+    # Prologue (qk-norm then RoPE on the q and k tiles; all off by default): see _prologue.
+    Rope=None,  # [N - NUM_PREFIX, 2·HEAD_DIM] cat(sin, cos), unit column stride
+    stride_rope_n=0,
+    NUM_PREFIX=0,  # leading tokens left unrotated
+    QW=None,  # [HEAD_DIM] q norm weight
+    QB=None,  # [HEAD_DIM] q norm bias (LayerNorm)
+    q_eps=0.0,
+    KW=None,  # [HEAD_DIM] k norm weight
+    KB=None,  # [HEAD_DIM] k norm bias (LayerNorm)
+    k_eps=0.0,
+    NormGrad=None,  # [B·H, cdiv(N_KV, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: k norm weight / bias gradient partials
+    ROPE: tl.constexpr = 0,  # 0 none, ROPE_INTERLEAVED, ROPE_HALF
+    Q_NORM: tl.constexpr = 0,  # 0 none, NORM_LAYER, NORM_RMS
+    K_NORM: tl.constexpr = 0,
     Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
     max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
     VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
@@ -429,6 +671,11 @@ def attn_bwd_dkdv_kernel(
     # Missing key rows load as 0; their dK/dV rows are computed but never stored.
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    if ROPE != 0 or K_NORM != 0:
+        k = _prologue(
+            k, k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
+            HEAD_DIM, BLOCK_D, True, ROPE, K_NORM,
+        )  # fmt: skip
     key_keep = KeyKeep
     if KEY_MASK:
         keep_ptrs, extent = _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n)
@@ -447,7 +694,8 @@ def attn_bwd_dkdv_kernel(
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _bwd_dkdv_query_block(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, N_Q, qk_scale, offs_m, offs_d,
-            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION, key_keep, KEY_MASK,
+            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
+            stride_qd, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps, ROPE, Q_NORM, key_keep, KEY_MASK,
         )  # fmt: skip
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
@@ -456,10 +704,19 @@ def attn_bwd_dkdv_kernel(
     if m_full < N_Q:
         dk, dv = _bwd_dkdv_query_block(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_full, N_Q, qk_scale, offs_m, offs_d,
-            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION, key_keep, KEY_MASK,
+            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
+            stride_qd, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps, ROPE, Q_NORM, key_keep, KEY_MASK,
         )  # fmt: skip
 
     dk *= sm_scale
+    if ROPE != 0 or K_NORM != 0:  # dk is the gradient w.r.t. the prologue's k: back to the raw k
+        k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+        dk, dkw, dkb = _prologue_backward(
+            dk, k, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
+            HEAD_DIM, BLOCK_D, ROPE, K_NORM,
+        )  # fmt: skip
+        if K_NORM != 0:
+            _store_norm_grad(NormGrad, b * H + h, start_n, N_KV, dkw, dkb, offs_d, HEAD_DIM, BLOCK_N)
     dk_ptrs = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
     dk_ptrs = dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
@@ -486,6 +743,15 @@ def _bwd_dq_key_block(
     BLOCK_D: tl.constexpr,
     MASK_N: tl.constexpr,  # this key block runs past N_KV
     INPUT_PRECISION: tl.constexpr,
+    stride_kd,  # the key prologue's arguments (see _prologue)
+    Rope,
+    stride_rope_n,
+    NUM_PREFIX,
+    KW,
+    KB,
+    k_eps,
+    ROPE: tl.constexpr,
+    K_NORM: tl.constexpr,
     keep_ptrs=None,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
 ):
@@ -494,6 +760,11 @@ def _bwd_dq_key_block(
         keys_valid = keys_valid & (tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0)
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+    if ROPE != 0 or K_NORM != 0:
+        k = _prologue(
+            k, k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
+            HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
+        )  # fmt: skip
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
     p = tl.math.exp2(_at_most_zero(qk * qk_scale - lse2[:, None]))
     if MASK_N | KEY_MASK:
@@ -542,6 +813,20 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,
+    # Prologue (qk-norm then RoPE on the q and k tiles; all off by default): see _prologue.
+    Rope=None,  # [N - NUM_PREFIX, 2·HEAD_DIM] cat(sin, cos), unit column stride
+    stride_rope_n=0,
+    NUM_PREFIX=0,  # leading tokens left unrotated
+    QW=None,  # [HEAD_DIM] q norm weight
+    QB=None,  # [HEAD_DIM] q norm bias (LayerNorm)
+    q_eps=0.0,
+    KW=None,  # [HEAD_DIM] k norm weight
+    KB=None,  # [HEAD_DIM] k norm bias (LayerNorm)
+    k_eps=0.0,
+    NormGrad=None,  # [B·H, cdiv(N_Q, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: q norm weight / bias gradient partials
+    ROPE: tl.constexpr = 0,  # 0 none, ROPE_INTERLEAVED, ROPE_HALF
+    Q_NORM: tl.constexpr = 0,  # 0 none, NORM_LAYER, NORM_RMS
+    K_NORM: tl.constexpr = 0,
     Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
     max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
     VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
@@ -576,6 +861,11 @@ def attn_bwd_dq_kernel(
     do_ptrs = do_ptrs + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
     # Missing query rows load as 0 (lse and delta too); their dQ rows are never stored.
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    if ROPE != 0 or Q_NORM != 0:
+        q = _prologue(
+            q, q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
+            HEAD_DIM, BLOCK_D, True, ROPE, Q_NORM,
+        )  # fmt: skip
     do = _load_tile(do_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     row_offset = (b * H + h) * N_Q + start_m + offs_m
     lse2 = tl.load(Lse + row_offset, mask=rows_valid, other=0.0) * LOG2E
@@ -592,17 +882,27 @@ def attn_bwd_dq_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         dq = _bwd_dq_key_block(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION, keep_ptrs, KEY_MASK,
+            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
+            stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:
         dq = _bwd_dq_key_block(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION, keep_ptrs, KEY_MASK,
+            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
+            stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
         )  # fmt: skip
 
     dq *= sm_scale
+    if ROPE != 0 or Q_NORM != 0:  # dq is the gradient w.r.t. the prologue's q: back to the raw q
+        q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+        dq, dqw, dqb = _prologue_backward(
+            dq, q, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
+            HEAD_DIM, BLOCK_D, ROPE, Q_NORM,
+        )  # fmt: skip
+        if Q_NORM != 0:
+            _store_norm_grad(NormGrad, b * H + h, start_m, N_Q, dqw, dqb, offs_d, HEAD_DIM, BLOCK_M)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
     dq_ptrs = dq_ptrs + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
     _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
@@ -708,7 +1008,14 @@ def block_d(head_dim: int) -> int:
 
 
 def keep_config(
-    kernel: str, block_m: int, block_n: int, num_stages: int, block_d: int, elem_bytes: int, arch: int
+    kernel: str,
+    block_m: int,
+    block_n: int,
+    num_stages: int,
+    block_d: int,
+    elem_bytes: int,
+    arch: int,
+    rope: bool = False,
 ) -> bool:
     """False when a config's shared memory exceeds the GPU's per-block limit (an estimate of Triton's allocation).
 
@@ -717,13 +1024,17 @@ def keep_config(
     fp32 lse and delta rows); the program's own tiles stay resident (q for 'fwd'; q and dO for 'dq'; k and v for
     'dkdv'). With Triton 3.8 on sm_90 this is what the compiled kernels allocate (to the byte for 'fwd' and 'dq',
     a few hundred bytes more for 'dkdv'); on sm_80 Triton needs less, so a config that would fit there may be
-    dropped. The static resource check compares the real allocation of every kept config with the limit.
+    dropped. The static resource check compares the real allocation of every kept config with the limit. With
+    ``rope`` (the RoPE prologue) the streamed tile's sin and cos rows (fp32) are streamed with it: counted as
+    ``num_stages`` buffers each (Triton 3.8 on sm_90 allocates ``num_stages - 1``: an over-estimate, on the safe side).
     """
     streamed_rows = block_m if kernel == "dkdv" else block_n
     resident_tiles, resident_rows = {"fwd": (1, block_m), "dq": (2, block_m), "dkdv": (2, block_n)}[kernel]
     streamed = num_stages * 2 * streamed_rows * block_d * elem_bytes
     if kernel == "dkdv":
         streamed += num_stages * 2 * block_m * 4  # lse and delta rows (fp32) of each query block
+    if rope:
+        streamed += num_stages * streamed_rows * block_d * 2 * 4
     resident = resident_tiles * resident_rows * block_d * elem_bytes
     return streamed + resident <= shared_memory_limit(arch)
 
@@ -741,19 +1052,23 @@ def table_configs(kernel: str, arch: int, block_d: int, elem_bytes: int) -> list
     return list(by_block_d[min(bound for bound in by_block_d if bound >= block_d)])
 
 
-def autotune_configs(kernel: str, arch: int, block_d: int, elem_bytes: int) -> list[tuple[int, int, int, int]]:
+def autotune_configs(
+    kernel: str, arch: int, block_d: int, elem_bytes: int, rope: bool = False
+) -> list[tuple[int, int, int, int]]:
     """Every config the autotuner may pick for one launch, as (BLOCK_M, BLOCK_N, num_warps, num_stages).
 
     The launcher's prune step returns exactly these, and the static resource check (``fastvit.kernels.resources``)
     compiles exactly these: the table entries that ``keep_config`` keeps for ``arch``, or ``FALLBACK_CONFIGS`` when
-    it keeps none.
+    it keeps none. With ``rope`` (the RoPE prologue streams its sin/cos rows too) an entry that does not fit is kept
+    with the deepest pipeline (fewest stages, down to 1) that does.
     """
-    kept = [
-        entry
-        for entry in table_configs(kernel, arch, block_d, elem_bytes)
-        if keep_config(kernel, entry[0], entry[1], entry[3], block_d, elem_bytes, arch)
-    ]
-    return kept or [FALLBACK_CONFIGS[kernel]]
+    kept = []
+    for block_m, block_n, warps, stages in table_configs(kernel, arch, block_d, elem_bytes):
+        for depth in range(stages, 0, -1) if rope else (stages,):
+            if keep_config(kernel, block_m, block_n, depth, block_d, elem_bytes, arch, rope):
+                kept.append((block_m, block_n, warps, depth))
+                break
+    return list(dict.fromkeys(kept)) or [FALLBACK_CONFIGS[kernel]]
 
 
 def dtype_table_configs(kernel: str, arch: int, elem_bytes: int) -> list[tuple[int, int, int, int]]:

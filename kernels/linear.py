@@ -9,7 +9,7 @@ programs (GROUP_M row tiles walk the N tiles together, so the W tiles they share
 - **Prologue** (``HAS_LN``): LayerNorm applied to each A tile as it is loaded, from per-row mean/rstd (fp32,
   :func:`ln_stats_kernel`) and the per-column gamma/beta of K. The normalised tile is rounded to W's dtype, as the
   stored LayerNorm output would be, and never written to memory: no ``ln_out`` [M, K] round trip.
-- **Epilogue**: bias, the activation (none, exact-erf GELU, tanh GELU) and the residual add on the fp32
+- **Epilogue**: bias, the activation (none, exact-erf GELU, tanh GELU, QuickGELU) and the residual add on the fp32
   accumulator; optionally the pre-activation is stored for the backward (``SAVE_PRE_ACT``).
 - **Backward**: ``dz = dout * act'(z)`` is formed tile by tile as the output gradient is loaded (from the saved
   pre-activation z), in both backward GEMMs: dÂ = dz @ W (:func:`linear_bwd_input_kernel`) and dW = dzᵀ @ Â with
@@ -33,6 +33,8 @@ import triton.language as tl
 ACT_NONE = tl.constexpr(0)
 ACT_GELU = tl.constexpr(1)  # exact: 0.5 z (1 + erf(z / sqrt 2)), timm's nn.GELU
 ACT_GELU_TANH = tl.constexpr(2)  # 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) == z * sigmoid(2 u)
+ACT_QUICK_GELU = tl.constexpr(3)  # z * sigmoid(1.702 z), OpenAI CLIP's QuickGELU
+QUICK_GELU_SCALE = tl.constexpr(1.702)
 SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 TANH_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
@@ -53,6 +55,15 @@ def _tile_coords(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP
     first_r = (pid // per_group) * GROUP_R
     group_rows = min(tiles_r - first_r, GROUP_R)
     return first_r + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def _output_tile(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_R: tl.constexpr):
+    """This program's output tile (grouped order): row offsets, column offsets and their in-bounds masks."""
+    pid_r, pid_c = _tile_coords(ROWS, COLS, BLOCK_R, BLOCK_C, GROUP_R)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return offs_r, offs_c, offs_r < ROWS, offs_c < COLS
 
 
 @triton.jit
@@ -93,6 +104,8 @@ def _activation(z, ACTIVATION: tl.constexpr):
         z = 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
     elif ACTIVATION == ACT_GELU_TANH:
         z = z * _sigmoid((z + z * z * z * TANH_A) * (2.0 * TANH_C))
+    elif ACTIVATION == ACT_QUICK_GELU:
+        z = z * _sigmoid(z * QUICK_GELU_SCALE)
     return z
 
 
@@ -108,6 +121,10 @@ def _grad_pre_activation(grad_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr):
         z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
         s = _sigmoid((z + z * z * z * TANH_A) * (2.0 * TANH_C))
         grad = grad * (s + z * 2.0 * s * (1.0 - s) * (1.0 + z * z * (3.0 * TANH_A)) * TANH_C)
+    elif ACTIVATION == ACT_QUICK_GELU:
+        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+        s = _sigmoid(z * QUICK_GELU_SCALE)
+        grad = grad * (s + QUICK_GELU_SCALE * z * s * (1.0 - s))
     return grad
 
 
@@ -199,12 +216,8 @@ def linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rows_valid, cols_valid = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    rows_valid = offs_m < M
-    cols_valid = offs_n < N
     rows64 = offs_m.to(tl.int64)
     a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
@@ -254,12 +267,8 @@ def linear_bwd_input_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = _tile_coords(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m, offs_k, rows_valid, k_valid = _output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_n = tl.arange(0, BLOCK_N)
-    rows_valid = offs_m < M
-    k_valid = offs_k < K
     rows64 = offs_m.to(tl.int64)
     grad_offsets = rows64[:, None] * N + offs_n[None, :]
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk

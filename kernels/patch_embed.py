@@ -31,11 +31,8 @@ import triton.language as tl
 @triton.jit
 def _patch_index(
     ks,  # [BLOCK_K] int32: reduction indices in [0, K)
-    IN_CHANS: tl.constexpr,
-    PATCH_H: tl.constexpr,
-    PATCH_W: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr,
-):
+    IN_CHANS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr, CHANNELS_INNER: tl.constexpr,
+):  # fmt: skip
     """(channel, row in patch, column in patch) of each reduction index.
 
     The order of K is free (image and weight are indexed by the same triple): channel-outermost for NCHW
@@ -66,6 +63,25 @@ def _to_gemm_dtype(t, GEMM_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _row_and_column_block(num_columns, BLOCK_C: tl.constexpr):
+    """(row block, column block) of this program in a 1-D grid whose column blocks run fastest."""
+    pid = tl.program_id(0)
+    num_column_blocks = tl.cdiv(num_columns, BLOCK_C)
+    return pid // num_column_blocks, pid % num_column_blocks
+
+
+@triton.jit
+def _patch_row_offsets(rows, T, N, GRID_W, sdb, sdl, sxb, sxh, sxw, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr):
+    """For patch rows in [0, B·N): the offset of each row's token gradient (token T + n of image b) and of its
+    patch's origin pixel in the image."""
+    b = rows // N
+    n = rows % N
+    dy_row = b.to(tl.int64) * sdb + (n + T).to(tl.int64) * sdl
+    x_row = b.to(tl.int64) * sxb + ((n // GRID_W) * PATCH_H).to(tl.int64) * sxh
+    return dy_row, x_row + ((n % GRID_W) * PATCH_W).to(tl.int64) * sxw
+
+
+@triton.jit
 def _load_patches(
     x_ptr,  # [B, Cin, H, W] image (any strides), float or uint8
     x_row,  # [BLOCK_M] int64: offset of each row's patch origin (b, ph·PH, pw·PW)
@@ -74,19 +90,11 @@ def _load_patches(
     kh,  # [BLOCK_K] int32 row within the patch
     kw,  # [BLOCK_K] int32 column within the patch
     k_mask,  # [BLOCK_K] bool: reduction indices < K
-    sxc,
-    sxh,
-    sxw,
-    scale0,
-    scale1,
-    scale2,
-    scale3,
-    shift0,
-    shift1,
-    shift2,
-    shift3,
+    sxc, sxh, sxw,
+    scale0, scale1, scale2, scale3,
+    shift0, shift1, shift2, shift3,
     NORMALIZE: tl.constexpr,
-):
+):  # fmt: skip
     """A [BLOCK_M, BLOCK_K] tile of im2col(x), in fp32 when NORMALIZE (uint8 input), else in x's dtype."""
     x_col = c.to(tl.int64) * sxc + kh.to(tl.int64) * sxh + kw.to(tl.int64) * sxw
     mask = row_mask[:, None] & k_mask[None, :]
@@ -114,45 +122,19 @@ def patch_embed_fwd_kernel(
     K,  # Cin·PH·PW
     GRID_W,  # patches per image row
     POS_OFFSET,  # 0: pos_embed covers all L tokens; T: patch tokens only (timm's no_embed_class)
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    swd,
-    swc,
-    swh,
-    sww,
+    sxb, sxc, sxh, sxw,
+    swd, swc, swh, sww,
     s_bias,
-    spos_l,
-    spos_d,
-    scls_t,
-    scls_d,
-    scale0,
-    scale1,
-    scale2,
-    scale3,
-    shift0,
-    shift1,
-    shift2,
-    shift3,
-    IN_CHANS: tl.constexpr,
-    PATCH_H: tl.constexpr,
-    PATCH_W: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_PREFIX: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    spos_l, spos_d,
+    scls_t, scls_d,
+    scale0, scale1, scale2, scale3,
+    shift0, shift1, shift2, shift3,
+    IN_CHANS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr, CHANNELS_INNER: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     # 1-D grid, D-blocks fastest: the programs sharing one row block (one gather of image tiles) run together.
-    pid = tl.program_id(0)
-    num_d_blocks = tl.cdiv(D, BLOCK_D)
-    pid_m = pid // num_d_blocks
-    pid_d = pid % num_d_blocks
+    pid_m, pid_d = _row_and_column_block(D, BLOCK_D)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # token rows of the [B·L, D] output
     row_valid = rows < num_rows
@@ -209,45 +191,19 @@ def patch_embed_bwd_input_kernel(
     w_ptr,  # [D, Cin, PH, PW] projection weight, strides (swd, swc, swh, sww); its dtype is the GEMM dtype
     dx_ptr,  # [B, Cin, H, W] gradient of the image, strides (sxb, sxc, sxh, sxw): every element written once
     num_rows,  # B·N patch rows
-    T,
-    N,
-    D,
-    K,
-    GRID_W,
-    sdb,
-    sdl,
-    sdd,
-    swd,
-    swc,
-    swh,
-    sww,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    IN_CHANS: tl.constexpr,
-    PATCH_H: tl.constexpr,
-    PATCH_W: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    T, N, D, K, GRID_W,
+    sdb, sdl, sdd,
+    swd, swc, swh, sww,
+    sxb, sxc, sxh, sxw,
+    IN_CHANS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr, CHANNELS_INNER: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     # Patches do not overlap: each (patch row, k) owns one pixel, so the scatter needs no atomics.
-    pid = tl.program_id(0)
-    num_k_blocks = tl.cdiv(K, BLOCK_K)
-    pid_m = pid // num_k_blocks
-    pid_k = pid % num_k_blocks
+    pid_m, pid_k = _row_and_column_block(K, BLOCK_K)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # patch rows in [0, B·N)
     row_mask = rows < num_rows
-    b = rows // N
-    n = rows % N
-    ph = n // GRID_W
-    pw = n % GRID_W
-    dy_row = b.to(tl.int64) * sdb + (n + T).to(tl.int64) * sdl
-    x_row = b.to(tl.int64) * sxb + (ph * PATCH_H).to(tl.int64) * sxh + (pw * PATCH_W).to(tl.int64) * sxw
+    dy_row, x_row = _patch_row_offsets(rows, T, N, GRID_W, sdb, sdl, sxb, sxh, sxw, PATCH_H, PATCH_W)
 
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = ks < K
@@ -279,38 +235,16 @@ def patch_embed_bwd_weight_kernel(
     dw_ptr,  # [SPLIT, D, Cin·PH·PW] contiguous: fp32 partial sums (ATOMIC: [D, K] fp32, zeroed; SPLIT=1: any dtype)
     num_rows,  # B·N patch rows
     rows_per_split,  # multiple of BLOCK_M: rows reduced by one program along grid axis 1
-    T,
-    N,
-    D,
-    K,
-    GRID_W,
-    sdb,
-    sdl,
-    sdd,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    scale0,
-    scale1,
-    scale2,
-    scale3,
-    shift0,
-    shift1,
-    shift2,
-    shift3,
-    IN_CHANS: tl.constexpr,
-    PATCH_H: tl.constexpr,
-    PATCH_W: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    T, N, D, K, GRID_W,
+    sdb, sdl, sdd,
+    sxb, sxc, sxh, sxw,
+    scale0, scale1, scale2, scale3,
+    shift0, shift1, shift2, shift3,
+    IN_CHANS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr, CHANNELS_INNER: tl.constexpr,
+    NORMALIZE: tl.constexpr, ATOMIC: tl.constexpr,
     GEMM_DTYPE: tl.constexpr,  # the forward's GEMM dtype (the weight's): 0 fp32, 1 fp16, 2 bf16
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     # dW[d, k] = Σ_rows dY[row, d] · im2col(x)[row, k]. Grid axis 0: (D-block, K-block) tiles, K fastest;
     # axis 1: the split of the B·N rows. Each program sums its rows in a fixed order; the splits are combined
     # by the host in a fixed order (deterministic) or by fp32 atomics (ATOMIC, order-dependent).
@@ -332,12 +266,7 @@ def patch_embed_bwd_weight_kernel(
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
-        b = rows // N
-        n = rows % N
-        ph = n // GRID_W
-        pw = n % GRID_W
-        dy_row = b.to(tl.int64) * sdb + (n + T).to(tl.int64) * sdl
-        x_row = b.to(tl.int64) * sxb + (ph * PATCH_H).to(tl.int64) * sxh + (pw * PATCH_W).to(tl.int64) * sxw
+        dy_row, x_row = _patch_row_offsets(rows, T, N, GRID_W, sdb, sdl, sxb, sxh, sxw, PATCH_H, PATCH_W)
         dy = tl.load(dy_ptr + dy_row[:, None] + ds[None, :] * sdd, mask=row_mask[:, None] & d_mask[None, :], other=0)
         a = _load_patches(
             x_ptr, x_row, row_mask, c, kh, kw, k_mask, sxc, sxh, sxw,
@@ -363,12 +292,9 @@ def patch_embed_bwd_colsum_kernel(
     sum_ptr,  # [L, D] fp32, contiguous: Σ_b dY[b, l, :]
     B,
     D,
-    sdb,
-    sdl,
-    sdd,
-    BLOCK_B: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    sdb, sdl, sdd,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     # One program per (token, D-block); the batch is summed in a fixed order (elementwise over BLOCK_B-row
     # slabs, then one tree reduction): deterministic, no atomics.
     tok = tl.program_id(0)

@@ -208,17 +208,41 @@ def _layer_norm(draw: _Draw, *, lead=(2, 5), width=24):
     return {"x": x, "weight": draw(width, scale=0.2, offset=1.0), "bias": draw(width, scale=0.2)}, {}
 
 
-def _ln_mlp(draw: _Draw, *, lead=(2, 5), width=24, hidden=40, fc1_bias=True, fc2_bias=True):
-    """x [*lead, C], LayerNorm weight/bias [C], fc1 [Hid, C] + [Hid], fc2 [C, Hid] + [C] (fan-in scaled)."""
-    return {
+def _rms_norm(draw: _Draw, *, lead=(2, 5), width=24):
+    """x [*lead, C] (mean 0.5, std 2), weight [C]."""
+    return {"x": draw(*lead, width, scale=2.0, offset=0.5), "weight": draw(width, scale=0.2, offset=1.0)}, {}
+
+
+def _ln_mlp(
+    draw: _Draw, *, lead=(2, 5), width=24, hidden=40, fc1_bias=True, fc2_bias=True, act="gelu", norm="layer",
+    ln_bias=True, hidden_norm=False, layer_scale=False,
+):  # fmt: skip
+    """x [*lead, C], LayerNorm weight/bias [C], fc1 [Hid, C] + [Hid], fc2 [C, Hid] + [C] (fan-in scaled).
+
+    Variants: ``act`` (swiglu: fc1 [2·Hid, C]), ``norm`` ('rms': no ln_bias), ``ln_bias=False``, ``hidden_norm`` (a
+    norm over Hid: ``hidden_norm_weight``/``_bias``), ``layer_scale`` (gamma [C]); the default sample has none.
+    """
+    fc1_rows = 2 * hidden if act == "swiglu" else hidden
+    tensors = {
         "x": draw(*lead, width, scale=2.0, offset=0.5),
         "ln_weight": draw(width, scale=0.2, offset=1.0),
-        "ln_bias": draw(width, scale=0.2),
-        "fc1_weight": draw(hidden, width, scale=width**-0.5),
-        "fc1_bias": draw(hidden, scale=0.2) if fc1_bias else None,
+        "ln_bias": draw(width, scale=0.2) if ln_bias and norm == "layer" else None,
+        "fc1_weight": draw(fc1_rows, width, scale=width**-0.5),
+        "fc1_bias": draw(fc1_rows, scale=0.2) if fc1_bias else None,
         "fc2_weight": draw(width, hidden, scale=hidden**-0.5),
         "fc2_bias": draw(width, scale=0.2) if fc2_bias else None,
-    }, {}
+    }
+    if hidden_norm:
+        tensors["hidden_norm_weight"] = draw(hidden, scale=0.2, offset=1.0)
+        tensors["hidden_norm_bias"] = draw(hidden, scale=0.2) if norm == "layer" else None
+    if layer_scale:
+        tensors["layer_scale"] = draw(width, scale=0.2, offset=0.5)
+    kwargs = {}  # only what differs from the plain MLP, so the default sample is today's call
+    if act != "gelu":
+        kwargs["act"] = act
+    if norm != "layer":
+        kwargs["norm"] = norm
+    return tensors, kwargs
 
 
 def _linear_residual(draw: _Draw, *, lead=(2, 5), in_features=24, out_features=40, bias=True):
@@ -491,6 +515,16 @@ LAYER_NORM = OpCase(
         for width in (1, 7, 50, 197, 257, 577, 768, 2048)
     },
 )
+RMS_NORM = OpCase(
+    "rms_norm",
+    ("x", "weight"),
+    _rms_norm,
+    reference.rms_norm,
+    optional=(),
+    main_rank=None,
+    empty=dict(lead=(0, 5)),
+    variants={f"{rows}x{width}": dict(lead=(rows,), width=width) for rows in (1, 7, 50) for width in (1, 7, 257, 768)},
+)
 _WIDTH_HIDDEN = ((1, 1), (1, 5), (7, 1), (7, 29), (50, 197), (197, 50), (257, 577), (577, 257))
 LN_MLP = OpCase(
     "ln_mlp",
@@ -543,6 +577,7 @@ OP_CASES: dict[str, OpCase] = {
         PATCH_EMBED,
         PATCH_EMBED_UINT8,
         LAYER_NORM,
+        RMS_NORM,
         LN_MLP,
         LINEAR_RESIDUAL,
         LN_LINEAR,

@@ -266,9 +266,9 @@ def test_torch_compile_fullgraph_with_backward():
 @pytest.mark.parametrize("arch", [80, 90])
 def test_autotune_pruning_always_leaves_a_config(kind, arch):
     # GPU-only code path, checked here without launching: the autotuner wrapper builds, is keyed on
-    # (N_Q, N_KV, HEAD_DIM) (+ dtypes), and its prune step never returns an empty list.
+    # (N_Q, N_KV, HEAD_DIM, precision, prologue switches) (+ dtypes), and its prune step never returns an empty list.
     tuned = attention_triton._autotuned(kind, arch, 1)
-    assert tuned.keys == ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
+    assert tuned.keys == ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION", "ROPE", "Q_NORM", "K_NORM"]
     for block_d in (32, 64, 128):
         for dtype in dispatch.KERNEL_DTYPES:
             kept = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d)
@@ -282,43 +282,49 @@ from triton.compiler import ASTSource
 from fastvit.kernels import attention as K
 
 POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
-for kind, fn, (block_m, block_n, warps, stages) in [
-    ("fwd", K.attn_fwd_kernel, K.autotune_configs("fwd", 80, 128, 2)[0]),
-    ("dkdv", K.attn_bwd_dkdv_kernel, K.autotune_configs("dkdv", 80, 128, 2)[0]),
-    ("dq", K.attn_bwd_dq_kernel, K.autotune_configs("dq", 80, 128, 2)[0]),
-]:
+FP32_POINTERS = {"Lse", "Delta", "Rope", "QW", "QB", "KW", "KB", "NormGrad"}
+PLAIN = dict(ROPE=0, Q_NORM=0, K_NORM=0, **dict.fromkeys(FP32_POINTERS - {"Lse", "Delta"}))  # the defaults
+for prologue, archs in ((PLAIN, (80, 90)), (dict(ROPE=2, Q_NORM=1, K_NORM=2), (90,))):
+  for kind, fn, (block_m, block_n, warps, stages) in [
+    ("fwd", K.attn_fwd_kernel, K.autotune_configs("fwd", 80, 128, 2, prologue["ROPE"] != 0)[0]),
+    ("dkdv", K.attn_bwd_dkdv_kernel, K.autotune_configs("dkdv", 80, 128, 2, prologue["ROPE"] != 0)[0]),
+    ("dq", K.attn_bwd_dq_kernel, K.autotune_configs("dq", 80, 128, 2, prologue["ROPE"] != 0)[0]),
+  ]:
     # HEAD_DIM 80 in 128-wide tiles: the masked-column paths. Specialised as the JIT would for a
-    # packed qkv buffer: unit head-dim strides, 16-divisible pointers and strides.
-    consts = dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION="tf32")
+    # packed qkv buffer: unit head-dim strides, 16-divisible pointers and strides. Without a prologue its
+    # arguments are the defaults (None pointers, constexpr 0 switches); with one, rotate-half RoPE and both norms.
+    consts = dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION="tf32", **prologue)
     consts.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
     # The plain path: the packed-sequence and key-padding-mask arguments unset.
     consts.update(Cu_seqlens=None, max_seqlen=None, VARLEN=False, KeyKeep=None, KeyExtent=None, KEY_MASK=False)
+    consts = {n: v for n, v in consts.items() if n in fn.arg_names}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
-        elif name in POINTERS or name in ("Lse", "Delta"):
-            sig[name] = "*fp32" if name in ("Lse", "Delta") else "*bf16"
+        elif name in POINTERS or name in FP32_POINTERS:
+            sig[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "fp32" if name == "sm_scale" else "i32"
+            sig[name] = "fp32" if name in ("sm_scale", "q_eps", "k_eps") else "i32"
             if name.startswith("stride_"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    for arch in (80, 90):
+    for arch in archs:
         try:
             src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
         except TypeError:
             print("SKIP-API"); sys.exit(0)
         options = dict(num_warps=warps, num_stages=stages)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-        print(kind, arch, "shared", kernel.metadata.shared)
+        print(kind, arch, prologue["ROPE"], "shared", kernel.metadata.shared)
 """
 
 
 def test_kernels_compile_for_sm80_and_sm90_without_a_gpu():
     # The interpreter does not run Triton's compiler, so errors that only compiled kernels hit (a
     # non-constexpr global, an unsupported op, a layout problem) would pass the CPU tests. Compile
-    # the three main kernels ahead of time for A100 and H100 targets (no GPU needed: ptxas ships with Triton).
+    # the three main kernels ahead of time for A100 and H100 targets (no GPU needed: ptxas ships with Triton), and
+    # with the qk-norm + RoPE prologue for H100.
     if not ON_INTERPRETER:
         pytest.skip("on a GPU the kernels are compiled and run by every other test")
     import triton
@@ -330,7 +336,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_a_gpu():
     if "SKIP-API" in result.stdout:
         pytest.skip(f"triton {triton.__version__}: ASTSource has another signature; compile check written for 3.8")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("shared") == 6, result.stdout
+    assert result.stdout.count("shared") == 9, result.stdout
 
 
 def test_backends_report_lists_the_triton_attention_ops():

@@ -348,6 +348,8 @@ def _aliased(op: str) -> Sample:
             x=buffer[..., : x.shape[-1]], residual=buffer[..., -residual.shape[-1] :], bias=weight[:, 3]
         )
         return aliased.replace(ln_bias=sample["ln_weight"]) if op == "ln_linear" else aliased
+    if op == "rms_norm":  # the weight is a row of x
+        return sample.replace(weight=sample["x"][0, 0])
     return sample.replace(bias=sample["weight"])
 
 

@@ -297,7 +297,10 @@ def test_bad_arguments_are_one_line_with_exit_code_2_from_a_shell(tmp_path):
         (["train", "--min-lr", "0.1", "--lr", "0.01"], "--min-lr 0.1 is above --lr 0.01"),
         (["train", "--mixup", "0.2", "-b", "15"], "need an even --batch-size"),
         (["train", "--model", "vit_gigantic"], "--model 'vit_gigantic' is not a preset"),
-        (["train", "--model", "eva02_base_patch14_448"], "is an Eva (RoPE) model, which the CLI does not train yet"),
+        (
+            ["train", "--model", "eva02_base_patch14_448", "--img-size", "32"],
+            "--img-size 32 is not divisible by the patch size 14 of eva02_base_patch14_448",
+        ),
         (["train", "--init", "/no/such/file.pth"], "--init '/no/such/file.pth' does not exist"),
         (["train", "--resume", "/no/such/run"], "--resume '/no/such/run' does not exist"),
         (["train", "--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
@@ -706,3 +709,13 @@ def test_explain_heat_map_has_a_colour_bar(tmp_path, monkeypatch):
     _plot(torch.rand(1, 32, 32), torch.full((8, 8), 1 / 64), "title", str(tmp_path / "r.png"))
     (figure,) = figures
     assert any(axis.get_ylabel() == "rollout weight (patch weights sum to 1)" for axis in figure.axes)
+
+
+def test_every_command_has_an_entry_point():
+    import importlib
+
+    from fastvit.__main__ import COMMANDS, ENTRY_POINTS
+
+    assert set(ENTRY_POINTS) | {"info"} == set(COMMANDS)
+    for module, function in ENTRY_POINTS.values():
+        assert callable(getattr(importlib.import_module(module), function))

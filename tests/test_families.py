@@ -25,10 +25,13 @@ from fastvit.layers import (
     AttentionPoolLatent,
     GluMlp,
     LayerNorm,
+    LayerScale,
+    ParallelScalingBlock,
     QuickGELU,
     RmsNorm,
     SwiGLU,
     SwiGLUPacked,
+    mlp_half_blockers,
 )
 
 from utils import FUSED, triton_skip_reason
@@ -58,6 +61,9 @@ FAMILIES = [
     ("aimv2", "aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),
     # qk-norm (timm's qk_norm=True, keys attn.q_norm/k_norm) on a plain ViT.
     ("qk-norm", "vit_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=32, qk_norm=True)),
+    # The _xp models: ParallelScalingBlock (attention and MLP side by side, one in_proj), RmsNorm qk-norm, pre-norm.
+    ("xp", "vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32)),
+    ("xp-qkv-bias", "vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32, qkv_bias=True)),
     # timm's Eva class (fastvit.Eva): 2D RoPE.
     # EVA02: interleaved RoPE rescaled to the pretraining grid, separate q/k/v (no k bias), SwiGLU with sub-LN.
     ("eva02", "eva02_base_patch14_448", dict(embed_dim=64, num_heads=2, img_size=56)),
@@ -70,11 +76,24 @@ FAMILIES = [
     ("dinov3-qkvb", "vit_small_patch16_dinov3_qkvb", dict(embed_dim=64, num_heads=2, img_size=48)),
     # timm RoPE ViT: 'xy' grid indexing, AttentionRope (plain qkv bias), token pooling.
     ("rope-vit", "vit_base_patch16_rope_224", dict(embed_dim=64, num_heads=2, img_size=48)),
+    # RoPE-Mixed: learned per-block, per-head frequencies (key rope.freqs, trained); _ape adds an abs. embedding.
+    ("rope-mixed", "vit_base_patch16_rope_mixed_224", dict(embed_dim=64, num_heads=2, img_size=48)),
+    ("rope-mixed-ape", "vit_base_patch16_rope_mixed_ape_224", dict(embed_dim=64, num_heads=2, img_size=48)),
     # Perception Encoder: attention-pool head with its own heads, pre-norm, grid offset 1, ref grid.
     ("pe-core", "vit_pe_core_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=48, attn_pool_num_heads=4)),
 ]
 IDS = [family[0] for family in FAMILIES]
-EVA = {"eva02", "eva02-clip", "dinov3", "dinov3-splus", "dinov3-qkvb", "rope-vit", "pe-core"}
+EVA = {
+    "eva02",
+    "eva02-clip",
+    "dinov3",
+    "dinov3-splus",
+    "dinov3-qkvb",
+    "rope-vit",
+    "rope-mixed",
+    "rope-mixed-ape",
+    "pe-core",
+}
 
 
 def _timm_model(name: str, size: dict, **kwargs) -> nn.Module:
@@ -153,6 +172,8 @@ def test_state_dict_round_trip_both_ways(name, size):
 def _unrecorded(model: fastvit.ViT) -> dict:
     """What a state dict does not record (heads, image size, eps, activation), read off a built model."""
     block = model.blocks[0]
+    parallel = isinstance(block, ParallelScalingBlock)  # its norm, heads and activation sit on the block itself
+    norm, act = (block.in_norm, block.mlp_act) if parallel else (block.norm1, block.mlp.act)
     embed_norm = model.patch_embed.norm
     if not isinstance(embed_norm, nn.Identity):
         extra = dict(embed_norm_layer=partial(type(embed_norm), eps=embed_norm.eps))
@@ -160,12 +181,10 @@ def _unrecorded(model: fastvit.ViT) -> dict:
         extra = {}
     return dict(
         **extra,
-        num_heads=block.attn.num_heads,
+        num_heads=(block if parallel else block.attn).num_heads,
         img_size=model.patch_embed.img_size,
-        norm_layer=partial(type(block.norm1), eps=block.norm1.eps),
-        act_layer=type(block.mlp.act)
-        if not isinstance(block.mlp.act, nn.GELU)
-        else partial(nn.GELU, approximate=block.mlp.act.approximate),
+        norm_layer=partial(type(norm), eps=norm.eps),
+        act_layer=type(act) if not isinstance(act, nn.GELU) else partial(nn.GELU, approximate=act.approximate),
         global_pool=model.global_pool,
     )
 
@@ -203,8 +222,12 @@ def test_one_training_step_matches_timm(name, size):
     [
         ("vit_so400m_patch14_siglip_384", dict(embed_dim=144, num_heads=2, img_size=46)),  # map pooling, head dim 72
         ("vit_base_patch16_dinov3", dict(embed_dim=64, num_heads=2, img_size=48)),  # RoPE, registers, LayerScale
+        ("vit_base_patch16_rope_mixed_224", dict(embed_dim=64, num_heads=2, img_size=48)),  # learned per-block RoPE
+        ("vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32)),  # parallel blocks, qk-norm
+        ("eva02_base_patch14_448", dict(embed_dim=64, num_heads=2, img_size=56)),  # q/k/v Linears, SwiGLU + sub-LN
+        ("aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),  # RmsNorm, split SwiGLU, avg pool
     ],
-    ids=["siglip-so400m", "dinov3"],
+    ids=["siglip-so400m", "dinov3", "rope-mixed", "xp", "eva02", "aimv2"],
 )
 def test_torch_compile_fullgraph(name, size):
     theirs = _timm_model(name, size).eval()
@@ -218,18 +241,11 @@ def test_torch_compile_fullgraph(name, size):
 # Presets and refusals
 
 
+PLAIN_KEYS = {"patch_size", "embed_dim", "depth", "num_heads"}  # the plain ViTs: tests/test_model_parity.py
 PRESETS = [
-    "vit_base_patch16_siglip_224",
-    "vit_so400m_patch14_siglip_384",
-    "vit_so400m_patch16_siglip_256",
-    "vit_large_patch14_clip_336",
-    "vit_base_patch32_clip_quickgelu_224",
-    "vit_base_patch14_dinov2",
-    "vit_giant_patch14_dinov2",
-    "aimv2_large_patch14_224",
-    "eva02_base_patch14_448",
-    "vit_base_patch16_dinov3",
-    "vit_base_patch16_rope_224",
+    name
+    for name in fastvit.list_models()
+    if name != "vit_digits_patch4_32" and set(fastvit.PRESETS.get(name, {})) != PLAIN_KEYS
 ]
 
 
@@ -244,20 +260,59 @@ def test_preset_is_timms_architecture(name):
     assert name in fastvit.list_models() and type(ours).__name__ == type(theirs).__name__
 
 
-def test_parallel_xp_blocks_are_one_clear_error():
-    model = timm.create_model("vit_base_patch16_xp_224", pretrained=False, depth=1, embed_dim=64, num_heads=2)
-    with pytest.raises(ValueError, match="block_fn=ParallelScalingBlock"):
-        fastvit.from_timm(model)
-    with pytest.raises(ValueError, match="block_fn=ParallelScalingBlock"):
-        fastvit.optimize(model)
+def test_parallel_blocks_swap_explain_and_refusals():
+    from fastvit.explain import attention_rollout
+
+    theirs = _timm_model("vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32)).eval()
+    x = _images(theirs)
+    with torch.no_grad():
+        want = theirs(x)
+        swapped = fastvit.optimize(copy.deepcopy(theirs), backend="torch")  # blocks swapped in place, weights shared
+        assert type(swapped.blocks[0]).__name__ == "ParallelScalingBlock"
+        assert relative_error(swapped(x), want) <= REL_TOL
+    ours = fastvit.from_timm(theirs).eval()
+    assert attention_rollout(ours, x[:1]).shape == (1, 2, 2)  # a parallel block's attention
+    report = ours.fusion_report()
+    assert "fc1 is part of in_proj" in str(report) and report[0]["attn"].backends["linear_residual"] == "torch"
+    parallel_vit = timm.create_model("vit_small_patch16_18x2_224", pretrained=False, depth=1, embed_dim=64, num_heads=2)
+    for convert in (fastvit.from_timm, fastvit.optimize):
+        with pytest.raises(ValueError, match="block_fn=ParallelThingsBlock is not supported"):
+            convert(parallel_vit)
     with pytest.raises(TypeError, match="for timm's Eva use fastvit.from_timm"):
         fastvit.optimize(timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1))
+
+
+@pytest.mark.parametrize("fuse_out_proj", [False, True])
+def test_parallel_block_matches_timms_and_its_unfused_path(fuse_out_proj):
+    """timm's VisionTransformer cannot pass fuse_out_proj: compare the blocks themselves; and the fused residual path
+    (two ops.linear_residual calls) against the modules, which LayerScale forces."""
+    from timm.models.vision_transformer import ParallelScalingBlock as TimmParallelBlock
+
+    from fastvit.layers import parallel_block_blockers
+
+    torch.manual_seed(0)
+    kwargs = dict(dim=32, num_heads=2, qk_norm=True, fuse_out_proj=fuse_out_proj)
+    theirs = TimmParallelBlock(**kwargs, norm_layer=nn.LayerNorm).eval()
+    ours = ParallelScalingBlock(**kwargs, norm_layer=partial(LayerNorm, eps=1e-5)).eval()
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert relative_error(ours(x), theirs(x)) <= REL_TOL
+        unfused = next(parallel_block_blockers(ours), None)
+        assert (unfused is None) != fuse_out_proj
+        ours.ls = LayerScale(32, init_values=1.0)  # gamma 1: same function, the modules' path
+        assert next(parallel_block_blockers(ours)).startswith(
+            "fuse_out_proj" if fuse_out_proj else "ls is a LayerScale"
+        )
+        assert relative_error(ours(x), theirs(x)) <= REL_TOL
 
 
 @pytest.mark.parametrize(
     "kwargs, knob",
     [
-        (dict(rope_type="mixed", attn_type="rope", use_rot_pos_emb=True), "rope_type='mixed'"),
         (dict(use_post_norm=True), "use_post_norm"),
         (dict(attn_type="rope", qkv_fused=False, num_kv_heads=1), "num_kv_heads"),
         (dict(use_rot_pos_emb=True, rope_shift_coords=0.5), "coordinate augmentation"),
@@ -295,18 +350,22 @@ def test_map_pooling_reset_classifier():
 
 def test_fusion_report_names_the_unfused_family_parts():
     base = dict(img_size=16, patch_size=4, embed_dim=64, depth=1, num_heads=2, num_classes=3)
-    swiglu = fastvit.ViT(**base, mlp_layer=SwiGLUPacked, act_layer="silu", mlp_ratio=8.0).fusion_report()
-    assert "gated SwiGLU" in " ".join(swiglu[0]["mlp"].why_not) or "gated GluMlp" in " ".join(swiglu[0]["mlp"].why_not)
-    quick = fastvit.ViT(**base, act_layer="quick_gelu").fusion_report()
-    assert "QuickGELU" in " ".join(quick[0]["mlp"].why_not)
-    qk = fastvit.ViT(**base, qk_norm=True).fusion_report()
-    assert "qk-norm" in " ".join(qk[0]["attn"].why_not) and "attention" in qk[0]["attn"].backends
+    # SwiGLU and QuickGELU MLP halves are one ops.ln_mlp call now (tests/test_ln_mlp_variants.py).
+    swiglu = fastvit.ViT(**base, mlp_layer=SwiGLUPacked, act_layer="silu", mlp_ratio=8.0)
+    quick = fastvit.ViT(**base, act_layer="quick_gelu")
+    for model in (swiglu, quick):
+        assert next(mlp_half_blockers(model.blocks[0]), None) is None
+    qk = fastvit.ViT(**base, qk_norm=True).fusion_report()  # qk-norm is qkv_attention's prologue
+    assert "qk-norm" not in " ".join(qk[0]["attn"].why_not) and "qkv_attention" in qk[0]["attn"].backends
     siglip = fastvit.ViT(**base, class_token=False, global_pool="map").fusion_report()
     assert siglip.pool is not None and "attn_pool mlp" in str(siglip)
     eva = fastvit.Eva(**base, use_rot_pos_emb=True, global_pool="avg").fusion_report()  # GELU Mlp, no LayerScale
-    assert "RoPE" in " ".join(eva[0]["attn"].why_not) and not any("gated" in w for w in eva[0]["mlp"].why_not)
+    assert "qkv_attention" in eva[0]["attn"].backends and "proj and the residual add" in " ".join(
+        eva[0]["attn"].why_not
+    )
+    assert not any("gated" in w for w in eva[0]["mlp"].why_not)
     dinov3 = fastvit.create_model("vit_base_patch16_dinov3", depth=1, embed_dim=64, num_heads=2).fusion_report()
-    assert "gamma_2" in " ".join(dinov3[0]["mlp"].why_not)
+    assert not any("gamma_2" in w for w in dinov3[0]["mlp"].why_not)  # LayerScale: folded into fc2
 
 
 FUSED_SKIP_REASON = triton_skip_reason() or (
@@ -453,6 +512,17 @@ def test_rope_table_is_timms(name, size):
         torch.testing.assert_close(ours.rope(grid, torch.device("cpu")), want, atol=1e-6, rtol=1e-6)
 
 
+def test_mixed_rope_initial_frequencies_have_timms_magnitudes_and_turns():
+    from fastvit.eva import init_mixed_rope_freqs
+
+    freqs = init_mixed_rope_freqs(head_dim=16, depth=3, num_heads=2, temperature=10.0)  # [2, depth, heads, D/2]
+    magnitude = 1.0 / 10.0 ** (torch.arange(0, 16, 4) / 16)
+    torch.testing.assert_close(freqs.norm(dim=0), magnitude.repeat(2).expand(3, 2, -1))
+    angle = torch.atan2(freqs[1], freqs[0])  # the second half is the first turned by 90 degrees
+    turn = torch.remainder(angle[..., 4:] - angle[..., :4], 2 * torch.pi)
+    torch.testing.assert_close(turn, torch.full_like(turn, torch.pi / 2))
+
+
 def test_eva_attention_with_rope_and_qk_norm_matches_the_spec():
     from fastvit.eva import rope_table
     from fastvit.layers import EvaAttention
@@ -474,12 +544,25 @@ def test_eva_attention_with_rope_and_qk_norm_matches_the_spec():
     _check_against_spec(lambda t: attn(t, rope), spec, x, params=list(attn.parameters()))
 
 
-@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_base_patch16_dinov3", "vit_base_patch16_224"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit_base_patch16_siglip_224",
+        "vit_base_patch16_dinov3",
+        "vit_base_patch16_224",
+        "vit_base_patch16_rope_mixed_224",
+    ],
+)
 def test_attention_rollout_covers_map_pooling_rope_and_qk_norm(name):
     from fastvit.explain import attention_rollout
 
     extra = dict(qk_norm=True) if name == "vit_base_patch16_224" else {}
-    model = fastvit.create_model(name, depth=2, embed_dim=64, num_heads=2, img_size=48, **extra)
+    if "mixed" in name:  # not a preset: timm's architecture, converted
+        model = fastvit.from_timm(
+            timm.create_model(name, pretrained=False, depth=2, embed_dim=64, num_heads=2, img_size=48)
+        )
+    else:
+        model = fastvit.create_model(name, depth=2, embed_dim=64, num_heads=2, img_size=48, **extra)
     heat = attention_rollout(model, torch.randn(2, 3, 48, 48))
     assert heat.shape == (2, 3, 3) and torch.allclose(heat.sum(dim=(1, 2)), torch.ones(2))
 
@@ -493,7 +576,7 @@ TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, n
         (lambda: fastvit.ViT(**TINY_VIT, act_layer="relu6"), "act_layer.*relu6"),
         (lambda: fastvit.ViT(**TINY_VIT, norm_layer="batchnorm"), "norm_layer.*batchnorm"),
         (lambda: fastvit.ViT(**TINY_VIT, mlp_layer=GluMlp, mlp_ratio=33 / 32), "hidden_features must be even"),
-        (lambda: fastvit.Eva(**TINY_VIT, use_rot_pos_emb=True, rope_type="mixed"), "rope_type must be one of"),
+        (lambda: fastvit.Eva(**TINY_VIT, use_rot_pos_emb=True, rope_type="mrope"), "rope_type must be one of"),
         (lambda: fastvit.Eva(**TINY_VIT, rope_grid_indexing="yx"), "rope_grid_indexing must be 'ij' or 'xy'"),
         (lambda: fastvit.Eva(**TINY_VIT, attn_type="gqa"), "attn_type must be 'eva' or 'rope'"),
         (lambda: fastvit.Eva(**{**TINY_VIT, "embed_dim": 36, "num_heads": 6}, use_rot_pos_emb=True), "divisible by 4"),
@@ -524,3 +607,16 @@ def test_forward_intermediates_and_grad_checkpointing_match_timm(name, size):
         assert relative_error(got_map, want_map) <= REL_TOL and relative_error(got_prefix, want_prefix) <= REL_TOL
     ours.train().set_grad_checkpointing(True)
     assert_same_logits_and_grads(ours, theirs.train(), x)
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_rope_mixed_224", "vit_base_patch16_xp_224"])
+def test_forward_intermediates_match_timms(name):
+    """Per-block arguments (RoPE-Mixed's own table per block) and parallel blocks through forward_intermediates."""
+    theirs = _timm_model(name, dict(embed_dim=64, num_heads=2, img_size=48)).eval()
+    ours = fastvit.from_timm(theirs).eval()
+    x = _images(theirs)
+    with torch.no_grad():
+        want = theirs.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        got = ours.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g, w) <= REL_TOL

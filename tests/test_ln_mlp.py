@@ -211,7 +211,7 @@ def test_fwd_rejects_non_positive_eps(eps):
 
 
 def test_fwd_rejects_unknown_gelu_form():
-    with pytest.raises(ValueError, match="approximate must be 'none'"):
+    with pytest.raises(ValueError, match="act must be 'gelu' \\(or 'none'"):
         _fwd(cpu_sample(lead=(2, 3), width=8, hidden=16).args, approximate="sigmoid")
 
 

@@ -46,14 +46,8 @@ def assert_parity(timm_model, ours, x, eval_mode=True):
         assert diff <= 1e-5 * max(scale, 1.0), f"{name}: grad differs by {diff:.3e} (scale {scale:.3e})"
 
 
-PRESET_NAMES = [
-    "vit_tiny_patch16_224",
-    "vit_small_patch16_224",
-    "vit_base_patch16_224",
-    "vit_base_patch32_224",
-    "vit_large_patch16_224",
-    "vit_huge_patch14_224",
-]
+PLAIN_KEYS = {"patch_size", "embed_dim", "depth", "num_heads"}
+PRESET_NAMES = [name for name, config in fastvit.PRESETS.items() if set(config) == PLAIN_KEYS]  # plain ViTs
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

@@ -181,6 +181,21 @@ def test_option_reaches_the_training_loop(tmp_path, options):
         assert state["args"]["grad_accum"] == 2
 
 
+@pytest.mark.parametrize("name", ["vit_base_patch16_dinov3", "eva02_base_patch14_448"])
+def test_eva_presets_train_save_and_load(tmp_path, monkeypatch, name):
+    """--model takes timm's Eva-class presets (RoPE): built as fastvit.Eva, recorded as such in the checkpoint, and
+    rebuilt by load_run. The preset is shrunk in place (same knobs, 1 block, width 32) to keep the run small."""
+    from fastvit.eva import EVA_PRESETS
+
+    monkeypatch.setitem(EVA_PRESETS, name, {**EVA_PRESETS[name], "depth": 1, "embed_dim": 32, "num_heads": 2})
+    patch = EVA_PRESETS[name]["patch_size"]
+    result = _run(tmp_path, model=name, img_size=2 * patch, epochs=1, max_steps=2, batch_size=8)
+    model = fastvit.load_run(result.output)
+    assert type(model).__name__ == "Eva" and model.rope.config is not None
+    assert ckpt.load_checkpoint(result.output)["metadata"]["config"]["model_class"] == "Eva"
+    assert model(torch.randn(2, 1, 2 * patch, 2 * patch)).shape == (2, 3)  # digits: 1 channel, classes 0-2
+
+
 def test_compile_reaches_the_training_loop(tmp_path):
     result = _run(tmp_path, epochs=1, max_steps=1, batch_size=16, compile=True)
     assert len(result.history) == 1

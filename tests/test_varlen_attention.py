@@ -489,3 +489,39 @@ def test_gpu_cuda_graph_replay_with_new_lengths():
     torch.cuda.synchronize()
     expected = _padded_sdpa(qkv, cu_seqlens, 128, heads=6)
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Together with the qk-norm / RoPE prologue (issue 19: "works together with RoPE/qk-norm prologues")
+
+
+def test_key_padding_mask_with_a_prologue_runs_on_the_torch_backend():
+    # The torch backend applies both (spec: reference.qkv_attention with the prologue and the mask); the Triton kernels
+    # take one or the other, so 'auto' picks torch for the pair and an explicit 'triton' says why.
+    from fastvit.ops import QKNorm
+
+    tokens, heads = 20, 2
+    gen = torch.Generator().manual_seed(12)
+    qkv = torch.randn(2, tokens, 3 * heads * HEAD_DIM, generator=gen, dtype=torch.float64).to(DEVICE)
+    rope = torch.randn(tokens - 1, 2 * HEAD_DIM, generator=gen, dtype=torch.float64).to(DEVICE)
+    q_norm = QKNorm(torch.randn(HEAD_DIM, generator=gen, dtype=torch.float64).to(DEVICE), None, 1e-6, "rms")
+    keep = torch.arange(tokens, device=DEVICE)[None, :] < torch.tensor([[13], [0]], device=DEVICE)
+    kw = dict(rope=rope, num_prefix_tokens=1, rope_layout="half", q_norm=q_norm, key_padding_mask=keep)
+    spec = reference.qkv_attention(qkv, heads, **kw)
+    for backend in ("torch", "auto"):
+        torch.testing.assert_close(ops.qkv_attention(qkv, heads, backend=backend, **kw), spec)
+    assert not spec[1].any()
+    if triton_skip_reason() is None:
+        with pytest.raises(ValueError, match="key-padding mask together with a qk-norm/RoPE prologue"):
+            ops.qkv_attention(qkv.float(), heads, backend="triton", **{**kw, "rope": rope.float(), "q_norm": None})
+
+
+def test_auto_leaves_a_masked_call_with_a_prologue_to_torch_on_cuda(pretend_gpu):
+    cuda = torch.device("cuda")
+    masked = attention_call(cuda, torch.bfloat16, 64, masked=True)
+    both = attention_call(cuda, torch.bfloat16, 64, prologue=("rope:half",), masked=True)
+    assert dispatch.explain("qkv_attention", "auto", masked)[0] == "triton"
+    assert dispatch.explain("qkv_attention", "auto", both) == (
+        "torch",
+        "triton: a key-padding mask together with a qk-norm/RoPE prologue is implemented only by the 'torch' backend",
+    )

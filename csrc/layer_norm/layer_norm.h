@@ -1,35 +1,38 @@
 // LayerNorm over the last dimension: the C++/CUDA entry points of fastvit::layer_norm_fwd and
 // fastvit::layer_norm_bwd, and the launchers the fused ln_mlp op reuses.
 //
-// Contract (same as fastvit.reference.layer_norm):
+// Contract (same as fastvit.reference.layer_norm / rms_norm):
 //   x:      [..., C]  float16 / bfloat16 / float32 / float64, any strides (made contiguous)
-//   weight: [C], bias: [C], same dtype as x
+//   weight: [C], bias: [C] or None (= 0), same dtype as x
+//   rms:    RMSNorm instead (mean fixed at 0, so x̂ = x·rstd, rstd = 1/√(mean(x²) + eps)); bias must be None
 //   out:    [..., C]  dtype of x
 //   mean, rstd: [...] float32 (float64 when x is float64); saved for the backward pass
 // Statistics are accumulated in fp32 (fp64 for fp64 inputs), variance is biased, as torch.
 //
 // Backward, from the saved statistics (x̂ = (x - mean)·rstd, g = dy·weight, means over C):
 //   dx = rstd · (g - mean(g) - x̂ · mean(g·x̂)),  dweight = Σ_rows dy·x̂,  dbias = Σ_rows dy
+//   (RMSNorm: the mean(g) term drops out, since the mean is not subtracted; the saved mean is 0.)
 // The dweight/dbias sums are deterministic on every device: fixed row chunks summed into an fp32
 // [chunks, C] buffer, then the chunks summed in a fixed order (no atomics).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace fastvit {
 
 // Contiguous inputs and freshly allocated outputs of one forward call, shared by every device.
 struct LayerNormForward {
-  at::Tensor x, weight, bias;  // contiguous copies (or the inputs themselves when already contiguous)
+  at::Tensor x, weight, bias;  // contiguous copies (or the inputs themselves when already contiguous); bias may be undefined
   at::Tensor out, mean, rstd;  // [rows, width] as x's shape; [rows] as x's leading shape
   int64_t rows = 0, width = 0;
 };
 
 // Checks shapes, dtypes, devices and eps (ValueError/TypeError in Python), then allocates the outputs.
-LayerNormForward prepare_layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                            double eps);
+LayerNormForward prepare_layer_norm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias, double eps, bool rms);
 
 // Contiguous inputs and freshly allocated outputs of one backward call.
 struct LayerNormBackward {
@@ -44,41 +47,46 @@ LayerNormBackward prepare_layer_norm_backward(const at::Tensor& grad_out, const 
 // Optional extras of the backward launchers (undefined tensors = absent), used by ln_mlp:
 //   residual_grad [rows, C]: added to grad_x (the gradient of a residual `x + f(LN(x))`);
 //   bias + normed_out [rows, C]: also write LN(x) = x̂·weight + bias, recomputed from the saved
-//   statistics (ln_mlp's fc1 weight gradient needs it and does not keep it from the forward).
+//   statistics (ln_mlp's fc1 weight gradient needs it and does not keep it from the forward);
+//   bias may be undefined (= 0);
+//   rms: the statistics are RMSNorm's (mean = 0): drop the mean(g) term of dx.
 struct LayerNormBackwardExtras {
   at::Tensor residual_grad;
   at::Tensor bias;
   at::Tensor normed_out;
+  bool rms = false;
 };
 
-// Launchers on contiguous [rows, C] tensors with preallocated outputs (rows may be 0).
+// Launchers on contiguous [rows, C] tensors with preallocated outputs (rows may be 0); bias may be undefined.
 void layer_norm_forward_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd);
+                                const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd, bool rms);
 void layer_norm_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
                                  const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                                  const LayerNormBackwardExtras& extras = {});
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                                  const at::Tensor& bias, double eps);
+                                                                  const std::optional<at::Tensor>& bias, double eps,
+                                                                  bool rms);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                                   const at::Tensor& weight, const at::Tensor& mean,
-                                                                  const at::Tensor& rstd);
+                                                                  const at::Tensor& rstd, bool rms);
 
 #ifdef FASTVIT_WITH_CUDA
 // CUDA launchers (current stream of the tensors' device; the caller sets the device guard).
 void layer_norm_forward_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                 const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd);
+                                 const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd, bool rms);
 void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
                                   const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                                   const LayerNormBackwardExtras& extras = {});
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                   const at::Tensor& bias, double eps);
+                                                                   const std::optional<at::Tensor>& bias, double eps,
+                                                                   bool rms);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                                                    const at::Tensor& weight, const at::Tensor& mean,
-                                                                   const at::Tensor& rstd);
+                                                                   const at::Tensor& rstd, bool rms);
 #endif
 
 // Rows per chunk of the deterministic dweight/dbias reduction: depends on the row count only, so

@@ -14,8 +14,8 @@
 
 namespace fastvit {
 
-LayerNormForward prepare_layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                            double eps) {
+LayerNormForward prepare_layer_norm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias_opt, double eps, bool rms) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "layer_norm: x must have at least 1 dimension, got a 0-d tensor");
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
                    "layer_norm: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
@@ -24,20 +24,27 @@ LayerNormForward prepare_layer_norm_forward(const at::Tensor& x, const at::Tenso
                     x.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == width, "layer_norm: weight must have shape [", width,
                     "] (the last dimension of x), got ", weight.sizes());
-  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == width, "layer_norm: bias must have shape [", width,
-                    "] (the last dimension of x), got ", bias.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(),
-                   "layer_norm: weight and bias must have the dtype of x (", x.scalar_type(), "), got ",
-                   weight.scalar_type(), " and ", bias.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == x.device() && bias.device() == x.device(),
-                    "layer_norm: x, weight and bias must be on one device, got ", x.device(), ", ", weight.device(),
-                    ", ", bias.device());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "layer_norm: weight must have the dtype of x (",
+                   x.scalar_type(), "), got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "layer_norm: x and weight must be on one device, got ", x.device(),
+                    " and ", weight.device());
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
+  TORCH_CHECK_VALUE(!(rms && has_bias), "layer_norm: bias must be None with rms=True (RMSNorm has no bias)");
+  if (has_bias) {
+    const at::Tensor& bias = *bias_opt;
+    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == width, "layer_norm: bias must have shape [", width,
+                      "] (the last dimension of x), got ", bias.sizes());
+    TORCH_CHECK_TYPE(bias.scalar_type() == x.scalar_type(), "layer_norm: bias must have the dtype of x (",
+                     x.scalar_type(), "), got ", bias.scalar_type());
+    TORCH_CHECK_VALUE(bias.device() == x.device(), "layer_norm: x and bias must be on one device, got ", x.device(),
+                      " and ", bias.device());
+  }
   TORCH_CHECK_VALUE(eps >= 0.0, "layer_norm: eps must be >= 0, got ", eps);
 
   LayerNormForward fwd;
   fwd.x = x.contiguous();
   fwd.weight = weight.contiguous();
-  fwd.bias = bias.contiguous();
+  if (has_bias) fwd.bias = bias_opt->contiguous();
   fwd.width = width;
   fwd.rows = x.numel() / width;
   const auto stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -93,31 +100,38 @@ namespace {
 template <typename scalar_t>
 void layer_norm_fwd_cpu_kernel(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, scalar_t* out,
                                at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out, int64_t rows,
-                               int64_t width, double eps) {
+                               int64_t width, double eps, bool rms) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* x_row = x + row * width;
       scalar_t* out_row = out + row * width;
-      // Corrected two-pass statistics (Chan, Golub & LeVeque): a first mean, then the centred sums;
-      // the centred sum corrects the mean's rounding error, which grows with |mean| / std, and the
-      // variance avoids the E[x^2] - E[x]^2 cancellation.
-      acc_t sum = 0;
-      for (int64_t i = 0; i < width; ++i) sum += static_cast<acc_t>(x_row[i]);
-      const acc_t rough_mean = sum / static_cast<acc_t>(width);
-      acc_t centred_sum = 0, sq_sum = 0;
-      for (int64_t i = 0; i < width; ++i) {
-        const acc_t centred = static_cast<acc_t>(x_row[i]) - rough_mean;
-        centred_sum += centred;
-        sq_sum += centred * centred;
-      }
-      const acc_t mean = rough_mean + centred_sum / static_cast<acc_t>(width);
       const acc_t n = static_cast<acc_t>(width);
-      const acc_t var = std::max(acc_t(0), (sq_sum - centred_sum * centred_sum / n) / n);
+      acc_t mean = 0, var = 0;
+      if (rms) {  // RMSNorm: the mean is not subtracted; var is the mean square
+        for (int64_t i = 0; i < width; ++i) var += static_cast<acc_t>(x_row[i]) * static_cast<acc_t>(x_row[i]);
+        var /= n;
+      } else {
+        // Corrected two-pass statistics (Chan, Golub & LeVeque): a first mean, then the centred sums;
+        // the centred sum corrects the mean's rounding error, which grows with |mean| / std, and the
+        // variance avoids the E[x^2] - E[x]^2 cancellation.
+        acc_t sum = 0;
+        for (int64_t i = 0; i < width; ++i) sum += static_cast<acc_t>(x_row[i]);
+        const acc_t rough_mean = sum / n;
+        acc_t centred_sum = 0, sq_sum = 0;
+        for (int64_t i = 0; i < width; ++i) {
+          const acc_t centred = static_cast<acc_t>(x_row[i]) - rough_mean;
+          centred_sum += centred;
+          sq_sum += centred * centred;
+        }
+        mean = rough_mean + centred_sum / n;
+        var = std::max(acc_t(0), (sq_sum - centred_sum * centred_sum / n) / n);
+      }
       const acc_t rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
       for (int64_t i = 0; i < width; ++i) {
         const acc_t normed = (static_cast<acc_t>(x_row[i]) - mean) * rstd;
-        out_row[i] = static_cast<scalar_t>(normed * static_cast<acc_t>(weight[i]) + static_cast<acc_t>(bias[i]));
+        const acc_t shift = bias != nullptr ? static_cast<acc_t>(bias[i]) : acc_t(0);
+        out_row[i] = static_cast<scalar_t>(normed * static_cast<acc_t>(weight[i]) + shift);
       }
       mean_out[row] = mean;
       rstd_out[row] = rstd;
@@ -130,7 +144,7 @@ void layer_norm_bwd_cpu_kernel(const scalar_t* grad_out, const scalar_t* x, cons
                                const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
                                const scalar_t* residual_grad, const scalar_t* bias, scalar_t* normed_out,
                                scalar_t* grad_x, scalar_t* grad_weight, scalar_t* grad_bias, int64_t rows,
-                               int64_t width) {
+                               int64_t width, bool rms) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_width = acc_t(1) / static_cast<acc_t>(width);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -144,7 +158,8 @@ void layer_norm_bwd_cpu_kernel(const scalar_t* grad_out, const scalar_t* x, cons
         sum_g += g;
         sum_g_xhat += g * xhat;
       }
-      const acc_t mean_g = sum_g * inv_width, mean_g_xhat = sum_g_xhat * inv_width;
+      // RMSNorm does not subtract the mean, so its backward has no mean(g) term.
+      const acc_t mean_g = rms ? acc_t(0) : sum_g * inv_width, mean_g_xhat = sum_g_xhat * inv_width;
       for (int64_t i = 0; i < width; ++i) {
         const acc_t xhat = (static_cast<acc_t>(x[offset + i]) - mu) * r;
         const acc_t g = static_cast<acc_t>(grad_out[offset + i]) * static_cast<acc_t>(weight[i]);
@@ -152,8 +167,8 @@ void layer_norm_bwd_cpu_kernel(const scalar_t* grad_out, const scalar_t* x, cons
         if (residual_grad != nullptr) dx += static_cast<acc_t>(residual_grad[offset + i]);
         grad_x[offset + i] = static_cast<scalar_t>(dx);
         if (normed_out != nullptr) {
-          normed_out[offset + i] =
-              static_cast<scalar_t>(xhat * static_cast<acc_t>(weight[i]) + static_cast<acc_t>(bias[i]));
+          const acc_t shift = bias != nullptr ? static_cast<acc_t>(bias[i]) : acc_t(0);
+          normed_out[offset + i] = static_cast<scalar_t>(xhat * static_cast<acc_t>(weight[i]) + shift);
         }
       }
     }
@@ -194,15 +209,15 @@ void layer_norm_bwd_cpu_kernel(const scalar_t* grad_out, const scalar_t* x, cons
 }  // namespace
 
 void layer_norm_forward_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd) {
+                                const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd, bool rms) {
   const int64_t width = x.size(-1), rows = width > 0 ? x.numel() / width : 0;
   if (rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     layer_norm_fwd_cpu_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-                                        bias.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows, width,
-                                        eps);
+                                        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                        out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+                                        rstd.mutable_data_ptr<acc_t>(), rows, width, eps, rms);
   });
 }
 
@@ -223,27 +238,30 @@ void layer_norm_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& x
         grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
         mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
         extras.residual_grad.defined() ? extras.residual_grad.const_data_ptr<scalar_t>() : nullptr,
-        write_normed ? extras.bias.const_data_ptr<scalar_t>() : nullptr,
+        write_normed && extras.bias.defined() ? extras.bias.const_data_ptr<scalar_t>() : nullptr,
         write_normed ? extras.normed_out.mutable_data_ptr<scalar_t>() : nullptr, grad_x.mutable_data_ptr<scalar_t>(),
-        grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(), rows, width);
+        grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(), rows, width, extras.rms);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                                  const at::Tensor& bias, double eps) {
+                                                                  const std::optional<at::Tensor>& bias, double eps,
+                                                                  bool rms) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "layer_norm_fwd_cpu: x must be a CPU tensor, got ", x.device());
-  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps);
-  layer_norm_forward_out_cpu(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd);
+  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps, rms);
+  layer_norm_forward_out_cpu(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd, rms);
   return {fwd.out, fwd.mean, fwd.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                                   const at::Tensor& weight, const at::Tensor& mean,
-                                                                  const at::Tensor& rstd) {
+                                                                  const at::Tensor& rstd, bool rms) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "layer_norm_bwd_cpu: x must be a CPU tensor, got ", x.device());
   LayerNormBackward bwd = prepare_layer_norm_backward(grad_out, x, weight, mean, rstd);
+  LayerNormBackwardExtras extras;
+  extras.rms = rms;
   layer_norm_backward_out_cpu(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight,
-                              bwd.grad_bias);
+                              bwd.grad_bias, extras);
   return {bwd.grad_x, bwd.grad_weight, bwd.grad_bias};
 }
 

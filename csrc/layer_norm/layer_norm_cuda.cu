@@ -1,6 +1,9 @@
 // CUDA LayerNorm forward and backward (fastvit::layer_norm_fwd / layer_norm_bwd, and the LN stages of
 // fastvit::ln_mlp_fwd / ln_mlp_bwd).
 //
+// RMSNorm (rms=true) runs on the same kernels: the mean is fixed at 0 (and saved as 0), the variance is
+// the mean square, and the backward drops dx's mean(g) term; the bias is absent.
+//
 // Forward: one warp per row, fp32 statistics (fp64 for fp64 inputs), two passes for the variance
 // (mean, then the centred sum of squares: no E[x²] - E[x]² cancellation), then the normalisation.
 // Every pass reads the row with 16-byte vector loads when the row length and pointers allow it;
@@ -33,11 +36,12 @@ constexpr int kColKernelThreads = kColTile * kRowLanes;
 template <typename T, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kRowKernelThreads) layer_norm_fwd_kernel(const T* __restrict__ x,  // [rows, width]
                                                                            const T* __restrict__ weight,  // [width]
-                                                                           const T* __restrict__ bias,    // [width]
+                                                                           const T* __restrict__ bias,    // [width] or nullptr
                                                                            T* __restrict__ out,  // [rows, width]
                                                                            acc_t* __restrict__ mean_out,  // [rows]
                                                                            acc_t* __restrict__ rstd_out,  // [rows]
-                                                                           int64_t rows, int64_t width, acc_t eps) {
+                                                                           int64_t rows, int64_t width, acc_t eps,
+                                                                           bool rms) {
   using P = Pack<T, VEC>;
   const int lane = threadIdx.x;
   const int64_t packs = width / VEC;
@@ -48,39 +52,53 @@ __global__ void __launch_bounds__(kRowKernelThreads) layer_norm_fwd_kernel(const
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const P* x_row = reinterpret_cast<const P*>(x + row * width);  // int64: rows * width may pass 2^31
-    acc_t sum = 0;
-    for (int64_t p = lane; p < packs; p += kWarpSize) {
-      const P v = x_row[p];
+    acc_t mean = 0, var = 0;
+    if (rms) {  // RMSNorm (uniform per launch): mean fixed at 0, var = mean(x²)
+      acc_t sq_sum = 0;
+      for (int64_t p = lane; p < packs; p += kWarpSize) {
+        const P v = x_row[p];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) sum += static_cast<acc_t>(v.v[j]);
-    }
-    const acc_t rough_mean = warp_all_reduce_sum(sum) * inv_width;
-
-    // Corrected two-pass statistics: the centred sum corrects the first mean's rounding error
-    // (which grows with |mean| / std); the centred squares avoid E[x^2] - E[x]^2 cancellation.
-    acc_t centred_sum = 0, sq_sum = 0;
-    for (int64_t p = lane; p < packs; p += kWarpSize) {
-      const P v = x_row[p];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const acc_t centred = static_cast<acc_t>(v.v[j]) - rough_mean;
-        centred_sum += centred;
-        sq_sum += centred * centred;
+        for (int j = 0; j < VEC; ++j) sq_sum += static_cast<acc_t>(v.v[j]) * static_cast<acc_t>(v.v[j]);
       }
+      var = warp_all_reduce_sum(sq_sum) * inv_width;
+    } else {
+      acc_t sum = 0;
+      for (int64_t p = lane; p < packs; p += kWarpSize) {
+        const P v = x_row[p];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sum += static_cast<acc_t>(v.v[j]);
+      }
+      const acc_t rough_mean = warp_all_reduce_sum(sum) * inv_width;
+
+      // Corrected two-pass statistics: the centred sum corrects the first mean's rounding error
+      // (which grows with |mean| / std); the centred squares avoid E[x^2] - E[x]^2 cancellation.
+      acc_t centred_sum = 0, sq_sum = 0;
+      for (int64_t p = lane; p < packs; p += kWarpSize) {
+        const P v = x_row[p];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t centred = static_cast<acc_t>(v.v[j]) - rough_mean;
+          centred_sum += centred;
+          sq_sum += centred * centred;
+        }
+      }
+      centred_sum = warp_all_reduce_sum(centred_sum);
+      mean = rough_mean + centred_sum * inv_width;
+      var = (warp_all_reduce_sum(sq_sum) - centred_sum * centred_sum * inv_width) * inv_width;
     }
-    centred_sum = warp_all_reduce_sum(centred_sum);
-    const acc_t mean = rough_mean + centred_sum * inv_width;
-    const acc_t var = (warp_all_reduce_sum(sq_sum) - centred_sum * centred_sum * inv_width) * inv_width;
     const acc_t rstd = rsqrt(fmax(var, acc_t(0)) + eps);
 
     P* out_row = reinterpret_cast<P*>(out + row * width);
     for (int64_t p = lane; p < packs; p += kWarpSize) {
-      const P v = x_row[p], wv = w[p], bv = b[p];
+      const P v = x_row[p], wv = w[p];
+      P bv;
+      if (b != nullptr) bv = b[p];
       P o;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const acc_t normed = (static_cast<acc_t>(v.v[j]) - mean) * rstd;
-        o.v[j] = static_cast<T>(normed * static_cast<acc_t>(wv.v[j]) + static_cast<acc_t>(bv.v[j]));
+        const acc_t shift = b != nullptr ? static_cast<acc_t>(bv.v[j]) : acc_t(0);
+        o.v[j] = static_cast<T>(normed * static_cast<acc_t>(wv.v[j]) + shift);
       }
       out_row[p] = o;
     }
@@ -99,10 +117,10 @@ __global__ void __launch_bounds__(kRowKernelThreads)
                              const acc_t* __restrict__ mean,       // [rows]
                              const acc_t* __restrict__ rstd,       // [rows]
                              const T* __restrict__ residual_grad,  // [rows, width] or nullptr
-                             const T* __restrict__ bias,           // [width], with normed_out
+                             const T* __restrict__ bias,           // [width] or nullptr, with normed_out
                              T* __restrict__ normed_out,           // [rows, width] or nullptr
                              T* __restrict__ grad_x,               // [rows, width]
-                             int64_t rows, int64_t width) {
+                             int64_t rows, int64_t width, bool rms) {
   using P = Pack<T, VEC>;
   const int lane = threadIdx.x;
   const int64_t packs = width / VEC;
@@ -126,7 +144,8 @@ __global__ void __launch_bounds__(kRowKernelThreads)
         sum_g_xhat += g * xhat;
       }
     }
-    const acc_t mean_g = warp_all_reduce_sum(sum_g) * inv_width;
+    // RMSNorm does not subtract the mean, so its backward has no mean(g) term.
+    const acc_t mean_g = rms ? acc_t(0) : warp_all_reduce_sum(sum_g) * inv_width;
     const acc_t mean_g_xhat = warp_all_reduce_sum(sum_g_xhat) * inv_width;
 
     P* dx_row = reinterpret_cast<P*>(grad_x + offset);
@@ -149,12 +168,14 @@ __global__ void __launch_bounds__(kRowKernelThreads)
       dx_row[p] = dx;
       if (normed_row != nullptr) {
         // The forward's LN output: the same expression from the same statistics, rounded once.
-        const P bv = b[p];
+        P bv;
+        if (b != nullptr) bv = b[p];
         P normed;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const acc_t xhat = (static_cast<acc_t>(xv.v[j]) - mu) * r;
-          normed.v[j] = static_cast<T>(xhat * static_cast<acc_t>(wv.v[j]) + static_cast<acc_t>(bv.v[j]));
+          const acc_t shift = b != nullptr ? static_cast<acc_t>(bv.v[j]) : acc_t(0);
+          normed.v[j] = static_cast<T>(xhat * static_cast<acc_t>(wv.v[j]) + shift);
         }
         normed_row[p] = normed;
       }
@@ -271,7 +292,7 @@ void with_vec_width(bool vectorize, Fn&& fn) {
 }  // namespace
 
 void layer_norm_forward_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                 const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd) {
+                                 const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd, bool rms) {
   const int64_t width = x.size(-1), rows = width > 0 ? x.numel() / width : 0;
   if (rows == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -279,13 +300,13 @@ void layer_norm_forward_out_cuda(const at::Tensor& x, const at::Tensor& weight, 
   const unsigned grid = grid_for(rows, kRowsPerBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool vectorize = can_vectorize<scalar_t>(
-        width, {x.const_data_ptr(), weight.const_data_ptr(), bias.const_data_ptr(), out.const_data_ptr()});
+    const scalar_t* bias_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const bool vectorize =
+        can_vectorize<scalar_t>(width, {x.const_data_ptr(), weight.const_data_ptr(), bias_ptr, out.const_data_ptr()});
     with_vec_width<scalar_t>(vectorize, [&](auto vec) {
       layer_norm_fwd_kernel<scalar_t, acc_t, decltype(vec)::value><<<grid, block, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows, width,
-          static_cast<acc_t>(eps));
+          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bias_ptr, out.mutable_data_ptr<scalar_t>(),
+          mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), rows, width, static_cast<acc_t>(eps), rms);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -313,7 +334,7 @@ void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& 
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* residual =
         extras.residual_grad.defined() ? extras.residual_grad.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bias = write_normed ? extras.bias.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bias = write_normed && extras.bias.defined() ? extras.bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* normed = write_normed ? extras.normed_out.mutable_data_ptr<scalar_t>() : nullptr;
     const bool vectorize =
         can_vectorize<scalar_t>(width, {grad_out.const_data_ptr(), x.const_data_ptr(), weight.const_data_ptr(),
@@ -323,7 +344,7 @@ void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& 
           <<<grid_for(rows, kRowsPerBlock), dim3(kWarpSize, kRowsPerBlock), 0, stream>>>(
               grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
               mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), residual, bias, normed,
-              grad_x.mutable_data_ptr<scalar_t>(), rows, width);
+              grad_x.mutable_data_ptr<scalar_t>(), rows, width, extras.rms);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
 
@@ -351,22 +372,25 @@ void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                   const at::Tensor& bias, double eps) {
+                                                                   const std::optional<at::Tensor>& bias, double eps,
+                                                                   bool rms) {
   TORCH_CHECK_VALUE(x.is_cuda(), "layer_norm_fwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
-  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps);
-  layer_norm_forward_out_cuda(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd);
+  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps, rms);
+  layer_norm_forward_out_cuda(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd, rms);
   return {fwd.out, fwd.mean, fwd.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                                                    const at::Tensor& weight, const at::Tensor& mean,
-                                                                   const at::Tensor& rstd) {
+                                                                   const at::Tensor& rstd, bool rms) {
   TORCH_CHECK_VALUE(x.is_cuda(), "layer_norm_bwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   LayerNormBackward bwd = prepare_layer_norm_backward(grad_out, x, weight, mean, rstd);
+  LayerNormBackwardExtras extras;
+  extras.rms = rms;
   layer_norm_backward_out_cuda(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight,
-                               bwd.grad_bias);
+                               bwd.grad_bias, extras);
   return {bwd.grad_x, bwd.grad_weight, bwd.grad_bias};
 }
 

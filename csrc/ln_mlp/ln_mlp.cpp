@@ -13,48 +13,69 @@
 namespace fastvit {
 namespace {
 
-bool parse_approximate(c10::string_view approximate, const char* op) {
-  const bool is_none = approximate == c10::string_view("none");
-  const bool is_tanh = approximate == c10::string_view("tanh");
-  TORCH_CHECK_VALUE(is_none || is_tanh, op, ": approximate must be 'none' (exact erf GELU) or 'tanh', got '",
-                    std::string(approximate.data(), approximate.size()), "'");
-  return is_tanh;
+// 'none' and 'tanh' are the names of F.gelu's `approximate` (the op's argument before it took other activations).
+MlpAct parse_act(c10::string_view act, const char* op) {
+  if (act == c10::string_view("none") || act == c10::string_view("gelu")) return MlpAct::kGelu;
+  if (act == c10::string_view("tanh") || act == c10::string_view("gelu_tanh")) return MlpAct::kGeluTanh;
+  if (act == c10::string_view("quick_gelu")) return MlpAct::kQuickGelu;
+  if (act == c10::string_view("swiglu")) return MlpAct::kSwiglu;
+  TORCH_CHECK_VALUE(false, op,
+                    ": act must be 'gelu' (or 'none': exact erf GELU), 'gelu_tanh' (or 'tanh'), 'quick_gelu' or "
+                    "'swiglu', got '",
+                    std::string(act.data(), act.size()), "'");
+  return MlpAct::kGelu;
 }
 
 // The parameter checks common to the forward and the backward.
-LnMlpArgs check_parameters(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                           const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, c10::string_view approximate,
-                           const char* op) {
+LnMlpArgs check_parameters(const at::Tensor& x, const at::Tensor& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                           const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, c10::string_view act_name,
+                           bool rms, const char* op) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension, got a 0-d tensor");
   check_floating(x, "x", op);
   const int64_t width = x.size(-1);
   TORCH_CHECK_VALUE(width > 0, op, ": the last dimension of x (the width C) must be > 0, got shape ", x.sizes());
   TORCH_CHECK_VALUE(fc1_weight.dim() == 2, op, ": fc1_weight must be 2-D [hidden, C], got shape ", fc1_weight.sizes());
-  const int64_t hidden = fc1_weight.size(0);
-  TORCH_CHECK_VALUE(hidden > 0, op, ": fc1_weight must have at least one output feature, got shape ",
+  const MlpAct act = parse_act(act_name, op);
+  const int64_t pre_width = fc1_weight.size(0);
+  TORCH_CHECK_VALUE(pre_width > 0, op, ": fc1_weight must have at least one output feature, got shape ",
                     fc1_weight.sizes());
+  const bool swiglu = act == MlpAct::kSwiglu;
+  TORCH_CHECK_VALUE(!swiglu || pre_width % 2 == 0, op,
+                    ": with act='swiglu' fc1_weight must have an even number of rows [2*hidden, C] (gate rows first), "
+                    "got shape ",
+                    fc1_weight.sizes());
+  const int64_t hidden = swiglu ? pre_width / 2 : pre_width;
   check_shape(ln_weight, "ln_weight", {width}, "[C], C = the last dimension of x", op);
-  check_shape(ln_bias, "ln_bias", {width}, "[C], C = the last dimension of x", op);
-  check_shape(fc1_weight, "fc1_weight", {hidden, width}, "[hidden, C]", op);
-  check_shape(fc2_weight, "fc2_weight", {width, hidden}, "[C, hidden], hidden = fc1_weight.shape[0]", op);
+  check_shape(fc1_weight, "fc1_weight", {pre_width, width}, "[hidden, C], or [2*hidden, C] for swiglu", op);
+  check_shape(fc2_weight, "fc2_weight", {width, hidden},
+              swiglu ? "[C, hidden], hidden = fc1_weight.shape[0] / 2 for swiglu"
+                     : "[C, hidden], hidden = fc1_weight.shape[0]",
+              op);
   check_like_x(ln_weight, "ln_weight", x, op);
-  check_like_x(ln_bias, "ln_bias", x, op);
   check_like_x(fc1_weight, "fc1_weight", x, op);
   check_like_x(fc2_weight, "fc2_weight", x, op);
 
   LnMlpArgs args;
+  const bool has_ln_bias = ln_bias.has_value() && ln_bias->defined();
+  TORCH_CHECK_VALUE(!(rms && has_ln_bias), op, ": ln_bias must be None with rms=True (RMSNorm has no bias)");
+  if (has_ln_bias) {
+    check_shape(*ln_bias, "ln_bias", {width}, "[C], C = the last dimension of x", op);
+    check_like_x(*ln_bias, "ln_bias", x, op);
+    args.ln_bias = ln_bias->contiguous();
+  }
   args.width = width;
   args.hidden = hidden;
+  args.pre_width = pre_width;
   args.rows = x.numel() / width;
-  args.tanh = parse_approximate(approximate, op);
+  args.act = act;
+  args.rms = rms;
   args.x_shape = x.sizes().vec();
   args.stats_shape = std::vector<int64_t>(args.x_shape.begin(), args.x_shape.end() - 1);
   args.pre_shape = args.stats_shape;
-  args.pre_shape.push_back(hidden);
+  args.pre_shape.push_back(pre_width);
   args.stats_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   args.x = x.contiguous().view({args.rows, width});
   args.ln_weight = ln_weight.contiguous();
-  args.ln_bias = ln_bias.contiguous();
   args.fc1_weight = fc1_weight.contiguous();
   args.fc2_weight = fc2_weight.contiguous();
   return args;
@@ -62,14 +83,15 @@ LnMlpArgs check_parameters(const at::Tensor& x, const at::Tensor& ln_weight, con
 
 }  // namespace
 
-LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                                 const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                                 const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                 c10::string_view approximate) {
+LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weight,
+                                 const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
+                                 const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                                 const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
+                                 bool rms) {
   const char* op = "ln_mlp_fwd";
-  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, approximate, op);
+  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms, op);
   if (fc1_bias.has_value() && fc1_bias->defined()) {
-    check_shape(*fc1_bias, "fc1_bias", {args.hidden}, "[hidden]", op);
+    check_shape(*fc1_bias, "fc1_bias", {args.pre_width}, "[fc1_weight.shape[0]]", op);
     check_like_x(*fc1_bias, "fc1_bias", x, op);
     args.fc1_bias = fc1_bias->contiguous();
   }
@@ -84,17 +106,17 @@ LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weigh
 }
 
 LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                  const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
-                                  const at::Tensor& fc1_weight, const at::Tensor& pre_act, const at::Tensor& fc2_weight,
-                                  c10::string_view approximate) {
+                                  const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
+                                  const at::Tensor& rstd, const at::Tensor& fc1_weight, const at::Tensor& pre_act,
+                                  const at::Tensor& fc2_weight, c10::string_view act, bool rms) {
   const char* op = "ln_mlp_bwd";
-  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, approximate, op);
+  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms, op);
   check_shape(grad_out, "grad_out", args.x_shape, "the shape of x", op);
   check_like_x(grad_out, "grad_out", x, op);
   TORCH_CHECK_VALUE(pre_act.numel() != 0 || args.rows == 0, op,
                     ": pre_act is empty: the forward ran with save_for_backward=False, so there is nothing to "
                     "differentiate");
-  check_shape(pre_act, "pre_act", args.pre_shape, "[..., hidden], as returned by ln_mlp_fwd", op);
+  check_shape(pre_act, "pre_act", args.pre_shape, "[..., fc1_weight.shape[0]], as returned by ln_mlp_fwd", op);
   check_like_x(pre_act, "pre_act", x, op);
   auto check_stats = [&](const at::Tensor& t, const char* name) {
     check_shape(t, name, args.stats_shape, "x's leading dimensions, as returned by ln_mlp_fwd", op);
@@ -106,7 +128,7 @@ LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& 
   check_stats(mean, "mean");
   check_stats(rstd, "rstd");
   args.grad_out = grad_out.contiguous().view({args.rows, args.width});
-  args.pre_act = pre_act.contiguous().view({args.rows, args.hidden});
+  args.pre_act = pre_act.contiguous().view({args.rows, args.pre_width});
   args.mean = mean.contiguous().view({args.rows});
   args.rstd = rstd.contiguous().view({args.rows});
   return args;

@@ -1,21 +1,23 @@
-// The MLP half of a pre-norm ViT block as one op: out = [x +] fc2(GELU(fc1(LayerNorm(x)))).
+// The MLP half of a pre-norm ViT block as one op: out = [x +] fc2(act(fc1(Norm(x)))).
 //
-// fastvit::ln_mlp_fwd(x, ln_weight, ln_bias, fc1_weight, fc1_bias?, fc2_weight, fc2_bias?, eps,
-//                     approximate, residual, save_for_backward) -> (out, mean, rstd, pre_act)
+// fastvit::ln_mlp_fwd(x, ln_weight, ln_bias?, fc1_weight, fc1_bias?, fc2_weight, fc2_bias?, eps,
+//                     act, residual, save_for_backward, rms=False) -> (out, mean, rstd, pre_act)
 //   x:          [..., C]   (any strides; made contiguous), M = x.numel() / C rows
-//   ln_weight:  [C], ln_bias: [C]
-//   fc1_weight: [Hid, C], fc1_bias: [Hid] or None
+//   ln_weight:  [C], ln_bias: [C] or None (LayerNorm without bias); None with rms=True (RMSNorm)
+//   fc1_weight: [P, C], fc1_bias: [P] or None, P = Hid (GELU forms) or 2·Hid (swiglu)
 //   fc2_weight: [C, Hid], fc2_bias: [C] or None
-//   eps > 0; approximate: "none" (exact erf GELU, timm's default) or "tanh"; residual: add x
-//   out:        [..., C]; mean, rstd: [...] fp32 (fp64 for fp64 inputs)
-//   pre_act:    [..., Hid] = fc1(LN(x)) + fc1_bias in the compute dtype when save_for_backward, else [0]
+//   eps > 0; act: "none"/"gelu" (exact erf GELU, timm's default), "tanh"/"gelu_tanh", "quick_gelu"
+//   (x·σ(1.702x), OpenAI CLIP) or "swiglu" (SiLU(pre[:, :Hid]) · pre[:, Hid:], timm's SwiGLUPacked
+//   order: the gate is the first half); residual: add x
+//   out:        [..., C]; mean, rstd: [...] fp32 (fp64 for fp64 inputs); mean = 0 for RMSNorm
+//   pre_act:    [..., P] = fc1(Norm(x)) + fc1_bias in the compute dtype when save_for_backward, else [0]
 // Weights are made contiguous (a no-op for nn.Linear parameters; a copy for a transposed view).
 // All tensors share x's dtype and device: CPU float16/bfloat16/float32/float64, CUDA float16/
 // bfloat16/float32 (fp32 accumulation everywhere; TF32 only when torch allows it for matmuls).
 //
-// fastvit::ln_mlp_bwd(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight,
-//                     approximate, residual, deterministic)
-//   -> (grad_x, grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias [Hid], grad_fc2_weight,
+// fastvit::ln_mlp_bwd(grad_out, x, ln_weight, ln_bias?, mean, rstd, fc1_weight, pre_act, fc2_weight,
+//                     act, residual, deterministic, rms=False)
+//   -> (grad_x, grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias [P], grad_fc2_weight,
 //       grad_fc2_bias [C])   (the bias gradients are always computed; drop them when the bias is None)
 //
 // What the backward needs, and why it is what the forward saves:
@@ -37,6 +39,9 @@
 
 namespace fastvit {
 
+// The activation between the GEMMs.
+enum class MlpAct { kGelu, kGeluTanh, kQuickGelu, kSwiglu };
+
 using LnMlpForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using LnMlpBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -44,46 +49,51 @@ using LnMlpBackwardResult =
 // Validated, contiguous arguments of one call, shared by the CPU and CUDA implementations.
 struct LnMlpArgs {
   at::Tensor x;                              // [rows, width]
-  at::Tensor ln_weight, ln_bias;             // [width]
-  at::Tensor fc1_weight, fc1_bias;           // [hidden, width], [hidden] or undefined
+  at::Tensor ln_weight, ln_bias;             // [width], [width] or undefined
+  at::Tensor fc1_weight, fc1_bias;           // [pre_width, width], [pre_width] or undefined
   at::Tensor fc2_weight, fc2_bias;           // [width, hidden], [width] or undefined
-  at::Tensor grad_out, mean, rstd, pre_act;  // backward only: [rows, width], [rows], [rows], [rows, hidden]
-  int64_t rows = 0, width = 0, hidden = 0;
-  bool tanh = false;                                     // approximate == "tanh"
-  std::vector<int64_t> x_shape, stats_shape, pre_shape;  // [..., C], [...], [..., Hid]
+  at::Tensor grad_out, mean, rstd, pre_act;  // backward only: [rows, width], [rows], [rows], [rows, pre_width]
+  int64_t rows = 0, width = 0, hidden = 0;   // hidden: the activation's width (fc2's input)
+  int64_t pre_width = 0;                     // fc1's output: hidden, or 2·hidden for swiglu
+  MlpAct act = MlpAct::kGelu;
+  bool rms = false;                                      // RMSNorm instead of LayerNorm
+  std::vector<int64_t> x_shape, stats_shape, pre_shape;  // [..., C], [...], [..., P]
   at::ScalarType stats_dtype = at::kFloat;
 };
 
 // Checks everything (TypeError / ValueError in Python) before any work is done.
-LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weight,
+                                 const std::optional<at::Tensor>& ln_bias,
                                  const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                                  const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                 c10::string_view approximate);
+                                 c10::string_view act, bool rms);
 LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                  const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                  const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
                                   const at::Tensor& fc1_weight, const at::Tensor& pre_act, const at::Tensor& fc2_weight,
-                                  c10::string_view approximate);
+                                  c10::string_view act, bool rms);
 
-LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weight,
+                                 const std::optional<at::Tensor>& ln_bias,
                                   const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                                   const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                  c10::string_view approximate, bool residual, bool save_for_backward);
+                                  c10::string_view act, bool residual, bool save_for_backward, bool rms);
 LnMlpBackwardResult ln_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                   const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                   const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
                                    const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                   const at::Tensor& fc2_weight, c10::string_view approximate, bool residual,
-                                   bool deterministic);
+                                   const at::Tensor& fc2_weight, c10::string_view act, bool residual,
+                                   bool deterministic, bool rms);
 
 #ifdef FASTVIT_WITH_CUDA
-LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight,
+                                 const std::optional<at::Tensor>& ln_bias,
                                    const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                                    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                   c10::string_view approximate, bool residual, bool save_for_backward);
+                                   c10::string_view act, bool residual, bool save_for_backward, bool rms);
 LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                    const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                    const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
                                     const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                    const at::Tensor& fc2_weight, c10::string_view approximate, bool residual,
-                                    bool deterministic);
+                                    const at::Tensor& fc2_weight, c10::string_view act, bool residual,
+                                    bool deterministic, bool rms);
 #endif
 
 }  // namespace fastvit

@@ -1,7 +1,7 @@
 // C++ CPU implementation of fastvit::ln_mlp_fwd / ln_mlp_bwd: the same contract and the same stages
-// as the CUDA path (LN kernel, GEMMs, GELU, LN backward kernel writing the recomputed LN output),
-// with ATen's CPU matmuls (addmm / mm) standing in for cuBLASLt. It is what CI runs without a GPU:
-// it tests the op contract, the registration, the fake impl and the autograd wiring.
+// as the CUDA path (norm kernel, GEMMs, activation, norm backward kernel writing the recomputed norm
+// output), with ATen's CPU matmuls (addmm / mm) standing in for cuBLASLt. It is what CI runs without a
+// GPU: it tests the op contract, the registration, the fake impl and the autograd wiring.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -9,22 +9,80 @@
 #include "ln_mlp/ln_mlp.h"
 
 namespace fastvit {
+namespace {
 
-LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                                  const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                                  const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                  c10::string_view approximate, bool residual, bool save_for_backward) {
+constexpr double kQuickGeluScale = 1.702;  // OpenAI CLIP's QuickGELU: x·σ(1.702x)
+
+// quick_gelu and swiglu in the op-math dtype (fp32 for fp16/bf16), rounded once, as the CUDA kernels do.
+at::Tensor op_math(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? t : t.to(at::kFloat);
+}
+
+// act(pre): pre [rows, P] -> [rows, hidden].
+at::Tensor act_forward(const at::Tensor& pre, MlpAct act) {
+  switch (act) {
+    case MlpAct::kGelu:
+      return at::gelu(pre, "none");
+    case MlpAct::kGeluTanh:
+      return at::gelu(pre, "tanh");
+    case MlpAct::kQuickGelu: {
+      const at::Tensor z = op_math(pre);
+      return (z * at::sigmoid(z * kQuickGeluScale)).to(pre.scalar_type());
+    }
+    case MlpAct::kSwiglu: {
+      const auto halves = op_math(pre).chunk(2, /*dim=*/1);  // gate first (timm's SwiGLUPacked)
+      return (at::silu(halves[0]) * halves[1]).to(pre.scalar_type());
+    }
+  }
+  TORCH_CHECK(false, "ln_mlp: unknown activation");
+  return pre;  // unreachable
+}
+
+// dL/dpre [rows, P] from dL/dact [rows, hidden] and pre [rows, P].
+at::Tensor act_backward(const at::Tensor& grad_hidden, const at::Tensor& pre, MlpAct act) {
+  switch (act) {
+    case MlpAct::kGelu:
+      return at::gelu_backward(grad_hidden, pre, "none");
+    case MlpAct::kGeluTanh:
+      return at::gelu_backward(grad_hidden, pre, "tanh");
+    case MlpAct::kQuickGelu: {
+      const at::Tensor z = op_math(pre);
+      const at::Tensor s = at::sigmoid(z * kQuickGeluScale);
+      return (op_math(grad_hidden) * (s + kQuickGeluScale * z * s * (1 - s))).to(pre.scalar_type());
+    }
+    case MlpAct::kSwiglu: {
+      const auto halves = op_math(pre).chunk(2, /*dim=*/1);
+      const at::Tensor& gate = halves[0];
+      const at::Tensor& value = halves[1];
+      const at::Tensor g = op_math(grad_hidden);
+      const at::Tensor s = at::sigmoid(gate);
+      const at::Tensor grad_gate = g * value * s * (1 + gate * (1 - s));  // d SiLU(u)/du = σ(u)(1 + u(1 - σ(u)))
+      const at::Tensor grad_value = g * gate * s;
+      return at::cat({grad_gate, grad_value}, /*dim=*/1).to(pre.scalar_type());
+    }
+  }
+  TORCH_CHECK(false, "ln_mlp: unknown activation");
+  return pre;  // unreachable
+}
+
+}  // namespace
+
+LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weight,
+                                  const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
+                                  const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                                  const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
+                                  bool residual, bool save_for_backward, bool rms) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "ln_mlp_fwd_cpu: x must be a CPU tensor, got ", x.device());
   const LnMlpArgs a =
-      prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate);
+      prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms);
   const at::Tensor mean = at::empty({a.rows}, x.options().dtype(a.stats_dtype));
   const at::Tensor rstd = at::empty_like(mean);
   const at::Tensor ln_out = at::empty({a.rows, a.width}, a.x.options());
-  layer_norm_forward_out_cpu(a.x, a.ln_weight, a.ln_bias, eps, ln_out, mean, rstd);
+  layer_norm_forward_out_cpu(a.x, a.ln_weight, a.ln_bias, eps, ln_out, mean, rstd, a.rms);
 
   const at::Tensor pre = a.fc1_bias.defined() ? at::addmm(a.fc1_bias, ln_out, a.fc1_weight.t())
-                                              : at::mm(ln_out, a.fc1_weight.t());  // [rows, hidden]
-  const at::Tensor hidden = at::gelu(pre, a.tanh ? "tanh" : "none");
+                                              : at::mm(ln_out, a.fc1_weight.t());  // [rows, P]
+  const at::Tensor hidden = act_forward(pre, a.act);                                // [rows, hidden]
   at::Tensor out = a.fc2_bias.defined() ? at::addmm(a.fc2_bias, hidden, a.fc2_weight.t())
                                         : at::mm(hidden, a.fc2_weight.t());  // [rows, width]
   if (residual) out.add_(a.x);
@@ -33,23 +91,23 @@ LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weig
 }
 
 LnMlpBackwardResult ln_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                   const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
-                                   const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                   const at::Tensor& fc2_weight, c10::string_view approximate, bool residual,
-                                   bool /*deterministic: the CPU path always is, for a given thread count*/) {
+                                   const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
+                                   const at::Tensor& rstd, const at::Tensor& fc1_weight, const at::Tensor& pre_act,
+                                   const at::Tensor& fc2_weight, c10::string_view act, bool residual,
+                                   bool /*deterministic: the CPU path always is, for a given thread count*/,
+                                   bool rms) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "ln_mlp_bwd_cpu: x must be a CPU tensor, got ", x.device());
   const LnMlpArgs a = prepare_ln_mlp_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act,
-                                              fc2_weight, approximate);
-  const c10::string_view gelu_form = a.tanh ? "tanh" : "none";
+                                              fc2_weight, act, rms);
   const at::Tensor& dy = a.grad_out;  // [rows, width]
 
-  const at::Tensor hidden = at::gelu(a.pre_act, gelu_form);   // recomputed, [rows, hidden]
+  const at::Tensor hidden = act_forward(a.pre_act, a.act);     // recomputed, [rows, hidden]
   const at::Tensor grad_fc2_weight = at::mm(dy.t(), hidden);  // [width, hidden]
   const at::Tensor grad_fc2_bias = dy.sum(0);                 // [width]
   const at::Tensor grad_hidden = at::mm(dy, a.fc2_weight);    // [rows, hidden]
-  const at::Tensor grad_pre = at::gelu_backward(grad_hidden, a.pre_act, gelu_form);
-  const at::Tensor grad_fc1_bias = grad_pre.sum(0);               // [hidden]
-  const at::Tensor grad_ln_out = at::mm(grad_pre, a.fc1_weight);  // [rows, width]
+  const at::Tensor grad_pre = act_backward(grad_hidden, a.pre_act, a.act);  // [rows, P]
+  const at::Tensor grad_fc1_bias = grad_pre.sum(0);                         // [P]
+  const at::Tensor grad_ln_out = at::mm(grad_pre, a.fc1_weight);            // [rows, width]
 
   const at::Tensor grad_x = at::empty({a.rows, a.width}, a.x.options());
   const at::Tensor grad_ln_weight = at::empty_like(a.ln_weight);
@@ -57,10 +115,11 @@ LnMlpBackwardResult ln_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor&
   LayerNormBackwardExtras extras;
   if (residual) extras.residual_grad = dy;
   extras.bias = a.ln_bias;
-  extras.normed_out = at::empty({a.rows, a.width}, a.x.options());  // LN(x), recomputed from x, mean, rstd
+  extras.rms = a.rms;
+  extras.normed_out = at::empty({a.rows, a.width}, a.x.options());  // Norm(x), recomputed from x, mean, rstd
   layer_norm_backward_out_cpu(grad_ln_out, a.x, a.ln_weight, a.mean, a.rstd, grad_x, grad_ln_weight, grad_ln_bias,
                               extras);
-  const at::Tensor grad_fc1_weight = at::mm(grad_pre.t(), extras.normed_out);  // [hidden, width]
+  const at::Tensor grad_fc1_weight = at::mm(grad_pre.t(), extras.normed_out);  // [P, width]
   return {grad_x.view(a.x_shape), grad_ln_weight,  grad_ln_bias, grad_fc1_weight,
           grad_fc1_bias,          grad_fc2_weight, grad_fc2_bias};
 }

@@ -1,22 +1,25 @@
-// CUDA implementation of fastvit::ln_mlp_fwd / ln_mlp_bwd: our LayerNorm kernels, cuBLASLt GEMMs
-// with fused epilogues, and elementwise GELU kernels where cuBLASLt has no exact-GELU epilogue.
+// CUDA implementation of fastvit::ln_mlp_fwd / ln_mlp_bwd: our LayerNorm / RMSNorm kernels, cuBLASLt GEMMs
+// with fused epilogues, and elementwise activation kernels where cuBLASLt has no epilogue (exact GELU,
+// QuickGELU, SwiGLU).
 // All work runs on the current stream of x's device; every intermediate comes from PyTorch's caching
 // allocator (no cudaMalloc per call); cuBLASLt handle, workspace and GEMM plans: common/cublaslt.
 //
 // Forward (M tokens, C width, H hidden; row-major, see common/cublaslt.h for the column-major view):
-//   1. LN kernel:  ln = LayerNorm(x) [M, C], mean/rstd [M] fp32.
-//   2. fc1 GEMM:   approximate='tanh' (H % 8 == 0): epilogue GELU_AUX_BIAS writes h = GELU_tanh(pre)
+//   1. LN kernel:  ln = LayerNorm(x) or RMSNorm(x) [M, C], mean/rstd [M] fp32.
+//   2. fc1 GEMM:   act='gelu_tanh' (H % 8 == 0): epilogue GELU_AUX_BIAS writes h = GELU_tanh(pre)
 //                  and the aux pre = ln·W1ᵀ + b1 in one pass.
-//                  approximate='none' (exact erf, the default): epilogue BIAS writes pre, then one
-//                  elementwise kernel writes h = GELU_erf(pre). (Also the tanh fallback.)
-//                  Inference (save_for_backward=False) writes pre into h's buffer and GELUs in place.
+//                  other acts (exact GELU, QuickGELU, SwiGLU; also the tanh fallback): epilogue BIAS
+//                  writes pre [M, P] (P = 2H for SwiGLU), then one elementwise kernel writes h = act(pre).
+//                  Inference (save_for_backward=False) writes pre into h's buffer and applies the
+//                  activation in place (SwiGLU: into a scratch pre, h is half its width).
 //   3. fc2 GEMM:   out = h·W2ᵀ + b2 + x: epilogue BIAS with C = x and beta = 1 (the residual add is
 //                  part of the GEMM; no separate pass).
 // Backward (dy = grad_out):
 //   1. dgrad fc2:  dh = dy·W2 [M, H]. tanh: epilogue DGELU_BGRAD turns it into dpre = dh·GELU'(pre)
 //                  and reduces db1 = Σ_tokens dpre (deterministic mode: epilogue DGELU, no reduction),
 //                  then a kernel recomputes h = GELU(pre).
-//                  erf: plain GEMM, then one kernel reads pre and dh, writes dpre (in place) and h.
+//                  other acts: plain GEMM, then one kernel reads pre and dh, writes dpre (in place; SwiGLU:
+//                  into a [M, 2H] buffer) and h.
 //   2. wgrad fc2:  dW2 = dyᵀ·h, epilogue BGRADB gives db2 = Σ_tokens dy.
 //   3. dgrad fc1:  dln = dpre·W1 [M, C].
 //   4. LN backward kernel: dx = LN'(dln) + dy (residual), dgamma/dbeta (deterministic two-stage
@@ -45,13 +48,16 @@ void* data(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 // cuBLASLt's GELU aux matrix needs a leading dimension divisible by 8.
 bool aux_ld_ok(int64_t hidden) { return hidden % 8 == 0; }
 
-// fc1 GEMM + bias + GELU: writes h [M, H], and pre [M, H] when `pre` is defined.
-void fc1_bias_gelu(const LnMlpArgs& a, const at::Tensor& ln_out, const at::Tensor& pre, const at::Tensor& h) {
+// fc1 GEMM + bias + activation: writes h [M, H], and pre [M, P] when `pre` is defined (always for SwiGLU,
+// whose h cannot hold pre).
+void fc1_bias_act(const LnMlpArgs& a, const at::Tensor& ln_out, const at::Tensor& pre, const at::Tensor& h) {
   const bool has_bias = a.fc1_bias.defined();
-  // pre[M, H] = ln[M, C] · W1[H, C]ᵀ; D is set below (h, or pre).
-  cublaslt::Matmul mm = cublaslt::linear_forward_matmul(ln_out, a.fc1_weight, h);
+  const bool swiglu = a.act == MlpAct::kSwiglu;
+  TORCH_CHECK(!swiglu || pre.defined(), "ln_mlp_fwd: SwiGLU needs a pre-activation buffer");
+  // pre[M, P] = ln[M, C] · W1[P, C]ᵀ; D is set below (h, or pre).
+  cublaslt::Matmul mm = cublaslt::linear_forward_matmul(ln_out, a.fc1_weight, swiglu ? pre : h);
 
-  if (a.tanh && aux_ld_ok(a.hidden)) {  // one pass: cuBLASLt's GELU epilogue is the tanh form
+  if (a.act == MlpAct::kGeluTanh && aux_ld_ok(a.hidden)) {  // one pass: cuBLASLt's GELU epilogue is the tanh form
     cublaslt::Matmul fused = mm;
     fused.d = h.data_ptr();
     fused.bias = has_bias ? a.fc1_bias.data_ptr() : nullptr;
@@ -76,53 +82,55 @@ void fc1_bias_gelu(const LnMlpArgs& a, const at::Tensor& ln_out, const at::Tenso
     bias_done = cublaslt::matmul(with_bias) == CUBLAS_STATUS_SUCCESS;
   }
   if (!has_bias || !bias_done) cublaslt::matmul_or_throw(mm, "fc1");
-  launch_bias_gelu_forward(target, bias_done ? at::Tensor() : a.fc1_bias,
-                           (!bias_done && pre.defined()) ? pre : at::Tensor(), h, a.tanh);
+  launch_bias_act_forward(target, bias_done ? at::Tensor() : a.fc1_bias,
+                          (!bias_done && pre.defined()) ? pre : at::Tensor(), h, a.act);
 }
 
 }  // namespace
 
-LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                                   const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                                   const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                   c10::string_view approximate, bool residual, bool save_for_backward) {
+LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight,
+                                   const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
+                                   const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                                   const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
+                                   bool residual, bool save_for_backward, bool rms) {
   TORCH_CHECK_VALUE(x.is_cuda(), "ln_mlp_fwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   const LnMlpArgs a =
-      prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate);
+      prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms);
   check_cuda_gemm_dtype(a.x, "ln_mlp_fwd");
   const auto options = a.x.options();
   const at::Tensor mean = at::empty({a.rows}, options.dtype(a.stats_dtype));
   const at::Tensor rstd = at::empty_like(mean);
   const at::Tensor out = at::empty({a.rows, a.width}, options);
-  const at::Tensor pre = save_for_backward ? at::empty({a.rows, a.hidden}, options) : at::Tensor();
+  const bool keep_pre = save_for_backward || a.act == MlpAct::kSwiglu;  // SwiGLU's h cannot hold pre
+  const at::Tensor pre = keep_pre ? at::empty({a.rows, a.pre_width}, options) : at::Tensor();
   const at::Tensor saved_pre = save_for_backward ? pre.view(a.pre_shape) : at::empty({0}, options);
   if (a.rows == 0) return {out.view(a.x_shape), mean.view(a.stats_shape), rstd.view(a.stats_shape), saved_pre};
 
   const at::Tensor ln_out = at::empty({a.rows, a.width}, options);
-  layer_norm_forward_out_cuda(a.x, a.ln_weight, a.ln_bias, eps, ln_out, mean, rstd);
+  layer_norm_forward_out_cuda(a.x, a.ln_weight, a.ln_bias, eps, ln_out, mean, rstd, a.rms);
   const at::Tensor h = at::empty({a.rows, a.hidden}, options);
-  fc1_bias_gelu(a, ln_out, pre, h);
+  fc1_bias_act(a, ln_out, pre, h);
   cublaslt::linear_forward(h, a.fc2_weight, a.fc2_bias, residual ? a.x : at::Tensor(), out, "fc2");
   return {out.view(a.x_shape), mean.view(a.stats_shape), rstd.view(a.stats_shape), saved_pre};
 }
 
 LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                    const at::Tensor& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
-                                    const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                    const at::Tensor& fc2_weight, c10::string_view approximate, bool residual,
-                                    bool deterministic) {
+                                    const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
+                                    const at::Tensor& rstd, const at::Tensor& fc1_weight, const at::Tensor& pre_act,
+                                    const at::Tensor& fc2_weight, c10::string_view act, bool residual,
+                                    bool deterministic, bool rms) {
   TORCH_CHECK_VALUE(x.is_cuda(), "ln_mlp_bwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   const LnMlpArgs a = prepare_ln_mlp_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act,
-                                              fc2_weight, approximate);
+                                              fc2_weight, act, rms);
   check_cuda_gemm_dtype(a.x, "ln_mlp_bwd");
   const auto options = a.x.options();
   const at::Tensor grad_x = at::empty({a.rows, a.width}, options);
   const at::Tensor grad_ln_weight = at::empty_like(a.ln_weight);
   const at::Tensor grad_ln_bias = at::empty_like(a.ln_weight);
   const at::Tensor grad_fc1_weight = at::empty_like(a.fc1_weight);
-  const at::Tensor grad_fc1_bias = at::empty({a.hidden}, options);
+  const at::Tensor grad_fc1_bias = at::empty({a.pre_width}, options);
   const at::Tensor grad_fc2_weight = at::empty_like(a.fc2_weight);
   const at::Tensor grad_fc2_bias = at::empty({a.width}, options);
   if (a.rows == 0) {
@@ -134,13 +142,15 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
             grad_fc1_bias,          grad_fc2_weight, grad_fc2_bias};
   }
   const at::Tensor& dy = a.grad_out;  // [M, C]
-  const at::Tensor grad_pre = at::empty({a.rows, a.hidden}, options);
+  const at::Tensor grad_pre = at::empty({a.rows, a.pre_width}, options);
   const at::Tensor hidden = at::empty({a.rows, a.hidden}, options);
+  // dh: in grad_pre's buffer (the GELU forms turn it into dpre in place), or its own for SwiGLU.
+  const at::Tensor grad_hidden = a.act == MlpAct::kSwiglu ? at::empty({a.rows, a.hidden}, options) : grad_pre;
 
-  // 1. dh = dy · W2  ([M, H]; m = H, n = M, k = C), then dpre = dh · GELU'(pre) and h = GELU(pre).
-  const cublaslt::Matmul dgrad2 = cublaslt::linear_input_grad_matmul(dy, a.fc2_weight, grad_pre, deterministic);
+  // 1. dh = dy · W2  ([M, H]; m = H, n = M, k = C), then dpre = dh · act'(pre) and h = act(pre).
+  const cublaslt::Matmul dgrad2 = cublaslt::linear_input_grad_matmul(dy, a.fc2_weight, grad_hidden, deterministic);
   bool gelu_done = false, fc1_bias_done = false;
-  if (a.tanh && aux_ld_ok(a.hidden)) {
+  if (a.act == MlpAct::kGeluTanh && aux_ld_ok(a.hidden)) {
     // DGELU_BGRAD also reduces db1 over the tokens (an order cuBLASLt does not fix); deterministic mode keeps
     // the elementwise DGELU epilogue and takes db1 from at::sum in step 5.
     cublaslt::Matmul fused = dgrad2;
@@ -151,12 +161,12 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
     if (cublaslt::matmul(fused) == CUBLAS_STATUS_SUCCESS) {
       gelu_done = true;
       fc1_bias_done = !deterministic;
-      launch_bias_gelu_forward(a.pre_act, at::Tensor(), at::Tensor(), hidden, /*tanh=*/true);
+      launch_bias_act_forward(a.pre_act, at::Tensor(), at::Tensor(), hidden, MlpAct::kGeluTanh);
     }
   }
   if (!gelu_done) {
     cublaslt::matmul_or_throw(dgrad2, "fc2 input-gradient");
-    launch_gelu_backward(a.pre_act, grad_pre, hidden, a.tanh);
+    launch_act_backward(a.pre_act, grad_hidden, grad_pre, hidden, a.act);
   }
 
   // 2. dW2 = dyᵀ · h and db2 = Σ_tokens dy.
@@ -166,10 +176,11 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
   const at::Tensor grad_ln_out = at::empty({a.rows, a.width}, options);
   cublaslt::linear_input_grad(grad_pre, a.fc1_weight, grad_ln_out, deterministic, "fc1 input-gradient");
 
-  // 4. LayerNorm backward (+ the residual's dy), writing LN(x) recomputed for step 5.
+  // 4. LayerNorm / RMSNorm backward (+ the residual's dy), writing Norm(x) recomputed for step 5.
   LayerNormBackwardExtras extras;
   if (residual) extras.residual_grad = dy;
   extras.bias = a.ln_bias;
+  extras.rms = a.rms;
   extras.normed_out = at::empty({a.rows, a.width}, options);
   layer_norm_backward_out_cuda(grad_ln_out, a.x, a.ln_weight, a.mean, a.rstd, grad_x, grad_ln_weight, grad_ln_bias,
                                extras);

@@ -6,8 +6,8 @@ Every op accepts ``backend=`` ('auto' or one of the backends implementing it); s
 """
 
 from fastvit.ops import cuda, triton  # noqa: E402,F401,I001  (the fused backends register themselves)
-from fastvit.ops.attention import attention, qkv_attention, varlen_qkv_attention
-from fastvit.ops.layer_norm import layer_norm
+from fastvit.ops.attention import QKNorm, attention, qkv_attention, varlen_qkv_attention
+from fastvit.ops.layer_norm import layer_norm, rms_norm
 from fastvit.ops.linear_residual import linear_residual
 from fastvit.ops.ln_linear import ln_linear
 from fastvit.ops.ln_mlp import ln_mlp
@@ -16,10 +16,12 @@ from fastvit.ops.patch_embed import patch_embed, patch_embed_uint8
 __all__ = [
     "attention",
     "qkv_attention",
+    "QKNorm",
     "layer_norm",
     "linear_residual",
     "ln_linear",
     "ln_mlp",
+    "rms_norm",
     "patch_embed",
     "patch_embed_uint8",
     "varlen_qkv_attention",

@@ -5,15 +5,19 @@
 ``[B, N, C]`` for the proj Linear (optionally with a ``[B, N]`` key-padding mask, NaFlex's padded layout);
 ``attention`` is the SDPA-shaped ``[B, H, N, D]`` variant; ``varlen_qkv_attention`` takes the sequences of
 several images packed back to back, ``[T, 3*C]`` with ``cu_seqlens`` (flash-attn's varlen form), no padding.
+``qkv_attention`` optionally applies a *prologue* to q and k first, in timm's order: qk-norm (``QKNorm``:
+LayerNorm or RMSNorm over the head dim) then 2D RoPE (a cat(sin, cos) table, ``fastvit.eva.rope_table``'s
+format; the leading prefix tokens unrotated). The Triton kernels apply it to the q/k tiles as they load them.
 
 Backends:
   ``torch``   ``F.scaled_dot_product_attention`` on strided q/k/v views (timm's own path); every dtype,
               head dim and dropout.
   ``triton``  FlashAttention-2-style kernels (``fastvit/ops/triton/attention.py``): head dims 32, 48, 64,
-              80, 96, 128, v's head dim equal to q's, float16/bfloat16/float32, no dropout. ``auto`` leaves
-              float32 without TF32 to ``torch`` (the kernels then have no tensor cores).
-The spec both are tested against is ``fastvit.reference.attention`` (``reference.varlen_qkv_attention`` for the
-packed form: each sequence alone).
+              80, 96, 128, v's head dim equal to q's, float16/bfloat16/float32, no dropout; the prologue
+              inside the kernels. ``auto`` leaves float32 without TF32 to ``torch`` (the kernels then have no
+              tensor cores).
+The spec both are tested against is ``fastvit.reference.attention`` (``fastvit.reference.qk_norm_attention``
+with a prologue, ``reference.varlen_qkv_attention`` for the packed form: each sequence alone).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from fastvit import dispatch
 from fastvit.validation import (
     autocast_dtype,
+    check_eps,
     check_positive_int,
     check_probability,
     check_same_device,
@@ -33,6 +38,41 @@ from fastvit.validation import (
     check_scale,
     check_tensor,
 )
+
+ROPE_LAYOUTS = ("interleaved", "half")  # channel pairs (2i, 2i+1) (EVA02) or (i, i + D/2) (DINOv3, timm RoPE ViTs)
+NORM_KINDS = ("layer", "rms")
+
+
+class QKNorm(NamedTuple):
+    """The norm ``qkv_attention`` applies to each head vector of q or of k (timm's ``attn.q_norm`` / ``k_norm``).
+
+    Attributes:
+        weight: [D].
+        bias: [D] for a LayerNorm with bias, else None (always None for RMSNorm).
+        eps: added to the variance (to the mean square for RMSNorm).
+        kind: 'layer' (LayerNorm) or 'rms' (RMSNorm).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    eps: float = 1e-6
+    kind: str = "layer"
+
+
+class AttentionPrologue(NamedTuple):
+    """What ``qkv_attention`` applies to q and k before the attention (checked): norms, then RoPE."""
+
+    rope: torch.Tensor | None  # [N - num_prefix_tokens, 2*D] cat(sin, cos)
+    num_prefix_tokens: int
+    rotate_half: bool
+    q_norm: QKNorm | None
+    k_norm: QKNorm | None
+
+    def describe(self) -> tuple[str, ...]:
+        """The prologue's parts as the call signature records them, e.g. ('rope:half', 'q_norm:rms')."""
+        parts = [f"rope:{'half' if self.rotate_half else 'interleaved'}"] if self.rope is not None else []
+        parts += [f"{name}:{norm.kind}" for name, norm in (("q_norm", self.q_norm), ("k_norm", self.k_norm)) if norm]
+        return tuple(parts)
 
 
 class AttentionCall(NamedTuple):
@@ -44,17 +84,26 @@ class AttentionCall(NamedTuple):
     v_head_dim: int
     dropout: bool
     allow_tf32: bool  # torch.backends.cuda.matmul.allow_tf32, read for float32 only
+    prologue: tuple[str, ...] = ()  # qkv_attention's prologue parts (AttentionPrologue.describe), () for none
+    masked: bool = False  # qkv_attention with a key-padding mask
 
 
 def attention_call(
-    device: torch.device, dtype: torch.dtype, head_dim: int, v_head_dim: int | None = None, dropout: bool = False
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    v_head_dim: int | None = None,
+    dropout: bool = False,
+    prologue: tuple[str, ...] = (),
+    masked: bool = False,
 ) -> AttentionCall:
     """The call signature of an attention on ``device`` with inputs of ``dtype`` (autocast applied here)."""
     amp = autocast_dtype(device)
     if amp is not None and dtype in (torch.float16, torch.float32):
         dtype = amp
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return AttentionCall(device, dtype, head_dim, head_dim if v_head_dim is None else v_head_dim, dropout, tf32)
+    v_head_dim = head_dim if v_head_dim is None else v_head_dim
+    return AttentionCall(device, dtype, head_dim, v_head_dim, dropout, tf32, prologue, masked)
 
 
 def qkv_attention(
@@ -64,9 +113,14 @@ def qkv_attention(
     dropout_p: float = 0.0,
     backend: str | None = None,
     *,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rope_layout: str = "interleaved",
+    q_norm: QKNorm | None = None,
+    k_norm: QKNorm | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Self-attention on a packed qkv buffer.
+    """Self-attention on a packed qkv buffer, optionally with qk-norm then RoPE applied to q and k first.
 
     Args:
         qkv: [B, N, 3*C], the qkv Linear's output in timm's layout (``reshape(B, N, 3, H, D)``).
@@ -74,6 +128,14 @@ def qkv_attention(
         scale: softmax scale, default D**-0.5.
         dropout_p: attention-probability dropout (``torch`` backend only).
         backend: 'auto' | 'triton' | 'torch' (the backends implementing it); None = the process default.
+        rope: [N - T, 2*D] floating table cat(sin, cos) (``fastvit.eva.rope_table``), T = ``num_prefix_tokens``:
+            token T + i of q and k is rotated by row i, ``x*cos + rot(x)*sin`` per channel; None: no RoPE. A function
+            of positions: the ``triton`` backend gives it no gradient.
+        num_prefix_tokens: T, the leading (class / register) tokens left unrotated; only with ``rope``.
+        rope_layout: how ``rot`` pairs the channels: 'interleaved' (2i, 2i+1) -> (-x[2i+1], x[2i]) (EVA02) or
+            'half' (i, i + D/2) -> (-x[i + D/2], x[i]) (DINOv3, timm's RoPE ViTs). D must be even.
+        q_norm: the norm of each q head vector ([D] weights), applied before RoPE; None: none.
+        k_norm: the same for k.
         key_padding_mask: [B, N] bool on qkv's device, True = the key takes part (the convention of timm
             NaFlexViT's ``patch_valid`` and of SDPA's boolean ``attn_mask``); the padded NaFlex layout. Masked keys
             get attention weight 0 (every query row, padding rows included, attends to the kept keys). A batch entry
@@ -87,13 +149,16 @@ def qkv_attention(
     head_dim = _check_qkv("qkv", qkv, 3, num_heads)
     scale = check_scale(scale)
     dropout_p = check_probability("dropout_p", dropout_p)
-    if key_padding_mask is not None:
+    prologue = _check_prologue(qkv, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm)
+    masked = key_padding_mask is not None
+    if masked:
         _check_key_padding_mask(key_padding_mask, qkv)
-    call = attention_call(qkv.device, qkv.dtype, head_dim, dropout=dropout_p > 0.0)
+    parts = prologue.describe() if prologue is not None else ()
+    call = attention_call(qkv.device, qkv.dtype, head_dim, dropout=dropout_p > 0.0, prologue=parts, masked=masked)
     fn = dispatch.select("qkv_attention", backend, call)
-    if key_padding_mask is None:
-        return fn(qkv, num_heads, scale, dropout_p)
-    return fn(qkv, num_heads, scale, dropout_p, key_padding_mask)
+    if not masked:
+        return fn(qkv, num_heads, scale, dropout_p, prologue)
+    return fn(qkv, num_heads, scale, dropout_p, prologue, key_padding_mask)
 
 
 def _check_key_padding_mask(mask: object, qkv: torch.Tensor) -> None:
@@ -196,6 +261,60 @@ def _check_qkv(name: str, qkv: object, ndim: int, num_heads: int) -> int:
     return qkv.shape[-1] // (3 * num_heads)
 
 
+def _check_prologue(qkv, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm) -> AttentionPrologue | None:
+    """The checked prologue of a ``qkv_attention`` call; None when it has none (today's plain attention)."""
+    tokens = qkv.shape[1]
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
+        raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
+    if rope_layout not in ROPE_LAYOUTS:
+        raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {rope_layout!r}")
+    if rope is None:
+        if num_prefix_tokens != 0:
+            raise ValueError(f"num_prefix_tokens ({num_prefix_tokens}) only applies with a rope table; rope is None")
+    else:
+        check_tensor("rope", rope, ndim=2)
+        check_same_device(qkv=qkv, rope=rope)
+        if head_dim % 2 != 0:
+            raise ValueError(f"RoPE rotates channel pairs: the head dim must be even, got head_dim={head_dim}")
+        if not 0 <= num_prefix_tokens <= tokens:
+            raise ValueError(f"num_prefix_tokens must be in [0, N={tokens}], got {num_prefix_tokens}")
+        expected = (tokens - num_prefix_tokens, 2 * head_dim)
+        if tuple(rope.shape) != expected:
+            raise ValueError(
+                f"rope must be the cat(sin, cos) table [N - num_prefix_tokens, 2 * head_dim] = {list(expected)} "
+                f"(N={tokens}, num_prefix_tokens={num_prefix_tokens}, head_dim={head_dim}), got {list(rope.shape)}"
+            )
+    for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if norm is not None:
+            _check_qk_norm(name, norm, qkv, head_dim)
+    if rope is None and q_norm is None and k_norm is None:
+        return None
+    return AttentionPrologue(rope, num_prefix_tokens, rope_layout == "half", q_norm, k_norm)
+
+
+def _check_qk_norm(name: str, norm: object, qkv: torch.Tensor, head_dim: int) -> None:
+    if not isinstance(norm, QKNorm):
+        raise TypeError(f"{name} must be a fastvit.ops.QKNorm(weight, bias, eps, kind) or None, got {type(norm)}")
+    if norm.kind not in NORM_KINDS:
+        raise ValueError(f"{name}.kind must be one of {NORM_KINDS}, got {norm.kind!r}")
+    try:
+        check_eps(norm.eps)
+    except ValueError:
+        raise ValueError(f"{name}.eps must be a positive finite number, got {norm.eps!r}") from None
+    for part in ("weight", "bias"):
+        tensor = getattr(norm, part)
+        if tensor is None:
+            if part == "weight":
+                raise TypeError(f"{name}.weight must be a [head_dim={head_dim}] tensor, got None")
+            continue
+        if norm.kind == "rms" and part == "bias":
+            raise ValueError(f"{name}.bias must be None for kind='rms' (RMSNorm has no bias)")
+        check_tensor(f"{name}.{part}", tensor, ndim=1)
+        if tuple(tensor.shape) != (head_dim,):
+            raise ValueError(f"{name}.{part} must have shape [head_dim={head_dim}], got {list(tensor.shape)}")
+        check_same_device(qkv=qkv, **{f"{name}.{part}": tensor})
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -241,18 +360,22 @@ def attention(
 
 
 @dispatch.register("qkv_attention", "torch")
-def _qkv_attention_torch(qkv, num_heads, scale, dropout_p, key_padding_mask=None):
+def _qkv_attention_torch(qkv, num_heads, scale, dropout_p, prologue=None, key_padding_mask=None):
     if key_padding_mask is None:
-        return _qkv_sdpa(qkv, num_heads, scale, dropout_p)
+        return _qkv_sdpa(qkv, num_heads, scale, dropout_p, prologue)
     # An entry without any kept key attends to every key (finite everywhere, whatever SDPA kernel runs: fully
     # masked rows are NaN in some) and is then zeroed, as the spec; its gradient is 0 through the product.
     any_kept = key_padding_mask.any(-1, keepdim=True)  # [B, 1]
     keep = (key_padding_mask | ~any_kept)[:, None, None, :]  # [B, 1, 1, N]
-    return _qkv_sdpa(qkv, num_heads, scale, dropout_p, keep) * any_kept[..., None]
+    return _qkv_sdpa(qkv, num_heads, scale, dropout_p, prologue, keep) * any_kept[..., None]
 
 
-def _qkv_sdpa(qkv, num_heads, scale, dropout_p, attn_mask=None):
+def _qkv_sdpa(qkv, num_heads, scale, dropout_p, prologue=None, attn_mask=None):
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
+    if prologue is not None:
+        q, k = (
+            _prologue_torch(x, norm, prologue).to(v.dtype) for x, norm in ((q, prologue.q_norm), (k, prologue.k_norm))
+        )
     return _sdpa(q, k, v, scale, dropout_p, attn_mask).transpose(1, 2).flatten(2)
 
 
@@ -285,7 +408,7 @@ def _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale):
     # An empty sequence keeps one (padding) key, so that no row of SDPA is fully masked (NaN there would reach the
     # gradient through 0 * NaN); padding rows are dropped below and get no gradient.
     keep = (positions < lengths.clamp(min=1)[:, None])[:, None, None, :]  # [B, 1, 1, L]
-    out = _qkv_sdpa(padded, num_heads, scale, 0.0, keep)  # [B, L, C]
+    out = _qkv_sdpa(padded, num_heads, scale, 0.0, attn_mask=keep)  # [B, L, C]
     token = torch.arange(tokens, device=qkv.device)
     sequence = torch.searchsorted(bounds[1:], token, right=True)  # the sequence of each token
     return out[sequence, token - starts[sequence]]
@@ -294,6 +417,35 @@ def _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale):
 def _no_tokens(qkv):
     """The [0, C] output of a packed batch without tokens, on qkv's autograd graph (its gradient is [0, 3*C])."""
     return qkv[:, : qkv.shape[-1] // 3].clone()
+
+
+def _prologue_torch(x: torch.Tensor, norm: QKNorm | None, prologue: AttentionPrologue) -> torch.Tensor:
+    """x [B, H, N, D] -> rope(norm(x)), computed in float32 (or float64) as the kernels do: one rounding, by the
+    caller."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
+    if norm is not None:
+        weight, bias = norm.weight.to(dtype), None if norm.bias is None else norm.bias.to(dtype)
+        if norm.kind == "layer":
+            x = F.layer_norm(x, x.shape[-1:], weight, bias, norm.eps)
+        else:
+            x = F.rms_norm(x, x.shape[-1:], weight, norm.eps)
+    if prologue.rope is not None:
+        x = apply_rope(x, prologue.rope.to(dtype), prologue.num_prefix_tokens, prologue.rotate_half)
+    return x
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, rotate_half: bool) -> torch.Tensor:
+    """2D RoPE of x [B, H, N, D] from rope = cat(sin, cos) [N - T, 2·D], the T prefix tokens left as they are; the
+    fast form of ``fastvit.reference.apply_rope`` (same layouts)."""
+    sin, cos = rope.tensor_split(2, dim=-1)
+    prefix, patches = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
+    if rotate_half:
+        first, second = patches.chunk(2, dim=-1)
+        rotated = torch.cat([-second, first], dim=-1)
+    else:
+        rotated = torch.stack([-patches[..., 1::2], patches[..., ::2]], dim=-1).reshape(patches.shape)
+    return torch.cat([prefix, patches * cos + rotated * sin], dim=2)
 
 
 @dispatch.register("attention", "torch")

@@ -104,9 +104,7 @@ def ln_linear(
 
 @dispatch.register("ln_linear", "torch")
 def _ln_linear_torch(x, ln_weight, ln_bias, weight, bias, eps, activation, residual):
-    if ln_weight is not None:
-        x = F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps)
-    out = F.linear(x, weight, bias)
-    if activation != "none":
-        out = F.gelu(out, approximate=GELU_APPROXIMATE[activation])
+    normed = x if ln_weight is None else F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps)
+    out = F.linear(normed, weight, bias)
+    out = out if activation == "none" else F.gelu(out, approximate=GELU_APPROXIMATE[activation])
     return out if residual is None else residual + out

@@ -1,9 +1,11 @@
 """The ``cuda`` backend of ``ln_mlp``: the extension op ``fastvit::ln_mlp_fwd/bwd`` (csrc/ln_mlp), fake impls, autograd.
 
-On CUDA tensors: a LayerNorm kernel, fc1 on cuBLASLt with a bias (and, for ``approximate='tanh'``, GELU)
-epilogue, an exact-GELU kernel, fc2 with bias and the residual add in its epilogue; the backward fuses dGELU and
-the bias gradients into the GEMMs where cuBLASLt can. On CPU tensors the C++ implementation. The forward saves
-x, the LN statistics and the fc1 pre-activation (not LN(x) nor GELU's output, which the backward recomputes).
+On CUDA tensors: a LayerNorm / RMSNorm kernel, fc1 on cuBLASLt with a bias (and, for ``act='gelu_tanh'``, GELU)
+epilogue, one elementwise kernel for the other activations (exact GELU, QuickGELU, SwiGLU), fc2 with bias and the
+residual add in its epilogue; the backward fuses dGELU and the bias gradients into the GEMMs where cuBLASLt can.
+On CPU tensors the C++ implementation. The forward saves x, the norm statistics and the fc1 pre-activation (not
+Norm(x) nor the activation's output, which the backward recomputes). Not covered: a norm over the hidden layer
+(``supports`` says so; ``auto`` runs such calls on ``torch``). LayerScale arrives folded into fc2 (ops.ln_mlp).
 
 Autocast: custom ops are not cast by ``torch.autocast``, so this backend does what autocast does for the Linear
 layers it replaces: inside an autocast region it runs the fused op in the autocast dtype (the parameters are
@@ -23,18 +25,23 @@ from fastvit.validation import cast_like_autocast_linear, centred_in_dtype, chec
 
 
 def supports(call: dispatch.DeviceDtypeCall) -> str | None:
+    """Why the extension does not run ``call`` (a device/dtype call, or ``ops.ln_mlp``'s ``MlpCall``), or None."""
+    if getattr(call, "hidden_norm", False):
+        return "a norm over the hidden layer (sub-LN / scale_mlp_norm) is not in the extension's fused MLP"
     return dispatch.kernel_dtype_reason("cuda", call.device, (call.dtype,))
 
 
 @dispatch.register("ln_mlp", "cuda", supports=supports)
-def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual):
+def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, residual, norm, hidden_norm):
+    if hidden_norm is not None:
+        raise ValueError(f"ln_mlp(backend='cuda'): {supports(dispatch.DeviceDtypeCall(x.device, x.dtype)) or ''}")
     params = (ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     residual_outside = None
     cast_x, *params = cast_like_autocast_linear(x.device.type, x, *params)
     if cast_x.dtype != x.dtype:
         if residual:  # as eager autocast: the residual added in x's dtype
             residual_outside, residual = x, False
-        if cast_x.element_size() < x.element_size():
+        if cast_x.element_size() < x.element_size() and norm == "layer":  # RMSNorm is not shift invariant
             cast_x = centred_in_dtype(x, cast_x.dtype)
     x = cast_x
     ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
@@ -45,13 +52,13 @@ def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ep
     # The fc1 pre-activation is kept only when a backward can follow (not under no_grad/inference).
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
     out = torch.ops.fastvit.ln_mlp_fwd(
-        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual, save
+        x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, residual, save, norm == "rms"
     )[0]
     return out if residual_outside is None else residual_outside + out
 
 
 def _fake_forward(
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual, save_for_backward
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, residual, save_for_backward, rms=False
 ):
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     mean = x.new_empty(x.shape[:-1], dtype=stats_dtype)
@@ -60,7 +67,7 @@ def _fake_forward(
 
 
 def _fake_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight, *flags, **named_flags):
-    # flags: approximate, residual, deterministic (no effect on shapes)
+    # flags: act, residual, deterministic, rms (no effect on shapes)
     return (
         x.new_empty(x.shape),
         ln_weight.new_empty(ln_weight.shape),
@@ -73,22 +80,27 @@ def _fake_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_
 
 
 def _setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _eps, approximate, residual, _save = inputs
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, _eps, act, residual, _save, *rms = inputs
     _out, mean, rstd, pre_act = output
     ctx.save_for_backward(x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight)
-    ctx.approximate, ctx.residual = approximate, residual
-    ctx.has_fc1_bias, ctx.has_fc2_bias = fc1_bias is not None, fc2_bias is not None
+    ctx.act, ctx.residual, ctx.rms = act, residual, bool(rms and rms[0])
+    ctx.has_ln_bias, ctx.has_fc1_bias, ctx.has_fc2_bias = (
+        ln_bias is not None,
+        fc1_bias is not None,
+        fc2_bias is not None,
+    )
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_pre_act):
     x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight = ctx.saved_tensors
     grad_x, grad_lnw, grad_lnb, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.fastvit.ln_mlp_bwd(
         grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act, fc2_weight,
-        ctx.approximate, ctx.residual, dispatch.deterministic_enabled(),
+        ctx.act, ctx.residual, dispatch.deterministic_enabled(), ctx.rms,
     )  # fmt: skip
+    grad_lnb = grad_lnb if ctx.has_ln_bias else None
     grad_b1 = grad_b1 if ctx.has_fc1_bias else None
     grad_b2 = grad_b2 if ctx.has_fc2_bias else None
-    return grad_x, grad_lnw, grad_lnb, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None
+    return grad_x, grad_lnw, grad_lnb, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None
 
 
 register_extension_op(

@@ -5,12 +5,14 @@ which calls they cover, autocast, allocation, strides, grids and autotuning, the
 custom ops (``fastvit::qkv_attention_fwd/bwd``, ``fastvit::attention_fwd/bwd``) with fake impls and
 autograd, so ``torch.compile`` treats them as opaque nodes and traces through the backward.
 ``qkv_attention`` reads q/k/v straight from the packed buffer and writes ``[B, N, C]``; its backward
-writes dq/dk/dv into one ``[B, N, 3*C]`` gradient. ``fastvit::varlen_qkv_attention_fwd/bwd`` run the same kernels
-with ``VARLEN=True`` on ``[T, 3*C]`` (the views are [1, H, T, D], the grid covers max_seqlen rows per sequence), and
-a key-padding mask reaches them as ``KEY_MASK=True`` with a uint8 mask and each row's last kept key. The backward
-uses no atomics; with ``fastvit.set_deterministic(True)`` the tile sizes are fixed per GPU (compute capability)
-instead of autotuned, so results are bit-identical across processes too (autotuning may pick near-tied configs
-differently).
+writes dq/dk/dv into one ``[B, N, 3*C]`` gradient. With a prologue (qk-norm, RoPE) it runs as
+``fastvit::qkv_attention_prologue_fwd/bwd``: the same kernels with the prologue switched on, which also return the
+norm weights' gradients (per-tile partials summed here, in a fixed order). ``fastvit::varlen_qkv_attention_fwd/bwd``
+run the same kernels with ``VARLEN=True`` on ``[T, 3*C]`` (the views are [1, H, T, D], the grid covers max_seqlen
+rows per sequence), and a key-padding mask reaches them as ``KEY_MASK=True`` with a uint8 mask and each row's last
+kept key. The backward uses no atomics; with ``fastvit.set_deterministic(True)`` the tile sizes are fixed per GPU
+(compute capability) instead of autotuned, so results are bit-identical across processes too (autotuning may pick
+near-tied configs differently).
 Under ``torch.autocast``, inputs are cast to the autocast dtype before the custom op runs (as autocast does
 for matmuls).
 """
@@ -23,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from fastvit import dispatch
-from fastvit.ops.attention import AttentionCall
+from fastvit.ops.attention import AttentionCall, AttentionPrologue
 from fastvit.ops.autograd import no_double_backward
 from fastvit.ops.triton import launch
 from fastvit.validation import autocast_dtype
@@ -39,6 +41,8 @@ def supports(call: AttentionCall) -> str | None:
         return f"the Triton kernels take head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={call.head_dim}"
     if call.v_head_dim != call.head_dim:
         return f"the Triton kernels need v's head dim to equal q's ({call.head_dim}), got {call.v_head_dim}"
+    if call.masked and call.prologue:
+        return "a key-padding mask together with a qk-norm/RoPE prologue is implemented only by the 'torch' backend"
     return dispatch.kernel_dtype_reason("triton", call.device, (call.dtype,))
 
 
@@ -58,11 +62,41 @@ def _cast_for_autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @dispatch.register("qkv_attention", "triton", supports=supports, auto_skip=auto_skip)
-def qkv_attention(qkv, num_heads, scale, dropout_p, key_padding_mask=None):
+def qkv_attention(qkv, num_heads, scale, dropout_p, prologue: AttentionPrologue | None = None, key_padding_mask=None):
     (qkv,) = _cast_for_autocast(qkv)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim**-0.5 if scale is None else scale
-    return torch.ops.fastvit.qkv_attention_fwd(qkv, num_heads, scale, key_padding_mask)[0]
+    if prologue is None:
+        return torch.ops.fastvit.qkv_attention_fwd(qkv, num_heads, scale, key_padding_mask)[0]
+    return torch.ops.fastvit.qkv_attention_prologue_fwd(qkv, num_heads, scale, *_prologue_args(prologue))[0]
+
+
+class PrologueArgs(NamedTuple):
+    """The prologue as the custom ops take it, in their schema's order (``_PROLOGUE``); a norm's kind is None (and
+    its tensors None, its eps 0.0) where it is absent."""
+
+    rope: torch.Tensor | None
+    num_prefix_tokens: int
+    rotate_half: bool
+    q_norm: str | None
+    q_weight: torch.Tensor | None
+    q_bias: torch.Tensor | None
+    q_eps: float
+    k_norm: str | None
+    k_weight: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    k_eps: float
+
+    def tensors(self) -> tuple:
+        return self.rope, self.q_weight, self.q_bias, self.k_weight, self.k_bias
+
+    def with_tensors(self, rope, q_weight, q_bias, k_weight, k_bias) -> PrologueArgs:
+        return self._replace(rope=rope, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias)
+
+
+def _prologue_args(prologue: AttentionPrologue) -> PrologueArgs:
+    norms = [(n.kind, n.weight, n.bias, n.eps) if n is not None else (None, None, None, 0.0) for n in prologue[3:]]
+    return PrologueArgs(prologue.rope, prologue.num_prefix_tokens, prologue.rotate_half, *norms[0], *norms[1])
 
 
 @dispatch.register("varlen_qkv_attention", "triton", supports=supports, auto_skip=auto_skip)
@@ -103,15 +137,18 @@ def _block_d(head_dim: int) -> int:
 _KERNELS = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
 
 
-def candidate_configs(kind: str, arch: int, block_d: int, elem_bytes: int) -> list[tuple[int, int, int, int]]:
+def candidate_configs(
+    kind: str, arch: int, block_d: int, elem_bytes: int, rope: bool = False
+) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, warps, stages) configs the autotuner may pick for one kernel, in table order.
 
     ``kind``: 'fwd' | 'dkdv' | 'dq'; ``arch``: compute capability 10*major+minor (e.g. 90). The one definition is
     ``kernels.attention.autotune_configs`` (the table entries of the arch's generation, BLOCK_D and dtype that fit
     the arch's shared memory; the fallback config when none does): the prune step, deterministic mode, the selftest
-    and the static resource check (``python -m fastvit.kernels.resources``) all read it.
+    and the static resource check (``python -m fastvit.kernels.resources``) all read it. ``rope``: the launch runs
+    the RoPE prologue (shallower pipelines where the table's do not fit).
     """
-    return launch.kernels("attention").autotune_configs(kind, arch, block_d, elem_bytes)
+    return launch.kernels("attention").autotune_configs(kind, arch, block_d, elem_bytes, rope)
 
 
 def _triton_config(entry):
@@ -139,10 +176,13 @@ def _autotuned(kind: str, arch: int, batch_heads_bucket: int, varlen: bool = Fal
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return [_triton_config(e) for e in candidate_configs(kind, arch, args["BLOCK_D"], args["Q"].element_size())]
+        rope = args.get("ROPE", 0) != 0
+        return [
+            _triton_config(e) for e in candidate_configs(kind, arch, args["BLOCK_D"], args["Q"].element_size(), rope)
+        ]
 
     # Tensor dtypes join the key automatically (Triton appends every tensor argument's dtype).
-    key = ["max_seqlen" if varlen else "N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
+    key = ["max_seqlen" if varlen else "N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION", "ROPE", "Q_NORM", "K_NORM"]
     if varlen:
         key.remove("N_KV")
     kernel = getattr(kernels, _KERNELS[kind])
@@ -178,7 +218,8 @@ def _launch(
     elif not launch.on_gpu(like):
         fixed = kernels.INTERPRETER_CONFIGS[kind]
     elif dispatch.deterministic_enabled():
-        fixed = candidate_configs(kind, launch.gpu_arch(like), constants["BLOCK_D"], like.element_size())[0]
+        arch, rope = launch.gpu_arch(like), constants["ROPE"] != 0
+        fixed = candidate_configs(kind, arch, constants["BLOCK_D"], like.element_size(), rope)[0]
     else:
         bucket = launch.next_pow2(batch_heads, 1, 1 << 30)
         tuned = _autotuned(kind, launch.gpu_arch(like), bucket, varlen)
@@ -201,11 +242,15 @@ def _grid_rows(varlen: Varlen | None, tokens: int) -> tuple[int, int]:
     return (1, tokens) if varlen is None else (varlen.cu_seqlens.numel() - 1, varlen.max_seqlen)
 
 
-def _constants(q: torch.Tensor, varlen: Varlen | None = None, key_keep: torch.Tensor | None = None) -> dict:
-    """The kernels' keyword arguments: constexprs, and the trailing ones of packed sequences and of a key-padding
-    mask (the plain path leaves those at their defaults, so it compiles as it did before they existed)."""
+def _constants(
+    q: torch.Tensor, prologue: dict | None = None, varlen: Varlen | None = None, key_keep: torch.Tensor | None = None
+) -> dict:
+    """The kernels' keyword arguments: the tile constants, the prologue's (:func:`_prologue_kwargs`), and the
+    trailing ones of packed sequences and of a key-padding mask (the plain path leaves those at their defaults,
+    so it compiles as it did before they existed)."""
     head_dim = q.shape[-1]
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), INPUT_PRECISION=launch.input_precision(q.dtype))
+    constants.update(prologue or dict(ROPE=0, Q_NORM=0, K_NORM=0))
     if varlen is not None:
         # The kernels index cu_seqlens as a contiguous array.
         constants.update(Cu_seqlens=varlen.cu_seqlens.contiguous(), max_seqlen=varlen.max_seqlen, VARLEN=True)
@@ -216,9 +261,29 @@ def _constants(q: torch.Tensor, varlen: Varlen | None = None, key_keep: torch.Te
     return constants
 
 
-def _attention_forward(q, k, v, out, lse, scale: float, varlen: Varlen | None = None, key_keep=None) -> None:
+_NORM_CODES = {None: 0, "layer": 1, "rms": 2}  # kernels.attention's NORM_LAYER, NORM_RMS
+
+
+def _prologue_kwargs(p: PrologueArgs) -> dict:
+    """The kernels' prologue arguments. A LayerNorm without bias gets zeros."""
+    kwargs = dict(ROPE=0 if p.rope is None else (2 if p.rotate_half else 1), Q_NORM=_NORM_CODES[p.q_norm])
+    kwargs.update(K_NORM=_NORM_CODES[p.k_norm], NUM_PREFIX=p.num_prefix_tokens, q_eps=p.q_eps, k_eps=p.k_eps)
+    if p.rope is not None:
+        rope = p.rope.contiguous()
+        kwargs.update(Rope=rope, stride_rope_n=rope.stride(0))
+    for prefix, kind, weight, bias in (("Q", p.q_norm, p.q_weight, p.q_bias), ("K", p.k_norm, p.k_weight, p.k_bias)):
+        if kind == "layer" and bias is None:
+            bias = torch.zeros_like(weight)
+        kwargs.update({f"{prefix}W": weight, f"{prefix}B": bias})
+    return kwargs
+
+
+def _attention_forward(
+    q, k, v, out, lse, scale: float, prologue: dict | None = None, varlen: Varlen | None = None, key_keep=None
+) -> None:
     """out = softmax(q kᵀ scale) v and lse = its row log-sum-exp. q, out: [B, H, N_Q, D]; k, v: [B, H, N_KV, D]
-    (strided views); lse: [B, H, N_Q] fp32 contiguous. With ``varlen``: B = 1, N_Q = N_KV = T and lse is [H, T].
+    (strided views); lse: [B, H, N_Q] fp32 contiguous; ``prologue``: the kernels' prologue arguments
+    (:func:`_prologue_kwargs`) or None. With ``varlen``: B = 1, N_Q = N_KV = T and lse is [H, T].
     ``key_keep``: [B, N_KV] bool key-padding mask (True = keep); rows without a kept key give 0 (lse +inf)."""
     batch, heads, n_q, _ = q.shape
     n_kv = k.shape[2]
@@ -230,20 +295,36 @@ def _attention_forward(q, k, v, out, lse, scale: float, varlen: Varlen | None = 
         return
     sequences, rows = _grid_rows(varlen, n_q)
     args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, n_q, n_kv)
-    constants = _constants(q, varlen, key_keep)
+    constants = _constants(q, prologue, varlen, key_keep)
     with launch.device_guard(q):
         num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch * sequences * heads  # one per query block
         _launch("fwd", num_blocks, q, batch * sequences * heads, args, constants, varlen is not None)
 
 
 def _attention_backward(
-    grad_out, q, k, v, out, lse, dq, dk, dv, scale: float, varlen: Varlen | None = None, key_keep=None
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dq,
+    dk,
+    dv,
+    scale: float,
+    prologue: dict | None = None,
+    q_norm_grad=None,
+    k_norm_grad=None,
+    varlen: Varlen | None = None,
+    key_keep=None,
 ) -> None:
-    """dq, dk, dv of ``_attention_forward`` (all [B, H, N, D] strided views), FlashAttention-2 recomputation."""
+    """dq, dk, dv of ``_attention_forward`` (all [B, H, N, D] strided views), FlashAttention-2 recomputation. With a
+    norm in ``prologue``: its per-slot weight/bias gradient partials into ``q_norm_grad`` / ``k_norm_grad``
+    ([B·H, cdiv(N, kernels.NORM_GRAD_ROWS), 2, D] fp32, from :func:`_norm_grad_partials`)."""
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     kernels = launch.kernels("attention")
-    constants = _constants(q, varlen, key_keep)
+    constants = _constants(q, prologue, varlen, key_keep)
     sequences, rows = _grid_rows(varlen, n_q)
     batch_heads = batch * sequences * heads
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
@@ -257,13 +338,21 @@ def _attention_backward(
             )  # fmt: skip
             args = (q, k, v, grad_out, lse, delta, dq, scale, *strides, *dq.stride(), heads, n_q, n_kv)
             num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch_heads  # one program per query block
-            _launch("dq", num_blocks, q, batch_heads, args, constants, varlen is not None)
+            _launch("dq", num_blocks, q, batch_heads, args, {**constants, "NormGrad": q_norm_grad}, varlen is not None)
         if dk.numel() > 0:
             inputs = (q, k, v, grad_out, lse, delta, dk, dv, scale)
             args = (*inputs, *strides, *dk.stride(), *dv.stride(), heads, n_q, n_kv)
             key_rows = n_kv if varlen is None else rows
             num_blocks = lambda bm, bn: launch.cdiv(key_rows, bn) * batch_heads  # one program per key block
-            _launch("dkdv", num_blocks, q, batch_heads, args, constants, varlen is not None)
+            _launch(
+                "dkdv", num_blocks, q, batch_heads, args, {**constants, "NormGrad": k_norm_grad}, varlen is not None
+            )
+
+
+def _norm_grad_partials(batch_heads: int, tokens: int, head_dim: int, device) -> torch.Tensor:
+    """The buffer the backward kernels write a norm's weight/bias gradient partials into (every slot written)."""
+    slots = launch.cdiv(tokens, launch.kernels("attention").NORM_GRAD_ROWS.value)
+    return torch.empty((batch_heads, slots, 2, head_dim), dtype=torch.float32, device=device)
 
 
 def _new_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
@@ -279,6 +368,15 @@ _QKV_FWD = "(Tensor qkv, int num_heads, float scale, Tensor? key_padding_mask=No
 _QKV_BWD = (
     "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, "
     "Tensor? key_padding_mask=None) -> Tensor"
+)
+_PROLOGUE = (
+    "Tensor? rope, int num_prefix_tokens, bool rotate_half, str? q_norm, Tensor? q_weight, Tensor? q_bias, "
+    "float q_eps, str? k_norm, Tensor? k_weight, Tensor? k_bias, float k_eps"
+)
+_QKV_PROLOGUE_FWD = f"(Tensor qkv, int num_heads, float scale, {_PROLOGUE}) -> (Tensor, Tensor)"
+_QKV_PROLOGUE_BWD = (
+    f"(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, {_PROLOGUE}) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 _FWD = "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
 _BWD = (
@@ -336,6 +434,105 @@ def _qkv_attention_backward(ctx, grad_out, _grad_lse):
 
 
 _qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv_attention_setup_context)
+
+
+# The prologue variant: the same kernels with qk-norm / RoPE switched on. The backward also returns the q and k norm
+# gradients as [2, D] fp32 (weight row, bias row; [0, D] without that norm).
+
+
+@torch.library.custom_op("fastvit::qkv_attention_prologue_fwd", mutates_args=(), schema=_QKV_PROLOGUE_FWD)
+def _qkv_attention_prologue_fwd(qkv, num_heads, scale, *prologue):
+    batch, tokens, width3 = qkv.shape
+    out = _new_like(qkv, (batch, tokens, width3 // 3))
+    lse = _new_like(qkv, (batch, num_heads, tokens), torch.float32)
+    q, k, v = _split_qkv(qkv, num_heads)
+    prologue = _prologue_kwargs(PrologueArgs(*prologue))
+    _attention_forward(q, k, v, _heads_view(out, num_heads), lse, scale, prologue)
+    return out, lse
+
+
+@_qkv_attention_prologue_fwd.register_fake
+def _(qkv, num_heads, scale, *prologue):
+    batch, tokens, width3 = qkv.shape
+    return qkv.new_empty((batch, tokens, width3 // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=torch.float32)
+
+
+def _norm_grad_shape(kind, qkv, num_heads) -> tuple[int, int]:
+    return (2 if kind is not None else 0, qkv.shape[-1] // (3 * num_heads))
+
+
+@torch.library.custom_op("fastvit::qkv_attention_prologue_bwd", mutates_args=(), schema=_QKV_PROLOGUE_BWD)
+def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *prologue):
+    batch, tokens, _ = qkv.shape
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    grad_qkv = _new_like(qkv)
+    prologue = PrologueArgs(*prologue)
+    partials = {
+        name: _norm_grad_partials(batch * num_heads, tokens, head_dim, qkv.device) if kind is not None else None
+        for name, kind in (("q", prologue.q_norm), ("k", prologue.k_norm))
+    }
+    _attention_backward(
+        _heads_view(grad_out, num_heads),
+        *_split_qkv(qkv, num_heads),
+        _heads_view(out, num_heads),
+        lse,
+        *_split_qkv(grad_qkv, num_heads),
+        scale,
+        _prologue_kwargs(prologue),
+        partials["q"],
+        partials["k"],
+    )
+    norm_grads = (
+        p.sum(dim=(0, 1)) if p is not None else qkv.new_zeros((0, head_dim), dtype=torch.float32)
+        for p in partials.values()
+    )
+    return grad_qkv, *norm_grads
+
+
+@_qkv_attention_prologue_bwd.register_fake
+def _(grad_out, qkv, out, lse, num_heads, scale, *prologue):
+    prologue = PrologueArgs(*prologue)
+    q_shape, k_shape = (_norm_grad_shape(kind, qkv, num_heads) for kind in (prologue.q_norm, prologue.k_norm))
+    return (
+        qkv.new_empty(qkv.shape),
+        qkv.new_empty(q_shape, dtype=torch.float32),
+        qkv.new_empty(k_shape, dtype=torch.float32),
+    )
+
+
+def _qkv_attention_prologue_setup_context(ctx, inputs, output):
+    qkv, num_heads, scale, *prologue = inputs
+    out, lse = output
+    prologue = PrologueArgs(*prologue)
+    ctx.save_for_backward(qkv, out, lse, *prologue.tensors())
+    ctx.num_heads, ctx.scale = num_heads, scale
+    ctx.prologue = prologue.with_tensors(None, None, None, None, None)  # the tensors go through save_for_backward
+
+
+@no_double_backward("qkv_attention")
+def _qkv_attention_prologue_backward(ctx, grad_out, _grad_lse):
+    qkv, out, lse, *tensors = ctx.saved_tensors
+    prologue = ctx.prologue.with_tensors(*tensors)
+    grad_qkv, q_grads, k_grads = torch.ops.fastvit.qkv_attention_prologue_bwd(
+        grad_out, qkv, out, lse, ctx.num_heads, ctx.scale, *prologue
+    )
+    grads = []
+    for norm_grads, weight, bias in (
+        (q_grads, prologue.q_weight, prologue.q_bias),
+        (k_grads, prologue.k_weight, prologue.k_bias),
+    ):
+        grads.append(None if weight is None else norm_grads[0].to(weight.dtype))
+        grads.append(None if bias is None else norm_grads[1].to(bias.dtype))
+    q_weight_grad, q_bias_grad, k_weight_grad, k_bias_grad = grads
+    # Gradients for (qkv, num_heads, scale, rope, num_prefix_tokens, rotate_half, q_norm, q_weight, q_bias, q_eps,
+    # k_norm, k_weight, k_bias, k_eps): none for the table (a function of positions only).
+    return (grad_qkv, None, None, None, None, None, None, q_weight_grad, q_bias_grad, None, None,
+            k_weight_grad, k_bias_grad, None)  # fmt: skip
+
+
+_qkv_attention_prologue_fwd.register_autograd(
+    _qkv_attention_prologue_backward, setup_context=_qkv_attention_prologue_setup_context
+)
 
 
 # fastvit::varlen_qkv_attention_fwd / _bwd: packed sequences, qkv [T, 3*C] -> out [T, C] and lse [H, T] fp32.

@@ -29,12 +29,12 @@ import torch
 
 from fastvit import dispatch, gemm_choices
 from fastvit.ops.autograd import no_double_backward
-from fastvit.ops.ln_linear import GELU_APPROXIMATE, GemmCall
+from fastvit.ops.ln_linear import GemmCall
 from fastvit.ops.triton import launch
 from fastvit.validation import cast_like_autocast_linear, centred_in_dtype
 
-ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernels/linear.py's ACT_* constants
-_GELU_ACTIVATION = {approximate: act for act, approximate in GELU_APPROXIMATE.items()}  # ln_mlp's names -> ours
+ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}  # kernels/linear.py's ACT_* constants
+_MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")  # the ln_mlp activations the GEMM epilogue computes
 
 
 def supports(call) -> str | None:
@@ -53,7 +53,7 @@ def measured_choice(op_name: str):
         if call.device.type != "cuda":
             return None
         bucket = None
-        if isinstance(call, GemmCall):
+        if isinstance(call, GemmCall) or hasattr(call, "in_features"):  # GemmCall, or ln_mlp's MlpCall
             bucket = gemm_choices.shape_bucket(call.in_features, call.out_features)
         if gemm_choices.preferred(op_name, bucket, call.dtype, call.device) == "triton":
             return None
@@ -95,10 +95,28 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias, eps, activation, residual):
     return out if residual_outside is None else residual_outside + out
 
 
-@dispatch.register("ln_mlp", "triton", supports=supports, measured=measured_choice("ln_mlp"))
-def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, approximate, residual):
+def mlp_supports(call) -> str | None:
+    """Why the two Triton GEMMs do not cover ``ln_mlp``'s ``call`` (its variant: LayerNorm and GELU only)."""
+    if getattr(call, "act", "gelu") not in _MLP_ACTIVATIONS:
+        return f"act={call.act!r}: the Triton GEMM epilogues compute GELU, GELU-tanh and QuickGELU only"
+    if getattr(call, "norm", "layer") != "layer":
+        return f"norm={call.norm!r}: the Triton GEMM prologue is a LayerNorm"
+    if getattr(call, "hidden_norm", False):
+        return "a norm over the hidden layer is not in the Triton GEMMs"
+    return supports(call)
+
+
+@dispatch.register("ln_mlp", "triton", supports=mlp_supports, measured=measured_choice("ln_mlp"))
+def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, residual, norm, hidden_norm):
     """fc1 with the LayerNorm prologue and GELU epilogue, then fc2 with the bias and residual epilogue."""
-    hidden = ln_linear(x, ln_weight, ln_bias, fc1_weight, fc1_bias, eps, _GELU_ACTIVATION[approximate], None)
+    if act not in _MLP_ACTIVATIONS or norm != "layer" or hidden_norm is not None:
+        raise ValueError(
+            f"ln_mlp(backend='triton'): the Triton GEMMs run LayerNorm + GELU/QuickGELU MLPs only, got "
+            f"act={act!r}, norm={norm!r}"
+        )
+    if ln_bias is None:  # the prologue takes both LayerNorm parameters: a zero bias is the bias-free LayerNorm
+        ln_bias = torch.zeros_like(ln_weight)
+    hidden = ln_linear(x, ln_weight, ln_bias, fc1_weight, fc1_bias, eps, act, None)
     return ln_linear(hidden, None, None, fc2_weight, fc2_bias, eps, "none", x if residual else None)
 
 
