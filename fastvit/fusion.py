@@ -189,12 +189,10 @@ def parallel_block_fusion(block: ParallelScalingBlock, device: torch.device, dty
     ``ops.linear_residual`` per out projection while ``parallel_block_blockers`` finds nothing; the MLP's GELU runs
     as its own op (fc1 shares the in_proj GEMM with q, k and v, so ``ln_mlp`` does not apply)."""
     blockers = list(parallel_block_blockers(block))
-    call = attention_call(device, dtype, block.head_dim, dropout=block.training and block.attn_drop.p > 0.0)
     residual_call = dispatch.DeviceDtypeCall(device, dtype)
-    attn_why = list(blockers)
-    if not isinstance(block.q_norm, nn.Identity):
-        attn_why.append("qk-norm: q_norm/k_norm run as separate norms before ops.attention")
-    attn_calls = {"attention": (block.backend, call)}
+    prologue_why = [f"qk-norm: {reason}" for reason in prologue_blockers(block)]
+    attn_why = [*blockers, *prologue_why]
+    attn_calls = _attention_op_call(block, device, dtype, block.training, False, not prologue_why)
     mlp_calls = {}
     if block.out_proj is None:
         attn_calls["linear_residual"] = (block.attn_out_proj.backend, residual_call)

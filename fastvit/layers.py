@@ -1015,8 +1015,8 @@ class ParallelScalingBlock(nn.Module):
     timm's keys: ``in_norm``, ``in_proj`` (fc1 and q, k, v in one Linear: [H + 3C, C], H the MLP width first),
     ``mlp_bias`` (fc1's bias when ``qkv_bias=False``; with ``qkv_bias=True`` every bias lives in ``in_proj.bias``),
     ``q_norm``/``k_norm``, ``attn_out_proj`` and ``mlp_out_proj`` (or one ``out_proj`` over [attn, mlp] with
-    ``fuse_out_proj``), ``ls``. The attention runs on ``ops.attention`` (q/k/v [B, H, N, D] views of the in_proj
-    output). While ``parallel_block_blockers`` finds nothing that must be called (separate out projections as plain
+    ``fuse_out_proj``), ``ls``. The attention is one ``ops.qkv_attention`` call on the in_proj output's
+    [B, N, 3C] slice with qk-norm as its prologue (``attend``). While ``parallel_block_blockers`` finds nothing that must be called (separate out projections as plain
     ``ResidualLinear``s, ``ls`` an Identity, no active drop-path or dropout), both out projections add into the
     residual stream inside their GEMMs: two ``ops.linear_residual`` calls, ``(x + mlp) + attn`` — one rounding
     order apart from timm's ``x + (attn + mlp)``.
@@ -1094,12 +1094,26 @@ class ParallelScalingBlock(nn.Module):
         """x: [B, N, C] (the block input) -> q, k, v [B, heads, N, D] (``fastvit.explain``'s view of a block)."""
         return self.split(x)[1:]
 
+    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] (the block input) -> the heads' outputs [B, N, C] and the MLP's pre-activation [B, N, H].
+        While ``prologue_blockers`` finds nothing, one ``ops.qkv_attention`` call reads q, k, v from the in_proj
+        output (a strided [B, N, 3C] slice) with qk-norm as its prologue; else the norms run first."""
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if next(prologue_blockers(self), None) is None:
+            y = self.in_proj(self.in_norm(x))
+            x_mlp, qkv = y[..., : self.in_split[0]], y[..., self.in_split[0] :]
+            q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
+            out = ops.qkv_attention(
+                qkv, self.num_heads, self.scale, dropout_p, self.backend, q_norm=q_norm, k_norm=k_norm
+            )
+            return out, x_mlp if self.mlp_bias is None else x_mlp + self.mlp_bias
+        x_mlp, q, k, v = self.split(x)
+        out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
+        return out.transpose(1, 2).flatten(2), x_mlp
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]."""
-        x_mlp, q, k, v = self.split(x)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        x_attn = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend).transpose(1, 2)
-        x_attn = x_attn.flatten(2)
+        x_attn, x_mlp = self.attend(x)
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         why = next(parallel_block_blockers(self), None)
         if why is None:

@@ -160,14 +160,17 @@ def test_no_registered_op_refuses_deterministic_mode():
     # LayerNorm reductions are two-stage and fixed-order, and ln_mlp forbids cuBLASLt split-K and fused bias-
     # gradient epilogues when the flag is on (csrc/ln_mlp). Each is exercised in test_two_runs_are_bit_identical.
     # linear_residual's backward takes the flag too: at::sum instead of cuBLASLt's BGRADB epilogue. The Triton
-    # GEMM (ln_linear) has no atomics and no split-K: each output tile is one program's fixed-order sum. varlen
-    # attention runs the attention kernels (VARLEN=True); tests/test_varlen_attention.py checks it bit for bit
-    # against each sequence alone under deterministic mode, and the selftest repeats it.
+    # GEMM (ln_linear) has no atomics and no split-K: each output tile is one program's fixed-order sum. The
+    # attention prologue (qk-norm, RoPE) sums its norm-weight gradients from fixed 16-row slots in a fixed order
+    # (tests/test_attention_prologue.py checks two runs are bit-identical). varlen attention runs the attention
+    # kernels (VARLEN=True); tests/test_varlen_attention.py checks it bit for bit against each sequence alone under
+    # deterministic mode, and the selftest repeats it.
     known = {
         "qkv_attention_fwd", "qkv_attention_bwd", "attention_fwd", "attention_bwd", "patch_embed_fwd",
         "patch_embed_bwd_input", "patch_embed_bwd_weight", "patch_embed_bwd_colsum", "layer_norm_fwd",
         "layer_norm_bwd", "ln_mlp_fwd", "ln_mlp_bwd", "linear_residual_fwd", "linear_residual_bwd",
-        "ln_linear_fwd", "ln_linear_bwd", "varlen_qkv_attention_fwd", "varlen_qkv_attention_bwd",
+        "ln_linear_fwd", "ln_linear_bwd", "qkv_attention_prologue_fwd", "qkv_attention_prologue_bwd",
+        "varlen_qkv_attention_fwd", "varlen_qkv_attention_bwd",
     }  # fmt: skip
     unreviewed = sorted(_registered() - known)
     assert not unreviewed, (

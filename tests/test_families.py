@@ -394,6 +394,16 @@ def test_fused_backends_match_timm(name, size):
     assert_same_logits_and_grads(ours, theirs, _images(theirs, batch=1))
 
 
+@pytest.mark.skipif(FUSED_SKIP_REASON is not None, reason=str(FUSED_SKIP_REASON))
+def test_parallel_block_attention_is_the_prologue_kernel_on_the_in_proj_slice():
+    """The _xp block's q, k, v are a strided [B, N, 3C] slice of in_proj's output; qk-norm runs as the prologue."""
+    theirs = _timm_model("vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32)).eval()
+    ours = fastvit.from_timm(theirs).eval().set_backend(FUSED)
+    report = ours.fusion_report()
+    assert report[0]["attn"].fused and report[0]["attn"].backends["qkv_attention"] == "triton", str(report)
+    assert_same_logits_and_grads(ours, theirs, _images(theirs, batch=1))
+
+
 # ------------------------------------------------------------------------------------------------
 # The parts against their specs (fp64: what is left is the modules' arithmetic, not rounding)
 

@@ -72,5 +72,9 @@ def linear_call(x: torch.Tensor) -> dispatch.DeviceDtypeCall:
 
 @dispatch.register("linear_residual", "torch")
 def linear_residual_torch(x, weight, bias, residual):
-    """``residual + F.linear(x, weight, bias)``, as timm's block writes it."""
-    return residual + F.linear(x, weight, bias)
+    """``residual + F.linear(x, weight, bias)``, as timm's block writes it; the add goes into the GEMM's fresh output
+    where that keeps the result's dtype and shape (no [rows, N] temporary; the same values, addition commutes)."""
+    out = F.linear(x, weight, bias)
+    if out.dtype == residual.dtype and out.shape == residual.shape:
+        return out.add_(residual)  # autograd-safe: the Linear's backward does not read its output
+    return residual + out

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastvit import dispatch
+from fastvit import dispatch, reference
 from fastvit.ops.linear_residual import linear_residual_torch
 from fastvit.ops.ln_linear import gemm_call
 from fastvit.validation import (
@@ -182,12 +182,11 @@ def _norm_torch(x, weight, bias, eps, kind):
 
 
 def _activation_torch(pre, act):
-    if act == "swiglu":
-        gate, value = pre.chunk(2, dim=-1)
-        return F.silu(gate) * value
-    if act == "quick_gelu":
-        return pre * torch.sigmoid(1.702 * pre)
-    return F.gelu(pre, approximate="tanh" if act == "gelu_tanh" else "none")
+    """The activation of fc1's fresh output ``pre``: GELU overwrites it where no gradient is recorded (inference:
+    one [rows, hidden] temporary fewer than eager's, the same values), else the spec's form."""
+    if act in ("gelu", "gelu_tanh") and not (torch.is_grad_enabled() and pre.requires_grad):
+        return torch.ops.aten.gelu_(pre, approximate="tanh" if act == "gelu_tanh" else "none")
+    return reference.mlp_activation(pre, act)
 
 
 @dispatch.register("ln_mlp", "torch")

@@ -20,14 +20,23 @@ autocast (the autocast dtype, promoted with ``pos_embed``'s dtype when there is 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from fastvit import dispatch
 from fastvit.ops.autograd import no_double_backward
 from fastvit.ops.patch_embed import PatchEmbedCall
 from fastvit.ops.triton import launch
+from fastvit.ops.triton.patch_embed_configs import (  # noqa: F401  (the overrides, candidates: tests and selftest)
+    CONFIG_KINDS,
+    CONFIG_OVERRIDES,
+    GEMM_DTYPE_CODES,
+    candidate_configs,
+    channels_inner,
+    forced_configs,
+    heuristic_config,
+    is_narrow_gather,
+    tile_config,
+)
 from fastvit.validation import autocast_dtype, check_same_dtype
 
 MAX_UINT8_CHANNELS = 4  # the uint8 path takes mean/std as 4 scalar kernel arguments
@@ -68,97 +77,11 @@ def patch_embed_uint8(x, weight, bias, pos_embed, cls_token, mean, std):
 
 
 # ------------------------------------------------------------------------------------------------
-# Launchers. Tile sizes come from a fixed heuristic (no autotuning: nothing is benchmarked on the first
-# call, so a warm-up call is all CUDA-graph capture needs); tests override them through CONFIG_OVERRIDES.
-
-CONFIG_OVERRIDES: dict[str, dict] = {}  # kernel kind -> config entries to replace (tests: tiny tiles, splits)
-_GEMM_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-CONFIG_KINDS = ("fwd", "bwd_input", "bwd_weight", "colsum")
+# Launchers. Tile sizes: ``fastvit/ops/triton/patch_embed_configs.py``.
 
 
 def _kernels():
     return launch.kernels("patch_embed")
-
-
-@contextlib.contextmanager
-def forced_configs(overrides: dict[str, dict]):
-    """Within the block, replace config entries per kernel kind (see :data:`CONFIG_KINDS`), as
-    ``CONFIG_OVERRIDES`` does: how ``fastvit selftest`` runs every config of :func:`candidate_configs` through the
-    real launchers. Restores the previous overrides on exit. Not thread-safe (process-wide)."""
-    unknown = sorted(set(overrides) - set(CONFIG_KINDS))
-    if unknown:
-        raise ValueError(f"overrides: unknown kernel kind(s) {unknown}; expected {list(CONFIG_KINDS)}")
-    previous = {kind: dict(entries) for kind, entries in CONFIG_OVERRIDES.items()}
-    for kind, entries in overrides.items():
-        CONFIG_OVERRIDES[kind] = {**CONFIG_OVERRIDES.get(kind, {}), **entries}
-    try:
-        yield
-    finally:
-        CONFIG_OVERRIDES.clear()
-        CONFIG_OVERRIDES.update(previous)
-
-
-def candidate_configs(kind: str, like: torch.Tensor, gemm_dtype: torch.dtype) -> list[dict]:
-    """Every tile config the heuristic of the ``fwd`` / ``bwd_input`` kernel can pick on ``like``'s GPU in
-    ``gemm_dtype``, whatever the shapes and image layout: the heuristic evaluated on one representative of each of
-    its branches (rows below/above the one-wave threshold; each power-of-two clamp of the columns and of the
-    reduction; wide or narrow patch gathers, see :func:`_narrow_gather`). Under the interpreter ``[{}]``: nothing to
-    force, the launcher's own choice for the shapes at hand runs.
-    """
-    if kind not in ("fwd", "bwd_input"):
-        raise ValueError(f"kind must be 'fwd' or 'bwd_input' (the heuristic's kernels), got {kind!r}")
-    if not launch.on_gpu(like):
-        return [{}]
-    one_wave = 128 * launch.num_sms(like.device.index)  # rows at which 128-row tiles fill the GPU even at 1 column
-    configs = {}
-    for narrow_gather in (False, True):
-        for rows in (1, one_wave):
-            for cols in (1, 17, 33, 65):  # -> 16, 32, 64, 128 columns
-                for red in (1, 17, 33, 65):  # -> 16, 32, 64 (32 for fp32)
-                    config = _heuristic_config(kind, like, gemm_dtype, rows, cols, red, narrow_gather)
-                    configs[tuple(sorted(config.items()))] = config
-    return list(configs.values())
-
-
-def _config(
-    kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int, narrow_gather: bool
-) -> dict:
-    """Tile sizes of one kernel: ``rows`` × ``cols`` outputs reduced over ``red`` (see each launcher)."""
-    config = _heuristic_config(kind, tensor, gemm_dtype, rows, cols, red, narrow_gather)
-    config.update(CONFIG_OVERRIDES.get(kind, {}))
-    return config
-
-
-def _heuristic_config(
-    kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int, narrow_gather: bool
-) -> dict:
-    """The ``fwd`` / ``bwd_input`` (``kind``) tiles for ``rows`` × ``cols`` outputs reduced over ``red``, on
-    ``tensor``'s device; ``narrow_gather``: :func:`_narrow_gather` of the image."""
-    narrow = gemm_dtype != torch.float32
-    if not launch.on_gpu(tensor):  # Triton's interpreter: large tiles mean fewer (slow, Python-level) programs
-        config = dict(
-            BLOCK_R=launch.next_pow2(rows, 16, 64),
-            BLOCK_C=launch.next_pow2(cols, 16, 64),
-            BLOCK_RED=launch.next_pow2(red, 16, 64),
-        )
-        config.update(num_warps=4, num_stages=1)
-    else:
-        num_sms = launch.num_sms(tensor.device.index)
-        block_c = launch.next_pow2(cols, 16, 128)
-        block_r = 128 if launch.cdiv(rows, 128) * launch.cdiv(cols, block_c) >= num_sms else 64
-        block_red = launch.next_pow2(red, 16, 64 if narrow else 32)
-        warps = 8 if block_r * block_c >= 128 * 128 else 4
-        if narrow_gather:
-            # Narrow gathers hold more in registers: 8 warps, a 32-wide K tile for the forward at 128 rows and at
-            # most 64 K columns for dX keep them spill-free on sm_80 and sm_90 with Triton 3.6 and 3.8 (4 warps
-            # spilled up to 436 B; python -m fastvit.kernels.resources).
-            warps = 8
-            if kind == "fwd" and block_r == 128:
-                block_red = min(block_red, 32)
-            elif kind == "bwd_input":  # its columns are K
-                block_c = min(block_c, 64)
-        config = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_RED=block_red, num_warps=warps, num_stages=3)
-    return config
 
 
 def _geometry(x: torch.Tensor, weight: torch.Tensor, num_tokens: int) -> dict:
@@ -178,17 +101,6 @@ def _geometry(x: torch.Tensor, weight: torch.Tensor, num_tokens: int) -> dict:
         L=num_tokens,
         K=in_chans * patch_h * patch_w,
     )
-
-
-def _narrow_gather(x: torch.Tensor, patch_w: int) -> bool:
-    """Patches are gathered with narrow loads held in registers (no 16-byte vectors, no async copies): channel-innermost
-    images, or patch rows not a multiple of 8 pixels wide (ViT-*/14). Such kernels need more warps not to spill."""
-    return _channels_inner(x) or patch_w % 8 != 0
-
-
-def _channels_inner(x: torch.Tensor) -> bool:
-    """Order K channel-innermost when the channel stride is the smallest (channels_last memory)."""
-    return x.shape[1] > 1 and x.stride(1) < x.stride(3)
 
 
 def _norm_args(norm_scale, norm_shift) -> tuple[float, ...]:
@@ -211,7 +123,7 @@ def _forward(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift) -> t
     num_rows = g["B"] * g["L"]
     if out.numel() == 0:
         return out
-    cfg = _config("fwd", x, weight.dtype, num_rows, g["D"], g["K"], _narrow_gather(x, g["PW"]))
+    cfg = tile_config("fwd", x, weight.dtype, num_rows, g["D"], g["K"], is_narrow_gather(x, g["PW"]))
     dummy = weight  # stands in for absent tensors (their HAS_* flag is off: never read)
     pos_offset = 0 if pos_embed is None or pos_embed.shape[1] == g["L"] else g["T"]
     grid = (launch.cdiv(num_rows, cfg["BLOCK_R"]) * launch.cdiv(g["D"], cfg["BLOCK_C"]),)
@@ -228,7 +140,7 @@ def _forward(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift) -> t
             *((0, 0) if pos_embed is None else pos_embed.stride()[1:]),
             *((0, 0) if cls_token is None else cls_token.stride()[1:]),
             *_norm_args(norm_scale, norm_shift),
-            IN_CHANS=g["C"], PATCH_H=g["PH"], PATCH_W=g["PW"], CHANNELS_INNER=_channels_inner(x),
+            IN_CHANS=g["C"], PATCH_H=g["PH"], PATCH_W=g["PW"], CHANNELS_INNER=channels_inner(x),
             NORMALIZE=norm_scale is not None, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
             HAS_PREFIX=g["T"] > 0, INPUT_PRECISION=launch.input_precision(weight.dtype),
             BLOCK_M=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_RED"],
@@ -249,14 +161,14 @@ def _backward_input(grad, x, weight) -> torch.Tensor:
     num_rows = g["B"] * g["N"]
     if dx.numel() == 0:
         return dx
-    cfg = _config("bwd_input", x, weight.dtype, num_rows, g["K"], g["D"], _narrow_gather(dx, g["PW"]))
+    cfg = tile_config("bwd_input", x, weight.dtype, num_rows, g["K"], g["D"], is_narrow_gather(dx, g["PW"]))
     grid = (launch.cdiv(num_rows, cfg["BLOCK_R"]) * launch.cdiv(g["K"], cfg["BLOCK_C"]),)
     with launch.device_guard(x):
         _kernels().patch_embed_bwd_input_kernel[grid](
             grad, weight, dx,
             num_rows, g["T"], g["N"], g["D"], g["K"], g["GW"],
             *grad.stride(), *weight.stride(), *dx.stride(),
-            IN_CHANS=g["C"], PATCH_H=g["PH"], PATCH_W=g["PW"], CHANNELS_INNER=_channels_inner(dx),
+            IN_CHANS=g["C"], PATCH_H=g["PH"], PATCH_W=g["PW"], CHANNELS_INNER=channels_inner(dx),
             INPUT_PRECISION=launch.input_precision(weight.dtype),
             BLOCK_M=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_RED"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -275,7 +187,7 @@ def _backward_weight(grad, x, weight, norm_scale, norm_shift) -> torch.Tensor:
     # at least 8 row blocks per split); the split depends on shapes and device only, so reruns are bit-identical.
     if launch.on_gpu(x):
         cfg = dict(BLOCK_D=64, BLOCK_K=64, BLOCK_M=64 if weight.dtype != torch.float32 else 32, num_stages=3)
-        cfg.update(num_warps=8 if _narrow_gather(x, g["PW"]) else 4)  # 4 warps spill on sm_80
+        cfg.update(num_warps=8 if is_narrow_gather(x, g["PW"]) else 4)  # 4 warps spill on sm_80
     else:
         cfg = dict(
             BLOCK_D=launch.next_pow2(g["D"], 16, 64),
@@ -307,8 +219,8 @@ def _backward_weight(grad, x, weight, norm_scale, norm_shift) -> torch.Tensor:
             grad, x, work,
             num_rows, rows_per_split, g["T"], g["N"], g["D"], g["K"], g["GW"],
             *grad.stride(), *x.stride(), *_norm_args(norm_scale, norm_shift),
-            IN_CHANS=g["C"], PATCH_H=g["PH"], PATCH_W=g["PW"], CHANNELS_INNER=_channels_inner(x),
-            NORMALIZE=norm_scale is not None, ATOMIC=atomic, GEMM_DTYPE=_GEMM_DTYPE_CODES[weight.dtype],
+            IN_CHANS=g["C"], PATCH_H=g["PH"], PATCH_W=g["PW"], CHANNELS_INNER=channels_inner(x),
+            NORMALIZE=norm_scale is not None, ATOMIC=atomic, GEMM_DTYPE=GEMM_DTYPE_CODES[weight.dtype],
             INPUT_PRECISION=launch.input_precision(weight.dtype),
             BLOCK_D=block_d, BLOCK_K=block_k, BLOCK_M=block_m,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
