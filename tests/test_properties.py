@@ -357,6 +357,21 @@ def _samples_qkv_attention():
     }
 
 
+def _samples_qkv_attention_prologue():
+    from fastvit.eva import rope_table
+
+    qkv = randn(1, 9, 3 * 2 * 32, seed=6).requires_grad_()  # 2 heads of 32; 1 class token + a 2x4 grid
+    rope = rope_table((2, 4), 32).to(DEVICE)
+    q_weight, q_bias, k_weight = (1 + 0.1 * randn(32, seed=seed) for seed in (7, 8, 9))
+    prologue = (rope, 1, False, "layer", q_weight.requires_grad_(), q_bias, 1e-6, "rms", k_weight, None, 1e-5)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in prologue]
+    out, lse = torch.ops.fastvit.qkv_attention_prologue_fwd(qkv.detach(), 2, 0.2, *detached)
+    return {
+        "qkv_attention_prologue_fwd": [(qkv, 2, 0.2, *prologue)],
+        "qkv_attention_prologue_bwd": [(torch.randn_like(out), qkv.detach(), out, lse, 2, 0.2, *detached)],
+    }
+
+
 def _samples_varlen_qkv_attention():
     qkv = randn(9, 3 * 2 * 32, seed=5).requires_grad_()
     cu_seqlens = torch.tensor([0, 4, 4, 9], dtype=torch.int32, device=DEVICE)  # an empty sequence in the middle
@@ -452,6 +467,7 @@ _SAMPLE_GROUPS = {
     "qkv_attention": (_samples_qkv_attention, TRITON_REASON),
     "attention": (_samples_attention, TRITON_REASON),
     "varlen_qkv_attention": (_samples_varlen_qkv_attention, TRITON_REASON),
+    "qkv_attention_prologue": (_samples_qkv_attention_prologue, TRITON_REASON),
     "patch_embed": (_samples_patch_embed, TRITON_REASON),
     "layer_norm": (_samples_layer_norm, EXTENSION_REASON),
     "ln_mlp": (_samples_ln_mlp, EXTENSION_REASON),
