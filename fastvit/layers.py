@@ -1015,11 +1015,11 @@ class ParallelScalingBlock(nn.Module):
     timm's keys: ``in_norm``, ``in_proj`` (fc1 and q, k, v in one Linear: [H + 3C, C], H the MLP width first),
     ``mlp_bias`` (fc1's bias when ``qkv_bias=False``; with ``qkv_bias=True`` every bias lives in ``in_proj.bias``),
     ``q_norm``/``k_norm``, ``attn_out_proj`` and ``mlp_out_proj`` (or one ``out_proj`` over [attn, mlp] with
-    ``fuse_out_proj``), ``ls``. The attention is one ``ops.qkv_attention`` call on the in_proj output's
-    [B, N, 3C] slice with qk-norm as its prologue (``attend``). While ``parallel_block_blockers`` finds nothing that must be called (separate out projections as plain
-    ``ResidualLinear``s, ``ls`` an Identity, no active drop-path or dropout), both out projections add into the
-    residual stream inside their GEMMs: two ``ops.linear_residual`` calls, ``(x + mlp) + attn`` — one rounding
-    order apart from timm's ``x + (attn + mlp)``.
+    ``fuse_out_proj``), ``ls``. The attention is one ``ops.qkv_attention`` call on the in_proj output's [B, N, 3C]
+    slice with qk-norm as its prologue (``attend``). While ``parallel_block_blockers`` finds nothing that must be
+    called (separate out projections as plain ``ResidualLinear``s, ``ls`` an Identity, no active drop-path or
+    dropout), both out projections add into the residual stream inside their GEMMs: two ``ops.linear_residual``
+    calls, ``(x + mlp) + attn`` — one rounding order apart from timm's ``x + (attn + mlp)``.
     """
 
     op_name = "qkv_attention"
