@@ -59,6 +59,8 @@ FAMILIES = [
     ("dinov2-giant", "vit_giant_patch14_dinov2", dict(embed_dim=96, num_heads=2, img_size=28)),
     # AIMv2: RmsNorm (also on the patch embedding), split SwiGLU, no qkv/proj bias, avg pooling without fc_norm.
     ("aimv2", "aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),
+    # DeiT3: LayerScale, no class-token position embedding (no_embed_class).
+    ("deit3", "deit3_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=32)),
     # qk-norm (timm's qk_norm=True, keys attn.q_norm/k_norm) on a plain ViT.
     ("qk-norm", "vit_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=32, qk_norm=True)),
     # The _xp models: ParallelScalingBlock (attention and MLP side by side, one in_proj), RmsNorm qk-norm, pre-norm.
@@ -226,8 +228,23 @@ def test_one_training_step_matches_timm(name, size):
         ("vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32)),  # parallel blocks, qk-norm
         ("eva02_base_patch14_448", dict(embed_dim=64, num_heads=2, img_size=56)),  # q/k/v Linears, SwiGLU + sub-LN
         ("aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),  # RmsNorm, split SwiGLU, avg pool
+        ("vit_base_patch32_clip_quickgelu_224", dict(embed_dim=64, num_heads=2, img_size=64)),  # pre-norm, QuickGELU
+        ("vit_giant_patch14_dinov2", dict(embed_dim=96, num_heads=2, img_size=28)),  # LayerScale, packed SwiGLU
+        ("vit_pe_core_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=48, attn_pool_num_heads=4)),  # PE
+        ("deit3_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=32)),  # LayerScale, no_embed_class
     ],
-    ids=["siglip-so400m", "dinov3", "rope-mixed", "xp", "eva02", "aimv2"],
+    ids=[
+        "siglip-so400m",
+        "dinov3",
+        "rope-mixed",
+        "xp",
+        "eva02",
+        "aimv2",
+        "clip-quickgelu",
+        "dinov2-giant",
+        "pe",
+        "deit3",
+    ],
 )
 def test_torch_compile_fullgraph(name, size):
     theirs = _timm_model(name, size).eval()
