@@ -30,6 +30,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import pkgutil
 import platform
 import tempfile
 import warnings
@@ -267,12 +268,19 @@ def backend_versions(backend: str) -> tuple[str, str | None]:
 
 
 def kernel_sources(op_name: str, backend: str) -> tuple[str, ...]:
-    """The modules whose source defines what ``backend`` runs for ``op_name``: its registered launcher module, the
-    launch helpers and, for Triton, the kernel file of the same name (one file per op at each layer)."""
+    """The modules whose source defines what ``backend`` runs for ``op_name``: its registered launcher module and
+    the launcher's own helper modules beside it (``<name>_*``, e.g. ``patch_embed_configs``: the tile heuristic),
+    the launch helpers and, for Triton, the kernel file of the same name (one file per op at each layer)."""
     module = dispatch.implementation(op_name, backend).fn.__module__  # e.g. fastvit.ops.triton.attention
+    package, name = module.rsplit(".", 1)
+    helpers = sorted(
+        f"{package}.{info.name}"
+        for info in pkgutil.iter_modules(importlib.import_module(package).__path__)
+        if info.name.startswith(name + "_")
+    )
     if backend == "triton":
-        return (module, "fastvit.ops.triton.launch", f"fastvit.kernels.{module.rsplit('.', 1)[1]}")
-    return (module, "fastvit.ops.cuda.extension")
+        return (module, *helpers, "fastvit.ops.triton.launch", f"fastvit.kernels.{name}")
+    return (module, *helpers, "fastvit.ops.cuda.extension")
 
 
 def extension_source_hash() -> str:

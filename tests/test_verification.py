@@ -117,6 +117,7 @@ def test_editing_a_kernel_source_changes_its_hash(gate, monkeypatch, tmp_path):
     assert verification.kernel_hash("attention", "triton") != verification.kernel_hash("patch_embed", "triton")
     sources = verification.kernel_sources("qkv_attention", "triton")
     assert sources == ("fastvit.ops.triton.attention", "fastvit.ops.triton.launch", "fastvit.kernels.attention")
+    assert "fastvit.ops.triton.patch_embed_configs" in verification.kernel_sources("patch_embed", "triton")
     edited = tmp_path / "attention.py"
     real_find = verification.importlib.util.find_spec
     source = pathlib.Path(real_find("fastvit.kernels.attention").origin).read_text()
