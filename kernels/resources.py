@@ -53,7 +53,8 @@ from unittest import mock
 # tile heuristic (row tiles grow once the grid fills the GPU).
 ARCHS = {"sm_90a": (90, 132), "sm_80": (80, 108)}  # H100 SXM, A100
 # A CUDA kernel may use at most this many registers per thread: 64 K registers per SM then hold 1024 threads, half
-# the SM's thread slots, which is what these memory-bound kernels need to hide memory latency.
+# the SM's thread slots, which is what these memory-bound kernels need to hide memory latency. The float64
+# instantiations (the precision path, not a speed one) are exempt from the cap; they must not spill either.
 MAX_CUDA_REGISTERS = 64
 CI_HEAD_DIMS = (64, 128)
 CI_DTYPES = ("bf16", "fp16")
@@ -606,7 +607,7 @@ class CudaRow:
         found = []
         if self.usage.stack_bytes or self.usage.spill_stores:
             found.append(f"stack frame {self.usage.stack_bytes} B / local {self.usage.spill_stores} B (spills)")
-        if self.usage.registers > MAX_CUDA_REGISTERS:
+        if self.usage.registers > MAX_CUDA_REGISTERS and "<double" not in self.kernel:
             found.append(f"{self.usage.registers} registers > {MAX_CUDA_REGISTERS}")
         return found
 

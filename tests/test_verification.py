@@ -116,7 +116,12 @@ def test_editing_a_kernel_source_changes_its_hash(gate, monkeypatch, tmp_path):
     before = verification.kernel_hash("qkv_attention", "triton")
     assert verification.kernel_hash("attention", "triton") != verification.kernel_hash("patch_embed", "triton")
     sources = verification.kernel_sources("qkv_attention", "triton")
-    assert sources == ("fastvit.ops.triton.attention", "fastvit.ops.triton.launch", "fastvit.kernels.attention")
+    assert sources == (
+        "fastvit.ops.triton.attention",
+        "fastvit.ops.triton.attention_launch",
+        "fastvit.ops.triton.launch",
+        "fastvit.kernels.attention",
+    )
     assert "fastvit.ops.triton.patch_embed_configs" in verification.kernel_sources("patch_embed", "triton")
     edited = tmp_path / "attention.py"
     real_find = verification.importlib.util.find_spec
