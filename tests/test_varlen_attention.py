@@ -20,8 +20,9 @@ import torch
 
 import fastvit
 from fastvit import accuracy, dispatch, ops, reference
-from fastvit.ops.attention import _varlen_padded, _varlen_per_sequence, attention_call
+from fastvit.ops.attention import attention_call
 from fastvit.ops.triton import attention as attention_triton
+from fastvit.ops.varlen_attention import _varlen_padded, _varlen_per_sequence
 from fastvit.selftest_cases import poisoned_triton_outputs
 
 from utils import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason

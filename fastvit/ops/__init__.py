@@ -6,11 +6,12 @@ Every op accepts ``backend=`` ('auto' or one of the backends implementing it); s
 """
 
 from fastvit.ops import cuda, triton  # noqa: E402,F401,I001  (the fused backends register themselves)
-from fastvit.ops.attention import QKNorm, attention, qkv_attention, varlen_qkv_attention
+from fastvit.ops.attention import QKNorm, attention, qkv_attention
 from fastvit.ops.layer_norm import layer_norm, rms_norm
 from fastvit.ops.linear_residual import linear_residual
 from fastvit.ops.ln_linear import ln_linear
 from fastvit.ops.ln_mlp import ln_mlp
+from fastvit.ops.varlen_attention import varlen_qkv_attention
 from fastvit.ops.patch_embed import patch_embed, patch_embed_uint8
 
 __all__ = [
