@@ -43,6 +43,16 @@ from fastvit.model import (
 ROPE_TYPES = ("cat", "dinov3", "mixed")
 
 
+def _axes(sizes, grid_indexing: str) -> list:
+    """A grid's (H, W) in the order its coordinate channels take: 'xy' swaps them (timm's ``_build_grid``)."""
+    return list(sizes)[::-1] if grid_indexing == "xy" else list(sizes)
+
+
+def _grid_points(coords: list[torch.Tensor], grid_indexing: str) -> torch.Tensor:
+    """[H·W, 2] points of the grid spanned by two per-axis coordinate vectors (tokens in row-major patch order)."""
+    return torch.stack(torch.meshgrid(coords, indexing=grid_indexing), dim=-1).reshape(-1, 2)
+
+
 def rope_table(
     grid: tuple[int, int],
     head_dim: int,
@@ -66,39 +76,27 @@ def rope_table(
     ``temperature ** (2i / (D/2))``.
     """
     num_bands = head_dim // 4
-    shape = list(grid)
-    ref = list(ref_feat_shape) if ref_feat_shape is not None else None
-    if grid_indexing == "xy":
-        shape = shape[::-1]
-        ref = ref[::-1] if ref is not None else None
+    shape = _axes(grid, grid_indexing)
+    ref = _axes(ref_feat_shape, grid_indexing) if ref_feat_shape is not None else None
     if rope_type == "cat":
         coords = [torch.arange(size, dtype=torch.int64).to(torch.float32) + grid_offset for size in shape]
         if ref is not None:
             coords = [c / size * r for c, size, r in zip(coords, shape, ref)]
-        grid_coords = torch.stack(torch.meshgrid(coords, indexing=grid_indexing), dim=-1)
         exponent = torch.arange(0, num_bands, 1, dtype=torch.int64).to(torch.float32) / num_bands
-        angles = grid_coords.unsqueeze(-1) * (1.0 / (temperature**exponent))
+        angles = _grid_points(coords, grid_indexing).unsqueeze(-1) * (1.0 / (temperature**exponent))
     elif rope_type == "dinov3":
         coords = [(torch.arange(0.5, size, dtype=torch.float32) + grid_offset) / float(size) for size in shape]
-        grid_coords = 2.0 * torch.stack(torch.meshgrid(coords, indexing=grid_indexing), dim=-1) - 1.0
         periods = temperature ** (2.0 * torch.arange(num_bands, dtype=torch.float32) / (head_dim // 2))
-        angles = 2 * math.pi * grid_coords.unsqueeze(-1) / periods
+        angles = 2 * math.pi * (2.0 * _grid_points(coords, grid_indexing) - 1.0).unsqueeze(-1) / periods
     else:
         raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
-    angles = angles.flatten(-2).flatten(0, -2)  # [H·W, D/2]
+    angles = angles.flatten(-2)  # [H·W, D/2]
     sin, cos = angles.sin(), angles.cos()
     if rotate_half:
         sin, cos = torch.cat([sin, sin], dim=-1), torch.cat([cos, cos], dim=-1)
     else:
         sin, cos = sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
     return torch.cat([sin, cos], dim=-1)
-
-
-def _grid_coords(grid: tuple[int, int], grid_indexing: str) -> torch.Tensor:
-    """[H·W, 2] patch-index coordinates of a grid, channel order as timm's ``_build_grid`` ('xy' swaps them)."""
-    shape = list(grid)[::-1] if grid_indexing == "xy" else list(grid)
-    coords = [torch.arange(size, dtype=torch.int64).to(torch.float32) for size in shape]
-    return torch.stack(torch.meshgrid(coords, indexing=grid_indexing), dim=-1).reshape(-1, 2)
 
 
 def init_mixed_rope_freqs(head_dim: int, depth: int, num_heads: int, temperature: float = 10.0) -> torch.Tensor:
@@ -115,7 +113,8 @@ def mixed_rope_tables(freqs: torch.Tensor, grid: tuple[int, int], grid_indexing:
     """RoPE-Mixed tables (timm's ``RotaryEmbeddingMixed``): cat(sin, cos) [depth, heads, H·W, 2·D] of the angles
     ``x · fx + y · fy`` per block and head, from the learned ``freqs`` [2, depth, heads, D/2]; float32, with grads.
     The pairs are interleaved whatever ``rope_rotate_half`` says (as timm's tables)."""
-    coords = _grid_coords(grid, grid_indexing).to(freqs.device)
+    axes = [torch.arange(size, dtype=torch.int64).to(torch.float32) for size in _axes(grid, grid_indexing)]
+    coords = _grid_points(axes, grid_indexing).to(freqs.device)
     freqs = freqs.float()
     angles = coords[:, 0, None] * freqs[0].unsqueeze(-2) + coords[:, 1, None] * freqs[1].unsqueeze(-2)
     return torch.cat([angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)], dim=-1)
