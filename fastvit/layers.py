@@ -1081,33 +1081,34 @@ class ParallelScalingBlock(nn.Module):
         if self.mlp_bias is not None:
             nn.init.zeros_(self.mlp_bias)
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, N, C] (the block input) -> the MLP's pre-activation [B, N, H] and q, k, v [B, heads, N, D] as the
-        attention uses them (after qk-norm)."""
-        x_mlp, q, k, v = self.in_proj(self.in_norm(x)).split(self.in_split, dim=-1)
-        if self.mlp_bias is not None:
-            x_mlp = x_mlp + self.mlp_bias
-        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
-        return x_mlp, self.q_norm(q), self.k_norm(k), v
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, N, C] (the block input) -> the MLP's pre-activation [B, N, H] and the packed qkv [B, N, 3C] (a
+        strided slice of the one in_proj output)."""
+        y = self.in_proj(self.in_norm(x))
+        x_mlp, qkv = y[..., : self.in_split[0]], y[..., self.in_split[0] :]
+        return (x_mlp if self.mlp_bias is None else x_mlp + self.mlp_bias), qkv
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, N, C] (the block input) -> q, k, v [B, heads, N, D] (``fastvit.explain``'s view of a block)."""
-        return self.split(x)[1:]
+        """x: [B, N, C] (the block input) -> q, k, v [B, heads, N, D] as the attention uses them (after qk-norm)."""
+        return self._heads(self.project(x)[1])
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
 
     def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, N, C] (the block input) -> the heads' outputs [B, N, C] and the MLP's pre-activation [B, N, H].
         While ``prologue_blockers`` finds nothing, one ``ops.qkv_attention`` call reads q, k, v from the in_proj
-        output (a strided [B, N, 3C] slice) with qk-norm as its prologue; else the norms run first."""
+        output with qk-norm as its prologue; else the norms run first, then ``ops.attention``."""
         dropout_p = self.attn_drop.p if self.training else 0.0
+        x_mlp, qkv = self.project(x)
         if next(prologue_blockers(self), None) is None:
-            y = self.in_proj(self.in_norm(x))
-            x_mlp, qkv = y[..., : self.in_split[0]], y[..., self.in_split[0] :]
             q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
             out = ops.qkv_attention(
                 qkv, self.num_heads, self.scale, dropout_p, self.backend, q_norm=q_norm, k_norm=k_norm
             )
-            return out, x_mlp if self.mlp_bias is None else x_mlp + self.mlp_bias
-        x_mlp, q, k, v = self.split(x)
+            return out, x_mlp
+        q, k, v = self._heads(qkv)
         out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
         return out.transpose(1, 2).flatten(2), x_mlp
 
