@@ -39,6 +39,7 @@ from fastvit.model import (
     default_pretrained_cfg,
     resolve_norm_layer,
 )
+from fastvit.packing import AttnMask
 
 ROPE_TYPES = ("cat", "dinov3", "mixed")
 
@@ -398,11 +399,11 @@ class Eva(nn.Module):
             return tokens, [(table,) for table in rope.unbind(0)]
         return tokens, itertools.repeat((rope,))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image [B, C, H, W] -> normalised tokens [B, T+N, D]."""
+    def forward_features(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
+        """Image [B, C, H, W] -> normalised tokens [B, T+N, D]; ``attn_mask``: see ``fastvit.packing``."""
         x, block_args = self.embed_for_blocks(x)
         for block, args in zip(self.blocks, block_args):
-            x = self._run_block(block, x, *args)
+            x = self._run_block(block, x, *args, attn_mask=attn_mask)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:

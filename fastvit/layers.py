@@ -29,6 +29,7 @@ from torch.nn.modules import module as torch_module
 from fastvit import dispatch, ops
 from fastvit.ops.attention import QKNorm, apply_rope
 from fastvit.ops.patch_embed import prefix_and_position
+from fastvit.packing import AttnMask, PackedSequences, check_attn_mask, is_key_padding_mask, sdpa_mask
 
 
 def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -313,27 +314,28 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C], before proj."""
+    def attend(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
+        """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C], before proj. ``attn_mask``: see
+        ``fastvit.packing``."""
         dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
+        check_attn_mask(attn_mask, x)
         if self.packed():
             q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
-            qkv = self.qkv(x)
-            return ops.qkv_attention(
-                qkv, self.num_heads, self.scale, dropout_p, self.backend, q_norm=q_norm, k_norm=k_norm
-            )
-        q, k, v = self.heads(x)
-        out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
-        return out.transpose(1, 2).flatten(2)
+            if mask_fits_qkv_call(attn_mask, q_norm is not None or k_norm is not None, dropout_p):
+                return qkv_attention_under(
+                    attn_mask, self.qkv(x), self.num_heads, self.scale, dropout_p, self.backend,
+                    q_norm=q_norm, k_norm=k_norm,
+                )  # fmt: skip
+        return heads_attention(*self.heads(x), self.scale, dropout_p, self.backend, attn_mask)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]."""
-        return self.proj_drop(self.proj(self.attend(x)))
+        return self.proj_drop(self.proj(self.attend(x, attn_mask)))
 
-    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
         """``residual + proj(attention(x))``, the add inside the proj GEMM; proj_drop is not applied."""
         proj = self.proj
-        return ops.linear_residual(self.attend(x), proj.weight, proj.bias, residual, backend=proj.backend)
+        return ops.linear_residual(self.attend(x, attn_mask), proj.weight, proj.bias, residual, backend=proj.backend)
 
 
 class Mlp(nn.Module):
@@ -759,14 +761,16 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]; ``attn_mask`` (timm's keyword): see ``fastvit.packing``."""
         why = next(attention_half_blockers(self), None)
         if why is None:
-            x = self.attn.forward_residual(self.norm1(x), x)  # proj + bias + residual: one op
+            x = self.attn.forward_residual(self.norm1(x), x, attn_mask)  # proj + bias + residual: one op
         else:
             if dispatch.debug_enabled():
                 dispatch.logger.debug("Block: attention half unfused: %s", why)
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+            out = self.attn(self.norm1(x)) if attn_mask is None else self.attn(self.norm1(x), attn_mask=attn_mask)
+            x = x + self.drop_path1(self.ls1(out))
         why = next(mlp_half_blockers(self), None)
         if why is None:
             return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend, self.ls2)
@@ -865,20 +869,24 @@ class EvaAttention(nn.Module):
             k = apply_rope(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, N, C] -> [B, N, C]."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: AttnMask = None) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]; ``attn_mask``: see ``fastvit.packing``."""
         dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
-        if self.packed() and next(rope_blockers(rope), None) is None:
-            out = ops.qkv_attention(
-                self.packed_qkv(x), self.num_heads, self.scale, dropout_p, self.backend,
+        check_attn_mask(attn_mask, x)
+        q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
+        prologue = rope is not None or q_norm is not None or k_norm is not None
+        if (
+            self.packed()
+            and next(rope_blockers(rope), None) is None
+            and mask_fits_qkv_call(attn_mask, prologue, dropout_p)
+        ):
+            out = qkv_attention_under(
+                attn_mask, self.packed_qkv(x), self.num_heads, self.scale, dropout_p, self.backend,
                 rope=rope, num_prefix_tokens=self.num_prefix_tokens if rope is not None else 0,
-                rope_layout="half" if self.rotate_half else "interleaved",
-                q_norm=qk_norm_params(self.q_norm), k_norm=qk_norm_params(self.k_norm),
+                rope_layout="half" if self.rotate_half else "interleaved", q_norm=q_norm, k_norm=k_norm,
             )  # fmt: skip
         else:
-            q, k, v = self.heads(x, rope)
-            out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
-            out = out.transpose(1, 2).flatten(2)
+            out = heads_attention(*self.heads(x, rope), self.scale, dropout_p, self.backend, attn_mask)
         return self.proj_drop(self.proj(self.norm(out)))
 
     def packed(self) -> bool:
@@ -896,6 +904,38 @@ def rope_blockers(rope: torch.Tensor | None) -> Iterator[str]:
     shared by the heads that needs no gradient (RoPE-Mixed's per-head, learned tables do not fit)."""
     if rope is not None and (rope.ndim != 2 or rope.requires_grad):
         yield MIXED_ROPE_BLOCKER
+
+
+def mask_fits_qkv_call(attn_mask: AttnMask, prologue: bool, dropout_p: float) -> bool:
+    """True when the attention under ``attn_mask`` is one op on the packed qkv buffer (``qkv_attention_under``):
+    no mask or a key-padding mask (``ops.qkv_attention``), or a packing without qk-norm/RoPE prologue or dropout
+    (``ops.varlen_qkv_attention`` has neither). Other masks run ``heads_attention`` on q, k, v views."""
+    if attn_mask is None or is_key_padding_mask(attn_mask):
+        return True
+    return isinstance(attn_mask, PackedSequences) and not prologue and dropout_p == 0.0
+
+
+def qkv_attention_under(
+    attn_mask: AttnMask, qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float, backend, **prologue
+) -> torch.Tensor:
+    """qkv [B, N, 3C] -> [B, N, C] under a mask that ``mask_fits_qkv_call`` accepted."""
+    if isinstance(attn_mask, PackedSequences):
+        cu_seqlens, max_seqlen = attn_mask
+        return ops.varlen_qkv_attention(qkv[0], cu_seqlens, max_seqlen, num_heads, scale, backend=backend)[None]
+    return ops.qkv_attention(qkv, num_heads, scale, dropout_p, backend, key_padding_mask=attn_mask, **prologue)
+
+
+def heads_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float, backend, attn_mask: AttnMask
+) -> torch.Tensor:
+    """q, k, v [B, H, N, D] -> [B, N, H·D]: ``ops.attention``, or SDPA with the mask's SDPA form (a sample whose keys
+    are all masked gets NaN there, as in timm)."""
+    if attn_mask is None:
+        out = ops.attention(q, k, v, scale, dropout_p=dropout_p, backend=backend)
+    else:
+        mask = sdpa_mask(attn_mask, q.shape[-2])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2).flatten(2)
 
 
 def qk_norm_params(norm: nn.Module) -> QKNorm | None:
@@ -987,9 +1027,9 @@ class EvaBlock(nn.Module):
             if gamma is not None:
                 nn.init.constant_(gamma, self.init_values)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, N, C]; rope: [N - T, 2·D] or None -> [B, N, C]."""
-        out = self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: AttnMask = None) -> torch.Tensor:
+        """x: [B, N, C]; rope: [N - T, 2·D] or None; ``attn_mask``: see ``fastvit.packing`` -> [B, N, C]."""
+        out = self.attn(self.norm1(x), rope) if attn_mask is None else self.attn(self.norm1(x), rope, attn_mask)
         x = x + self.drop_path1(out if self.gamma_1 is None else self.gamma_1 * out)
         if next(eva_mlp_half_blockers(self), None) is None:
             return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend, self.gamma_2)
@@ -1096,25 +1136,25 @@ class ParallelScalingBlock(nn.Module):
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
-    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, x: torch.Tensor, attn_mask: AttnMask = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, N, C] (the block input) -> the heads' outputs [B, N, C] and the MLP's pre-activation [B, N, H].
         While ``prologue_blockers`` finds nothing, one ``ops.qkv_attention`` call reads q, k, v from the in_proj
         output with qk-norm as its prologue; else the norms run first, then ``ops.attention``."""
         dropout_p = self.attn_drop.p if self.training else 0.0
+        check_attn_mask(attn_mask, x)
         x_mlp, qkv = self.project(x)
         if next(prologue_blockers(self), None) is None:
             q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
-            out = ops.qkv_attention(
-                qkv, self.num_heads, self.scale, dropout_p, self.backend, q_norm=q_norm, k_norm=k_norm
-            )
-            return out, x_mlp
-        q, k, v = self._heads(qkv)
-        out = ops.attention(q, k, v, self.scale, dropout_p=dropout_p, backend=self.backend)
-        return out.transpose(1, 2).flatten(2), x_mlp
+            if mask_fits_qkv_call(attn_mask, q_norm is not None or k_norm is not None, dropout_p):
+                out = qkv_attention_under(
+                    attn_mask, qkv, self.num_heads, self.scale, dropout_p, self.backend, q_norm=q_norm, k_norm=k_norm
+                )
+                return out, x_mlp
+        return heads_attention(*self._heads(qkv), self.scale, dropout_p, self.backend, attn_mask), x_mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, C] -> [B, N, C]."""
-        x_attn, x_mlp = self.attend(x)
+    def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]; ``attn_mask``: see ``fastvit.packing``."""
+        x_attn, x_mlp = self.attend(x, attn_mask)
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         why = next(parallel_block_blockers(self), None)
         if why is None:

@@ -32,6 +32,7 @@ from fastvit.layers import (
     SwiGLUPacked,
     resample_abs_pos_embed,
 )
+from fastvit.packing import AttnMask
 from fastvit.validation import check_positive_int
 from fastvit.verification import evidence_state
 
@@ -453,16 +454,18 @@ class VisionTransformer(nn.Module):
         ``fastvit.Eva``: its RoPE table)."""
         return self.embed(x), itertools.repeat(())
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor, *block_args) -> torch.Tensor:
+    def _run_block(self, block: nn.Module, x: torch.Tensor, *block_args, attn_mask: AttnMask = None) -> torch.Tensor:
+        kwargs = {} if attn_mask is None else {"attn_mask": attn_mask}
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, *block_args, use_reentrant=False)
-        return block(x, *block_args)
+            return checkpoint(block, x, *block_args, use_reentrant=False, **kwargs)
+        return block(x, *block_args, **kwargs)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image [B, C, H, W] -> normalised tokens [B, T+N, D]."""
+    def forward_features(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
+        """Image [B, C, H, W] -> normalised tokens [B, T+N, D]. ``attn_mask`` (timm's keyword, given to every block):
+        see ``fastvit.packing``."""
         x = self.embed(x)
         for block in self.blocks:
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, attn_mask=attn_mask)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Several images' tokens in one sequence: the ``attn_mask`` forms that fastvit's blocks take.
+
+A block's ``attn_mask`` (timm's keyword) is one of
+
+- ``None``: every token attends to every token of its image;
+- a ``[B, N]`` bool tensor, True = a real token (a key-padding mask, timm NaFlexViT's ``patch_valid`` with the
+  prefix tokens prepended): padding keys get no attention; runs on ``ops.qkv_attention(key_padding_mask=)``;
+- a ``PackedSequences``: the batch is ``[1, T, C]``, the tokens of several images back to back, and no token attends
+  across an image boundary; runs on ``ops.varlen_qkv_attention`` (no padded work);
+- any other tensor: an SDPA mask (timm's ``[B, 1, N, N]`` / ``[B, 1, 1, N]``, bool True = attend, or additive
+  float), applied by ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class PackedSequences(NamedTuple):
+    """B sequences packed back to back in one [1, T, C] token tensor (``flash_attn_varlen``'s bookkeeping).
+
+    Attributes:
+        cu_seqlens: [B + 1] int32 on the tokens' device, 0 first, non-decreasing, T last: sequence b is tokens
+            ``cu_seqlens[b]:cu_seqlens[b + 1]``.
+        max_seqlen: an int at least the longest sequence's length.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int] | tuple[int, ...], device: torch.device | str | None = None):
+        """The packing of sequences of ``lengths`` tokens, in order."""
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
+            raise ValueError(f"lengths must be non-negative ints, got {lengths!r}")
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        return cls(torch.tensor(bounds, dtype=torch.int32, device=device), max(lengths, default=0))
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def sequence_ids(self, tokens: int) -> torch.Tensor:
+        """[T] int64: the sequence each of the ``tokens`` packed tokens belongs to."""
+        token = torch.arange(tokens, device=self.cu_seqlens.device)
+        return torch.searchsorted(self.cu_seqlens[1:].long(), token, right=True)
+
+    def dense_mask(self, tokens: int) -> torch.Tensor:
+        """[1, 1, T, T] bool, True where query and key are in the same sequence: the SDPA form of the packing
+        (O(T²) memory; used only where the varlen kernels do not apply)."""
+        ids = self.sequence_ids(tokens)
+        return (ids[:, None] == ids[None, :])[None, None]
+
+
+AttnMask = torch.Tensor | PackedSequences | None
+
+
+def is_key_padding_mask(attn_mask: AttnMask) -> bool:
+    """True for the [B, N] bool key-padding form."""
+    return isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool and attn_mask.ndim == 2
+
+
+def sdpa_mask(attn_mask: AttnMask, tokens: int) -> torch.Tensor | None:
+    """``attn_mask`` as ``F.scaled_dot_product_attention``'s ``attn_mask`` for [B, H, N, D] q/k/v."""
+    if attn_mask is None:
+        return None
+    if isinstance(attn_mask, PackedSequences):
+        return attn_mask.dense_mask(tokens)
+    if is_key_padding_mask(attn_mask):
+        return attn_mask[:, None, None, :]
+    return attn_mask
+
+
+def check_attn_mask(attn_mask: object, x: torch.Tensor) -> None:
+    """TypeError/ValueError unless ``attn_mask`` is one of the forms above and fits tokens ``x`` [B, N, C]."""
+    if attn_mask is None:
+        return
+    if isinstance(attn_mask, PackedSequences):
+        if x.ndim != 3 or x.shape[0] != 1:
+            raise ValueError(
+                f"attn_mask=PackedSequences needs the packed tokens as [1, T, C], got x of shape {tuple(x.shape)}"
+            )
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a tensor, a PackedSequences or None, got {type(attn_mask).__name__}")
+    if is_key_padding_mask(attn_mask) and tuple(attn_mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"attn_mask as a key-padding mask must be [B, N] = {list(x.shape[:2])}, got {list(attn_mask.shape)}"
+        )
