@@ -42,13 +42,9 @@ def attention_probs(
 
 
 def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, dropout_p: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """softmax(q kᵀ · scale) v. q, k, v: [B, H, N, D] -> [B, H, N, D].
 
     ``scale`` defaults to D**-0.5. The softmax runs in fp32 for fp16/bf16 inputs (the numerics rule
@@ -62,18 +58,11 @@ def attention(
 
 
 def qkv_attention(
-    qkv: torch.Tensor,
-    num_heads: int,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
+    qkv: torch.Tensor, num_heads: int, scale: float | None = None, dropout_p: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
-    *,
-    rope: torch.Tensor | None = None,
-    num_prefix_tokens: int = 0,
-    rope_layout: str = "interleaved",
-    q_norm=None,
-    k_norm=None,
-) -> torch.Tensor:
+    *, rope: torch.Tensor | None = None, num_prefix_tokens: int = 0, rope_layout: str = "interleaved",
+    q_norm=None, k_norm=None,
+) -> torch.Tensor:  # fmt: skip
     """Multi-head self-attention on the packed output of a qkv Linear.
 
     qkv: [B, N, 3*C], laid out as timm's ``reshape(B, N, 3, H, D)``; returns [B, N, C] (heads
@@ -153,24 +142,9 @@ def normalize_uint8(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torc
 
 
 def ln_mlp(
-    x,
-    ln_weight,
-    ln_bias,
-    fc1_weight,
-    fc1_bias,
-    fc2_weight,
-    fc2_bias,
-    eps=1e-6,
-    approximate="none",
-    residual=True,
-    *,
-    act=None,
-    norm="layer",
-    hidden_norm_weight=None,
-    hidden_norm_bias=None,
-    hidden_norm_eps=None,
-    layer_scale=None,
-):
+    x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps=1e-6, approximate="none", residual=True,
+    *, act=None, norm="layer", hidden_norm_weight=None, hidden_norm_bias=None, hidden_norm_eps=None, layer_scale=None,
+):  # fmt: skip
     """The MLP half of a pre-norm ViT block: ``x + layer_scale * fc2(hidden_norm(act(fc1(Norm(x)))))``.
 
     x: [..., C]; fc1_weight: [P, C]; fc2_weight: [C, Hid] with P = Hid, or 2·Hid for ``act='swiglu'``.
@@ -223,15 +197,10 @@ def linear_residual(
 
 
 def ln_linear(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor | None,
-    ln_bias: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    activation: str = "none",
+    x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, weight: torch.Tensor,
+    bias: torch.Tensor | None = None, eps: float = 1e-6, activation: str = "none",
     residual: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """A Linear layer with its glue: ``act(LayerNorm(x) @ weight.T + bias) + residual``.
 
     x: [..., K]; ln_weight/ln_bias: [K], or both None (no LayerNorm); weight: [N, K]; bias: [N] or None;

@@ -526,6 +526,15 @@ RMS_NORM = OpCase(
     variants={f"{rows}x{width}": dict(lead=(rows,), width=width) for rows in (1, 7, 50) for width in (1, 7, 257, 768)},
 )
 _WIDTH_HIDDEN = ((1, 1), (1, 5), (7, 1), (7, 29), (50, 197), (197, 50), (257, 577), (577, 257))
+
+
+def _gemm_variants(in_name: str, out_name: str) -> dict[str, dict]:
+    """The GEMM ops' variants: 1 or 7 rows times each (in, out) width pair of ``_WIDTH_HIDDEN``."""
+    return {
+        f"{rows}x{k}->{n}": dict(lead=(rows,), **{in_name: k, out_name: n}) for rows in (1, 7) for k, n in _WIDTH_HIDDEN
+    }
+
+
 LN_MLP = OpCase(
     "ln_mlp",
     ("x", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
@@ -534,11 +543,7 @@ LN_MLP = OpCase(
     optional=("fc1_bias", "fc2_bias"),
     main_rank=None,
     empty=dict(lead=(0, 5)),
-    variants={
-        f"{rows}x{width}->{hidden}": dict(lead=(rows,), width=width, hidden=hidden)
-        for rows in (1, 7)
-        for width, hidden in _WIDTH_HIDDEN
-    },
+    variants=_gemm_variants("width", "hidden"),
 )
 LINEAR_RESIDUAL = OpCase(
     "linear_residual",
@@ -548,11 +553,7 @@ LINEAR_RESIDUAL = OpCase(
     optional=("bias",),
     main_rank=None,
     empty=dict(lead=(0, 5)),
-    variants={
-        f"{rows}x{k}->{n}": dict(lead=(rows,), in_features=k, out_features=n)
-        for rows in (1, 7)
-        for k, n in _WIDTH_HIDDEN
-    },
+    variants=_gemm_variants("in_features", "out_features"),
 )
 LN_LINEAR = OpCase(
     "ln_linear",
@@ -562,11 +563,7 @@ LN_LINEAR = OpCase(
     optional=("ln_weight", "ln_bias", "bias", "residual"),
     main_rank=None,
     empty=dict(lead=(0, 5)),
-    variants={
-        f"{rows}x{k}->{n}": dict(lead=(rows,), in_features=k, out_features=n)
-        for rows in (1, 7)
-        for k, n in _WIDTH_HIDDEN
-    },
+    variants=_gemm_variants("in_features", "out_features"),
 )
 
 OP_CASES: dict[str, OpCase] = {

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import fastvit
 from fastvit import dispatch, ops
 
-from op_cases import LINEAR_RESIDUAL, LN_MLP, assert_matches_reference, fp32_noise_floor, relative_floor
+from op_cases import LINEAR_RESIDUAL, LN_MLP, OP_CASES, assert_matches_reference, fp32_noise_floor, relative_floor
 from utils import assert_within_torch_error, dtype_tols
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
@@ -211,10 +211,32 @@ def test_layer_norm_bwd_empty_rows():
     assert grad_x.shape == (0, 16) and grad_weight.abs().sum() == 0 and grad_bias.abs().sum() == 0
 
 
+# The extension's ops: their forward custom op, a small CPU sample and the op's trailing non-tensor arguments.
+EXTENSION_FORWARDS = {
+    "layer_norm": ("layer_norm_fwd", dict(lead=(2, 3), width=8), (1e-6,)),
+    "ln_mlp": ("ln_mlp_fwd", dict(lead=(2, 3), width=8, hidden=16), (1e-6, "none", True, False)),
+    "linear_residual": ("linear_residual_fwd", dict(lead=(2, 3), in_features=8, out_features=16), ()),
+}
+
+
 @needs_extension
-def test_cuda_backend_on_cpu_is_the_cpp_kernel():
-    assert dispatch.resolve("layer_norm", "cuda", torch.device("cpu")) == "cuda"
-    assert dispatch.resolve("layer_norm", "auto", torch.device("cpu")) == "torch"
+@pytest.mark.parametrize("op_name", list(EXTENSION_FORWARDS))
+def test_cuda_backend_on_cpu_is_the_cpp_kernel(op_name):
+    assert dispatch.resolve(op_name, "cuda", torch.device("cpu")) == "cuda"
+    assert dispatch.resolve(op_name, "auto", torch.device("cpu")) == "torch"
+    assert op_name in fastvit.backends()["cuda"].ops
+
+
+@needs_extension
+@pytest.mark.parametrize("op_name", list(EXTENSION_FORWARDS))
+def test_cuda_kernel_reports_a_clear_error_for_cpu_tensors(op_name):
+    # CPU tensors sent to the CUDA kernel: the CPU-only build says it has no CUDA kernels, the CUDA build that x
+    # must be a CUDA tensor. Either way a clear message, never a crash.
+    custom_op, shape, options = EXTENSION_FORWARDS[op_name]
+    args = OP_CASES[op_name].make(torch.float32, "cpu", **shape).args
+    cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises((RuntimeError, ValueError), match="built without CUDA kernels|must be a CUDA tensor"):
+        getattr(torch.ops.fastvit, custom_op).default.redispatch(cuda_keys, *args, *options)
 
 
 @needs_cuda

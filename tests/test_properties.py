@@ -115,13 +115,6 @@ def _check_qkv(case, backend):
     assert_matches_reference(QKV_ATTENTION, sample, backend, floor=floor, name=str(case))
 
 
-@CPU
-@given(data=st.data())
-@pytest.mark.parametrize("op, backend", _fused("qkv_attention"))
-def test_qkv_attention_property(op, backend, data):
-    _check_qkv(data.draw(qkv_cases(_dtypes(QKV_ATTENTION, backend))), backend)
-
-
 @st.composite
 def attention_cases(draw, dtypes, max_tokens=60, max_batch=2, max_heads=2):
     return dict(
@@ -143,13 +136,6 @@ def _check_attention(case, backend):
     sample = sample.replace(**{n: relayout(sample[n], layout) for n, layout in zip("qkv", case["layouts"])})
     floor = rounding_floor(per_grad_out=_attention_floor(case["head_dim"], q, k, v, None))
     assert_matches_reference(ATTENTION, sample, backend, floor=floor, name=str(case))
-
-
-@CPU
-@given(data=st.data())
-@pytest.mark.parametrize("op, backend", _fused("attention"))
-def test_attention_property(op, backend, data):
-    _check_attention(data.draw(attention_cases(_dtypes(ATTENTION, backend))), backend)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,13 +169,6 @@ def _check_patch(case, backend):
     assert_matches_reference(PATCH_EMBED, sample, backend, floor=rounding_floor(4.0), name=str(case))
 
 
-@CPU
-@given(data=st.data())
-@pytest.mark.parametrize("op, backend", _fused("patch_embed"))
-def test_patch_embed_property(op, backend, data):
-    _check_patch(data.draw(patch_cases(_dtypes(PATCH_EMBED, backend))), backend)
-
-
 @st.composite
 def uint8_cases(draw, dtypes):
     in_chans = draw(st.integers(1, 4))
@@ -207,13 +186,6 @@ def _check_uint8(draw_case, backend):
     options = {k: draw_case[k] for k in ("channels_last", "mean", "std")}
     sample = PATCH_EMBED_UINT8.make(case["dtype"], seed=case["seed"], **{k: case[k] for k in _PATCH_SHAPE}, **options)
     assert_matches_reference(PATCH_EMBED_UINT8, sample, backend, floor=rounding_floor(8.0), name=str(draw_case))
-
-
-@settings(CPU, max_examples=15)
-@given(data=st.data())
-@pytest.mark.parametrize("op, backend", _fused("patch_embed_uint8"))
-def test_patch_embed_uint8_property(op, backend, data):
-    _check_uint8(data.draw(uint8_cases(_dtypes(PATCH_EMBED_UINT8, backend))), backend)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,20 +218,6 @@ def _check_ln_mlp(case, backend):
     assert_matches_reference(LN_MLP, sample, backend, floor=rounding_floor(4.0), name=str(case))
 
 
-@CPP
-@given(data=st.data())
-@pytest.mark.parametrize("op, backend", [p for p in _fused("ln_mlp") if p.values[1] == "cuda"])
-def test_ln_mlp_property(op, backend, data):
-    _check_ln_mlp(data.draw(ln_mlp_cases(_dtypes(LN_MLP, backend))), backend)
-
-
-@CPU  # Triton's interpreter: fewer examples than the C++ twin's (~0.8 s each)
-@given(data=st.data())
-@pytest.mark.parametrize("op, backend", [p for p in _fused("ln_mlp") if p.values[1] != "cuda"])
-def test_ln_mlp_property_interpreted(op, backend, data):
-    _check_ln_mlp(data.draw(ln_mlp_cases(_dtypes(LN_MLP, backend))), backend)
-
-
 @st.composite
 def layer_norm_cases(draw, dtypes, max_width=300):
     return dict(
@@ -286,47 +244,49 @@ def _check_layer_norm(case, backend):
     assert_matches_reference(LAYER_NORM, sample, backend, floor=rounding_floor(4.0), name=str(case))
 
 
-@CPP
-@given(data=st.data())
-@pytest.mark.parametrize("op, backend", _fused("layer_norm"))
-def test_layer_norm_property(op, backend, data):
-    _check_layer_norm(data.draw(layer_norm_cases(_dtypes(LAYER_NORM, backend))), backend)
-
-
 # ------------------------------------------------------------------------------------------------
-# GPU: the same properties on wider shapes and more examples
+# The property tests: per op its check, its hypothesis strategy (of the dtypes to draw, then sizes) and op case
 
 
-# What each op draws on a GPU: (check, strategy for the drawn dtypes, op case).
-GPU_PROPERTIES = {
-    "qkv_attention": (
-        _check_qkv,
-        lambda dtypes: qkv_cases(dtypes, max_tokens=1100, max_batch=4, max_heads=16),
-        QKV_ATTENTION,
-    ),
-    "attention": (
-        _check_attention,
-        lambda dtypes: attention_cases(dtypes, max_tokens=1100, max_batch=4, max_heads=8),
-        ATTENTION,
-    ),
-    "patch_embed": (
-        _check_patch,
-        lambda dtypes: patch_cases(dtypes, max_grid=40, max_dim=1280, max_batch=8),
-        PATCH_EMBED,
-    ),
-    "ln_mlp": (_check_ln_mlp, lambda dtypes: ln_mlp_cases(dtypes, max_width=1536, max_hidden=6144), LN_MLP),
-    "layer_norm": (_check_layer_norm, lambda dtypes: layer_norm_cases(dtypes, max_width=8192), LAYER_NORM),
+PROPERTIES = {
+    "qkv_attention": (_check_qkv, qkv_cases, QKV_ATTENTION),
+    "attention": (_check_attention, attention_cases, ATTENTION),
+    "patch_embed": (_check_patch, patch_cases, PATCH_EMBED),
+    "patch_embed_uint8": (_check_uint8, uint8_cases, PATCH_EMBED_UINT8),
+    "ln_mlp": (_check_ln_mlp, ln_mlp_cases, LN_MLP),
+    "layer_norm": (_check_layer_norm, layer_norm_cases, LAYER_NORM),
+}
+# On a GPU: wider shapes than the strategies' CPU defaults.
+GPU_SIZES = {
+    "qkv_attention": dict(max_tokens=1100, max_batch=4, max_heads=16),
+    "attention": dict(max_tokens=1100, max_batch=4, max_heads=8),
+    "patch_embed": dict(max_grid=40, max_dim=1280, max_batch=8),
+    "ln_mlp": dict(max_width=1536, max_hidden=6144),
+    "layer_norm": dict(max_width=8192),
 }
 
 
-@pytest.mark.gpu
-@needs_cuda
-@GPU
-@given(data=st.data())
-@pytest.mark.parametrize("op, backend", _fused(*GPU_PROPERTIES))
-def test_gpu_property(op, backend, data):
-    check, cases, op_case = GPU_PROPERTIES[op]
-    check(data.draw(cases(_dtypes(op_case, backend))), backend)
+def property_test(op_names, test_settings, extension: bool | None = None, sizes: dict | None = None):
+    """A hypothesis test of ``op_names``' fused backends (``extension``: only the C++ ones, or only the others)."""
+    params = [p for p in _fused(*op_names) if extension is None or (p.values[1] == "cuda") == extension]
+
+    @test_settings
+    @given(data=st.data())
+    @pytest.mark.parametrize("op, backend", params)
+    def test(op, backend, data):
+        check, cases, op_case = PROPERTIES[op]
+        check(data.draw(cases(_dtypes(op_case, backend), **(sizes or {}).get(op, {}))), backend)
+
+    return test
+
+
+test_attention_property = property_test(["qkv_attention", "attention"], CPU)
+test_patch_embed_property = property_test(["patch_embed"], CPU)
+test_patch_embed_uint8_property = property_test(["patch_embed_uint8"], settings(CPU, max_examples=15))
+test_extension_property = property_test(["ln_mlp", "layer_norm"], CPP, extension=True)
+# Triton's interpreter: fewer examples than the C++ twin's (~0.8 s each)
+test_ln_mlp_property_interpreted = property_test(["ln_mlp"], CPU, extension=False)
+test_gpu_property = pytest.mark.gpu(needs_cuda(property_test(list(GPU_SIZES), GPU, sizes=GPU_SIZES)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit import dispatch
+from fastvit.reference import apply_rope  # the spec's form is the fast one too (three elementwise passes)
 from fastvit.validation import (
     autocast_dtype,
     check_eps,
@@ -323,19 +324,6 @@ def _prologue_torch(x: torch.Tensor, norm: QKNorm | None, prologue: AttentionPro
     if prologue.rope is not None:
         x = apply_rope(x, prologue.rope.to(dtype), prologue.num_prefix_tokens, prologue.rotate_half)
     return x
-
-
-def apply_rope(x: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, rotate_half: bool) -> torch.Tensor:
-    """2D RoPE of x [B, H, N, D] from rope = cat(sin, cos) [N - T, 2·D], the T prefix tokens left as they are; the
-    fast form of ``fastvit.reference.apply_rope`` (same layouts)."""
-    sin, cos = rope.tensor_split(2, dim=-1)
-    prefix, patches = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
-    if rotate_half:
-        first, second = patches.chunk(2, dim=-1)
-        rotated = torch.cat([-second, first], dim=-1)
-    else:
-        rotated = torch.stack([-patches[..., 1::2], patches[..., ::2]], dim=-1).reshape(patches.shape)
-    return torch.cat([prefix, patches * cos + rotated * sin], dim=2)
 
 
 @dispatch.register("attention", "torch")
