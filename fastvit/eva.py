@@ -178,52 +178,28 @@ class Eva(nn.Module):
 
     def __init__(
         self,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int | tuple[int, int] = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        global_pool: str = "avg",
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        qkv_bias: bool = True,
-        qkv_fused: bool = True,
-        qk_norm: bool = False,
-        mlp_ratio: float = 4.0,
-        swiglu_mlp: bool = False,
-        swiglu_align_to: int = 0,
-        scale_mlp: bool = False,
-        scale_attn_inner: bool = False,
+        # image and width
+        img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16, in_chans: int = 3,
+        num_classes: int = 1000, global_pool: str = "avg", embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+        # attention and MLP
+        qkv_bias: bool = True, qkv_fused: bool = True, qk_norm: bool = False, mlp_ratio: float = 4.0,
+        swiglu_mlp: bool = False, swiglu_align_to: int = 0, scale_mlp: bool = False, scale_attn_inner: bool = False,
         attn_type: str = "eva",
-        drop_rate: float = 0.0,
-        pos_drop_rate: float = 0.0,
-        proj_drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
+        # regularisation
+        drop_rate: float = 0.0, pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        norm_layer: Callable[..., nn.Module] | str | None = None,
-        init_values: float | None = None,
-        class_token: bool = True,
-        num_reg_tokens: int = 0,
-        no_embed_class: bool = False,
-        use_abs_pos_emb: bool = True,
-        use_rot_pos_emb: bool = False,
-        rope_type: str = "cat",
-        rope_grid_offset: float = 0.0,
-        rope_grid_indexing: str = "ij",
-        rope_temperature: float = 10000.0,
-        rope_rotate_half: bool = False,
-        use_pre_transformer_norm: bool = False,
-        use_post_transformer_norm: bool | None = None,
-        use_fc_norm: bool | None = None,
-        attn_pool_num_heads: int | None = None,
-        attn_pool_mlp_ratio: float | None = None,
-        dynamic_img_size: bool = False,
-        ref_feat_shape: int | tuple[int, int] | None = None,
-        head_init_scale: float = 0.001,
-        backend: str | dict[str, str] | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
+        norm_layer: Callable[..., nn.Module] | str | None = None, init_values: float | None = None,
+        # tokens and position
+        class_token: bool = True, num_reg_tokens: int = 0, no_embed_class: bool = False, use_abs_pos_emb: bool = True,
+        use_rot_pos_emb: bool = False, rope_type: str = "cat", rope_grid_offset: float = 0.0,
+        rope_grid_indexing: str = "ij", rope_temperature: float = 10000.0, rope_rotate_half: bool = False,
+        # norms and head
+        use_pre_transformer_norm: bool = False, use_post_transformer_norm: bool | None = None,
+        use_fc_norm: bool | None = None, attn_pool_num_heads: int | None = None,
+        attn_pool_mlp_ratio: float | None = None, dynamic_img_size: bool = False,
+        ref_feat_shape: int | tuple[int, int] | None = None, head_init_scale: float = 0.001,
+        backend: str | dict[str, str] | None = None, device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         _check_config(
             num_classes=num_classes, global_pool=global_pool, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
@@ -243,17 +219,10 @@ class Eva(nn.Module):
         fc_norm = global_pool == "avg" if use_fc_norm is None else use_fc_norm
         post_norm = not fc_norm if use_post_transformer_norm is None else use_post_transformer_norm
 
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = (1 if class_token else 0) + num_reg_tokens
-        self.num_reg_tokens = num_reg_tokens
-        self.has_class_token = class_token
-        self.no_embed_class = no_embed_class
-        self.pool_include_prefix = False
-        self.dynamic_img_size = dynamic_img_size
-        self.grad_checkpointing = False
+        VisionTransformer._set_layout(
+            self, num_classes, in_chans, global_pool, embed_dim, class_token, num_reg_tokens, no_embed_class, False,
+            dynamic_img_size,
+        )  # fmt: skip
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,

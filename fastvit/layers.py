@@ -67,8 +67,11 @@ class LayerNorm(nn.LayerNorm):
 class RmsNorm(nn.Module):
     """timm's ``RmsNorm``: ``x * rsqrt(mean(x**2) + eps) * weight`` over the last dimension (key ``weight``).
 
-    Used by AIMv2 and the ``_xp`` ViTs. Runs ``F.rms_norm`` (the spec is ``fastvit.reference.rms_norm``).
+    Used by AIMv2 and the ``_xp`` ViTs. Runs ``ops.rms_norm`` (the extension's kernel where ``auto`` finds it, else
+    ``F.rms_norm``; the spec is ``fastvit.reference.rms_norm``); without a weight, ``F.rms_norm``.
     """
+
+    op_name = "rms_norm"
 
     def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -76,13 +79,16 @@ class RmsNorm(nn.Module):
         self.eps = eps
         self.elementwise_affine = affine
         self.weight = nn.Parameter(torch.ones(channels, device=device, dtype=dtype)) if affine else None
+        self.backend: str | None = None
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
             nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        if self.weight is None:
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape[0]}, eps={self.eps}, affine={self.elementwise_affine}"
@@ -350,29 +356,28 @@ class Mlp(nn.Module):
     op_name = "ln_mlp"
 
     def __init__(
-        self,
-        in_features: int,
-        hidden_features: int,
-        out_features: int | None = None,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        bias: bool = True,
-        drop: float = 0.0,
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, in_features: int, hidden_features: int, out_features: int | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU, norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool = True, drop: float = 0.0, device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, **dd)
-        self.drop2 = nn.Dropout(drop)
-        self.backend: str | None = None
+        _add_mlp_tail(self, hidden_features, out_features or in_features, act_layer, norm_layer, bias, drop, dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+def _add_mlp_tail(mlp: nn.Module, width: int, out_features: int, act_layer, norm_layer, bias: bool, drop: float, dd):
+    """The modules after fc1 that the MLP classes share, in timm's order: act, drop1, norm (over ``width``, the
+    features fc2 reads), fc2, drop2; and the ``backend`` of ``ops.ln_mlp``."""
+    mlp.act = act_layer()
+    mlp.drop1 = nn.Dropout(drop)
+    mlp.norm = norm_layer(width, **dd) if norm_layer is not None else nn.Identity()
+    mlp.fc2 = nn.Linear(width, out_features, bias=bias, **dd)
+    mlp.drop2 = nn.Dropout(drop)
+    mlp.backend = None
 
 
 class GluMlp(nn.Module):
@@ -387,30 +392,17 @@ class GluMlp(nn.Module):
     op_name = "ln_mlp"
 
     def __init__(
-        self,
-        in_features: int,
-        hidden_features: int,
-        out_features: int | None = None,
-        act_layer: Callable[[], nn.Module] = nn.Sigmoid,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        bias: bool = True,
-        drop: float = 0.0,
-        gate_last: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, in_features: int, hidden_features: int, out_features: int | None = None,
+        act_layer: Callable[[], nn.Module] = nn.Sigmoid, norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool = True, drop: float = 0.0, gate_last: bool = True, device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         if hidden_features % 2:
             raise ValueError(f"a gated MLP's hidden_features must be even (two halves), got {hidden_features}")
         dd = {"device": device, "dtype": dtype}
         self.gate_last = gate_last
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = norm_layer(hidden_features // 2, **dd) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden_features // 2, out_features or in_features, bias=bias, **dd)
-        self.drop2 = nn.Dropout(drop)
-        self.backend: str | None = None
+        _add_mlp_tail(self, hidden_features // 2, out_features or in_features, act_layer, norm_layer, bias, drop, dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = self.fc1(x).chunk(2, dim=-1)
@@ -433,30 +425,17 @@ class SwiGLU(nn.Module):
     op_name = "ln_mlp"
 
     def __init__(
-        self,
-        in_features: int,
-        hidden_features: int,
-        out_features: int | None = None,
-        act_layer: Callable[[], nn.Module] = nn.SiLU,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        bias: bool = True,
-        drop: float = 0.0,
-        align_to: int = 0,
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, in_features: int, hidden_features: int, out_features: int | None = None,
+        act_layer: Callable[[], nn.Module] = nn.SiLU, norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool = True, drop: float = 0.0, align_to: int = 0, device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if align_to:
             hidden_features += -hidden_features % align_to
         self.fc1_g = nn.Linear(in_features, hidden_features, bias=bias, **dd)
         self.fc1_x = nn.Linear(in_features, hidden_features, bias=bias, **dd)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, **dd)
-        self.drop2 = nn.Dropout(drop)
-        self.backend: str | None = None
+        _add_mlp_tail(self, hidden_features, out_features or in_features, act_layer, norm_layer, bias, drop, dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.fc1_g(x)) * self.fc1_x(x)

@@ -38,7 +38,7 @@ from fastvit.verification import evidence_state
 
 GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token", "map")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
-OPS_USED = ["patch_embed", "layer_norm", "qkv_attention", "linear_residual", "ln_mlp"]
+OPS_USED = ["patch_embed", "layer_norm", "rms_norm", "qkv_attention", "linear_residual", "ln_mlp"]
 
 
 class VisionTransformer(nn.Module):
@@ -160,17 +160,10 @@ class VisionTransformer(nn.Module):
         norm_layer = resolve_norm_layer(norm_layer)
         act_layer = resolve_act_layer(act_layer)
 
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
-        self.num_reg_tokens = reg_tokens
-        self.has_class_token = class_token
-        self.no_embed_class = no_embed_class
-        self.pool_include_prefix = pool_include_prefix
-        self.dynamic_img_size = dynamic_img_size
-        self.grad_checkpointing = False
+        self._set_layout(
+            num_classes, in_chans, global_pool, embed_dim, class_token, reg_tokens, no_embed_class,
+            pool_include_prefix, dynamic_img_size,
+        )  # fmt: skip
 
         self.patch_embed = PatchEmbed(
             img_size=img_size,
@@ -239,6 +232,23 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     # Backends
+
+    def _set_layout(
+        self, num_classes: int, in_chans: int, global_pool: str, embed_dim: int, class_token: bool, reg_tokens: int,
+        no_embed_class: bool, pool_include_prefix: bool, dynamic_img_size: bool,
+    ) -> None:  # fmt: skip
+        """The attributes timm's models carry about classes, widths, prefix tokens and sizes (``fastvit.Eva`` too)."""
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_reg_tokens = reg_tokens
+        self.has_class_token = class_token
+        self.no_embed_class = no_embed_class
+        self.pool_include_prefix = pool_include_prefix
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
 
     def set_backend(self, backend: str | dict[str, str] | None) -> VisionTransformer:
         """Choose where this model's ops run: one backend for all, or one per op.
