@@ -411,6 +411,59 @@ def _varlen_case(lengths: Sequence[int], heads: int, head_dim: int) -> OpCase:
     )
 
 
+def _prologue_qkv_case(grid: tuple[int, int], prefix: int, heads: int, head_dim: int, layout: str, kind: str) -> OpCase:
+    """qkv_attention with its prologue: qk-norm of ``kind`` ('layer' | 'rms', learned weights near 1 and, for
+    'layer', biases) then 2D RoPE in ``layout`` (eva.rope_table's table of ``grid``), ``prefix`` tokens unrotated."""
+    tokens, width3 = prefix + grid[0] * grid[1], 3 * heads * head_dim
+    per_norm = 2 if kind == "layer" else 1
+
+    def make(gen):
+        norms = [_randn(gen, head_dim, scale=0.1, shift=1.0 if i % per_norm == 0 else 0.0) for i in range(2 * per_norm)]
+        return [_randn(gen, 2, tokens, width3), *norms]
+
+    def call(attend, **backend):
+        def run(qkv, *params):
+            from fastvit.eva import rope_table  # the model's table builder, imported late: eva imports the model
+
+            rope = rope_table(grid, head_dim, rotate_half=layout == "half").to(qkv.device)
+            q_params, k_params = params[:per_norm], params[per_norm:]
+            q_norm = ops.QKNorm(q_params[0], q_params[1] if kind == "layer" else None, 1e-6, kind)
+            k_norm = ops.QKNorm(k_params[0], k_params[1] if kind == "layer" else None, 1e-6, kind)
+            return attend(qkv, heads, rope=rope, num_prefix_tokens=prefix, rope_layout=layout, q_norm=q_norm,
+                          k_norm=k_norm, **backend)  # fmt: skip
+
+        return run
+
+    names = ["q_weight", "q_bias", "k_weight", "k_bias"] if kind == "layer" else ["q_weight", "k_weight"]
+    return OpCase(
+        fused=call(ops.qkv_attention, backend="triton"),
+        peer=call(ops.qkv_attention, backend="torch"),
+        spec=call(reference.qkv_attention),
+        make=make,
+        names=("out", "grad qkv", *(f"grad {name}" for name in names)),
+    )
+
+
+def prologue_attention_checks(device: torch.device, quick: bool) -> list[Check]:
+    """Checks of the attention kernels' qk-norm + RoPE prologue (forward and backward, the norms' weight gradients
+    included): both RoPE layouts and both norm kinds, prefix tokens (class + registers) left unrotated."""
+    op = "qkv_attention"
+    grid, prefix = ((5, 7), 1) if quick else ((14, 14), 5)
+    checks, seed = [], 1000
+    for dtype in covered_dtypes(op, "triton", lambda d: attention_call(device, d, 64)):
+        for layout, kind in (("interleaved", "layer"), ("half", "rms")):
+            seed += 1
+            case = _prologue_qkv_case(grid, prefix, 2, 64, layout, kind)
+            label = f"prologue {kind}-norm + RoPE {layout}, grid {grid[0]}x{grid[1]} + {prefix} prefix, D=64"
+            checks.append(_check(op, "triton", dtype, label, case, device, seed))
+    return checks
+
+
+def qkv_attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
+    """``attention_checks`` and the prologue's."""
+    return attention_checks(op, device, quick) + prologue_attention_checks(device, quick)
+
+
 def varlen_attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
     """Checks of the attention kernels' packed variable-length path (``varlen_qkv_attention``, VARLEN=True): empty,
     length-1 and multi-block sequences with ragged tails, per head dim; on a GPU every autotuner candidate forced."""
@@ -870,7 +923,7 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
 
 
 CASE_BUILDERS: dict[tuple[str, str], Callable[[str, torch.device, bool], list[Check]]] = {
-    ("qkv_attention", "triton"): attention_checks,
+    ("qkv_attention", "triton"): qkv_attention_checks,
     ("attention", "triton"): attention_checks,
     ("varlen_qkv_attention", "triton"): varlen_attention_checks,
     ("patch_embed", "triton"): patch_embed_checks,
