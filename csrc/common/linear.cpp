@@ -8,62 +8,49 @@
 namespace fastvit {
 namespace cublaslt {
 
+namespace {
+
+// One column-major GEMM  D[m, n] = op(A)[m, k] · op(B)[k, n]  with D's leading dimension m (D contiguous).
+Matmul column_major(cublasOperation_t trans_a, cublasOperation_t trans_b, int64_t m, int64_t n, int64_t k,
+                    const at::Tensor& a, int64_t lda, const at::Tensor& b, int64_t ldb, const at::Tensor& d,
+                    bool deterministic) {
+  Matmul mm;
+  mm.trans_a = trans_a;
+  mm.trans_b = trans_b;
+  mm.m = m;
+  mm.n = n;
+  mm.k = k;
+  mm.a = a.data_ptr();
+  mm.lda = lda;
+  mm.b = b.data_ptr();
+  mm.ldb = ldb;
+  mm.d = d.data_ptr();
+  mm.ldd = m;
+  mm.dtype = d.scalar_type();
+  mm.deterministic = deterministic;
+  return mm;
+}
+
+}  // namespace
+
 Matmul linear_forward_matmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out) {
   // out[M, N] = x[M, K] · W[N, K]ᵀ  ->  outᵀ = W · xᵀ:  m = N, n = M, k = K.
-  Matmul mm;
-  mm.trans_a = CUBLAS_OP_T;
-  mm.trans_b = CUBLAS_OP_N;
-  mm.m = weight.size(0);
-  mm.n = x.size(0);
-  mm.k = x.size(1);
-  mm.a = weight.data_ptr();
-  mm.lda = mm.k;
-  mm.b = x.data_ptr();
-  mm.ldb = mm.k;
-  mm.d = out.data_ptr();
-  mm.ldd = mm.m;
-  mm.dtype = x.scalar_type();
-  return mm;
+  const int64_t k = x.size(1);
+  return column_major(CUBLAS_OP_T, CUBLAS_OP_N, weight.size(0), x.size(0), k, weight, k, x, k, out, false);
 }
 
 Matmul linear_input_grad_matmul(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& grad_x,
                                 bool deterministic) {
   // dx[M, K] = dy[M, N] · W[N, K]  ->  dxᵀ = Wᵀ · dyᵀ:  m = K, n = M, k = N.
-  Matmul mm;
-  mm.trans_a = CUBLAS_OP_N;
-  mm.trans_b = CUBLAS_OP_N;
-  mm.m = weight.size(1);
-  mm.n = dy.size(0);
-  mm.k = weight.size(0);
-  mm.a = weight.data_ptr();
-  mm.lda = mm.m;
-  mm.b = dy.data_ptr();
-  mm.ldb = mm.k;
-  mm.d = grad_x.data_ptr();
-  mm.ldd = mm.m;
-  mm.dtype = dy.scalar_type();
-  mm.deterministic = deterministic;
-  return mm;
+  const int64_t m = weight.size(1), k = weight.size(0);
+  return column_major(CUBLAS_OP_N, CUBLAS_OP_N, m, dy.size(0), k, weight, m, dy, k, grad_x, deterministic);
 }
 
 Matmul linear_weight_grad_matmul(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& grad_weight,
                                  bool deterministic) {
   // dW[N, K] = dy[M, N]ᵀ · x[M, K]  ->  dWᵀ = xᵀ · dy:  m = K, n = N, k = M.
-  Matmul mm;
-  mm.trans_a = CUBLAS_OP_N;
-  mm.trans_b = CUBLAS_OP_T;
-  mm.m = x.size(1);
-  mm.n = dy.size(1);
-  mm.k = x.size(0);
-  mm.a = x.data_ptr();
-  mm.lda = mm.m;
-  mm.b = dy.data_ptr();
-  mm.ldb = mm.n;
-  mm.d = grad_weight.data_ptr();
-  mm.ldd = mm.m;
-  mm.dtype = x.scalar_type();
-  mm.deterministic = deterministic;
-  return mm;
+  const int64_t m = x.size(1), n = dy.size(1);
+  return column_major(CUBLAS_OP_N, CUBLAS_OP_T, m, n, x.size(0), x, m, dy, n, grad_weight, deterministic);
 }
 
 void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& residual,

@@ -33,6 +33,23 @@ constexpr int kRowLanes = 8;      // threads along the rows in the column-reduct
 constexpr int kRowKernelThreads = kWarpSize * kRowsPerBlock;
 constexpr int kColKernelThreads = kColTile * kRowLanes;
 
+// LayerNorm's output for pack p of a row: (x - mean) · rstd · w + b (b nullptr: no bias), rounded once to T.
+template <typename T, typename acc_t, int VEC>
+__device__ __forceinline__ Pack<T, VEC> normalize_pack(const Pack<T, VEC>& xv, const Pack<T, VEC>* w,
+                                                       const Pack<T, VEC>* b, int64_t p, acc_t mean, acc_t rstd) {
+  const Pack<T, VEC> wv = w[p];
+  Pack<T, VEC> bv;
+  if (b != nullptr) bv = b[p];
+  Pack<T, VEC> out;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const acc_t xhat = (static_cast<acc_t>(xv.v[j]) - mean) * rstd;
+    const acc_t shift = b != nullptr ? static_cast<acc_t>(bv.v[j]) : acc_t(0);
+    out.v[j] = static_cast<T>(xhat * static_cast<acc_t>(wv.v[j]) + shift);
+  }
+  return out;
+}
+
 template <typename T, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kRowKernelThreads) layer_norm_fwd_kernel(const T* __restrict__ x,  // [rows, width]
                                                                            const T* __restrict__ weight,  // [width]
@@ -90,17 +107,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) layer_norm_fwd_kernel(const
 
     P* out_row = reinterpret_cast<P*>(out + row * width);
     for (int64_t p = lane; p < packs; p += kWarpSize) {
-      const P v = x_row[p], wv = w[p];
-      P bv;
-      if (b != nullptr) bv = b[p];
-      P o;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const acc_t normed = (static_cast<acc_t>(v.v[j]) - mean) * rstd;
-        const acc_t shift = b != nullptr ? static_cast<acc_t>(bv.v[j]) : acc_t(0);
-        o.v[j] = static_cast<T>(normed * static_cast<acc_t>(wv.v[j]) + shift);
-      }
-      out_row[p] = o;
+      out_row[p] = normalize_pack<T, acc_t, VEC>(x_row[p], w, b, p, mean, rstd);
     }
     if (lane == 0) {
       mean_out[row] = mean;
@@ -166,19 +173,8 @@ __global__ void __launch_bounds__(kRowKernelThreads)
         dx.v[j] = static_cast<T>(value);
       }
       dx_row[p] = dx;
-      if (normed_row != nullptr) {
-        // The forward's LN output: the same expression from the same statistics, rounded once.
-        P bv;
-        if (b != nullptr) bv = b[p];
-        P normed;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const acc_t xhat = (static_cast<acc_t>(xv.v[j]) - mu) * r;
-          const acc_t shift = b != nullptr ? static_cast<acc_t>(bv.v[j]) : acc_t(0);
-          normed.v[j] = static_cast<T>(xhat * static_cast<acc_t>(wv.v[j]) + shift);
-        }
-        normed_row[p] = normed;
-      }
+      // The forward's LN output: the same expression from the same statistics, rounded once.
+      if (normed_row != nullptr) normed_row[p] = normalize_pack<T, acc_t, VEC>(xv, w, b, p, mu, r);
     }
   }
 }
