@@ -250,30 +250,14 @@ class Eva(nn.Module):
         self.rope = RotaryEmbedding2d(self.rope_config, head_dim, depth, num_heads, device=device)
         self.norm_pre = norm_layer(embed_dim, **dd) if use_pre_transformer_norm else nn.Identity()
         drop_path_rates = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
-        self.blocks = nn.ModuleList(
-            EvaBlock(
-                dim=embed_dim,
-                num_heads=num_heads,
-                qkv_bias=qkv_bias,
-                qkv_fused=qkv_fused,
-                mlp_ratio=mlp_ratio,
-                swiglu_mlp=swiglu_mlp,
-                swiglu_align_to=swiglu_align_to,
-                scale_mlp=scale_mlp,
-                scale_attn_inner=scale_attn_inner,
-                num_prefix_tokens=self.num_prefix_tokens,
-                rotate_half=rope_rotate_half,
-                qk_norm=qk_norm,
-                attn_type=attn_type,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=drop_path_rates[i],
-                init_values=init_values,
-                norm_layer=norm_layer,
-                **dd,
-            )  # fmt: skip
-            for i in range(depth)
-        )
+        block_args = dict(
+            dim=embed_dim, num_heads=num_heads, qkv_bias=qkv_bias, qkv_fused=qkv_fused, mlp_ratio=mlp_ratio,
+            swiglu_mlp=swiglu_mlp, swiglu_align_to=swiglu_align_to, scale_mlp=scale_mlp,
+            scale_attn_inner=scale_attn_inner, num_prefix_tokens=self.num_prefix_tokens, rotate_half=rope_rotate_half,
+            qk_norm=qk_norm, attn_type=attn_type, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+            init_values=init_values, norm_layer=norm_layer, **dd,
+        )  # fmt: skip
+        self.blocks = nn.ModuleList(EvaBlock(drop_path=rate, **block_args) for rate in drop_path_rates)
         self.norm = norm_layer(embed_dim, **dd) if post_norm else nn.Identity()
         self.attn_pool = (
             AttentionPoolLatent(

@@ -266,6 +266,26 @@ class ResidualLinear(nn.Linear):
         self.backend: str | None = None
 
 
+def _set_heads(module: nn.Module, dim: int, num_heads: int) -> None:
+    """An attention module's head bookkeeping: ``num_heads``, ``head_dim`` and the softmax ``scale`` (D**-0.5)."""
+    if dim % num_heads != 0:
+        raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+    module.num_heads = num_heads
+    module.head_dim = dim // num_heads
+    module.scale = module.head_dim**-0.5
+
+
+def split_qkv_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, N, 3·C] in timm's layout -> q, k, v [B, H, N, D] views (no copy)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _add_qk_norms(module: nn.Module, qk_norm: bool, norm_layer: Callable[..., nn.Module], dd: dict) -> None:
+    """timm's ``q_norm`` / ``k_norm``: a ``norm_layer`` over each head's D channels, or Identity without qk-norm."""
+    module.q_norm = norm_layer(module.head_dim, **dd) if qk_norm else nn.Identity()
+    module.k_norm = norm_layer(module.head_dim, **dd) if qk_norm else nn.Identity()
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: qkv Linear -> ``ops.qkv_attention`` on the packed buffer -> proj.
 
@@ -295,16 +315,10 @@ class Attention(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _set_heads(self, dim, num_heads)
         dd = {"device": device, "dtype": dtype}
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        qk_norm_layer = norm_layer or LayerNorm
-        self.q_norm = qk_norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = qk_norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        _add_qk_norms(self, qk_norm, norm_layer or LayerNorm, dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = ResidualLinear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -317,7 +331,7 @@ class Attention(nn.Module):
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, N, C] -> q, k, v: [B, H, N, D] each, as attention uses them (after qk-norm)."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_qkv_heads(self.qkv(x), self.num_heads)
         return self.q_norm(q), self.k_norm(k), v
 
     def attend(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
@@ -631,19 +645,14 @@ class AttentionPoolLatent(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if in_features % num_heads != 0:
-            raise ValueError(f"embed_dim ({in_features}) must be divisible by num_heads ({num_heads})")
+        _set_heads(self, in_features, num_heads)
         dd = {"device": device, "dtype": dtype}
         norm_layer = norm_layer or LayerNorm
-        self.num_heads = num_heads
-        self.head_dim = in_features // num_heads
-        self.scale = self.head_dim**-0.5
         self.latent_len = 1
         self.latent = nn.Parameter(torch.zeros(1, 1, in_features, **dd))
         self.q = nn.Linear(in_features, in_features, bias=qkv_bias, **dd)
         self.kv = nn.Linear(in_features, in_features * 2, bias=qkv_bias, **dd)
-        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        _add_qk_norms(self, qk_norm, norm_layer, dd)
         self.proj = nn.Linear(in_features, in_features, **dd)
         self.proj_drop = nn.Dropout(drop)
         self.norm = norm_layer(in_features, **dd)
@@ -773,33 +782,18 @@ class EvaAttention(nn.Module):
     op_name = "qkv_attention"
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = True,
-        qkv_fused: bool = True,
-        num_prefix_tokens: int = 1,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        qk_norm: bool = False,
-        scale_norm: bool = True,
-        rotate_half: bool = False,
-        attn_type: str = "eva",
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qkv_fused: bool = True, num_prefix_tokens: int = 1,
+        attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: Callable[..., nn.Module] | None = None,
+        qk_norm: bool = False, scale_norm: bool = True, rotate_half: bool = False, attn_type: str = "eva",
+        device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _set_heads(self, dim, num_heads)
         if attn_type not in ("eva", "rope"):
             raise ValueError(f"attn_type must be 'eva' or 'rope', got {attn_type!r}")
         dd = {"device": device, "dtype": dtype}
         norm_layer = norm_layer or LayerNorm
         k_bias = qkv_bias and attn_type == "rope"  # timm's AttentionRope: plain Linear biases, k's included
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
         self.num_prefix_tokens = num_prefix_tokens
         self.rotate_half = rotate_half
         separate_bias = qkv_bias and not k_bias
@@ -813,8 +807,7 @@ class EvaAttention(nn.Module):
             self.q_proj = nn.Linear(dim, dim, bias=qkv_bias, **dd)
             self.k_proj = nn.Linear(dim, dim, bias=k_bias, **dd)
             self.v_proj = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        _add_qk_norms(self, qk_norm, norm_layer, dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, **dd)
@@ -836,7 +829,7 @@ class EvaAttention(nn.Module):
         """x: [B, N, C]; rope: [N - num_prefix_tokens, 2·D] or None -> q, k, v [B, H, N, D] as attention uses them."""
         if self.qkv is not None:
             qkv = self.packed_qkv(x)
-            q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = split_qkv_heads(qkv, self.num_heads)
         else:
             q, k, v = (
                 proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
@@ -955,29 +948,13 @@ class EvaBlock(nn.Module):
     """
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        qkv_fused: bool = True,
-        mlp_ratio: float = 4.0,
-        swiglu_mlp: bool = False,
-        swiglu_align_to: int = 0,
-        scale_mlp: bool = False,
-        scale_attn_inner: bool = False,
-        num_prefix_tokens: int = 1,
-        rotate_half: bool = False,
-        qk_norm: bool = False,
-        attn_type: str = "eva",
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        init_values: float | None = None,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
-        norm_layer: Callable[..., nn.Module] = LayerNorm,
-        device=None,
+        self, dim: int, num_heads: int, qkv_bias: bool = True, qkv_fused: bool = True, mlp_ratio: float = 4.0,
+        swiglu_mlp: bool = False, swiglu_align_to: int = 0, scale_mlp: bool = False, scale_attn_inner: bool = False,
+        num_prefix_tokens: int = 1, rotate_half: bool = False, qk_norm: bool = False, attn_type: str = "eva",
+        proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, init_values: float | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU, norm_layer: Callable[..., nn.Module] = LayerNorm, device=None,
         dtype=None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm1 = norm_layer(dim, **dd)
@@ -1044,44 +1021,26 @@ class ParallelScalingBlock(nn.Module):
     op_name = "qkv_attention"
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
-        qk_norm: bool = False,
-        scale_attn_norm: bool = False,
-        scale_mlp_norm: bool = False,
-        proj_bias: bool = True,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        init_values: float | None = None,
-        drop_path: float = 0.0,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
-        norm_layer: Callable[..., nn.Module] = LayerNorm,
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False, qk_norm: bool = False,
+        scale_attn_norm: bool = False, scale_mlp_norm: bool = False, proj_bias: bool = True, proj_drop: float = 0.0,
+        attn_drop: float = 0.0, init_values: float | None = None, drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU, norm_layer: Callable[..., nn.Module] = LayerNorm,
         mlp_layer: Callable[..., nn.Module] | None = None,  # timm's signature; the MLP is built in
-        fuse_out_proj: bool = False,
-        device=None,
-        dtype=None,
-    ) -> None:
+        fuse_out_proj: bool = False, device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _set_heads(self, dim, num_heads)
         if scale_attn_norm or scale_mlp_norm:
             raise ValueError("ParallelScalingBlock has no inner norms (scale_attn_norm / scale_mlp_norm), as timm's")
         if mlp_layer not in (None, Mlp):
             raise ValueError(f"ParallelScalingBlock builds its own GELU MLP; mlp_layer={mlp_layer!r} is not supported")
         dd = {"device": device, "dtype": dtype}
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
         hidden = int(mlp_ratio * dim)
         self.in_split = [hidden, dim, dim, dim]
         self.in_norm = norm_layer(dim, **dd)
         self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=qkv_bias, **dd)
         self.mlp_bias = None if qkv_bias else nn.Parameter(torch.zeros(hidden, **dd))
-        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        _add_qk_norms(self, qk_norm, norm_layer, dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.mlp_drop = nn.Dropout(proj_drop)
         self.mlp_act = act_layer()
@@ -1112,7 +1071,7 @@ class ParallelScalingBlock(nn.Module):
         return self._heads(self.project(x)[1])
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_qkv_heads(qkv, self.num_heads)
         return self.q_norm(q), self.k_norm(k), v
 
     def attend(self, x: torch.Tensor, attn_mask: AttnMask = None) -> tuple[torch.Tensor, torch.Tensor]:

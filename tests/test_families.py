@@ -40,49 +40,55 @@ timm = pytest.importorskip("timm")
 
 REL_TOL = 1e-5  # fp32, same math on both sides (see the module docstring)
 
+
+def small(**kwargs) -> dict:
+    """A tiny model of a family: width 64, 2 heads, 32 px, unless ``kwargs`` say otherwise."""
+    return dict(embed_dim=64, num_heads=2, img_size=32) | kwargs
+
+
 # (test id, timm model name, small size kwargs). The comments say what each one exercises.
 FAMILIES = [
     # SigLIP: no class token, attention-pool head ('map'), 4x MLP.
-    ("siglip", "vit_base_patch16_siglip_224", dict(embed_dim=64, num_heads=2, img_size=32)),
+    ("siglip", "vit_base_patch16_siglip_224", small()),
     # SigLIP so400m: head dim 72, MLP 1152 -> 4304 (ratio 3.7362), 384 px with patch 14 (a remainder the conv drops).
-    ("siglip-so400m", "vit_so400m_patch14_siglip_384", dict(embed_dim=144, num_heads=2, img_size=46)),
+    ("siglip-so400m", "vit_so400m_patch14_siglip_384", small(embed_dim=144, img_size=46)),
     # SigLIP2 so400m/16: GELU tanh; head dim 96 here.
-    ("siglip2", "vit_so400m_patch16_siglip_256", dict(embed_dim=192, num_heads=2, img_size=32)),
+    ("siglip2", "vit_so400m_patch16_siglip_256", small(embed_dim=192)),
     # OpenCLIP / CLIP-L/14-336: pre-norm, eps 1e-5, no patch-embedding bias.
-    ("clip", "vit_large_patch14_clip_336", dict(embed_dim=64, num_heads=2, img_size=28)),
+    ("clip", "vit_large_patch14_clip_336", small(img_size=28)),
     # OpenAI CLIP weights: QuickGELU; head dim 80 (as H/14).
-    ("clip-quickgelu", "vit_base_patch32_clip_quickgelu_224", dict(embed_dim=160, num_heads=2, img_size=64)),
+    ("clip-quickgelu", "vit_base_patch32_clip_quickgelu_224", small(embed_dim=160, img_size=64)),
     # DINOv2: LayerScale, 518 px grid resampled, register tokens in the reg4 variant.
-    ("dinov2", "vit_base_patch14_dinov2", dict(embed_dim=64, num_heads=2, img_size=28)),
-    ("dinov2-reg4", "vit_base_patch14_reg4_dinov2", dict(embed_dim=64, num_heads=2, img_size=28)),
+    ("dinov2", "vit_base_patch14_dinov2", small(img_size=28)),
+    ("dinov2-reg4", "vit_base_patch14_reg4_dinov2", small(img_size=28)),
     # DINOv2 giant: packed SwiGLU (SwiGLUPacked, SiLU).
-    ("dinov2-giant", "vit_giant_patch14_dinov2", dict(embed_dim=96, num_heads=2, img_size=28)),
+    ("dinov2-giant", "vit_giant_patch14_dinov2", small(embed_dim=96, img_size=28)),
     # AIMv2: RmsNorm (also on the patch embedding), split SwiGLU, no qkv/proj bias, avg pooling without fc_norm.
-    ("aimv2", "aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),
+    ("aimv2", "aimv2_large_patch14_224", small(img_size=28)),
     # DeiT3: LayerScale, no class-token position embedding (no_embed_class).
-    ("deit3", "deit3_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=32)),
+    ("deit3", "deit3_base_patch16_224", small()),
     # qk-norm (timm's qk_norm=True, keys attn.q_norm/k_norm) on a plain ViT.
-    ("qk-norm", "vit_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=32, qk_norm=True)),
+    ("qk-norm", "vit_base_patch16_224", small(qk_norm=True)),
     # The _xp models: ParallelScalingBlock (attention and MLP side by side, one in_proj), RmsNorm qk-norm, pre-norm.
-    ("xp", "vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32)),
-    ("xp-qkv-bias", "vit_base_patch16_xp_224", dict(embed_dim=64, num_heads=2, img_size=32, qkv_bias=True)),
+    ("xp", "vit_base_patch16_xp_224", small()),
+    ("xp-qkv-bias", "vit_base_patch16_xp_224", small(qkv_bias=True)),
     # timm's Eva class (fastvit.Eva): 2D RoPE.
     # EVA02: interleaved RoPE rescaled to the pretraining grid, separate q/k/v (no k bias), SwiGLU with sub-LN.
-    ("eva02", "eva02_base_patch14_448", dict(embed_dim=64, num_heads=2, img_size=56)),
+    ("eva02", "eva02_base_patch14_448", small(img_size=56)),
     # EVA02-CLIP: fused qkv with q/v biases, a norm before the attention proj (scale_attn_inner).
-    ("eva02-clip", "eva02_base_patch16_clip_224", dict(embed_dim=64, num_heads=2, img_size=48)),
+    ("eva02-clip", "eva02_base_patch16_clip_224", small(img_size=48)),
     # DINOv3: rotate-half RoPE on patch centres, 4 registers + class token untouched, no abs. position embedding,
     # LayerScale, no qkv bias, eps 1e-5, dynamic image size; S+ has packed SwiGLU, _qkvb q/v biases.
-    ("dinov3", "vit_base_patch16_dinov3", dict(embed_dim=64, num_heads=2, img_size=48)),
-    ("dinov3-splus", "vit_small_plus_patch16_dinov3", dict(embed_dim=64, num_heads=2, img_size=48)),
-    ("dinov3-qkvb", "vit_small_patch16_dinov3_qkvb", dict(embed_dim=64, num_heads=2, img_size=48)),
+    ("dinov3", "vit_base_patch16_dinov3", small(img_size=48)),
+    ("dinov3-splus", "vit_small_plus_patch16_dinov3", small(img_size=48)),
+    ("dinov3-qkvb", "vit_small_patch16_dinov3_qkvb", small(img_size=48)),
     # timm RoPE ViT: 'xy' grid indexing, AttentionRope (plain qkv bias), token pooling.
-    ("rope-vit", "vit_base_patch16_rope_224", dict(embed_dim=64, num_heads=2, img_size=48)),
+    ("rope-vit", "vit_base_patch16_rope_224", small(img_size=48)),
     # RoPE-Mixed: learned per-block, per-head frequencies (key rope.freqs, trained); _ape adds an abs. embedding.
-    ("rope-mixed", "vit_base_patch16_rope_mixed_224", dict(embed_dim=64, num_heads=2, img_size=48)),
-    ("rope-mixed-ape", "vit_base_patch16_rope_mixed_ape_224", dict(embed_dim=64, num_heads=2, img_size=48)),
+    ("rope-mixed", "vit_base_patch16_rope_mixed_224", small(img_size=48)),
+    ("rope-mixed-ape", "vit_base_patch16_rope_mixed_ape_224", small(img_size=48)),
     # Perception Encoder: attention-pool head with its own heads, pre-norm, grid offset 1, ref grid.
-    ("pe-core", "vit_pe_core_base_patch16_224", dict(embed_dim=64, num_heads=2, img_size=48, attn_pool_num_heads=4)),
+    ("pe-core", "vit_pe_core_base_patch16_224", small(img_size=48, attn_pool_num_heads=4)),
 ]
 IDS = [family[0] for family in FAMILIES]
 EVA = {
