@@ -6,10 +6,11 @@ Reference: Dehghani et al., "Patch n' Pack: NaViT" (arXiv:2307.06304); Tschannen
 Each image keeps its own aspect ratio and resolution: the input is timm's NaFlex dict ``{'patches': [B, N, P·P·C],
 'patch_coord': [B, N, 2] (row, column of each patch), 'patch_valid': [B, N] bool}`` (what timm's NaFlex collator
 builds), or a plain [B, C, H, W] image batch. The padding convention is timm's: sample b's patches come first, in
-row-major order of its (h_b, w_b) grid, and the rest of its N slots are padding (``patch_valid`` False; their pixels
-and coordinates are ignored). The learned position embedding [1, H0, W0, D] is resampled per sample to (h_b, w_b)
-(``F.interpolate`` with the model's mode, ``align_corners`` and antialias; square max(h, w) then cropped with
-``pos_embed_ar_preserving``) and added by sequence position, exactly as timm's ``NaFlexEmbeds``.
+row-major order of its (h_b, w_b) grid, and the rest of its N slots are padding (``patch_valid`` False, any pixels,
+coordinates (0, 0) as the collator writes them: the grid is max(patch_coord) + 1 over all N slots, as in timm).
+The learned position embedding [1, H0, W0, D] is resampled per sample to (h_b, w_b) (``F.interpolate`` with the
+model's mode, ``align_corners`` and antialias; square max(h, w) then cropped with ``pos_embed_ar_preserving``) and
+added by sequence position, exactly as timm's ``NaFlexEmbeds``.
 
 ``patch_valid`` with the prefix tokens prepended is the [B, T+N] key-padding ``attn_mask`` of every block
 (``fastvit.packing``: ``ops.qkv_attention(key_padding_mask=)``, fused kernels skip masked key blocks). timm's default
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from fastvit import ops
 from fastvit.layers import AttentionPoolLatent, Block, Mlp, ParallelScalingBlock, to_2tuple
 from fastvit.model import (
+    _OPENAI_CLIP,
     VisionTransformer,
     _check_config,
     default_pretrained_cfg,
@@ -435,7 +437,7 @@ class NaFlexVit(nn.Module):
 
         self.embeds = NaFlexEmbeds(cfg, in_chans, embed_norm, **dd)
         self.norm_pre = norm_layer(cfg.embed_dim, **dd) if cfg.pre_norm else nn.Identity()
-        drop_path_rates = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        drop_path_rates = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu")]
         block_fn = _block_fn(cfg.block_fn)
         self.blocks = nn.Sequential(
             *[
@@ -671,11 +673,28 @@ NAFLEX_PRESETS: dict[str, dict] = {
 }  # fmt: skip
 
 
+# What timm's pretrained configs give each preset beyond the architecture: the head (SigLIP and RADIO towers are feature
+# extractors), the nominal input size and the normalisation (crop_pct 1.0 for all).
+_SIGLIP_DATA = dict(img_size=384, mean=(0.5,) * 3, std=(0.5,) * 3)
+_RADIO_DATA = dict(num_classes=0, img_size=512, mean=_OPENAI_CLIP["mean"], std=_OPENAI_CLIP["std"])
+
+
+def _preset_data(name: str) -> dict:
+    if "radio" in name:
+        return _RADIO_DATA
+    return {**_SIGLIP_DATA, "num_classes": 0} if name.endswith("siglip") else _SIGLIP_DATA
+
+
 def create_naflexvit(name: str, **kwargs) -> NaFlexVit:
     """The preset ``name`` of ``NAFLEX_PRESETS``; ``kwargs``: NaFlexVitCfg fields or constructor arguments."""
     cfg_names = {f.name for f in dataclasses.fields(NaFlexVitCfg)}
     cfg_kwargs = {**NAFLEX_PRESETS[name], **{k: v for k, v in kwargs.items() if k in cfg_names}}
-    return NaFlexVit(NaFlexVitCfg(**cfg_kwargs), **{k: v for k, v in kwargs.items() if k not in cfg_names})
+    data = _preset_data(name)
+    args = {"num_classes": data.get("num_classes", 1000), "img_size": data["img_size"]}
+    args.update({k: v for k, v in kwargs.items() if k not in cfg_names})
+    model = NaFlexVit(NaFlexVitCfg(**cfg_kwargs), **args)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": data["mean"], "std": data["std"], "crop_pct": 1.0}
+    return model
 
 
 # ------------------------------------------------------------------------------------------------
