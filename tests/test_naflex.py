@@ -11,6 +11,7 @@ per block, the pool and the head). Relative to the output's scale: ``REL_TOL = 4
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from functools import partial
@@ -22,7 +23,7 @@ import torch.nn as nn
 import fastvit
 from fastvit.naflex import NAFLEX_PRESETS, NaFlexVit, NaFlexVitCfg
 
-from utils import triton_skip_reason
+from utils import assert_within_torch_error, needs_cuda, triton_skip_reason
 
 timm = pytest.importorskip("timm")
 naflexvit = pytest.importorskip("timm.models.naflexvit")
@@ -259,3 +260,25 @@ def test_bad_images_and_configs_are_clear_errors():
         NaFlexVit(no_such_knob=1)
     with pytest.raises(ValueError, match="rope"):
         fastvit.from_timm(_timm_model("naflexvit_base_patch16_gap", rope_type="axial"))
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kernels_on_gpu_within_torchs_error(dtype):
+    """The fused path (Triton key-padding attention and patch embedding, the extension's LN->MLP and proj+residual)
+    under autocast, against timm's own error in the same dtype, both measured from timm in fp64."""
+    theirs = _timm_model("naflexvit_base_patch16_siglip").cuda()
+    ours = fastvit.from_timm(theirs).eval()
+    ours.set_backend({"qkv_attention": "triton", "ln_mlp": "cuda", "linear_residual": "cuda", "patch_embed": "triton"})
+    exact = copy.deepcopy(theirs).double()
+    for x in (_mixed_batch(), _images()):
+        x = {k: v.cuda() for k, v in x.items()} if isinstance(x, dict) else x.cuda()
+        x64 = (
+            {k: v.double() if v.is_floating_point() else v for k, v in x.items()} if isinstance(x, dict) else x.double()
+        )
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+            got, torch_same = ours(x).float(), theirs(x).float()
+        with torch.no_grad():
+            want = exact(x64)
+        assert_within_torch_error(f"NaFlexVit logits {dtype}", got, torch_same, want)
