@@ -132,7 +132,7 @@ _UNSUPPORTED = {
     "num_kv_heads": "grouped KV heads",
     "scale_attn_inner_norm": "a norm inside attention",
     "patch_drop_rate": "patch dropout",
-    "rope_type": "RoPE (fastvit.Eva runs the RoPE ViTs on fixed-size images; NaFlex RoPE is not ported)",
+    "rope_type": "RoPE: per-sample RoPE grids of NaFlex batches are not ported (fastvit.Eva takes one grid a batch)",
     "attn_layer": "another attention layer",
     "attn_type": "EVA / RoPE attention",
     "attn_gated": "gated attention",
