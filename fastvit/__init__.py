@@ -40,6 +40,7 @@ from fastvit.model import (
     vit_so400m_patch16_siglip_256,
     vit_tiny_patch16_224,
 )
+from fastvit.naflex import NaFlexVit, NaFlexVitCfg
 from fastvit.optimize import optimize
 from fastvit.selftest_runner import selftest
 from fastvit.session import InferenceSession
@@ -61,6 +62,8 @@ __all__ = [
     "VisionTransformer",
     "ViT",
     "Eva",
+    "NaFlexVit",
+    "NaFlexVitCfg",
     "PRESETS",
     "create_model",
     "list_models",

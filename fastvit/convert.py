@@ -119,9 +119,9 @@ def unwrap_state_dict(obj: object, source: str = "state_dict") -> StateDict:
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """'timm' (also fastvit), 'torchvision' or 'hf', from characteristic key names."""
+    """'timm' (also fastvit, and timm's NaFlexVit), 'torchvision' or 'hf', from characteristic key names."""
     keys = set(state_dict)
-    if "patch_embed.proj.weight" in keys:
+    if "patch_embed.proj.weight" in keys or "embeds.proj.weight" in keys:  # ViT / Eva, or NaFlexVit
         return "timm"
     if "conv_proj.weight" in keys and any(k.startswith("encoder.layers.") for k in keys):
         return "torchvision"
@@ -634,13 +634,19 @@ def config_from_json(config: Mapping) -> dict:
 
 def build_model(config: Mapping, **overrides) -> nn.Module:
     """The model a config describes (:func:`config_from_json`'s output, a preset's): ``fastvit.Eva`` when
-    ``config['model_class'] == 'Eva'``, else a ``VisionTransformer``; ``overrides`` win over the config."""
+    ``config['model_class'] == 'Eva'``, ``fastvit.NaFlexVit`` for 'NaFlexVit' (NaFlexVitCfg fields, ``in_chans``,
+    ``num_classes``), else a ``VisionTransformer``; ``overrides`` win over the config."""
     config = {**config, **overrides}
-    if config.pop("model_class", "VisionTransformer") == "Eva":
+    model_class = config.pop("model_class", "VisionTransformer")
+    if model_class == "Eva":
         from fastvit.eva import Eva
 
         config.pop("weight_init", None)  # Eva has one init scheme (timm's); loaded weights replace it anyway
         return Eva(**config)
+    if model_class == "NaFlexVit":
+        from fastvit.naflex import NaFlexVit
+
+        return NaFlexVit(**config)
     return VisionTransformer(**config)
 
 
@@ -770,6 +776,10 @@ def from_timm(model_or_state_dict, **overrides) -> VisionTransformer:
     Unsupported timm features (attention pooling, qk-norm, distillation tokens, other block types, non-GELU
     activations, non-LayerNorm norms) raise ``ValueError``.
     """
+    if isinstance(model_or_state_dict, nn.Module) and type(model_or_state_dict).__name__ == "NaFlexVit":
+        from fastvit.naflex import from_timm_naflex
+
+        return from_timm_naflex(model_or_state_dict, **overrides)
     if isinstance(model_or_state_dict, nn.Module) and type(model_or_state_dict).__name__ == "Eva":
         from fastvit.eva import Eva
 

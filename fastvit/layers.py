@@ -670,10 +670,16 @@ class AttentionPoolLatent(nn.Module):
         k, v = self.kv(x).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, C] -> [B, C]."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, C] -> [B, C]. ``attn_mask``: a [B, N] bool key-padding mask (True = the token is pooled; timm
+        NaFlexViT's ``patch_valid``), run by SDPA (``ops.attention`` takes no mask)."""
         q, k, v = self.heads(x)
-        x = ops.attention(q, k, v, self.scale, backend=self.backend).transpose(1, 2).flatten(2)  # [B, 1, C]
+        if attn_mask is None:
+            x = ops.attention(q, k, v, self.scale, backend=self.backend)
+        else:
+            check_attn_mask(attn_mask, x)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(attn_mask, x.shape[1]), scale=self.scale)
+        x = x.transpose(1, 2).flatten(2)  # [B, 1, C]
         x = self.proj_drop(self.proj(x))
         if next(mlp_blockers(self.norm, self.mlp, self.mlp.norm, self.training), None) is None:
             x = _fused_ln_mlp(self.norm, self.mlp, x, True, self.mlp.backend)

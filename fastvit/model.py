@@ -684,8 +684,9 @@ def list_models(
     import fnmatch
 
     from fastvit.eva import EVA_PRESETS
+    from fastvit.naflex import NAFLEX_PRESETS
 
-    all_presets = {**PRESETS, **EVA_PRESETS}
+    all_presets = {**PRESETS, **EVA_PRESETS, **NAFLEX_PRESETS}
     if pretrained:
         import timm
 
@@ -735,12 +736,13 @@ def create_model(
         kwargs: any constructor argument, e.g. ``num_classes=10`` or ``depth=2``.
     """
     from fastvit.eva import EVA_PRESETS, Eva
+    from fastvit.naflex import NAFLEX_PRESETS, create_naflexvit
 
     arch, _, tag = name.partition(".")
-    if arch not in PRESETS and arch not in EVA_PRESETS:
+    if arch not in PRESETS and arch not in EVA_PRESETS and arch not in NAFLEX_PRESETS:
         import difflib
 
-        close = difflib.get_close_matches(arch, [*PRESETS, *EVA_PRESETS], n=1)
+        close = difflib.get_close_matches(arch, [*PRESETS, *EVA_PRESETS, *NAFLEX_PRESETS], n=1)
         hint = f" (closest: {close[0]!r})" if close else ""
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}{hint}")
     if pretrained:
@@ -758,6 +760,8 @@ def create_model(
             defaults["img_size"] = tuple(tag_cfg["input_size"][1:])
     if arch in EVA_PRESETS:  # timm's Eva class (RoPE): fastvit.eva.Eva
         model = Eva(**{**EVA_PRESETS[arch], **defaults, **kwargs})
+    elif arch in NAFLEX_PRESETS:  # timm's NaFlexVit class: fastvit.naflex.NaFlexVit
+        model = create_naflexvit(arch, **{**defaults, **kwargs})
     else:
         model = VisionTransformer(**{**PRESETS[arch], **defaults, **kwargs})
     model.pretrained_cfg = {**model.pretrained_cfg, **cfg, **(pretrained_cfg_overlay or {})}

@@ -27,12 +27,14 @@ def optimize(model: nn.Module, backend: str | None = "auto") -> nn.Module:
         backend: backend of the swapped modules ('auto' | 'triton' | 'cuda' | 'torch' | None = default).
     """
     from fastvit.eva import Eva
+    from fastvit.naflex import NaFlexVit
 
-    if isinstance(model, (VisionTransformer, Eva)):
+    if isinstance(model, (VisionTransformer, Eva, NaFlexVit)):
         return model.set_backend(backend)
-    if type(model).__name__ == "Eva":
+    if type(model).__name__ in ("Eva", "NaFlexVit"):
         raise TypeError(
-            "optimize swaps blocks of timm's VisionTransformer; for timm's Eva use fastvit.from_timm(model)"
+            f"optimize swaps blocks of timm's VisionTransformer; for timm's {type(model).__name__} use "
+            "fastvit.from_timm(model)"
         )
     if not (hasattr(model, "blocks") and hasattr(model, "patch_embed") and isinstance(model.blocks, nn.Sequential)):
         raise TypeError(f"optimize expects a timm VisionTransformer (or fastvit's), got {type(model).__name__}")
