@@ -12,7 +12,7 @@ for fastvit:
   the output as ``[B, N, H*D]`` (and the gradients into one ``[B, N, 3*C]`` buffer): no permutes.
 - Any token count: masked loads and masked stores at the ragged tail, no padding copies. The key
   loop runs over the full key blocks without masks and finishes with one masked block.
-- Head dims 32, 48, 64, 80, 96, 128: the tile is ``BLOCK_D`` = next power of two, and the columns
+- Head dims 32..128 in steps of 8: the tile is ``BLOCK_D`` = next power of two, and the columns
   past ``HEAD_DIM`` are masked (loaded as zeros, never stored).
 - 1-D grid of ``num_blocks * B * H`` programs (no 65535 limit on B*H); batch/head and block offsets
   are int64 before they meet a stride, tile-local offsets stay int32.
@@ -33,6 +33,8 @@ listed at the bottom of this file.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import triton
 import triton.language as tl
@@ -1002,9 +1004,53 @@ def config_generation(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
+# Head dims the kernels take: every multiple of 8 in 32..128 (SigLIP so400m: 72).
+HEAD_DIMS = tuple(range(32, 129, 8))
+MIN_PIECE = 16  # tl.dot's smallest K and N
+MAX_PIECES = 3
+# Head dims whose launches keep today's single padded tile although ``split_head_dim`` finds a narrower split (48 =
+# 32 + 16, 80 = 64 + 16, 96 = 64 + 32): their tuned, resource-checked code stays as it is until a GPU run shows the
+# split is faster there too.
+PADDED_HEAD_DIMS = (48, 80, 96)
+
+
 def block_d(head_dim: int) -> int:
     """``BLOCK_D`` of a head dim: the next power of two, at least 16 (the smallest tl.dot size)."""
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def split_head_dim(head_dim: int) -> tuple[int, ...]:
+    """The narrowest tiling of ``head_dim`` columns by at most ``MAX_PIECES`` power-of-two pieces of at least
+    ``MIN_PIECE`` (widest first; fewest pieces among equally narrow ones), e.g. 72 -> (64, 16), 104 -> (64, 32, 16),
+    120 -> (128,). The last piece is masked past ``head_dim``.
+
+    Wasted columns, ``sum(pieces) - head_dim`` over ``sum(pieces)``, are at most 12.5% for every multiple of 8 in
+    32..128 except 40: 40 = 32 + 16 with 8 of 48 masked (16.7%), as no sum of pieces >= 16 lies in 40..45.
+    """
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise TypeError(f"head_dim must be an int, got {head_dim!r}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
+    widths = [w for w in (1 << i for i in range(block_d(head_dim).bit_length() - 1, -1, -1)) if w >= MIN_PIECE]
+    pieces = (c for n in range(1, MAX_PIECES + 1) for c in itertools.combinations_with_replacement(widths, n))
+    covering = [c for c in pieces if sum(c) >= head_dim]
+    return min(covering, key=lambda c: (sum(c), len(c)))
+
+
+def head_dim_pieces(head_dim: int) -> tuple[int, int, int]:
+    """The forward's head-dim tiling as the kernels' constexprs (BLOCK_D, D1, D2), 0 = no such piece: the split of
+    ``split_head_dim`` where it is narrower than the padded tile ``block_d(head_dim)`` (40, 72, 88, 104, 112),
+    else the padded tile alone (the plain path's compiled code), as for ``PADDED_HEAD_DIMS``."""
+    pieces = split_head_dim(head_dim)
+    if len(pieces) == 1 or head_dim in PADDED_HEAD_DIMS:
+        return block_d(head_dim), 0, 0
+    return (*pieces, 0, 0)[:MAX_PIECES]
+
+
+def tile_waste(head_dim: int, pieces: tuple[int, ...]) -> float:
+    """The fraction of a tile's columns that are masked: (sum(pieces) - head_dim) / sum(pieces)."""
+    width = sum(pieces)
+    return (width - head_dim) / width
 
 
 def keep_config(

@@ -203,7 +203,7 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
     from fastvit.kernels import attention as tables
 
     functions = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
-    head_dims = (32, 48, 64, 80, 96, 128) if full else CI_HEAD_DIMS
+    head_dims = tables.HEAD_DIMS if full else CI_HEAD_DIMS
     dtypes = ("bf16", "fp16", "fp32") if full else CI_DTYPES
     launches = []
     for dtype_name in dtypes:

@@ -354,7 +354,7 @@ def test_backends_report_lists_the_triton_attention_ops():
         (
             lambda: ops.qkv_attention(torch.randn(1, 5, 3 * 2 * 16, device=DEVICE), 2, backend="triton"),
             ValueError,
-            r"head_dim in \(32, 48, 64, 80, 96, 128\), got head_dim=16",
+            r"head_dim in \(32, 40, 48, .*, 120, 128\), got head_dim=16",
         ),
         (
             lambda: ops.attention(*(torch.randn(1, 2, 5, 256, device=DEVICE) for _ in range(3)), backend="triton"),
