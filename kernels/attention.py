@@ -13,7 +13,10 @@ for fastvit:
 - Any token count: masked loads and masked stores at the ragged tail, no padding copies. The key
   loop runs over the full key blocks without masks and finishes with one masked block.
 - Head dims 32..128 in steps of 8: the tile is ``BLOCK_D`` = next power of two, and the columns
-  past ``HEAD_DIM`` are masked (loaded as zeros, never stored).
+  past ``HEAD_DIM`` are masked (loaded as zeros, never stored); or, where that wastes columns (40, 72, 88, 104,
+  112), the head dim runs as up to three power-of-two pieces (``D1``/``D2`` constexprs; 72 = 64 + 16 with 8
+  columns masked, 112 = 64 + 32 + 16): see ``_piece_ptrs`` and ``head_dim_pieces``. Odd multiples of 8 also get
+  ``STRIDE_ALIGN`` (see ``_aligned``), without which their strides defeat vectorised loads and pipelining.
 - 1-D grid of ``num_blocks * B * H`` programs (no 65535 limit on B*H); batch/head and block offsets
   are int64 before they meet a stride, tile-local offsets stay int32.
 - Packed variable-length sequences (``VARLEN``: cu_seqlens, programs per (sequence, block), as flash-attn's
@@ -45,19 +48,21 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2):   log(x) == log2(x) * LN2
 
 
 # ------------------------------------------------------------------------------------------------
-# Tile helpers: a [ROWS, BLOCK_D] tile whose rows may run past the sequence (MASK_ROWS) and whose
-# columns run past HEAD_DIM when BLOCK_D > HEAD_DIM. Masked elements load as 0 and are not stored.
+# Tile helpers: a [ROWS, width] tile of columns offs_d whose rows may run past the sequence (MASK_ROWS) and whose
+# columns run past HEAD_DIM when the tile's end column END > HEAD_DIM. Masked elements load as 0 and are not stored.
+# The plain tile is columns 0..BLOCK_D (END = BLOCK_D); a head dim split in pieces (see ``head_dim_pieces``) loads
+# each piece as its own tile, at columns START..START + width (``_piece_ptrs``), END = START + width.
 
 
 @triton.jit
-def _load_tile(ptrs, rows_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+def _load_tile(ptrs, rows_valid, offs_d, HEAD_DIM: tl.constexpr, END: tl.constexpr, MASK_ROWS: tl.constexpr):
     if MASK_ROWS:
-        if BLOCK_D == HEAD_DIM:
+        if END <= HEAD_DIM:
             tile = tl.load(ptrs, mask=rows_valid[:, None], other=0.0)
         else:
             tile = tl.load(ptrs, mask=rows_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     else:
-        if BLOCK_D == HEAD_DIM:
+        if END <= HEAD_DIM:
             tile = tl.load(ptrs)
         else:
             tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
@@ -65,11 +70,59 @@ def _load_tile(ptrs, rows_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.con
 
 
 @triton.jit
-def _store_tile(ptrs, value, rows_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    if BLOCK_D == HEAD_DIM:
+def _store_tile(ptrs, value, rows_valid, offs_d, HEAD_DIM: tl.constexpr, END: tl.constexpr):
+    if END <= HEAD_DIM:
         tl.store(ptrs, value, mask=rows_valid[:, None])
     else:
         tl.store(ptrs, value, mask=rows_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _piece_ptrs(row_ptrs, stride_d, START: tl.constexpr, WIDTH: tl.constexpr):
+    """([ROWS, WIDTH] pointers to columns START..START + WIDTH of the rows ``row_ptrs`` [ROWS, 1] points at, those
+    columns [WIDTH])."""
+    cols = START + tl.arange(0, WIDTH)
+    return row_ptrs + cols[None, :] * stride_d, cols
+
+
+# Head-dim pieces (forward; D1 > 0 or D2 > 0, see ``head_dim_pieces``): the first piece is the plain BLOCK_D tile at
+# columns 0..BLOCK_D, the second D1 columns from BLOCK_D, the third D2 columns from BLOCK_D + D1, the last masked
+# past HEAD_DIM. q kᵀ sums one tl.dot per piece into the same scores; p v runs one tl.dot per piece into one
+# accumulator per piece. With D1 = D2 = 0 (the default) none of this is compiled.
+
+
+@triton.jit
+def _piece_scores(qk, q, k_ptrs, keys_valid, cols, HEAD_DIM: tl.constexpr, END: tl.constexpr, MASK_N: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """qk [BLOCK_M, BLOCK_N] fp32 + q kᵀ over one more piece: q [BLOCK_M, width], the key piece loaded here."""
+    k = _load_tile(k_ptrs, keys_valid, cols, HEAD_DIM, END, MASK_N)
+    return tl.dot(q, tl.trans(k), qk, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _piece_pv(acc, alpha, p, v_ptrs, keys_valid, cols, HEAD_DIM: tl.constexpr, END: tl.constexpr,
+              MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """One piece's running sum of p v [BLOCK_M, width] fp32, rescaled by ``alpha`` then accumulated."""
+    v = _load_tile(v_ptrs, keys_valid, cols, HEAD_DIM, END, MASK_N)
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+
+
+# Stride alignment, STRIDE_ALIGN > 1: Triton specialises an int argument as divisible by 16 when it is, and nothing
+# weaker, so with a head dim that is an odd multiple of 8 (40, 56, 72, 88, 104, 120) the packed qkv's head and token
+# strides (multiples of 8, not of 16) leave the compiler without any alignment for the tile pointers: element-wise
+# loads, no asynchronous copies, no software pipelining, and spilled registers. The launcher checks that every
+# stride is a multiple of STRIDE_ALIGN (8: 16 bytes of 16-bit data) and passes it; ``x // A * A`` (exact then)
+# states the divisibility in a form the compiler's alignment analysis reads. STRIDE_ALIGN = 1 compiles nothing.
+
+
+@triton.jit
+def _aligned(stride_b, stride_h, stride_n, STRIDE_ALIGN: tl.constexpr):
+    """The batch, head and token strides of one tensor, known to the compiler as multiples of STRIDE_ALIGN."""
+    return (
+        stride_b // STRIDE_ALIGN * STRIDE_ALIGN,
+        stride_h // STRIDE_ALIGN * STRIDE_ALIGN,
+        stride_n // STRIDE_ALIGN * STRIDE_ALIGN,
+    )
 
 
 @triton.jit
@@ -327,6 +380,18 @@ def _fwd_key_block(
     K_NORM: tl.constexpr,
     keep_ptrs=None,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    acc1=None,  # [BLOCK_M, D1] fp32 running p @ v of the second head-dim piece (D1 > 0 only), likewise acc2
+    acc2=None,
+    q1=None,  # [BLOCK_M, D1] the query tile's second piece, likewise q2
+    q2=None,
+    k1_ptrs=None,  # [BLOCK_N, D1] pointers to the key tile's second piece, likewise k2_ptrs, v1_ptrs, v2_ptrs
+    k2_ptrs=None,
+    v1_ptrs=None,
+    v2_ptrs=None,
+    cols1=None,  # [D1] the second piece's columns, likewise cols2
+    cols2=None,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces (0: no such piece)
+    D2: tl.constexpr = 0,
 ):
     keys_valid = (start_n + offs_n) < N_KV
     if KEY_MASK:
@@ -339,6 +404,10 @@ def _fwd_key_block(
             HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
         )  # fmt: skip
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+    if D1 > 0:
+        qk = _piece_scores(qk, q1, k1_ptrs, keys_valid, cols1, HEAD_DIM, BLOCK_D + D1, MASK_N, INPUT_PRECISION)
+    if D2 > 0:
+        qk = _piece_scores(qk, q2, k2_ptrs, keys_valid, cols2, HEAD_DIM, BLOCK_D + D1 + D2, MASK_N, INPUT_PRECISION)
     if MASK_N | KEY_MASK:
         qk = tl.where(keys_valid[None, :], qk, float("-inf"))
     # Without KEY_MASK every row has a valid key in every block we reach (N_KV >= 1, and the masked block holds at
@@ -353,7 +422,24 @@ def _fwd_key_block(
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-    return acc, l_i, m_new
+    if D1 > 0:
+        acc1 = _piece_pv(acc1, alpha, p, v1_ptrs, keys_valid, cols1, HEAD_DIM, BLOCK_D + D1, MASK_N, INPUT_PRECISION)
+    if D2 > 0:
+        acc2 = _piece_pv(acc2, alpha, p, v2_ptrs, keys_valid, cols2, HEAD_DIM, BLOCK_D + D1 + D2, MASK_N,
+                         INPUT_PRECISION)  # fmt: skip
+    return acc, l_i, m_new, acc1, acc2
+
+
+@triton.jit
+def _fwd_piece_setup(q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM: tl.constexpr,
+                     START: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """One more head-dim piece of the forward: (the query piece [BLOCK_M, WIDTH], pointers to the first key and value
+    pieces [BLOCK_N, WIDTH], the piece's columns, its zeroed accumulator [BLOCK_M, WIDTH] fp32)."""
+    q_ptrs, cols = _piece_ptrs(q_rows, stride_qd, START, WIDTH)
+    k_ptrs, _ = _piece_ptrs(k_rows, stride_kd, START, WIDTH)
+    v_ptrs, _ = _piece_ptrs(v_rows, stride_vd, START, WIDTH)
+    q = _load_tile(q_ptrs, rows_valid, cols, HEAD_DIM, START + WIDTH, True)
+    return q, k_ptrs, v_ptrs, cols, tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
 
 
 @triton.jit
@@ -384,7 +470,7 @@ def attn_fwd_kernel(
     N_Q,
     N_KV,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; with D1 > 0: the first head-dim piece's width
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (ignored for 16-bit)
@@ -407,7 +493,15 @@ def attn_fwd_kernel(
     KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
     KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces, 0: none (see _piece_ptrs; no prologue)
+    D2: tl.constexpr = 0,
+    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
+    if STRIDE_ALIGN > 1:
+        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
+        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+        stride_ob, stride_oh, stride_on = _aligned(stride_ob, stride_oh, stride_on, STRIDE_ALIGN)
     if VARLEN:
         pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
         if pid_m * BLOCK_M >= length:  # past the end of its sequence
@@ -427,11 +521,25 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_valid = (start_m + offs_m) < N_Q
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
-    q_ptrs = q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q_rows = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
+    q_rows = q_rows + offs_m[:, None] * stride_qn  # [BLOCK_M, 1]
+    q_ptrs = q_rows + offs_d[None, :] * stride_qd
+    k_rows = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+    k_ptrs = k_rows + offs_d[None, :] * stride_kd
+    v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+    v_ptrs = v_rows + offs_d[None, :] * stride_vd
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
+    q1, k1_ptrs, v1_ptrs, cols1, acc1 = None, None, None, None, None
+    q2, k2_ptrs, v2_ptrs, cols2, acc2 = None, None, None, None, None
+    if D1 > 0:
+        q1, k1_ptrs, v1_ptrs, cols1, acc1 = _fwd_piece_setup(
+            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_M
+        )
+    if D2 > 0:
+        q2, k2_ptrs, v2_ptrs, cols2, acc2 = _fwd_piece_setup(
+            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_M
+        )
     if ROPE != 0 or Q_NORM != 0:
         q = _prologue(
             q, q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
@@ -447,18 +555,26 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_key_block(
+        acc, l_i, m_i, acc1, acc2 = _fwd_key_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
             stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+            acc1, acc2, q1, q2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
+        if D1 > 0:
+            k1_ptrs += BLOCK_N * stride_kn
+            v1_ptrs += BLOCK_N * stride_vn
+        if D2 > 0:
+            k2_ptrs += BLOCK_N * stride_kn
+            v2_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:
-        acc, l_i, m_i = _fwd_key_block(
+        acc, l_i, m_i, acc1, acc2 = _fwd_key_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
             stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+            acc1, acc2, q1, q2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
 
     if KEY_MASK:  # a row without any kept key (acc = 0, l_i = 0): output 0 and lse = +inf, so the backward's P = 0
@@ -467,9 +583,17 @@ def attn_fwd_kernel(
         m_i = tl.where(no_keys, float("inf"), m_i)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2
-    o_ptrs = Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
-    o_ptrs = o_ptrs + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    o_rows = Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
+    o_rows = o_rows + offs_m[:, None] * stride_on
+    o_ptrs = o_rows + offs_d[None, :] * stride_od
     _store_tile(o_ptrs, acc.to(Out.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
+    if D1 > 0:
+        o1_ptrs, _ = _piece_ptrs(o_rows, stride_od, BLOCK_D, D1)
+        _store_tile(o1_ptrs, (acc1 / l_i[:, None]).to(Out.dtype.element_ty), rows_valid, cols1, HEAD_DIM, BLOCK_D + D1)
+    if D2 > 0:
+        o2_ptrs, _ = _piece_ptrs(o_rows, stride_od, BLOCK_D + D1, D2)
+        _store_tile(o2_ptrs, (acc2 / l_i[:, None]).to(Out.dtype.element_ty), rows_valid, cols2, HEAD_DIM,
+                    BLOCK_D + D1 + D2)  # fmt: skip
     lse_ptrs = Lse + (b * H + h) * N_Q + start_m + offs_m
     tl.store(lse_ptrs, lse, mask=rows_valid)
 
@@ -507,7 +631,11 @@ def attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
+    if STRIDE_ALIGN > 1:
+        stride_ob, stride_oh, stride_on = _aligned(stride_ob, stride_oh, stride_on, STRIDE_ALIGN)
+        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
     pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
     start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
     offs_m = tl.arange(0, BLOCK_M)
@@ -643,7 +771,15 @@ def attn_bwd_dkdv_kernel(
     KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
     KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
+    if STRIDE_ALIGN > 1:
+        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
+        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
+        stride_dkb, stride_dkh, stride_dkn = _aligned(stride_dkb, stride_dkh, stride_dkn, STRIDE_ALIGN)
+        stride_dvb, stride_dvh, stride_dvn = _aligned(stride_dvb, stride_dvh, stride_dvn, STRIDE_ALIGN)
     if VARLEN:
         pid_n, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_N), H, Cu_seqlens)
         if pid_n * BLOCK_N >= length:  # past the end of its sequence
@@ -835,7 +971,14 @@ def attn_bwd_dq_kernel(
     KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
     KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
+    if STRIDE_ALIGN > 1:
+        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
+        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
+        stride_dqb, stride_dqh, stride_dqn = _aligned(stride_dqb, stride_dqh, stride_dqn, STRIDE_ALIGN)
     if VARLEN:
         pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
         if pid_m * BLOCK_M >= length:  # past the end of its sequence

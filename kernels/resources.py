@@ -197,6 +197,12 @@ def _attention_args(kind: str, dtype, head_dim: int, scale: float = 0.125) -> tu
     return tuple(map(_as_arg, (*tensors, heads, tokens, tokens)))
 
 
+def _fwd_pieces(tables, head_dim: int) -> dict:
+    """The forward's BLOCK_D, D1, D2 where ``head_dim_pieces`` splits the head dim ({} for the padded tile)."""
+    block_d, d1, d2 = tables.head_dim_pieces(head_dim)
+    return {} if d1 == 0 else dict(BLOCK_D=block_d, D1=d1, D2=d2)
+
+
 def attention_launches(arch: int, full: bool) -> list[Launch]:
     """Attention launches on ``arch``: the autotuner's candidates (``full``: every table entry, all head dims)."""
     import torch
@@ -213,6 +219,7 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
         for head_dim in head_dims:
             block_d = tables.block_d(head_dim)
             constants = dict(HEAD_DIM=head_dim, BLOCK_D=block_d)
+            align = dict(STRIDE_ALIGN=8) if head_dim % 16 else {}  # the launcher's for packed qkv (_stride_align)
             case = f"D={head_dim}"
             launches.append(
                 Launch(
@@ -224,7 +231,7 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
                     module="attention",
                     function="attn_bwd_preprocess_kernel",
                     args=_attention_args("preprocess", dtype, head_dim),
-                    kwargs=tuple(sorted({**constants, "BLOCK_M": tables.PREPROCESS_BLOCK_M}.items())),
+                    kwargs=tuple(sorted({**constants, "BLOCK_M": tables.PREPROCESS_BLOCK_M, **align}.items())),
                 )
             )
             for kind, function in functions.items():
@@ -235,6 +242,9 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
                 args = _attention_args(kind, dtype, head_dim)
                 for block_m, block_n, warps, stages in candidates:
                     kwargs = {**constants, "INPUT_PRECISION": precision, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                    if kind == "fwd":  # the forward's head-dim pieces, as the launcher passes them
+                        kwargs.update(_fwd_pieces(tables, head_dim))
+                    kwargs.update(align)
                     kwargs.update(num_warps=warps, num_stages=stages)
                     launches.append(
                         Launch(

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attention import _check_qkv_attention
+from test_attention import _check_against_reference, _check_qkv_attention, _run
 from test_attention_prologue import _check, _qkv, _table
+from test_varlen_attention import _check as _check_varlen
+from test_varlen_attention import _key_padding_mask, _masked, _packed, _per_sequence_sdpa, _triton
 
-from fastvit import dispatch
+from fastvit import dispatch, ops, reference
 from fastvit.ops.attention import attention_call
 from fastvit.ops.triton import attention as attention_triton
 
@@ -100,6 +102,60 @@ def test_supports_every_multiple_of_8_in_32_to_128_and_nothing_else():
 
 
 # ------------------------------------------------------------------------------------------------
+# What the launches pass
+
+
+def _launch_constants(monkeypatch, qkv, heads, **kwargs) -> dict[str, dict]:
+    """The keyword arguments each attention kernel is launched with for one forward and backward of ``qkv``."""
+    seen = {}
+    for name in ("attn_fwd_kernel", "attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"):
+        real = getattr(kernels, name)
+
+        class Spy:
+            def __getitem__(self, grid, real=real, name=name):
+                def run(*args, **constants):
+                    seen[name] = constants
+                    return real[grid](*args, **constants)
+
+                return run
+
+        monkeypatch.setattr(kernels, name, Spy())
+    qkv = qkv.detach().requires_grad_(True)
+    ops.qkv_attention(qkv, heads, backend="triton", **kwargs).sum().backward()
+    return seen
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 80, 104, 120])
+def test_launches_pass_pieces_and_stride_alignment(monkeypatch, head_dim):
+    if DEVICE.type != "cpu":
+        pytest.skip("spies on the interpreter's plain launches (a GPU launch goes through the autotuner)")
+    seen = _launch_constants(monkeypatch, torch.randn(1, 5, 3 * 2 * head_dim), 2)
+    pieces = dict(zip(("BLOCK_D", "D1", "D2"), kernels.head_dim_pieces(head_dim)))
+    fwd = {key: seen["attn_fwd_kernel"].get(key, 0) for key in pieces}
+    assert fwd == (pieces if head_dim in SPLIT_HEAD_DIMS else dict(BLOCK_D=kernels.block_d(head_dim), D1=0, D2=0))
+    if head_dim not in SPLIT_HEAD_DIMS:  # the plain launch: no piece arguments at all
+        assert "D1" not in seen["attn_fwd_kernel"] and "D2" not in seen["attn_fwd_kernel"]
+    for name, constants in seen.items():  # the backward keeps the padded tile
+        if name != "attn_fwd_kernel":
+            assert constants["BLOCK_D"] == kernels.block_d(head_dim) and "D1" not in constants, name
+        assert constants.get("STRIDE_ALIGN", 1) == (8 if head_dim % 16 else 1), name
+
+
+def test_prologue_and_unaligned_strides_keep_the_padded_unaligned_launch(monkeypatch):
+    if DEVICE.type != "cpu":
+        pytest.skip("spies on the interpreter's plain launches (a GPU launch goes through the autotuner)")
+    qkv = torch.randn(1, 6, 3 * 72)
+    seen = _launch_constants(monkeypatch, qkv, 1, rope=_table(6, 72, "half"), rope_layout="half")
+    assert seen["attn_fwd_kernel"]["BLOCK_D"] == 128 and "D1" not in seen["attn_fwd_kernel"]
+    # q, k, v of an [N, 3C + 4] buffer: the token stride 220 is not a multiple of 8, so no alignment is claimed.
+    wide = torch.randn(1, 6, 3 * 72 + 4)[..., : 3 * 72]
+    seen = _launch_constants(monkeypatch, wide, 1)
+    assert all("STRIDE_ALIGN" not in constants for constants in seen.values())
+    assert seen["attn_fwd_kernel"]["D1"] == 16
+    _check_qkv_attention(wide, 1, name="unaligned D=72")
+
+
+# ------------------------------------------------------------------------------------------------
 # Accuracy against the fp64 spec (forward and the qkv gradient)
 
 
@@ -122,6 +178,19 @@ def test_prologue_matches_reference(head_dim, layout, q_kind, k_kind, dtype):
     qkv = _qkv(1, tokens, 1, head_dim, dtype, seed=head_dim)
     rope = _table(tokens - prefix, head_dim, layout)
     _check(qkv, 1, rope=rope, prefix=prefix, layout=layout, q_kind=q_kind, k_kind=k_kind, name=f"D={head_dim}")
+
+
+@pytest.mark.parametrize("head_dim", [72, 104])
+def test_packed_sequences_and_key_padding_mask_on_pieces(head_dim):
+    # The piece path under VARLEN (per-sequence pointer shifts) and KEY_MASK (masked keys, fully masked rows).
+    qkv, cu_seqlens, max_seqlen = _packed(lengths=(7, 0, 1, 37), heads=1, head_dim=head_dim)
+    _check_varlen(f"varlen D={head_dim}", _triton, _per_sequence_sdpa, qkv, cu_seqlens, max_seqlen, heads=1)
+    keep = _key_padding_mask(37)
+    qkv = torch.randn(4, 37, 3 * head_dim, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ours = _run(_masked("triton", keep), [qkv])
+    theirs = _run(_masked("torch", keep), [qkv])
+    exact = _run(lambda x: reference.qkv_attention(x, 1, key_padding_mask=keep), [qkv.double()])
+    _check_against_reference(f"key mask D={head_dim}", ours, theirs, exact)
 
 
 # ------------------------------------------------------------------------------------------------
