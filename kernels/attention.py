@@ -92,11 +92,39 @@ def _piece_ptrs(row_ptrs, stride_d, START: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _piece_scores(qk, q, k_ptrs, keys_valid, cols, HEAD_DIM: tl.constexpr, END: tl.constexpr, MASK_N: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):  # fmt: skip
-    """qk [BLOCK_M, BLOCK_N] fp32 + q kᵀ over one more piece: q [BLOCK_M, width], the key piece loaded here."""
-    k = _load_tile(k_ptrs, keys_valid, cols, HEAD_DIM, END, MASK_N)
-    return tl.dot(q, tl.trans(k), qk, input_precision=INPUT_PRECISION)
+def _piece_setup(res_rows, a_rows, b_rows, stride_res_d, stride_a_d, stride_b_d, rows_valid, HEAD_DIM: tl.constexpr,
+                 START: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    """One more head-dim piece of a program: (the piece [ROWS, WIDTH] of its resident tile, pointers to the pieces
+    [STREAMED_ROWS, WIDTH] of the two tiles its loop streams, the piece's columns, a zeroed accumulator [ROWS, WIDTH]
+    fp32). ``*_rows``: [rows, 1] row pointers of the resident tile and of the two streamed ones."""
+    res = _load_piece(res_rows, stride_res_d, rows_valid, HEAD_DIM, START, WIDTH)
+    a_ptrs, cols = _piece_ptrs(a_rows, stride_a_d, START, WIDTH)
+    b_ptrs, _ = _piece_ptrs(b_rows, stride_b_d, START, WIDTH)
+    return res, a_ptrs, b_ptrs, cols, tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+
+
+@triton.jit
+def _load_piece(row_ptrs, stride_d, rows_valid, HEAD_DIM: tl.constexpr, START: tl.constexpr, WIDTH: tl.constexpr):
+    """The [ROWS, WIDTH] piece at columns START.. of rows ``row_ptrs`` [ROWS, 1] (missing rows as 0)."""
+    ptrs, cols = _piece_ptrs(row_ptrs, stride_d, START, WIDTH)
+    return _load_tile(ptrs, rows_valid, cols, HEAD_DIM, START + WIDTH, True)
+
+
+@triton.jit
+def _store_piece(row_ptrs, stride_d, value, rows_valid, HEAD_DIM: tl.constexpr, START: tl.constexpr,
+                 WIDTH: tl.constexpr):  # fmt: skip
+    """Store ``value`` [ROWS, WIDTH] at columns START.. of rows ``row_ptrs`` [ROWS, 1] (valid rows, columns < HEAD_DIM)."""
+    ptrs, cols = _piece_ptrs(row_ptrs, stride_d, START, WIDTH)
+    _store_tile(ptrs, value, rows_valid, cols, HEAD_DIM, START + WIDTH)
+
+
+@triton.jit
+def _piece_dot_t(acc, a, b_ptrs, b_valid, cols, HEAD_DIM: tl.constexpr, END: tl.constexpr, MASK_B: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """(acc + a bᵀ, b): one more piece's term of a product over the head dim (q kᵀ, k qᵀ, v dOᵀ, dO vᵀ), with the
+    piece b [B_ROWS, width] loaded here from ``b_ptrs`` and returned for the caller's other products."""
+    b = _load_tile(b_ptrs, b_valid, cols, HEAD_DIM, END, MASK_B)
+    return tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION), b
 
 
 @triton.jit
@@ -405,9 +433,9 @@ def _fwd_key_block(
         )  # fmt: skip
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
     if D1 > 0:
-        qk = _piece_scores(qk, q1, k1_ptrs, keys_valid, cols1, HEAD_DIM, BLOCK_D + D1, MASK_N, INPUT_PRECISION)
+        qk, _ = _piece_dot_t(qk, q1, k1_ptrs, keys_valid, cols1, HEAD_DIM, BLOCK_D + D1, MASK_N, INPUT_PRECISION)
     if D2 > 0:
-        qk = _piece_scores(qk, q2, k2_ptrs, keys_valid, cols2, HEAD_DIM, BLOCK_D + D1 + D2, MASK_N, INPUT_PRECISION)
+        qk, _ = _piece_dot_t(qk, q2, k2_ptrs, keys_valid, cols2, HEAD_DIM, BLOCK_D + D1 + D2, MASK_N, INPUT_PRECISION)
     if MASK_N | KEY_MASK:
         qk = tl.where(keys_valid[None, :], qk, float("-inf"))
     # Without KEY_MASK every row has a valid key in every block we reach (N_KV >= 1, and the masked block holds at
@@ -428,18 +456,6 @@ def _fwd_key_block(
         acc2 = _piece_pv(acc2, alpha, p, v2_ptrs, keys_valid, cols2, HEAD_DIM, BLOCK_D + D1 + D2, MASK_N,
                          INPUT_PRECISION)  # fmt: skip
     return acc, l_i, m_new, acc1, acc2
-
-
-@triton.jit
-def _fwd_piece_setup(q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM: tl.constexpr,
-                     START: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """One more head-dim piece of the forward: (the query piece [BLOCK_M, WIDTH], pointers to the first key and value
-    pieces [BLOCK_N, WIDTH], the piece's columns, its zeroed accumulator [BLOCK_M, WIDTH] fp32)."""
-    q_ptrs, cols = _piece_ptrs(q_rows, stride_qd, START, WIDTH)
-    k_ptrs, _ = _piece_ptrs(k_rows, stride_kd, START, WIDTH)
-    v_ptrs, _ = _piece_ptrs(v_rows, stride_vd, START, WIDTH)
-    q = _load_tile(q_ptrs, rows_valid, cols, HEAD_DIM, START + WIDTH, True)
-    return q, k_ptrs, v_ptrs, cols, tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
 
 
 @triton.jit
@@ -533,11 +549,11 @@ def attn_fwd_kernel(
     q1, k1_ptrs, v1_ptrs, cols1, acc1 = None, None, None, None, None
     q2, k2_ptrs, v2_ptrs, cols2, acc2 = None, None, None, None, None
     if D1 > 0:
-        q1, k1_ptrs, v1_ptrs, cols1, acc1 = _fwd_piece_setup(
+        q1, k1_ptrs, v1_ptrs, cols1, acc1 = _piece_setup(
             q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_M
         )
     if D2 > 0:
-        q2, k2_ptrs, v2_ptrs, cols2, acc2 = _fwd_piece_setup(
+        q2, k2_ptrs, v2_ptrs, cols2, acc2 = _piece_setup(
             q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_M
         )
     if ROPE != 0 or Q_NORM != 0:
@@ -588,12 +604,10 @@ def attn_fwd_kernel(
     o_ptrs = o_rows + offs_d[None, :] * stride_od
     _store_tile(o_ptrs, acc.to(Out.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
     if D1 > 0:
-        o1_ptrs, _ = _piece_ptrs(o_rows, stride_od, BLOCK_D, D1)
-        _store_tile(o1_ptrs, (acc1 / l_i[:, None]).to(Out.dtype.element_ty), rows_valid, cols1, HEAD_DIM, BLOCK_D + D1)
+        _store_piece(o_rows, stride_od, (acc1 / l_i[:, None]).to(Out.dtype.element_ty), rows_valid, HEAD_DIM, BLOCK_D, D1)
     if D2 > 0:
-        o2_ptrs, _ = _piece_ptrs(o_rows, stride_od, BLOCK_D + D1, D2)
-        _store_tile(o2_ptrs, (acc2 / l_i[:, None]).to(Out.dtype.element_ty), rows_valid, cols2, HEAD_DIM,
-                    BLOCK_D + D1 + D2)  # fmt: skip
+        acc2 = (acc2 / l_i[:, None]).to(Out.dtype.element_ty)
+        _store_piece(o_rows, stride_od, acc2, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
     lse_ptrs = Lse + (b * H + h) * N_Q + start_m + offs_m
     tl.store(lse_ptrs, lse, mask=rows_valid)
 
@@ -681,6 +695,22 @@ def _bwd_dkdv_query_block(
     Q_NORM: tl.constexpr,
     key_keep=None,  # [BLOCK_N] bool: the program's keys the key-padding mask keeps (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    dk1=None,  # [BLOCK_N, D1] fp32 dK accumulator of the second head-dim piece (D1 > 0 only), likewise dk2, dv1, dv2
+    dk2=None,
+    dv1=None,
+    dv2=None,
+    k1=None,  # [BLOCK_N, D1] the program's key tile's second piece, likewise k2, v1, v2
+    k2=None,
+    v1=None,
+    v2=None,
+    q1_ptrs=None,  # [BLOCK_M, D1] pointers to the query tile's second piece, likewise q2_ptrs, do1_ptrs, do2_ptrs
+    q2_ptrs=None,
+    do1_ptrs=None,
+    do2_ptrs=None,
+    cols1=None,  # [D1] the second piece's columns, likewise cols2
+    cols2=None,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces (0: no such piece)
+    D2: tl.constexpr = 0,
 ):
     rows_valid = (start_m + offs_m) < N_Q
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
@@ -698,14 +728,30 @@ def _bwd_dkdv_query_block(
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    end1: tl.constexpr = BLOCK_D + D1
+    end2: tl.constexpr = BLOCK_D + D1 + D2
+    if D1 > 0:
+        qk_t, q1 = _piece_dot_t(qk_t, k1, q1_ptrs, rows_valid, cols1, HEAD_DIM, end1, MASK_M, INPUT_PRECISION)
+    if D2 > 0:
+        qk_t, q2 = _piece_dot_t(qk_t, k2, q2_ptrs, rows_valid, cols2, HEAD_DIM, end2, MASK_M, INPUT_PRECISION)
     p_t = tl.math.exp2(_at_most_zero(qk_t * qk_scale - (lse * LOG2E)[None, :]))
     if KEY_MASK:
         p_t = tl.where(key_keep[:, None], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    if D1 > 0:
+        dp_t, do1 = _piece_dot_t(dp_t, v1, do1_ptrs, rows_valid, cols1, HEAD_DIM, end1, MASK_M, INPUT_PRECISION)
+        dv1 += tl.dot(p_t.to(do1.dtype), do1, input_precision=INPUT_PRECISION)
+    if D2 > 0:
+        dp_t, do2 = _piece_dot_t(dp_t, v2, do2_ptrs, rows_valid, cols2, HEAD_DIM, end2, MASK_M, INPUT_PRECISION)
+        dv2 += tl.dot(p_t.to(do2.dtype), do2, input_precision=INPUT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
-    return dk, dv
+    if D1 > 0:
+        dk1 += tl.dot(ds_t.to(q1.dtype), q1, input_precision=INPUT_PRECISION)
+    if D2 > 0:
+        dk2 += tl.dot(ds_t.to(q2.dtype), q2, input_precision=INPUT_PRECISION)
+    return dk, dv, dk1, dk2, dv1, dv2
 
 
 @triton.jit
@@ -771,6 +817,8 @@ def attn_bwd_dkdv_kernel(
     KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
     KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces, 0: none (see _piece_ptrs; no prologue)
+    D2: tl.constexpr = 0,
     STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
     if STRIDE_ALIGN > 1:
@@ -802,10 +850,12 @@ def attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     keys_valid = (start_n + offs_n) < N_KV
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + start_n.to(tl.int64) * stride_kn
-    k_ptrs = k_ptrs + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + start_n.to(tl.int64) * stride_vn
-    v_ptrs = v_ptrs + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_rows = K + b * stride_kb + h * stride_kh + start_n.to(tl.int64) * stride_kn
+    k_rows = k_rows + offs_n[:, None] * stride_kn  # [BLOCK_N, 1]
+    k_ptrs = k_rows + offs_d[None, :] * stride_kd
+    v_rows = V + b * stride_vb + h * stride_vh + start_n.to(tl.int64) * stride_vn
+    v_rows = v_rows + offs_n[:, None] * stride_vn
+    v_ptrs = v_rows + offs_d[None, :] * stride_vd
     # Missing key rows load as 0; their dK/dV rows are computed but never stored.
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -820,8 +870,25 @@ def attn_bwd_dkdv_kernel(
         key_keep = tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0
         N_Q = tl.where(start_n < extent, N_Q, 0)  # no kept key here: dK = dV = 0, no query visited
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+    q_ptrs = q_rows + offs_d[None, :] * stride_qd
+    do_rows = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+    do_ptrs = do_rows + offs_d[None, :] * stride_dod
+    tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
+    k1, q1_ptrs, do1_ptrs, cols1, dk1, v1, dv1 = None, None, None, None, None, None, None
+    k2, q2_ptrs, do2_ptrs, cols2, dk2, v2, dv2 = None, None, None, None, None, None, None
+    if D1 > 0:
+        k1, q1_ptrs, do1_ptrs, cols1, dk1 = _piece_setup(
+            k_rows, q_rows, do_rows, stride_kd, stride_qd, stride_dod, keys_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_N
+        )
+        v1 = _load_piece(v_rows, stride_vd, keys_valid, HEAD_DIM, BLOCK_D, D1)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    if D2 > 0:
+        k2, q2_ptrs, do2_ptrs, cols2, dk2 = _piece_setup(
+            k_rows, q_rows, do_rows, stride_kd, stride_qd, stride_dod, keys_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_N
+        )
+        v2 = _load_piece(v_rows, stride_vd, keys_valid, HEAD_DIM, BLOCK_D + D1, D2)
+        dv2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
     lse_ptrs = Lse + (b * H + h) * N_Q + offs_m
     delta_ptrs = Delta + (b * H + h) * N_Q + offs_m
 
@@ -830,20 +897,28 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _bwd_dkdv_query_block(
+        dk, dv, dk1, dk2, dv1, dv2 = _bwd_dkdv_query_block(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, N_Q, qk_scale, offs_m, offs_d,
             HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
             stride_qd, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps, ROPE, Q_NORM, key_keep, KEY_MASK,
+            dk1, dk2, dv1, dv2, k1, k2, v1, v2, q1_ptrs, q2_ptrs, do1_ptrs, do2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
         lse_ptrs += BLOCK_M
         delta_ptrs += BLOCK_M
+        if D1 > 0:
+            q1_ptrs += BLOCK_M * stride_qn
+            do1_ptrs += BLOCK_M * stride_don
+        if D2 > 0:
+            q2_ptrs += BLOCK_M * stride_qn
+            do2_ptrs += BLOCK_M * stride_don
     if m_full < N_Q:
-        dk, dv = _bwd_dkdv_query_block(
+        dk, dv, dk1, dk2, dv1, dv2 = _bwd_dkdv_query_block(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_full, N_Q, qk_scale, offs_m, offs_d,
             HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
             stride_qd, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps, ROPE, Q_NORM, key_keep, KEY_MASK,
+            dk1, dk2, dv1, dv2, k1, k2, v1, v2, q1_ptrs, q2_ptrs, do1_ptrs, do2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
 
     dk *= sm_scale
@@ -855,12 +930,21 @@ def attn_bwd_dkdv_kernel(
         )  # fmt: skip
         if K_NORM != 0:
             _store_norm_grad(NormGrad, b * H + h, start_n, N_KV, dkw, dkb, offs_d, HEAD_DIM, BLOCK_N)
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
-    dk_ptrs = dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
-    dv_ptrs = dv_ptrs + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_rows = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
+    dk_rows = dk_rows + offs_n[:, None] * stride_dkn
+    dk_ptrs = dk_rows + offs_d[None, :] * stride_dkd
+    dv_rows = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
+    dv_rows = dv_rows + offs_n[:, None] * stride_dvn
+    dv_ptrs = dv_rows + offs_d[None, :] * stride_dvd
     _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
     _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
+    if D1 > 0:
+        _store_piece(dk_rows, stride_dkd, (dk1 * sm_scale).to(DK.dtype.element_ty), keys_valid, HEAD_DIM, BLOCK_D, D1)
+        _store_piece(dv_rows, stride_dvd, dv1.to(DV.dtype.element_ty), keys_valid, HEAD_DIM, BLOCK_D, D1)
+    if D2 > 0:
+        dk2 = (dk2 * sm_scale).to(DK.dtype.element_ty)
+        _store_piece(dk_rows, stride_dkd, dk2, keys_valid, HEAD_DIM, BLOCK_D + D1, D2)
+        _store_piece(dv_rows, stride_dvd, dv2.to(DV.dtype.element_ty), keys_valid, HEAD_DIM, BLOCK_D + D1, D2)
 
 
 @triton.jit
@@ -892,6 +976,20 @@ def _bwd_dq_key_block(
     K_NORM: tl.constexpr,
     keep_ptrs=None,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    dq1=None,  # [BLOCK_M, D1] fp32 dQ accumulator of the second head-dim piece (D1 > 0 only), likewise dq2
+    dq2=None,
+    q1=None,  # [BLOCK_M, D1] the program's query tile's second piece, likewise q2, do1, do2
+    q2=None,
+    do1=None,
+    do2=None,
+    k1_ptrs=None,  # [BLOCK_N, D1] pointers to the key tile's second piece, likewise k2_ptrs, v1_ptrs, v2_ptrs
+    k2_ptrs=None,
+    v1_ptrs=None,
+    v2_ptrs=None,
+    cols1=None,  # [D1] the second piece's columns, likewise cols2
+    cols2=None,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces (0: no such piece)
+    D2: tl.constexpr = 0,
 ):
     keys_valid = (start_n + offs_n) < N_KV
     if KEY_MASK:
@@ -904,13 +1002,27 @@ def _bwd_dq_key_block(
             HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
         )  # fmt: skip
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    end1: tl.constexpr = BLOCK_D + D1
+    end2: tl.constexpr = BLOCK_D + D1 + D2
+    if D1 > 0:
+        qk, k1 = _piece_dot_t(qk, q1, k1_ptrs, keys_valid, cols1, HEAD_DIM, end1, MASK_N, INPUT_PRECISION)
+    if D2 > 0:
+        qk, k2 = _piece_dot_t(qk, q2, k2_ptrs, keys_valid, cols2, HEAD_DIM, end2, MASK_N, INPUT_PRECISION)
     p = tl.math.exp2(_at_most_zero(qk * qk_scale - lse2[:, None]))
     if MASK_N | KEY_MASK:
         p = tl.where(keys_valid[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if D1 > 0:
+        dp, _ = _piece_dot_t(dp, do1, v1_ptrs, keys_valid, cols1, HEAD_DIM, end1, MASK_N, INPUT_PRECISION)
+    if D2 > 0:
+        dp, _ = _piece_dot_t(dp, do2, v2_ptrs, keys_valid, cols2, HEAD_DIM, end2, MASK_N, INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-    return dq
+    if D1 > 0:
+        dq1 += tl.dot(ds.to(k1.dtype), k1, input_precision=INPUT_PRECISION)
+    if D2 > 0:
+        dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=INPUT_PRECISION)
+    return dq, dq1, dq2
 
 
 @triton.jit
@@ -971,6 +1083,8 @@ def attn_bwd_dq_kernel(
     KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
     KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces, 0: none (see _piece_ptrs; no prologue)
+    D2: tl.constexpr = 0,
     STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
     if STRIDE_ALIGN > 1:
@@ -1000,10 +1114,12 @@ def attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_valid = (start_m + offs_m) < N_Q
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
-    q_ptrs = q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    do_ptrs = DO + b * stride_dob + h * stride_doh + start_m.to(tl.int64) * stride_don
-    do_ptrs = do_ptrs + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    q_rows = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
+    q_rows = q_rows + offs_m[:, None] * stride_qn  # [BLOCK_M, 1]
+    q_ptrs = q_rows + offs_d[None, :] * stride_qd
+    do_rows = DO + b * stride_dob + h * stride_doh + start_m.to(tl.int64) * stride_don
+    do_rows = do_rows + offs_m[:, None] * stride_don
+    do_ptrs = do_rows + offs_d[None, :] * stride_dod
     # Missing query rows load as 0 (lse and delta too); their dQ rows are never stored.
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     if ROPE != 0 or Q_NORM != 0:
@@ -1016,8 +1132,23 @@ def attn_bwd_dq_kernel(
     lse2 = tl.load(Lse + row_offset, mask=rows_valid, other=0.0) * LOG2E
     delta = tl.load(Delta + row_offset, mask=rows_valid, other=0.0)
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_rows = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+    k_ptrs = k_rows + offs_d[None, :] * stride_kd
+    v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+    v_ptrs = v_rows + offs_d[None, :] * stride_vd
+    tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
+    q1, k1_ptrs, v1_ptrs, cols1, dq1, do1 = None, None, None, None, None, None
+    q2, k2_ptrs, v2_ptrs, cols2, dq2, do2 = None, None, None, None, None, None
+    if D1 > 0:
+        q1, k1_ptrs, v1_ptrs, cols1, dq1 = _piece_setup(
+            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_M
+        )
+        do1 = _load_piece(do_rows, stride_dod, rows_valid, HEAD_DIM, BLOCK_D, D1)
+    if D2 > 0:
+        q2, k2_ptrs, v2_ptrs, cols2, dq2 = _piece_setup(
+            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_M
+        )
+        do2 = _load_piece(do_rows, stride_dod, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
     qk_scale = sm_scale * LOG2E
     keep_ptrs = KeyKeep
     if KEY_MASK:
@@ -1025,18 +1156,26 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _bwd_dq_key_block(
+        dq, dq1, dq2 = _bwd_dq_key_block(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
             stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+            dq1, dq2, q1, q2, do1, do2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
+        if D1 > 0:
+            k1_ptrs += BLOCK_N * stride_kn
+            v1_ptrs += BLOCK_N * stride_vn
+        if D2 > 0:
+            k2_ptrs += BLOCK_N * stride_kn
+            v2_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:
-        dq = _bwd_dq_key_block(
+        dq, dq1, dq2 = _bwd_dq_key_block(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
             stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+            dq1, dq2, q1, q2, do1, do2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
 
     dq *= sm_scale
@@ -1048,9 +1187,15 @@ def attn_bwd_dq_kernel(
         )  # fmt: skip
         if Q_NORM != 0:
             _store_norm_grad(NormGrad, b * H + h, start_m, N_Q, dqw, dqb, offs_d, HEAD_DIM, BLOCK_M)
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
-    dq_ptrs = dq_ptrs + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    dq_rows = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
+    dq_rows = dq_rows + offs_m[:, None] * stride_dqn
+    dq_ptrs = dq_rows + offs_d[None, :] * stride_dqd
     _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
+    if D1 > 0:
+        _store_piece(dq_rows, stride_dqd, (dq1 * sm_scale).to(DQ.dtype.element_ty), rows_valid, HEAD_DIM, BLOCK_D, D1)
+    if D2 > 0:
+        dq2 = (dq2 * sm_scale).to(DQ.dtype.element_ty)
+        _store_piece(dq_rows, stride_dqd, dq2, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -197,8 +197,8 @@ def _attention_args(kind: str, dtype, head_dim: int, scale: float = 0.125) -> tu
     return tuple(map(_as_arg, (*tensors, heads, tokens, tokens)))
 
 
-def _fwd_pieces(tables, head_dim: int) -> dict:
-    """The forward's BLOCK_D, D1, D2 where ``head_dim_pieces`` splits the head dim ({} for the padded tile)."""
+def _pieces(tables, head_dim: int) -> dict:
+    """BLOCK_D, D1, D2 of the forward, dQ and dK/dV kernels where ``head_dim_pieces`` splits the head dim ({} for the padded tile)."""
     block_d, d1, d2 = tables.head_dim_pieces(head_dim)
     return {} if d1 == 0 else dict(BLOCK_D=block_d, D1=d1, D2=d2)
 
@@ -242,8 +242,7 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
                 args = _attention_args(kind, dtype, head_dim)
                 for block_m, block_n, warps, stages in candidates:
                     kwargs = {**constants, "INPUT_PRECISION": precision, "BLOCK_M": block_m, "BLOCK_N": block_n}
-                    if kind == "fwd":  # the forward's head-dim pieces, as the launcher passes them
-                        kwargs.update(_fwd_pieces(tables, head_dim))
+                    kwargs.update(_pieces(tables, head_dim))  # the head-dim pieces, as the launcher passes them
                     kwargs.update(align)
                     kwargs.update(num_warps=warps, num_stages=stages)
                     launches.append(

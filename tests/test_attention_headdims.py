@@ -131,13 +131,15 @@ def test_launches_pass_pieces_and_stride_alignment(monkeypatch, head_dim):
         pytest.skip("spies on the interpreter's plain launches (a GPU launch goes through the autotuner)")
     seen = _launch_constants(monkeypatch, torch.randn(1, 5, 3 * 2 * head_dim), 2)
     pieces = dict(zip(("BLOCK_D", "D1", "D2"), kernels.head_dim_pieces(head_dim)))
-    fwd = {key: seen["attn_fwd_kernel"].get(key, 0) for key in pieces}
-    assert fwd == (pieces if head_dim in SPLIT_HEAD_DIMS else dict(BLOCK_D=kernels.block_d(head_dim), D1=0, D2=0))
-    if head_dim not in SPLIT_HEAD_DIMS:  # the plain launch: no piece arguments at all
-        assert "D1" not in seen["attn_fwd_kernel"] and "D2" not in seen["attn_fwd_kernel"]
-    for name, constants in seen.items():  # the backward keeps the padded tile
-        if name != "attn_fwd_kernel":
-            assert constants["BLOCK_D"] == kernels.block_d(head_dim) and "D1" not in constants, name
+    padded = dict(BLOCK_D=kernels.block_d(head_dim), D1=0, D2=0)
+    for name, constants in seen.items():
+        launched = {key: constants.get(key, 0) for key in pieces}
+        if name == "attn_bwd_preprocess_kernel":  # rowsum(dO * O): one padded tile, memory-bound
+            assert launched == padded, name
+        else:  # forward, dQ and dK/dV
+            assert launched == (pieces if head_dim in SPLIT_HEAD_DIMS else padded), name
+        if head_dim not in SPLIT_HEAD_DIMS:  # the plain launch: no piece arguments at all
+            assert "D1" not in constants and "D2" not in constants, name
         assert constants.get("STRIDE_ALIGN", 1) == (8 if head_dim % 16 else 1), name
 
 
@@ -146,12 +148,12 @@ def test_prologue_and_unaligned_strides_keep_the_padded_unaligned_launch(monkeyp
         pytest.skip("spies on the interpreter's plain launches (a GPU launch goes through the autotuner)")
     qkv = torch.randn(1, 6, 3 * 72)
     seen = _launch_constants(monkeypatch, qkv, 1, rope=_table(6, 72, "half"), rope_layout="half")
-    assert seen["attn_fwd_kernel"]["BLOCK_D"] == 128 and "D1" not in seen["attn_fwd_kernel"]
+    assert all(constants["BLOCK_D"] == 128 and "D1" not in constants for constants in seen.values())
     # q, k, v of an [N, 3C + 4] buffer: the token stride 220 is not a multiple of 8, so no alignment is claimed.
     wide = torch.randn(1, 6, 3 * 72 + 4)[..., : 3 * 72]
     seen = _launch_constants(monkeypatch, wide, 1)
     assert all("STRIDE_ALIGN" not in constants for constants in seen.values())
-    assert seen["attn_fwd_kernel"]["D1"] == 16
+    assert seen["attn_fwd_kernel"]["D1"] == seen["attn_bwd_dq_kernel"]["D1"] == seen["attn_bwd_dkdv_kernel"]["D1"] == 16
     _check_qkv_attention(wide, 1, name="unaligned D=72")
 
 

@@ -59,11 +59,19 @@ def _block_d(head_dim: int) -> int:
     return launch.kernels("attention").block_d(head_dim)
 
 
-def _head_dim_pieces(head_dim: int) -> dict:
-    """The forward's head-dim tiling constants: {} for the plain padded tile (the launch and its compiled code as
+def _padded_block_d(constants: dict) -> int:
+    """The padded tile width of a launch (its BLOCK_D; with head-dim pieces, the power of two their sum rounds up to):
+    the width its configs are listed and checked for."""
+    return _block_d(constants["BLOCK_D"] + constants.get("D1", 0) + constants.get("D2", 0))
+
+
+def _head_dim_pieces(constants: dict) -> dict:
+    """The head-dim tiling constants: {} for the plain padded tile (the launch and its compiled code as
     before pieces existed), else BLOCK_D, D1, D2 of ``kernels.attention.head_dim_pieces`` (head dims 40, 72, 88, 104,
-    112). The backward and the qk-norm/RoPE prologue keep the padded tile."""
-    block_d, d1, d2 = launch.kernels("attention").head_dim_pieces(head_dim)
+    112), for the forward, dQ and dK/dV kernels; the qk-norm/RoPE prologue keeps the padded tile."""
+    if constants["ROPE"] != 0 or constants["Q_NORM"] != 0 or constants["K_NORM"] != 0:
+        return {}
+    block_d, d1, d2 = launch.kernels("attention").head_dim_pieces(constants["HEAD_DIM"])
     return {} if d1 == 0 else dict(BLOCK_D=block_d, D1=d1, D2=d2)
 
 
@@ -124,7 +132,7 @@ def _autotuned(kind: str, arch: int, batch_heads_bucket: int, varlen: bool = Fal
         rope = args.get("ROPE", 0) != 0
         return [
             _triton_config(e)
-            for e in candidate_configs(kind, arch, _block_d(args["HEAD_DIM"]), args["Q"].element_size(), rope)
+            for e in candidate_configs(kind, arch, _padded_block_d(args), args["Q"].element_size(), rope)
         ]
 
     # Tensor dtypes join the key automatically (Triton appends every tensor argument's dtype).
@@ -165,7 +173,7 @@ def _launch(
         fixed = kernels.INTERPRETER_CONFIGS[kind]
     elif dispatch.deterministic_enabled():
         arch, rope = launch.gpu_arch(like), constants["ROPE"] != 0
-        fixed = candidate_configs(kind, arch, _block_d(constants["HEAD_DIM"]), like.element_size(), rope)[0]
+        fixed = candidate_configs(kind, arch, _padded_block_d(constants), like.element_size(), rope)[0]
     else:
         bucket = launch.next_pow2(batch_heads, 1, 1 << 30)
         tuned = _autotuned(kind, launch.gpu_arch(like), bucket, varlen)
@@ -242,8 +250,7 @@ def _attention_forward(
     sequences, rows = _grid_rows(varlen, n_q)
     args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, n_q, n_kv)
     constants = _constants(q, prologue, varlen, key_keep)
-    if constants["ROPE"] == constants["Q_NORM"] == constants["K_NORM"] == 0:
-        constants.update(_head_dim_pieces(q.shape[-1]))
+    constants.update(_head_dim_pieces(constants))
     constants.update(_stride_align(q, k, v, out))
     with launch.device_guard(q):
         num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch * sequences * heads  # one per query block
@@ -276,6 +283,7 @@ def _attention_backward(
     constants = _constants(q, prologue, varlen, key_keep)
     align = _stride_align(q, k, v, out, grad_out, dq, dk, dv)
     constants.update(align)
+    pieces = _head_dim_pieces(constants)  # dQ and dK/dV; the preprocess keeps BLOCK_D
     sequences, rows = _grid_rows(varlen, n_q)
     batch_heads = batch * sequences * heads
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
@@ -289,15 +297,15 @@ def _attention_backward(
             )  # fmt: skip
             args = (q, k, v, grad_out, lse, delta, dq, scale, *strides, *dq.stride(), heads, n_q, n_kv)
             num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch_heads  # one program per query block
-            _launch("dq", num_blocks, q, batch_heads, args, {**constants, "NormGrad": q_norm_grad}, varlen is not None)
+            dq_constants = {**constants, **pieces, "NormGrad": q_norm_grad}
+            _launch("dq", num_blocks, q, batch_heads, args, dq_constants, varlen is not None)
         if dk.numel() > 0:
             inputs = (q, k, v, grad_out, lse, delta, dk, dv, scale)
             args = (*inputs, *strides, *dk.stride(), *dv.stride(), heads, n_q, n_kv)
             key_rows = n_kv if varlen is None else rows
             num_blocks = lambda bm, bn: launch.cdiv(key_rows, bn) * batch_heads  # one program per key block
-            _launch(
-                "dkdv", num_blocks, q, batch_heads, args, {**constants, "NormGrad": k_norm_grad}, varlen is not None
-            )
+            dkdv_constants = {**constants, **pieces, "NormGrad": k_norm_grad}
+            _launch("dkdv", num_blocks, q, batch_heads, args, dkdv_constants, varlen is not None)
 
 
 def _norm_grad_partials(batch_heads: int, tokens: int, head_dim: int, device) -> torch.Tensor:
