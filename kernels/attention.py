@@ -113,7 +113,8 @@ def _load_piece(row_ptrs, stride_d, rows_valid, HEAD_DIM: tl.constexpr, START: t
 @triton.jit
 def _store_piece(row_ptrs, stride_d, value, rows_valid, HEAD_DIM: tl.constexpr, START: tl.constexpr,
                  WIDTH: tl.constexpr):  # fmt: skip
-    """Store ``value`` [ROWS, WIDTH] at columns START.. of rows ``row_ptrs`` [ROWS, 1] (valid rows, columns < HEAD_DIM)."""
+    """Store ``value`` [ROWS, WIDTH] at columns START.. of rows ``row_ptrs`` [ROWS, 1] (valid rows, columns below
+    HEAD_DIM)."""
     ptrs, cols = _piece_ptrs(row_ptrs, stride_d, START, WIDTH)
     _store_tile(ptrs, value, rows_valid, cols, HEAD_DIM, START + WIDTH)
 
@@ -604,7 +605,9 @@ def attn_fwd_kernel(
     o_ptrs = o_rows + offs_d[None, :] * stride_od
     _store_tile(o_ptrs, acc.to(Out.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
     if D1 > 0:
-        _store_piece(o_rows, stride_od, (acc1 / l_i[:, None]).to(Out.dtype.element_ty), rows_valid, HEAD_DIM, BLOCK_D, D1)
+        _store_piece(
+            o_rows, stride_od, (acc1 / l_i[:, None]).to(Out.dtype.element_ty), rows_valid, HEAD_DIM, BLOCK_D, D1
+        )
     if D2 > 0:
         acc2 = (acc2 / l_i[:, None]).to(Out.dtype.element_ty)
         _store_piece(o_rows, stride_od, acc2, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
@@ -1325,12 +1328,18 @@ def split_head_dim(head_dim: int) -> tuple[int, ...]:
     return min(covering, key=lambda c: (sum(c), len(c)))
 
 
-def head_dim_pieces(head_dim: int) -> tuple[int, int, int]:
-    """The forward's head-dim tiling as the kernels' constexprs (BLOCK_D, D1, D2), 0 = no such piece: the split of
-    ``split_head_dim`` where it is narrower than the padded tile ``block_d(head_dim)`` (40, 72, 88, 104, 112),
-    else the padded tile alone (the plain path's compiled code), as for ``PADDED_HEAD_DIMS``."""
+def head_dim_pieces(head_dim: int, arch: int | None = None) -> tuple[int, int, int]:
+    """The head-dim tiling of the forward, dQ and dK/dV kernels as their constexprs (BLOCK_D, D1, D2), 0 = no such
+    piece: the split of ``split_head_dim`` where it is narrower than the padded tile ``block_d(head_dim)`` (40, 72,
+    88, 104, 112), else the padded tile alone (the plain path's compiled code), as for ``PADDED_HEAD_DIMS``.
+
+    ``arch``: the GPU's compute capability (None: the interpreter). Pieces run on Hopper and newer (90+), where every
+    candidate config compiles without spilling; on Ampere/Ada (the 80 tables, register-bound at 8 warps already at
+    BLOCK_D = 128) the extra per-piece tiles make some of them spill (8-160 B per thread; 104's dK/dV the most), so
+    there the new head dims keep the padded tile.
+    """
     pieces = split_head_dim(head_dim)
-    if len(pieces) == 1 or head_dim in PADDED_HEAD_DIMS:
+    if len(pieces) == 1 or head_dim in PADDED_HEAD_DIMS or (arch is not None and config_generation(arch) < 90):
         return block_d(head_dim), 0, 0
     return (*pieces, 0, 0)[:MAX_PIECES]
 

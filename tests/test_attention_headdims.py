@@ -78,6 +78,16 @@ def test_launch_tiling_splits_exactly_where_padding_wastes_columns():
         assert kernels.tile_waste(head_dim, kernels.head_dim_pieces(head_dim)) <= (0.17 if head_dim == 40 else 0.125)
 
 
+def test_ampere_keeps_the_padded_tile():
+    # On the 80 tables (Ampere/Ada) the per-piece tiles make some candidate configs spill: padded there, pieces on
+    # Hopper and newer and in the interpreter (arch None).
+    for head_dim in SPLIT_HEAD_DIMS:
+        assert kernels.head_dim_pieces(head_dim, 80) == kernels.head_dim_pieces(head_dim, 89)
+        assert kernels.head_dim_pieces(head_dim, 86) == (kernels.block_d(head_dim), 0, 0)
+        assert kernels.head_dim_pieces(head_dim, 90) == kernels.head_dim_pieces(head_dim, 100)
+        assert kernels.head_dim_pieces(head_dim, 90) == kernels.head_dim_pieces(head_dim) != (128, 0, 0)
+
+
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (-8, ValueError), (72.0, TypeError), (True, TypeError)])
 def test_split_rejects_bad_head_dims(bad, error):
     with pytest.raises(error, match="head_dim"):

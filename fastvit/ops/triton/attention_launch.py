@@ -65,13 +65,15 @@ def _padded_block_d(constants: dict) -> int:
     return _block_d(constants["BLOCK_D"] + constants.get("D1", 0) + constants.get("D2", 0))
 
 
-def _head_dim_pieces(constants: dict) -> dict:
+def _head_dim_pieces(constants: dict, like: torch.Tensor) -> dict:
     """The head-dim tiling constants: {} for the plain padded tile (the launch and its compiled code as
     before pieces existed), else BLOCK_D, D1, D2 of ``kernels.attention.head_dim_pieces`` (head dims 40, 72, 88, 104,
-    112), for the forward, dQ and dK/dV kernels; the qk-norm/RoPE prologue keeps the padded tile."""
+    112) on ``like``'s device, for the forward, dQ and dK/dV kernels; the qk-norm/RoPE prologue keeps the padded
+    tile."""
     if constants["ROPE"] != 0 or constants["Q_NORM"] != 0 or constants["K_NORM"] != 0:
         return {}
-    block_d, d1, d2 = launch.kernels("attention").head_dim_pieces(constants["HEAD_DIM"])
+    arch = launch.gpu_arch(like) if launch.on_gpu(like) else None
+    block_d, d1, d2 = launch.kernels("attention").head_dim_pieces(constants["HEAD_DIM"], arch)
     return {} if d1 == 0 else dict(BLOCK_D=block_d, D1=d1, D2=d2)
 
 
@@ -250,7 +252,7 @@ def _attention_forward(
     sequences, rows = _grid_rows(varlen, n_q)
     args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, n_q, n_kv)
     constants = _constants(q, prologue, varlen, key_keep)
-    constants.update(_head_dim_pieces(constants))
+    constants.update(_head_dim_pieces(constants, q))
     constants.update(_stride_align(q, k, v, out))
     with launch.device_guard(q):
         num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch * sequences * heads  # one per query block
@@ -283,7 +285,7 @@ def _attention_backward(
     constants = _constants(q, prologue, varlen, key_keep)
     align = _stride_align(q, k, v, out, grad_out, dq, dk, dv)
     constants.update(align)
-    pieces = _head_dim_pieces(constants)  # dQ and dK/dV; the preprocess keeps BLOCK_D
+    pieces = _head_dim_pieces(constants, q)  # dQ and dK/dV; the preprocess keeps BLOCK_D
     sequences, rows = _grid_rows(varlen, n_q)
     batch_heads = batch * sequences * heads
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
