@@ -1202,22 +1202,25 @@ def attn_bwd_dq_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Block-size configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried by the autotuner on GPUs, keyed on
-# (N_Q, N_KV, HEAD_DIM, INPUT_PRECISION) and the tensors' dtypes. 16-bit inputs: one list per GPU generation (80:
-# Ampere/Ada, 90: Hopper and newer) and BLOCK_D bound (<= 64: head dims 32-64; <= 128: head dims 80-128); fp32
-# inputs: one list. ``autotune_configs`` hands the autotuner the entries of the launch's list that ``keep_config``
-# keeps for the GPU's shared memory. Starting points from the Triton tutorial's search space and FlashAttention-2's
-# Triton kernels; ViT sequences are short (197-577 tokens), so 64-row query blocks keep enough programs in flight and
-# 128-row blocks win at large B*H.
+# Block-size configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried by the autotuner on GPUs, keyed on (N_Q,
+# N_KV, HEAD_DIM, INPUT_PRECISION) and the tensors' dtypes. 16-bit inputs: one list per GPU generation (80:
+# Ampere/Ada, 90: Hopper and newer) and BLOCK_D bound (<= 64: head dims 32-64; <= 128: head dims 72-128; a launch in
+# head-dim pieces takes the list of its padded width, e.g. 72 = 64 + 16 the 128 list); fp32 inputs: one list.
+# ``autotune_configs`` hands the autotuner the entries of the launch's list that ``keep_config`` keeps for the GPU's
+# shared memory. Starting points from the Triton tutorial's search space and FlashAttention-2's Triton kernels; ViT
+# sequences are short (197-577 tokens), so 64-row query blocks keep enough programs in flight and 128-row blocks win
+# at large B*H.
 #
 # Chosen from ahead-of-time compiles (python -m fastvit.kernels.resources --all, no GPU): every 16-bit entry compiles
 # without spilling for its generation at every head dim of its BLOCK_D list, with Triton 3.8. CI (test_resources.py)
-# keeps that true for bf16/fp16 at head dims 64 and 128 on sm_90a and sm_80; the committed tables
-# benchmarks/results/resources-sm90a.md and -sm80.md hold that set (0 spills; at most 255 registers, shared memory up
-# to 224 KiB of sm_90's 227 KiB for (128, 128, 8, 3)). At BLOCK_D = 128 the sm_80 kernels need 8 warps (4-warp tiles
-# spill 100-1000 B per thread, (128, 64, 4, 3) 20 KB), and dK/dV has only two spill-free tiles there. fp32
-# (full-precision "ieee" dots run on FMA units, not tensor cores) spills at head dims >= 48 whatever the tile, and
-# some tiles at 32: supported for accuracy, not speed (the tool reports its spills without failing them).
+# keeps that true for bf16/fp16 at head dims 64, 72 (pieces on sm_90a, padded on sm_80) and 128 on sm_90a and sm_80;
+# the autotuner candidates of 40, 88, 104, 112 (and 56, 120 on sm_90a) were compiled for bf16 once, without spills
+# (pieces on sm_90a; on sm_80 pieces spilled 8-160 B in some, hence ``head_dim_pieces``' arch rule); the committed
+# tables benchmarks/results/resources-sm90a.md and -sm80.md hold that set (0 spills; at most 255 registers, shared
+# memory up to 224 KiB of sm_90's 227 KiB for (128, 128, 8, 3)). At BLOCK_D = 128 the sm_80 kernels need 8 warps
+# (4-warp tiles spill 100-1000 B per thread, (128, 64, 4, 3) 20 KB), and dK/dV has only two spill-free tiles there.
+# fp32 (full-precision "ieee" dots run on FMA units, not tensor cores) spills at head dims >= 48 whatever the tile,
+# and some tiles at 32: supported for accuracy, not speed (the tool reports its spills without failing them).
 #
 # Forward (BLOCK_M query rows per program, BLOCK_N keys per step).
 FWD_CONFIGS = {
