@@ -2,10 +2,11 @@
 
 The host-side tiling (``kernels.attention.split_head_dim`` / ``head_dim_pieces``: the head dim as up to three
 power-of-two pieces, each >= 16, the last one masked past the head dim) and its waste bound, dispatch accepting the
-dims, and the kernels against the fp64 spec under the accuracy rule (``fastvit.accuracy``, flash-attention's: max|ours
-- ref64| <= 2 x max|PyTorch same dtype - ref64| + an fp32-rounding floor), forward and the qkv gradient, with ragged
-token counts and with the qk-norm/RoPE prologue. Without a GPU the kernels run in Triton's interpreter: B = 1, H <= 2,
-N <= 40. The ``gpu`` tests add bfloat16 and longer sequences.
+dims, what the launches pass (pieces, stride alignment), and the kernels against the fp64 spec under the accuracy rule
+of tests/test_attention.py and test_attention_prologue.py (flash-attention's: max|ours - ref64| <= 2 x max|PyTorch same
+dtype - ref64| + an fp32-rounding floor; their checks are reused), forward and the qkv gradient, with ragged token
+counts, packed sequences, a key-padding mask and the qk-norm/RoPE prologue. Without a GPU the kernels run in Triton's
+interpreter: B <= 4, H <= 2, N <= 40. The ``gpu`` tests add bfloat16 and longer sequences.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def _autotuned(kind: str, arch: int, batch_heads_bucket: int, varlen: bool = Fal
     Autotuning times configs at the first call's shape; B·H changes which tiles fill the GPU, so a config
     tuned at batch 1 (an ``InferenceSession`` warm-up) is not reused at batch 256: one tuner per bucket.
     The prune step hands the autotuner exactly :func:`candidate_configs` for the call's dtype and padded BLOCK_D
-    (a forward whose head dim runs in pieces gets the list of its padded tile: its shared memory is at most that).
+    (a launch whose head dim runs in pieces gets the list of its padded tile: its shared memory is at most that).
     ``varlen``: the packed variable-length launches, keyed on ``max_seqlen`` instead of the packed token count
     (which changes with every batch of images while the longest sequence does not).
     """
