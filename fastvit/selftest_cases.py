@@ -342,7 +342,7 @@ def attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
     dtypes = covered_dtypes(op, "triton", lambda d: attention_call(device, d, 64))
     gpu = _on_gpu(device)
     if quick:  # CI (interpreter) and compute-sanitizer: small token counts
-        head_dims, sweep_tokens = ((64, 80) if gpu else (64,)), 33
+        head_dims, sweep_tokens = ((64, 72, 80) if gpu else (64,)), 33
         shapes, cross = [(2, 1), (1, 17)], [(7, 33, None), (33, 7, None), (20, 20, "strided"), (20, 13, "expanded")]
     else:
         head_dims, sweep_tokens = attention_triton.SUPPORTED_HEAD_DIMS, 197
@@ -470,7 +470,7 @@ def varlen_attention_checks(op: str, device: torch.device, quick: bool) -> list[
     dtypes = covered_dtypes(op, "triton", lambda d: attention_call(device, d, 64))
     gpu = _on_gpu(device)
     mixes = [(5, 0, 1, 70)] if quick else [(5, 0, 1, 70), (197, 50, 0, 257, 1) + ((577,) if gpu else ())]
-    head_dims = (64, 80) if gpu and quick else (64,) if quick else attention_triton.SUPPORTED_HEAD_DIMS
+    head_dims = (64, 72, 80) if gpu and quick else (64,) if quick else attention_triton.SUPPORTED_HEAD_DIMS
     checks = []
     for dtype in dtypes:
         seed = 0

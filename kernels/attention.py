@@ -12,8 +12,11 @@ for fastvit:
   the output as ``[B, N, H*D]`` (and the gradients into one ``[B, N, 3*C]`` buffer): no permutes.
 - Any token count: masked loads and masked stores at the ragged tail, no padding copies. The key
   loop runs over the full key blocks without masks and finishes with one masked block.
-- Head dims 32, 48, 64, 80, 96, 128: the tile is ``BLOCK_D`` = next power of two, and the columns
-  past ``HEAD_DIM`` are masked (loaded as zeros, never stored).
+- Head dims 32..128 in steps of 8: the tile is ``BLOCK_D`` = next power of two, and the columns
+  past ``HEAD_DIM`` are masked (loaded as zeros, never stored); or, where that wastes columns (40, 72, 88, 104,
+  112), the head dim runs as up to three power-of-two pieces (``D1``/``D2`` constexprs; 72 = 64 + 16 with 8
+  columns masked, 112 = 64 + 32 + 16): see ``_piece_ptrs`` and ``head_dim_pieces``. Odd multiples of 8 also get
+  ``STRIDE_ALIGN`` (see ``_aligned``), without which their strides defeat vectorised loads and pipelining.
 - 1-D grid of ``num_blocks * B * H`` programs (no 65535 limit on B*H); batch/head and block offsets
   are int64 before they meet a stride, tile-local offsets stay int32.
 - Packed variable-length sequences (``VARLEN``: cu_seqlens, programs per (sequence, block), as flash-attn's
@@ -34,6 +37,8 @@ listed at the bottom of this file.
 
 from __future__ import annotations
 
+import itertools
+
 import triton
 import triton.language as tl
 
@@ -43,19 +48,21 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2):   log(x) == log2(x) * LN2
 
 
 # ------------------------------------------------------------------------------------------------
-# Tile helpers: a [ROWS, BLOCK_D] tile whose rows may run past the sequence (MASK_ROWS) and whose
-# columns run past HEAD_DIM when BLOCK_D > HEAD_DIM. Masked elements load as 0 and are not stored.
+# Tile helpers: a [ROWS, width] tile of columns offs_d whose rows may run past the sequence (MASK_ROWS) and whose
+# columns run past HEAD_DIM when the tile's end column END > HEAD_DIM. Masked elements load as 0 and are not stored.
+# The plain tile is columns 0..BLOCK_D (END = BLOCK_D); a head dim split in pieces (see ``head_dim_pieces``) loads
+# each piece as its own tile, at columns START..START + width (``_piece_ptrs``), END = START + width.
 
 
 @triton.jit
-def _load_tile(ptrs, rows_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+def _load_tile(ptrs, rows_valid, offs_d, HEAD_DIM: tl.constexpr, END: tl.constexpr, MASK_ROWS: tl.constexpr):
     if MASK_ROWS:
-        if BLOCK_D == HEAD_DIM:
+        if END <= HEAD_DIM:
             tile = tl.load(ptrs, mask=rows_valid[:, None], other=0.0)
         else:
             tile = tl.load(ptrs, mask=rows_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     else:
-        if BLOCK_D == HEAD_DIM:
+        if END <= HEAD_DIM:
             tile = tl.load(ptrs)
         else:
             tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
@@ -63,11 +70,88 @@ def _load_tile(ptrs, rows_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.con
 
 
 @triton.jit
-def _store_tile(ptrs, value, rows_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    if BLOCK_D == HEAD_DIM:
+def _store_tile(ptrs, value, rows_valid, offs_d, HEAD_DIM: tl.constexpr, END: tl.constexpr):
+    if END <= HEAD_DIM:
         tl.store(ptrs, value, mask=rows_valid[:, None])
     else:
         tl.store(ptrs, value, mask=rows_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _piece_ptrs(row_ptrs, stride_d, START: tl.constexpr, WIDTH: tl.constexpr):
+    """([ROWS, WIDTH] pointers to columns START..START + WIDTH of the rows ``row_ptrs`` [ROWS, 1] points at, those
+    columns [WIDTH])."""
+    cols = START + tl.arange(0, WIDTH)
+    return row_ptrs + cols[None, :] * stride_d, cols
+
+
+# Head-dim pieces (forward; D1 > 0 or D2 > 0, see ``head_dim_pieces``): the first piece is the plain BLOCK_D tile at
+# columns 0..BLOCK_D, the second D1 columns from BLOCK_D, the third D2 columns from BLOCK_D + D1, the last masked
+# past HEAD_DIM. q kᵀ sums one tl.dot per piece into the same scores; p v runs one tl.dot per piece into one
+# accumulator per piece. With D1 = D2 = 0 (the default) none of this is compiled.
+
+
+@triton.jit
+def _piece_setup(res_rows, a_rows, b_rows, stride_res_d, stride_a_d, stride_b_d, rows_valid, HEAD_DIM: tl.constexpr,
+                 START: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    """One more head-dim piece of a program: (the piece [ROWS, WIDTH] of its resident tile, pointers to the pieces
+    [STREAMED_ROWS, WIDTH] of the two tiles its loop streams, the piece's columns, a zeroed accumulator [ROWS, WIDTH]
+    fp32). ``*_rows``: [rows, 1] row pointers of the resident tile and of the two streamed ones."""
+    res = _load_piece(res_rows, stride_res_d, rows_valid, HEAD_DIM, START, WIDTH)
+    a_ptrs, cols = _piece_ptrs(a_rows, stride_a_d, START, WIDTH)
+    b_ptrs, _ = _piece_ptrs(b_rows, stride_b_d, START, WIDTH)
+    return res, a_ptrs, b_ptrs, cols, tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+
+
+@triton.jit
+def _load_piece(row_ptrs, stride_d, rows_valid, HEAD_DIM: tl.constexpr, START: tl.constexpr, WIDTH: tl.constexpr):
+    """The [ROWS, WIDTH] piece at columns START.. of rows ``row_ptrs`` [ROWS, 1] (missing rows as 0)."""
+    ptrs, cols = _piece_ptrs(row_ptrs, stride_d, START, WIDTH)
+    return _load_tile(ptrs, rows_valid, cols, HEAD_DIM, START + WIDTH, True)
+
+
+@triton.jit
+def _store_piece(row_ptrs, stride_d, value, rows_valid, HEAD_DIM: tl.constexpr, START: tl.constexpr,
+                 WIDTH: tl.constexpr):  # fmt: skip
+    """Store ``value`` [ROWS, WIDTH] at columns START.. of rows ``row_ptrs`` [ROWS, 1] (valid rows, columns below
+    HEAD_DIM)."""
+    ptrs, cols = _piece_ptrs(row_ptrs, stride_d, START, WIDTH)
+    _store_tile(ptrs, value, rows_valid, cols, HEAD_DIM, START + WIDTH)
+
+
+@triton.jit
+def _piece_dot_t(acc, a, b_ptrs, b_valid, cols, HEAD_DIM: tl.constexpr, END: tl.constexpr, MASK_B: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """(acc + a bᵀ, b): one more piece's term of a product over the head dim (q kᵀ, k qᵀ, v dOᵀ, dO vᵀ), with the
+    piece b [B_ROWS, width] loaded here from ``b_ptrs`` and returned for the caller's other products."""
+    b = _load_tile(b_ptrs, b_valid, cols, HEAD_DIM, END, MASK_B)
+    return tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION), b
+
+
+@triton.jit
+def _piece_pv(acc, alpha, p, v_ptrs, keys_valid, cols, HEAD_DIM: tl.constexpr, END: tl.constexpr,
+              MASK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """One piece's running sum of p v [BLOCK_M, width] fp32, rescaled by ``alpha`` then accumulated."""
+    v = _load_tile(v_ptrs, keys_valid, cols, HEAD_DIM, END, MASK_N)
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+
+
+# Stride alignment, STRIDE_ALIGN > 1: Triton specialises an int argument as divisible by 16 when it is, and nothing
+# weaker, so with a head dim that is an odd multiple of 8 (40, 56, 72, 88, 104, 120) the packed qkv's head and token
+# strides (multiples of 8, not of 16) leave the compiler without any alignment for the tile pointers: element-wise
+# loads, no asynchronous copies, no software pipelining, and spilled registers. The launcher checks that every
+# stride is a multiple of STRIDE_ALIGN (8: 16 bytes of 16-bit data) and passes it; ``x // A * A`` (exact then)
+# states the divisibility in a form the compiler's alignment analysis reads. STRIDE_ALIGN = 1 compiles nothing.
+
+
+@triton.jit
+def _aligned(stride_b, stride_h, stride_n, STRIDE_ALIGN: tl.constexpr):
+    """The batch, head and token strides of one tensor, known to the compiler as multiples of STRIDE_ALIGN."""
+    return (
+        stride_b // STRIDE_ALIGN * STRIDE_ALIGN,
+        stride_h // STRIDE_ALIGN * STRIDE_ALIGN,
+        stride_n // STRIDE_ALIGN * STRIDE_ALIGN,
+    )
 
 
 @triton.jit
@@ -325,6 +409,18 @@ def _fwd_key_block(
     K_NORM: tl.constexpr,
     keep_ptrs=None,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    acc1=None,  # [BLOCK_M, D1] fp32 running p @ v of the second head-dim piece (D1 > 0 only), likewise acc2
+    acc2=None,
+    q1=None,  # [BLOCK_M, D1] the query tile's second piece, likewise q2
+    q2=None,
+    k1_ptrs=None,  # [BLOCK_N, D1] pointers to the key tile's second piece, likewise k2_ptrs, v1_ptrs, v2_ptrs
+    k2_ptrs=None,
+    v1_ptrs=None,
+    v2_ptrs=None,
+    cols1=None,  # [D1] the second piece's columns, likewise cols2
+    cols2=None,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces (0: no such piece)
+    D2: tl.constexpr = 0,
 ):
     keys_valid = (start_n + offs_n) < N_KV
     if KEY_MASK:
@@ -337,6 +433,10 @@ def _fwd_key_block(
             HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
         )  # fmt: skip
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+    if D1 > 0:
+        qk, _ = _piece_dot_t(qk, q1, k1_ptrs, keys_valid, cols1, HEAD_DIM, BLOCK_D + D1, MASK_N, INPUT_PRECISION)
+    if D2 > 0:
+        qk, _ = _piece_dot_t(qk, q2, k2_ptrs, keys_valid, cols2, HEAD_DIM, BLOCK_D + D1 + D2, MASK_N, INPUT_PRECISION)
     if MASK_N | KEY_MASK:
         qk = tl.where(keys_valid[None, :], qk, float("-inf"))
     # Without KEY_MASK every row has a valid key in every block we reach (N_KV >= 1, and the masked block holds at
@@ -351,7 +451,12 @@ def _fwd_key_block(
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-    return acc, l_i, m_new
+    if D1 > 0:
+        acc1 = _piece_pv(acc1, alpha, p, v1_ptrs, keys_valid, cols1, HEAD_DIM, BLOCK_D + D1, MASK_N, INPUT_PRECISION)
+    if D2 > 0:
+        acc2 = _piece_pv(acc2, alpha, p, v2_ptrs, keys_valid, cols2, HEAD_DIM, BLOCK_D + D1 + D2, MASK_N,
+                         INPUT_PRECISION)  # fmt: skip
+    return acc, l_i, m_new, acc1, acc2
 
 
 @triton.jit
@@ -382,7 +487,7 @@ def attn_fwd_kernel(
     N_Q,
     N_KV,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; with D1 > 0: the first head-dim piece's width
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (ignored for 16-bit)
@@ -405,7 +510,15 @@ def attn_fwd_kernel(
     KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
     KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces, 0: none (see _piece_ptrs; no prologue)
+    D2: tl.constexpr = 0,
+    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
+    if STRIDE_ALIGN > 1:
+        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
+        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+        stride_ob, stride_oh, stride_on = _aligned(stride_ob, stride_oh, stride_on, STRIDE_ALIGN)
     if VARLEN:
         pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
         if pid_m * BLOCK_M >= length:  # past the end of its sequence
@@ -425,11 +538,25 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_valid = (start_m + offs_m) < N_Q
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
-    q_ptrs = q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q_rows = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
+    q_rows = q_rows + offs_m[:, None] * stride_qn  # [BLOCK_M, 1]
+    q_ptrs = q_rows + offs_d[None, :] * stride_qd
+    k_rows = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+    k_ptrs = k_rows + offs_d[None, :] * stride_kd
+    v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+    v_ptrs = v_rows + offs_d[None, :] * stride_vd
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
+    q1, k1_ptrs, v1_ptrs, cols1, acc1 = None, None, None, None, None
+    q2, k2_ptrs, v2_ptrs, cols2, acc2 = None, None, None, None, None
+    if D1 > 0:
+        q1, k1_ptrs, v1_ptrs, cols1, acc1 = _piece_setup(
+            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_M
+        )
+    if D2 > 0:
+        q2, k2_ptrs, v2_ptrs, cols2, acc2 = _piece_setup(
+            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_M
+        )
     if ROPE != 0 or Q_NORM != 0:
         q = _prologue(
             q, q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
@@ -445,18 +572,26 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_key_block(
+        acc, l_i, m_i, acc1, acc2 = _fwd_key_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
             stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+            acc1, acc2, q1, q2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
+        if D1 > 0:
+            k1_ptrs += BLOCK_N * stride_kn
+            v1_ptrs += BLOCK_N * stride_vn
+        if D2 > 0:
+            k2_ptrs += BLOCK_N * stride_kn
+            v2_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:
-        acc, l_i, m_i = _fwd_key_block(
+        acc, l_i, m_i, acc1, acc2 = _fwd_key_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
             stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+            acc1, acc2, q1, q2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
 
     if KEY_MASK:  # a row without any kept key (acc = 0, l_i = 0): output 0 and lse = +inf, so the backward's P = 0
@@ -465,9 +600,17 @@ def attn_fwd_kernel(
         m_i = tl.where(no_keys, float("inf"), m_i)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2
-    o_ptrs = Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
-    o_ptrs = o_ptrs + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    o_rows = Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
+    o_rows = o_rows + offs_m[:, None] * stride_on
+    o_ptrs = o_rows + offs_d[None, :] * stride_od
     _store_tile(o_ptrs, acc.to(Out.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
+    if D1 > 0:
+        _store_piece(
+            o_rows, stride_od, (acc1 / l_i[:, None]).to(Out.dtype.element_ty), rows_valid, HEAD_DIM, BLOCK_D, D1
+        )
+    if D2 > 0:
+        acc2 = (acc2 / l_i[:, None]).to(Out.dtype.element_ty)
+        _store_piece(o_rows, stride_od, acc2, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
     lse_ptrs = Lse + (b * H + h) * N_Q + start_m + offs_m
     tl.store(lse_ptrs, lse, mask=rows_valid)
 
@@ -505,7 +648,11 @@ def attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
+    if STRIDE_ALIGN > 1:
+        stride_ob, stride_oh, stride_on = _aligned(stride_ob, stride_oh, stride_on, STRIDE_ALIGN)
+        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
     pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
     start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
     offs_m = tl.arange(0, BLOCK_M)
@@ -551,6 +698,22 @@ def _bwd_dkdv_query_block(
     Q_NORM: tl.constexpr,
     key_keep=None,  # [BLOCK_N] bool: the program's keys the key-padding mask keeps (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    dk1=None,  # [BLOCK_N, D1] fp32 dK accumulator of the second head-dim piece (D1 > 0 only), likewise dk2, dv1, dv2
+    dk2=None,
+    dv1=None,
+    dv2=None,
+    k1=None,  # [BLOCK_N, D1] the program's key tile's second piece, likewise k2, v1, v2
+    k2=None,
+    v1=None,
+    v2=None,
+    q1_ptrs=None,  # [BLOCK_M, D1] pointers to the query tile's second piece, likewise q2_ptrs, do1_ptrs, do2_ptrs
+    q2_ptrs=None,
+    do1_ptrs=None,
+    do2_ptrs=None,
+    cols1=None,  # [D1] the second piece's columns, likewise cols2
+    cols2=None,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces (0: no such piece)
+    D2: tl.constexpr = 0,
 ):
     rows_valid = (start_m + offs_m) < N_Q
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
@@ -568,14 +731,30 @@ def _bwd_dkdv_query_block(
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    end1: tl.constexpr = BLOCK_D + D1
+    end2: tl.constexpr = BLOCK_D + D1 + D2
+    if D1 > 0:
+        qk_t, q1 = _piece_dot_t(qk_t, k1, q1_ptrs, rows_valid, cols1, HEAD_DIM, end1, MASK_M, INPUT_PRECISION)
+    if D2 > 0:
+        qk_t, q2 = _piece_dot_t(qk_t, k2, q2_ptrs, rows_valid, cols2, HEAD_DIM, end2, MASK_M, INPUT_PRECISION)
     p_t = tl.math.exp2(_at_most_zero(qk_t * qk_scale - (lse * LOG2E)[None, :]))
     if KEY_MASK:
         p_t = tl.where(key_keep[:, None], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    if D1 > 0:
+        dp_t, do1 = _piece_dot_t(dp_t, v1, do1_ptrs, rows_valid, cols1, HEAD_DIM, end1, MASK_M, INPUT_PRECISION)
+        dv1 += tl.dot(p_t.to(do1.dtype), do1, input_precision=INPUT_PRECISION)
+    if D2 > 0:
+        dp_t, do2 = _piece_dot_t(dp_t, v2, do2_ptrs, rows_valid, cols2, HEAD_DIM, end2, MASK_M, INPUT_PRECISION)
+        dv2 += tl.dot(p_t.to(do2.dtype), do2, input_precision=INPUT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
-    return dk, dv
+    if D1 > 0:
+        dk1 += tl.dot(ds_t.to(q1.dtype), q1, input_precision=INPUT_PRECISION)
+    if D2 > 0:
+        dk2 += tl.dot(ds_t.to(q2.dtype), q2, input_precision=INPUT_PRECISION)
+    return dk, dv, dk1, dk2, dv1, dv2
 
 
 @triton.jit
@@ -641,7 +820,17 @@ def attn_bwd_dkdv_kernel(
     KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
     KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces, 0: none (see _piece_ptrs; no prologue)
+    D2: tl.constexpr = 0,
+    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
+    if STRIDE_ALIGN > 1:
+        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
+        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
+        stride_dkb, stride_dkh, stride_dkn = _aligned(stride_dkb, stride_dkh, stride_dkn, STRIDE_ALIGN)
+        stride_dvb, stride_dvh, stride_dvn = _aligned(stride_dvb, stride_dvh, stride_dvn, STRIDE_ALIGN)
     if VARLEN:
         pid_n, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_N), H, Cu_seqlens)
         if pid_n * BLOCK_N >= length:  # past the end of its sequence
@@ -664,10 +853,12 @@ def attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     keys_valid = (start_n + offs_n) < N_KV
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + start_n.to(tl.int64) * stride_kn
-    k_ptrs = k_ptrs + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + start_n.to(tl.int64) * stride_vn
-    v_ptrs = v_ptrs + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_rows = K + b * stride_kb + h * stride_kh + start_n.to(tl.int64) * stride_kn
+    k_rows = k_rows + offs_n[:, None] * stride_kn  # [BLOCK_N, 1]
+    k_ptrs = k_rows + offs_d[None, :] * stride_kd
+    v_rows = V + b * stride_vb + h * stride_vh + start_n.to(tl.int64) * stride_vn
+    v_rows = v_rows + offs_n[:, None] * stride_vn
+    v_ptrs = v_rows + offs_d[None, :] * stride_vd
     # Missing key rows load as 0; their dK/dV rows are computed but never stored.
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -682,8 +873,25 @@ def attn_bwd_dkdv_kernel(
         key_keep = tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0
         N_Q = tl.where(start_n < extent, N_Q, 0)  # no kept key here: dK = dV = 0, no query visited
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+    q_ptrs = q_rows + offs_d[None, :] * stride_qd
+    do_rows = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+    do_ptrs = do_rows + offs_d[None, :] * stride_dod
+    tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
+    k1, q1_ptrs, do1_ptrs, cols1, dk1, v1, dv1 = None, None, None, None, None, None, None
+    k2, q2_ptrs, do2_ptrs, cols2, dk2, v2, dv2 = None, None, None, None, None, None, None
+    if D1 > 0:
+        k1, q1_ptrs, do1_ptrs, cols1, dk1 = _piece_setup(
+            k_rows, q_rows, do_rows, stride_kd, stride_qd, stride_dod, keys_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_N
+        )
+        v1 = _load_piece(v_rows, stride_vd, keys_valid, HEAD_DIM, BLOCK_D, D1)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    if D2 > 0:
+        k2, q2_ptrs, do2_ptrs, cols2, dk2 = _piece_setup(
+            k_rows, q_rows, do_rows, stride_kd, stride_qd, stride_dod, keys_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_N
+        )
+        v2 = _load_piece(v_rows, stride_vd, keys_valid, HEAD_DIM, BLOCK_D + D1, D2)
+        dv2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
     lse_ptrs = Lse + (b * H + h) * N_Q + offs_m
     delta_ptrs = Delta + (b * H + h) * N_Q + offs_m
 
@@ -692,20 +900,28 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _bwd_dkdv_query_block(
+        dk, dv, dk1, dk2, dv1, dv2 = _bwd_dkdv_query_block(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, N_Q, qk_scale, offs_m, offs_d,
             HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
             stride_qd, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps, ROPE, Q_NORM, key_keep, KEY_MASK,
+            dk1, dk2, dv1, dv2, k1, k2, v1, v2, q1_ptrs, q2_ptrs, do1_ptrs, do2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
         lse_ptrs += BLOCK_M
         delta_ptrs += BLOCK_M
+        if D1 > 0:
+            q1_ptrs += BLOCK_M * stride_qn
+            do1_ptrs += BLOCK_M * stride_don
+        if D2 > 0:
+            q2_ptrs += BLOCK_M * stride_qn
+            do2_ptrs += BLOCK_M * stride_don
     if m_full < N_Q:
-        dk, dv = _bwd_dkdv_query_block(
+        dk, dv, dk1, dk2, dv1, dv2 = _bwd_dkdv_query_block(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_full, N_Q, qk_scale, offs_m, offs_d,
             HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
             stride_qd, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps, ROPE, Q_NORM, key_keep, KEY_MASK,
+            dk1, dk2, dv1, dv2, k1, k2, v1, v2, q1_ptrs, q2_ptrs, do1_ptrs, do2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
 
     dk *= sm_scale
@@ -717,12 +933,21 @@ def attn_bwd_dkdv_kernel(
         )  # fmt: skip
         if K_NORM != 0:
             _store_norm_grad(NormGrad, b * H + h, start_n, N_KV, dkw, dkb, offs_d, HEAD_DIM, BLOCK_N)
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
-    dk_ptrs = dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
-    dv_ptrs = dv_ptrs + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_rows = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
+    dk_rows = dk_rows + offs_n[:, None] * stride_dkn
+    dk_ptrs = dk_rows + offs_d[None, :] * stride_dkd
+    dv_rows = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
+    dv_rows = dv_rows + offs_n[:, None] * stride_dvn
+    dv_ptrs = dv_rows + offs_d[None, :] * stride_dvd
     _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
     _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
+    if D1 > 0:
+        _store_piece(dk_rows, stride_dkd, (dk1 * sm_scale).to(DK.dtype.element_ty), keys_valid, HEAD_DIM, BLOCK_D, D1)
+        _store_piece(dv_rows, stride_dvd, dv1.to(DV.dtype.element_ty), keys_valid, HEAD_DIM, BLOCK_D, D1)
+    if D2 > 0:
+        dk2 = (dk2 * sm_scale).to(DK.dtype.element_ty)
+        _store_piece(dk_rows, stride_dkd, dk2, keys_valid, HEAD_DIM, BLOCK_D + D1, D2)
+        _store_piece(dv_rows, stride_dvd, dv2.to(DV.dtype.element_ty), keys_valid, HEAD_DIM, BLOCK_D + D1, D2)
 
 
 @triton.jit
@@ -754,6 +979,20 @@ def _bwd_dq_key_block(
     K_NORM: tl.constexpr,
     keep_ptrs=None,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    dq1=None,  # [BLOCK_M, D1] fp32 dQ accumulator of the second head-dim piece (D1 > 0 only), likewise dq2
+    dq2=None,
+    q1=None,  # [BLOCK_M, D1] the program's query tile's second piece, likewise q2, do1, do2
+    q2=None,
+    do1=None,
+    do2=None,
+    k1_ptrs=None,  # [BLOCK_N, D1] pointers to the key tile's second piece, likewise k2_ptrs, v1_ptrs, v2_ptrs
+    k2_ptrs=None,
+    v1_ptrs=None,
+    v2_ptrs=None,
+    cols1=None,  # [D1] the second piece's columns, likewise cols2
+    cols2=None,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces (0: no such piece)
+    D2: tl.constexpr = 0,
 ):
     keys_valid = (start_n + offs_n) < N_KV
     if KEY_MASK:
@@ -766,13 +1005,27 @@ def _bwd_dq_key_block(
             HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
         )  # fmt: skip
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    end1: tl.constexpr = BLOCK_D + D1
+    end2: tl.constexpr = BLOCK_D + D1 + D2
+    if D1 > 0:
+        qk, k1 = _piece_dot_t(qk, q1, k1_ptrs, keys_valid, cols1, HEAD_DIM, end1, MASK_N, INPUT_PRECISION)
+    if D2 > 0:
+        qk, k2 = _piece_dot_t(qk, q2, k2_ptrs, keys_valid, cols2, HEAD_DIM, end2, MASK_N, INPUT_PRECISION)
     p = tl.math.exp2(_at_most_zero(qk * qk_scale - lse2[:, None]))
     if MASK_N | KEY_MASK:
         p = tl.where(keys_valid[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if D1 > 0:
+        dp, _ = _piece_dot_t(dp, do1, v1_ptrs, keys_valid, cols1, HEAD_DIM, end1, MASK_N, INPUT_PRECISION)
+    if D2 > 0:
+        dp, _ = _piece_dot_t(dp, do2, v2_ptrs, keys_valid, cols2, HEAD_DIM, end2, MASK_N, INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-    return dq
+    if D1 > 0:
+        dq1 += tl.dot(ds.to(k1.dtype), k1, input_precision=INPUT_PRECISION)
+    if D2 > 0:
+        dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=INPUT_PRECISION)
+    return dq, dq1, dq2
 
 
 @triton.jit
@@ -833,7 +1086,16 @@ def attn_bwd_dq_kernel(
     KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
     KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
+    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces, 0: none (see _piece_ptrs; no prologue)
+    D2: tl.constexpr = 0,
+    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):
+    if STRIDE_ALIGN > 1:
+        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
+        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
+        stride_dqb, stride_dqh, stride_dqn = _aligned(stride_dqb, stride_dqh, stride_dqn, STRIDE_ALIGN)
     if VARLEN:
         pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
         if pid_m * BLOCK_M >= length:  # past the end of its sequence
@@ -855,10 +1117,12 @@ def attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_valid = (start_m + offs_m) < N_Q
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
-    q_ptrs = q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    do_ptrs = DO + b * stride_dob + h * stride_doh + start_m.to(tl.int64) * stride_don
-    do_ptrs = do_ptrs + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    q_rows = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
+    q_rows = q_rows + offs_m[:, None] * stride_qn  # [BLOCK_M, 1]
+    q_ptrs = q_rows + offs_d[None, :] * stride_qd
+    do_rows = DO + b * stride_dob + h * stride_doh + start_m.to(tl.int64) * stride_don
+    do_rows = do_rows + offs_m[:, None] * stride_don
+    do_ptrs = do_rows + offs_d[None, :] * stride_dod
     # Missing query rows load as 0 (lse and delta too); their dQ rows are never stored.
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     if ROPE != 0 or Q_NORM != 0:
@@ -871,8 +1135,23 @@ def attn_bwd_dq_kernel(
     lse2 = tl.load(Lse + row_offset, mask=rows_valid, other=0.0) * LOG2E
     delta = tl.load(Delta + row_offset, mask=rows_valid, other=0.0)
 
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_rows = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+    k_ptrs = k_rows + offs_d[None, :] * stride_kd
+    v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+    v_ptrs = v_rows + offs_d[None, :] * stride_vd
+    tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
+    q1, k1_ptrs, v1_ptrs, cols1, dq1, do1 = None, None, None, None, None, None
+    q2, k2_ptrs, v2_ptrs, cols2, dq2, do2 = None, None, None, None, None, None
+    if D1 > 0:
+        q1, k1_ptrs, v1_ptrs, cols1, dq1 = _piece_setup(
+            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_M
+        )
+        do1 = _load_piece(do_rows, stride_dod, rows_valid, HEAD_DIM, BLOCK_D, D1)
+    if D2 > 0:
+        q2, k2_ptrs, v2_ptrs, cols2, dq2 = _piece_setup(
+            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_M
+        )
+        do2 = _load_piece(do_rows, stride_dod, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
     qk_scale = sm_scale * LOG2E
     keep_ptrs = KeyKeep
     if KEY_MASK:
@@ -880,18 +1159,26 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _bwd_dq_key_block(
+        dq, dq1, dq2 = _bwd_dq_key_block(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
             stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+            dq1, dq2, q1, q2, do1, do2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
+        if D1 > 0:
+            k1_ptrs += BLOCK_N * stride_kn
+            v1_ptrs += BLOCK_N * stride_vn
+        if D2 > 0:
+            k2_ptrs += BLOCK_N * stride_kn
+            v2_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:
-        dq = _bwd_dq_key_block(
+        dq, dq1, dq2 = _bwd_dq_key_block(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
             HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
             stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+            dq1, dq2, q1, q2, do1, do2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
         )  # fmt: skip
 
     dq *= sm_scale
@@ -903,28 +1190,37 @@ def attn_bwd_dq_kernel(
         )  # fmt: skip
         if Q_NORM != 0:
             _store_norm_grad(NormGrad, b * H + h, start_m, N_Q, dqw, dqb, offs_d, HEAD_DIM, BLOCK_M)
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
-    dq_ptrs = dq_ptrs + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    dq_rows = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
+    dq_rows = dq_rows + offs_m[:, None] * stride_dqn
+    dq_ptrs = dq_rows + offs_d[None, :] * stride_dqd
     _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
+    if D1 > 0:
+        _store_piece(dq_rows, stride_dqd, (dq1 * sm_scale).to(DQ.dtype.element_ty), rows_valid, HEAD_DIM, BLOCK_D, D1)
+    if D2 > 0:
+        dq2 = (dq2 * sm_scale).to(DQ.dtype.element_ty)
+        _store_piece(dq_rows, stride_dqd, dq2, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
 
 
 # ------------------------------------------------------------------------------------------------
-# Block-size configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried by the autotuner on GPUs, keyed on
-# (N_Q, N_KV, HEAD_DIM, INPUT_PRECISION) and the tensors' dtypes. 16-bit inputs: one list per GPU generation (80:
-# Ampere/Ada, 90: Hopper and newer) and BLOCK_D bound (<= 64: head dims 32-64; <= 128: head dims 80-128); fp32
-# inputs: one list. ``autotune_configs`` hands the autotuner the entries of the launch's list that ``keep_config``
-# keeps for the GPU's shared memory. Starting points from the Triton tutorial's search space and FlashAttention-2's
-# Triton kernels; ViT sequences are short (197-577 tokens), so 64-row query blocks keep enough programs in flight and
-# 128-row blocks win at large B*H.
+# Block-size configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), tried by the autotuner on GPUs, keyed on (N_Q,
+# N_KV, HEAD_DIM, INPUT_PRECISION) and the tensors' dtypes. 16-bit inputs: one list per GPU generation (80:
+# Ampere/Ada, 90: Hopper and newer) and BLOCK_D bound (<= 64: head dims 32-64; <= 128: head dims 72-128; a launch in
+# head-dim pieces takes the list of its padded width, e.g. 72 = 64 + 16 the 128 list); fp32 inputs: one list.
+# ``autotune_configs`` hands the autotuner the entries of the launch's list that ``keep_config`` keeps for the GPU's
+# shared memory. Starting points from the Triton tutorial's search space and FlashAttention-2's Triton kernels; ViT
+# sequences are short (197-577 tokens), so 64-row query blocks keep enough programs in flight and 128-row blocks win
+# at large B*H.
 #
 # Chosen from ahead-of-time compiles (python -m fastvit.kernels.resources --all, no GPU): every 16-bit entry compiles
 # without spilling for its generation at every head dim of its BLOCK_D list, with Triton 3.8. CI (test_resources.py)
-# keeps that true for bf16/fp16 at head dims 64 and 128 on sm_90a and sm_80; the committed tables
-# benchmarks/results/resources-sm90a.md and -sm80.md hold that set (0 spills; at most 255 registers, shared memory up
-# to 224 KiB of sm_90's 227 KiB for (128, 128, 8, 3)). At BLOCK_D = 128 the sm_80 kernels need 8 warps (4-warp tiles
-# spill 100-1000 B per thread, (128, 64, 4, 3) 20 KB), and dK/dV has only two spill-free tiles there. fp32
-# (full-precision "ieee" dots run on FMA units, not tensor cores) spills at head dims >= 48 whatever the tile, and
-# some tiles at 32: supported for accuracy, not speed (the tool reports its spills without failing them).
+# keeps that true for bf16/fp16 at head dims 64, 72 (pieces on sm_90a, padded on sm_80) and 128 on sm_90a and sm_80;
+# the autotuner candidates of 40, 88, 104, 112 (and 56, 120 on sm_90a) were compiled for bf16 once, without spills
+# (pieces on sm_90a; on sm_80 pieces spilled 8-160 B in some, hence ``head_dim_pieces``' arch rule); the committed
+# tables benchmarks/results/resources-sm90a.md and -sm80.md hold that set (0 spills; at most 255 registers, shared
+# memory up to 224 KiB of sm_90's 227 KiB for (128, 128, 8, 3)). At BLOCK_D = 128 the sm_80 kernels need 8 warps
+# (4-warp tiles spill 100-1000 B per thread, (128, 64, 4, 3) 20 KB), and dK/dV has only two spill-free tiles there.
+# fp32 (full-precision "ieee" dots run on FMA units, not tensor cores) spills at head dims >= 48 whatever the tile,
+# and some tiles at 32: supported for accuracy, not speed (the tool reports its spills without failing them).
 #
 # Forward (BLOCK_M query rows per program, BLOCK_N keys per step).
 FWD_CONFIGS = {
@@ -1002,9 +1298,59 @@ def config_generation(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
+# Head dims the kernels take: every multiple of 8 in 32..128 (SigLIP so400m: 72).
+HEAD_DIMS = tuple(range(32, 129, 8))
+MIN_PIECE = 16  # tl.dot's smallest K and N
+MAX_PIECES = 3
+# Head dims whose launches keep today's single padded tile although ``split_head_dim`` finds a narrower split (48 =
+# 32 + 16, 80 = 64 + 16, 96 = 64 + 32): their tuned, resource-checked code stays as it is until a GPU run shows the
+# split is faster there too.
+PADDED_HEAD_DIMS = (48, 80, 96)
+
+
 def block_d(head_dim: int) -> int:
     """``BLOCK_D`` of a head dim: the next power of two, at least 16 (the smallest tl.dot size)."""
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def split_head_dim(head_dim: int) -> tuple[int, ...]:
+    """The narrowest tiling of ``head_dim`` columns by at most ``MAX_PIECES`` power-of-two pieces of at least
+    ``MIN_PIECE`` (widest first; fewest pieces among equally narrow ones), e.g. 72 -> (64, 16), 104 -> (64, 32, 16),
+    120 -> (128,). The last piece is masked past ``head_dim``.
+
+    Wasted columns, ``sum(pieces) - head_dim`` over ``sum(pieces)``, are at most 12.5% for every multiple of 8 in
+    32..128 except 40: 40 = 32 + 16 with 8 of 48 masked (16.7%), as no sum of pieces >= 16 lies in 40..45.
+    """
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise TypeError(f"head_dim must be an int, got {head_dim!r}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
+    widths = [w for w in (1 << i for i in range(block_d(head_dim).bit_length() - 1, -1, -1)) if w >= MIN_PIECE]
+    pieces = (c for n in range(1, MAX_PIECES + 1) for c in itertools.combinations_with_replacement(widths, n))
+    covering = [c for c in pieces if sum(c) >= head_dim]
+    return min(covering, key=lambda c: (sum(c), len(c)))
+
+
+def head_dim_pieces(head_dim: int, arch: int | None = None) -> tuple[int, int, int]:
+    """The head-dim tiling of the forward, dQ and dK/dV kernels as their constexprs (BLOCK_D, D1, D2), 0 = no such
+    piece: the split of ``split_head_dim`` where it is narrower than the padded tile ``block_d(head_dim)`` (40, 72,
+    88, 104, 112), else the padded tile alone (the plain path's compiled code), as for ``PADDED_HEAD_DIMS``.
+
+    ``arch``: the GPU's compute capability (None: the interpreter). Pieces run on Hopper and newer (90+), where every
+    candidate config compiles without spilling; on Ampere/Ada (the 80 tables, register-bound at 8 warps already at
+    BLOCK_D = 128) the extra per-piece tiles make some of them spill (8-160 B per thread; 104's dK/dV the most), so
+    there the new head dims keep the padded tile.
+    """
+    pieces = split_head_dim(head_dim)
+    if len(pieces) == 1 or head_dim in PADDED_HEAD_DIMS or (arch is not None and config_generation(arch) < 90):
+        return block_d(head_dim), 0, 0
+    return (*pieces, 0, 0)[:MAX_PIECES]
+
+
+def tile_waste(head_dim: int, pieces: tuple[int, ...]) -> float:
+    """The fraction of a tile's columns that are masked: (sum(pieces) - head_dim) / sum(pieces)."""
+    width = sum(pieces)
+    return (width - head_dim) / width
 
 
 def keep_config(

@@ -7,7 +7,8 @@ gives registers, stack frame and spill bytes per thread (and its performance war
 shared memory per block. Which configs are compiled:
 
 - attention: ``kernels.attention.autotune_configs`` (the function the launcher's autotuner prune step returns)
-  for bf16 and fp16 at head dims 64 and 128, on packed-qkv views ([B, N, 3, H, D] strides);
+  for bf16 and fp16 at head dims 64, 72 (head-dim pieces, STRIDE_ALIGN) and 128, on packed-qkv views ([B, N, 3, H,
+  D] strides), with the head-dim pieces and stride alignment the launcher passes;
 - patch embedding: the tiles ``fastvit.ops.triton.patch_embed``'s launchers choose, recorded by running those launchers
   (kernel launches replaced by recorders) on ViT-B/16 shapes at batch 1 and 64, NCHW and channels_last, float
   and uint8 images;
@@ -56,7 +57,7 @@ ARCHS = {"sm_90a": (90, 132), "sm_80": (80, 108)}  # H100 SXM, A100
 # the SM's thread slots, which is what these memory-bound kernels need to hide memory latency. The float64
 # instantiations (the precision path, not a speed one) are exempt from the cap; they must not spill either.
 MAX_CUDA_REGISTERS = 64
-CI_HEAD_DIMS = (64, 128)
+CI_HEAD_DIMS = (64, 72, 128)  # 72: SigLIP so400m, head-dim pieces and STRIDE_ALIGN
 CI_DTYPES = ("bf16", "fp16")
 # Launchable configs of these dtypes must not spill. fp32 launches (full-precision "ieee" dots on FMA units: an
 # accuracy path, not a fast one) are compiled and reported, and must fit shared memory, but their spills are
@@ -197,13 +198,20 @@ def _attention_args(kind: str, dtype, head_dim: int, scale: float = 0.125) -> tu
     return tuple(map(_as_arg, (*tensors, heads, tokens, tokens)))
 
 
+def _pieces(tables, head_dim: int, arch: int) -> dict:
+    """BLOCK_D, D1, D2 of the forward, dQ and dK/dV kernels on ``arch`` where ``head_dim_pieces`` splits the head dim
+    ({} for the padded tile)."""
+    block_d, d1, d2 = tables.head_dim_pieces(head_dim, arch)
+    return {} if d1 == 0 else dict(BLOCK_D=block_d, D1=d1, D2=d2)
+
+
 def attention_launches(arch: int, full: bool) -> list[Launch]:
     """Attention launches on ``arch``: the autotuner's candidates (``full``: every table entry, all head dims)."""
     import torch
     from fastvit.kernels import attention as tables
 
     functions = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
-    head_dims = (32, 48, 64, 80, 96, 128) if full else CI_HEAD_DIMS
+    head_dims = tables.HEAD_DIMS if full else CI_HEAD_DIMS
     dtypes = ("bf16", "fp16", "fp32") if full else CI_DTYPES
     launches = []
     for dtype_name in dtypes:
@@ -213,6 +221,7 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
         for head_dim in head_dims:
             block_d = tables.block_d(head_dim)
             constants = dict(HEAD_DIM=head_dim, BLOCK_D=block_d)
+            align = dict(STRIDE_ALIGN=8) if head_dim % 16 else {}  # the launcher's for packed qkv (_stride_align)
             case = f"D={head_dim}"
             launches.append(
                 Launch(
@@ -224,7 +233,7 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
                     module="attention",
                     function="attn_bwd_preprocess_kernel",
                     args=_attention_args("preprocess", dtype, head_dim),
-                    kwargs=tuple(sorted({**constants, "BLOCK_M": tables.PREPROCESS_BLOCK_M}.items())),
+                    kwargs=tuple(sorted({**constants, "BLOCK_M": tables.PREPROCESS_BLOCK_M, **align}.items())),
                 )
             )
             for kind, function in functions.items():
@@ -235,6 +244,8 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
                 args = _attention_args(kind, dtype, head_dim)
                 for block_m, block_n, warps, stages in candidates:
                     kwargs = {**constants, "INPUT_PRECISION": precision, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                    kwargs.update(_pieces(tables, head_dim, arch))  # the head-dim pieces, as the launcher passes them
+                    kwargs.update(align)
                     kwargs.update(num_warps=warps, num_stages=stages)
                     launches.append(
                         Launch(

@@ -295,8 +295,9 @@ for prologue, archs in ((PLAIN, (80, 90)), (dict(ROPE=2, Q_NORM=1, K_NORM=2), (9
     # arguments are the defaults (None pointers, constexpr 0 switches); with one, rotate-half RoPE and both norms.
     consts = dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION="tf32", **prologue)
     consts.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
-    # The plain path: the packed-sequence and key-padding-mask arguments unset.
+    # The plain path: the packed-sequence, key-padding-mask, head-dim-piece and stride-alignment arguments unset.
     consts.update(Cu_seqlens=None, max_seqlen=None, VARLEN=False, KeyKeep=None, KeyExtent=None, KEY_MASK=False)
+    consts.update(D1=0, D2=0, STRIDE_ALIGN=1)
     consts = {n: v for n, v in consts.items() if n in fn.arg_names}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -354,7 +355,7 @@ def test_backends_report_lists_the_triton_attention_ops():
         (
             lambda: ops.qkv_attention(torch.randn(1, 5, 3 * 2 * 16, device=DEVICE), 2, backend="triton"),
             ValueError,
-            r"head_dim in \(32, 48, 64, 80, 96, 128\), got head_dim=16",
+            r"head_dim in \(32, 40, 48, .*, 120, 128\), got head_dim=16",
         ),
         (
             lambda: ops.attention(*(torch.randn(1, 2, 5, 256, device=DEVICE) for _ in range(3)), backend="triton"),

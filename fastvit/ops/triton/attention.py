@@ -41,7 +41,9 @@ from fastvit.ops.triton.attention_launch import (  # noqa: F401  (candidate_conf
 )
 from fastvit.validation import autocast_dtype
 
-SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128)
+# Every multiple of 8 in 32..128 (SigLIP's 72, 88, 104, 112 included): the kernels tile the head dim as in
+# ``kernels.attention.head_dim_pieces``.
+SUPPORTED_HEAD_DIMS = tuple(range(32, 129, 8))
 
 
 def supports(call: AttentionCall) -> str | None:

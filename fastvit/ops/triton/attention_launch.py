@@ -59,6 +59,35 @@ def _block_d(head_dim: int) -> int:
     return launch.kernels("attention").block_d(head_dim)
 
 
+def _padded_block_d(constants: dict) -> int:
+    """The padded tile width of a launch (its BLOCK_D; with head-dim pieces, the power of two their sum rounds up to):
+    the width its configs are listed and checked for."""
+    return _block_d(constants["BLOCK_D"] + constants.get("D1", 0) + constants.get("D2", 0))
+
+
+def _head_dim_pieces(constants: dict, like: torch.Tensor) -> dict:
+    """The head-dim tiling constants: {} for the plain padded tile (the launch and its compiled code as
+    before pieces existed), else BLOCK_D, D1, D2 of ``kernels.attention.head_dim_pieces`` (head dims 40, 72, 88, 104,
+    112) on ``like``'s device, for the forward, dQ and dK/dV kernels; the qk-norm/RoPE prologue keeps the padded
+    tile."""
+    if constants["ROPE"] != 0 or constants["Q_NORM"] != 0 or constants["K_NORM"] != 0:
+        return {}
+    arch = launch.gpu_arch(like) if launch.on_gpu(like) else None
+    block_d, d1, d2 = launch.kernels("attention").head_dim_pieces(constants["HEAD_DIM"], arch)
+    return {} if d1 == 0 else dict(BLOCK_D=block_d, D1=d1, D2=d2)
+
+
+def _stride_align(*tensors: torch.Tensor) -> dict:
+    """{'STRIDE_ALIGN': 8} when the head dim is an odd multiple of 8 (40, 56, ..., 120) and the batch, head and token
+    strides of every tensor are multiples of 8, as the packed qkv, output and gradient buffers' always are: tells the
+    compiler what Triton's divisible-by-16 specialisation cannot (``kernels.attention._aligned``). Else {} (the
+    launch as without it)."""
+    head_dim = tensors[0].shape[-1]
+    if head_dim % 16 == 0 or head_dim % 8 != 0:
+        return {}
+    return dict(STRIDE_ALIGN=8) if all(s % 8 == 0 for t in tensors for s in t.stride()[:3]) else {}
+
+
 _KERNELS = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
 
 
@@ -90,7 +119,8 @@ def _autotuned(kind: str, arch: int, batch_heads_bucket: int, varlen: bool = Fal
 
     Autotuning times configs at the first call's shape; B·H changes which tiles fill the GPU, so a config
     tuned at batch 1 (an ``InferenceSession`` warm-up) is not reused at batch 256: one tuner per bucket.
-    The prune step hands the autotuner exactly :func:`candidate_configs` for the call's dtype and BLOCK_D.
+    The prune step hands the autotuner exactly :func:`candidate_configs` for the call's dtype and padded BLOCK_D
+    (a launch whose head dim runs in pieces gets the list of its padded tile: its shared memory is at most that).
     ``varlen``: the packed variable-length launches, keyed on ``max_seqlen`` instead of the packed token count
     (which changes with every batch of images while the longest sequence does not).
     """
@@ -103,7 +133,8 @@ def _autotuned(kind: str, arch: int, batch_heads_bucket: int, varlen: bool = Fal
         args = {**named_args, **kwargs}
         rope = args.get("ROPE", 0) != 0
         return [
-            _triton_config(e) for e in candidate_configs(kind, arch, args["BLOCK_D"], args["Q"].element_size(), rope)
+            _triton_config(e)
+            for e in candidate_configs(kind, arch, _padded_block_d(args), args["Q"].element_size(), rope)
         ]
 
     # Tensor dtypes join the key automatically (Triton appends every tensor argument's dtype).
@@ -144,7 +175,7 @@ def _launch(
         fixed = kernels.INTERPRETER_CONFIGS[kind]
     elif dispatch.deterministic_enabled():
         arch, rope = launch.gpu_arch(like), constants["ROPE"] != 0
-        fixed = candidate_configs(kind, arch, constants["BLOCK_D"], like.element_size(), rope)[0]
+        fixed = candidate_configs(kind, arch, _padded_block_d(constants), like.element_size(), rope)[0]
     else:
         bucket = launch.next_pow2(batch_heads, 1, 1 << 30)
         tuned = _autotuned(kind, launch.gpu_arch(like), bucket, varlen)
@@ -221,6 +252,8 @@ def _attention_forward(
     sequences, rows = _grid_rows(varlen, n_q)
     args = (q, k, v, out, lse, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, n_q, n_kv)
     constants = _constants(q, prologue, varlen, key_keep)
+    constants.update(_head_dim_pieces(constants, q))
+    constants.update(_stride_align(q, k, v, out))
     with launch.device_guard(q):
         num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch * sequences * heads  # one per query block
         _launch("fwd", num_blocks, q, batch * sequences * heads, args, constants, varlen is not None)
@@ -250,6 +283,9 @@ def _attention_backward(
     n_kv = k.shape[2]
     kernels = launch.kernels("attention")
     constants = _constants(q, prologue, varlen, key_keep)
+    align = _stride_align(q, k, v, out, grad_out, dq, dk, dv)
+    constants.update(align)
+    pieces = _head_dim_pieces(constants, q)  # dQ and dK/dV; the preprocess keeps BLOCK_D
     sequences, rows = _grid_rows(varlen, n_q)
     batch_heads = batch * sequences * heads
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
@@ -259,19 +295,19 @@ def _attention_backward(
             grid = (launch.cdiv(n_q, kernels.PREPROCESS_BLOCK_M) * batch * heads,)
             kernels.attn_bwd_preprocess_kernel[grid](
                 out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q,
-                HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"], BLOCK_M=kernels.PREPROCESS_BLOCK_M,
+                HEAD_DIM=head_dim, BLOCK_D=constants["BLOCK_D"], BLOCK_M=kernels.PREPROCESS_BLOCK_M, **align,
             )  # fmt: skip
             args = (q, k, v, grad_out, lse, delta, dq, scale, *strides, *dq.stride(), heads, n_q, n_kv)
             num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch_heads  # one program per query block
-            _launch("dq", num_blocks, q, batch_heads, args, {**constants, "NormGrad": q_norm_grad}, varlen is not None)
+            dq_constants = {**constants, **pieces, "NormGrad": q_norm_grad}
+            _launch("dq", num_blocks, q, batch_heads, args, dq_constants, varlen is not None)
         if dk.numel() > 0:
             inputs = (q, k, v, grad_out, lse, delta, dk, dv, scale)
             args = (*inputs, *strides, *dk.stride(), *dv.stride(), heads, n_q, n_kv)
             key_rows = n_kv if varlen is None else rows
             num_blocks = lambda bm, bn: launch.cdiv(key_rows, bn) * batch_heads  # one program per key block
-            _launch(
-                "dkdv", num_blocks, q, batch_heads, args, {**constants, "NormGrad": k_norm_grad}, varlen is not None
-            )
+            dkdv_constants = {**constants, **pieces, "NormGrad": k_norm_grad}
+            _launch("dkdv", num_blocks, q, batch_heads, args, dkdv_constants, varlen is not None)
 
 
 def _norm_grad_partials(batch_heads: int, tokens: int, head_dim: int, device) -> torch.Tensor:
