@@ -1,10 +1,10 @@
 """Kernel resource use as a CI-checked property (no GPU needed): ``fastvit.kernels.resources``.
 
-Every Triton config the launchers may pick (attention autotuner candidates for bf16/fp16 at head dims 64 and 128,
+Every Triton config the launchers may pick (attention autotuner candidates for bf16/fp16 at head dims 64, 72 and 128,
 the patch-embedding tiles for ViT-B/16 shapes) is compiled ahead of time for sm_90a and sm_80 with the installed
 Triton's ptxas, and must not spill or need more shared memory than the arch allows. The extension's CUDA kernels
 are read from the built fastvit._C: no stack frame, at most 64 registers (float64 ones exempt). The full matrix
-(every table entry, head dims 32-128, fp32) is the tool's ``--all``; its output is committed under
+(every table entry, every head dim 32-128 in steps of 8, fp32) is the tool's ``--all``; its output is committed under
 benchmarks/results/.
 """
 
