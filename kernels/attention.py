@@ -467,25 +467,11 @@ def attn_fwd_kernel(
     Out,  # [B, H, N_Q, HEAD_DIM] strided, e.g. a view of out [B, N, H, D]; dtype of Q
     Lse,  # [B, H, N_Q] fp32 contiguous: natural-log log-sum-exp of each row of scaled scores
     sm_scale,
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_ob,
-    stride_oh,
-    stride_on,
-    stride_od,
-    H,
-    N_Q,
-    N_KV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; with D1 > 0: the first head-dim piece's width
     BLOCK_M: tl.constexpr,  # query rows per program
@@ -513,7 +499,7 @@ def attn_fwd_kernel(
     D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces, 0: none (see _piece_ptrs; no prologue)
     D2: tl.constexpr = 0,
     STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
-):
+):  # fmt: skip
     if STRIDE_ALIGN > 1:
         stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
         stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
@@ -635,21 +621,15 @@ def attn_bwd_preprocess_kernel(
     Out,  # [B, H, N_Q, HEAD_DIM] strided: the forward's output
     DO,  # [B, H, N_Q, HEAD_DIM] strided: gradient of the output
     Delta,  # [B, H, N_Q] fp32 contiguous: rowsum(dO * O), written here
-    stride_ob,
-    stride_oh,
-    stride_on,
-    stride_od,
-    stride_dob,
-    stride_doh,
-    stride_don,
-    stride_dod,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
     H,
     N_Q,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
-):
+):  # fmt: skip
     if STRIDE_ALIGN > 1:
         stride_ob, stride_oh, stride_on = _aligned(stride_ob, stride_oh, stride_on, STRIDE_ALIGN)
         stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
@@ -768,62 +748,26 @@ def attn_bwd_dkdv_kernel(
     DK,  # [B, H, N_KV, HEAD_DIM] strided, e.g. a view of dqkv [B, N, 3, H, D]; dtype of K
     DV,  # [B, H, N_KV, HEAD_DIM] strided, likewise; dtype of V
     sm_scale,
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_don,
-    stride_dod,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dkd,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
-    stride_dvd,
-    H,
-    N_Q,
-    N_KV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows owned by this program
     INPUT_PRECISION: tl.constexpr,
-    # Prologue (qk-norm then RoPE on the q and k tiles; all off by default): see _prologue.
-    Rope=None,  # [N - NUM_PREFIX, 2·HEAD_DIM] cat(sin, cos), unit column stride
-    stride_rope_n=0,
-    NUM_PREFIX=0,  # leading tokens left unrotated
-    QW=None,  # [HEAD_DIM] q norm weight
-    QB=None,  # [HEAD_DIM] q norm bias (LayerNorm)
-    q_eps=0.0,
-    KW=None,  # [HEAD_DIM] k norm weight
-    KB=None,  # [HEAD_DIM] k norm bias (LayerNorm)
-    k_eps=0.0,
+    # The prologue, varlen, key-mask and head-dim-piece arguments are attn_fwd_kernel's (described there).
+    Rope=None, stride_rope_n=0, NUM_PREFIX=0, QW=None, QB=None, q_eps=0.0, KW=None, KB=None, k_eps=0.0,
     NormGrad=None,  # [B·H, cdiv(N_KV, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: k norm weight / bias gradient partials
-    ROPE: tl.constexpr = 0,  # 0 none, ROPE_INTERLEAVED, ROPE_HALF
-    Q_NORM: tl.constexpr = 0,  # 0 none, NORM_LAYER, NORM_RMS
-    K_NORM: tl.constexpr = 0,
-    Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
-    max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
-    VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
-    KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
-    KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
-    KEY_MASK: tl.constexpr = False,
-    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces, 0: none (see _piece_ptrs; no prologue)
-    D2: tl.constexpr = 0,
-    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
-):
+    ROPE: tl.constexpr = 0, Q_NORM: tl.constexpr = 0, K_NORM: tl.constexpr = 0,
+    Cu_seqlens=None, max_seqlen=None, VARLEN: tl.constexpr = False,
+    KeyKeep=None, KeyExtent=None, KEY_MASK: tl.constexpr = False,
+    D1: tl.constexpr = 0, D2: tl.constexpr = 0, STRIDE_ALIGN: tl.constexpr = 1,
+):  # fmt: skip
     if STRIDE_ALIGN > 1:
         stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
         stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
@@ -1038,58 +982,25 @@ def attn_bwd_dq_kernel(
     Delta,  # [B, H, N_Q] fp32 contiguous
     DQ,  # [B, H, N_Q, HEAD_DIM] strided, e.g. a view of dqkv [B, N, 3, H, D]; dtype of Q
     sm_scale,
-    stride_qb,
-    stride_qh,
-    stride_qn,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_don,
-    stride_dod,
-    stride_dqb,
-    stride_dqh,
-    stride_dqn,
-    stride_dqd,
-    H,
-    N_Q,
-    N_KV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    H, N_Q, N_KV,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,
-    # Prologue (qk-norm then RoPE on the q and k tiles; all off by default): see _prologue.
-    Rope=None,  # [N - NUM_PREFIX, 2·HEAD_DIM] cat(sin, cos), unit column stride
-    stride_rope_n=0,
-    NUM_PREFIX=0,  # leading tokens left unrotated
-    QW=None,  # [HEAD_DIM] q norm weight
-    QB=None,  # [HEAD_DIM] q norm bias (LayerNorm)
-    q_eps=0.0,
-    KW=None,  # [HEAD_DIM] k norm weight
-    KB=None,  # [HEAD_DIM] k norm bias (LayerNorm)
-    k_eps=0.0,
+    # The prologue, varlen, key-mask and head-dim-piece arguments are attn_fwd_kernel's (described there).
+    Rope=None, stride_rope_n=0, NUM_PREFIX=0, QW=None, QB=None, q_eps=0.0, KW=None, KB=None, k_eps=0.0,
     NormGrad=None,  # [B·H, cdiv(N_Q, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: q norm weight / bias gradient partials
-    ROPE: tl.constexpr = 0,  # 0 none, ROPE_INTERLEAVED, ROPE_HALF
-    Q_NORM: tl.constexpr = 0,  # 0 none, NORM_LAYER, NORM_RMS
-    K_NORM: tl.constexpr = 0,
-    Cu_seqlens=None,  # [B + 1] int32 sequence boundaries (VARLEN only)
-    max_seqlen=None,  # at least the longest sequence: cdiv(max_seqlen, BLOCK) blocks per (sequence, head) (VARLEN)
-    VARLEN: tl.constexpr = False,  # packed variable-length sequences (see _varlen_coords)
-    KeyKeep=None,  # [B, N_KV] uint8 contiguous key-padding mask, nonzero = keep (KEY_MASK only)
-    KeyExtent=None,  # [B] int32: 1 + index of each batch's last kept key, 0 if none (KEY_MASK only)
-    KEY_MASK: tl.constexpr = False,
-    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces, 0: none (see _piece_ptrs; no prologue)
-    D2: tl.constexpr = 0,
-    STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
-):
+    ROPE: tl.constexpr = 0, Q_NORM: tl.constexpr = 0, K_NORM: tl.constexpr = 0,
+    Cu_seqlens=None, max_seqlen=None, VARLEN: tl.constexpr = False,
+    KeyKeep=None, KeyExtent=None, KEY_MASK: tl.constexpr = False,
+    D1: tl.constexpr = 0, D2: tl.constexpr = 0, STRIDE_ALIGN: tl.constexpr = 1,
+):  # fmt: skip
     if STRIDE_ALIGN > 1:
         stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
         stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)

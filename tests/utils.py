@@ -65,6 +65,7 @@ FUSED = {
     "patch_embed": "triton",
     "qkv_attention": "triton",
     "layer_norm": "cuda",
+    "rms_norm": "cuda",
     "linear_residual": "cuda",
     "ln_mlp": "cuda",
 }
