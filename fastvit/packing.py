@@ -13,6 +13,7 @@ A block's ``attn_mask`` (timm's keyword) is one of
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -91,3 +92,85 @@ def check_attn_mask(attn_mask: object, x: torch.Tensor) -> None:
         raise ValueError(
             f"attn_mask as a key-padding mask must be [B, N] = {list(x.shape[:2])}, got {list(attn_mask.shape)}"
         )
+
+
+class ImagePacking(NamedTuple):
+    """Where each image's tokens lie in a packed [1, T, C] sequence: image b is ``lengths[b]`` tokens, its
+    ``num_prefix_tokens`` prefix (class / register) tokens first, then its ``grids[b]`` = (h, w) patch grid in
+    row-major order. Built from Python ints (``from_grids``): nothing is read back from the device.
+
+    Attributes:
+        sequences: the ``PackedSequences`` the blocks take as ``attn_mask``.
+        grids: each image's patch grid (h, w).
+        num_prefix_tokens: prefix tokens per image.
+    """
+
+    sequences: PackedSequences
+    grids: tuple[tuple[int, int], ...]
+    num_prefix_tokens: int
+
+    @classmethod
+    def from_grids(cls, grids, num_prefix_tokens: int, device: torch.device | str | None = None) -> ImagePacking:
+        """The packing of images with these patch grids, in order, each with ``num_prefix_tokens`` prefix tokens."""
+        grids = tuple((int(h), int(w)) for h, w in grids)
+        lengths = [num_prefix_tokens + h * w for h, w in grids]
+        return cls(PackedSequences.from_lengths(lengths, device), grids, num_prefix_tokens)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.grids)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per image (prefix + patches)."""
+        return [self.num_prefix_tokens + h * w for h, w in self.grids]
+
+    @property
+    def starts(self) -> list[int]:
+        """Index of each image's first token in the packed sequence."""
+        return list(itertools.accumulate(self.lengths, initial=0))[:-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def split(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Packed tokens [1, T, ...] or [T, ...] -> each image's [N_b, ...] (views)."""
+        return list((tokens[0] if tokens.ndim == 3 else tokens).split(self.lengths))
+
+    def token_index(self, include_prefix: bool) -> tuple[torch.Tensor, list[int]]:
+        """The packed positions of every image's patch tokens (with its prefix tokens if ``include_prefix``), image
+        after image: [P] int64 on the packing's device, and how many belong to each image."""
+        skip = 0 if include_prefix else self.num_prefix_tokens
+        counts = [n - skip for n in self.lengths]
+        index = torch.cat([torch.arange(start + skip, start + skip + n) for start, n in zip(self.starts, counts)])
+        return index.to(self.sequences.cu_seqlens.device, non_blocking=True), counts
+
+
+POOL_REDUCTIONS = {"avg": ("mean",), "max": ("max",), "avgmax": ("max", "mean")}
+
+
+def segment_pool(tokens: torch.Tensor, packing: ImagePacking, pool_type: str, include_prefix: bool) -> torch.Tensor:
+    """Per-image pooling of packed tokens, as ``VisionTransformer.pool`` does for one image.
+
+    Args:
+        tokens: [1, T, C] or [T, C] packed tokens.
+        packing: where each image's tokens are.
+        pool_type: 'token' (each image's first token), 'avg', 'max' or 'avgmax' (over each image's patch tokens, its
+            prefix tokens too with ``include_prefix``: segment reductions, no loop over the images).
+        include_prefix: pool over the prefix tokens as well.
+
+    Returns:
+        [B, C], one row per image.
+    """
+    tokens = tokens[0] if tokens.ndim == 3 else tokens
+    if pool_type == "token":
+        first = torch.tensor(packing.starts, device=tokens.device)
+        return tokens.index_select(0, first)
+    if pool_type not in POOL_REDUCTIONS:
+        raise ValueError(f"pool_type must be 'token', 'avg', 'max' or 'avgmax', got {pool_type!r}")
+    index, counts = packing.token_index(include_prefix)
+    selected = tokens.index_select(0, index)
+    lengths = torch.tensor(counts, device=tokens.device)
+    pooled = [torch.segment_reduce(selected, reduce, lengths=lengths, axis=0) for reduce in POOL_REDUCTIONS[pool_type]]
+    return pooled[0] if len(pooled) == 1 else 0.5 * (pooled[0] + pooled[1])  # avgmax: as timm's 0.5·(max + mean)
