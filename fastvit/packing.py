@@ -174,3 +174,27 @@ def segment_pool(tokens: torch.Tensor, packing: ImagePacking, pool_type: str, in
     lengths = torch.tensor(counts, device=tokens.device)
     pooled = [torch.segment_reduce(selected, reduce, lengths=lengths, axis=0) for reduce in POOL_REDUCTIONS[pool_type]]
     return pooled[0] if len(pooled) == 1 else 0.5 * (pooled[0] + pooled[1])  # avgmax: as timm's 0.5·(max + mean)
+
+
+def packed_rope_table(tables: list[torch.Tensor], num_prefix_tokens: int) -> torch.Tensor:
+    """Each image's RoPE table -> the packed sequence's, as ``apply_rope`` reads it.
+
+    ``apply_rope`` leaves a sequence's first ``num_prefix_tokens`` tokens unrotated and rotates every later one by
+    its table row; in a packing those later tokens include the prefix tokens of images 1, 2, ..., which get identity
+    rows (sin 0, cos 1) so that they stay unrotated too.
+
+    Args:
+        tables: per image b, its grid's table [..., h_b·w_b, 2·D] = cat(sin, cos) (leading dims: RoPE-Mixed's
+            [depth, heads]).
+        num_prefix_tokens: prefix tokens per image.
+
+    Returns:
+        [..., T - num_prefix_tokens, 2·D].
+    """
+    first = tables[0]
+    sin_cos_shape = (*first.shape[:-2], num_prefix_tokens, first.shape[-1] // 2)
+    identity = torch.cat([first.new_zeros(sin_cos_shape), first.new_ones(sin_cos_shape)], dim=-1)
+    parts = [first]
+    for table in tables[1:]:
+        parts += [identity, table] if num_prefix_tokens else [table]
+    return torch.cat(parts, dim=-2)
