@@ -17,6 +17,7 @@ import itertools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 class PackedSequences(NamedTuple):
@@ -198,3 +199,76 @@ def packed_rope_table(tables: list[torch.Tensor], num_prefix_tokens: int) -> tor
     for table in tables[1:]:
         parts += [identity, table] if num_prefix_tokens else [table]
     return torch.cat(parts, dim=-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed-resolution batches for training
+
+
+def parse_sizes(spec: str) -> list[tuple[int, int]]:
+    """'16,24,32x16' -> [(16, 16), (24, 24), (32, 16)]: image sizes in pixels, a side or height x width each.
+
+    Raises:
+        ValueError: naming the entry that is not a positive int or HxW pair of them.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"sizes must be a comma-separated list like '16,24,32x16', got {spec!r}")
+    sizes = []
+    for entry in spec.split(","):
+        parts = entry.strip().lower().split("x")
+        if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"sizes: {entry.strip()!r} is not a size in pixels (a side like 24 or HxW like 32x16)")
+        sizes.append((int(parts[0]), int(parts[-1])))
+    return sizes
+
+
+def resize_each(images: torch.Tensor, sizes: list[tuple[int, int]], mode: str = "bilinear") -> list[torch.Tensor]:
+    """Images [B, C, H, W] -> a list of B images [C, h_b, w_b], image b resized to ``sizes[b]`` (one antialiased
+    ``F.interpolate`` per distinct size; an image already at its size is kept as it is)."""
+    if len(sizes) != images.shape[0]:
+        raise ValueError(f"sizes: one size per image needed, got {len(sizes)} for {images.shape[0]} images")
+    out: list[torch.Tensor | None] = [None] * len(sizes)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        by_size.setdefault(tuple(size), []).append(i)
+    for size, indices in by_size.items():
+        group = images[indices]
+        if size != tuple(images.shape[-2:]):
+            group = F.interpolate(group, size=size, mode=mode, antialias=mode in ("bilinear", "bicubic"))
+        for i, image in zip(indices, group.unbind(0)):
+            out[i] = image
+    return out
+
+
+class PackingCollate:
+    """A DataLoader ``collate_fn`` for mixed-resolution training: (image, label) pairs of one size -> a list of
+    images of sampled sizes and their labels, for ``model.forward_packed`` (or ``model(images)``).
+
+    The pairs are stacked (``default_collate``), ``augment`` (a batch augmentation, e.g. the digits' random shift)
+    runs on the stacked batch, then each image is resized to a size drawn uniformly from ``sizes`` (NaFlex/NaViT-style
+    sampling per image), from the DataLoader's random stream (its workers are seeded per worker).
+
+    Args:
+        sizes: the (height, width) sizes to draw from (see ``parse_sizes``).
+        augment: [B, C, H, W] -> [B, C, H, W], applied before resizing; None for none.
+        mode: ``F.interpolate`` mode of the resizing.
+
+    Returns (from a call):
+        (list of B [C, h_b, w_b] tensors, labels [B]).
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]], augment=None, mode: str = "bilinear") -> None:
+        if not sizes:
+            raise ValueError("sizes must hold at least one (height, width)")
+        self.sizes = [tuple(size) for size in sizes]
+        self.augment = augment
+        self.mode = mode
+
+    def __call__(self, batch: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+        from torch.utils.data import default_collate
+
+        images, labels = default_collate(batch)
+        if self.augment is not None:
+            images = self.augment(images)
+        picks = torch.randint(len(self.sizes), (images.shape[0],)).tolist()
+        return resize_each(images, [self.sizes[i] for i in picks], self.mode), labels

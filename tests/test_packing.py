@@ -8,6 +8,7 @@ floor): the packing changes only which tokens share one GEMM, so its error must 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -17,7 +18,15 @@ from fastvit.accuracy import rounding_floor
 from fastvit.eva import Eva
 from fastvit.layers import Block, ParallelScalingBlock
 from fastvit.model import VisionTransformer
-from fastvit.packing import ImagePacking, PackedSequences, packed_rope_table, segment_pool
+from fastvit.packing import (
+    ImagePacking,
+    PackedSequences,
+    PackingCollate,
+    packed_rope_table,
+    parse_sizes,
+    resize_each,
+    segment_pool,
+)
 
 from utils import assert_within_torch_error, needs_backend
 
@@ -166,6 +175,87 @@ def test_segment_pool_and_rope_table_helpers():
     assert rope.shape == (2 + 1 + 4, 8)
     torch.testing.assert_close(rope[2], torch.cat([torch.zeros(4), torch.ones(4)]))  # image 1's class token
     torch.testing.assert_close(rope[3:], tables[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed-resolution training
+
+
+def test_parse_sizes_and_resize_each():
+    assert parse_sizes("16, 24,32x16") == [(16, 16), (24, 24), (32, 16)]
+    for bad in ("", "16,,24", "16x", "0", "a", "16x16x16", "-8"):
+        with pytest.raises(ValueError, match="sizes"):
+            parse_sizes(bad)
+    images = torch.randn(3, 1, 8, 8)
+    resized = resize_each(images, [(16, 8), (8, 8), (16, 8)])
+    assert [tuple(image.shape) for image in resized] == [(1, 16, 8), (1, 8, 8), (1, 16, 8)]
+    assert torch.equal(resized[1], images[1])  # already at its size: untouched
+    with pytest.raises(ValueError, match="one size per image"):
+        resize_each(images, [(8, 8)])
+
+
+def test_packing_collate_draws_sizes_per_image_and_augments_first():
+    batch = [(torch.full((1, 8, 8), float(i)), i) for i in range(64)]
+    seen = []
+    collate = PackingCollate([(8, 8), (16, 12)], augment=lambda x: seen.append(x.shape) or x + 1)
+    images, labels = collate(batch)
+    assert seen == [(64, 1, 8, 8)] and labels.tolist() == list(range(64))
+    assert {tuple(image.shape) for image in images} == {(1, 8, 8), (1, 16, 12)}  # both drawn (64 draws)
+    for i, image in enumerate(images):
+        torch.testing.assert_close(image, torch.full_like(image, i + 1.0))  # image i, augmented, resized
+    with pytest.raises(ValueError, match="at least one"):
+        PackingCollate([])
+
+
+def test_packed_training_on_digits_reduces_the_loss():
+    """Mixed-resolution training as ``train --sizes`` runs it: the digits through PackingCollate, model(list)."""
+    from torch.utils.data import DataLoader
+
+    from fastvit.data import build_data
+
+    data = build_data("digits", 16, classes="0-2", shift=1)
+    collate = PackingCollate([(8, 8), (16, 16), (12, 8)], augment=data.batch_augment)
+    loader = DataLoader(data.train, batch_size=32, shuffle=True, collate_fn=collate, drop_last=True)
+    model = VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+        dynamic_img_size=True, backend="torch",
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    held_out, held_labels = PackingCollate(collate.sizes)(list(data.test))
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return F.cross_entropy(model.eval()(held_out), held_labels).item()
+
+    before = held_out_loss()
+    model.train()
+    batches = (batch for _epoch in itertools.count() for batch in loader)  # new sizes drawn every epoch
+    for images, labels in itertools.islice(batches, 40):
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = held_out_loss()
+    print(f"held-out loss {before:.3f} -> {after:.3f}")
+    assert after < 0.75 * before  # 3 classes: chance is ln 3 = 1.10
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(sizes="16,x"), "--sizes: 'x' is not a size"),
+        (dict(sizes="16,30"), "--sizes 30x30 not divisible by the patch size 4"),
+        (dict(sizes="16,24", mixup=0.2), "--sizes cannot be combined with --mixup"),
+        (dict(sizes="16,24", drop_path=0.1), "--sizes cannot be combined with --drop-path"),
+        (dict(sizes="16,24", compile=True), "--sizes cannot be combined with --compile"),
+    ],
+)
+def test_train_sizes_option_is_checked(tmp_path, capsys, options, message):
+    from fastvit import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.default_args(output=str(tmp_path / "run"), **options)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
