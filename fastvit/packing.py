@@ -40,7 +40,15 @@ class PackedSequences(NamedTuple):
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + n)
-        return cls(torch.tensor(bounds, dtype=torch.int32, device=device), max(lengths, default=0))
+        packing = _PackingOfLengths(torch.tensor(bounds, dtype=torch.int32, device=device), max(lengths, default=0))
+        packing.host_num_tokens = bounds[-1]
+        return packing
+
+    @property
+    def host_num_tokens(self) -> int | None:
+        """T as a host int when the values are right by construction (``from_lengths``), else None: the attention
+        then checks ``cu_seqlens`` on the device (one sync per call)."""
+        return None
 
     @property
     def num_sequences(self) -> int:
@@ -56,6 +64,13 @@ class PackedSequences(NamedTuple):
         (O(T²) memory; used only where the varlen kernels do not apply)."""
         ids = self.sequence_ids(tokens)
         return (ids[:, None] == ids[None, :])[None, None]
+
+
+class _PackingOfLengths(PackedSequences):
+    """A ``PackedSequences`` built by ``from_lengths``: its ``cu_seqlens`` are right by construction and its token
+    count is known on the host, so ``check_attn_mask`` checks it against the tokens without a device sync."""
+
+    host_num_tokens: int | None = None  # an instance attribute (this subclass has a __dict__), set by from_lengths
 
 
 AttnMask = torch.Tensor | PackedSequences | None
@@ -85,6 +100,10 @@ def check_attn_mask(attn_mask: object, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[0] != 1:
             raise ValueError(
                 f"attn_mask=PackedSequences needs the packed tokens as [1, T, C], got x of shape {tuple(x.shape)}"
+            )
+        if attn_mask.host_num_tokens is not None and attn_mask.host_num_tokens != x.shape[1]:
+            raise ValueError(
+                f"attn_mask=PackedSequences packs {attn_mask.host_num_tokens} tokens, x holds {x.shape[1]}"
             )
         return
     if not isinstance(attn_mask, torch.Tensor):

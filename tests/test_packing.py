@@ -313,6 +313,7 @@ def test_four_d_sdpa_masks_equal_the_key_padding_mask():
     "x_shape, mask, error, match",
     [
         ((2, 7, 64), PackedSequences.from_lengths([7, 7]), ValueError, r"PackedSequences needs the packed tokens"),
+        ((1, 7, 64), PackedSequences.from_lengths([3, 3]), ValueError, "packs 6 tokens, x holds 7"),
         ((2, 7, 64), [[True] * 7] * 2, TypeError, "attn_mask must be a tensor"),
         ((2, 7, 64), torch.ones(2, 6, dtype=torch.bool), ValueError, r"key-padding mask must be \[B, N\]"),
     ],
@@ -326,3 +327,20 @@ def test_bad_attn_masks_are_clear_errors(x_shape, mask, error, match):
 def test_bad_lengths_are_clear_errors(lengths):
     with pytest.raises(ValueError, match="lengths must be non-negative ints"):
         PackedSequences.from_lengths(lengths)
+
+
+def test_a_packing_built_from_lengths_skips_the_device_check_of_cu_seqlens(monkeypatch):
+    """forward_packed reads nothing back from the device per block: its packing is right by construction (the token
+    count is checked on the host); a PackedSequences built by hand is still checked by the op."""
+    import fastvit.ops.varlen_attention as varlen
+
+    checked = []
+    monkeypatch.setattr(varlen, "check_cu_seqlens", lambda *args: checked.append(args))
+    model = VisionTransformer(**TINY, dynamic_img_size=True, backend="torch").eval()
+    with torch.no_grad():
+        model.forward_packed(_images())
+    assert checked == []
+    by_hand = PackedSequences(torch.tensor([0, 3, 7], dtype=torch.int32), 4)
+    assert by_hand.host_num_tokens is None
+    _block()(torch.randn(1, 7, 64), attn_mask=by_hand)
+    assert len(checked) == 1
