@@ -40,9 +40,8 @@ class PackedSequences(NamedTuple):
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + n)
-        packing = _PackingOfLengths(torch.tensor(bounds, dtype=torch.int32, device=device), max(lengths, default=0))
-        packing.host_num_tokens = bounds[-1]
-        return packing
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+        return _PackingOfLengths.of(cu_seqlens, max(lengths, default=0), bounds[-1])
 
     @property
     def host_num_tokens(self) -> int | None:
@@ -66,11 +65,56 @@ class PackedSequences(NamedTuple):
         return (ids[:, None] == ids[None, :])[None, None]
 
 
+def pick_token_budget(num_tokens: int, budgets: list[int] | tuple[int, ...]) -> int:
+    """The smallest of ``budgets`` (token counts) that holds ``num_tokens``: the bucket a packed batch is padded to so
+    that one CUDA graph per budget serves every batch (vLLM's token budgets).
+
+    Raises:
+        ValueError: when no budget holds ``num_tokens`` (the message names the largest), or ``budgets`` is empty.
+    """
+    if not budgets:
+        raise ValueError("budgets must hold at least one token count")
+    fitting = [budget for budget in budgets if budget >= num_tokens]
+    if not fitting:
+        raise ValueError(f"{num_tokens} packed tokens exceed the largest token budget ({max(budgets)})")
+    return min(fitting)
+
+
+def pad_packing(
+    lengths: list[int] | tuple[int, ...], budget: int, max_sequences: int, device: torch.device | str | None = None
+) -> PackedSequences:
+    """A packing of sequences of ``lengths`` with fixed shapes for CUDA-graph replay: ``budget`` tokens, the
+    ``budget - T`` padding tokens after the real ones as one dummy sequence (it attends only to itself, so the real
+    sequences see no padding), then empty sequences up to ``max_sequences`` real ones: ``cu_seqlens`` is always
+    [max_sequences + 2] and ``max_seqlen`` is ``budget``, whatever the lengths.
+
+    Padding overhead: the GEMMs, norms and MLPs run ``budget / T`` times the tokens (below 2x when the budgets are
+    powers of two), plus the dummy sequence's own attention, quadratic in ``budget - T``; ``max_seqlen = budget``
+    adds idle attention programs that exit at once.
+
+    Raises:
+        ValueError: more than ``max_sequences`` sequences or more than ``budget`` tokens.
+    """
+    total = sum(lengths)
+    if len(lengths) > max_sequences:
+        raise ValueError(f"{len(lengths)} sequences exceed max_sequences={max_sequences}")
+    if total > budget:
+        raise ValueError(f"{total} tokens exceed the token budget {budget}")
+    padded = [*lengths, budget - total] + [0] * (max_sequences - len(lengths))
+    return _PackingOfLengths.of(PackedSequences.from_lengths(padded, device).cu_seqlens, budget, budget)
+
+
 class _PackingOfLengths(PackedSequences):
     """A ``PackedSequences`` built by ``from_lengths``: its ``cu_seqlens`` are right by construction and its token
     count is known on the host, so ``check_attn_mask`` checks it against the tokens without a device sync."""
 
-    host_num_tokens: int | None = None  # an instance attribute (this subclass has a __dict__), set by from_lengths
+    host_num_tokens: int | None = None  # an instance attribute (this subclass has a __dict__), set by of()
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int) -> _PackingOfLengths:
+        packing = cls(cu_seqlens, max_seqlen)
+        packing.host_num_tokens = num_tokens
+        return packing
 
 
 AttnMask = torch.Tensor | PackedSequences | None

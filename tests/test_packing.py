@@ -23,7 +23,9 @@ from fastvit.packing import (
     PackedSequences,
     PackingCollate,
     packed_rope_table,
+    pad_packing,
     parse_sizes,
+    pick_token_budget,
     resize_each,
     segment_pool,
 )
@@ -344,3 +346,40 @@ def test_a_packing_built_from_lengths_skips_the_device_check_of_cu_seqlens(monke
     assert by_hand.host_num_tokens is None
     _block()(torch.randn(1, 7, 64), attn_mask=by_hand)
     assert len(checked) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Token budgets: fixed shapes for CUDA-graph replay of packed batches
+
+
+def test_token_budget_bucketing_and_fixed_shape_padding():
+    assert pick_token_budget(37, [128, 32, 64]) == 64 and pick_token_budget(64, [32, 64]) == 64
+    with pytest.raises(ValueError, match="exceed the largest token budget"):
+        pick_token_budget(65, [32, 64])
+    with pytest.raises(ValueError, match="at least one"):
+        pick_token_budget(1, [])
+    for lengths in ([7, 17], [3], [5, 5, 5, 5]):
+        padded = pad_packing(lengths, 32, max_sequences=4)
+        assert padded.cu_seqlens.shape == (6,) and padded.max_seqlen == 32 and padded.host_num_tokens == 32
+        assert padded.cu_seqlens.diff().tolist() == [*lengths, 32 - sum(lengths)] + [0] * (4 - len(lengths))
+    with pytest.raises(ValueError, match="exceed max_sequences"):
+        pad_packing([1] * 5, 32, max_sequences=4)
+    with pytest.raises(ValueError, match="exceed the token budget"):
+        pad_packing([20, 20], 32, max_sequences=4)
+
+
+def test_padding_to_a_token_budget_leaves_every_image_unchanged():
+    """The budget's padding tokens (here large random values) form their own sequence: the images never see them."""
+    model = VisionTransformer(**TINY, dynamic_img_size=True, backend="torch").eval()
+    images = _images()
+    with torch.no_grad():
+        tokens, packing = model.forward_features_packed(images)
+        budget = pick_token_budget(packing.num_tokens, [32, 64, 128])
+        padding = 1e3 * torch.randn(1, budget - packing.num_tokens, TINY["embed_dim"])
+        x = torch.cat([model.embed_packed(images, packing), padding], dim=1)
+        fixed = pad_packing(packing.lengths, budget, max_sequences=8)
+        for block in model.blocks:
+            x = block(x, attn_mask=fixed)
+        x = model.norm(x)
+    assert budget == 64 and x.shape == (1, 64, TINY["embed_dim"])
+    torch.testing.assert_close(x[:, : packing.num_tokens], tokens, atol=1e-5, rtol=1e-4)
