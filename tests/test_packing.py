@@ -29,8 +29,9 @@ from fastvit.packing import (
     resize_each,
     segment_pool,
 )
+from fastvit.session import PackedInferenceSession
 
-from utils import assert_within_torch_error, needs_backend
+from utils import assert_within_torch_error, dtype_tols, needs_backend, needs_cuda
 
 # Tiny models (patch 4, head dim 32: the Triton kernels cover it) and four images: a repeated non-square size, the
 # model's own 16x16, and a thin 4x20 strip.
@@ -383,3 +384,56 @@ def test_padding_to_a_token_budget_leaves_every_image_unchanged():
         x = model.norm(x)
     assert budget == 64 and x.shape == (1, 64, TINY["embed_dim"])
     torch.testing.assert_close(x[:, : packing.num_tokens], tokens, atol=1e-5, rtol=1e-4)
+
+
+def _session_model(**options) -> VisionTransformer:
+    return VisionTransformer(**TINY, **options, dynamic_img_size=True, backend="torch").eval()
+
+
+def test_packed_inference_session_on_cpu_pads_to_budgets_and_equals_forward_packed():
+    model = _session_model(global_pool="avg", reg_tokens=1)
+    session = PackedInferenceSession(model, token_budgets=[128, 32, 64], max_images=6, dtype=torch.float32)
+    assert session.token_budgets == [32, 64, 128] and not session.use_cuda_graphs
+    for sizes in (SIZES, [(4, 4)], [(16, 16)] * 6):
+        images = _images(sizes)
+        with torch.no_grad():
+            expected = model.forward_packed(images)
+        torch.testing.assert_close(session(images), expected, atol=1e-5, rtol=1e-4)
+    tokens = sum(2 + h * w // 16 for h, w in SIZES) + 3 + 6 * 18  # 41 -> 64, 3 -> 32, 108 -> 128
+    assert session.tokens == tokens and session.padding_tokens == (64 + 32 + 128) - tokens
+    assert session.padding_overhead == pytest.approx(session.padding_tokens / (64 + 32 + 128))
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda m: PackedInferenceSession(m, token_budgets=0), ValueError, "token_budgets must be positive ints"),
+        (lambda m: PackedInferenceSession(m, token_budgets=[32, "64"]), ValueError, r"token_budgets\[1\]"),
+        (lambda m: PackedInferenceSession(m, 32, max_images=0), ValueError, "max_images must be an int >= 1"),
+        (lambda m: PackedInferenceSession(m, 32, use_cuda_graphs=True), ValueError, "CUDA graphs need the model"),
+        (lambda m: PackedInferenceSession(torch.nn.Linear(2, 2), 32), TypeError, "fastvit VisionTransformer"),
+        (lambda m: PackedInferenceSession(m, 32, max_images=1)(_images()), ValueError, "exceed the session's max"),
+        (lambda m: PackedInferenceSession(m, 32)([torch.randn(3, 32, 32)]), ValueError, "largest token budget"),
+    ],
+)
+def test_packed_inference_session_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make(_session_model())
+
+
+def test_packed_inference_session_refuses_rope_models():
+    with pytest.raises(ValueError, match="RoPE"):
+        PackedInferenceSession(Eva(**TINY, use_rot_pos_emb=True, dynamic_img_size=True), token_budgets=64)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_packed_session_graph_replay_equals_eager(dtype):
+    """Two batches of different sizes in one budget replay one graph; each equals the eager padded run."""
+    model = _session_model(global_pool="avg").cuda()
+    graphs = PackedInferenceSession(model, token_budgets=[64, 256], max_images=8, dtype=dtype)
+    eager = PackedInferenceSession(model, token_budgets=[64, 256], max_images=8, dtype=dtype, use_cuda_graphs=False)
+    for sizes in (SIZES, [(12, 12), (4, 8)], [(32, 16), (8, 8), (16, 16)]):
+        images = [image.cuda() for image in _images(sizes)]
+        torch.testing.assert_close(graphs(images), eager(images), **dtype_tols(dtype))
+    assert graphs.replays == 3
