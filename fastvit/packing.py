@@ -105,8 +105,10 @@ def pad_packing(
 
 
 class _PackingOfLengths(PackedSequences):
-    """A ``PackedSequences`` built by ``from_lengths``: its ``cu_seqlens`` are right by construction and its token
-    count is known on the host, so ``check_attn_mask`` checks it against the tokens without a device sync."""
+    """A ``PackedSequences`` built by ``from_lengths`` or ``pad_packing``: its ``cu_seqlens`` are right by
+    construction and its token count is known on the host, so ``check_attn_mask`` checks it against the tokens
+    without a device sync (and the attention skips its device check of ``cu_seqlens``). A copy made another way
+    (``_replace``) has no host count and is checked on the device as any ``PackedSequences``."""
 
     host_num_tokens: int | None = None  # an instance attribute (this subclass has a __dict__), set by of()
 

@@ -300,6 +300,9 @@ def _check_sizes(args: argparse.Namespace, parser: argparse.ArgumentParser, conf
         sizes = parse_sizes(args.sizes)
     except ValueError as exc:
         parser.error(f"--{exc}")
+    too_large = [f"{h}x{w}" for h, w in sizes if max(h, w) > MAX_IMG_SIZE]
+    if too_large:
+        parser.error(f"--sizes {', '.join(too_large)} above {MAX_IMG_SIZE} pixels")
     if config:
         patch = config.get("patch_size", 16)
         bad = [f"{h}x{w}" for h, w in sizes if h % patch or w % patch]

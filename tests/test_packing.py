@@ -248,6 +248,7 @@ def test_packed_training_on_digits_reduces_the_loss():
     [
         (dict(sizes="16,x"), "--sizes: 'x' is not a size"),
         (dict(sizes="16,30"), "--sizes 30x30 not divisible by the patch size 4"),
+        (dict(sizes="16,1000000000000"), "--sizes 1000000000000x1000000000000 above 8192 pixels"),
         (dict(sizes="16,24", mixup=0.2), "--sizes cannot be combined with --mixup"),
         (dict(sizes="16,24", drop_path=0.1), "--sizes cannot be combined with --drop-path"),
         (dict(sizes="16,24", compile=True), "--sizes cannot be combined with --compile"),
