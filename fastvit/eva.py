@@ -387,7 +387,12 @@ class Eva(nn.Module):
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    forward = VisionTransformer.forward  # Eva's forward_features/forward_head; a list of images: forward_packed
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        # Eva's own code object, not VisionTransformer.forward's: torch.compile counts recompilations per code object,
+        # and one shared by every model class in a process reaches its recompile limit sooner.
+        if isinstance(x, (list, tuple)):
+            return self.forward_packed(x)
+        return self.forward_head(self.forward_features(x))
 
 
 # The headline models of the families on timm's Eva class (architectures of timm's presets of the same names).
