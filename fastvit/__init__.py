@@ -42,6 +42,7 @@ from fastvit.model import (
 )
 from fastvit.naflex import NaFlexVit, NaFlexVitCfg
 from fastvit.optimize import optimize
+from fastvit.packing import PackedSequences
 from fastvit.selftest_runner import selftest
 from fastvit.session import InferenceSession
 from fastvit.verification import UnverifiedKernelWarning
@@ -74,6 +75,7 @@ __all__ = [
     "load_run",
     "optimize",
     "InferenceSession",
+    "PackedSequences",
     "vit_tiny_patch16_224",
     "vit_small_patch16_224",
     "vit_base_patch16_224",

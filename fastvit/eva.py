@@ -39,7 +39,7 @@ from fastvit.model import (
     default_pretrained_cfg,
     resolve_norm_layer,
 )
-from fastvit.packing import AttnMask
+from fastvit.packing import AttnMask, ImagePacking, packed_rope_table
 
 ROPE_TYPES = ("cat", "dinov3", "mixed")
 
@@ -293,6 +293,13 @@ class Eva(nn.Module):
     set_input_size = VisionTransformer.set_input_size  # resamples pos_embed; the RoPE table follows the grid
     _run_block = VisionTransformer._run_block
     forward_intermediates = VisionTransformer.forward_intermediates
+    check_packed_images = VisionTransformer.check_packed_images
+    _check_packed_training = VisionTransformer._check_packed_training
+    embed_packed = VisionTransformer.embed_packed
+    forward_features_packed = VisionTransformer.forward_features_packed
+    pool_packed = VisionTransformer.pool_packed
+    forward_head_packed = VisionTransformer.forward_head_packed
+    forward_packed = VisionTransformer.forward_packed
 
     def init_weights(self) -> None:
         """timm's Eva init: trunc-normal(0.02) Linears and embeddings, zero biases, the head scaled down."""
@@ -359,6 +366,18 @@ class Eva(nn.Module):
             x = self._run_block(block, x, *args, attn_mask=attn_mask)
         return self.norm(x)
 
+    def packed_block_args(self, packing: ImagePacking, device: torch.device) -> Iterable[tuple]:
+        """Per block, the packed sequence's RoPE table: each image's grid table, identity rows at later images'
+        prefix tokens (``fastvit.packing.packed_rope_table``); the blocks then run their heads path under the
+        packing's dense mask (``ops.varlen_qkv_attention`` has no RoPE prologue)."""
+        if self.rope_config is None:
+            return itertools.repeat(())
+        tables = {grid: self.rope(grid, device) for grid in set(packing.grids)}  # one table per distinct grid
+        rope = packed_rope_table([tables[grid] for grid in packing.grids], self.num_prefix_tokens)
+        if self.rope.mixed:
+            return [(table,) for table in rope.unbind(0)]
+        return itertools.repeat((rope,))
+
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         if self.attn_pool is not None:
             return self.attn_pool(x)
@@ -368,7 +387,11 @@ class Eva(nn.Module):
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        # Eva's own code object, not VisionTransformer.forward's: torch.compile counts recompilations per code object,
+        # and one shared by every model class in a process reaches its recompile limit sooner.
+        if isinstance(x, (list, tuple)):
+            return self.forward_packed(x)
         return self.forward_head(self.forward_features(x))
 
 

@@ -899,7 +899,10 @@ def qkv_attention_under(
     """qkv [B, N, 3C] -> [B, N, C] under a mask that ``mask_fits_qkv_call`` accepted."""
     if isinstance(attn_mask, PackedSequences):
         cu_seqlens, max_seqlen = attn_mask
-        return ops.varlen_qkv_attention(qkv[0], cu_seqlens, max_seqlen, num_heads, scale, backend=backend)[None]
+        checked = attn_mask.host_num_tokens is not None  # from_lengths: right by construction, T checked on the host
+        return ops.varlen_qkv_attention(
+            qkv[0], cu_seqlens, max_seqlen, num_heads, scale, check_seqlens=not checked, backend=backend
+        )[None]
     return ops.qkv_attention(qkv, num_heads, scale, dropout_p, backend, key_padding_mask=attn_mask, **prologue)
 
 

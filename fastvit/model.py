@@ -21,6 +21,7 @@ from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion, 
 from fastvit.layers import (
     AttentionPoolLatent,
     Block,
+    DropPath,
     LayerNorm,
     Mlp,
     ParallelScalingBlock,
@@ -32,7 +33,7 @@ from fastvit.layers import (
     SwiGLUPacked,
     resample_abs_pos_embed,
 )
-from fastvit.packing import AttnMask
+from fastvit.packing import AttnMask, ImagePacking, segment_pool
 from fastvit.validation import check_positive_int
 from fastvit.verification import evidence_state
 
@@ -498,8 +499,133 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """Image batch [B, C, H, W] -> logits [B, num_classes]; a list of [C, H_b, W_b] images of different sizes is
+        ``forward_packed(x)``."""
+        if isinstance(x, (list, tuple)):
+            return self.forward_packed(x)
         return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------------------------------
+    # Packed mode: images of different sizes in one sequence
+
+    def check_packed_images(self, images: object) -> list[tuple[int, int]]:
+        """TypeError/ValueError (naming the image's index) unless ``images`` is a non-empty list of float
+        [in_chans, H, W] tensors on one device, in one dtype, each H, W a multiple of the patch size (the model's own
+        size only, unless built with ``dynamic_img_size=True``). Returns each image's patch grid (h, w)."""
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(f"images must be a list of [C, H, W] image tensors, got {type(images).__name__}")
+        if not images:
+            raise ValueError("images must hold at least one [C, H, W] image, got an empty list")
+        in_chans = getattr(self.patch_embed.proj, "in_channels", self.in_chans)
+        patch = self.patch_embed.patch_size
+        grids = []
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor):
+                raise TypeError(f"images[{i}] must be a torch.Tensor [C, H, W], got {type(image).__name__}")
+            if image.ndim != 3:
+                raise ValueError(f"images[{i}] must be one [C, H, W] image, got shape {tuple(image.shape)}")
+            if not image.is_floating_point():
+                raise TypeError(f"images[{i}] must be a floating-point image, got {image.dtype}")
+            if image.shape[0] != in_chans:
+                raise ValueError(
+                    f"images[{i}] must have {in_chans} channels (in_chans), got shape {tuple(image.shape)}"
+                )
+            if image.device != images[0].device or image.dtype != images[0].dtype:
+                raise ValueError(
+                    f"images[{i}] is {image.dtype} on {image.device}, images[0] {images[0].dtype} on "
+                    f"{images[0].device}: the images of one call share a device and a dtype"
+                )
+            height, width = image.shape[1:]
+            if height < patch[0] or width < patch[1] or height % patch[0] or width % patch[1]:
+                raise ValueError(
+                    f"images[{i}] is {height}x{width} pixels: each side must be a positive multiple of the patch "
+                    f"size {patch[0]}x{patch[1]}"
+                )
+            if not self.dynamic_img_size and (height, width) != tuple(self.patch_embed.img_size):
+                raise ValueError(
+                    f"images[{i}] is {height}x{width} pixels but the model takes {self.patch_embed.img_size[0]}x"
+                    f"{self.patch_embed.img_size[1]} only; build it with dynamic_img_size=True for other sizes"
+                )
+            grids.append(self.patch_embed.dynamic_feat_size((height, width)))
+        return grids
+
+    def _check_packed_training(self) -> None:
+        """Stochastic depth and patch dropout act per image; on a packed sequence (one batch row) they would act on
+        all its images at once, so packed training refuses them."""
+        if not self.training:
+            return
+        if isinstance(getattr(self, "patch_drop", None), PatchDropout):
+            raise NotImplementedError("packed mode does not support patch dropout while training (patch_drop_rate > 0)")
+        if any(isinstance(m, DropPath) and m.drop_prob > 0 for m in self.blocks.modules()):
+            raise NotImplementedError(
+                "packed mode does not support stochastic depth while training (drop_path_rate > 0): it would drop "
+                "the residual branch of every packed image at once"
+            )
+
+    def embed_packed(self, images: list[torch.Tensor], packing: ImagePacking) -> torch.Tensor:
+        """Images [C, H_b, W_b] -> packed tokens [1, T, D]: each image's prefix tokens, then its patches with the
+        position embedding resampled to its grid (one ``patch_embed`` call and one resampling per distinct size)."""
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape[1:]), []).append(i)
+        prefix = self._prefix_tokens()
+        per_image: list[torch.Tensor | None] = [None] * len(images)
+        for (height, width), indices in by_size.items():
+            tokens = self.patch_embed(
+                torch.stack([images[i] for i in indices]), self._pos_embed_for(height, width), prefix
+            )
+            for i, image_tokens in zip(indices, tokens.unbind(0)):
+                per_image[i] = image_tokens
+        return self.norm_pre(self.pos_drop(torch.cat(per_image)[None]))
+
+    def packed_block_args(self, packing: ImagePacking, device: torch.device) -> Iterable[tuple]:
+        """Per block, the extra arguments it takes on a packed sequence (none here; ``fastvit.Eva``: RoPE)."""
+        return itertools.repeat(())
+
+    def forward_features_packed(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, ImagePacking]:
+        """Images [C, H_b, W_b] of different sizes -> normalised packed tokens [1, T, D] and where each image's tokens
+        are (``ImagePacking``; ``packing.split(tokens)`` gives each image's [N_b, D]).
+
+        All images' tokens run through the blocks as one sequence with ``attn_mask=PackedSequences``: no token
+        attends across an image boundary and no padded work is done. Each image's tokens equal those of
+        ``forward_features(image[None])`` (``dynamic_img_size=True``). While training, patch dropout and stochastic
+        depth raise ``NotImplementedError`` (they act per batch row).
+        """
+        grids = self.check_packed_images(images)
+        self._check_packed_training()
+        packing = ImagePacking.from_grids(grids, self.num_prefix_tokens, images[0].device)
+        x = self.embed_packed(images, packing)
+        for block, args in zip(self.blocks, self.packed_block_args(packing, x.device)):
+            x = self._run_block(block, x, *args, attn_mask=packing.sequences)
+        return self.norm(x), packing
+
+    def pool_packed(self, x: torch.Tensor, packing: ImagePacking, pool_type: str | None = None) -> torch.Tensor:
+        """Packed tokens [1, T, D] -> one pooled row per image [B, D], as ``pool`` on each image alone: segment
+        reductions over each image's tokens; attention pooling ('map') runs ``pool`` once per image (a loop)."""
+        if self.attn_pool is not None:
+            return torch.cat([self.pool(tokens[None]) for tokens in packing.split(x)])
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            raise ValueError("pool_packed needs a pooling type; global_pool='' keeps every token (packing.split)")
+        return segment_pool(x, packing, pool_type, self.pool_include_prefix)
+
+    def forward_head_packed(
+        self, x: torch.Tensor, packing: ImagePacking, pre_logits: bool = False
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Packed tokens [1, T, D] -> per image logits [B, num_classes] (pre-logits [B, D] with ``pre_logits``);
+        without pooling (global_pool='') each image's per-token outputs, a list of [N_b, ...]."""
+        if self.attn_pool is None and not self.global_pool:
+            return packing.split(self.forward_head(x, pre_logits))
+        x = self.head_drop(self.fc_norm(self.pool_packed(x, packing)))
+        return x if pre_logits else self.head(x)
+
+    def forward_packed(self, images: list[torch.Tensor], pre_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Images of different sizes in one forward: a list of [C, H_b, W_b] tensors (H_b, W_b multiples of the patch
+        size; the model built with ``dynamic_img_size=True``) -> logits [B, num_classes] (pre-logits [B, D] with
+        ``pre_logits``), row b equal to ``forward(images[b][None])``. See ``forward_features_packed``."""
+        x, packing = self.forward_features_packed(images)
+        return self.forward_head_packed(x, packing, pre_logits)
 
     def forward_intermediates(
         self,

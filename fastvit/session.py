@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from fastvit.packing import ImagePacking, PackedSequences, pad_packing, pick_token_budget
+
 
 class InferenceSession:
     """Run ``model`` for inference, replaying a captured CUDA graph per batch size on CUDA.
@@ -162,9 +164,9 @@ def _describe(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _batch_sizes(batch_sizes: object) -> list[int]:
+def _batch_sizes(batch_sizes: object, name: str = "batch_sizes") -> list[int]:
     """``batch_sizes`` as a non-empty list of ints >= 1, or a ValueError naming the offending entry."""
-    rule = "batch_sizes must be positive ints (one int or a sequence of them)"
+    rule = f"{name} must be positive ints (one int or a sequence of them)"
     if _is_positive_int(batch_sizes):
         return [int(batch_sizes)]
     if isinstance(batch_sizes, (str, bytes, numbers.Number, torch.Tensor)) or not isinstance(batch_sizes, Iterable):
@@ -174,7 +176,7 @@ def _batch_sizes(batch_sizes: object) -> list[int]:
         raise ValueError(f"{rule}, got an empty {type(batch_sizes).__name__}")
     for index, size in enumerate(sizes):
         if not _is_positive_int(size):
-            raise ValueError(f"{rule}, got batch_sizes[{index}] = {_describe(size)}")
+            raise ValueError(f"{rule}, got {name}[{index}] = {_describe(size)}")
     return [int(size) for size in sizes]
 
 
@@ -187,3 +189,138 @@ def _input_shape(input_shape: object) -> tuple[int, int, int]:
     if len(shape) != 3 or not all(_is_positive_int(size) for size in shape):
         raise ValueError(f"{rule}, got {input_shape!r}")
     return tuple(int(size) for size in shape)
+
+
+class PackedInferenceSession:
+    """Inference on lists of images of different sizes (``model.forward_packed``), replaying one CUDA graph per token
+    budget on CUDA.
+
+    A batch's packed token count T is bucketed to the smallest of ``token_budgets`` that holds it
+    (``fastvit.packing.pick_token_budget``) and padded to it (``pad_packing``: the padding as one dummy sequence, then
+    empty ones up to ``max_images``), so every batch of one budget has the same shapes: the blocks and the final norm,
+    almost all of the work, replay the budget's graph on a static [1, budget, D] buffer and a static
+    ``cu_seqlens`` [max_images + 2]. The patch embedding (one call per distinct size) and the per-image pooling and
+    head run eagerly. Padding overhead: the blocks run ``budget / T`` times the tokens (under 2x with power-of-two
+    budgets), plus the dummy sequence's attention.
+
+    Args:
+        model: a ``VisionTransformer`` (or an ``Eva`` without RoPE: RoPE tables depend on the images' grids) built with
+            ``dynamic_img_size=True``; put in eval mode.
+        token_budgets: the budgets (token counts) to capture graphs for; a batch above the largest is an error.
+        max_images: the most images one batch may hold.
+        dtype: autocast dtype (torch.bfloat16, torch.float16) or torch.float32 for none.
+        warmup: eager iterations before each capture.
+        use_cuda_graphs: default True on CUDA; False (the only option on CPU) runs the same padded blocks eagerly.
+
+    Raises:
+        TypeError / ValueError: bad arguments, each message naming it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        token_budgets: int | Sequence[int],
+        max_images: int = 64,
+        dtype: torch.dtype = torch.bfloat16,
+        warmup: int = 3,
+        use_cuda_graphs: bool | None = None,
+    ) -> None:
+        if not hasattr(model, "forward_packed"):
+            raise TypeError(f"model must be a fastvit VisionTransformer or Eva, got {type(model).__name__}")
+        if getattr(model, "rope_config", None) is not None:
+            raise ValueError("model: RoPE models' tables depend on each batch's image grids; use model.forward_packed")
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+        budgets = _batch_sizes(token_budgets, "token_budgets")
+        if not _is_positive_int(max_images):
+            raise ValueError(f"max_images must be an int >= 1, got {_describe(max_images)}")
+        if not _is_positive_int(warmup):
+            raise ValueError(f"warmup must be an int >= 1, got {_describe(warmup)}")
+        if use_cuda_graphs is not None and not isinstance(use_cuda_graphs, bool):
+            raise TypeError(f"use_cuda_graphs must be True, False or None, got {_describe(use_cuda_graphs)}")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        if use_cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {self.device}")
+        self.token_budgets = sorted(set(budgets))
+        self.max_images = int(max_images)
+        self.dtype = dtype
+        self.warmup = int(warmup)
+        self.use_cuda_graphs = use_cuda_graphs
+        self.replays = 0
+        self.padding_tokens = 0  # padding run so far, for the overhead: padding_tokens / (padding + real tokens)
+        self.tokens = 0
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        if use_cuda_graphs:
+            with torch.cuda.device(self.device):
+                self._stream = torch.cuda.Stream(device=self.device)
+                for budget in self.token_budgets:
+                    self._capture(budget)
+
+    @property
+    def padding_overhead(self) -> float:
+        """The fraction of the tokens run so far that were budget padding."""
+        total = self.tokens + self.padding_tokens
+        return self.padding_tokens / total if total else 0.0
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def _blocks(self, x: torch.Tensor, attn_mask) -> torch.Tensor:
+        """The blocks and the final norm on the padded [1, budget, D] tokens."""
+        for block in self.model.blocks:
+            x = block(x, attn_mask=attn_mask)
+        return self.model.norm(x)
+
+    def _embed_dtype(self) -> torch.dtype:
+        """The dtype of the embedded tokens (the residual stream) under the session's autocast."""
+        probe = torch.zeros(self.model.in_chans, *self.model.patch_embed.patch_size, device=self.device)
+        packing = ImagePacking.from_grids([(1, 1)], self.model.num_prefix_tokens, self.device)
+        with torch.no_grad(), self._autocast():
+            return self.model.embed_packed([probe], packing).dtype
+
+    def _capture(self, budget: int) -> None:
+        """Warm up, then capture the blocks for ``budget`` tokens. Runs under ``torch.cuda.device(self.device)``."""
+        static_x = torch.randn(1, budget, self.model.embed_dim, device=self.device, dtype=self._embed_dtype())
+        packing = PackedSequences.from_lengths([budget] + [0] * self.max_images, device=self.device)
+        static_cu = packing.cu_seqlens
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream), torch.no_grad(), self._autocast():
+            for _ in range(self.warmup):
+                self._blocks(static_x, packing)
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self._stream), torch.no_grad(), self._autocast():
+            static_out = self._blocks(static_x, packing)
+        self._graphs[budget] = (graph, static_x, static_cu, static_out)
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Images [C, H_b, W_b] (as ``model.forward_packed``, on the model's device) -> logits [B, num_classes]."""
+        model = self.model
+        grids = model.check_packed_images(images)
+        if len(images) > self.max_images:
+            raise ValueError(f"images: {len(images)} images exceed the session's max_images={self.max_images}")
+        if images[0].device != self.device:
+            raise ValueError(f"images are on {images[0].device}, the session's model on {self.device}")
+        packing = ImagePacking.from_grids(grids, model.num_prefix_tokens, self.device)
+        tokens = packing.num_tokens
+        budget = pick_token_budget(tokens, self.token_budgets)
+        self.tokens += tokens
+        self.padding_tokens += budget - tokens
+        with torch.no_grad(), self._autocast():
+            x = model.embed_packed(images, packing)
+            if self.use_cuda_graphs:
+                graph, static_x, static_cu, static_out = self._graphs[budget]
+                with torch.cuda.device(self.device):
+                    static_x[:, :tokens].copy_(x)
+                    static_x[:, tokens:].zero_()
+                    static_cu.copy_(pad_packing(packing.lengths, budget, self.max_images).cu_seqlens)
+                    graph.replay()
+                    self.replays += 1
+                    out = static_out[:, :tokens].clone()  # the static buffer is overwritten by the next replay
+            else:
+                padded = torch.cat([x, x.new_zeros(1, budget - tokens, x.shape[-1])], dim=1)
+                out = self._blocks(padded, pad_packing(packing.lengths, budget, self.max_images, self.device))
+                out = out[:, :tokens]
+            return model.forward_head_packed(out, packing)

@@ -32,6 +32,7 @@ from fastvit import checkpoint as ckpt
 from fastvit import cli, convert
 from fastvit.data import DataBundle, build_data
 from fastvit.model import PRESET_DATA_CFGS, PRESETS, VisionTransformer, default_pretrained_cfg, list_models
+from fastvit.packing import PackingCollate, parse_sizes
 
 PROG = "python -m fastvit train"
 DEFAULT_MODEL = "vit_digits_patch4_32"
@@ -118,6 +119,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"input size in pixels, a multiple of the patch size, at most {MAX_IMG_SIZE} "
         "(default: the model's; a different size resamples --init's position embedding)",
+    )
+    data.add_argument(
+        "--sizes",
+        default=None,
+        help="mixed-resolution training: each training image is resized to a size drawn from this list (sides, or "
+        "HxW: '16,24,32' or '32x16,16x32'; multiples of the patch size) and each batch of mixed sizes runs packed "
+        "in one sequence (model.forward_packed); evaluation stays at --img-size",
     )
     data.add_argument(
         "--shift", type=int, default=2, help="digits: random-translation augmentation in pixels (0 = off)"
@@ -267,6 +275,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             parser.error(f"--img-size must be >= 8 for digits, got {img_size}")
         if args.data == "digits" and args.shift >= side:
             parser.error(f"--shift must be smaller than the image ({side} px), got {args.shift}")
+    if args.sizes is not None:
+        _check_sizes(args, parser, config)
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine would raise the learning rate")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
@@ -281,6 +291,32 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             f"--warmup-epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate never reaches "
             f"--lr (warm-up is cut to end one update before the run does)",
         )
+
+
+def _check_sizes(args: argparse.Namespace, parser: argparse.ArgumentParser, config: dict) -> None:
+    """--sizes: valid sizes, multiples of the patch size (when the architecture is known here), and none of the
+    options that packed training cannot take."""
+    try:
+        sizes = parse_sizes(args.sizes)
+    except ValueError as exc:
+        parser.error(f"--{exc}")
+    too_large = [f"{h}x{w}" for h, w in sizes if max(h, w) > MAX_IMG_SIZE]
+    if too_large:
+        parser.error(f"--sizes {', '.join(too_large)} above {MAX_IMG_SIZE} pixels")
+    if config:
+        patch = config.get("patch_size", 16)
+        bad = [f"{h}x{w}" for h, w in sizes if h % patch or w % patch]
+        if bad:
+            parser.error(f"--sizes {', '.join(bad)} not divisible by the patch size {patch}")
+    refused = {
+        "--mixup/--cutmix (they mix images of one size)": args.mixup > 0 or args.cutmix > 0,
+        "--drop-path (stochastic depth acts per batch row: on a packing, on all its images at once)": args.drop_path
+        > 0,
+        "--compile (every mix of sizes would compile anew)": args.compile,
+    }
+    for option, given in refused.items():
+        if given:
+            parser.error(f"--sizes cannot be combined with {option}")
 
 
 def _check_output(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -471,6 +507,7 @@ def model_config(start: StartingPoint, args: argparse.Namespace, data: DataBundl
         "in_chans": data.in_chans,
         "num_classes": data.num_classes,
         "drop_path_rate": args.drop_path,
+        **({"dynamic_img_size": True} if args.sizes is not None else {}),  # packed training: every size
     }
 
 
@@ -538,6 +575,9 @@ def _loaders(data: DataBundle, args, env: Distributed, drop_last: bool):
     sampler = DistributedSampler(
         data.train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=args.seed, drop_last=drop_last
     )
+    # --sizes: the collate resizes each image to a drawn size and returns a list (the batch augmentation runs there,
+    # on the stacked batch, before resizing).
+    collate = PackingCollate(parse_sizes(args.sizes), augment=data.batch_augment) if args.sizes is not None else None
     train = DataLoader(
         data.train,
         batch_size=args.batch_size,
@@ -545,6 +585,7 @@ def _loaders(data: DataBundle, args, env: Distributed, drop_last: bool):
         num_workers=args.workers,
         drop_last=drop_last,
         pin_memory=env.device.type == "cuda",
+        collate_fn=collate,
     )
     # Evaluation: rank r takes images r, r+W, ...; shards are padded to equal length (FSDP needs every
     # rank to run the same forwards) and the padding is masked out of the counts in evaluate().
@@ -847,6 +888,8 @@ def _train(args: argparse.Namespace, env: Distributed, output: str) -> TrainResu
         trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in raw_model.parameters())
         size = f"{img_size}px" if isinstance(img_size, int) else "x".join(map(str, img_size)) + "px"
+        if args.sizes is not None:
+            size += f", training packed at sizes {args.sizes}"
         arch = run_info["model"] or f"the architecture of {args.init or args.resume}"
         print(
             f"fastvit train: {arch} on {data.name} ({len(data.train)} train / {len(data.test)} test, "
@@ -879,8 +922,12 @@ def _train(args: argparse.Namespace, env: Distributed, output: str) -> TrainResu
         seen, epoch_start = 0, time.perf_counter()
         micro_batches = len(train_loader)
         for step, (x, y) in enumerate(train_loader):
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            if data.batch_augment is not None:
+            y = y.to(env.device, non_blocking=True)
+            if args.sizes is not None:  # a list of images of different sizes: model(x) runs forward_packed
+                x = [image.to(env.device, non_blocking=True) for image in x]
+            else:
+                x = x.to(env.device, non_blocking=True)
+            if data.batch_augment is not None and args.sizes is None:
                 x = data.batch_augment(x)
             if mixup is not None:
                 x, y = mixup(x, y)

@@ -309,6 +309,21 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(args, message, capsys):
     assert message in stderr and "Traceback" not in stderr
 
 
+def test_cli_mixed_resolution_training_end_to_end(tmp_path):
+    """--sizes: training batches of mixed sizes run packed; the saved model takes any size and lists of images."""
+    output = tmp_path / "packed"
+    args = ["--sizes", "16,24,32x16", "--classes", "0-2", "--epochs", "1", "--max-steps", "3", "--batch-size", "16"]
+    result = _cli("train", *args, "--output", str(output), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "training packed at sizes 16,24,32x16" in result.stdout
+    (row,) = json.loads((output / "metrics.json").read_text())
+    assert torch.isfinite(torch.tensor(row["train_loss"])) and 0.0 <= row["test_top1"] <= 1.0
+    model = fastvit.load_run(str(output)).eval()
+    assert model.dynamic_img_size
+    with torch.no_grad():
+        assert model([torch.randn(1, 16, 16), torch.randn(1, 32, 16)]).shape == (2, 3)
+
+
 def test_cli_unknown_command():
     result = _cli("serve")
     assert result.returncode == 2 and "invalid choice: 'serve'" in result.stderr
