@@ -262,6 +262,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     cli.check_numbers(parser, args, TRAIN_NUMBERS)
     if args.model is not None and args.model not in list_models():
         parser.error(f"--model {args.model!r} is not a preset; choose one of: {', '.join(list_models())}")
+    if args.model is not None and args.model.startswith("naflexvit_"):
+        parser.error(
+            f"--model {args.model}: the training CLI does not train NaFlexViT models yet (build one with "
+            "fastvit.create_model and train it in your own loop; --sizes trains any ViT preset on mixed sizes)"
+        )
     if args.data not in ("digits", "synthetic") and not os.path.isdir(args.data):
         parser.error(f"--data {args.data!r} is not 'digits', 'synthetic' or an existing directory")
     name, config = _architecture(args)

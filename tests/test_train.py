@@ -290,6 +290,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     "args, message",
     [
         (["--model", "vit_gigantic"], "--model 'vit_gigantic' is not a preset"),
+        (["--model", "naflexvit_base_patch16_gap"], "does not train NaFlexViT models yet"),
         (["--data", "/no/such/dir"], "--data '/no/such/dir' is not 'digits', 'synthetic' or an existing directory"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--img-size", "30"], "--img-size 30 is not divisible by the patch size 4"),
