@@ -678,23 +678,12 @@ def _bwd_dkdv_query_block(
     Q_NORM: tl.constexpr,
     key_keep=None,  # [BLOCK_N] bool: the program's keys the key-padding mask keeps (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
-    dk1=None,  # [BLOCK_N, D1] fp32 dK accumulator of the second head-dim piece (D1 > 0 only), likewise dk2, dv1, dv2
-    dk2=None,
-    dv1=None,
-    dv2=None,
-    k1=None,  # [BLOCK_N, D1] the program's key tile's second piece, likewise k2, v1, v2
-    k2=None,
-    v1=None,
-    v2=None,
-    q1_ptrs=None,  # [BLOCK_M, D1] pointers to the query tile's second piece, likewise q2_ptrs, do1_ptrs, do2_ptrs
-    q2_ptrs=None,
-    do1_ptrs=None,
-    do2_ptrs=None,
-    cols1=None,  # [D1] the second piece's columns, likewise cols2
-    cols2=None,
-    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces (0: no such piece)
-    D2: tl.constexpr = 0,
-):
+    # The head-dim pieces past the first (D1 > 0 only; the third's when D2 > 0): fp32 dK/dV accumulators
+    # [BLOCK_N, D1], the program's key and value tiles, pointers to the query and dO tiles, the columns.
+    dk1=None, dk2=None, dv1=None, dv2=None, k1=None, k2=None, v1=None, v2=None,
+    q1_ptrs=None, q2_ptrs=None, do1_ptrs=None, do2_ptrs=None, cols1=None, cols2=None,
+    D1: tl.constexpr = 0, D2: tl.constexpr = 0,  # the pieces' widths (0: no such piece)
+):  # fmt: skip
     rows_valid = (start_m + offs_m) < N_Q
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
     if ROPE != 0 or Q_NORM != 0:
@@ -923,21 +912,12 @@ def _bwd_dq_key_block(
     K_NORM: tl.constexpr,
     keep_ptrs=None,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
     KEY_MASK: tl.constexpr = False,
-    dq1=None,  # [BLOCK_M, D1] fp32 dQ accumulator of the second head-dim piece (D1 > 0 only), likewise dq2
-    dq2=None,
-    q1=None,  # [BLOCK_M, D1] the program's query tile's second piece, likewise q2, do1, do2
-    q2=None,
-    do1=None,
-    do2=None,
-    k1_ptrs=None,  # [BLOCK_N, D1] pointers to the key tile's second piece, likewise k2_ptrs, v1_ptrs, v2_ptrs
-    k2_ptrs=None,
-    v1_ptrs=None,
-    v2_ptrs=None,
-    cols1=None,  # [D1] the second piece's columns, likewise cols2
-    cols2=None,
-    D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces (0: no such piece)
-    D2: tl.constexpr = 0,
-):
+    # The head-dim pieces past the first (D1 > 0 only; the third's when D2 > 0): fp32 dQ accumulators
+    # [BLOCK_M, D1], the program's query and dO tiles, pointers to the key and value tiles, the columns.
+    dq1=None, dq2=None, q1=None, q2=None, do1=None, do2=None,
+    k1_ptrs=None, k2_ptrs=None, v1_ptrs=None, v2_ptrs=None, cols1=None, cols2=None,
+    D1: tl.constexpr = 0, D2: tl.constexpr = 0,  # the pieces' widths (0: no such piece)
+):  # fmt: skip
     keys_valid = (start_n + offs_n) < N_KV
     if KEY_MASK:
         keys_valid = keys_valid & (tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0)
