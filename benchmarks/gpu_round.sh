@@ -49,7 +49,7 @@ STEPS=(
   "selftest|70|150|alone|$PY -m fastvit selftest --write-manifest --no-progress --json \$WORK/selftest.json"
   "gpu-tests|90|150|with-next|$PY -m pytest tests -m 'gpu and not slow' -q -ra --maxfail=20 -p no:cacheprovider"
   "sanitizer|45|90|alone|if ! command -v compute-sanitizer >/dev/null; then echo 'REFUSED: compute-sanitizer is not on this machine'; else compute-sanitizer --tool memcheck --error-exitcode 86 $PY -m fastvit selftest --quick --no-record --no-progress --jobs 1 --json \$WORK/sanitizer-selftest.json; rc=\$?; grep -q 'Device not supported' \$WORK/logs/sanitizer.log && echo 'REFUSED: the machine refuses compute-sanitizer (Device not supported)'; exit \$rc; fi"
-  "bench-ops|70|100|alone|$BENCH_ENV $BENCH benchmarks/test_bench_attention.py benchmarks/test_bench_ln_mlp.py benchmarks/test_bench_patch_embed.py benchmarks/test_bench_varlen.py --benchmark-json=\$WORK/bench-ops.json"
+  "bench-ops|80|110|alone|$BENCH_ENV $BENCH benchmarks/test_bench_attention.py benchmarks/test_bench_ln_mlp.py benchmarks/test_bench_patch_embed.py benchmarks/test_bench_varlen.py benchmarks/test_bench_packed.py --benchmark-json=\$WORK/bench-ops.json"
   "bench-model|110|180|alone|$BENCH_ENV $BENCH benchmarks/test_bench_model.py --benchmark-json=\$WORK/bench-model.json"
 )
 
