@@ -137,20 +137,8 @@ def test_attention(benchmark, case, candidate, mode):
         moved += 8 * batch * tokens * width * element
     run_benchmark(benchmark, run, rounds=ROUNDS)
     record(
-        benchmark,
-        "attention",
-        f"{case} {mode}",
-        candidate,
-        flops=attention_flops(batch, tokens, heads, head_dim, mode),
-        bytes_moved=moved,
-        primary="tflops",
-        op="qkv_attention",
-        mode=mode,
-        batch=batch,
-        tokens=tokens,
-        heads=heads,
-        head_dim=head_dim,
-        dtype=str(DTYPE),
-        max_error=errors,
-        flops_convention="fwd 4*B*H*N^2*D; fwd+bwd 3.5x fwd (FlashAttention-2)",
-    )
+        benchmark, "attention", f"{case} {mode}", candidate,
+        flops=attention_flops(batch, tokens, heads, head_dim, mode), bytes_moved=moved, primary="tflops",
+        op="qkv_attention", mode=mode, batch=batch, tokens=tokens, heads=heads, head_dim=head_dim, dtype=str(DTYPE),
+        max_error=errors, flops_convention="fwd 4*B*H*N^2*D; fwd+bwd 3.5x fwd (FlashAttention-2)",
+    )  # fmt: skip

@@ -153,23 +153,11 @@ def test_ln_mlp(benchmark, name, batch, candidate, mode):
         activations += 3 * _nbytes(x)
         weights *= 2
     record(
-        benchmark,
-        "ln_mlp",
-        f"{name} C{width} b{batch} {mode}",
-        candidate,
-        flops=gemm_flops if mode == "fwd" else 3 * gemm_flops,
-        bytes_moved=weights + activations,
-        items=tokens,
-        item_name="token",
-        model=name,
-        width=width,
-        hidden=hidden,
-        batch=batch,
-        tokens=tokens,
-        mode=mode,
-        dtype=str(DTYPE),
-        max_abs_error=error,
-    )
+        benchmark, "ln_mlp", f"{name} C{width} b{batch} {mode}", candidate,
+        flops=gemm_flops if mode == "fwd" else 3 * gemm_flops, bytes_moved=weights + activations, items=tokens,
+        item_name="token", model=name, width=width, hidden=hidden, batch=batch, tokens=tokens, mode=mode,
+        dtype=str(DTYPE), max_abs_error=error,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,18 +221,7 @@ def test_block_gemm(benchmark, name, gemm, candidate):
 
     run_benchmark(benchmark, run)
     record(
-        benchmark,
-        "block_gemm",
-        f"{name} {gemm} {rows}x{k}->{n}",
-        candidate,
-        flops=2.0 * rows * k * n,
+        benchmark, "block_gemm", f"{name} {gemm} {rows}x{k}->{n}", candidate, flops=2.0 * rows * k * n,
         bytes_moved=(rows * k + n * k + rows * n * (2 if with_residual else 1)) * torch.finfo(DTYPE).bits // 8,
-        primary="tflops",
-        model=name,
-        gemm=gemm,
-        rows=rows,
-        k=k,
-        n=n,
-        dtype=str(DTYPE),
-        max_abs_error=error,
-    )
+        primary="tflops", model=name, gemm=gemm, rows=rows, k=k, n=n, dtype=str(DTYPE), max_abs_error=error,
+    )  # fmt: skip

@@ -632,18 +632,10 @@ class AttentionPoolLatent(nn.Module):
     op_name = "qkv_attention"  # the attention's backend follows the model's attention backend
 
     def __init__(
-        self,
-        in_features: int,
-        num_heads: int = 8,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_norm: bool = False,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
-        drop: float = 0.0,
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, in_features: int, num_heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+        qk_norm: bool = False, norm_layer: Callable[..., nn.Module] | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU, drop: float = 0.0, device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         _set_heads(self, in_features, num_heads)
         dd = {"device": device, "dtype": dtype}

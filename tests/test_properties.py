@@ -91,18 +91,27 @@ def _attention_floor(head_dim: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return 4 * torch.finfo(torch.float32).eps * head_dim**0.5 * v.abs().max().item() * scale * largest
 
 
-@st.composite
-def qkv_cases(draw, dtypes, max_tokens=80, max_batch=2, max_heads=2):
+def _attention_shape(draw, dtypes, max_batch: int, max_heads: int) -> dict:
+    """What every attention case draws: batch, heads, head dim, dtype and seed."""
     return dict(
         batch=draw(st.integers(1, max_batch)),
-        tokens=draw(st.integers(1, max_tokens)),
         heads=draw(st.integers(1, max_heads)),
         head_dim=draw(st.sampled_from(HEAD_DIMS)),
         dtype=draw(st.sampled_from(dtypes)),
-        layout=draw(st.sampled_from(["contiguous", "slice", "transposed"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+LAYOUTS = ["contiguous", "slice", "transposed"]
+
+
+@st.composite
+def qkv_cases(draw, dtypes, max_tokens=80, max_batch=2, max_heads=2):
+    return _attention_shape(draw, dtypes, max_batch, max_heads) | dict(
+        tokens=draw(st.integers(1, max_tokens)),
+        layout=draw(st.sampled_from(LAYOUTS)),
         scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))),
         magnitude=draw(st.sampled_from([0.5, 1.0, 3.0])),
-        seed=draw(st.integers(0, 2**16)),
     )
 
 
@@ -117,15 +126,10 @@ def _check_qkv(case, backend):
 
 @st.composite
 def attention_cases(draw, dtypes, max_tokens=60, max_batch=2, max_heads=2):
-    return dict(
-        batch=draw(st.integers(1, max_batch)),
-        heads=draw(st.integers(1, max_heads)),
+    return _attention_shape(draw, dtypes, max_batch, max_heads) | dict(
         q_tokens=draw(st.integers(1, max_tokens)),
         kv_tokens=draw(st.integers(1, max_tokens)),
-        head_dim=draw(st.sampled_from(HEAD_DIMS)),
-        dtype=draw(st.sampled_from(dtypes)),
-        layouts=draw(st.lists(st.sampled_from(["contiguous", "slice", "transposed"]), min_size=3, max_size=3)),
-        seed=draw(st.integers(0, 2**16)),
+        layouts=draw(st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3)),
     )
 
 

@@ -31,17 +31,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastvit import dispatch, reference
+from fastvit import dispatch, reference, validation
 from fastvit.ops.linear_residual import linear_residual_torch
 from fastvit.ops.ln_linear import gemm_call
-from fastvit.validation import (
-    check_eps,
-    check_features,
-    check_linear,
-    check_norm_params,
-    check_same_device,
-    check_same_dtype_outside_autocast,
-)
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")
@@ -129,43 +121,43 @@ def ln_mlp(
     act = resolve_act(act, approximate)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    width = check_features("x", x, "the width C")
-    check_norm_params(width, ln_weight=ln_weight)
+    width = validation.check_features("x", x, "the width C")
+    validation.check_norm_params(width, ln_weight=ln_weight)
     if norm == "rms" and ln_bias is not None:
         raise ValueError("ln_bias must be None with norm='rms' (RMSNorm has no bias)")
     if ln_bias is not None:
-        check_norm_params(width, ln_bias=ln_bias)
+        validation.check_norm_params(width, ln_bias=ln_bias)
     fc1_rows = "[2*hidden, C] (gate rows first)" if act == "swiglu" else "[hidden, C]"
-    fc1_out = check_linear("fc1_weight", fc1_weight, "fc1_bias", fc1_bias, width, "hidden", fc1_rows)
+    fc1_out = validation.check_linear("fc1_weight", fc1_weight, "fc1_bias", fc1_bias, width, "hidden", fc1_rows)
     if act == "swiglu" and fc1_out % 2:
         raise ValueError(f"fc1_weight must have an even number of rows with act='swiglu' {fc1_rows}, got {fc1_out}")
     hidden = fc1_out // 2 if act == "swiglu" else fc1_out
     meaning = f"[C, hidden] with hidden = fc1_weight.shape[0]{' / 2' if act == 'swiglu' else ''}"
-    check_linear("fc2_weight", fc2_weight, "fc2_bias", fc2_bias, hidden, "C", meaning, out_features=width)
+    validation.check_linear("fc2_weight", fc2_weight, "fc2_bias", fc2_bias, hidden, "C", meaning, out_features=width)
     hidden_norm = None
     if hidden_norm_weight is not None:
-        check_norm_params(hidden, hidden_norm_weight=hidden_norm_weight)
+        validation.check_norm_params(hidden, hidden_norm_weight=hidden_norm_weight)
         if hidden_norm_bias is not None:
             if norm == "rms":
                 raise ValueError("hidden_norm_bias must be None with norm='rms' (RMSNorm has no bias)")
-            check_norm_params(hidden, hidden_norm_bias=hidden_norm_bias)
+            validation.check_norm_params(hidden, hidden_norm_bias=hidden_norm_bias)
         hidden_norm = (
             hidden_norm_weight,
             hidden_norm_bias,
-            check_eps(eps if hidden_norm_eps is None else hidden_norm_eps),
+            validation.check_eps(eps if hidden_norm_eps is None else hidden_norm_eps),
         )
     elif hidden_norm_bias is not None or hidden_norm_eps is not None:
         raise ValueError("hidden_norm_bias / hidden_norm_eps given without hidden_norm_weight")
     if layer_scale is not None:
-        check_norm_params(width, layer_scale=layer_scale)
-    eps = check_eps(eps)
+        validation.check_norm_params(width, layer_scale=layer_scale)
+    eps = validation.check_eps(eps)
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
     names = ("x", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
     tensors = dict(zip(names, (x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)))
     tensors.update(hidden_norm_weight=hidden_norm_weight, hidden_norm_bias=hidden_norm_bias, layer_scale=layer_scale)
-    check_same_device(**tensors)
-    check_same_dtype_outside_autocast(x.device, **tensors)
+    validation.check_same_device(**tensors)
+    validation.check_same_dtype_outside_autocast(x.device, **tensors)
     if layer_scale is not None:  # folded into fc2: gamma·(h·W2ᵀ + b2) = h·(gamma[:, None]·W2)ᵀ + gamma·b2
         fc2_weight = layer_scale[:, None] * fc2_weight
         fc2_bias = None if fc2_bias is None else layer_scale * fc2_bias
