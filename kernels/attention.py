@@ -78,6 +78,15 @@ def _store_tile(ptrs, value, rows_valid, offs_d, HEAD_DIM: tl.constexpr, END: tl
 
 
 @triton.jit
+def _block_rows(X, b, h, start, offs, offs_d, stride_b, stride_h, stride_n, stride_d):
+    """Row pointers [ROWS, 1] and tile pointers [ROWS, BLOCK_D] of rows ``start + offs`` of head (b, h) of the
+    strided [B, H, N, D] tensor ``X`` (``start`` goes through int64 before it meets its stride)."""
+    rows = X + b * stride_b + h * stride_h + start.to(tl.int64) * stride_n
+    rows = rows + offs[:, None] * stride_n
+    return rows, rows + offs_d[None, :] * stride_d
+
+
+@triton.jit
 def _piece_ptrs(row_ptrs, stride_d, START: tl.constexpr, WIDTH: tl.constexpr):
     """([ROWS, WIDTH] pointers to columns START..START + WIDTH of the rows ``row_ptrs`` [ROWS, 1] points at, those
     columns [WIDTH])."""
@@ -524,9 +533,7 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_valid = (start_m + offs_m) < N_Q
 
-    q_rows = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
-    q_rows = q_rows + offs_m[:, None] * stride_qn  # [BLOCK_M, 1]
-    q_ptrs = q_rows + offs_d[None, :] * stride_qd
+    q_rows, q_ptrs = _block_rows(Q, b, h, start_m, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
     k_rows = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
     k_ptrs = k_rows + offs_d[None, :] * stride_kd
     v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
@@ -586,9 +593,7 @@ def attn_fwd_kernel(
         m_i = tl.where(no_keys, float("inf"), m_i)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2
-    o_rows = Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_on
-    o_rows = o_rows + offs_m[:, None] * stride_on
-    o_ptrs = o_rows + offs_d[None, :] * stride_od
+    o_rows, o_ptrs = _block_rows(Out, b, h, start_m, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
     _store_tile(o_ptrs, acc.to(Out.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
     if D1 > 0:
         _store_piece(
@@ -786,12 +791,8 @@ def attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     keys_valid = (start_n + offs_n) < N_KV
 
-    k_rows = K + b * stride_kb + h * stride_kh + start_n.to(tl.int64) * stride_kn
-    k_rows = k_rows + offs_n[:, None] * stride_kn  # [BLOCK_N, 1]
-    k_ptrs = k_rows + offs_d[None, :] * stride_kd
-    v_rows = V + b * stride_vb + h * stride_vh + start_n.to(tl.int64) * stride_vn
-    v_rows = v_rows + offs_n[:, None] * stride_vn
-    v_ptrs = v_rows + offs_d[None, :] * stride_vd
+    k_rows, k_ptrs = _block_rows(K, b, h, start_n, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_rows, v_ptrs = _block_rows(V, b, h, start_n, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
     # Missing key rows load as 0; their dK/dV rows are computed but never stored.
     k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -866,12 +867,8 @@ def attn_bwd_dkdv_kernel(
         )  # fmt: skip
         if K_NORM != 0:
             _store_norm_grad(NormGrad, b * H + h, start_n, N_KV, dkw, dkb, offs_d, HEAD_DIM, BLOCK_N)
-    dk_rows = DK + b * stride_dkb + h * stride_dkh + start_n.to(tl.int64) * stride_dkn
-    dk_rows = dk_rows + offs_n[:, None] * stride_dkn
-    dk_ptrs = dk_rows + offs_d[None, :] * stride_dkd
-    dv_rows = DV + b * stride_dvb + h * stride_dvh + start_n.to(tl.int64) * stride_dvn
-    dv_rows = dv_rows + offs_n[:, None] * stride_dvn
-    dv_ptrs = dv_rows + offs_d[None, :] * stride_dvd
+    dk_rows, dk_ptrs = _block_rows(DK, b, h, start_n, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
+    dv_rows, dv_ptrs = _block_rows(DV, b, h, start_n, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
     _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
     _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
     if D1 > 0:
@@ -1008,12 +1005,8 @@ def attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_valid = (start_m + offs_m) < N_Q
 
-    q_rows = Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qn
-    q_rows = q_rows + offs_m[:, None] * stride_qn  # [BLOCK_M, 1]
-    q_ptrs = q_rows + offs_d[None, :] * stride_qd
-    do_rows = DO + b * stride_dob + h * stride_doh + start_m.to(tl.int64) * stride_don
-    do_rows = do_rows + offs_m[:, None] * stride_don
-    do_ptrs = do_rows + offs_d[None, :] * stride_dod
+    q_rows, q_ptrs = _block_rows(Q, b, h, start_m, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
+    do_rows, do_ptrs = _block_rows(DO, b, h, start_m, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
     # Missing query rows load as 0 (lse and delta too); their dQ rows are never stored.
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     if ROPE != 0 or Q_NORM != 0:
@@ -1081,9 +1074,7 @@ def attn_bwd_dq_kernel(
         )  # fmt: skip
         if Q_NORM != 0:
             _store_norm_grad(NormGrad, b * H + h, start_m, N_Q, dqw, dqb, offs_d, HEAD_DIM, BLOCK_M)
-    dq_rows = DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqn
-    dq_rows = dq_rows + offs_m[:, None] * stride_dqn
-    dq_ptrs = dq_rows + offs_d[None, :] * stride_dqd
+    dq_rows, dq_ptrs = _block_rows(DQ, b, h, start_m, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
     _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
     if D1 > 0:
         _store_piece(dq_rows, stride_dqd, (dq1 * sm_scale).to(DQ.dtype.element_ty), rows_valid, HEAD_DIM, BLOCK_D, D1)
