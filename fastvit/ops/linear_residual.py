@@ -72,9 +72,12 @@ def linear_call(x: torch.Tensor) -> dispatch.DeviceDtypeCall:
 
 @dispatch.register("linear_residual", "torch")
 def linear_residual_torch(x, weight, bias, residual):
-    """``residual + F.linear(x, weight, bias)``, as timm's block writes it; the add goes into the GEMM's fresh output
-    where that keeps the result's dtype and shape (no [rows, N] temporary; the same values, addition commutes)."""
+    """``residual + F.linear(x, weight, bias)``, as timm's block writes it. Where no gradient is recorded the add goes
+    into the GEMM's fresh output when that keeps the result's dtype and shape (inference: no [rows, N] temporary; the
+    same values, addition commutes). Under autograd it stays out of place: F.linear's 3-D output is a view of its 2-D
+    GEMM output, and an in-place add on a view costs autograd a copy of the view and of its base in the backward."""
     out = F.linear(x, weight, bias)
-    if out.dtype == residual.dtype and out.shape == residual.shape:
-        return out.add_(residual)  # autograd-safe: the Linear's backward does not read its output
+    recorded = torch.is_grad_enabled() and out.requires_grad
+    if not recorded and out.dtype == residual.dtype and out.shape == residual.shape:
+        return out.add_(residual)
     return residual + out
