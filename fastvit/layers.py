@@ -331,22 +331,17 @@ class Attention(nn.Module):
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, N, C] -> q, k, v: [B, H, N, D] each, as attention uses them (after qk-norm)."""
-        q, k, v = split_qkv_heads(self.qkv(x), self.num_heads)
+        return self._heads(self.qkv(x))
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = split_qkv_heads(qkv, self.num_heads)
         return self.q_norm(q), self.k_norm(k), v
 
     def attend(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
         """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C], before proj. ``attn_mask``: see
         ``fastvit.packing``."""
-        dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
-        check_attn_mask(attn_mask, x)
-        if self.packed():
-            q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
-            if mask_fits_qkv_call(attn_mask, q_norm is not None or k_norm is not None, dropout_p):
-                return qkv_attention_under(
-                    attn_mask, self.qkv(x), self.num_heads, self.scale, dropout_p, self.backend,
-                    q_norm=q_norm, k_norm=k_norm,
-                )  # fmt: skip
-        return heads_attention(*self.heads(x), self.scale, dropout_p, self.backend, attn_mask)
+        qkv = self.qkv(x)
+        return attend(self, x, attn_mask, lambda: qkv, lambda: self._heads(qkv))
 
     def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]."""
@@ -841,22 +836,13 @@ class EvaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: AttnMask = None) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]; ``attn_mask``: see ``fastvit.packing``."""
-        dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
-        check_attn_mask(attn_mask, x)
-        q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
-        prologue = rope is not None or q_norm is not None or k_norm is not None
-        if (
-            self.packed()
-            and next(rope_blockers(rope), None) is None
-            and mask_fits_qkv_call(attn_mask, prologue, dropout_p)
-        ):
-            out = qkv_attention_under(
-                attn_mask, self.packed_qkv(x), self.num_heads, self.scale, dropout_p, self.backend,
-                rope=rope, num_prefix_tokens=self.num_prefix_tokens if rope is not None else 0,
-                rope_layout="half" if self.rotate_half else "interleaved", q_norm=q_norm, k_norm=k_norm,
-            )  # fmt: skip
-        else:
-            out = heads_attention(*self.heads(x, rope), self.scale, dropout_p, self.backend, attn_mask)
+        rope_prologue = None
+        if rope is not None:
+            rope_prologue = {
+                "rope": rope, "num_prefix_tokens": self.num_prefix_tokens,
+                "rope_layout": "half" if self.rotate_half else "interleaved",
+            }  # fmt: skip
+        out = attend(self, x, attn_mask, lambda: self.packed_qkv(x), lambda: self.heads(x, rope), rope_prologue)
         return self.proj_drop(self.proj(self.norm(out)))
 
     def packed(self) -> bool:
@@ -874,6 +860,34 @@ def rope_blockers(rope: torch.Tensor | None) -> Iterator[str]:
     shared by the heads that needs no gradient (RoPE-Mixed's per-head, learned tables do not fit)."""
     if rope is not None and (rope.ndim != 2 or rope.requires_grad):
         yield MIXED_ROPE_BLOCKER
+
+
+def attend(
+    attn: nn.Module,
+    x: torch.Tensor,
+    attn_mask: AttnMask,
+    packed_qkv: Callable[[], torch.Tensor],
+    heads: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    rope_prologue: dict | None = None,
+) -> torch.Tensor:
+    """The heads' outputs [B, N, C] of an ``Attention`` / ``EvaAttention`` / ``ParallelScalingBlock`` on its tokens x
+    [B, N, C] under ``attn_mask`` (see ``fastvit.packing``): the one place that decides how attention runs.
+
+    One op on the packed qkv buffer (``packed_qkv()`` -> [B, N, 3C]) with the qk-norms and RoPE as its prologue while
+    ``prologue_blockers`` / ``rope_blockers`` find nothing and the mask has such an op (``mask_fits_qkv_call``); else
+    q, k, v from ``heads()`` ([B, H, N, D] each, normalised and rotated) through ``heads_attention``.
+    ``rope_prologue``: ``ops.qkv_attention``'s rope / num_prefix_tokens / rope_layout keywords, or None."""
+    check_attn_mask(attn_mask, x)
+    dropout_p = getattr(attn.attn_drop, "p", 0.0) if attn.training else 0.0
+    rope = None if rope_prologue is None else rope_prologue["rope"]
+    if next(prologue_blockers(attn), None) is None and next(rope_blockers(rope), None) is None:
+        q_norm, k_norm = qk_norm_params(attn.q_norm), qk_norm_params(attn.k_norm)
+        if mask_fits_qkv_call(attn_mask, rope is not None or q_norm is not None or k_norm is not None, dropout_p):
+            return qkv_attention_under(
+                attn_mask, packed_qkv(), attn.num_heads, attn.scale, dropout_p, attn.backend,
+                q_norm=q_norm, k_norm=k_norm, **(rope_prologue or {}),
+            )  # fmt: skip
+    return heads_attention(*heads(), attn.scale, dropout_p, attn.backend, attn_mask)
 
 
 def mask_fits_qkv_call(attn_mask: AttnMask, prologue: bool, dropout_p: float) -> bool:
@@ -1079,17 +1093,8 @@ class ParallelScalingBlock(nn.Module):
         """x: [B, N, C] (the block input) -> the heads' outputs [B, N, C] and the MLP's pre-activation [B, N, H].
         While ``prologue_blockers`` finds nothing, one ``ops.qkv_attention`` call reads q, k, v from the in_proj
         output with qk-norm as its prologue; else the norms run first, then ``ops.attention``."""
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        check_attn_mask(attn_mask, x)
         x_mlp, qkv = self.project(x)
-        if next(prologue_blockers(self), None) is None:
-            q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
-            if mask_fits_qkv_call(attn_mask, q_norm is not None or k_norm is not None, dropout_p):
-                out = qkv_attention_under(
-                    attn_mask, qkv, self.num_heads, self.scale, dropout_p, self.backend, q_norm=q_norm, k_norm=k_norm
-                )
-                return out, x_mlp
-        return heads_attention(*self._heads(qkv), self.scale, dropout_p, self.backend, attn_mask), x_mlp
+        return attend(self, x, attn_mask, lambda: qkv, lambda: self._heads(qkv)), x_mlp
 
     def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]; ``attn_mask``: see ``fastvit.packing``."""
