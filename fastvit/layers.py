@@ -576,21 +576,35 @@ class LayerScale(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: zero the residual branch of whole samples with probability ``drop_prob``."""
+    """Stochastic depth: zero the residual branch of whole samples with probability ``drop_prob``. Under
+    ``attn_mask=PackedSequences`` (images packed into one [1, T, C] sequence) a sample is a packed sequence: each
+    image's tokens are kept or dropped together, as when the images run batched."""
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
+        """x: [B, N, C] (or [B, ...]) -> the same shape; ``attn_mask``: the block's (see ``fastvit.packing``)."""
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep_prob = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
+        if isinstance(attn_mask, PackedSequences):
+            keep = x.new_empty(max(attn_mask.num_sequences, 1)).bernoulli_(keep_prob)
+            sequence = attn_mask.sequence_ids(x.shape[1]).clamp_(max=keep.numel() - 1)
+            mask = keep[sequence].view(1, -1, *(1,) * (x.dim() - 2))
+        else:
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
         return x * mask / keep_prob
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
+
+
+def drop_path(module: nn.Module, x: torch.Tensor, attn_mask: AttnMask) -> torch.Tensor:
+    """A block's ``drop_path*`` module (``DropPath`` or ``nn.Identity``) on its residual branch x, per packed image
+    under a packing."""
+    return module(x, attn_mask) if attn_mask is not None and isinstance(module, DropPath) else module(x)
 
 
 class PatchDropout(nn.Module):
@@ -751,13 +765,13 @@ class Block(nn.Module):
             if dispatch.debug_enabled():
                 dispatch.logger.debug("Block: attention half unfused: %s", why)
             out = self.attn(self.norm1(x)) if attn_mask is None else self.attn(self.norm1(x), attn_mask=attn_mask)
-            x = x + self.drop_path1(self.ls1(out))
+            x = x + drop_path(self.drop_path1, self.ls1(out), attn_mask)
         why = next(mlp_half_blockers(self), None)
         if why is None:
             return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend, self.ls2)
         if dispatch.debug_enabled():
             dispatch.logger.debug("Block: MLP half unfused: %s", why)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x + drop_path(self.drop_path2, self.ls2(self.mlp(self.norm2(x))), attn_mask)
 
 
 class EvaAttention(nn.Module):
@@ -1001,11 +1015,11 @@ class EvaBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: AttnMask = None) -> torch.Tensor:
         """x: [B, N, C]; rope: [N - T, 2·D] or None; ``attn_mask``: see ``fastvit.packing`` -> [B, N, C]."""
         out = self.attn(self.norm1(x), rope) if attn_mask is None else self.attn(self.norm1(x), rope, attn_mask)
-        x = x + self.drop_path1(out if self.gamma_1 is None else self.gamma_1 * out)
+        x = x + drop_path(self.drop_path1, out if self.gamma_1 is None else self.gamma_1 * out, attn_mask)
         if next(eva_mlp_half_blockers(self), None) is None:
             return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend, self.gamma_2)
         out = self.mlp(self.norm2(x))
-        return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
+        return x + drop_path(self.drop_path2, out if self.gamma_2 is None else self.gamma_2 * out, attn_mask)
 
 
 def eva_mlp_half_blockers(block: EvaBlock) -> Iterator[str]:
@@ -1111,7 +1125,7 @@ class ParallelScalingBlock(nn.Module):
             y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
         else:
             y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
-        return x + self.drop_path(self.ls(y))
+        return x + drop_path(self.drop_path, self.ls(y), attn_mask)
 
 
 def parallel_block_blockers(block: ParallelScalingBlock) -> Iterator[str]:

@@ -21,7 +21,6 @@ from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion, 
 from fastvit.layers import (
     AttentionPoolLatent,
     Block,
-    DropPath,
     LayerNorm,
     Mlp,
     ParallelScalingBlock,
@@ -553,17 +552,11 @@ class VisionTransformer(nn.Module):
         return grids
 
     def _check_packed_training(self) -> None:
-        """Stochastic depth and patch dropout act per image; on a packed sequence (one batch row) they would act on
-        all its images at once, so packed training refuses them."""
-        if not self.training:
-            return
-        if isinstance(getattr(self, "patch_drop", None), PatchDropout):
+        """Patch dropout keeps a number of tokens per batch row; on a packed sequence (one batch row) it would mix
+        the images' token counts, so packed training refuses it. (Stochastic depth acts per packed image:
+        ``DropPath`` under ``attn_mask=PackedSequences``.)"""
+        if self.training and isinstance(getattr(self, "patch_drop", None), PatchDropout):
             raise NotImplementedError("packed mode does not support patch dropout while training (patch_drop_rate > 0)")
-        if any(isinstance(m, DropPath) and m.drop_prob > 0 for m in self.blocks.modules()):
-            raise NotImplementedError(
-                "packed mode does not support stochastic depth while training (drop_path_rate > 0): it would drop "
-                "the residual branch of every packed image at once"
-            )
 
     def embed_packed(self, images: list[torch.Tensor], packing: ImagePacking) -> torch.Tensor:
         """Images [C, H_b, W_b] -> packed tokens [1, T, D]: each image's prefix tokens, then its patches with the
@@ -591,8 +584,8 @@ class VisionTransformer(nn.Module):
 
         All images' tokens run through the blocks as one sequence with ``attn_mask=PackedSequences``: no token
         attends across an image boundary and no padded work is done. Each image's tokens equal those of
-        ``forward_features(image[None])`` (``dynamic_img_size=True``). While training, patch dropout and stochastic
-        depth raise ``NotImplementedError`` (they act per batch row).
+        ``forward_features(image[None])`` (``dynamic_img_size=True``). While training, stochastic depth drops whole
+        images (as batched); patch dropout raises ``NotImplementedError`` (it acts per batch row).
         """
         grids = self.check_packed_images(images)
         self._check_packed_training()

@@ -315,8 +315,6 @@ def _check_sizes(args: argparse.Namespace, parser: argparse.ArgumentParser, conf
             parser.error(f"--sizes {', '.join(bad)} not divisible by the patch size {patch}")
     refused = {
         "--mixup/--cutmix (they mix images of one size)": args.mixup > 0 or args.cutmix > 0,
-        "--drop-path (stochastic depth acts per batch row: on a packing, on all its images at once)": args.drop_path
-        > 0,
         "--compile (every mix of sizes would compile anew)": args.compile,
     }
     for option, given in refused.items():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastvit.accuracy import rounding_floor
 from fastvit.eva import Eva
-from fastvit.layers import Block, ParallelScalingBlock
+from fastvit.layers import Block, DropPath, ParallelScalingBlock
 from fastvit.model import VisionTransformer
 from fastvit.packing import (
     ImagePacking,
@@ -153,14 +153,36 @@ def test_bad_images_are_clear_errors(images, error, match):
         model.forward_packed(images)
 
 
-@pytest.mark.parametrize("option", [dict(drop_path_rate=0.1), dict(patch_drop_rate=0.5)])
-def test_per_row_regularisers_are_refused_while_training_packed(option):
-    """Stochastic depth and patch dropout act per batch row: on a packing they would hit all its images at once."""
-    model = VisionTransformer(**TINY, **option, dynamic_img_size=True, backend="torch")
+def test_patch_dropout_is_refused_while_training_packed():
+    """Patch dropout keeps a token count per batch row: on a packing it would mix the images' counts."""
+    model = VisionTransformer(**TINY, patch_drop_rate=0.5, dynamic_img_size=True, backend="torch")
     with pytest.raises(NotImplementedError, match="packed mode"):
         model.forward_packed(_images())
     model.eval()  # inactive in eval: packing is fine
     assert model.forward_packed(_images()).shape == (len(SIZES), TINY["num_classes"])
+
+
+def test_stochastic_depth_keeps_or_drops_each_packed_image_whole():
+    """Under a packing DropPath draws once per image (as per batch row in a batch): each image's tokens are all kept
+    (scaled by 1/keep_prob) or all zero, and images of one packing get different draws."""
+    torch.manual_seed(0)
+    drop, lengths = DropPath(0.5).train(), [3, 0, 5, 1, 4]
+    packing = PackedSequences.from_lengths(lengths)
+    draws = []
+    for _ in range(32):
+        segments = drop(torch.ones(1, sum(lengths), 2), packing)[0].split([n for n in lengths if n])
+        assert all(segment.unique().numel() == 1 and segment[0, 0].item() in (0.0, 2.0) for segment in segments)
+        draws.append(tuple(segment[0, 0].item() == 2.0 for segment in segments))
+    assert any(len(set(draw)) > 1 for draw in draws)  # not one draw for the whole packing
+    kept = sum(map(sum, draws)) / (len(draws) * len(draws[0]))
+    assert 0.25 < kept < 0.75, kept  # Bernoulli(0.5) over 128 draws: far outside this only if broken
+
+    model = VisionTransformer(**TINY, drop_path_rate=0.5, dynamic_img_size=True, backend="torch").train()
+    logits = model.forward_packed(_images())
+    logits.square().sum().backward()
+    assert logits.shape == (len(SIZES), TINY["num_classes"]) and all(
+        p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad
+    )
 
 
 def test_segment_pool_and_rope_table_helpers():
@@ -250,7 +272,6 @@ def test_packed_training_on_digits_reduces_the_loss():
         (dict(sizes="16,30"), "--sizes 30x30 not divisible by the patch size 4"),
         (dict(sizes="16,1000000000000"), "--sizes 1000000000000x1000000000000 above 8192 pixels"),
         (dict(sizes="16,24", mixup=0.2), "--sizes cannot be combined with --mixup"),
-        (dict(sizes="16,24", drop_path=0.1), "--sizes cannot be combined with --drop-path"),
         (dict(sizes="16,24", compile=True), "--sizes cannot be combined with --compile"),
     ],
 )
