@@ -293,6 +293,7 @@ class Eva(nn.Module):
     set_input_size = VisionTransformer.set_input_size  # resamples pos_embed; the RoPE table follows the grid
     _run_block = VisionTransformer._run_block
     forward_intermediates = VisionTransformer.forward_intermediates
+    _blocks_taking = VisionTransformer._blocks_taking
     check_packed_images = VisionTransformer.check_packed_images
     _check_packed_training = VisionTransformer._check_packed_training
     embed_packed = VisionTransformer.embed_packed

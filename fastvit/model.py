@@ -642,29 +642,31 @@ class VisionTransformer(nn.Module):
             output_fmt: 'NCHW' (spatial maps) or 'NLC' (token sequences).
             intermediates_only: return only the intermediates.
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        check_output_fmt(output_fmt)
         take = _take_indices(len(self.blocks), indices)
-        batch, _, height, width = self.patch_embed.check_input(x).shape
+        height, width = self.patch_embed.check_input(x).shape[-2:]
+        x, block_args = self.embed_for_blocks(x)
+        x, intermediates = self._blocks_taking(x, block_args, take, norm, stop_early)
+        grid = self.patch_embed.dynamic_feat_size((height, width)) if output_fmt == "NCHW" else None
+        spatial, prefix = split_intermediates(intermediates, self.num_prefix_tokens, grid)
+        if return_prefix_tokens and self.num_prefix_tokens:
+            spatial = list(zip(spatial, prefix))
+        if intermediates_only:
+            return spatial
+        return self.norm(x), spatial
+
+    def _blocks_taking(
+        self, x: torch.Tensor, block_args, take: list[int], norm: bool, stop_early: bool, attn_mask: AttnMask = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Tokens through the blocks (up to the last of ``take`` with ``stop_early``) -> the last tokens and those
+        after each block in ``take`` (final-normed with ``norm``)."""
         blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
         intermediates = []
-        x, block_args = self.embed_for_blocks(x)
         for i, (block, args) in enumerate(zip(blocks, block_args)):
-            x = self._run_block(block, x, *args)
+            x = self._run_block(block, x, *args, attn_mask=attn_mask)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
-        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
-        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
-        if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [
-                y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
-            ]
-        if return_prefix_tokens and self.num_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        return x, intermediates
 
 
 ViT = VisionTransformer
@@ -918,6 +920,23 @@ vit_base_patch32_clip_quickgelu_224 = _make_preset("vit_base_patch32_clip_quickg
 vit_base_patch14_dinov2 = _make_preset("vit_base_patch14_dinov2")
 vit_giant_patch14_dinov2 = _make_preset("vit_giant_patch14_dinov2")
 aimv2_large_patch14_224 = _make_preset("aimv2_large_patch14_224")
+
+
+def check_output_fmt(output_fmt: str) -> None:
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+
+
+def split_intermediates(
+    intermediates: list[torch.Tensor], num_prefix_tokens: int, grid: tuple[int, int] | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Tokens [B, T+N, D] after blocks -> their spatial parts ([B, N, D], or [B, D, h, w] maps for a ``grid``) and
+    their prefix tokens [B, T, D]."""
+    prefix = [y[:, :num_prefix_tokens] for y in intermediates]
+    spatial = [y[:, num_prefix_tokens:] for y in intermediates]
+    if grid is not None:
+        spatial = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in spatial]
+    return spatial, prefix
 
 
 def _take_indices(depth: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:

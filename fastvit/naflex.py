@@ -44,9 +44,12 @@ from fastvit.model import (
     _OPENAI_CLIP,
     VisionTransformer,
     _check_config,
+    _take_indices,
+    check_output_fmt,
     default_pretrained_cfg,
     resolve_act_layer,
     resolve_norm_layer,
+    split_intermediates,
 )
 from fastvit.packing import AttnMask
 
@@ -492,6 +495,7 @@ class NaFlexVit(nn.Module):
     get_classifier = VisionTransformer.get_classifier
     reset_classifier = VisionTransformer.reset_classifier
     _run_block = VisionTransformer._run_block
+    _blocks_taking = VisionTransformer._blocks_taking
 
     # The embedding's parameters under VisionTransformer's names, for the methods shared above.
     cls_token = property(lambda self: self.embeds.cls_token)
@@ -565,6 +569,78 @@ class NaFlexVit(nn.Module):
         x = self.norm(x)
         return x if patch_coord is None else {"patches": x, "patch_valid": patch_valid}
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor | dict[str, torch.Tensor],
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        patch_coord: torch.Tensor | None = None,
+        patch_valid: torch.Tensor | None = None,
+        attn_mask: AttnMask = None,
+    ):
+        """Features after selected blocks, as timm's ``NaFlexVit.forward_intermediates``.
+
+        Args:
+            x: an image batch [B, C, H, W], NaFlex patches [B, N, P·P·C] (with ``patch_coord`` / ``patch_valid``) or
+                timm's NaFlex dict (its entries win over the arguments).
+            indices: last ``n`` blocks if int, these block indices if a list, all if None.
+            return_prefix_tokens: return (spatial, prefix) pairs (``output_dict``: 'image_intermediates_prefix').
+            norm: apply the final norm to each intermediate.
+            stop_early: skip the blocks after the last requested one.
+            output_fmt: 'NCHW' (spatial maps: image batches only, NaFlex samples have their own grids) or 'NLC'.
+            intermediates_only: return only the intermediates.
+            output_dict: return {'image_intermediates', 'image_intermediates_prefix' (with return_prefix_tokens),
+                'patch_valid' (NaFlex input), 'image_features' (unless intermediates_only)}.
+            attn_mask: replaces the key-padding mask built from ``patch_valid`` (see ``fastvit.packing``).
+
+        Returns:
+            (final normalised tokens, intermediates), the intermediates alone, or the dict above.
+        """
+        check_output_fmt(output_fmt)
+        if isinstance(x, dict):
+            patch_coord, patch_valid, attn_mask, x = self._naflex_dict(x, patch_coord, patch_valid, attn_mask)
+        take = _take_indices(len(self.blocks), indices)
+        grid = None
+        if patch_coord is None and output_fmt == "NCHW":
+            grid = self.embeds.check_image(x)
+        elif output_fmt == "NCHW":
+            raise ValueError(
+                'output_fmt="NCHW" needs an image batch: NaFlex samples have their own grids, use "NLC" (each '
+                "sample's tokens lie at its patch_coord)"
+            )
+        x, mask = self.embed(x, patch_coord, patch_valid)
+        mask = mask if attn_mask is None else attn_mask
+        x, intermediates = self._blocks_taking(x, itertools.repeat(()), take, norm, stop_early, attn_mask=mask)
+        spatial, prefix = split_intermediates(intermediates, self.num_prefix_tokens, grid)
+        if output_dict:
+            result = {"image_intermediates": spatial}
+            if return_prefix_tokens and self.num_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix
+            if patch_valid is not None:
+                result["patch_valid"] = patch_valid
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens and self.num_prefix_tokens:
+            spatial = list(zip(spatial, prefix))
+        return spatial if intermediates_only else (self.norm(x), spatial)
+
+    @staticmethod
+    def _naflex_dict(x: dict, patch_coord, patch_valid, attn_mask):
+        """timm's NaFlex dict -> (patch_coord, patch_valid, attn_mask, patches): its entries win over the arguments."""
+        if "patches" not in x:
+            raise ValueError(f"a NaFlex dict input needs 'patches', got keys {sorted(x)}")
+        patch_coord = x.get("patch_coord", patch_coord)
+        patch_valid = x.get("patch_valid", patch_valid)
+        if patch_coord is None or patch_valid is None:
+            raise ValueError("a NaFlex dict input needs 'patch_coord' and 'patch_valid'")
+        return patch_coord, patch_valid, x.get("attn_mask", attn_mask), x["patches"]
+
     def pool(
         self, x: torch.Tensor, pool_type: str | None = None, patch_valid: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -601,14 +677,7 @@ class NaFlexVit(nn.Module):
         """x: an image batch [B, C, H, W], NaFlex patches [B, N, P·P·C] with ``patch_coord`` and ``patch_valid``, or
         timm's NaFlex dict (its entries win over the arguments) -> [B, num_classes]."""
         if isinstance(x, dict):
-            if "patches" not in x:
-                raise ValueError(f"a NaFlex dict input needs 'patches', got keys {sorted(x)}")
-            patch_coord = x.get("patch_coord", patch_coord)
-            patch_valid = x.get("patch_valid", patch_valid)
-            attn_mask = x.get("attn_mask", attn_mask)
-            x = x["patches"]
-            if patch_coord is None or patch_valid is None:
-                raise ValueError("a NaFlex dict input needs 'patch_coord' and 'patch_valid'")
+            patch_coord, patch_valid, attn_mask, x = self._naflex_dict(x, patch_coord, patch_valid, attn_mask)
         features = self.forward_features(x, patch_coord, patch_valid, attn_mask)
         if isinstance(features, dict):
             return self.forward_head(**features)

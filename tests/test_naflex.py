@@ -178,6 +178,52 @@ def test_key_only_mask_equals_timms_symmetric_mask_at_valid_tokens():
         assert relative_error(got[valid], want[valid]) <= REL_TOL
 
 
+def test_forward_intermediates_match_timm_for_images_and_naflex_batches():
+    """timm's ``forward_intermediates`` on both inputs: image batches as NCHW maps and NLC tokens with the prefix
+    tokens split off, a NaFlex dict as NLC in its ``output_dict`` form (compared at valid tokens: timm's default mask
+    also hides padding queries, ours keys only), and NCHW refused for NaFlex input as in timm."""
+    theirs = _timm_model("naflexvit_base_patch16_gap", depth=3)  # 4 register tokens
+    ours = fastvit.from_timm(theirs).eval()
+    images = _images()
+    with torch.no_grad():
+        for kwargs in (
+            dict(),
+            dict(indices=2, norm=True, output_fmt="NLC", return_prefix_tokens=True),
+            dict(indices=[0], stop_early=True, intermediates_only=True),
+        ):
+            want = theirs.forward_intermediates(images, **kwargs)
+            got = ours.forward_intermediates(images, **kwargs)
+            if not kwargs.get("intermediates_only"):
+                (got_final, got), (want_final, want) = got, want
+                assert relative_error(got_final, want_final) <= REL_TOL
+            assert len(got) == len(want)
+            for got_i, want_i in zip(got, want):
+                pairs = zip(got_i, want_i) if isinstance(got_i, tuple) else [(got_i, want_i)]  # (spatial, prefix)
+                for got_part, want_part in pairs:
+                    assert got_part.shape == want_part.shape
+                    assert relative_error(got_part, want_part) <= REL_TOL
+        batch = _mixed_batch()
+        want = theirs.forward_intermediates(
+            batch, indices=2, output_fmt="NLC", output_dict=True, return_prefix_tokens=True
+        )
+        got = ours.forward_intermediates(
+            batch, indices=2, output_fmt="NLC", output_dict=True, return_prefix_tokens=True
+        )
+    assert (
+        set(got) == set(want) == {"image_intermediates", "image_intermediates_prefix", "patch_valid", "image_features"}
+    )
+    valid = batch["patch_valid"]
+    assert torch.equal(got["patch_valid"], valid)
+    for got_i, want_i in zip(got["image_intermediates"], want["image_intermediates"]):
+        assert relative_error(got_i[valid], want_i[valid]) <= REL_TOL
+    for got_i, want_i in zip(got["image_intermediates_prefix"], want["image_intermediates_prefix"]):
+        assert relative_error(got_i, want_i) <= REL_TOL
+    full_valid = torch.nn.functional.pad(valid, (4, 0), value=True)
+    assert relative_error(got["image_features"][full_valid], want["image_features"][full_valid]) <= REL_TOL
+    with pytest.raises(ValueError, match="NCHW"):
+        ours.forward_intermediates(batch)
+
+
 def test_parallel_scaling_blocks():
     from timm.models.vision_transformer import ParallelScalingBlock
 
