@@ -368,6 +368,12 @@ def select(op_name: str, backend: str | None, call: Hashable) -> Callable:
 
     Cached per (op, requested backend, call); an explicit backend that cannot run the call raises each time.
     """
+    return _REGISTRY[op_name][selected(op_name, backend, call)].fn
+
+
+def selected(op_name: str, backend: str | None, call: Hashable) -> str:
+    """The name of the backend that :func:`select` runs ``call`` on (the same cache), for callers that choose
+    between an op and another composition (a module calling ``ops.ln_linear`` only where it runs fused)."""
     requested = get_default_backend() if backend is None else _check_backend_name(backend, "backend")
     key = (op_name, requested, call, triton_interpreter_enabled())
     chosen = _SELECTED.get(key)
@@ -378,7 +384,7 @@ def select(op_name: str, backend: str | None, call: Hashable) -> Callable:
     name, why = chosen
     if why is not None and call.device.type == "cuda" and requested == "auto" and debug_enabled():
         logger.debug("%s: 'auto' runs the torch backend on CUDA tensors (%s)", op_name, why)
-    return _REGISTRY[op_name][name].fn
+    return name
 
 
 def explain(op_name: str, backend: str | None, call: Hashable) -> tuple[str, str | None]:

@@ -25,6 +25,7 @@ from fastvit.layers import (
     attention_half_blockers,
     eva_mlp_half_blockers,
     fused_mlp_call,
+    layer_norm_prologue_fits,
     mlp_blockers,
     mlp_half_blockers,
     parallel_block_blockers,
@@ -32,6 +33,7 @@ from fastvit.layers import (
     qk_norm_params,
 )
 from fastvit.ops.attention import attention_call
+from fastvit.ops.ln_linear import GemmCall
 
 # ------------------------------------------------------------------------------------------------
 # The report
@@ -123,10 +125,16 @@ def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> 
     mlp_calls = {}
     if isinstance(block.mlp, MLP_TYPES):
         mlp_calls["ln_mlp"] = (block.mlp.backend, fused_mlp_call(block.norm2, block.mlp, device, dtype))
-    return {
-        "attn": _half(attn_why, attn_calls),
-        "mlp": _half(list(mlp_half_blockers(block)), mlp_calls),
-    }
+    structural = not attn_why
+    attn_half = _half(attn_why, attn_calls)
+    if structural and layer_norm_prologue_fits(block.norm1, block.attn.qkv):
+        # norm1 + qkv: ops.ln_linear where 'auto' has a measured win for the Triton GEMM, else LayerNorm then cuBLAS
+        # ('torch'), the other implementation by design: shown, never a reason the half is unfused.
+        qkv = block.attn.qkv
+        call = GemmCall(device, dtype, qkv.in_features, qkv.out_features, True)
+        backends = {"ln_linear": dispatch.explain("ln_linear", qkv.backend, call)[0], **attn_half.backends}
+        attn_half = dataclasses.replace(attn_half, backends=backends)
+    return {"attn": attn_half, "mlp": _half(list(mlp_half_blockers(block)), mlp_calls)}
 
 
 def _prologue_parts(attn: nn.Module, rope: bool) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from torch.nn.modules import module as torch_module
 
 from fastvit import dispatch, ops
 from fastvit.ops.attention import QKNorm, apply_rope
+from fastvit.ops.ln_linear import gemm_call
 from fastvit.ops.patch_embed import prefix_and_position
 from fastvit.packing import AttnMask, PackedSequences, check_attn_mask, is_key_padding_mask, sdpa_mask
 
@@ -266,6 +267,28 @@ class ResidualLinear(nn.Linear):
         self.backend: str | None = None
 
 
+class NormLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and keys) that also carries the backend of ``ops.ln_linear``.
+
+    ``forward(x)`` is ``F.linear``. A ``Block`` hands its pre-norm to the attention (``Attention.project``), which
+    runs ``norm`` + this Linear as one ``ops.ln_linear`` call (the LayerNorm applied in the GEMM's prologue) where
+    dispatch picks a fused GEMM for the call (``fastvit/gemm_choices.json``: measured wins only), else the norm
+    module and then this Linear, as without it.
+    """
+
+    op_name = "ln_linear"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.backend: str | None = None
+
+
+def layer_norm_prologue_fits(norm: nn.Module, linear: nn.Module) -> bool:
+    """True when ``linear(norm(x))`` is ``ops.ln_linear``'s form: a plain affine LayerNorm (weight and bias) and a
+    plain ``NormLinear``."""
+    return norm_kind(norm) == "layer" and norm.bias is not None and plain(linear, NormLinear)
+
+
 def _set_heads(module: nn.Module, dim: int, num_heads: int) -> None:
     """An attention module's head bookkeeping: ``num_heads``, ``head_dim`` and the softmax ``scale`` (D**-0.5)."""
     if dim % num_heads != 0:
@@ -317,7 +340,7 @@ class Attention(nn.Module):
         super().__init__()
         _set_heads(self, dim, num_heads)
         dd = {"device": device, "dtype": dtype}
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.qkv = NormLinear(dim, dim * 3, bias=qkv_bias, **dd)
         _add_qk_norms(self, qk_norm, norm_layer or LayerNorm, dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = ResidualLinear(dim, dim, bias=proj_bias, **dd)
@@ -337,20 +360,35 @@ class Attention(nn.Module):
         q, k, v = split_qkv_heads(qkv, self.num_heads)
         return self.q_norm(q), self.k_norm(k), v
 
-    def attend(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
-        """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C], before proj. ``attn_mask``: see
-        ``fastvit.packing``."""
-        qkv = self.qkv(x)
+    def project(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """x: [B, N, C] -> qkv [B, N, 3C] = ``qkv(norm(x))`` (``norm`` None: x is already normalised). One
+        ``ops.ln_linear`` call where ``layer_norm_prologue_fits`` and dispatch runs it on a fused GEMM."""
+        if norm is None:
+            return self.qkv(x)
+        qkv = self.qkv
+        if layer_norm_prologue_fits(norm, qkv):
+            call = gemm_call(x, qkv.in_features, qkv.out_features, True)
+            if dispatch.selected("ln_linear", qkv.backend, call) != "torch":
+                return ops.ln_linear(x, norm.weight, norm.bias, qkv.weight, qkv.bias, norm.eps, backend=qkv.backend)
+        return qkv(norm(x))
+
+    def attend(self, x: torch.Tensor, attn_mask: AttnMask = None, norm: nn.Module | None = None) -> torch.Tensor:
+        """x: [B, N, C] (tokens, normalised unless ``norm`` is given: the block's pre-norm, see ``project``) -> the
+        heads' outputs [B, N, C], before proj. ``attn_mask``: see ``fastvit.packing``."""
+        qkv = self.project(x, norm)
         return attend(self, x, attn_mask, lambda: qkv, lambda: self._heads(qkv))
 
     def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]."""
         return self.proj_drop(self.proj(self.attend(x, attn_mask)))
 
-    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
-        """``residual + proj(attention(x))``, the add inside the proj GEMM; proj_drop is not applied."""
+    def forward_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, attn_mask: AttnMask = None, norm: nn.Module | None = None
+    ) -> torch.Tensor:
+        """``residual + proj(attention(norm(x)))``, the add inside the proj GEMM; proj_drop is not applied."""
         proj = self.proj
-        return ops.linear_residual(self.attend(x, attn_mask), proj.weight, proj.bias, residual, backend=proj.backend)
+        out = self.attend(x, attn_mask, norm)
+        return ops.linear_residual(out, proj.weight, proj.bias, residual, backend=proj.backend)
 
 
 class Mlp(nn.Module):
@@ -760,7 +798,7 @@ class Block(nn.Module):
         """x: [B, N, C] -> [B, N, C]; ``attn_mask`` (timm's keyword): see ``fastvit.packing``."""
         why = next(attention_half_blockers(self), None)
         if why is None:
-            x = self.attn.forward_residual(self.norm1(x), x, attn_mask)  # proj + bias + residual: one op
+            x = self.attn.forward_residual(x, x, attn_mask, norm=self.norm1)  # proj + bias + residual: one op
         else:
             if dispatch.debug_enabled():
                 dispatch.logger.debug("Block: attention half unfused: %s", why)

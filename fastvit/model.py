@@ -38,7 +38,7 @@ from fastvit.verification import evidence_state
 
 GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token", "map")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")
-OPS_USED = ["patch_embed", "layer_norm", "rms_norm", "qkv_attention", "linear_residual", "ln_mlp"]
+OPS_USED = ["patch_embed", "layer_norm", "rms_norm", "ln_linear", "qkv_attention", "linear_residual", "ln_mlp"]
 
 
 class VisionTransformer(nn.Module):

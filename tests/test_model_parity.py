@@ -248,5 +248,5 @@ def test_explicit_backend_must_cover_every_op():
         fastvit.ViT(**TINY, backend="cuda")
     model = fastvit.ViT(**TINY)
     assert model.backend_plan("cpu") == dict.fromkeys(
-        ("patch_embed", "layer_norm", "rms_norm", "qkv_attention", "linear_residual", "ln_mlp"), "torch"
+        ("patch_embed", "layer_norm", "rms_norm", "ln_linear", "qkv_attention", "linear_residual", "ln_mlp"), "torch"
     )

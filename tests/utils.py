@@ -66,6 +66,7 @@ FUSED = {
     "qkv_attention": "triton",
     "layer_norm": "cuda",
     "rms_norm": "cuda",
+    "ln_linear": "triton",
     "linear_residual": "cuda",
     "ln_mlp": "cuda",
 }
