@@ -15,10 +15,11 @@
 # by side; the benchmarks run alone. The estimates are for an H200 with 16 cores, cold (nothing built, empty
 # Triton cache); a warm machine rebuilds in seconds.
 #
-# Results: at most 6 files in $OUT (the device tool's output folder; ./bench-out here): summary.txt (the table
-# printed last), verified.json (the manifest to commit), selftest.json, bench.json, report.md and round.tar.gz
-# (every log, the sanitizer output, the report's PNGs). Copy them to benchmarks/results/ and commit with the
-# measured commit (summary.txt names it).
+# Results: at most 7 files in $OUT (the device tool's output folder; ./bench-out here): summary.txt (the table
+# printed last), verified.json (the manifest to commit), gemm_choices.json (auto's measured GEMM choices, to commit
+# as fastvit/gemm_choices.json), selftest.json, bench.json, report.md and round.tar.gz (every log, the sanitizer
+# output, the report's PNGs). Copy them to benchmarks/results/ and commit with the measured commit (summary.txt
+# names it).
 set -uo pipefail
 
 BUDGET=480
@@ -127,7 +128,7 @@ for step in "${STEPS[@]}"; do
   fi
 done
 
-# Report: merge the suites' JSONs (same session facts) and render; then pack at most 6 files into $OUT.
+# Report: merge the suites' JSONs (same session facts), render, update the GEMM choices; then pack at most 7 files.
 $PY - "$WORK" <<'EOF' >"$WORK/logs/report.log" 2>&1
 import json, pathlib, sys
 work = pathlib.Path(sys.argv[1])
@@ -139,12 +140,15 @@ if parts:
 EOF
 if [ -f "$WORK/bench.json" ]; then
   timeout -k 5 30 $PY -m benchmarks.report "$WORK/bench.json" --out "$WORK/report" >>"$WORK/logs/report.log" 2>&1
+  # auto's GEMM choices: where the Triton GEMMs beat their alternative in this run (benchmarks/gemm_choices.py)
+  timeout -k 5 20 $PY -m benchmarks.gemm_choices "$WORK/bench.json" --write >"$WORK/logs/gemm-choices.log" 2>&1
 fi
 printf 'total %s s of %s s\n' "$(($(date +%s) - START))" "$BUDGET" >>"$SUMMARY"
 cp "$SUMMARY" "$OUT/summary.txt"
 [ -f fastvit/verified.json ] && cp fastvit/verified.json "$OUT/verified.json"
 [ -f "$WORK/selftest.json" ] && cp "$WORK/selftest.json" "$OUT/selftest.json"
 [ -f "$WORK/bench.json" ] && cp "$WORK/bench.json" "$OUT/bench.json"
+cp fastvit/gemm_choices.json "$OUT/gemm_choices.json"
 [ -f "$WORK/report/bench.md" ] && cp "$WORK/report/bench.md" "$OUT/report.md"
 tar czf "$OUT/round.tar.gz" -C "$WORK" .
 trap 'rm -rf "$WORK"' EXIT
@@ -155,5 +159,6 @@ grep -A40 '^fastvit selftest on' "$WORK/logs/selftest.log" 2>/dev/null | head -4
 tail -4 "$WORK/logs/gpu-tests.log" 2>/dev/null
 tail -4 "$WORK/logs/sanitizer.log" 2>/dev/null
 [ -f "$WORK/report/bench.md" ] && head -60 "$WORK/report/bench.md"
+cat "$WORK/logs/gemm-choices.log" 2>/dev/null
 cat "$SUMMARY"
 grep -q '^build  *0 ' "$SUMMARY" && grep -q '^selftest  *0 ' "$SUMMARY"

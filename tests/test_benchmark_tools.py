@@ -110,3 +110,64 @@ def test_smoke_run_renders_end_to_end(tmp_path):
     assert data["machine_info"]["git_commit"] and data["machine_info"]["peaks"]["matmul_tflops"] > 0
     markdown, _ = report.render(data, "smoke.json")
     assert "timm eager" in markdown and "fastvit auto" in markdown and "smoke mode" in markdown
+
+
+def _gemm_bench(suite, candidate, median, case, **extra):
+    return {
+        "name": case,
+        "stats": {"median": median},
+        "extra_info": dict(suite=suite, candidate=candidate, case=case, dtype="torch.bfloat16", **extra),
+    }
+
+
+def _gemm_run(triton_fwd_bwd=0.9, smoke=False):
+    """ln_mlp at C=768 (two batches, both modes) and the block GEMMs' qkv/proj at C=768, Triton vs its alternative."""
+    benches = []
+    for batch in (32, 128):
+        for mode, triton in (("fwd", 0.8), ("fwd+bwd", triton_fwd_bwd)):
+            case = f"vit_base C768 b{batch} {mode}"
+            shape = dict(width=768, hidden=3072, batch=batch, mode=mode)
+            benches += [
+                _gemm_bench("ln_mlp", "fastvit triton", triton, case, **shape),
+                _gemm_bench("ln_mlp", "fastvit cuda", 1.0, case, **shape),
+                _gemm_bench("ln_mlp", "torch eager", 0.5, case, **shape),
+            ]  # not the alternative: ignored
+    for gemm, n in (("qkv", 2304), ("proj", 768)):
+        case = f"vit_base {gemm}"
+        benches += [
+            _gemm_bench("block_gemm", "fastvit triton", 0.5, case, gemm=gemm, k=768, n=n),
+            _gemm_bench("block_gemm", "torch eager", 1.0, case, gemm=gemm, k=768, n=n),
+        ]
+    machine = {"device": "NVIDIA H200", "capability": "9.0", "smoke_mode": smoke}
+    return {"machine_info": machine, "benchmarks": benches}
+
+
+def test_gemm_choices_come_from_wins_in_every_case_and_merge_into_the_table(tmp_path, capsys):
+    from benchmarks import gemm_choices
+
+    wins, losses = gemm_choices.choices_from_run(_gemm_run(), "bench.json")
+    assert {(e["op"], e["bucket"], e["dtype"], e["capability"], e["backend"]) for e in wins} == {
+        ("ln_mlp", "768x3072", "bfloat16", "9.0", "triton"),
+        ("ln_linear", "768x2304", "bfloat16", "9.0", "triton"),  # qkv only: proj has no LayerNorm prologue
+    }
+    assert losses == [] and "1.25x" in wins[1]["evidence"] + wins[0]["evidence"]
+    # One case without a win (fwd+bwd 1.0x) and the bucket is not chosen; an earlier entry for it goes.
+    wins, losses = gemm_choices.choices_from_run(_gemm_run(triton_fwd_bwd=1.0), "bench.json")
+    assert [e["op"] for e in wins] == ["ln_linear"] and losses == [("ln_mlp", "768x3072", "bfloat16", "9.0")]
+    other = dict(op="ln_mlp", bucket="1024x4096", dtype="bfloat16", capability="9.0", backend="triton", evidence="x")
+    stale = dict(other, bucket="768x3072")
+    table = tmp_path / "gemm_choices.json"
+    table.write_text(json.dumps({"format": 1, "note": "n", "choices": [other, stale]}))
+    results = tmp_path / "bench.json"
+    results.write_text(json.dumps(_gemm_run(triton_fwd_bwd=1.0)))
+    assert gemm_choices.main([str(results), "--write", "--table", str(table)]) == 0
+    written = json.loads(table.read_text())
+    assert written["note"] == "n" and [(e["op"], e["bucket"]) for e in written["choices"]] == [
+        ("ln_mlp", "1024x4096"),
+        ("ln_linear", "768x2304"),
+    ]
+    from fastvit import gemm_choices as shipped
+
+    assert shipped.table.__wrapped__(table)[("ln_linear", "768x2304", "bfloat16", "9.0")] == "triton"
+    results.write_text(json.dumps(_gemm_run(smoke=True)))
+    assert gemm_choices.main([str(results)]) == 2 and "not a GPU run" in capsys.readouterr().err
