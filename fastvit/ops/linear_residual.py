@@ -79,7 +79,7 @@ def fold_layer_scale(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A Linear's weight [N, K] and bias [N] (or None) with a LayerScale gamma [N] on its output folded in (the same
     tensors when ``layer_scale`` is None): ``gamma·(x·Wᵀ + b) = x·(gamma[:, None]·W)ᵀ + gamma·b``, so no backend needs
-    an extra pass over the tokens. Differentiable: gamma's gradient is ``Σ_k W·dW'`` + ``b·db'`` through the fold.
+    an extra pass over the tokens. Differentiable: autograd takes gamma's, W's and b's gradients through the fold.
 
     The folded weight is rounded once in the compute dtype (one more rounding of each product than eager's
     ``gamma * linear(x)``, which rounds the output instead).
