@@ -21,7 +21,9 @@
 #endif
 
 TORCH_LIBRARY(fastvit, m) {
-  // rms=True: RMSNorm (bias None). act: 'none' / 'gelu' (exact GELU), 'tanh' / 'gelu_tanh', 'quick_gelu', 'swiglu'.
+  // rms=True: RMSNorm (bias None; the hidden norm too). act: 'none' / 'gelu' (exact GELU), 'tanh' / 'gelu_tanh',
+  // 'quick_gelu', 'swiglu'. hidden_norm_*: ln_mlp's optional norm over the hidden layer before fc2 (weight None:
+  // none).
   m.def(
       "layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms=False) -> (Tensor out, Tensor mean, "
       "Tensor rstd)");
@@ -30,13 +32,15 @@ TORCH_LIBRARY(fastvit, m) {
       "grad_x, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "ln_mlp_fwd(Tensor x, Tensor ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
-      "Tensor? fc2_bias, float eps, str act, bool residual, bool save_for_backward, bool rms=False) -> (Tensor out, "
-      "Tensor mean, Tensor rstd, Tensor pre_act)");
+      "Tensor? fc2_bias, float eps, str act, bool residual, bool save_for_backward, bool rms=False, Tensor? "
+      "hidden_norm_weight=None, Tensor? hidden_norm_bias=None, float hidden_norm_eps=1e-06) -> (Tensor out, Tensor "
+      "mean, Tensor rstd, Tensor pre_act)");
   m.def(
       "ln_mlp_bwd(Tensor grad_out, Tensor x, Tensor ln_weight, Tensor? ln_bias, Tensor mean, Tensor rstd, Tensor "
-      "fc1_weight, Tensor pre_act, Tensor fc2_weight, str act, bool residual, bool deterministic, bool rms=False) -> "
-      "(Tensor grad_x, Tensor grad_ln_weight, Tensor grad_ln_bias, Tensor grad_fc1_weight, Tensor grad_fc1_bias, "
-      "Tensor grad_fc2_weight, Tensor grad_fc2_bias)");
+      "fc1_weight, Tensor pre_act, Tensor fc2_weight, str act, bool residual, bool deterministic, bool rms=False, "
+      "Tensor? hidden_norm_weight=None, Tensor? hidden_norm_bias=None, float hidden_norm_eps=1e-06) -> (Tensor "
+      "grad_x, Tensor grad_ln_weight, Tensor grad_ln_bias, Tensor grad_fc1_weight, Tensor grad_fc1_bias, Tensor "
+      "grad_fc2_weight, Tensor grad_fc2_bias, Tensor grad_hidden_norm_weight, Tensor grad_hidden_norm_bias)");
   m.def("linear_residual_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
   m.def(
       "linear_residual_bwd(Tensor grad_out, Tensor x, Tensor weight, bool need_grad_x, bool need_grad_weight, bool "

@@ -186,14 +186,16 @@ def mlp_activation(pre: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def linear_residual(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
-) -> torch.Tensor:
-    """A Linear layer and the residual add after it: ``residual + x @ weight.T + bias``.
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, *,
+    layer_scale: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """A Linear layer and the residual add after it: ``residual + layer_scale * (x @ weight.T + bias)``.
 
-    x: [..., K]; weight: [N, K]; bias: [N] or None; residual: [..., N] (x's leading shape). In a ViT
-    block this is the attention half's ``x + proj(attn_out)``.
+    x: [..., K]; weight: [N, K]; bias: [N] or None; residual: [..., N] (x's leading shape); layer_scale: [N]
+    LayerScale gamma, or None (no scaling). In a ViT block this is the attention half's ``x + ls1(proj(attn_out))``.
     """
-    return residual + F.linear(x, weight, bias)
+    out = F.linear(x, weight, bias)
+    return residual + (out if layer_scale is None else layer_scale * out)
 
 
 def ln_linear(

@@ -702,8 +702,10 @@ def _ln_mlp_case(
     act=None,
     norm="layer",
     layer_scale=False,
+    hidden_norm=False,
 ) -> OpCase:
-    """An ``ln_mlp`` case; ``act``/``norm``/``layer_scale`` pick a variant (swiglu: fc1 has 2·hidden rows)."""
+    """An ``ln_mlp`` case; ``act``/``norm``/``layer_scale``/``hidden_norm`` pick a variant (swiglu: fc1 has 2·hidden
+    rows; hidden_norm: a norm of ``norm``'s kind over the hidden layer, EVA02's sub-LN)."""
     act = act or ("gelu_tanh" if approximate == "tanh" else "gelu")
     fc1_rows = 2 * hidden if act == "swiglu" else hidden
 
@@ -718,12 +720,21 @@ def _ln_mlp_case(
             _randn(gen, width, hidden, scale=hidden**-0.5),
             _randn(gen, width, scale=0.2) if biases else None,
         ]
-        return [*args, _randn(gen, width, scale=0.2, shift=0.5)] if layer_scale else args
+        if layer_scale:
+            args.append(_randn(gen, width, scale=0.2, shift=0.5))
+        if hidden_norm:
+            args += [
+                _randn(gen, hidden, scale=0.2, shift=1.0),
+                _randn(gen, hidden, scale=0.2) if norm == "layer" else None,
+            ]
+        return args
 
     def run(backend):
         def fn(*a):
-            gamma = a[7] if layer_scale else None
-            variant = dict(act=act, norm=norm, layer_scale=gamma)
+            extra = list(a[7:])
+            variant = dict(act=act, norm=norm, layer_scale=extra.pop(0) if layer_scale else None)
+            if hidden_norm:
+                variant.update(hidden_norm_weight=extra[0], hidden_norm_bias=extra[1])
             if backend == "spec":
                 return reference.ln_mlp(*a[:7], 1e-6, residual=residual, **variant)
             return ops.ln_mlp(*a[:7], eps=1e-6, residual=residual, backend=backend, **variant)
@@ -737,7 +748,12 @@ def _ln_mlp_case(
         spec=run("spec"),
         make=make,
         layout=(lambda a: [a[0][..., ::2], *a[1:]]) if strided else (lambda a: a),
-        names=(*names, "grad fc2_bias", *(("grad layer_scale",) if layer_scale else ())),
+        names=(
+            *names,
+            "grad fc2_bias",
+            *(("grad layer_scale",) if layer_scale else ()),
+            *(("grad hidden_norm_weight", "grad hidden_norm_bias") if hidden_norm else ()),
+        ),
     )
 
 
@@ -755,27 +771,40 @@ def _rms_norm_case(rows, width) -> OpCase:
     )
 
 
-def _linear_residual_case(lead, k, n, bias=True, strided=False) -> OpCase:
+def _linear_residual_case(lead, k, n, bias=True, strided=False, layer_scale=False) -> OpCase:
+    """A ``linear_residual`` case; ``layer_scale``: a LayerScale gamma [n] too (folded into the weight by the op)."""
+
     def make(gen):
         extra = 2 if strided else 1
-        return [
+        args = [
             _randn(gen, *lead, extra * k),
             _randn(gen, n, k, scale=k**-0.5),
             _randn(gen, n, scale=0.2) if bias else None,
             _randn(gen, *lead, extra * n),
         ]
+        return [*args, _randn(gen, n, scale=0.2, shift=0.5)] if layer_scale else args
 
     def arrange(args):
-        x, w, b, r = args
-        return [x[..., ::2], w, b, r[..., ::2]] if strided else args
+        x, w, b, r, *gamma = args
+        return [x[..., ::2], w, b, r[..., ::2], *gamma] if strided else args
+
+    def run(fn, **options):
+        return lambda x, w, b, r, gamma=None: fn(x, w, b, r, **options, layer_scale=gamma)
 
     return OpCase(
-        fused=lambda *a: ops.linear_residual(*a, backend="cuda"),
-        peer=reference.linear_residual,
-        spec=reference.linear_residual,
+        fused=run(ops.linear_residual, backend="cuda"),
+        peer=run(reference.linear_residual),
+        spec=run(reference.linear_residual),
         make=make,
         layout=arrange,
-        names=("out", "grad x", "grad weight", "grad bias", "grad residual"),
+        names=(
+            "out",
+            "grad x",
+            "grad weight",
+            "grad bias",
+            "grad residual",
+            *(["grad layer_scale"] if layer_scale else []),
+        ),
     )
 
 
@@ -810,17 +839,27 @@ def extension_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
                     _ln_mlp_case((2, 7), 24, 20, act="swiglu", norm="rms", biases=False),
                 ),
                 ("2x7x24 -> 96 tanh, layer scale", _ln_mlp_case((2, 7), 24, 96, "tanh", layer_scale=True)),
+                ("2x7x24 -> 2x37 swiglu, sub-LN", _ln_mlp_case((2, 7), 24, 37, act="swiglu", hidden_norm=True)),
+                (
+                    "2x7x24 -> 40 rms, sub-RMSNorm, layer scale",
+                    _ln_mlp_case((2, 7), 24, 40, norm="rms", hidden_norm=True, layer_scale=True),
+                ),
             ]
             if not quick:
                 cases += [
                     ("2x197x192 -> 768", _ln_mlp_case((2, 197), 192, 768)),
                     ("1x197x768 -> 3072 tanh", _ln_mlp_case((1, 197), 768, 3072, "tanh")),
+                    (
+                        "2x197x192 -> 2x512 swiglu, sub-LN",
+                        _ln_mlp_case((2, 197), 192, 512, act="swiglu", hidden_norm=True),
+                    ),
                 ]
             determinism = _ln_mlp_case((2, 65), 64, 256)
         else:
             cases = [
                 ("2x7x24 -> 40", _linear_residual_case((2, 7), 24, 40)),
                 ("2x17x48 -> 48 no bias, strided", _linear_residual_case((2, 17), 48, 48, bias=False, strided=True)),
+                ("2x7x24 -> 40 layer scale", _linear_residual_case((2, 7), 24, 40, layer_scale=True)),
             ]
             if not quick:
                 cases += [

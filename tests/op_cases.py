@@ -245,14 +245,18 @@ def _ln_mlp(
     return tensors, kwargs
 
 
-def _linear_residual(draw: _Draw, *, lead=(2, 5), in_features=24, out_features=40, bias=True):
-    """x [*lead, K], weight [N, K] (fan-in scaled), bias [N], residual [*lead, N] (mean 0.5, std 2)."""
-    return {
+def _linear_residual(draw: _Draw, *, lead=(2, 5), in_features=24, out_features=40, bias=True, layer_scale=False):
+    """x [*lead, K], weight [N, K] (fan-in scaled), bias [N], residual [*lead, N] (mean 0.5, std 2); ``layer_scale``:
+    a LayerScale gamma [N] too (keyword-only)."""
+    tensors = {
         "x": draw(*lead, in_features),
         "weight": draw(out_features, in_features, scale=in_features**-0.5),
         "bias": draw(out_features, scale=0.2) if bias else None,
         "residual": draw(*lead, out_features, scale=2.0, offset=0.5),
-    }, {}
+    }
+    if layer_scale:
+        tensors["layer_scale"] = draw(out_features, scale=0.2, offset=0.5)
+    return tensors, {}
 
 
 def _ln_linear(
@@ -295,7 +299,8 @@ class OpCase:
 
     Attributes:
         name: the op's name in ``fastvit.ops`` and in ``fastvit.dispatch``.
-        arg_names: its tensor arguments, in call order; the first is the main input.
+        arg_names: its tensor arguments, in call order; the first is the main input. ``build`` may return more
+            (keyword-only tensors of a variant, e.g. ln_mlp's ``layer_scale``): samples list them after these.
         build: ``build(draw, **shape) -> (tensors, kwargs)``; its keyword defaults are the default sample.
         reference_fn: the spec, called with the op's arguments by name.
         optional: the tensor arguments that may be None.
@@ -339,7 +344,8 @@ class OpCase:
             raise TypeError(f"{self.name}: unknown shape options {sorted(unknown)}; known: {sorted(self.defaults)}")
         tensors, kwargs = self.build(_Draw(seed), **shape)
         made = {}
-        for name in self.arg_names:
+        # The op's tensor arguments, then any keyword-only ones a variant adds (ln_mlp's hidden_norm_weight...).
+        for name in (*self.arg_names, *(n for n in tensors if n not in self.arg_names)):
             t = tensors[name]
             if t is not None:
                 t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

@@ -19,7 +19,7 @@ import torch
 from fastvit import dispatch, ops, reference
 from fastvit.layers import Attention, ResidualLinear
 
-from op_cases import LINEAR_RESIDUAL, REFERENCE, Sample, assert_matches_reference, relative_floor
+from op_cases import LINEAR_RESIDUAL, REFERENCE, Sample, assert_matches_reference, relative_floor, rounding_floor
 from utils import dtype_tols, needs_cuda
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
@@ -127,6 +127,77 @@ def test_autocast_residual_in_the_autocast_dtype_stays_in_the_op(monkeypatch):
         expected = ops.linear_residual(x, weight, bias, residual, backend="torch")
     assert out.dtype == expected.dtype == torch.bfloat16 and seen[0] is residual
     torch.testing.assert_close(out, expected, **dtype_tols(torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------------------------
+# LayerScale: residual + gamma * (x @ Wᵀ + b), gamma folded into W and b before any backend runs
+
+
+def layer_scale_floor(dtype):
+    """The error rule's floor: 1e-6 relative in fp32 (1e-3 in fp16/bf16, as test_cpu_half_precision...), plus in
+    fp16/bf16 one rounding at each tensor's scale: the fold rounds gamma·W (and the weight's gradient is
+    gamma·round(dyᵀx), rounded again) where eager ``gamma * linear(x)`` rounds the Linear's output once more instead."""
+    if dtype.itemsize > 2:
+        return relative_floor(1e-6 if dtype == torch.float32 else 0.0)
+    base, one_rounding = relative_floor(1e-3), rounding_floor(1.0)
+    return lambda cmp, exact: base(cmp, exact) + one_rounding(cmp, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_scale_forward_and_every_grad_within_torch_error(bias, backend, dtype):
+    for lead, in_features, out_features in ((2, 7), 24, 24), ((3, 7), 24, 37), ((1,), 1, 1):
+        sample = cpu_sample(dtype, lead=lead, in_features=in_features, out_features=out_features, bias=bias,
+                            layer_scale=True)  # fmt: skip
+        cmp = assert_matches_reference(
+            LINEAR_RESIDUAL, sample, backend, floor=layer_scale_floor(dtype), name=f"layer_scale {lead} {out_features}"
+        )
+        assert cmp.labels[-1] == "grad layer_scale" and cmp.ours[-1] is not None
+
+
+def test_layer_scale_changes_the_result_and_none_is_the_plain_op():
+    sample = cpu_sample(lead=(2, 7), in_features=24, out_features=24, layer_scale=True)
+    plain = Sample({n: t for n, t in sample.tensors.items() if n != "layer_scale"})
+    scaled = LINEAR_RESIDUAL.call(sample, "cuda")
+    x, residual = sample["x"], sample["residual"]
+    torch.testing.assert_close(
+        scaled - residual,
+        sample["layer_scale"] * (LINEAR_RESIDUAL.call(plain, "cuda") - residual),
+        **dtype_tols(torch.float32),
+    )
+    none = ops.linear_residual(x, sample["weight"], sample["bias"], residual, backend="cuda", layer_scale=None)
+    torch.testing.assert_close(none, LINEAR_RESIDUAL.call(plain, "cuda"), rtol=0, atol=0)
+
+
+def test_layer_scale_gradcheck_fp64_and_compile():
+    sample = cpu_sample(torch.float64, requires_grad=True, lead=(2, 3), in_features=5, out_features=6, layer_scale=True)
+    assert torch.autograd.gradcheck(LINEAR_RESIDUAL.as_function(sample, "cuda"), sample.args)
+    sample = cpu_sample(requires_grad=True, lead=(3, 5), in_features=24, out_features=40, layer_scale=True)
+    compiled = torch.compile(LINEAR_RESIDUAL.as_function(sample, "cuda"), fullgraph=True, backend="aot_eager")
+    out, expected = compiled(*sample.args), LINEAR_RESIDUAL.call(sample, REFERENCE)
+    torch.testing.assert_close(out, expected, **dtype_tols(torch.float32))
+    grads = torch.autograd.grad(out.square().sum(), sample.args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), sample.args)
+    for name, got, want in zip(sample.tensors, grads, expected_grads):
+        torch.testing.assert_close(got, want, **dtype_tols(torch.float32), msg=f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "layer_scale, error, match",
+    [
+        (torch.ones(39), ValueError, "layer_scale must have shape"),
+        (torch.ones(1, 40), ValueError, "layer_scale must have 1 dimensions"),
+        (torch.ones(40, dtype=torch.float64), TypeError, "one dtype"),
+        (torch.ones(40, dtype=torch.int32), TypeError, "layer_scale must be a floating-point tensor"),
+        ([1.0] * 40, TypeError, "layer_scale must be a torch.Tensor"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+def test_layer_scale_bad_arguments(layer_scale, error, match, backend):
+    x, weight, bias, residual = cpu_sample(lead=(2, 3), in_features=24, out_features=40).args
+    with pytest.raises(error, match=match):
+        ops.linear_residual(x, weight, bias, residual, backend=backend, layer_scale=layer_scale)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,3 +408,12 @@ def test_gpu_autocast_float64_fallback_and_compile(caplog):
     got = compiled(*args)
     torch.testing.assert_close(got, reference.linear_residual(*args), **dtype_tols(torch.bfloat16))
     got.float().square().sum().backward()
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_layer_scale(dtype, no_tf32):
+    for lead, k, n in (((2, 197), 384, 384), ((1, 7), 24, 37)):
+        sample = gpu_sample(dtype, lead=lead, in_features=k, out_features=n, layer_scale=True)
+        assert_matches_reference(LINEAR_RESIDUAL, sample, "cuda", floor=layer_scale_floor(dtype), name="layer_scale")

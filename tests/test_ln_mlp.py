@@ -9,6 +9,7 @@ run the CUDA path (LN kernels, cuBLASLt GEMMs and epilogues, GELU kernels).
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 
@@ -16,10 +17,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import fastvit
 from fastvit import ops, reference
 from fastvit.layers import LNMLP, LayerNorm, Mlp, mlp_blockers
 
-from op_cases import LN_MLP, REFERENCE, Sample, assert_matches_reference, relative_floor
+from op_cases import LN_MLP, REFERENCE, Sample, assert_matches_reference, relative_floor, rounding_floor
 from utils import dtype_tols
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
@@ -228,6 +230,200 @@ def test_public_op_rejects_mixed_dtypes_on_the_cuda_backend():
 
 
 # ------------------------------------------------------------------------------------------------
+# The hidden-layer norm (timm's scale_mlp_norm, EVA02's SwiGLU sub-LN) on the C++ path: the norm kernels over the
+# activation, the backward through them (the norm's weight / bias gradients), recomputed statistics
+
+
+HIDDEN_SHAPE = dict(lead=(2, 7), width=24, hidden=37)  # odd hidden width: no 16-byte packs in the hidden norm
+
+
+def hidden_norm_sample(dtype=torch.float32, act="gelu", norm="layer", layer_scale=False, **shape):
+    return cpu_sample(dtype, **{**HIDDEN_SHAPE, **shape}, act=act, norm=norm, hidden_norm=True, layer_scale=layer_scale)
+
+
+def hidden_norm_floor(dtype, layer_scale):
+    """The error rule's floor: 1e-6 relative in fp32 (1e-3 in fp16/bf16, as test_cpu_half_precision...), plus, with
+    LayerScale in fp16/bf16, one rounding at each tensor's scale: ops.ln_mlp folds gamma into fc2, so fc2's gradients
+    are gamma·round(dyᵀh) rounded again where eager PyTorch rounds once."""
+    base = relative_floor(1e-6 if dtype == torch.float32 else 1e-3)
+    if not layer_scale or dtype.itemsize > 2:
+        return base
+    one_rounding = rounding_floor(1.0)
+    return lambda cmp, exact: base(cmp, exact) + one_rounding(cmp, exact)
+
+
+@pytest.mark.parametrize("layer_scale", [False, True], ids=["", "layer_scale"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_cpu_hidden_norm_forward_and_every_grad_within_torch_error(act, norm, residual, layer_scale):
+    sample = hidden_norm_sample(act=act, norm=norm, layer_scale=layer_scale).with_kwargs(residual=residual)
+    cmp = assert_matches_reference(
+        LN_MLP, sample, "cuda", floor=hidden_norm_floor(torch.float32, layer_scale), name=f"{act} {norm} sub-norm"
+    )
+    grads = dict(zip(cmp.labels, cmp.ours))
+    assert grads["grad hidden_norm_weight"] is not None
+    assert (grads["grad hidden_norm_bias"] is None) == (norm == "rms")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act, norm, layer_scale", [("swiglu", "layer", True), ("gelu_tanh", "rms", False)])
+def test_cpu_hidden_norm_half_precision_within_torch_error(act, norm, layer_scale, dtype):
+    sample = hidden_norm_sample(dtype, act=act, norm=norm, layer_scale=layer_scale)
+    assert_matches_reference(LN_MLP, sample, "cuda", floor=hidden_norm_floor(dtype, layer_scale), name="sub-norm")
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_cpu_hidden_norm_fp64_and_odd_shapes(norm):
+    assert_matches_reference(LN_MLP, hidden_norm_sample(torch.float64, act="quick_gelu", norm=norm), "cuda")
+    for lead, width, hidden in (((1,), 1, 1), ((1, 1), 7, 13), ((3,), 50, 8)):
+        sample = hidden_norm_sample(act="swiglu", norm=norm, lead=lead, width=width, hidden=hidden)
+        assert_matches_reference(LN_MLP, sample, "cuda", floor=relative_floor(1e-6), name=f"{lead}x{width}->{hidden}")
+
+
+def test_cpu_hidden_layer_norm_without_bias_and_its_own_eps():
+    sample = hidden_norm_sample(act="swiglu").replace(hidden_norm_bias=None).with_kwargs(hidden_norm_eps=0.5)
+    cmp = assert_matches_reference(LN_MLP, sample, "cuda", floor=relative_floor(1e-6), name="no bias, eps 0.5")
+    # eps 0.5 against the hidden layer's O(1) variance: a different result from the input norm's eps (the argument
+    # reaches the kernel), and no bias gradient for the absent bias.
+    default_eps = LN_MLP.call(sample.with_kwargs(hidden_norm_eps=None), "cuda")
+    assert (cmp.ours[0] - default_eps).abs().max() > 1e-3
+    assert dict(zip(cmp.labels, cmp.ours))["grad hidden_norm_bias"] is None
+
+
+@pytest.mark.parametrize("act, norm", [("gelu", "layer"), ("swiglu", "rms"), ("gelu_tanh", "layer")])
+def test_gradcheck_fp64_hidden_norm(act, norm):
+    sample = cpu_sample(
+        torch.float64, requires_grad=True, lead=(2, 3), width=5, hidden=6, act=act, norm=norm, hidden_norm=True,
+        layer_scale=act == "swiglu",
+    ).with_kwargs(eps=1e-5, hidden_norm_eps=1e-4)  # fmt: skip
+    names = [n for n, t in sample.tensors.items() if t is not None]
+
+    def fn(*tensors):
+        return LN_MLP.call(sample.replace(**dict(zip(names, tensors))), "cuda")
+
+    assert torch.autograd.gradcheck(fn, [sample.tensors[n] for n in names])
+
+
+def test_hidden_norm_empty_batch_and_no_grad():
+    out, *grads = LN_MLP.run(hidden_norm_sample(lead=(0, 5)), "cuda")
+    assert out.shape == (0, 5, 24) and grads[0].shape == (0, 5, 24)
+    assert all(g is not None and g.abs().sum() == 0 for g in grads[1:] if g is not None)
+    sample = hidden_norm_sample(act="swiglu")
+    with_grad = LN_MLP.run(sample, "cuda")[0]
+    with torch.no_grad():  # the inference form (no pre-activation kept): the same values
+        torch.testing.assert_close(LN_MLP.call(sample, "cuda"), with_grad, rtol=0, atol=0)
+
+
+def _hidden_norm_ext_args(rms: bool, requires_grad=False):
+    """The positional arguments of ln_mlp_fwd before ``eps``, and the hidden norm's (weight, bias) after ``rms``."""
+    tensors = hidden_norm_sample(act="swiglu", norm="rms" if rms else "layer", lead=(3, 5), width=24, hidden=20)
+    tensors = tensors.map(lambda t: t.requires_grad_(requires_grad)).tensors
+    return [tensors[n] for n in LN_MLP.arg_names], [tensors["hidden_norm_weight"], tensors["hidden_norm_bias"]]
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_hidden_norm_ops_pass_opcheck(rms):
+    args, hidden_norm = _hidden_norm_ext_args(rms, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.fastvit.ln_mlp_fwd.default, (*args, 1e-5, "swiglu", True, True, rms, *hidden_norm, 1e-4)
+    )
+    args = [None if t is None else t.detach() for t in args]
+    hidden_norm = [None if t is None else t.detach() for t in hidden_norm]
+    _, mean, rstd, pre = torch.ops.fastvit.ln_mlp_fwd(*args, 1e-5, "swiglu", True, True, rms, *hidden_norm, 1e-4)
+    x, ln_w, ln_b, w1, _b1, w2, _b2 = args
+    for det in (False, True):
+        torch.library.opcheck(
+            torch.ops.fastvit.ln_mlp_bwd.default,
+            (torch.randn_like(x), x, ln_w, ln_b, mean, rstd, w1, pre, w2, "swiglu", True, det, rms, *hidden_norm, 1e-4),
+        )
+
+
+def test_ln_mlp_bwd_without_hidden_norm_returns_empty_hidden_norm_grads():
+    args = cpu_sample(lead=(2, 3), width=8, hidden=16).args
+    _, mean, rstd, pre = _fwd(args)
+    x, ln_w, ln_b, w1, _b1, w2, _b2 = args
+    dy = torch.randn_like(x)
+    grads = torch.ops.fastvit.ln_mlp_bwd(dy, x, ln_w, ln_b, mean, rstd, w1, pre, w2, "none", True, False)
+    assert len(grads) == 9 and grads[7].shape == grads[8].shape == (0,)
+
+
+def test_hidden_norm_compiles_fullgraph_with_backward():
+    sample = hidden_norm_sample(act="swiglu", layer_scale=True).map(lambda t: t.requires_grad_())
+    names = [n for n, t in sample.tensors.items() if t is not None]
+    present = [sample.tensors[n] for n in names]
+
+    def fn(*tensors):
+        return LN_MLP.call(sample.replace(**dict(zip(names, tensors))), "cuda")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, expected = compiled(*present), LN_MLP.call(sample, REFERENCE)
+    torch.testing.assert_close(out, expected, **dtype_tols(torch.float32))
+    grads = torch.autograd.grad(out.square().sum(), present)
+    expected_grads = torch.autograd.grad(expected.square().sum(), present)
+    for name, got, want in zip(names, grads, expected_grads):
+        torch.testing.assert_close(got, want, **dtype_tols(torch.float32), msg=f"d{name}")
+
+
+def test_hidden_norm_bad_arguments():
+    args, (hn_w, hn_b) = _hidden_norm_ext_args(rms=False)
+    rms_args, (rms_w, _) = _hidden_norm_ext_args(rms=True)
+
+    def fwd(args=args, hn_w=hn_w, hn_b=hn_b, heps=1e-6, rms=False):
+        return torch.ops.fastvit.ln_mlp_fwd(*args, 1e-6, "swiglu", True, True, rms, hn_w, hn_b, heps)
+
+    with pytest.raises(ValueError, match="hidden_norm_weight must have shape"):
+        fwd(hn_w=hn_w[:-1])
+    with pytest.raises(ValueError, match="hidden_norm_bias must have shape"):
+        fwd(hn_b=hn_b[:-1])
+    with pytest.raises(ValueError, match="hidden_norm_bias given without hidden_norm_weight"):
+        fwd(hn_w=None)
+    with pytest.raises(ValueError, match="hidden_norm_bias must be None with rms=True"):
+        fwd(args=rms_args, hn_w=rms_w, rms=True)
+    with pytest.raises(TypeError, match="hidden_norm_weight must have the dtype of x"):
+        fwd(hn_w=hn_w.double())
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="hidden_norm_eps must be a positive finite number"):
+            fwd(heps=eps)
+    _, mean, rstd, pre = fwd()
+    x, ln_w, ln_b, w1, _b1, w2, _b2 = args
+    with pytest.raises(ValueError, match="hidden_norm_weight must have shape"):
+        torch.ops.fastvit.ln_mlp_bwd(
+            torch.randn_like(x), x, ln_w, ln_b, mean, rstd, w1, pre, w2, "swiglu", True, False, False, hn_w[:-1], hn_b
+        )
+
+
+def test_eva02_mlp_half_with_its_sub_ln_is_fused_and_equals_the_module_path(pretend_gpu):
+    """EVA02 (SwiGLU with a LayerNorm over the hidden layer): the MLP half is one ops.ln_mlp call on the extension
+    (its C++ twin here; the CUDA kernels on a GPU: the report for CUDA inputs, with the GPU pretended), and equals the
+    modules, output and every parameter gradient."""
+    torch.manual_seed(0)
+    model = fastvit.create_model("eva02_base_patch14_448", depth=1, embed_dim=48, num_heads=2, img_size=28)
+    with torch.no_grad():  # zero biases and unit norms at init: make every path count
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model = model.eval().set_backend({"ln_mlp": "cuda"})
+    assert not isinstance(model.blocks[0].mlp.norm, nn.Identity)  # the sub-LN is there
+    for device, dtype in (("cpu", torch.float32), ("cpu", torch.bfloat16), ("cuda", torch.bfloat16)):
+        mlp_half = model.fusion_report(device, dtype)[0]["mlp"]
+        assert mlp_half.fused and mlp_half.backends == {"ln_mlp": "cuda"}, str(mlp_half)
+    modules = copy.deepcopy(model)
+    for block in modules.blocks:  # a replaced forward: what the fusion rule never bypasses
+        block.mlp.forward = block.mlp.forward
+    assert not modules.fusion_report("cpu")[0]["mlp"].fused
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for m in (model, modules):
+        out = m(x)
+        outs.append(out)
+        names, params = zip(*m.named_parameters())
+        grads.append(dict(zip(names, torch.autograd.grad(out.square().sum(), params))))
+    torch.testing.assert_close(outs[0], outs[1], **dtype_tols(torch.float32))
+    for name, got in grads[0].items():
+        torch.testing.assert_close(got, grads[1][name], **dtype_tols(torch.float32), msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
 # The LNMLP layer
 
 
@@ -334,3 +530,41 @@ def test_gpu_op_passes_opcheck_and_compiles():
     out = compiled(*args)
     torch.testing.assert_close(out, reference.ln_mlp(*args), **dtype_tols(torch.bfloat16))
     out.float().square().sum().backward()
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act, norm", [("swiglu", "layer"), ("gelu", "rms"), ("gelu_tanh", "layer")])
+@pytest.mark.parametrize("lead, width, hidden", [((2, 197), 192, 512), ((1, 7), 24, 37)])
+def test_gpu_hidden_norm(act, norm, dtype, lead, width, hidden, no_tf32):
+    """The CUDA path with a hidden norm: the norm kernel over the activation, its backward kernels, the act backward
+    kernel in place of the DGELU epilogue (gelu_tanh); 16-byte packs (hidden 512) and scalar ones (hidden 37)."""
+    for layer_scale in (False, True):
+        sample = gpu_sample(dtype, lead=lead, width=width, hidden=hidden, act=act, norm=norm, hidden_norm=True,
+                            layer_scale=layer_scale)  # fmt: skip
+        floor = hidden_norm_floor(dtype, layer_scale) if dtype != torch.float32 else relative_floor(1e-6)
+        assert_matches_reference(LN_MLP, sample, "cuda", floor=floor, name=f"cuda sub-norm {act} {norm}")
+    with torch.no_grad():  # the inference form: no pre-activation kept (SwiGLU: a scratch one)
+        torch.testing.assert_close(LN_MLP.call(sample, "cuda"), LN_MLP.call(sample, "torch"), **dtype_tols(dtype))
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_hidden_norm_deterministic_backward_is_bit_identical():
+    sample = gpu_sample(torch.bfloat16, lead=(4, 197), width=192, hidden=512, act="swiglu", hidden_norm=True)
+    fastvit.set_deterministic(True)
+    try:
+        first, second = LN_MLP.run(sample, "cuda"), LN_MLP.run(sample, "cuda")
+    finally:
+        fastvit.set_deterministic(False)
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_eva02_mlp_half_fused_on_auto():
+    model = fastvit.create_model("eva02_base_patch14_448", depth=1, embed_dim=64, num_heads=2, img_size=28)
+    report = model.cuda().eval().set_backend("auto").fusion_report("cuda", torch.bfloat16)
+    assert report[0]["mlp"].fused, str(report)

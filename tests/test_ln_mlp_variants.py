@@ -40,7 +40,7 @@ VARIANTS = {
     "layer_scale-gelu_tanh": dict(act="gelu_tanh", layer_scale=True),
     "layer_scale-rms-swiglu": dict(norm="rms", act="swiglu", layer_scale=True, fc2_bias=False),
 }
-HIDDEN_NORM_VARIANTS = {  # the torch backend only (the extension refuses a hidden-layer norm)
+HIDDEN_NORM_VARIANTS = {  # torch and the extension (tests/test_ln_mlp.py has the extension's hidden-norm tests)
     "sub-ln-swiglu": dict(act="swiglu", hidden_norm=True),
     "sub-rms-gelu-layer_scale": dict(norm="rms", hidden_norm=True, layer_scale=True),
 }
@@ -76,9 +76,9 @@ def test_torch_backend_every_variant(label, dtype):
 
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("label", list(VARIANTS))
+@pytest.mark.parametrize("label", [*VARIANTS, *HIDDEN_NORM_VARIANTS])
 def test_cpp_twin_every_variant(label, dtype):
-    check(VARIANTS[label], "cuda", dtype, label)
+    check({**VARIANTS, **HIDDEN_NORM_VARIANTS}[label], "cuda", dtype, label)
 
 
 @needs_extension
@@ -105,12 +105,11 @@ def test_triton_backend_refuses_what_its_epilogues_lack(label):
     assert LN_MLP.call(sample, "auto").shape == sample.tensors["x"].shape  # auto falls back
 
 
-def test_hidden_norm_is_refused_by_the_extension_and_auto_runs_torch():
+def test_hidden_norm_is_taken_by_the_extension():
     variant = HIDDEN_NORM_VARIANTS["sub-ln-swiglu"]
     sample = LN_MLP.make(torch.float32, "cpu", **SHAPE, **variant)
     call = mlp_call(sample.tensors["x"], 24, 37, "swiglu", "layer", True)
-    backend, why = dispatch.explain("ln_mlp", "cuda", call)
-    assert backend == "unusable" and "hidden layer" in why
+    assert dispatch.explain("ln_mlp", "cuda", call) == ("cuda", None)
     torch.testing.assert_close(LN_MLP.call(sample, "auto"), LN_MLP.call(sample, REFERENCE))
 
 

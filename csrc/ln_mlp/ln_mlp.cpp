@@ -1,6 +1,6 @@
 // Argument checks of fastvit::ln_mlp_fwd / ln_mlp_bwd, shared by the CPU and CUDA implementations:
 // every shape, dtype, device and scalar problem is reported (TypeError / ValueError in Python)
-// before any kernel runs.
+// before any kernel runs. Also the hidden norm's forward stage, the same on both devices but for the launcher.
 #include "ln_mlp/ln_mlp.h"
 
 #include <c10/util/Exception.h>
@@ -9,6 +9,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "layer_norm/layer_norm.h"
 
 namespace fastvit {
 namespace {
@@ -27,9 +28,36 @@ MlpAct parse_act(c10::string_view act, const char* op) {
 }
 
 // The parameter checks common to the forward and the backward.
+// The optional norm over the hidden layer: weight [hidden], bias [hidden] or None (None with rms), eps > 0.
+void check_hidden_norm(LnMlpArgs& args, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, double eps, const char* op) {
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK_VALUE(has_weight || !has_bias, op, ": hidden_norm_bias given without hidden_norm_weight");
+  if (!has_weight) return;
+  const char* meaning = args.act == MlpAct::kSwiglu ? "[hidden], hidden = fc1_weight.shape[0] / 2 for swiglu"
+                                                    : "[hidden], hidden = fc1_weight.shape[0]";
+  check_shape(*weight, "hidden_norm_weight", {args.hidden}, meaning, op);
+  check_like_x(*weight, "hidden_norm_weight", x, op);
+  TORCH_CHECK_VALUE(!(args.rms && has_bias), op,
+                    ": hidden_norm_bias must be None with rms=True (the hidden norm is an RMSNorm too: no bias)");
+  if (has_bias) {
+    check_shape(*bias, "hidden_norm_bias", {args.hidden}, meaning, op);
+    check_like_x(*bias, "hidden_norm_bias", x, op);
+    args.hidden_norm_bias = bias->contiguous();
+  }
+  // As the input norm's eps: 0 would divide by zero on constant rows of the hidden layer.
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, op, ": hidden_norm_eps must be a positive finite number, got ",
+                    eps);
+  args.hidden_norm_weight = weight->contiguous();
+  args.hidden_norm_eps = eps;
+}
+
 LnMlpArgs check_parameters(const at::Tensor& x, const at::Tensor& ln_weight, const std::optional<at::Tensor>& ln_bias,
                            const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, c10::string_view act_name,
-                           bool rms, const char* op) {
+                           bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
+                           const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps,
+                           const char* op) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension, got a 0-d tensor");
   check_floating(x, "x", op);
   const int64_t width = x.size(-1);
@@ -78,6 +106,7 @@ LnMlpArgs check_parameters(const at::Tensor& x, const at::Tensor& ln_weight, con
   args.ln_weight = ln_weight.contiguous();
   args.fc1_weight = fc1_weight.contiguous();
   args.fc2_weight = fc2_weight.contiguous();
+  check_hidden_norm(args, x, hidden_norm_weight, hidden_norm_bias, hidden_norm_eps, op);
   return args;
 }
 
@@ -87,9 +116,11 @@ LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weigh
                                  const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
                                  const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                                  const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
-                                 bool rms) {
+                                 bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
+                                 const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
   const char* op = "ln_mlp_fwd";
-  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms, op);
+  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms, hidden_norm_weight,
+                                    hidden_norm_bias, hidden_norm_eps, op);
   if (fc1_bias.has_value() && fc1_bias->defined()) {
     check_shape(*fc1_bias, "fc1_bias", {args.pre_width}, "[fc1_weight.shape[0]]", op);
     check_like_x(*fc1_bias, "fc1_bias", x, op);
@@ -108,9 +139,12 @@ LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weigh
 LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
                                   const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
                                   const at::Tensor& rstd, const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                  const at::Tensor& fc2_weight, c10::string_view act, bool rms) {
+                                  const at::Tensor& fc2_weight, c10::string_view act, bool rms,
+                                  const std::optional<at::Tensor>& hidden_norm_weight,
+                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
   const char* op = "ln_mlp_bwd";
-  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms, op);
+  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms, hidden_norm_weight,
+                                    hidden_norm_bias, hidden_norm_eps, op);
   check_shape(grad_out, "grad_out", args.x_shape, "the shape of x", op);
   check_like_x(grad_out, "grad_out", x, op);
   TORCH_CHECK_VALUE(pre_act.numel() != 0 || args.rows == 0, op,
@@ -132,6 +166,24 @@ LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& 
   args.mean = mean.contiguous().view({args.rows});
   args.rstd = rstd.contiguous().view({args.rows});
   return args;
+}
+
+HiddenNormed hidden_norm_forward(const LnMlpArgs& a, const at::Tensor& h) {
+  if (!a.hidden_norm_weight.defined()) return {h, at::Tensor(), at::Tensor()};
+  HiddenNormed normed{at::empty_like(h), at::empty({a.rows}, h.options().dtype(a.stats_dtype)), at::Tensor()};
+  normed.rstd = at::empty_like(normed.mean);
+  if (h.is_cuda()) {
+#ifdef FASTVIT_WITH_CUDA
+    layer_norm_forward_out_cuda(h, a.hidden_norm_weight, a.hidden_norm_bias, a.hidden_norm_eps, normed.out,
+                                normed.mean, normed.rstd, a.rms);
+#else
+    TORCH_CHECK(false, "ln_mlp: fastvit._C was built without CUDA kernels");
+#endif
+  } else {
+    layer_norm_forward_out_cpu(h, a.hidden_norm_weight, a.hidden_norm_bias, a.hidden_norm_eps, normed.out, normed.mean,
+                               normed.rstd, a.rms);
+  }
+  return normed;
 }
 
 }  // namespace fastvit

@@ -1,7 +1,11 @@
 // The MLP half of a pre-norm ViT block as one op: out = [x +] fc2(act(fc1(Norm(x)))).
 //
 // fastvit::ln_mlp_fwd(x, ln_weight, ln_bias?, fc1_weight, fc1_bias?, fc2_weight, fc2_bias?, eps,
-//                     act, residual, save_for_backward, rms=False) -> (out, mean, rstd, pre_act)
+//                     act, residual, save_for_backward, rms=False, hidden_norm_weight?=None,
+//                     hidden_norm_bias?=None, hidden_norm_eps=1e-6) -> (out, mean, rstd, pre_act)
+//   = [x +] fc2(HiddenNorm(act(fc1(Norm(x))))) with the optional hidden norm (timm's scale_mlp_norm, EVA02's
+//   SwiGLU sub-LN): a norm of the same kind as the input norm (LayerNorm, or RMSNorm with rms=True) over the
+//   hidden layer, weight [Hid], bias [Hid] or None (None with rms=True), its own eps > 0.
 //   x:          [..., C]   (any strides; made contiguous), M = x.numel() / C rows
 //   ln_weight:  [C], ln_bias: [C] or None (LayerNorm without bias); None with rms=True (RMSNorm)
 //   fc1_weight: [P, C], fc1_bias: [P] or None, P = Hid (GELU forms) or 2·Hid (swiglu)
@@ -11,14 +15,17 @@
 //   order: the gate is the first half); residual: add x
 //   out:        [..., C]; mean, rstd: [...] fp32 (fp64 for fp64 inputs); mean = 0 for RMSNorm
 //   pre_act:    [..., P] = fc1(Norm(x)) + fc1_bias in the compute dtype when save_for_backward, else [0]
+//   (the hidden norm's statistics are not returned: the backward recomputes them, see below)
 // Weights are made contiguous (a no-op for nn.Linear parameters; a copy for a transposed view).
 // All tensors share x's dtype and device: CPU float16/bfloat16/float32/float64, CUDA float16/
 // bfloat16/float32 (fp32 accumulation everywhere; TF32 only when torch allows it for matmuls).
 //
 // fastvit::ln_mlp_bwd(grad_out, x, ln_weight, ln_bias?, mean, rstd, fc1_weight, pre_act, fc2_weight,
-//                     act, residual, deterministic, rms=False)
+//                     act, residual, deterministic, rms=False, hidden_norm_weight?=None, hidden_norm_bias?=None,
+//                     hidden_norm_eps=1e-6)
 //   -> (grad_x, grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias [P], grad_fc2_weight,
-//       grad_fc2_bias [C])   (the bias gradients are always computed; drop them when the bias is None)
+//       grad_fc2_bias [C], grad_hidden_norm_weight, grad_hidden_norm_bias)   (the bias gradients are always
+//       computed; drop them when the bias is None. The hidden norm's are [Hid], or [0] without a hidden norm.)
 //
 // What the backward needs, and why it is what the forward saves:
 //   * x, mean, rstd. LayerNorm's backward needs x̂ = (x - mean)·rstd, so x is kept in any case; the
@@ -29,6 +36,9 @@
 //     largest activation ([M, Hid], 4C wide in a ViT), is not kept: one elementwise pass recomputes
 //     it for fc2's weight gradient (fused with GELU' on the exact path). Together the op keeps
 //     C + Hid values per token where eager PyTorch keeps C (x) + C (LN out) + 2·Hid (fc1 out, GELU out).
+//   * Nothing for the hidden norm: the backward recomputes h = act(pre_act) anyway, and one norm-forward pass
+//     over it gives both the hidden norm's statistics (for its backward) and its output HiddenNorm(h) (fc2's
+//     weight gradient needs it); saving the statistics would spare the reductions only, not that pass.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -43,8 +53,8 @@ namespace fastvit {
 enum class MlpAct { kGelu, kGeluTanh, kQuickGelu, kSwiglu };
 
 using LnMlpForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using LnMlpBackwardResult =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LnMlpBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                       at::Tensor, at::Tensor, at::Tensor>;
 
 // Validated, contiguous arguments of one call, shared by the CPU and CUDA implementations.
 struct LnMlpArgs {
@@ -52,6 +62,9 @@ struct LnMlpArgs {
   at::Tensor ln_weight, ln_bias;             // [width], [width] or undefined
   at::Tensor fc1_weight, fc1_bias;           // [pre_width, width], [pre_width] or undefined
   at::Tensor fc2_weight, fc2_bias;           // [width, hidden], [width] or undefined
+  at::Tensor hidden_norm_weight;             // [hidden], or undefined: no norm over the hidden layer
+  at::Tensor hidden_norm_bias;               // [hidden] or undefined
+  double hidden_norm_eps = 1e-6;
   at::Tensor grad_out, mean, rstd, pre_act;  // backward only: [rows, width], [rows], [rows], [rows, pre_width]
   int64_t rows = 0, width = 0, hidden = 0;   // hidden: the activation's width (fc2's input)
   int64_t pre_width = 0;                     // fc1's output: hidden, or 2·hidden for swiglu
@@ -61,39 +74,56 @@ struct LnMlpArgs {
   at::ScalarType stats_dtype = at::kFloat;
 };
 
+// HiddenNorm(h) [rows, hidden] and its statistics [rows] (LayerNorm, or RMSNorm with a.rms: the norm kernels of
+// csrc/layer_norm on h's device), or h itself without a hidden norm (mean and rstd then stay undefined).
+struct HiddenNormed {
+  at::Tensor out, mean, rstd;
+};
+HiddenNormed hidden_norm_forward(const LnMlpArgs& a, const at::Tensor& h);
+
 // Checks everything (TypeError / ValueError in Python) before any work is done.
 LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weight,
                                  const std::optional<at::Tensor>& ln_bias,
                                  const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                                  const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                 c10::string_view act, bool rms);
+                                 c10::string_view act, bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
+                                 const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
 LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
                                   const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
                                   const at::Tensor& fc1_weight, const at::Tensor& pre_act, const at::Tensor& fc2_weight,
-                                  c10::string_view act, bool rms);
+                                  c10::string_view act, bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
+                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
 
 LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weight,
                                  const std::optional<at::Tensor>& ln_bias,
                                   const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                                   const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                  c10::string_view act, bool residual, bool save_for_backward, bool rms);
+                                  c10::string_view act, bool residual, bool save_for_backward, bool rms,
+                                  const std::optional<at::Tensor>& hidden_norm_weight,
+                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
 LnMlpBackwardResult ln_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
                                    const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
                                    const at::Tensor& fc1_weight, const at::Tensor& pre_act,
                                    const at::Tensor& fc2_weight, c10::string_view act, bool residual,
-                                   bool deterministic, bool rms);
+                                   bool deterministic, bool rms,
+                                   const std::optional<at::Tensor>& hidden_norm_weight,
+                                   const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
 
 #ifdef FASTVIT_WITH_CUDA
 LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight,
                                  const std::optional<at::Tensor>& ln_bias,
                                    const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                                    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                   c10::string_view act, bool residual, bool save_for_backward, bool rms);
+                                   c10::string_view act, bool residual, bool save_for_backward, bool rms,
+                                  const std::optional<at::Tensor>& hidden_norm_weight,
+                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
 LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
                                     const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
                                     const at::Tensor& fc1_weight, const at::Tensor& pre_act,
                                     const at::Tensor& fc2_weight, c10::string_view act, bool residual,
-                                    bool deterministic, bool rms);
+                                    bool deterministic, bool rms,
+                                   const std::optional<at::Tensor>& hidden_norm_weight,
+                                   const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
 #endif
 
 }  // namespace fastvit

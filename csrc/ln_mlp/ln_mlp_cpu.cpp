@@ -1,7 +1,7 @@
 // C++ CPU implementation of fastvit::ln_mlp_fwd / ln_mlp_bwd: the same contract and the same stages
-// as the CUDA path (norm kernel, GEMMs, activation, norm backward kernel writing the recomputed norm
-// output), with ATen's CPU matmuls (addmm / mm) standing in for cuBLASLt. It is what CI runs without a
-// GPU: it tests the op contract, the registration, the fake impl and the autograd wiring.
+// as the CUDA path (norm kernel, GEMMs, activation, the hidden norm's forward / backward kernels, norm backward
+// kernel writing the recomputed norm output), with ATen's CPU matmuls (addmm / mm) standing in for cuBLASLt.
+// It is what CI runs without a GPU: it tests the op contract, the registration, the fake impl and the autograd wiring.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -71,10 +71,12 @@ LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weig
                                   const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
                                   const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                                   const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
-                                  bool residual, bool save_for_backward, bool rms) {
+                                  bool residual, bool save_for_backward, bool rms,
+                                  const std::optional<at::Tensor>& hidden_norm_weight,
+                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "ln_mlp_fwd_cpu: x must be a CPU tensor, got ", x.device());
-  const LnMlpArgs a =
-      prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms);
+  const LnMlpArgs a = prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps,
+                                             act, rms, hidden_norm_weight, hidden_norm_bias, hidden_norm_eps);
   const at::Tensor mean = at::empty({a.rows}, x.options().dtype(a.stats_dtype));
   const at::Tensor rstd = at::empty_like(mean);
   const at::Tensor ln_out = at::empty({a.rows, a.width}, a.x.options());
@@ -82,7 +84,7 @@ LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weig
 
   const at::Tensor pre = a.fc1_bias.defined() ? at::addmm(a.fc1_bias, ln_out, a.fc1_weight.t())
                                               : at::mm(ln_out, a.fc1_weight.t());  // [rows, P]
-  const at::Tensor hidden = act_forward(pre, a.act);                                // [rows, hidden]
+  const at::Tensor hidden = hidden_norm_forward(a, act_forward(pre, a.act)).out;  // [rows, hidden]
   at::Tensor out = a.fc2_bias.defined() ? at::addmm(a.fc2_bias, hidden, a.fc2_weight.t())
                                         : at::mm(hidden, a.fc2_weight.t());  // [rows, width]
   if (residual) out.add_(a.x);
@@ -95,16 +97,30 @@ LnMlpBackwardResult ln_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor&
                                    const at::Tensor& rstd, const at::Tensor& fc1_weight, const at::Tensor& pre_act,
                                    const at::Tensor& fc2_weight, c10::string_view act, bool residual,
                                    bool /*deterministic: the CPU path always is, for a given thread count*/,
-                                   bool rms) {
+                                   bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
+                                   const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "ln_mlp_bwd_cpu: x must be a CPU tensor, got ", x.device());
   const LnMlpArgs a = prepare_ln_mlp_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act,
-                                              fc2_weight, act, rms);
+                                              fc2_weight, act, rms, hidden_norm_weight, hidden_norm_bias,
+                                              hidden_norm_eps);
   const at::Tensor& dy = a.grad_out;  // [rows, width]
 
-  const at::Tensor hidden = act_forward(a.pre_act, a.act);     // recomputed, [rows, hidden]
-  const at::Tensor grad_fc2_weight = at::mm(dy.t(), hidden);  // [width, hidden]
-  const at::Tensor grad_fc2_bias = dy.sum(0);                 // [width]
-  const at::Tensor grad_hidden = at::mm(dy, a.fc2_weight);    // [rows, hidden]
+  const at::Tensor hidden = act_forward(a.pre_act, a.act);  // recomputed, [rows, hidden]
+  const HiddenNormed fc2_in = hidden_norm_forward(a, hidden);  // recomputed with its statistics; or hidden
+  const at::Tensor grad_fc2_weight = at::mm(dy.t(), fc2_in.out);  // [width, hidden]
+  const at::Tensor grad_fc2_bias = dy.sum(0);                     // [width]
+  at::Tensor grad_hidden = at::mm(dy, a.fc2_weight);              // [rows, hidden]: dL/d fc2's input
+  at::Tensor grad_hn_weight = at::empty({0}, a.x.options()), grad_hn_bias = at::empty({0}, a.x.options());
+  if (a.hidden_norm_weight.defined()) {  // through the hidden norm: dL/dh, and its weight / bias gradients
+    const at::Tensor grad_normed = grad_hidden;
+    grad_hidden = at::empty_like(hidden);
+    grad_hn_weight = at::empty_like(a.hidden_norm_weight);
+    grad_hn_bias = at::empty_like(a.hidden_norm_weight);
+    LayerNormBackwardExtras hidden_extras;
+    hidden_extras.rms = a.rms;
+    layer_norm_backward_out_cpu(grad_normed, hidden, a.hidden_norm_weight, fc2_in.mean, fc2_in.rstd, grad_hidden,
+                                grad_hn_weight, grad_hn_bias, hidden_extras);
+  }
   const at::Tensor grad_pre = act_backward(grad_hidden, a.pre_act, a.act);  // [rows, P]
   const at::Tensor grad_fc1_bias = grad_pre.sum(0);                         // [P]
   const at::Tensor grad_ln_out = at::mm(grad_pre, a.fc1_weight);            // [rows, width]
@@ -120,8 +136,8 @@ LnMlpBackwardResult ln_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor&
   layer_norm_backward_out_cpu(grad_ln_out, a.x, a.ln_weight, a.mean, a.rstd, grad_x, grad_ln_weight, grad_ln_bias,
                               extras);
   const at::Tensor grad_fc1_weight = at::mm(grad_pre.t(), extras.normed_out);  // [P, width]
-  return {grad_x.view(a.x_shape), grad_ln_weight,  grad_ln_bias, grad_fc1_weight,
-          grad_fc1_bias,          grad_fc2_weight, grad_fc2_bias};
+  return {grad_x.view(a.x_shape), grad_ln_weight, grad_ln_bias,   grad_fc1_weight, grad_fc1_bias,
+          grad_fc2_weight,        grad_fc2_bias,  grad_hn_weight, grad_hn_bias};
 }
 
 }  // namespace fastvit

@@ -12,15 +12,23 @@
 //                  writes pre [M, P] (P = 2H for SwiGLU), then one elementwise kernel writes h = act(pre).
 //                  Inference (save_for_backward=False) writes pre into h's buffer and applies the
 //                  activation in place (SwiGLU: into a scratch pre, h is half its width).
-//   3. fc2 GEMM:   out = h·W2ᵀ + b2 + x: epilogue BIAS with C = x and beta = 1 (the residual add is
-//                  part of the GEMM; no separate pass).
+//   2b. hidden norm (optional: timm's scale_mlp_norm, EVA02's sub-LN): the same LayerNorm / RMSNorm kernel over
+//                  h [M, H] writes hn = HiddenNorm(h) (one more pass over the hidden layer; not fused into the
+//                  activation kernel, which is elementwise while the norm needs each row's statistics first).
+//                  Its statistics are scratch: the backward recomputes them.
+//   3. fc2 GEMM:   out = h·W2ᵀ + b2 + x (h: hn with a hidden norm): epilogue BIAS with C = x and beta = 1 (the
+//                  residual add is part of the GEMM; no separate pass).
 // Backward (dy = grad_out):
 //   1. dgrad fc2:  dh = dy·W2 [M, H]. tanh: epilogue DGELU_BGRAD turns it into dpre = dh·GELU'(pre)
 //                  and reduces db1 = Σ_tokens dpre (deterministic mode: epilogue DGELU, no reduction),
 //                  then a kernel recomputes h = GELU(pre).
 //                  other acts: plain GEMM, then one kernel reads pre and dh, writes dpre (in place; SwiGLU:
 //                  into a [M, 2H] buffer) and h.
-//   2. wgrad fc2:  dW2 = dyᵀ·h, epilogue BGRADB gives db2 = Σ_tokens dy.
+//   1'. with a hidden norm instead: a kernel recomputes h = act(pre); the norm kernel recomputes hn = HiddenNorm(h)
+//                  and its statistics; dhn = dy·W2 (plain GEMM); the norm's backward kernels give dh, and the
+//                  hidden norm's weight / bias gradients (deterministic two-stage sums); one kernel turns dh into
+//                  dpre (no DGELU epilogue: the GEMM's output is dhn, not dh).
+//   2. wgrad fc2:  dW2 = dyᵀ·h (hn with a hidden norm), epilogue BGRADB gives db2 = Σ_tokens dy.
 //   3. dgrad fc1:  dln = dpre·W1 [M, C].
 //   4. LN backward kernel: dx = LN'(dln) + dy (residual), dgamma/dbeta (deterministic two-stage
 //                  reduction), and ln = LN(x) recomputed from x, mean, rstd for step 5.
@@ -92,11 +100,13 @@ LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_wei
                                    const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
                                    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                                    const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
-                                   bool residual, bool save_for_backward, bool rms) {
+                                   bool residual, bool save_for_backward, bool rms,
+                                   const std::optional<at::Tensor>& hidden_norm_weight,
+                                   const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
   TORCH_CHECK_VALUE(x.is_cuda(), "ln_mlp_fwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const LnMlpArgs a =
-      prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, rms);
+  const LnMlpArgs a = prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps,
+                                             act, rms, hidden_norm_weight, hidden_norm_bias, hidden_norm_eps);
   check_cuda_gemm_dtype(a.x, "ln_mlp_fwd");
   const auto options = a.x.options();
   const at::Tensor mean = at::empty({a.rows}, options.dtype(a.stats_dtype));
@@ -111,7 +121,8 @@ LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_wei
   layer_norm_forward_out_cuda(a.x, a.ln_weight, a.ln_bias, eps, ln_out, mean, rstd, a.rms);
   const at::Tensor h = at::empty({a.rows, a.hidden}, options);
   fc1_bias_act(a, ln_out, pre, h);
-  cublaslt::linear_forward(h, a.fc2_weight, a.fc2_bias, residual ? a.x : at::Tensor(), out, "fc2");
+  const at::Tensor fc2_in = hidden_norm_forward(a, h).out;
+  cublaslt::linear_forward(fc2_in, a.fc2_weight, a.fc2_bias, residual ? a.x : at::Tensor(), out, "fc2");
   return {out.view(a.x_shape), mean.view(a.stats_shape), rstd.view(a.stats_shape), saved_pre};
 }
 
@@ -119,11 +130,14 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
                                     const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
                                     const at::Tensor& rstd, const at::Tensor& fc1_weight, const at::Tensor& pre_act,
                                     const at::Tensor& fc2_weight, c10::string_view act, bool residual,
-                                    bool deterministic, bool rms) {
+                                    bool deterministic, bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
+                                    const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
   TORCH_CHECK_VALUE(x.is_cuda(), "ln_mlp_bwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   const LnMlpArgs a = prepare_ln_mlp_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act,
-                                              fc2_weight, act, rms);
+                                              fc2_weight, act, rms, hidden_norm_weight, hidden_norm_bias,
+                                              hidden_norm_eps);
+  const bool has_hidden_norm = a.hidden_norm_weight.defined();
   check_cuda_gemm_dtype(a.x, "ln_mlp_bwd");
   const auto options = a.x.options();
   const at::Tensor grad_x = at::empty({a.rows, a.width}, options);
@@ -133,13 +147,16 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
   const at::Tensor grad_fc1_bias = at::empty({a.pre_width}, options);
   const at::Tensor grad_fc2_weight = at::empty_like(a.fc2_weight);
   const at::Tensor grad_fc2_bias = at::empty({a.width}, options);
+  // [H] with a hidden norm, else [0] (the op's outputs are never undefined).
+  const at::Tensor grad_hn_weight = at::empty({has_hidden_norm ? a.hidden : 0}, options);
+  const at::Tensor grad_hn_bias = at::empty({has_hidden_norm ? a.hidden : 0}, options);
   if (a.rows == 0) {
-    for (const at::Tensor& t :
-         {grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias}) {
+    for (const at::Tensor& t : {grad_ln_weight, grad_ln_bias, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
+                                grad_fc2_bias, grad_hn_weight, grad_hn_bias}) {
       t.zero_();
     }
-    return {grad_x.view(a.x_shape), grad_ln_weight,  grad_ln_bias, grad_fc1_weight,
-            grad_fc1_bias,          grad_fc2_weight, grad_fc2_bias};
+    return {grad_x.view(a.x_shape), grad_ln_weight, grad_ln_bias,   grad_fc1_weight, grad_fc1_bias,
+            grad_fc2_weight,        grad_fc2_bias,  grad_hn_weight, grad_hn_bias};
   }
   const at::Tensor& dy = a.grad_out;  // [M, C]
   const at::Tensor grad_pre = at::empty({a.rows, a.pre_width}, options);
@@ -150,7 +167,24 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
   // 1. dh = dy · W2  ([M, H]; m = H, n = M, k = C), then dpre = dh · act'(pre) and h = act(pre).
   const cublaslt::Matmul dgrad2 = cublaslt::linear_input_grad_matmul(dy, a.fc2_weight, grad_hidden, deterministic);
   bool gelu_done = false, fc1_bias_done = false;
-  if (a.act == MlpAct::kGeluTanh && aux_ld_ok(a.hidden)) {
+  at::Tensor fc2_in = hidden;  // fc2's input: h, or HiddenNorm(h)
+  if (has_hidden_norm) {
+    // 1'. h = act(pre) recomputed; hn = HiddenNorm(h) and its statistics recomputed; dhn = dy · W2; dh from the
+    // norm's backward (+ its weight / bias gradients); dpre = dh · act'(pre). dh lives in grad_hidden (grad_pre's
+    // buffer for the GELU forms: the activation backward runs in place), dhn in a buffer of its own (the norm's
+    // backward kernels read it after dh is written).
+    launch_bias_act_forward(a.pre_act, at::Tensor(), at::Tensor(), hidden, a.act);
+    const HiddenNormed normed = hidden_norm_forward(a, hidden);
+    fc2_in = normed.out;
+    const at::Tensor grad_normed = at::empty({a.rows, a.hidden}, options);
+    cublaslt::linear_input_grad(dy, a.fc2_weight, grad_normed, deterministic, "fc2 input-gradient");
+    LayerNormBackwardExtras hidden_extras;
+    hidden_extras.rms = a.rms;
+    layer_norm_backward_out_cuda(grad_normed, hidden, a.hidden_norm_weight, normed.mean, normed.rstd, grad_hidden,
+                                 grad_hn_weight, grad_hn_bias, hidden_extras);
+    launch_act_backward(a.pre_act, grad_hidden, grad_pre, at::Tensor(), a.act);
+    gelu_done = true;
+  } else if (a.act == MlpAct::kGeluTanh && aux_ld_ok(a.hidden)) {
     // DGELU_BGRAD also reduces db1 over the tokens (an order cuBLASLt does not fix); deterministic mode keeps
     // the elementwise DGELU epilogue and takes db1 from at::sum in step 5.
     cublaslt::Matmul fused = dgrad2;
@@ -169,8 +203,8 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
     launch_act_backward(a.pre_act, grad_hidden, grad_pre, hidden, a.act);
   }
 
-  // 2. dW2 = dyᵀ · h and db2 = Σ_tokens dy.
-  cublaslt::linear_weight_grad(hidden, dy, grad_fc2_weight, grad_fc2_bias, deterministic, "fc2 weight-gradient");
+  // 2. dW2 = dyᵀ · h (HiddenNorm(h) with a hidden norm) and db2 = Σ_tokens dy.
+  cublaslt::linear_weight_grad(fc2_in, dy, grad_fc2_weight, grad_fc2_bias, deterministic, "fc2 weight-gradient");
 
   // 3. dln = dpre · W1  ([M, C]; m = C, n = M, k = H).
   const at::Tensor grad_ln_out = at::empty({a.rows, a.width}, options);
@@ -188,8 +222,8 @@ LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor
   // 5. dW1 = dpreᵀ · LN(x), and db1 = Σ_tokens dpre unless step 1 already produced it.
   cublaslt::linear_weight_grad(extras.normed_out, grad_pre, grad_fc1_weight,
                                fc1_bias_done ? at::Tensor() : grad_fc1_bias, deterministic, "fc1 weight-gradient");
-  return {grad_x.view(a.x_shape), grad_ln_weight,  grad_ln_bias, grad_fc1_weight,
-          grad_fc1_bias,          grad_fc2_weight, grad_fc2_bias};
+  return {grad_x.view(a.x_shape), grad_ln_weight, grad_ln_bias,   grad_fc1_weight, grad_fc1_bias,
+          grad_fc2_weight,        grad_fc2_bias,  grad_hn_weight, grad_hn_bias};
 }
 
 }  // namespace fastvit

@@ -1,7 +1,9 @@
 """A Linear layer with the residual add in its GEMM: ``ops.linear_residual`` = ``residual + x @ weight.T + bias``.
 
 In a ViT block it is the attention half's proj Linear and the residual add after it,
-``x = x + proj(attn_out)``, as one op: the Linear's output is never written to memory on its own.
+``x = x + proj(attn_out)``, as one op: the Linear's output is never written to memory on its own. An optional
+LayerScale ``gamma`` (``x = x + gamma * proj(attn_out)``: DINOv2/v3, DeiT3, EVA02) is folded into the weight and bias
+before any backend runs (:func:`fold_layer_scale`, shared with ``ops.ln_mlp``'s fc2), so every backend covers it.
 
 Backends:
   ``torch``  ``residual + F.linear(x, weight, bias)``, autograd by PyTorch.
@@ -38,8 +40,10 @@ def linear_residual(
     bias: torch.Tensor | None,
     residual: torch.Tensor,
     backend: str | None = None,
+    *,
+    layer_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``residual + x @ weight.T + bias``: a Linear layer with the residual add fused into its GEMM.
+    """``residual + layer_scale * (x @ weight.T + bias)``: a Linear layer with the residual add fused into its GEMM.
 
     Args:
         x: [..., K] input of the Linear (in a ViT block: the attention output [B, N, C]).
@@ -47,6 +51,9 @@ def linear_residual(
         bias: [N] or None.
         residual: [..., N] with x's leading shape (in a ViT block: the block input [B, N, C]).
         backend: 'auto' | 'cuda' | 'torch' (the backends implementing it); None = the process default.
+        layer_scale: [N] LayerScale gamma multiplying the Linear's output before the residual add (timm's
+            ``ls1.gamma``), or None. Folded into ``weight`` and ``bias`` (:func:`fold_layer_scale`); its gradient
+            flows back through the fold.
 
     Returns:
         [..., N].
@@ -57,10 +64,29 @@ def linear_residual(
     check_shape(
         "residual", residual, (*x.shape[:-1], out_features), "[..., N]: x's leading dimensions, N = weight.shape[0]"
     )
-    tensors = dict(x=x, weight=weight, bias=bias, residual=residual)
+    if layer_scale is not None:
+        check_tensor("layer_scale", layer_scale, ndim=1)
+        check_shape("layer_scale", layer_scale, (out_features,), "[N], N = weight.shape[0]")
+    tensors = dict(x=x, weight=weight, bias=bias, residual=residual, layer_scale=layer_scale)
     check_same_device(**tensors)
     check_same_dtype_outside_autocast(x.device, **tensors)
+    weight, bias = fold_layer_scale(weight, bias, layer_scale)
     return dispatch.select("linear_residual", backend, linear_call(x))(x, weight, bias, residual)
+
+
+def fold_layer_scale(
+    weight: torch.Tensor, bias: torch.Tensor | None, layer_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Linear's weight [N, K] and bias [N] (or None) with a LayerScale gamma [N] on its output folded in (the same
+    tensors when ``layer_scale`` is None): ``gamma·(x·Wᵀ + b) = x·(gamma[:, None]·W)ᵀ + gamma·b``, so no backend needs
+    an extra pass over the tokens. Differentiable: autograd takes gamma's, W's and b's gradients through the fold.
+
+    The folded weight is rounded once in the compute dtype (one more rounding of each product than eager's
+    ``gamma * linear(x)``, which rounds the output instead).
+    """
+    if layer_scale is None:
+        return weight, bias
+    return layer_scale[:, None] * weight, None if bias is None else layer_scale * bias
 
 
 def linear_call(x: torch.Tensor) -> dispatch.DeviceDtypeCall:

@@ -13,8 +13,9 @@ Backends:
   ``cuda``   the compiled extension's fused op (``fastvit/ops/cuda/ln_mlp.py``, csrc/ln_mlp): on CUDA tensors a
              LayerNorm/RMSNorm kernel, fc1 on cuBLASLt with a bias (and, for 'gelu_tanh', GELU) epilogue, one
              elementwise activation kernel otherwise, and fc2 with bias and the residual add in its epilogue; on
-             CPU tensors its C++ implementation. It saves x, the norm statistics and the fc1 pre-activation only:
-             about half the activation memory of eager PyTorch. Every variant but the hidden-layer norm.
+             CPU tensors its C++ implementation. With a hidden-layer norm, the same norm kernel over the activation
+             before fc2. It saves x, the norm statistics and the fc1 pre-activation only: about half the activation
+             memory of eager PyTorch. Every variant.
   ``triton`` two fused Triton GEMMs (``fastvit/ops/triton/linear.py``): fc1 with the LayerNorm applied to its A
              tiles as they load and the bias + GELU epilogue, fc2 with the bias + residual epilogue; LN(x) is
              never written. LayerNorm with GELU / GELU-tanh / QuickGELU. ``auto`` prefers it over ``cuda`` only where
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit import dispatch, reference, validation
-from fastvit.ops.linear_residual import linear_residual_torch
+from fastvit.ops.linear_residual import fold_layer_scale, linear_residual_torch
 from fastvit.ops.ln_linear import gemm_call
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -158,9 +159,7 @@ def ln_mlp(
     tensors.update(hidden_norm_weight=hidden_norm_weight, hidden_norm_bias=hidden_norm_bias, layer_scale=layer_scale)
     validation.check_same_device(**tensors)
     validation.check_same_dtype_outside_autocast(x.device, **tensors)
-    if layer_scale is not None:  # folded into fc2: gamma·(h·W2ᵀ + b2) = h·(gamma[:, None]·W2)ᵀ + gamma·b2
-        fc2_weight = layer_scale[:, None] * fc2_weight
-        fc2_bias = None if fc2_bias is None else layer_scale * fc2_bias
+    fc2_weight, fc2_bias = fold_layer_scale(fc2_weight, fc2_bias, layer_scale)
     impl = dispatch.select("ln_mlp", backend, mlp_call(x, width, hidden, act, norm, hidden_norm is not None))
     return impl(
         x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, act, residual, norm, hidden_norm
