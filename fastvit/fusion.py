@@ -23,6 +23,7 @@ from fastvit.layers import (
     ParallelScalingBlock,
     ResidualLinear,
     attention_half_blockers,
+    eva_attention_half_blockers,
     eva_mlp_half_blockers,
     fused_mlp_call,
     layer_norm_prologue_fits,
@@ -177,17 +178,21 @@ def eva_block_fusion(
 ) -> dict[str, HalfFusion]:
     """How an ``EvaBlock``'s halves run: the attention is one ``ops.qkv_attention`` call with qk-norm and RoPE as its
     prologue while ``prologue_blockers`` finds nothing and the table fits (``rope_why``: ``layers.rope_blockers`` of
-    the model's tables), else the modules, then ``ops.attention``; proj and the residual add after it. The MLP half
-    is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``. ``rope``: the model passes its blocks a RoPE table."""
+    the model's tables), else the modules, then ``ops.attention``; proj, ``gamma_1`` and the residual add are one
+    ``ops.linear_residual`` call under ``eva_attention_half_blockers``. The MLP half is one ``ops.ln_mlp`` call under
+    ``eva_mlp_half_blockers``. ``rope``: the model passes its blocks a RoPE table."""
     attn = block.attn
     attn_why = [f"qk-norm / RoPE: {reason}" for reason in (*prologue_blockers(attn), *rope_why)]
     fused = not attn_why
-    attn_why.append("EvaAttention: the qkv Linear runs before the attention op, proj and the residual add after it")
+    attn_why.extend(eva_attention_half_blockers(block))
+    attn_calls = _attention_op_call(attn, device, dtype, block.training, rope, fused)
+    if isinstance(attn.proj, ResidualLinear):
+        attn_calls["linear_residual"] = (attn.proj.backend, dispatch.DeviceDtypeCall(device, dtype))
     mlp_calls = {}
     if isinstance(block.mlp, MLP_TYPES):
         mlp_calls["ln_mlp"] = (block.mlp.backend, fused_mlp_call(block.norm2, block.mlp, device, dtype))
     return {
-        "attn": _half(attn_why, _attention_op_call(attn, device, dtype, block.training, rope, fused)),
+        "attn": _half(attn_why, attn_calls),
         "mlp": _half(list(eva_mlp_half_blockers(block)), mlp_calls),
     }
 

@@ -383,12 +383,15 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(self.attend(x, attn_mask)))
 
     def forward_residual(
-        self, x: torch.Tensor, residual: torch.Tensor, attn_mask: AttnMask = None, norm: nn.Module | None = None
-    ) -> torch.Tensor:
-        """``residual + proj(attention(norm(x)))``, the add inside the proj GEMM; proj_drop is not applied."""
+        self, x: torch.Tensor, residual: torch.Tensor, attn_mask: AttnMask = None, norm: nn.Module | None = None,
+        layer_scale: nn.Module | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``residual + layer_scale(proj(attention(norm(x))))``, the add inside the proj GEMM (a ``LayerScale``
+        folded into its weight and bias; an Identity or None: none); proj_drop is not applied."""
         proj = self.proj
         out = self.attend(x, attn_mask, norm)
-        return ops.linear_residual(out, proj.weight, proj.bias, residual, backend=proj.backend)
+        gamma = layer_scale.gamma if isinstance(layer_scale, LayerScale) else None
+        return ops.linear_residual(out, proj.weight, proj.bias, residual, backend=proj.backend, layer_scale=gamma)
 
 
 class Mlp(nn.Module):
@@ -730,15 +733,16 @@ class AttentionPoolLatent(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (timm's names and keys).
 
-    Attention half: while ``attention_half_blockers`` finds nothing that must be called (``ls1`` an Identity,
-    drop-path and proj dropout inactive, ``attn``/``attn.proj`` plain fastvit modules without hooks), the proj
-    Linear and the residual add are one ``ops.linear_residual`` call. MLP half: while ``mlp_half_blockers``
-    finds nothing (``norm2`` a plain LayerNorm/RmsNorm, ``mlp`` fastvit's ``Mlp``/``GluMlp``/``SwiGLU`` with plain
-    Linears and an activation ``ln_mlp`` computes, no dropout, ``ls2`` an Identity or a plain LayerScale, no active
-    drop-path), the norm, fc1, activation, hidden norm, fc2, LayerScale and the residual add are one ``ops.ln_mlp``
-    call. Otherwise the registered modules run one by one, as timm's. Drop-path is inactive in
-    eval mode, so a model trained with it still runs fused for inference. ``fastvit.fusion.block_fusion`` says
-    which halves run fused and why not; an unfused half also logs at DEBUG on the ``"fastvit"`` logger.
+    Attention half: while ``attention_half_blockers`` finds nothing that must be called (``ls1`` an Identity or a
+    plain LayerScale, drop-path and proj dropout inactive, ``attn``/``attn.proj`` plain fastvit modules without
+    hooks), the proj Linear, LayerScale and the residual add are one ``ops.linear_residual`` call. MLP half: while
+    ``mlp_half_blockers`` finds nothing (``norm2`` a plain LayerNorm/RmsNorm, ``mlp`` fastvit's ``Mlp`` /
+    ``GluMlp`` / ``SwiGLU`` with plain Linears and an activation ``ln_mlp`` computes, no dropout, ``ls2`` an
+    Identity or a plain LayerScale, no active drop-path), the norm, fc1, activation, hidden norm, fc2, LayerScale
+    and the residual add are one ``ops.ln_mlp`` call. Otherwise the registered modules run one by one, as timm's.
+    Drop-path is inactive in eval mode, so a model trained with it still runs fused for inference.
+    ``fastvit.fusion.block_fusion`` says which halves run fused and why not; an unfused half also logs at DEBUG on
+    the ``"fastvit"`` logger.
 
     timm's knobs for the modern families: ``mlp_layer`` (``Mlp``, ``SwiGLUPacked``/``GluMlp``, ``SwiGLU``: SiLU-gated
     ones run as ``ln_mlp(act='swiglu')``), ``qk_norm`` (``attn.q_norm``/``attn.k_norm``, a ``norm_layer`` per head),
@@ -798,7 +802,8 @@ class Block(nn.Module):
         """x: [B, N, C] -> [B, N, C]; ``attn_mask`` (timm's keyword): see ``fastvit.packing``."""
         why = next(attention_half_blockers(self), None)
         if why is None:
-            x = self.attn.forward_residual(x, x, attn_mask, norm=self.norm1)  # proj + bias + residual: one op
+            # proj + bias + LayerScale + residual: one op
+            x = self.attn.forward_residual(x, x, attn_mask, norm=self.norm1, layer_scale=self.ls1)
         else:
             if dispatch.debug_enabled():
                 dispatch.logger.debug("Block: attention half unfused: %s", why)
@@ -855,7 +860,7 @@ class EvaAttention(nn.Module):
         _add_qk_norms(self, qk_norm, norm_layer, dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = ResidualLinear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend: str | None = None
 
@@ -886,8 +891,8 @@ class EvaAttention(nn.Module):
             k = apply_rope(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: AttnMask = None) -> torch.Tensor:
-        """x: [B, N, C] -> [B, N, C]; ``attn_mask``: see ``fastvit.packing``."""
+    def attend(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: AttnMask = None) -> torch.Tensor:
+        """x: [B, N, C] (normalised tokens) -> the heads' outputs [B, N, C] after ``norm``, before proj."""
         rope_prologue = None
         if rope is not None:
             rope_prologue = {
@@ -895,7 +900,21 @@ class EvaAttention(nn.Module):
                 "rope_layout": "half" if self.rotate_half else "interleaved",
             }  # fmt: skip
         out = attend(self, x, attn_mask, lambda: self.packed_qkv(x), lambda: self.heads(x, rope), rope_prologue)
-        return self.proj_drop(self.proj(self.norm(out)))
+        return self.norm(out)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: AttnMask = None) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N, C]; ``attn_mask``: see ``fastvit.packing``."""
+        return self.proj_drop(self.proj(self.attend(x, rope, attn_mask)))
+
+    def forward_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: AttnMask = None,
+        layer_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``residual + layer_scale * proj(attention(x))`` as one ``ops.linear_residual`` call (``layer_scale``: the
+        block's gamma [C], folded into proj's weight and bias, or None); proj_drop is not applied."""
+        proj = self.proj
+        out = self.attend(x, rope, attn_mask)
+        return ops.linear_residual(out, proj.weight, proj.bias, residual, backend=proj.backend, layer_scale=layer_scale)
 
     def packed(self) -> bool:
         """True when the attention is one ``ops.qkv_attention`` call with qk-norm and RoPE as its prologue."""
@@ -1052,12 +1071,27 @@ class EvaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: AttnMask = None) -> torch.Tensor:
         """x: [B, N, C]; rope: [N - T, 2·D] or None; ``attn_mask``: see ``fastvit.packing`` -> [B, N, C]."""
-        out = self.attn(self.norm1(x), rope) if attn_mask is None else self.attn(self.norm1(x), rope, attn_mask)
-        x = x + drop_path(self.drop_path1, out if self.gamma_1 is None else self.gamma_1 * out, attn_mask)
+        why = next(eva_attention_half_blockers(self), None)
+        if why is None:  # proj + bias + LayerScale (gamma_1) + residual: one op
+            x = self.attn.forward_residual(self.norm1(x), x, rope, attn_mask, layer_scale=self.gamma_1)
+        else:
+            if dispatch.debug_enabled():
+                dispatch.logger.debug("EvaBlock: attention half unfused: %s", why)
+            out = self.attn(self.norm1(x), rope) if attn_mask is None else self.attn(self.norm1(x), rope, attn_mask)
+            x = x + drop_path(self.drop_path1, out if self.gamma_1 is None else self.gamma_1 * out, attn_mask)
         if next(eva_mlp_half_blockers(self), None) is None:
             return _fused_ln_mlp(self.norm2, self.mlp, x, True, self.mlp.backend, self.gamma_2)
         out = self.mlp(self.norm2(x))
         return x + drop_path(self.drop_path2, out if self.gamma_2 is None else self.gamma_2 * out, attn_mask)
+
+
+def eva_attention_half_blockers(block: EvaBlock) -> Iterator[str]:
+    """Why an ``EvaBlock``'s proj, LayerScale (``gamma_1``, a parameter: always folded) and residual add are not one
+    ``ops.linear_residual`` call."""
+    if not plain(block.attn, EvaAttention):
+        yield f"attn is a {type(block.attn).__name__} with hooks or a replaced forward, or not fastvit's EvaAttention"
+        return
+    yield from _proj_residual_blockers(block)
 
 
 def eva_mlp_half_blockers(block: EvaBlock) -> Iterator[str]:
@@ -1226,6 +1260,16 @@ def _skippable(name: str, module: nn.Module, training: bool) -> Iterator[str]:
         yield f"{name} has hooks or a replaced forward"
 
 
+def _layer_scale_blockers(name: str, module: nn.Module, training: bool) -> Iterator[str]:
+    """Reasons a LayerScale slot is not folded into the fused op's GEMM: a plain ``LayerScale`` is, an Identity /
+    inactive dropout is skipped (``_skippable``)."""
+    if isinstance(module, LayerScale):
+        if not plain(module, LayerScale):
+            yield f"{name} is a LayerScale with hooks, a subclass or a replaced forward: it is called"
+        return
+    yield from _skippable(name, module, training)
+
+
 def attention_half_blockers(block: nn.Module) -> Iterator[str]:
     """Why ``block``'s attention half cannot add its residual inside the proj GEMM (``ops.linear_residual``)."""
     training = block.training
@@ -1233,11 +1277,18 @@ def attention_half_blockers(block: nn.Module) -> Iterator[str]:
     if not plain(attn, Attention):
         yield f"attn is a {type(attn).__name__} with hooks or a replaced forward, or not fastvit's Attention"
         return
-    yield from _skippable("ls1", block.ls1, training)
-    yield from _skippable("drop_path1", block.drop_path1, training)
-    yield from _skippable("attn.proj_drop", attn.proj_drop, training)
-    if not plain(attn.proj, ResidualLinear):
-        yield f"attn.proj is a {type(attn.proj).__name__} (an adapter, hook or subclass): it is called unfused"
+    yield from _layer_scale_blockers("ls1", block.ls1, training)  # folded into proj by ops.linear_residual
+    yield from _proj_residual_blockers(block)
+
+
+def _proj_residual_blockers(block: nn.Module) -> Iterator[str]:
+    """What keeps a block's ``attn.proj`` + residual add from being one ``ops.linear_residual`` call, whatever the
+    attention: the skipped drop-path / proj dropout acting, proj not a plain ``ResidualLinear``, global hooks."""
+    yield from _skippable("drop_path1", block.drop_path1, block.training)
+    yield from _skippable("attn.proj_drop", block.attn.proj_drop, block.training)
+    if not plain(block.attn.proj, ResidualLinear):
+        kind = type(block.attn.proj).__name__
+        yield f"attn.proj is a {kind} (an adapter, hook or subclass): it is called unfused"
     if _global_hooks():
         yield "global module hooks are registered: every module is called"
 
@@ -1283,7 +1334,6 @@ def mlp_half_blockers(block: nn.Module) -> Iterator[str]:
     if not plain(block.mlp, *MLP_TYPES):
         yield f"mlp is a {type(block.mlp).__name__} with hooks or a replaced forward, not {_MLP_NAMES}"
         return
-    if not plain(block.ls2, LayerScale):  # a plain LayerScale is folded into fc2 by ops.ln_mlp
-        yield from _skippable("ls2", block.ls2, training)
+    yield from _layer_scale_blockers("ls2", block.ls2, training)  # folded into fc2 by ops.ln_mlp
     yield from _skippable("drop_path2", block.drop_path2, training)
     yield from mlp_blockers(block.norm2, block.mlp, block.mlp.norm, training)
