@@ -654,6 +654,52 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _bwd_program_setup(
+    Q, K, V, DO, Lse, Delta,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    H, N_Q, N_KV, num_blocks_plain, BLOCK: tl.constexpr,
+    Cu_seqlens, max_seqlen, VARLEN: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+):  # fmt: skip
+    """The setup both backward kernels share: the inputs' strides aligned (see ``_aligned``), the program's
+    coordinates, and in VARLEN mode its sequence's base pointers and lengths (see ``_varlen_coords``).
+
+    ``num_blocks_plain``: blocks per (batch, head) without VARLEN (cdiv of the owned axis by BLOCK). Returns (Q, K, V,
+    DO, Lse, Delta shifted to the sequence, their aligned strides, block index, b, h, N_Q, N_KV, the sequence's first
+    token as int64 (0 without VARLEN; the kernel shifts its own outputs by it), whether the block lies past its
+    sequence's end (the kernel returns then; always False without VARLEN)).
+    """
+    if STRIDE_ALIGN > 1:
+        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
+        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
+    if VARLEN:
+        block, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK), H, Cu_seqlens)
+        past_end = block * BLOCK >= length
+        Q += seq_start * stride_qn
+        K += seq_start * stride_kn
+        V += seq_start * stride_vn
+        DO += seq_start * stride_don
+        stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
+        Lse += stats_shift
+        Delta += stats_shift
+        b, N_Q, N_KV = 0, length, length
+    else:
+        block, b, h = _program_coords(num_blocks_plain, H)
+        seq_start = 0
+        past_end = False
+    return (
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        block, b, h, N_Q, N_KV, seq_start, past_end,
+    )  # fmt: skip
+
+
+@triton.jit
 def _bwd_dkdv_query_block(
     dk,  # [BLOCK_N, BLOCK_D] fp32 accumulator
     dv,  # [BLOCK_N, BLOCK_D] fp32 accumulator
@@ -762,29 +808,25 @@ def attn_bwd_dkdv_kernel(
     KeyKeep=None, KeyExtent=None, KEY_MASK: tl.constexpr = False,
     D1: tl.constexpr = 0, D2: tl.constexpr = 0, STRIDE_ALIGN: tl.constexpr = 1,
 ):  # fmt: skip
+    (
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        pid_n, b, h, N_Q, N_KV, seq_start, past_end,
+    ) = _bwd_program_setup(
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        H, N_Q, N_KV, tl.cdiv(N_KV, BLOCK_N), BLOCK_N, Cu_seqlens, max_seqlen, VARLEN, STRIDE_ALIGN,
+    )  # fmt: skip
     if STRIDE_ALIGN > 1:
-        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
-        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
-        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
-        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
         stride_dkb, stride_dkh, stride_dkn = _aligned(stride_dkb, stride_dkh, stride_dkn, STRIDE_ALIGN)
         stride_dvb, stride_dvh, stride_dvn = _aligned(stride_dvb, stride_dvh, stride_dvn, STRIDE_ALIGN)
     if VARLEN:
-        pid_n, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_N), H, Cu_seqlens)
-        if pid_n * BLOCK_N >= length:  # past the end of its sequence
+        if past_end:
             return
-        Q += seq_start * stride_qn
-        K += seq_start * stride_kn
-        V += seq_start * stride_vn
-        DO += seq_start * stride_don
         DK += seq_start * stride_dkn
         DV += seq_start * stride_dvn
-        stats_shift = _varlen_stats_shift(h, N_KV, seq_start, length)
-        Lse += stats_shift
-        Delta += stats_shift
-        b, N_KV, N_Q = 0, length, length
-    else:
-        pid_n, b, h = _program_coords(tl.cdiv(N_KV, BLOCK_N), H)
     start_n = pid_n * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -978,27 +1020,23 @@ def attn_bwd_dq_kernel(
     KeyKeep=None, KeyExtent=None, KEY_MASK: tl.constexpr = False,
     D1: tl.constexpr = 0, D2: tl.constexpr = 0, STRIDE_ALIGN: tl.constexpr = 1,
 ):  # fmt: skip
+    (
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        pid_m, b, h, N_Q, N_KV, seq_start, past_end,
+    ) = _bwd_program_setup(
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        H, N_Q, N_KV, tl.cdiv(N_Q, BLOCK_M), BLOCK_M, Cu_seqlens, max_seqlen, VARLEN, STRIDE_ALIGN,
+    )  # fmt: skip
     if STRIDE_ALIGN > 1:
-        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
-        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
-        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
-        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
         stride_dqb, stride_dqh, stride_dqn = _aligned(stride_dqb, stride_dqh, stride_dqn, STRIDE_ALIGN)
     if VARLEN:
-        pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
-        if pid_m * BLOCK_M >= length:  # past the end of its sequence
+        if past_end:
             return
-        Q += seq_start * stride_qn
-        K += seq_start * stride_kn
-        V += seq_start * stride_vn
-        DO += seq_start * stride_don
         DQ += seq_start * stride_dqn
-        stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
-        Lse += stats_shift
-        Delta += stats_shift
-        b, N_Q, N_KV = 0, length, length
-    else:
-        pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
     start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
