@@ -341,7 +341,7 @@ class Attention(nn.Module):
         check_attn_mask(attn_mask, x)
         if self.packed():
             q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
-            if mask_fits_qkv_call(attn_mask, q_norm is not None or k_norm is not None, dropout_p):
+            if mask_fits_qkv_call(attn_mask, dropout_p):
                 return qkv_attention_under(
                     attn_mask, self.qkv(x), self.num_heads, self.scale, dropout_p, self.backend,
                     q_norm=q_norm, k_norm=k_norm,
@@ -844,12 +844,7 @@ class EvaAttention(nn.Module):
         dropout_p = getattr(self.attn_drop, "p", 0.0) if self.training else 0.0
         check_attn_mask(attn_mask, x)
         q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
-        prologue = rope is not None or q_norm is not None or k_norm is not None
-        if (
-            self.packed()
-            and next(rope_blockers(rope), None) is None
-            and mask_fits_qkv_call(attn_mask, prologue, dropout_p)
-        ):
+        if self.packed() and next(rope_blockers(rope), None) is None and mask_fits_qkv_call(attn_mask, dropout_p):
             out = qkv_attention_under(
                 attn_mask, self.packed_qkv(x), self.num_heads, self.scale, dropout_p, self.backend,
                 rope=rope, num_prefix_tokens=self.num_prefix_tokens if rope is not None else 0,
@@ -876,13 +871,13 @@ def rope_blockers(rope: torch.Tensor | None) -> Iterator[str]:
         yield MIXED_ROPE_BLOCKER
 
 
-def mask_fits_qkv_call(attn_mask: AttnMask, prologue: bool, dropout_p: float) -> bool:
+def mask_fits_qkv_call(attn_mask: AttnMask, dropout_p: float) -> bool:
     """True when the attention under ``attn_mask`` is one op on the packed qkv buffer (``qkv_attention_under``):
-    no mask or a key-padding mask (``ops.qkv_attention``), or a packing without qk-norm/RoPE prologue or dropout
-    (``ops.varlen_qkv_attention`` has neither). Other masks run ``heads_attention`` on q, k, v views."""
+    no mask or a key-padding mask (``ops.qkv_attention``), or a packing without dropout (``ops.varlen_qkv_attention``
+    has none; it takes the qk-norm/RoPE prologue). Other masks run ``heads_attention`` on q, k, v views."""
     if attn_mask is None or is_key_padding_mask(attn_mask):
         return True
-    return isinstance(attn_mask, PackedSequences) and not prologue and dropout_p == 0.0
+    return isinstance(attn_mask, PackedSequences) and dropout_p == 0.0
 
 
 def qkv_attention_under(
@@ -893,7 +888,7 @@ def qkv_attention_under(
         cu_seqlens, max_seqlen = attn_mask
         checked = attn_mask.host_num_tokens is not None  # from_lengths: right by construction, T checked on the host
         return ops.varlen_qkv_attention(
-            qkv[0], cu_seqlens, max_seqlen, num_heads, scale, check_seqlens=not checked, backend=backend
+            qkv[0], cu_seqlens, max_seqlen, num_heads, scale, check_seqlens=not checked, backend=backend, **prologue
         )[None]
     return ops.qkv_attention(qkv, num_heads, scale, dropout_p, backend, key_padding_mask=attn_mask, **prologue)
 
@@ -1084,7 +1079,7 @@ class ParallelScalingBlock(nn.Module):
         x_mlp, qkv = self.project(x)
         if next(prologue_blockers(self), None) is None:
             q_norm, k_norm = qk_norm_params(self.q_norm), qk_norm_params(self.k_norm)
-            if mask_fits_qkv_call(attn_mask, q_norm is not None or k_norm is not None, dropout_p):
+            if mask_fits_qkv_call(attn_mask, dropout_p):
                 out = qkv_attention_under(
                     attn_mask, qkv, self.num_heads, self.scale, dropout_p, self.backend, q_norm=q_norm, k_norm=k_norm
                 )

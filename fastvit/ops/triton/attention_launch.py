@@ -310,10 +310,13 @@ def _attention_backward(
             _launch("dkdv", num_blocks, q, batch_heads, args, dkdv_constants, varlen is not None)
 
 
-def _norm_grad_partials(batch_heads: int, tokens: int, head_dim: int, device) -> torch.Tensor:
-    """The buffer the backward kernels write a norm's weight/bias gradient partials into (every slot written)."""
+def _norm_grad_partials(batch_heads: int, tokens: int, head_dim: int, device, zeroed: bool = False) -> torch.Tensor:
+    """The buffer [B·H, cdiv(tokens, NORM_GRAD_ROWS), 2, D] fp32 the backward kernels write a norm's weight/bias
+    gradient partials into: every slot written (the plain layout), or ``zeroed`` first (packed sequences: B·H per
+    (sequence, head), ``tokens`` = max_seqlen, and no program writes the slots past a sequence's end)."""
     slots = launch.cdiv(tokens, launch.kernels("attention").NORM_GRAD_ROWS.value)
-    return torch.empty((batch_heads, slots, 2, head_dim), dtype=torch.float32, device=device)
+    new = torch.zeros if zeroed else torch.empty
+    return new((batch_heads, slots, 2, head_dim), dtype=torch.float32, device=device)
 
 
 def _new_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
