@@ -11,16 +11,14 @@ norm weights' gradients (per-tile partials summed here, in a fixed order). ``fas
 run the same kernels with ``VARLEN=True`` on ``[T, 3*C]`` (the views are [1, H, T, D], the grid covers max_seqlen
 rows per sequence), and a key-padding mask reaches them as ``KEY_MASK=True`` with a uint8 mask and each row's last
 kept key. The prologue ops take either as trailing arguments (``PackedLayout``): the packed form with the packed RoPE
-table, or the key-padding mask. The backward uses no atomics; with ``fastvit.set_deterministic(True)`` the tile sizes are fixed per GPU
-(compute capability) instead of autotuned, so results are bit-identical across processes too (autotuning may pick
-near-tied configs differently).
+table, or the key-padding mask. The backward uses no atomics; with ``fastvit.set_deterministic(True)`` the tile sizes
+are fixed per GPU (compute capability) instead of autotuned, so results are bit-identical across processes too
+(autotuning may pick near-tied configs differently).
 Under ``torch.autocast``, inputs are cast to the autocast dtype before the custom op runs (as autocast does
 for matmuls).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
@@ -28,8 +26,10 @@ from fastvit import dispatch
 from fastvit.ops.attention import AttentionCall, AttentionPrologue
 from fastvit.ops.autograd import no_double_backward
 from fastvit.ops.triton.attention_launch import (  # noqa: F401  (candidate_configs, forced_configs: selftest, tests)
+    PackedLayout,
     PrologueArgs,
     Varlen,
+    _as_batched,
     _attention_backward,
     _attention_forward,
     _autotuned,
@@ -37,7 +37,11 @@ from fastvit.ops.triton.attention_launch import (  # noqa: F401  (candidate_conf
     _heads_view,
     _new_like,
     _norm_grad_partials,
+    _out_lse_shapes,
+    _packed_heads,
+    _packed_qkv,
     _prologue_kwargs,
+    _prologue_op_args,
     _split_qkv,
     candidate_configs,
     forced_configs,
@@ -194,37 +198,6 @@ _qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv
 # norm gradients as [2, D] fp32 (weight row, bias row; [0, D] without that norm).
 
 
-class PackedLayout(NamedTuple):
-    """The prologue ops' trailing arguments (``_LAYOUT``): packed sequences (``cu_seqlens`` not None: qkv is [T, 3*C])
-    or a [B, N] key-padding mask, or neither."""
-
-    cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int = 0
-    key_padding_mask: torch.Tensor | None = None
-
-    @property
-    def varlen(self) -> Varlen | None:
-        return None if self.cu_seqlens is None else Varlen(self.cu_seqlens, self.max_seqlen)
-
-
-def _prologue_op_args(args: tuple) -> tuple[PrologueArgs, PackedLayout]:
-    """A prologue op's arguments after (qkv, num_heads, scale) (or the backward's leading ones): the prologue and
-    the layout (its defaults where the caller left them out)."""
-    count = len(PrologueArgs._fields)
-    return PrologueArgs(*args[:count]), PackedLayout(*args[count:])
-
-
-def _as_batched(x: torch.Tensor) -> torch.Tensor:
-    """[T, ...] packed -> [1, T, ...] (a view); [B, N, ...] as it is."""
-    return x if x.dim() == 3 else x.unsqueeze(0)
-
-
-def _out_lse_shapes(qkv, num_heads) -> tuple[tuple, tuple]:
-    """Shapes of out and lse: ([B, N, C], [B, H, N]), or packed ([T, C], [H, T])."""
-    *rows, width3 = qkv.shape
-    return (*rows, width3 // 3), (*rows[:-1], num_heads, rows[-1])
-
-
 @torch.library.custom_op("fastvit::qkv_attention_prologue_fwd", mutates_args=(), schema=_QKV_PROLOGUE_FWD)
 def _qkv_attention_prologue_fwd(qkv, num_heads, scale, *args):
     prologue, layout = _prologue_op_args(args)
@@ -340,16 +313,6 @@ _VARLEN_BWD = (
     "(Tensor grad_out, Tensor qkv, Tensor cu_seqlens, Tensor out, Tensor lse, int max_seqlen, int num_heads, "
     "float scale) -> Tensor"
 )
-
-
-def _packed_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[T, H*D] -> [1, H, T, D] view (no copy)."""
-    return _heads_view(x.unsqueeze(0), num_heads)
-
-
-def _packed_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[T, 3*C] -> q, k, v as [1, H, T, D] views (no copy)."""
-    return _split_qkv(qkv.unsqueeze(0), num_heads)
 
 
 @torch.library.custom_op("fastvit::varlen_qkv_attention_fwd", mutates_args=(), schema=_VARLEN_FWD)
