@@ -369,8 +369,10 @@ class Eva(nn.Module):
 
     def packed_block_args(self, packing: ImagePacking, device: torch.device) -> Iterable[tuple]:
         """Per block, the packed sequence's RoPE table: each image's grid table, identity rows at later images'
-        prefix tokens (``fastvit.packing.packed_rope_table``); the blocks then run their heads path under the
-        packing's dense mask (``ops.varlen_qkv_attention`` has no RoPE prologue)."""
+        prefix tokens (``fastvit.packing.packed_rope_table``). The blocks take it as ``ops.varlen_qkv_attention``'s
+        RoPE prologue (no [T, T] mask); RoPE-Mixed's per-head learned tables ([heads, T - prefix, 2·D], with their
+        gradient) are no prologue (``layers.rope_blockers``): those blocks run their heads path under the packing's
+        dense mask."""
         if self.rope_config is None:
             return itertools.repeat(())
         tables = {grid: self.rope(grid, device) for grid in set(packing.grids)}  # one table per distinct grid

@@ -953,7 +953,7 @@ def attend(
     rope = None if rope_prologue is None else rope_prologue["rope"]
     if next(prologue_blockers(attn), None) is None and next(rope_blockers(rope), None) is None:
         q_norm, k_norm = qk_norm_params(attn.q_norm), qk_norm_params(attn.k_norm)
-        if mask_fits_qkv_call(attn_mask, rope is not None or q_norm is not None or k_norm is not None, dropout_p):
+        if mask_fits_qkv_call(attn_mask, dropout_p):
             return qkv_attention_under(
                 attn_mask, packed_qkv(), attn.num_heads, attn.scale, dropout_p, attn.backend,
                 q_norm=q_norm, k_norm=k_norm, **(rope_prologue or {}),
@@ -961,13 +961,13 @@ def attend(
     return heads_attention(*heads(), attn.scale, dropout_p, attn.backend, attn_mask)
 
 
-def mask_fits_qkv_call(attn_mask: AttnMask, prologue: bool, dropout_p: float) -> bool:
+def mask_fits_qkv_call(attn_mask: AttnMask, dropout_p: float) -> bool:
     """True when the attention under ``attn_mask`` is one op on the packed qkv buffer (``qkv_attention_under``):
-    no mask or a key-padding mask (``ops.qkv_attention``), or a packing without qk-norm/RoPE prologue or dropout
-    (``ops.varlen_qkv_attention`` has neither). Other masks run ``heads_attention`` on q, k, v views."""
+    no mask or a key-padding mask (``ops.qkv_attention``), or a packing without dropout (``ops.varlen_qkv_attention``
+    has none; it takes the qk-norm/RoPE prologue). Other masks run ``heads_attention`` on q, k, v views."""
     if attn_mask is None or is_key_padding_mask(attn_mask):
         return True
-    return isinstance(attn_mask, PackedSequences) and not prologue and dropout_p == 0.0
+    return isinstance(attn_mask, PackedSequences) and dropout_p == 0.0
 
 
 def qkv_attention_under(
@@ -978,7 +978,7 @@ def qkv_attention_under(
         cu_seqlens, max_seqlen = attn_mask
         checked = attn_mask.host_num_tokens is not None  # from_lengths: right by construction, T checked on the host
         return ops.varlen_qkv_attention(
-            qkv[0], cu_seqlens, max_seqlen, num_heads, scale, check_seqlens=not checked, backend=backend
+            qkv[0], cu_seqlens, max_seqlen, num_heads, scale, check_seqlens=not checked, backend=backend, **prologue
         )[None]
     return ops.qkv_attention(qkv, num_heads, scale, dropout_p, backend, key_padding_mask=attn_mask, **prologue)
 

@@ -301,8 +301,8 @@ class VisionTransformer(nn.Module):
         A half is fused when its residual add happens inside its last op (``linear_residual`` /
         ``ln_mlp``) and each of its ops runs a fused kernel. Depends on the current train/eval mode
         (dropout and drop-path only act while training) and on each op's backend. Never raises. It describes calls
-        without ``attn_mask``: under a mask that no attention op takes (a dense mask, a packing with a qk-norm/RoPE
-        prologue where the varlen op has none, the ``map`` head's key-padding mask) that attention runs on SDPA.
+        without ``attn_mask``: under a mask that no attention op takes (a dense mask, a packing with RoPE-Mixed's
+        learned tables or attention dropout, the ``map`` head's key-padding mask) that attention runs on SDPA.
 
         Args:
             device: where the inputs will be.

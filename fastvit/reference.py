@@ -91,16 +91,31 @@ def qkv_attention(
 
 
 def varlen_qkv_attention(
-    qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, scale: float | None = None
-) -> torch.Tensor:
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, scale: float | None = None,
+    *, rope: torch.Tensor | None = None, num_prefix_tokens: int = 0, rope_layout: str = "interleaved",
+    q_norm=None, k_norm=None,
+) -> torch.Tensor:  # fmt: skip
     """Multi-head self-attention within each of B sequences packed back to back (no attention across them).
 
     qkv: [T, 3*C], the qkv Linear's output of every sequence's tokens in turn (timm's per-token layout);
     cu_seqlens: [B + 1] ints, sequence b is tokens ``cu_seqlens[b]:cu_seqlens[b + 1]`` (empty ones allowed).
+    The prologue arguments are :func:`qkv_attention`'s, applied to each sequence alone: every sequence's first
+    ``num_prefix_tokens`` tokens stay unrotated, and ``rope`` is the packed table [T - num_prefix_tokens, 2·D]
+    (``fastvit.packing.packed_rope_table``) whose row ``g - num_prefix_tokens`` rotates packed token g: sequence b's
+    own table is rows ``cu_seqlens[b]:cu_seqlens[b + 1] - num_prefix_tokens``.
     Returns [T, C]: :func:`qkv_attention` of each sequence alone, concatenated.
     """
     bounds = cu_seqlens.tolist()
-    parts = [qkv_attention(qkv[None, start:end], num_heads, scale)[0] for start, end in zip(bounds[:-1], bounds[1:])]
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        prefix = min(num_prefix_tokens, end - start)
+        table = None if rope is None else rope[start : max(start, end - num_prefix_tokens)]
+        parts.append(
+            qkv_attention(
+                qkv[None, start:end], num_heads, scale, rope=table, num_prefix_tokens=prefix if rope is not None else 0,
+                rope_layout=rope_layout, q_norm=q_norm, k_norm=k_norm,
+            )[0]
+        )  # fmt: skip
     return torch.cat(parts) if parts else qkv[:, : qkv.shape[-1] // 3].clone()  # B = 0: T = 0
 
 

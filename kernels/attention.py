@@ -178,7 +178,11 @@ def _program_coords(num_blocks, H):
 # flash-attn's varlen kernels: a program past its sequence's end returns after reading two int32 (no host sync; the
 # grid depends on max_seqlen and B alone, so a CUDA graph can replay it). A kernel then shifts its base pointers to
 # the sequence's first token, sets b = 0 and N_Q = N_KV = the sequence's length, and runs the plain code unchanged;
-# with VARLEN=False nothing of this is compiled.
+# with VARLEN=False nothing of this is compiled. With the prologue the RoPE table is the packed one ([T - NUM_PREFIX,
+# 2·D], ``fastvit.packing.packed_rope_table``: row g - NUM_PREFIX rotates token g): shifted by the sequence's first
+# token like the tensors, the plain code's local row r - NUM_PREFIX lands on row g - NUM_PREFIX, and every sequence's
+# first NUM_PREFIX tokens stay unrotated. The norm-weight gradient partials get one row of slots per (sequence, head),
+# cdiv(max_seqlen, NORM_GRAD_ROWS) slots each (see ``_store_norm_grad``).
 
 
 @triton.jit
@@ -219,6 +223,11 @@ def _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n):
 # t - NUM_PREFIX (prefix tokens are not rotated). Rotation and norm are computed in fp32 and the result rounded once
 # to the tile's dtype. Ideas from flash-attention's rotary kernel and Liger-Kernel's rope (partner columns read
 # through a second pointer tile); the code is ours.
+# Registers: the prologue keeps the tile, its partner tile and fp32 sin/cos tiles live at once, and it spills on sm_90a
+# (ahead-of-time compiles, Triton 3.8, bf16, rotate-half RoPE + LayerNorm on q and k, VARLEN or not; the launcher's
+# RoPE candidates): at D = 64 the forward 0-2.6 KB per thread (none only at (128, 64, 8, 2)), dK/dV 0.25-2.1 KB, dQ
+# 0.14-2.6 KB; at D = 128 0.3-3.9 KB, 1.8-8.1 KB and 3.7-8.6 KB. At D = 64 RoPE alone spills 0.2-2 KB, the norms alone
+# at most 0.6 KB (forward). The committed resource tables do not cover prologue launches yet.
 ROPE_INTERLEAVED = tl.constexpr(1)
 ROPE_HALF = tl.constexpr(2)
 NORM_LAYER = tl.constexpr(1)
@@ -363,25 +372,27 @@ def _prologue_backward(
 
 @triton.jit
 def _store_norm_grad(
-    NormGrad,  # [B·H, cdiv(N, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: per-slot partial weight / bias gradients
-    bh,
+    NormGrad,  # [B·H, cdiv(SLOT_ROWS, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: per-slot partial weight / bias gradients
+    bh,  # this program's row of slots: b * H + h (VARLEN: sequence * H + h)
     start,  # first row of this program's tile
-    N,
+    N,  # rows of the sequence: slots past cdiv(N, NORM_GRAD_ROWS) are not written
+    slot_rows,  # rows each (batch or sequence, head) has slots for: N (VARLEN: max_seqlen)
     dw,  # [BLOCK_D] fp32 partial weight gradient of the tile
     db,  # [BLOCK_D] fp32 partial bias gradient
     offs_d,
     HEAD_DIM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
 ):
-    """Write the tile's partials into its first slot and zeros into the other slots it covers: every slot is written
-    by exactly one program whatever the tile size, so the host's sum over slots is deterministic and never sees a
-    slot left over from another config the autotuner tried."""
-    num_slots = tl.cdiv(N, NORM_GRAD_ROWS)
+    """Write the tile's partials into its first slot and zeros into the other slots it covers: every slot of the
+    sequence is written by exactly one program whatever the tile size, so the host's sum over slots is deterministic
+    and never sees a slot left over from another config the autotuner tried (VARLEN: the host zeroes the slots past
+    each sequence's end, which no program covers)."""
     offs_s = tl.arange(0, BLOCK_ROWS // NORM_GRAD_ROWS)
     slots = start // NORM_GRAD_ROWS + offs_s
     first = (offs_s == 0)[:, None]
-    ptrs = NormGrad + (bh * num_slots + slots.to(tl.int64))[:, None] * (2 * HEAD_DIM) + offs_d[None, :]
-    mask = (slots < num_slots)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    row = bh * tl.cdiv(slot_rows, NORM_GRAD_ROWS)
+    ptrs = NormGrad + (row + slots.to(tl.int64))[:, None] * (2 * HEAD_DIM) + offs_d[None, :]
+    mask = (slots < tl.cdiv(N, NORM_GRAD_ROWS))[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(ptrs, tl.where(first, dw[None, :], 0.0), mask=mask)
     tl.store(ptrs + HEAD_DIM, tl.where(first, db[None, :], 0.0), mask=mask)
 
@@ -522,6 +533,8 @@ def attn_fwd_kernel(
         K += seq_start * stride_kn
         V += seq_start * stride_vn
         Out += seq_start * stride_on
+        if ROPE != 0:
+            Rope += seq_start * stride_rope_n  # see _varlen_coords: the packed table, row g - NUM_PREFIX for token g
         stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
         Lse += stats_shift
         b, N_Q, N_KV = 0, length, length
@@ -654,6 +667,57 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _bwd_program_setup(
+    Q, K, V, DO, Lse, Delta,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    H, N_Q, N_KV, num_blocks_plain, BLOCK: tl.constexpr,
+    Cu_seqlens, max_seqlen, VARLEN: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+    Rope, stride_rope_n, ROPE: tl.constexpr,
+):  # fmt: skip
+    """The setup both backward kernels share: the inputs' strides aligned (see ``_aligned``), the program's
+    coordinates, and in VARLEN mode its sequence's base pointers and lengths (see ``_varlen_coords``).
+
+    ``num_blocks_plain``: blocks per (batch, head) without VARLEN (cdiv of the owned axis by BLOCK). Returns (Q, K, V,
+    DO, Lse, Delta shifted to the sequence, their aligned strides, block index, b, h, N_Q, N_KV, the sequence's first
+    token as int64 (0 without VARLEN; the kernel shifts its own outputs by it), whether the block lies past its
+    sequence's end (the kernel returns then; always False without VARLEN), the RoPE table shifted likewise, the
+    sequence index (b without VARLEN: the norm-gradient partials' row is seq * H + h)).
+    """
+    if STRIDE_ALIGN > 1:
+        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
+        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
+    if VARLEN:
+        block, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK), H, Cu_seqlens)
+        past_end = block * BLOCK >= length
+        Q += seq_start * stride_qn
+        K += seq_start * stride_kn
+        V += seq_start * stride_vn
+        DO += seq_start * stride_don
+        if ROPE != 0:
+            Rope += seq_start * stride_rope_n
+        stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
+        Lse += stats_shift
+        Delta += stats_shift
+        b, N_Q, N_KV = 0, length, length
+    else:
+        block, b, h = _program_coords(num_blocks_plain, H)
+        seq = b
+        seq_start = 0
+        past_end = False
+    return (
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        block, b, h, N_Q, N_KV, seq_start, past_end, Rope, seq,
+    )  # fmt: skip
+
+
+@triton.jit
 def _bwd_dkdv_query_block(
     dk,  # [BLOCK_N, BLOCK_D] fp32 accumulator
     dv,  # [BLOCK_N, BLOCK_D] fp32 accumulator
@@ -762,29 +826,26 @@ def attn_bwd_dkdv_kernel(
     KeyKeep=None, KeyExtent=None, KEY_MASK: tl.constexpr = False,
     D1: tl.constexpr = 0, D2: tl.constexpr = 0, STRIDE_ALIGN: tl.constexpr = 1,
 ):  # fmt: skip
+    (
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        pid_n, b, h, N_Q, N_KV, seq_start, past_end, Rope, seq,
+    ) = _bwd_program_setup(
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        H, N_Q, N_KV, tl.cdiv(N_KV, BLOCK_N), BLOCK_N, Cu_seqlens, max_seqlen, VARLEN, STRIDE_ALIGN,
+        Rope, stride_rope_n, ROPE,
+    )  # fmt: skip
     if STRIDE_ALIGN > 1:
-        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
-        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
-        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
-        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
         stride_dkb, stride_dkh, stride_dkn = _aligned(stride_dkb, stride_dkh, stride_dkn, STRIDE_ALIGN)
         stride_dvb, stride_dvh, stride_dvn = _aligned(stride_dvb, stride_dvh, stride_dvn, STRIDE_ALIGN)
     if VARLEN:
-        pid_n, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_N), H, Cu_seqlens)
-        if pid_n * BLOCK_N >= length:  # past the end of its sequence
+        if past_end:
             return
-        Q += seq_start * stride_qn
-        K += seq_start * stride_kn
-        V += seq_start * stride_vn
-        DO += seq_start * stride_don
         DK += seq_start * stride_dkn
         DV += seq_start * stride_dvn
-        stats_shift = _varlen_stats_shift(h, N_KV, seq_start, length)
-        Lse += stats_shift
-        Delta += stats_shift
-        b, N_KV, N_Q = 0, length, length
-    else:
-        pid_n, b, h = _program_coords(tl.cdiv(N_KV, BLOCK_N), H)
     start_n = pid_n * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -866,7 +927,10 @@ def attn_bwd_dkdv_kernel(
             HEAD_DIM, BLOCK_D, ROPE, K_NORM,
         )  # fmt: skip
         if K_NORM != 0:
-            _store_norm_grad(NormGrad, b * H + h, start_n, N_KV, dkw, dkb, offs_d, HEAD_DIM, BLOCK_N)
+            slot_rows = N_KV
+            if VARLEN:
+                slot_rows = max_seqlen
+            _store_norm_grad(NormGrad, seq * H + h, start_n, N_KV, slot_rows, dkw, dkb, offs_d, HEAD_DIM, BLOCK_N)
     dk_rows, dk_ptrs = _block_rows(DK, b, h, start_n, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
     dv_rows, dv_ptrs = _block_rows(DV, b, h, start_n, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
     _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
@@ -978,27 +1042,24 @@ def attn_bwd_dq_kernel(
     KeyKeep=None, KeyExtent=None, KEY_MASK: tl.constexpr = False,
     D1: tl.constexpr = 0, D2: tl.constexpr = 0, STRIDE_ALIGN: tl.constexpr = 1,
 ):  # fmt: skip
+    (
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        pid_m, b, h, N_Q, N_KV, seq_start, past_end, Rope, seq,
+    ) = _bwd_program_setup(
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        H, N_Q, N_KV, tl.cdiv(N_Q, BLOCK_M), BLOCK_M, Cu_seqlens, max_seqlen, VARLEN, STRIDE_ALIGN,
+        Rope, stride_rope_n, ROPE,
+    )  # fmt: skip
     if STRIDE_ALIGN > 1:
-        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
-        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
-        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
-        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
         stride_dqb, stride_dqh, stride_dqn = _aligned(stride_dqb, stride_dqh, stride_dqn, STRIDE_ALIGN)
     if VARLEN:
-        pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
-        if pid_m * BLOCK_M >= length:  # past the end of its sequence
+        if past_end:
             return
-        Q += seq_start * stride_qn
-        K += seq_start * stride_kn
-        V += seq_start * stride_vn
-        DO += seq_start * stride_don
         DQ += seq_start * stride_dqn
-        stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
-        Lse += stats_shift
-        Delta += stats_shift
-        b, N_Q, N_KV = 0, length, length
-    else:
-        pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
     start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -1073,7 +1134,10 @@ def attn_bwd_dq_kernel(
             HEAD_DIM, BLOCK_D, ROPE, Q_NORM,
         )  # fmt: skip
         if Q_NORM != 0:
-            _store_norm_grad(NormGrad, b * H + h, start_m, N_Q, dqw, dqb, offs_d, HEAD_DIM, BLOCK_M)
+            slot_rows = N_Q
+            if VARLEN:
+                slot_rows = max_seqlen
+            _store_norm_grad(NormGrad, seq * H + h, start_m, N_Q, slot_rows, dqw, dqb, offs_d, HEAD_DIM, BLOCK_M)
     dq_rows, dq_ptrs = _block_rows(DQ, b, h, start_m, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
     _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
     if D1 > 0:

@@ -106,6 +106,36 @@ def test_packed_attention_on_the_triton_varlen_kernel():
     _check_packed_equals_alone(model, _images([(8, 12), (4, 4), (12, 8)]))
 
 
+@needs_backend("triton")
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(use_rot_pos_emb=True, num_reg_tokens=2, qk_norm=True),
+        dict(use_rot_pos_emb=True, rope_type="dinov3", rope_rotate_half=True, global_pool="avg"),
+    ],
+    ids=["interleaved+qk_norm+registers", "rotate_half"],
+)
+def test_eva_packed_attention_runs_the_varlen_kernel_with_its_prologue(case, monkeypatch):
+    """Eva's packed blocks: one ``ops.varlen_qkv_attention`` per block on the Triton kernel with RoPE (the packed
+    table) and qk-norm as its prologue (no dense [T, T] mask), equal to each image alone."""
+    from fastvit.ops.triton import attention as attention_triton
+
+    model = Eva(**{**TINY, "depth": 1}, **case, dynamic_img_size=True, backend={"qkv_attention": "triton"})
+    launches = []
+    forward = attention_triton._attention_forward
+
+    def spy(*args, **kwargs):
+        launches.append(args[7] if len(args) > 7 else kwargs.get("varlen"))  # the Varlen of a packed launch
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(attention_triton, "_attention_forward", spy)
+    images = _images([(8, 12), (4, 4), (12, 8)])
+    with torch.no_grad():
+        model.forward_packed(images)
+    assert len(launches) == 1 and launches[0] is not None, launches  # one block, one packed launch
+    _check_packed_equals_alone(model, images)
+
+
 def test_pre_logits_features_and_the_model_call_on_a_list():
     model = VisionTransformer(**TINY, dynamic_img_size=True, backend="torch").eval()
     images = _images()

@@ -85,7 +85,7 @@ class AttentionCall(NamedTuple):
     v_head_dim: int
     dropout: bool
     allow_tf32: bool  # torch.backends.cuda.matmul.allow_tf32, read for float32 only
-    prologue: tuple[str, ...] = ()  # qkv_attention's prologue parts (AttentionPrologue.describe), () for none
+    prologue: tuple[str, ...] = ()  # the prologue parts (AttentionPrologue.describe), () for none
     masked: bool = False  # qkv_attention with a key-padding mask
 
 
@@ -150,7 +150,7 @@ def qkv_attention(
     head_dim = _check_qkv("qkv", qkv, 3, num_heads)
     scale = check_scale(scale)
     dropout_p = check_probability("dropout_p", dropout_p)
-    prologue = _check_prologue(qkv, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm)
+    prologue = _check_prologue(qkv, qkv.shape[1], head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm)
     masked = key_padding_mask is not None
     if masked:
         _check_key_padding_mask(key_padding_mask, qkv)
@@ -192,9 +192,11 @@ def _check_qkv(name: str, qkv: object, ndim: int, num_heads: int) -> int:
     return qkv.shape[-1] // (3 * num_heads)
 
 
-def _check_prologue(qkv, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm) -> AttentionPrologue | None:
-    """The checked prologue of a ``qkv_attention`` call; None when it has none (today's plain attention)."""
-    tokens = qkv.shape[1]
+def _check_prologue(
+    qkv, tokens, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm
+) -> AttentionPrologue | None:
+    """The checked prologue of a ``qkv_attention`` call on ``tokens`` tokens per sequence (``varlen_qkv_attention``:
+    the packed token count T); None when it has none (today's plain attention)."""
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
         raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
     if rope_layout not in ROPE_LAYOUTS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastvit import dispatch
-from fastvit.ops.attention import _check_qkv, _qkv_sdpa, attention_call
+from fastvit.ops.attention import AttentionPrologue, QKNorm, _check_prologue, _check_qkv, _qkv_sdpa, attention_call
 from fastvit.validation import check_scale
 
 
@@ -24,10 +24,17 @@ def varlen_qkv_attention(
     *,
     check_seqlens: bool = True,
     backend: str | None = None,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rope_layout: str = "interleaved",
+    q_norm: QKNorm | None = None,
+    k_norm: QKNorm | None = None,
 ) -> torch.Tensor:
     """Self-attention within each of B variable-length sequences packed back to back (``flash_attn_varlen_qkvpacked``).
 
-    No token attends across a sequence boundary; empty and length-1 sequences are allowed.
+    No token attends across a sequence boundary; empty and length-1 sequences are allowed. Optionally qk-norm then
+    RoPE are applied to q and k first, as ``qkv_attention``'s prologue (inside the Triton kernels), each sequence's
+    first ``num_prefix_tokens`` tokens left unrotated.
 
     Args:
         qkv: [T, 3*C], every sequence's tokens in turn, each row the qkv Linear's output in timm's layout
@@ -44,6 +51,14 @@ def varlen_qkv_attention(
             qkv and out (keep the check on while developing). Under ``torch.compile`` the value checks are
             skipped (they would break the graph); the cheap ones (dtype, shape, device) always run.
         backend: 'auto' | 'triton' | 'torch'; None = the process default.
+        rope: the packed [T - num_prefix_tokens, 2*D] cat(sin, cos) table (``fastvit.packing.packed_rope_table``):
+            packed token g, if it is not among its sequence's first ``num_prefix_tokens``, is rotated by row
+            g - num_prefix_tokens (so sequence b's own table is rows ``cu_seqlens[b]:cu_seqlens[b + 1] -
+            num_prefix_tokens``; the rows at later sequences' prefix tokens are not read: ``packed_rope_table`` puts
+            identity rows there). None: no RoPE. No gradient for it on the ``triton`` backend.
+        num_prefix_tokens: the leading (class / register) tokens of every sequence, left unrotated; only with
+            ``rope``.
+        rope_layout, q_norm, k_norm: as ``qkv_attention``'s (the norms apply to every token).
 
     Returns:
         [T, C], heads concatenated, ready for the proj Linear.
@@ -64,8 +79,14 @@ def varlen_qkv_attention(
     if check_seqlens and not torch.compiler.is_compiling():
         check_cu_seqlens(cu_seqlens, qkv.shape[0], max_seqlen)
     scale = check_scale(scale)
-    call = attention_call(qkv.device, qkv.dtype, head_dim)
-    return dispatch.select("varlen_qkv_attention", backend, call)(qkv, cu_seqlens, max_seqlen, num_heads, scale)
+    tokens = qkv.shape[0]
+    prologue = _check_prologue(qkv, tokens, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm)
+    parts = prologue.describe() if prologue is not None else ()
+    call = attention_call(qkv.device, qkv.dtype, head_dim, prologue=parts)
+    fn = dispatch.select("varlen_qkv_attention", backend, call)
+    if prologue is None:
+        return fn(qkv, cu_seqlens, max_seqlen, num_heads, scale)
+    return fn(qkv, cu_seqlens, max_seqlen, num_heads, scale, prologue)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, tokens: int, max_seqlen: int) -> None:
@@ -86,22 +107,51 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, tokens: int, max_seqlen: int) -> 
 
 
 @dispatch.register("varlen_qkv_attention", "torch")
-def _varlen_qkv_attention_torch(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+def _varlen_qkv_attention_torch(qkv, cu_seqlens, max_seqlen, num_heads, scale, prologue=None):
     """One SDPA per sequence where reading cu_seqlens on the host is free (CPU tensors, eager): measured on CPU it
     ran 2.4-3.9x faster than padding (B=8 x 50-197 tokens, 32 x 16-257, 4 x 100-577; H=6-12, D=64). Elsewhere (CUDA
-    tensors, torch.compile tracing) pad + mask: no host sync, so CUDA graphs can capture it and it traces whole."""
+    tensors, torch.compile tracing) pad + mask: no host sync, so CUDA graphs can capture it and it traces whole.
+    A RoPE prologue runs with each token's own row (``_token_rope_table``) and no prefix: per token, as the norms."""
+    if prologue is not None and prologue.rope is not None:
+        rope = _token_rope_table(prologue.rope, cu_seqlens, prologue.num_prefix_tokens, qkv.shape[0])
+        prologue = prologue._replace(rope=rope, num_prefix_tokens=0)
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _varlen_per_sequence(qkv, cu_seqlens, num_heads, scale)
-    return _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale)
+        return _varlen_per_sequence(qkv, cu_seqlens, num_heads, scale, prologue)
+    return _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale, prologue)
 
 
-def _varlen_per_sequence(qkv, cu_seqlens, num_heads, scale):
+def _token_rope_table(rope, cu_seqlens, num_prefix_tokens, tokens):
+    """The packed table [T - P, 2*D] -> one row per packed token [T, 2*D]: token g's row g - P, identity (sin 0,
+    cos 1) for each sequence's first P tokens, whatever the packed table holds there (on the device, no sync)."""
+    half = rope.shape[-1] // 2
+    identity = torch.cat([rope.new_zeros(half), rope.new_ones(half)])
+    if rope.shape[0] == 0:  # every token is a prefix token
+        return identity.expand(tokens, -1)
+    token = torch.arange(tokens, device=rope.device)
+    bounds = cu_seqlens.long()
+    sequence = torch.searchsorted(bounds[1:], token, right=True)  # the sequence of each token
+    rotated = (token - bounds[sequence]) >= num_prefix_tokens
+    rows = rope[(token - num_prefix_tokens).clamp(min=0)]
+    return torch.where(rotated[:, None], rows, identity)
+
+
+def _sequence_prologue(prologue: AttentionPrologue | None, start, end) -> AttentionPrologue | None:
+    """The prologue of tokens start:end of a per-token prologue (a ``_token_rope_table`` table, no prefix)."""
+    if prologue is None or prologue.rope is None:
+        return prologue
+    return prologue._replace(rope=prologue.rope[start:end])
+
+
+def _varlen_per_sequence(qkv, cu_seqlens, num_heads, scale, prologue=None):
     bounds = cu_seqlens.tolist()
-    parts = [_qkv_sdpa(qkv[None, start:end], num_heads, scale, 0.0)[0] for start, end in zip(bounds, bounds[1:])]
+    parts = [
+        _qkv_sdpa(qkv[None, start:end], num_heads, scale, 0.0, _sequence_prologue(prologue, start, end))[0]
+        for start, end in zip(bounds, bounds[1:])
+    ]
     return torch.cat(parts) if parts else _no_tokens(qkv)
 
 
-def _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+def _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale, prologue=None):
     """Pad to [B, max_seqlen, 3*C] by a gather, SDPA with a key mask, gather the valid rows back; the shapes follow
     from B and max_seqlen alone."""
     tokens = qkv.shape[0]
@@ -110,11 +160,14 @@ def _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale):
     bounds = cu_seqlens.long()
     starts, lengths = bounds[:-1], bounds.diff()
     positions = torch.arange(max_seqlen, device=qkv.device)
-    padded = qkv[(starts[:, None] + positions).clamp(max=tokens - 1)]  # [B, L, 3*C]; padding rows: any token
+    gather = (starts[:, None] + positions).clamp(max=tokens - 1)  # [B, L]; padding rows: any token
+    padded = qkv[gather]  # [B, L, 3*C]
+    if prologue is not None and prologue.rope is not None:  # per-token rows, gathered as the tokens: [B, 1, L, 2*D]
+        prologue = prologue._replace(rope=prologue.rope[gather][:, None])
     # An empty sequence keeps one (padding) key, so that no row of SDPA is fully masked (NaN there would reach the
     # gradient through 0 * NaN); padding rows are dropped below and get no gradient.
     keep = (positions < lengths.clamp(min=1)[:, None])[:, None, None, :]  # [B, 1, 1, L]
-    out = _qkv_sdpa(padded, num_heads, scale, 0.0, attn_mask=keep)  # [B, L, C]
+    out = _qkv_sdpa(padded, num_heads, scale, 0.0, prologue, attn_mask=keep)  # [B, L, C]
     token = torch.arange(tokens, device=qkv.device)
     sequence = torch.searchsorted(bounds[1:], token, right=True)  # the sequence of each token
     return out[sequence, token - starts[sequence]]

@@ -10,9 +10,10 @@ writes dq/dk/dv into one ``[B, N, 3*C]`` gradient. With a prologue (qk-norm, RoP
 norm weights' gradients (per-tile partials summed here, in a fixed order). ``fastvit::varlen_qkv_attention_fwd/bwd``
 run the same kernels with ``VARLEN=True`` on ``[T, 3*C]`` (the views are [1, H, T, D], the grid covers max_seqlen
 rows per sequence), and a key-padding mask reaches them as ``KEY_MASK=True`` with a uint8 mask and each row's last
-kept key. The backward uses no atomics; with ``fastvit.set_deterministic(True)`` the tile sizes are fixed per GPU
-(compute capability) instead of autotuned, so results are bit-identical across processes too (autotuning may pick
-near-tied configs differently).
+kept key. The prologue ops take either as trailing arguments (``PackedLayout``): the packed form with the packed RoPE
+table, or the key-padding mask. The backward uses no atomics; with ``fastvit.set_deterministic(True)`` the tile sizes
+are fixed per GPU (compute capability) instead of autotuned, so results are bit-identical across processes too
+(autotuning may pick near-tied configs differently).
 Under ``torch.autocast``, inputs are cast to the autocast dtype before the custom op runs (as autocast does
 for matmuls).
 """
@@ -25,8 +26,10 @@ from fastvit import dispatch
 from fastvit.ops.attention import AttentionCall, AttentionPrologue
 from fastvit.ops.autograd import no_double_backward
 from fastvit.ops.triton.attention_launch import (  # noqa: F401  (candidate_configs, forced_configs: selftest, tests)
+    PackedLayout,
     PrologueArgs,
     Varlen,
+    _as_batched,
     _attention_backward,
     _attention_forward,
     _autotuned,
@@ -34,7 +37,11 @@ from fastvit.ops.triton.attention_launch import (  # noqa: F401  (candidate_conf
     _heads_view,
     _new_like,
     _norm_grad_partials,
+    _out_lse_shapes,
+    _packed_heads,
+    _packed_qkv,
     _prologue_kwargs,
+    _prologue_op_args,
     _split_qkv,
     candidate_configs,
     forced_configs,
@@ -54,8 +61,6 @@ def supports(call: AttentionCall) -> str | None:
         return f"the Triton kernels take head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={call.head_dim}"
     if call.v_head_dim != call.head_dim:
         return f"the Triton kernels need v's head dim to equal q's ({call.head_dim}), got {call.v_head_dim}"
-    if call.masked and call.prologue:
-        return "a key-padding mask together with a qk-norm/RoPE prologue is implemented only by the 'torch' backend"
     return dispatch.kernel_dtype_reason("triton", call.device, (call.dtype,))
 
 
@@ -81,7 +86,8 @@ def qkv_attention(qkv, num_heads, scale, dropout_p, prologue: AttentionPrologue 
     scale = head_dim**-0.5 if scale is None else scale
     if prologue is None:
         return torch.ops.fastvit.qkv_attention_fwd(qkv, num_heads, scale, key_padding_mask)[0]
-    return torch.ops.fastvit.qkv_attention_prologue_fwd(qkv, num_heads, scale, *_prologue_args(prologue))[0]
+    layout = PackedLayout(None, 0, key_padding_mask)
+    return torch.ops.fastvit.qkv_attention_prologue_fwd(qkv, num_heads, scale, *_prologue_args(prologue), *layout)[0]
 
 
 def _prologue_args(prologue: AttentionPrologue) -> PrologueArgs:
@@ -90,11 +96,14 @@ def _prologue_args(prologue: AttentionPrologue) -> PrologueArgs:
 
 
 @dispatch.register("varlen_qkv_attention", "triton", supports=supports, auto_skip=auto_skip)
-def varlen_qkv_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+def varlen_qkv_attention(qkv, cu_seqlens, max_seqlen, num_heads, scale, prologue: AttentionPrologue | None = None):
     (qkv,) = _cast_for_autocast(qkv)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim**-0.5 if scale is None else scale
-    return torch.ops.fastvit.varlen_qkv_attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale)[0]
+    if prologue is None:
+        return torch.ops.fastvit.varlen_qkv_attention_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale)[0]
+    layout = PackedLayout(cu_seqlens, max_seqlen, None)
+    return torch.ops.fastvit.qkv_attention_prologue_fwd(qkv, num_heads, scale, *_prologue_args(prologue), *layout)[0]
 
 
 @dispatch.register("attention", "triton", supports=supports, auto_skip=auto_skip)
@@ -118,9 +127,12 @@ _PROLOGUE = (
     "Tensor? rope, int num_prefix_tokens, bool rotate_half, str? q_norm, Tensor? q_weight, Tensor? q_bias, "
     "float q_eps, str? k_norm, Tensor? k_weight, Tensor? k_bias, float k_eps"
 )
-_QKV_PROLOGUE_FWD = f"(Tensor qkv, int num_heads, float scale, {_PROLOGUE}) -> (Tensor, Tensor)"
+# The prologue ops also take the packed form (qkv [T, 3*C], out [T, C], lse [H, T] with cu_seqlens) and the
+# key-padding mask, as trailing arguments (PackedLayout).
+_LAYOUT = "Tensor? cu_seqlens=None, int max_seqlen=0, Tensor? key_padding_mask=None"
+_QKV_PROLOGUE_FWD = f"(Tensor qkv, int num_heads, float scale, {_PROLOGUE}, {_LAYOUT}) -> (Tensor, Tensor)"
 _QKV_PROLOGUE_BWD = (
-    f"(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, {_PROLOGUE}) "
+    f"(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, {_PROLOGUE}, {_LAYOUT}) "
     "-> (Tensor, Tensor, Tensor)"
 )
 _FWD = "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
@@ -181,25 +193,27 @@ def _qkv_attention_backward(ctx, grad_out, _grad_lse):
 _qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv_attention_setup_context)
 
 
-# The prologue variant: the same kernels with qk-norm / RoPE switched on. The backward also returns the q and k norm
-# gradients as [2, D] fp32 (weight row, bias row; [0, D] without that norm).
+# The prologue variant: the same kernels with qk-norm / RoPE switched on, on [B, N, 3*C] (optionally with a key-padding
+# mask) or on packed sequences [T, 3*C] (cu_seqlens; out [T, C], lse [H, T]). The backward also returns the q and k
+# norm gradients as [2, D] fp32 (weight row, bias row; [0, D] without that norm).
 
 
 @torch.library.custom_op("fastvit::qkv_attention_prologue_fwd", mutates_args=(), schema=_QKV_PROLOGUE_FWD)
-def _qkv_attention_prologue_fwd(qkv, num_heads, scale, *prologue):
-    batch, tokens, width3 = qkv.shape
-    out = _new_like(qkv, (batch, tokens, width3 // 3))
-    lse = _new_like(qkv, (batch, num_heads, tokens), torch.float32)
-    q, k, v = _split_qkv(qkv, num_heads)
-    prologue = _prologue_kwargs(PrologueArgs(*prologue))
-    _attention_forward(q, k, v, _heads_view(out, num_heads), lse, scale, prologue)
+def _qkv_attention_prologue_fwd(qkv, num_heads, scale, *args):
+    prologue, layout = _prologue_op_args(args)
+    out_shape, lse_shape = _out_lse_shapes(qkv, num_heads)
+    out, lse = _new_like(qkv, out_shape), _new_like(qkv, lse_shape, torch.float32)
+    _attention_forward(
+        *_split_qkv(_as_batched(qkv), num_heads), _heads_view(_as_batched(out), num_heads),
+        lse.view(-1, *lse.shape[-2:]), scale, _prologue_kwargs(prologue), layout.varlen, layout.key_padding_mask,
+    )  # fmt: skip
     return out, lse
 
 
 @_qkv_attention_prologue_fwd.register_fake
-def _(qkv, num_heads, scale, *prologue):
-    batch, tokens, width3 = qkv.shape
-    return qkv.new_empty((batch, tokens, width3 // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=torch.float32)
+def _(qkv, num_heads, scale, *args):
+    out_shape, lse_shape = _out_lse_shapes(qkv, num_heads)
+    return qkv.new_empty(out_shape), qkv.new_empty(lse_shape, dtype=torch.float32)
 
 
 def _norm_grad_shape(kind, qkv, num_heads) -> tuple[int, int]:
@@ -207,25 +221,33 @@ def _norm_grad_shape(kind, qkv, num_heads) -> tuple[int, int]:
 
 
 @torch.library.custom_op("fastvit::qkv_attention_prologue_bwd", mutates_args=(), schema=_QKV_PROLOGUE_BWD)
-def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *prologue):
-    batch, tokens, _ = qkv.shape
+def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *args):
+    prologue, layout = _prologue_op_args(args)
+    batched = _as_batched(qkv)
+    batch, tokens, _ = batched.shape
     head_dim = qkv.shape[-1] // (3 * num_heads)
     grad_qkv = _new_like(qkv)
-    prologue = PrologueArgs(*prologue)
+    # Packed: one partial-buffer row per (sequence, head), max_seqlen rows each (zeroed: the rows past a sequence's
+    # end, and every row of an empty sequence, are written by no program).
+    sequences, rows = (batch, tokens) if layout.varlen is None else (len(layout.cu_seqlens) - 1, layout.max_seqlen)
     partials = {
-        name: _norm_grad_partials(batch * num_heads, tokens, head_dim, qkv.device) if kind is not None else None
+        name: _norm_grad_partials(sequences * num_heads, rows, head_dim, qkv.device, zeroed=layout.varlen is not None)
+        if kind is not None
+        else None
         for name, kind in (("q", prologue.q_norm), ("k", prologue.k_norm))
     }
     _attention_backward(
-        _heads_view(grad_out, num_heads),
-        *_split_qkv(qkv, num_heads),
-        _heads_view(out, num_heads),
-        lse,
-        *_split_qkv(grad_qkv, num_heads),
+        _heads_view(_as_batched(grad_out), num_heads),
+        *_split_qkv(batched, num_heads),
+        _heads_view(_as_batched(out), num_heads),
+        lse.view(-1, *lse.shape[-2:]),
+        *_split_qkv(_as_batched(grad_qkv), num_heads),
         scale,
         _prologue_kwargs(prologue),
         partials["q"],
         partials["k"],
+        layout.varlen,
+        layout.key_padding_mask,
     )
     norm_grads = (
         p.sum(dim=(0, 1)) if p is not None else qkv.new_zeros((0, head_dim), dtype=torch.float32)
@@ -235,8 +257,8 @@ def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *prol
 
 
 @_qkv_attention_prologue_bwd.register_fake
-def _(grad_out, qkv, out, lse, num_heads, scale, *prologue):
-    prologue = PrologueArgs(*prologue)
+def _(grad_out, qkv, out, lse, num_heads, scale, *args):
+    prologue, _ = _prologue_op_args(args)
     q_shape, k_shape = (_norm_grad_shape(kind, qkv, num_heads) for kind in (prologue.q_norm, prologue.k_norm))
     return (
         qkv.new_empty(qkv.shape),
@@ -246,20 +268,22 @@ def _(grad_out, qkv, out, lse, num_heads, scale, *prologue):
 
 
 def _qkv_attention_prologue_setup_context(ctx, inputs, output):
-    qkv, num_heads, scale, *prologue = inputs
+    qkv, num_heads, scale, *args = inputs
     out, lse = output
-    prologue = PrologueArgs(*prologue)
-    ctx.save_for_backward(qkv, out, lse, *prologue.tensors())
-    ctx.num_heads, ctx.scale = num_heads, scale
+    prologue, layout = _prologue_op_args(args)
+    ctx.save_for_backward(qkv, out, lse, *prologue.tensors(), layout.cu_seqlens, layout.key_padding_mask)
+    ctx.num_heads, ctx.scale, ctx.max_seqlen = num_heads, scale, layout.max_seqlen
     ctx.prologue = prologue.with_tensors(None, None, None, None, None)  # the tensors go through save_for_backward
+    ctx.num_inputs = len(inputs)
 
 
 @no_double_backward("qkv_attention")
 def _qkv_attention_prologue_backward(ctx, grad_out, _grad_lse):
-    qkv, out, lse, *tensors = ctx.saved_tensors
+    qkv, out, lse, *tensors, cu_seqlens, key_padding_mask = ctx.saved_tensors
     prologue = ctx.prologue.with_tensors(*tensors)
+    layout = PackedLayout(cu_seqlens, ctx.max_seqlen, key_padding_mask)
     grad_qkv, q_grads, k_grads = torch.ops.fastvit.qkv_attention_prologue_bwd(
-        grad_out, qkv, out, lse, ctx.num_heads, ctx.scale, *prologue
+        grad_out, qkv, out, lse, ctx.num_heads, ctx.scale, *prologue, *layout
     )
     grads = []
     for norm_grads, weight, bias in (
@@ -270,9 +294,11 @@ def _qkv_attention_prologue_backward(ctx, grad_out, _grad_lse):
         grads.append(None if bias is None else norm_grads[1].to(bias.dtype))
     q_weight_grad, q_bias_grad, k_weight_grad, k_bias_grad = grads
     # Gradients for (qkv, num_heads, scale, rope, num_prefix_tokens, rotate_half, q_norm, q_weight, q_bias, q_eps,
-    # k_norm, k_weight, k_bias, k_eps): none for the table (a function of positions only).
-    return (grad_qkv, None, None, None, None, None, None, q_weight_grad, q_bias_grad, None, None,
-            k_weight_grad, k_bias_grad, None)  # fmt: skip
+    # k_norm, k_weight, k_bias, k_eps, then the layout's arguments the caller passed): none for the table (a function
+    # of positions only), nor for the layout.
+    grads = (grad_qkv, None, None, None, None, None, None, q_weight_grad, q_bias_grad, None, None,
+             k_weight_grad, k_bias_grad, None)  # fmt: skip
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 _qkv_attention_prologue_fwd.register_autograd(
@@ -287,16 +313,6 @@ _VARLEN_BWD = (
     "(Tensor grad_out, Tensor qkv, Tensor cu_seqlens, Tensor out, Tensor lse, int max_seqlen, int num_heads, "
     "float scale) -> Tensor"
 )
-
-
-def _packed_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[T, H*D] -> [1, H, T, D] view (no copy)."""
-    return _heads_view(x.unsqueeze(0), num_heads)
-
-
-def _packed_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[T, 3*C] -> q, k, v as [1, H, T, D] views (no copy)."""
-    return _split_qkv(qkv.unsqueeze(0), num_heads)
 
 
 @torch.library.custom_op("fastvit::varlen_qkv_attention_fwd", mutates_args=(), schema=_VARLEN_FWD)

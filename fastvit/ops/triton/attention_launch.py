@@ -310,11 +310,59 @@ def _attention_backward(
             _launch("dkdv", num_blocks, q, batch_heads, args, dkdv_constants, varlen is not None)
 
 
-def _norm_grad_partials(batch_heads: int, tokens: int, head_dim: int, device) -> torch.Tensor:
-    """The buffer the backward kernels write a norm's weight/bias gradient partials into (every slot written)."""
+def _norm_grad_partials(batch_heads: int, tokens: int, head_dim: int, device, zeroed: bool = False) -> torch.Tensor:
+    """The buffer [B·H, cdiv(tokens, NORM_GRAD_ROWS), 2, D] fp32 the backward kernels write a norm's weight/bias
+    gradient partials into: every slot written (the plain layout), or ``zeroed`` first (packed sequences: B·H per
+    (sequence, head), ``tokens`` = max_seqlen, and no program writes the slots past a sequence's end)."""
     slots = launch.cdiv(tokens, launch.kernels("attention").NORM_GRAD_ROWS.value)
-    return torch.empty((batch_heads, slots, 2, head_dim), dtype=torch.float32, device=device)
+    new = torch.zeros if zeroed else torch.empty
+    return new((batch_heads, slots, 2, head_dim), dtype=torch.float32, device=device)
 
 
 def _new_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     return launch.new_output(tuple(t.shape) if shape is None else shape, dtype or t.dtype, t.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# The custom ops' views and arguments
+
+
+class PackedLayout(NamedTuple):
+    """The prologue ops' trailing arguments (``_LAYOUT``): packed sequences (``cu_seqlens`` not None: qkv is [T, 3*C])
+    or a [B, N] key-padding mask, or neither."""
+
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    key_padding_mask: torch.Tensor | None = None
+
+    @property
+    def varlen(self) -> Varlen | None:
+        return None if self.cu_seqlens is None else Varlen(self.cu_seqlens, self.max_seqlen)
+
+
+def _prologue_op_args(args: tuple) -> tuple[PrologueArgs, PackedLayout]:
+    """A prologue op's arguments after (qkv, num_heads, scale) (or the backward's leading ones): the prologue and
+    the layout (its defaults where the caller left them out)."""
+    count = len(PrologueArgs._fields)
+    return PrologueArgs(*args[:count]), PackedLayout(*args[count:])
+
+
+def _as_batched(x: torch.Tensor) -> torch.Tensor:
+    """[T, ...] packed -> [1, T, ...] (a view); [B, N, ...] as it is."""
+    return x if x.dim() == 3 else x.unsqueeze(0)
+
+
+def _out_lse_shapes(qkv, num_heads) -> tuple[tuple, tuple]:
+    """Shapes of out and lse: ([B, N, C], [B, H, N]), or packed ([T, C], [H, T])."""
+    *rows, width3 = qkv.shape
+    return (*rows, width3 // 3), (*rows[:-1], num_heads, rows[-1])
+
+
+def _packed_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[T, H*D] -> [1, H, T, D] view (no copy)."""
+    return _heads_view(x.unsqueeze(0), num_heads)
+
+
+def _packed_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T, 3*C] -> q, k, v as [1, H, T, D] views (no copy)."""
+    return _split_qkv(qkv.unsqueeze(0), num_heads)
