@@ -405,7 +405,8 @@ def linear_bwd_input_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     rows64 = offs_m.to(tl.int64)
     grad_offsets = rows64[:, None] * N + offs_n[None, :]
-    pre_offsets = rows64[:, None] * (2 * N if ACTIVATION == ACT_SWIGLU else N) + offs_n[None, :]
+    if ACTIVATION == ACT_SWIGLU:  # z [M, 2N]: gate then value
+        pre_offsets = rows64[:, None] * (2 * N) + offs_n[None, :]
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
     v_ptrs = WValue + offs_n.to(tl.int64)[:, None] * stride_vn + offs_k[None, :] * stride_vk
 
@@ -419,12 +420,12 @@ def linear_bwd_input_kernel(
             v = tl.load(v_ptrs, mask=w_mask, other=0.0)
             acc = tl.dot(dz_value.to(W.dtype.element_ty), v, acc, input_precision=INPUT_PRECISION)
             v_ptrs += BLOCK_N * stride_vn
-        else:
-            dz = _grad_pre_activation(GradOut + grad_offsets, PreAct + pre_offsets, mask, ACTIVATION)
+            pre_offsets += BLOCK_N
+        else:  # z has dout's layout: one offset tile for both
+            dz = _grad_pre_activation(GradOut + grad_offsets, PreAct + grad_offsets, mask, ACTIVATION)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc = tl.dot(dz.to(W.dtype.element_ty), w, acc, input_precision=INPUT_PRECISION)
         grad_offsets += BLOCK_N
-        pre_offsets += BLOCK_N
         w_ptrs += BLOCK_N * stride_wn
     grad_ptrs = GradA + rows64[:, None] * K + offs_k[None, :]
     tl.store(grad_ptrs, acc.to(GradA.dtype.element_ty), mask=rows_valid[:, None] & k_valid[None, :])
@@ -462,7 +463,6 @@ def linear_bwd_weight_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
     cols_valid = offs_n < N
-    swiglu = ACTIVATION == ACT_SWIGLU
     # This program's slice of the reduction over M: whole BLOCK_M steps, the slices in order.
     split = tl.program_id(1)
     rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT_K), BLOCK_M) * BLOCK_M
@@ -470,43 +470,44 @@ def linear_bwd_weight_kernel(
     m_end = min(M, m_start + rows_per_split)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_value = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # SwiGLU's value rows
     grad_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    grad_bias_value = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if ACTIVATION == ACT_SWIGLU:  # the value rows' accumulators
+        acc_value = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        grad_bias_value = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         rows = m0 + offs_m
         rows_valid = rows < m_end
         rows64 = rows.to(tl.int64)
         mask = rows_valid[:, None] & cols_valid[None, :]
-        grad_ptrs = GradOut + rows64[:, None] * N + offs_n[None, :]
-        pre_ptrs = PreAct + rows64[:, None] * (2 * N if swiglu else N) + offs_n[None, :]
-        if swiglu:
-            dz, dz_value = _grad_swiglu(grad_ptrs, pre_ptrs, pre_ptrs + N, mask)
-        else:
-            dz = _grad_pre_activation(grad_ptrs, pre_ptrs, mask, ACTIVATION)
+        grad_offsets = rows64[:, None] * N + offs_n[None, :]
+        if ACTIVATION == ACT_SWIGLU:
+            pre_ptrs = PreAct + rows64[:, None] * (2 * N) + offs_n[None, :]
+            dz, dz_value = _grad_swiglu(GradOut + grad_offsets, pre_ptrs, pre_ptrs + N, mask)
+        else:  # z has dout's layout: one offset tile for both
+            dz = _grad_pre_activation(GradOut + grad_offsets, PreAct + grad_offsets, mask, ACTIVATION)
         mean, rstd = _load_row_stats(Mean, Rstd, rows, rows_valid, NORM, BLOCK_M)
         a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
         a = _load_a_tile(
             a_ptrs, rows_valid, offs_k, K, mean, rstd, NormWeight, NormBias, A.dtype.element_ty, NORM, HAS_NORM_BIAS
         )
         acc = tl.dot(tl.trans(dz.to(A.dtype.element_ty)), a, acc, input_precision=INPUT_PRECISION)
-        if swiglu:
+        if ACTIVATION == ACT_SWIGLU:
             acc_value = tl.dot(tl.trans(dz_value.to(A.dtype.element_ty)), a, acc_value, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             grad_bias += tl.sum(dz, 0)
-            if swiglu:
+            if ACTIVATION == ACT_SWIGLU:
                 grad_bias_value += tl.sum(dz_value, 0)
-    rows_out = 2 * N if swiglu else N  # rows of GradW / entries of GradBias per split
+    rows_out = 2 * N if ACTIVATION == ACT_SWIGLU else N  # rows of GradW / entries of GradBias per split
     k_valid = offs_k < K
     out_mask = cols_valid[:, None] & k_valid[None, :]
     grad_ptrs = GradW + split * rows_out * K + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(grad_ptrs, acc.to(GradW.dtype.element_ty), mask=out_mask)
-    if swiglu:
+    if ACTIVATION == ACT_SWIGLU:
         tl.store(grad_ptrs + N * K, acc_value.to(GradW.dtype.element_ty), mask=out_mask)
     if HAS_BIAS:  # every K tile summed the same dz: the first one stores it
         bias_ptrs = GradBias + split * rows_out + offs_n
         tl.store(bias_ptrs, grad_bias.to(GradBias.dtype.element_ty), mask=cols_valid & (pid_k == 0))
-        if swiglu:
+        if ACTIVATION == ACT_SWIGLU:
             tl.store(bias_ptrs + N, grad_bias_value.to(GradBias.dtype.element_ty), mask=cols_valid & (pid_k == 0))
 
 
@@ -532,6 +533,26 @@ CONFIGS = {
     },
     "weight": {
         90: [(64, 128, 128, 8, 8, 3), (32, 64, 64, 8, 4, 4)],
+        80: [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 4)],
+        "fp32": _FP32,
+    },
+}
+# SwiGLU keeps two accumulators (gate and value) and, backward, three input tiles (dout, gate, value) and two
+# weight tiles per step: smaller tiles than the single-activation kernels, each spill-free on its arch at EVA02-B's
+# fc1 (RMSNorm prologue, 768 -> 2x2048); e.g. the forward's 128x128x64 spills 72 B on sm_90a, 128x128x32 does not.
+CONFIGS_SWIGLU = {
+    "fwd": {
+        90: [(128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 8, 3)],
+        80: [(128, 64, 32, 8, 8, 3), (64, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4)],
+        "fp32": _FP32,
+    },
+    "input": {
+        90: [(128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 8, 3)],
+        80: [(128, 64, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4)],
+        "fp32": _FP32,
+    },
+    "weight": {
+        90: [(32, 128, 64, 8, 8, 3), (32, 64, 64, 8, 4, 4)],
         80: [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 4)],
         "fp32": _FP32,
     },

@@ -121,10 +121,12 @@ def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ep
 # Configs and launches
 
 
-def candidate_configs(kind: str, arch: int, elem_bytes: int) -> list[tuple[int, int, int, int, int, int]]:
+def candidate_configs(kind: str, arch: int, elem_bytes: int, swiglu: bool = False) -> list[tuple[int, ...]]:
     """The (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) configs autotuning may pick for one kernel kind
-    ('fwd' | 'input' | 'weight') on GPU generation ``arch`` (80 or 90) for operands of ``elem_bytes``."""
-    table = launch.kernels("linear").CONFIGS[kind]
+    ('fwd' | 'input' | 'weight') on GPU generation ``arch`` (80 or 90) for operands of ``elem_bytes``; ``swiglu``:
+    the SwiGLU epilogue's own table (two accumulators: smaller tiles)."""
+    kernels = launch.kernels("linear")
+    table = (kernels.CONFIGS_SWIGLU if swiglu else kernels.CONFIGS)[kind]
     return list(table["fp32"] if elem_bytes == 4 else table[arch])
 
 
@@ -158,13 +160,13 @@ def forced_configs(configs: dict[str, tuple[int, ...]]):
 
 
 @functools.cache
-def _autotuned(kind: str, arch: int, elem_bytes: int, rows_bucket: int):
+def _autotuned(kind: str, arch: int, elem_bytes: int, rows_bucket: int, swiglu: bool):
     """The autotuned kernel of ``kind`` for one GPU generation, operand width and bucket of M (next power of two):
     the best tiles depend on how many output tiles fill the GPU, so a config tuned at batch 1 is not reused at 256."""
     import triton
 
     kernel = getattr(launch.kernels("linear"), _KERNELS[kind])
-    configs = [_triton_config(e) for e in candidate_configs(kind, arch, elem_bytes)]
+    configs = [_triton_config(e) for e in candidate_configs(kind, arch, elem_bytes, swiglu)]
     # Tensor dtypes join the key automatically (Triton appends every tensor argument's dtype).
     key = ["N", "K", "ACTIVATION", "INPUT_PRECISION"] + (["SPLIT_K"] if kind == "weight" else [])
     return triton.autotune(configs=configs, key=key)(kernel)
@@ -176,15 +178,16 @@ def _launch(kind: str, like: torch.Tensor, rows: int, num_programs, args: tuple,
     deterministic mode (no timing: every process picks the same tiles), else autotuned per bucket of ``rows``."""
     kernels = launch.kernels("linear")
     grid = lambda meta: (num_programs(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]), splits)
+    swiglu = constants["ACTIVATION"] == ACTIVATION_CODES["swiglu"]
     if kind in _FORCED_CONFIGS:
         entry = _FORCED_CONFIGS[kind]
     elif not launch.on_gpu(like):
         entry = kernels.INTERPRETER_CONFIG
     elif dispatch.deterministic_enabled():
-        entry = candidate_configs(kind, launch.gpu_arch(like), like.element_size())[0]
+        entry = candidate_configs(kind, launch.gpu_arch(like), like.element_size(), swiglu)[0]
     else:
         bucket = launch.next_pow2(rows, 1, 1 << 40)
-        _autotuned(kind, launch.gpu_arch(like), like.element_size(), bucket)[grid](*args, **constants)
+        _autotuned(kind, launch.gpu_arch(like), like.element_size(), bucket, swiglu)[grid](*args, **constants)
         return
     config = _triton_config(entry)
     meta = config.kwargs
@@ -284,7 +287,7 @@ def forced_split_k(split_k: int):
         _FORCED_SPLIT_K.pop()
 
 
-def weight_split_k(rows: int, out_rows: int, in_features: int, like: torch.Tensor) -> int:
+def weight_split_k(rows: int, out_rows: int, in_features: int, like: torch.Tensor, swiglu: bool = False) -> int:
     """How many slices of the M (token) reduction the weight gradient runs in: 1 unless its [out_rows, K] output
     tiles (counted with the arch's first 'weight' config) leave the GPU's SMs idle, then enough slices to fill
     them, at most ``SPLIT_K_MAX`` and each of at least ``SPLIT_K_MIN_ROWS`` rows. Deterministic in the shape and
@@ -294,7 +297,7 @@ def weight_split_k(rows: int, out_rows: int, in_features: int, like: torch.Tenso
     if not launch.on_gpu(like):
         return 1
     kernels = launch.kernels("linear")
-    _, block_n, block_k, *_ = candidate_configs("weight", launch.gpu_arch(like), like.element_size())[0]
+    _, block_n, block_k, *_ = candidate_configs("weight", launch.gpu_arch(like), like.element_size(), swiglu)[0]
     tiles = launch.cdiv(out_rows, block_n) * launch.cdiv(in_features, block_k)
     sms = launch.num_sms(like.device.index)
     if tiles >= sms:
@@ -349,7 +352,7 @@ def _backward(grad_out, x, norm_weight, norm_bias, mean, rstd, weight, pre_act, 
         constants = dict(ACTIVATION=activation, INPUT_PRECISION=precision)
         _launch("input", x, rows, num_programs, args, constants)
 
-        split_k = weight_split_k(rows, weight_rows, in_features, x)
+        split_k = weight_split_k(rows, weight_rows, in_features, x, activation == ACTIVATION_CODES["swiglu"])
         if split_k == 1:  # written in place, in the weight's dtype
             grad_weight = launch.new_output((weight_rows, in_features), weight.dtype, weight.device)
             bias_partials = grad_bias
