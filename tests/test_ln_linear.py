@@ -29,9 +29,9 @@ from utils import DEVICE, DTYPE_TOLS, backend_skip_reason
 
 pytestmark = pytest.mark.skipif(backend_skip_reason("triton") is not None, reason=str(backend_skip_reason("triton")))
 
-# fp32: fp32 accumulation noise only (tf32 off); fp16: two roundings of the dtype (the normalised A tile and the
-# output) at the scale of the exact results, where PyTorch's own answer happens to be exact.
-FLOORS = {torch.float32: fp32_noise_floor(), torch.float16: rounding_floor(2.0)}
+# fp32: fp32 accumulation noise only (tf32 off); fp16 (bf16 on GPU): two roundings of the dtype (the normalised A tile
+# and the output) at the scale of the exact results, where PyTorch's own answer happens to be exact.
+FLOORS = {torch.float32: fp32_noise_floor(), torch.float16: rounding_floor(2.0), torch.bfloat16: rounding_floor(2.0)}
 SMALL_TILES = (16, 16, 16, 2, 4, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages
 
 
@@ -378,3 +378,37 @@ def test_a_measured_choice_makes_auto_pick_triton_for_its_bucket_dtype_and_arch_
         "torch",
         "'auto' runs the torch backend on cpu tensors",
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (skipped without one)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_split_k_weight_gradient_is_chosen_accurate_and_deterministic(dtype, no_tf32):
+    # A qkv-like dW of batch 2 (394 tokens x 768 -> 768 outputs: a few dozen 128x128 tiles) leaves SMs idle: the
+    # host splits the token reduction; the answer keeps the rule and repeats bit for bit in deterministic mode.
+    sample = LN_LINEAR.make(dtype, "cuda", lead=(8, 197), in_features=768, out_features=768, activation="none")
+    assert linear_triton.weight_split_k(8 * 197, 768, 768, sample["x"]) > 1
+    check(sample, dtype, label="gpu split-K")
+    dispatch.set_deterministic(True)
+    try:
+        first, second = LN_LINEAR.run(sample, "triton"), LN_LINEAR.run(sample, "triton")
+    finally:
+        dispatch.set_deterministic(False)
+    for a, b in zip(first, second):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", [dict(norm="rms", activation="swiglu"), dict(activation="quick_gelu")])
+def test_gpu_new_prologues_and_epilogues_at_model_shapes(dtype, variant, no_tf32):
+    sample = LN_LINEAR.make(dtype, "cuda", lead=(4, 197), in_features=768, out_features=2048, **variant)
+    check(sample, dtype, label=f"gpu {variant}")

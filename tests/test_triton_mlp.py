@@ -82,3 +82,24 @@ def test_dispatch_counts_every_variant_as_covered(act, norm, hidden_norm):
     call = MlpCall(DEVICE, torch.float32, 24, 96, True, act, norm, hidden_norm)
     assert linear_triton.mlp_supports(call) is None
     assert dispatch.explain("ln_mlp", "triton", call) == ("triton", None)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (skipped without one): the compiled kernels at model shapes, autotuned, bf16 too
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "act, norm, hidden_norm, width, hidden",
+    [("gelu", "layer", False, 768, 3072), ("swiglu", "layer", True, 768, 2048), ("swiglu", "rms", False, 1024, 2730),
+     ("quick_gelu", "layer", False, 1024, 4096), ("gelu_tanh", "rms", True, 384, 1536)],
+    ids=["vit-b", "eva02-b", "rms-swiglu-odd-hidden", "clip-l", "rms-tanh-subnorm"],
+)  # fmt: skip
+def test_gpu_every_variant_at_model_shapes(dtype, act, norm, hidden_norm, width, hidden, no_tf32):
+    sample = LN_MLP.make(dtype, "cuda", lead=(2, 197), width=width, hidden=hidden, act=act, norm=norm,
+                         hidden_norm=hidden_norm, layer_scale=hidden_norm)  # fmt: skip
+    assert_matches_reference(LN_MLP, sample, "triton", floor=rounding_floor(2.0), name=f"gpu {act} {norm} {dtype}")
