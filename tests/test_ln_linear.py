@@ -14,6 +14,7 @@ sizes, non-contiguous and aliased inputs, empty batches and determinism run for 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -69,6 +70,26 @@ def test_swiglu_epilogue_with_every_prologue_and_switch(dtype, norm, ln_bias, bi
     sample = LN_LINEAR.make(dtype, DEVICE, lead=(3, 5), in_features=37, out_features=19, activation="swiglu",
                             norm=norm, ln_bias=ln_bias, bias=bias, residual=residual)  # fmt: skip
     check(sample, dtype, label=f"swiglu {norm} ln_bias={ln_bias} bias={bias} residual={residual}")
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_qkv_with_eva_q_and_v_only_bias(norm):
+    # A block's qkv through ln_linear (item D, the lead's layers.py): EVA's q_bias / v_bias with k's bias a zero
+    # buffer enter as cat([q_bias, zeros, v_bias]); the GEMM's bias gradient flows back to q_bias and v_bias.
+    width = 24
+    sample = LN_LINEAR.make(lead=(2, 7), in_features=width, out_features=3 * width, activation="none", residual=False,
+                            bias=False, norm=norm)  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    q_bias, v_bias = (torch.randn(width, generator=gen, dtype=torch.float64) for _ in range(2))
+    x, ln_weight, ln_bias, weight = (sample[name] for name in ("x", "ln_weight", "ln_bias", "weight"))
+    results = {}
+    for fn in (functools.partial(ops.ln_linear, backend="triton"), reference.ln_linear):
+        q, v = (t.to(DEVICE, torch.float32).requires_grad_() for t in (q_bias, v_bias))
+        out = fn(x, ln_weight, ln_bias, weight, torch.cat([q, torch.zeros_like(q), v]), 1e-6, "none", None, norm=norm)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype, device=DEVICE)).reshape(out.shape))
+        results[fn] = (out.detach(), q.grad, v.grad)
+    for got, want in zip(*results.values()):
+        torch.testing.assert_close(got, want, **DTYPE_TOLS[torch.float32])
 
 
 def _fwd_args(rows=11, k=24, n=20, norm=1, split=False, requires_grad=False):
