@@ -22,6 +22,7 @@ import torch
 
 from fastvit import dispatch, gemm_choices, ops, reference
 from fastvit.ops.ln_linear import GemmCall
+from fastvit.ops.ln_mlp import MlpCall
 from fastvit.ops.triton import launch
 from fastvit.ops.triton import linear as linear_triton
 
@@ -352,7 +353,7 @@ def choices(monkeypatch):
 
     def install(*entries):
         monkeypatch.setattr(gemm_choices, "table", lambda path=None: {
-            (e["op"], e["bucket"], e["dtype"], e["capability"]): e["backend"] for e in entries
+            (e["op"], e["bucket"], e["dtype"], e["capability"], e.get("variant", "*")): e["backend"] for e in entries
         })  # fmt: skip
         monkeypatch.setattr(gemm_choices, "capability", lambda device: "9.0")
         dispatch.clear_cache()
@@ -399,6 +400,20 @@ def test_a_measured_choice_makes_auto_pick_triton_for_its_bucket_dtype_and_arch_
         "torch",
         "'auto' runs the torch backend on cpu tensors",
     )
+
+
+def test_a_choice_measured_on_one_mlp_variant_does_not_speak_for_another(pretend_gpu, choices):
+    # SwiGLU's two accumulators and a hidden norm change who wins: a 'layer/gelu' entry leaves an RMSNorm-SwiGLU MLP
+    # at the same bucket on cuBLASLt; an entry without a variant holds for every variant.
+    choices(dict(op="ln_mlp", bucket="768x2048", dtype="bfloat16", capability="9.0", backend="triton",
+                 variant="layer/gelu"))  # fmt: skip
+    gelu = MlpCall(CUDA, torch.bfloat16, 768, 2048, True, "gelu", "layer", False)
+    swiglu = MlpCall(CUDA, torch.bfloat16, 768, 2048, True, "swiglu", "rms", True)
+    assert dispatch.explain("ln_mlp", "auto", gelu)[0] == "triton"
+    chosen, why = dispatch.explain("ln_mlp", "auto", swiglu)  # the extension has no hidden norm: torch
+    assert chosen == "torch" and "no benchmark evidence" in why and "768x2048 (rms/swiglu/hidden_norm)" in why, why
+    choices(dict(op="ln_mlp", bucket="768x2048", dtype="bfloat16", capability="9.0", backend="triton"))
+    assert dispatch.explain("ln_mlp", "auto", swiglu)[0] == "triton"
 
 
 # ------------------------------------------------------------------------------------------------

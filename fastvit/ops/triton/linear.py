@@ -55,13 +55,16 @@ def measured_choice(op_name: str):
     def measured(call) -> str | None:
         if call.device.type != "cuda":
             return None
-        bucket = None
+        bucket, variant = None, gemm_choices.ANY_VARIANT
         if isinstance(call, GemmCall) or hasattr(call, "in_features"):  # GemmCall, or ln_mlp's MlpCall
             bucket = gemm_choices.shape_bucket(call.in_features, call.out_features)
-        if gemm_choices.preferred(op_name, bucket, call.dtype, call.device) == "triton":
+        if hasattr(call, "act"):  # ln_mlp's MlpCall: its variant
+            variant = gemm_choices.mlp_variant(call.norm, call.act, call.hidden_norm)
+        if gemm_choices.preferred(op_name, bucket, call.dtype, call.device, variant) == "triton":
             return None
+        at = f"{bucket or 'this shape'}" + ("" if variant == gemm_choices.ANY_VARIANT else f" ({variant})")
         return (
-            f"no benchmark evidence that the Triton GEMMs beat cuBLAS(Lt) for {op_name} at {bucket or 'this shape'}, "
+            f"no benchmark evidence that the Triton GEMMs beat cuBLAS(Lt) for {op_name} at {at}, "
             f"{'any dtype' if call.dtype is None else str(call.dtype).removeprefix('torch.')} on this GPU "
             "(fastvit/gemm_choices.json)"
         )
