@@ -216,17 +216,18 @@ def linear_residual(
 def ln_linear(
     x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, weight: torch.Tensor,
     bias: torch.Tensor | None = None, eps: float = 1e-6, activation: str = "none",
-    residual: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, *, norm: str = "layer",
 ) -> torch.Tensor:  # fmt: skip
-    """A Linear layer with its glue: ``act(LayerNorm(x) @ weight.T + bias) + residual``.
+    """A Linear layer with its glue: ``act(Norm(x) @ weight.T + bias) + residual``.
 
-    x: [..., K]; ln_weight/ln_bias: [K], or both None (no LayerNorm); weight: [N, K]; bias: [N] or None;
-    ``activation``: 'none', 'gelu' (exact erf) or 'gelu_tanh'; residual: [..., N] (x's leading shape) or None.
+    x: [..., K]; ln_weight: [K] or None (no norm); ln_bias: [K] or None (LayerNorm only); ``norm``: 'layer'
+    (LayerNorm) or 'rms' (RMSNorm); weight: [N, K] ([2N, K] for 'swiglu', gate rows first); bias: [N] ([2N]) or
+    None; ``activation``: 'none' or one of :func:`mlp_activation`'s; residual: [..., N] (x's leading shape) or None.
     """
-    hidden = x if ln_weight is None else layer_norm(x, ln_weight, ln_bias, eps)
+    hidden = x if ln_weight is None else _norm(x, ln_weight, ln_bias, eps, norm)
     out = F.linear(hidden, weight, bias)
     if activation != "none":
-        out = F.gelu(out, approximate="tanh" if activation == "gelu_tanh" else "none")
+        out = mlp_activation(out, activation)
     return out if residual is None else residual + out
 
 

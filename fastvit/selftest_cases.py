@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -704,10 +705,13 @@ def _ln_mlp_case(
     layer_scale=False,
     hidden_norm=False,
 ) -> OpCase:
-    """An ``ln_mlp`` case; ``act``/``norm``/``layer_scale``/``hidden_norm`` pick a variant (swiglu: fc1 has 2·hidden
-    rows; hidden_norm: a norm of ``norm``'s kind over the hidden layer, EVA02's sub-LN)."""
+    """An ``ln_mlp`` case; ``act``/``norm``/``layer_scale``/``hidden_norm`` (a norm of kind ``norm`` over the hidden
+    layer before fc2) pick a variant (swiglu: fc1 has 2·hidden rows)."""
     act = act or ("gelu_tanh" if approximate == "tanh" else "gelu")
     fc1_rows = 2 * hidden if act == "swiglu" else hidden
+    extras = (("layer_scale",) if layer_scale else ()) + (
+        ("hidden_norm_weight", "hidden_norm_bias") if hidden_norm else ()
+    )  # the optional arguments after fc2_bias, by name
 
     def make(gen):
         x = _randn(gen, *lead, 2 * width if strided else width, scale=2.0, shift=0.5)
@@ -731,10 +735,7 @@ def _ln_mlp_case(
 
     def run(backend):
         def fn(*a):
-            extra = list(a[7:])
-            variant = dict(act=act, norm=norm, layer_scale=extra.pop(0) if layer_scale else None)
-            if hidden_norm:
-                variant.update(hidden_norm_weight=extra[0], hidden_norm_bias=extra[1])
+            variant = dict(act=act, norm=norm, **dict(zip(extras, a[7:])))
             if backend == "spec":
                 return reference.ln_mlp(*a[:7], 1e-6, residual=residual, **variant)
             return ops.ln_mlp(*a[:7], eps=1e-6, residual=residual, backend=backend, **variant)
@@ -748,12 +749,7 @@ def _ln_mlp_case(
         spec=run("spec"),
         make=make,
         layout=(lambda a: [a[0][..., ::2], *a[1:]]) if strided else (lambda a: a),
-        names=(
-            *names,
-            "grad fc2_bias",
-            *(("grad layer_scale",) if layer_scale else ()),
-            *(("grad hidden_norm_weight", "grad hidden_norm_bias") if hidden_norm else ()),
-        ),
+        names=(*names, "grad fc2_bias", *(f"grad {name}" for name in extras)),
     )
 
 
@@ -886,23 +882,29 @@ def extension_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
 # The Triton GEMMs with fused prologue/epilogue (triton): ln_linear, ln_mlp
 
 
-def _ln_linear_case(lead, k, n, layer_norm=True, activation="gelu", residual=True, bias=True, strided=False) -> OpCase:
+def _ln_linear_case(
+    lead, k, n, layer_norm=True, activation="gelu", residual=True, bias=True, strided=False, norm="layer", split_k=None
+) -> OpCase:
+    """An ``ln_linear`` case; ``norm`` 'layer' | 'rms' (no ln_bias); 'swiglu' doubles the weight's rows; ``split_k``
+    forces that many slices of the weight gradient's M reduction."""
+    weight_rows = 2 * n if activation == "swiglu" else n
+
     def make(gen):
         extra = 2 if strided else 1
         return [
             _randn(gen, *lead, extra * k, scale=2.0, shift=0.5),
             _randn(gen, k, scale=0.2, shift=1.0) if layer_norm else None,
-            _randn(gen, k, scale=0.2) if layer_norm else None,
-            _randn(gen, n, k, scale=k**-0.5),
-            _randn(gen, n, scale=0.2) if bias else None,
+            _randn(gen, k, scale=0.2) if layer_norm and norm == "layer" else None,
+            _randn(gen, weight_rows, k, scale=k**-0.5),
+            _randn(gen, weight_rows, scale=0.2) if bias else None,
             _randn(gen, *lead, n) if residual else None,
         ]
 
     def run(backend):
         def fn(x, ln_w, ln_b, w, b, r):
             if backend == "spec":
-                return reference.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r)
-            return ops.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r, backend=backend)
+                return reference.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r, norm=norm)
+            return ops.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r, backend=backend, norm=norm)
 
         return fn
 
@@ -913,7 +915,19 @@ def _ln_linear_case(lead, k, n, layer_norm=True, activation="gelu", residual=Tru
         make=make,
         layout=(lambda a: [a[0][..., ::2], *a[1:]]) if strided else (lambda a: a),
         names=("out", "grad x", "grad ln_weight", "grad ln_bias", "grad weight", "grad bias", "grad residual"),
+        fused_context=(
+            contextlib.nullcontext if split_k is None else functools.partial(linear_triton.forced_split_k, split_k)
+        ),
     )
+
+
+@contextlib.contextmanager
+def _forced_gemm(configs: dict, split_k: int | None):
+    """The Triton GEMMs with ``configs`` forced (see ``forced_configs``) and, unless None, ``split_k`` slices of the
+    weight gradient's reduction."""
+    split = contextlib.nullcontext() if split_k is None else linear_triton.forced_split_k(split_k)
+    with linear_triton.forced_configs(configs), split:
+        yield
 
 
 def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
@@ -929,8 +943,13 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
                                                                      strided=True)),
                 ("2x7x24 -> 40 no LN, no bias, no activation", _ln_linear_case((2, 7), 24, 40, False, "none",
                                                                                bias=False)),
+                ("2x7x24 -> 20 RMSNorm, swiglu, residual", _ln_linear_case((2, 7), 24, 20, activation="swiglu",
+                                                                            norm="rms")),
+                ("1x50x40 -> 20 quick_gelu, dW split-K 3", _ln_linear_case((1, 50), 40, 20, activation="quick_gelu",
+                                                                            split_k=3)),
             ]  # fmt: skip
             config_case = _ln_linear_case((2, 197), 192, 576)
+            swiglu_case = _ln_linear_case((2, 197), 192, 512, activation="swiglu", norm="rms")
         else:
             cases = [
                 ("1x1x7 -> 13", _ln_mlp_case((1, 1), 7, 13, backend="triton")),
@@ -938,8 +957,13 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
                 ("2x7x24 -> 40 quick_gelu", _ln_mlp_case((2, 7), 24, 40, backend="triton", act="quick_gelu")),
                 ("2x17x48 strided x, no biases", _ln_mlp_case((2, 17), 48, 96, biases=False, strided=True,
                                                               backend="triton")),
+                ("2x7x24 -> 2x20 rms swiglu, sub-norm, layer scale", _ln_mlp_case((2, 7), 24, 20, backend="triton",
+                    act="swiglu", norm="rms", hidden_norm=True, layer_scale=True)),
+                ("2x7x24 -> 2x20 swiglu, sub-LN, no biases", _ln_mlp_case((2, 7), 24, 20, backend="triton",
+                    act="swiglu", biases=False, hidden_norm=True)),
             ]  # fmt: skip
             config_case = _ln_mlp_case((2, 197), 192, 768, backend="triton")
+            swiglu_case = _ln_mlp_case((2, 197), 192, 512, backend="triton", act="swiglu", hidden_norm=True)
         if not quick:
             cases.append(("2x197x192 -> 768 (576)", config_case))
         for label, case in cases:
@@ -947,13 +971,15 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
             checks.append(_check(op, "triton", dtype, label, case, device, seed))
         if _on_gpu(device):
             arch = launch.gpu_arch(torch.empty(0, device=device))
-            for kind in linear_triton.KINDS:
-                for entry in linear_triton.candidate_configs(kind, arch, dtype.itemsize):
-                    forced = functools.partial(linear_triton.forced_configs, {kind: entry})
-                    case = dataclasses.replace(config_case, fused_context=forced)
-                    seed += 1
-                    config = f"{kind}={entry}"
-                    checks.append(_check(op, "triton", dtype, f"config {config}", case, device, seed, (config,)))
+            for kind, swiglu in itertools.product(linear_triton.KINDS, (False, True)):  # SwiGLU: its own table
+                for entry in linear_triton.candidate_configs(kind, arch, dtype.itemsize, swiglu):
+                    for split_k in (None, 4) if kind == "weight" else (None,):  # the dW GEMM also split in 4
+                        forced = functools.partial(_forced_gemm, {kind: entry}, split_k)
+                        case = dataclasses.replace(swiglu_case if swiglu else config_case, fused_context=forced)
+                        seed += 1
+                        config = f"{kind}={entry}" + (" swiglu" if swiglu else "")
+                        config += "" if split_k is None else f" split_k={split_k}"
+                        checks.append(_check(op, "triton", dtype, f"config {config}", case, device, seed, (config,)))
         seed += 1
         checks.append(
             _deterministic_check(op, "triton", dtype, "deterministic mode, bitwise repeat", cases[1][1], device, seed)

@@ -1,4 +1,4 @@
-"""A GEMM with a LayerNorm prologue and bias / activation / residual epilogues, forward and backward, in Triton.
+"""A GEMM with a norm prologue and bias / activation / residual epilogues, forward and backward, in Triton.
 
 ``out = act(prologue(A) @ Wᵀ + bias) + residual`` for A [M, K] (any strides), W [N, K] (``nn.Linear.weight``).
 
@@ -6,21 +6,28 @@ The tiling is Triton's matmul tutorial (python/tutorials/03-matrix-multiplicatio
 [BLOCK_M, BLOCK_N] output tile, a K loop of ``tl.dot`` into an fp32 accumulator, and "grouped ordering" of the
 programs (GROUP_M row tiles walk the N tiles together, so the W tiles they share stay in L2). What fastvit adds:
 
-- **Prologue** (``HAS_LN``): LayerNorm applied to each A tile as it is loaded, from per-row mean/rstd (fp32,
-  :func:`ln_stats_kernel`) and the per-column gamma/beta of K. The normalised tile is rounded to W's dtype, as the
-  stored LayerNorm output would be, and never written to memory: no ``ln_out`` [M, K] round trip.
-- **Epilogue**: bias, the activation (none, exact-erf GELU, tanh GELU, QuickGELU) and the residual add on the fp32
-  accumulator; optionally the pre-activation is stored for the backward (``SAVE_PRE_ACT``).
+- **Prologue** (``NORM``): LayerNorm or RMSNorm applied to each A tile as it is loaded, from per-row statistics
+  (fp32 mean and rstd, or rstd alone for RMSNorm: :func:`norm_stats_kernel`) and the per-column weight (and bias)
+  of K. The normalised tile is rounded to W's dtype, as the stored norm output would be, and never written to
+  memory: no ``ln_out`` [M, K] round trip. The same prologue serves fc1 (the block's norm2) and fc2 (a sub-LN over
+  the hidden layer).
+- **Epilogue**: bias, the activation (none, exact-erf GELU, tanh GELU, QuickGELU, SwiGLU) and the residual add on
+  the fp32 accumulator; optionally the pre-activation is stored for the backward (``SAVE_PRE_ACT``). SwiGLU keeps
+  two accumulators side by side in one program, gate (rows of W) and value (rows of ``WValue``: the second half
+  of a packed fc1, or timm's separate ``fc1_x``), and writes ``silu(gate) * value``: the [M, 2·N] pre-activation
+  is never read back in the forward.
 - **Backward**: ``dz = dout * act'(z)`` is formed tile by tile as the output gradient is loaded (from the saved
-  pre-activation z), in both backward GEMMs: dÂ = dz @ W (:func:`linear_bwd_input_kernel`) and dW = dzᵀ @ Â with
-  Â re-normalised by the same prologue, plus db = Σ_M dz (:func:`linear_bwd_weight_kernel`). Neither dz nor Â is
-  written. No atomics: each gradient element is written by one program in a fixed order (bit-identical runs).
-  LayerNorm's own backward (dx, dgamma, dbeta from dÂ) is the extension's ``fastvit::layer_norm_bwd``.
+  pre-activation z; for SwiGLU both halves from gate and value), in both backward GEMMs: dÂ = dz @ W
+  (:func:`linear_bwd_input_kernel`) and dW = dzᵀ @ Â with Â re-normalised by the same prologue, plus db = Σ_M dz
+  (:func:`linear_bwd_weight_kernel`, optionally split over M into ``SPLIT_K`` fp32 partials for skinny grids).
+  Neither dz nor Â is written. The norm's own backward (dx, and per-row-block partials of its weight and bias
+  gradients) is :func:`norm_bwd_kernel`. No atomics anywhere: each gradient element (or partial) is written by one
+  program in a fixed order and partials are summed on the host in a fixed order (bit-identical runs).
 
 The prologue and epilogue live in one place each (:func:`_load_a_tile`, :func:`_activation`,
-:func:`_grad_pre_activation`), switched by constexpr flags, so RMSNorm / quick_gelu / SwiGLU can plug in there.
-Every M, N, K is masked (ragged tails, K not a multiple of BLOCK_K); row offsets are int64 before they meet a
-stride. Launchers, custom ops and autograd: ``fastvit/ops/triton/linear.py``; the spec: ``fastvit.reference``.
+:func:`_grad_pre_activation`, :func:`_grad_swiglu`), switched by constexpr flags. Every M, N, K is masked (ragged
+tails, K not a multiple of BLOCK_K); row offsets are int64 before they meet a stride. Launchers, custom ops and
+autograd: ``fastvit/ops/triton/linear.py``; the spec: ``fastvit.reference``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ ACT_NONE = tl.constexpr(0)
 ACT_GELU = tl.constexpr(1)  # exact: 0.5 z (1 + erf(z / sqrt 2)), timm's nn.GELU
 ACT_GELU_TANH = tl.constexpr(2)  # 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) == z * sigmoid(2 u)
 ACT_QUICK_GELU = tl.constexpr(3)  # z * sigmoid(1.702 z), OpenAI CLIP's QuickGELU
+ACT_SWIGLU = tl.constexpr(4)  # silu(gate) * value, gate = A Wᵀ, value = A WValueᵀ (timm's SwiGLU / SwiGLUPacked)
+# Norm codes of the prologue (constexpr).
+NORM_NONE = tl.constexpr(0)
+NORM_LAYER = tl.constexpr(1)  # (a - mean) * rstd * weight (+ bias), rstd = 1 / sqrt(biased var + eps)
+NORM_RMS = tl.constexpr(2)  # a * rstd * weight, rstd = 1 / sqrt(mean(a²) + eps)
 QUICK_GELU_SCALE = tl.constexpr(1.702)
 SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
@@ -72,21 +84,26 @@ def _load_a_tile(
     rows_valid,  # [BLOCK_M]
     offs_k,  # [BLOCK_K] column indices of this tile
     K,
-    mean,  # [BLOCK_M] fp32 row means (unused without HAS_LN)
-    rstd,  # [BLOCK_M] fp32 row 1/std
-    LnWeight,  # [K] gamma
-    LnBias,  # [K] beta
+    mean,  # [BLOCK_M] fp32 row means (NORM_LAYER)
+    rstd,  # [BLOCK_M] fp32 row 1/std or 1/rms (NORM != NORM_NONE)
+    NormWeight,  # [K]
+    NormBias,  # [K] (HAS_NORM_BIAS)
     dtype: tl.constexpr,  # the GEMM operand dtype (W's)
-    HAS_LN: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
 ):
-    """The A operand tile: A itself, or LayerNorm(A) rounded to ``dtype``; zero outside [M, K]."""
+    """The A operand tile: A itself, or Norm(A) rounded to ``dtype``; zero outside [M, K]."""
     k_valid = offs_k < K
     mask = rows_valid[:, None] & k_valid[None, :]
     a = tl.load(a_ptrs, mask=mask, other=0.0)
-    if HAS_LN:
-        gamma = tl.load(LnWeight + offs_k, mask=k_valid, other=0.0).to(tl.float32)
-        beta = tl.load(LnBias + offs_k, mask=k_valid, other=0.0).to(tl.float32)
-        normed = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+    if NORM != NORM_NONE:
+        normed = a.to(tl.float32)
+        if NORM == NORM_LAYER:
+            normed = normed - mean[:, None]
+        weight = tl.load(NormWeight + offs_k, mask=k_valid, other=0.0).to(tl.float32)
+        normed = normed * rstd[:, None] * weight[None, :]
+        if HAS_NORM_BIAS:
+            normed += tl.load(NormBias + offs_k, mask=k_valid, other=0.0).to(tl.float32)[None, :]
         a = tl.where(mask, normed, 0.0)
     return a.to(dtype)
 
@@ -99,7 +116,7 @@ def _sigmoid(u):
 
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr):
-    """act(z) in fp32."""
+    """act(z) in fp32 (single-input activations; SwiGLU is :func:`_swiglu`)."""
     if ACTIVATION == ACT_GELU:
         z = 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
     elif ACTIVATION == ACT_GELU_TANH:
@@ -107,6 +124,12 @@ def _activation(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == ACT_QUICK_GELU:
         z = z * _sigmoid(z * QUICK_GELU_SCALE)
     return z
+
+
+@triton.jit
+def _swiglu(gate, value):
+    """silu(gate) * value in fp32."""
+    return gate * _sigmoid(gate) * value
 
 
 @triton.jit
@@ -129,35 +152,48 @@ def _grad_pre_activation(grad_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _load_row_stats(Mean, Rstd, offs_m, rows_valid, HAS_LN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per-row (mean, rstd) of the LayerNorm prologue as fp32 [BLOCK_M] vectors (zeros without HAS_LN)."""
-    if HAS_LN:
+def _grad_swiglu(grad_ptrs, gate_ptrs, value_ptrs, mask):
+    """(d gate, d value) of out = silu(gate) * value for one tile (fp32; 0 outside ``mask``), from the saved
+    pre-activations: d value = dout·silu(gate), d gate = dout·value·σ(gate)(1 + gate(1 − σ(gate)))."""
+    grad = tl.load(grad_ptrs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    value = tl.load(value_ptrs, mask=mask, other=0.0).to(tl.float32)
+    s = _sigmoid(gate)
+    return grad * value * (s + gate * s * (1.0 - s)), grad * (gate * s)
+
+
+@triton.jit
+def _load_row_stats(Mean, Rstd, offs_m, rows_valid, NORM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per-row (mean, rstd) of the norm prologue as fp32 [BLOCK_M] vectors (zeros where the norm has none)."""
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = mean
+    if NORM == NORM_LAYER:
         mean = tl.load(Mean + offs_m, mask=rows_valid, other=0.0)
+    if NORM != NORM_NONE:
         rstd = tl.load(Rstd + offs_m, mask=rows_valid, other=0.0)
-    else:
-        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        rstd = mean
     return mean, rstd
 
 
 # ------------------------------------------------------------------------------------------------
-# LayerNorm statistics
+# Norm statistics and the norm's backward
 
 
 @triton.jit
-def ln_stats_kernel(
+def norm_stats_kernel(
     A,  # [M, K] strided
-    Mean,  # [M] fp32 out
-    Rstd,  # [M] fp32 out: 1 / sqrt(var + eps), biased variance
+    Mean,  # [M] fp32 out (NORM_LAYER)
+    Rstd,  # [M] fp32 out: 1 / sqrt(biased var + eps), or 1 / sqrt(mean(a²) + eps) for RMSNorm
     M,
     K,
     stride_am,
     stride_ak,
     eps,
+    NORM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Row statistics, corrected two-pass (a first mean, then centred sums), as the extension's LayerNorm."""
+    """Row statistics. LayerNorm: corrected two-pass (a first mean, then centred sums), as the extension's
+    LayerNorm; RMSNorm: one pass of squares."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_valid = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
@@ -165,19 +201,91 @@ def ln_stats_kernel(
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask = rows_valid[:, None] & ((k0 + offs_k) < K)[None, :]
-        total += tl.sum(tl.load(row_ptrs + (k0 + offs_k)[None, :] * stride_ak, mask=mask, other=0.0).to(tl.float32), 1)
-    rough_mean = total / K
-    centred_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask = rows_valid[:, None] & ((k0 + offs_k) < K)[None, :]
         x = tl.load(row_ptrs + (k0 + offs_k)[None, :] * stride_ak, mask=mask, other=0.0).to(tl.float32)
-        centred = tl.where(mask, x - rough_mean[:, None], 0.0)
-        centred_sum += tl.sum(centred, 1)
-        squares += tl.sum(centred * centred, 1)
-    var = tl.maximum((squares - centred_sum * centred_sum / K) / K, 0.0)
-    tl.store(Mean + offs_m, rough_mean + centred_sum / K, mask=rows_valid)
-    tl.store(Rstd + offs_m, 1.0 / tl.sqrt(var + eps), mask=rows_valid)
+        total += tl.sum(x * x if NORM == NORM_RMS else x, 1)
+    if NORM == NORM_RMS:
+        tl.store(Rstd + offs_m, 1.0 / tl.sqrt(total / K + eps), mask=rows_valid)
+    else:
+        rough_mean = total / K
+        centred_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = rows_valid[:, None] & ((k0 + offs_k) < K)[None, :]
+            x = tl.load(row_ptrs + (k0 + offs_k)[None, :] * stride_ak, mask=mask, other=0.0).to(tl.float32)
+            centred = tl.where(mask, x - rough_mean[:, None], 0.0)
+            centred_sum += tl.sum(centred, 1)
+            squares += tl.sum(centred * centred, 1)
+        var = tl.maximum((squares - centred_sum * centred_sum / K) / K, 0.0)
+        tl.store(Mean + offs_m, rough_mean + centred_sum / K, mask=rows_valid)
+        tl.store(Rstd + offs_m, 1.0 / tl.sqrt(var + eps), mask=rows_valid)
+
+
+@triton.jit
+def _normalised_rows(x_ptrs, mask, mean, rstd, NORM: tl.constexpr):
+    """x̂ = (x − mean)·rstd (LayerNorm) or x·rstd (RMSNorm) in fp32 for one [rows, cols] tile; 0 outside ``mask``."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if NORM == NORM_LAYER:
+        x = x - mean[:, None]
+    return tl.where(mask, x * rstd[:, None], 0.0)
+
+
+@triton.jit
+def norm_bwd_kernel(
+    GradNormed,  # [M, K] contiguous: dy, the gradient of the norm's output (the GEMM's dÂ)
+    X,  # [M, K] strided: the norm's input
+    Mean,  # [M] fp32 (NORM_LAYER)
+    Rstd,  # [M] fp32
+    NormWeight,  # [K]
+    GradX,  # [M, K] contiguous out
+    PartialWeight,  # [cdiv(M, BLOCK_M), K] fp32 out: this row block's Σ dy·x̂
+    PartialBias,  # [cdiv(M, BLOCK_M), K] fp32 out (HAS_NORM_BIAS): this row block's Σ dy
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dx = rstd·(g − mean_K(g) − x̂·mean_K(g·x̂)) with g = dy·weight (RMSNorm: without the mean_K(g) term), two
+    passes over K per block of rows; the weight (and bias) gradients as per-row-block partials, summed on the host
+    in a fixed order (no atomics)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_valid = offs_m < M
+    rows64 = offs_m.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    mean, rstd = _load_row_stats(Mean, Rstd, offs_m, rows_valid, NORM, BLOCK_M)
+    sum_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum_gx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs_k
+        k_valid = cols < K
+        mask = rows_valid[:, None] & k_valid[None, :]
+        x_hat = _normalised_rows(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask, mean, rstd, NORM)
+        dy = tl.load(GradNormed + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = dy * tl.load(NormWeight + cols, mask=k_valid, other=0.0).to(tl.float32)[None, :]
+        sum_g += tl.sum(g, 1)
+        sum_gx += tl.sum(g * x_hat, 1)
+    mean_g = sum_g / K
+    mean_gx = sum_gx / K
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs_k
+        k_valid = cols < K
+        mask = rows_valid[:, None] & k_valid[None, :]
+        x_hat = _normalised_rows(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask, mean, rstd, NORM)
+        dy = tl.load(GradNormed + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = dy * tl.load(NormWeight + cols, mask=k_valid, other=0.0).to(tl.float32)[None, :]
+        dx = g - x_hat * mean_gx[:, None]
+        if NORM == NORM_LAYER:
+            dx -= mean_g[:, None]
+        tl.store(
+            GradX + rows64[:, None] * K + cols[None, :], (dx * rstd[:, None]).to(GradX.dtype.element_ty), mask=mask
+        )
+        tl.store(PartialWeight + pid * K + cols, tl.sum(dy * x_hat, 0), mask=k_valid)
+        if HAS_NORM_BIAS:
+            tl.store(PartialBias + pid * K + cols, tl.sum(dy, 0), mask=k_valid)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,16 +294,17 @@ def ln_stats_kernel(
 
 @triton.jit
 def linear_fwd_kernel(
-    A,  # [M, K] strided (the LayerNorm input with HAS_LN)
-    W,  # [N, K] strided
-    Bias,  # [N] (HAS_BIAS)
+    A,  # [M, K] strided (the norm's input with a prologue)
+    W,  # [N, K] strided (the gate rows for SwiGLU)
+    WValue,  # [N, K] strided (ACT_SWIGLU): the value rows
+    Bias,  # [N], or [2N] (gate then value) for SwiGLU (HAS_BIAS)
     Residual,  # [M, N] strided (HAS_RESIDUAL)
     Out,  # [M, N] contiguous
-    PreAct,  # [M, N] contiguous, dtype of Out: z = prologue(A) @ Wᵀ + bias (SAVE_PRE_ACT)
-    Mean,  # [M] fp32 (HAS_LN)
-    Rstd,  # [M] fp32 (HAS_LN)
-    LnWeight,  # [K] (HAS_LN)
-    LnBias,  # [K] (HAS_LN)
+    PreAct,  # [M, N] (or [M, 2N]: gate then value for SwiGLU) contiguous, dtype of Out: z = prologue(A) Wᵀ + bias
+    Mean,  # [M] fp32 (NORM_LAYER)
+    Rstd,  # [M] fp32 (NORM != NORM_NONE)
+    NormWeight,  # [K] (NORM != NORM_NONE)
+    NormBias,  # [K] (HAS_NORM_BIAS)
     M,
     N,
     K,
@@ -203,9 +312,12 @@ def linear_fwd_kernel(
     stride_ak,
     stride_wn,
     stride_wk,
+    stride_vn,
+    stride_vk,
     stride_rm,
     stride_rn,
-    HAS_LN: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -219,30 +331,49 @@ def linear_fwd_kernel(
     offs_m, offs_n, rows_valid, cols_valid = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     rows64 = offs_m.to(tl.int64)
+    cols64 = offs_n.to(tl.int64)
     a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    mean, rstd = _load_row_stats(Mean, Rstd, offs_m, rows_valid, HAS_LN, BLOCK_M)
+    w_ptrs = W + cols64[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    v_ptrs = WValue + cols64[:, None] * stride_vn + offs_k[None, :] * stride_vk
+    mean, rstd = _load_row_stats(Mean, Rstd, offs_m, rows_valid, NORM, BLOCK_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SwiGLU's value tile, beside the gate's
     for k0 in range(0, K, BLOCK_K):
-        a = _load_a_tile(a_ptrs, rows_valid, k0 + offs_k, K, mean, rstd, LnWeight, LnBias, W.dtype.element_ty, HAS_LN)
-        w = tl.load(w_ptrs, mask=cols_valid[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        a = _load_a_tile(
+            a_ptrs, rows_valid, k0 + offs_k, K, mean, rstd, NormWeight, NormBias, W.dtype.element_ty, NORM,
+            HAS_NORM_BIAS,
+        )  # fmt: skip
+        w_mask = cols_valid[:, None] & ((k0 + offs_k) < K)[None, :]
+        acc = tl.dot(a, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)), acc, input_precision=INPUT_PRECISION)
+        if ACTIVATION == ACT_SWIGLU:
+            v = tl.load(v_ptrs, mask=w_mask, other=0.0)
+            acc_value = tl.dot(a, tl.trans(v), acc_value, input_precision=INPUT_PRECISION)
+            v_ptrs += BLOCK_K * stride_vk
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue, on the fp32 accumulator.
+    # Epilogue, on the fp32 accumulator(s).
     mask = rows_valid[:, None] & cols_valid[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=cols_valid, other=0.0).to(tl.float32)[None, :]
-    out_offsets = rows64[:, None] * N + offs_n[None, :]
+        if ACTIVATION == ACT_SWIGLU:
+            acc_value += tl.load(Bias + N + offs_n, mask=cols_valid, other=0.0).to(tl.float32)[None, :]
     if SAVE_PRE_ACT:
-        tl.store(PreAct + out_offsets, acc.to(PreAct.dtype.element_ty), mask=mask)
-    acc = _activation(acc, ACTIVATION)
+        if ACTIVATION == ACT_SWIGLU:
+            pre_offsets = rows64[:, None] * (2 * N) + offs_n[None, :]
+            tl.store(PreAct + pre_offsets + N, acc_value.to(PreAct.dtype.element_ty), mask=mask)
+        else:
+            pre_offsets = rows64[:, None] * N + offs_n[None, :]
+        tl.store(PreAct + pre_offsets, acc.to(PreAct.dtype.element_ty), mask=mask)
+    if ACTIVATION == ACT_SWIGLU:
+        acc = _swiglu(acc, acc_value)
+    else:
+        acc = _activation(acc, ACTIVATION)
     if HAS_RESIDUAL:
         residual_ptrs = Residual + rows64[:, None] * stride_rm + offs_n[None, :] * stride_rn
         acc += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + out_offsets, acc.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + rows64[:, None] * N + offs_n[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,14 +383,17 @@ def linear_fwd_kernel(
 @triton.jit
 def linear_bwd_input_kernel(
     GradOut,  # [M, N] contiguous
-    PreAct,  # [M, N] contiguous (ACTIVATION != none)
-    W,  # [N, K] strided
-    GradA,  # [M, K] contiguous out: dÂ = dz @ W (the gradient of LayerNorm's output with a LN prologue)
+    PreAct,  # [M, N] ([M, 2N] for SwiGLU) contiguous (ACTIVATION != none)
+    W,  # [N, K] strided (the gate rows for SwiGLU)
+    WValue,  # [N, K] strided (ACT_SWIGLU)
+    GradA,  # [M, K] contiguous out: dÂ = dz @ W (the gradient of the norm's output with a prologue)
     M,
     N,
     K,
     stride_wn,
     stride_wk,
+    stride_vn,
+    stride_vk,
     ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -271,15 +405,25 @@ def linear_bwd_input_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     rows64 = offs_m.to(tl.int64)
     grad_offsets = rows64[:, None] * N + offs_n[None, :]
+    if ACTIVATION == ACT_SWIGLU:  # z [M, 2N]: gate then value
+        pre_offsets = rows64[:, None] * (2 * N) + offs_n[None, :]
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    v_ptrs = WValue + offs_n.to(tl.int64)[:, None] * stride_vn + offs_k[None, :] * stride_vk
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n_valid = (n0 + offs_n) < N
-        dz = _grad_pre_activation(
-            GradOut + grad_offsets, PreAct + grad_offsets, rows_valid[:, None] & n_valid[None, :], ACTIVATION
-        )
-        w = tl.load(w_ptrs, mask=n_valid[:, None] & k_valid[None, :], other=0.0)
+        mask = rows_valid[:, None] & n_valid[None, :]
+        w_mask = n_valid[:, None] & k_valid[None, :]
+        if ACTIVATION == ACT_SWIGLU:
+            dz, dz_value = _grad_swiglu(GradOut + grad_offsets, PreAct + pre_offsets, PreAct + pre_offsets + N, mask)
+            v = tl.load(v_ptrs, mask=w_mask, other=0.0)
+            acc = tl.dot(dz_value.to(W.dtype.element_ty), v, acc, input_precision=INPUT_PRECISION)
+            v_ptrs += BLOCK_N * stride_vn
+            pre_offsets += BLOCK_N
+        else:  # z has dout's layout: one offset tile for both
+            dz = _grad_pre_activation(GradOut + grad_offsets, PreAct + grad_offsets, mask, ACTIVATION)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc = tl.dot(dz.to(W.dtype.element_ty), w, acc, input_precision=INPUT_PRECISION)
         grad_offsets += BLOCK_N
         w_ptrs += BLOCK_N * stride_wn
@@ -290,22 +434,24 @@ def linear_bwd_input_kernel(
 @triton.jit
 def linear_bwd_weight_kernel(
     GradOut,  # [M, N] contiguous
-    PreAct,  # [M, N] contiguous (ACTIVATION != none)
-    A,  # [M, K] strided (the LayerNorm input with HAS_LN)
-    Mean,  # [M] fp32 (HAS_LN)
-    Rstd,  # [M] fp32 (HAS_LN)
-    LnWeight,  # [K] (HAS_LN)
-    LnBias,  # [K] (HAS_LN)
-    GradW,  # [N, K] contiguous out: dzᵀ @ prologue(A)
-    GradBias,  # [N] out (HAS_BIAS): Σ_M dz, written by the programs of the first K tile
+    PreAct,  # [M, N] ([M, 2N] for SwiGLU) contiguous (ACTIVATION != none)
+    A,  # [M, K] strided (the norm's input with a prologue)
+    Mean,  # [M] fp32 (NORM_LAYER)
+    Rstd,  # [M] fp32 (NORM != NORM_NONE)
+    NormWeight,  # [K] (NORM != NORM_NONE)
+    NormBias,  # [K] (HAS_NORM_BIAS)
+    GradW,  # [SPLIT_K, R, K] contiguous out, R = N (2N for SwiGLU: gate rows then value rows): dzᵀ @ prologue(A)
+    GradBias,  # [SPLIT_K, R] out (HAS_BIAS): Σ_M dz, written by the programs of the first K tile
     M,
     N,
     K,
     stride_am,
     stride_ak,
-    HAS_LN: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # slices of the M reduction, one per grid row: fp32 partials the host sums (1: direct)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # the reduction tile
     BLOCK_N: tl.constexpr,
@@ -317,28 +463,52 @@ def linear_bwd_weight_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
     cols_valid = offs_n < N
+    # This program's slice of the reduction over M: whole BLOCK_M steps, the slices in order.
+    split = tl.program_id(1)
+    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT_K), BLOCK_M) * BLOCK_M
+    m_start = split * rows_per_split
+    m_end = min(M, m_start + rows_per_split)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     grad_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    if ACTIVATION == ACT_SWIGLU:  # the value rows' accumulators
+        acc_value = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        grad_bias_value = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
         rows = m0 + offs_m
-        rows_valid = rows < M
+        rows_valid = rows < m_end
         rows64 = rows.to(tl.int64)
+        mask = rows_valid[:, None] & cols_valid[None, :]
         grad_offsets = rows64[:, None] * N + offs_n[None, :]
-        dz = _grad_pre_activation(
-            GradOut + grad_offsets, PreAct + grad_offsets, rows_valid[:, None] & cols_valid[None, :], ACTIVATION
-        )
-        mean, rstd = _load_row_stats(Mean, Rstd, rows, rows_valid, HAS_LN, BLOCK_M)
+        if ACTIVATION == ACT_SWIGLU:
+            pre_ptrs = PreAct + rows64[:, None] * (2 * N) + offs_n[None, :]
+            dz, dz_value = _grad_swiglu(GradOut + grad_offsets, pre_ptrs, pre_ptrs + N, mask)
+        else:  # z has dout's layout: one offset tile for both
+            dz = _grad_pre_activation(GradOut + grad_offsets, PreAct + grad_offsets, mask, ACTIVATION)
+        mean, rstd = _load_row_stats(Mean, Rstd, rows, rows_valid, NORM, BLOCK_M)
         a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
-        a = _load_a_tile(a_ptrs, rows_valid, offs_k, K, mean, rstd, LnWeight, LnBias, GradW.dtype.element_ty, HAS_LN)
-        acc = tl.dot(tl.trans(dz.to(GradW.dtype.element_ty)), a, acc, input_precision=INPUT_PRECISION)
+        a = _load_a_tile(
+            a_ptrs, rows_valid, offs_k, K, mean, rstd, NormWeight, NormBias, A.dtype.element_ty, NORM, HAS_NORM_BIAS
+        )
+        acc = tl.dot(tl.trans(dz.to(A.dtype.element_ty)), a, acc, input_precision=INPUT_PRECISION)
+        if ACTIVATION == ACT_SWIGLU:
+            acc_value = tl.dot(tl.trans(dz_value.to(A.dtype.element_ty)), a, acc_value, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             grad_bias += tl.sum(dz, 0)
+            if ACTIVATION == ACT_SWIGLU:
+                grad_bias_value += tl.sum(dz_value, 0)
+    rows_out = 2 * N if ACTIVATION == ACT_SWIGLU else N  # rows of GradW / entries of GradBias per split
     k_valid = offs_k < K
-    grad_ptrs = GradW + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-    tl.store(grad_ptrs, acc.to(GradW.dtype.element_ty), mask=cols_valid[:, None] & k_valid[None, :])
+    out_mask = cols_valid[:, None] & k_valid[None, :]
+    grad_ptrs = GradW + split * rows_out * K + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(grad_ptrs, acc.to(GradW.dtype.element_ty), mask=out_mask)
+    if ACTIVATION == ACT_SWIGLU:
+        tl.store(grad_ptrs + N * K, acc_value.to(GradW.dtype.element_ty), mask=out_mask)
     if HAS_BIAS:  # every K tile summed the same dz: the first one stores it
-        tl.store(GradBias + offs_n, grad_bias.to(GradBias.dtype.element_ty), mask=cols_valid & (pid_k == 0))
+        bias_ptrs = GradBias + split * rows_out + offs_n
+        tl.store(bias_ptrs, grad_bias.to(GradBias.dtype.element_ty), mask=cols_valid & (pid_k == 0))
+        if ACTIVATION == ACT_SWIGLU:
+            tl.store(bias_ptrs + N, grad_bias_value.to(GradBias.dtype.element_ty), mask=cols_valid & (pid_k == 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,7 +519,6 @@ def linear_bwd_weight_kernel(
 # (LN prologue, GELU) and fc2 (residual) for sm_90a / sm_80 (``python -m fastvit.kernels.resources``, CI's
 # test_resources.py): e.g. 128x128 tiles spill with 4 warps once the GELU derivative is formed on the dz tile, and
 # the 'weight' kernel (dz and the re-normalised A tile live together) needs 32-64 rows per step.
-
 _FP32 = [(64, 64, 32, 8, 4, 3), (32, 64, 32, 8, 4, 3)]
 CONFIGS = {
     "fwd": {
@@ -368,6 +537,31 @@ CONFIGS = {
         "fp32": _FP32,
     },
 }
+# SwiGLU keeps two accumulators (gate and value) and, backward, three input tiles (dout, gate, value) and two
+# weight tiles per step: smaller tiles than the single-activation kernels, each spill-free on its arch at EVA02-B's
+# fc1 (RMSNorm prologue, 768 -> 2x2048); e.g. the forward's 128x128x64 spills 72 B on sm_90a, 128x128x32 does not.
+CONFIGS_SWIGLU = {
+    "fwd": {
+        90: [(128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 8, 3)],
+        80: [(128, 64, 32, 8, 8, 3), (64, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4)],
+        "fp32": _FP32,
+    },
+    "input": {
+        90: [(128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 8, 3)],
+        80: [(128, 64, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4)],
+        "fp32": _FP32,
+    },
+    "weight": {
+        90: [(32, 128, 64, 8, 8, 3), (32, 64, 64, 8, 4, 4)],
+        80: [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 4)],
+        "fp32": _FP32,
+    },
+}
 INTERPRETER_CONFIG = (16, 128, 128, 4, 4, 1)  # few, wide tiles: the interpreter pays per op, not per element
 STATS_BLOCK_M = 16
 STATS_BLOCK_K = 128
+# Split-K of the weight gradient (the host's choice, ``fastvit.ops.triton.linear.weight_split_k``): when the
+# [N, K] tiles of dW fill fewer than the GPU's SMs (skinny dW of a small batch: K = tokens is the long axis), the
+# M reduction is cut into up to SPLIT_K_MAX slices of at least SPLIT_K_MIN_ROWS rows each, one grid row per slice.
+SPLIT_K_MAX = 16
+SPLIT_K_MIN_ROWS = 512

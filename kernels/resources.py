@@ -13,7 +13,9 @@ shared memory per block. Which configs are compiled:
   (kernel launches replaced by recorders) on ViT-B/16 shapes at batch 1 and 64, NCHW and channels_last, float
   and uint8 images;
 - fused GEMM (``kernels/linear.py``): every config of its per-arch table (the autotuner's set) for the forward and
-  both backward GEMMs at ViT-B's fc1 (LayerNorm prologue, GELU) and fc2 (bias + residual), and the statistics kernel.
+  both backward GEMMs at ViT-B's fc1 (LayerNorm prologue, GELU) and fc2 (bias + residual), EVA02-B's fc1 (RMSNorm
+  prologue, SwiGLU) and fc2 (sub-LN prologue, residual), a split-K weight gradient, the statistics kernel and the
+  norm's backward (LayerNorm and RMSNorm).
 
 ``--all`` compiles the full matrix instead: every table entry (also those ``keep_config`` drops), head dims 32 to
 128, fp32 too, and more model shapes and batch sizes for the patch embedding.
@@ -264,33 +266,92 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Fused-GEMM launches (kernels/linear.py): every table config of the arch at ViT-B's fc1 (LayerNorm prologue, GELU
-# epilogue) and fc2 (bias + residual epilogue), forward and both backward GEMMs, with the launcher's argument order
+# Fused-GEMM launches (kernels/linear.py): every table config of the arch at the shapes and prologue/epilogue flags
+# of the MLP families (ViT-B: LayerNorm prologue + GELU, bias + residual; EVA02-B: RMSNorm prologue + SwiGLU, a
+# sub-LN prologue on fc2), forward and both backward GEMMs, a split-K weight gradient, the statistics kernel and the
+# norm's backward, with the launcher's argument order.
 
 
-def _linear_args(kind: str, dtype, fc1: bool, rows: int = 64 * 197, width: int = 768) -> tuple[tuple, dict]:
+@dataclasses.dataclass(frozen=True)
+class LinearCase:
+    """One fused-GEMM shape with its flags: ``norm`` (kernels/linear.py NORM_*: 0 none, 1 LayerNorm, 2 RMSNorm),
+    ``activation`` (ACT_*: 0 none, 1 GELU, 4 SwiGLU), a residual, the rows (tokens) and the weight gradient's split."""
+
+    label: str
+    in_features: int
+    out_features: int
+    norm: int = 0
+    norm_bias: bool = False
+    activation: int = 0
+    residual: bool = False
+    rows: int = 64 * 197
+    split_k: int = 1
+    kinds: tuple[str, ...] = ("fwd", "input", "weight")
+
+
+LINEAR_CASES = (
+    LinearCase("ViT-B fc1 (LN, GELU)", 768, 3072, norm=1, norm_bias=True, activation=1),
+    LinearCase("ViT-B fc2 (residual)", 3072, 768, residual=True),
+    LinearCase("EVA02-B fc1 (RMSNorm, SwiGLU)", 768, 2048, norm=2, activation=4, rows=64 * 257),
+    LinearCase("EVA02-B fc2 (sub-LN, residual)", 2048, 768, norm=1, norm_bias=True, residual=True, rows=64 * 257),
+    LinearCase("ViT-B qkv batch 2 (LN, split-K 3)", 768, 2304, norm=1, norm_bias=True, rows=2 * 197, split_k=3,
+               kinds=("weight",)),
+)  # fmt: skip
+
+
+def _linear_args(kind: str, dtype, case: LinearCase) -> tuple[tuple, dict]:
     """(arguments, flag constexprs) of one fused-GEMM kernel as ``fastvit.ops.triton.linear`` launches it."""
     import torch
 
-    k, n = (width, 4 * width) if fc1 else (4 * width, width)
-    x = torch.empty(rows, k, dtype=dtype, device="meta")
-    weight = torch.empty(n, k, dtype=dtype, device="meta")
-    out = torch.empty(rows, n, dtype=dtype, device="meta")  # also the bias/residual/pre-activation stand-in
-    stats = torch.empty(rows, dtype=torch.float32, device="meta")
-    ln = torch.empty(k, dtype=dtype, device="meta")
-    activation = 1 if fc1 else 0
+    rows, k, n = case.rows, case.in_features, case.out_features
+    swiglu = case.activation == 4
+    meta = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device="meta")
+    x, weight, out = meta(rows, k), meta(n, k), meta(rows, n)  # weight: SwiGLU's gate and value halves alike
+    pre_act = meta(rows, 2 * n if swiglu else n)
+    stats, norm_param = meta(rows, dt=torch.float32), meta(k)
+    norm_flags = dict(NORM=case.norm, HAS_NORM_BIAS=case.norm_bias, ACTIVATION=case.activation)
     if kind == "fwd":
-        tensors = (x, weight, out[0], out, out, out, stats, stats, ln, ln, rows, n, k, *x.stride(), *weight.stride())
-        flags = dict(HAS_LN=fc1, HAS_BIAS=True, ACTIVATION=activation, HAS_RESIDUAL=not fc1, SAVE_PRE_ACT=fc1)
-        return tuple(map(_as_arg, (*tensors, *out.stride()))), flags
+        tensors = (x, weight, weight, out[0], out, out, pre_act, stats, stats, norm_param, norm_param, rows, n, k,
+                   *x.stride(), *weight.stride(), *weight.stride(), *out.stride())  # fmt: skip
+        flags = dict(norm_flags, HAS_BIAS=True, HAS_RESIDUAL=case.residual, SAVE_PRE_ACT=case.activation != 0)
+        return tuple(map(_as_arg, tensors)), flags
     if kind == "input":
-        return tuple(map(_as_arg, (out, out, weight, x, rows, n, k, *weight.stride()))), dict(ACTIVATION=activation)
-    tensors = (out, out, x, stats, stats, ln, ln, weight, out[0], rows, n, k, *x.stride())
-    return tuple(map(_as_arg, tensors)), dict(HAS_LN=fc1, HAS_BIAS=True, ACTIVATION=activation)
+        tensors = (out, pre_act, weight, weight, x, rows, n, k, *weight.stride(), *weight.stride())
+        return tuple(map(_as_arg, tensors)), dict(ACTIVATION=case.activation)
+    weight_rows = 2 * n if swiglu else n
+    partial = torch.float32 if case.split_k > 1 else dtype
+    grad_weight, grad_bias = meta(case.split_k, weight_rows, k, dt=partial), meta(case.split_k, weight_rows, dt=partial)
+    tensors = (out, pre_act, x, stats, stats, norm_param, norm_param, grad_weight, grad_bias, rows, n, k, *x.stride())
+    return tuple(map(_as_arg, tensors)), dict(norm_flags, HAS_BIAS=True, SPLIT_K=case.split_k)
+
+
+def _norm_launches(dtype_name: str, dtype, tables) -> list[Launch]:
+    """The statistics kernel and the norm's backward at C = 768, LayerNorm (with bias) and RMSNorm."""
+    import torch
+
+    x = torch.empty(197, 768, dtype=dtype, device="meta")
+    stats = torch.empty(197, dtype=torch.float32, device="meta")
+    weight = torch.empty(768, dtype=dtype, device="meta")
+    partial = torch.empty(13, 768, dtype=torch.float32, device="meta")
+    blocks = dict(BLOCK_M=tables.STATS_BLOCK_M, BLOCK_K=tables.STATS_BLOCK_K)
+    launches = []
+    for norm, name in ((1, "LN"), (2, "RMSNorm")):
+        stats_args = tuple(map(_as_arg, (x, stats, stats, 197, 768, 768, 1, 1e-6)))
+        bwd_args = tuple(map(_as_arg, (x, x, stats, stats, weight, x, partial, partial, 197, 768, 768, 1)))
+        for kernel, function, args, flags in (
+            ("linear.stats", "norm_stats_kernel", stats_args, dict(NORM=norm)),
+            ("linear.norm_bwd", "norm_bwd_kernel", bwd_args, dict(NORM=norm, HAS_NORM_BIAS=norm == 1)),
+        ):
+            launches.append(
+                Launch(kernel, f"C=768 {name}", dtype_name, str(tuple(blocks.values())), True, "linear", function,
+                       args, tuple(sorted({**blocks, **flags}.items())))
+            )  # fmt: skip
+    return launches
 
 
 def linear_launches(arch: int, full: bool) -> list[Launch]:
-    """Fused-GEMM launches on ``arch``: every config of the launcher's table for the dtype (the autotuner's set)."""
+    """Fused-GEMM launches on ``arch``: every config of the launcher's table for the dtype (the autotuner's set; the
+    SwiGLU table for SwiGLU) at each of :data:`LINEAR_CASES`, and the norm kernels."""
     import torch
     from fastvit.kernels import linear as tables
 
@@ -300,25 +361,21 @@ def linear_launches(arch: int, full: bool) -> list[Launch]:
     for dtype_name in dtypes:
         dtype = getattr(torch, _TORCH_DTYPES[dtype_name])
         precision = "ieee" if dtype == torch.float32 else "tf32"  # the launcher's default (no allow_tf32)
-        stats_args = tuple(map(_as_arg, (torch.empty(197, 768, dtype=dtype, device="meta"),
-                                         *(torch.empty(197, dtype=torch.float32, device="meta"),) * 2,
-                                         197, 768, 768, 1, 1e-6)))  # fmt: skip
-        blocks = dict(BLOCK_M=tables.STATS_BLOCK_M, BLOCK_K=tables.STATS_BLOCK_K)
-        launches.append(
-            Launch("linear.stats", "C=768", dtype_name, str(tuple(blocks.values())), True, "linear", "ln_stats_kernel",
-                   stats_args, tuple(sorted(blocks.items())))
-        )  # fmt: skip
+        launches += _norm_launches(dtype_name, dtype, tables)
         for kind, function in functions.items():
-            table = tables.CONFIGS[kind]["fp32" if dtype == torch.float32 else arch]
-            for fc1 in (True, False):
-                args, flags = _linear_args(kind, dtype, fc1)
+            for case in LINEAR_CASES:
+                if kind not in case.kinds:
+                    continue
+                configs = tables.CONFIGS_SWIGLU if case.activation == 4 else tables.CONFIGS
+                table = configs[kind]["fp32" if dtype == torch.float32 else arch]
+                args, flags = _linear_args(kind, dtype, case)
                 for block_m, block_n, block_k, group_m, warps, stages in table:
                     kwargs = {**flags, "INPUT_PRECISION": precision, "BLOCK_M": block_m, "BLOCK_N": block_n}
                     kwargs.update(BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)
                     launches.append(
                         Launch(
                             kernel=f"linear.{kind}",
-                            case="ViT-B fc1 (LN, GELU)" if fc1 else "ViT-B fc2 (residual)",
+                            case=case.label,
                             dtype=dtype_name,
                             config=str((block_m, block_n, block_k, group_m, warps, stages)),
                             picked=True,

@@ -261,18 +261,24 @@ def _linear_residual(draw: _Draw, *, lead=(2, 5), in_features=24, out_features=4
 
 def _ln_linear(
     draw: _Draw, *, lead=(2, 5), in_features=24, out_features=40, layer_norm=True, bias=True, residual=True,
-    activation="gelu",
+    activation="gelu", norm="layer", ln_bias=True,
 ):  # fmt: skip
-    """x [*lead, K] (mean 0.5, std 2), LayerNorm weight/bias [K] or None, weight [N, K] (fan-in scaled), bias [N] or
-    None, residual [*lead, N] or None; ``activation`` as the op's keyword."""
-    return {
+    """x [*lead, K] (mean 0.5, std 2), norm weight [K] or None, LayerNorm bias [K] or None, weight [N, K] ([2N, K]
+    for 'swiglu'; fan-in scaled), bias [N] ([2N]) or None, residual [*lead, N] or None; ``activation`` and ``norm``
+    ('layer' | 'rms': no ln_bias) as the op's keywords."""
+    weight_rows = 2 * out_features if activation == "swiglu" else out_features
+    tensors = {
         "x": draw(*lead, in_features, scale=2.0, offset=0.5),
         "ln_weight": draw(in_features, scale=0.2, offset=1.0) if layer_norm else None,
-        "ln_bias": draw(in_features, scale=0.2) if layer_norm else None,
-        "weight": draw(out_features, in_features, scale=in_features**-0.5),
-        "bias": draw(out_features, scale=0.2) if bias else None,
+        "ln_bias": draw(in_features, scale=0.2) if layer_norm and ln_bias and norm == "layer" else None,
+        "weight": draw(weight_rows, in_features, scale=in_features**-0.5),
+        "bias": draw(weight_rows, scale=0.2) if bias else None,
         "residual": draw(*lead, out_features) if residual else None,
-    }, {"activation": activation}
+    }
+    kwargs = {"activation": activation}
+    if norm != "layer":  # only what differs from the LayerNorm default, so the default sample is today's call
+        kwargs["norm"] = norm
+    return tensors, kwargs
 
 
 def _patch_embed_uint8_reference(

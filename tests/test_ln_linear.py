@@ -1,5 +1,6 @@
-"""The fused GEMM (``ops.ln_linear``, Triton: LayerNorm prologue, bias / GELU / residual epilogues) and ``ln_mlp``'s
-``triton`` backend built from two of them.
+"""The fused GEMM (``ops.ln_linear``, Triton: LayerNorm / RMSNorm prologue, bias / GELU / QuickGELU / SwiGLU /
+residual epilogues, the norm's backward, split-K weight gradient) and ``ln_mlp``'s ``triton`` backend built from two
+of them (its every variant: tests/test_triton_mlp.py).
 
 CPU: Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest without a GPU) against the fp64 spec
 (``fastvit.reference.ln_linear`` / ``ln_mlp``) with the suites' rule (``fastvit.accuracy``: error <= 2x PyTorch's
@@ -13,6 +14,7 @@ sizes, non-contiguous and aliased inputs, empty batches and determinism run for 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -20,19 +22,18 @@ import torch
 
 from fastvit import dispatch, gemm_choices, ops, reference
 from fastvit.ops.ln_linear import GemmCall
+from fastvit.ops.ln_mlp import MlpCall
+from fastvit.ops.triton import launch
 from fastvit.ops.triton import linear as linear_triton
 
 from op_cases import LN_LINEAR, LN_MLP, assert_matches_reference, fp32_noise_floor, rounding_floor
 from utils import DEVICE, DTYPE_TOLS, backend_skip_reason
 
 pytestmark = pytest.mark.skipif(backend_skip_reason("triton") is not None, reason=str(backend_skip_reason("triton")))
-needs_extension = pytest.mark.skipif(
-    backend_skip_reason("cuda") is not None, reason="the LayerNorm prologue's backward is the extension's"
-)
 
-# fp32: fp32 accumulation noise only (tf32 off); fp16: two roundings of the dtype (the normalised A tile and the
-# output) at the scale of the exact results, where PyTorch's own answer happens to be exact.
-FLOORS = {torch.float32: fp32_noise_floor(), torch.float16: rounding_floor(2.0)}
+# fp32: fp32 accumulation noise only (tf32 off); fp16 (bf16 on GPU): two roundings of the dtype (the normalised A tile
+# and the output) at the scale of the exact results, where PyTorch's own answer happens to be exact.
+FLOORS = {torch.float32: fp32_noise_floor(), torch.float16: rounding_floor(2.0), torch.bfloat16: rounding_floor(2.0)}
 SMALL_TILES = (16, 16, 16, 2, 4, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages
 
 
@@ -48,14 +49,123 @@ def check(sample, dtype=torch.float32, backend="triton", case=LN_LINEAR, label="
 @pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("layer_norm", [True, False])
 def test_every_activation_with_and_without_layer_norm(dtype, activation, layer_norm):
-    if layer_norm and backend_skip_reason("cuda") is not None:
-        pytest.skip("the LayerNorm prologue's backward is the extension's")
     sample = LN_LINEAR.make(dtype, DEVICE, lead=(2, 7), in_features=24, out_features=40, layer_norm=layer_norm,
                             activation=activation)  # fmt: skip
     check(sample, dtype, label=f"{activation} ln={layer_norm}")
 
 
-@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ["none", "quick_gelu", "swiglu"])
+def test_rms_norm_prologue_forward_and_every_gradient(dtype, activation):
+    # RMSNorm: no mean, no bias, in the statistics kernel, the A-tile prologue and the Triton norm backward.
+    sample = LN_LINEAR.make(dtype, DEVICE, lead=(2, 7), in_features=24, out_features=20, norm="rms",
+                            activation=activation)  # fmt: skip
+    check(sample, dtype, label=f"rms {activation}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("norm, ln_bias", [("layer", True), ("layer", False), ("rms", False)])
+@pytest.mark.parametrize("bias, residual", [(True, True), (False, False)], ids=["bias-residual", "neither"])
+def test_swiglu_epilogue_with_every_prologue_and_switch(dtype, norm, ln_bias, bias, residual):
+    # K = 37 (not a multiple of 16), N = 19: the gate and value tiles of one program, both ragged.
+    sample = LN_LINEAR.make(dtype, DEVICE, lead=(3, 5), in_features=37, out_features=19, activation="swiglu",
+                            norm=norm, ln_bias=ln_bias, bias=bias, residual=residual)  # fmt: skip
+    check(sample, dtype, label=f"swiglu {norm} ln_bias={ln_bias} bias={bias} residual={residual}")
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_qkv_with_eva_q_and_v_only_bias(norm):
+    # A block's qkv through ln_linear (item D, the lead's layers.py): EVA's q_bias / v_bias with k's bias a zero
+    # buffer enter as cat([q_bias, zeros, v_bias]); the GEMM's bias gradient flows back to q_bias and v_bias.
+    width = 24
+    sample = LN_LINEAR.make(lead=(2, 7), in_features=width, out_features=3 * width, activation="none", residual=False,
+                            bias=False, norm=norm)  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    q_bias, v_bias = (torch.randn(width, generator=gen, dtype=torch.float64) for _ in range(2))
+    x, ln_weight, ln_bias, weight = (sample[name] for name in ("x", "ln_weight", "ln_bias", "weight"))
+    results = {}
+    for fn in (functools.partial(ops.ln_linear, backend="triton"), reference.ln_linear):
+        q, v = (t.to(DEVICE, torch.float32).requires_grad_() for t in (q_bias, v_bias))
+        out = fn(x, ln_weight, ln_bias, weight, torch.cat([q, torch.zeros_like(q), v]), 1e-6, "none", None, norm=norm)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype, device=DEVICE)).reshape(out.shape))
+        results[fn] = (out.detach(), q.grad, v.grad)
+    for got, want in zip(*results.values()):
+        torch.testing.assert_close(got, want, **DTYPE_TOLS[torch.float32])
+
+
+def _fwd_args(rows=11, k=24, n=20, norm=1, split=False, requires_grad=False):
+    """Positional arguments of fastvit::ln_linear_fwd for a SwiGLU GEMM: packed [2N, K] weight, or the gate rows
+    with ``weight_value`` (timm's split layout) when ``split``."""
+    gen = torch.Generator().manual_seed(5)
+    draw = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
+    x, ln_w, ln_b = draw(rows, k, scale=2.0), draw(k, scale=0.2) + 1.0, draw(k, scale=0.2) if norm == 1 else None
+    weight, bias, residual = draw(2 * n, k, scale=k**-0.5), draw(2 * n, scale=0.2), draw(rows, n)
+    gate, value = (t.contiguous() for t in weight.chunk(2)) if split else (weight, None)
+    leaves = [t if t is None else t.requires_grad_(requires_grad) for t in (x, ln_w, ln_b, gate, bias, residual, value)]
+    x, ln_w, ln_b, gate, bias, residual, value = leaves
+    return [x, ln_w, ln_b, gate, bias, residual, 1e-6, linear_triton.ACTIVATION_CODES["swiglu"], True, norm, value]
+
+
+@pytest.mark.parametrize("norm", [1, 2], ids=["layer", "rms"])
+def test_swiglu_split_weights_equal_the_packed_weight_bit_for_bit(norm):
+    # The kernels read the gate and value rows through two pointers either way: timm's separate fc1_g / fc1_x give
+    # the packed weight's answers exactly, and their gradients are the packed gradient's halves.
+    results = {}
+    for split in (False, True):
+        args = _fwd_args(norm=norm, split=split, requires_grad=True)
+        out = torch.ops.fastvit.ln_linear_fwd(*args)[0]
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape))
+        grads = [args[i].grad for i in (0, 1, 4, 5)]
+        weight_grad = args[3].grad if not split else torch.cat([args[3].grad, args[10].grad])
+        results[split] = [out.detach(), weight_grad, *grads]
+    for packed, split in zip(results[False], results[True]):
+        torch.testing.assert_close(split, packed, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(activation="gelu"), dict(activation="swiglu", norm="rms"), dict(layer_norm=False, activation="none")],
+    ids=["ln-gelu", "rms-swiglu", "plain"],
+)
+def test_split_k_weight_gradient_matches_the_spec_and_repeats_bit_for_bit(dtype, variant):
+    # 16-row steps in 3 slices of the M = 50 reduction: slices of 32, 18 and 0 rows (an empty slice writes zero
+    # partials); the fp32 partials are summed in slice order, so two runs agree bit for bit.
+    sample = LN_LINEAR.make(dtype, DEVICE, lead=(50,), in_features=40, out_features=20, **variant)
+    with linear_triton.forced_configs(dict.fromkeys(linear_triton.KINDS, SMALL_TILES)), linear_triton.forced_split_k(3):
+        check(sample, dtype, label=f"split-K 3 {variant}")
+        first, second = LN_LINEAR.run(sample, "triton"), LN_LINEAR.run(sample, "triton")
+    for a, b in zip(first, second):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_weight_split_k_splits_only_grids_that_leave_sms_idle(monkeypatch):
+    # The host's choice on an H100-like GPU (132 SMs, sm_90 'weight' tiles of 128x128): no split where the dW tiles
+    # fill the SMs or the rows are few, enough slices to fill them otherwise, at most SPLIT_K_MAX.
+    monkeypatch.setattr(launch, "on_gpu", lambda t: True)
+    monkeypatch.setattr(launch, "gpu_arch", lambda t: 90)
+    monkeypatch.setattr(launch, "num_sms", lambda index: 132)
+    like = torch.empty(0, dtype=torch.bfloat16)
+    kernels = launch.kernels("linear")
+    assert linear_triton.weight_split_k(64 * 197, 3072, 768, like) == 1  # ViT-B fc1: 24 x 6 = 144 tiles
+    assert linear_triton.weight_split_k(8 * 197, 768, 768, like) == 3  # 36 tiles; 1576 rows: 3 slices of >= 512
+    assert linear_triton.weight_split_k(300, 768, 768, like) == 1  # too few rows to split
+    assert linear_triton.weight_split_k(1 << 20, 64, 64, like) == kernels.SPLIT_K_MAX  # one tile, a million rows
+    with linear_triton.forced_split_k(5):
+        assert linear_triton.weight_split_k(64 * 197, 3072, 768, like) == 5
+    with pytest.raises(ValueError, match="split_k must be a positive int"), linear_triton.forced_split_k(0):
+        pass
+
+
+def test_the_backend_needs_no_extension(monkeypatch):
+    # The norm's backward is a Triton kernel now: nothing in the backend asks for fastvit._C.
+    monkeypatch.setattr(dispatch, "extension_available", lambda: False)
+    call = GemmCall(DEVICE, torch.float32, 24, 40, True)
+    assert linear_triton.supports(call) is None
+    check(LN_LINEAR.make(lead=(2, 7), norm="rms"), label="rms without the extension")
+
+
 @pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (False, True)])
 def test_bias_and_residual_switches(bias, residual):
     sample = LN_LINEAR.make(lead=(3, 5), in_features=37, out_features=19, bias=bias, residual=residual)
@@ -64,7 +174,6 @@ def test_bias_and_residual_switches(bias, residual):
     assert (grads[4] is None) == (not bias) and (grads[5] is None) == (not residual)
 
 
-@needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "lead, k, n",
@@ -80,13 +189,11 @@ def test_ragged_shapes_with_small_tiles_take_several_steps_on_every_axis(dtype, 
         check(sample, dtype, label=f"{lead}x{k}->{n}")
 
 
-@needs_extension
 def test_k_longer_than_the_interpreter_tile():
     # The interpreter's own config (BLOCK_K = 128): K = 300 takes three K steps, the last one ragged.
     check(LN_LINEAR.make(lead=(7,), in_features=300, out_features=33), label="K300")
 
 
-@needs_extension
 def test_strided_rows_and_transposed_input():
     sample = LN_LINEAR.make(lead=(4, 6), in_features=24, out_features=40)
     wide = torch.randn(4, 6, 64, device=DEVICE)
@@ -96,7 +203,6 @@ def test_strided_rows_and_transposed_input():
     check(sample.replace(x=columns), label="column-major rows")
 
 
-@needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("approximate, residual", [("none", True), ("tanh", False)])
 def test_ln_mlp_triton_backend_matches_the_spec(dtype, approximate, residual):
@@ -106,7 +212,6 @@ def test_ln_mlp_triton_backend_matches_the_spec(dtype, approximate, residual):
     check(sample, dtype, case=LN_MLP, label=f"ln_mlp {approximate} residual={residual}")
 
 
-@needs_extension
 def test_inference_saves_nothing_and_matches_training_output():
     sample = LN_LINEAR.make(lead=(2, 7), in_features=24, out_features=40)
     with torch.no_grad():
@@ -119,23 +224,23 @@ def test_inference_saves_nothing_and_matches_training_output():
     assert pre_act.numel() == 0 and mean.shape == rstd.shape == (14,)
 
 
-@needs_extension
-def test_torch_compile_fullgraph_matches_eager():
-    sample = LN_LINEAR.make(lead=(2, 7), in_features=24, out_features=40)
+@pytest.mark.parametrize("variant", [dict(), dict(activation="swiglu", norm="rms")], ids=["ln-gelu", "rms-swiglu"])
+def test_torch_compile_fullgraph_matches_eager(variant):
+    sample = LN_LINEAR.make(lead=(2, 7), in_features=24, out_features=40, **variant)
     fn = LN_LINEAR.as_function(sample, "triton")
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    leaves = [t.detach().requires_grad_() for t in sample.args]
+    leaves = [None if t is None else t.detach().requires_grad_() for t in sample.args]
     out = compiled(*leaves)
     out.square().sum().backward()
-    eager_leaves = [t.detach().requires_grad_() for t in sample.args]
+    eager_leaves = [None if t is None else t.detach().requires_grad_() for t in sample.args]
     eager = fn(*eager_leaves)
     eager.square().sum().backward()
     torch.testing.assert_close(out, eager, atol=0, rtol=0)
     for got, want in zip(leaves, eager_leaves):
-        torch.testing.assert_close(got.grad, want.grad, atol=0, rtol=0)
+        if want is not None:
+            torch.testing.assert_close(got.grad, want.grad, atol=0, rtol=0)
 
 
-@needs_extension
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU float16 autocast (the interpreter refuses bfloat16)")
 @pytest.mark.parametrize("case", [LN_LINEAR, LN_MLP], ids=["ln_linear", "ln_mlp"])
 def test_cpu_float16_autocast_answers_as_eager_autocast(case):
@@ -168,6 +273,17 @@ def test_the_spec_is_layer_norm_linear_gelu_residual():
     torch.testing.assert_close(LN_LINEAR.call(sample, "torch"), by_hand, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("norm, split", [(1, True), (2, False)], ids=["layer-split-swiglu", "rms-packed-swiglu"])
+def test_opcheck_of_the_swiglu_and_rms_ops(norm, split):
+    args = _fwd_args(norm=norm, split=split, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastvit.ln_linear_fwd.default, tuple(args))
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    _, mean, rstd, pre_act = torch.ops.fastvit.ln_linear_fwd(*detached)
+    x, ln_w, ln_b, weight, _bias, residual, _eps, activation, _save, _norm, value = detached
+    bwd = (torch.randn_like(residual), x, ln_w, ln_b, mean, rstd, weight, pre_act, activation, True, norm, value)
+    torch.library.opcheck(torch.ops.fastvit.ln_linear_bwd.default, bwd)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad inputs
 
@@ -182,7 +298,11 @@ def _args(**changes):
 @pytest.mark.parametrize(
     "changes, error, match",
     [
-        (dict(ln_bias=None), ValueError, "ln_weight and ln_bias must both be tensors"),
+        (dict(ln_weight=None), ValueError, "ln_bias given without ln_weight"),
+        (dict(norm="rms"), ValueError, "ln_bias must be None with norm='rms'"),
+        (dict(norm="group"), ValueError, "norm must be one of"),
+        (dict(activation="swiglu", weight=torch.randn(5, 8), bias=None), ValueError, "even number of rows"),
+        (dict(activation="swiglu", weight=torch.randn(10, 8)), ValueError, r"bias must have shape \(10,\)"),
         (dict(activation="relu"), ValueError, "activation must be one of"),
         (dict(residual=torch.randn(2, 3, 4)), ValueError, r"residual must have shape \(2, 3, 5\)"),
         (dict(weight=torch.randn(5, 7)), ValueError, r"weight must have shape \(5, 8\)"),
@@ -233,7 +353,7 @@ def choices(monkeypatch):
 
     def install(*entries):
         monkeypatch.setattr(gemm_choices, "table", lambda path=None: {
-            (e["op"], e["bucket"], e["dtype"], e["capability"]): e["backend"] for e in entries
+            (e["op"], e["bucket"], e["dtype"], e["capability"], e.get("variant", "*")): e["backend"] for e in entries
         })  # fmt: skip
         monkeypatch.setattr(gemm_choices, "capability", lambda device: "9.0")
         dispatch.clear_cache()
@@ -280,3 +400,51 @@ def test_a_measured_choice_makes_auto_pick_triton_for_its_bucket_dtype_and_arch_
         "torch",
         "'auto' runs the torch backend on cpu tensors",
     )
+
+
+def test_a_choice_measured_on_one_mlp_variant_does_not_speak_for_another(pretend_gpu, choices):
+    # SwiGLU's two accumulators and a hidden norm change who wins: a 'layer/gelu' entry leaves an RMSNorm-SwiGLU MLP
+    # at the same bucket on cuBLASLt; an entry without a variant holds for every variant.
+    choices(dict(op="ln_mlp", bucket="768x2048", dtype="bfloat16", capability="9.0", backend="triton",
+                 variant="layer/gelu"))  # fmt: skip
+    gelu = MlpCall(CUDA, torch.bfloat16, 768, 2048, True, "gelu", "layer", False)
+    swiglu = MlpCall(CUDA, torch.bfloat16, 768, 2048, True, "swiglu", "rms", True)
+    assert dispatch.explain("ln_mlp", "auto", gelu)[0] == "triton"
+    chosen, why = dispatch.explain("ln_mlp", "auto", swiglu)  # the extension has no hidden norm: torch
+    assert chosen == "torch" and "no benchmark evidence" in why and "768x2048 (rms/swiglu/hidden_norm)" in why, why
+    choices(dict(op="ln_mlp", bucket="768x2048", dtype="bfloat16", capability="9.0", backend="triton"))
+    assert dispatch.explain("ln_mlp", "auto", swiglu)[0] == "triton"
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (skipped without one)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_split_k_weight_gradient_is_chosen_accurate_and_deterministic(dtype, no_tf32):
+    # A qkv-like dW of batch 2 (394 tokens x 768 -> 768 outputs: a few dozen 128x128 tiles) leaves SMs idle: the
+    # host splits the token reduction; the answer keeps the rule and repeats bit for bit in deterministic mode.
+    sample = LN_LINEAR.make(dtype, "cuda", lead=(8, 197), in_features=768, out_features=768, activation="none")
+    assert linear_triton.weight_split_k(8 * 197, 768, 768, sample["x"]) > 1
+    check(sample, dtype, label="gpu split-K")
+    dispatch.set_deterministic(True)
+    try:
+        first, second = LN_LINEAR.run(sample, "triton"), LN_LINEAR.run(sample, "triton")
+    finally:
+        dispatch.set_deterministic(False)
+    for a, b in zip(first, second):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", [dict(norm="rms", activation="swiglu"), dict(activation="quick_gelu")])
+def test_gpu_new_prologues_and_epilogues_at_model_shapes(dtype, variant, no_tf32):
+    sample = LN_LINEAR.make(dtype, "cuda", lead=(4, 197), in_features=768, out_features=2048, **variant)
+    check(sample, dtype, label=f"gpu {variant}")

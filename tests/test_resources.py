@@ -82,7 +82,7 @@ def test_patch_embed_launches_are_the_launchers_choice():
 
 def test_linear_launches_are_the_launchers_config_tables():
     # The fused GEMM's autotuner gets candidate_configs(kind, arch, elem_bytes): the check compiles exactly those, for
-    # the forward and both backward kernels at fc1 (LayerNorm prologue, GELU) and fc2 (residual), in launch order.
+    # the forward and both backward kernels at each of resources.LINEAR_CASES, in launch order.
     from fastvit.kernels import linear as kernels
 
     from fastvit.ops.triton import linear as launcher
@@ -96,9 +96,9 @@ def test_linear_launches_are_the_launchers_config_tables():
                     for launch in launches
                     if (launch.kernel, launch.dtype) == (f"linear.{kind}", dtype_name)
                 }
-                given = {str(entry) for entry in launcher.candidate_configs(kind, arch, 2)}
+                given = {str(e) for swiglu in (False, True) for e in launcher.candidate_configs(kind, arch, 2, swiglu)}
                 assert {config for _, config in compiled} == given, (arch_name, kind, dtype_name)
-                assert len({case for case, _ in compiled}) == 2  # fc1 and fc2
+                assert len({case for case, _ in compiled}) == sum(kind in c.kinds for c in resources.LINEAR_CASES)
         for launch in launches:  # every runtime argument of the kernel, no more
             fn = getattr(kernels, launch.function)
             params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()  # the Python function under the JIT

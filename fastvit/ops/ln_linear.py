@@ -1,16 +1,19 @@
-"""A Linear layer with its glue fused in: ``ops.ln_linear`` = ``act(LayerNorm(x) @ weight.T + bias) + residual``.
+"""A Linear layer with its glue fused in: ``ops.ln_linear`` = ``act(Norm(x) @ weight.T + bias) + residual``.
 
-Each part but the GEMM is optional: the LayerNorm before it (``ln_weight``/``ln_bias`` None: none), the bias, the
-activation ('none', 'gelu' = exact erf as timm's ``nn.GELU``, 'gelu_tanh') and the residual add. The four Linears
+Each part but the GEMM is optional: the norm before it (``ln_weight`` None: none; ``norm='layer'`` LayerNorm with
+``ln_bias`` or without, ``norm='rms'`` RMSNorm), the bias, the activation ('none', 'gelu' = exact erf as timm's
+``nn.GELU``, 'gelu_tanh', 'quick_gelu', 'swiglu' = ``silu(gate) * value`` on a packed [2N, K] weight, gate rows
+first) and the residual add. The four Linears
 of a ViT block are all of this form: qkv = ``ln_linear(x, norm1, qkv)``, proj = ``ln_linear(attn, None, None,
 proj, residual=x)``, fc1 = ``ln_linear(x, norm2, fc1, activation='gelu')``, fc2 = ``ln_linear(h, None, None, fc2,
 residual=x)``.
 
 Backends:
-  ``torch``   ``F.layer_norm``, ``F.linear``, ``F.gelu`` and ``residual +``, autograd by PyTorch.
+  ``torch``   ``F.layer_norm`` / ``F.rms_norm``, ``F.linear``, the activation and ``residual +``, autograd by PyTorch.
   ``triton``  one Triton GEMM (``fastvit/ops/triton/linear.py``, kernels in ``fastvit/kernels/linear.py``): the
-              LayerNorm applied to A tiles as they are loaded (no LayerNorm output in memory), bias, activation and
-              residual in the epilogue; the backward fuses the activation's derivative into both gradient GEMMs.
+              norm applied to A tiles as they are loaded (no norm output in memory), bias, activation and residual
+              in the epilogue; the backward fuses the activation's derivative into both gradient GEMMs and runs
+              the norm's backward in Triton too.
 ``auto`` runs the Triton GEMM only where ``fastvit/gemm_choices.json`` holds benchmark evidence that it wins for
 the (shape, dtype, GPU), else ``torch`` (cuBLAS). The spec is ``fastvit.reference.ln_linear``.
 """
@@ -22,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastvit import dispatch
+from fastvit import dispatch, reference
 from fastvit.ops.linear_residual import linear_call
 from fastvit.validation import (
     check_eps,
@@ -35,8 +38,8 @@ from fastvit.validation import (
     check_tensor,
 )
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh")
-GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}  # activation -> F.gelu's approximate
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu", "swiglu")
+NORMS = ("layer", "rms")
 
 
 class GemmCall(NamedTuple):
@@ -66,45 +69,70 @@ def ln_linear(
     activation: str = "none",
     residual: torch.Tensor | None = None,
     backend: str | None = None,
+    *,
+    norm: str = "layer",
 ) -> torch.Tensor:
-    """``act(LayerNorm(x) @ weight.T + bias) + residual``, every part but the GEMM optional.
+    """``act(Norm(x) @ weight.T + bias) + residual``, every part but the GEMM optional.
 
     Args:
         x: [..., K] input (any strides).
-        ln_weight, ln_bias: [K] LayerNorm affine parameters, or both None for no LayerNorm.
-        weight: [N, K] (``nn.Linear.weight``); bias: [N] or None.
-        eps: LayerNorm epsilon (ignored without LayerNorm).
-        activation: 'none', 'gelu' (exact erf) or 'gelu_tanh', applied after the bias, before the residual.
+        ln_weight: [K] norm weight, or None for no norm; ln_bias: [K] LayerNorm bias or None (none; always None
+            for RMSNorm and without a norm).
+        weight: [N, K] (``nn.Linear.weight``), or [2N, K] for 'swiglu' (gate rows first: timm's SwiGLUPacked;
+            timm's split SwiGLU passes ``cat([fc1_g, fc1_x])``); bias: [N] ([2N] for 'swiglu') or None.
+        eps: the norm's epsilon (ignored without a norm).
+        activation: 'none', 'gelu' (exact erf), 'gelu_tanh', 'quick_gelu' (``z·σ(1.702z)``) or 'swiglu'
+            (``silu(gate)·value``), applied after the bias, before the residual.
         residual: [..., N] with x's leading shape, added last; or None.
         backend: 'auto' | 'triton' | 'torch'; None = the process default.
+        norm: 'layer' (LayerNorm) or 'rms' (RMSNorm, weight only): the kind of the norm when ``ln_weight`` is given.
 
     Returns:
         [..., N].
     """
     in_features = check_features("x", x, "in_features K")
-    if (ln_weight is None) != (ln_bias is None):
-        raise ValueError("ln_weight and ln_bias must both be tensors (a LayerNorm before the GEMM) or both None")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if ln_weight is None and ln_bias is not None:
+        raise ValueError("ln_bias given without ln_weight: a norm before the GEMM needs its weight")
+    if norm == "rms" and ln_bias is not None:
+        raise ValueError("ln_bias must be None with norm='rms' (RMSNorm has no bias)")
     if ln_weight is not None:
-        check_norm_params(in_features, ln_weight=ln_weight, ln_bias=ln_bias)
-    out_features = check_linear("weight", weight, "bias", bias, in_features, "N", "[N, K], K = the last dimension of x")
+        check_norm_params(in_features, ln_weight=ln_weight)
+    if ln_bias is not None:
+        check_norm_params(in_features, ln_bias=ln_bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    rows = (
+        "[2N, K] (gate rows first), K = the last dimension of x"
+        if activation == "swiglu"
+        else "[N, K], K = the last dimension of x"
+    )
+    weight_rows = check_linear("weight", weight, "bias", bias, in_features, "N", rows)
+    if activation == "swiglu" and weight_rows % 2:
+        raise ValueError(f"weight must have an even number of rows with activation='swiglu' {rows}, got {weight_rows}")
+    out_features = weight_rows // 2 if activation == "swiglu" else weight_rows
     if residual is not None:
         check_tensor("residual", residual)
         meaning = "[..., N]: x's leading dimensions, N = weight.shape[0]"
         check_shape("residual", residual, (*x.shape[:-1], out_features), meaning)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     eps = check_eps(eps)
     tensors = dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias, residual=residual)
     check_same_device(**tensors)
     check_same_dtype_outside_autocast(x.device, **tensors)
     call = gemm_call(x, in_features, out_features, ln_weight is not None)
     impl = dispatch.select("ln_linear", backend, call)
-    return impl(x, ln_weight, ln_bias, weight, bias, eps, activation, residual)
+    return impl(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, norm)
 
 
 @dispatch.register("ln_linear", "torch")
-def _ln_linear_torch(x, ln_weight, ln_bias, weight, bias, eps, activation, residual):
-    normed = x if ln_weight is None else F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps)
+def _ln_linear_torch(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, norm="layer"):
+    if ln_weight is None:
+        normed = x
+    elif norm == "rms":
+        normed = F.rms_norm(x, x.shape[-1:], ln_weight, eps)
+    else:
+        normed = F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps)
     out = F.linear(normed, weight, bias)
-    out = out if activation == "none" else F.gelu(out, approximate=GELU_APPROXIMATE[activation])
+    out = out if activation == "none" else reference.mlp_activation(out, activation)
     return out if residual is None else residual + out
