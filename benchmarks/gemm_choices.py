@@ -9,7 +9,9 @@ they won (``fastvit.gemm_choices``). A choice compares candidates timed in the s
 bucket agrees (every batch size, both modes):
 
 * ``ln_mlp``, bucket ``C x hidden`` (``benchmarks/test_bench_ln_mlp.py::test_ln_mlp``): "fastvit triton" against
-  "fastvit cuda" (cuBLASLt + the extension's kernels), forward and forward + backward.
+  "fastvit cuda" (cuBLASLt + the extension's kernels), forward and forward + backward. The suite runs the plain ViT
+  MLP, so the entry names that variant (``'layer/gelu'``, ``fastvit.gemm_choices.mlp_variant``): a win there does
+  not switch SwiGLU or sub-LN MLPs of the same shape.
 * ``ln_linear``, bucket ``K x N`` (``test_block_gemm``, the LayerNorm-prologue GEMMs the model calls it for: qkv
   and fc1): "fastvit triton" against "torch eager" (the LayerNorm, then the Linear and its glue on cuBLAS: what the
   model runs otherwise). That suite times the forward only: the choice then covers training too, so it says so in
@@ -35,7 +37,10 @@ SUITES = {
     "ln_mlp": ("ln_mlp", "fastvit cuda", ("width", "hidden")),
     "block_gemm": ("ln_linear", "torch eager", ("k", "n")),
 }
-LAYER_NORM_GEMMS = {"qkv", "fc1"}  # block_gemm cases that model calls of ops.ln_linear look like
+LAYER_NORM_GEMMS = {"qkv", "fc1"}
+BENCHED_MLP_VARIANT = gemm_choices.mlp_variant(
+    "layer", "gelu", False
+)  # what test_ln_mlp runs  # block_gemm cases that model calls of ops.ln_linear look like
 
 
 def _median(bench: dict) -> float | None:
@@ -88,14 +93,22 @@ def choices_from_run(run: dict, source: str) -> tuple[list[dict], list[tuple[str
         scope = "" if op == "ln_mlp" else "; forward measured, chosen for training too"
         evidence = f"{source} ({machine.get('device', '?')}): vs {alternative}: {detail}{scope}"
         entry = dict(op=op, bucket=bucket, dtype=dtype, capability=capability, backend="triton", evidence=evidence)
+        if op == "ln_mlp":
+            entry["variant"] = BENCHED_MLP_VARIANT
         wins.append(entry)
     return wins, losses
 
 
+def _key(entry: dict) -> tuple[str, ...]:
+    return (entry["op"], entry["bucket"], entry["dtype"], entry["capability"], entry.get("variant", ""))
+
+
 def merge(table: dict, wins: list[dict], losses: list[tuple[str, str, str, str]]) -> dict:
-    """``table`` (the JSON of ``fastvit/gemm_choices.json``) with this run's wins set and its losses removed."""
-    decided = {(e["op"], e["bucket"], e["dtype"], e["capability"]) for e in wins} | set(losses)
-    kept = [e for e in table.get("choices", []) if (e["op"], e["bucket"], e["dtype"], e["capability"]) not in decided]
+    """``table`` (the JSON of ``fastvit/gemm_choices.json``) with this run's wins set and its losses removed (a loss
+    removes the entries of the variant the suite measured)."""
+    decided = {_key(e) for e in wins}
+    decided |= {(*loss, BENCHED_MLP_VARIANT if loss[0] == "ln_mlp" else "") for loss in losses}
+    kept = [e for e in table.get("choices", []) if _key(e) not in decided]
     return {**table, "choices": kept + wins}
 
 

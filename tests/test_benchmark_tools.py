@@ -155,7 +155,7 @@ def test_gemm_choices_come_from_wins_in_every_case_and_merge_into_the_table(tmp_
     wins, losses = gemm_choices.choices_from_run(_gemm_run(triton_fwd_bwd=1.0), "bench.json")
     assert [e["op"] for e in wins] == ["ln_linear"] and losses == [("ln_mlp", "768x3072", "bfloat16", "9.0")]
     other = dict(op="ln_mlp", bucket="1024x4096", dtype="bfloat16", capability="9.0", backend="triton", evidence="x")
-    stale = dict(other, bucket="768x3072")
+    stale = dict(other, bucket="768x3072", variant="layer/gelu")
     table = tmp_path / "gemm_choices.json"
     table.write_text(json.dumps({"format": 1, "note": "n", "choices": [other, stale]}))
     results = tmp_path / "bench.json"
@@ -168,6 +168,8 @@ def test_gemm_choices_come_from_wins_in_every_case_and_merge_into_the_table(tmp_
     ]
     from fastvit import gemm_choices as shipped
 
-    assert shipped.table.__wrapped__(table)[("ln_linear", "768x2304", "bfloat16", "9.0")] == "triton"
+    assert shipped.table.__wrapped__(table)[("ln_linear", "768x2304", "bfloat16", "9.0", "*")] == "triton"
+    wins, _ = gemm_choices.choices_from_run(_gemm_run(), "bench.json")
+    assert {e["op"]: e.get("variant") for e in wins} == {"ln_mlp": "layer/gelu", "ln_linear": None}  # as measured
     results.write_text(json.dumps(_gemm_run(smoke=True)))
     assert gemm_choices.main([str(results)]) == 2 and "not a GPU run" in capsys.readouterr().err
