@@ -160,7 +160,7 @@ def test_no_registered_op_refuses_deterministic_mode():
     # LayerNorm reductions are two-stage and fixed-order, and ln_mlp forbids cuBLASLt split-K and fused bias-
     # gradient epilogues when the flag is on (csrc/ln_mlp). Each is exercised in test_two_runs_are_bit_identical.
     # linear_residual's backward takes the flag too: at::sum instead of cuBLASLt's BGRADB epilogue. The Triton
-    # GEMM (ln_linear) has no atomics and no split-K: each output tile is one program's fixed-order sum. The
+    # GEMM (ln_linear) has no atomics; its split-K dW sums fp32 slice partials on the host in slice order. The
     # attention prologue (qk-norm, RoPE) sums its norm-weight gradients from fixed 16-row slots in a fixed order
     # (tests/test_attention_prologue.py checks two runs are bit-identical). varlen attention runs the attention
     # kernels (VARLEN=True); tests/test_varlen_attention.py checks it bit for bit against each sequence alone under

@@ -16,11 +16,12 @@ Backends:
              CPU tensors its C++ implementation. With a hidden-layer norm, the same norm kernel over the activation
              before fc2. It saves x, the norm statistics and the fc1 pre-activation only: about half the activation
              memory of eager PyTorch. Every variant.
-  ``triton`` two fused Triton GEMMs (``fastvit/ops/triton/linear.py``): fc1 with the LayerNorm applied to its A
-             tiles as they load and the bias + GELU epilogue, fc2 with the bias + residual epilogue; LN(x) is
-             never written. LayerNorm with GELU / GELU-tanh / QuickGELU. ``auto`` prefers it over ``cuda`` only where
-             ``fastvit/gemm_choices.json`` holds benchmark evidence for the (C x hidden, dtype, GPU); an explicit
-             ``backend='triton'`` always runs it.
+  ``triton`` two fused Triton GEMMs (``fastvit/ops/triton/linear.py``): fc1 with the LayerNorm / RMSNorm applied
+             to its A tiles as they load and the bias + activation epilogue (SwiGLU: gate and value tiles side by
+             side), fc2 with the hidden norm (if any) as its prologue and the bias + residual epilogue; Norm(x) is
+             never written. Every variant. ``auto`` prefers it over ``cuda`` only where ``fastvit/gemm_choices.json``
+             holds benchmark evidence for the (C x hidden, variant, dtype, GPU); an explicit ``backend='triton'``
+             always runs it.
 The spec they are tested against is ``fastvit.reference.ln_mlp``. Outside autocast every tensor must share one dtype
 (TypeError otherwise); inside it the Linears compute in the autocast dtype, as eager autocast.
 """
