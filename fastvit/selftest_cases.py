@@ -253,17 +253,22 @@ def _qkv_case(batch, tokens, heads, head_dim, scale=None, spread=1.0, view=None,
     )
 
 
+def _key_padding_mask(tokens: int) -> torch.Tensor:
+    """[3, N] bool, True = keep: trailing padding (NaFlex's), every key masked, holes across key blocks plus a masked
+    tail."""
+    keep = torch.ones(3, tokens, dtype=torch.bool)
+    keep[0, tokens * 3 // 5 :] = False
+    keep[1] = False
+    keep[2, tokens // 4 : tokens // 2] = False
+    keep[2, tokens * 4 // 5 :] = False
+    return keep
+
+
 def _masked_qkv_case(tokens, heads, head_dim) -> OpCase:
-    """qkv_attention with a key-padding mask on qkv [3, N, 3·H·D]: trailing padding (NaFlex's), every key masked,
-    holes across key blocks plus a masked tail."""
+    """qkv_attention with a key-padding mask (``_key_padding_mask``) on qkv [3, N, 3·H·D]."""
 
     def make(gen):
-        keep = torch.ones(3, tokens, dtype=torch.bool)
-        keep[0, tokens * 3 // 5 :] = False
-        keep[1] = False
-        keep[2, tokens // 4 : tokens // 2] = False
-        keep[2, tokens * 4 // 5 :] = False
-        return [_randn(gen, 3, tokens, 3 * heads * head_dim), keep]
+        return [_randn(gen, 3, tokens, 3 * heads * head_dim), _key_padding_mask(tokens)]
 
     return OpCase(
         fused=lambda qkv, keep: ops.qkv_attention(qkv, heads, backend="triton", key_padding_mask=keep),
@@ -392,72 +397,148 @@ def attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
     return checks
 
 
-def _varlen_case(lengths: Sequence[int], heads: int, head_dim: int) -> OpCase:
-    """varlen_qkv_attention on sequences of ``lengths`` packed into qkv [T, 3·H·D]; peer: the torch backend (one
-    SDPA per sequence on CPU, padded masked SDPA on a GPU), spec: each sequence alone."""
+@dataclasses.dataclass(frozen=True)
+class _Prologue:
+    """The attention prologue a case runs: qk-norm of ``kind`` ('layer' | 'rms'; learned weights near 1 and, for
+    'layer', biases: their gradients are checked too) then 2D RoPE in ``layout`` ('interleaved' | 'half'), each
+    sequence's first ``prefix`` tokens unrotated."""
+
+    prefix: int
+    layout: str
+    kind: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The gradients of the norm parameters ``draw`` returns, in order."""
+        params = ("q_weight", "q_bias", "k_weight", "k_bias") if self.kind == "layer" else ("q_weight", "k_weight")
+        return tuple(f"grad {name}" for name in params)
+
+    def draw(self, gen: torch.Generator, head_dim: int) -> list[torch.Tensor]:
+        """The q and k norms' parameters, [D] each (weights, then biases for 'layer')."""
+        per_norm = 2 if self.kind == "layer" else 1
+        return [_randn(gen, head_dim, scale=0.1, shift=1.0 if i % per_norm == 0 else 0.0) for i in range(2 * per_norm)]
+
+    def table(self, grid: tuple[int, int], head_dim: int) -> torch.Tensor:
+        """The model's RoPE table of ``grid`` in this layout: [h·w, 2·D] float32 (``fastvit.eva.rope_table``)."""
+        from fastvit.eva import rope_table  # imported late: eva imports the model, which imports the ops
+
+        return rope_table(grid, head_dim, rotate_half=self.layout == "half")
+
+    def kwargs(self, rope: torch.Tensor, params: Sequence[torch.Tensor]) -> dict:
+        """The prologue's keyword arguments to the attention op, with the norms built from ``params``."""
+        per_norm = len(params) // 2
+        norms = [
+            ops.QKNorm(p[0], p[1] if self.kind == "layer" else None, 1e-6, self.kind)
+            for p in (params[:per_norm], params[per_norm:])
+        ]
+        return dict(rope=rope, num_prefix_tokens=self.prefix, rope_layout=self.layout, q_norm=norms[0], k_norm=norms[1])
+
+
+def _grid_of(patches: int) -> tuple[int, int]:
+    """The squarest (h, w) grid of ``patches`` > 0 patches, h <= w."""
+    rows = max(d for d in range(1, math.isqrt(patches) + 1) if patches % d == 0)
+    return rows, patches // rows
+
+
+def _varlen_rope_table(lengths: Sequence[int], prologue: _Prologue, head_dim: int) -> torch.Tensor:
+    """The packed [T - prefix, 2·D] table of sequences of ``lengths``: each sequence of L > prefix tokens rotates its
+    patches by the table of a ``_grid_of(L - prefix)`` grid, at rows cu_seqlens[b]..cu_seqlens[b + 1] - prefix;
+    identity rows elsewhere. ``fastvit.packing.packed_rope_table``'s layout, placed by sequence start so that
+    sequences shorter than the prefix (empty ones, a lone class token) fit too."""
+    rows, prefix = sum(lengths) - prologue.prefix, prologue.prefix
+    packed = torch.cat([torch.zeros(rows, head_dim), torch.ones(rows, head_dim)], dim=1)
+    start = 0
+    for length in lengths:
+        if length > prefix:
+            packed[start : start + length - prefix] = prologue.table(_grid_of(length - prefix), head_dim)
+        start += length
+    return packed
+
+
+def _varlen_case(lengths: Sequence[int], heads: int, head_dim: int, prologue: _Prologue | None = None) -> OpCase:
+    """varlen_qkv_attention on sequences of ``lengths`` packed into qkv [T, 3·H·D], with ``prologue`` when given
+    (``_varlen_rope_table``); peer: the torch backend (one SDPA per sequence on CPU, padded masked SDPA on a GPU),
+    spec: each sequence alone."""
     bounds = [0]
     for length in lengths:
         bounds.append(bounds[-1] + length)
     max_seqlen = max(lengths)
 
     def make(gen):
-        return [_randn(gen, bounds[-1], 3 * heads * head_dim), torch.tensor(bounds, dtype=torch.int32)]
-
-    return OpCase(
-        fused=lambda qkv, cu: ops.varlen_qkv_attention(qkv, cu, max_seqlen, heads, backend="triton"),
-        peer=lambda qkv, cu: ops.varlen_qkv_attention(qkv, cu, max_seqlen, heads, backend="torch"),
-        spec=lambda qkv, cu: reference.varlen_qkv_attention(qkv, cu, heads),
-        make=make,
-        names=("out", "grad qkv", "cu_seqlens"),
-    )
-
-
-def _prologue_qkv_case(grid: tuple[int, int], prefix: int, heads: int, head_dim: int, layout: str, kind: str) -> OpCase:
-    """qkv_attention with its prologue: qk-norm of ``kind`` ('layer' | 'rms', learned weights near 1 and, for
-    'layer', biases) then 2D RoPE in ``layout`` (eva.rope_table's table of ``grid``), ``prefix`` tokens unrotated."""
-    tokens, width3 = prefix + grid[0] * grid[1], 3 * heads * head_dim
-    per_norm = 2 if kind == "layer" else 1
-
-    def make(gen):
-        norms = [_randn(gen, head_dim, scale=0.1, shift=1.0 if i % per_norm == 0 else 0.0) for i in range(2 * per_norm)]
-        return [_randn(gen, 2, tokens, width3), *norms]
+        norms = prologue.draw(gen, head_dim) if prologue else []
+        return [_randn(gen, bounds[-1], 3 * heads * head_dim), torch.tensor(bounds, dtype=torch.int32), *norms]
 
     def call(attend, **backend):
-        def run(qkv, *params):
-            from fastvit.eva import rope_table  # the model's table builder, imported late: eva imports the model
-
-            rope = rope_table(grid, head_dim, rotate_half=layout == "half").to(qkv.device)
-            q_params, k_params = params[:per_norm], params[per_norm:]
-            q_norm = ops.QKNorm(q_params[0], q_params[1] if kind == "layer" else None, 1e-6, kind)
-            k_norm = ops.QKNorm(k_params[0], k_params[1] if kind == "layer" else None, 1e-6, kind)
-            return attend(qkv, heads, rope=rope, num_prefix_tokens=prefix, rope_layout=layout, q_norm=q_norm,
-                          k_norm=k_norm, **backend)  # fmt: skip
+        def run(qkv, cu, *params):
+            rope = _varlen_rope_table(lengths, prologue, head_dim).to(qkv.device) if prologue else None
+            return attend(qkv, cu, max_seqlen, heads, **(prologue.kwargs(rope, params) if prologue else {}), **backend)
 
         return run
 
-    names = ["q_weight", "q_bias", "k_weight", "k_bias"] if kind == "layer" else ["q_weight", "k_weight"]
+    def spec(qkv, cu, _max_seqlen, num_heads, **prologue_kwargs):
+        return reference.varlen_qkv_attention(qkv, cu, num_heads, **prologue_kwargs)
+
+    return OpCase(
+        fused=call(ops.varlen_qkv_attention, backend="triton"),
+        peer=call(ops.varlen_qkv_attention, backend="torch"),
+        spec=call(spec),
+        make=make,
+        names=("out", "grad qkv", "cu_seqlens", *(prologue.names if prologue else ())),
+    )
+
+
+def _prologue_qkv_case(
+    grid: tuple[int, int], heads: int, head_dim: int, prologue: _Prologue, key_padding: bool = False
+) -> OpCase:
+    """qkv_attention with ``prologue`` (RoPE table of ``grid``, plus the prefix tokens) on qkv [B, N, 3·H·D]; with
+    ``key_padding``, B = 3 under ``_key_padding_mask`` (padded NaFlex batches), else B = 2."""
+    tokens, width3 = prologue.prefix + grid[0] * grid[1], 3 * heads * head_dim
+
+    def make(gen):
+        norms = prologue.draw(gen, head_dim)
+        if key_padding:
+            return [_randn(gen, 3, tokens, width3), _key_padding_mask(tokens), *norms]
+        return [_randn(gen, 2, tokens, width3), *norms]
+
+    def call(attend, **backend):
+        def run(qkv, *rest):
+            mask = {"key_padding_mask": rest[0]} if key_padding else {}
+            params = rest[1:] if key_padding else rest
+            rope = prologue.table(grid, head_dim).to(qkv.device)
+            return attend(qkv, heads, **prologue.kwargs(rope, params), **mask, **backend)
+
+        return run
+
     return OpCase(
         fused=call(ops.qkv_attention, backend="triton"),
         peer=call(ops.qkv_attention, backend="torch"),
         spec=call(reference.qkv_attention),
         make=make,
-        names=("out", "grad qkv", *(f"grad {name}" for name in names)),
+        names=("out", "grad qkv", *(("key_padding_mask",) if key_padding else ()), *prologue.names),
     )
 
 
 def prologue_attention_checks(device: torch.device, quick: bool) -> list[Check]:
     """Checks of the attention kernels' qk-norm + RoPE prologue (forward and backward, the norms' weight gradients
-    included): both RoPE layouts and both norm kinds, prefix tokens (class + registers) left unrotated."""
+    included): both RoPE layouts and both norm kinds, prefix tokens (class + registers) left unrotated; then the
+    prologue under a key-padding mask (padded NaFlex batches; one layout in quick mode)."""
     op = "qkv_attention"
     grid, prefix = ((5, 7), 1) if quick else ((14, 14), 5)
+    prologues = [_Prologue(prefix, "interleaved", "layer"), _Prologue(prefix, "half", "rms")]
+    masked = prologues[1:] if quick else prologues
     checks, seed = [], 1000
     for dtype in covered_dtypes(op, "triton", lambda d: attention_call(device, d, 64)):
-        for layout, kind in (("interleaved", "layer"), ("half", "rms")):
+        for prologue, key_padding in [(p, False) for p in prologues] + [(p, True) for p in masked]:
             seed += 1
-            case = _prologue_qkv_case(grid, prefix, 2, 64, layout, kind)
-            label = f"prologue {kind}-norm + RoPE {layout}, grid {grid[0]}x{grid[1]} + {prefix} prefix, D=64"
-            checks.append(_check(op, "triton", dtype, label, case, device, seed))
+            case = _prologue_qkv_case(grid, 2, 64, prologue, key_padding=key_padding)
+            label = f"prologue {_prologue_text(prologue)}, grid {grid[0]}x{grid[1]}, D=64"
+            checks.append(_check(op, "triton", dtype, label + (", key-padding mask" if key_padding else ""), case,
+                                 device, seed))  # fmt: skip
     return checks
+
+
+def _prologue_text(prologue: _Prologue) -> str:
+    return f"{prologue.kind}-norm + RoPE {prologue.layout} + {prologue.prefix} prefix"
 
 
 def qkv_attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
@@ -467,11 +548,19 @@ def qkv_attention_checks(op: str, device: torch.device, quick: bool) -> list[Che
 
 def varlen_attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
     """Checks of the attention kernels' packed variable-length path (``varlen_qkv_attention``, VARLEN=True): empty,
-    length-1 and multi-block sequences with ragged tails, per head dim; on a GPU every autotuner candidate forced."""
+    length-1 and multi-block sequences with ragged tails, per head dim; on a GPU every autotuner candidate forced.
+    Then the qk-norm + RoPE prologue on packed sequences (the packed table, ``_varlen_rope_table``): both layouts and
+    norm kinds (one in quick mode), the norms' weight gradients included."""
     dtypes = covered_dtypes(op, "triton", lambda d: attention_call(device, d, 64))
     gpu = _on_gpu(device)
     mixes = [(5, 0, 1, 70)] if quick else [(5, 0, 1, 70), (197, 50, 0, 257, 1) + ((577,) if gpu else ())]
     head_dims = (64, 72, 80) if gpu and quick else (64,) if quick else attention_triton.SUPPORTED_HEAD_DIMS
+    # the qk-norm + RoPE prologue on packed sequences: a class token (length 1: it alone), 5 prefix tokens (longer
+    # than the empty and length-1 sequences: those stay unrotated)
+    prologues = [(mixes[0], _Prologue(1, "interleaved", "layer"))]
+    if not quick:
+        prologues += [(mixes[1], _Prologue(1, "interleaved", "layer")), (mixes[1], _Prologue(5, "half", "rms"))]
+        prologues += [(mixes[0], _Prologue(5, "half", "rms"))]
     checks = []
     for dtype in dtypes:
         seed = 0
@@ -487,6 +576,10 @@ def varlen_attention_checks(op: str, device: torch.device, quick: bool) -> list[
                 seed += 1
                 label = f"lengths {lengths} H=2 D={head_dim}" + (" (autotuned)" if gpu else "")
                 checks.append(_check(op, "triton", dtype, label, _varlen_case(lengths, 2, head_dim), device, seed))
+        for lengths, prologue in prologues:
+            seed += 1
+            label = f"lengths {lengths} H=2 D=64 prologue {_prologue_text(prologue)}"
+            checks.append(_check(op, "triton", dtype, label, _varlen_case(lengths, 2, 64, prologue), device, seed))
         seed += 1
         case = _varlen_case((20, 0, 45), 2, 64)
         checks.append(

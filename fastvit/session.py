@@ -191,6 +191,9 @@ def _input_shape(input_shape: object) -> tuple[int, int, int]:
     return tuple(int(size) for size in shape)
 
 
+_Table = torch.Tensor | None  # a packed RoPE table, None for a model without RoPE
+
+
 class PackedInferenceSession:
     """Inference on lists of images of different sizes (``model.forward_packed``), replaying one CUDA graph per token
     budget on CUDA.
@@ -199,13 +202,16 @@ class PackedInferenceSession:
     (``fastvit.packing.pick_token_budget``) and padded to it (``pad_packing``: the padding as one dummy sequence, then
     empty ones up to ``max_images``), so every batch of one budget has the same shapes: the blocks and the final norm,
     almost all of the work, replay the budget's graph on a static [1, budget, D] buffer and a static
-    ``cu_seqlens`` [max_images + 2]. The patch embedding (one call per distinct size) and the per-image pooling and
-    head run eagerly. Padding overhead: the blocks run ``budget / T`` times the tokens (under 2x with power-of-two
+    ``cu_seqlens`` [max_images + 2]. RoPE models (``fastvit.Eva`` with ``rope_config``) get a third static input, the
+    packed RoPE table [budget - num_prefix_tokens, 2·D] (``model.packed_block_args``: each image's grid table, identity
+    rows at later images' prefix tokens and at the padding), which the blocks' varlen attention applies in its
+    prologue. The patch embedding (one call per distinct size), the RoPE tables and the per-image pooling and head run
+    eagerly. Padding overhead: the blocks run ``budget / T`` times the tokens (under 2x with power-of-two
     budgets), plus the dummy sequence's attention.
 
     Args:
-        model: a ``VisionTransformer`` (or an ``Eva`` without RoPE: RoPE tables depend on the images' grids) built with
-            ``dynamic_img_size=True``; put in eval mode.
+        model: a ``VisionTransformer`` or an ``Eva`` (RoPE included, but not RoPE-Mixed: its learned per-head tables
+            run under a dense mask) built with ``dynamic_img_size=True``; put in eval mode.
         token_budgets: the budgets (token counts) to capture graphs for; a batch above the largest is an error.
         max_images: the most images one batch may hold.
         dtype: autocast dtype (torch.bfloat16, torch.float16) or torch.float32 for none.
@@ -227,11 +233,19 @@ class PackedInferenceSession:
     ) -> None:
         if not hasattr(model, "forward_packed"):
             raise TypeError(f"model must be a fastvit VisionTransformer or Eva, got {type(model).__name__}")
-        if getattr(model, "rope_config", None) is not None:
-            raise ValueError("model: RoPE models' tables depend on each batch's image grids; use model.forward_packed")
+        if getattr(getattr(model, "rope", None), "mixed", False):
+            raise ValueError(
+                "model: RoPE-Mixed's learned per-head tables run under a dense [T, T] mask, not the varlen kernel; "
+                "use model.forward_packed"
+            )
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
         budgets = _batch_sizes(token_budgets, "token_budgets")
+        if min(budgets) <= model.num_prefix_tokens:
+            raise ValueError(
+                f"token_budgets must each exceed num_prefix_tokens={model.num_prefix_tokens} (one image's prefix and a "
+                f"patch), got {min(budgets)}"
+            )
         if not _is_positive_int(max_images):
             raise ValueError(f"max_images must be an int >= 1, got {_describe(max_images)}")
         if not _is_positive_int(warmup):
@@ -251,7 +265,8 @@ class PackedInferenceSession:
         self.replays = 0
         self.padding_tokens = 0  # padding run so far, for the overhead: padding_tokens / (padding + real tokens)
         self.tokens = 0
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # per budget: graph, static tokens, cu_seqlens, RoPE table (None without RoPE), output
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, _Table, torch.Tensor]] = {}
         if use_cuda_graphs:
             with torch.cuda.device(self.device):
                 self._stream = torch.cuda.Stream(device=self.device)
@@ -267,11 +282,26 @@ class PackedInferenceSession:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def _blocks(self, x: torch.Tensor, attn_mask) -> torch.Tensor:
-        """The blocks and the final norm on the padded [1, budget, D] tokens."""
+    def _blocks(self, x: torch.Tensor, attn_mask, rope: torch.Tensor | None) -> torch.Tensor:
+        """The blocks and the final norm on the padded [1, budget, D] tokens (``rope``: their packed table)."""
+        block_args = () if rope is None else (rope,)
         for block in self.model.blocks:
-            x = block(x, attn_mask=attn_mask)
+            x = self.model._run_block(block, x, *block_args, attn_mask=attn_mask)
         return self.model.norm(x)
+
+    def _rope(self, packing: ImagePacking) -> torch.Tensor | None:
+        """The packed RoPE table of ``packing``'s images [T - num_prefix_tokens, 2·D]; None without RoPE."""
+        block_args = next(iter(self.model.packed_block_args(packing, self.device)))
+        return block_args[0] if block_args else None
+
+    def _padded_rope(self, rope: torch.Tensor | None, budget: int) -> torch.Tensor | None:
+        """``rope`` [T - prefix, 2·D] followed by identity rows (sin 0, cos 1) up to [budget - prefix, 2·D]: the
+        padding sequence's tokens, never read by a real image."""
+        if rope is None:
+            return None
+        padding = budget - self.model.num_prefix_tokens - rope.shape[0]
+        half = rope.shape[-1] // 2
+        return torch.cat([rope, torch.cat([rope.new_zeros(padding, half), rope.new_ones(padding, half)], dim=-1)])
 
     def _embed_dtype(self) -> torch.dtype:
         """The dtype of the embedded tokens (the residual stream) under the session's autocast."""
@@ -285,15 +315,17 @@ class PackedInferenceSession:
         static_x = torch.randn(1, budget, self.model.embed_dim, device=self.device, dtype=self._embed_dtype())
         packing = PackedSequences.from_lengths([budget] + [0] * self.max_images, device=self.device)
         static_cu = packing.cu_seqlens
+        probe = self._rope(ImagePacking.from_grids([(1, 1)], self.model.num_prefix_tokens, self.device))
+        static_rope = self._padded_rope(None if probe is None else probe[:0], budget)  # identity rows to start with
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream), torch.no_grad(), self._autocast():
             for _ in range(self.warmup):
-                self._blocks(static_x, packing)
+                self._blocks(static_x, packing, static_rope)
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self._stream), torch.no_grad(), self._autocast():
-            static_out = self._blocks(static_x, packing)
-        self._graphs[budget] = (graph, static_x, static_cu, static_out)
+            static_out = self._blocks(static_x, packing, static_rope)
+        self._graphs[budget] = (graph, static_x, static_cu, static_rope, static_out)
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Images [C, H_b, W_b] (as ``model.forward_packed``, on the model's device) -> logits [B, num_classes]."""
@@ -310,17 +342,20 @@ class PackedInferenceSession:
         self.padding_tokens += budget - tokens
         with torch.no_grad(), self._autocast():
             x = model.embed_packed(images, packing)
+            rope = self._padded_rope(self._rope(packing), budget)
             if self.use_cuda_graphs:
-                graph, static_x, static_cu, static_out = self._graphs[budget]
+                graph, static_x, static_cu, static_rope, static_out = self._graphs[budget]
                 with torch.cuda.device(self.device):
                     static_x[:, :tokens].copy_(x)
                     static_x[:, tokens:].zero_()
                     static_cu.copy_(pad_packing(packing.lengths, budget, self.max_images).cu_seqlens)
+                    if rope is not None:
+                        static_rope.copy_(rope)
                     graph.replay()
                     self.replays += 1
                     out = static_out[:, :tokens].clone()  # the static buffer is overwritten by the next replay
             else:
                 padded = torch.cat([x, x.new_zeros(1, budget - tokens, x.shape[-1])], dim=1)
-                out = self._blocks(padded, pad_packing(packing.lengths, budget, self.max_images, self.device))
+                out = self._blocks(padded, pad_packing(packing.lengths, budget, self.max_images, self.device), rope)
                 out = out[:, :tokens]
             return model.forward_head_packed(out, packing)

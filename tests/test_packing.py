@@ -473,9 +473,47 @@ def test_packed_inference_session_bad_arguments(make, error, match):
         make(_session_model())
 
 
-def test_packed_inference_session_refuses_rope_models():
-    with pytest.raises(ValueError, match="RoPE"):
-        PackedInferenceSession(Eva(**TINY, use_rot_pos_emb=True, dynamic_img_size=True), token_budgets=64)
+ROPE_SESSION_MODELS = {
+    "cat_class_token": dict(),
+    "rotate_half_registers_qk_norm": dict(rope_rotate_half=True, num_reg_tokens=2, qk_norm=True, global_pool="avg"),
+}
+
+
+def _rope_session_model(backend: str, **options) -> Eva:
+    """A tiny Eva with RoPE; ``backend`` 'triton': its attention on the Triton kernels, the rest on the default."""
+    backend = {"qkv_attention": "triton"} if backend == "triton" else backend  # packed: varlen_qkv_attention
+    model = Eva(**TINY, **options, use_rot_pos_emb=True, dynamic_img_size=True, backend=backend).eval()
+    # Peaked attention and an attention output that moves the logits: the initial weights leave the attention near
+    # uniform and its output small, where RoPE hardly shows.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("qkv.weight", "attn.proj.weight", "head.weight")):
+                param.normal_(0.0, 2.0 / param.shape[1] ** 0.5, generator=gen)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_backend("triton"))])
+@pytest.mark.parametrize("options", ROPE_SESSION_MODELS.values(), ids=ROPE_SESSION_MODELS.keys())
+def test_packed_inference_session_serves_rope_models_equal_to_forward_packed(backend, options):
+    # The packed RoPE table is a per-batch input padded with identity rows to the budget; the padding sequence's rows
+    # are never read by a real image. triton: the varlen kernel's RoPE/qk-norm prologue (interpreter on CPU).
+    model = _rope_session_model(backend, **options)
+    session = PackedInferenceSession(model, token_budgets=[32, 64, 128], max_images=6, dtype=torch.float32)
+    for sizes in (SIZES, [(4, 4)], [(16, 8), (8, 16)]):
+        images = _images(sizes)
+        with torch.no_grad():
+            expected = model.forward_packed(images)
+        got = session(images)
+        assert session.padding_tokens > 0  # every batch here is padded: the identity rows are exercised
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_inference_session_refuses_rope_mixed_and_budgets_without_room_for_an_image():
+    with pytest.raises(ValueError, match="RoPE-Mixed"):
+        PackedInferenceSession(_rope_session_model("torch", rope_type="mixed"), token_budgets=64)
+    with pytest.raises(ValueError, match=r"token_budgets must each exceed num_prefix_tokens=3"):
+        PackedInferenceSession(_rope_session_model("torch", num_reg_tokens=2), token_budgets=[64, 3])
 
 
 @needs_cuda
@@ -489,3 +527,18 @@ def test_gpu_packed_session_graph_replay_equals_eager(dtype):
         images = [image.cuda() for image in _images(sizes)]
         torch.testing.assert_close(graphs(images), eager(images), **dtype_tols(dtype))
     assert graphs.replays == 3
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_packed_session_rope_graph_replay_equals_forward_packed(dtype):
+    """An Eva with RoPE (registers, qk-norm): the static table is refilled before each replay; batches of different
+    grids in one budget each equal ``forward_packed`` under the same autocast."""
+    model = _rope_session_model("auto", **ROPE_SESSION_MODELS["rotate_half_registers_qk_norm"]).cuda()
+    session = PackedInferenceSession(model, token_budgets=[64, 256], max_images=8, dtype=dtype)
+    for sizes in (SIZES, [(12, 12), (4, 8)], [(32, 16), (8, 8), (16, 16)]):
+        images = [image.cuda() for image in _images(sizes)]
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            expected = model.forward_packed(images)
+        torch.testing.assert_close(session(images), expected, **dtype_tols(dtype))
+    assert session.replays == 3

@@ -9,6 +9,7 @@ launchers can pick.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -282,6 +283,46 @@ def test_the_plan_covers_every_fused_implementation_with_forced_configs_on_a_gpu
     assert any("tf32" in label for label in labels) and any("(autotuned)" in label for label in labels)
     pe = selftest_cases.build_checks("patch_embed", "triton", CPU, quick=False)
     assert len({c for check in pe for c in check.configs if c.startswith("fwd=")}) == 42  # float16: every config
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_the_plan_checks_the_prologue_on_packed_sequences_and_under_a_key_padding_mask(quick):
+    # GPU evidence for varlen + prologue and key-padding mask + prologue: every covered dtype, both RoPE layouts and
+    # norm kinds between them (quick) or each (full).
+    varlen = selftest_cases.build_checks("varlen_qkv_attention", "triton", CPU, quick=quick)
+    padded = selftest_cases.build_checks("qkv_attention", "triton", CPU, quick=quick)
+    packed_prologue = [c for c in varlen if "prologue" in c.label]
+    masked_prologue = [c for c in padded if "prologue" in c.label and "key-padding mask" in c.label]
+    dtypes = {c.dtype for c in varlen}
+    assert dtypes and {c.dtype for c in packed_prologue} == dtypes == {c.dtype for c in masked_prologue}
+    assert any("(5, 0, 1, 70)" in c.label for c in packed_prologue)  # empty, length-1 and multi-block sequences
+    for prologue in ("layer-norm + RoPE interleaved", "rms-norm + RoPE half"):
+        assert any(prologue in c.label for c in packed_prologue + masked_prologue)
+        if not quick:
+            assert any(prologue in c.label for c in packed_prologue) and any(
+                prologue in c.label for c in masked_prologue
+            )
+    per_dtype = len(packed_prologue + masked_prologue) / len(dtypes)
+    assert per_dtype == (2 if quick else 6)
+
+
+def test_a_wrong_packed_rope_table_or_an_ignored_mask_fails_the_prologue_checks():
+    _needs_interpreter()
+    prologue = selftest_cases._Prologue(1, "interleaved", "layer")
+    case = selftest_cases._varlen_case((5, 0, 1, 30), 2, 32, prologue)
+    assert selftest_cases.measure(case, torch.float32, CPU, seed=3).passed
+    swapped = selftest_cases._varlen_rope_table((5, 0, 30, 1), prologue, 32)  # the last two sequences' rows swapped
+
+    def wrong_table(qkv, cu, *params):
+        return ops.varlen_qkv_attention(qkv, cu, 30, 2, backend="triton", **prologue.kwargs(swapped, params))
+
+    outcome = selftest_cases.measure(dataclasses.replace(case, fused=wrong_table), torch.float32, CPU, seed=3)
+    assert not outcome.passed, outcome
+    masked = selftest_cases._prologue_qkv_case((3, 4), 2, 32, selftest_cases._Prologue(1, "half", "rms"), True)
+    unmasked = dataclasses.replace(masked, fused=lambda qkv, keep, *p: masked.fused(qkv, torch.ones_like(keep), *p))
+    assert selftest_cases.measure(masked, torch.float32, CPU, seed=4).passed
+    outcome = selftest_cases.measure(unmasked, torch.float32, CPU, seed=4)
+    assert not outcome.passed, outcome
 
 
 def test_forced_configs_reach_the_attention_launch(monkeypatch):
