@@ -102,14 +102,66 @@ def _piece_ptrs(row_ptrs, stride_d, START: tl.constexpr, WIDTH: tl.constexpr):
 
 @triton.jit
 def _piece_setup(res_rows, a_rows, b_rows, stride_res_d, stride_a_d, stride_b_d, rows_valid, HEAD_DIM: tl.constexpr,
-                 START: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+                 START: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
     """One more head-dim piece of a program: (the piece [ROWS, WIDTH] of its resident tile, pointers to the pieces
-    [STREAMED_ROWS, WIDTH] of the two tiles its loop streams, the piece's columns, a zeroed accumulator [ROWS, WIDTH]
-    fp32). ``*_rows``: [rows, 1] row pointers of the resident tile and of the two streamed ones."""
+    [STREAMED_ROWS, WIDTH] of the two tiles its loop streams, the piece's columns). ``*_rows``: [rows, 1] row
+    pointers of the resident tile and of the two streamed ones."""
     res = _load_piece(res_rows, stride_res_d, rows_valid, HEAD_DIM, START, WIDTH)
     a_ptrs, cols = _piece_ptrs(a_rows, stride_a_d, START, WIDTH)
     b_ptrs, _ = _piece_ptrs(b_rows, stride_b_d, START, WIDTH)
-    return res, a_ptrs, b_ptrs, cols, tl.zeros([ROWS, WIDTH], dtype=tl.float32)
+    return res, a_ptrs, b_ptrs, cols
+
+
+@triton.jit
+def _pieces_setup(res_rows, a_rows, b_rows, stride_res_d, stride_a_d, stride_b_d, rows_valid, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):  # fmt: skip
+    """``_piece_setup`` of the second and the third piece, each four values None where its width is 0."""
+    res1, a1_ptrs, b1_ptrs, cols1 = None, None, None, None
+    res2, a2_ptrs, b2_ptrs, cols2 = None, None, None, None
+    if D1 > 0:
+        res1, a1_ptrs, b1_ptrs, cols1 = _piece_setup(
+            res_rows, a_rows, b_rows, stride_res_d, stride_a_d, stride_b_d, rows_valid, HEAD_DIM, BLOCK_D, D1
+        )
+    if D2 > 0:
+        res2, a2_ptrs, b2_ptrs, cols2 = _piece_setup(
+            res_rows, a_rows, b_rows, stride_res_d, stride_a_d, stride_b_d, rows_valid, HEAD_DIM, BLOCK_D + D1, D2
+        )
+    return res1, a1_ptrs, b1_ptrs, cols1, res2, a2_ptrs, b2_ptrs, cols2
+
+
+@triton.jit
+def _load_pieces(row_ptrs, stride_d, rows_valid, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, D1: tl.constexpr,
+                 D2: tl.constexpr):  # fmt: skip
+    """The second and third pieces of the tile at rows ``row_ptrs`` [ROWS, 1] (None where the width is 0)."""
+    piece1, piece2 = None, None
+    if D1 > 0:
+        piece1 = _load_piece(row_ptrs, stride_d, rows_valid, HEAD_DIM, BLOCK_D, D1)
+    if D2 > 0:
+        piece2 = _load_piece(row_ptrs, stride_d, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
+    return piece1, piece2
+
+
+@triton.jit
+def _piece_zeros(ROWS: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """Zeroed fp32 accumulators [ROWS, D1] and [ROWS, D2] for the second and third pieces (None where 0 wide)."""
+    acc1, acc2 = None, None
+    if D1 > 0:
+        acc1 = tl.zeros([ROWS, D1], dtype=tl.float32)
+    if D2 > 0:
+        acc2 = tl.zeros([ROWS, D2], dtype=tl.float32)
+    return acc1, acc2
+
+
+@triton.jit
+def _advance_pieces(a1_ptrs, b1_ptrs, a2_ptrs, b2_ptrs, step_a, step_b, D1: tl.constexpr, D2: tl.constexpr):
+    """The streamed pieces' pointers moved on by one loop step (``step_a`` / ``step_b`` elements)."""
+    if D1 > 0:
+        a1_ptrs += step_a
+        b1_ptrs += step_b
+    if D2 > 0:
+        a2_ptrs += step_a
+        b2_ptrs += step_b
+    return a1_ptrs, b1_ptrs, a2_ptrs, b2_ptrs
 
 
 @triton.jit
@@ -126,6 +178,19 @@ def _store_piece(row_ptrs, stride_d, value, rows_valid, HEAD_DIM: tl.constexpr, 
     HEAD_DIM)."""
     ptrs, cols = _piece_ptrs(row_ptrs, stride_d, START, WIDTH)
     _store_tile(ptrs, value, rows_valid, cols, HEAD_DIM, START + WIDTH)
+
+
+@triton.jit
+def _store_pieces(row_ptrs, stride_d, acc1, acc2, scale, rows_valid, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  D1: tl.constexpr, D2: tl.constexpr):  # fmt: skip
+    """Store the second and third pieces' fp32 accumulators times ``scale`` (a scalar or [ROWS, 1]) in the dtype of
+    the tile at rows ``row_ptrs`` [ROWS, 1]."""
+    if D1 > 0:
+        piece1 = (acc1 * scale).to(row_ptrs.dtype.element_ty)
+        _store_piece(row_ptrs, stride_d, piece1, rows_valid, HEAD_DIM, BLOCK_D, D1)
+    if D2 > 0:
+        piece2 = (acc2 * scale).to(row_ptrs.dtype.element_ty)
+        _store_piece(row_ptrs, stride_d, piece2, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
 
 
 @triton.jit
@@ -397,6 +462,98 @@ def _store_norm_grad(
     tl.store(ptrs + HEAD_DIM, tl.where(first, db[None, :], 0.0), mask=mask)
 
 
+@triton.jit
+def _prologue_grad(
+    g,  # [ROWS, BLOCK_D] fp32: gradient w.r.t. the tile _prologue returned
+    x_ptrs,  # [ROWS, BLOCK_D] pointers to the raw tile
+    start,  # first row of the tile
+    offs,  # [ROWS] row offsets within the tile
+    rows_valid,
+    offs_d,
+    Rope,
+    stride_rope_n,
+    NUM_PREFIX,
+    W,
+    Bias,
+    eps,
+    NormGrad,  # the norm-weight gradient partials (see _store_norm_grad)
+    bh,  # this program's row of slots: seq * H + h
+    N,  # rows of the sequence
+    max_seqlen,  # VARLEN: the slots per (sequence, head) are max_seqlen's
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ROPE: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    """A backward kernel's end of the prologue: the gradient w.r.t. the raw tile (reloaded here), with the norm's
+    weight and bias gradient partials stored."""
+    x = _load_tile(x_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    g, dw, db = _prologue_backward(
+        g, x, start + offs, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, W, Bias, eps, HEAD_DIM, BLOCK_D, ROPE,
+        NORM,
+    )  # fmt: skip
+    if NORM != 0:
+        slot_rows = N
+        if VARLEN:
+            slot_rows = max_seqlen
+        _store_norm_grad(NormGrad, bh, start, N, slot_rows, dw, db, offs_d, HEAD_DIM, ROWS)
+    return g
+
+
+@triton.jit
+def _program_setup(
+    Q, K, V, DO, Lse, Delta,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    H, N_Q, N_KV, num_blocks_plain, BLOCK: tl.constexpr,
+    Cu_seqlens, max_seqlen, VARLEN: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+    Rope, stride_rope_n, ROPE: tl.constexpr,
+):  # fmt: skip
+    """The setup every kernel shares: the inputs' strides aligned (see ``_aligned``), the program's coordinates, and
+    in VARLEN mode its sequence's base pointers and lengths (see ``_varlen_coords``). The forward passes (Q, K, V,
+    Out, Lse, Lse) for (Q, K, V, DO, Lse, Delta).
+
+    ``num_blocks_plain``: blocks per (batch, head) without VARLEN (cdiv of the owned axis by BLOCK). Returns (Q, K, V,
+    DO, Lse, Delta shifted to the sequence, their aligned strides, block index, b, h, N_Q, N_KV, the sequence's first
+    token as int64 (0 without VARLEN; the kernel shifts its own outputs by it), whether the block lies past its
+    sequence's end (the kernel returns then; always False without VARLEN), the RoPE table shifted likewise, the
+    sequence index (b without VARLEN: the norm-gradient partials' row is seq * H + h)).
+    """
+    if STRIDE_ALIGN > 1:
+        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
+        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
+    if VARLEN:
+        block, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK), H, Cu_seqlens)
+        past_end = block * BLOCK >= length
+        Q += seq_start * stride_qn
+        K += seq_start * stride_kn
+        V += seq_start * stride_vn
+        DO += seq_start * stride_don
+        if ROPE != 0:
+            Rope += seq_start * stride_rope_n
+        stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
+        Lse += stats_shift
+        Delta += stats_shift
+        b, N_Q, N_KV = 0, length, length
+    else:
+        block, b, h = _program_coords(num_blocks_plain, H)
+        seq = b
+        seq_start = 0
+        past_end = False
+    return (
+        Q, K, V, DO, Lse, Delta,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        block, b, h, N_Q, N_KV, seq_start, past_end, Rope, seq,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 
@@ -520,26 +677,21 @@ def attn_fwd_kernel(
     D2: tl.constexpr = 0,
     STRIDE_ALIGN: tl.constexpr = 1,  # every stride but the head dim's is a multiple of it (see _aligned)
 ):  # fmt: skip
-    if STRIDE_ALIGN > 1:
-        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
-        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
-        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
-        stride_ob, stride_oh, stride_on = _aligned(stride_ob, stride_oh, stride_on, STRIDE_ALIGN)
+    (
+        Q, K, V, Out, Lse, _,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+        pid_m, b, h, N_Q, N_KV, _, past_end, Rope, _,
+    ) = _program_setup(
+        Q, K, V, Out, Lse, Lse,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+        H, N_Q, N_KV, tl.cdiv(N_Q, BLOCK_M), BLOCK_M, Cu_seqlens, max_seqlen, VARLEN, STRIDE_ALIGN,
+        Rope, stride_rope_n, ROPE,
+    )  # fmt: skip
     if VARLEN:
-        pid_m, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK_M), H, Cu_seqlens)
-        if pid_m * BLOCK_M >= length:  # past the end of its sequence
+        if past_end:
             return
-        Q += seq_start * stride_qn
-        K += seq_start * stride_kn
-        V += seq_start * stride_vn
-        Out += seq_start * stride_on
-        if ROPE != 0:
-            Rope += seq_start * stride_rope_n  # see _varlen_coords: the packed table, row g - NUM_PREFIX for token g
-        stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
-        Lse += stats_shift
-        b, N_Q, N_KV = 0, length, length
-    else:
-        pid_m, b, h = _program_coords(tl.cdiv(N_Q, BLOCK_M), H)
     start_m = pid_m * BLOCK_M  # int32: token indices fit; pointer offsets below go through int64
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -553,16 +705,10 @@ def attn_fwd_kernel(
     v_ptrs = v_rows + offs_d[None, :] * stride_vd
     q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
-    q1, k1_ptrs, v1_ptrs, cols1, acc1 = None, None, None, None, None
-    q2, k2_ptrs, v2_ptrs, cols2, acc2 = None, None, None, None, None
-    if D1 > 0:
-        q1, k1_ptrs, v1_ptrs, cols1, acc1 = _piece_setup(
-            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_M
-        )
-    if D2 > 0:
-        q2, k2_ptrs, v2_ptrs, cols2, acc2 = _piece_setup(
-            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_M
-        )
+    q1, k1_ptrs, v1_ptrs, cols1, q2, k2_ptrs, v2_ptrs, cols2 = _pieces_setup(
+        q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, D2
+    )
+    acc1, acc2 = _piece_zeros(BLOCK_M, D1, D2)
     if ROPE != 0 or Q_NORM != 0:
         q = _prologue(
             q, q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
@@ -586,12 +732,9 @@ def attn_fwd_kernel(
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-        if D1 > 0:
-            k1_ptrs += BLOCK_N * stride_kn
-            v1_ptrs += BLOCK_N * stride_vn
-        if D2 > 0:
-            k2_ptrs += BLOCK_N * stride_kn
-            v2_ptrs += BLOCK_N * stride_vn
+        k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs = _advance_pieces(
+            k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs, BLOCK_N * stride_kn, BLOCK_N * stride_vn, D1, D2
+        )
     if n_full < N_KV:
         acc, l_i, m_i, acc1, acc2 = _fwd_key_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
@@ -604,17 +747,11 @@ def attn_fwd_kernel(
         no_keys = l_i == 0.0
         l_i = tl.where(no_keys, 1.0, l_i)
         m_i = tl.where(no_keys, float("inf"), m_i)
-    acc = acc / l_i[:, None]
+    inv_l = 1.0 / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2
     o_rows, o_ptrs = _block_rows(Out, b, h, start_m, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
-    _store_tile(o_ptrs, acc.to(Out.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
-    if D1 > 0:
-        _store_piece(
-            o_rows, stride_od, (acc1 / l_i[:, None]).to(Out.dtype.element_ty), rows_valid, HEAD_DIM, BLOCK_D, D1
-        )
-    if D2 > 0:
-        acc2 = (acc2 / l_i[:, None]).to(Out.dtype.element_ty)
-        _store_piece(o_rows, stride_od, acc2, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
+    _store_tile(o_ptrs, (acc * inv_l).to(Out.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
+    _store_pieces(o_rows, stride_od, acc1, acc2, inv_l, rows_valid, HEAD_DIM, BLOCK_D, D1, D2)
     lse_ptrs = Lse + (b * H + h) * N_Q + start_m + offs_m
     tl.store(lse_ptrs, lse, mask=rows_valid)
 
@@ -664,57 +801,6 @@ def attn_bwd_preprocess_kernel(
     do = _load_tile(do_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
     delta = tl.sum(o * do, 1)
     tl.store(Delta + (b * H + h) * N_Q + start_m + offs_m, delta, mask=rows_valid)
-
-
-@triton.jit
-def _bwd_program_setup(
-    Q, K, V, DO, Lse, Delta,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    H, N_Q, N_KV, num_blocks_plain, BLOCK: tl.constexpr,
-    Cu_seqlens, max_seqlen, VARLEN: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
-    Rope, stride_rope_n, ROPE: tl.constexpr,
-):  # fmt: skip
-    """The setup both backward kernels share: the inputs' strides aligned (see ``_aligned``), the program's
-    coordinates, and in VARLEN mode its sequence's base pointers and lengths (see ``_varlen_coords``).
-
-    ``num_blocks_plain``: blocks per (batch, head) without VARLEN (cdiv of the owned axis by BLOCK). Returns (Q, K, V,
-    DO, Lse, Delta shifted to the sequence, their aligned strides, block index, b, h, N_Q, N_KV, the sequence's first
-    token as int64 (0 without VARLEN; the kernel shifts its own outputs by it), whether the block lies past its
-    sequence's end (the kernel returns then; always False without VARLEN), the RoPE table shifted likewise, the
-    sequence index (b without VARLEN: the norm-gradient partials' row is seq * H + h)).
-    """
-    if STRIDE_ALIGN > 1:
-        stride_qb, stride_qh, stride_qn = _aligned(stride_qb, stride_qh, stride_qn, STRIDE_ALIGN)
-        stride_kb, stride_kh, stride_kn = _aligned(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
-        stride_vb, stride_vh, stride_vn = _aligned(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
-        stride_dob, stride_doh, stride_don = _aligned(stride_dob, stride_doh, stride_don, STRIDE_ALIGN)
-    if VARLEN:
-        block, seq, h, seq_start, length = _varlen_coords(tl.cdiv(max_seqlen, BLOCK), H, Cu_seqlens)
-        past_end = block * BLOCK >= length
-        Q += seq_start * stride_qn
-        K += seq_start * stride_kn
-        V += seq_start * stride_vn
-        DO += seq_start * stride_don
-        if ROPE != 0:
-            Rope += seq_start * stride_rope_n
-        stats_shift = _varlen_stats_shift(h, N_Q, seq_start, length)
-        Lse += stats_shift
-        Delta += stats_shift
-        b, N_Q, N_KV = 0, length, length
-    else:
-        block, b, h = _program_coords(num_blocks_plain, H)
-        seq = b
-        seq_start = 0
-        past_end = False
-    return (
-        Q, K, V, DO, Lse, Delta,
-        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-        block, b, h, N_Q, N_KV, seq_start, past_end, Rope, seq,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -831,7 +917,7 @@ def attn_bwd_dkdv_kernel(
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
         pid_n, b, h, N_Q, N_KV, seq_start, past_end, Rope, seq,
-    ) = _bwd_program_setup(
+    ) = _program_setup(
         Q, K, V, DO, Lse, Delta,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
@@ -873,20 +959,12 @@ def attn_bwd_dkdv_kernel(
     do_rows = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
     do_ptrs = do_rows + offs_d[None, :] * stride_dod
     tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
-    k1, q1_ptrs, do1_ptrs, cols1, dk1, v1, dv1 = None, None, None, None, None, None, None
-    k2, q2_ptrs, do2_ptrs, cols2, dk2, v2, dv2 = None, None, None, None, None, None, None
-    if D1 > 0:
-        k1, q1_ptrs, do1_ptrs, cols1, dk1 = _piece_setup(
-            k_rows, q_rows, do_rows, stride_kd, stride_qd, stride_dod, keys_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_N
-        )
-        v1 = _load_piece(v_rows, stride_vd, keys_valid, HEAD_DIM, BLOCK_D, D1)
-        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-    if D2 > 0:
-        k2, q2_ptrs, do2_ptrs, cols2, dk2 = _piece_setup(
-            k_rows, q_rows, do_rows, stride_kd, stride_qd, stride_dod, keys_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_N
-        )
-        v2 = _load_piece(v_rows, stride_vd, keys_valid, HEAD_DIM, BLOCK_D + D1, D2)
-        dv2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
+    k1, q1_ptrs, do1_ptrs, cols1, k2, q2_ptrs, do2_ptrs, cols2 = _pieces_setup(
+        k_rows, q_rows, do_rows, stride_kd, stride_qd, stride_dod, keys_valid, HEAD_DIM, BLOCK_D, D1, D2
+    )
+    v1, v2 = _load_pieces(v_rows, stride_vd, keys_valid, HEAD_DIM, BLOCK_D, D1, D2)
+    dk1, dk2 = _piece_zeros(BLOCK_N, D1, D2)
+    dv1, dv2 = _piece_zeros(BLOCK_N, D1, D2)
     lse_ptrs = Lse + (b * H + h) * N_Q + offs_m
     delta_ptrs = Delta + (b * H + h) * N_Q + offs_m
 
@@ -905,12 +983,9 @@ def attn_bwd_dkdv_kernel(
         do_ptrs += BLOCK_M * stride_don
         lse_ptrs += BLOCK_M
         delta_ptrs += BLOCK_M
-        if D1 > 0:
-            q1_ptrs += BLOCK_M * stride_qn
-            do1_ptrs += BLOCK_M * stride_don
-        if D2 > 0:
-            q2_ptrs += BLOCK_M * stride_qn
-            do2_ptrs += BLOCK_M * stride_don
+        q1_ptrs, do1_ptrs, q2_ptrs, do2_ptrs = _advance_pieces(
+            q1_ptrs, do1_ptrs, q2_ptrs, do2_ptrs, BLOCK_M * stride_qn, BLOCK_M * stride_don, D1, D2
+        )
     if m_full < N_Q:
         dk, dv, dk1, dk2, dv1, dv2 = _bwd_dkdv_query_block(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_full, N_Q, qk_scale, offs_m, offs_d,
@@ -921,27 +996,16 @@ def attn_bwd_dkdv_kernel(
 
     dk *= sm_scale
     if ROPE != 0 or K_NORM != 0:  # dk is the gradient w.r.t. the prologue's k: back to the raw k
-        k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
-        dk, dkw, dkb = _prologue_backward(
-            dk, k, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
-            HEAD_DIM, BLOCK_D, ROPE, K_NORM,
+        dk = _prologue_grad(
+            dk, k_ptrs, start_n, offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
+            NormGrad, seq * H + h, N_KV, max_seqlen, HEAD_DIM, BLOCK_D, BLOCK_N, VARLEN, ROPE, K_NORM,
         )  # fmt: skip
-        if K_NORM != 0:
-            slot_rows = N_KV
-            if VARLEN:
-                slot_rows = max_seqlen
-            _store_norm_grad(NormGrad, seq * H + h, start_n, N_KV, slot_rows, dkw, dkb, offs_d, HEAD_DIM, BLOCK_N)
     dk_rows, dk_ptrs = _block_rows(DK, b, h, start_n, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
     dv_rows, dv_ptrs = _block_rows(DV, b, h, start_n, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
     _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
     _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
-    if D1 > 0:
-        _store_piece(dk_rows, stride_dkd, (dk1 * sm_scale).to(DK.dtype.element_ty), keys_valid, HEAD_DIM, BLOCK_D, D1)
-        _store_piece(dv_rows, stride_dvd, dv1.to(DV.dtype.element_ty), keys_valid, HEAD_DIM, BLOCK_D, D1)
-    if D2 > 0:
-        dk2 = (dk2 * sm_scale).to(DK.dtype.element_ty)
-        _store_piece(dk_rows, stride_dkd, dk2, keys_valid, HEAD_DIM, BLOCK_D + D1, D2)
-        _store_piece(dv_rows, stride_dvd, dv2.to(DV.dtype.element_ty), keys_valid, HEAD_DIM, BLOCK_D + D1, D2)
+    _store_pieces(dk_rows, stride_dkd, dk1, dk2, sm_scale, keys_valid, HEAD_DIM, BLOCK_D, D1, D2)
+    _store_pieces(dv_rows, stride_dvd, dv1, dv2, 1.0, keys_valid, HEAD_DIM, BLOCK_D, D1, D2)
 
 
 @triton.jit
@@ -1047,7 +1111,7 @@ def attn_bwd_dq_kernel(
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
         pid_m, b, h, N_Q, N_KV, seq_start, past_end, Rope, seq,
-    ) = _bwd_program_setup(
+    ) = _program_setup(
         Q, K, V, DO, Lse, Delta,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
@@ -1085,18 +1149,11 @@ def attn_bwd_dq_kernel(
     v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
     v_ptrs = v_rows + offs_d[None, :] * stride_vd
     tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
-    q1, k1_ptrs, v1_ptrs, cols1, dq1, do1 = None, None, None, None, None, None
-    q2, k2_ptrs, v2_ptrs, cols2, dq2, do2 = None, None, None, None, None, None
-    if D1 > 0:
-        q1, k1_ptrs, v1_ptrs, cols1, dq1 = _piece_setup(
-            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, BLOCK_M
-        )
-        do1 = _load_piece(do_rows, stride_dod, rows_valid, HEAD_DIM, BLOCK_D, D1)
-    if D2 > 0:
-        q2, k2_ptrs, v2_ptrs, cols2, dq2 = _piece_setup(
-            q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D + D1, D2, BLOCK_M
-        )
-        do2 = _load_piece(do_rows, stride_dod, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
+    q1, k1_ptrs, v1_ptrs, cols1, q2, k2_ptrs, v2_ptrs, cols2 = _pieces_setup(
+        q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, D2
+    )
+    do1, do2 = _load_pieces(do_rows, stride_dod, rows_valid, HEAD_DIM, BLOCK_D, D1, D2)
+    dq1, dq2 = _piece_zeros(BLOCK_M, D1, D2)
     qk_scale = sm_scale * LOG2E
     keep_ptrs = KeyKeep
     if KEY_MASK:
@@ -1112,12 +1169,9 @@ def attn_bwd_dq_kernel(
         )  # fmt: skip
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-        if D1 > 0:
-            k1_ptrs += BLOCK_N * stride_kn
-            v1_ptrs += BLOCK_N * stride_vn
-        if D2 > 0:
-            k2_ptrs += BLOCK_N * stride_kn
-            v2_ptrs += BLOCK_N * stride_vn
+        k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs = _advance_pieces(
+            k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs, BLOCK_N * stride_kn, BLOCK_N * stride_vn, D1, D2
+        )
     if n_full < N_KV:
         dq, dq1, dq2 = _bwd_dq_key_block(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
@@ -1128,23 +1182,13 @@ def attn_bwd_dq_kernel(
 
     dq *= sm_scale
     if ROPE != 0 or Q_NORM != 0:  # dq is the gradient w.r.t. the prologue's q: back to the raw q
-        q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
-        dq, dqw, dqb = _prologue_backward(
-            dq, q, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
-            HEAD_DIM, BLOCK_D, ROPE, Q_NORM,
+        dq = _prologue_grad(
+            dq, q_ptrs, start_m, offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
+            NormGrad, seq * H + h, N_Q, max_seqlen, HEAD_DIM, BLOCK_D, BLOCK_M, VARLEN, ROPE, Q_NORM,
         )  # fmt: skip
-        if Q_NORM != 0:
-            slot_rows = N_Q
-            if VARLEN:
-                slot_rows = max_seqlen
-            _store_norm_grad(NormGrad, seq * H + h, start_m, N_Q, slot_rows, dqw, dqb, offs_d, HEAD_DIM, BLOCK_M)
     dq_rows, dq_ptrs = _block_rows(DQ, b, h, start_m, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
     _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)
-    if D1 > 0:
-        _store_piece(dq_rows, stride_dqd, (dq1 * sm_scale).to(DQ.dtype.element_ty), rows_valid, HEAD_DIM, BLOCK_D, D1)
-    if D2 > 0:
-        dq2 = (dq2 * sm_scale).to(DQ.dtype.element_ty)
-        _store_piece(dq_rows, stride_dqd, dq2, rows_valid, HEAD_DIM, BLOCK_D + D1, D2)
+    _store_pieces(dq_rows, stride_dqd, dq1, dq2, sm_scale, rows_valid, HEAD_DIM, BLOCK_D, D1, D2)
 
 
 # ------------------------------------------------------------------------------------------------
