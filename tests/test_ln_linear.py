@@ -410,8 +410,9 @@ def test_a_choice_measured_on_one_mlp_variant_does_not_speak_for_another(pretend
     gelu = MlpCall(CUDA, torch.bfloat16, 768, 2048, True, "gelu", "layer", False)
     swiglu = MlpCall(CUDA, torch.bfloat16, 768, 2048, True, "swiglu", "rms", True)
     assert dispatch.explain("ln_mlp", "auto", gelu)[0] == "triton"
-    chosen, why = dispatch.explain("ln_mlp", "auto", swiglu)  # the extension has no hidden norm: torch
-    assert chosen == "torch" and "no benchmark evidence" in why and "768x2048 (rms/swiglu/hidden_norm)" in why, why
+    assert dispatch.explain("ln_mlp", "auto", swiglu) == ("cuda", None)  # no evidence for this variant: cuBLASLt
+    why = linear_triton.measured_choice("ln_mlp")(swiglu)
+    assert "no benchmark evidence" in why and "768x2048 (rms/swiglu/hidden_norm)" in why, why
     choices(dict(op="ln_mlp", bucket="768x2048", dtype="bfloat16", capability="9.0", backend="triton"))
     assert dispatch.explain("ln_mlp", "auto", swiglu)[0] == "triton"
 
