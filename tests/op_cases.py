@@ -710,3 +710,45 @@ def assert_matches_reference(
             assert_within_torch_error(f"{title} {label} {cmp.dtype}", mine, theirs, ref, floor=floor(cmp, ref))
     return cmp
 
+
+def assert_compiles_with_backward(case: OpCase, sample: Sample, backend: str, compiler: str = "aot_eager") -> None:
+    """``backend`` on ``sample`` under ``torch.compile(fullgraph=True, backend=compiler)``: the output and the gradient
+    of every tensor present match the reference (the absent optional ones stay out of the traced signature)."""
+    names = [n for n, t in sample.tensors.items() if t is not None]
+    present = [sample.tensors[n] for n in names]
+
+    def fn(*tensors):
+        return case.call(sample.replace(**dict(zip(names, tensors))), backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    out, expected = compiled(*present), case.reference(sample)
+    tols = DTYPE_TOLS[sample.dtype]
+    torch.testing.assert_close(out, expected, **tols)
+    grads = torch.autograd.grad(out.square().sum(), present)
+    expected_grads = torch.autograd.grad(expected.square().sum(), present)
+    for name, got, want in zip(names, grads, expected_grads):
+        torch.testing.assert_close(got, want, **tols, msg=f"d{name}")
+
+
+def assert_passes_opcheck_and_compiles(case: OpCase, sample: Sample, fwd_op: Any, *fwd_extra_args: Any) -> None:
+    """The extension's forward op ``fwd_op`` passes ``torch.library.opcheck`` on ``sample``'s tensors followed by
+    ``fwd_extra_args``; the public op on the ``cuda`` backend compiles fullgraph (inductor), matches the reference
+    in ``sample``'s dtype and runs its backward."""
+    args = sample.args
+    torch.library.opcheck(fwd_op, (*args, *fwd_extra_args))
+    compiled = torch.compile(case.as_function(sample, "cuda"), fullgraph=True)
+    out = compiled(*args)
+    torch.testing.assert_close(out, case.reference(sample), **DTYPE_TOLS[sample.dtype])
+    out.float().square().sum().backward()
+
+
+def assert_deterministic_runs_are_bit_identical(case: OpCase, sample: Sample, backend: str) -> None:
+    """Two runs of ``backend`` on ``sample`` in fastvit's deterministic mode: the same output and gradients, bit for
+    bit (the same ones absent)."""
+    dispatch.set_deterministic(True)
+    try:
+        first, second = case.run(sample, backend), case.run(sample, backend)
+    finally:
+        dispatch.set_deterministic(False)
+    for label, a, b in zip(case.labels(sample), first, second):
+        assert (a is None and b is None) or torch.equal(a, b), f"{case.name} {backend} {label} differs run to run"

@@ -19,7 +19,15 @@ import torch
 from fastvit import dispatch, ops, reference
 from fastvit.layers import Attention, ResidualLinear
 
-from op_cases import LINEAR_RESIDUAL, REFERENCE, Sample, assert_matches_reference, relative_floor, rounding_floor
+from op_cases import (
+    LINEAR_RESIDUAL,
+    REFERENCE,
+    Sample,
+    assert_matches_reference,
+    assert_passes_opcheck_and_compiles,
+    relative_floor,
+    rounding_floor,
+)
 from utils import dtype_tols, needs_cuda
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
@@ -402,12 +410,7 @@ def test_gpu_autocast_float64_fallback_and_compile(caplog):
     with pytest.raises(TypeError, match="does not cover this input: float64"):
         ops.linear_residual(*doubles, backend="cuda")
     sample = gpu_sample(torch.bfloat16, requires_grad=True, lead=(3, 50), in_features=64, out_features=64)
-    args = sample.args
-    torch.library.opcheck(torch.ops.fastvit.linear_residual_fwd.default, tuple(args))
-    compiled = torch.compile(LINEAR_RESIDUAL.as_function(sample, "cuda"), fullgraph=True)
-    got = compiled(*args)
-    torch.testing.assert_close(got, reference.linear_residual(*args), **dtype_tols(torch.bfloat16))
-    got.float().square().sum().backward()
+    assert_passes_opcheck_and_compiles(LINEAR_RESIDUAL, sample, torch.ops.fastvit.linear_residual_fwd.default)
 
 
 @needs_cuda

@@ -21,7 +21,17 @@ import fastvit
 from fastvit import ops, reference
 from fastvit.layers import LNMLP, LayerNorm, Mlp, mlp_blockers
 
-from op_cases import LN_MLP, REFERENCE, Sample, assert_matches_reference, relative_floor, rounding_floor
+from op_cases import (
+    LN_MLP,
+    REFERENCE,
+    Sample,
+    assert_compiles_with_backward,
+    assert_deterministic_runs_are_bit_identical,
+    assert_matches_reference,
+    assert_passes_opcheck_and_compiles,
+    relative_floor,
+    rounding_floor,
+)
 from utils import dtype_tols
 
 EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
@@ -350,19 +360,7 @@ def test_ln_mlp_bwd_without_hidden_norm_returns_empty_hidden_norm_grads():
 
 def test_hidden_norm_compiles_fullgraph_with_backward():
     sample = hidden_norm_sample(act="swiglu", layer_scale=True).map(lambda t: t.requires_grad_())
-    names = [n for n, t in sample.tensors.items() if t is not None]
-    present = [sample.tensors[n] for n in names]
-
-    def fn(*tensors):
-        return LN_MLP.call(sample.replace(**dict(zip(names, tensors))), "cuda")
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    out, expected = compiled(*present), LN_MLP.call(sample, REFERENCE)
-    torch.testing.assert_close(out, expected, **dtype_tols(torch.float32))
-    grads = torch.autograd.grad(out.square().sum(), present)
-    expected_grads = torch.autograd.grad(expected.square().sum(), present)
-    for name, got, want in zip(names, grads, expected_grads):
-        torch.testing.assert_close(got, want, **dtype_tols(torch.float32), msg=f"d{name}")
+    assert_compiles_with_backward(LN_MLP, sample, "cuda")
 
 
 def test_hidden_norm_bad_arguments():
@@ -524,12 +522,7 @@ def test_gpu_inference_path_and_autocast():
 @pytest.mark.gpu
 def test_gpu_op_passes_opcheck_and_compiles():
     sample = gpu_sample(torch.bfloat16, requires_grad=True, lead=(3, 50), width=64, hidden=256)
-    args = sample.args
-    torch.library.opcheck(torch.ops.fastvit.ln_mlp_fwd.default, (*args, 1e-6, "none", True, True))
-    compiled = torch.compile(LN_MLP.as_function(sample, "cuda"), fullgraph=True)
-    out = compiled(*args)
-    torch.testing.assert_close(out, reference.ln_mlp(*args), **dtype_tols(torch.bfloat16))
-    out.float().square().sum().backward()
+    assert_passes_opcheck_and_compiles(LN_MLP, sample, torch.ops.fastvit.ln_mlp_fwd.default, 1e-6, "none", True, True)
 
 
 @needs_cuda
@@ -553,13 +546,7 @@ def test_gpu_hidden_norm(act, norm, dtype, lead, width, hidden, no_tf32):
 @pytest.mark.gpu
 def test_gpu_hidden_norm_deterministic_backward_is_bit_identical():
     sample = gpu_sample(torch.bfloat16, lead=(4, 197), width=192, hidden=512, act="swiglu", hidden_norm=True)
-    fastvit.set_deterministic(True)
-    try:
-        first, second = LN_MLP.run(sample, "cuda"), LN_MLP.run(sample, "cuda")
-    finally:
-        fastvit.set_deterministic(False)
-    for a, b in zip(first, second):
-        assert (a is None and b is None) or torch.equal(a, b)
+    assert_deterministic_runs_are_bit_identical(LN_MLP, sample, "cuda")
 
 
 @needs_cuda
