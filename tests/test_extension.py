@@ -9,8 +9,6 @@ CI has no GPU: these tests run the C++ CPU kernels through the same torch.librar
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,11 +17,7 @@ import fastvit
 from fastvit import dispatch, ops
 
 from op_cases import LINEAR_RESIDUAL, LN_MLP, OP_CASES, assert_matches_reference, fp32_noise_floor, relative_floor
-from utils import assert_within_torch_error, dtype_tols
-
-EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
-needs_extension = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from utils import assert_within_torch_error, dtype_tols, needs_cuda, needs_extension
 
 
 @needs_extension

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 
 import pytest
 import torch
@@ -32,11 +31,9 @@ from op_cases import (
     relative_floor,
     rounding_floor,
 )
-from utils import dtype_tols
+from utils import dtype_tols, needs_cuda, needs_extension
 
-EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
-pytestmark = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = needs_extension
 
 
 # The op-case table's ln_mlp inputs, on CPU tensors (the extension's C++ path) unless a test asks for CUDA.

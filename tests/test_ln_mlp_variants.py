@@ -12,7 +12,6 @@ SigLIP2, OpenAI CLIP) whose fused MLP equals the module path. GPU tests at the e
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -31,11 +30,7 @@ from op_cases import (
     relative_floor,
     rounding_floor,
 )
-from utils import dtype_tols, triton_skip_reason
-
-EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
-needs_extension = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from utils import EXTENSION_DISABLED, dtype_tols, needs_cuda, needs_extension, triton_skip_reason
 
 # Variant label -> LN_MLP shape options. Odd widths and hidden sizes; swiglu's fc1 has 2·hidden rows.
 VARIANTS = {
