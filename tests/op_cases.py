@@ -730,18 +730,6 @@ def assert_compiles_with_backward(case: OpCase, sample: Sample, backend: str, co
         torch.testing.assert_close(got, want, **tols, msg=f"d{name}")
 
 
-def assert_passes_opcheck_and_compiles(case: OpCase, sample: Sample, fwd_op: Any, *fwd_extra_args: Any) -> None:
-    """The extension's forward op ``fwd_op`` passes ``torch.library.opcheck`` on ``sample``'s tensors followed by
-    ``fwd_extra_args``; the public op on the ``cuda`` backend compiles fullgraph (inductor), matches the reference
-    in ``sample``'s dtype and runs its backward."""
-    args = sample.args
-    torch.library.opcheck(fwd_op, (*args, *fwd_extra_args))
-    compiled = torch.compile(case.as_function(sample, "cuda"), fullgraph=True)
-    out = compiled(*args)
-    torch.testing.assert_close(out, case.reference(sample), **DTYPE_TOLS[sample.dtype])
-    out.float().square().sum().backward()
-
-
 def assert_deterministic_runs_are_bit_identical(case: OpCase, sample: Sample, backend: str) -> None:
     """Two runs of ``backend`` on ``sample`` in fastvit's deterministic mode: the same output and gradients, bit for
     bit (the same ones absent)."""

@@ -326,6 +326,30 @@ def test_ln_mlp_deterministic_backward_keeps_its_accuracy(approximate):
         fastvit.set_deterministic(False)
 
 
+# The extension's GEMM ops under torch.compile: the forward op's registration (schema, fake impl) by opcheck, then the
+# public op compiled fullgraph with inductor, its backward included.
+_OPCHECK_CASES = [
+    pytest.param(LN_MLP, "ln_mlp_fwd", dict(width=64, hidden=256), (1e-6, "none", True, True), id="ln_mlp"),
+    pytest.param(
+        LINEAR_RESIDUAL, "linear_residual_fwd", dict(in_features=64, out_features=64), (), id="linear_residual"
+    ),
+]
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, fwd_op, sizes, fwd_flags", _OPCHECK_CASES)
+def test_gpu_op_passes_opcheck_and_compiles(case, fwd_op, sizes, fwd_flags):
+    sample = case.make(torch.bfloat16, "cuda", requires_grad=True, lead=(3, 50), **sizes)
+    args = sample.args
+    torch.library.opcheck(getattr(torch.ops.fastvit, fwd_op).default, (*args, *fwd_flags))
+    compiled = torch.compile(case.as_function(sample, "cuda"), fullgraph=True)
+    out = compiled(*args)
+    torch.testing.assert_close(out, case.reference(sample), **dtype_tols(torch.bfloat16))
+    out.float().square().sum().backward()
+
+
 # The extension's cuBLASLt GEMMs: ln_mlp (fc1 with the bias/GELU epilogue, fc2) and linear_residual, ViT-B sizes.
 _GEMM_CASES = [
     pytest.param(LN_MLP, dict(width=768, hidden=3072), id="ln_mlp"),

@@ -27,7 +27,6 @@ from op_cases import (
     assert_compiles_with_backward,
     assert_deterministic_runs_are_bit_identical,
     assert_matches_reference,
-    assert_passes_opcheck_and_compiles,
     relative_floor,
     rounding_floor,
 )
@@ -513,13 +512,6 @@ def test_gpu_inference_path_and_autocast():
         expected = ops.ln_mlp(*inputs, backend="torch")
     assert out.dtype == expected.dtype
     torch.testing.assert_close(out, expected, **dtype_tols(torch.bfloat16))
-
-
-@needs_cuda
-@pytest.mark.gpu
-def test_gpu_op_passes_opcheck_and_compiles():
-    sample = gpu_sample(torch.bfloat16, requires_grad=True, lead=(3, 50), width=64, hidden=256)
-    assert_passes_opcheck_and_compiles(LN_MLP, sample, torch.ops.fastvit.ln_mlp_fwd.default, 1e-6, "none", True, True)
 
 
 @needs_cuda
