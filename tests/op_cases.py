@@ -309,9 +309,10 @@ class OpCase:
             (keyword-only tensors of a variant, e.g. ln_mlp's ``layer_scale``): samples list them after these.
         build: ``build(draw, **shape) -> (tensors, kwargs)``; its keyword defaults are the default sample.
         reference_fn: the spec, called with the op's arguments by name.
-        optional: the tensor arguments that may be None.
         main_rank: the rank the main input must have; None for ``[..., C]`` (any rank >= 1).
-        empty: the shape options of an empty batch.
+        optional: the tensor arguments that may be None.
+        empty: the shape options of an empty batch; by default ``batch=0`` for a fixed-rank main input (whose
+            builder takes ``batch``), ``lead=(0, 5)`` for ``[..., C]`` (whose builder takes ``lead``).
         variants: awkward sizes by label: shape options for :meth:`make` (the project's ragged sizes: 1, 7, 50,
             197, 257, 577 tokens; odd widths; batch 1 and 3).
     """
@@ -320,10 +321,15 @@ class OpCase:
     arg_names: tuple[str, ...]
     build: Callable[..., tuple[dict, dict]]
     reference_fn: Callable[..., torch.Tensor]
-    optional: tuple[str, ...]
     main_rank: int | None
-    empty: dict[str, Any]
+    optional: tuple[str, ...] = ()
+    empty: dict[str, Any] | None = None
     variants: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.empty is None:
+            empty = dict(lead=(0, 5)) if self.main_rank is None else dict(batch=0)
+            object.__setattr__(self, "empty", empty)  # frozen
 
     def __repr__(self) -> str:
         return f"OpCase({self.name!r})"
@@ -471,9 +477,7 @@ QKV_ATTENTION = OpCase(
     ("qkv",),
     _qkv_attention,
     reference.qkv_attention,
-    optional=(),
     main_rank=3,
-    empty=dict(batch=0),
     variants={
         # B·H <= 2 at 577 tokens (the interpreter)
         **{f"N{n}-D{d}": dict(batch=1, tokens=n, heads=2 if n <= 257 else 1, head_dim=d) for n, d in _QKV_SIZES},
@@ -485,9 +489,7 @@ ATTENTION = OpCase(
     ("q", "k", "v"),
     _attention,
     reference.attention,
-    optional=(),
     main_rank=4,
-    empty=dict(batch=0),
     variants={
         f"N{n}xM{m}": dict(batch=1, heads=1, q_tokens=n, kv_tokens=m, head_dim=64)
         for n, m in ((1, 577), (577, 1), (7, 257), (257, 50), (50, 197))
@@ -500,7 +502,6 @@ PATCH_EMBED = OpCase(
     reference.patch_embed,
     optional=("bias", "pos_embed", "cls_token"),
     main_rank=4,
-    empty=dict(batch=0),
     variants=_patch_variants(_PATCH_TOKENS, ("", "channels_last"), dim=24),  # D = 24: masked columns
 )
 PATCH_EMBED_UINT8 = OpCase(
@@ -510,7 +511,6 @@ PATCH_EMBED_UINT8 = OpCase(
     _patch_embed_uint8_reference,
     optional=("bias", "pos_embed", "cls_token"),
     main_rank=4,
-    empty=dict(batch=0),
     variants=_patch_variants((1, 7, 197), dim=24, pos=None),
 )
 LAYER_NORM = OpCase(
@@ -518,9 +518,7 @@ LAYER_NORM = OpCase(
     ("x", "weight", "bias"),
     _layer_norm,
     reference.layer_norm,
-    optional=(),
     main_rank=None,
-    empty=dict(lead=(0, 5)),
     variants={
         f"{rows}x{width}": dict(lead=(rows,), width=width)
         for rows in (1, 7, 50)
@@ -532,9 +530,7 @@ RMS_NORM = OpCase(
     ("x", "weight"),
     _rms_norm,
     reference.rms_norm,
-    optional=(),
     main_rank=None,
-    empty=dict(lead=(0, 5)),
     variants={f"{rows}x{width}": dict(lead=(rows,), width=width) for rows in (1, 7, 50) for width in (1, 7, 257, 768)},
 )
 _WIDTH_HIDDEN = ((1, 1), (1, 5), (7, 1), (7, 29), (50, 197), (197, 50), (257, 577), (577, 257))
@@ -554,7 +550,6 @@ LN_MLP = OpCase(
     reference.ln_mlp,
     optional=("fc1_bias", "fc2_bias"),
     main_rank=None,
-    empty=dict(lead=(0, 5)),
     variants=_gemm_variants("width", "hidden"),
 )
 LINEAR_RESIDUAL = OpCase(
@@ -564,7 +559,6 @@ LINEAR_RESIDUAL = OpCase(
     reference.linear_residual,
     optional=("bias",),
     main_rank=None,
-    empty=dict(lead=(0, 5)),
     variants=_gemm_variants("in_features", "out_features"),
 )
 LN_LINEAR = OpCase(
@@ -574,7 +568,6 @@ LN_LINEAR = OpCase(
     reference.ln_linear,
     optional=("ln_weight", "ln_bias", "bias", "residual"),
     main_rank=None,
-    empty=dict(lead=(0, 5)),
     variants=_gemm_variants("in_features", "out_features"),
 )
 
@@ -716,3 +709,34 @@ def assert_matches_reference(
         else:
             assert_within_torch_error(f"{title} {label} {cmp.dtype}", mine, theirs, ref, floor=floor(cmp, ref))
     return cmp
+
+
+def assert_compiles_with_backward(case: OpCase, sample: Sample, backend: str, compiler: str = "aot_eager") -> None:
+    """``backend`` on ``sample`` under ``torch.compile(fullgraph=True, backend=compiler)``: the output and the gradient
+    of every tensor present match the reference (the absent optional ones stay out of the traced signature)."""
+    names = [n for n, t in sample.tensors.items() if t is not None]
+    present = [sample.tensors[n] for n in names]
+
+    def fn(*tensors):
+        return case.call(sample.replace(**dict(zip(names, tensors))), backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    out, expected = compiled(*present), case.reference(sample)
+    tols = DTYPE_TOLS[sample.dtype]
+    torch.testing.assert_close(out, expected, **tols)
+    grads = torch.autograd.grad(out.square().sum(), present)
+    expected_grads = torch.autograd.grad(expected.square().sum(), present)
+    for name, got, want in zip(names, grads, expected_grads):
+        torch.testing.assert_close(got, want, **tols, msg=f"d{name}")
+
+
+def assert_deterministic_runs_are_bit_identical(case: OpCase, sample: Sample, backend: str) -> None:
+    """Two runs of ``backend`` on ``sample`` in fastvit's deterministic mode: the same output and gradients, bit for
+    bit (the same ones absent)."""
+    dispatch.set_deterministic(True)
+    try:
+        first, second = case.run(sample, backend), case.run(sample, backend)
+    finally:
+        dispatch.set_deterministic(False)
+    for label, a, b in zip(case.labels(sample), first, second):
+        assert (a is None and b is None) or torch.equal(a, b), f"{case.name} {backend} {label} differs run to run"

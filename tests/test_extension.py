@@ -9,8 +9,6 @@ CI has no GPU: these tests run the C++ CPU kernels through the same torch.librar
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,11 +17,7 @@ import fastvit
 from fastvit import dispatch, ops
 
 from op_cases import LINEAR_RESIDUAL, LN_MLP, OP_CASES, assert_matches_reference, fp32_noise_floor, relative_floor
-from utils import assert_within_torch_error, dtype_tols
-
-EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
-needs_extension = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from utils import assert_within_torch_error, dtype_tols, needs_cuda, needs_extension
 
 
 @needs_extension
@@ -330,6 +324,30 @@ def test_ln_mlp_deterministic_backward_keeps_its_accuracy(approximate):
         )
     finally:
         fastvit.set_deterministic(False)
+
+
+# The extension's GEMM ops under torch.compile: the forward op's registration (schema, fake impl) by opcheck, then the
+# public op compiled fullgraph with inductor, its backward included.
+_OPCHECK_CASES = [
+    pytest.param(LN_MLP, "ln_mlp_fwd", dict(width=64, hidden=256), (1e-6, "none", True, True), id="ln_mlp"),
+    pytest.param(
+        LINEAR_RESIDUAL, "linear_residual_fwd", dict(in_features=64, out_features=64), (), id="linear_residual"
+    ),
+]
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, fwd_op, sizes, fwd_flags", _OPCHECK_CASES)
+def test_gpu_op_passes_opcheck_and_compiles(case, fwd_op, sizes, fwd_flags):
+    sample = case.make(torch.bfloat16, "cuda", requires_grad=True, lead=(3, 50), **sizes)
+    args = sample.args
+    torch.library.opcheck(getattr(torch.ops.fastvit, fwd_op).default, (*args, *fwd_flags))
+    compiled = torch.compile(case.as_function(sample, "cuda"), fullgraph=True)
+    out = compiled(*args)
+    torch.testing.assert_close(out, case.reference(sample), **dtype_tols(torch.bfloat16))
+    out.float().square().sum().backward()
 
 
 # The extension's cuBLASLt GEMMs: ln_mlp (fc1 with the bias/GELU epilogue, fc2) and linear_residual, ViT-B sizes.

@@ -26,7 +26,14 @@ from fastvit.ops.ln_mlp import MlpCall
 from fastvit.ops.triton import launch
 from fastvit.ops.triton import linear as linear_triton
 
-from op_cases import LN_LINEAR, LN_MLP, assert_matches_reference, fp32_noise_floor, rounding_floor
+from op_cases import (
+    LN_LINEAR,
+    LN_MLP,
+    assert_deterministic_runs_are_bit_identical,
+    assert_matches_reference,
+    fp32_noise_floor,
+    rounding_floor,
+)
 from utils import DEVICE, DTYPE_TOLS, backend_skip_reason
 
 pytestmark = pytest.mark.skipif(backend_skip_reason("triton") is not None, reason=str(backend_skip_reason("triton")))
@@ -432,14 +439,7 @@ def test_gpu_split_k_weight_gradient_is_chosen_accurate_and_deterministic(dtype,
     sample = LN_LINEAR.make(dtype, "cuda", lead=(8, 197), in_features=768, out_features=768, activation="none")
     assert linear_triton.weight_split_k(8 * 197, 768, 768, sample["x"]) > 1
     check(sample, dtype, label="gpu split-K")
-    dispatch.set_deterministic(True)
-    try:
-        first, second = LN_LINEAR.run(sample, "triton"), LN_LINEAR.run(sample, "triton")
-    finally:
-        dispatch.set_deterministic(False)
-    for a, b in zip(first, second):
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert_deterministic_runs_are_bit_identical(LN_LINEAR, sample, "triton")
 
 
 @needs_cuda

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 
 import pytest
 import torch
@@ -21,12 +20,19 @@ import fastvit
 from fastvit import ops, reference
 from fastvit.layers import LNMLP, LayerNorm, Mlp, mlp_blockers
 
-from op_cases import LN_MLP, REFERENCE, Sample, assert_matches_reference, relative_floor, rounding_floor
-from utils import dtype_tols
+from op_cases import (
+    LN_MLP,
+    REFERENCE,
+    Sample,
+    assert_compiles_with_backward,
+    assert_deterministic_runs_are_bit_identical,
+    assert_matches_reference,
+    relative_floor,
+    rounding_floor,
+)
+from utils import dtype_tols, needs_cuda, needs_extension
 
-EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
-pytestmark = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = needs_extension
 
 
 # The op-case table's ln_mlp inputs, on CPU tensors (the extension's C++ path) unless a test asks for CUDA.
@@ -350,19 +356,7 @@ def test_ln_mlp_bwd_without_hidden_norm_returns_empty_hidden_norm_grads():
 
 def test_hidden_norm_compiles_fullgraph_with_backward():
     sample = hidden_norm_sample(act="swiglu", layer_scale=True).map(lambda t: t.requires_grad_())
-    names = [n for n, t in sample.tensors.items() if t is not None]
-    present = [sample.tensors[n] for n in names]
-
-    def fn(*tensors):
-        return LN_MLP.call(sample.replace(**dict(zip(names, tensors))), "cuda")
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    out, expected = compiled(*present), LN_MLP.call(sample, REFERENCE)
-    torch.testing.assert_close(out, expected, **dtype_tols(torch.float32))
-    grads = torch.autograd.grad(out.square().sum(), present)
-    expected_grads = torch.autograd.grad(expected.square().sum(), present)
-    for name, got, want in zip(names, grads, expected_grads):
-        torch.testing.assert_close(got, want, **dtype_tols(torch.float32), msg=f"d{name}")
+    assert_compiles_with_backward(LN_MLP, sample, "cuda")
 
 
 def test_hidden_norm_bad_arguments():
@@ -522,18 +516,6 @@ def test_gpu_inference_path_and_autocast():
 
 @needs_cuda
 @pytest.mark.gpu
-def test_gpu_op_passes_opcheck_and_compiles():
-    sample = gpu_sample(torch.bfloat16, requires_grad=True, lead=(3, 50), width=64, hidden=256)
-    args = sample.args
-    torch.library.opcheck(torch.ops.fastvit.ln_mlp_fwd.default, (*args, 1e-6, "none", True, True))
-    compiled = torch.compile(LN_MLP.as_function(sample, "cuda"), fullgraph=True)
-    out = compiled(*args)
-    torch.testing.assert_close(out, reference.ln_mlp(*args), **dtype_tols(torch.bfloat16))
-    out.float().square().sum().backward()
-
-
-@needs_cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("act, norm", [("swiglu", "layer"), ("gelu", "rms"), ("gelu_tanh", "layer")])
 @pytest.mark.parametrize("lead, width, hidden", [((2, 197), 192, 512), ((1, 7), 24, 37)])
@@ -553,13 +535,7 @@ def test_gpu_hidden_norm(act, norm, dtype, lead, width, hidden, no_tf32):
 @pytest.mark.gpu
 def test_gpu_hidden_norm_deterministic_backward_is_bit_identical():
     sample = gpu_sample(torch.bfloat16, lead=(4, 197), width=192, hidden=512, act="swiglu", hidden_norm=True)
-    fastvit.set_deterministic(True)
-    try:
-        first, second = LN_MLP.run(sample, "cuda"), LN_MLP.run(sample, "cuda")
-    finally:
-        fastvit.set_deterministic(False)
-    for a, b in zip(first, second):
-        assert (a is None and b is None) or torch.equal(a, b)
+    assert_deterministic_runs_are_bit_identical(LN_MLP, sample, "cuda")
 
 
 @needs_cuda

@@ -12,7 +12,6 @@ SigLIP2, OpenAI CLIP) whose fused MLP equals the module path. GPU tests at the e
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -22,12 +21,16 @@ from fastvit import dispatch, ops
 from fastvit.layers import GluMlp, RmsNorm, SwiGLU, mlp_half_blockers
 from fastvit.ops.ln_mlp import mlp_call
 
-from op_cases import LN_MLP, REFERENCE, RMS_NORM, assert_matches_reference, relative_floor, rounding_floor
-from utils import dtype_tols, triton_skip_reason
-
-EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
-needs_extension = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from op_cases import (
+    LN_MLP,
+    REFERENCE,
+    RMS_NORM,
+    assert_compiles_with_backward,
+    assert_matches_reference,
+    relative_floor,
+    rounding_floor,
+)
+from utils import EXTENSION_DISABLED, dtype_tols, needs_cuda, needs_extension, triton_skip_reason
 
 # Variant label -> LN_MLP shape options. Odd widths and hidden sizes; swiglu's fc1 has 2·hidden rows.
 VARIANTS = {
@@ -179,19 +182,7 @@ def test_extension_ops_pass_opcheck(act, rms):
 @needs_extension
 def test_compiles_fullgraph_with_backward():
     sample = LN_MLP.make(torch.float32, "cpu", requires_grad=True, **SHAPE, **VARIANTS["layer_scale-rms-swiglu"])
-    names = [n for n, t in sample.tensors.items() if t is not None]
-    present = [sample.tensors[n] for n in names]
-
-    def fn(*tensors):
-        return LN_MLP.as_function(sample, "cuda")(*[dict(zip(names, tensors)).get(n) for n in sample.tensors])
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    out, expected = compiled(*present), LN_MLP.call(sample, REFERENCE)
-    torch.testing.assert_close(out, expected, **dtype_tols(torch.float32))
-    grads = torch.autograd.grad(out.square().sum(), present)
-    expected_grads = torch.autograd.grad(expected.square().sum(), present)
-    for name, got, want in zip(names, grads, expected_grads):
-        torch.testing.assert_close(got, want, **dtype_tols(torch.float32), msg=f"d{name}")
+    assert_compiles_with_backward(LN_MLP, sample, "cuda")
 
 
 # ------------------------------------------------------------------------------------------------

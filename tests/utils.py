@@ -7,6 +7,8 @@ Imported by test modules as ``from utils import ...`` (pytest puts ``tests/`` on
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,6 +29,9 @@ def dtype_tols(dtype: torch.dtype) -> dict:
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# FASTVIT_NO_EXT=1 builds without the C++/CUDA extension on purpose: the extension's suites skip instead of failing.
+EXTENSION_DISABLED = os.environ.get("FASTVIT_NO_EXT", "0") == "1"
+needs_extension = pytest.mark.skipif(EXTENSION_DISABLED, reason="FASTVIT_NO_EXT=1: extension deliberately not built")
 
 
 def triton_skip_reason() -> str | None:
