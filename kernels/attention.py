@@ -210,6 +210,76 @@ def _piece_pv(acc, alpha, p, v_ptrs, keys_valid, cols, HEAD_DIM: tl.constexpr, E
     return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
 
 
+@triton.jit
+def _pieces_dot_t(acc, a1, a2, b1_ptrs, b2_ptrs, b_valid, cols1, cols2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASK_B: tl.constexpr, INPUT_PRECISION: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):  # fmt: skip
+    """(acc + the second and third pieces' a bᵀ terms, the b pieces loaded for them): ``_piece_dot_t`` of every piece
+    past the first (None where a width is 0)."""
+    b1, b2 = None, None
+    if D1 > 0:
+        acc, b1 = _piece_dot_t(acc, a1, b1_ptrs, b_valid, cols1, HEAD_DIM, BLOCK_D + D1, MASK_B, INPUT_PRECISION)
+    if D2 > 0:
+        acc, b2 = _piece_dot_t(acc, a2, b2_ptrs, b_valid, cols2, HEAD_DIM, BLOCK_D + D1 + D2, MASK_B, INPUT_PRECISION)
+    return acc, b1, b2
+
+
+@triton.jit
+def _pieces_accumulate(acc1, acc2, w, x1, x2, INPUT_PRECISION: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """The second and third pieces' accumulators plus w x (``w`` [ROWS, STREAMED_ROWS] fp32, cast to x's dtype)."""
+    if D1 > 0:
+        acc1 += tl.dot(w.to(x1.dtype), x1, input_precision=INPUT_PRECISION)
+    if D2 > 0:
+        acc2 += tl.dot(w.to(x2.dtype), x2, input_precision=INPUT_PRECISION)
+    return acc1, acc2
+
+
+@triton.jit
+def _key_block_scores(
+    q,  # [BLOCK_M, BLOCK_D] the query tile (after its prologue)
+    k_ptrs,  # [BLOCK_N, BLOCK_D] pointers to the key tile
+    v_ptrs,  # [BLOCK_N, BLOCK_D] pointers to the value tile
+    start_n,
+    N_KV,
+    offs_n,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,  # this key block runs past N_KV
+    INPUT_PRECISION: tl.constexpr,
+    stride_kd,  # the key prologue's arguments (see _prologue)
+    Rope,
+    stride_rope_n,
+    NUM_PREFIX,
+    KW,
+    KB,
+    k_eps,
+    ROPE: tl.constexpr,
+    K_NORM: tl.constexpr,
+    keep_ptrs,  # [BLOCK_N] pointers into the key-padding mask (KEY_MASK only)
+    KEY_MASK: tl.constexpr,
+    q1, q2, k1_ptrs, k2_ptrs, cols1, cols2,  # the head-dim pieces past the first (see _pieces_setup)
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+):  # fmt: skip
+    """What a query-owning program (the forward, dQ) reads of one key block: (which keys count, the key tile after
+    its prologue, the value tile, the key tile's further pieces, the raw scores q kᵀ [BLOCK_M, BLOCK_N] fp32)."""
+    keys_valid = (start_n + offs_n) < N_KV
+    if KEY_MASK:
+        keys_valid = keys_valid & (tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0)
+    k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+    if ROPE != 0 or K_NORM != 0:
+        k = _prologue(
+            k, k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
+            HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
+        )  # fmt: skip
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    qk, k1, k2 = _pieces_dot_t(
+        qk, q1, q2, k1_ptrs, k2_ptrs, keys_valid, cols1, cols2, HEAD_DIM, BLOCK_D, MASK_N, INPUT_PRECISION, D1, D2
+    )
+    return keys_valid, k, v, k1, k2, qk
+
+
 # Stride alignment, STRIDE_ALIGN > 1: Triton specialises an int argument as divisible by 16 when it is, and nothing
 # weaker, so with a head dim that is an odd multiple of 8 (40, 56, 72, 88, 104, 120) the packed qkv's head and token
 # strides (multiples of 8, not of 16) leave the compiler without any alignment for the tile pointers: element-wise
@@ -599,21 +669,11 @@ def _fwd_key_block(
     D1: tl.constexpr = 0,  # widths of the second and third head-dim pieces (0: no such piece)
     D2: tl.constexpr = 0,
 ):
-    keys_valid = (start_n + offs_n) < N_KV
-    if KEY_MASK:
-        keys_valid = keys_valid & (tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0)
-    k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
-    v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
-    if ROPE != 0 or K_NORM != 0:
-        k = _prologue(
-            k, k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
-            HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
-        )  # fmt: skip
-    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-    if D1 > 0:
-        qk, _ = _piece_dot_t(qk, q1, k1_ptrs, keys_valid, cols1, HEAD_DIM, BLOCK_D + D1, MASK_N, INPUT_PRECISION)
-    if D2 > 0:
-        qk, _ = _piece_dot_t(qk, q2, k2_ptrs, keys_valid, cols2, HEAD_DIM, BLOCK_D + D1 + D2, MASK_N, INPUT_PRECISION)
+    keys_valid, k, v, _, _, qk = _key_block_scores(
+        q, k_ptrs, v_ptrs, start_n, N_KV, offs_n, offs_d, HEAD_DIM, BLOCK_D, MASK_N, INPUT_PRECISION,
+        stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+        q1, q2, k1_ptrs, k2_ptrs, cols1, cols2, D1, D2,
+    )  # fmt: skip
     if MASK_N | KEY_MASK:
         qk = tl.where(keys_valid[None, :], qk, float("-inf"))
     # Without KEY_MASK every row has a valid key in every block we reach (N_KV >= 1, and the masked block holds at
@@ -855,29 +915,21 @@ def _bwd_dkdv_query_block(
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-    end1: tl.constexpr = BLOCK_D + D1
-    end2: tl.constexpr = BLOCK_D + D1 + D2
-    if D1 > 0:
-        qk_t, q1 = _piece_dot_t(qk_t, k1, q1_ptrs, rows_valid, cols1, HEAD_DIM, end1, MASK_M, INPUT_PRECISION)
-    if D2 > 0:
-        qk_t, q2 = _piece_dot_t(qk_t, k2, q2_ptrs, rows_valid, cols2, HEAD_DIM, end2, MASK_M, INPUT_PRECISION)
+    qk_t, q1, q2 = _pieces_dot_t(
+        qk_t, k1, k2, q1_ptrs, q2_ptrs, rows_valid, cols1, cols2, HEAD_DIM, BLOCK_D, MASK_M, INPUT_PRECISION, D1, D2
+    )
     p_t = tl.math.exp2(_at_most_zero(qk_t * qk_scale - (lse * LOG2E)[None, :]))
     if KEY_MASK:
         p_t = tl.where(key_keep[:, None], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-    if D1 > 0:
-        dp_t, do1 = _piece_dot_t(dp_t, v1, do1_ptrs, rows_valid, cols1, HEAD_DIM, end1, MASK_M, INPUT_PRECISION)
-        dv1 += tl.dot(p_t.to(do1.dtype), do1, input_precision=INPUT_PRECISION)
-    if D2 > 0:
-        dp_t, do2 = _piece_dot_t(dp_t, v2, do2_ptrs, rows_valid, cols2, HEAD_DIM, end2, MASK_M, INPUT_PRECISION)
-        dv2 += tl.dot(p_t.to(do2.dtype), do2, input_precision=INPUT_PRECISION)
+    dp_t, do1, do2 = _pieces_dot_t(
+        dp_t, v1, v2, do1_ptrs, do2_ptrs, rows_valid, cols1, cols2, HEAD_DIM, BLOCK_D, MASK_M, INPUT_PRECISION, D1, D2
+    )
+    dv1, dv2 = _pieces_accumulate(dv1, dv2, p_t, do1, do2, INPUT_PRECISION, D1, D2)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
-    if D1 > 0:
-        dk1 += tl.dot(ds_t.to(q1.dtype), q1, input_precision=INPUT_PRECISION)
-    if D2 > 0:
-        dk2 += tl.dot(ds_t.to(q2.dtype), q2, input_precision=INPUT_PRECISION)
+    dk1, dk2 = _pieces_accumulate(dk1, dk2, ds_t, q1, q2, INPUT_PRECISION, D1, D2)
     return dk, dv, dk1, dk2, dv1, dv2
 
 
@@ -1043,37 +1095,21 @@ def _bwd_dq_key_block(
     k1_ptrs=None, k2_ptrs=None, v1_ptrs=None, v2_ptrs=None, cols1=None, cols2=None,
     D1: tl.constexpr = 0, D2: tl.constexpr = 0,  # the pieces' widths (0: no such piece)
 ):  # fmt: skip
-    keys_valid = (start_n + offs_n) < N_KV
-    if KEY_MASK:
-        keys_valid = keys_valid & (tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0)
-    k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
-    v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
-    if ROPE != 0 or K_NORM != 0:
-        k = _prologue(
-            k, k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
-            HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
-        )  # fmt: skip
-    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    end1: tl.constexpr = BLOCK_D + D1
-    end2: tl.constexpr = BLOCK_D + D1 + D2
-    if D1 > 0:
-        qk, k1 = _piece_dot_t(qk, q1, k1_ptrs, keys_valid, cols1, HEAD_DIM, end1, MASK_N, INPUT_PRECISION)
-    if D2 > 0:
-        qk, k2 = _piece_dot_t(qk, q2, k2_ptrs, keys_valid, cols2, HEAD_DIM, end2, MASK_N, INPUT_PRECISION)
+    keys_valid, k, v, k1, k2, qk = _key_block_scores(
+        q, k_ptrs, v_ptrs, start_n, N_KV, offs_n, offs_d, HEAD_DIM, BLOCK_D, MASK_N, INPUT_PRECISION,
+        stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+        q1, q2, k1_ptrs, k2_ptrs, cols1, cols2, D1, D2,
+    )  # fmt: skip
     p = tl.math.exp2(_at_most_zero(qk * qk_scale - lse2[:, None]))
     if MASK_N | KEY_MASK:
         p = tl.where(keys_valid[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    if D1 > 0:
-        dp, _ = _piece_dot_t(dp, do1, v1_ptrs, keys_valid, cols1, HEAD_DIM, end1, MASK_N, INPUT_PRECISION)
-    if D2 > 0:
-        dp, _ = _piece_dot_t(dp, do2, v2_ptrs, keys_valid, cols2, HEAD_DIM, end2, MASK_N, INPUT_PRECISION)
+    dp, _, _ = _pieces_dot_t(
+        dp, do1, do2, v1_ptrs, v2_ptrs, keys_valid, cols1, cols2, HEAD_DIM, BLOCK_D, MASK_N, INPUT_PRECISION, D1, D2
+    )
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-    if D1 > 0:
-        dq1 += tl.dot(ds.to(k1.dtype), k1, input_precision=INPUT_PRECISION)
-    if D2 > 0:
-        dq2 += tl.dot(ds.to(k2.dtype), k2, input_precision=INPUT_PRECISION)
+    dq1, dq2 = _pieces_accumulate(dq1, dq2, ds, k1, k2, INPUT_PRECISION, D1, D2)
     return dq, dq1, dq2
 
 
