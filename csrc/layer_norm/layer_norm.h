@@ -57,36 +57,32 @@ struct LayerNormBackwardExtras {
   bool rms = false;
 };
 
-// Launchers on contiguous [rows, C] tensors with preallocated outputs (rows may be 0); bias may be undefined.
-void layer_norm_forward_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd, bool rms);
-void layer_norm_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                                 const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
-                                 const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-                                 const LayerNormBackwardExtras& extras = {});
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                                  const std::optional<at::Tensor>& bias, double eps,
-                                                                  bool rms);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                  const at::Tensor& weight, const at::Tensor& mean,
-                                                                  const at::Tensor& rstd, bool rms);
-
-#ifdef FASTVIT_WITH_CUDA
-// CUDA launchers (current stream of the tensors' device; the caller sets the device guard).
-void layer_norm_forward_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
+// The four entry points, each with one signature for both devices. The *_out launchers work on contiguous [rows, C]
+// tensors with preallocated outputs (rows may be 0; bias may be undefined); the CUDA ones run on the current stream
+// of the tensors' device (the caller sets the device guard).
+using LayerNormForwardOutFn = void(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                                  const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd, bool rms);
-void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+using LayerNormBackwardOutFn = void(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
                                   const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-                                  const LayerNormBackwardExtras& extras = {});
+                                  const LayerNormBackwardExtras& extras);
+using LayerNormForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, double eps, bool rms);
+using LayerNormBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& grad_out,
+                                                                         const at::Tensor& x, const at::Tensor& weight,
+                                                                         const at::Tensor& mean,
+                                                                         const at::Tensor& rstd, bool rms);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                   const std::optional<at::Tensor>& bias, double eps,
-                                                                   bool rms);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                   const at::Tensor& weight, const at::Tensor& mean,
-                                                                   const at::Tensor& rstd, bool rms);
+LayerNormForwardOutFn layer_norm_forward_out_cpu;
+LayerNormBackwardOutFn layer_norm_backward_out_cpu;
+LayerNormForwardFn layer_norm_fwd_cpu;
+LayerNormBackwardFn layer_norm_bwd_cpu;
+
+#ifdef FASTVIT_WITH_CUDA
+LayerNormForwardOutFn layer_norm_forward_out_cuda;
+LayerNormBackwardOutFn layer_norm_backward_out_cuda;
+LayerNormForwardFn layer_norm_fwd_cuda;
+LayerNormBackwardFn layer_norm_bwd_cuda;
 #endif
 
 // Rows per chunk of the deterministic dweight/dbias reduction: depends on the row count only, so

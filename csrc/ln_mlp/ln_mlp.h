@@ -94,36 +94,29 @@ LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& 
                                   c10::string_view act, bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
                                   const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
 
-LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weight,
-                                 const std::optional<at::Tensor>& ln_bias,
-                                  const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                                  const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                  c10::string_view act, bool residual, bool save_for_backward, bool rms,
-                                  const std::optional<at::Tensor>& hidden_norm_weight,
-                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
-LnMlpBackwardResult ln_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                   const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
-                                   const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                   const at::Tensor& fc2_weight, c10::string_view act, bool residual,
-                                   bool deterministic, bool rms,
-                                   const std::optional<at::Tensor>& hidden_norm_weight,
-                                   const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
+// The entry points, one signature for both devices.
+using LnMlpForwardFn = LnMlpForwardResult(const at::Tensor& x, const at::Tensor& ln_weight,
+                                        const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
+                                        const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                                        const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
+                                        bool residual, bool save_for_backward, bool rms,
+                                        const std::optional<at::Tensor>& hidden_norm_weight,
+                                        const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
+using LnMlpBackwardFn = LnMlpBackwardResult(const at::Tensor& grad_out, const at::Tensor& x,
+                                          const at::Tensor& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                                          const at::Tensor& mean, const at::Tensor& rstd,
+                                          const at::Tensor& fc1_weight, const at::Tensor& pre_act,
+                                          const at::Tensor& fc2_weight, c10::string_view act, bool residual,
+                                          bool deterministic, bool rms,
+                                          const std::optional<at::Tensor>& hidden_norm_weight,
+                                          const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
+
+LnMlpForwardFn ln_mlp_fwd_cpu;
+LnMlpBackwardFn ln_mlp_bwd_cpu;
 
 #ifdef FASTVIT_WITH_CUDA
-LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight,
-                                 const std::optional<at::Tensor>& ln_bias,
-                                   const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                                   const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                   c10::string_view act, bool residual, bool save_for_backward, bool rms,
-                                  const std::optional<at::Tensor>& hidden_norm_weight,
-                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
-LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                    const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
-                                    const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                    const at::Tensor& fc2_weight, c10::string_view act, bool residual,
-                                    bool deterministic, bool rms,
-                                   const std::optional<at::Tensor>& hidden_norm_weight,
-                                   const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
+LnMlpForwardFn ln_mlp_fwd_cuda;
+LnMlpBackwardFn ln_mlp_bwd_cuda;
 #endif
 
 }  // namespace fastvit
