@@ -266,13 +266,11 @@ def _key_block_scores(
     keys_valid = (start_n + offs_n) < N_KV
     if KEY_MASK:
         keys_valid = keys_valid & (tl.load(keep_ptrs + start_n, mask=keys_valid, other=0) != 0)
-    k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
+    k = _load_prologued(
+        k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
+        HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
+    )  # fmt: skip
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_N)
-    if ROPE != 0 or K_NORM != 0:
-        k = _prologue(
-            k, k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
-            HEAD_DIM, BLOCK_D, MASK_N, ROPE, K_NORM,
-        )  # fmt: skip
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
     qk, k1, k2 = _pieces_dot_t(
         qk, q1, q2, k1_ptrs, k2_ptrs, keys_valid, cols1, cols2, HEAD_DIM, BLOCK_D, MASK_N, INPUT_PRECISION, D1, D2
@@ -461,6 +459,21 @@ def _prologue(
         sin, cos = _rope_sin_cos(Rope, stride_rope_n, rows, rows_valid, offs_d, NUM_PREFIX, HEAD_DIM)
         y = y * cos + sign[None, :] * y_partner * sin
     return y.to(x.dtype)
+
+
+@triton.jit
+def _load_prologued(
+    ptrs, stride_d, rows, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, W, Bias, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    """A q or k tile loaded from ``ptrs`` with its prologue applied (see ``_prologue``; the plain load without one)."""
+    x = _load_tile(ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_ROWS)
+    if ROPE != 0 or NORM != 0:
+        x = _prologue(
+            x, ptrs, stride_d, rows, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, W, Bias, eps,
+            HEAD_DIM, BLOCK_D, MASK_ROWS, ROPE, NORM,
+        )  # fmt: skip
+    return x
 
 
 @triton.jit
@@ -763,17 +776,15 @@ def attn_fwd_kernel(
     k_ptrs = k_rows + offs_d[None, :] * stride_kd
     v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
     v_ptrs = v_rows + offs_d[None, :] * stride_vd
-    q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    q = _load_prologued(
+        q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
+        HEAD_DIM, BLOCK_D, True, ROPE, Q_NORM,
+    )  # fmt: skip
     tl.static_assert(D1 + D2 == 0 or (ROPE == 0 and Q_NORM == 0 and K_NORM == 0), "head-dim pieces: no prologue")
     q1, k1_ptrs, v1_ptrs, cols1, q2, k2_ptrs, v2_ptrs, cols2 = _pieces_setup(
         q_rows, k_rows, v_rows, stride_qd, stride_kd, stride_vd, rows_valid, HEAD_DIM, BLOCK_D, D1, D2
     )
     acc1, acc2 = _piece_zeros(BLOCK_M, D1, D2)
-    if ROPE != 0 or Q_NORM != 0:
-        q = _prologue(
-            q, q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
-            HEAD_DIM, BLOCK_D, True, ROPE, Q_NORM,
-        )  # fmt: skip
     keep_ptrs = KeyKeep
     if KEY_MASK:
         keep_ptrs, N_KV = _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n)
@@ -900,12 +911,10 @@ def _bwd_dkdv_query_block(
     D1: tl.constexpr = 0, D2: tl.constexpr = 0,  # the pieces' widths (0: no such piece)
 ):  # fmt: skip
     rows_valid = (start_m + offs_m) < N_Q
-    q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
-    if ROPE != 0 or Q_NORM != 0:
-        q = _prologue(
-            q, q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
-            HEAD_DIM, BLOCK_D, MASK_M, ROPE, Q_NORM,
-        )  # fmt: skip
+    q = _load_prologued(
+        q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
+        HEAD_DIM, BLOCK_D, MASK_M, ROPE, Q_NORM,
+    )  # fmt: skip
     do = _load_tile(do_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_M)
     if MASK_M:
         # lse = +inf makes P exactly 0 on the missing rows (q and dO load as 0 there too).
@@ -993,13 +1002,11 @@ def attn_bwd_dkdv_kernel(
     k_rows, k_ptrs = _block_rows(K, b, h, start_n, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
     v_rows, v_ptrs = _block_rows(V, b, h, start_n, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
     # Missing key rows load as 0; their dK/dV rows are computed but never stored.
-    k = _load_tile(k_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    k = _load_prologued(
+        k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
+        HEAD_DIM, BLOCK_D, True, ROPE, K_NORM,
+    )  # fmt: skip
     v = _load_tile(v_ptrs, keys_valid, offs_d, HEAD_DIM, BLOCK_D, True)
-    if ROPE != 0 or K_NORM != 0:
-        k = _prologue(
-            k, k_ptrs, stride_kd, start_n + offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
-            HEAD_DIM, BLOCK_D, True, ROPE, K_NORM,
-        )  # fmt: skip
     key_keep = KeyKeep
     if KEY_MASK:
         keep_ptrs, extent = _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n)
@@ -1169,12 +1176,10 @@ def attn_bwd_dq_kernel(
     q_rows, q_ptrs = _block_rows(Q, b, h, start_m, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
     do_rows, do_ptrs = _block_rows(DO, b, h, start_m, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
     # Missing query rows load as 0 (lse and delta too); their dQ rows are never stored.
-    q = _load_tile(q_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
-    if ROPE != 0 or Q_NORM != 0:
-        q = _prologue(
-            q, q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
-            HEAD_DIM, BLOCK_D, True, ROPE, Q_NORM,
-        )  # fmt: skip
+    q = _load_prologued(
+        q_ptrs, stride_qd, start_m + offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
+        HEAD_DIM, BLOCK_D, True, ROPE, Q_NORM,
+    )  # fmt: skip
     do = _load_tile(do_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
     row_offset = (b * H + h) * N_Q + start_m + offs_m
     lse2 = tl.load(Lse + row_offset, mask=rows_valid, other=0.0) * LOG2E
