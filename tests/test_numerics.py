@@ -94,7 +94,8 @@ def test_nan_and_inf_propagate_as_in_the_reference(op, backend, target, special,
     sample = _poke(case.make(dtype), target, SPECIALS[special])
     ours = case.run(sample, backend)
     ref = case.run(sample, REFERENCE)
-    for label, mine, theirs in zip(case.labels(sample), ours, ref):
+    ref_exact = case.run(sample.double(), REFERENCE)
+    for label, mine, theirs, exact in zip(case.labels(sample), ours, ref, ref_exact):
         if theirs is None:
             continue
         assert label != "out" or not torch.isfinite(theirs).all(), "the poke did not reach the output"
@@ -104,8 +105,16 @@ def test_nan_and_inf_propagate_as_in_the_reference(op, backend, target, special,
             f"{label}: {int((~finite).sum())} non-finite elements, the reference {int((~expected).sum())}"
         )
         if label == "out":  # the forward also agrees on which are NaN and which are +inf / -inf
-            assert torch.equal(torch.isnan(mine), torch.isnan(theirs)), f"{label}: NaN elements differ"
-            assert torch.equal(torch.isposinf(mine), torch.isposinf(theirs)), f"{label}: +inf elements differ"
+            # Where the spec's own answer depends on its precision it is no verdict: PyTorch's vectorised float32
+            # CPU GELU gives GELU(+inf) = NaN, the float64 one (and the erf formula) +inf. There either answer holds.
+            settled = torch.isnan(theirs) == torch.isnan(exact)
+            nan_agrees = torch.equal(torch.isnan(mine)[settled], torch.isnan(theirs)[settled])
+            assert nan_agrees, f"{label}: NaN elements differ"
+            assert torch.equal(torch.isposinf(mine)[settled], torch.isposinf(theirs)[settled]), (
+                f"{label}: +inf elements differ"
+            )
+            either = torch.isnan(mine) | (mine == exact.to(mine.dtype))
+            assert either[~settled].all(), f"{label}: neither the float32 nor the float64 spec's NaN / inf"
         # (In gradients, inf - inf can meet in another order than in PyTorch's formula: NaN vs inf may differ.)
 
 
