@@ -594,7 +594,7 @@ def _program_setup(
     stride_dob, stride_doh, stride_don,
     H, N_Q, N_KV, num_blocks_plain, BLOCK: tl.constexpr,
     Cu_seqlens, max_seqlen, VARLEN: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
-    Rope, stride_rope_n, ROPE: tl.constexpr,
+    Rope, stride_rope_n, stride_rope_h, ROPE: tl.constexpr,
 ):  # fmt: skip
     """The setup every kernel shares: the inputs' strides aligned (see ``_aligned``), the program's coordinates, and
     in VARLEN mode its sequence's base pointers and lengths (see ``_varlen_coords``). The forward passes (Q, K, V,
@@ -629,6 +629,8 @@ def _program_setup(
         seq = b
         seq_start = 0
         past_end = False
+    if ROPE != 0:
+        Rope += h * stride_rope_h  # per-head tables; 0 when the heads share one
     return (
         Q, K, V, DO, Lse, Delta,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -728,8 +730,9 @@ def attn_fwd_kernel(
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (ignored for 16-bit)
     # Prologue (qk-norm then RoPE on the q and k tiles; all off by default): see _prologue.
-    Rope=None,  # [N - NUM_PREFIX, 2·HEAD_DIM] cat(sin, cos), unit column stride
+    Rope=None,  # [N - NUM_PREFIX, 2·HEAD_DIM] cat(sin, cos), unit column stride; or one such table per head
     stride_rope_n=0,
+    stride_rope_h=0,  # 0: one table for every head; else the per-head tables' stride (RoPE-Mixed)
     NUM_PREFIX=0,  # leading tokens left unrotated
     QW=None,  # [HEAD_DIM] q norm weight
     QB=None,  # [HEAD_DIM] q norm bias (LayerNorm)
@@ -760,7 +763,7 @@ def attn_fwd_kernel(
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
         H, N_Q, N_KV, tl.cdiv(N_Q, BLOCK_M), BLOCK_M, Cu_seqlens, max_seqlen, VARLEN, STRIDE_ALIGN,
-        Rope, stride_rope_n, ROPE,
+        Rope, stride_rope_n, stride_rope_h, ROPE,
     )  # fmt: skip
     if VARLEN:  # noqa: SIM102 (VARLEN is a constexpr: without it, no runtime branch is compiled)
         if past_end:
@@ -966,7 +969,7 @@ def attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # key rows owned by this program
     INPUT_PRECISION: tl.constexpr,
     # The prologue, varlen, key-mask and head-dim-piece arguments are attn_fwd_kernel's (described there).
-    Rope=None, stride_rope_n=0, NUM_PREFIX=0, QW=None, QB=None, q_eps=0.0, KW=None, KB=None, k_eps=0.0,
+    Rope=None, stride_rope_n=0, stride_rope_h=0, NUM_PREFIX=0, QW=None, QB=None, q_eps=0.0, KW=None, KB=None, k_eps=0.0,
     NormGrad=None,  # [B·H, cdiv(N_KV, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: k norm weight / bias gradient partials
     ROPE: tl.constexpr = 0, Q_NORM: tl.constexpr = 0, K_NORM: tl.constexpr = 0,
     Cu_seqlens=None, max_seqlen=None, VARLEN: tl.constexpr = False,
@@ -983,7 +986,7 @@ def attn_bwd_dkdv_kernel(
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
         H, N_Q, N_KV, tl.cdiv(N_KV, BLOCK_N), BLOCK_N, Cu_seqlens, max_seqlen, VARLEN, STRIDE_ALIGN,
-        Rope, stride_rope_n, ROPE,
+        Rope, stride_rope_n, stride_rope_h, ROPE,
     )  # fmt: skip
     if STRIDE_ALIGN > 1:
         stride_dkb, stride_dkh, stride_dkn = _aligned(stride_dkb, stride_dkh, stride_dkn, STRIDE_ALIGN)
@@ -1142,7 +1145,7 @@ def attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # key rows per loop step
     INPUT_PRECISION: tl.constexpr,
     # The prologue, varlen, key-mask and head-dim-piece arguments are attn_fwd_kernel's (described there).
-    Rope=None, stride_rope_n=0, NUM_PREFIX=0, QW=None, QB=None, q_eps=0.0, KW=None, KB=None, k_eps=0.0,
+    Rope=None, stride_rope_n=0, stride_rope_h=0, NUM_PREFIX=0, QW=None, QB=None, q_eps=0.0, KW=None, KB=None, k_eps=0.0,
     NormGrad=None,  # [B·H, cdiv(N_Q, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: q norm weight / bias gradient partials
     ROPE: tl.constexpr = 0, Q_NORM: tl.constexpr = 0, K_NORM: tl.constexpr = 0,
     Cu_seqlens=None, max_seqlen=None, VARLEN: tl.constexpr = False,
@@ -1159,7 +1162,7 @@ def attn_bwd_dq_kernel(
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
         H, N_Q, N_KV, tl.cdiv(N_Q, BLOCK_M), BLOCK_M, Cu_seqlens, max_seqlen, VARLEN, STRIDE_ALIGN,
-        Rope, stride_rope_n, ROPE,
+        Rope, stride_rope_n, stride_rope_h, ROPE,
     )  # fmt: skip
     if STRIDE_ALIGN > 1:
         stride_dqb, stride_dqh, stride_dqn = _aligned(stride_dqb, stride_dqh, stride_dqn, STRIDE_ALIGN)

@@ -396,6 +396,57 @@ def test_rope_mixed_learned_tables_keep_the_module_path_with_their_gradient():
     assert model.rope.freqs.grad is not None and model.rope.freqs.grad.abs().sum() > 0
 
 
+@FP32_FP16
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+def test_per_head_rope_tables_with_prefix_tokens(layout, dtype):
+    # RoPE-Mixed's form: one [N - T, 2·D] table per head (each head its own angles), a class token left unrotated.
+    heads, tokens, head_dim, prefix = 2, 23, 32, 1
+    table = _table(tokens - prefix, head_dim, layout)
+    rope = torch.stack([table, table.flip(0)])
+    qkv = _qkv(2, tokens, heads, head_dim, dtype, seed=5)
+    _check(qkv, heads, rope=rope, prefix=prefix, layout=layout, q_kind="rms", name=f"per-head {layout}")
+
+
+def test_per_head_tables_are_checked_and_a_learned_table_is_not_given_to_the_kernels():
+    qkv = _qkv(1, 9, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match=r"\[num_heads, N - num_prefix_tokens, 2 \* head_dim\] = \[2, 9, 64\]"):
+        ops.qkv_attention(qkv, 2, rope=torch.zeros(3, 9, 64, device=DEVICE), backend="torch")
+    with pytest.raises(ValueError, match="rope must have 2 dimensions"):  # the varlen op: one shared table
+        cu_seqlens = torch.tensor([0, 9], dtype=torch.int32, device=DEVICE)
+        ops.varlen_qkv_attention(qkv[0], cu_seqlens, 9, 2, rope=torch.zeros(2, 9, 64, device=DEVICE))
+    learned = torch.zeros(2, 9, 64, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        ops.qkv_attention(qkv, 2, rope=learned, backend="triton")
+    out = ops.qkv_attention(qkv, 2, rope=learned, backend="auto")  # the torch backend: the table's gradient flows
+    out.sum().backward()
+    assert learned.grad is not None
+    with torch.no_grad():  # no gradient recorded: the kernels may take it
+        call = attention_call(qkv.device, qkv.dtype, 32, prologue=("rope:interleaved", "rope:per_head"))
+        assert attention_triton.supports(call) is None
+
+
+def test_rope_mixed_model_under_no_grad_runs_the_prologue_kernel():
+    # Inference (no gradient recorded): RoPE-Mixed's per-head tables are the kernel's prologue, equal to the module
+    # path; the fusion report says so under no_grad and names the learned tables otherwise.
+    torch.manual_seed(0)
+    size = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=3)
+    model = fastvit.Eva(**size, use_rot_pos_emb=True, rope_type="mixed").to(DEVICE).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.rope.freqs, 0.0, 1.0)  # per-head angles far from the initial ones
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    logits = {}
+    for backend in ("torch", "triton"):
+        _set_attention_backend(model, backend)
+        with torch.no_grad():
+            logits[backend] = model(images)
+    torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-5, rtol=1e-4)
+    assert "RoPE-Mixed" in " ".join(model.fusion_report(DEVICE)[0]["attn"].why_not)
+    with torch.no_grad():
+        report = model.fusion_report(DEVICE)
+    assert report[0]["attn"].backends["qkv_attention"] == "triton", str(report)
+    assert not any("RoPE" in reason for reason in report[0]["attn"].why_not), str(report)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: bfloat16, every head dim, longer sequences (skipped without CUDA)
 

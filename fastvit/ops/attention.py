@@ -60,10 +60,13 @@ class QKNorm(NamedTuple):
     kind: str = "layer"
 
 
+ROPE_NEEDS_GRAD = "rope:grad"  # a prologue part: the RoPE table is learned (autograd records its gradient)
+
+
 class AttentionPrologue(NamedTuple):
     """What ``qkv_attention`` applies to q and k before the attention (checked): norms, then RoPE."""
 
-    rope: torch.Tensor | None  # [N - num_prefix_tokens, 2*D] cat(sin, cos)
+    rope: torch.Tensor | None  # [N - num_prefix_tokens, 2*D] cat(sin, cos), or [H, N - num_prefix_tokens, 2*D]
     num_prefix_tokens: int
     rotate_half: bool
     q_norm: QKNorm | None
@@ -71,7 +74,13 @@ class AttentionPrologue(NamedTuple):
 
     def describe(self) -> tuple[str, ...]:
         """The prologue's parts as the call signature records them, e.g. ('rope:half', 'q_norm:rms')."""
-        parts = [f"rope:{'half' if self.rotate_half else 'interleaved'}"] if self.rope is not None else []
+        parts = []
+        if self.rope is not None:
+            parts.append(f"rope:{'half' if self.rotate_half else 'interleaved'}")
+            if self.rope.ndim == 3:
+                parts.append("rope:per_head")
+            if self.rope.requires_grad and torch.is_grad_enabled():
+                parts.append(ROPE_NEEDS_GRAD)
         parts += [f"{name}:{norm.kind}" for name, norm in (("q_norm", self.q_norm), ("k_norm", self.k_norm)) if norm]
         return tuple(parts)
 
@@ -130,8 +139,10 @@ def qkv_attention(
         dropout_p: attention-probability dropout (``torch`` backend only).
         backend: 'auto' | 'triton' | 'torch' (the backends implementing it); None = the process default.
         rope: [N - T, 2*D] floating table cat(sin, cos) (``fastvit.eva.rope_table``), T = ``num_prefix_tokens``:
-            token T + i of q and k is rotated by row i, ``x*cos + rot(x)*sin`` per channel; None: no RoPE. A function
-            of positions: the ``triton`` backend gives it no gradient.
+            token T + i of q and k is rotated by row i, ``x*cos + rot(x)*sin`` per channel; or [H, N - T, 2*D], one
+            table per head (RoPE-Mixed's, ``fastvit.eva.mixed_rope_tables``); None: no RoPE. The ``triton`` backend
+            gives the table no gradient: ``auto`` runs a table that requires grad on ``torch``, and an explicit
+            ``triton`` refuses it.
         num_prefix_tokens: T, the leading (class / register) tokens left unrotated; only with ``rope``.
         rope_layout: how ``rot`` pairs the channels: 'interleaved' (2i, 2i+1) -> (-x[2i+1], x[2i]) (EVA02) or
             'half' (i, i + D/2) -> (-x[i + D/2], x[i]) (DINOv3, timm's RoPE ViTs). D must be even.
@@ -150,7 +161,9 @@ def qkv_attention(
     head_dim = _check_qkv("qkv", qkv, 3, num_heads)
     scale = check_scale(scale)
     dropout_p = check_probability("dropout_p", dropout_p)
-    prologue = _check_prologue(qkv, qkv.shape[1], head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm)
+    prologue = _check_prologue(
+        qkv, qkv.shape[1], head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm, num_heads=num_heads
+    )
     masked = key_padding_mask is not None
     if masked:
         _check_key_padding_mask(key_padding_mask, qkv)
@@ -193,10 +206,11 @@ def _check_qkv(name: str, qkv: object, ndim: int, num_heads: int) -> int:
 
 
 def _check_prologue(
-    qkv, tokens, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm
+    qkv, tokens, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm, num_heads=None
 ) -> AttentionPrologue | None:
     """The checked prologue of a ``qkv_attention`` call on ``tokens`` tokens per sequence (``varlen_qkv_attention``:
-    the packed token count T); None when it has none (today's plain attention)."""
+    the packed token count T); None when it has none (today's plain attention). With ``num_heads`` a table per head
+    ([num_heads, N - T, 2*D]) is accepted too."""
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
         raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
     if rope_layout not in ROPE_LAYOUTS:
@@ -205,17 +219,22 @@ def _check_prologue(
         if num_prefix_tokens != 0:
             raise ValueError(f"num_prefix_tokens ({num_prefix_tokens}) only applies with a rope table; rope is None")
     else:
-        check_tensor("rope", rope, ndim=2)
+        per_head = num_heads is not None and isinstance(rope, torch.Tensor) and rope.ndim == 3
+        check_tensor("rope", rope, ndim=3 if per_head else 2)
         check_same_device(qkv=qkv, rope=rope)
         if head_dim % 2 != 0:
             raise ValueError(f"RoPE rotates channel pairs: the head dim must be even, got head_dim={head_dim}")
         if not 0 <= num_prefix_tokens <= tokens:
             raise ValueError(f"num_prefix_tokens must be in [0, N={tokens}], got {num_prefix_tokens}")
         expected = (tokens - num_prefix_tokens, 2 * head_dim)
+        if per_head:
+            expected = (num_heads, *expected)
         if tuple(rope.shape) != expected:
+            what = "[N - num_prefix_tokens, 2 * head_dim]"
+            what = f"[num_heads, {what[1:]}" if per_head else what
             raise ValueError(
-                f"rope must be the cat(sin, cos) table [N - num_prefix_tokens, 2 * head_dim] = {list(expected)} "
-                f"(N={tokens}, num_prefix_tokens={num_prefix_tokens}, head_dim={head_dim}), got {list(rope.shape)}"
+                f"rope must be the cat(sin, cos) table {what} = {list(expected)} (N={tokens}, "
+                f"num_prefix_tokens={num_prefix_tokens}, head_dim={head_dim}), got {list(rope.shape)}"
             )
     for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)):
         if norm is not None:

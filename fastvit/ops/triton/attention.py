@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastvit import dispatch
-from fastvit.ops.attention import AttentionCall, AttentionPrologue
+from fastvit.ops.attention import ROPE_NEEDS_GRAD, AttentionCall, AttentionPrologue
 from fastvit.ops.autograd import no_double_backward
 from fastvit.ops.triton.attention_launch import (  # noqa: F401  (candidate_configs, forced_configs: selftest, tests)
     PackedLayout,
@@ -61,6 +61,8 @@ def supports(call: AttentionCall) -> str | None:
         return f"the Triton kernels take head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={call.head_dim}"
     if call.v_head_dim != call.head_dim:
         return f"the Triton kernels need v's head dim to equal q's ({call.head_dim}), got {call.v_head_dim}"
+    if ROPE_NEEDS_GRAD in call.prologue:
+        return "the RoPE table requires grad (a learned table, e.g. RoPE-Mixed's): the Triton kernels give it none"
     return dispatch.kernel_dtype_reason("triton", call.device, (call.dtype,))
 
 

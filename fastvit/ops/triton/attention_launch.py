@@ -226,7 +226,8 @@ def _prologue_kwargs(p: PrologueArgs) -> dict:
     kwargs.update(K_NORM=_NORM_CODES[p.k_norm], NUM_PREFIX=p.num_prefix_tokens, q_eps=p.q_eps, k_eps=p.k_eps)
     if p.rope is not None:
         rope = p.rope.contiguous()
-        kwargs.update(Rope=rope, stride_rope_n=rope.stride(0))
+        per_head = rope.ndim == 3  # [H, N - T, 2·D]: RoPE-Mixed's tables
+        kwargs.update(Rope=rope, stride_rope_n=rope.stride(-2), stride_rope_h=rope.stride(0) if per_head else 0)
     for prefix, kind, weight, bias in (("Q", p.q_norm, p.q_weight, p.q_bias), ("K", p.k_norm, p.k_weight, p.k_bias)):
         if kind == "layer" and bias is None:
             bias = torch.zeros_like(weight)
