@@ -10,7 +10,7 @@ module layout, argument names, defaults and the RoPE tables follow ``timm.models
 The 'cat' and 'dinov3' RoPE tables hold no parameters (timm's buffers are non-persistent): they are a function of the
 patch grid, built in float32 (a few hundred sin/cos values; cached per grid size). RoPE-Mixed (``rope_type='mixed'``,
 the ``vit_*_rope_mixed_*`` models) learns its frequencies (``rope.freqs``) and rebuilds its per-block tables each
-forward: one table per head, the attention kernel's prologue while no gradient is recorded (``layers.rope_blockers``).
+forward: one table per head, the attention kernel's prologue (which also gives the tables their gradient).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from fastvit.layers import (
-    MIXED_ROPE_BLOCKER,
     AttentionPoolLatent,
     EvaBlock,
     LayerNorm,
@@ -324,11 +323,10 @@ class Eva(nn.Module):
 
         device = torch.device(device)
         report = FusionReport()
-        learned_tables = self.rope.mixed and (self.training or torch.is_grad_enabled())  # see layers.rope_blockers
-        rope, rope_why = self.rope_config is not None, (MIXED_ROPE_BLOCKER,) if learned_tables else ()
+        rope = self.rope_config is not None
         for block in self.blocks:
             block_dtype = block.norm1.weight.dtype if dtype is None else dtype
-            report.append(eva_block_fusion(block, device, block_dtype, rope=rope, rope_why=rope_why))
+            report.append(eva_block_fusion(block, device, block_dtype, rope=rope))
         if self.attn_pool is not None:
             report.pool = pool_fusion(
                 self.attn_pool, device, self.attn_pool.kv.weight.dtype if dtype is None else dtype
@@ -371,8 +369,7 @@ class Eva(nn.Module):
     def packed_block_args(self, packing: ImagePacking, device: torch.device) -> Iterable[tuple]:
         """Per block, the packed sequence's RoPE table: each image's grid table, identity rows at later images'
         prefix tokens (``fastvit.packing.packed_rope_table``). The blocks take it as ``ops.varlen_qkv_attention``'s
-        RoPE prologue (no [T, T] mask); RoPE-Mixed's per-head tables ([heads, T - prefix, 2·D]) are no varlen
-        prologue (``layers.rope_blockers``): those blocks run their heads path under the packing's dense mask."""
+        RoPE prologue (no [T, T] mask), RoPE-Mixed's per-block, per-head tables ([heads, T - prefix, 2·D]) too."""
         if self.rope_config is None:
             return itertools.repeat(())
         tables = {grid: self.rope(grid, device) for grid in set(packing.grids)}  # one table per distinct grid

@@ -921,25 +921,6 @@ class EvaAttention(nn.Module):
         return next(prologue_blockers(self), None) is None
 
 
-MIXED_ROPE_BLOCKER = (
-    "RoPE-Mixed: its learned per-head tables run as separate ops before the attention while autograd records their "
-    "gradient (under torch.no_grad / torch.inference_mode they are the attention kernel's prologue)"
-)
-PACKED_PER_HEAD_ROPE_BLOCKER = "per-head RoPE tables (RoPE-Mixed) under a packing: the varlen op takes one shared table"
-
-
-def rope_blockers(rope: torch.Tensor | None, attn_mask: AttnMask = None) -> Iterator[str]:
-    """Why a block's RoPE table is not ``ops.qkv_attention``'s prologue: the kernels give the table no gradient, so a
-    learned table (RoPE-Mixed's) is one only while no gradient is recorded; ``ops.varlen_qkv_attention`` takes one
-    [T - prefix, 2·D] table shared by the heads (per-head tables: dense attention only)."""
-    if rope is None:
-        return
-    if rope.requires_grad and torch.is_grad_enabled():
-        yield MIXED_ROPE_BLOCKER
-    if rope.ndim == 3 and isinstance(attn_mask, PackedSequences):
-        yield PACKED_PER_HEAD_ROPE_BLOCKER
-
-
 def attend(
     attn: nn.Module,
     x: torch.Tensor,
@@ -952,13 +933,12 @@ def attend(
     [B, N, C] under ``attn_mask`` (see ``fastvit.packing``): the one place that decides how attention runs.
 
     One op on the packed qkv buffer (``packed_qkv()`` -> [B, N, 3C]) with the qk-norms and RoPE as its prologue while
-    ``prologue_blockers`` / ``rope_blockers`` find nothing and the mask has such an op (``mask_fits_qkv_call``); else
+    ``prologue_blockers`` finds nothing and the mask has such an op (``mask_fits_qkv_call``); else
     q, k, v from ``heads()`` ([B, H, N, D] each, normalised and rotated) through ``heads_attention``.
     ``rope_prologue``: ``ops.qkv_attention``'s rope / num_prefix_tokens / rope_layout keywords, or None."""
     check_attn_mask(attn_mask, x)
     dropout_p = getattr(attn.attn_drop, "p", 0.0) if attn.training else 0.0
-    rope = None if rope_prologue is None else rope_prologue["rope"]
-    if next(prologue_blockers(attn), None) is None and next(rope_blockers(rope, attn_mask), None) is None:
+    if next(prologue_blockers(attn), None) is None:
         q_norm, k_norm = qk_norm_params(attn.q_norm), qk_norm_params(attn.k_norm)
         if mask_fits_qkv_call(attn_mask, dropout_p):
             return qkv_attention_under(

@@ -300,11 +300,9 @@ class VisionTransformer(nn.Module):
 
         A half is fused when its residual add happens inside its last op (``linear_residual`` /
         ``ln_mlp``) and each of its ops runs a fused kernel. Depends on the current train/eval mode
-        (dropout and drop-path only act while training; RoPE-Mixed's learned tables are the attention kernel's
-        prologue only when no gradient is recorded: ask under ``torch.no_grad()`` for inference) and on each op's
-        backend. Never raises. It describes calls without ``attn_mask``: under a mask that no attention op takes (a
-        dense mask, a packing with RoPE-Mixed's per-head tables or attention dropout, the ``map`` head's key-padding
-        mask) that attention runs on SDPA.
+        (dropout and drop-path only act while training) and on each op's backend. Never raises. It describes calls
+        without ``attn_mask``: under a mask that no attention op takes (a dense mask, a packing with attention
+        dropout, the ``map`` head's key-padding mask) that attention runs on SDPA.
 
         Args:
             device: where the inputs will be.

@@ -68,7 +68,8 @@ def qkv_attention(
     qkv: [B, N, 3*C], laid out as timm's ``reshape(B, N, 3, H, D)``; returns [B, N, C] (heads
     concatenated, ready for the proj Linear). The prologue arguments are ``fastvit.ops.qkv_attention``'s: ``q_norm``
     / ``k_norm`` (``fastvit.ops.QKNorm``: weight, bias, eps, kind 'layer' | 'rms') normalise each head vector, then
-    ``rope`` ([N - num_prefix_tokens, 2·D] cat(sin, cos)) rotates all but the prefix tokens: :func:`qk_norm_attention`.
+    ``rope`` ([N - num_prefix_tokens, 2·D] cat(sin, cos), or one per head [H, N - num_prefix_tokens, 2·D]) rotates
+    all but the prefix tokens: :func:`qk_norm_attention`.
     ``key_padding_mask``: [B, N] bool, True = keep (see :func:`attention_probs`).
     """
     if rope is not None or q_norm is not None or k_norm is not None:
@@ -102,14 +103,15 @@ def varlen_qkv_attention(
     The prologue arguments are :func:`qkv_attention`'s, applied to each sequence alone: every sequence's first
     ``num_prefix_tokens`` tokens stay unrotated, and ``rope`` is the packed table [T - num_prefix_tokens, 2·D]
     (``fastvit.packing.packed_rope_table``) whose row ``g - num_prefix_tokens`` rotates packed token g: sequence b's
-    own table is rows ``cu_seqlens[b]:cu_seqlens[b + 1] - num_prefix_tokens``.
+    own table is rows ``cu_seqlens[b]:cu_seqlens[b + 1] - num_prefix_tokens`` (or one such table per head,
+    [H, T - num_prefix_tokens, 2·D]).
     Returns [T, C]: :func:`qkv_attention` of each sequence alone, concatenated.
     """
     bounds = cu_seqlens.tolist()
     parts = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         prefix = min(num_prefix_tokens, end - start)
-        table = None if rope is None else rope[start : max(start, end - num_prefix_tokens)]
+        table = None if rope is None else rope[..., start : max(start, end - num_prefix_tokens), :]
         parts.append(
             qkv_attention(
                 qkv[None, start:end], num_heads, scale, rope=table, num_prefix_tokens=prefix if rope is not None else 0,

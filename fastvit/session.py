@@ -210,8 +210,9 @@ class PackedInferenceSession:
     budgets), plus the dummy sequence's attention.
 
     Args:
-        model: a ``VisionTransformer`` or an ``Eva`` (RoPE included, but not RoPE-Mixed: its learned per-head tables
-            run under a dense mask) built with ``dynamic_img_size=True``; put in eval mode.
+        model: a ``VisionTransformer`` or an ``Eva`` (RoPE included; RoPE-Mixed's per-head tables are built per
+            batch without a gradient, [depth, heads, budget - num_prefix_tokens, 2·D]) built with
+            ``dynamic_img_size=True``; put in eval mode.
         token_budgets: the budgets (token counts) to capture graphs for; a batch above the largest is an error.
         max_images: the most images one batch may hold.
         dtype: autocast dtype (torch.bfloat16, torch.float16) or torch.float32 for none.
@@ -233,11 +234,6 @@ class PackedInferenceSession:
     ) -> None:
         if not hasattr(model, "forward_packed"):
             raise TypeError(f"model must be a fastvit VisionTransformer or Eva, got {type(model).__name__}")
-        if getattr(getattr(model, "rope", None), "mixed", False):
-            raise ValueError(
-                "model: RoPE-Mixed's learned per-head tables run under a dense [T, T] mask, not the varlen kernel; "
-                "use model.forward_packed"
-            )
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
         budgets = _batch_sizes(token_budgets, "token_budgets")
@@ -283,25 +279,35 @@ class PackedInferenceSession:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _blocks(self, x: torch.Tensor, attn_mask, rope: torch.Tensor | None) -> torch.Tensor:
-        """The blocks and the final norm on the padded [1, budget, D] tokens (``rope``: their packed table)."""
-        block_args = () if rope is None else (rope,)
-        for block in self.model.blocks:
+        """The blocks and the final norm on the padded [1, budget, D] tokens (``rope``: their packed table, or
+        RoPE-Mixed's per-block tables)."""
+        for index, block in enumerate(self.model.blocks):
+            block_args = () if rope is None else (rope[index] if self._per_block_rope else rope,)
             x = self.model._run_block(block, x, *block_args, attn_mask=attn_mask)
         return self.model.norm(x)
 
+    @property
+    def _per_block_rope(self) -> bool:
+        return getattr(getattr(self.model, "rope", None), "mixed", False)
+
     def _rope(self, packing: ImagePacking) -> torch.Tensor | None:
-        """The packed RoPE table of ``packing``'s images [T - num_prefix_tokens, 2·D]; None without RoPE."""
-        block_args = next(iter(self.model.packed_block_args(packing, self.device)))
-        return block_args[0] if block_args else None
+        """The packed RoPE table of ``packing``'s images [T - num_prefix_tokens, 2·D] (RoPE-Mixed: every block's
+        per-head tables [depth, heads, T - num_prefix_tokens, 2·D], built without a gradient: the kernels' prologue);
+        None without RoPE."""
+        with torch.no_grad():
+            block_args = self.model.packed_block_args(packing, self.device)
+            if self._per_block_rope:
+                return torch.stack([args[0] for args in block_args])
+            first = next(iter(block_args))
+        return first[0] if first else None
 
     def _padded_rope(self, rope: torch.Tensor | None, budget: int) -> torch.Tensor | None:
-        """``rope`` [T - prefix, 2·D] followed by identity rows (sin 0, cos 1) up to [budget - prefix, 2·D]: the
-        padding sequence's tokens, never read by a real image."""
+        """``rope`` [..., T - prefix, 2·D] followed by identity rows (sin 0, cos 1) up to [..., budget - prefix, 2·D]:
+        the padding sequence's tokens, never read by a real image."""
         if rope is None:
             return None
-        padding = budget - self.model.num_prefix_tokens - rope.shape[0]
-        half = rope.shape[-1] // 2
-        return torch.cat([rope, torch.cat([rope.new_zeros(padding, half), rope.new_ones(padding, half)], dim=-1)])
+        shape = (*rope.shape[:-2], budget - self.model.num_prefix_tokens - rope.shape[-2], rope.shape[-1] // 2)
+        return torch.cat([rope, torch.cat([rope.new_zeros(shape), rope.new_ones(shape)], dim=-1)], dim=-2)
 
     def _embed_dtype(self) -> torch.dtype:
         """The dtype of the embedded tokens (the residual stream) under the session's autocast."""
@@ -316,7 +322,7 @@ class PackedInferenceSession:
         packing = PackedSequences.from_lengths([budget] + [0] * self.max_images, device=self.device)
         static_cu = packing.cu_seqlens
         probe = self._rope(ImagePacking.from_grids([(1, 1)], self.model.num_prefix_tokens, self.device))
-        static_rope = self._padded_rope(None if probe is None else probe[:0], budget)  # identity rows to start with
+        static_rope = self._padded_rope(None if probe is None else probe[..., :0, :], budget)  # identity rows
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream), torch.no_grad(), self._autocast():
             for _ in range(self.warmup):

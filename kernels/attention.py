@@ -546,6 +546,27 @@ def _store_norm_grad(
 
 
 @triton.jit
+def _store_rope_grad(
+    g, x, rows, rows_valid, offs_d, RopeGrad, stride_rg_n, NUM_PREFIX, W, Bias, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    """The RoPE table's gradient at this tile's rows (past the prefix): with n = norm(x) and y = n·cos + sign·n[p]·sin,
+    dsin = g·sign·n[p] and dcos = g·n, stored fp32 into this (batch or sequence, head)'s [rows, 2·D] slab of
+    ``RopeGrad`` (``g``: the gradient w.r.t. y). Every row is one program's: the host sums the slabs."""
+    n = x.to(tl.float32)
+    if NORM != 0:
+        _, _, xhat = _norm_stats(n, offs_d, eps, HEAD_DIM, BLOCK_D, NORM)
+        n = _norm_apply(xhat, W, Bias, offs_d, HEAD_DIM, NORM)
+    partner, sign = _rope_partner(offs_d, HEAD_DIM, ROPE)
+    n_partner = tl.gather(n, tl.broadcast_to(partner[None, :], n.shape), 1)
+    table_rows = rows - NUM_PREFIX
+    keep = (rows_valid & (table_rows >= 0))[:, None] & (offs_d[None, :] < HEAD_DIM)
+    ptrs = RopeGrad + table_rows.to(tl.int64)[:, None] * stride_rg_n + offs_d[None, :]
+    tl.store(ptrs, g * sign[None, :] * n_partner, mask=keep)
+    tl.store(ptrs + HEAD_DIM, g * n, mask=keep)
+
+
+@triton.jit
 def _prologue_grad(
     g,  # [ROWS, BLOCK_D] fp32: gradient w.r.t. the tile _prologue returned
     x_ptrs,  # [ROWS, BLOCK_D] pointers to the raw tile
@@ -569,10 +590,18 @@ def _prologue_grad(
     VARLEN: tl.constexpr,
     ROPE: tl.constexpr,
     NORM: tl.constexpr,
+    RopeGrad=None,  # this program's slab of the RoPE table's gradient (ROPE_GRAD only; see _store_rope_grad)
+    stride_rg_n=0,
+    ROPE_GRAD: tl.constexpr = False,
 ):
     """A backward kernel's end of the prologue: the gradient w.r.t. the raw tile (reloaded here), with the norm's
-    weight and bias gradient partials stored."""
+    weight and bias gradient partials stored (and with ROPE_GRAD the table's gradient)."""
     x = _load_tile(x_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, True)
+    if ROPE_GRAD:
+        _store_rope_grad(
+            g, x, start + offs, rows_valid, offs_d, RopeGrad, stride_rg_n, NUM_PREFIX, W, Bias, eps,
+            HEAD_DIM, BLOCK_D, ROPE, NORM,
+        )  # fmt: skip
     g, dw, db = _prologue_backward(
         g, x, start + offs, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, W, Bias, eps, HEAD_DIM, BLOCK_D, ROPE,
         NORM,
@@ -970,6 +999,8 @@ def attn_bwd_dkdv_kernel(
     INPUT_PRECISION: tl.constexpr,
     # The prologue, varlen, key-mask and head-dim-piece arguments are attn_fwd_kernel's (described there).
     Rope=None, stride_rope_n=0, stride_rope_h=0, NUM_PREFIX=0, QW=None, QB=None, q_eps=0.0, KW=None, KB=None, k_eps=0.0,
+    # ROPE_GRAD: the table's gradient into RopeGrad [B, H, rows, 2·HEAD_DIM] fp32 (packed: [1, H, T - NUM_PREFIX, ..])
+    RopeGrad=None, stride_rg_b=0, stride_rg_h=0, stride_rg_n=0, ROPE_GRAD: tl.constexpr = False,
     NormGrad=None,  # [B·H, cdiv(N_KV, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: k norm weight / bias gradient partials
     ROPE: tl.constexpr = 0, Q_NORM: tl.constexpr = 0, K_NORM: tl.constexpr = 0,
     Cu_seqlens=None, max_seqlen=None, VARLEN: tl.constexpr = False,
@@ -1058,9 +1089,12 @@ def attn_bwd_dkdv_kernel(
 
     dk *= sm_scale
     if ROPE != 0 or K_NORM != 0:  # dk is the gradient w.r.t. the prologue's k: back to the raw k
+        if ROPE_GRAD:
+            RopeGrad += b * stride_rg_b + h * stride_rg_h + seq_start * stride_rg_n
         dk = _prologue_grad(
             dk, k_ptrs, start_n, offs_n, keys_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps,
             NormGrad, seq * H + h, N_KV, max_seqlen, HEAD_DIM, BLOCK_D, BLOCK_N, VARLEN, ROPE, K_NORM,
+            RopeGrad, stride_rg_n, ROPE_GRAD,
         )  # fmt: skip
     dk_rows, dk_ptrs = _block_rows(DK, b, h, start_n, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
     dv_rows, dv_ptrs = _block_rows(DV, b, h, start_n, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
@@ -1146,6 +1180,8 @@ def attn_bwd_dq_kernel(
     INPUT_PRECISION: tl.constexpr,
     # The prologue, varlen, key-mask and head-dim-piece arguments are attn_fwd_kernel's (described there).
     Rope=None, stride_rope_n=0, stride_rope_h=0, NUM_PREFIX=0, QW=None, QB=None, q_eps=0.0, KW=None, KB=None, k_eps=0.0,
+    # ROPE_GRAD: the table's gradient into RopeGrad [B, H, rows, 2·HEAD_DIM] fp32 (packed: [1, H, T - NUM_PREFIX, ..])
+    RopeGrad=None, stride_rg_b=0, stride_rg_h=0, stride_rg_n=0, ROPE_GRAD: tl.constexpr = False,
     NormGrad=None,  # [B·H, cdiv(N_Q, NORM_GRAD_ROWS), 2, HEAD_DIM] fp32: q norm weight / bias gradient partials
     ROPE: tl.constexpr = 0, Q_NORM: tl.constexpr = 0, K_NORM: tl.constexpr = 0,
     Cu_seqlens=None, max_seqlen=None, VARLEN: tl.constexpr = False,
@@ -1226,9 +1262,12 @@ def attn_bwd_dq_kernel(
 
     dq *= sm_scale
     if ROPE != 0 or Q_NORM != 0:  # dq is the gradient w.r.t. the prologue's q: back to the raw q
+        if ROPE_GRAD:
+            RopeGrad += b * stride_rg_b + h * stride_rg_h + seq_start * stride_rg_n
         dq = _prologue_grad(
             dq, q_ptrs, start_m, offs_m, rows_valid, offs_d, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps,
             NormGrad, seq * H + h, N_Q, max_seqlen, HEAD_DIM, BLOCK_D, BLOCK_M, VARLEN, ROPE, Q_NORM,
+            RopeGrad, stride_rg_n, ROPE_GRAD,
         )  # fmt: skip
     dq_rows, dq_ptrs = _block_rows(DQ, b, h, start_m, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
     _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), rows_valid, offs_d, HEAD_DIM, BLOCK_D)

@@ -282,9 +282,10 @@ from triton.compiler import ASTSource
 from fastvit.kernels import attention as K
 
 POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
-FP32_POINTERS = {"Lse", "Delta", "Rope", "QW", "QB", "KW", "KB", "NormGrad"}
-PLAIN = dict(ROPE=0, Q_NORM=0, K_NORM=0, **dict.fromkeys(FP32_POINTERS - {"Lse", "Delta"}))  # the defaults
-for prologue, archs in ((PLAIN, (80, 90)), (dict(ROPE=2, Q_NORM=1, K_NORM=2), (90,))):
+FP32_POINTERS = {"Lse", "Delta", "Rope", "QW", "QB", "KW", "KB", "NormGrad", "RopeGrad"}
+PLAIN = dict(ROPE=0, Q_NORM=0, K_NORM=0, ROPE_GRAD=False, **dict.fromkeys(FP32_POINTERS - {"Lse", "Delta"}))  # defaults
+# With the prologue the backward kernels also store a learned table's gradient (ROPE_GRAD).
+for prologue, archs in ((PLAIN, (80, 90)), (dict(ROPE=2, Q_NORM=1, K_NORM=2, ROPE_GRAD=True), (90,))):
   for kind, fn, (block_m, block_n, warps, stages) in [
     ("fwd", K.attn_fwd_kernel, K.autotune_configs("fwd", 80, 128, 2, prologue["ROPE"] != 0)[0]),
     ("dkdv", K.attn_bwd_dkdv_kernel, K.autotune_configs("dkdv", 80, 128, 2, prologue["ROPE"] != 0)[0]),

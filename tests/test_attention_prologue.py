@@ -19,7 +19,7 @@ from fastvit.ops import QKNorm
 from fastvit.ops.attention import attention_call
 from fastvit.ops.triton import attention as attention_triton
 
-from utils import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
+from utils import DEVICE, assert_within_torch_error, check_table_gradient, needs_cuda, triton_skip_reason
 
 if triton_skip_reason() is not None:
     pytest.skip(triton_skip_reason(), allow_module_level=True)
@@ -384,18 +384,6 @@ def test_unfusable_qk_norm_module_runs_the_module_path_and_says_why():
     assert "qkv_attention" in report[1]["attn"].backends
 
 
-def test_rope_mixed_learned_tables_keep_the_module_path_with_their_gradient():
-    # RoPE-Mixed: per-head tables built from learned frequencies; the prologue takes one shared, gradient-free table.
-    torch.manual_seed(0)
-    size = dict(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=3)
-    model = fastvit.Eva(**size, use_rot_pos_emb=True, rope_type="mixed").to(DEVICE)
-    _set_attention_backend(model, "triton")
-    report = model.fusion_report(DEVICE)
-    assert "attention" in report[0]["attn"].backends and "RoPE-Mixed" in " ".join(report[0]["attn"].why_not)
-    model(torch.randn(1, 3, 32, 32, device=DEVICE)).sum().backward()
-    assert model.rope.freqs.grad is not None and model.rope.freqs.grad.abs().sum() > 0
-
-
 @FP32_FP16
 @pytest.mark.parametrize("layout", ["interleaved", "half"])
 def test_per_head_rope_tables_with_prefix_tokens(layout, dtype):
@@ -407,42 +395,59 @@ def test_per_head_rope_tables_with_prefix_tokens(layout, dtype):
     _check(qkv, heads, rope=rope, prefix=prefix, layout=layout, q_kind="rms", name=f"per-head {layout}")
 
 
-def test_per_head_tables_are_checked_and_a_learned_table_is_not_given_to_the_kernels():
+def test_per_head_tables_are_checked():
     qkv = _qkv(1, 9, 2, 32, torch.float32)
     with pytest.raises(ValueError, match=r"\[num_heads, N - num_prefix_tokens, 2 \* head_dim\] = \[2, 9, 64\]"):
         ops.qkv_attention(qkv, 2, rope=torch.zeros(3, 9, 64, device=DEVICE), backend="torch")
-    with pytest.raises(ValueError, match="rope must have 2 dimensions"):  # the varlen op: one shared table
+    with pytest.raises(ValueError, match=r"= \[2, 9, 64\]"):  # the varlen op: [H, T - prefix, 2*D]
         cu_seqlens = torch.tensor([0, 9], dtype=torch.int32, device=DEVICE)
-        ops.varlen_qkv_attention(qkv[0], cu_seqlens, 9, 2, rope=torch.zeros(2, 9, 64, device=DEVICE))
-    learned = torch.zeros(2, 9, 64, device=DEVICE, requires_grad=True)
-    with pytest.raises(ValueError, match="requires grad"):
-        ops.qkv_attention(qkv, 2, rope=learned, backend="triton")
-    out = ops.qkv_attention(qkv, 2, rope=learned, backend="auto")  # the torch backend: the table's gradient flows
-    out.sum().backward()
-    assert learned.grad is not None
-    with torch.no_grad():  # no gradient recorded: the kernels may take it
-        call = attention_call(qkv.device, qkv.dtype, 32, prologue=("rope:interleaved", "rope:per_head"))
-        assert attention_triton.supports(call) is None
+        ops.varlen_qkv_attention(qkv[0], cu_seqlens, 9, 2, rope=torch.zeros(2, 8, 64, device=DEVICE))
 
 
-def test_rope_mixed_model_under_no_grad_runs_the_prologue_kernel():
-    # Inference (no gradient recorded): RoPE-Mixed's per-head tables are the kernel's prologue, equal to the module
-    # path; the fusion report says so under no_grad and names the learned tables otherwise.
+@FP32_FP16
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+def test_a_learned_table_gets_its_gradient_from_the_kernels(layout, per_head, dtype):
+    # RoPE-Mixed trains its tables: the backward kernels store dsin = g·sign·n[p], dcos = g·n per row (q and k both),
+    # summed over the batch (and the heads for a shared table); prefix rows have no table row.
+    heads, tokens, head_dim, prefix = 2, 23, 32, 1
+    table = _table(tokens - prefix, head_dim, layout)
+    table = torch.stack([table, table.flip(0)]) if per_head else table
+    norm = QKNorm(torch.linspace(0.5, 1.5, head_dim, device=DEVICE), None, 1e-6, "rms")
+
+    def run(backend, x, t):
+        fn = reference.qkv_attention if backend is None else lambda *a, **k: ops.qkv_attention(*a, backend=backend, **k)
+        q_norm = norm._replace(weight=norm.weight.to(x.dtype))
+        return fn(x, heads, rope=t.to(x.dtype), num_prefix_tokens=prefix, rope_layout=layout, q_norm=q_norm)
+
+    qkv = _qkv(2, tokens, heads, head_dim, dtype)
+    check_table_gradient(f"{layout} {'per-head' if per_head else 'shared'}", run, qkv, table)
+
+
+def test_rope_mixed_model_trains_and_infers_on_the_prologue_kernel():
+    # RoPE-Mixed: per-head tables built from learned frequencies (rope.freqs), the prologue's input with their
+    # gradient; the model on triton equals its torch path in logits and every gradient, freqs included.
     torch.manual_seed(0)
     size = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=3)
-    model = fastvit.Eva(**size, use_rot_pos_emb=True, rope_type="mixed").to(DEVICE).eval()
+    model = fastvit.Eva(**size, use_rot_pos_emb=True, rope_type="mixed").to(DEVICE)
     with torch.no_grad():
         torch.nn.init.normal_(model.rope.freqs, 0.0, 1.0)  # per-head angles far from the initial ones
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    logits = {}
+    results = {}
     for backend in ("torch", "triton"):
         _set_attention_backend(model, backend)
-        with torch.no_grad():
-            logits[backend] = model(images)
-    torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-5, rtol=1e-4)
-    assert "RoPE-Mixed" in " ".join(model.fusion_report(DEVICE)[0]["attn"].why_not)
-    with torch.no_grad():
-        report = model.fusion_report(DEVICE)
+        model.zero_grad(set_to_none=True)
+        logits = model(images)
+        logits.square().sum().backward()
+        results[backend] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (want, want_grads), (got, got_grads) = results["torch"], results["triton"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert want_grads["rope.freqs"].abs().sum() > 0
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    with torch.inference_mode():  # inference: the same kernel, the table without a gradient
+        torch.testing.assert_close(model.eval()(images), want, atol=1e-5, rtol=1e-4)
+    report = model.fusion_report(DEVICE)
     assert report[0]["attn"].backends["qkv_attention"] == "triton", str(report)
     assert not any("RoPE" in reason for reason in report[0]["attn"].why_not), str(report)
 

@@ -20,7 +20,7 @@ from fastvit.ops import QKNorm
 from fastvit.ops.attention import attention_call
 from fastvit.ops.triton import attention as attention_triton
 
-from utils import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
+from utils import DEVICE, assert_within_torch_error, check_table_gradient, needs_cuda, triton_skip_reason
 
 needs_triton = pytest.mark.skipif(triton_skip_reason() is not None, reason=str(triton_skip_reason()))
 FP32_FP16 = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -121,12 +121,17 @@ def _torch_backend(*args, **kwargs):
     return ops.qkv_attention(*args, backend="torch", **kwargs)
 
 
-def _check_packed(name, backend, qkv, lengths, prefix, layout, norm_kinds, rope=True, heads=HEADS):
+def _check_packed(name, backend, qkv, lengths, prefix, layout, norm_kinds, rope=True, heads=HEADS, per_head=False):
     """``backend`` on the packed batch vs the per-sequence fp64 spec on out, grad qkv and the norm gradients, bounded
-    by the error of PyTorch in qkv's dtype (the torch backend's ``qkv_attention`` of each sequence alone)."""
+    by the error of PyTorch in qkv's dtype (the torch backend's ``qkv_attention`` of each sequence alone).
+    ``per_head``: one table per head (RoPE-Mixed's form; heads 2: the first head's rows reversed)."""
     cu_seqlens, max_seqlen, head_dim = _cu_seqlens(lengths), max(lengths), qkv.shape[-1] // (3 * heads)
     tables = _sequence_tables(lengths, prefix, head_dim=head_dim) if rope else [None] * len(lengths)
     packed = _packed_table(lengths, prefix, tables, head_dim).float() if rope else None
+    if per_head:
+        second = [None if t is None else t.flip(0) for t in tables]
+        packed = torch.stack([packed, _packed_table(lengths, prefix, second, head_dim).float()])
+        tables = [None if t is None else torch.stack([t, u]) for t, u in zip(tables, second)]
     norms = _norms(norm_kinds, qkv.dtype, head_dim=head_dim)
 
     def packed_call(backend_name):
@@ -195,6 +200,48 @@ def test_torch_backend_varlen_prologue_equals_each_sequence_alone(compiling, dty
     if compiling:
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     _check_packed("torch", "torch", qkv, LENGTHS, 1, "half", ("layer", "rms"))
+
+
+@pytest.mark.parametrize(
+    "backend, compiling", [("triton", False), ("torch", False), ("torch", True)], ids=["triton", "torch", "padded"]
+)
+def test_varlen_per_head_tables(backend, compiling, monkeypatch):
+    # RoPE-Mixed's per-head tables under a packing: the kernels' per-head shift and the torch backend's two paths.
+    if backend == "triton" and triton_skip_reason() is not None:
+        pytest.skip(triton_skip_reason())
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    qkv = _qkv(sum(LENGTHS), torch.float32, seed=6)
+    _check_packed(f"{backend} per-head", backend, qkv, LENGTHS, 1, "half", ("rms", None), per_head=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
+def test_varlen_learned_table_gets_its_gradient(per_head):
+    # The packed table's gradient: each sequence's rows from its own tokens, none at later sequences' prefix rows.
+    prefix, cu_seqlens, max_seqlen = 1, _cu_seqlens(LENGTHS), max(LENGTHS)
+    table = _packed_table(LENGTHS, prefix, _sequence_tables(LENGTHS, prefix)).float()
+    table = torch.stack([table, table.flip(0)]) if per_head else table
+
+    def run(backend, x, t):
+        if backend is None:
+            return reference.varlen_qkv_attention(
+                x, cu_seqlens, HEADS, rope=t, num_prefix_tokens=prefix, rope_layout="half"
+            )
+        return ops.varlen_qkv_attention(
+            x,
+            cu_seqlens,
+            max_seqlen,
+            HEADS,
+            rope=t.to(x.dtype),
+            num_prefix_tokens=prefix,
+            rope_layout="half",
+            backend=backend,
+        )
+
+    check_table_gradient(
+        f"varlen {'per-head' if per_head else 'shared'}", run, _qkv(sum(LENGTHS), torch.float32), table
+    )
 
 
 def test_reference_varlen_prologue_is_each_sequence_alone():

@@ -112,8 +112,9 @@ def test_packed_attention_on_the_triton_varlen_kernel():
     [
         dict(use_rot_pos_emb=True, num_reg_tokens=2, qk_norm=True),
         dict(use_rot_pos_emb=True, rope_type="dinov3", rope_rotate_half=True, global_pool="avg"),
+        dict(use_rot_pos_emb=True, rope_type="mixed", use_abs_pos_emb=False),  # per-head tables (no_grad only)
     ],
-    ids=["interleaved+qk_norm+registers", "rotate_half"],
+    ids=["interleaved+qk_norm+registers", "rotate_half", "rope_mixed"],
 )
 def test_eva_packed_attention_runs_the_varlen_kernel_with_its_prologue(case, monkeypatch):
     """Eva's packed blocks: one ``ops.varlen_qkv_attention`` per block on the Triton kernel with RoPE (the packed
@@ -476,6 +477,7 @@ def test_packed_inference_session_bad_arguments(make, error, match):
 ROPE_SESSION_MODELS = {
     "cat_class_token": dict(),
     "rotate_half_registers_qk_norm": dict(rope_rotate_half=True, num_reg_tokens=2, qk_norm=True, global_pool="avg"),
+    "rope_mixed": dict(rope_type="mixed", use_abs_pos_emb=False),  # per-block, per-head tables
 }
 
 
@@ -509,9 +511,7 @@ def test_packed_inference_session_serves_rope_models_equal_to_forward_packed(bac
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_packed_inference_session_refuses_rope_mixed_and_budgets_without_room_for_an_image():
-    with pytest.raises(ValueError, match="RoPE-Mixed"):
-        PackedInferenceSession(_rope_session_model("torch", rope_type="mixed"), token_budgets=64)
+def test_packed_inference_session_refuses_budgets_without_room_for_an_image():
     with pytest.raises(ValueError, match=r"token_budgets must each exceed num_prefix_tokens=3"):
         PackedInferenceSession(_rope_session_model("torch", num_reg_tokens=2), token_budgets=[64, 3])
 

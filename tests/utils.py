@@ -12,7 +12,10 @@ import os
 import pytest
 import torch
 
-from fastvit.accuracy import assert_within_torch_error  # noqa: F401  (the rule lives in the package: selftest uses it)
+from fastvit.accuracy import (
+    assert_within_torch_error,
+    rounding_floor,
+)  # the rule lives in the package: selftest uses it
 
 # Plain comparisons (e.g. fastvit vs timm running the same math in the same dtype).
 DTYPE_TOLS = {
@@ -76,3 +79,20 @@ FUSED = {
     "ln_mlp": "cuda",
 }
 TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)
+
+
+def check_table_gradient(name, run, qkv, table) -> None:
+    """A learned RoPE table's attention: ``run(backend, qkv, table)`` -> out (backend None: the fp64 spec). Out, grad
+    qkv and grad table of the triton backend vs the fp64 spec, bounded by the torch backend's error in qkv's dtype
+    (the table itself float32, as the models keep it)."""
+    results = {}
+    for backend in ("triton", "torch", None):
+        dtype = torch.float64 if backend is None else qkv.dtype
+        x = qkv.detach().to(dtype).requires_grad_(True)
+        t = table.detach().to(torch.float64 if backend is None else torch.float32).requires_grad_(True)
+        out = run(backend, x, t)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        results[backend] = (out.detach(), *torch.autograd.grad(out, (x, t), weights.to(out)))
+    for label, mine, theirs, ref in zip(("out", "dqkv", "dtable"), *results.values()):
+        assert mine.shape == ref.shape and torch.isfinite(mine).all(), (name, label)
+        assert_within_torch_error(f"{name} {label}", mine, theirs, ref, floor=rounding_floor(ref, mine.dtype))

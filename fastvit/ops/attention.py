@@ -60,9 +60,6 @@ class QKNorm(NamedTuple):
     kind: str = "layer"
 
 
-ROPE_NEEDS_GRAD = "rope:grad"  # a prologue part: the RoPE table is learned (autograd records its gradient)
-
-
 class AttentionPrologue(NamedTuple):
     """What ``qkv_attention`` applies to q and k before the attention (checked): norms, then RoPE."""
 
@@ -79,8 +76,6 @@ class AttentionPrologue(NamedTuple):
             parts.append(f"rope:{'half' if self.rotate_half else 'interleaved'}")
             if self.rope.ndim == 3:
                 parts.append("rope:per_head")
-            if self.rope.requires_grad and torch.is_grad_enabled():
-                parts.append(ROPE_NEEDS_GRAD)
         parts += [f"{name}:{norm.kind}" for name, norm in (("q_norm", self.q_norm), ("k_norm", self.k_norm)) if norm]
         return tuple(parts)
 
@@ -140,9 +135,8 @@ def qkv_attention(
         backend: 'auto' | 'triton' | 'torch' (the backends implementing it); None = the process default.
         rope: [N - T, 2*D] floating table cat(sin, cos) (``fastvit.eva.rope_table``), T = ``num_prefix_tokens``:
             token T + i of q and k is rotated by row i, ``x*cos + rot(x)*sin`` per channel; or [H, N - T, 2*D], one
-            table per head (RoPE-Mixed's, ``fastvit.eva.mixed_rope_tables``); None: no RoPE. The ``triton`` backend
-            gives the table no gradient: ``auto`` runs a table that requires grad on ``torch``, and an explicit
-            ``triton`` refuses it.
+            table per head (RoPE-Mixed's, ``fastvit.eva.mixed_rope_tables``); None: no RoPE. A table that requires grad
+            (a learned one, e.g. RoPE-Mixed's) gets its gradient from the kernels too.
         num_prefix_tokens: T, the leading (class / register) tokens left unrotated; only with ``rope``.
         rope_layout: how ``rot`` pairs the channels: 'interleaved' (2i, 2i+1) -> (-x[2i+1], x[2i]) (EVA02) or
             'half' (i, i + D/2) -> (-x[i + D/2], x[i]) (DINOv3, timm's RoPE ViTs). D must be even.

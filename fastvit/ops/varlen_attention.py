@@ -55,7 +55,8 @@ def varlen_qkv_attention(
             packed token g, if it is not among its sequence's first ``num_prefix_tokens``, is rotated by row
             g - num_prefix_tokens (so sequence b's own table is rows ``cu_seqlens[b]:cu_seqlens[b + 1] -
             num_prefix_tokens``; the rows at later sequences' prefix tokens are not read: ``packed_rope_table`` puts
-            identity rows there). None: no RoPE. No gradient for it on the ``triton`` backend.
+            identity rows there); or one such table per head, [H, T - num_prefix_tokens, 2*D] (RoPE-Mixed). None: no
+            RoPE. A table that requires grad gets its gradient (see ``qkv_attention``).
         num_prefix_tokens: the leading (class / register) tokens of every sequence, left unrotated; only with
             ``rope``.
         rope_layout, q_norm, k_norm: as ``qkv_attention``'s (the norms apply to every token).
@@ -80,7 +81,9 @@ def varlen_qkv_attention(
         check_cu_seqlens(cu_seqlens, qkv.shape[0], max_seqlen)
     scale = check_scale(scale)
     tokens = qkv.shape[0]
-    prologue = _check_prologue(qkv, tokens, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm)
+    prologue = _check_prologue(
+        qkv, tokens, head_dim, rope, num_prefix_tokens, rope_layout, q_norm, k_norm, num_heads=num_heads
+    )
     parts = prologue.describe() if prologue is not None else ()
     call = attention_call(qkv.device, qkv.dtype, head_dim, prologue=parts)
     fn = dispatch.select("varlen_qkv_attention", backend, call)
@@ -121,17 +124,18 @@ def _varlen_qkv_attention_torch(qkv, cu_seqlens, max_seqlen, num_heads, scale, p
 
 
 def _token_rope_table(rope, cu_seqlens, num_prefix_tokens, tokens):
-    """The packed table [T - P, 2*D] -> one row per packed token [T, 2*D]: token g's row g - P, identity (sin 0,
-    cos 1) for each sequence's first P tokens, whatever the packed table holds there (on the device, no sync)."""
+    """The packed table [..., T - P, 2*D] (per head: [H, T - P, 2*D]) -> one row per packed token [..., T, 2*D]:
+    token g's row g - P, identity (sin 0, cos 1) for each sequence's first P tokens, whatever the packed table holds
+    there (on the device, no sync)."""
     half = rope.shape[-1] // 2
     identity = torch.cat([rope.new_zeros(half), rope.new_ones(half)])
-    if rope.shape[0] == 0:  # every token is a prefix token
-        return identity.expand(tokens, -1)
+    if rope.shape[-2] == 0:  # every token is a prefix token
+        return identity.expand(*rope.shape[:-2], tokens, -1)
     token = torch.arange(tokens, device=rope.device)
     bounds = cu_seqlens.long()
     sequence = torch.searchsorted(bounds[1:], token, right=True)  # the sequence of each token
     rotated = (token - bounds[sequence]) >= num_prefix_tokens
-    rows = rope[(token - num_prefix_tokens).clamp(min=0)]
+    rows = rope[..., (token - num_prefix_tokens).clamp(min=0), :]
     return torch.where(rotated[:, None], rows, identity)
 
 
@@ -139,7 +143,7 @@ def _sequence_prologue(prologue: AttentionPrologue | None, start, end) -> Attent
     """The prologue of tokens start:end of a per-token prologue (a ``_token_rope_table`` table, no prefix)."""
     if prologue is None or prologue.rope is None:
         return prologue
-    return prologue._replace(rope=prologue.rope[start:end])
+    return prologue._replace(rope=prologue.rope[..., start:end, :])
 
 
 def _varlen_per_sequence(qkv, cu_seqlens, num_heads, scale, prologue=None):
@@ -162,8 +166,9 @@ def _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale, prologue=None)
     positions = torch.arange(max_seqlen, device=qkv.device)
     gather = (starts[:, None] + positions).clamp(max=tokens - 1)  # [B, L]; padding rows: any token
     padded = qkv[gather]  # [B, L, 3*C]
-    if prologue is not None and prologue.rope is not None:  # per-token rows, gathered as the tokens: [B, 1, L, 2*D]
-        prologue = prologue._replace(rope=prologue.rope[gather][:, None])
+    if prologue is not None and prologue.rope is not None:  # per-token rows, gathered as the tokens: [B, 1|H, L, 2*D]
+        rows = prologue.rope[..., gather, :]  # [B, L, 2*D], or [H, B, L, 2*D] per head
+        prologue = prologue._replace(rope=rows[:, None] if rows.ndim == 3 else rows.transpose(0, 1))
     # An empty sequence keeps one (padding) key, so that no row of SDPA is fully masked (NaN there would reach the
     # gradient through 0 * NaN); padding rows are dropped below and get no gradient.
     keep = (positions < lengths.clamp(min=1)[:, None])[:, None, None, :]  # [B, 1, 1, L]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastvit import dispatch
-from fastvit.ops.attention import ROPE_NEEDS_GRAD, AttentionCall, AttentionPrologue
+from fastvit.ops.attention import AttentionCall, AttentionPrologue
 from fastvit.ops.autograd import no_double_backward
 from fastvit.ops.triton.attention_launch import (  # noqa: F401  (candidate_configs, forced_configs: selftest, tests)
     PackedLayout,
@@ -61,8 +61,6 @@ def supports(call: AttentionCall) -> str | None:
         return f"the Triton kernels take head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim={call.head_dim}"
     if call.v_head_dim != call.head_dim:
         return f"the Triton kernels need v's head dim to equal q's ({call.head_dim}), got {call.v_head_dim}"
-    if ROPE_NEEDS_GRAD in call.prologue:
-        return "the RoPE table requires grad (a learned table, e.g. RoPE-Mixed's): the Triton kernels give it none"
     return dispatch.kernel_dtype_reason("triton", call.device, (call.dtype,))
 
 
@@ -134,8 +132,8 @@ _PROLOGUE = (
 _LAYOUT = "Tensor? cu_seqlens=None, int max_seqlen=0, Tensor? key_padding_mask=None"
 _QKV_PROLOGUE_FWD = f"(Tensor qkv, int num_heads, float scale, {_PROLOGUE}, {_LAYOUT}) -> (Tensor, Tensor)"
 _QKV_PROLOGUE_BWD = (
-    f"(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, {_PROLOGUE}, {_LAYOUT}) "
-    "-> (Tensor, Tensor, Tensor)"
+    f"(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, {_PROLOGUE}, {_LAYOUT}, *, "
+    "bool rope_grad=False) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _FWD = "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)"
 _BWD = (
@@ -197,7 +195,8 @@ _qkv_attention_fwd.register_autograd(_qkv_attention_backward, setup_context=_qkv
 
 # The prologue variant: the same kernels with qk-norm / RoPE switched on, on [B, N, 3*C] (optionally with a key-padding
 # mask) or on packed sequences [T, 3*C] (cu_seqlens; out [T, C], lse [H, T]). The backward also returns the q and k
-# norm gradients as [2, D] fp32 (weight row, bias row; [0, D] without that norm).
+# norm gradients as [2, D] fp32 (weight row, bias row; [0, D] without that norm) and, with rope_grad (a learned table,
+# e.g. RoPE-Mixed's), the table's gradient in the table's shape, fp32 ([0] without).
 
 
 @torch.library.custom_op("fastvit::qkv_attention_prologue_fwd", mutates_args=(), schema=_QKV_PROLOGUE_FWD)
@@ -223,7 +222,7 @@ def _norm_grad_shape(kind, qkv, num_heads) -> tuple[int, int]:
 
 
 @torch.library.custom_op("fastvit::qkv_attention_prologue_bwd", mutates_args=(), schema=_QKV_PROLOGUE_BWD)
-def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *args):
+def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *args, rope_grad=False):
     prologue, layout = _prologue_op_args(args)
     batched = _as_batched(qkv)
     batch, tokens, _ = batched.shape
@@ -238,6 +237,10 @@ def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *args
         else None
         for name, kind in (("q", prologue.q_norm), ("k", prologue.k_norm))
     }
+    table_grads = [None, None]  # through q, through k: [B, H, rows, 2*D] each (packed: B = 1), every row one program's
+    if rope_grad and prologue.rope is not None:
+        shape = (batch, num_heads, prologue.rope.shape[-2], prologue.rope.shape[-1])
+        table_grads = [torch.zeros(shape, dtype=torch.float32, device=qkv.device) for _ in range(2)]
     _attention_backward(
         _heads_view(_as_batched(grad_out), num_heads),
         *_split_qkv(batched, num_heads),
@@ -250,22 +253,29 @@ def _qkv_attention_prologue_bwd(grad_out, qkv, out, lse, num_heads, scale, *args
         partials["k"],
         layout.varlen,
         layout.key_padding_mask,
+        *table_grads,
     )
     norm_grads = (
         p.sum(dim=(0, 1)) if p is not None else qkv.new_zeros((0, head_dim), dtype=torch.float32)
         for p in partials.values()
     )
-    return grad_qkv, *norm_grads
+    table_grad = qkv.new_zeros(0, dtype=torch.float32)
+    if table_grads[0] is not None:
+        table_grad = (table_grads[0] + table_grads[1]).sum(0)  # [H, rows, 2*D]
+        table_grad = table_grad if prologue.rope.dim() == 3 else table_grad.sum(0)  # a table shared by the heads
+    return grad_qkv, *norm_grads, table_grad
 
 
 @_qkv_attention_prologue_bwd.register_fake
-def _(grad_out, qkv, out, lse, num_heads, scale, *args):
+def _(grad_out, qkv, out, lse, num_heads, scale, *args, rope_grad=False):
     prologue, _ = _prologue_op_args(args)
     q_shape, k_shape = (_norm_grad_shape(kind, qkv, num_heads) for kind in (prologue.q_norm, prologue.k_norm))
+    table_shape = prologue.rope.shape if rope_grad and prologue.rope is not None else (0,)
     return (
         qkv.new_empty(qkv.shape),
         qkv.new_empty(q_shape, dtype=torch.float32),
         qkv.new_empty(k_shape, dtype=torch.float32),
+        qkv.new_empty(table_shape, dtype=torch.float32),
     )
 
 
@@ -284,8 +294,9 @@ def _qkv_attention_prologue_backward(ctx, grad_out, _grad_lse):
     qkv, out, lse, *tensors, cu_seqlens, key_padding_mask = ctx.saved_tensors
     prologue = ctx.prologue.with_tensors(*tensors)
     layout = PackedLayout(cu_seqlens, ctx.max_seqlen, key_padding_mask)
-    grad_qkv, q_grads, k_grads = torch.ops.fastvit.qkv_attention_prologue_bwd(
-        grad_out, qkv, out, lse, ctx.num_heads, ctx.scale, *prologue, *layout
+    wants_table_grad = prologue.rope is not None and ctx.needs_input_grad[3]
+    grad_qkv, q_grads, k_grads, table_grad = torch.ops.fastvit.qkv_attention_prologue_bwd(
+        grad_out, qkv, out, lse, ctx.num_heads, ctx.scale, *prologue, *layout, rope_grad=wants_table_grad
     )
     grads = []
     for norm_grads, weight, bias in (
@@ -295,10 +306,10 @@ def _qkv_attention_prologue_backward(ctx, grad_out, _grad_lse):
         grads.append(None if weight is None else norm_grads[0].to(weight.dtype))
         grads.append(None if bias is None else norm_grads[1].to(bias.dtype))
     q_weight_grad, q_bias_grad, k_weight_grad, k_bias_grad = grads
+    table_grad = table_grad.to(prologue.rope.dtype) if wants_table_grad else None  # a learned table only
     # Gradients for (qkv, num_heads, scale, rope, num_prefix_tokens, rotate_half, q_norm, q_weight, q_bias, q_eps,
-    # k_norm, k_weight, k_bias, k_eps, then the layout's arguments the caller passed): none for the table (a function
-    # of positions only), nor for the layout.
-    grads = (grad_qkv, None, None, None, None, None, None, q_weight_grad, q_bias_grad, None, None,
+    # k_norm, k_weight, k_bias, k_eps, then the layout's arguments the caller passed): none for the layout.
+    grads = (grad_qkv, None, None, table_grad, None, None, None, q_weight_grad, q_bias_grad, None, None,
              k_weight_grad, k_bias_grad, None)  # fmt: skip
     return grads + (None,) * (ctx.num_inputs - len(grads))
 

@@ -276,10 +276,14 @@ def _attention_backward(
     k_norm_grad=None,
     varlen: Varlen | None = None,
     key_keep=None,
+    q_rope_grad=None,
+    k_rope_grad=None,
 ) -> None:
     """dq, dk, dv of ``_attention_forward`` (all [B, H, N, D] strided views), FlashAttention-2 recomputation. With a
     norm in ``prologue``: its per-slot weight/bias gradient partials into ``q_norm_grad`` / ``k_norm_grad``
-    ([B·H, cdiv(N, kernels.NORM_GRAD_ROWS), 2, D] fp32, from :func:`_norm_grad_partials`)."""
+    ([B·H, cdiv(N, kernels.NORM_GRAD_ROWS), 2, D] fp32, from :func:`_norm_grad_partials`). ``q_rope_grad`` /
+    ``k_rope_grad``: the RoPE table's gradient through q / through k, [B, H, N - prefix, 2·D] fp32 (packed:
+    [1, H, T - prefix, 2·D]), zeroed, or None (not wanted)."""
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     kernels = launch.kernels("attention")
@@ -300,15 +304,23 @@ def _attention_backward(
             )  # fmt: skip
             args = (q, k, v, grad_out, lse, delta, dq, scale, *strides, *dq.stride(), heads, n_q, n_kv)
             num_blocks = lambda bm, bn: launch.cdiv(rows, bm) * batch_heads  # one program per query block
-            dq_constants = {**constants, **pieces, "NormGrad": q_norm_grad}
+            dq_constants = {**constants, **pieces, "NormGrad": q_norm_grad, **_rope_grad_kwargs(q_rope_grad)}
             _launch("dq", num_blocks, q, batch_heads, args, dq_constants, varlen is not None)
         if dk.numel() > 0:
             inputs = (q, k, v, grad_out, lse, delta, dk, dv, scale)
             args = (*inputs, *strides, *dk.stride(), *dv.stride(), heads, n_q, n_kv)
             key_rows = n_kv if varlen is None else rows
             num_blocks = lambda bm, bn: launch.cdiv(key_rows, bn) * batch_heads  # one program per key block
-            dkdv_constants = {**constants, **pieces, "NormGrad": k_norm_grad}
+            dkdv_constants = {**constants, **pieces, "NormGrad": k_norm_grad, **_rope_grad_kwargs(k_rope_grad)}
             _launch("dkdv", num_blocks, q, batch_heads, args, dkdv_constants, varlen is not None)
+
+
+def _rope_grad_kwargs(rope_grad: torch.Tensor | None) -> dict:
+    """The backward kernels' arguments of the RoPE table's gradient buffer (none when it is not wanted)."""
+    if rope_grad is None:
+        return {}
+    stride_b, stride_h, stride_n, _ = rope_grad.stride()
+    return dict(RopeGrad=rope_grad, stride_rg_b=stride_b, stride_rg_h=stride_h, stride_rg_n=stride_n, ROPE_GRAD=True)
 
 
 def _norm_grad_partials(batch_heads: int, tokens: int, head_dim: int, device, zeroed: bool = False) -> torch.Tensor:
