@@ -177,9 +177,10 @@ def eva_block_fusion(
     block: EvaBlock, device: torch.device, dtype: torch.dtype, rope: bool = True
 ) -> dict[str, HalfFusion]:
     """How an ``EvaBlock``'s halves run: the attention is one ``ops.qkv_attention`` call with qk-norm and RoPE as its
-    prologue while ``prologue_blockers`` finds nothing (RoPE-Mixed's per-head tables included), else the modules, then ``ops.attention``; proj, ``gamma_1`` and the residual add are one
-    ``ops.linear_residual`` call under ``eva_attention_half_blockers``. The MLP half is one ``ops.ln_mlp`` call under
-    ``eva_mlp_half_blockers``. ``rope``: the model passes its blocks a RoPE table."""
+    prologue while ``prologue_blockers`` finds nothing (RoPE-Mixed's per-head tables included), else the modules, then
+    ``ops.attention``; proj, ``gamma_1`` and the residual add are one ``ops.linear_residual`` call under
+    ``eva_attention_half_blockers``. The MLP half is one ``ops.ln_mlp`` call under ``eva_mlp_half_blockers``.
+    ``rope``: the model passes its blocks a RoPE table."""
     attn = block.attn
     attn_why = [f"qk-norm / RoPE: {reason}" for reason in prologue_blockers(attn)]
     fused = not attn_why

@@ -518,10 +518,36 @@ def _prologue_qkv_case(
     )
 
 
+def _learned_table_case(grid: tuple[int, int], heads: int, head_dim: int, prologue: _Prologue) -> OpCase:
+    """qkv_attention in RoPE-Mixed's form on qkv [2, N, 3·H·D]: one RoPE table per head, an input whose gradient the
+    backward kernels store (random angles per head, row and channel), with ``prologue``'s norms and prefix."""
+    tokens, width3 = prologue.prefix + grid[0] * grid[1], 3 * heads * head_dim
+
+    def make(gen):
+        angles = torch.rand(heads, grid[0] * grid[1], head_dim, generator=gen, dtype=torch.float64) * 6.3
+        table = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        return [_randn(gen, 2, tokens, width3), table, *prologue.draw(gen, head_dim)]
+
+    def call(attend, **backend):
+        def run(qkv, table, *params):
+            return attend(qkv, heads, **prologue.kwargs(table, params), **backend)
+
+        return run
+
+    return OpCase(
+        fused=call(ops.qkv_attention, backend="triton"),
+        peer=call(ops.qkv_attention, backend="torch"),
+        spec=call(reference.qkv_attention),
+        make=make,
+        names=("out", "grad qkv", "grad per-head table", *prologue.names),
+    )
+
+
 def prologue_attention_checks(device: torch.device, quick: bool) -> list[Check]:
     """Checks of the attention kernels' qk-norm + RoPE prologue (forward and backward, the norms' weight gradients
     included): both RoPE layouts and both norm kinds, prefix tokens (class + registers) left unrotated; then the
-    prologue under a key-padding mask (padded NaFlex batches; one layout in quick mode)."""
+    prologue under a key-padding mask (padded NaFlex batches; one layout in quick mode); then RoPE-Mixed's learned
+    per-head tables (the tables' gradient included)."""
     op = "qkv_attention"
     grid, prefix = ((5, 7), 1) if quick else ((14, 14), 5)
     prologues = [_Prologue(prefix, "interleaved", "layer"), _Prologue(prefix, "half", "rms")]
@@ -534,6 +560,10 @@ def prologue_attention_checks(device: torch.device, quick: bool) -> list[Check]:
             label = f"prologue {_prologue_text(prologue)}, grid {grid[0]}x{grid[1]}, D=64"
             checks.append(_check(op, "triton", dtype, label + (", key-padding mask" if key_padding else ""), case,
                                  device, seed))  # fmt: skip
+        seed += 1  # RoPE-Mixed: learned per-head tables, their gradient from the kernels
+        case = _learned_table_case(grid, 2, 64, prologues[1])
+        label = f"prologue {_prologue_text(prologues[1])}, learned per-head tables, grid {grid[0]}x{grid[1]}, D=64"
+        checks.append(_check(op, "triton", dtype, label, case, device, seed))
     return checks
 
 

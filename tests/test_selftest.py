@@ -325,6 +325,27 @@ def test_a_wrong_packed_rope_table_or_an_ignored_mask_fails_the_prologue_checks(
     assert not outcome.passed, outcome
 
 
+def test_the_learned_per_head_table_check_is_planned_and_catches_a_missing_table_gradient():
+    # RoPE-Mixed on a GPU: every covered dtype gets the per-head learned-table check, and a fused path that drops
+    # the table's gradient (or shares one head's table) fails it.
+    planned = selftest_cases.build_checks("qkv_attention", "triton", CPU, quick=True)
+    learned = [c for c in planned if "learned per-head tables" in c.label]
+    assert learned and {c.dtype for c in learned} == {c.dtype for c in planned}
+    _needs_interpreter()
+    case = selftest_cases._learned_table_case((3, 4), 2, 32, selftest_cases._Prologue(1, "half", "rms"))
+    assert selftest_cases.measure(case, torch.float32, CPU, seed=5).passed
+
+    def no_table_gradient(qkv, table, *params):  # the values, a zero gradient
+        return case.fused(qkv, table.detach() + 0.0 * table, *params)
+
+    def one_table(qkv, table, *params):
+        return case.fused(qkv, table[:1].expand_as(table), *params)
+
+    for wrong in (no_table_gradient, one_table):
+        outcome = selftest_cases.measure(dataclasses.replace(case, fused=wrong), torch.float32, CPU, seed=5)
+        assert not outcome.passed, (wrong.__name__, outcome)
+
+
 def test_forced_configs_reach_the_attention_launch(monkeypatch):
     _needs_interpreter()
     kernels = launch.kernels("attention")
