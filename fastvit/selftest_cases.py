@@ -487,6 +487,18 @@ def _varlen_case(lengths: Sequence[int], heads: int, head_dim: int, prologue: _P
     )
 
 
+def _qkv_attention_case(call: Callable, make: Callable, names: tuple[str, ...]) -> OpCase:
+    """A qkv_attention case whose ``call(attend, **backend)`` builds the runner: the Triton kernels, the torch
+    backend as the peer, the reference as the spec."""
+    return OpCase(
+        fused=call(ops.qkv_attention, backend="triton"),
+        peer=call(ops.qkv_attention, backend="torch"),
+        spec=call(reference.qkv_attention),
+        make=make,
+        names=names,
+    )
+
+
 def _prologue_qkv_case(
     grid: tuple[int, int], heads: int, head_dim: int, prologue: _Prologue, key_padding: bool = False
 ) -> OpCase:
@@ -509,13 +521,8 @@ def _prologue_qkv_case(
 
         return run
 
-    return OpCase(
-        fused=call(ops.qkv_attention, backend="triton"),
-        peer=call(ops.qkv_attention, backend="torch"),
-        spec=call(reference.qkv_attention),
-        make=make,
-        names=("out", "grad qkv", *(("key_padding_mask",) if key_padding else ()), *prologue.names),
-    )
+    names = ("out", "grad qkv", *(("key_padding_mask",) if key_padding else ()), *prologue.names)
+    return _qkv_attention_case(call, make, names)
 
 
 def _learned_table_case(grid: tuple[int, int], heads: int, head_dim: int, prologue: _Prologue) -> OpCase:
@@ -534,13 +541,7 @@ def _learned_table_case(grid: tuple[int, int], heads: int, head_dim: int, prolog
 
         return run
 
-    return OpCase(
-        fused=call(ops.qkv_attention, backend="triton"),
-        peer=call(ops.qkv_attention, backend="torch"),
-        spec=call(reference.qkv_attention),
-        make=make,
-        names=("out", "grad qkv", "grad per-head table", *prologue.names),
-    )
+    return _qkv_attention_case(call, make, ("out", "grad qkv", "grad per-head table", *prologue.names))
 
 
 def prologue_attention_checks(device: torch.device, quick: bool) -> list[Check]:
