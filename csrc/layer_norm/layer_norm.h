@@ -73,6 +73,40 @@ using LayerNormBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const
                                                                          const at::Tensor& mean,
                                                                          const at::Tensor& rstd, bool rms);
 
+// What both devices' entry points do around their launcher: checked, contiguous inputs and fresh outputs, then the
+// launch ``launcher`` (the device's *_out function; the caller has checked the device and set its guard).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_forward(LayerNormForwardOutFn* launcher,
+                                                                             const at::Tensor& x,
+                                                                             const at::Tensor& weight,
+                                                                             const std::optional<at::Tensor>& bias,
+                                                                             double eps, bool rms) {
+  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps, rms);
+  launcher(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd, rms);
+  return {fwd.out, fwd.mean, fwd.rstd};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_backward(
+    LayerNormBackwardOutFn* launcher, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, bool rms) {
+  LayerNormBackward bwd = prepare_layer_norm_backward(grad_out, x, weight, mean, rstd);
+  LayerNormBackwardExtras extras;
+  extras.rms = rms;
+  launcher(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight, bwd.grad_bias, extras);
+  return {bwd.grad_x, bwd.grad_weight, bwd.grad_bias};
+}
+
+// Rows of x [..., C] for a backward launcher; with none the weight and bias gradients are zeroed here and there is
+// nothing to launch (returns 0).
+inline int64_t backward_rows_or_zero_grads(const at::Tensor& x, const at::Tensor& grad_weight,
+                                           const at::Tensor& grad_bias) {
+  const int64_t width = x.size(-1), rows = width > 0 ? x.numel() / width : 0;
+  if (rows == 0) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+  }
+  return rows;
+}
+
 LayerNormForwardOutFn layer_norm_forward_out_cpu;
 LayerNormBackwardOutFn layer_norm_backward_out_cpu;
 LayerNormForwardFn layer_norm_fwd_cpu;

@@ -225,12 +225,8 @@ void layer_norm_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
                                  const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                                  const LayerNormBackwardExtras& extras) {
-  const int64_t width = x.size(-1), rows = width > 0 ? x.numel() / width : 0;
-  if (rows == 0) {
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return;
-  }
+  const int64_t width = x.size(-1), rows = backward_rows_or_zero_grads(x, grad_weight, grad_bias);
+  if (rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const bool write_normed = extras.normed_out.defined();
@@ -248,21 +244,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
                                                                   const std::optional<at::Tensor>& bias, double eps,
                                                                   bool rms) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "layer_norm_fwd_cpu: x must be a CPU tensor, got ", x.device());
-  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps, rms);
-  layer_norm_forward_out_cpu(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd, rms);
-  return {fwd.out, fwd.mean, fwd.rstd};
+  return run_layer_norm_forward(layer_norm_forward_out_cpu, x, weight, bias, eps, rms);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                                   const at::Tensor& weight, const at::Tensor& mean,
                                                                   const at::Tensor& rstd, bool rms) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "layer_norm_bwd_cpu: x must be a CPU tensor, got ", x.device());
-  LayerNormBackward bwd = prepare_layer_norm_backward(grad_out, x, weight, mean, rstd);
-  LayerNormBackwardExtras extras;
-  extras.rms = rms;
-  layer_norm_backward_out_cpu(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight,
-                              bwd.grad_bias, extras);
-  return {bwd.grad_x, bwd.grad_weight, bwd.grad_bias};
+  return run_layer_norm_backward(layer_norm_backward_out_cpu, grad_out, x, weight, mean, rstd, rms);
 }
 
 }  // namespace fastvit

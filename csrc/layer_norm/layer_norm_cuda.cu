@@ -312,12 +312,8 @@ void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
                                   const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                                   const LayerNormBackwardExtras& extras) {
-  const int64_t width = x.size(-1), rows = width > 0 ? x.numel() / width : 0;
-  if (rows == 0) {
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return;
-  }
+  const int64_t width = x.size(-1), rows = backward_rows_or_zero_grads(x, grad_weight, grad_bias);
+  if (rows == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool write_normed = extras.normed_out.defined();
   const int64_t rows_per_chunk = layer_norm_rows_per_chunk(rows);
@@ -372,9 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
                                                                    bool rms) {
   TORCH_CHECK_VALUE(x.is_cuda(), "layer_norm_fwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
-  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps, rms);
-  layer_norm_forward_out_cuda(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd, rms);
-  return {fwd.out, fwd.mean, fwd.rstd};
+  return run_layer_norm_forward(layer_norm_forward_out_cuda, x, weight, bias, eps, rms);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
@@ -382,12 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
                                                                    const at::Tensor& rstd, bool rms) {
   TORCH_CHECK_VALUE(x.is_cuda(), "layer_norm_bwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
-  LayerNormBackward bwd = prepare_layer_norm_backward(grad_out, x, weight, mean, rstd);
-  LayerNormBackwardExtras extras;
-  extras.rms = rms;
-  layer_norm_backward_out_cuda(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight,
-                               bwd.grad_bias, extras);
-  return {bwd.grad_x, bwd.grad_weight, bwd.grad_bias};
+  return run_layer_norm_backward(layer_norm_backward_out_cuda, grad_out, x, weight, mean, rstd, rms);
 }
 
 }  // namespace fastvit
