@@ -242,6 +242,12 @@ def segment_pool(tokens: torch.Tensor, packing: ImagePacking, pool_type: str, in
     return pooled[0] if len(pooled) == 1 else 0.5 * (pooled[0] + pooled[1])  # avgmax: as timm's 0.5·(max + mean)
 
 
+def identity_rope_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """``rows`` rows that rotate by nothing (sin 0, cos 1), shaped as ``table`` [..., n, 2·D] but for n."""
+    sin_cos_shape = (*table.shape[:-2], rows, table.shape[-1] // 2)
+    return torch.cat([table.new_zeros(sin_cos_shape), table.new_ones(sin_cos_shape)], dim=-1)
+
+
 def packed_rope_table(tables: list[torch.Tensor], num_prefix_tokens: int) -> torch.Tensor:
     """Each image's RoPE table -> the packed sequence's, as ``apply_rope`` reads it.
 
@@ -258,8 +264,7 @@ def packed_rope_table(tables: list[torch.Tensor], num_prefix_tokens: int) -> tor
         [..., T - num_prefix_tokens, 2·D].
     """
     first = tables[0]
-    sin_cos_shape = (*first.shape[:-2], num_prefix_tokens, first.shape[-1] // 2)
-    identity = torch.cat([first.new_zeros(sin_cos_shape), first.new_ones(sin_cos_shape)], dim=-1)
+    identity = identity_rope_rows(first, num_prefix_tokens)
     parts = [first]
     for table in tables[1:]:
         parts += [identity, table] if num_prefix_tokens else [table]

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from fastvit.packing import ImagePacking, PackedSequences, pad_packing, pick_token_budget
+from fastvit.packing import ImagePacking, PackedSequences, identity_rope_rows, pad_packing, pick_token_budget
 
 
 class InferenceSession:
@@ -281,8 +281,9 @@ class PackedInferenceSession:
     def _blocks(self, x: torch.Tensor, attn_mask, rope: torch.Tensor | None) -> torch.Tensor:
         """The blocks and the final norm on the padded [1, budget, D] tokens (``rope``: their packed table, or
         RoPE-Mixed's per-block tables)."""
+        per_block = rope is not None and self._per_block_rope
         for index, block in enumerate(self.model.blocks):
-            block_args = () if rope is None else (rope[index] if self._per_block_rope else rope,)
+            block_args = () if rope is None else (rope[index] if per_block else rope,)
             x = self.model._run_block(block, x, *block_args, attn_mask=attn_mask)
         return self.model.norm(x)
 
@@ -306,8 +307,8 @@ class PackedInferenceSession:
         the padding sequence's tokens, never read by a real image."""
         if rope is None:
             return None
-        shape = (*rope.shape[:-2], budget - self.model.num_prefix_tokens - rope.shape[-2], rope.shape[-1] // 2)
-        return torch.cat([rope, torch.cat([rope.new_zeros(shape), rope.new_ones(shape)], dim=-1)], dim=-2)
+        padding = budget - self.model.num_prefix_tokens - rope.shape[-2]
+        return torch.cat([rope, identity_rope_rows(rope, padding)], dim=-2)
 
     def _embed_dtype(self) -> torch.dtype:
         """The dtype of the embedded tokens (the residual stream) under the session's autocast."""

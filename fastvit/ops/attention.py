@@ -71,11 +71,7 @@ class AttentionPrologue(NamedTuple):
 
     def describe(self) -> tuple[str, ...]:
         """The prologue's parts as the call signature records them, e.g. ('rope:half', 'q_norm:rms')."""
-        parts = []
-        if self.rope is not None:
-            parts.append(f"rope:{'half' if self.rotate_half else 'interleaved'}")
-            if self.rope.ndim == 3:
-                parts.append("rope:per_head")
+        parts = [f"rope:{'half' if self.rotate_half else 'interleaved'}"] if self.rope is not None else []
         parts += [f"{name}:{norm.kind}" for name, norm in (("q_norm", self.q_norm), ("k_norm", self.k_norm)) if norm]
         return tuple(parts)
 
