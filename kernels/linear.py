@@ -27,7 +27,7 @@ programs (GROUP_M row tiles walk the N tiles together, so the W tiles they share
 The prologue and epilogue live in one place each (:func:`_load_a_tile`, :func:`_activation`,
 :func:`_grad_pre_activation`, :func:`_grad_swiglu`), switched by constexpr flags. Every M, N, K is masked (ragged
 tails, K not a multiple of BLOCK_K); row offsets are int64 before they meet a stride. Launchers, custom ops and
-autograd: ``fastvit/ops/triton/linear.py``; the spec: ``fastvit.reference``.
+autograd: ``fastvit/ops/triton/linear_launch.py`` and ``linear.py``; the spec: ``fastvit.reference``.
 """
 
 from __future__ import annotations
@@ -560,7 +560,7 @@ CONFIGS_SWIGLU = {
 INTERPRETER_CONFIG = (16, 128, 128, 4, 4, 1)  # few, wide tiles: the interpreter pays per op, not per element
 STATS_BLOCK_M = 16
 STATS_BLOCK_K = 128
-# Split-K of the weight gradient (the host's choice, ``fastvit.ops.triton.linear.weight_split_k``): when the
+# Split-K of the weight gradient (the host's choice, ``fastvit.ops.triton.linear_launch.weight_split_k``): when the
 # [N, K] tiles of dW fill fewer than the GPU's SMs (skinny dW of a small batch: K = tokens is the long axis), the
 # M reduction is cut into up to SPLIT_K_MAX slices of at least SPLIT_K_MIN_ROWS rows each, one grid row per slice.
 SPLIT_K_MAX = 16

@@ -300,7 +300,7 @@ LINEAR_CASES = (
 
 
 def _linear_args(kind: str, dtype, case: LinearCase) -> tuple[tuple, dict]:
-    """(arguments, flag constexprs) of one fused-GEMM kernel as ``fastvit.ops.triton.linear`` launches it."""
+    """(arguments, flag constexprs) of one fused-GEMM kernel as ``fastvit.ops.triton.linear_launch`` launches it."""
     import torch
 
     rows, k, n = case.rows, case.in_features, case.out_features
