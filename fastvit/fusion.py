@@ -159,13 +159,16 @@ def _attention_op_call(attn: nn.Module, device, dtype, training: bool, rope: boo
 
 
 def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:
-    """How an attention-pooling head runs: its attention (``ops.attention``, one query; q/kv/proj Linears called)
-    and its ``x + mlp(norm(x))`` (one ``ops.ln_mlp`` call while ``mlp_blockers`` finds nothing)."""
+    """How an attention-pooling head runs: its attention is one ``ops.attention`` call (one query per image, broadcast
+    from the latent; the qk-norms inside the kernels while ``prologue_blockers`` finds nothing; a key-padding mask
+    inside too), its q/kv/proj Linears GEMMs of their own (as a ``Block``'s qkv Linear; proj has no residual to take
+    in), and its ``x + mlp(norm(x))`` one ``ops.ln_mlp`` call while ``mlp_blockers`` finds nothing."""
     if not isinstance(pool, AttentionPoolLatent):
         why = (f"{type(pool).__name__} is not fastvit's AttentionPoolLatent",)
         return {half: HalfFusion(False, {}, why) for half in ("attn", "mlp")}
-    call = attention_call(device, dtype, pool.head_dim)
-    attn_why = ["the q, kv and proj Linears and the residual-free proj run as separate ops"]
+    attn_why = [f"qk-norm: {reason}" for reason in prologue_blockers(pool, "attn_pool.")]
+    parts = () if attn_why else _prologue_parts(pool, rope=False)
+    call = attention_call(device, dtype, pool.head_dim, prologue=parts)
     mlp_why = list(mlp_blockers(pool.norm, pool.mlp, pool.mlp.norm, pool.training))
     return {
         "attn": _half(attn_why, {"attention": (pool.backend, call)}),

@@ -706,21 +706,32 @@ class AttentionPoolLatent(nn.Module):
         nn.init.trunc_normal_(self.latent, std=self.latent.shape[-1] ** -0.5)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, N, C] -> q [B, H, 1, D] (from the latent), k, v [B, H, N, D]."""
-        batch = x.shape[0]
-        q = self.q(self.latent).expand(batch, -1, -1).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        k, v = self.kv(x).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        """x: [B, N, C] -> q [B, H, 1, D] (from the latent), k, v [B, H, N, D], as attention uses them (qk-normed)."""
+        q, k, v = self._raw_heads(x)
         return self.q_norm(q), self.k_norm(k), v
+
+    def _raw_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, 1, D]: the latent's projection once, broadcast over the batch (stride 0); k, v: views of kv(x)."""
+        q = self.q(self.latent).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = self.kv(x).unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        return q.expand(x.shape[0], -1, -1, -1), k, v
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, C] -> [B, C]. ``attn_mask``: a [B, N] bool key-padding mask (True = the token is pooled; timm
-        NaFlexViT's ``patch_valid``), run by SDPA (``ops.attention`` takes no mask)."""
-        q, k, v = self.heads(x)
-        if attn_mask is None:
-            x = ops.attention(q, k, v, self.scale, backend=self.backend)
+        NaFlexViT's ``patch_valid``); an entry without a pooled token gets attention output 0 (the spec; SDPA in timm
+        gives NaN there). Other SDPA mask forms run on SDPA."""
+        check_attn_mask(attn_mask, x)
+        q, k, v = self._raw_heads(x)
+        if attn_mask is None or is_key_padding_mask(attn_mask):
+            norms = {}
+            if next(prologue_blockers(self, "attn_pool."), None) is None:  # qk-norm inside the kernel
+                norms = dict(q_norm=qk_norm_params(self.q_norm), k_norm=qk_norm_params(self.k_norm))
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
+            x = ops.attention(q, k, v, self.scale, backend=self.backend, key_padding_mask=attn_mask, **norms)
         else:
-            check_attn_mask(attn_mask, x)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(attn_mask, x.shape[1]), scale=self.scale)
+            mask = sdpa_mask(attn_mask, x.shape[1])
+            x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask, scale=self.scale)
         x = x.transpose(1, 2).flatten(2)  # [B, 1, C]
         x = self.proj_drop(self.proj(x))
         if next(mlp_blockers(self.norm, self.mlp, self.mlp.norm, self.training), None) is None:
@@ -973,10 +984,10 @@ def qkv_attention_under(
 def heads_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float, backend, attn_mask: AttnMask
 ) -> torch.Tensor:
-    """q, k, v [B, H, N, D] -> [B, N, H·D]: ``ops.attention``, or SDPA with the mask's SDPA form (a sample whose keys
-    are all masked gets NaN there, as in timm)."""
-    if attn_mask is None:
-        out = ops.attention(q, k, v, scale, dropout_p=dropout_p, backend=backend)
+    """q, k, v [B, H, N, D] -> [B, N, H·D]: ``ops.attention`` (with a key-padding mask too: a sample whose keys are all
+    masked gets 0, the spec), or SDPA with the mask's SDPA form (packed sequences, 4-D masks)."""
+    if attn_mask is None or is_key_padding_mask(attn_mask):
+        out = ops.attention(q, k, v, scale, dropout_p=dropout_p, backend=backend, key_padding_mask=attn_mask)
     else:
         mask = sdpa_mask(attn_mask, q.shape[-2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
@@ -992,20 +1003,21 @@ def qk_norm_params(norm: nn.Module) -> QKNorm | None:
     return QKNorm(norm.weight, getattr(norm, "bias", None), norm.eps, kind)
 
 
-def prologue_blockers(attn: nn.Module) -> Iterator[str]:
+def prologue_blockers(attn: nn.Module, prefix: str = "attn.") -> Iterator[str]:
     """Why an ``Attention`` / ``EvaAttention``'s q/k path is not ``ops.qkv_attention``'s prologue on the packed qkv
-    buffer. The projections are called, whatever they are; the prologue reads the norms' weights instead of calling
-    them, so they must be plain affine LayerNorm / RmsNorm modules over the head dim, or ``nn.Identity``."""
+    buffer (an ``AttentionPoolLatent``'s: ``ops.attention``'s). The projections are called, whatever they are; the
+    prologue reads the norms' weights instead of calling them, so they must be plain affine LayerNorm / RmsNorm
+    modules over the head dim, or ``nn.Identity``. ``prefix``: the module's name in the reasons."""
     for name in ("q_norm", "k_norm"):
         norm = getattr(attn, name)
         if plain(norm, nn.Identity):
             continue
         if not plain(norm, LayerNorm, nn.LayerNorm, RmsNorm):
-            yield f"attn.{name} is a {type(norm).__name__} (not a plain LayerNorm/RmsNorm): it is called as a module"
+            yield f"{prefix}{name} is a {type(norm).__name__} (not a plain LayerNorm/RmsNorm): it is called as a module"
         elif norm.weight is None:
-            yield f"attn.{name} has no weight (elementwise_affine=False): it is called as a module"
+            yield f"{prefix}{name} has no weight (elementwise_affine=False): it is called as a module"
         elif tuple(norm.normalized_shape) != (attn.head_dim,):
-            yield f"attn.{name} normalises {tuple(norm.normalized_shape)}, not the head dim ({attn.head_dim},)"
+            yield f"{prefix}{name} normalises {tuple(norm.normalized_shape)}, not the head dim ({attn.head_dim},)"
     if _global_hooks():
         yield "global module hooks are registered: every module is called"
 

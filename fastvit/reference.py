@@ -320,16 +320,21 @@ def qk_norm_attention(
     return merge_heads(attention(q, k, v, scale=scale, key_padding_mask=key_padding_mask))
 
 
-def attention_pool(x, latent, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, num_heads, norm, mlp):
+def attention_pool(
+    x, latent, q_weight, q_bias, kv_weight, kv_bias, proj_weight, proj_bias, num_heads, norm, mlp, q_norm=None,
+    k_norm=None, key_padding_mask=None,
+):  # fmt: skip
     """timm's ``AttentionPoolLatent`` (SigLIP's ``global_pool='map'``): one learned query attends over the tokens.
 
     x: [B, N, C]; latent: [1, 1, C]; q_weight: [C, C]; kv_weight: [2·C, C] (k rows, then v rows); proj_weight: [C, C].
-    ``norm`` and ``mlp`` are functions on [..., C]. Returns [B, C]:
-    ``y = proj(attention(q(latent), k(x), v(x)))`` then ``y + mlp(norm(y))``.
+    ``norm`` and ``mlp`` are functions on [..., C]; ``q_norm`` / ``k_norm`` functions on each head vector (qk-norm),
+    None: none. ``key_padding_mask``: [B, N] bool, True = the token is pooled (see :func:`attention_probs`).
+    Returns [B, C]: ``y = proj(attention(q_norm(q(latent)), k_norm(k(x)), v(x)))`` then ``y + mlp(norm(y))``.
     """
     q = split_heads(F.linear(latent, q_weight, q_bias).expand(x.shape[0], -1, -1), num_heads)
     k, v = (split_heads(part, num_heads) for part in F.linear(x, kv_weight, kv_bias).chunk(2, dim=-1))
-    y = F.linear(merge_heads(attention(q, k, v)), proj_weight, proj_bias)
+    q, k = (q if q_norm is None else q_norm(q)), (k if k_norm is None else k_norm(k))
+    y = F.linear(merge_heads(attention(q, k, v, key_padding_mask=key_padding_mask)), proj_weight, proj_bias)
     return (y + mlp(norm(y)))[:, 0]
 
 

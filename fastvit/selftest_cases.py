@@ -316,6 +316,36 @@ def _attention_case(batch, heads, n_q, n_kv, head_dim, view=None) -> OpCase:
     )
 
 
+def _pool_attention_case(tokens, heads, head_dim) -> OpCase:
+    """The attention-pooling head's attention: one query broadcast over a batch of 3 (stride 0), a LayerNorm k-norm
+    inside the kernels, a key-padding mask (``_key_padding_mask``)."""
+
+    def make(gen):
+        k, v = (_randn(gen, 3, heads, tokens, head_dim) for _ in range(2))
+        norm = [_randn(gen, head_dim, scale=0.5, shift=1.0), _randn(gen, head_dim, scale=0.5)]
+        return [_randn(gen, 1, heads, 1, head_dim), k, v, _key_padding_mask(tokens), *norm]
+
+    def layout(args):
+        return [args[0].expand(3, -1, -1, -1), *args[1:]]
+
+    def call(attention, **kw):
+        return lambda q, k, v, keep, w, b: attention(
+            q, k, v, k_norm=ops.QKNorm(w, b, 1e-6, "layer"), key_padding_mask=keep, **kw
+        )
+
+    def spec(q, k, v, keep, w, b):
+        return reference.attention(q, reference.qk_norm(ops.QKNorm(w, b, 1e-6))(k), v, key_padding_mask=keep)
+
+    return OpCase(
+        fused=call(ops.attention, backend="triton"),
+        peer=call(ops.attention, backend="torch"),
+        spec=spec,
+        make=make,
+        layout=layout,
+        names=("out", "grad q", "grad k", "grad v", "key_padding_mask", "grad k_norm weight", "grad k_norm bias"),
+    )
+
+
 def _config_text(configs: dict) -> tuple[str, ...]:
     return tuple(f"{kind}={config}" for kind, config in sorted(configs.items()))
 
@@ -343,7 +373,8 @@ def attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
 
     qkv_attention: the config sweep (every autotuner candidate of every kernel, per head dim; IEEE and TF32 for
     float32), then token counts through the launcher's own choice (on a GPU: the autotuner), a strided view, a
-    peaked softmax and deterministic mode. attention: unequal query/key lengths, strided and expanded inputs.
+    peaked softmax and deterministic mode. attention: unequal query/key lengths, strided and expanded inputs, the
+    attention-pooling head's call (one broadcast query, qk-norm inside the kernels, a key-padding mask).
     """
     dtypes = covered_dtypes(op, "triton", lambda d: attention_call(device, d, 64))
     gpu = _on_gpu(device)
@@ -364,6 +395,11 @@ def attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
                 label = f"N_q={n_q} N_kv={n_kv}" + (f" {view}" if view else "")
                 case = _attention_case(1, 2, n_q, n_kv, 80 if view == "strided" else 64, view=view)
                 checks.append(_check(op, "triton", dtype, label, case, device, seed))
+            seed += 1
+            case = _pool_attention_case(70 if quick else 729, 2, 64)
+            checks.append(
+                _check(op, "triton", dtype, "pooling head: one broadcast query, k-norm, mask", case, device, seed)
+            )
             continue
         for head_dim in head_dims:
             for tf32_on in variants:

@@ -164,13 +164,14 @@ def test_no_registered_op_refuses_deterministic_mode():
     # attention prologue (qk-norm, RoPE) sums its norm-weight gradients from fixed 16-row slots in a fixed order
     # (tests/test_attention_prologue.py checks two runs are bit-identical). varlen attention runs the attention
     # kernels (VARLEN=True); tests/test_varlen_attention.py checks it bit for bit against each sequence alone under
-    # deterministic mode, and the selftest repeats it.
+    # deterministic mode, and the selftest repeats it. attention_prologue (qk-norm on [B, H, N, D] q/k/v: the
+    # attention-pooling head) runs the same kernels and sums (tests/test_attention_pool.py checks it bit for bit).
     known = {
         "qkv_attention_fwd", "qkv_attention_bwd", "attention_fwd", "attention_bwd", "patch_embed_fwd",
         "patch_embed_bwd_input", "patch_embed_bwd_weight", "patch_embed_bwd_colsum", "layer_norm_fwd",
         "layer_norm_bwd", "ln_mlp_fwd", "ln_mlp_bwd", "linear_residual_fwd", "linear_residual_bwd",
         "ln_linear_fwd", "ln_linear_bwd", "qkv_attention_prologue_fwd", "qkv_attention_prologue_bwd",
-        "varlen_qkv_attention_fwd", "varlen_qkv_attention_bwd",
+        "varlen_qkv_attention_fwd", "varlen_qkv_attention_bwd", "attention_prologue_fwd", "attention_prologue_bwd",
     }  # fmt: skip
     unreviewed = sorted(_registered() - known)
     assert not unreviewed, (

@@ -119,17 +119,17 @@ def test_packed_attention_on_the_triton_varlen_kernel():
 def test_eva_packed_attention_runs_the_varlen_kernel_with_its_prologue(case, monkeypatch):
     """Eva's packed blocks: one ``ops.varlen_qkv_attention`` per block on the Triton kernel with RoPE (the packed
     table) and qk-norm as its prologue (no dense [T, T] mask), equal to each image alone."""
-    from fastvit.ops.triton import attention as attention_triton
+    from fastvit.ops.triton import attention_prologue
 
     model = Eva(**{**TINY, "depth": 1}, **case, dynamic_img_size=True, backend={"qkv_attention": "triton"})
     launches = []
-    forward = attention_triton._attention_forward
+    forward = attention_prologue._attention_forward
 
     def spy(*args, **kwargs):
         launches.append(args[7] if len(args) > 7 else kwargs.get("varlen"))  # the Varlen of a packed launch
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(attention_triton, "_attention_forward", spy)
+    monkeypatch.setattr(attention_prologue, "_attention_forward", spy)
     images = _images([(8, 12), (4, 4), (12, 8)])
     with torch.no_grad():
         model.forward_packed(images)

@@ -26,7 +26,7 @@ import torch
 import fastvit
 from fastvit import accuracy, dispatch, ops, reference, selftest_cases, selftest_runner, verification
 from fastvit.ops.triton import attention as attention_triton
-from fastvit.ops.triton import launch
+from fastvit.ops.triton import attention_prologue, launch
 from fastvit.ops.triton import patch_embed as patch_embed_triton
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -142,11 +142,12 @@ def test_info_reports_the_verification_settings(cache, capsys, monkeypatch):
 
 @pytest.fixture
 def broken_attention(monkeypatch):
-    """Replace the Triton attention forward launcher by ``make(real)``."""
+    """Replace the Triton attention forward launcher by ``make(real)`` where the custom ops call it."""
     real = attention_triton._attention_forward
 
     def install(make):
-        monkeypatch.setattr(attention_triton, "_attention_forward", make(real))
+        for module in (attention_triton, attention_prologue):
+            monkeypatch.setattr(module, "_attention_forward", make(real))
 
     return install
 
@@ -161,8 +162,8 @@ def test_a_wrong_kernel_fails_and_is_recorded_as_failed(cache, broken_attention)
     _needs_interpreter()
 
     def make(real):
-        def wrong(q, k, v, out, lse, scale):
-            real(q, k, v, out, lse, scale)
+        def wrong(q, k, v, out, lse, scale, *args, **kwargs):
+            real(q, k, v, out, lse, scale, *args, **kwargs)
             out.mul_(1.001)  # 0.1% off: far above PyTorch's own error
 
         return wrong
@@ -180,9 +181,9 @@ def test_an_unwritten_output_element_fails(cache, broken_attention):
     _needs_interpreter()
 
     def make(real):
-        def partial(q, k, v, out, lse, scale):
+        def partial(q, k, v, out, lse, scale, *args, **kwargs):
             scratch = torch.empty_like(out)
-            real(q, k, v, scratch, lse, scale)
+            real(q, k, v, scratch, lse, scale, *args, **kwargs)
             out[..., :-1, :].copy_(scratch[..., :-1, :])  # the last query row is never written
 
         return partial
@@ -197,8 +198,8 @@ def test_a_store_outside_an_output_fails(cache, broken_attention):
     _needs_interpreter()
 
     def make(real):
-        def stray(q, k, v, out, lse, scale):
-            real(q, k, v, out, lse, scale)
+        def stray(q, k, v, out, lse, scale, *args, **kwargs):
+            real(q, k, v, out, lse, scale, *args, **kwargs)
             lse.as_strided((1,), (1,), lse.storage_offset() + lse.numel()).fill_(0.0)  # one past the end
 
         return stray

@@ -119,10 +119,12 @@ def test_editing_a_kernel_source_changes_its_hash(gate, monkeypatch, tmp_path):
     assert sources == (
         "fastvit.ops.triton.attention",
         "fastvit.ops.triton.attention_launch",
+        "fastvit.ops.triton.attention_prologue",
         "fastvit.ops.triton.launch",
         "fastvit.kernels.attention",
     )
     assert "fastvit.ops.triton.patch_embed_configs" in verification.kernel_sources("patch_embed", "triton")
+    assert "fastvit.ops.triton.linear_launch" in verification.kernel_sources("ln_linear", "triton")
     edited = tmp_path / "attention.py"
     real_find = verification.importlib.util.find_spec
     source = pathlib.Path(real_find("fastvit.kernels.attention").origin).read_text()

@@ -156,7 +156,7 @@ def qkv_attention(
     )
     masked = key_padding_mask is not None
     if masked:
-        _check_key_padding_mask(key_padding_mask, qkv)
+        _check_key_padding_mask(key_padding_mask, qkv, qkv.shape[:2], "qkv's batch and tokens")
     parts = prologue.describe() if prologue is not None else ()
     call = attention_call(qkv.device, qkv.dtype, head_dim, dropout=dropout_p > 0.0, prologue=parts, masked=masked)
     fn = dispatch.select("qkv_attention", backend, call)
@@ -165,17 +165,16 @@ def qkv_attention(
     return fn(qkv, num_heads, scale, dropout_p, prologue, key_padding_mask)
 
 
-def _check_key_padding_mask(mask: object, qkv: torch.Tensor) -> None:
+def _check_key_padding_mask(mask: object, like: torch.Tensor, shape: tuple[int, int], what: str) -> None:
+    """A [B, N_keys] bool mask on ``like``'s device; ``what`` names where B and N_keys come from."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be a bool tensor (True = keep the key), got {mask.dtype}")
-    if tuple(mask.shape) != tuple(qkv.shape[:2]):
-        raise ValueError(
-            f"key_padding_mask must be [B, N] = {list(qkv.shape[:2])} (qkv's batch and tokens), got {list(mask.shape)}"
-        )
-    if mask.device != qkv.device:
-        raise ValueError(f"key_padding_mask must be on qkv's device ({qkv.device}), got {mask.device}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"key_padding_mask must be [B, N] = {list(shape)} ({what}), got {list(mask.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"key_padding_mask must be on the inputs' device ({like.device}), got {mask.device}")
 
 
 def _check_qkv(name: str, qkv: object, ndim: int, num_heads: int) -> int:
@@ -228,13 +227,14 @@ def _check_prologue(
             )
     for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)):
         if norm is not None:
-            _check_qk_norm(name, norm, qkv, head_dim)
+            _check_qk_norm(name, norm, head_dim, qkv=qkv)
     if rope is None and q_norm is None and k_norm is None:
         return None
     return AttentionPrologue(rope, num_prefix_tokens, rope_layout == "half", q_norm, k_norm)
 
 
-def _check_qk_norm(name: str, norm: object, qkv: torch.Tensor, head_dim: int) -> None:
+def _check_qk_norm(name: str, norm: object, head_dim: int, **like: torch.Tensor) -> None:
+    """A ``QKNorm`` over ``head_dim`` channels on the device of ``like`` (the named input it normalises)."""
     if not isinstance(norm, QKNorm):
         raise TypeError(f"{name} must be a fastvit.ops.QKNorm(weight, bias, eps, kind) or None, got {type(norm)}")
     if norm.kind not in NORM_KINDS:
@@ -254,7 +254,7 @@ def _check_qk_norm(name: str, norm: object, qkv: torch.Tensor, head_dim: int) ->
         check_tensor(f"{name}.{part}", tensor, ndim=1)
         if tuple(tensor.shape) != (head_dim,):
             raise ValueError(f"{name}.{part} must have shape [head_dim={head_dim}], got {list(tensor.shape)}")
-        check_same_device(qkv=qkv, **{f"{name}.{part}": tensor})
+        check_same_device(**like, **{f"{name}.{part}": tensor})
 
 
 def attention(
@@ -264,14 +264,24 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    *,
+    q_norm: QKNorm | None = None,
+    k_norm: QKNorm | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v without mask, as ``F.scaled_dot_product_attention``.
+    """softmax(q kᵀ · scale) v, as ``F.scaled_dot_product_attention``; optionally qk-norm first and a key-padding mask.
 
     Args:
-        q: [B, H, N, D]; k: [B, H, M, D]; v: [B, H, M, Dv].
+        q: [B, H, N, D]; k: [B, H, M, D]; v: [B, H, M, Dv]. Strided views are read in place (a broadcast q, e.g. one
+            learned query expanded over the batch with stride 0, included).
         scale: softmax scale, default D**-0.5.
         dropout_p: attention-probability dropout (``torch`` backend only).
         backend: 'auto' | 'triton' | 'torch' (the backends implementing it); None = the process default.
+        q_norm: the norm of each q head vector ([D] weights, ``QKNorm``), applied inside the Triton kernels as they
+            load q (as ``qkv_attention``'s prologue); None: none. The attention-pooling head's k-norm runs here.
+        k_norm: the same for k.
+        key_padding_mask: [B, M] bool on q's device, True = the key takes part (see ``qkv_attention``; a batch entry
+            without a kept key gives output 0 and gradient 0).
 
     Returns:
         [B, H, N, Dv].
@@ -293,8 +303,21 @@ def attention(
         raise ValueError(f"v must have as many tokens as k ({k.shape[-2]}), got v {tuple(v.shape)}")
     scale = check_scale(scale)
     dropout_p = check_probability("dropout_p", dropout_p)
-    call = attention_call(q.device, q.dtype, q.shape[-1], v.shape[-1], dropout=dropout_p > 0.0)
-    return dispatch.select("attention", backend, call)(q, k, v, scale, dropout_p)
+    for name, norm, tensor in (("q_norm", q_norm, q), ("k_norm", k_norm, k)):
+        if norm is not None:
+            _check_qk_norm(name, norm, q.shape[-1], **{name[0]: tensor})
+    prologue = None if q_norm is None and k_norm is None else AttentionPrologue(None, 0, False, q_norm, k_norm)
+    masked = key_padding_mask is not None
+    if masked:
+        _check_key_padding_mask(key_padding_mask, q, (q.shape[0], k.shape[-2]), "q's batch, k's tokens")
+    parts = prologue.describe() if prologue is not None else ()
+    call = attention_call(
+        q.device, q.dtype, q.shape[-1], v.shape[-1], dropout=dropout_p > 0.0, prologue=parts, masked=masked
+    )
+    fn = dispatch.select("attention", backend, call)
+    if prologue is None and not masked:
+        return fn(q, k, v, scale, dropout_p)
+    return fn(q, k, v, scale, dropout_p, prologue, key_padding_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,22 +326,8 @@ def attention(
 
 @dispatch.register("qkv_attention", "torch")
 def _qkv_attention_torch(qkv, num_heads, scale, dropout_p, prologue=None, key_padding_mask=None):
-    if key_padding_mask is None:
-        return _qkv_sdpa(qkv, num_heads, scale, dropout_p, prologue)
-    # An entry without any kept key attends to every key (finite everywhere, whatever SDPA kernel runs: fully
-    # masked rows are NaN in some) and is then zeroed, as the spec; its gradient is 0 through the product.
-    any_kept = key_padding_mask.any(-1, keepdim=True)  # [B, 1]
-    keep = (key_padding_mask | ~any_kept)[:, None, None, :]  # [B, 1, 1, N]
-    return _qkv_sdpa(qkv, num_heads, scale, dropout_p, prologue, keep) * any_kept[..., None]
-
-
-def _qkv_sdpa(qkv, num_heads, scale, dropout_p, prologue=None, attn_mask=None):
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
-    if prologue is not None:
-        q, k = (
-            _prologue_torch(x, norm, prologue).to(v.dtype) for x, norm in ((q, prologue.q_norm), (k, prologue.k_norm))
-        )
-    return _sdpa(q, k, v, scale, dropout_p, attn_mask).transpose(1, 2).flatten(2)
+    return _attention_torch(q, k, v, scale, dropout_p, prologue, key_padding_mask).transpose(1, 2).flatten(2)
 
 
 def _prologue_torch(x: torch.Tensor, norm: QKNorm | None, prologue: AttentionPrologue) -> torch.Tensor:
@@ -338,8 +347,18 @@ def _prologue_torch(x: torch.Tensor, norm: QKNorm | None, prologue: AttentionPro
 
 
 @dispatch.register("attention", "torch")
-def _attention_torch(q, k, v, scale, dropout_p):
-    return _sdpa(q, k, v, scale, dropout_p)
+def _attention_torch(q, k, v, scale, dropout_p, prologue=None, key_padding_mask=None):
+    if prologue is not None:
+        q, k = (
+            _prologue_torch(x, norm, prologue).to(v.dtype) for x, norm in ((q, prologue.q_norm), (k, prologue.k_norm))
+        )
+    if key_padding_mask is None:
+        return _sdpa(q, k, v, scale, dropout_p)
+    # An entry without any kept key attends to every key (finite everywhere, whatever SDPA kernel runs: fully
+    # masked rows are NaN in some) and is then zeroed, as the spec; its gradient is 0 through the product.
+    any_kept = key_padding_mask.any(-1)[:, None, None, None]  # [B, 1, 1, 1]
+    keep = key_padding_mask[:, None, None, :] | ~any_kept  # [B, 1, 1, M]
+    return _sdpa(q, k, v, scale, dropout_p, keep) * any_kept
 
 
 def _sdpa(q, k, v, scale, dropout_p, attn_mask=None):

@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 
 from fastvit import dispatch
-from fastvit.ops.attention import AttentionPrologue, QKNorm, _check_prologue, _check_qkv, _qkv_sdpa, attention_call
+from fastvit.ops.attention import (
+    AttentionPrologue,
+    QKNorm,
+    _check_prologue,
+    _check_qkv,
+    _qkv_attention_torch,
+    attention_call,
+)
 from fastvit.validation import check_scale
 
 
@@ -149,7 +156,7 @@ def _sequence_prologue(prologue: AttentionPrologue | None, start, end) -> Attent
 def _varlen_per_sequence(qkv, cu_seqlens, num_heads, scale, prologue=None):
     bounds = cu_seqlens.tolist()
     parts = [
-        _qkv_sdpa(qkv[None, start:end], num_heads, scale, 0.0, _sequence_prologue(prologue, start, end))[0]
+        _qkv_attention_torch(qkv[None, start:end], num_heads, scale, 0.0, _sequence_prologue(prologue, start, end))[0]
         for start, end in zip(bounds, bounds[1:])
     ]
     return torch.cat(parts) if parts else _no_tokens(qkv)
@@ -169,10 +176,8 @@ def _varlen_padded(qkv, cu_seqlens, max_seqlen, num_heads, scale, prologue=None)
     if prologue is not None and prologue.rope is not None:  # per-token rows, gathered as the tokens: [B, 1|H, L, 2*D]
         rows = prologue.rope[..., gather, :]  # [B, L, 2*D], or [H, B, L, 2*D] per head
         prologue = prologue._replace(rope=rows[:, None] if rows.ndim == 3 else rows.transpose(0, 1))
-    # An empty sequence keeps one (padding) key, so that no row of SDPA is fully masked (NaN there would reach the
-    # gradient through 0 * NaN); padding rows are dropped below and get no gradient.
-    keep = (positions < lengths.clamp(min=1)[:, None])[:, None, None, :]  # [B, 1, 1, L]
-    out = _qkv_sdpa(padded, num_heads, scale, 0.0, prologue, attn_mask=keep)  # [B, L, C]
+    keep = positions < lengths[:, None]  # [B, L]; padding rows are dropped below and get no gradient
+    out = _qkv_attention_torch(padded, num_heads, scale, 0.0, prologue, keep)  # [B, L, C]
     token = torch.arange(tokens, device=qkv.device)
     sequence = torch.searchsorted(bounds[1:], token, right=True)  # the sequence of each token
     return out[sequence, token - starts[sequence]]

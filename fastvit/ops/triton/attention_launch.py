@@ -353,11 +353,13 @@ class PackedLayout(NamedTuple):
         return None if self.cu_seqlens is None else Varlen(self.cu_seqlens, self.max_seqlen)
 
 
-def _prologue_op_args(args: tuple) -> tuple[PrologueArgs, PackedLayout]:
+def _prologue_op_args(args: tuple, key_padding_mask_only: bool = False) -> tuple[PrologueArgs, PackedLayout]:
     """A prologue op's arguments after (qkv, num_heads, scale) (or the backward's leading ones): the prologue and
-    the layout (its defaults where the caller left them out)."""
+    the layout (its defaults where the caller left them out). ``key_padding_mask_only``: the [B, H, N, D] form's
+    ops, whose only trailing argument is the mask."""
     count = len(PrologueArgs._fields)
-    return PrologueArgs(*args[:count]), PackedLayout(*args[count:])
+    layout = PackedLayout(None, 0, *args[count:]) if key_padding_mask_only else PackedLayout(*args[count:])
+    return PrologueArgs(*args[:count]), layout
 
 
 def _as_batched(x: torch.Tensor) -> torch.Tensor:
