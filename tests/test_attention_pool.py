@@ -20,7 +20,7 @@ from fastvit import fusion, ops, reference
 from fastvit.layers import AttentionPoolLatent, RmsNorm
 from fastvit.ops import QKNorm
 
-from utils import DEVICE, assert_within_torch_error, triton_skip_reason
+from utils import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
 
 if triton_skip_reason() is not None:
     pytest.skip(triton_skip_reason(), allow_module_level=True)
@@ -28,17 +28,18 @@ if triton_skip_reason() is not None:
 HEADS, HEAD_DIM = 2, 32
 
 
-def _inputs(batch, tokens, dtype, seed=0):
+def _inputs(batch, tokens, dtype, seed=0, heads=HEADS, head_dim=HEAD_DIM):
     """The pool's operands: the latent query [1, H, 1, D] and the kv buffer [B, N, 2·H·D]."""
     gen = torch.Generator().manual_seed(seed)
-    latent = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen)
-    kv = torch.randn(batch, tokens, 2 * HEADS * HEAD_DIM, generator=gen)
+    latent = torch.randn(1, heads, 1, head_dim, generator=gen)
+    kv = torch.randn(batch, tokens, 2 * heads * head_dim, generator=gen)
     return latent.to(device=DEVICE, dtype=dtype), kv.to(device=DEVICE, dtype=dtype)
 
 
 def _views(latent, kv):
     """q broadcast over the batch (stride 0) and k, v as [B, H, N, D] views of the kv buffer, as the pool makes them."""
-    k, v = kv.unflatten(-1, (2, HEADS, HEAD_DIM)).permute(2, 0, 3, 1, 4).unbind(0)
+    heads, head_dim = latent.shape[1], latent.shape[-1]
+    k, v = kv.unflatten(-1, (2, heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
     return latent.expand(kv.shape[0], -1, -1, -1), k, v
 
 
@@ -54,7 +55,7 @@ def _mask(batch, tokens, seed=3):
 def _attend(fn, kinds, mask, dtype):
     """fn(latent, kv, *norm params) -> [B, H, 1, D]: ``fn`` is ops.attention with a backend or the spec."""
     q_kind, k_kind = kinds
-    n_q = len(_norm_params(q_kind, HEAD_DIM, 1))
+    n_q = {None: 0, "rms": 1, "layer": 2}[q_kind]  # q's norm parameters come first (see _norm_params)
 
     def run(latent, kv, *params):
         params = [p.to(dtype) for p in params]
@@ -71,10 +72,10 @@ def _spec(q, k, v, *, q_norm, k_norm, key_padding_mask):
     return reference.attention(q, k, v, key_padding_mask=key_padding_mask)
 
 
-def _check(batch, tokens, kinds, masked, dtype, name=""):
-    latent, kv = _inputs(batch, tokens, dtype)
+def _check(batch, tokens, kinds, masked, dtype, name="", heads=HEADS, head_dim=HEAD_DIM):
+    latent, kv = _inputs(batch, tokens, dtype, heads=heads, head_dim=head_dim)
     mask = _mask(batch, tokens) if masked else None
-    params = [*_norm_params(kinds[0], HEAD_DIM, 1), *_norm_params(kinds[1], HEAD_DIM, 2)]
+    params = [*_norm_params(kinds[0], head_dim, 1), *_norm_params(kinds[1], head_dim, 2)]
     triton = lambda *a, **k: ops.attention(*a, backend="triton", **k)  # noqa: E731
     torch_path = lambda *a, **k: ops.attention(*a, backend="torch", **k)  # noqa: E731
     ours = _run(_attend(triton, kinds, mask, dtype), [latent, kv, *params])
@@ -258,3 +259,19 @@ def test_fusion_report_puts_the_pools_qk_norm_inside_the_kernel():
     pool.k_norm = torch.nn.GroupNorm(1, HEAD_DIM)  # not a norm the prologue computes: called as a module
     report = fusion.pool_fusion(pool, DEVICE, torch.float32)
     assert not report["attn"].fused and "attn_pool.k_norm is a GroupNorm" in report["attn"].why_not[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: bfloat16, SigLIP-sized pools (skipped without CUDA)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-padding"])
+@pytest.mark.parametrize(
+    "heads, head_dim, kinds", [(16, 72, (None, None)), (12, 64, (None, "layer")), (16, 64, ("rms", "rms"))]
+)
+def test_gpu_pool_attention_siglip_sizes(heads, head_dim, kinds, masked, dtype):
+    # so400m/14-384: 729 tokens, 16 heads of 72 (the head-dim pieces); a k-norm / both norms at D = 64.
+    _check(8, 729, kinds, masked, dtype, name=f"gpu D={head_dim} {kinds}", heads=heads, head_dim=head_dim)
