@@ -26,9 +26,11 @@ from fastvit.layers import (
     eva_attention_half_blockers,
     eva_mlp_half_blockers,
     fused_mlp_call,
+    in_proj_blockers,
     layer_norm_prologue_fits,
     mlp_blockers,
     mlp_half_blockers,
+    norm_kind,
     parallel_block_blockers,
     prologue_blockers,
     qk_norm_params,
@@ -201,17 +203,23 @@ def eva_block_fusion(
 
 
 def parallel_block_fusion(block: ParallelScalingBlock, device: torch.device, dtype: torch.dtype) -> dict:
-    """How a ``ParallelScalingBlock`` runs: ``ops.attention`` on q/k/v views of the shared in_proj output and one
-    ``ops.linear_residual`` per out projection while ``parallel_block_blockers`` finds nothing; the MLP's GELU runs
-    as its own op (fc1 shares the in_proj GEMM with q, k and v, so ``ln_mlp`` does not apply)."""
+    """How a ``ParallelScalingBlock`` runs: in_norm, in_proj and the MLP's activation as one ``ops.ln_linear`` call
+    (the norm as the GEMM's prologue, the activation on the MLP's columns in its epilogue) while ``in_proj_blockers``
+    finds nothing and dispatch runs a fused GEMM for it; ``ops.attention`` on q/k/v views of that output; one
+    ``ops.linear_residual`` per out projection while ``parallel_block_blockers`` finds nothing. The in_proj GEMM is
+    reported with the MLP half (it holds fc1)."""
     blockers = list(parallel_block_blockers(block))
     residual_call = dispatch.DeviceDtypeCall(device, dtype)
     prologue_why = [f"qk-norm: {reason}" for reason in prologue_blockers(block)]
     attn_why = [*blockers, *prologue_why]
     attn_calls = _attention_op_call(block, device, dtype, block.training, False, not prologue_why)
-    mlp_calls = {}
+    in_proj = block.in_proj
+    in_proj_call = GemmCall(
+        device, dtype, in_proj.in_features, in_proj.out_features, norm_kind(block.in_norm) is not None
+    )
+    mlp_calls = {"ln_linear": (getattr(in_proj, "backend", None), in_proj_call)}
     if block.out_proj is None:
         attn_calls["linear_residual"] = (block.attn_out_proj.backend, residual_call)
         mlp_calls["linear_residual"] = (block.mlp_out_proj.backend, residual_call)
-    mlp_why = [*blockers, "the MLP's fc1 is part of in_proj (shared with q, k, v): its activation runs as its own op"]
+    mlp_why = [*blockers, *(f"in_proj: {reason}" for reason in in_proj_blockers(block))]
     return {"attn": _half(attn_why, attn_calls), "mlp": _half(mlp_why, mlp_calls)}

@@ -506,9 +506,15 @@ def mlp_act(mlp: nn.Module) -> str | None:
     else None."""
     if isinstance(mlp, (GluMlp, SwiGLU)):
         return "swiglu" if plain(mlp.act, nn.SiLU) and not getattr(mlp, "gate_last", False) else None
-    if plain(mlp.act, nn.GELU):
-        return "gelu_tanh" if mlp.act.approximate == "tanh" else "gelu"
-    return "quick_gelu" if plain(mlp.act, QuickGELU) else None
+    return activation_name(mlp.act)
+
+
+def activation_name(act: nn.Module) -> str | None:
+    """The fused ops' name of a plain single-input activation module ('gelu' | 'gelu_tanh' | 'quick_gelu'), else
+    None."""
+    if plain(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    return "quick_gelu" if plain(act, QuickGELU) else None
 
 
 def _fc1(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1111,8 +1117,10 @@ class ParallelScalingBlock(nn.Module):
     timm's keys: ``in_norm``, ``in_proj`` (fc1 and q, k, v in one Linear: [H + 3C, C], H the MLP width first),
     ``mlp_bias`` (fc1's bias when ``qkv_bias=False``; with ``qkv_bias=True`` every bias lives in ``in_proj.bias``),
     ``q_norm``/``k_norm``, ``attn_out_proj`` and ``mlp_out_proj`` (or one ``out_proj`` over [attn, mlp] with
-    ``fuse_out_proj``), ``ls``. The attention is one ``ops.qkv_attention`` call on the in_proj output's [B, N, 3C]
-    slice with qk-norm as its prologue (``attend``). While ``parallel_block_blockers`` finds nothing that must be
+    ``fuse_out_proj``), ``ls``. in_norm, in_proj and the MLP's activation are one ``ops.ln_linear`` call (the norm
+    as the GEMM's prologue, the activation on the MLP's columns in its epilogue) where ``in_proj_fusion`` says so.
+    The attention is one ``ops.qkv_attention`` call on the in_proj output's [B, N, 3C] slice with qk-norm as its
+    prologue (``attend``). While ``parallel_block_blockers`` finds nothing that must be
     called (separate out projections as plain ``ResidualLinear``s, ``ls`` an Identity, no active drop-path or
     dropout), both out projections add into the residual stream inside their GEMMs: two ``ops.linear_residual``
     calls, ``(x + mlp) + attn`` — one rounding order apart from timm's ``x + (attn + mlp)``.
@@ -1138,7 +1146,7 @@ class ParallelScalingBlock(nn.Module):
         hidden = int(mlp_ratio * dim)
         self.in_split = [hidden, dim, dim, dim]
         self.in_norm = norm_layer(dim, **dd)
-        self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=qkv_bias, **dd)
+        self.in_proj = NormLinear(dim, hidden + 3 * dim, bias=qkv_bias, **dd)
         self.mlp_bias = None if qkv_bias else nn.Parameter(torch.zeros(hidden, **dd))
         _add_qk_norms(self, qk_norm, norm_layer, dd)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -1174,17 +1182,45 @@ class ParallelScalingBlock(nn.Module):
         q, k, v = split_qkv_heads(qkv, self.num_heads)
         return self.q_norm(q), self.k_norm(k), v
 
+    def in_proj_fusion(self, x: torch.Tensor) -> dict | None:
+        """``ops.ln_linear``'s arguments when in_norm, in_proj and the MLP's activation run as one call on ``x`` (the
+        norm as the GEMM's prologue, the activation on the MLP's columns in its epilogue: no normalised copy and no
+        separate activation pass): plain modules (``in_proj_blockers``) and dispatch running a fused GEMM for the
+        call; else None (the modules run)."""
+        if next(in_proj_blockers(self), None) is not None:
+            return None
+        in_proj = self.in_proj
+        call = gemm_call(x, in_proj.in_features, in_proj.out_features, norm_kind(self.in_norm) is not None)
+        if dispatch.selected("ln_linear", in_proj.backend, call) == "torch":
+            return None
+        bias = in_proj.bias
+        if self.mlp_bias is not None:  # fc1's bias apart from the (bias-free) in_proj: zeros for q, k, v
+            bias = torch.cat([self.mlp_bias, self.mlp_bias.new_zeros(3 * in_proj.in_features)])
+        norm = self.in_norm
+        return dict(
+            ln_weight=norm.weight, ln_bias=getattr(norm, "bias", None), weight=in_proj.weight, bias=bias,
+            eps=norm.eps, activation=activation_name(self.mlp_act), backend=in_proj.backend, norm=norm_kind(norm),
+            activation_columns=self.in_split[0],
+        )  # fmt: skip
+
     def attend(self, x: torch.Tensor, attn_mask: AttnMask = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, N, C] (the block input) -> the heads' outputs [B, N, C] and the MLP's pre-activation [B, N, H].
-        While ``prologue_blockers`` finds nothing, one ``ops.qkv_attention`` call reads q, k, v from the in_proj
-        output with qk-norm as its prologue; else the norms run first, then ``ops.attention``."""
-        x_mlp, qkv = self.project(x)
-        return attend(self, x, attn_mask, lambda: qkv, lambda: self._heads(qkv)), x_mlp
+        """x: [B, N, C] (the block input) -> the heads' outputs [B, N, C] and the MLP's hidden activations [B, N, H]
+        (after ``mlp_act`` and ``mlp_drop``). The in_proj output is one ``ops.ln_linear`` call with the norm and the
+        activation fused where ``in_proj_fusion`` says so, else ``project``'s modules then ``mlp_act``. While
+        ``prologue_blockers`` finds nothing, one ``ops.qkv_attention`` call reads q, k, v from the in_proj output with
+        qk-norm as its prologue; else the norms run first, then ``ops.attention``."""
+        fused = self.in_proj_fusion(x)
+        if fused is None:
+            x_mlp, qkv = self.project(x)
+            x_mlp = self.mlp_act(x_mlp)
+        else:
+            y = ops.ln_linear(x, **fused)
+            x_mlp, qkv = y[..., : self.in_split[0]], y[..., self.in_split[0] :]
+        return attend(self, x, attn_mask, lambda: qkv, lambda: self._heads(qkv)), self.mlp_drop(x_mlp)
 
     def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
         """x: [B, N, C] -> [B, N, C]; ``attn_mask``: see ``fastvit.packing``."""
         x_attn, x_mlp = self.attend(x, attn_mask)
-        x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         why = next(parallel_block_blockers(self), None)
         if why is None:
             mlp_proj, attn_proj = self.mlp_out_proj, self.attn_out_proj
@@ -1197,6 +1233,18 @@ class ParallelScalingBlock(nn.Module):
         else:
             y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
         return x + drop_path(self.drop_path, self.ls(y), attn_mask)
+
+
+def in_proj_blockers(block: ParallelScalingBlock) -> Iterator[str]:
+    """Why a ``ParallelScalingBlock``'s in_norm, in_proj and MLP activation cannot be one ``ops.ln_linear`` call."""
+    if norm_kind(block.in_norm) is None:
+        yield f"in_norm is a {type(block.in_norm).__name__} (not a plain affine LayerNorm/RmsNorm): it is called"
+    if not plain(block.in_proj, NormLinear):
+        yield f"in_proj is a {type(block.in_proj).__name__} (an adapter, hook or subclass): it is called"
+    if activation_name(block.mlp_act) is None:
+        yield f"mlp_act is a {type(block.mlp_act).__name__} (not GELU / GELU-tanh / QuickGELU): it is called"
+    if _global_hooks():
+        yield "global module hooks are registered: every module is called"
 
 
 def parallel_block_blockers(block: ParallelScalingBlock) -> Iterator[str]:

@@ -218,19 +218,28 @@ def linear_residual(
 def ln_linear(
     x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, weight: torch.Tensor,
     bias: torch.Tensor | None = None, eps: float = 1e-6, activation: str = "none",
-    residual: torch.Tensor | None = None, *, norm: str = "layer",
+    residual: torch.Tensor | None = None, *, norm: str = "layer", activation_columns: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """A Linear layer with its glue: ``act(Norm(x) @ weight.T + bias) + residual``.
 
     x: [..., K]; ln_weight: [K] or None (no norm); ln_bias: [K] or None (LayerNorm only); ``norm``: 'layer'
     (LayerNorm) or 'rms' (RMSNorm); weight: [N, K] ([2N, K] for 'swiglu', gate rows first); bias: [N] ([2N]) or
     None; ``activation``: 'none' or one of :func:`mlp_activation`'s; residual: [..., N] (x's leading shape) or None.
+    ``activation_columns``: see :func:`activate_columns`.
     """
     hidden = x if ln_weight is None else _norm(x, ln_weight, ln_bias, eps, norm)
-    out = F.linear(hidden, weight, bias)
-    if activation != "none":
-        out = mlp_activation(out, activation)
+    out = activate_columns(F.linear(hidden, weight, bias), activation, activation_columns)
     return out if residual is None else residual + out
+
+
+def activate_columns(out: torch.Tensor, activation: str, columns: int | None = None) -> torch.Tensor:
+    """``activation`` on the first ``columns`` of the last dimension of ``out``, the rest left as they are (the
+    parallel blocks' in_proj: the MLP's hidden columns first, then q, k, v); None: on every column."""
+    if activation == "none":
+        return out
+    if columns is None:
+        return mlp_activation(out, activation)
+    return torch.cat([mlp_activation(out[..., :columns], activation), out[..., columns:]], dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------

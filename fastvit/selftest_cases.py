@@ -1043,10 +1043,11 @@ def extension_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
 
 
 def _ln_linear_case(
-    lead, k, n, layer_norm=True, activation="gelu", residual=True, bias=True, strided=False, norm="layer", split_k=None
-) -> OpCase:
+    lead, k, n, layer_norm=True, activation="gelu", residual=True, bias=True, strided=False, norm="layer", split_k=None,
+    columns=None,
+) -> OpCase:  # fmt: skip
     """An ``ln_linear`` case; ``norm`` 'layer' | 'rms' (no ln_bias); 'swiglu' doubles the weight's rows; ``split_k``
-    forces that many slices of the weight gradient's M reduction."""
+    forces that many slices of the weight gradient's M reduction; ``columns``: ``activation_columns``."""
     weight_rows = 2 * n if activation == "swiglu" else n
 
     def make(gen):
@@ -1062,9 +1063,10 @@ def _ln_linear_case(
 
     def run(backend):
         def fn(x, ln_w, ln_b, w, b, r):
+            kwargs = dict(norm=norm, activation_columns=columns)
             if backend == "spec":
-                return reference.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r, norm=norm)
-            return ops.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r, backend=backend, norm=norm)
+                return reference.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r, **kwargs)
+            return ops.ln_linear(x, ln_w, ln_b, w, b, 1e-6, activation, r, backend=backend, **kwargs)
 
         return fn
 
@@ -1107,6 +1109,8 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
                                                                             norm="rms")),
                 ("1x50x40 -> 20 quick_gelu, dW split-K 3", _ln_linear_case((1, 50), 40, 20, activation="quick_gelu",
                                                                             split_k=3)),
+                ("2x7x24 -> 56 gelu on 29 columns (parallel block in_proj)", _ln_linear_case((2, 7), 24, 56,
+                                                                                 residual=False, columns=29)),
             ]  # fmt: skip
             config_case = _ln_linear_case((2, 197), 192, 576)
             swiglu_case = _ln_linear_case((2, 197), 192, 512, activation="swiglu", norm="rms")

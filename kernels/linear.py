@@ -127,15 +127,27 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _activate(z, ACTIVATION: tl.constexpr, cols, act_cols, PARTIAL_ACT: tl.constexpr):
+    """act(z) on a [rows, cols] tile; with ``PARTIAL_ACT`` only on the columns ``cols < act_cols``, the others left
+    as they are (the parallel blocks' in_proj: the MLP's hidden columns, then q, k, v)."""
+    activated = _activation(z, ACTIVATION)
+    if PARTIAL_ACT:
+        activated = tl.where((cols < act_cols)[None, :], activated, z)
+    return activated
+
+
+@triton.jit
 def _swiglu(gate, value):
     """silu(gate) * value in fp32."""
     return gate * _sigmoid(gate) * value
 
 
 @triton.jit
-def _grad_pre_activation(grad_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr):
-    """dz = dout * act'(z) for one [rows, cols] tile (fp32; 0 outside ``mask``); z is the saved pre-activation."""
+def _grad_pre_activation(grad_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr, cols, act_cols, PARTIAL_ACT: tl.constexpr):
+    """dz = dout * act'(z) for one [rows, cols] tile (fp32; 0 outside ``mask``); z is the saved pre-activation.
+    ``PARTIAL_ACT``: only the columns ``cols < act_cols`` went through the activation (see :func:`_activate`)."""
     grad = tl.load(grad_ptrs, mask=mask, other=0.0).to(tl.float32)
+    plain = grad
     if ACTIVATION == ACT_GELU:
         z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(z * SQRT1_2))
@@ -148,6 +160,8 @@ def _grad_pre_activation(grad_ptrs, z_ptrs, mask, ACTIVATION: tl.constexpr):
         z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
         s = _sigmoid(z * QUICK_GELU_SCALE)
         grad = grad * (s + QUICK_GELU_SCALE * z * s * (1.0 - s))
+    if PARTIAL_ACT:
+        grad = tl.where((cols < act_cols)[None, :], grad, plain)
     return grad
 
 
@@ -327,6 +341,8 @@ def linear_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    act_cols=0,  # PARTIAL_ACT: the activation applies to the output columns < act_cols only
+    PARTIAL_ACT: tl.constexpr = False,
 ):
     offs_m, offs_n, rows_valid, cols_valid = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -369,7 +385,7 @@ def linear_fwd_kernel(
     if ACTIVATION == ACT_SWIGLU:
         acc = _swiglu(acc, acc_value)
     else:
-        acc = _activation(acc, ACTIVATION)
+        acc = _activate(acc, ACTIVATION, offs_n, act_cols, PARTIAL_ACT)
     if HAS_RESIDUAL:
         residual_ptrs = Residual + rows64[:, None] * stride_rm + offs_n[None, :] * stride_rn
         acc += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -400,6 +416,8 @@ def linear_bwd_input_kernel(
     BLOCK_N: tl.constexpr,  # the reduction tile
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    act_cols=0,  # PARTIAL_ACT: the forward's activation covered the output columns < act_cols only
+    PARTIAL_ACT: tl.constexpr = False,
 ):
     offs_m, offs_k, rows_valid, k_valid = _output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -422,7 +440,9 @@ def linear_bwd_input_kernel(
             v_ptrs += BLOCK_N * stride_vn
             pre_offsets += BLOCK_N
         else:  # z has dout's layout: one offset tile for both
-            dz = _grad_pre_activation(GradOut + grad_offsets, PreAct + grad_offsets, mask, ACTIVATION)
+            dz = _grad_pre_activation(
+                GradOut + grad_offsets, PreAct + grad_offsets, mask, ACTIVATION, n0 + offs_n, act_cols, PARTIAL_ACT
+            )
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc = tl.dot(dz.to(W.dtype.element_ty), w, acc, input_precision=INPUT_PRECISION)
         grad_offsets += BLOCK_N
@@ -457,6 +477,8 @@ def linear_bwd_weight_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # groups of N tiles here
+    act_cols=0,  # PARTIAL_ACT: the forward's activation covered the output columns < act_cols only
+    PARTIAL_ACT: tl.constexpr = False,
 ):
     pid_n, pid_k = _tile_coords(N, K, BLOCK_N, BLOCK_K, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -484,7 +506,9 @@ def linear_bwd_weight_kernel(
             pre_ptrs = PreAct + rows64[:, None] * (2 * N) + offs_n[None, :]
             dz, dz_value = _grad_swiglu(GradOut + grad_offsets, pre_ptrs, pre_ptrs + N, mask)
         else:  # z has dout's layout: one offset tile for both
-            dz = _grad_pre_activation(GradOut + grad_offsets, PreAct + grad_offsets, mask, ACTIVATION)
+            dz = _grad_pre_activation(
+                GradOut + grad_offsets, PreAct + grad_offsets, mask, ACTIVATION, offs_n, act_cols, PARTIAL_ACT
+            )
         mean, rstd = _load_row_stats(Mean, Rstd, rows, rows_valid, NORM, BLOCK_M)
         a_ptrs = A + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
         a = _load_a_tile(

@@ -275,7 +275,8 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
 @dataclasses.dataclass(frozen=True)
 class LinearCase:
     """One fused-GEMM shape with its flags: ``norm`` (kernels/linear.py NORM_*: 0 none, 1 LayerNorm, 2 RMSNorm),
-    ``activation`` (ACT_*: 0 none, 1 GELU, 4 SwiGLU), a residual, the rows (tokens) and the weight gradient's split."""
+    ``activation`` (ACT_*: 0 none, 1 GELU, 4 SwiGLU), a residual, the rows (tokens), the weight gradient's split and
+    ``act_columns`` (> 0: the activation on the output columns below it only, ``PARTIAL_ACT``)."""
 
     label: str
     in_features: int
@@ -287,6 +288,7 @@ class LinearCase:
     rows: int = 64 * 197
     split_k: int = 1
     kinds: tuple[str, ...] = ("fwd", "input", "weight")
+    act_columns: int = 0
 
 
 LINEAR_CASES = (
@@ -296,6 +298,8 @@ LINEAR_CASES = (
     LinearCase("EVA02-B fc2 (sub-LN, residual)", 2048, 768, norm=1, norm_bias=True, residual=True, rows=64 * 257),
     LinearCase("ViT-B qkv batch 2 (LN, split-K 3)", 768, 2304, norm=1, norm_bias=True, rows=2 * 197, split_k=3,
                kinds=("weight",)),
+    LinearCase("ViT-B xp in_proj (LN, GELU on the 3072 MLP columns of 5376)", 768, 5376, norm=1, norm_bias=True,
+               activation=1, act_columns=3072),
 )  # fmt: skip
 
 
@@ -310,6 +314,8 @@ def _linear_args(kind: str, dtype, case: LinearCase) -> tuple[tuple, dict]:
     pre_act = meta(rows, 2 * n if swiglu else n)
     stats, norm_param = meta(rows, dt=torch.float32), meta(k)
     norm_flags = dict(NORM=case.norm, HAS_NORM_BIAS=case.norm_bias, ACTIVATION=case.activation)
+    partial_act = dict(act_cols=case.act_columns, PARTIAL_ACT=True) if case.act_columns else {}
+    norm_flags.update(partial_act)
     if kind == "fwd":
         tensors = (x, weight, weight, out[0], out, out, pre_act, stats, stats, norm_param, norm_param, rows, n, k,
                    *x.stride(), *weight.stride(), *weight.stride(), *out.stride())  # fmt: skip
@@ -317,7 +323,7 @@ def _linear_args(kind: str, dtype, case: LinearCase) -> tuple[tuple, dict]:
         return tuple(map(_as_arg, tensors)), flags
     if kind == "input":
         tensors = (out, pre_act, weight, weight, x, rows, n, k, *weight.stride(), *weight.stride())
-        return tuple(map(_as_arg, tensors)), dict(ACTIVATION=case.activation)
+        return tuple(map(_as_arg, tensors)), dict(ACTIVATION=case.activation, **partial_act)
     weight_rows = 2 * n if swiglu else n
     partial = torch.float32 if case.split_k > 1 else dtype
     grad_weight, grad_bias = meta(case.split_k, weight_rows, k, dt=partial), meta(case.split_k, weight_rows, dt=partial)

@@ -261,11 +261,11 @@ def _linear_residual(draw: _Draw, *, lead=(2, 5), in_features=24, out_features=4
 
 def _ln_linear(
     draw: _Draw, *, lead=(2, 5), in_features=24, out_features=40, layer_norm=True, bias=True, residual=True,
-    activation="gelu", norm="layer", ln_bias=True,
+    activation="gelu", norm="layer", ln_bias=True, activation_columns=None,
 ):  # fmt: skip
     """x [*lead, K] (mean 0.5, std 2), norm weight [K] or None, LayerNorm bias [K] or None, weight [N, K] ([2N, K]
-    for 'swiglu'; fan-in scaled), bias [N] ([2N]) or None, residual [*lead, N] or None; ``activation`` and ``norm``
-    ('layer' | 'rms': no ln_bias) as the op's keywords."""
+    for 'swiglu'; fan-in scaled), bias [N] ([2N]) or None, residual [*lead, N] or None; ``activation``, ``norm``
+    ('layer' | 'rms': no ln_bias) and ``activation_columns`` as the op's keywords."""
     weight_rows = 2 * out_features if activation == "swiglu" else out_features
     tensors = {
         "x": draw(*lead, in_features, scale=2.0, offset=0.5),
@@ -276,8 +276,10 @@ def _ln_linear(
         "residual": draw(*lead, out_features) if residual else None,
     }
     kwargs = {"activation": activation}
-    if norm != "layer":  # only what differs from the LayerNorm default, so the default sample is today's call
+    if norm != "layer":  # only what differs from the defaults, so the default sample is today's call
         kwargs["norm"] = norm
+    if activation_columns is not None:
+        kwargs["activation_columns"] = activation_columns
     return tensors, kwargs
 
 

@@ -298,7 +298,8 @@ def test_parallel_blocks_swap_explain_and_refusals():
     ours = fastvit.from_timm(theirs).eval()
     assert attention_rollout(ours, x[:1]).shape == (1, 2, 2)  # a parallel block's attention
     report = ours.fusion_report()
-    assert "fc1 is part of in_proj" in str(report) and report[0]["attn"].backends["linear_residual"] == "torch"
+    assert "ln_linear: 'auto' runs the torch backend" in str(report)  # the in_proj GEMM, reported with the MLP half
+    assert report[0]["attn"].backends["linear_residual"] == "torch"
     parallel_vit = timm.create_model("vit_small_patch16_18x2_224", pretrained=False, depth=1, embed_dim=64, num_heads=2)
     for convert in (fastvit.from_timm, fastvit.optimize):
         with pytest.raises(ValueError, match="block_fn=ParallelThingsBlock is not supported"):
@@ -432,7 +433,41 @@ def test_parallel_block_attention_is_the_prologue_kernel_on_the_in_proj_slice():
     ours = fastvit.from_timm(theirs).eval().set_backend(FUSED)
     report = ours.fusion_report()
     assert report[0]["attn"].fused and report[0]["attn"].backends["qkv_attention"] == "triton", str(report)
+    assert report[0]["mlp"].fused and report[0]["mlp"].backends["ln_linear"] == "triton", str(report)
     assert_same_logits_and_grads(ours, theirs, _images(theirs, batch=1))
+
+
+@pytest.mark.skipif(FUSED_SKIP_REASON is not None, reason=str(FUSED_SKIP_REASON))
+@pytest.mark.parametrize("qkv_bias, norm_layer", [(False, LayerNorm), (True, RmsNorm)], ids=["mlp_bias-ln", "bias-rms"])
+def test_parallel_block_in_proj_is_one_gemm_with_the_norm_and_the_mlp_activation_fused(qkv_bias, norm_layer):
+    """in_norm -> in_proj -> GELU on the MLP's columns as one ops.ln_linear call on the Triton GEMM (fc1's separate
+    ``mlp_bias`` entering as the bias of those columns), forward and every gradient vs the module path in fp64."""
+    from fastvit.fusion import parallel_block_fusion
+    from fastvit.layers import in_proj_blockers
+
+    torch.manual_seed(0)
+    block = _randomise(ParallelScalingBlock(32, num_heads=2, qkv_bias=qkv_bias, qk_norm=True, norm_layer=norm_layer))
+    exact = copy.deepcopy(block).double()  # the module path (torch backends) in fp64
+    block.in_proj.backend = "triton"  # the ln_linear op; the rest as auto picks on CPU
+    x = torch.randn(2, 9, 32)
+    assert block.in_proj_fusion(x) is not None and exact.in_proj_fusion(x.double()) is None
+    assert parallel_block_fusion(block, x.device, x.dtype)["mlp"].backends["ln_linear"] == "triton"
+    got, got_grads = _output_and_grads(block, x)
+    want, want_grads = _output_and_grads(exact, x.double())
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad.float(), atol=1e-5, rtol=1e-4, msg=name)
+    block.mlp_act = nn.SiLU()
+    assert block.in_proj_fusion(x) is None and "mlp_act is a SiLU" in next(in_proj_blockers(block))
+
+
+def _output_and_grads(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A module's output and the gradients of x and every parameter under fixed output weights."""
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    weight = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape)
+    grads = torch.autograd.grad((out * weight).sum(), [x, *module.parameters()])
+    return out.detach(), dict(zip(["x", *dict(module.named_parameters())], grads))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -80,6 +80,19 @@ def test_swiglu_epilogue_with_every_prologue_and_switch(dtype, norm, ln_bias, bi
     check(sample, dtype, label=f"swiglu {norm} ln_bias={ln_bias} bias={bias} residual={residual}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation, norm", [("gelu", "layer"), ("gelu_tanh", "rms"), ("quick_gelu", "layer")])
+@pytest.mark.parametrize("columns", [0, 17, 40], ids=["none-activated", "ragged-split", "all"])
+def test_activation_on_the_first_columns_only(dtype, activation, norm, columns):
+    # A parallel block's in_proj: the MLP's hidden columns activated, q, k, v not; 17 splits a 16-wide tile (the
+    # small tiles below) and the interpreter's one wide tile alike; the backward forms act'(z) on those columns only.
+    sample = LN_LINEAR.make(dtype, DEVICE, lead=(3, 5), in_features=24, out_features=40, activation=activation,
+                            norm=norm, residual=False, activation_columns=columns)  # fmt: skip
+    check(sample, dtype, label=f"{activation} {norm} columns={columns}")
+    with linear_triton.forced_configs(dict.fromkeys(linear_triton.KINDS, SMALL_TILES)):
+        check(sample, dtype, label=f"{activation} {norm} columns={columns} small tiles")
+
+
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_qkv_with_eva_q_and_v_only_bias(norm):
     # A block's qkv through ln_linear (item D, the lead's layers.py): EVA's q_bias / v_bias with k's bias a zero
@@ -291,6 +304,18 @@ def test_opcheck_of_the_swiglu_and_rms_ops(norm, split):
     torch.library.opcheck(torch.ops.fastvit.ln_linear_bwd.default, bwd)
 
 
+def test_opcheck_with_the_activation_on_the_first_columns():
+    sample = LN_LINEAR.make(lead=(9,), in_features=24, out_features=20, residual=False)
+    x, ln_w, ln_b, weight, bias = (sample[n] for n in ("x", "ln_weight", "ln_bias", "weight", "bias"))
+    gelu = linear_triton.ACTIVATION_CODES["gelu"]
+    fwd = [t.clone().requires_grad_() for t in (x, ln_w, ln_b, weight, bias)]
+    torch.library.opcheck(torch.ops.fastvit.ln_linear_fwd.default, (*fwd, None, 1e-6, gelu, True, 1, None, 7))
+    _, mean, rstd, pre_act = torch.ops.fastvit.ln_linear_fwd(x, ln_w, ln_b, weight, bias, None, 1e-6, gelu, True, 1,
+                                                              None, 7)  # fmt: skip
+    bwd = (torch.randn(9, 20, device=DEVICE), x, ln_w, ln_b, mean, rstd, weight, pre_act, gelu, True, 1, None, 7)
+    torch.library.opcheck(torch.ops.fastvit.ln_linear_bwd.default, bwd)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad inputs
 
@@ -317,6 +342,9 @@ def _args(**changes):
         (dict(eps=0.0), ValueError, "eps must be a positive finite number"),
         (dict(x=torch.randn(2, 3, 8, dtype=torch.float64)), TypeError, "one dtype"),
         (dict(x=torch.ones(2, 3, 8, dtype=torch.int64)), TypeError, "x must be a floating-point tensor"),
+        (dict(activation_columns=6), ValueError, r"activation_columns must be in \[0, N=5\], got 6"),
+        (dict(activation_columns=2.0), TypeError, "activation_columns must be an int or None"),
+        (dict(activation="none", activation_columns=2), ValueError, "activation_columns applies to a single-input"),
     ],
 )
 def test_bad_inputs_are_clear_errors(changes, error, match):

@@ -347,11 +347,34 @@ def _samples_varlen_qkv_attention():
 
 
 def _samples_attention():
-    q, k, v = ATTENTION.make(batch=1, q_tokens=9, kv_tokens=12, head_dim=48, requires_grad=True).args
-    out, lse = torch.ops.fastvit.attention_fwd(q.detach(), k.detach(), v.detach(), 0.2)
+    q, k, v = ATTENTION.make(batch=2, q_tokens=9, kv_tokens=12, head_dim=48, requires_grad=True).args
+    qkv = [t.detach() for t in (q, k, v)]
+    keep = torch.arange(12, device=DEVICE)[None, :] < torch.tensor([[7], [0]], device=DEVICE)  # one entry all masked
+    out, lse = torch.ops.fastvit.attention_fwd(*qkv, 0.2)
+    masked_out, masked_lse = torch.ops.fastvit.attention_fwd(*qkv, 0.2, keep)
     return {
-        "attention_fwd": [(q, k, v, 0.2)],
-        "attention_bwd": [(torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.2)],
+        "attention_fwd": [(q, k, v, 0.2), (q, k, v, 0.2, keep)],
+        "attention_bwd": [
+            (torch.randn_like(out), *qkv, out, lse, 0.2),
+            (torch.randn_like(out), *qkv, masked_out, masked_lse, 0.2, keep),
+        ],
+    }
+
+
+def _samples_attention_prologue():
+    # The attention-pooling head's form: one query broadcast over the batch (stride 0), a k-norm, a key mask.
+    latent = randn(1, 2, 1, 32, seed=10).requires_grad_()
+    k, v = (randn(2, 2, 11, 32, seed=seed).requires_grad_() for seed in (11, 12))
+    keep = torch.arange(11, device=DEVICE)[None, :] < torch.tensor([[11], [4]], device=DEVICE)
+    q_weight, k_weight, k_bias = (1 + 0.1 * randn(32, seed=seed) for seed in (13, 14, 15))
+    prologue = (None, 0, False, "rms", q_weight.requires_grad_(), None, 1e-6, "layer", k_weight, k_bias, 1e-5)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in prologue]
+    q = latent.expand(2, -1, -1, -1)
+    inputs = (q.detach(), k.detach(), v.detach())
+    out, lse = torch.ops.fastvit.attention_prologue_fwd(*inputs, 0.2, *detached, keep)
+    return {
+        "attention_prologue_fwd": [(q, k, v, 0.2, *prologue, keep), (q, k, v, 0.2, *prologue, None)],
+        "attention_prologue_bwd": [(torch.randn_like(out), *inputs, out, lse, 0.2, *detached, keep)],
     }
 
 
@@ -422,8 +445,9 @@ def _samples_ln_linear():
             (x2d, lnw, lnb, w, b, r2d, 1e-6, 1, True),
             (relayout(x2d.detach(), "slice").requires_grad_(), None, None, w, None, None, 1e-6, 0, False),
             (x2d, lnw, lnb, w, b, None, 1e-5, 2, True),
+            (x2d, lnw, lnb, w, b, None, 1e-6, 1, True, 1, None, 17),  # GELU on the first 17 columns only
         ],
-        "ln_linear_bwd": [gelu, no_ln],
+        "ln_linear_bwd": [gelu, no_ln, (*gelu, 1, None, 17)],
     }
 
 
@@ -432,6 +456,7 @@ _SAMPLE_GROUPS = {
     "attention": (_samples_attention, TRITON_REASON),
     "varlen_qkv_attention": (_samples_varlen_qkv_attention, TRITON_REASON),
     "qkv_attention_prologue": (_samples_qkv_attention_prologue, TRITON_REASON),
+    "attention_prologue": (_samples_attention_prologue, TRITON_REASON),
     "patch_embed": (_samples_patch_embed, TRITON_REASON),
     "layer_norm": (_samples_layer_norm, EXTENSION_REASON),
     "ln_mlp": (_samples_ln_mlp, EXTENSION_REASON),

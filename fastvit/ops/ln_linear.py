@@ -71,6 +71,7 @@ def ln_linear(
     backend: str | None = None,
     *,
     norm: str = "layer",
+    activation_columns: int | None = None,
 ) -> torch.Tensor:
     """``act(Norm(x) @ weight.T + bias) + residual``, every part but the GEMM optional.
 
@@ -86,6 +87,9 @@ def ln_linear(
         residual: [..., N] with x's leading shape, added last; or None.
         backend: 'auto' | 'triton' | 'torch'; None = the process default.
         norm: 'layer' (LayerNorm) or 'rms' (RMSNorm, weight only): the kind of the norm when ``ln_weight`` is given.
+        activation_columns: the activation applies to output columns ``[0, activation_columns)`` only, the rest are
+            the plain ``Norm(x) @ weight.T + bias`` (timm's ``ParallelScalingBlock`` in_proj: the MLP's hidden
+            columns, then q, k, v, in one GEMM); None: every column. Not with 'none' or 'swiglu'.
 
     Returns:
         [..., N].
@@ -112,6 +116,13 @@ def ln_linear(
     if activation == "swiglu" and weight_rows % 2:
         raise ValueError(f"weight must have an even number of rows with activation='swiglu' {rows}, got {weight_rows}")
     out_features = weight_rows // 2 if activation == "swiglu" else weight_rows
+    if activation_columns is not None:
+        if activation in ("none", "swiglu"):
+            raise ValueError(f"activation_columns applies to a single-input activation, got activation={activation!r}")
+        if isinstance(activation_columns, bool) or not isinstance(activation_columns, int):
+            raise TypeError(f"activation_columns must be an int or None, got {type(activation_columns).__name__}")
+        if not 0 <= activation_columns <= out_features:
+            raise ValueError(f"activation_columns must be in [0, N={out_features}], got {activation_columns}")
     if residual is not None:
         check_tensor("residual", residual)
         meaning = "[..., N]: x's leading dimensions, N = weight.shape[0]"
@@ -122,17 +133,18 @@ def ln_linear(
     check_same_dtype_outside_autocast(x.device, **tensors)
     call = gemm_call(x, in_features, out_features, ln_weight is not None)
     impl = dispatch.select("ln_linear", backend, call)
-    return impl(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, norm)
+    if activation_columns is None or activation_columns == out_features:
+        return impl(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, norm)
+    return impl(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, norm, activation_columns)
 
 
 @dispatch.register("ln_linear", "torch")
-def _ln_linear_torch(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, norm="layer"):
+def _ln_linear_torch(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, norm="layer", columns=None):
     if ln_weight is None:
         normed = x
     elif norm == "rms":
         normed = F.rms_norm(x, x.shape[-1:], ln_weight, eps)
     else:
         normed = F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps)
-    out = F.linear(normed, weight, bias)
-    out = out if activation == "none" else reference.mlp_activation(out, activation)
+    out = reference.activate_columns(F.linear(normed, weight, bias), activation, columns)
     return out if residual is None else residual + out

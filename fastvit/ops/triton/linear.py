@@ -79,7 +79,7 @@ def measured_choice(op_name: str):
 
 
 @dispatch.register("ln_linear", "triton", supports=supports, measured=measured_choice("ln_linear"))
-def ln_linear(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, norm="layer"):
+def ln_linear(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, norm="layer", columns=None):
     residual_outside = None
     cast_x, ln_weight, ln_bias, weight, bias = cast_like_autocast_linear(
         x.device.type, x, ln_weight, ln_bias, weight, bias
@@ -105,6 +105,7 @@ def ln_linear(x, ln_weight, ln_bias, weight, bias, eps, activation, residual, no
         ACTIVATION_CODES[activation],
         save and activation != "none",
         NORM_CODES[norm],
+        act_columns=-1 if columns is None else columns,
     )[0].view(*x.shape[:-1], out_features)
     return out if residual_outside is None else residual_outside + out
 
@@ -130,23 +131,27 @@ def ln_mlp(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ep
 # Custom ops: fastvit::ln_linear_fwd returns (out, mean, rstd, pre_act), the last three saved for the backward
 # (empty when there is no norm / no LayerNorm mean / no activation or no backward to come). ``norm`` (NORM_CODES:
 # 1 LayerNorm, 2 RMSNorm) is the prologue's kind when ``ln_weight`` is given; ``weight_value`` is SwiGLU's value
-# half in timm's split layout (None: ``weight`` packs both halves). Both trail the schema with defaults.
+# half in timm's split layout (None: ``weight`` packs both halves); ``act_columns`` (>= 0) limits the activation to
+# the output columns below it (-1: all). They trail the schema with defaults.
 
 _FWD = (
     "(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor weight, Tensor? bias, Tensor? residual, float eps, "
-    "int activation, bool save_pre_act, int norm=1, Tensor? weight_value=None) -> (Tensor, Tensor, Tensor, Tensor)"
+    "int activation, bool save_pre_act, int norm=1, Tensor? weight_value=None, int act_columns=-1) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD = (
     "(Tensor grad_out, Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor mean, Tensor rstd, Tensor weight, "
-    "Tensor pre_act, int activation, bool has_bias, int norm=1, Tensor? weight_value=None) "
+    "Tensor pre_act, int activation, bool has_bias, int norm=1, Tensor? weight_value=None, int act_columns=-1) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
 @torch.library.custom_op("fastvit::ln_linear_fwd", mutates_args=(), schema=_FWD)
 def _ln_linear_fwd(x, ln_weight, ln_bias, weight, bias, residual, eps, activation, save_pre_act, norm=1,
-                   weight_value=None):  # fmt: skip
-    return _forward(x, ln_weight, ln_bias, weight, bias, residual, eps, activation, save_pre_act, norm, weight_value)
+                   weight_value=None, act_columns=-1):  # fmt: skip
+    return _forward(
+        x, ln_weight, ln_bias, weight, bias, residual, eps, activation, save_pre_act, norm, weight_value, act_columns
+    )
 
 
 def _gate_rows(weight, weight_value, activation):
@@ -156,7 +161,8 @@ def _gate_rows(weight, weight_value, activation):
 
 
 @_ln_linear_fwd.register_fake
-def _(x, ln_weight, ln_bias, weight, bias, residual, eps, activation, save_pre_act, norm=1, weight_value=None):
+def _(x, ln_weight, ln_bias, weight, bias, residual, eps, activation, save_pre_act, norm=1, weight_value=None,
+      act_columns=-1):  # fmt: skip
     rows, out_features = x.shape[0], _gate_rows(weight, weight_value, activation)
     pre_width = 2 * out_features if activation == ACTIVATION_CODES["swiglu"] else out_features
     has_norm = ln_weight is not None
@@ -170,14 +176,16 @@ def _(x, ln_weight, ln_bias, weight, bias, residual, eps, activation, save_pre_a
 
 @torch.library.custom_op("fastvit::ln_linear_bwd", mutates_args=(), schema=_BWD)
 def _ln_linear_bwd(grad_out, x, ln_weight, ln_bias, mean, rstd, weight, pre_act, activation, has_bias, norm=1,
-                   weight_value=None):  # fmt: skip
+                   weight_value=None, act_columns=-1):  # fmt: skip
     return _backward(
-        grad_out, x, ln_weight, ln_bias, mean, rstd, weight, pre_act, activation, has_bias, norm, weight_value
-    )
+        grad_out, x, ln_weight, ln_bias, mean, rstd, weight, pre_act, activation, has_bias, norm, weight_value,
+        act_columns,
+    )  # fmt: skip
 
 
 @_ln_linear_bwd.register_fake
-def _(grad_out, x, ln_weight, ln_bias, mean, rstd, weight, pre_act, activation, has_bias, norm=1, weight_value=None):
+def _(grad_out, x, ln_weight, ln_bias, mean, rstd, weight, pre_act, activation, has_bias, norm=1, weight_value=None,
+      act_columns=-1):  # fmt: skip
     out_features = _gate_rows(weight, weight_value, activation)
     weight_rows = 2 * out_features if activation == ACTIVATION_CODES["swiglu"] else out_features
     empty = weight.new_empty(0)
@@ -191,10 +199,11 @@ def _(grad_out, x, ln_weight, ln_bias, mean, rstd, weight, pre_act, activation, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, weight, bias, residual, _eps, activation, _save, norm, weight_value = inputs
+    x, ln_weight, ln_bias, weight, bias, residual, _eps, activation, _save, norm, weight_value, act_columns = inputs
     _out, mean, rstd, pre_act = output
     ctx.save_for_backward(x, ln_weight, ln_bias, mean, rstd, weight, pre_act, weight_value)
     ctx.activation, ctx.has_bias, ctx.has_residual, ctx.norm = activation, bias is not None, residual is not None, norm
+    ctx.act_columns = act_columns
 
 
 @no_double_backward("ln_linear/ln_mlp")  # the GEMMs of both ops
@@ -207,7 +216,7 @@ def _ln_linear_backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_pre_act):
         )
     grad_x, grad_weight, grad_bias, grad_ln_weight, grad_ln_bias = torch.ops.fastvit.ln_linear_bwd(
         grad_out, x, ln_weight, ln_bias, mean, rstd, weight, pre_act, ctx.activation, ctx.has_bias, ctx.norm,
-        weight_value,
+        weight_value, ctx.act_columns,
     )  # fmt: skip
     grad_weight_value = None
     if weight_value is not None:  # timm's split layout: the packed gradient's halves
@@ -224,6 +233,7 @@ def _ln_linear_backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_pre_act):
         None,
         None,
         grad_weight_value,
+        None,
     )
 
 

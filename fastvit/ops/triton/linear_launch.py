@@ -130,11 +130,21 @@ def _weight_halves(weight: torch.Tensor, weight_value: torch.Tensor | None, acti
     return gate, value
 
 
-def _forward(x, norm_weight, norm_bias, weight, bias, residual, eps, activation, save_pre_act, norm, weight_value):
+def _partial_activation(act_columns: int, out_features: int) -> dict:
+    """The kernels' arguments when the activation covers only the first ``act_columns`` output columns ({} when it
+    covers them all, ``act_columns`` -1 or N: the launch compiles as without the switch)."""
+    if 0 <= act_columns < out_features:
+        return dict(act_cols=act_columns, PARTIAL_ACT=True)
+    return {}
+
+
+def _forward(x, norm_weight, norm_bias, weight, bias, residual, eps, activation, save_pre_act, norm, weight_value,
+             act_columns=-1):  # fmt: skip
     """out [M, N] = act(Norm(x) Wᵀ + b) + residual, and (mean, rstd, pre_act) for the backward (empty when unused).
 
     SwiGLU: ``weight`` [2N, K] packed (gate rows first) or the gate rows [N, K] with ``weight_value`` [N, K];
-    ``bias`` [2N] (gate then value); pre_act [M, 2N] (gate then value)."""
+    ``bias`` [2N] (gate then value); pre_act [M, 2N] (gate then value). ``act_columns``: the activation applies to
+    the output columns below it only (-1: all)."""
     rows, in_features = x.shape
     gate, value = _weight_halves(weight, weight_value, activation)
     out_features = gate.shape[0]
@@ -162,7 +172,7 @@ def _forward(x, norm_weight, norm_bias, weight, bias, residual, eps, activation,
         constants = dict(
             NORM=norm, HAS_NORM_BIAS=has_norm and norm_bias is not None, HAS_BIAS=bias is not None,
             ACTIVATION=activation, HAS_RESIDUAL=residual is not None, SAVE_PRE_ACT=save_pre_act,
-            INPUT_PRECISION=launch.input_precision(x.dtype),
+            INPUT_PRECISION=launch.input_precision(x.dtype), **_partial_activation(act_columns, out_features),
         )  # fmt: skip
         num_programs = lambda bm, bn, bk: launch.cdiv(rows, bm) * launch.cdiv(out_features, bn)
         _launch("fwd", x, rows, num_programs, args, constants)
@@ -221,10 +231,10 @@ def _norm_backward(grad_normed, x, norm_weight, mean, rstd, norm, has_norm_bias)
 
 
 def _backward(grad_out, x, norm_weight, norm_bias, mean, rstd, weight, pre_act, activation, has_bias, norm,
-              weight_value):  # fmt: skip
+              weight_value, act_columns=-1):  # fmt: skip
     """(dx [M, K] in x's dtype (through the norm's backward with a prologue); dW [R, K] with R = N, or 2N for
     SwiGLU (gate rows then value rows, whatever the weight layout); db [R], or empty without a bias; the norm's
-    d weight and d bias [K], or empty)."""
+    d weight and d bias [K], or empty). ``act_columns``: the forward's."""
     rows, in_features = x.shape
     gate, value = _weight_halves(weight, weight_value, activation)
     out_features = gate.shape[0]
@@ -247,7 +257,8 @@ def _backward(grad_out, x, norm_weight, norm_bias, mean, rstd, weight, pre_act, 
     with launch.device_guard(x):
         args = (grad_out, z, gate, value, grad_a, rows, out_features, in_features, *gate.stride(), *value.stride())
         num_programs = lambda bm, bn, bk: launch.cdiv(rows, bm) * launch.cdiv(in_features, bk)
-        constants = dict(ACTIVATION=activation, INPUT_PRECISION=precision)
+        partial = _partial_activation(act_columns, out_features)
+        constants = dict(ACTIVATION=activation, INPUT_PRECISION=precision, **partial)
         _launch("input", x, rows, num_programs, args, constants)
 
         split_k = weight_split_k(rows, weight_rows, in_features, x, activation == ACTIVATION_CODES["swiglu"])
@@ -264,7 +275,7 @@ def _backward(grad_out, x, norm_weight, norm_bias, mean, rstd, weight, pre_act, 
                 in_features, *x.stride())  # fmt: skip
         tiles = lambda bm, bn, bk: launch.cdiv(out_features, bn) * launch.cdiv(in_features, bk)
         constants = dict(NORM=norm, HAS_NORM_BIAS=has_norm_bias, HAS_BIAS=has_bias, ACTIVATION=activation,
-                         SPLIT_K=split_k, INPUT_PRECISION=precision)  # fmt: skip
+                         SPLIT_K=split_k, INPUT_PRECISION=precision, **partial)  # fmt: skip
         _launch("weight", x, rows, tiles, args, constants, splits=split_k)
         if split_k > 1:
             grad_weight = grad_weight.sum(0).to(weight.dtype)
