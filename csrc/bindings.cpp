@@ -52,8 +52,8 @@ TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
   m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd_cpu);
   m.impl("ln_mlp_fwd", &fastvit::ln_mlp_fwd<c10::DeviceType::CPU>);
   m.impl("ln_mlp_bwd", &fastvit::ln_mlp_bwd<c10::DeviceType::CPU>);
-  m.impl("linear_residual_fwd", &fastvit::linear_residual_fwd_cpu);
-  m.impl("linear_residual_bwd", &fastvit::linear_residual_bwd_cpu);
+  m.impl("linear_residual_fwd", &fastvit::linear_residual_fwd<c10::DeviceType::CPU>);
+  m.impl("linear_residual_bwd", &fastvit::linear_residual_bwd<c10::DeviceType::CPU>);
 }
 
 #ifdef FASTVIT_WITH_CUDA
@@ -62,8 +62,8 @@ TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd_cuda);
   m.impl("ln_mlp_fwd", &fastvit::ln_mlp_fwd<c10::DeviceType::CUDA>);
   m.impl("ln_mlp_bwd", &fastvit::ln_mlp_bwd<c10::DeviceType::CUDA>);
-  m.impl("linear_residual_fwd", &fastvit::linear_residual_fwd_cuda);
-  m.impl("linear_residual_bwd", &fastvit::linear_residual_bwd_cuda);
+  m.impl("linear_residual_fwd", &fastvit::linear_residual_fwd<c10::DeviceType::CUDA>);
+  m.impl("linear_residual_bwd", &fastvit::linear_residual_bwd<c10::DeviceType::CUDA>);
 }
 #else
 namespace {
