@@ -47,24 +47,25 @@ TORCH_LIBRARY(fastvit, m) {
       "need_grad_bias, bool deterministic) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit, CPU, m) {
-  m.impl("layer_norm_fwd", &fastvit::layer_norm_fwd_cpu);
-  m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd_cpu);
-  m.impl("ln_mlp_fwd", &fastvit::ln_mlp_fwd_cpu);
-  m.impl("ln_mlp_bwd", &fastvit::ln_mlp_bwd_cpu);
-  m.impl("linear_residual_fwd", &fastvit::linear_residual_fwd_cpu);
-  m.impl("linear_residual_bwd", &fastvit::linear_residual_bwd_cpu);
+namespace {
+
+// One kernel definition per op serves both dispatch keys: it checks the arguments, then runs kDevice's implementation.
+template <c10::DeviceType kDevice>
+void register_kernels(torch::Library& m) {
+  m.impl("layer_norm_fwd", &fastvit::layer_norm_fwd<kDevice>);
+  m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd<kDevice>);
+  m.impl("ln_mlp_fwd", &fastvit::ln_mlp_fwd<kDevice>);
+  m.impl("ln_mlp_bwd", &fastvit::ln_mlp_bwd<kDevice>);
+  m.impl("linear_residual_fwd", &fastvit::linear_residual_fwd<kDevice>);
+  m.impl("linear_residual_bwd", &fastvit::linear_residual_bwd<kDevice>);
 }
 
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvit, CPU, m) { register_kernels<c10::DeviceType::CPU>(m); }
+
 #ifdef FASTVIT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
-  m.impl("layer_norm_fwd", &fastvit::layer_norm_fwd_cuda);
-  m.impl("layer_norm_bwd", &fastvit::layer_norm_bwd_cuda);
-  m.impl("ln_mlp_fwd", &fastvit::ln_mlp_fwd_cuda);
-  m.impl("ln_mlp_bwd", &fastvit::ln_mlp_bwd_cuda);
-  m.impl("linear_residual_fwd", &fastvit::linear_residual_fwd_cuda);
-  m.impl("linear_residual_bwd", &fastvit::linear_residual_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(fastvit, CUDA, m) { register_kernels<c10::DeviceType::CUDA>(m); }
 #else
 namespace {
 // A CPU-only build still registers a CUDA kernel for every op, so that CUDA tensors get this

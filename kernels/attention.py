@@ -826,25 +826,24 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i, acc1, acc2 = _fwd_key_block(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
-            stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
-            acc1, acc2, q1, q2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
-        )  # fmt: skip
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs = _advance_pieces(
-            k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs, BLOCK_N * stride_kn, BLOCK_N * stride_vn, D1, D2
-        )
-    if n_full < N_KV:
-        acc, l_i, m_i, acc1, acc2 = _fwd_key_block(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
-            stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
-            acc1, acc2, q1, q2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
-        )  # fmt: skip
+    # The full key blocks unmasked, then the ragged last one (if any) masked: only that block pays for the bounds
+    # checks. One call site for both: the static loop compiles its body once per part, and the tail's loop (one
+    # block, constant bounds) folds into its `if`; a real loop there, even an unpipelined one, costs registers.
+    for TAIL in tl.static_range(2):
+        if (n_full < N_KV) if TAIL else True:
+            for offset in range(0, BLOCK_N if TAIL else n_full, BLOCK_N):
+                start_n = n_full + offset if TAIL else offset
+                acc, l_i, m_i, acc1, acc2 = _fwd_key_block(
+                    acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
+                    HEAD_DIM, BLOCK_D, TAIL == 1, INPUT_PRECISION,
+                    stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+                    acc1, acc2, q1, q2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
+                )  # fmt: skip
+                k_ptrs += BLOCK_N * stride_kn
+                v_ptrs += BLOCK_N * stride_vn
+                k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs = _advance_pieces(
+                    k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs, BLOCK_N * stride_kn, BLOCK_N * stride_vn, D1, D2
+                )
 
     if KEY_MASK:  # a row without any kept key (acc = 0, l_i = 0): output 0 and lse = +inf, so the backward's P = 0
         no_keys = l_i == 0.0
@@ -1065,27 +1064,23 @@ def attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
-        dk, dv, dk1, dk2, dv1, dv2 = _bwd_dkdv_query_block(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, N_Q, qk_scale, offs_m, offs_d,
-            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
-            stride_qd, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps, ROPE, Q_NORM, key_keep, KEY_MASK,
-            dk1, dk2, dv1, dv2, k1, k2, v1, v2, q1_ptrs, q2_ptrs, do1_ptrs, do2_ptrs, cols1, cols2, D1, D2,
-        )  # fmt: skip
-        q_ptrs += BLOCK_M * stride_qn
-        do_ptrs += BLOCK_M * stride_don
-        lse_ptrs += BLOCK_M
-        delta_ptrs += BLOCK_M
-        q1_ptrs, do1_ptrs, q2_ptrs, do2_ptrs = _advance_pieces(
-            q1_ptrs, do1_ptrs, q2_ptrs, do2_ptrs, BLOCK_M * stride_qn, BLOCK_M * stride_don, D1, D2
-        )
-    if m_full < N_Q:
-        dk, dv, dk1, dk2, dv1, dv2 = _bwd_dkdv_query_block(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, m_full, N_Q, qk_scale, offs_m, offs_d,
-            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
-            stride_qd, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps, ROPE, Q_NORM, key_keep, KEY_MASK,
-            dk1, dk2, dv1, dv2, k1, k2, v1, v2, q1_ptrs, q2_ptrs, do1_ptrs, do2_ptrs, cols1, cols2, D1, D2,
-        )  # fmt: skip
+    for TAIL in tl.static_range(2):  # the full query blocks, then the masked ragged one: see attn_fwd_kernel
+        if (m_full < N_Q) if TAIL else True:
+            for offset in range(0, BLOCK_M if TAIL else m_full, BLOCK_M):
+                start_m = m_full + offset if TAIL else offset
+                dk, dv, dk1, dk2, dv1, dv2 = _bwd_dkdv_query_block(
+                    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m, N_Q, qk_scale, offs_m, offs_d,
+                    HEAD_DIM, BLOCK_D, TAIL == 1, INPUT_PRECISION,
+                    stride_qd, Rope, stride_rope_n, NUM_PREFIX, QW, QB, q_eps, ROPE, Q_NORM, key_keep, KEY_MASK,
+                    dk1, dk2, dv1, dv2, k1, k2, v1, v2, q1_ptrs, q2_ptrs, do1_ptrs, do2_ptrs, cols1, cols2, D1, D2,
+                )  # fmt: skip
+                q_ptrs += BLOCK_M * stride_qn
+                do_ptrs += BLOCK_M * stride_don
+                lse_ptrs += BLOCK_M
+                delta_ptrs += BLOCK_M
+                q1_ptrs, do1_ptrs, q2_ptrs, do2_ptrs = _advance_pieces(
+                    q1_ptrs, do1_ptrs, q2_ptrs, do2_ptrs, BLOCK_M * stride_qn, BLOCK_M * stride_don, D1, D2
+                )
 
     dk *= sm_scale
     if ROPE != 0 or K_NORM != 0:  # dk is the gradient w.r.t. the prologue's k: back to the raw k
@@ -1240,25 +1235,21 @@ def attn_bwd_dq_kernel(
         keep_ptrs, N_KV = _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        dq, dq1, dq2 = _bwd_dq_key_block(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, False, INPUT_PRECISION,
-            stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
-            dq1, dq2, q1, q2, do1, do2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
-        )  # fmt: skip
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs = _advance_pieces(
-            k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs, BLOCK_N * stride_kn, BLOCK_N * stride_vn, D1, D2
-        )
-    if n_full < N_KV:
-        dq, dq1, dq2 = _bwd_dq_key_block(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full, N_KV, qk_scale, offs_n, offs_d,
-            HEAD_DIM, BLOCK_D, True, INPUT_PRECISION,
-            stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
-            dq1, dq2, q1, q2, do1, do2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
-        )  # fmt: skip
+    for TAIL in tl.static_range(2):  # the full key blocks, then the masked ragged one: see attn_fwd_kernel
+        if (n_full < N_KV) if TAIL else True:
+            for offset in range(0, BLOCK_N if TAIL else n_full, BLOCK_N):
+                start_n = n_full + offset if TAIL else offset
+                dq, dq1, dq2 = _bwd_dq_key_block(
+                    dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, N_KV, qk_scale, offs_n, offs_d,
+                    HEAD_DIM, BLOCK_D, TAIL == 1, INPUT_PRECISION,
+                    stride_kd, Rope, stride_rope_n, NUM_PREFIX, KW, KB, k_eps, ROPE, K_NORM, keep_ptrs, KEY_MASK,
+                    dq1, dq2, q1, q2, do1, do2, k1_ptrs, k2_ptrs, v1_ptrs, v2_ptrs, cols1, cols2, D1, D2,
+                )  # fmt: skip
+                k_ptrs += BLOCK_N * stride_kn
+                v_ptrs += BLOCK_N * stride_vn
+                k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs = _advance_pieces(
+                    k1_ptrs, v1_ptrs, k2_ptrs, v2_ptrs, BLOCK_N * stride_kn, BLOCK_N * stride_vn, D1, D2
+                )
 
     dq *= sm_scale
     if ROPE != 0 or Q_NORM != 0:  # dq is the gradient w.r.t. the prologue's q: back to the raw q

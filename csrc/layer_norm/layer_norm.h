@@ -17,9 +17,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <optional>
 #include <tuple>
+
+#include "common/devices.h"
 
 namespace fastvit {
 
@@ -57,43 +60,19 @@ struct LayerNormBackwardExtras {
   bool rms = false;
 };
 
-// The four entry points, each with one signature for both devices. The *_out launchers work on contiguous [rows, C]
-// tensors with preallocated outputs (rows may be 0; bias may be undefined); the CUDA ones run on the current stream
-// of the tensors' device (the caller sets the device guard).
+// The *_out launchers, one signature for both devices: they work on contiguous [rows, C] tensors with preallocated
+// outputs (rows may be 0; bias may be undefined); the CUDA ones run on the current stream of the tensors' device (the
+// caller sets the device guard) and exist in builds with the CUDA kernels only.
 using LayerNormForwardOutFn = void(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                                  const at::Tensor& out, const at::Tensor& mean, const at::Tensor& rstd, bool rms);
 using LayerNormBackwardOutFn = void(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
                                   const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                                   const LayerNormBackwardExtras& extras);
-using LayerNormForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, double eps, bool rms);
-using LayerNormBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& grad_out,
-                                                                         const at::Tensor& x, const at::Tensor& weight,
-                                                                         const at::Tensor& mean,
-                                                                         const at::Tensor& rstd, bool rms);
-
-// What both devices' entry points do around their launcher: checked, contiguous inputs and fresh outputs, then the
-// launch ``launcher`` (the device's *_out function; the caller has checked the device and set its guard).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_forward(LayerNormForwardOutFn* launcher,
-                                                                             const at::Tensor& x,
-                                                                             const at::Tensor& weight,
-                                                                             const std::optional<at::Tensor>& bias,
-                                                                             double eps, bool rms) {
-  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps, rms);
-  launcher(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd, rms);
-  return {fwd.out, fwd.mean, fwd.rstd};
-}
-
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_backward(
-    LayerNormBackwardOutFn* launcher, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, bool rms) {
-  LayerNormBackward bwd = prepare_layer_norm_backward(grad_out, x, weight, mean, rstd);
-  LayerNormBackwardExtras extras;
-  extras.rms = rms;
-  launcher(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight, bwd.grad_bias, extras);
-  return {bwd.grad_x, bwd.grad_weight, bwd.grad_bias};
-}
+LayerNormForwardOutFn layer_norm_forward_out_cpu;
+LayerNormBackwardOutFn layer_norm_backward_out_cpu;
+LayerNormForwardOutFn layer_norm_forward_out_cuda;
+LayerNormBackwardOutFn layer_norm_backward_out_cuda;
 
 // Rows of x [..., C] for a backward launcher; with none the weight and bias gradients are zeroed here and there is
 // nothing to launch (returns 0).
@@ -107,17 +86,41 @@ inline int64_t backward_rows_or_zero_grads(const at::Tensor& x, const at::Tensor
   return rows;
 }
 
-LayerNormForwardOutFn layer_norm_forward_out_cpu;
-LayerNormBackwardOutFn layer_norm_backward_out_cpu;
-LayerNormForwardFn layer_norm_fwd_cpu;
-LayerNormBackwardFn layer_norm_bwd_cpu;
+// The kernels registered for kDevice's dispatch key (CPU, or CUDA in a build with the CUDA kernels), one definition
+// for both: checked, contiguous inputs and fresh outputs, then that device's launcher.
+template <c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias, double eps,
+                                                              bool rms) {
+  check_device(x, kDevice, "layer_norm_fwd");
+  LayerNormForward fwd = prepare_layer_norm_forward(x, weight, bias, eps, rms);
+  if constexpr (kDevice == c10::DeviceType::CUDA) {
+    const c10::DeviceGuard device_guard(x.device());
+    layer_norm_forward_out_cuda(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd, rms);
+  } else {
+    layer_norm_forward_out_cpu(fwd.x, fwd.weight, fwd.bias, eps, fwd.out, fwd.mean, fwd.rstd, rms);
+  }
+  return {fwd.out, fwd.mean, fwd.rstd};
+}
 
-#ifdef FASTVIT_WITH_CUDA
-LayerNormForwardOutFn layer_norm_forward_out_cuda;
-LayerNormBackwardOutFn layer_norm_backward_out_cuda;
-LayerNormForwardFn layer_norm_fwd_cuda;
-LayerNormBackwardFn layer_norm_bwd_cuda;
-#endif
+template <c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& weight, const at::Tensor& mean,
+                                                              const at::Tensor& rstd, bool rms) {
+  check_device(x, kDevice, "layer_norm_bwd");
+  LayerNormBackward bwd = prepare_layer_norm_backward(grad_out, x, weight, mean, rstd);
+  LayerNormBackwardExtras extras;
+  extras.rms = rms;
+  if constexpr (kDevice == c10::DeviceType::CUDA) {
+    const c10::DeviceGuard device_guard(x.device());
+    layer_norm_backward_out_cuda(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight,
+                                 bwd.grad_bias, extras);
+  } else {
+    layer_norm_backward_out_cpu(bwd.grad_out, bwd.x, bwd.weight, bwd.mean, bwd.rstd, bwd.grad_x, bwd.grad_weight,
+                                bwd.grad_bias, extras);
+  }
+  return {bwd.grad_x, bwd.grad_weight, bwd.grad_bias};
+}
 
 // Rows per chunk of the deterministic dweight/dbias reduction: depends on the row count only, so
 // the summation order (and the bits of the result) is the same on every run and every GPU.

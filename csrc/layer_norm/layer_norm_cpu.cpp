@@ -240,18 +240,4 @@ void layer_norm_backward_out_cpu(const at::Tensor& grad_out, const at::Tensor& x
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                                  const std::optional<at::Tensor>& bias, double eps,
-                                                                  bool rms) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "layer_norm_fwd_cpu: x must be a CPU tensor, got ", x.device());
-  return run_layer_norm_forward(layer_norm_forward_out_cpu, x, weight, bias, eps, rms);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                  const at::Tensor& weight, const at::Tensor& mean,
-                                                                  const at::Tensor& rstd, bool rms) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "layer_norm_bwd_cpu: x must be a CPU tensor, got ", x.device());
-  return run_layer_norm_backward(layer_norm_backward_out_cpu, grad_out, x, weight, mean, rstd, rms);
-}
-
 }  // namespace fastvit

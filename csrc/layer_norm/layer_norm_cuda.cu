@@ -17,7 +17,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <type_traits>
 
@@ -361,22 +360,6 @@ void layer_norm_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& 
         grad_bias.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                   const std::optional<at::Tensor>& bias, double eps,
-                                                                   bool rms) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "layer_norm_fwd_cuda: x must be a CUDA tensor, got ", x.device());
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return run_layer_norm_forward(layer_norm_forward_out_cuda, x, weight, bias, eps, rms);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                   const at::Tensor& weight, const at::Tensor& mean,
-                                                                   const at::Tensor& rstd, bool rms) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "layer_norm_bwd_cuda: x must be a CUDA tensor, got ", x.device());
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return run_layer_norm_backward(layer_norm_backward_out_cuda, grad_out, x, weight, mean, rstd, rms);
 }
 
 }  // namespace fastvit

@@ -41,25 +41,32 @@ struct LinearResidualArgs {
   std::vector<int64_t> x_shape, out_shape;  // [..., K], [..., N]
 };
 
-// Check everything (TypeError / ValueError in Python) before any work is done.
-LinearResidualArgs prepare_linear_residual_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias,
-                                                   const std::optional<at::Tensor>& residual);
-LinearResidualArgs prepare_linear_residual_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                    const at::Tensor& weight);
+// The op's kernels, one signature for both devices.
+using LinearResidualForwardFn = at::Tensor(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& residual);
+using LinearResidualBackwardFn = LinearResidualBackwardResult(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& weight, bool need_grad_x,
+                                                              bool need_grad_weight, bool need_grad_bias,
+                                                              bool deterministic);
 
-at::Tensor linear_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                   const std::optional<at::Tensor>& residual);
-LinearResidualBackwardResult linear_residual_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                                     const at::Tensor& weight, bool need_grad_x, bool need_grad_weight,
-                                                     bool need_grad_bias, bool deterministic);
+// The kernel registered for kDevice's dispatch key (CPU, or CUDA in a build with the CUDA kernels), one definition
+// for both (linear_residual.cpp): checks x's device and everything else (TypeError / ValueError in Python) before
+// any work, then runs that device's implementation below on the checked arguments.
+template <c10::DeviceType kDevice>
+LinearResidualForwardFn linear_residual_fwd;
+template <c10::DeviceType kDevice>
+LinearResidualBackwardFn linear_residual_bwd;
 
-#ifdef FASTVIT_WITH_CUDA
-at::Tensor linear_residual_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual);
-LinearResidualBackwardResult linear_residual_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                                      const at::Tensor& weight, bool need_grad_x, bool need_grad_weight,
-                                                      bool need_grad_bias, bool deterministic);
-#endif
+// The devices' implementations. The CUDA ones exist in builds with the CUDA kernels only; they run on the current
+// stream of x's device.
+at::Tensor linear_residual_forward_cpu(const LinearResidualArgs& a);
+LinearResidualBackwardResult linear_residual_backward_cpu(const LinearResidualArgs& a, bool need_grad_x,
+                                                          bool need_grad_weight, bool need_grad_bias,
+                                                          bool deterministic);
+at::Tensor linear_residual_forward_cuda(const LinearResidualArgs& a);
+LinearResidualBackwardResult linear_residual_backward_cuda(const LinearResidualArgs& a, bool need_grad_x,
+                                                           bool need_grad_weight, bool need_grad_bias,
+                                                           bool deterministic);
 
 }  // namespace fastvit

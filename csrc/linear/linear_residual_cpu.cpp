@@ -8,22 +8,16 @@
 
 namespace fastvit {
 
-at::Tensor linear_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                   const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "linear_residual_fwd_cpu: x must be a CPU tensor, got ", x.device());
-  const LinearResidualArgs a = prepare_linear_residual_forward(x, weight, bias, residual);
+at::Tensor linear_residual_forward_cpu(const LinearResidualArgs& a) {
   // F.linear's own formula (addmm with the bias), then the residual: the order of the reference.
   at::Tensor out = a.bias.defined() ? at::addmm(a.bias, a.x, a.weight.t()) : at::mm(a.x, a.weight.t());
   if (a.residual.defined()) out = a.residual + out;
   return out.view(a.out_shape);
 }
 
-LinearResidualBackwardResult linear_residual_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                                     const at::Tensor& weight, bool need_grad_x, bool need_grad_weight,
-                                                     bool need_grad_bias,
-                                                     bool /*deterministic: the CPU path always is, per thread count*/) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "linear_residual_bwd_cpu: x must be a CPU tensor, got ", x.device());
-  const LinearResidualArgs a = prepare_linear_residual_backward(grad_out, x, weight);
+LinearResidualBackwardResult linear_residual_backward_cpu(
+    const LinearResidualArgs& a, bool need_grad_x, bool need_grad_weight, bool need_grad_bias,
+    bool /*deterministic: the CPU path always is, per thread count*/) {
   const auto none = [&] { return at::empty({0}, a.x.options()); };  // one per output: outputs never alias
   const at::Tensor& dy = a.grad_out;                                   // [rows, N]
   const at::Tensor grad_x = need_grad_x ? at::mm(dy, a.weight).view(a.x_shape) : none();

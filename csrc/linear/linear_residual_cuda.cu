@@ -17,23 +17,18 @@
 
 namespace fastvit {
 
-at::Tensor linear_residual_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "linear_residual_fwd_cuda: x must be a CUDA tensor, got ", x.device());
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const LinearResidualArgs a = prepare_linear_residual_forward(x, weight, bias, residual);
+at::Tensor linear_residual_forward_cuda(const LinearResidualArgs& a) {
+  const c10::cuda::CUDAGuard device_guard(a.x.device());
   check_cuda_gemm_dtype(a.x, "linear_residual_fwd");
   const at::Tensor out = at::empty({a.rows, a.out_features}, a.x.options());
   if (a.rows > 0) cublaslt::linear_forward(a.x, a.weight, a.bias, a.residual, out, "linear_residual");
   return out.view(a.out_shape);
 }
 
-LinearResidualBackwardResult linear_residual_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                                      const at::Tensor& weight, bool need_grad_x, bool need_grad_weight,
-                                                      bool need_grad_bias, bool deterministic) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "linear_residual_bwd_cuda: x must be a CUDA tensor, got ", x.device());
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const LinearResidualArgs a = prepare_linear_residual_backward(grad_out, x, weight);
+LinearResidualBackwardResult linear_residual_backward_cuda(const LinearResidualArgs& a, bool need_grad_x,
+                                                           bool need_grad_weight, bool need_grad_bias,
+                                                           bool deterministic) {
+  const c10::cuda::CUDAGuard device_guard(a.x.device());
   check_cuda_gemm_dtype(a.x, "linear_residual_bwd");
   const auto options = a.x.options();
   const at::Tensor grad_x = at::empty(need_grad_x ? a.x_shape : std::vector<int64_t>{0}, options);

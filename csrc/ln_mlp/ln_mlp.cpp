@@ -1,6 +1,6 @@
-// Argument checks of fastvit::ln_mlp_fwd / ln_mlp_bwd, shared by the CPU and CUDA implementations:
-// every shape, dtype, device and scalar problem is reported (TypeError / ValueError in Python)
-// before any kernel runs. Also the hidden norm's forward stage, the same on both devices but for the launcher.
+// The kernels of fastvit::ln_mlp_fwd / ln_mlp_bwd for both dispatch keys: every shape, dtype, device and scalar
+// problem is reported (TypeError / ValueError in Python) before any work, then the device's implementation runs.
+// Also the hidden norm's forward stage, the same on both devices but for the launcher.
 #include "ln_mlp/ln_mlp.h"
 
 #include <c10/util/Exception.h>
@@ -9,6 +9,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/devices.h"
 #include "layer_norm/layer_norm.h"
 
 namespace fastvit {
@@ -53,11 +54,12 @@ void check_hidden_norm(LnMlpArgs& args, const at::Tensor& x, const std::optional
   args.hidden_norm_eps = eps;
 }
 
-LnMlpArgs check_parameters(const at::Tensor& x, const at::Tensor& ln_weight, const std::optional<at::Tensor>& ln_bias,
-                           const at::Tensor& fc1_weight, const at::Tensor& fc2_weight, c10::string_view act_name,
-                           bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
-                           const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps,
-                           const char* op) {
+LnMlpArgs check_parameters(c10::DeviceType device, const at::Tensor& x, const at::Tensor& ln_weight,
+                           const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
+                           const at::Tensor& fc2_weight, c10::string_view act_name, bool rms,
+                           const std::optional<at::Tensor>& hidden_norm_weight,
+                           const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps, const char* op) {
+  check_device(x, device, op);
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension, got a 0-d tensor");
   check_floating(x, "x", op);
   const int64_t width = x.size(-1);
@@ -112,15 +114,17 @@ LnMlpArgs check_parameters(const at::Tensor& x, const at::Tensor& ln_weight, con
 
 }  // namespace
 
-LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weight,
-                                 const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
-                                 const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-                                 const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
-                                 bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
-                                 const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
+template <c10::DeviceType kDevice>
+LnMlpForwardResult ln_mlp_fwd(const at::Tensor& x, const at::Tensor& ln_weight,
+                              const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
+                              const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                              const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
+                              bool residual, bool save_for_backward, bool rms,
+                              const std::optional<at::Tensor>& hidden_norm_weight,
+                              const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
   const char* op = "ln_mlp_fwd";
-  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms, hidden_norm_weight,
-                                    hidden_norm_bias, hidden_norm_eps, op);
+  LnMlpArgs args = check_parameters(kDevice, x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms,
+                                    hidden_norm_weight, hidden_norm_bias, hidden_norm_eps, op);
   if (fc1_bias.has_value() && fc1_bias->defined()) {
     check_shape(*fc1_bias, "fc1_bias", {args.pre_width}, "[fc1_weight.shape[0]]", op);
     check_like_x(*fc1_bias, "fc1_bias", x, op);
@@ -133,18 +137,24 @@ LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weigh
   }
   // eps = 0 would divide by zero on constant rows (rstd = inf): the fused op asks for a positive eps.
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, op, ": eps must be a positive finite number, got ", eps);
-  return args;
+  args.eps = eps;
+  if constexpr (kDevice == c10::DeviceType::CUDA) {
+    return ln_mlp_forward_cuda(args, residual, save_for_backward);
+  } else {
+    return ln_mlp_forward_cpu(args, residual, save_for_backward);
+  }
 }
 
-LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                  const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
-                                  const at::Tensor& rstd, const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                  const at::Tensor& fc2_weight, c10::string_view act, bool rms,
-                                  const std::optional<at::Tensor>& hidden_norm_weight,
-                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
+template <c10::DeviceType kDevice>
+LnMlpBackwardResult ln_mlp_bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
+                               const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
+                               const at::Tensor& fc1_weight, const at::Tensor& pre_act, const at::Tensor& fc2_weight,
+                               c10::string_view act, bool residual, bool deterministic, bool rms,
+                               const std::optional<at::Tensor>& hidden_norm_weight,
+                               const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
   const char* op = "ln_mlp_bwd";
-  LnMlpArgs args = check_parameters(x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms, hidden_norm_weight,
-                                    hidden_norm_bias, hidden_norm_eps, op);
+  LnMlpArgs args = check_parameters(kDevice, x, ln_weight, ln_bias, fc1_weight, fc2_weight, act, rms,
+                                    hidden_norm_weight, hidden_norm_bias, hidden_norm_eps, op);
   check_shape(grad_out, "grad_out", args.x_shape, "the shape of x", op);
   check_like_x(grad_out, "grad_out", x, op);
   TORCH_CHECK_VALUE(pre_act.numel() != 0 || args.rows == 0, op,
@@ -165,8 +175,15 @@ LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& 
   args.pre_act = pre_act.contiguous().view({args.rows, args.pre_width});
   args.mean = mean.contiguous().view({args.rows});
   args.rstd = rstd.contiguous().view({args.rows});
-  return args;
+  if constexpr (kDevice == c10::DeviceType::CUDA) {
+    return ln_mlp_backward_cuda(args, residual, deterministic);
+  } else {
+    return ln_mlp_backward_cpu(args, residual, deterministic);
+  }
 }
+
+FASTVIT_INSTANTIATE_KERNEL(LnMlpForwardFn, ln_mlp_fwd);
+FASTVIT_INSTANTIATE_KERNEL(LnMlpBackwardFn, ln_mlp_bwd);
 
 HiddenNormed hidden_norm_forward(const LnMlpArgs& a, const at::Tensor& h) {
   if (!a.hidden_norm_weight.defined()) return {h, at::Tensor(), at::Tensor()};

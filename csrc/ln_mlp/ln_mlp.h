@@ -60,6 +60,7 @@ using LnMlpBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
 struct LnMlpArgs {
   at::Tensor x;                              // [rows, width]
   at::Tensor ln_weight, ln_bias;             // [width], [width] or undefined
+  double eps = 0.0;                          // the input norm's (forward only)
   at::Tensor fc1_weight, fc1_bias;           // [pre_width, width], [pre_width] or undefined
   at::Tensor fc2_weight, fc2_bias;           // [width, hidden], [width] or undefined
   at::Tensor hidden_norm_weight;             // [hidden], or undefined: no norm over the hidden layer
@@ -81,20 +82,7 @@ struct HiddenNormed {
 };
 HiddenNormed hidden_norm_forward(const LnMlpArgs& a, const at::Tensor& h);
 
-// Checks everything (TypeError / ValueError in Python) before any work is done.
-LnMlpArgs prepare_ln_mlp_forward(const at::Tensor& x, const at::Tensor& ln_weight,
-                                 const std::optional<at::Tensor>& ln_bias,
-                                 const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                                 const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
-                                 c10::string_view act, bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
-                                 const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
-LnMlpArgs prepare_ln_mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                  const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd,
-                                  const at::Tensor& fc1_weight, const at::Tensor& pre_act, const at::Tensor& fc2_weight,
-                                  c10::string_view act, bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
-                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
-
-// The entry points, one signature for both devices.
+// The op's kernels, one signature for both devices.
 using LnMlpForwardFn = LnMlpForwardResult(const at::Tensor& x, const at::Tensor& ln_weight,
                                         const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
                                         const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
@@ -111,12 +99,19 @@ using LnMlpBackwardFn = LnMlpBackwardResult(const at::Tensor& grad_out, const at
                                           const std::optional<at::Tensor>& hidden_norm_weight,
                                           const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps);
 
-LnMlpForwardFn ln_mlp_fwd_cpu;
-LnMlpBackwardFn ln_mlp_bwd_cpu;
+// The kernel registered for kDevice's dispatch key (CPU, or CUDA in a build with the CUDA kernels), one definition
+// for both (ln_mlp.cpp): checks x's device and everything else (TypeError / ValueError in Python) before any work,
+// then runs that device's implementation below on the checked arguments.
+template <c10::DeviceType kDevice>
+LnMlpForwardFn ln_mlp_fwd;
+template <c10::DeviceType kDevice>
+LnMlpBackwardFn ln_mlp_bwd;
 
-#ifdef FASTVIT_WITH_CUDA
-LnMlpForwardFn ln_mlp_fwd_cuda;
-LnMlpBackwardFn ln_mlp_bwd_cuda;
-#endif
+// The devices' implementations. The CUDA ones exist in builds with the CUDA kernels only; they run on the current
+// stream of x's device.
+LnMlpForwardResult ln_mlp_forward_cpu(const LnMlpArgs& a, bool residual, bool save_for_backward);
+LnMlpBackwardResult ln_mlp_backward_cpu(const LnMlpArgs& a, bool residual, bool deterministic);
+LnMlpForwardResult ln_mlp_forward_cuda(const LnMlpArgs& a, bool residual, bool save_for_backward);
+LnMlpBackwardResult ln_mlp_backward_cuda(const LnMlpArgs& a, bool residual, bool deterministic);
 
 }  // namespace fastvit

@@ -67,20 +67,11 @@ at::Tensor act_backward(const at::Tensor& grad_hidden, const at::Tensor& pre, Ml
 
 }  // namespace
 
-LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weight,
-                                  const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
-                                  const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-                                  const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
-                                  bool residual, bool save_for_backward, bool rms,
-                                  const std::optional<at::Tensor>& hidden_norm_weight,
-                                  const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "ln_mlp_fwd_cpu: x must be a CPU tensor, got ", x.device());
-  const LnMlpArgs a = prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps,
-                                             act, rms, hidden_norm_weight, hidden_norm_bias, hidden_norm_eps);
-  const at::Tensor mean = at::empty({a.rows}, x.options().dtype(a.stats_dtype));
+LnMlpForwardResult ln_mlp_forward_cpu(const LnMlpArgs& a, bool residual, bool save_for_backward) {
+  const at::Tensor mean = at::empty({a.rows}, a.x.options().dtype(a.stats_dtype));
   const at::Tensor rstd = at::empty_like(mean);
   const at::Tensor ln_out = at::empty({a.rows, a.width}, a.x.options());
-  layer_norm_forward_out_cpu(a.x, a.ln_weight, a.ln_bias, eps, ln_out, mean, rstd, a.rms);
+  layer_norm_forward_out_cpu(a.x, a.ln_weight, a.ln_bias, a.eps, ln_out, mean, rstd, a.rms);
 
   const at::Tensor pre = a.fc1_bias.defined() ? at::addmm(a.fc1_bias, ln_out, a.fc1_weight.t())
                                               : at::mm(ln_out, a.fc1_weight.t());  // [rows, P]
@@ -88,21 +79,12 @@ LnMlpForwardResult ln_mlp_fwd_cpu(const at::Tensor& x, const at::Tensor& ln_weig
   at::Tensor out = a.fc2_bias.defined() ? at::addmm(a.fc2_bias, hidden, a.fc2_weight.t())
                                         : at::mm(hidden, a.fc2_weight.t());  // [rows, width]
   if (residual) out.add_(a.x);
-  const at::Tensor saved_pre = save_for_backward ? pre.view(a.pre_shape) : at::empty({0}, x.options());
+  const at::Tensor saved_pre = save_for_backward ? pre.view(a.pre_shape) : at::empty({0}, a.x.options());
   return {out.view(a.x_shape), mean.view(a.stats_shape), rstd.view(a.stats_shape), saved_pre};
 }
 
-LnMlpBackwardResult ln_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                   const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
-                                   const at::Tensor& rstd, const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                   const at::Tensor& fc2_weight, c10::string_view act, bool residual,
-                                   bool /*deterministic: the CPU path always is, for a given thread count*/,
-                                   bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
-                                   const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "ln_mlp_bwd_cpu: x must be a CPU tensor, got ", x.device());
-  const LnMlpArgs a = prepare_ln_mlp_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act,
-                                              fc2_weight, act, rms, hidden_norm_weight, hidden_norm_bias,
-                                              hidden_norm_eps);
+LnMlpBackwardResult ln_mlp_backward_cpu(const LnMlpArgs& a, bool residual,
+                                        bool /*deterministic: the CPU path always is, for a given thread count*/) {
   const at::Tensor& dy = a.grad_out;  // [rows, width]
 
   const at::Tensor hidden = act_forward(a.pre_act, a.act);  // recomputed, [rows, hidden]

@@ -96,17 +96,8 @@ void fc1_bias_act(const LnMlpArgs& a, const at::Tensor& ln_out, const at::Tensor
 
 }  // namespace
 
-LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_weight,
-                                   const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
-                                   const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-                                   const std::optional<at::Tensor>& fc2_bias, double eps, c10::string_view act,
-                                   bool residual, bool save_for_backward, bool rms,
-                                   const std::optional<at::Tensor>& hidden_norm_weight,
-                                   const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "ln_mlp_fwd_cuda: x must be a CUDA tensor, got ", x.device());
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const LnMlpArgs a = prepare_ln_mlp_forward(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps,
-                                             act, rms, hidden_norm_weight, hidden_norm_bias, hidden_norm_eps);
+LnMlpForwardResult ln_mlp_forward_cuda(const LnMlpArgs& a, bool residual, bool save_for_backward) {
+  const c10::cuda::CUDAGuard device_guard(a.x.device());
   check_cuda_gemm_dtype(a.x, "ln_mlp_fwd");
   const auto options = a.x.options();
   const at::Tensor mean = at::empty({a.rows}, options.dtype(a.stats_dtype));
@@ -118,7 +109,7 @@ LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_wei
   if (a.rows == 0) return {out.view(a.x_shape), mean.view(a.stats_shape), rstd.view(a.stats_shape), saved_pre};
 
   const at::Tensor ln_out = at::empty({a.rows, a.width}, options);
-  layer_norm_forward_out_cuda(a.x, a.ln_weight, a.ln_bias, eps, ln_out, mean, rstd, a.rms);
+  layer_norm_forward_out_cuda(a.x, a.ln_weight, a.ln_bias, a.eps, ln_out, mean, rstd, a.rms);
   const at::Tensor h = at::empty({a.rows, a.hidden}, options);
   fc1_bias_act(a, ln_out, pre, h);
   const at::Tensor fc2_in = hidden_norm_forward(a, h).out;
@@ -126,17 +117,8 @@ LnMlpForwardResult ln_mlp_fwd_cuda(const at::Tensor& x, const at::Tensor& ln_wei
   return {out.view(a.x_shape), mean.view(a.stats_shape), rstd.view(a.stats_shape), saved_pre};
 }
 
-LnMlpBackwardResult ln_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ln_weight,
-                                    const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean,
-                                    const at::Tensor& rstd, const at::Tensor& fc1_weight, const at::Tensor& pre_act,
-                                    const at::Tensor& fc2_weight, c10::string_view act, bool residual,
-                                    bool deterministic, bool rms, const std::optional<at::Tensor>& hidden_norm_weight,
-                                    const std::optional<at::Tensor>& hidden_norm_bias, double hidden_norm_eps) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "ln_mlp_bwd_cuda: x must be a CUDA tensor, got ", x.device());
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const LnMlpArgs a = prepare_ln_mlp_backward(grad_out, x, ln_weight, ln_bias, mean, rstd, fc1_weight, pre_act,
-                                              fc2_weight, act, rms, hidden_norm_weight, hidden_norm_bias,
-                                              hidden_norm_eps);
+LnMlpBackwardResult ln_mlp_backward_cuda(const LnMlpArgs& a, bool residual, bool deterministic) {
+  const c10::cuda::CUDAGuard device_guard(a.x.device());
   const bool has_hidden_norm = a.hidden_norm_weight.defined();
   check_cuda_gemm_dtype(a.x, "ln_mlp_bwd");
   const auto options = a.x.options();
