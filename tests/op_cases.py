@@ -732,6 +732,20 @@ def assert_compiles_with_backward(case: OpCase, sample: Sample, backend: str, co
         torch.testing.assert_close(got, want, **tols, msg=f"d{name}")
 
 
+def assert_compiled_gradients_equal_eager(step, inputs, exact: bool = True) -> None:
+    """``step(*inputs)`` -> a scalar loss: under ``torch.compile(fullgraph=True, backend='aot_eager')`` (a graph break
+    or a custom op without its fake impl fails here) the gradient of every input equals eager's, bit for bit when
+    ``exact`` (the same kernels run in both), else within the float32 tolerances."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager, fused = ([t.detach().clone().requires_grad_(True) for t in inputs] for _ in range(2))
+    step(*eager).backward()
+    compiled(*fused).backward()
+    tols = dict(rtol=0, atol=0) if exact else {}
+    for index, (a, b) in enumerate(zip(eager, fused)):
+        torch.testing.assert_close(b.grad, a.grad, **tols, msg=lambda m, i=index: f"input {i}: {m}")
+
+
 def assert_deterministic_runs_are_bit_identical(case: OpCase, sample: Sample, backend: str) -> None:
     """Two runs of ``backend`` on ``sample`` in fastvit's deterministic mode: the same output and gradients, bit for
     bit (the same ones absent)."""

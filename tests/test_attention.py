@@ -23,6 +23,7 @@ from fastvit.ops.attention import attention_call
 from fastvit.ops.triton import attention as attention_triton
 from fastvit.ops.triton import launch
 
+from op_cases import assert_compiled_gradients_equal_eager
 from utils import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
 
 ON_INTERPRETER = DEVICE.type == "cpu"
@@ -249,17 +250,12 @@ def test_opcheck(op_name):
 
 
 def test_torch_compile_fullgraph_with_backward():
-    torch._dynamo.reset()
     qkv = torch.randn(2, 21, 3 * 2 * 32, device=DEVICE)
 
     def step(x):
         return (ops.qkv_attention(x, 2, backend="triton") * 1.5).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager_x, compiled_x = (qkv.clone().requires_grad_(True) for _ in range(2))
-    step(eager_x).backward()
-    compiled(compiled_x).backward()
-    torch.testing.assert_close(compiled_x.grad, eager_x.grad, rtol=0, atol=0)
+    assert_compiled_gradients_equal_eager(step, [qkv])
 
 
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])

@@ -20,6 +20,7 @@ from fastvit import fusion, ops, reference
 from fastvit.layers import AttentionPoolLatent, RmsNorm
 from fastvit.ops import QKNorm
 
+from op_cases import assert_compiled_gradients_equal_eager
 from utils import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
 
 if triton_skip_reason() is not None:
@@ -160,7 +161,6 @@ def test_opcheck(op_name):
 
 
 def test_torch_compile_fullgraph_with_backward():
-    torch._dynamo.reset()
     latent, kv = _inputs(2, 21, torch.float32)
     (k_w,) = _norm_params("rms", HEAD_DIM, 2)
     mask = _mask(2, 21)
@@ -169,12 +169,7 @@ def test_torch_compile_fullgraph_with_backward():
         out = ops.attention(*_views(latent, kv), backend="triton", k_norm=QKNorm(w, kind="rms"), key_padding_mask=mask)
         return (out * 1.5).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager, fused = ([t.clone().requires_grad_(True) for t in (latent, kv, k_w)] for _ in range(2))
-    step(*eager).backward()
-    compiled(*fused).backward()
-    for a, b in zip(eager, fused):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
+    assert_compiled_gradients_equal_eager(step, [latent, kv, k_w])
 
 
 def _bad_cases():

@@ -19,6 +19,7 @@ from fastvit.ops import QKNorm
 from fastvit.ops.attention import attention_call
 from fastvit.ops.triton import attention as attention_triton
 
+from op_cases import assert_compiled_gradients_equal_eager
 from utils import DEVICE, assert_within_torch_error, check_table_gradient, needs_cuda, triton_skip_reason
 
 if triton_skip_reason() is not None:
@@ -246,7 +247,6 @@ def test_opcheck(op_name):
 
 
 def test_torch_compile_fullgraph_with_backward():
-    torch._dynamo.reset()
     qkv = _qkv(1, 21, 2, 32, torch.float32)
     rope = _table(20, 32, "interleaved")
     q_w, q_b = _norm_params("layer", 32, 1)
@@ -256,12 +256,7 @@ def test_torch_compile_fullgraph_with_backward():
         out = ops.qkv_attention(x, 2, backend="triton", rope=rope, num_prefix_tokens=1, q_norm=norm, k_norm=norm)
         return (out * 1.5).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager, fused = ([t.clone().requires_grad_(True) for t in (qkv, q_w, q_b)] for _ in range(2))
-    step(*eager).backward()
-    compiled(*fused).backward()
-    for a, b in zip(eager, fused):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
+    assert_compiled_gradients_equal_eager(step, [qkv, q_w, q_b])
 
 
 def test_dispatch_falls_back_to_torch_where_the_kernels_do_not_cover_the_head_dim():

@@ -20,6 +20,7 @@ from fastvit.ops import QKNorm
 from fastvit.ops.attention import attention_call
 from fastvit.ops.triton import attention as attention_triton
 
+from op_cases import assert_compiled_gradients_equal_eager
 from utils import DEVICE, assert_within_torch_error, check_table_gradient, needs_cuda, triton_skip_reason
 
 needs_triton = pytest.mark.skipif(triton_skip_reason() is not None, reason=str(triton_skip_reason()))
@@ -345,12 +346,7 @@ def test_torch_compile_fullgraph_with_backward():
         )  # fmt: skip
         return (out * 1.5).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager, fused = ([t.clone().requires_grad_(True) for t in (qkv, *_leaves(norms))] for _ in range(2))
-    step(*eager).backward()
-    compiled(*fused).backward()
-    for a, b in zip(eager, fused):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
+    assert_compiled_gradients_equal_eager(step, [qkv, *_leaves(norms)])
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from fastvit.ops.triton import attention as attention_triton
 from fastvit.ops.varlen_attention import _varlen_padded, _varlen_per_sequence
 from fastvit.selftest_cases import poisoned_triton_outputs
 
+from op_cases import assert_compiled_gradients_equal_eager
 from utils import DEVICE, assert_within_torch_error, needs_cuda, triton_skip_reason
 
 needs_triton = pytest.mark.skipif(triton_skip_reason() is not None, reason=str(triton_skip_reason()))
@@ -209,17 +210,12 @@ def test_opcheck_forward_and_backward():
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_torch_compile_fullgraph_with_backward(backend):
     # The torch backend traces its padded path (no host sync); the value checks of cu_seqlens are skipped there.
-    torch._dynamo.reset()
     qkv, cu_seqlens, max_seqlen = _packed(lengths=(6, 0, 15), seed=8)
 
     def step(x):
         return (ops.varlen_qkv_attention(x, cu_seqlens, max_seqlen, HEADS, backend=backend) * 1.5).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager_x, compiled_x = (qkv.clone().requires_grad_(True) for _ in range(2))
-    step(eager_x).backward()
-    compiled(compiled_x).backward()
-    torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+    assert_compiled_gradients_equal_eager(step, [qkv], exact=False)  # the torch backend: eager and traced paths
 
 
 _AOT_COMPILE_VARLEN = r"""
@@ -430,16 +426,11 @@ def test_key_padding_mask_opcheck_and_compile():
     torch.library.opcheck(
         torch.ops.fastvit.qkv_attention_bwd.default, (torch.randn_like(out), qkv, out, lse, 1, 0.2, keep)
     )
-    torch._dynamo.reset()
 
     def step(x):
         return ops.qkv_attention(x, 1, backend="triton", key_padding_mask=keep).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager_x, compiled_x = (qkv.clone().requires_grad_(True) for _ in range(2))
-    step(eager_x).backward()
-    compiled(compiled_x).backward()
-    torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+    assert_compiled_gradients_equal_eager(step, [qkv])
 
 
 @pytest.mark.parametrize(
