@@ -32,7 +32,7 @@ from fastvit.layers import (
     SwiGLUPacked,
     resample_abs_pos_embed,
 )
-from fastvit.packing import AttnMask, ImagePacking, segment_pool
+from fastvit.packing import AttnMask, ImagePacking, padded_tokens, segment_pool
 from fastvit.validation import check_positive_int
 from fastvit.verification import evidence_state
 
@@ -302,7 +302,7 @@ class VisionTransformer(nn.Module):
         ``ln_mlp``) and each of its ops runs a fused kernel. Depends on the current train/eval mode
         (dropout and drop-path only act while training) and on each op's backend. Never raises. It describes calls
         without ``attn_mask``: under a mask that no attention op takes (a dense mask, a packing with attention
-        dropout, the ``map`` head's key-padding mask) that attention runs on SDPA.
+        dropout) that attention runs on SDPA.
 
         Args:
             device: where the inputs will be.
@@ -597,9 +597,11 @@ class VisionTransformer(nn.Module):
 
     def pool_packed(self, x: torch.Tensor, packing: ImagePacking, pool_type: str | None = None) -> torch.Tensor:
         """Packed tokens [1, T, D] -> one pooled row per image [B, D], as ``pool`` on each image alone: segment
-        reductions over each image's tokens; attention pooling ('map') runs ``pool`` once per image (a loop)."""
+        reductions over each image's tokens; attention pooling ('map') is one call for all images, each image's
+        tokens padded to the longest and its key-padding mask inside the attention (``packing.padded_tokens``)."""
         if self.attn_pool is not None:
-            return torch.cat([self.pool(tokens[None]) for tokens in packing.split(x)])
+            padded, keep = padded_tokens(x, packing, self.pool_include_prefix)
+            return self.attn_pool(padded, attn_mask=keep)
         pool_type = self.global_pool if pool_type is None else pool_type
         if not pool_type:
             raise ValueError("pool_packed needs a pooling type; global_pool='' keeps every token (packing.split)")

@@ -242,6 +242,32 @@ def segment_pool(tokens: torch.Tensor, packing: ImagePacking, pool_type: str, in
     return pooled[0] if len(pooled) == 1 else 0.5 * (pooled[0] + pooled[1])  # avgmax: as timm's 0.5·(max + mean)
 
 
+def padded_tokens(
+    tokens: torch.Tensor, packing: ImagePacking, include_prefix: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed tokens -> one padded row per image and its key-padding mask: what a per-image attention over each
+    image's tokens (the attention-pooling head) takes to run once for all images.
+
+    Args:
+        tokens: [1, T, C] or [T, C] packed tokens.
+        packing: where each image's tokens are.
+        include_prefix: keep each image's prefix tokens (else its patch tokens only).
+
+    Returns:
+        ``(padded, keep)``: [B, L, C] with image b's P_b tokens first in row b and zeros after them (L the largest
+        P_b), and the [B, L] bool mask, True on the P_b real tokens. Differentiable in ``tokens``.
+    """
+    tokens = tokens[0] if tokens.ndim == 3 else tokens
+    index, counts = packing.token_index(include_prefix)
+    longest = max(counts, default=0)
+    rows = torch.cat([torch.arange(b * longest, b * longest + n) for b, n in enumerate(counts)])
+    rows = rows.to(tokens.device, non_blocking=True)
+    padded = tokens.new_zeros(len(counts) * longest, tokens.shape[-1])
+    padded = padded.index_copy(0, rows, tokens.index_select(0, index))
+    keep = torch.arange(longest, device=tokens.device) < torch.tensor(counts, device=tokens.device)[:, None]
+    return padded.view(len(counts), longest, tokens.shape[-1]), keep
+
+
 def identity_rope_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
     """``rows`` rows that rotate by nothing (sin 0, cos 1), shaped as ``table`` [..., n, 2·D] but for n."""
     sin_cos_shape = (*table.shape[:-2], rows, table.shape[-1] // 2)

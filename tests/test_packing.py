@@ -44,6 +44,7 @@ VIT_CASES = {
     "max_no_class_token": dict(global_pool="max", class_token=False, no_embed_class=True),
     "avgmax_prefix_pooled": dict(global_pool="avgmax", reg_tokens=1, pool_include_prefix=True),
     "map": dict(global_pool="map", class_token=False),
+    "map_registers_prefix_pooled": dict(global_pool="map", reg_tokens=2, pool_include_prefix=True),
     "no_pooling": dict(global_pool=""),
     "qk_norm_layerscale_pre_norm": dict(qk_norm=True, init_values=0.1, pre_norm=True),
     "parallel_blocks": dict(block_fn=ParallelScalingBlock, global_pool="avg"),
@@ -134,6 +135,38 @@ def test_eva_packed_attention_runs_the_varlen_kernel_with_its_prologue(case, mon
     with torch.no_grad():
         model.forward_packed(images)
     assert len(launches) == 1 and launches[0] is not None, launches  # one block, one packed launch
+    _check_packed_equals_alone(model, images)
+
+
+@needs_backend("triton")
+def test_packed_map_pooling_is_one_masked_call_on_the_attention_kernel(monkeypatch):
+    """Packed attention pooling: one ``ops.attention`` call for all images (each image's tokens padded to the longest,
+    its key-padding mask in the Triton kernel), equal to each image alone."""
+    from fastvit import layers
+
+    model = VisionTransformer(
+        **{**TINY, "depth": 1},
+        global_pool="map",
+        reg_tokens=1,
+        dynamic_img_size=True,
+        backend={"qkv_attention": "triton"},
+    )
+    images = _images([(8, 12), (4, 4), (12, 8)])
+    calls = []
+    attention = layers.ops.attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((k.shape, kwargs.get("key_padding_mask")))
+        return attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(layers.ops, "attention", spy)
+    with torch.no_grad():
+        model.forward_packed(images)
+    assert len(calls) == 1, calls
+    (shape, keep) = calls[0]
+    patches = [h * w // 16 for h, w in [(8, 12), (4, 4), (12, 8)]]  # pool_include_prefix=False: patch tokens only
+    assert keep is not None and keep.shape == (3, max(patches))
+    assert keep.sum(1).tolist() == patches and all(bool(row[:n].all()) for row, n in zip(keep, patches))
     _check_packed_equals_alone(model, images)
 
 
