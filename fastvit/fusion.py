@@ -30,13 +30,11 @@ from fastvit.layers import (
     layer_norm_prologue_fits,
     mlp_blockers,
     mlp_half_blockers,
-    norm_kind,
     parallel_block_blockers,
     prologue_blockers,
     qk_norm_params,
 )
 from fastvit.ops.attention import attention_call
-from fastvit.ops.ln_linear import GemmCall
 
 # ------------------------------------------------------------------------------------------------
 # The report
@@ -134,7 +132,7 @@ def block_fusion(block: nn.Module, device: torch.device, dtype: torch.dtype) -> 
         # norm1 + qkv: ops.ln_linear where 'auto' has a measured win for the Triton GEMM, else LayerNorm then cuBLAS
         # ('torch'), the other implementation by design: shown, never a reason the half is unfused.
         qkv = block.attn.qkv
-        call = GemmCall(device, dtype, qkv.in_features, qkv.out_features, True)
+        call = qkv.gemm_call(device, dtype, norm=True)
         backends = {"ln_linear": dispatch.explain("ln_linear", qkv.backend, call)[0], **attn_half.backends}
         attn_half = dataclasses.replace(attn_half, backends=backends)
     return {"attn": attn_half, "mlp": _half(list(mlp_half_blockers(block)), mlp_calls)}
@@ -213,11 +211,7 @@ def parallel_block_fusion(block: ParallelScalingBlock, device: torch.device, dty
     prologue_why = [f"qk-norm: {reason}" for reason in prologue_blockers(block)]
     attn_why = [*blockers, *prologue_why]
     attn_calls = _attention_op_call(block, device, dtype, block.training, False, not prologue_why)
-    in_proj = block.in_proj
-    in_proj_call = GemmCall(
-        device, dtype, in_proj.in_features, in_proj.out_features, norm_kind(block.in_norm) is not None
-    )
-    mlp_calls = {"ln_linear": (getattr(in_proj, "backend", None), in_proj_call)}
+    mlp_calls = {"ln_linear": (getattr(block.in_proj, "backend", None), block.in_proj_call(device, dtype))}
     if block.out_proj is None:
         attn_calls["linear_residual"] = (block.attn_out_proj.backend, residual_call)
         mlp_calls["linear_residual"] = (block.mlp_out_proj.backend, residual_call)

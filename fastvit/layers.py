@@ -28,7 +28,8 @@ from torch.nn.modules import module as torch_module
 
 from fastvit import dispatch, ops
 from fastvit.ops.attention import QKNorm, apply_rope
-from fastvit.ops.ln_linear import gemm_call
+from fastvit.ops.linear_residual import linear_call
+from fastvit.ops.ln_linear import GemmCall
 from fastvit.ops.patch_embed import prefix_and_position
 from fastvit.packing import AttnMask, PackedSequences, check_attn_mask, is_key_padding_mask, sdpa_mask
 
@@ -266,6 +267,10 @@ class ResidualLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.backend: str | None = None
 
+    def gemm_call(self, device: torch.device, dtype: torch.dtype, norm: bool) -> GemmCall:
+        """The dispatch key of this Linear as ``ops.ln_linear`` (with a norm prologue if ``norm``) in ``dtype``."""
+        return GemmCall(device, dtype, self.in_features, self.out_features, norm)
+
 
 class NormLinear(nn.Linear):
     """``nn.Linear`` (same parameters and keys) that also carries the backend of ``ops.ln_linear``.
@@ -281,6 +286,10 @@ class NormLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.backend: str | None = None
+
+    def gemm_call(self, device: torch.device, dtype: torch.dtype, norm: bool) -> GemmCall:
+        """The dispatch key of this Linear as ``ops.ln_linear`` (with a norm prologue if ``norm``) in ``dtype``."""
+        return GemmCall(device, dtype, self.in_features, self.out_features, norm)
 
 
 def layer_norm_prologue_fits(norm: nn.Module, linear: nn.Module) -> bool:
@@ -367,7 +376,7 @@ class Attention(nn.Module):
             return self.qkv(x)
         qkv = self.qkv
         if layer_norm_prologue_fits(norm, qkv):
-            call = gemm_call(x, qkv.in_features, qkv.out_features, True)
+            call = qkv.gemm_call(*linear_call(x), norm=True)
             if dispatch.selected("ln_linear", qkv.backend, call) != "torch":
                 return ops.ln_linear(x, norm.weight, norm.bias, qkv.weight, qkv.bias, norm.eps, backend=qkv.backend)
         return qkv(norm(x))
@@ -1182,6 +1191,12 @@ class ParallelScalingBlock(nn.Module):
         q, k, v = split_qkv_heads(qkv, self.num_heads)
         return self.q_norm(q), self.k_norm(k), v
 
+    def in_proj_call(self, device: torch.device, dtype: torch.dtype) -> GemmCall:
+        """The dispatch key of in_norm + in_proj as one ``ops.ln_linear`` call (``in_proj_fusion``, the fusion
+        report)."""
+        in_proj = self.in_proj  # a NormLinear, or an adapter in its place (the call is still reported)
+        return GemmCall(device, dtype, in_proj.in_features, in_proj.out_features, norm_kind(self.in_norm) is not None)
+
     def in_proj_fusion(self, x: torch.Tensor) -> dict | None:
         """``ops.ln_linear``'s arguments when in_norm, in_proj and the MLP's activation run as one call on ``x`` (the
         norm as the GEMM's prologue, the activation on the MLP's columns in its epilogue: no normalised copy and no
@@ -1190,8 +1205,7 @@ class ParallelScalingBlock(nn.Module):
         if next(in_proj_blockers(self), None) is not None:
             return None
         in_proj = self.in_proj
-        call = gemm_call(x, in_proj.in_features, in_proj.out_features, norm_kind(self.in_norm) is not None)
-        if dispatch.selected("ln_linear", in_proj.backend, call) == "torch":
+        if dispatch.selected("ln_linear", in_proj.backend, self.in_proj_call(*linear_call(x))) == "torch":
             return None
         bias = in_proj.bias
         if self.mlp_bias is not None:  # fc1's bias apart from the (bias-free) in_proj: zeros for q, k, v
