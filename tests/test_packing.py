@@ -24,6 +24,7 @@ from fastvit.packing import (
     PackingCollate,
     packed_rope_table,
     pad_packing,
+    padded_tokens,
     parse_sizes,
     pick_token_budget,
     resize_each,
@@ -259,6 +260,12 @@ def test_segment_pool_and_rope_table_helpers():
     torch.testing.assert_close(segment_pool(tokens, packing, "max", True), torch.stack([tokens[2], tokens[7]]))
     with pytest.raises(ValueError, match="pool_type"):
         segment_pool(tokens, packing, "mean", False)
+    padded, keep = padded_tokens(tokens[None], packing, include_prefix=False)  # patch tokens: 2 and 4 per image
+    assert keep.tolist() == [[True, True, False, False], [True] * 4]
+    torch.testing.assert_close(padded, torch.stack([torch.cat([tokens[1:3], tokens.new_zeros(2, 2)]), tokens[4:8]]))
+    padded, keep = padded_tokens(tokens, packing, include_prefix=True)
+    assert padded.shape == (2, 5, 2) and keep.sum(1).tolist() == [3, 5]
+    torch.testing.assert_close(padded[0, :3], tokens[:3])
     tables = [torch.randn(2, 8), torch.randn(4, 8)]
     rope = packed_rope_table(tables, num_prefix_tokens=1)  # image 0's prefix is skipped by apply_rope itself
     assert rope.shape == (2 + 1 + 4, 8)
