@@ -26,7 +26,7 @@ timm = pytest.importorskip("timm")
 
 # The families' headline models (issue 17), at their own image sizes, with a 1000-class head to train.
 FAMILY_MODELS = [
-    "vit_so400m_patch14_siglip_384",  # SigLIP: map pooling, head dim 72 (attention on torch), MLP 1152 -> 4304
+    "vit_so400m_patch14_siglip_384",  # SigLIP: map pooling, head dim 72 (64 + 16 pieces on Hopper), MLP 1152 -> 4304
     "vit_large_patch14_clip_336",  # CLIP L/14-336 (LLaVA's tower): pre-norm, eps 1e-5
     "vit_base_patch14_dinov2",  # DINOv2 B/14 at 518 px: LayerScale
     "vit_base_patch16_dinov3",  # DINOv3 B/16 (timm's Eva): RoPE, registers
