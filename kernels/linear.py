@@ -16,6 +16,11 @@ programs (GROUP_M row tiles walk the N tiles together, so the W tiles they share
   two accumulators side by side in one program, gate (rows of W) and value (rows of ``WValue``: the second half
   of a packed fc1, or timm's separate ``fc1_x``), and writes ``silu(gate) * value``: the [M, 2·N] pre-activation
   is never read back in the forward.
+- **Hopper forward** (:func:`linear_fwd_tma_kernel`, off by default: ``fastvit.ops.triton.linear.hopper_path()``):
+  the same tiles, prologue and epilogue, but persistent (``min(#SMs, #tiles)`` programs, each looping over output
+  tiles in the same grouped order) and with the A and W tiles loaded through device-side tensor descriptors (TMA,
+  ``tl.make_tensor_descriptor``, Triton >= 3.4) instead of pointer arithmetic, after Triton's persistent-matmul
+  tutorial (python/tutorials/09-persistent-matmul.py). Not yet measured on a GPU.
 - **Backward**: ``dz = dout * act'(z)`` is formed tile by tile as the output gradient is loaded (from the saved
   pre-activation z; for SwiGLU both halves from gate and value), in both backward GEMMs: dÂ = dz @ W
   (:func:`linear_bwd_input_kernel`) and dW = dzᵀ @ Â with Â re-normalised by the same prologue, plus db = Σ_M dz
@@ -320,7 +325,8 @@ def norm_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Forward
+# Forward: the one-program-per-tile kernel with pointer loads, and the persistent Hopper kernel whose A and W tiles
+# come through tensor descriptors (TMA). Both end in the same epilogue.
 
 
 @triton.jit
@@ -437,6 +443,47 @@ def linear_fwd_kernel(
         acc, acc_value, offs_m, offs_n, rows_valid, cols_valid, N, Bias, Residual, Out, PreAct, stride_rm, stride_rn,
         act_cols, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, SAVE_PRE_ACT, PARTIAL_ACT,
     )  # fmt: skip
+
+
+@triton.jit
+def linear_fwd_tma_kernel(
+    A, W, WValue, Bias, Residual, Out, PreAct, Mean, Rstd, NormWeight, NormBias,
+    M, N, K, stride_am, stride_ak, stride_wn, stride_wk, stride_vn, stride_vk, stride_rm, stride_rn,
+    NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, SAVE_PRE_ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    act_cols=0, PARTIAL_ACT: tl.constexpr = False,
+):  # fmt: skip
+    """:func:`linear_fwd_kernel` (the same arguments, the same prologue, dots and epilogue) for Hopper: persistent,
+    ``min(#SMs, #tiles)`` programs each looping over the output tiles in the same grouped order, and the A, W (and
+    WValue) tiles loaded through device-side tensor descriptors (TMA), zero-filled outside [M, K] / [N, K]. The
+    launcher checks what TMA needs (``tma_forward_reason``): unit last strides (stride_ak, stride_wk, stride_vk are
+    1 and unused here), 16-byte aligned bases and row strides; the descriptors need ``triton.set_allocator``."""
+    a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if ACTIVATION == ACT_SWIGLU:
+        v_desc = tl.make_tensor_descriptor(WValue, [N, K], [stride_vn, 1], [BLOCK_N, BLOCK_K])
+    offs_k = tl.arange(0, BLOCK_K)
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m, offs_n, rows_valid, cols_valid = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+        mean, rstd = _load_row_stats(Mean, Rstd, offs_m, rows_valid, NORM, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _normalise_a_tile(
+                a_desc.load([pid_m * BLOCK_M, k0]), rows_valid, k0 + offs_k, K, mean, rstd, NormWeight, NormBias,
+                W.dtype.element_ty, NORM, HAS_NORM_BIAS,
+            )  # fmt: skip
+            acc = tl.dot(a, tl.trans(w_desc.load([pid_n * BLOCK_N, k0])), acc, input_precision=INPUT_PRECISION)
+            if ACTIVATION == ACT_SWIGLU:
+                value = v_desc.load([pid_n * BLOCK_N, k0])
+                acc_value = tl.dot(a, tl.trans(value), acc_value, input_precision=INPUT_PRECISION)
+        _fwd_epilogue(
+            acc, acc_value, offs_m, offs_n, rows_valid, cols_valid, N, Bias, Residual, Out, PreAct, stride_rm,
+            stride_rn, act_cols, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, SAVE_PRE_ACT, PARTIAL_ACT,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -607,6 +654,12 @@ CONFIGS = {
         80: [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 4)],
         "fp32": _FP32,
     },
+    # The persistent TMA forward (linear_fwd_tma_kernel): Hopper only (no 80 entry: the launcher never runs it there).
+    # Not yet measured on a GPU: the pointer forward's sm_90 tiles, spill-free for this kernel too.
+    "fwd_tma": {
+        90: [(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4)],
+        "fp32": _FP32,
+    },
 }
 # SwiGLU keeps two accumulators (gate and value) and, backward, three input tiles (dout, gate, value) and two
 # weight tiles per step: smaller tiles than the single-activation kernels, each spill-free on its arch at EVA02-B's
@@ -627,8 +680,17 @@ CONFIGS_SWIGLU = {
         80: [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 4)],
         "fp32": _FP32,
     },
+    # The TMA forward holds a little more per thread than the pointer one (the persistent loop's state): its 4-warp
+    # 64x128x64 and 8-warp 128x128x32 spill 28-64 B on sm_90a at EVA02-B's fc1, the 8-warp 64x128x64 does not.
+    "fwd_tma": {
+        90: [(128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 8, 3), (64, 64, 64, 8, 4, 4)],
+        "fp32": _FP32,
+    },
 }
 INTERPRETER_CONFIG = (16, 128, 128, 4, 4, 1)  # few, wide tiles: the interpreter pays per op, not per element
+# Programs of the persistent TMA forward under the interpreter (on a GPU: the SM count): few enough that small test
+# shapes give each program several tiles to loop over.
+INTERPRETER_PERSISTENT_PROGRAMS = 2
 STATS_BLOCK_M = 16
 STATS_BLOCK_K = 128
 # Split-K of the weight gradient (the host's choice, ``fastvit.ops.triton.linear_launch.weight_split_k``): when the
