@@ -228,3 +228,32 @@ def test_gpu_every_tma_config_keeps_the_rule(swiglu, no_tf32):
         with linear_triton.forced_configs({"fwd_tma": entry}):
             out = check_forward(sample, f"config {entry}", equals_pointer=False)
         assert out.shape == (2, 197, 1024)
+
+
+# ------------------------------------------------------------------------------------------------
+# The selftest's TMA checks (sm_90 GPUs only; their mechanics here)
+
+
+@pytest.mark.parametrize("arch, expected", [(90, True), (80, False)])
+def test_the_selftest_plans_tma_checks_on_hopper_only(monkeypatch, arch, expected):
+    from fastvit import selftest_cases
+
+    monkeypatch.setattr(selftest_cases, "_on_gpu", lambda device: True)  # plan as on a GPU (no check runs)
+    monkeypatch.setattr(launch, "gpu_arch", lambda tensor: arch)
+    for quick in (True, False):
+        labels = [c.label for c in selftest_cases.build_checks("ln_linear", "triton", DEVICE, quick=quick)]
+        assert any(label.startswith("TMA forward") for label in labels) == expected, (arch, quick)
+    mlp = selftest_cases.build_checks("ln_mlp", "triton", DEVICE, quick=True)
+    assert not any(c.label.startswith("TMA forward") for c in mlp)  # the same GEMMs: checked once, via ln_linear
+
+
+def test_a_selftest_tma_check_passes_and_a_fallback_fails_it():
+    from fastvit import selftest_cases
+
+    aligned = selftest_cases._ln_linear_case((2, 7), 24, 40)
+    odd = selftest_cases._ln_linear_case((2, 7), 37, 40)  # 148-byte fp32 rows: the pointer kernel runs
+    args = (torch.float32, 90, [("aligned", aligned), ("odd", odd)], (), True, 0)
+    passing, falling_back = selftest_cases._hopper_checks("ln_linear", DEVICE, *args)
+    assert passing.run().passed
+    with pytest.raises(RuntimeError, match=r"the TMA forward did not run: .*row stride \(148 bytes\)"):
+        falling_back.run()  # the runner reports a raising check as failed, with this message
