@@ -8,6 +8,9 @@ Candidates, same weights and inputs:
                    prologue and bias + exact-GELU epilogue, fc2 with the bias + residual epilogue; the GELU
                    derivative fused into the backward GEMMs. Its wins (per width, batch bucket, dtype, GPU) go
                    into ``fastvit/gemm_choices.json``, which ``auto`` reads.
+  "fastvit triton tma"  the same with the persistent TMA forward GEMMs (``hopper_path()``, sm_90 only; off by
+                   default elsewhere, not yet measured): skipped where the forward would fall back to the
+                   pointer kernel. Not read by ``benchmarks/gemm_choices.py``.
   "torch eager"    ``x + timm.layers.Mlp(nn.LayerNorm(x))`` (baseline).
   "torch compile"  ``torch.compile`` of the same module (baseline).
 Modes: "fwd" (inference, no autograd) and "fwd+bwd" (forward, then the gradients of x and of every
@@ -30,6 +33,7 @@ import torch.nn as nn
 import fastvit
 from benchmarks.harness import DEVICE, SMOKE, check_close, profile_cases, record, rotating, run_benchmark
 from fastvit import dispatch
+from fastvit.ops.triton import linear as linear_triton
 
 try:
     from timm.layers import Mlp
@@ -45,9 +49,10 @@ else:
     WIDTHS = profile_cases({"vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_huge": 1280}, ["vit_base"])
     BATCHES = profile_cases([32, 128], [128])
     DTYPE, REL_TOL = torch.bfloat16, 3e-2
-CANDIDATES = ["fastvit cuda", "fastvit triton", "torch eager", "torch compile"]
-FUSED_BACKENDS = {"fastvit cuda": "cuda", "fastvit triton": "triton"}
-GPU_ONLY = {"torch compile"}
+TMA = "fastvit triton tma"
+CANDIDATES = ["fastvit cuda", "fastvit triton", TMA, "torch eager", "torch compile"]
+FUSED_BACKENDS = {"fastvit cuda": "cuda", "fastvit triton": "triton", TMA: "triton"}
+GPU_ONLY = {"torch compile", TMA}
 MODES = ["fwd", "fwd+bwd"]
 
 
@@ -77,10 +82,25 @@ def _params(module: EagerHalfBlock) -> list[torch.Tensor]:
     return [module.norm.weight, module.norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
 
 
+def _on_hopper_path(fn):
+    """``fn`` with its forward GEMMs on the persistent TMA kernel (``hopper_path``); skips the case where one would
+    fall back to the pointer kernel (its time would not be the TMA kernel's)."""
+
+    def run(*args):
+        with linear_triton.hopper_path() as path:
+            out = fn(*args)
+        if path.fallbacks or not path.launches:
+            pytest.skip(f"{TMA}: the TMA forward did not run ({path.fallbacks or 'no forward launch'})")
+        return out
+
+    return run
+
+
 def _candidate(candidate: str, module: EagerHalfBlock):
     if candidate in FUSED_BACKENDS:
         params = _params(module)
-        return lambda x: fastvit.ops.ln_mlp(x, *params, eps=1e-6, backend=FUSED_BACKENDS[candidate])
+        fn = lambda x: fastvit.ops.ln_mlp(x, *params, eps=1e-6, backend=FUSED_BACKENDS[candidate])  # noqa: E731
+        return _on_hopper_path(fn) if candidate == TMA else fn
     if candidate == "torch compile":
         return torch.compile(module)
     return module
@@ -89,6 +109,8 @@ def _candidate(candidate: str, module: EagerHalfBlock):
 def _skip_unusable(candidate: str) -> None:
     backend = FUSED_BACKENDS.get(candidate)
     reason = None if backend is None else dispatch.backend_unusable_reason(backend, DEVICE)
+    if reason is None and candidate == TMA and (DEVICE.type != "cuda" or torch.cuda.get_device_capability()[0] != 9):
+        reason = "the TMA forward is for sm_90 (Hopper) GPUs"
     if reason is not None:
         pytest.skip(f"{candidate}: {reason}")
 
@@ -172,7 +194,7 @@ BLOCK_GEMMS = {
 }
 GEMM_WIDTHS = {"tiny": 32} if SMOKE else profile_cases({"vit_base": 768, "vit_large": 1024}, ["vit_base"])
 GEMM_BATCH = 1 if SMOKE else 256
-GEMM_CANDIDATES = ["fastvit triton", "torch mm", "torch eager"]
+GEMM_CANDIDATES = ["fastvit triton", TMA, "torch mm", "torch eager"]
 
 
 @pytest.mark.parametrize("candidate", GEMM_CANDIDATES)
@@ -201,10 +223,11 @@ def test_block_gemm(benchmark, name, gemm, candidate):
     if candidate == "torch mm":
         fn = lambda x, residual: torch.mm(x, weight.t())  # noqa: E731
     else:
-        backend = "triton" if candidate == "fastvit triton" else "torch"
+        backend = FUSED_BACKENDS.get(candidate, "torch")
         fn = lambda x, residual: fastvit.ops.ln_linear(  # noqa: E731
             x, ln_weight, ln_bias, weight, bias, **glue, residual=residual, backend=backend
         )
+        fn = _on_hopper_path(fn) if candidate == TMA else fn
     x, residual = next_inputs()
     if candidate != "torch mm":  # correctness first (torch.mm is the bare GEMM: nothing to compare)
         ref = fastvit.ops.ln_linear(

@@ -15,6 +15,11 @@ holds for every variant, and a variant's own entry comes first. With no entry fo
 the Triton GEMMs (it keeps cuBLASLt where the extension covers the call, else ``torch``); an explicit
 ``backend='triton'`` always runs them. Selftest evidence (``fastvit/verification.py``) is asked as well: a choice
 never enables an unverified kernel.
+
+The Triton GEMMs' Hopper forward (persistent, TMA descriptors: ``linear_fwd_tma_kernel``) is not a choice here: it is
+off by default, switched on only inside ``fastvit.ops.triton.linear.hopper_path()`` (sm_90; it falls back to the
+pointer kernel, saying why, where TMA cannot run), and has not been measured on a GPU yet (the benchmarks' ``fastvit
+triton tma`` candidate).
 """
 
 from __future__ import annotations

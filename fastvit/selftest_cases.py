@@ -12,7 +12,9 @@ GPU), every supported head dim, prefix (class / register) tokens, strided, chann
 uint8 images, residual on/off, TF32, autocast, deterministic mode (run twice: bitwise identical), and on a GPU
 **every tile config the launchers may pick there**: every candidate of the attention autotuner
 (``candidate_configs``, the list its prune step keeps) for each head dim and dtype, and every config of the patch
-embedding's heuristic (``candidate_configs``), forced one at a time through the real launchers. Under Triton's
+embedding's heuristic (``candidate_configs``), forced one at a time through the real launchers; on sm_90 GPUs also
+the fused GEMM's persistent TMA forward (``hopper_path``: a fallback to the pointer kernel fails the check), its
+configs swept in bfloat16. Under Triton's
 interpreter (CPU) the launchers use one fixed config per shape, and bfloat16 is not covered there.
 ``quick=True`` (CI, compute-sanitizer) keeps one or two head dims and the small shapes.
 """
@@ -1092,6 +1094,42 @@ def _forced_gemm(configs: dict, split_k: int | None):
         yield
 
 
+def _on_hopper_path(case: OpCase) -> OpCase:
+    """``case`` with its fused run inside ``hopper_path()`` (the persistent TMA forward); a forward that fell back to
+    the pointer kernel, or none that ran the TMA kernel, fails the check with the recorded reason."""
+    fused = case.fused
+
+    def run(*args):
+        with linear_triton.hopper_path() as path:
+            result = fused(*args)
+        if path.fallbacks or not path.launches:
+            raise RuntimeError(f"the TMA forward did not run: {path.fallbacks or 'no forward launch'}")
+        return result
+
+    return dataclasses.replace(case, fused=run)
+
+
+def _hopper_checks(op, device, dtype, arch, cases, config_cases, quick, seed) -> list[Check]:
+    """sm_90 only: the TMA forward (``hopper_path``) on ``cases`` with the launcher's own configs and, in a full run in
+    bfloat16 (the benchmarks' dtype; few compiles: the GPU round caps the selftest), each of its table's configs on
+    ``config_cases`` (plain, SwiGLU: its own table)."""
+    checks = []
+    for label, case in cases:
+        seed += 1
+        checks.append(_check(op, "triton", dtype, f"TMA forward: {label}", _on_hopper_path(case), device, seed))
+    if quick or dtype != torch.bfloat16:
+        return checks
+    for swiglu, case in zip((False, True), config_cases):
+        for entry in linear_triton.candidate_configs("fwd_tma", arch, dtype.itemsize, swiglu):
+            config = f"fwd_tma={entry}" + (" swiglu" if swiglu else "")
+            forced = functools.partial(_forced_gemm, {"fwd_tma": entry}, None)
+            forced_case = dataclasses.replace(_on_hopper_path(case), fused_context=forced)
+            seed += 1
+            label = f"TMA forward config {config}"
+            checks.append(_check(op, "triton", dtype, label, forced_case, device, seed, (config,)))
+    return checks
+
+
 def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
     """Checks of the Triton GEMMs; on a GPU also every config their autotuners may pick, one kernel kind at a time."""
     dtypes = covered_dtypes(op, "triton", lambda d: GemmCall(device, d, 64, 256, True))
@@ -1144,6 +1182,11 @@ def gemm_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
                         config = f"{kind}={entry}" + (" swiglu" if swiglu else "")
                         config += "" if split_k is None else f" split_k={split_k}"
                         checks.append(_check(op, "triton", dtype, f"config {config}", case, device, seed, (config,)))
+            if op == "ln_linear" and arch // 10 == 9:  # the persistent TMA forward: Hopper only
+                hopper_cases = [cases[0], cases[3]] + ([] if quick else [("2x197x192 -> 576", config_case)])
+                hopper = _hopper_checks(op, device, dtype, arch, hopper_cases, (config_case, swiglu_case), quick, seed)
+                checks += hopper
+                seed += len(hopper)
         seed += 1
         checks.append(
             _deterministic_check(op, "triton", dtype, "deterministic mode, bitwise repeat", cases[1][1], device, seed)

@@ -16,6 +16,11 @@ programs (GROUP_M row tiles walk the N tiles together, so the W tiles they share
   two accumulators side by side in one program, gate (rows of W) and value (rows of ``WValue``: the second half
   of a packed fc1, or timm's separate ``fc1_x``), and writes ``silu(gate) * value``: the [M, 2·N] pre-activation
   is never read back in the forward.
+- **Hopper forward** (:func:`linear_fwd_tma_kernel`, off by default: ``fastvit.ops.triton.linear.hopper_path()``):
+  the same tiles, prologue and epilogue, but persistent (``min(#SMs, #tiles)`` programs, each looping over output
+  tiles in the same grouped order) and with the A and W tiles loaded through device-side tensor descriptors (TMA,
+  ``tl.make_tensor_descriptor``, Triton >= 3.4) instead of pointer arithmetic, after Triton's persistent-matmul
+  tutorial (python/tutorials/09-persistent-matmul.py). Not yet measured on a GPU.
 - **Backward**: ``dz = dout * act'(z)`` is formed tile by tile as the output gradient is loaded (from the saved
   pre-activation z; for SwiGLU both halves from gate and value), in both backward GEMMs: dÂ = dz @ W
   (:func:`linear_bwd_input_kernel`) and dW = dzᵀ @ Â with Â re-normalised by the same prologue, plus db = Σ_M dz
@@ -24,8 +29,9 @@ programs (GROUP_M row tiles walk the N tiles together, so the W tiles they share
   gradients) is :func:`norm_bwd_kernel`. No atomics anywhere: each gradient element (or partial) is written by one
   program in a fixed order and partials are summed on the host in a fixed order (bit-identical runs).
 
-The prologue and epilogue live in one place each (:func:`_load_a_tile`, :func:`_activation`,
-:func:`_grad_pre_activation`, :func:`_grad_swiglu`), switched by constexpr flags. Every M, N, K is masked (ragged
+The prologue and epilogue live in one place each (:func:`_normalise_a_tile`, :func:`_fwd_epilogue`,
+:func:`_activation`, :func:`_grad_pre_activation`, :func:`_grad_swiglu`), switched by constexpr flags; so does the
+tile order (:func:`_tile_coords` of a tile index, :func:`_tile_offsets`). Every M, N, K is masked (ragged
 tails, K not a multiple of BLOCK_K); row offsets are int64 before they meet a stride. Launchers, custom ops and
 autograd: ``fastvit/ops/triton/linear_launch.py`` and ``linear.py``; the spec: ``fastvit.reference``.
 """
@@ -58,29 +64,35 @@ TANH_A = tl.constexpr(0.044715)
 
 
 @triton.jit
-def _tile_coords(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_R: tl.constexpr):
-    """1-D program id -> (row tile, column tile) in grouped order: GROUP_R row tiles sweep the columns together."""
-    pid = tl.program_id(0)
+def _tile_coords(tile, ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_R: tl.constexpr):
+    """Tile index -> (row tile, column tile) in grouped order: GROUP_R row tiles sweep the columns together. The
+    one-program-per-tile kernels pass their program id, the persistent one each tile it loops over."""
     tiles_r = tl.cdiv(ROWS, BLOCK_R)
     tiles_c = tl.cdiv(COLS, BLOCK_C)
     per_group = GROUP_R * tiles_c
-    first_r = (pid // per_group) * GROUP_R
+    first_r = (tile // per_group) * GROUP_R
     group_rows = min(tiles_r - first_r, GROUP_R)
-    return first_r + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+    return first_r + (tile % per_group) % group_rows, (tile % per_group) // group_rows
 
 
 @triton.jit
-def _output_tile(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_R: tl.constexpr):
-    """This program's output tile (grouped order): row offsets, column offsets and their in-bounds masks."""
-    pid_r, pid_c = _tile_coords(ROWS, COLS, BLOCK_R, BLOCK_C, GROUP_R)
+def _tile_offsets(pid_r, pid_c, ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row offsets, column offsets and their in-bounds masks of output tile (pid_r, pid_c)."""
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     return offs_r, offs_c, offs_r < ROWS, offs_c < COLS
 
 
 @triton.jit
-def _load_a_tile(
-    a_ptrs,  # [BLOCK_M, BLOCK_K] pointers into A [M, K]
+def _output_tile(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_R: tl.constexpr):
+    """This program's output tile (grouped order): row offsets, column offsets and their in-bounds masks."""
+    pid_r, pid_c = _tile_coords(tl.program_id(0), ROWS, COLS, BLOCK_R, BLOCK_C, GROUP_R)
+    return _tile_offsets(pid_r, pid_c, ROWS, COLS, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _normalise_a_tile(
+    a,  # [BLOCK_M, BLOCK_K] loaded A tile (zero outside [M, K])
     rows_valid,  # [BLOCK_M]
     offs_k,  # [BLOCK_K] column indices of this tile
     K,
@@ -92,11 +104,10 @@ def _load_a_tile(
     NORM: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr,
 ):
-    """The A operand tile: A itself, or Norm(A) rounded to ``dtype``; zero outside [M, K]."""
-    k_valid = offs_k < K
-    mask = rows_valid[:, None] & k_valid[None, :]
-    a = tl.load(a_ptrs, mask=mask, other=0.0)
+    """The prologue on a loaded A tile: A itself, or Norm(A) rounded to ``dtype``; zero outside [M, K] (whether the
+    tile came from masked pointer loads or a zero-padded tensor-descriptor load)."""
     if NORM != NORM_NONE:
+        k_valid = offs_k < K
         normed = a.to(tl.float32)
         if NORM == NORM_LAYER:
             normed = normed - mean[:, None]
@@ -104,8 +115,19 @@ def _load_a_tile(
         normed = normed * rstd[:, None] * weight[None, :]
         if HAS_NORM_BIAS:
             normed += tl.load(NormBias + offs_k, mask=k_valid, other=0.0).to(tl.float32)[None, :]
-        a = tl.where(mask, normed, 0.0)
+        a = tl.where(rows_valid[:, None] & k_valid[None, :], normed, 0.0)
     return a.to(dtype)
+
+
+@triton.jit
+def _load_a_tile(
+    a_ptrs, rows_valid, offs_k, K, mean, rstd, NormWeight, NormBias, dtype: tl.constexpr, NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+):  # fmt: skip
+    """:func:`_normalise_a_tile` of the tile loaded through ``a_ptrs`` [BLOCK_M, BLOCK_K] (pointers into A [M, K]),
+    masked: zero outside [M, K]."""
+    a = tl.load(a_ptrs, mask=rows_valid[:, None] & (offs_k < K)[None, :], other=0.0)
+    return _normalise_a_tile(a, rows_valid, offs_k, K, mean, rstd, NormWeight, NormBias, dtype, NORM, HAS_NORM_BIAS)
 
 
 @triton.jit
@@ -303,7 +325,55 @@ def norm_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# Forward
+# Forward: the one-program-per-tile kernel with pointer loads, and the persistent Hopper kernel whose A and W tiles
+# come through tensor descriptors (TMA). Both end in the same epilogue.
+
+
+@triton.jit
+def _fwd_epilogue(
+    acc,  # [BLOCK_M, BLOCK_N] fp32: prologue(A) Wᵀ (the gate half for SwiGLU)
+    acc_value,  # [BLOCK_M, BLOCK_N] fp32 (ACT_SWIGLU): prologue(A) WValueᵀ
+    offs_m,  # [BLOCK_M] output rows of the tile
+    offs_n,  # [BLOCK_N] output columns of the tile
+    rows_valid,
+    cols_valid,
+    N,
+    Bias,  # [N], or [2N] (gate then value) for SwiGLU (HAS_BIAS)
+    Residual,  # [M, N] strided (HAS_RESIDUAL)
+    Out,  # [M, N] contiguous
+    PreAct,  # [M, N] (or [M, 2N]) contiguous (SAVE_PRE_ACT)
+    stride_rm,
+    stride_rn,
+    act_cols,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    SAVE_PRE_ACT: tl.constexpr,
+    PARTIAL_ACT: tl.constexpr,
+):
+    """The forward's epilogue on the fp32 accumulator(s): bias, the pre-activation store, the activation (on the
+    columns below ``act_cols`` only with ``PARTIAL_ACT``; SwiGLU combines gate and value), the residual, the store."""
+    rows64 = offs_m.to(tl.int64)
+    mask = rows_valid[:, None] & cols_valid[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=cols_valid, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION == ACT_SWIGLU:
+            acc_value += tl.load(Bias + N + offs_n, mask=cols_valid, other=0.0).to(tl.float32)[None, :]
+    if SAVE_PRE_ACT:
+        if ACTIVATION == ACT_SWIGLU:
+            pre_offsets = rows64[:, None] * (2 * N) + offs_n[None, :]
+            tl.store(PreAct + pre_offsets + N, acc_value.to(PreAct.dtype.element_ty), mask=mask)
+        else:
+            pre_offsets = rows64[:, None] * N + offs_n[None, :]
+        tl.store(PreAct + pre_offsets, acc.to(PreAct.dtype.element_ty), mask=mask)
+    if ACTIVATION == ACT_SWIGLU:
+        acc = _swiglu(acc, acc_value)
+    else:
+        acc = _activate(acc, ACTIVATION, offs_n, act_cols, PARTIAL_ACT)
+    if HAS_RESIDUAL:
+        residual_ptrs = Residual + rows64[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + rows64[:, None] * N + offs_n[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -369,27 +439,51 @@ def linear_fwd_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue, on the fp32 accumulator(s).
-    mask = rows_valid[:, None] & cols_valid[None, :]
-    if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=cols_valid, other=0.0).to(tl.float32)[None, :]
-        if ACTIVATION == ACT_SWIGLU:
-            acc_value += tl.load(Bias + N + offs_n, mask=cols_valid, other=0.0).to(tl.float32)[None, :]
-    if SAVE_PRE_ACT:
-        if ACTIVATION == ACT_SWIGLU:
-            pre_offsets = rows64[:, None] * (2 * N) + offs_n[None, :]
-            tl.store(PreAct + pre_offsets + N, acc_value.to(PreAct.dtype.element_ty), mask=mask)
-        else:
-            pre_offsets = rows64[:, None] * N + offs_n[None, :]
-        tl.store(PreAct + pre_offsets, acc.to(PreAct.dtype.element_ty), mask=mask)
+    _fwd_epilogue(
+        acc, acc_value, offs_m, offs_n, rows_valid, cols_valid, N, Bias, Residual, Out, PreAct, stride_rm, stride_rn,
+        act_cols, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, SAVE_PRE_ACT, PARTIAL_ACT,
+    )  # fmt: skip
+
+
+@triton.jit
+def linear_fwd_tma_kernel(
+    A, W, WValue, Bias, Residual, Out, PreAct, Mean, Rstd, NormWeight, NormBias,
+    M, N, K, stride_am, stride_ak, stride_wn, stride_wk, stride_vn, stride_vk, stride_rm, stride_rn,
+    NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, SAVE_PRE_ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    act_cols=0, PARTIAL_ACT: tl.constexpr = False,
+):  # fmt: skip
+    """:func:`linear_fwd_kernel` (the same arguments, the same prologue, dots and epilogue) for Hopper: persistent,
+    ``min(#SMs, #tiles)`` programs each looping over the output tiles in the same grouped order, and the A, W (and
+    WValue) tiles loaded through device-side tensor descriptors (TMA), zero-filled outside [M, K] / [N, K]. The
+    launcher checks what TMA needs (``tma_forward_reason``): unit last strides (stride_ak, stride_wk, stride_vk are
+    1 and unused here), 16-byte aligned bases and row strides; the descriptors need ``triton.set_allocator``."""
+    a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     if ACTIVATION == ACT_SWIGLU:
-        acc = _swiglu(acc, acc_value)
-    else:
-        acc = _activate(acc, ACTIVATION, offs_n, act_cols, PARTIAL_ACT)
-    if HAS_RESIDUAL:
-        residual_ptrs = Residual + rows64[:, None] * stride_rm + offs_n[None, :] * stride_rn
-        acc += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + rows64[:, None] * N + offs_n[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+        v_desc = tl.make_tensor_descriptor(WValue, [N, K], [stride_vn, 1], [BLOCK_N, BLOCK_K])
+    offs_k = tl.arange(0, BLOCK_K)
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m, offs_n, rows_valid, cols_valid = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+        mean, rstd = _load_row_stats(Mean, Rstd, offs_m, rows_valid, NORM, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _normalise_a_tile(
+                a_desc.load([pid_m * BLOCK_M, k0]), rows_valid, k0 + offs_k, K, mean, rstd, NormWeight, NormBias,
+                W.dtype.element_ty, NORM, HAS_NORM_BIAS,
+            )  # fmt: skip
+            acc = tl.dot(a, tl.trans(w_desc.load([pid_n * BLOCK_N, k0])), acc, input_precision=INPUT_PRECISION)
+            if ACTIVATION == ACT_SWIGLU:
+                value = v_desc.load([pid_n * BLOCK_N, k0])
+                acc_value = tl.dot(a, tl.trans(value), acc_value, input_precision=INPUT_PRECISION)
+        _fwd_epilogue(
+            acc, acc_value, offs_m, offs_n, rows_valid, cols_valid, N, Bias, Residual, Out, PreAct, stride_rm,
+            stride_rn, act_cols, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, SAVE_PRE_ACT, PARTIAL_ACT,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -480,7 +574,7 @@ def linear_bwd_weight_kernel(
     act_cols=0,  # PARTIAL_ACT: the forward's activation covered the output columns < act_cols only
     PARTIAL_ACT: tl.constexpr = False,
 ):
-    pid_n, pid_k = _tile_coords(N, K, BLOCK_N, BLOCK_K, GROUP_M)
+    pid_n, pid_k = _tile_coords(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
@@ -560,6 +654,12 @@ CONFIGS = {
         80: [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 4)],
         "fp32": _FP32,
     },
+    # The persistent TMA forward (linear_fwd_tma_kernel): Hopper only (no 80 entry: the launcher never runs it there).
+    # Not yet measured on a GPU: the pointer forward's sm_90 tiles, spill-free for this kernel too.
+    "fwd_tma": {
+        90: [(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4)],
+        "fp32": _FP32,
+    },
 }
 # SwiGLU keeps two accumulators (gate and value) and, backward, three input tiles (dout, gate, value) and two
 # weight tiles per step: smaller tiles than the single-activation kernels, each spill-free on its arch at EVA02-B's
@@ -580,8 +680,17 @@ CONFIGS_SWIGLU = {
         80: [(64, 64, 32, 8, 8, 3), (32, 64, 32, 8, 4, 4)],
         "fp32": _FP32,
     },
+    # The TMA forward holds a little more per thread than the pointer one (the persistent loop's state): its 4-warp
+    # 64x128x64 and 8-warp 128x128x32 spill 28-64 B on sm_90a at EVA02-B's fc1, the 8-warp 64x128x64 does not.
+    "fwd_tma": {
+        90: [(128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 8, 3), (64, 64, 64, 8, 4, 4)],
+        "fp32": _FP32,
+    },
 }
 INTERPRETER_CONFIG = (16, 128, 128, 4, 4, 1)  # few, wide tiles: the interpreter pays per op, not per element
+# Programs of the persistent TMA forward under the interpreter (on a GPU: the SM count): few enough that small test
+# shapes give each program several tiles to loop over.
+INTERPRETER_PERSISTENT_PROGRAMS = 2
 STATS_BLOCK_M = 16
 STATS_BLOCK_K = 128
 # Split-K of the weight gradient (the host's choice, ``fastvit.ops.triton.linear_launch.weight_split_k``): when the

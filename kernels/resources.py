@@ -12,10 +12,10 @@ shared memory per block. Which configs are compiled:
 - patch embedding: the tiles ``fastvit.ops.triton.patch_embed``'s launchers choose, recorded by running those launchers
   (kernel launches replaced by recorders) on ViT-B/16 shapes at batch 1 and 64, NCHW and channels_last, float
   and uint8 images;
-- fused GEMM (``kernels/linear.py``): every config of its per-arch table (the autotuner's set) for the forward and
-  both backward GEMMs at ViT-B's fc1 (LayerNorm prologue, GELU) and fc2 (bias + residual), EVA02-B's fc1 (RMSNorm
-  prologue, SwiGLU) and fc2 (sub-LN prologue, residual), a split-K weight gradient, the statistics kernel and the
-  norm's backward (LayerNorm and RMSNorm).
+- fused GEMM (``kernels/linear.py``): every config of its per-arch table (the autotuner's set) for the forward (and,
+  for sm_90a, the persistent TMA forward of ``hopper_path``) and both backward GEMMs at ViT-B's fc1 (LayerNorm
+  prologue, GELU) and fc2 (bias + residual), EVA02-B's fc1 (RMSNorm prologue, SwiGLU) and fc2 (sub-LN prologue,
+  residual), a split-K weight gradient, the statistics kernel and the norm's backward (LayerNorm and RMSNorm).
 
 ``--all`` compiles the full matrix instead: every table entry (also those ``keep_config`` drops), head dims 32 to
 128, fp32 too, and more model shapes and batch sizes for the patch embedding.
@@ -362,6 +362,8 @@ def linear_launches(arch: int, full: bool) -> list[Launch]:
     from fastvit.kernels import linear as tables
 
     functions = {"fwd": "linear_fwd_kernel", "input": "linear_bwd_input_kernel", "weight": "linear_bwd_weight_kernel"}
+    if arch == 90:  # the persistent TMA forward (hopper_path) runs on Hopper only
+        functions["fwd_tma"] = "linear_fwd_tma_kernel"
     dtypes = ("bf16", "fp16", "fp32") if full else CI_DTYPES
     launches = []
     for dtype_name in dtypes:
@@ -370,11 +372,11 @@ def linear_launches(arch: int, full: bool) -> list[Launch]:
         launches += _norm_launches(dtype_name, dtype, tables)
         for kind, function in functions.items():
             for case in LINEAR_CASES:
-                if kind not in case.kinds:
+                if kind.removesuffix("_tma") not in case.kinds:
                     continue
                 configs = tables.CONFIGS_SWIGLU if case.activation == 4 else tables.CONFIGS
                 table = configs[kind]["fp32" if dtype == torch.float32 else arch]
-                args, flags = _linear_args(kind, dtype, case)
+                args, flags = _linear_args(kind.removesuffix("_tma"), dtype, case)  # the TMA forward: fwd's arguments
                 for block_m, block_n, block_k, group_m, warps, stages in table:
                     kwargs = {**flags, "INPUT_PRECISION": precision, "BLOCK_M": block_m, "BLOCK_N": block_n}
                     kwargs.update(BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)

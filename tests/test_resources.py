@@ -82,14 +82,18 @@ def test_patch_embed_launches_are_the_launchers_choice():
 
 def test_linear_launches_are_the_launchers_config_tables():
     # The fused GEMM's autotuner gets candidate_configs(kind, arch, elem_bytes): the check compiles exactly those, for
-    # the forward and both backward kernels at each of resources.LINEAR_CASES, in launch order.
+    # the forward and both backward kernels at each of resources.LINEAR_CASES, in launch order; on sm_90a also the
+    # persistent TMA forward (hopper_path), at the forward's cases.
     from fastvit.kernels import linear as kernels
 
     from fastvit.ops.triton import linear as launcher
 
     for arch_name, (arch, _sms) in resources.ARCHS.items():
         launches = resources.linear_launches(arch, full=False)
-        for kind in launcher.KINDS:
+        tma_kinds = launcher.TMA_KINDS if arch == 90 else ()
+        assert {launch.kernel for launch in launches} >= {f"linear.{kind}" for kind in launcher.KINDS + tma_kinds}
+        assert arch == 90 or not any(launch.kernel.endswith("_tma") for launch in launches), arch_name
+        for kind in launcher.KINDS + tma_kinds:
             for dtype_name in resources.CI_DTYPES:
                 compiled = {
                     (launch.case, launch.config)
@@ -98,7 +102,8 @@ def test_linear_launches_are_the_launchers_config_tables():
                 }
                 given = {str(e) for swiglu in (False, True) for e in launcher.candidate_configs(kind, arch, 2, swiglu)}
                 assert {config for _, config in compiled} == given, (arch_name, kind, dtype_name)
-                assert len({case for case, _ in compiled}) == sum(kind in c.kinds for c in resources.LINEAR_CASES)
+                cases = sum(kind.removesuffix("_tma") in c.kinds for c in resources.LINEAR_CASES)
+                assert len({case for case, _ in compiled}) == cases
         for launch in launches:  # every required runtime argument of the kernel, no more (defaulted ones: keywords)
             fn = getattr(kernels, launch.function)
             params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()  # the Python function under the JIT

@@ -33,16 +33,19 @@ import torch
 from fastvit import dispatch, gemm_choices
 from fastvit.ops.autograd import no_double_backward
 from fastvit.ops.ln_linear import GemmCall
-from fastvit.ops.triton.linear_launch import (  # noqa: F401  (KINDS, candidate_configs, forced_configs,
-    # forced_split_k, weight_split_k: selftest, tests)
+from fastvit.ops.triton.linear_launch import (  # noqa: F401  (KINDS, TMA_KINDS, candidate_configs, forced_configs,
+    # forced_split_k, weight_split_k, hopper_path, tma_forward_reason: selftest, tests, benchmarks)
     ACTIVATION_CODES,
     KINDS,
     NORM_CODES,
+    TMA_KINDS,
     _backward,
     _forward,
     candidate_configs,
     forced_configs,
     forced_split_k,
+    hopper_path,
+    tma_forward_reason,
     weight_split_k,
 )
 from fastvit.validation import cast_like_autocast_linear, centred_in_dtype

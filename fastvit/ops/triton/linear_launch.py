@@ -1,13 +1,15 @@
 """Host side of the fused-GEMM Triton kernels (``fastvit/kernels/linear.py``) behind ``ln_linear`` and ``ln_mlp``:
 tile configurations and autotuning (per arch, the SwiGLU epilogue's own table, deterministic mode's fixed first
-entry, the configs ``fastvit selftest`` forces), the row-statistics launch, the forward GEMM, split-K of the weight
-gradient and the backward GEMMs with the norm's backward. The backend's coverage, custom ops and autograd are
+entry, the configs ``fastvit selftest`` forces), the row-statistics launch, the forward GEMM (and, inside
+:func:`hopper_path`, its persistent TMA variant for Hopper where :func:`tma_forward_reason` allows it), split-K of
+the weight gradient and the backward GEMMs with the norm's backward. The backend's coverage, custom ops and autograd are
 ``fastvit/ops/triton/linear.py`` (whose docstring gives the design: what is saved, what is recomputed, why).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import torch
@@ -36,15 +38,22 @@ def _triton_config(entry):
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-_KERNELS = {"fwd": "linear_fwd_kernel", "input": "linear_bwd_input_kernel", "weight": "linear_bwd_weight_kernel"}
-KINDS = tuple(_KERNELS)
+_KERNELS = {
+    "fwd": "linear_fwd_kernel",
+    "input": "linear_bwd_input_kernel",
+    "weight": "linear_bwd_weight_kernel",
+    "fwd_tma": "linear_fwd_tma_kernel",  # the Hopper forward (hopper_path): sm_90 and fp32/interpreter tables only
+}
+KINDS = ("fwd", "input", "weight")  # the kinds every GPU generation runs (and has a table for)
+TMA_KINDS = ("fwd_tma",)
 _FORCED_CONFIGS: dict[str, tuple[int, ...]] = {}  # kernel kind -> config every launch must use
 
 
 @contextlib.contextmanager
 def forced_configs(configs: dict[str, tuple[int, ...]]):
-    """Within the block, launch each kernel kind named in ``configs`` ('fwd' | 'input' | 'weight') with the given
-    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) instead of the autotuner's, deterministic or interpreter's.
+    """Within the block, launch each kernel kind named in ``configs`` ('fwd' | 'input' | 'weight' | 'fwd_tma') with
+    the given (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) instead of the autotuner's, deterministic or
+    interpreter's.
 
     How ``fastvit selftest`` runs every config of :func:`candidate_configs` on a GPU, and how the tests run small
     tiles (several K steps, several programs) on small shapes. Not thread-safe (process-wide).
@@ -92,6 +101,118 @@ def _launch(kind: str, like: torch.Tensor, rows: int, num_programs, args: tuple,
     getattr(kernels, _KERNELS[kind])[grid(meta)](
         *args, **constants, **meta, num_warps=config.num_warps, num_stages=config.num_stages
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# The Hopper forward (linear_fwd_tma_kernel): persistent, A / W tiles through TMA descriptors. Off by default.
+
+
+@dataclasses.dataclass
+class HopperPath:
+    """What the forward GEMMs launched inside one :func:`hopper_path` block did: ``launches`` ran the TMA kernel,
+    ``fallbacks`` holds, for each of the others, why it ran the pointer kernel (:func:`tma_forward_reason`)."""
+
+    launches: int = 0
+    fallbacks: list[str] = dataclasses.field(default_factory=list)
+
+
+_HOPPER_PATHS: list[HopperPath] = []  # the open hopper_path blocks, innermost last
+
+
+@contextlib.contextmanager
+def hopper_path():
+    """Within the block, the forward GEMMs of ``ln_linear`` / ``ln_mlp`` (``triton`` backend) run the persistent TMA
+    kernel (``linear_fwd_tma_kernel``) where :func:`tma_forward_reason` allows it, else the pointer kernel as before,
+    the reason recorded in the yielded :class:`HopperPath`. Off by default: not yet measured on a GPU. The backward
+    GEMMs are unchanged. Not thread-safe (process-wide)."""
+    record = HopperPath()
+    _HOPPER_PATHS.append(record)
+    try:
+        yield record
+    finally:
+        _HOPPER_PATHS.remove(record)
+
+
+@functools.cache
+def _tma_unavailable_in_triton() -> str | None:
+    """Why the installed Triton cannot build device-side tensor descriptors (None: it can), by feature detection."""
+    import triton
+    import triton.language as tl
+
+    if not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+        return f"Triton {triton.__version__} has no tl.make_tensor_descriptor / triton.set_allocator (needs >= 3.4)"
+    return None
+
+
+_TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def tma_forward_reason(x: torch.Tensor, gate: torch.Tensor, value: torch.Tensor | None = None) -> str | None:
+    """Why the TMA forward cannot run the GEMM of x [M, K] and the weight rows ``gate`` [N, K] (``value`` [N, K]:
+    SwiGLU's value rows) as given (None: it can): a GPU other than sm_90 (9.x; the interpreter is allowed), a Triton
+    without device-side descriptors, a dtype other than fp16 / bf16 / fp32, or an operand TMA cannot describe (last
+    stride not 1, row stride 0, row stride or base address not a multiple of 16 bytes)."""
+    if launch.on_gpu(x) and launch.gpu_arch(x) // 10 != 9:
+        return f"the TMA forward is for sm_90 (Hopper); this GPU is sm_{launch.gpu_arch(x)}"
+    reason = _tma_unavailable_in_triton()
+    if reason is not None:
+        return reason
+    if x.dtype not in _TMA_DTYPES:
+        return f"dtype {str(x.dtype).removeprefix('torch.')}: the TMA forward takes float16, bfloat16, float32"
+    for name, t in (("x", x), ("weight", gate), ("value weight", value)):
+        if t is None:
+            continue
+        if t.stride(1) != 1:
+            return f"{name} {tuple(t.shape)} has last stride {t.stride(1)}: TMA needs unit-stride rows"
+        if t.stride(0) == 0 and t.shape[0] > 1:
+            return f"{name}'s rows are one row repeated (row stride 0): not a TMA layout"
+        if t.stride(0) * t.element_size() % 16:
+            return f"{name}'s row stride ({t.stride(0) * t.element_size()} bytes) is not a multiple of 16 bytes"
+        if t.data_ptr() % 16:
+            return f"{name}'s base address is not 16-byte aligned (offset {t.data_ptr() % 16} bytes)"
+    return None
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global scratch for the kernels' device-side tensor descriptors (``triton.set_allocator``), on the current
+    device (the launcher's device guard)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Install :func:`_tma_scratch` as Triton's allocator unless one is set (ours, or the user's) in this context:
+    once, the first time the TMA path runs (Triton keeps the allocator in a ContextVar: per thread)."""
+    import triton
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is not None and null is not None and not isinstance(current.get(), null):
+        return
+    triton.set_allocator(_tma_scratch)
+
+
+def _forward_kind(x: torch.Tensor, gate: torch.Tensor, value: torch.Tensor | None, tiles):
+    """('fwd', grid size of the tiles) or, inside :func:`hopper_path` where :func:`tma_forward_reason` allows it,
+    ('fwd_tma', the persistent grid: min(programs, tiles)); a fallback's reason is recorded."""
+    if not _HOPPER_PATHS:
+        return "fwd", tiles
+    record = _HOPPER_PATHS[-1]
+    reason = tma_forward_reason(x, gate, value)
+    if reason is not None:
+        record.fallbacks.append(reason)
+        return "fwd", tiles
+    record.launches += 1
+    if launch.on_gpu(x):
+        _ensure_tma_allocator()
+        programs = launch.num_sms(x.device.index)
+    else:
+        programs = launch.kernels("linear").INTERPRETER_PERSISTENT_PROGRAMS
+    return "fwd_tma", lambda bm, bn, bk: min(programs, tiles(bm, bn, bk))
+
+
+# ------------------------------------------------------------------------------------------------
+# Row statistics, the forward and backward GEMMs
 
 
 def _stats_launch_meta(kernels) -> dict:
@@ -174,8 +295,10 @@ def _forward(x, norm_weight, norm_bias, weight, bias, residual, eps, activation,
             ACTIVATION=activation, HAS_RESIDUAL=residual is not None, SAVE_PRE_ACT=save_pre_act,
             INPUT_PRECISION=launch.input_precision(x.dtype), **_partial_activation(act_columns, out_features),
         )  # fmt: skip
-        num_programs = lambda bm, bn, bk: launch.cdiv(rows, bm) * launch.cdiv(out_features, bn)
-        _launch("fwd", x, rows, num_programs, args, constants)
+        tiles = lambda bm, bn, bk: launch.cdiv(rows, bm) * launch.cdiv(out_features, bn)
+        swiglu = activation == ACTIVATION_CODES["swiglu"]
+        kind, num_programs = _forward_kind(x, gate, value if swiglu else None, tiles)
+        _launch(kind, x, rows, num_programs, args, constants)
     return out, mean, rstd, pre_act
 
 
