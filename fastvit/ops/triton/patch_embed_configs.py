@@ -12,7 +12,7 @@ from fastvit.ops.triton import launch
 
 CONFIG_OVERRIDES: dict[str, dict] = {}  # kernel kind -> config entries to replace (tests: tiny tiles, splits)
 GEMM_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-CONFIG_KINDS = ("fwd", "bwd_input", "bwd_weight", "colsum")
+CONFIG_KINDS = ("fwd", "fwd_norm", "bwd_input", "bwd_weight", "colsum")
 
 
 @contextlib.contextmanager
@@ -67,8 +67,8 @@ def tile_config(
 def heuristic_config(
     kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int, narrow_gather: bool
 ) -> dict:
-    """The ``fwd`` / ``bwd_input`` (``kind``) tiles for ``rows`` × ``cols`` outputs reduced over ``red``, on
-    ``tensor``'s device; ``narrow_gather``: :func:`is_narrow_gather` of the image."""
+    """The ``fwd`` / ``fwd_norm`` / ``bwd_input`` (``kind``) tiles for ``rows`` × ``cols`` outputs reduced over
+    ``red``, on ``tensor``'s device; ``narrow_gather``: :func:`is_narrow_gather` of the image."""
     narrow = gemm_dtype != torch.float32
     if not launch.on_gpu(tensor):  # Triton's interpreter: large tiles mean fewer (slow, Python-level) programs
         config = dict(
@@ -77,6 +77,17 @@ def heuristic_config(
             BLOCK_RED=launch.next_pow2(red, 16, 64),
         )
         config.update(num_warps=4, num_stages=1)
+    elif kind == "fwd_norm":
+        # One program per row block walks all of D (the norm's full-row epilogue): fewer, longer programs than the
+        # plain forward's, so 64-row blocks (32 when 64 leave SMs idle) and the 128-wide D tiles of the forward.
+        block_r = 64 if launch.cdiv(rows, 64) >= launch.num_sms(tensor.device.index) else 32
+        config = dict(
+            BLOCK_R=block_r,
+            BLOCK_C=launch.next_pow2(cols, 16, 128),
+            BLOCK_RED=launch.next_pow2(red, 16, 64 if narrow else 32),
+            num_warps=8 if narrow_gather else 4,
+            num_stages=3,
+        )
     else:
         num_sms = launch.num_sms(tensor.device.index)
         block_c = launch.next_pow2(cols, 16, 128)
