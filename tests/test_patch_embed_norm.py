@@ -143,7 +143,9 @@ def test_opcheck_and_compiled_gradients():
             torch.library.opcheck(torch.ops.fastvit.patch_embed_norm_fwd.default, args)
         _, z, mean, rstd = torch.ops.fastvit.patch_embed_norm_fwd(*args[:-1], True)
         grad = torch.randn(2, 7, 40, device=DEVICE)
-        torch.library.opcheck(torch.ops.fastvit.patch_embed_norm_bwd.default, (grad, z, mean, rstd, norm_weight, layer, True))
+        torch.library.opcheck(
+            torch.ops.fastvit.patch_embed_norm_bwd.default, (grad, z, mean, rstd, norm_weight, layer, True)
+        )
 
         def step(*tensors):
             out = fastvit.ops.patch_embed(*tensors[:5], backend="triton", norm_weight=tensors[5], norm_bias=tensors[6])
@@ -183,7 +185,10 @@ def test_bad_inputs(index):
 # The model: AIMv2's embed_norm_layer inside the one ops.patch_embed call, and the fusion report
 
 
-def _aimv2_tiny(norm_layer=partial(RmsNorm, eps=1e-5), **kwargs):
+AIMV2_NORM = partial(RmsNorm, eps=1e-5)  # model.py's aimv2 embed_norm_layer
+
+
+def _aimv2_tiny(norm_layer=AIMV2_NORM, **kwargs):
     torch.manual_seed(0)
     model = fastvit.VisionTransformer(
         **{**TINY, "embed_dim": 72, "depth": 1}, embed_norm_layer=norm_layer, backend="torch", **kwargs
@@ -193,7 +198,7 @@ def _aimv2_tiny(norm_layer=partial(RmsNorm, eps=1e-5), **kwargs):
     return model
 
 
-@pytest.mark.parametrize("norm_layer", [partial(RmsNorm, eps=1e-5), LayerNorm], ids=["rms", "layer"])
+@pytest.mark.parametrize("norm_layer", [AIMV2_NORM, LayerNorm], ids=["rms", "layer"])
 def test_aimv2_style_model_on_triton_equals_its_torch_path(norm_layer):
     model = _aimv2_tiny(norm_layer).to(DEVICE)
     images = torch.randn(2, 3, 16, 16, device=DEVICE, generator=None)

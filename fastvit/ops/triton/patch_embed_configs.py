@@ -84,7 +84,7 @@ def heuristic_config(
         config = dict(
             BLOCK_R=block_r,
             BLOCK_C=launch.next_pow2(cols, 16, 128),
-            BLOCK_RED=launch.next_pow2(red, 16, 64 if narrow else 32),
+            BLOCK_RED=launch.next_pow2(red, 16, 64 if narrow and not narrow_gather else 32),
             num_warps=8 if narrow_gather else 4,
             num_stages=3,
         )
