@@ -323,9 +323,7 @@ class Eva(nn.Module):
 
         device = torch.device(device)
         report = FusionReport()
-        report.embed = embed_fusion(
-            self.patch_embed, device, self.patch_embed.proj.weight.dtype if dtype is None else dtype
-        )
+        report.embed = embed_fusion(self.patch_embed, device, dtype)
         rope = self.rope_config is not None
         for block in self.blocks:
             block_dtype = block.norm1.weight.dtype if dtype is None else dtype

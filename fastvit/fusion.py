@@ -167,12 +167,15 @@ def _attention_op_call(attn: nn.Module, device, dtype, training: bool, rope: boo
     return {"attention": (attn.backend, attention_call(device, dtype, attn.head_dim, dropout=dropout))}
 
 
-def embed_fusion(embed: nn.Module, device: torch.device, dtype: torch.dtype) -> HalfFusion | None:
+def embed_fusion(embed: nn.Module, device: torch.device, dtype: torch.dtype | None) -> HalfFusion | None:
     """How the patch embedding runs: fused when it is one ``ops.patch_embed`` call (projection, the patch tokens' norm,
-    prefix tokens and position embedding: ``patch_embed_blockers`` finds nothing) on a fused kernel. None (not
-    reported) for an embedding other than fastvit's ``PatchEmbed`` (NaFlex's, which takes patches too)."""
+    prefix tokens and position embedding: ``patch_embed_blockers`` finds nothing) on a fused kernel. ``dtype``: the
+    compute dtype (None: the embedding's parameters'). None (not reported) for an embedding other than fastvit's
+    ``PatchEmbed`` (NaFlex's, which takes patches too)."""
     if not isinstance(embed, PatchEmbed):
         return None
+    if dtype is None:  # proj may be an adapter around the Conv2d: any floating parameter says the dtype
+        dtype = next((p.dtype for p in embed.parameters() if p.is_floating_point()), torch.get_default_dtype())
     why = patch_embed_blockers(embed)
     norm = None if why else norm_kind(embed.norm)
     in_chans = getattr(embed.proj, "in_channels", embed.in_chans)

@@ -325,9 +325,9 @@ class VisionTransformer(nn.Module):
         """
         device = torch.device(device)
         report = FusionReport()
-        report.embed = embed_fusion(
-            self.patch_embed, device, self.patch_embed.proj.weight.dtype if dtype is None else dtype
-        )
+        embed = getattr(self, "patch_embed", None)  # NaFlexVit's embedding is ``embeds``: not reported
+        if embed is not None:
+            report.embed = embed_fusion(embed, device, dtype)
         for block in self.blocks:
             if isinstance(block, Block):
                 report.append(block_fusion(block, device, block.attn.qkv.weight.dtype if dtype is None else dtype))

@@ -78,14 +78,16 @@ def heuristic_config(
         )
         config.update(num_warps=4, num_stages=1)
     elif kind == "fwd_norm":
-        # One program per row block walks all of D (the norm's full-row epilogue): fewer, longer programs than the
-        # plain forward's, so 64-row blocks (32 when 64 leave SMs idle) and the 128-wide D tiles of the forward.
-        block_r = 64 if launch.cdiv(rows, 64) >= launch.num_sms(tensor.device.index) else 32
+        # One program per row block walks all of D (the norm's full-row epilogue): 64-row blocks (half the plain
+        # forward's at large batches: more programs), its 128-wide D tiles, 8 warps; narrow gathers (ViT-*/14: AIMv2)
+        # with 32-wide K tiles. Spill-free on sm_80 and sm_90a at AIMv2-L (and a ViT-B/16 shape), RMSNorm and
+        # LayerNorm, every batch (python -m fastvit.kernels.resources --all; 32-row blocks spilled up to 16 B with
+        # LayerNorm on sm_80, 4 warps up to 8 B).
         config = dict(
-            BLOCK_R=block_r,
+            BLOCK_R=64,
             BLOCK_C=launch.next_pow2(cols, 16, 128),
             BLOCK_RED=launch.next_pow2(red, 16, 64 if narrow and not narrow_gather else 32),
-            num_warps=8 if narrow_gather else 4,
+            num_warps=8,
             num_stages=3,
         )
     else:
