@@ -258,14 +258,8 @@ def patch_embed_norm_fwd_kernel(
     z_ptr,  # SAVE: [B, N, D] contiguous, GEMM dtype: the pre-norm patch tokens z; else out_ptr (z kept in place)
     mean_ptr,  # [B·N] fp32 out (SAVE and NORM_LAYER): each patch row's mean
     rstd_ptr,  # [B·N] fp32 out (SAVE): each patch row's 1 / sqrt(var + eps) (RMSNorm: 1 / sqrt(mean(z²) + eps))
-    num_rows,  # B·L output rows
-    T,  # prefix tokens per image
-    L,  # T + N tokens per image
-    D,
-    K,  # Cin·PH·PW
-    GRID_W,  # patches per image row
-    POS_OFFSET,  # 0: pos_embed covers all L tokens; T: patch tokens only (timm's no_embed_class)
-    eps,
+    num_rows, T, L, D, K, GRID_W, POS_OFFSET,  # as patch_embed_fwd_kernel's
+    eps,  # the norm's epsilon
     sxb, sxc, sxh, sxw,
     swd, swc, swh, sww,
     s_bias,

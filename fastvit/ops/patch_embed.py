@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from fastvit import dispatch, reference
 from fastvit.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # the one definition, re-exported here
+from fastvit.ops.attention import QKNorm
 from fastvit.validation import (
     autocast_dtype,
     check_eps,
@@ -52,20 +53,9 @@ class PatchEmbedCall(NamedTuple):
     norm: str | None = None  # the norm of the patch tokens: 'layer' | 'rms', or None
 
 
-class EmbedNorm(NamedTuple):
-    """The norm ``patch_embed`` applies to the projected patch tokens (timm's ``patch_embed.norm``).
-
-    Attributes:
-        weight: [D].
-        bias: [D] for a LayerNorm with bias, else None (always None for RMSNorm).
-        eps: added to the variance (to the mean square for RMSNorm).
-        kind: 'layer' (LayerNorm) or 'rms' (RMSNorm).
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    eps: float
-    kind: str
+# The norm ``patch_embed`` applies to the projected patch tokens (timm's ``patch_embed.norm``): the same record as the
+# qk-norm of ``qkv_attention`` (weight [D], bias [D] or None, eps, kind 'layer' | 'rms').
+EmbedNorm = QKNorm
 
 
 def patch_embed_call(
