@@ -319,10 +319,11 @@ class Eva(nn.Module):
         """Per block: the MLP half fused (``ops.ln_mlp``) or why not; the attention is one ``ops.qkv_attention`` with
         qk-norm and RoPE as its prologue where the structure allows (proj and the residual add after it). See
         ``VisionTransformer.fusion_report``."""
-        from fastvit.fusion import FusionReport, eva_block_fusion, pool_fusion
+        from fastvit.fusion import FusionReport, embed_fusion, eva_block_fusion, pool_fusion
 
         device = torch.device(device)
         report = FusionReport()
+        report.embed = embed_fusion(self.patch_embed, device, dtype)
         rope = self.rope_config is not None
         for block in self.blocks:
             block_dtype = block.norm1.weight.dtype if dtype is None else dtype

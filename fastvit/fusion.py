@@ -1,4 +1,5 @@
-"""The fusion report: which half of each block runs as one fused op on fused kernels, and why not.
+"""The fusion report: which half of each block (and the patch embedding, and the pooling head) runs as one fused op on
+fused kernels, and why not.
 
 Whether a half is *structurally* fusable is the blocker list of ``fastvit.layers`` (``attention_half_blockers``,
 ``mlp_half_blockers``: the same functions the forward asks); whether each op of the half then runs a fused
@@ -21,6 +22,7 @@ from fastvit.layers import (
     AttentionPoolLatent,
     EvaBlock,
     ParallelScalingBlock,
+    PatchEmbed,
     ResidualLinear,
     attention_half_blockers,
     eva_attention_half_blockers,
@@ -30,11 +32,14 @@ from fastvit.layers import (
     layer_norm_prologue_fits,
     mlp_blockers,
     mlp_half_blockers,
+    norm_kind,
     parallel_block_blockers,
+    patch_embed_blockers,
     prologue_blockers,
     qk_norm_params,
 )
 from fastvit.ops.attention import attention_call
+from fastvit.ops.patch_embed import PatchEmbedCall
 
 # ------------------------------------------------------------------------------------------------
 # The report
@@ -81,18 +86,21 @@ class BackendPlan(dict):
 
 
 class FusionReport(list):
-    """``VisionTransformer.fusion_report()``: one {'attn': HalfFusion, 'mlp': HalfFusion} per block, and ``pool``:
-    the same for the attention-pooling head (``global_pool='map'``), None without one."""
+    """``VisionTransformer.fusion_report()``: one {'attn': HalfFusion, 'mlp': HalfFusion} per block; ``embed``: the
+    patch embedding's HalfFusion (None when the model did not report one); ``pool``: the attention-pooling head's
+    {'attn', 'mlp'} (``global_pool='map'``), None without one."""
 
+    embed: HalfFusion | None = None
     pool: dict[str, HalfFusion] | None = None
 
     @property
     def all_fused(self) -> bool:
         parts = [*self, self.pool] if self.pool is not None else list(self)
-        return all(half.fused for part in parts for half in part.values())
+        embed_fused = self.embed is None or self.embed.fused
+        return embed_fused and all(half.fused for part in parts for half in part.values())
 
     def __str__(self) -> str:
-        lines = []
+        lines = [] if self.embed is None else [f"patch_embed    {self.embed}"]
         for index, block in enumerate(self):
             for half, status in block.items():
                 lines.append(f"block {index:>2} {half:<4} {status}")
@@ -108,7 +116,7 @@ def _half(why_not: list[str], op_calls: dict[str, tuple[str | None, object]]) ->
         backends[op], reason = dispatch.explain(op, backend, call)
         if reason is not None:
             why_not.append(f"{op}: {reason}")
-        state = verification.evidence_state(op, backend, call.device, call.dtype)
+        state = verification.evidence_state(op, backend, call.device, verification.compute_dtype(call))
         if state:
             evidence[op] = state
     return HalfFusion(fused=not why_not, backends=backends, why_not=tuple(why_not), evidence=evidence)
@@ -156,6 +164,22 @@ def _attention_op_call(attn: nn.Module, device, dtype, training: bool, rope: boo
         call = attention_call(device, dtype, attn.head_dim, dropout=dropout, prologue=_prologue_parts(attn, rope))
         return {"qkv_attention": (attn.backend, call)}
     return {"attention": (attn.backend, attention_call(device, dtype, attn.head_dim, dropout=dropout))}
+
+
+def embed_fusion(embed: nn.Module, device: torch.device, dtype: torch.dtype | None) -> HalfFusion | None:
+    """How the patch embedding runs: fused when it is one ``ops.patch_embed`` call (projection, the patch tokens' norm,
+    prefix tokens and position embedding: ``patch_embed_blockers`` finds nothing) on a fused kernel. ``dtype``: the
+    compute dtype (None: the embedding's parameters'). None (not reported) for an embedding other than fastvit's
+    ``PatchEmbed`` (NaFlex's, which takes patches too)."""
+    if not isinstance(embed, PatchEmbed):
+        return None
+    if dtype is None:  # proj may be an adapter around the Conv2d: any floating parameter says the dtype
+        dtype = next((p.dtype for p in embed.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    why = patch_embed_blockers(embed)
+    norm = None if why else norm_kind(embed.norm)
+    in_chans = getattr(embed.proj, "in_channels", embed.in_chans)
+    call = PatchEmbedCall(device, (dtype,), None, in_chans, False, norm)
+    return _half(why, {"patch_embed": (embed.backend, call)})
 
 
 def pool_fusion(pool: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, HalfFusion]:

@@ -111,8 +111,10 @@ class PatchEmbed(nn.Module):
 
     ``forward(x)`` returns the [B, N, D] patch tokens, as timm's; ``forward(x, pos_embed, prefix_tokens)``
     also prepends the prefix (class / register) tokens and adds the position embedding, all as one
-    ``ops.patch_embed`` call while ``proj`` is a plain Conv2d and ``norm`` an Identity (else ``proj`` and
-    ``norm`` are called and the rest follows).
+    ``ops.patch_embed`` call while :func:`patch_embed_blockers` finds nothing: ``proj`` a plain Conv2d and ``norm``
+    an Identity or a plain LayerNorm / RmsNorm with a weight (AIMv2's ``embed_norm_layer``: the op's
+    ``norm_weight``/``norm_bias``, applied to the patch tokens before the position embedding). Else ``proj`` and
+    ``norm`` are called and the rest follows.
 
     An ``img_size`` that is not a multiple of the patch (SigLIP so400m/14 at 384 px: 27 patches of 14 and 6 pixels
     over) is accepted as timm's: the Conv2d's stride drops the trailing pixels, so the image is cropped to the patch
@@ -212,11 +214,30 @@ class PatchEmbed(nn.Module):
         self.check_input(x)
         grid_h, grid_w = self.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         x = x[..., : grid_h * self.patch_size[0], : grid_w * self.patch_size[1]]  # as the conv's stride: no-op if exact
-        proj = self.proj
-        if plain(proj, nn.Conv2d) and plain(self.norm, nn.Identity) and not _global_hooks():
-            return ops.patch_embed(x, proj.weight, proj.bias, pos_embed, prefix_tokens, backend=self.backend)
-        tokens = self.norm(proj(x).flatten(2).transpose(1, 2))
+        proj, norm = self.proj, self.norm
+        if not patch_embed_blockers(self):
+            kind = norm_kind(norm)
+            normed = {}
+            if kind is not None:  # RmsNorm has no bias
+                normed = dict(
+                    norm_weight=norm.weight, norm_bias=getattr(norm, "bias", None), norm_eps=norm.eps, norm=kind
+                )
+            return ops.patch_embed(x, proj.weight, proj.bias, pos_embed, prefix_tokens, backend=self.backend, **normed)
+        tokens = norm(proj(x).flatten(2).transpose(1, 2))
         return prefix_and_position(tokens, pos_embed, prefix_tokens)
+
+
+def patch_embed_blockers(embed: PatchEmbed) -> list[str]:
+    """Why ``embed`` does not run as one ``ops.patch_embed`` call (empty: it does): the rule ``PatchEmbed.forward``
+    and the fusion report both ask."""
+    why = []
+    if not plain(embed.proj, nn.Conv2d):
+        why.append(f"proj is a {type(embed.proj).__name__} (a wrapper or adapter), not a plain nn.Conv2d")
+    if not plain(embed.norm, nn.Identity) and norm_kind(embed.norm) is None:
+        why.append(f"norm is a {type(embed.norm).__name__}, not a plain LayerNorm / RmsNorm with a weight")
+    if _global_hooks():
+        why.append("global module hooks are registered")
+    return why
 
 
 def resample_abs_pos_embed(

@@ -17,7 +17,15 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvit import dispatch
-from fastvit.fusion import BackendPlan, FusionReport, HalfFusion, block_fusion, parallel_block_fusion, pool_fusion
+from fastvit.fusion import (
+    BackendPlan,
+    FusionReport,
+    HalfFusion,
+    block_fusion,
+    embed_fusion,
+    parallel_block_fusion,
+    pool_fusion,
+)
 from fastvit.layers import (
     AttentionPoolLatent,
     Block,
@@ -77,8 +85,9 @@ class VisionTransformer(nn.Module):
         drop_path_rate: Stochastic depth, rising linearly to this rate over the blocks.
         weight_init: '' (timm) | 'jax' | 'jax_nlhb' | 'moco' | 'reset' | 'skip'.
         fix_init: Scale proj/fc2 weights by 1/sqrt(2·(layer+1)).
-        embed_norm_layer: Norm after the patch projection (key ``patch_embed.norm``; AIMv2's RmsNorm); the patch
-            embedding then runs as Conv2d, norm, then prefix tokens and position embedding, unfused.
+        embed_norm_layer: Norm after the patch projection (key ``patch_embed.norm``; AIMv2's RmsNorm). A plain
+            LayerNorm / RmsNorm with a weight is part of the one ``ops.patch_embed`` call (the kernel's full-row
+            epilogue); any other norm module runs between the Conv2d and the prefix tokens / position embedding.
         norm_layer: Norm layer: a LayerNorm or RmsNorm class or ``partial`` (eps read from it), an instance, or timm's
             name ('layernorm', 'rmsnorm'); default ``fastvit.layers.LayerNorm`` with eps 1e-6 (CLIP: 1e-5). See
             :func:`resolve_norm_layer`.
@@ -296,7 +305,9 @@ class VisionTransformer(nn.Module):
         return BackendPlan(backends, {op: evidence_state(op, per_op.get(op), device, dtype) for op in OPS_USED})
 
     def fusion_report(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> FusionReport:
-        """Per block, whether its attention and MLP halves run fused for inputs on ``device``, and why not.
+        """Per block, whether its attention and MLP halves run fused for inputs on ``device``, and why not; the same
+        for the patch embedding (``report.embed``: one ``ops.patch_embed`` call, its norm included) and the ``map``
+        pooling head (``report.pool``).
 
         A half is fused when its residual add happens inside its last op (``linear_residual`` /
         ``ln_mlp``) and each of its ops runs a fused kernel. Depends on the current train/eval mode
@@ -314,6 +325,9 @@ class VisionTransformer(nn.Module):
         """
         device = torch.device(device)
         report = FusionReport()
+        embed = getattr(self, "patch_embed", None)  # NaFlexVit's embedding is ``embeds``: not reported
+        if embed is not None:
+            report.embed = embed_fusion(embed, device, dtype)
         for block in self.blocks:
             if isinstance(block, Block):
                 report.append(block_fusion(block, device, block.attn.qkv.weight.dtype if dtype is None else dtype))

@@ -121,14 +121,19 @@ def varlen_qkv_attention(
     return torch.cat(parts) if parts else qkv[:, : qkv.shape[-1] // 3].clone()  # B = 0: T = 0
 
 
-def patch_embed(x, weight, bias, pos_embed=None, cls_token=None):
+def patch_embed(
+    x, weight, bias, pos_embed=None, cls_token=None, *, norm_weight=None, norm_bias=None, norm_eps=1e-6, norm="layer"
+):
     """Image to token sequence: non-overlapping P×P patches projected to D dims.
 
     x: [B, Cin, Hin, Win] (Hin, Win divisible by P); weight: [D, Cin, P, P] (a conv kernel with
-    stride P); bias: [D] or None. ``cls_token``: [1, T, D] prefix tokens (class and/or register
-    tokens), prepended to the N patch tokens. ``pos_embed``: [1, T+N, D] is added to every token
-    (timm's default), or [1, N, D] to the patch tokens only (timm's ``no_embed_class``).
-    Returns [B, T+N, D].
+    stride P); bias: [D] or None. ``norm_weight``: [D], a norm over D applied to the projected patch
+    tokens (never to the prefix tokens) before the position embedding, as timm's ``PatchEmbed(norm_layer=...)``
+    followed by ``_pos_embed`` (AIMv2's RMSNorm): ``norm`` 'layer' (LayerNorm, ``norm_bias`` [D] or None) or
+    'rms' (RMSNorm, ``norm_bias`` None), epsilon ``norm_eps``; None: no norm. ``cls_token``: [1, T, D] prefix
+    tokens (class and/or register tokens), prepended to the N patch tokens. ``pos_embed``: [1, T+N, D] is added
+    to every token (timm's default), or [1, N, D] to the patch tokens only (timm's ``no_embed_class``).
+    Returns [B, T+N, D]: ``[prefix | Norm(im2col(x)·Wᵀ + b)] + pos_embed``.
     """
     batch, in_chans, height, width = x.shape
     embed_dim, _, patch_h, patch_w = weight.shape
@@ -136,6 +141,8 @@ def patch_embed(x, weight, bias, pos_embed=None, cls_token=None):
     # One row per patch, its pixels in the conv weight's (Cin, P, P) order: [B, N, Cin·P·P].
     patches = x.reshape(batch, in_chans, grid_h, patch_h, grid_w, patch_w).permute(0, 2, 4, 1, 3, 5)
     tokens = F.linear(patches.reshape(batch, grid_h * grid_w, -1), weight.reshape(embed_dim, -1), bias)
+    if norm_weight is not None:
+        tokens = _norm(tokens, norm_weight, norm_bias, norm_eps, norm)
     num_prefix = 0 if cls_token is None else cls_token.shape[1]
     if num_prefix:
         tokens = torch.cat([cls_token.expand(batch, -1, -1).to(tokens.dtype), tokens], dim=1)

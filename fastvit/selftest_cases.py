@@ -699,9 +699,12 @@ def _patch_params(gen, in_chans, patch, dim, num_patches, num_prefix, pos, bias=
     ]
 
 
-def _patch_case(batch, in_chans, height, width, patch, dim, num_prefix, pos, bias=True, layout="contiguous"):
+def _patch_case(
+    batch, in_chans, height, width, patch, dim, num_prefix, pos, bias=True, layout="contiguous", norm=None
+):  # fmt: skip
     """patch_embed on a float image; ``layout``: contiguous | channels_last | slice (every other column of a wider
-    image) | expanded (one image broadcast over the batch: batch stride 0)."""
+    image) | expanded (one image broadcast over the batch: batch stride 0); ``norm``: 'rms' | 'layer' (with bias) for
+    a norm of the patch tokens (AIMv2's ``embed_norm_layer``, eps 1e-5), None for none."""
     patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
     num_patches = (height // patch_h) * (width // patch_w)
 
@@ -709,7 +712,10 @@ def _patch_case(batch, in_chans, height, width, patch, dim, num_prefix, pos, bia
         image_batch = 1 if layout == "expanded" else batch
         image_width = 2 * width if layout == "slice" else width
         x = _randn(gen, image_batch, in_chans, height, image_width)
-        return [x, *_patch_params(gen, in_chans, patch, dim, num_patches, num_prefix, pos, bias)]
+        args = [x, *_patch_params(gen, in_chans, patch, dim, num_patches, num_prefix, pos, bias)]
+        if norm is not None:
+            args += [_randn(gen, dim, scale=0.2, shift=1.0), _randn(gen, dim, scale=0.2) if norm == "layer" else None]
+        return args
 
     def arrange(args):
         x, *rest = args
@@ -721,14 +727,17 @@ def _patch_case(batch, in_chans, height, width, patch, dim, num_prefix, pos, bia
             x = x.expand(batch, -1, -1, -1)
         return [x, *rest]
 
-    return OpCase(
-        fused=lambda *a: ops.patch_embed(*a, backend="triton"),
-        peer=reference.patch_embed,
-        spec=reference.patch_embed,
-        make=make,
-        layout=arrange,
-        names=("tokens", "grad x", "grad weight", "grad bias", "grad pos_embed", "grad cls_token"),
-    )
+    names = ("tokens", "grad x", "grad weight", "grad bias", "grad pos_embed", "grad cls_token")
+    if norm is None:
+        fused, spec = functools.partial(ops.patch_embed, backend="triton"), reference.patch_embed
+    else:
+
+        def normed(fn, **kwargs):
+            return lambda *a: fn(*a[:5], norm_weight=a[5], norm_bias=a[6], norm=norm, norm_eps=1e-5, **kwargs)
+
+        fused, spec = normed(ops.patch_embed, backend="triton"), normed(reference.patch_embed)
+        names += ("grad norm_weight", "grad norm_bias")
+    return OpCase(fused=fused, peer=spec, spec=spec, make=make, layout=arrange, names=names)
 
 
 def _uint8_case(batch, in_chans, height, width, patch, dim, num_prefix, pos, channels_last, mean, std):
@@ -796,6 +805,9 @@ def patch_embed_checks(op: str, device: torch.device, quick: bool) -> list[Check
                     label += " " + " ".join(configs)
                 checks.append(_check(op, "triton", dtype, label, case, device, seed, configs))
         shapes = [
+            # The patch tokens' norm (two-pass full-row epilogue): RMSNorm (AIMv2), LayerNorm; D over several tiles
+            ("rgb 16x24 p4 class+pos RMSNorm D=72", (2, 3, 16, 24, 4, 72, 1, "all"), "contiguous", "rms"),
+            ("rgb 16x16 p4 3 registers LayerNorm D=72", (2, 3, 16, 16, 4, 72, 3, "patch"), "channels_last", "layer"),
             ("rgb 16x16 p4 class+pos", (2, 3, 16, 16, 4, 32, 1, "all"), "channels_last"),
             ("gray 16x24 p8 3 registers, pos on patches only", (2, 1, 16, 24, 8, 48, 3, "patch"), "contiguous"),
             ("rgb 16x24 p4 no prefix no pos", (2, 3, 16, 24, 4, 16, 0, None), "slice"),
@@ -807,10 +819,11 @@ def patch_embed_checks(op: str, device: torch.device, quick: bool) -> list[Check
                 ("rgb 28x28 p14 (ViT-H patch) class+pos", (2, 3, 28, 28, 14, 40, 1, "all"), "contiguous"),
                 ("rgba 8x16 p4 no bias", (1, 4, 8, 16, 4, 24, 1, "patch", False), "channels_last"),
                 ("batch 17 8x8 p4 class+pos", (17, 3, 8, 8, 4, 16, 1, "all"), "contiguous"),
+                ("rgb 28x28 p14 (AIMv2 patch) RMSNorm D=320", (2, 3, 28, 28, 14, 320, 0, "all"), "contiguous", "rms"),
             ]
-        for label, shape, layout in shapes:
+        for label, shape, layout, *norm in shapes:
             seed += 1
-            case = _patch_case(*shape, layout=layout)
+            case = _patch_case(*shape, layout=layout, norm=norm[0] if norm else None)
             checks.append(_check(op, "triton", dtype, f"{label} {layout}", case, device, seed))
         if gpu and dtype != torch.float32:  # autocast: float32 image and parameters, the GEMM in ``dtype``
             seed += 1

@@ -105,11 +105,11 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def check_eps(value: object) -> float:
+def check_eps(value: object, name: str = "eps") -> float:
     """A normalisation epsilon: positive and finite (0 would divide by zero on a constant row)."""
     # Comparisons rather than math.isfinite: torch.compile traces them as constants (NaN fails too).
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"eps must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 

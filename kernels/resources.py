@@ -11,7 +11,7 @@ shared memory per block. Which configs are compiled:
   D] strides), with the head-dim pieces and stride alignment the launcher passes;
 - patch embedding: the tiles ``fastvit.ops.triton.patch_embed``'s launchers choose, recorded by running those launchers
   (kernel launches replaced by recorders) on ViT-B/16 shapes at batch 1 and 64, NCHW and channels_last, float
-  and uint8 images;
+  and uint8 images; the normed forward (the patch tokens' RMSNorm, training and inference) at AIMv2-L/14's shapes;
 - fused GEMM (``kernels/linear.py``): every config of its per-arch table (the autotuner's set) for the forward (and,
   for sm_90a, the persistent TMA forward of ``hopper_path``) and both backward GEMMs at ViT-B's fc1 (LayerNorm
   prologue, GELU) and fc2 (bias + residual), EVA02-B's fc1 (RMSNorm prologue, SwiGLU) and fc2 (sub-LN prologue,
@@ -419,6 +419,8 @@ _PATCH_MODELS_FULL = (
     ("ViT-L/16", 1024, 16, 224),
     ("ViT-H/14", 1280, 14, 224),
 )
+# The normed forward (``patch_embed_norm_fwd_kernel``): AIMv2-L/14 (RMSNorm; --all: LayerNorm too), no prefix token.
+_PATCH_NORM_MODELS = (("AIMv2-L/14", 1024, 14, 224),)
 
 
 def patch_embed_launches(arch: int, num_sms: int, full: bool) -> list[Launch]:
@@ -437,7 +439,7 @@ def patch_embed_launches(arch: int, num_sms: int, full: bool) -> list[Launch]:
     sink: list = []
     names = ("patch_embed_fwd_kernel", "patch_embed_bwd_input_kernel", "patch_embed_bwd_weight_kernel")
     recorders = dataclasses.make_dataclass("Kernels", [])()
-    for name in (*names, "patch_embed_bwd_colsum_kernel"):
+    for name in (*names, "patch_embed_bwd_colsum_kernel", "patch_embed_norm_fwd_kernel"):
         setattr(recorders, name, _Recorder(name, sink))
     models = _PATCH_MODELS_FULL if full else _PATCH_MODELS_CI
     dtypes = ("bf16", "fp16", "fp32") if full else CI_DTYPES
@@ -480,6 +482,36 @@ def patch_embed_launches(arch: int, num_sms: int, full: bool) -> list[Launch]:
                     for layout, launcher, args in calls:
                         launcher(*args)  # records its launches in `sink`
                         launches += _drain(sink, f"{model} B={batch} {layout}", dtype_name)
+        launches += _patch_embed_norm_launches(launchers, sink, dtypes, batches, full)
+    return launches
+
+
+def _patch_embed_norm_launches(launchers, sink: list, dtypes, batches, full: bool) -> list[Launch]:
+    """The normed forward's launches at :data:`_PATCH_NORM_MODELS`' shapes, training (z and statistics saved) and
+    inference (z kept in the output rows), NCHW and channels_last images."""
+    import importlib
+
+    import torch
+
+    codes = importlib.import_module("fastvit.ops.triton.linear_launch").NORM_CODES
+    launches = []
+    for model, dim, patch, size in _PATCH_NORM_MODELS:
+        for dtype_name in dtypes:
+            dtype = getattr(torch, _TORCH_DTYPES[dtype_name])
+            weight = torch.empty(dim, 3, patch, patch, dtype=dtype, device="meta")
+            bias, norm_weight, norm_bias = (torch.empty(dim, dtype=dtype, device="meta") for _ in range(3))
+            pos = torch.empty(1, (size // patch) ** 2, dim, dtype=dtype, device="meta")
+            for batch in batches:
+                nchw = torch.empty(batch, 3, size, size, dtype=dtype, device="meta")
+                for layout, x in (("NCHW", nchw), ("channels_last", nchw.to(memory_format=torch.channels_last))):
+                    for kind in ("rms", "layer") if full else ("rms",):
+                        for save in (True, False):
+                            launchers._forward_norm(
+                                x, weight, bias, pos, None, None, None, norm_weight,
+                                norm_bias if kind == "layer" else None, 1e-5, codes[kind], save,
+                            )  # fmt: skip
+                            case = f"{model} B={batch} {layout} {kind} {'training' if save else 'inference'}"
+                            launches += _drain(sink, case, dtype_name)
     return launches
 
 

@@ -178,13 +178,20 @@ def _patch_params(draw: _Draw, in_chans, patch, grid, dim, prefix, pos, bias) ->
 
 def _patch_embed(
     draw: _Draw, *, batch=2, in_chans=3, patch=(4, 4), grid=(2, 3), dim=16, prefix=1, pos="all", bias=True,
-    channels_last=False,
+    channels_last=False, norm=None, norm_bias=True,
 ):  # fmt: skip
     """x [B, Cin, GH·PH, GW·PW] (NHWC memory with ``channels_last``) and the projection parameters; ``pos``:
-    'all' (T+N tokens), 'patch' (N) or None."""
+    'all' (T+N tokens), 'patch' (N) or None; ``norm``: 'layer' | 'rms' adds the patch tokens' norm (``norm_weight``,
+    and ``norm_bias`` for a LayerNorm with ``norm_bias``; eps 1e-5 as AIMv2's), None: none (the default sample)."""
     x = draw(batch, in_chans, grid[0] * patch[0], grid[1] * patch[1])
     x = relayout(x, "channels_last" if channels_last else "contiguous")
-    return {"x": x, **_patch_params(draw, in_chans, patch, grid, dim, prefix, pos, bias)}, {}
+    tensors = {"x": x, **_patch_params(draw, in_chans, patch, grid, dim, prefix, pos, bias)}
+    if norm is None:
+        return tensors, {}
+    tensors["norm_weight"] = draw(dim, scale=0.2, offset=1.0)
+    if norm == "layer" and norm_bias:
+        tensors["norm_bias"] = draw(dim, scale=0.2)
+    return tensors, {"norm": norm, "norm_eps": 1e-5}
 
 
 def _patch_embed_uint8(
@@ -504,7 +511,12 @@ PATCH_EMBED = OpCase(
     reference.patch_embed,
     optional=("bias", "pos_embed", "cls_token"),
     main_rank=4,
-    variants=_patch_variants(_PATCH_TOKENS, ("", "channels_last"), dim=24),  # D = 24: masked columns
+    variants={
+        **_patch_variants(_PATCH_TOKENS, ("", "channels_last"), dim=24),  # D = 24: masked columns
+        # The patch tokens' norm (AIMv2's RMSNorm; LayerNorm): D = 72, two ragged D tiles per row in the interpreter.
+        "N50-rms": dict(grid=(7, 7), prefix=1, dim=72, norm="rms"),
+        "N7-layer-channels_last": dict(grid=(1, 7), prefix=0, dim=72, norm="layer", channels_last=True),
+    },
 )
 PATCH_EMBED_UINT8 = OpCase(
     "patch_embed_uint8",

@@ -166,9 +166,12 @@ def test_no_registered_op_refuses_deterministic_mode():
     # kernels (VARLEN=True); tests/test_varlen_attention.py checks it bit for bit against each sequence alone under
     # deterministic mode, and the selftest repeats it. attention_prologue (qk-norm on [B, H, N, D] q/k/v: the
     # attention-pooling head) runs the same kernels and sums (tests/test_attention_pool.py checks it bit for bit).
+    # patch_embed_norm_fwd/_bwd (the patch tokens' norm) reuse ln_linear's norm backward (fixed-order per-row-block
+    # partials) and the patch-embedding dW above (tests/test_patch_embed_norm.py checks two runs bit for bit).
     known = {
         "qkv_attention_fwd", "qkv_attention_bwd", "attention_fwd", "attention_bwd", "patch_embed_fwd",
-        "patch_embed_bwd_input", "patch_embed_bwd_weight", "patch_embed_bwd_colsum", "layer_norm_fwd",
+        "patch_embed_bwd_input", "patch_embed_bwd_weight", "patch_embed_bwd_colsum", "patch_embed_norm_fwd",
+        "patch_embed_norm_bwd", "layer_norm_fwd",
         "layer_norm_bwd", "ln_mlp_fwd", "ln_mlp_bwd", "linear_residual_fwd", "linear_residual_bwd",
         "ln_linear_fwd", "ln_linear_bwd", "qkv_attention_prologue_fwd", "qkv_attention_prologue_bwd",
         "varlen_qkv_attention_fwd", "varlen_qkv_attention_bwd", "attention_prologue_fwd", "attention_prologue_bwd",

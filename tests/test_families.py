@@ -412,8 +412,10 @@ FUSED_SKIP_REASON = triton_skip_reason() or (
         ("vit_base_patch14_dinov2", dict(embed_dim=64, num_heads=2, img_size=28)),
         # EVA02: interleaved RoPE prologue, SwiGLU with sub-LN in the extension.
         ("eva02_tiny_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),
+        # AIMv2: the patch embedding's RMSNorm inside the one ops.patch_embed call; RMSNorm -> split SwiGLU MLP.
+        ("aimv2_large_patch14_224", dict(embed_dim=64, num_heads=2, img_size=28)),
     ],
-    ids=["siglip2", "pe-core", "dinov3", "dinov2", "eva02"],
+    ids=["siglip2", "pe-core", "dinov3", "dinov2", "eva02", "aimv2"],
 )
 @pytest.mark.skipif(FUSED_SKIP_REASON is not None, reason=str(FUSED_SKIP_REASON))
 def test_fused_backends_match_timm(name, size):
@@ -421,6 +423,7 @@ def test_fused_backends_match_timm(name, size):
     ours = fastvit.from_timm(theirs).eval().set_backend(FUSED)
     report = ours.fusion_report()
     assert all(half.fused for block in report for half in block.values()), str(report)  # every block whole
+    assert report.embed.fused and report.embed.backends == {"patch_embed": "triton"}, str(report)
     assert report.pool is None or report.pool["mlp"].fused, str(report)
     assert set(report[0]["attn"].backends.values()) <= {"triton", "cuda"}, str(report)
     assert_same_logits_and_grads(ours, theirs, _images(theirs, batch=1))

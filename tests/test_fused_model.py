@@ -187,6 +187,8 @@ def test_fusion_report_says_which_halves_run_fused_and_why_not():
     qkv_gemm = fused.backend_plan(DEVICE)["ln_linear"]  # norm1 + qkv: shown, chosen by measurement on a GPU
     assert report[0]["attn"].backends == {"ln_linear": qkv_gemm, "qkv_attention": "triton", "linear_residual": "cuda"}
     assert f"block  0 attn fused (ln_linear={qkv_gemm}, qkv_attention=triton, linear_residual=cuda)" in str(report)
+    assert report.embed.fused and str(report).splitlines()[0] == "patch_embed    fused (patch_embed=triton)"
+    assert len(str(report).splitlines()) == 1 + 2 * 2  # the patch embedding, then two halves per block
 
     _, layer_scaled = _pair(init_values=0.1)
     status = layer_scaled.fusion_report(DEVICE)[1]

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import fastvit
 from fastvit.ops.triton.attention import SUPPORTED_HEAD_DIMS
+from fastvit.ops.triton.linear_launch import NORM_CODES
 
 from op_cases import (
     ATTENTION,
@@ -392,6 +393,27 @@ def _samples_patch_embed():
         "patch_embed_bwd_input": [(grad, x.detach(), w.detach())],
         "patch_embed_bwd_weight": [(grad, x.detach(), w.detach(), None, None)],
         "patch_embed_bwd_colsum": [(grad,)],
+        **_samples_patch_embed_norm(),
+    }
+
+
+def _samples_patch_embed_norm():
+    """The normed patch embedding (AIMv2's RMSNorm; LayerNorm with bias): training (z and statistics saved) and
+    inference forwards, and the norm's backward from a training forward's saved tensors."""
+    sample = PATCH_EMBED.make(requires_grad=True, dim=24, norm="layer")  # x [2, 3, 8, 12]: 6 patches + 1 prefix
+    x, w, b, pos, cls, norm_weight, norm_bias = sample.args
+    rms, layer = NORM_CODES["rms"], NORM_CODES["layer"]
+    _, z, mean, rstd = torch.ops.fastvit.patch_embed_norm_fwd(
+        *(t.detach() for t in (x, w, b, pos, cls)), None, None, norm_weight.detach(), norm_bias.detach(), 1e-5,
+        layer, True,
+    )  # fmt: skip
+    return {
+        "patch_embed_norm_fwd": [
+            (x, w, b, pos, cls, None, None, norm_weight, norm_bias, 1e-5, layer, True),
+            (x, w, None, None, None, None, None, norm_weight, None, 1e-6, rms, True),
+            (*(t.detach() for t in (x, w, b, pos, cls)), None, None, norm_weight.detach(), None, 1e-6, rms, False),
+        ],
+        "patch_embed_norm_bwd": [(randn(2, 7, 24, seed=6), z, mean, rstd, norm_weight.detach(), layer, True)],
     }
 
 

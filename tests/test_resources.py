@@ -73,11 +73,30 @@ def test_patch_embed_launches_are_the_launchers_choice():
     # float and uint8 images, with the tile sizes the heuristic gives at batch 1 and 64.
     launches = resources.patch_embed_launches(90, 132, full=False)
     kinds = {launch.kernel for launch in launches}
-    assert kinds == {f"patch_embed.{k}" for k in ("fwd", "bwd_input", "bwd_weight", "bwd_colsum")}
+    assert kinds == {f"patch_embed.{k}" for k in ("fwd", "bwd_input", "bwd_weight", "bwd_colsum", "norm_fwd")}
     cases = " ".join(launch.case for launch in launches)
     for layout in ("NCHW", "channels_last", "uint8 NHWC"):
         assert layout in cases
     assert all(dict(launch.kwargs).get("num_stages", 3) >= 1 for launch in launches)
+    normed = [launch for launch in launches if launch.kernel == "patch_embed.norm_fwd"]
+    assert {dict(launch.kwargs)["SAVE"] for launch in normed} == {True, False}  # training and inference
+    assert all("AIMv2-L/14" in launch.case and dict(launch.kwargs)["BLOCK_D"] == 128 for launch in normed)
+
+
+@needs_aot_compile
+def test_patch_embed_norm_variant_does_not_spill():
+    # The normed forward (a full-row epilogue: each program walks all 8 D tiles of AIMv2-L twice) at the tiles its
+    # launcher picks, both archs: no spill, shared memory within the limit. (The full check above covers it too.)
+    launches = {
+        arch: [launch for launch in resources.patch_embed_launches(*resources.ARCHS[arch], full=False)
+               if launch.kernel == "patch_embed.norm_fwd"]
+        for arch in resources.ARCHS
+    }  # fmt: skip
+    rows = resources.compile_rows(launches, progress=lambda line: print(line, flush=True))
+    print(resources.render(rows, [], "not read here", markdown=False))
+    assert rows and not any(row.error for row in rows)
+    problems = resources.failures(rows)
+    assert not problems, "normed patch-embedding configs spill or overflow shared memory:\n" + "\n".join(problems)
 
 
 def test_linear_launches_are_the_launchers_config_tables():

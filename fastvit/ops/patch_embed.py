@@ -1,13 +1,15 @@
 """Patch embedding: ``fastvit.ops.patch_embed`` (image -> [B, T+N, D] tokens) and ``patch_embed_uint8``.
 
-Conv-equivalent projection of non-overlapping PH×PW patches (kernel = stride = patch), plus the
-position embedding and the prefix (class / register) tokens, as one op.
+Conv-equivalent projection of non-overlapping PH×PW patches (kernel = stride = patch), an optional LayerNorm or
+RMSNorm of the projected patch tokens (timm's ``PatchEmbed(norm_layer=...)``: AIMv2), plus the position embedding
+and the prefix (class / register) tokens, as one op.
 
 Backends:
   ``torch``   ``F.conv2d`` + flatten + prefix concat + position add (timm's path); every float dtype.
   ``triton``  ``fastvit/ops/triton/patch_embed.py``: one launch computes the implicit-im2col GEMM (patches
-              gathered by strides, NCHW, channels_last or any view, never copied), the bias, the position
-              embedding and the prefix rows, straight into the [B, T+N, D] buffer; float16, bfloat16, float32.
+              gathered by strides, NCHW, channels_last or any view, never copied), the bias, the norm (a
+              full-row epilogue: each program owns whole rows of D), the position embedding and the prefix rows,
+              straight into the [B, T+N, D] buffer; float16, bfloat16, float32.
 The spec both are tested against is ``fastvit.reference.patch_embed``.
 
 ``patch_embed_uint8`` is the inference-pipeline entry point: decoded ``uint8`` images ([B, H, W, C] or
@@ -27,13 +29,17 @@ import torch.nn.functional as F
 
 from fastvit import dispatch, reference
 from fastvit.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # the one definition, re-exported here
+from fastvit.ops.attention import QKNorm
 from fastvit.validation import (
     autocast_dtype,
+    check_eps,
     check_same_device,
     check_same_dtype_outside_autocast,
     check_shape,
     check_tensor,
 )
+
+NORMS = ("layer", "rms")  # as ops.ln_linear's ``norm``
 
 
 class PatchEmbedCall(NamedTuple):
@@ -44,12 +50,21 @@ class PatchEmbedCall(NamedTuple):
     autocast_dtype: torch.dtype | None
     in_chans: int
     uint8: bool
+    norm: str | None = None  # the norm of the patch tokens: 'layer' | 'rms', or None
 
 
-def patch_embed_call(device: torch.device, *tensors: torch.Tensor | None, in_chans: int, uint8: bool = False):
-    """The call signature of a patch embedding of ``tensors`` (the float ones) on ``device``."""
+# The norm ``patch_embed`` applies to the projected patch tokens (timm's ``patch_embed.norm``): the same record as the
+# qk-norm of ``qkv_attention`` (weight [D], bias [D] or None, eps, kind 'layer' | 'rms').
+EmbedNorm = QKNorm
+
+
+def patch_embed_call(
+    device: torch.device, *tensors: torch.Tensor | None, in_chans: int, uint8: bool = False, norm: str | None = None
+):
+    """The call signature of a patch embedding of ``tensors`` (the float ones) on ``device``; ``norm``: the kind of
+    its patch-token norm, or None."""
     dtypes = tuple(dict.fromkeys(t.dtype for t in tensors if t is not None))
-    return PatchEmbedCall(device, dtypes, autocast_dtype(device), in_chans, uint8)
+    return PatchEmbedCall(device, dtypes, autocast_dtype(device), in_chans, uint8, norm)
 
 
 def patch_embed(
@@ -59,8 +74,14 @@ def patch_embed(
     pos_embed: torch.Tensor | None = None,
     cls_token: torch.Tensor | None = None,
     backend: str | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    norm: str = "layer",
 ) -> torch.Tensor:
-    """Cut ``x`` into patches, project them, add position embeddings, prepend prefix tokens.
+    """Cut ``x`` into patches, project them, normalise them (optional), add position embeddings, prepend prefix
+    tokens: ``[prefix | Norm(im2col(x)·Wᵀ + b)] + pos_embed``.
 
     Args:
         x: [B, Cin, H, W] image batch, H and W divisible by the patch size P (any memory format).
@@ -70,15 +91,29 @@ def patch_embed(
             patch tokens only (timm's ``no_embed_class``); or None.
         cls_token: [1, T, D] prefix tokens (class and/or register tokens), or None.
         backend: 'auto' | 'triton' | 'cuda' | 'torch'; None = the process default.
+        norm_weight: [D] weight of a norm over D of the projected patch tokens (timm's ``patch_embed.norm``,
+            AIMv2's RMSNorm), applied before the position embedding and never to the prefix tokens; None: no norm.
+        norm_bias: [D] LayerNorm bias, or None (always None for RMSNorm).
+        norm_eps: the norm's epsilon.
+        norm: 'layer' (LayerNorm) or 'rms' (RMSNorm): the kind of the norm when ``norm_weight`` is given (as
+            ``ops.ln_linear``'s ``norm``).
 
     Returns:
         [B, T+N, D].
     """
     check_tensor("x", x, ndim=4)
     _check_patch_args("x", x, weight, bias, pos_embed, cls_token)
-    check_same_dtype_outside_autocast(x.device, x=x, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
-    call = patch_embed_call(x.device, x, weight, bias, pos_embed, cls_token, in_chans=weight.shape[1])
-    return dispatch.select("patch_embed", backend, call)(x, weight, bias, pos_embed, cls_token)
+    embed_norm = _check_embed_norm(weight, norm_weight, norm_bias, norm_eps, norm)
+    check_same_device(x=x, weight=weight, norm_weight=norm_weight, norm_bias=norm_bias)
+    tensors = dict(x=x, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
+    check_same_dtype_outside_autocast(x.device, **tensors, norm_weight=norm_weight, norm_bias=norm_bias)
+    call = patch_embed_call(
+        x.device, *tensors.values(), norm_weight, norm_bias, in_chans=weight.shape[1], norm=_kind(embed_norm)
+    )
+    impl = dispatch.select("patch_embed", backend, call)
+    if embed_norm is None:
+        return impl(x, weight, bias, pos_embed, cls_token)
+    return impl(x, weight, bias, pos_embed, cls_token, embed_norm)
 
 
 def patch_embed_uint8(
@@ -91,6 +126,11 @@ def patch_embed_uint8(
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     channels_last: bool = True,
     backend: str | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    norm: str = "layer",
 ) -> torch.Tensor:
     """``patch_embed`` of decoded 8-bit images, normalised on the fly: ``x = (images / 255 - mean[c]) / std[c]``.
 
@@ -109,6 +149,7 @@ def patch_embed_uint8(
         std: C per-channel standard deviations, positive (ImageNet's by default).
         channels_last: layout of ``images``: True for [B, H, W, C], False for [B, C, H, W].
         backend: 'auto' | 'triton' | 'cuda' | 'torch'; None = the process default.
+        norm_weight, norm_bias, norm_eps, norm: the norm of the patch tokens, as ``patch_embed``'s.
 
     Returns:
         [B, T+N, D] in ``weight``'s dtype (under CUDA autocast: as ``patch_embed`` under autocast). Inference
@@ -129,12 +170,42 @@ def patch_embed_uint8(
         raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
     x = images.permute(0, 3, 1, 2) if channels_last else images  # [B, C, H, W] view, no copy
     _check_patch_args("images", x, weight, bias, pos_embed, cls_token)
-    check_same_dtype_outside_autocast(x.device, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
+    embed_norm = _check_embed_norm(weight, norm_weight, norm_bias, norm_eps, norm)
+    check_same_device(images=x, weight=weight, norm_weight=norm_weight, norm_bias=norm_bias)
+    tensors = dict(weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
+    check_same_dtype_outside_autocast(x.device, **tensors, norm_weight=norm_weight, norm_bias=norm_bias)
     in_chans = weight.shape[1]
     mean = _check_channel_values("mean", mean, in_chans, positive=False)
     std = _check_channel_values("std", std, in_chans, positive=True)
-    call = patch_embed_call(x.device, weight, bias, pos_embed, cls_token, in_chans=in_chans, uint8=True)
-    return dispatch.select("patch_embed_uint8", backend, call)(x, weight, bias, pos_embed, cls_token, mean, std)
+    call = patch_embed_call(
+        x.device, *tensors.values(), norm_weight, norm_bias, in_chans=in_chans, uint8=True, norm=_kind(embed_norm)
+    )
+    impl = dispatch.select("patch_embed_uint8", backend, call)
+    if embed_norm is None:
+        return impl(x, weight, bias, pos_embed, cls_token, mean, std)
+    return impl(x, weight, bias, pos_embed, cls_token, mean, std, embed_norm)
+
+
+def _check_embed_norm(weight, norm_weight, norm_bias, norm_eps, norm) -> EmbedNorm | None:
+    """The patch-token norm's arguments, checked against the projection ``weight`` [D, Cin, PH, PW]."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm_weight is None:
+        if norm_bias is not None:
+            raise ValueError("norm_bias given without norm_weight: a norm of the patch tokens needs its weight")
+        return None
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError("norm_bias must be None with norm='rms' (RMSNorm has no bias)")
+    embed_dim = weight.shape[0]
+    for name, value in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if value is not None:
+            check_tensor(name, value, ndim=1)
+            check_shape(name, value, (embed_dim,), "the embedding dim D of weight")
+    return EmbedNorm(norm_weight, norm_bias, check_eps(norm_eps, "norm_eps"), norm)
+
+
+def _kind(embed_norm: EmbedNorm | None) -> str | None:
+    return None if embed_norm is None else embed_norm.kind
 
 
 def _check_patch_args(x_name, x, weight, bias, pos_embed, cls_token) -> None:
@@ -204,9 +275,18 @@ def _check_channel_values(name: str, values: object, in_chans: int, positive: bo
 
 
 @dispatch.register("patch_embed", "torch")
-def _patch_embed_torch(x, weight, bias, pos_embed, cls_token):
+def _patch_embed_torch(x, weight, bias, pos_embed, cls_token, norm: EmbedNorm | None = None):
     tokens = F.conv2d(_canonical_strides(x), weight, bias, stride=weight.shape[-2:]).flatten(2).transpose(1, 2)
+    if norm is not None:
+        tokens = embed_norm_torch(tokens, norm)
     return prefix_and_position(tokens, pos_embed, cls_token)
+
+
+def embed_norm_torch(tokens: torch.Tensor, norm: EmbedNorm) -> torch.Tensor:
+    """The patch-token norm in plain PyTorch (``F.layer_norm`` / ``F.rms_norm``) on [B, N, D] tokens."""
+    if norm.kind == "rms":
+        return F.rms_norm(tokens, tokens.shape[-1:], norm.weight, norm.eps)
+    return F.layer_norm(tokens, tokens.shape[-1:], norm.weight, norm.bias, norm.eps)
 
 
 def _canonical_strides(x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +319,6 @@ def prefix_and_position(
 
 
 @dispatch.register("patch_embed_uint8", "torch")
-def _patch_embed_uint8_torch(x, weight, bias, pos_embed, cls_token, mean, std):
+def _patch_embed_uint8_torch(x, weight, bias, pos_embed, cls_token, mean, std, norm: EmbedNorm | None = None):
     images = reference.normalize_uint8(x, mean, std, weight.dtype)  # the definition (torchvision's Normalize)
-    return _patch_embed_torch(images, weight, bias, pos_embed, cls_token)
+    return _patch_embed_torch(images, weight, bias, pos_embed, cls_token, norm)

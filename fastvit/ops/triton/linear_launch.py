@@ -336,8 +336,10 @@ def weight_split_k(rows: int, out_rows: int, in_features: int, like: torch.Tenso
     return max(1, min(kernels.SPLIT_K_MAX, sms // tiles, rows // kernels.SPLIT_K_MIN_ROWS))
 
 
-def _norm_backward(grad_normed, x, norm_weight, mean, rstd, norm, has_norm_bias):
-    """(dx [M, K] in x's dtype, d weight [K], d bias [K] or empty) of the prologue's norm, from dÂ [M, K]."""
+def norm_backward(grad_normed, x, norm_weight, mean, rstd, norm, has_norm_bias):
+    """(dx [M, K] in x's dtype, d weight [K], d bias [K] or empty) of a norm over the rows of x [M, K] (strided) with
+    weight ``norm_weight`` [K], from dÂ [M, K] (contiguous) and the forward's fp32 ``mean`` [M] (LayerNorm; [0] for
+    RMSNorm) and ``rstd`` [M]; ``norm``: NORM_CODES. The prologue's norm here, the patch embedding's norm too."""
     kernels = launch.kernels("linear")
     rows, width = x.shape
     grad_x = launch.new_output((rows, width), x.dtype, x.device)
@@ -406,7 +408,7 @@ def _backward(grad_out, x, norm_weight, norm_bias, mean, rstd, weight, pre_act, 
                 grad_bias = bias_partials.sum(0).to(weight.dtype)
         grad_x = grad_a
         if has_norm:
-            grad_x, grad_norm_weight, grad_norm_bias = _norm_backward(
+            grad_x, grad_norm_weight, grad_norm_bias = norm_backward(
                 grad_a, x, norm_weight, mean, rstd, norm, has_norm_bias
             )
     return grad_x, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias

@@ -9,13 +9,27 @@ otherwise), and dbias / dpos_embed / dcls_token from one batch column-sum of dY 
 both modes). The uint8 path normalises ``images · (1 / (255·std)) + (-mean / std)`` per pixel in fp32 while
 gathering patches.
 
-Registered as ``torch.library`` custom ops (``fastvit::patch_embed_fwd``, ``fastvit::patch_embed_bwd_input``,
-``fastvit::patch_embed_bwd_weight``, ``fastvit::patch_embed_bwd_colsum``) with fake impls and autograd, so
+With a norm of the patch tokens (LayerNorm / RMSNorm over D: AIMv2) the forward is ``patch_embed_norm_fwd_kernel``:
+each program owns a block of rows and all of D, so the norm is an epilogue of the same launch. Its first pass stores
+the pre-norm tokens z (rounded to the GEMM dtype, as the eager conv's output) and sums the fp32 row statistics; the
+second reloads them, normalises, adds the position embedding and stores the tokens. z has to be written somewhere for
+the second pass: in inference it lives in the output rows themselves (overwritten by the second pass), in training in
+a [B, N, D] buffer that is saved with the per-row mean/rstd for the backward. Saving z thus costs memory (what
+eager's norm saves: the conv output) but no extra traffic; recomputing it would run the projection GEMM again in the
+backward. Backward: dpos / dcls from the column sum of dY as without a norm; the norm's backward (dz, and the norm
+weight / bias gradients as fixed-order sums of per-row-block partials: ``kernels/linear.py``'s ``norm_bwd_kernel``,
+the ``ln_linear`` prologue's) on the patch rows of dY; then the dX / dW / column-sum kernels on dz for the image,
+the projection weight and its bias.
+
+Registered as ``torch.library`` custom ops (``fastvit::patch_embed_fwd``, ``fastvit::patch_embed_norm_fwd``,
+``fastvit::patch_embed_bwd_input``, ``fastvit::patch_embed_bwd_weight``, ``fastvit::patch_embed_bwd_colsum``,
+``fastvit::patch_embed_norm_bwd``) with fake impls and autograd, so
 ``torch.compile(fullgraph=True)`` keeps them as opaque nodes; the launches allocate with ``torch.empty``/
 ``torch.zeros`` only and never synchronise with the host (CUDA-graph capturable after one warm-up call). Under
 ``torch.autocast`` the GEMM runs in the autocast dtype: the weight is cast (as autocast casts a conv's),
 the image is not copied (its tiles are converted in the kernel), and the output dtype is the reference's under
-autocast (the autocast dtype, promoted with ``pos_embed``'s dtype when there is one).
+autocast (the autocast dtype, promoted with ``pos_embed``'s dtype when there is one, and with the norm weight's:
+autocast runs norms in fp32).
 """
 
 from __future__ import annotations
@@ -24,8 +38,9 @@ import torch
 
 from fastvit import dispatch
 from fastvit.ops.autograd import no_double_backward
-from fastvit.ops.patch_embed import PatchEmbedCall
+from fastvit.ops.patch_embed import EmbedNorm, PatchEmbedCall
 from fastvit.ops.triton import launch
+from fastvit.ops.triton.linear_launch import NORM_CODES, norm_backward
 from fastvit.ops.triton.patch_embed_configs import (  # noqa: F401  (the overrides, candidates: tests and selftest)
     CONFIG_KINDS,
     CONFIG_OVERRIDES,
@@ -61,19 +76,35 @@ def _weight_for_autocast(weight: torch.Tensor) -> torch.Tensor:
 
 
 @dispatch.register("patch_embed", "triton", supports=supports)
-def patch_embed(x, weight, bias, pos_embed, cls_token):
+def patch_embed(x, weight, bias, pos_embed, cls_token, norm: EmbedNorm | None = None):
     if autocast_dtype(x.device) is None:
-        check_same_dtype(x=x, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
+        check_same_dtype(
+            x=x, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token,
+            norm_weight=None if norm is None else norm.weight, norm_bias=None if norm is None else norm.bias,
+        )  # fmt: skip
     # x is converted tile by tile in the kernel: no cast copy of the image
-    return torch.ops.fastvit.patch_embed_fwd(x, _weight_for_autocast(weight), bias, pos_embed, cls_token, None, None)
+    return _project(x, _weight_for_autocast(weight), bias, pos_embed, cls_token, None, None, norm)
 
 
 @dispatch.register("patch_embed_uint8", "triton", supports=supports)
-def patch_embed_uint8(x, weight, bias, pos_embed, cls_token, mean, std):
+def patch_embed_uint8(x, weight, bias, pos_embed, cls_token, mean, std, norm: EmbedNorm | None = None):
     scale = [1.0 / (255.0 * s) for s in std]
     shift = [-m / s for m, s in zip(mean, std)]
-    weight = _weight_for_autocast(weight)
-    return torch.ops.fastvit.patch_embed_fwd(x, weight, bias, pos_embed, cls_token, scale, shift)
+    return _project(x, _weight_for_autocast(weight), bias, pos_embed, cls_token, scale, shift, norm)
+
+
+def _project(x, weight, bias, pos_embed, cls_token, scale, shift, norm: EmbedNorm | None):
+    """The forward custom op: without a norm ``patch_embed_fwd``, else ``patch_embed_norm_fwd`` (saving z and the row
+    statistics when a gradient will be asked for)."""
+    if norm is None:
+        return torch.ops.fastvit.patch_embed_fwd(x, weight, bias, pos_embed, cls_token, scale, shift)
+    params = (x, weight, bias, pos_embed, cls_token, norm.weight, norm.bias)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    out, *_saved = torch.ops.fastvit.patch_embed_norm_fwd(
+        x, weight, bias, pos_embed, cls_token, scale, shift, norm.weight, norm.bias, norm.eps, NORM_CODES[norm.kind],
+        save,
+    )  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,43 +141,94 @@ def _norm_args(norm_scale, norm_shift) -> tuple[float, ...]:
     return (*norm_scale, *([1.0] * pad), *norm_shift, *([0.0] * pad))
 
 
-def _out_dtype(weight: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.dtype:
-    """The reference's output dtype: the GEMM's (weight's), promoted with pos_embed's (matters under autocast)."""
-    return weight.dtype if pos_embed is None else torch.promote_types(weight.dtype, pos_embed.dtype)
+def _out_dtype(weight: torch.Tensor, *others: torch.Tensor | None) -> torch.dtype:
+    """The reference's output dtype: the GEMM's (weight's), promoted with pos_embed's and the norm weight's (matters
+    under autocast)."""
+    dtype = weight.dtype
+    for other in others:
+        dtype = dtype if other is None else torch.promote_types(dtype, other.dtype)
+    return dtype
 
 
-def _forward(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift) -> torch.Tensor:
+def _token_geometry(x: torch.Tensor, weight: torch.Tensor, cls_token: torch.Tensor | None) -> dict:
     num_prefix = 0 if cls_token is None else cls_token.shape[1]
     num_patches = (x.shape[2] // weight.shape[2]) * (x.shape[3] // weight.shape[3])
-    g = _geometry(x, weight, num_prefix + num_patches)
-    out = launch.new_output((g["B"], g["L"], g["D"]), _out_dtype(weight, pos_embed), x.device)
-    num_rows = g["B"] * g["L"]
-    if out.numel() == 0:
-        return out
-    cfg = tile_config("fwd", x, weight.dtype, num_rows, g["D"], g["K"], is_narrow_gather(x, g["PW"]))
-    dummy = weight  # stands in for absent tensors (their HAS_* flag is off: never read)
+    return _geometry(x, weight, num_prefix + num_patches)
+
+
+def _fwd_launch_args(g, x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift) -> dict:
+    """The arguments both forward kernels take: the input tensors (``weight`` stands in for absent ones: their HAS_*
+    flag is off, never read), the sizes, the strides, the uint8 affine and the constexpr flags."""
     pos_offset = 0 if pos_embed is None or pos_embed.shape[1] == g["L"] else g["T"]
-    grid = (launch.cdiv(num_rows, cfg["BLOCK_R"]) * launch.cdiv(g["D"], cfg["BLOCK_C"]),)
-    with launch.device_guard(x):
-        _kernels().patch_embed_fwd_kernel[grid](
-            x, weight,
-            dummy if bias is None else bias,
-            dummy if pos_embed is None else pos_embed,
-            dummy if cls_token is None else cls_token,
-            out,
-            num_rows, g["T"], g["L"], g["D"], g["K"], g["GW"], pos_offset,
-            *x.stride(), *weight.stride(),
+    return dict(
+        inputs=(x, weight, *(weight if t is None else t for t in (bias, pos_embed, cls_token))),
+        sizes=(g["B"] * g["L"], g["T"], g["L"], g["D"], g["K"], g["GW"], pos_offset),
+        strides=(
+            *x.stride(),
+            *weight.stride(),
             0 if bias is None else bias.stride(0),
             *((0, 0) if pos_embed is None else pos_embed.stride()[1:]),
             *((0, 0) if cls_token is None else cls_token.stride()[1:]),
-            *_norm_args(norm_scale, norm_shift),
-            IN_CHANS=g["C"], PATCH_H=g["PH"], PATCH_W=g["PW"], CHANNELS_INNER=channels_inner(x),
-            NORMALIZE=norm_scale is not None, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
-            HAS_PREFIX=g["T"] > 0, INPUT_PRECISION=launch.input_precision(weight.dtype),
-            BLOCK_M=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_RED"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
+        ),  # fmt: skip
+        pixels=_norm_args(norm_scale, norm_shift),
+        flags=dict(
+            IN_CHANS=g["C"],
+            PATCH_H=g["PH"],
+            PATCH_W=g["PW"],
+            CHANNELS_INNER=channels_inner(x),
+            NORMALIZE=norm_scale is not None,
+            HAS_BIAS=bias is not None,
+            HAS_POS=pos_embed is not None,
+            HAS_PREFIX=g["T"] > 0,
+            INPUT_PRECISION=launch.input_precision(weight.dtype),
+        ),  # fmt: skip
+    )
+
+
+def _tiles(kind: str, x, weight, g) -> tuple[dict, dict]:
+    """(the forward kernel's tile config, its launch keywords)."""
+    cfg = tile_config(kind, x, weight.dtype, g["B"] * g["L"], g["D"], g["K"], is_narrow_gather(x, g["PW"]))
+    meta = dict(BLOCK_M=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_RED"])
+    return cfg, dict(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _forward(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift) -> torch.Tensor:
+    g = _token_geometry(x, weight, cls_token)
+    out = launch.new_output((g["B"], g["L"], g["D"]), _out_dtype(weight, pos_embed), x.device)
+    if out.numel() == 0:
+        return out
+    cfg, meta = _tiles("fwd", x, weight, g)
+    a = _fwd_launch_args(g, x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift)
+    grid = (launch.cdiv(g["B"] * g["L"], cfg["BLOCK_R"]) * launch.cdiv(g["D"], cfg["BLOCK_C"]),)
+    with launch.device_guard(x):
+        _kernels().patch_embed_fwd_kernel[grid](
+            *a["inputs"], out, *a["sizes"], *a["strides"], *a["pixels"], **a["flags"], **meta
+        )
     return out
+
+
+def _forward_norm(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift, norm_weight, norm_bias, eps, norm,
+                  save):  # fmt: skip
+    """(tokens [B, T+N, D], z [B, N, D] in the GEMM dtype, mean [B·N] fp32 (LayerNorm), rstd [B·N] fp32) of the
+    normed patch embedding; z, mean and rstd are [0] when not ``save`` (and mean for RMSNorm)."""
+    g = _token_geometry(x, weight, cls_token)
+    out = launch.new_output((g["B"], g["L"], g["D"]), _out_dtype(weight, pos_embed, norm_weight), x.device)
+    patch_rows = g["B"] * g["N"]
+    z = launch.new_output((g["B"], g["N"], g["D"]) if save else (0,), weight.dtype, x.device)
+    mean = launch.new_output((patch_rows,) if save and norm == NORM_CODES["layer"] else (0,), torch.float32, x.device)
+    rstd = launch.new_output((patch_rows,) if save else (0,), torch.float32, x.device)
+    if out.numel() == 0:
+        return out, z, mean, rstd
+    cfg, meta = _tiles("fwd_norm", x, weight, g)
+    a = _fwd_launch_args(g, x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift)
+    stats = (mean if mean.numel() else rstd, rstd) if save else (out, out)  # never written when absent
+    with launch.device_guard(x):
+        _kernels().patch_embed_norm_fwd_kernel[(launch.cdiv(g["B"] * g["L"], cfg["BLOCK_R"]),)](
+            *a["inputs"], norm_weight, weight if norm_bias is None else norm_bias, out, z if save else out, *stats,
+            *a["sizes"], eps, *a["strides"], norm_weight.stride(0), 0 if norm_bias is None else norm_bias.stride(0),
+            *a["pixels"], **a["flags"], NORM=norm, HAS_NORM_BIAS=norm_bias is not None, SAVE=save, **meta,
+        )  # fmt: skip
+    return out, z, mean, rstd
 
 
 def _dx_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -267,10 +349,39 @@ def _patch_embed_fwd(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shi
 
 @_patch_embed_fwd.register_fake
 def _(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift):
+    return weight.new_empty(_token_shape(x, weight, cls_token), dtype=_out_dtype(weight, pos_embed))
+
+
+def _token_shape(x, weight, cls_token) -> tuple[int, int, int]:
     num_prefix = 0 if cls_token is None else cls_token.shape[1]
     num_patches = (x.shape[2] // weight.shape[2]) * (x.shape[3] // weight.shape[3])
-    return weight.new_empty(
-        (x.shape[0], num_prefix + num_patches, weight.shape[0]), dtype=_out_dtype(weight, pos_embed)
+    return (x.shape[0], num_prefix + num_patches, weight.shape[0])
+
+
+@torch.library.custom_op(
+    "fastvit::patch_embed_norm_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? cls_token, float[]? norm_scale, "
+    "float[]? norm_shift, Tensor norm_weight, Tensor? norm_bias, float eps, int norm, bool save) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _patch_embed_norm_fwd(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift, norm_weight, norm_bias, eps,
+                          norm, save):  # fmt: skip
+    return _forward_norm(
+        x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift, norm_weight, norm_bias, eps, norm, save
+    )
+
+
+@_patch_embed_norm_fwd.register_fake
+def _(x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift, norm_weight, norm_bias, eps, norm, save):
+    batch, tokens, dim = _token_shape(x, weight, cls_token)
+    num_patches = (x.shape[2] // weight.shape[2]) * (x.shape[3] // weight.shape[3])
+    patch_rows = batch * num_patches
+    return (
+        weight.new_empty((batch, tokens, dim), dtype=_out_dtype(weight, pos_embed, norm_weight)),
+        weight.new_empty((batch, num_patches, dim) if save else (0,)),
+        weight.new_empty((patch_rows,) if save and norm == NORM_CODES["layer"] else (0,), dtype=torch.float32),
+        weight.new_empty((patch_rows,) if save else (0,), dtype=torch.float32),
     )
 
 
@@ -310,6 +421,37 @@ def _(grad):
     return grad.new_empty(grad.shape[1:], dtype=torch.float32)
 
 
+@torch.library.custom_op(
+    "fastvit::patch_embed_norm_bwd",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor z, Tensor mean, Tensor rstd, Tensor norm_weight, int norm, bool has_norm_bias) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+def _patch_embed_norm_bwd(grad, z, mean, rstd, norm_weight, norm, has_norm_bias):
+    """(dz [B, N, D] in z's dtype, d norm weight [D], d norm bias [D] or [0]) from the tokens' gradient dY [B, T+N, D]
+    (its patch rows), the saved pre-norm tokens z [B, N, D] and row statistics."""
+    batch, num_patches, dim = z.shape
+    if z.numel() == 0:
+        empty_bias = torch.zeros_like(norm_weight) if has_norm_bias else norm_weight.new_empty(0)
+        return torch.zeros_like(z), torch.zeros_like(norm_weight), empty_bias
+    # The norm's backward kernel reads dY as a dense [rows, D] matrix: the patch rows of dY (a copy with prefix rows).
+    grad_normed = grad[:, grad.shape[1] - num_patches :].reshape(batch * num_patches, dim).contiguous()
+    with launch.device_guard(z):
+        grad_z, grad_weight, grad_bias = norm_backward(
+            grad_normed, z.view(batch * num_patches, dim), norm_weight, mean, rstd, norm, has_norm_bias
+        )
+    return grad_z.view(batch, num_patches, dim), grad_weight, grad_bias
+
+
+@_patch_embed_norm_bwd.register_fake
+def _(grad, z, mean, rstd, norm_weight, norm, has_norm_bias):
+    return (
+        torch.empty_like(z, memory_format=torch.contiguous_format),
+        torch.empty_like(norm_weight),
+        norm_weight.new_empty(norm_weight.shape if has_norm_bias else (0,)),
+    )
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift = inputs
     ctx.save_for_backward(x, weight)
@@ -322,7 +464,13 @@ def _setup_context(ctx, inputs, output):
 @no_double_backward("patch_embed")
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    need_x, need_w, need_bias, need_pos, need_cls = ctx.needs_input_grad[:5]
+    return (*_gradients(ctx, grad, x, weight, ctx.needs_input_grad[:5], ctx.num_prefix), None, None)
+
+
+def _gradients(ctx, grad, x, weight, needed, num_prefix) -> tuple:
+    """(dx, dW, dbias, dpos, dcls), each None unless ``needed``, from dY [B, num_prefix + N, D]: the tokens' gradient
+    without a norm; with one, the tokens' gradient for dpos / dcls and dz (num_prefix 0) for the others."""
+    need_x, need_w, need_bias, need_pos, need_cls = needed
     grad_x = grad_w = grad_bias = grad_pos = grad_cls = None
     if need_x:
         grad_x = torch.ops.fastvit.patch_embed_bwd_input(grad, x, weight)
@@ -330,7 +478,6 @@ def _backward(ctx, grad):
         grad_w = torch.ops.fastvit.patch_embed_bwd_weight(grad, x, weight, *ctx.norm)
     if need_bias or need_pos or need_cls:
         sums = torch.ops.fastvit.patch_embed_bwd_colsum(grad)  # [T+N, D] fp32
-        num_prefix = ctx.num_prefix
         bias_dtype, pos_dtype, cls_dtype = ctx.dtypes
         if need_bias:
             grad_bias = sums[num_prefix:].sum(0).to(bias_dtype)
@@ -338,7 +485,44 @@ def _backward(ctx, grad):
             grad_pos = (sums if ctx.pos_covers_prefix else sums[num_prefix:]).unsqueeze(0).to(pos_dtype)
         if need_cls:
             grad_cls = sums[:num_prefix].unsqueeze(0).to(cls_dtype)
-    return grad_x, grad_w, grad_bias, grad_pos, grad_cls, None, None
+    return grad_x, grad_w, grad_bias, grad_pos, grad_cls
 
 
 _patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_norm_context(ctx, inputs, output):
+    x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift, norm_weight, norm_bias, _eps, norm, _save = inputs
+    _setup_context(ctx, (x, weight, bias, pos_embed, cls_token, norm_scale, norm_shift), output[0])
+    _out, z, mean, rstd = output
+    ctx.save_for_backward(x, weight, norm_weight, z, mean, rstd)
+    ctx.norm_kind, ctx.has_norm_bias = norm, norm_bias is not None
+
+
+@no_double_backward("patch_embed")
+def _norm_backward(ctx, grad, _grad_z, _grad_mean, _grad_rstd):
+    x, weight, norm_weight, z, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_bias, need_pos, need_cls = ctx.needs_input_grad[:5]
+    need_norm_weight, need_norm_bias = ctx.needs_input_grad[7:9]
+    if z.numel() == 0 and grad.numel() != 0:
+        raise RuntimeError(
+            "patch_embed: the forward ran without saving the pre-norm tokens (no input required grad then); "
+            "run it again with requires_grad set before calling backward"
+        )
+    grads = list(_gradients(ctx, grad, x, weight, (False, False, False, need_pos, need_cls), ctx.num_prefix))
+    grad_norm_weight = grad_norm_bias = None
+    if need_x or need_w or need_bias or need_norm_weight or need_norm_bias:
+        grad_z, grad_norm_weight, grad_norm_bias = torch.ops.fastvit.patch_embed_norm_bwd(
+            grad, z, mean, rstd, norm_weight, ctx.norm_kind, ctx.has_norm_bias
+        )
+        projection = _gradients(ctx, grad_z, x, weight, (need_x, need_w, need_bias, False, False), 0)
+        grads[:3] = projection[:3]
+    return (
+        *grads, None, None,
+        grad_norm_weight if need_norm_weight else None,
+        grad_norm_bias if need_norm_bias else None,
+        None, None, None,
+    )  # fmt: skip
+
+
+_patch_embed_norm_fwd.register_autograd(_norm_backward, setup_context=_setup_norm_context)

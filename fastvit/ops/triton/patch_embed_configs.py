@@ -12,7 +12,7 @@ from fastvit.ops.triton import launch
 
 CONFIG_OVERRIDES: dict[str, dict] = {}  # kernel kind -> config entries to replace (tests: tiny tiles, splits)
 GEMM_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-CONFIG_KINDS = ("fwd", "bwd_input", "bwd_weight", "colsum")
+CONFIG_KINDS = ("fwd", "fwd_norm", "bwd_input", "bwd_weight", "colsum")
 
 
 @contextlib.contextmanager
@@ -67,8 +67,8 @@ def tile_config(
 def heuristic_config(
     kind: str, tensor: torch.Tensor, gemm_dtype: torch.dtype, rows: int, cols: int, red: int, narrow_gather: bool
 ) -> dict:
-    """The ``fwd`` / ``bwd_input`` (``kind``) tiles for ``rows`` × ``cols`` outputs reduced over ``red``, on
-    ``tensor``'s device; ``narrow_gather``: :func:`is_narrow_gather` of the image."""
+    """The ``fwd`` / ``fwd_norm`` / ``bwd_input`` (``kind``) tiles for ``rows`` × ``cols`` outputs reduced over
+    ``red``, on ``tensor``'s device; ``narrow_gather``: :func:`is_narrow_gather` of the image."""
     narrow = gemm_dtype != torch.float32
     if not launch.on_gpu(tensor):  # Triton's interpreter: large tiles mean fewer (slow, Python-level) programs
         config = dict(
@@ -77,6 +77,19 @@ def heuristic_config(
             BLOCK_RED=launch.next_pow2(red, 16, 64),
         )
         config.update(num_warps=4, num_stages=1)
+    elif kind == "fwd_norm":
+        # One program per row block walks all of D (the norm's full-row epilogue): 64-row blocks (half the plain
+        # forward's at large batches: more programs), its 128-wide D tiles, 8 warps; narrow gathers (ViT-*/14: AIMv2)
+        # with 32-wide K tiles. Spill-free on sm_80 and sm_90a at AIMv2-L (and a ViT-B/16 shape), RMSNorm and
+        # LayerNorm, every batch (python -m fastvit.kernels.resources --all; 32-row blocks spilled up to 16 B with
+        # LayerNorm on sm_80, 4 warps up to 8 B).
+        config = dict(
+            BLOCK_R=64,
+            BLOCK_C=launch.next_pow2(cols, 16, 128),
+            BLOCK_RED=launch.next_pow2(red, 16, 64 if narrow and not narrow_gather else 32),
+            num_warps=8,
+            num_stages=3,
+        )
     else:
         num_sms = launch.num_sms(tensor.device.index)
         block_c = launch.next_pow2(cols, 16, 128)
