@@ -265,6 +265,78 @@ def attention_launches(arch: int, full: bool) -> list[Launch]:
     return launches
 
 
+# Prologue launches (qk-norm / RoPE inside the attention kernels, see kernels/attention.py ``_prologue``): the
+# families' cases, the launcher's candidates for a prologue launch (``autotune_configs(..., rope=...)``), bf16 (--all:
+# fp16 too), with the launcher's keyword arguments: a float32 cat(sin, cos) table [N - prefix, 2·D] shared by the
+# heads (timm's), 5 prefix tokens (DINOv3: class + 4 registers), LayerNorm with bias, the norm-gradient partials.
+
+
+@dataclasses.dataclass(frozen=True)
+class PrologueCase:
+    """One prologue variant: ``rope`` (kernels/attention.py ROPE_*: 0 none, 1 interleaved, 2 rotate-half), ``norm``
+    (NORM_*: 0 none, 1 LayerNorm, 2 RMSNorm) on q and k alike, packed variable-length sequences or not."""
+
+    label: str
+    head_dim: int
+    rope: int = 0
+    norm: int = 0
+    varlen: bool = False
+
+
+PROLOGUE_CASES = (
+    PrologueCase("D=64 rope-half+LN", 64, rope=2, norm=1),  # DINOv3-B/16
+    PrologueCase("D=64 rope-half+LN varlen", 64, rope=2, norm=1, varlen=True),  # DINOv3 NaFlex-style packing
+    PrologueCase("D=64 rope-interleaved", 64, rope=1),  # EVA02-B/14
+    PrologueCase("D=64 RMSNorm", 64, norm=2),
+    PrologueCase("D=128 LN", 128, norm=1),  # qk-norm at AIMv2-L's head dim
+)
+PROLOGUE_ARCHS = ("sm_90a",)  # the CI check's archs for prologue launches (--all: every arch)
+
+
+def _prologue_kwargs(case: PrologueCase, kind: str, dtype) -> dict:
+    """The prologue (and varlen) keyword arguments the launcher passes for ``case`` to kernel ``kind``."""
+    import torch
+
+    meta = lambda *shape, dt=dtype: _as_arg(torch.empty(*shape, dtype=dt, device="meta"))
+    d = case.head_dim
+    kwargs = dict(ROPE=case.rope, Q_NORM=case.norm, K_NORM=case.norm, NUM_PREFIX=5, q_eps=1e-6, k_eps=1e-6)
+    if case.rope:
+        kwargs.update(Rope=meta(192, 2 * d, dt=torch.float32), stride_rope_n=2 * d, stride_rope_h=0)
+    if case.norm:
+        kwargs.update(QW=meta(d), QB=meta(d), KW=meta(d), KB=meta(d))
+        if kind != "fwd":
+            kwargs.update(NormGrad=meta(24, 13, 2, d, dt=torch.float32))
+    if case.varlen:
+        kwargs.update(Cu_seqlens=meta(3, dt=torch.int32), max_seqlen=197, VARLEN=True)
+    return kwargs
+
+
+def attention_prologue_launches(arch: int, full: bool) -> list[Launch]:
+    """The attention kernels with the prologue at :data:`PROLOGUE_CASES`, for every config the launcher's autotuner
+    gets for such a launch."""
+    import torch
+    from fastvit.kernels import attention as tables
+
+    functions = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
+    launches = []
+    for dtype_name in CI_DTYPES if full else ("bf16",):
+        dtype = getattr(torch, _TORCH_DTYPES[dtype_name])
+        for case in PROLOGUE_CASES:
+            block_d = tables.block_d(case.head_dim)
+            for kind, function in functions.items():
+                picked = tables.autotune_configs(kind, arch, block_d, 2, rope=case.rope != 0)
+                args = _attention_args(kind, dtype, case.head_dim)
+                for block_m, block_n, warps, stages in picked:
+                    kwargs = dict(HEAD_DIM=case.head_dim, BLOCK_D=block_d, INPUT_PRECISION="tf32")
+                    kwargs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                    kwargs.update(_prologue_kwargs(case, kind, dtype))
+                    launches.append(
+                        Launch(f"attention.{kind}", case.label, dtype_name, str((block_m, block_n, warps, stages)),
+                               True, "attention", function, args, tuple(sorted(kwargs.items())))
+                    )  # fmt: skip
+    return launches
+
+
 # ------------------------------------------------------------------------------------------------
 # Fused-GEMM launches (kernels/linear.py): every table config of the arch at the shapes and prologue/epilogue flags
 # of the MLP families (ViT-B: LayerNorm prologue + GELU, bias + residual; EVA02-B: RMSNorm prologue + SwiGLU, a
@@ -747,7 +819,11 @@ def cuda_kernel_rows(library: str, archs: Iterable[str]) -> list[CudaRow]:
 
 def triton_launches(arch_name: str, full: bool) -> list[Launch]:
     arch, num_sms = ARCHS[arch_name]
-    return attention_launches(arch, full) + patch_embed_launches(arch, num_sms, full) + linear_launches(arch, full)
+    prologue = attention_prologue_launches(arch, full) if full or arch_name in PROLOGUE_ARCHS else []
+    return (
+        attention_launches(arch, full) + prologue + patch_embed_launches(arch, num_sms, full)
+        + linear_launches(arch, full)
+    )  # fmt: skip
 
 
 def compile_rows(
