@@ -354,13 +354,30 @@ def _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n):
 # 0 no prologue code is compiled. RoPE of channel c: y[c] = n[c]·cos[c] + sign[c]·n[p(c)]·sin[c], p(c) the partner
 # column and sign -1 on the first of each pair (``fastvit.reference.apply_rope``); the table row of token t is
 # t - NUM_PREFIX (prefix tokens are not rotated). Rotation and norm are computed in fp32 and the result rounded once
-# to the tile's dtype. Ideas from flash-attention's rotary kernel and Liger-Kernel's rope (partner columns read
-# through a second pointer tile); the code is ours.
-# Registers: the prologue keeps the tile, its partner tile and fp32 sin/cos tiles live at once, and it spills on sm_90a
-# (ahead-of-time compiles, Triton 3.8, bf16, rotate-half RoPE + LayerNorm on q and k, VARLEN or not; the launcher's
-# RoPE candidates): at D = 64 the forward 0-2.6 KB per thread (none only at (128, 64, 8, 2)), dK/dV 0.25-2.1 KB, dQ
-# 0.14-2.6 KB; at D = 128 0.3-3.9 KB, 1.8-8.1 KB and 3.7-8.6 KB. At D = 64 RoPE alone spills 0.2-2 KB, the norms alone
-# at most 0.6 KB (forward). The committed resource tables do not cover prologue launches yet.
+# to the tile's dtype. Ideas from flash-attention's rotary kernel and Liger-Kernel's rope; the code is ours.
+# Partner columns: where the pairs are a register tile's own (interleaved always; rotate-half when HEAD_DIM == BLOCK_D)
+# rot(y) is built in registers (``_rope_rotated``: tl.reshape to [ROWS, D/2, 2] or [ROWS, 2, D/2] + tl.permute,
+# tl.split, tl.join back), so neither a second load of the partner columns nor the norm of that partner tile is live
+# next to the tile, sin and cos; rotate-half with a padded tile (HEAD_DIM < BLOCK_D) still loads the partners
+# (``_rope_partner``). sin and cos stay full-width fp32 tables (learned and per-head tables have per-column values).
+# The dK/dV kernel stores dV before dK's prologue backward (the accumulator is dead there).
+# Registers (ptxas -v, ahead-of-time compiles: ``python -m fastvit.kernels.resources --kernel attention``, Triton 3.8,
+# sm_90a, bf16, tf32 flag, HEAD_DIM = BLOCK_D, the cases of resources.PROLOGUE_CASES, 5 prefix tokens, fp32 table);
+# "regs/spill B" per thread. Before (the partner-load prologue with the plain lists):
+#   fwd D=64 rope-half+LN: 0-1952 B (only (128, 64, 8, 2) clean); interleaved 0-1204 B; RMSNorm 0-256 B;
+#       D=128 LN 0-332 B.
+#   dK/dV D=64 rope-half+LN: 120-1096 B (every config); interleaved 0-336 B; RMSNorm 0-16 B; D=128 LN 40-1244 B (all).
+#   dQ D=64 rope-half+LN: 60-1408 B (every config); interleaved 0-516 B; RMSNorm 0; D=128 LN 56-524 B (all).
+# Same configs with the register rotation (and dV first): fwd (128, 64, 4, 3) rope-half+LN 1952 -> 584 B,
+# interleaved 1204 -> 104 B; dQ (64, 64, 4, 3) rope-half+LN 1408 -> 504 B, (128, 32, 8, 3) 60 -> 0; dK/dV
+# (32, 64, 4, 3) rope-half+LN 796 -> 0, (64, 64, 8, 3) 120 -> 0, D=128 LN (32, 64, 8, 2) 40 -> 0. The 4-warp tiles with
+# 64+ streamed rows still spill at D = 64 with rope-half+LN, so prologue launches get ``PROLOGUE_CONFIGS`` (sm_90),
+# all of which compile without spills (70 launches; test_resources checks it):
+#   fwd D=64: rope-half+LN 172-220 regs, +varlen 172-220, interleaved 142-187, RMSNorm 134-179; D=128 LN 221-255.
+#   dK/dV D=64: rope-half+LN 190-244, +varlen 194-248, interleaved 126-203, RMSNorm 134-215; D=128 LN 231-250.
+#   dQ D=64: rope-half+LN 216-255, +varlen 218-251, interleaved 130-199, RMSNorm 124-193; D=128 LN 239-252.
+# Not covered: sm_80 (the plain lists, unchecked with a prologue), fp16, ROPE_GRAD, per-head tables, head dims other
+# than 64 and 128.
 ROPE_INTERLEAVED = tl.constexpr(1)
 ROPE_HALF = tl.constexpr(2)
 NORM_LAYER = tl.constexpr(1)
@@ -395,6 +412,34 @@ def _rope_sin_cos(Rope, stride_rope_n, rows, rows_valid, offs_d, NUM_PREFIX, HEA
     sin = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     cos = tl.load(ptrs + HEAD_DIM, mask=mask, other=1.0).to(tl.float32)
     return sin, cos
+
+
+@triton.jit
+def _rope_halves(x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr):
+    """(a, b) [ROWS, BLOCK_D / 2]: the first and second column of every RoPE pair of x [ROWS, BLOCK_D], split in
+    registers (interleaved: columns 2i, 2i+1; rotate-half with HEAD_DIM == BLOCK_D: columns i, i + D/2)."""
+    if ROPE == ROPE_INTERLEAVED:
+        pairs = tl.reshape(x, [x.shape[0], BLOCK_D // 2, 2])
+    else:
+        pairs = tl.permute(tl.reshape(x, [x.shape[0], 2, BLOCK_D // 2]), (0, 2, 1))
+    return tl.split(pairs)
+
+
+@triton.jit
+def _rope_join(a, b, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr):
+    """The [ROWS, BLOCK_D] tile whose pairs' first columns are ``a`` and second ``b`` (``_rope_halves``' inverse)."""
+    pairs = tl.join(a, b)
+    if ROPE != ROPE_INTERLEAVED:
+        pairs = tl.permute(pairs, (0, 2, 1))
+    return tl.reshape(pairs, [a.shape[0], BLOCK_D])
+
+
+@triton.jit
+def _rope_rotated(y, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr):
+    """rot(y) [ROWS, BLOCK_D]: rot(y)[c] = sign[c]·y[p(c)] (see ``_rope_partner``), the partner columns of the register
+    tile y taken in registers by splitting its pairs (interleaved always; rotate-half where HEAD_DIM == BLOCK_D)."""
+    a, b = _rope_halves(y, HEAD_DIM, BLOCK_D, ROPE)
+    return _rope_join(-b, a, HEAD_DIM, BLOCK_D, ROPE)
 
 
 @triton.jit
@@ -449,7 +494,10 @@ def _prologue(
     if NORM != 0:
         mean, rstd, xhat = _norm_stats(y, offs_d, eps, HEAD_DIM, BLOCK_D, NORM)
         y = _norm_apply(xhat, W, Bias, offs_d, HEAD_DIM, NORM)
-    if ROPE != 0:
+    if ROPE == ROPE_INTERLEAVED or (ROPE == ROPE_HALF and HEAD_DIM == BLOCK_D):  # pairs split in registers
+        sin, cos = _rope_sin_cos(Rope, stride_rope_n, rows, rows_valid, offs_d, NUM_PREFIX, HEAD_DIM)
+        y = y * cos + _rope_rotated(y, HEAD_DIM, BLOCK_D, ROPE) * sin
+    elif ROPE != 0:
         partner, sign = _rope_partner(offs_d, HEAD_DIM, ROPE)
         partner_ptrs = ptrs + ((partner - offs_d) * stride_d)[None, :]
         y_partner = _load_tile(partner_ptrs, rows_valid, offs_d, HEAD_DIM, BLOCK_D, MASK_ROWS).to(tl.float32)
@@ -497,7 +545,10 @@ def _prologue_backward(
     """(gradient w.r.t. x [ROWS, BLOCK_D] fp32, this tile's row sums of the norm weight and bias gradients
     [BLOCK_D] fp32 each: zero without a norm or for RMSNorm's bias). The rotation's backward is its transpose:
     dn[c] = g[c]·cos[c] - sign[c]·(g·sin)[p(c)]; the partner columns of a register tile come from ``tl.gather``."""
-    if ROPE != 0:
+    if ROPE == ROPE_INTERLEAVED or (ROPE == ROPE_HALF and HEAD_DIM == BLOCK_D):  # pairs split in registers
+        sin, cos = _rope_sin_cos(Rope, stride_rope_n, rows, rows_valid, offs_d, NUM_PREFIX, HEAD_DIM)
+        g = g * cos - _rope_rotated(g * sin, HEAD_DIM, BLOCK_D, ROPE)
+    elif ROPE != 0:
         partner, sign = _rope_partner(offs_d, HEAD_DIM, ROPE)
         sin, cos = _rope_sin_cos(Rope, stride_rope_n, rows, rows_valid, offs_d, NUM_PREFIX, HEAD_DIM)
         g_sin = g * sin
@@ -1083,7 +1134,11 @@ def attn_bwd_dkdv_kernel(
                 )
 
     dk *= sm_scale
+    dk_rows, dk_ptrs = _block_rows(DK, b, h, start_n, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
+    dv_rows, dv_ptrs = _block_rows(DV, b, h, start_n, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
     if ROPE != 0 or K_NORM != 0:  # dk is the gradient w.r.t. the prologue's k: back to the raw k
+        # dV first: its accumulator is dead while dK's prologue backward runs (that peak spilled at D = 128 otherwise).
+        _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
         if ROPE_GRAD:
             RopeGrad += b * stride_rg_b + h * stride_rg_h + seq_start * stride_rg_n
         dk = _prologue_grad(
@@ -1091,12 +1146,12 @@ def attn_bwd_dkdv_kernel(
             NormGrad, seq * H + h, N_KV, max_seqlen, HEAD_DIM, BLOCK_D, BLOCK_N, VARLEN, ROPE, K_NORM,
             RopeGrad, stride_rg_n, ROPE_GRAD,
         )  # fmt: skip
-    dk_rows, dk_ptrs = _block_rows(DK, b, h, start_n, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
-    dv_rows, dv_ptrs = _block_rows(DV, b, h, start_n, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
-    _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
-    _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
-    _store_pieces(dk_rows, stride_dkd, dk1, dk2, sm_scale, keys_valid, HEAD_DIM, BLOCK_D, D1, D2)
-    _store_pieces(dv_rows, stride_dvd, dv1, dv2, 1.0, keys_valid, HEAD_DIM, BLOCK_D, D1, D2)
+        _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
+    else:
+        _store_tile(dk_ptrs, dk.to(DK.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
+        _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), keys_valid, offs_d, HEAD_DIM, BLOCK_D)
+        _store_pieces(dk_rows, stride_dkd, dk1, dk2, sm_scale, keys_valid, HEAD_DIM, BLOCK_D, D1, D2)
+        _store_pieces(dv_rows, stride_dvd, dv1, dv2, 1.0, keys_valid, HEAD_DIM, BLOCK_D, D1, D2)
 
 
 @triton.jit
@@ -1322,6 +1377,32 @@ BWD_DQ_CONFIGS = {
     },
     "fp32": [(32, 32, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2)],
 }
+# Prologue launches (qk-norm and/or RoPE: ROPE, Q_NORM or K_NORM set) on Hopper get their own lists: the prologue's
+# fp32 tiles (the q/k tile, sin and cos, the rotated tile) need registers that the plain lists' 4-warp tiles with 64+
+# streamed rows do not have. Chosen from ahead-of-time compiles of a wider pool (sm_90a, bf16, Triton 3.8; the cases of
+# ``fastvit.kernels.resources.PROLOGUE_CASES``: rotate-half RoPE + LayerNorm with and without VARLEN, interleaved RoPE,
+# RMSNorm at D = 64, LayerNorm at D = 128): every entry compiles without spilling in every case (table in the comment
+# above ``ROPE_INTERLEAVED``); mostly 8 warps. Other generations keep the plain lists (not checked with a prologue).
+PROLOGUE_CONFIGS = {
+    "fwd": {
+        90: {
+            64: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+            128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+        },
+    },
+    "dkdv": {
+        90: {
+            64: [(32, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2), (16, 128, 8, 2)],
+            128: [(32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 2)],
+        },
+    },
+    "dq": {
+        90: {
+            64: [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3), (128, 32, 8, 2), (64, 16, 4, 3)],
+            128: [(64, 64, 8, 3), (64, 32, 8, 3)],
+        },
+    },
+}
 # When keep_config drops every candidate, the autotuner runs this one: small tiles, no pipelining.
 FALLBACK_CONFIGS = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
 # Under TRITON_INTERPRET=1 (CPU) one fixed config, no tuning (it would time the interpreter): tiles
@@ -1452,28 +1533,34 @@ def keep_config(
 CONFIG_TABLES = {"fwd": FWD_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dq": BWD_DQ_CONFIGS}
 
 
-def table_configs(kernel: str, arch: int, block_d: int, elem_bytes: int) -> list[tuple[int, int, int, int]]:
+def table_configs(
+    kernel: str, arch: int, block_d: int, elem_bytes: int, prologue: bool = False
+) -> list[tuple[int, int, int, int]]:
     """The table entries for one launch, before the shared-memory check: fp32 inputs have their own list,
-    16-bit inputs the list of the arch's generation for this ``BLOCK_D``."""
+    16-bit inputs the list of the arch's generation for this ``BLOCK_D`` (``prologue``: a launch with the qk-norm /
+    RoPE prologue, ``PROLOGUE_CONFIGS`` where it has a list for the generation)."""
     tables = CONFIG_TABLES[kernel]
     if elem_bytes == 4:
         return list(tables["fp32"])
+    if prologue and config_generation(arch) in PROLOGUE_CONFIGS[kernel]:
+        tables = PROLOGUE_CONFIGS[kernel]
     by_block_d = tables[config_generation(arch)]
     return list(by_block_d[min(bound for bound in by_block_d if bound >= block_d)])
 
 
 def autotune_configs(
-    kernel: str, arch: int, block_d: int, elem_bytes: int, rope: bool = False
+    kernel: str, arch: int, block_d: int, elem_bytes: int, rope: bool = False, prologue: bool = False
 ) -> list[tuple[int, int, int, int]]:
     """Every config the autotuner may pick for one launch, as (BLOCK_M, BLOCK_N, num_warps, num_stages).
 
     The launcher's prune step returns exactly these, and the static resource check (``fastvit.kernels.resources``)
     compiles exactly these: the table entries that ``keep_config`` keeps for ``arch``, or ``FALLBACK_CONFIGS`` when
     it keeps none. With ``rope`` (the RoPE prologue streams its sin/cos rows too) an entry that does not fit is kept
-    with the deepest pipeline (fewest stages, down to 1) that does.
+    with the deepest pipeline (fewest stages, down to 1) that does. ``prologue``: the launch runs the qk-norm and/or
+    RoPE prologue (``rope`` implies it): the lists of ``PROLOGUE_CONFIGS`` where the generation has them.
     """
     kept = []
-    for block_m, block_n, warps, stages in table_configs(kernel, arch, block_d, elem_bytes):
+    for block_m, block_n, warps, stages in table_configs(kernel, arch, block_d, elem_bytes, prologue or rope):
         for depth in range(stages, 0, -1) if rope else (stages,):
             if keep_config(kernel, block_m, block_n, depth, block_d, elem_bytes, arch, rope):
                 kept.append((block_m, block_n, warps, depth))

@@ -8,7 +8,9 @@ shared memory per block. Which configs are compiled:
 
 - attention: ``kernels.attention.autotune_configs`` (the function the launcher's autotuner prune step returns)
   for bf16 and fp16 at head dims 64, 72 (head-dim pieces, STRIDE_ALIGN) and 128, on packed-qkv views ([B, N, 3, H,
-  D] strides), with the head-dim pieces and stride alignment the launcher passes;
+  D] strides), with the head-dim pieces and stride alignment the launcher passes; and with the qk-norm / RoPE
+  prologue (``PROLOGUE_CASES``: DINOv3, EVA02, RMSNorm at D = 64, LayerNorm at D = 128) at the launcher's prologue
+  candidates, bf16 on sm_90a (``--all``: fp16 and sm_80 too);
 - patch embedding: the tiles ``fastvit.ops.triton.patch_embed``'s launchers choose, recorded by running those launchers
   (kernel launches replaced by recorders) on ViT-B/16 shapes at batch 1 and 64, NCHW and channels_last, float
   and uint8 images; the normed forward (the patch tokens' RMSNorm, training and inference) at AIMv2-L/14's shapes;
@@ -324,7 +326,7 @@ def attention_prologue_launches(arch: int, full: bool) -> list[Launch]:
         for case in PROLOGUE_CASES:
             block_d = tables.block_d(case.head_dim)
             for kind, function in functions.items():
-                picked = tables.autotune_configs(kind, arch, block_d, 2, rope=case.rope != 0)
+                picked = tables.autotune_configs(kind, arch, block_d, 2, rope=case.rope != 0, prologue=True)
                 args = _attention_args(kind, dtype, case.head_dim)
                 for block_m, block_n, warps, stages in picked:
                     kwargs = dict(HEAD_DIM=case.head_dim, BLOCK_D=block_d, INPUT_PRECISION="tf32")

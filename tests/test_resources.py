@@ -1,6 +1,7 @@
 """Kernel resource use as a CI-checked property (no GPU needed): ``fastvit.kernels.resources``.
 
 Every Triton config the launchers may pick (attention autotuner candidates for bf16/fp16 at head dims 64, 72 and 128,
+the attention kernels with the qk-norm/RoPE prologue at its own candidates (sm_90a, bf16),
 the patch-embedding tiles for ViT-B/16 shapes) is compiled ahead of time for sm_90a and sm_80 with the installed
 Triton's ptxas, and must not spill or need more shared memory than the arch allows. The extension's CUDA kernels
 are read from the built fastvit._C: no stack frame, at most 64 registers (float64 ones exempt). The full matrix
@@ -66,6 +67,42 @@ def test_the_check_compiles_what_the_launchers_autotuner_is_given():
                         == (f"attention.{kind}", dtype_name, f"D={head_dim}")
                     }
                     assert compiled == given, (arch_name, kind, dtype_name, head_dim)
+
+
+def test_prologue_launches_are_the_launchers_prologue_candidates():
+    # A qk-norm/RoPE launch's prune step (the ROPE/Q_NORM/K_NORM constexprs among its arguments) hands the autotuner
+    # the prologue lists: the check compiles exactly those for every prologue case, on sm_90a, bf16.
+    import torch
+    from fastvit.kernels import attention as kernel_tables
+
+    from fastvit.ops.triton import attention as attention_launcher
+
+    launches = resources.attention_prologue_launches(90, full=False)
+    assert {launch.case for launch in launches} == {case.label for case in resources.PROLOGUE_CASES}
+    for kind in ("fwd", "dkdv", "dq"):
+        tuned = attention_launcher._autotuned(kind, 90, 1)
+        for case in resources.PROLOGUE_CASES:
+            block_d = kernel_tables.block_d(case.head_dim)
+            args = dict(BLOCK_D=block_d, ROPE=case.rope, Q_NORM=case.norm, K_NORM=case.norm)
+            pruned = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(0, dtype=torch.bfloat16)}, **args)
+            given = {str((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)) for c in pruned}
+            compiled = {launch.config for launch in launches
+                        if (launch.kernel, launch.case) == (f"attention.{kind}", case.label)}  # fmt: skip
+            assert compiled == given, (kind, case.label)
+            plain = set(map(str, kernel_tables.autotune_configs(kind, 90, block_d, 2)))
+            assert given != plain, (kind, case.label)  # the prologue's own lists, not the plain table's
+
+
+@needs_aot_compile
+def test_prologue_launches_do_not_spill():
+    # The attention kernels with the prologue (rotate-half RoPE + LayerNorm, varlen too; interleaved RoPE; RMSNorm; at
+    # D = 128 LayerNorm) at every config the launcher keeps for such a launch: no spill, shared memory within the
+    # limit. (The full check above covers them too; this is the quick one for kernel edits.)
+    rows = resources.compile_rows({"sm_90a": resources.attention_prologue_launches(90, full=False)})
+    print(resources.render(rows, [], "not read here", markdown=False))
+    assert rows and not any(row.error for row in rows)
+    problems = resources.failures(rows)
+    assert not problems, "prologue configs spill or overflow shared memory:\n" + "\n".join(problems)
 
 
 def test_patch_embed_launches_are_the_launchers_choice():

@@ -92,7 +92,7 @@ _KERNELS = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "att
 
 
 def candidate_configs(
-    kind: str, arch: int, block_d: int, elem_bytes: int, rope: bool = False
+    kind: str, arch: int, block_d: int, elem_bytes: int, rope: bool = False, prologue: bool = False
 ) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, warps, stages) configs the autotuner may pick for one kernel, in table order.
 
@@ -100,9 +100,16 @@ def candidate_configs(
     ``kernels.attention.autotune_configs`` (the table entries of the arch's generation, BLOCK_D and dtype that fit
     the arch's shared memory; the fallback config when none does): the prune step, deterministic mode, the selftest
     and the static resource check (``python -m fastvit.kernels.resources``) all read it. ``rope``: the launch runs
-    the RoPE prologue (shallower pipelines where the table's do not fit).
+    the RoPE prologue (shallower pipelines where the table's do not fit); ``prologue``: it runs the qk-norm and/or RoPE
+    prologue (the prologue's own config lists where the arch has them).
     """
-    return launch.kernels("attention").autotune_configs(kind, arch, block_d, elem_bytes, rope)
+    return launch.kernels("attention").autotune_configs(kind, arch, block_d, elem_bytes, rope, prologue)
+
+
+def _has_prologue(constants: dict) -> tuple[bool, bool]:
+    """(RoPE, any prologue) of a launch's constants: what selects its candidate configs."""
+    rope = constants.get("ROPE", 0) != 0
+    return rope, rope or constants.get("Q_NORM", 0) != 0 or constants.get("K_NORM", 0) != 0
 
 
 def _triton_config(entry):
@@ -131,11 +138,8 @@ def _autotuned(kind: str, arch: int, batch_heads_bucket: int, varlen: bool = Fal
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        rope = args.get("ROPE", 0) != 0
-        return [
-            _triton_config(e)
-            for e in candidate_configs(kind, arch, _padded_block_d(args), args["Q"].element_size(), rope)
-        ]
+        block_d, elem_bytes = _padded_block_d(args), args["Q"].element_size()
+        return [_triton_config(e) for e in candidate_configs(kind, arch, block_d, elem_bytes, *_has_prologue(args))]
 
     # Tensor dtypes join the key automatically (Triton appends every tensor argument's dtype).
     key = ["max_seqlen" if varlen else "N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION", "ROPE", "Q_NORM", "K_NORM"]
@@ -174,8 +178,8 @@ def _launch(
     elif not launch.on_gpu(like):
         fixed = kernels.INTERPRETER_CONFIGS[kind]
     elif dispatch.deterministic_enabled():
-        arch, rope = launch.gpu_arch(like), constants["ROPE"] != 0
-        fixed = candidate_configs(kind, arch, _padded_block_d(constants), like.element_size(), rope)[0]
+        arch, (rope, prologue) = launch.gpu_arch(like), _has_prologue(constants)
+        fixed = candidate_configs(kind, arch, _padded_block_d(constants), like.element_size(), rope, prologue)[0]
     else:
         bucket = launch.next_pow2(batch_heads, 1, 1 << 30)
         tuned = _autotuned(kind, launch.gpu_arch(like), bucket, varlen)
