@@ -372,7 +372,7 @@ def _key_mask_setup(KeyKeep, KeyExtent, b, N_KV, offs_n):
 # interleaved 1204 -> 104 B; dQ (64, 64, 4, 3) rope-half+LN 1408 -> 504 B, (128, 32, 8, 3) 60 -> 0; dK/dV
 # (32, 64, 4, 3) rope-half+LN 796 -> 0, (64, 64, 8, 3) 120 -> 0, D=128 LN (32, 64, 8, 2) 40 -> 0. The 4-warp tiles with
 # 64+ streamed rows still spill at D = 64 with rope-half+LN, so prologue launches get ``PROLOGUE_CONFIGS`` (sm_90),
-# all of which compile without spills (70 launches; test_resources checks it):
+# all of which compile without spills (65 launches; test_resources checks it):
 #   fwd D=64: rope-half+LN 172-220 regs, +varlen 172-220, interleaved 142-187, RMSNorm 134-179; D=128 LN 221-255.
 #   dK/dV D=64: rope-half+LN 190-244, +varlen 194-248, interleaved 126-203, RMSNorm 134-215; D=128 LN 231-250.
 #   dQ D=64: rope-half+LN 216-255, +varlen 218-251, interleaved 130-199, RMSNorm 124-193; D=128 LN 239-252.
@@ -1398,7 +1398,7 @@ PROLOGUE_CONFIGS = {
     },
     "dq": {
         90: {
-            64: [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3), (128, 32, 8, 2), (64, 16, 4, 3)],
+            64: [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3), (128, 32, 8, 2)],
             128: [(64, 64, 8, 3), (64, 32, 8, 3)],
         },
     },
