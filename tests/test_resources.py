@@ -93,12 +93,20 @@ def test_prologue_launches_are_the_launchers_prologue_candidates():
             assert given != plain, (kind, case.label)  # the prologue's own lists, not the plain table's
 
 
+def _rows_of(rows, launches_by_arch: dict) -> list:
+    """The compiled rows (of the module's full check) of these launches: one compile serves both checks."""
+    keys = {(arch, launch.compile_key()) for arch, launches in launches_by_arch.items() for launch in launches}
+    return [row for row in rows if (row.arch, row.launch.compile_key()) in keys]
+
+
 @needs_aot_compile
-def test_prologue_launches_do_not_spill():
+def test_prologue_launches_do_not_spill(launchable_rows):
     # The attention kernels with the prologue (rotate-half RoPE + LayerNorm, varlen too; interleaved RoPE; RMSNorm; at
     # D = 128 LayerNorm) at every config the launcher keeps for such a launch: no spill, shared memory within the
-    # limit. (The full check above covers them too; this is the quick one for kernel edits.)
-    rows = resources.compile_rows({"sm_90a": resources.attention_prologue_launches(90, full=False)})
+    # limit. Quick check while editing the kernels: `python -m fastvit.kernels.resources --kernel attention`.
+    launches = resources.attention_prologue_launches(90, full=False)
+    rows = _rows_of(launchable_rows, {"sm_90a": launches})
+    assert len(rows) == len({launch.compile_key() for launch in launches})  # every one is in the full check
     print(resources.render(rows, [], "not read here", markdown=False))
     assert rows and not any(row.error for row in rows)
     problems = resources.failures(rows)
@@ -121,15 +129,16 @@ def test_patch_embed_launches_are_the_launchers_choice():
 
 
 @needs_aot_compile
-def test_patch_embed_norm_variant_does_not_spill():
+def test_patch_embed_norm_variant_does_not_spill(launchable_rows):
     # The normed forward (a full-row epilogue: each program walks all 8 D tiles of AIMv2-L twice) at the tiles its
-    # launcher picks, both archs: no spill, shared memory within the limit. (The full check above covers it too.)
+    # launcher picks, both archs: no spill, shared memory within the limit.
     launches = {
         arch: [launch for launch in resources.patch_embed_launches(*resources.ARCHS[arch], full=False)
                if launch.kernel == "patch_embed.norm_fwd"]
         for arch in resources.ARCHS
     }  # fmt: skip
-    rows = resources.compile_rows(launches, progress=lambda line: print(line, flush=True))
+    rows = _rows_of(launchable_rows, launches)
+    assert len(rows) == len({(arch, launch.compile_key()) for arch, ls in launches.items() for launch in ls})
     print(resources.render(rows, [], "not read here", markdown=False))
     assert rows and not any(row.error for row in rows)
     problems = resources.failures(rows)
