@@ -288,10 +288,6 @@ class ResidualLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.backend: str | None = None
 
-    def gemm_call(self, device: torch.device, dtype: torch.dtype, norm: bool) -> GemmCall:
-        """The dispatch key of this Linear as ``ops.ln_linear`` (with a norm prologue if ``norm``) in ``dtype``."""
-        return GemmCall(device, dtype, self.in_features, self.out_features, norm)
-
 
 class NormLinear(nn.Linear):
     """``nn.Linear`` (same parameters and keys) that also carries the backend of ``ops.ln_linear``.
