@@ -267,7 +267,7 @@ def _normalised_rows(x_ptrs, mask, mean, rstd, NORM: tl.constexpr):
 
 @triton.jit
 def norm_bwd_kernel(
-    GradNormed,  # [M, K] contiguous: dy, the gradient of the norm's output (the GEMM's dÂ)
+    GradNormed,  # dy, the gradient of the norm's output (the GEMM's dÂ): row m at (m // ROWS_PER_GROUP, m % ...)
     X,  # [M, K] strided: the norm's input
     Mean,  # [M] fp32 (NORM_LAYER)
     Rstd,  # [M] fp32
@@ -279,6 +279,10 @@ def norm_bwd_kernel(
     K,
     stride_xm,
     stride_xk,
+    rows_per_group,  # dy's rows come in groups of this many (the patch embedding: patch rows per image; else M)
+    stride_dy_group,
+    stride_dy_m,
+    stride_dy_k,
     NORM: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -286,11 +290,13 @@ def norm_bwd_kernel(
 ):
     """dx = rstd·(g − mean_K(g) − x̂·mean_K(g·x̂)) with g = dy·weight (RMSNorm: without the mean_K(g) term), two
     passes over K per block of rows; the weight (and bias) gradients as per-row-block partials, summed on the host
-    in a fixed order (no atomics)."""
+    in a fixed order (no atomics). dy is read in place through group / row / column strides, so that the patch rows
+    of a [B, T + N, D] gradient (not one stride apart when T > 0) need no dense copy."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_valid = offs_m < M
     rows64 = offs_m.to(tl.int64)
+    dy_rows = (rows64 // rows_per_group) * stride_dy_group + (rows64 % rows_per_group) * stride_dy_m
     offs_k = tl.arange(0, BLOCK_K)
     mean, rstd = _load_row_stats(Mean, Rstd, offs_m, rows_valid, NORM, BLOCK_M)
     sum_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -300,7 +306,7 @@ def norm_bwd_kernel(
         k_valid = cols < K
         mask = rows_valid[:, None] & k_valid[None, :]
         x_hat = _normalised_rows(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask, mean, rstd, NORM)
-        dy = tl.load(GradNormed + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(GradNormed + dy_rows[:, None] + cols[None, :] * stride_dy_k, mask=mask, other=0.0).to(tl.float32)
         g = dy * tl.load(NormWeight + cols, mask=k_valid, other=0.0).to(tl.float32)[None, :]
         sum_g += tl.sum(g, 1)
         sum_gx += tl.sum(g * x_hat, 1)
@@ -311,7 +317,7 @@ def norm_bwd_kernel(
         k_valid = cols < K
         mask = rows_valid[:, None] & k_valid[None, :]
         x_hat = _normalised_rows(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask, mean, rstd, NORM)
-        dy = tl.load(GradNormed + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(GradNormed + dy_rows[:, None] + cols[None, :] * stride_dy_k, mask=mask, other=0.0).to(tl.float32)
         g = dy * tl.load(NormWeight + cols, mask=k_valid, other=0.0).to(tl.float32)[None, :]
         dx = g - x_hat * mean_gx[:, None]
         if NORM == NORM_LAYER:

@@ -417,7 +417,9 @@ def _norm_launches(dtype_name: str, dtype, tables) -> list[Launch]:
     launches = []
     for norm, name in ((1, "LN"), (2, "RMSNorm")):
         stats_args = tuple(map(_as_arg, (x, stats, stats, 197, 768, 768, 1, 1e-6)))
-        bwd_args = tuple(map(_as_arg, (x, x, stats, stats, weight, x, partial, partial, 197, 768, 768, 1)))
+        bwd_args = tuple(
+            map(_as_arg, (x, x, stats, stats, weight, x, partial, partial, 197, 768, 768, 1, 197, 197 * 768, 768, 1))
+        )
         for kernel, function, args, flags in (
             ("linear.stats", "norm_stats_kernel", stats_args, dict(NORM=norm)),
             ("linear.norm_bwd", "norm_bwd_kernel", bwd_args, dict(NORM=norm, HAS_NORM_BIAS=norm == 1)),

@@ -154,6 +154,28 @@ def test_opcheck_and_compiled_gradients():
         assert_compiled_gradients_equal_eager(step, list(sample.args))
 
 
+@pytest.mark.parametrize("layout", ["batch-rows-of-a-bigger-buffer", "expanded", "transposed"])
+def test_backward_reads_the_gradient_through_its_strides(layout):
+    # The norm's backward reads dY's patch rows in place (one batch stride, one row stride, one column stride; the
+    # prefix row before them): any layout gives the bits of a contiguous dY.
+    x, w, b, pos, cls, norm_weight, norm_bias = PATCH_EMBED.make(grid=(2, 3), prefix=1, dim=40, norm="layer").args
+    layer = NORM_CODES["layer"]
+    with pe_triton.forced_configs(TINY_NORM_TILES):
+        _, z, mean, rstd = torch.ops.fastvit.patch_embed_norm_fwd(
+            x, w, b, pos, cls, None, None, norm_weight, norm_bias, 1e-5, layer, True
+        )
+        grad = {
+            "batch-rows-of-a-bigger-buffer": lambda: torch.randn(3, 9, 40, device=DEVICE)[::2, 1:8],
+            "expanded": lambda: torch.randn(1, 1, 40, device=DEVICE).expand(2, 7, 40),  # dY of a .sum(): stride 0
+            "transposed": lambda: torch.randn(2, 40, 7, device=DEVICE).transpose(1, 2),
+        }[layout]()
+        assert not grad.is_contiguous()
+        strided = torch.ops.fastvit.patch_embed_norm_bwd(grad, z, mean, rstd, norm_weight, layer, True)
+        dense = torch.ops.fastvit.patch_embed_norm_bwd(grad.contiguous(), z, mean, rstd, norm_weight, layer, True)
+    for got, want in zip(strided, dense):
+        assert torch.equal(got, want)
+
+
 def _bad_input_cases():
     x, w, b, pos, cls, norm_weight, norm_bias = PATCH_EMBED.make(dim=16, norm="layer", device="cpu").args
 

@@ -338,17 +338,22 @@ def weight_split_k(rows: int, out_rows: int, in_features: int, like: torch.Tenso
 
 def norm_backward(grad_normed, x, norm_weight, mean, rstd, norm, has_norm_bias):
     """(dx [M, K] in x's dtype, d weight [K], d bias [K] or empty) of a norm over the rows of x [M, K] (strided) with
-    weight ``norm_weight`` [K], from dÂ [M, K] (contiguous) and the forward's fp32 ``mean`` [M] (LayerNorm; [0] for
-    RMSNorm) and ``rstd`` [M]; ``norm``: NORM_CODES. The prologue's norm here, the patch embedding's norm too."""
+    weight ``norm_weight`` [K], from dÂ (strided: [M, K], or [G, M / G, K] whose rows, group by group, are x's) and
+    the forward's fp32 ``mean`` [M] (LayerNorm; [0] for RMSNorm) and ``rstd`` [M]; ``norm``: NORM_CODES. The
+    prologue's norm here, the patch embedding's norm too (its dÂ: the patch rows of the tokens' gradient, in place)."""
     kernels = launch.kernels("linear")
     rows, width = x.shape
+    grouped = grad_normed if grad_normed.dim() == 3 else grad_normed.unsqueeze(0)
+    if grouped.shape[0] * grouped.shape[1] != rows or grouped.shape[2] != width:
+        raise ValueError(f"grad_normed must hold x's {rows} rows of {width}, got shape {tuple(grad_normed.shape)}")
     grad_x = launch.new_output((rows, width), x.dtype, x.device)
     blocks = launch.cdiv(rows, kernels.STATS_BLOCK_M)
     partial_weight = launch.new_output((blocks, width), torch.float32, x.device)
     partial_bias = launch.new_output((blocks, width) if has_norm_bias else (0,), torch.float32, x.device)
     kernels.norm_bwd_kernel[(blocks,)](
         grad_normed, x, mean if mean.numel() else rstd, rstd, norm_weight, grad_x, partial_weight,
-        partial_bias if has_norm_bias else partial_weight, rows, width, *x.stride(), NORM=norm,
+        partial_bias if has_norm_bias else partial_weight, rows, width, *x.stride(), grouped.shape[1], *grouped.stride(),
+        NORM=norm,
         HAS_NORM_BIAS=has_norm_bias, **_stats_launch_meta(kernels),
     )  # fmt: skip
     grad_bias = partial_bias.sum(0).to(norm_weight.dtype) if has_norm_bias else norm_weight.new_empty(0)

@@ -434,8 +434,7 @@ def _patch_embed_norm_bwd(grad, z, mean, rstd, norm_weight, norm, has_norm_bias)
     if z.numel() == 0:
         empty_bias = torch.zeros_like(norm_weight) if has_norm_bias else norm_weight.new_empty(0)
         return torch.zeros_like(z), torch.zeros_like(norm_weight), empty_bias
-    # The norm's backward kernel reads dY as a dense [rows, D] matrix: the patch rows of dY (a copy with prefix rows).
-    grad_normed = grad[:, grad.shape[1] - num_patches :].reshape(batch * num_patches, dim).contiguous()
+    grad_normed = grad[:, grad.shape[1] - num_patches :]  # read in place: one batch stride, one row stride
     with launch.device_guard(z):
         grad_z, grad_weight, grad_bias = norm_backward(
             grad_normed, z.view(batch * num_patches, dim), norm_weight, mean, rstd, norm, has_norm_bias
