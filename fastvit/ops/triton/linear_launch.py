@@ -352,9 +352,8 @@ def norm_backward(grad_normed, x, norm_weight, mean, rstd, norm, has_norm_bias):
     partial_bias = launch.new_output((blocks, width) if has_norm_bias else (0,), torch.float32, x.device)
     kernels.norm_bwd_kernel[(blocks,)](
         grad_normed, x, mean if mean.numel() else rstd, rstd, norm_weight, grad_x, partial_weight,
-        partial_bias if has_norm_bias else partial_weight, rows, width, *x.stride(), grouped.shape[1], *grouped.stride(),
-        NORM=norm,
-        HAS_NORM_BIAS=has_norm_bias, **_stats_launch_meta(kernels),
+        partial_bias if has_norm_bias else partial_weight, rows, width, *x.stride(), grouped.shape[1],
+        *grouped.stride(), NORM=norm, HAS_NORM_BIAS=has_norm_bias, **_stats_launch_meta(kernels),
     )  # fmt: skip
     grad_bias = partial_bias.sum(0).to(norm_weight.dtype) if has_norm_bias else norm_weight.new_empty(0)
     return grad_x, partial_weight.sum(0).to(norm_weight.dtype), grad_bias
