@@ -11,3 +11,15 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# The modules that take minutes on a 2-core machine (the static ptxas compile of every launchable config, the demo,
+# the benchmark smoke run, the multi-process training runs) are collected first: with the suite split over two
+# workers (``make test``: pytest-xdist, one module per worker at a time) they then start at once instead of
+# lengthening the tail.
+LONG_MODULES = ("test_resources.py", "test_demo.py", "test_train.py", "test_benchmark_tools.py", "test_selftest.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -11,6 +11,8 @@ import pytest
 
 from benchmarks import compare, report
 
+from utils import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -103,7 +105,7 @@ def test_smoke_run_renders_end_to_end(tmp_path):
         text=True,
         timeout=600,
         cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=child_env(OMP_NUM_THREADS="1"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     data = report.load(str(tmp_path / "smoke.json"))

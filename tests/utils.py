@@ -26,6 +26,14 @@ DTYPE_TOLS = {
 }
 
 
+def child_env(**overrides: str) -> dict[str, str]:
+    """The environment for a child process: this one's without the variables pytest-xdist sets in its workers (a
+    child pytest would take itself for an xdist worker, and pytest-benchmark then turns itself off), plus
+    ``overrides``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST_")}
+    return {**env, **overrides}
+
+
 def dtype_tols(dtype: torch.dtype) -> dict:
     return DTYPE_TOLS[dtype]
 
