@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_round.sh              # run it (on the GPU machine)
 #   bash benchmarks/gpu_round.sh --dry-run    # print the plan, each step's estimate and cap, and the totals
 #   bash benchmarks/gpu_round.sh --budget 420 # a tighter round (seconds; default 480 = 8 min)
+#   bash benchmarks/gpu_round.sh --profile families   # the families' goals instead (issue 18): facts -> build ->
+#       selftest (auto's evidence) -> attention N = 729 head dim 72 vs every SDPA backend -> DINOv3-B/16 and
+#       EVA02-B/14 (batch 256) and SigLIP so400m/14-384 inference vs timm eager and timm + torch.compile -> report
 #   FASTVIT_COMMIT=<hash> bash benchmarks/gpu_round.sh   # name the measured commit (the device copy has no .git)
 #
 # Fits its budget by construction: every step runs under `timeout` with min(its cap, the time left before the
@@ -24,22 +27,28 @@ set -uo pipefail
 
 BUDGET=480
 DRY_RUN=0
+PROFILE=headline
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
-    --budget) BUDGET="$2"; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "gpu_round.sh: unknown argument $1 (--dry-run, --budget SECONDS)" >&2; exit 2 ;;
+    --budget) BUDGET="${2-}"; shift ;;
+    --profile) PROFILE="${2-}"; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "gpu_round.sh: unknown argument $1 (--dry-run, --budget SECONDS, --profile headline|families)" >&2; exit 2 ;;
   esac
   shift
 done
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_round.sh: --budget must be a number of seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+case "$PROFILE" in
+  headline|families) ;;
+  *) echo "gpu_round.sh: --profile must be headline or families, got '$PROFILE'" >&2; exit 2 ;;
+esac
 
 cd "$(dirname "$0")/.."
 RESERVE=40  # report + pack + timeout's kill grace after the last step
 PY=${PYTHON:-python}
 OUT=${OUT:-bench-out}
-BENCH_ENV="FASTVIT_BENCH_PROFILE=headline FASTVIT_BENCH_ROUNDS=10"
+BENCH_ENV="FASTVIT_BENCH_PROFILE=$PROFILE FASTVIT_BENCH_ROUNDS=10"
 BENCH="$PY -m pytest --benchmark-enable -q -p no:cacheprovider"
 
 # name | estimate (s) | cap (s) | mode | command. mode 'with-next': runs in the background beside the next step (the
@@ -53,6 +62,13 @@ STEPS=(
   "bench-ops|80|110|alone|$BENCH_ENV $BENCH benchmarks/test_bench_attention.py benchmarks/test_bench_ln_mlp.py benchmarks/test_bench_patch_embed.py benchmarks/test_bench_varlen.py benchmarks/test_bench_packed.py --benchmark-json=\$WORK/bench-ops.json"
   "bench-model|110|180|alone|$BENCH_ENV $BENCH benchmarks/test_bench_model.py --benchmark-json=\$WORK/bench-model.json"
 )
+if [ "$PROFILE" = families ]; then  # the same facts, build and selftest; no tests; the goals' benchmarks
+  STEPS=(
+    "${STEPS[@]:0:3}"
+    "bench-attn|40|90|alone|$BENCH_ENV $BENCH benchmarks/test_bench_attention.py --benchmark-json=\$WORK/bench-attention.json"
+    "bench-model|220|280|alone|$BENCH_ENV $BENCH benchmarks/test_bench_model.py -k inference --benchmark-json=\$WORK/bench-model.json"
+  )
+fi
 
 estimate_total=0  # the pairs count their longer step
 held=0
@@ -91,7 +107,7 @@ export WORK
 mkdir -p "$WORK/logs" "$OUT"
 SUMMARY="$WORK/summary.txt"
 COMMIT=${FASTVIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # the device copy has no .git
-echo "fastvit GPU round, commit ${COMMIT}, budget ${BUDGET} s, $(date -u +%Y-%m-%dT%H:%MZ)" >"$SUMMARY"
+echo "fastvit GPU round ($PROFILE), commit ${COMMIT}, budget ${BUDGET} s, $(date -u +%Y-%m-%dT%H:%MZ)" >"$SUMMARY"
 printf '%-12s %6s %8s  %s\n' step rc seconds note >>"$SUMMARY"
 BUILD_OK=1
 

@@ -20,7 +20,11 @@ body once; ``make bench`` (``--benchmark-enable``) times them.
 ``FASTVIT_BENCH_PROFILE=headline`` (read by every suite, GPU mode only) keeps the headline cases a time-boxed
 GPU round can afford (``benchmarks/gpu_round.sh``): ViT-B/16 inference at batch 256 and a training step at batch
 128 against timm eager and timm + ``torch.compile``, attention at N = 197 and 577 (head dim 64), ``ln_mlp`` and
-the patch embedding at ViT-B/16 sizes. The default, ``full``, runs everything.
+the patch embedding at ViT-B/16 sizes. ``FASTVIT_BENCH_PROFILE=families`` keeps the cases of the families' goals
+(issue 18; ``gpu_round.sh --profile families``): attention at N = 729 with head dim 72 (SigLIP so400m) against
+every SDPA backend, and DINOv3-B/16, EVA02-B/14 (batch 256) and SigLIP so400m/14-384 inference against timm eager
+and timm + ``torch.compile``; a suite without a families cut keeps its headline cases. The default, ``full``, runs
+everything.
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMOKE = DEVICE.type != "cuda"
-BENCH_PROFILES = ("full", "headline")
+BENCH_PROFILES = ("full", "headline", "families")
 
 
 def bench_profile() -> str:
-    """``FASTVIT_BENCH_PROFILE``: 'full' (default) or 'headline' (see the module docstring)."""
+    """``FASTVIT_BENCH_PROFILE``: 'full' (default), 'headline' or 'families' (see the module docstring)."""
     profile = os.environ.get("FASTVIT_BENCH_PROFILE", "full").strip().lower() or "full"
     if profile not in BENCH_PROFILES:
         raise ValueError(f"FASTVIT_BENCH_PROFILE must be one of {BENCH_PROFILES}, got {profile!r}")
@@ -50,18 +54,20 @@ def bench_profile() -> str:
 PROFILE = bench_profile()
 
 
-def profile_cases(full, headline):
-    """``full`` (a dict of cases, or a list), cut to the ``headline`` keys / items under the headline profile on a
-    GPU; unchanged otherwise (smoke mode keeps its tiny cases). A headline entry ``full`` lacks is an error, so
-    renaming a case cannot silently empty the round."""
-    if PROFILE != "headline" or SMOKE:
+def profile_cases(full, headline, families=None):
+    """``full`` (a dict of cases, or a list), cut on a GPU to the ``headline`` keys / items under the headline
+    profile, to the ``families`` ones under the families profile (``None``: the headline ones); unchanged under the
+    full profile and in smoke mode (its tiny cases). An entry ``full`` lacks is an error, so renaming a case cannot
+    silently empty a round."""
+    if PROFILE == "full" or SMOKE:
         return full
-    missing = [key for key in headline if key not in full]
+    keep = families if PROFILE == "families" and families is not None else headline
+    missing = [key for key in keep if key not in full]
     if missing:
-        raise KeyError(f"headline profile: {missing} not among the suite's cases {list(full)}")
+        raise KeyError(f"{PROFILE} profile: {missing} not among the suite's cases {list(full)}")
     if isinstance(full, dict):
-        return {key: full[key] for key in headline}
-    return [item for item in full if item in headline]
+        return {key: full[key] for key in keep}
+    return [item for item in full if item in keep]
 
 
 L2_BYTES = 50 * 2**20  # H100: 50 MiB; inputs smaller than twice this are rotated

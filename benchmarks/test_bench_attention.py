@@ -44,7 +44,11 @@ else:
         "vit_bigG_patch14_clip_224": (48, 257, 16, 104),
         "eva02_enormous_patch14_224": (48, 257, 16, 112),
     }
-    CASES = profile_cases(CASES, headline=["vit_base_patch16_224", "vit_base_patch16_384"])  # N = 197, 577; D = 64
+    CASES = profile_cases(
+        CASES,
+        headline=["vit_base_patch16_224", "vit_base_patch16_384"],  # N = 197, 577; D = 64
+        families=["vit_so400m_patch14_siglip_384"],  # issue 18's goal: N = 729, D = 72
+    )
     DTYPE, REL_TOL, ROUNDS = torch.bfloat16, 2e-2, 30
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")

@@ -33,6 +33,7 @@ FAMILY_MODELS = [
     "eva02_base_patch14_448",  # EVA02 B/14-448: RoPE, separate q/k/v, SwiGLU with sub-LN
 ]
 ROPE_FAMILY_MODELS = {"vit_base_patch16_dinov3", "eva02_base_patch14_448"}
+GOALS = ["vit_base_patch16_dinov3", "eva02_base_patch14_448", "vit_so400m_patch14_siglip_384"]  # issue 18 item 6
 
 # (model name, timm kwargs, inference batches, training batches)
 if SMOKE:
@@ -58,6 +59,8 @@ else:
     ]
     if PROFILE == "headline":  # ViT-B/16: inference at batch 256, a training step at batch 128
         MODELS = [("vit_base_patch16_224", {}, [256], [128])]
+    elif PROFILE == "families":  # issue 18's goals: inference only, DINOv3 / EVA02 at batch 256
+        MODELS = [(name, dict(num_classes=1000), [256 if name in ROPE_FAMILY_MODELS else 32], []) for name in GOALS]
     AMP_DTYPE, LOGIT_TOL = torch.bfloat16, 0.15  # bf16 autocast: logits differ by bf16 rounding, not by math
 INFER_CASES = [(name, kwargs, batch) for name, kwargs, batches, _ in MODELS for batch in batches]
 TRAIN_CASES = [(name, kwargs, batch) for name, kwargs, _, batches in MODELS for batch in batches]
@@ -72,7 +75,11 @@ CANDIDATES = [
     "fastvit auto compile",
 ]
 # headline: against timm eager and timm + torch.compile; max-autotune and compiling fastvit too cost minutes
-CANDIDATES = profile_cases(CANDIDATES, ["timm eager", "timm compile", "fastvit torch", "fastvit auto"])
+CANDIDATES = profile_cases(
+    CANDIDATES,
+    ["timm eager", "timm compile", "fastvit torch", "fastvit auto"],
+    families=["timm eager", "timm compile", "fastvit auto"],  # the goals are against timm + torch.compile
+)
 INFERENCE_ONLY = ["fastvit auto cuda-graphs"]
 GPU_ONLY = {"timm compile", "timm compile max-autotune", "fastvit auto compile", "fastvit auto cuda-graphs"}
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks import compare, report
+from benchmarks import compare, harness, report
 
 from utils import child_env
 
@@ -175,3 +175,29 @@ def test_gemm_choices_come_from_wins_in_every_case_and_merge_into_the_table(tmp_
     assert {e["op"]: e.get("variant") for e in wins} == {"ln_mlp": "layer/gelu", "ln_linear": None}  # as measured
     results.write_text(json.dumps(_gemm_run(smoke=True)))
     assert gemm_choices.main([str(results)]) == 2 and "not a GPU run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "profile, expected",
+    [("full", ["a", "b", "c"]), ("headline", ["a", "b"]), ("families", ["c"])],
+)
+def test_profile_cases_cut_a_suite_to_its_round(monkeypatch, profile, expected):
+    monkeypatch.setattr(harness, "SMOKE", False)
+    monkeypatch.setattr(harness, "PROFILE", profile)
+    cases = {"a": 1, "b": 2, "c": 3}
+    assert list(harness.profile_cases(cases, ["a", "b"], families=["c"])) == expected
+    assert harness.profile_cases(list(cases), ["a", "b"], families=["c"]) == expected
+    # a suite without a families cut keeps its headline cases in the families round
+    assert list(harness.profile_cases(cases, ["b"])) == (["a", "b", "c"] if profile == "full" else ["b"])
+
+
+def test_profile_cases_refuse_a_case_the_suite_lacks_and_smoke_mode_keeps_everything(monkeypatch):
+    monkeypatch.setattr(harness, "SMOKE", False)
+    monkeypatch.setattr(harness, "PROFILE", "families")
+    with pytest.raises(KeyError, match="families profile: \\['gone'\\]"):
+        harness.profile_cases({"a": 1}, ["a"], families=["gone"])
+    monkeypatch.setattr(harness, "SMOKE", True)
+    assert harness.profile_cases({"a": 1, "b": 2}, ["a"], families=["b"]) == {"a": 1, "b": 2}
+    monkeypatch.setenv("FASTVIT_BENCH_PROFILE", "everything")
+    with pytest.raises(ValueError, match="FASTVIT_BENCH_PROFILE must be one of"):
+        harness.bench_profile()

@@ -460,6 +460,26 @@ def test_the_round_packs_at_most_eight_files_and_names_the_commit(tmp_path):
         assert f"\n{step} " in summary, step
 
 
+def test_the_families_round_measures_the_goals_within_eight_minutes(tmp_path):
+    plan = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_round.sh"), "--dry-run", "--profile", "families"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert plan.returncode == 0 and "fits: yes" in plan.stdout, plan.stdout + plan.stderr
+    assert int(plan.stdout.split("estimated total: ")[1].split(" s")[0]) <= 480
+    for step in ("selftest --write-manifest", "FASTVIT_BENCH_PROFILE=families", "bench-attn", "bench-model"):
+        assert step in plan.stdout, step
+    assert "gpu and not slow" not in plan.stdout  # the headline round runs the GPU tests
+    result = _round(tmp_path, "--budget", "200", "--profile", "families")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "GPU round (families)" in summary
+    for step in ("facts", "build", "selftest", "bench-attn", "bench-model"):
+        assert f"\n{step} " in summary, step
+    bad = _round(tmp_path, "--profile", "everything")
+    assert bad.returncode == 2 and "--profile must be headline or families" in bad.stderr
+
+
 def test_a_slow_round_is_cut_at_its_deadline(tmp_path):
     result = _round(tmp_path, "--budget", "60", python_body="sleep 4")  # deadline 20 s: the build alone takes 8
     summary = (tmp_path / "out" / "summary.txt").read_text()
