@@ -177,6 +177,36 @@ def test_the_reason_names_the_gpu_the_dtype_and_an_old_triton(monkeypatch):
     assert "sm_90" in linear_triton.tma_forward_reason(x, x) and "sm_80" in linear_triton.tma_forward_reason(x, x)
 
 
+@pytest.mark.parametrize("layout", ["contextvar (Triton >= 3.5)", "module global (Triton 3.4)"])
+def test_the_scratch_allocator_is_installed_once_and_a_users_is_kept(monkeypatch, layout):
+    # Runs on the GPU path only (_forward_kind with a CUDA input): checked here against both of Triton's layouts of
+    # the allocator (3.4 keeps a plain global, 3.5+ a ContextVar), with its NullAllocator, ours and a user's.
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    def holding(allocator):
+        if layout.startswith("contextvar"):
+            return contextvars.ContextVar("allocator_under_test", default=allocator)
+        return allocator
+
+    installed = []
+    monkeypatch.setattr(triton, "set_allocator", installed.append)
+    monkeypatch.setattr(_allocation, "_allocator", holding(_allocation.NullAllocator()))
+    linear_launch._ensure_tma_allocator()
+    assert installed == [linear_launch._tma_scratch]
+
+    def users_allocator(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    for allocator in (users_allocator, linear_launch._tma_scratch):
+        installed.clear()
+        monkeypatch.setattr(_allocation, "_allocator", holding(allocator))
+        linear_launch._ensure_tma_allocator()
+        assert installed == []
+
+
 def test_configs_of_the_tma_kind_are_tabled_and_forceable():
     for swiglu in (False, True):
         assert linear_triton.candidate_configs("fwd_tma", 90, 2, swiglu)

@@ -9,6 +9,7 @@ the weight gradient and the backward GEMMs with the norm's backward. The backend
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -179,17 +180,26 @@ def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _allocator_is_set(allocation) -> bool:
+    """Whether Triton's allocator module ``allocation`` (``triton.runtime._allocation``) holds an allocator other than
+    its ``NullAllocator``: in a ContextVar (Triton >= 3.5: per thread) or as a plain module global (Triton 3.4)."""
+    current = getattr(allocation, "_allocator", None)
+    null = getattr(allocation, "NullAllocator", None)
+    if current is None or null is None:
+        return False
+    value = current.get() if isinstance(current, contextvars.ContextVar) else current
+    return not isinstance(value, null)
+
+
 def _ensure_tma_allocator() -> None:
-    """Install :func:`_tma_scratch` as Triton's allocator unless one is set (ours, or the user's) in this context:
-    once, the first time the TMA path runs (Triton keeps the allocator in a ContextVar: per thread)."""
+    """Install :func:`_tma_scratch` as Triton's allocator unless one is set (ours, or the user's): once, the first
+    time the TMA path runs. It stays installed (Triton has no way to scope it to a launch), so later Triton kernels
+    that ask for global scratch get torch-allocated memory on the current device from it too."""
     import triton
     from triton.runtime import _allocation
 
-    current = getattr(_allocation, "_allocator", None)
-    null = getattr(_allocation, "NullAllocator", None)
-    if current is not None and null is not None and not isinstance(current.get(), null):
-        return
-    triton.set_allocator(_tma_scratch)
+    if not _allocator_is_set(_allocation):
+        triton.set_allocator(_tma_scratch)
 
 
 def _forward_kind(x: torch.Tensor, gate: torch.Tensor, value: torch.Tensor | None, tiles):
