@@ -101,6 +101,17 @@ def test_swiglu_split_weights_equal_the_packed_weight_bit_for_bit():
     assert path.launches == 2 and not path.fallbacks, path
     for packed, split in zip(*outs):
         torch.testing.assert_close(split, packed, atol=0, rtol=0)
+    # a value weight TMA cannot describe (base 4 bytes off) is named, and the op still answers exactly
+    misaligned = _misaligned_base(value)
+    assert linear_triton.tma_forward_reason(x, gate, misaligned) == (
+        "value weight's base address is not 16-byte aligned (offset 4 bytes)"
+    )
+    with linear_triton.forced_configs(BOTH_FORWARDS_SMALL), linear_triton.hopper_path() as path:
+        args = (x, ln_w, None, gate, bias, residual, 1e-6, swiglu, True, rms, misaligned)
+        relaid = torch.ops.fastvit.ln_linear_fwd(*args)
+    assert path.launches + len(path.fallbacks) == 1, path
+    for packed, answer in zip(outs[0], relaid):
+        torch.testing.assert_close(answer, packed, atol=0, rtol=0)
 
 
 def test_more_tiles_than_programs_with_the_interpreter_tiles_and_bitwise_reruns():
@@ -236,8 +247,9 @@ needs_hopper = pytest.mark.skipif(
         ((768, 3072), dict(activation="gelu", residual=False)),  # ViT-B fc1
         ((3072, 768), dict(layer_norm=False, activation="none")),  # ViT-B fc2 (+ residual)
         ((768, 2048), dict(activation="swiglu", norm="rms", residual=False)),  # EVA02-B fc1
+        ((776, 1000), dict(activation="gelu_tanh")),  # ragged K and N tails: the descriptors' zero-fill on hardware
     ],
-    ids=["vit-b-fc1", "vit-b-fc2", "eva02-b-fc1"],
+    ids=["vit-b-fc1", "vit-b-fc2", "eva02-b-fc1", "ragged-k-n"],
 )
 def test_gpu_tma_forward_at_vit_b_shapes(dtype, shape, variant, no_tf32):
     sample = LN_LINEAR.make(dtype, "cuda", lead=(4, 197), in_features=shape[0], out_features=shape[1], **variant)
