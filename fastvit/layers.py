@@ -32,6 +32,7 @@ from fastvit.ops.linear_residual import linear_call
 from fastvit.ops.ln_linear import GemmCall
 from fastvit.ops.patch_embed import prefix_and_position
 from fastvit.packing import AttnMask, PackedSequences, check_attn_mask, is_key_padding_mask, sdpa_mask
+from fastvit.validation import autocast_enabled
 
 
 def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -235,6 +236,8 @@ def patch_embed_blockers(embed: PatchEmbed) -> list[str]:
         why.append(f"proj is a {type(embed.proj).__name__} (a wrapper or adapter), not a plain nn.Conv2d")
     if not plain(embed.norm, nn.Identity) and norm_kind(embed.norm) is None:
         why.append(f"norm is a {type(embed.norm).__name__}, not a plain LayerNorm / RmsNorm with a weight")
+    elif not plain(embed.norm, nn.Identity) and (mixed := norm_dtype_blocker("norm", embed.norm, embed.proj.weight)):
+        why.append(mixed)
     if _global_hooks():
         why.append("global module hooks are registered")
     return why
@@ -311,8 +314,10 @@ class NormLinear(nn.Linear):
 
 def layer_norm_prologue_fits(norm: nn.Module, linear: nn.Module) -> bool:
     """True when ``linear(norm(x))`` is ``ops.ln_linear``'s form: a plain affine LayerNorm (weight and bias) and a
-    plain ``NormLinear``."""
-    return norm_kind(norm) == "layer" and norm.bias is not None and plain(linear, NormLinear)
+    plain ``NormLinear``, in one dtype outside autocast (``norm_dtype_blocker``)."""
+    if not (norm_kind(norm) == "layer" and norm.bias is not None and plain(linear, NormLinear)):
+        return False
+    return norm_dtype_blocker("norm", norm, linear.weight) is None
 
 
 def _set_heads(module: nn.Module, dim: int, num_heads: int) -> None:
@@ -525,6 +530,20 @@ def norm_kind(norm: nn.Module) -> str | None:
     if plain(norm, RmsNorm) and norm.weight is not None:
         return "rms"
     return None
+
+
+def norm_dtype_blocker(name: str, norm: nn.Module, weight: torch.Tensor) -> str | None:
+    """Why the norm ``name`` cannot run inside the fused op of the GEMM with ``weight`` (None: it can): parameters in
+    another dtype than the GEMM's, outside autocast. torch's LayerNorm takes them (fp32 norms in a bf16 model, as
+    mixed-precision recipes keep them); the fused ops take one dtype there, so such a norm is called as a module."""
+    dtypes = {p.dtype for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None}
+    if not dtypes - {weight.dtype} or autocast_enabled(weight.device):
+        return None
+    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    return (
+        f"{name}'s parameters are {names}, the GEMM's weight {str(weight.dtype).removeprefix('torch.')}: outside "
+        "autocast the fused op takes one dtype, so the norm is called"
+    )
 
 
 def mlp_act(mlp: nn.Module) -> str | None:
@@ -1270,6 +1289,8 @@ def in_proj_blockers(block: ParallelScalingBlock) -> Iterator[str]:
     """Why a ``ParallelScalingBlock``'s in_norm, in_proj and MLP activation cannot be one ``ops.ln_linear`` call."""
     if norm_kind(block.in_norm) is None:
         yield f"in_norm is a {type(block.in_norm).__name__} (not a plain affine LayerNorm/RmsNorm): it is called"
+    elif mixed := norm_dtype_blocker("in_norm", block.in_norm, block.in_proj.weight):
+        yield mixed
     if not plain(block.in_proj, NormLinear):
         yield f"in_proj is a {type(block.in_proj).__name__} (an adapter, hook or subclass): it is called"
     if activation_name(block.mlp_act) is None:
@@ -1383,6 +1404,11 @@ def mlp_blockers(norm: nn.Module, mlp: nn.Module, hidden_norm: nn.Module, traini
     if kind is None:
         yield f"the norm is a {type(norm).__name__}, not a plain LayerNorm/RmsNorm with a weight: the MLP runs unfused"
     linears = ("fc1_g", "fc1_x", "fc2") if isinstance(mlp, SwiGLU) else ("fc1", "fc2")
+    for name, module, linear in (("the norm", norm, linears[0]), ("mlp.norm", hidden_norm, linears[-1])):
+        weight = getattr(getattr(mlp, linear), "weight", None)
+        mixed = None if weight is None else norm_dtype_blocker(name, module, weight)
+        if mixed:
+            yield mixed
     for name in linears:
         linear = getattr(mlp, name)
         if not plain(linear, nn.Linear):

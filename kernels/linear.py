@@ -303,10 +303,11 @@ def norm_bwd_kernel(
     sum_gx = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs_k
+        cols64 = cols.to(tl.int64)  # a transposed dY's column stride is B·L: cols·stride may pass 2^31
         k_valid = cols < K
         mask = rows_valid[:, None] & k_valid[None, :]
         x_hat = _normalised_rows(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask, mean, rstd, NORM)
-        dy = tl.load(GradNormed + dy_rows[:, None] + cols[None, :] * stride_dy_k, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(GradNormed + dy_rows[:, None] + cols64[None, :] * stride_dy_k, mask=mask, other=0.0).to(tl.float32)
         g = dy * tl.load(NormWeight + cols, mask=k_valid, other=0.0).to(tl.float32)[None, :]
         sum_g += tl.sum(g, 1)
         sum_gx += tl.sum(g * x_hat, 1)
@@ -314,10 +315,11 @@ def norm_bwd_kernel(
     mean_gx = sum_gx / K
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs_k
+        cols64 = cols.to(tl.int64)
         k_valid = cols < K
         mask = rows_valid[:, None] & k_valid[None, :]
         x_hat = _normalised_rows(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask, mean, rstd, NORM)
-        dy = tl.load(GradNormed + dy_rows[:, None] + cols[None, :] * stride_dy_k, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(GradNormed + dy_rows[:, None] + cols64[None, :] * stride_dy_k, mask=mask, other=0.0).to(tl.float32)
         g = dy * tl.load(NormWeight + cols, mask=k_valid, other=0.0).to(tl.float32)[None, :]
         dx = g - x_hat * mean_gx[:, None]
         if NORM == NORM_LAYER:

@@ -364,7 +364,9 @@ def patch_embed_bwd_input_kernel(
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
-        dy = tl.load(dy_ptr + dy_row[:, None] + ds[None, :] * sdd, mask=row_mask[:, None] & d_mask[None, :], other=0)
+        dy = tl.load(
+            dy_ptr + dy_row[:, None] + ds[None, :].to(tl.int64) * sdd, mask=row_mask[:, None] & d_mask[None, :], other=0
+        )
         w = tl.load(
             w_ptr + ds.to(tl.int64)[:, None] * swd + w_col[None, :], mask=d_mask[:, None] & k_mask[None, :], other=0
         )
@@ -417,7 +419,9 @@ def patch_embed_bwd_weight_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         dy_row, x_row = _patch_row_offsets(rows, T, N, GRID_W, sdb, sdl, sxb, sxh, sxw, PATCH_H, PATCH_W)
-        dy = tl.load(dy_ptr + dy_row[:, None] + ds[None, :] * sdd, mask=row_mask[:, None] & d_mask[None, :], other=0)
+        dy = tl.load(
+            dy_ptr + dy_row[:, None] + ds[None, :].to(tl.int64) * sdd, mask=row_mask[:, None] & d_mask[None, :], other=0
+        )
         a = _load_patches(
             x_ptr, x_row, row_mask, c, kh, kw, k_mask, sxc, sxh, sxw,
             scale0, scale1, scale2, scale3, shift0, shift1, shift2, shift3, NORMALIZE,
@@ -451,7 +455,7 @@ def patch_embed_bwd_colsum_kernel(
     pid_d = tl.program_id(1)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = ds < D
-    base = dy_ptr + tok.to(tl.int64) * sdl + ds[None, :] * sdd
+    base = dy_ptr + tok.to(tl.int64) * sdl + ds[None, :].to(tl.int64) * sdd
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)

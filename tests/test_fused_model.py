@@ -16,7 +16,7 @@ import torch
 
 import fastvit
 
-from utils import DEVICE, FUSED, TINY, needs_cuda, triton_skip_reason
+from utils import DEVICE, FUSED, TINY, dtype_tols, needs_cuda, triton_skip_reason
 
 if triton_skip_reason() is not None:
     pytest.skip(triton_skip_reason(), allow_module_level=True)
@@ -217,6 +217,26 @@ def test_fusion_report_says_which_halves_run_fused_and_why_not():
     if not torch.cuda.is_available():
         gpu_plan = fused.fusion_report("cuda")
         assert gpu_plan[0]["attn"].backends["linear_residual"] == "unusable"
+
+
+def test_torch_layernorms_kept_in_fp32_in_a_half_model_run_as_modules():
+    # Mixed-precision recipes keep norms in fp32: torch's LayerNorm takes fp32 parameters on fp16 input, the fused
+    # ops do not outside autocast. Such norms are called as modules (norm1 before the qkv GEMM, norm2 before the MLP)
+    # instead of the fused op refusing the mix with a TypeError.
+    reference, fused = _pair()
+    for model in (reference, fused):
+        model.half().eval()
+        for block in model.blocks:
+            for name in ("norm1", "norm2"):
+                half = getattr(block, name)
+                kept = torch.nn.LayerNorm(half.normalized_shape, eps=half.eps).to(DEVICE)
+                kept.load_state_dict({key: value.float() for key, value in half.state_dict().items()})
+                setattr(block, name, kept)
+    report = fused.fusion_report(DEVICE, torch.float16)
+    assert "the norm's parameters are float32, the GEMM's weight float16" in str(report[0]["mlp"]), str(report)
+    assert "ln_linear" not in report[0]["attn"].backends, str(report)  # norm1 runs, then the qkv Linear
+    x = torch.randn(2, 3, 16, 16, device=DEVICE, dtype=torch.float16)
+    torch.testing.assert_close(fused(x), reference(x), **dtype_tols(torch.float16))
 
 
 def test_training_with_drop_path_equals_the_reference():

@@ -176,6 +176,67 @@ def test_backward_reads_the_gradient_through_its_strides(layout):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("layout", ["every-other-element", "expanded"])
+def test_a_norm_weight_view_gets_the_gradients_of_its_dense_copy(layout):
+    # The norm's backward reads the weight at unit stride: a strided or expanded view must answer as its copy.
+    x, w, b, pos, cls, _, norm_bias = PATCH_EMBED.make(grid=(2, 3), prefix=1, dim=40, norm="layer").args
+    base = torch.randn(80 if layout == "every-other-element" else 1, device=DEVICE) + 1.0
+    view = base[::2] if layout == "every-other-element" else base.expand(40)
+    runs = []
+    with pe_triton.forced_configs(TINY_NORM_TILES):
+        for norm_weight in (view, view.contiguous()):
+            inputs = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+            out = fastvit.ops.patch_embed(
+                *inputs, pos, cls, backend="triton", norm_weight=norm_weight, norm_bias=norm_bias
+            )
+            out.square().sum().backward()
+            runs.append([out.detach()] + [t.grad for t in inputs])
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_position_and_prefix_gradients_alone_save_no_pre_norm_tokens(monkeypatch):
+    # pos_embed's and the prefix tokens' gradients are column sums of dY: the forward keeps no z for them.
+    x, w, b, pos, cls, norm_weight, norm_bias = PATCH_EMBED.make(grid=(2, 3), prefix=1, dim=40, norm="layer").args
+    saved = []
+    real = torch.ops.fastvit.patch_embed_norm_fwd
+
+    def recording(*args):
+        saved.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(pe_triton.torch.ops.fastvit, "patch_embed_norm_fwd", recording, raising=False)
+    grads = []
+    with pe_triton.forced_configs(TINY_NORM_TILES):
+        for through_norm in (False, True):
+            leaves = [t.detach().clone().requires_grad_() for t in (pos, cls)]
+            x_in = x.detach().clone().requires_grad_(through_norm)
+            out = fastvit.ops.patch_embed(
+                x_in, w, b, *leaves, backend="triton", norm_weight=norm_weight, norm_bias=norm_bias
+            )
+            out.square().sum().backward()
+            grads.append([t.grad for t in leaves])
+    assert saved == [False, True]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_a_torch_layernorm_in_another_dtype_runs_as_a_module():
+    # fp32 norm parameters on a half-precision projection (mixed-precision recipes keep norms in fp32): torch's
+    # LayerNorm takes them, the fused op does not outside autocast: the module path runs, and the report says why.
+    from fastvit.layers import PatchEmbed, patch_embed_blockers
+
+    embed = PatchEmbed(img_size=16, patch_size=4, in_chans=3, embed_dim=24, norm_layer=torch.nn.LayerNorm).to(DEVICE)
+    embed.proj.half()
+    embed.backend = "triton"
+    assert any("outside autocast" in why for why in patch_embed_blockers(embed)), patch_embed_blockers(embed)
+    images = torch.randn(2, 3, 16, 16, device=DEVICE, dtype=torch.float16)
+    expected = embed.norm(embed.proj(images).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(embed(images), expected, atol=0, rtol=0)
+    embed.norm.half()
+    assert not patch_embed_blockers(embed)
+
+
 def _bad_input_cases():
     x, w, b, pos, cls, norm_weight, norm_bias = PATCH_EMBED.make(dim=16, norm="layer", device="cpu").args
 

@@ -353,6 +353,7 @@ def norm_backward(grad_normed, x, norm_weight, mean, rstd, norm, has_norm_bias):
     prologue's norm here, the patch embedding's norm too (its dÂ: the patch rows of the tokens' gradient, in place)."""
     kernels = launch.kernels("linear")
     rows, width = x.shape
+    norm_weight = norm_weight.contiguous()  # the kernel reads it at unit stride
     grouped = grad_normed if grad_normed.dim() == 3 else grad_normed.unsqueeze(0)
     if grouped.shape[0] * grouped.shape[1] != rows or grouped.shape[2] != width:
         raise ValueError(f"grad_normed must hold x's {rows} rows of {width}, got shape {tuple(grad_normed.shape)}")

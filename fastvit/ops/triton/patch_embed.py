@@ -98,8 +98,9 @@ def _project(x, weight, bias, pos_embed, cls_token, scale, shift, norm: EmbedNor
     statistics when a gradient will be asked for)."""
     if norm is None:
         return torch.ops.fastvit.patch_embed_fwd(x, weight, bias, pos_embed, cls_token, scale, shift)
-    params = (x, weight, bias, pos_embed, cls_token, norm.weight, norm.bias)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    # z and the row statistics serve the gradients through the norm; pos_embed's and the prefix tokens' need neither
+    through_norm = (x, weight, bias, norm.weight, norm.bias)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in through_norm)
     out, *_saved = torch.ops.fastvit.patch_embed_norm_fwd(
         x, weight, bias, pos_embed, cls_token, scale, shift, norm.weight, norm.bias, norm.eps, NORM_CODES[norm.kind],
         save,
@@ -503,14 +504,14 @@ def _norm_backward(ctx, grad, _grad_z, _grad_mean, _grad_rstd):
     x, weight, norm_weight, z, mean, rstd = ctx.saved_tensors
     need_x, need_w, need_bias, need_pos, need_cls = ctx.needs_input_grad[:5]
     need_norm_weight, need_norm_bias = ctx.needs_input_grad[7:9]
-    if z.numel() == 0 and grad.numel() != 0:
-        raise RuntimeError(
-            "patch_embed: the forward ran without saving the pre-norm tokens (no input required grad then); "
-            "run it again with requires_grad set before calling backward"
-        )
     grads = list(_gradients(ctx, grad, x, weight, (False, False, False, need_pos, need_cls), ctx.num_prefix))
     grad_norm_weight = grad_norm_bias = None
     if need_x or need_w or need_bias or need_norm_weight or need_norm_bias:
+        if z.numel() == 0 and grad.numel() != 0:
+            raise RuntimeError(
+                "patch_embed: the forward ran without saving the pre-norm tokens (no input through the norm required "
+                "grad then); run it again with requires_grad set before calling backward"
+            )
         grad_z, grad_norm_weight, grad_norm_bias = torch.ops.fastvit.patch_embed_norm_bwd(
             grad, z, mean, rstd, norm_weight, ctx.norm_kind, ctx.has_norm_bias
         )
