@@ -164,6 +164,32 @@ def test_strided_view_of_a_bigger_buffer():
     _check(qkv, heads, rope=rope, prefix=1, layout="half", q_kind="layer", k_kind="layer", name="strided view")
 
 
+@pytest.mark.parametrize("layout", ["every-other-element", "expanded"])
+def test_norm_weight_views_answer_as_their_dense_copies(layout):
+    # The kernels read the q/k norm weights at unit stride: views of other layouts are copied for them (before the
+    # fix, a strided weight gave a wrong output and an expanded one read out of bounds).
+    heads, head_dim = 2, 32
+    qkv = torch.randn(1, 9, 3 * heads * head_dim, device=DEVICE)
+    base = torch.randn(2 * head_dim if layout == "every-other-element" else 1, device=DEVICE) + 1.0
+    bias_base = torch.randn(2 * head_dim if layout == "every-other-element" else 1, device=DEVICE)
+
+    def view(t):
+        return t[::2] if layout == "every-other-element" else t.expand(head_dim)
+
+    runs = []
+    for dense in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (qkv, base, bias_base)]
+        weight, bias = view(leaves[1]), view(leaves[2])
+        if dense:
+            weight, bias = weight.contiguous(), bias.contiguous()
+        norm = QKNorm(weight, bias, 1e-6, "layer")
+        out = ops.qkv_attention(leaves[0], heads, backend="triton", q_norm=norm, k_norm=norm)
+        out.square().sum().backward()
+        runs.append([out.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_torch_backend_float64_is_the_spec():
     # The torch backend's fast form (F.layer_norm / F.rms_norm, the rotation, SDPA) against the spec, both exact.
     qkv = _qkv(2, 16, 2, 32, torch.float64, seed=8)

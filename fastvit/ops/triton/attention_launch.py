@@ -235,6 +235,8 @@ def _prologue_kwargs(p: PrologueArgs) -> dict:
     for prefix, kind, weight, bias in (("Q", p.q_norm, p.q_weight, p.q_bias), ("K", p.k_norm, p.k_weight, p.k_bias)):
         if kind == "layer" and bias is None:
             bias = torch.zeros_like(weight)
+        # the kernels read the norm's weight and bias at unit stride (a strided or expanded view: a copy)
+        weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
         kwargs.update({f"{prefix}W": weight, f"{prefix}B": bias})
     return kwargs
 
