@@ -5,9 +5,12 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 and torchvision 0.29.1 come from this machine's local wheel cache; elsewhere from PyPI.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 MAX_JOBS ?= 2
-# Test workers (pytest-xdist, one module per worker at a time: module fixtures are built once). The suite is mostly
-# single-threaded Python (Triton's interpreter, small tensors), so two workers use both of CI's cores.
+# Test workers (pytest-xdist, one module per worker at a time: module fixtures are built once; modules in collection
+# order, which conftest.py starts with the few long ones, instead of xdist's most-tests-first that left them for the
+# tail). The suite is mostly single-threaded Python (Triton's interpreter, small tensors): two workers use both of
+# CI's cores.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
 .PHONY: all install demo test test-fast bench lint format clean
@@ -27,10 +30,10 @@ demo: $(VENV)/.installed
 	$(PY) -m fastvit demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest $(XDIST)
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -x -q -k "not demo_default"
+	$(PY) -m pytest $(XDIST) -x -q -k "not demo_default"
 
 # Timed benchmarks on this machine (smoke sizes without a GPU), then the report (markdown + PNG).
 bench: $(VENV)/.installed

@@ -12,6 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
+    # ``make test`` runs one xdist worker per core: one intra-op thread each (torch's default, a thread per core in
+    # every worker, oversubscribes the cores), and the same for the processes the tests start (the demo, torchrun).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 # The modules that take minutes on a 2-core machine (the static ptxas compile of every launchable config, the demo,
 # the benchmark smoke run, the multi-process training runs) are collected first: with the suite split over two
