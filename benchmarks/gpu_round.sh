@@ -45,7 +45,7 @@ case "$PROFILE" in
 esac
 
 cd "$(dirname "$0")/.."
-RESERVE=40  # report + pack + timeout's kill grace after the last step
+RESERVE=45  # report + pack + timeout's kill grace (10 s) after the last step
 PY=${PYTHON:-python}
 OUT=${OUT:-bench-out}
 BENCH_ENV="FASTVIT_BENCH_PROFILE=$PROFILE FASTVIT_BENCH_ROUNDS=10"
@@ -107,6 +107,7 @@ export WORK
 mkdir -p "$WORK/logs" "$OUT"
 SUMMARY="$WORK/summary.txt"
 COMMIT=${FASTVIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # the device copy has no .git
+export FASTVIT_COMMIT="$COMMIT"  # the benchmark JSON's machine_info.git_commit (benchmarks/harness.py)
 echo "fastvit GPU round ($PROFILE), commit ${COMMIT}, budget ${BUDGET} s, $(date -u +%Y-%m-%dT%H:%MZ)" >"$SUMMARY"
 printf '%-12s %6s %8s  %s\n' step rc seconds note >>"$SUMMARY"
 BUILD_OK=1
@@ -124,12 +125,14 @@ run_step() {  # name cap command
   limit=$((cap < left ? cap : left))
   begin=$(date +%s)
   echo "== $name (limit ${limit} s) ==" >&2
-  timeout -k 5 "$limit" bash -c "$command" >"$WORK/logs/$name.log" 2>&1
+  # SIGINT, not SIGTERM: a pytest cut at its limit still ends its session, so pytest-benchmark writes the JSON of
+  # what finished (SIGTERM loses all of it); KILL 10 s later if it does not stop
+  timeout -s INT -k 10 "$limit" bash -c "$command" >"$WORK/logs/$name.log" 2>&1
   rc=$?
   note=""
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then note="cut at ${limit} s"; fi
   if grep -q '^REFUSED:' "$WORK/logs/$name.log"; then note="$(grep -m1 '^REFUSED:' "$WORK/logs/$name.log")"; fi
-  if [ "$name" = build ] && [ "$rc" != 0 ]; then BUILD_OK=0; note="build failed: see logs/build.log"; fi
+  if [ "$name" = build ] && [ "$rc" != 0 ]; then BUILD_OK=0; note="build failed: see logs/build.log${note:+ (${note})}"; fi
   tail -3 "$WORK/logs/$name.log" >&2
   printf '%-12s %6s %8s  %s\n' "$name" "$rc" "$(($(date +%s) - begin))" "$note" >>"$SUMMARY"
 }

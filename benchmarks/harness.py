@@ -122,10 +122,13 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, r
 
 
 def run_benchmark(benchmark, fn: Callable, warmup_rounds: int | None = None, rounds: int | None = None):
-    """Time ``fn`` (synchronised) with pytest-benchmark; warm-up rounds are not timed."""
+    """Time ``fn`` (synchronised) with pytest-benchmark; warm-up rounds are not timed. ``FASTVIT_BENCH_ROUNDS``
+    (the GPU round sets it) overrides ``rounds``, a suite's own count included."""
     warmup_rounds = (1 if SMOKE else 5) if warmup_rounds is None else warmup_rounds
-    if rounds is None:
-        rounds = int(os.environ.get("FASTVIT_BENCH_ROUNDS", 3 if SMOKE else 30))
+    if "FASTVIT_BENCH_ROUNDS" in os.environ:
+        rounds = int(os.environ["FASTVIT_BENCH_ROUNDS"])
+    elif rounds is None:
+        rounds = 3 if SMOKE else 30
     timed = synchronized(fn)
     for _ in range(warmup_rounds):  # also under --benchmark-disable: compile/autotune/capture happen here
         timed()
@@ -133,6 +136,11 @@ def run_benchmark(benchmark, fn: Callable, warmup_rounds: int | None = None, rou
 
 
 def _git_commit() -> str:
+    """The measured commit: ``FASTVIT_COMMIT`` where set (the GPU round: the device's copy has no .git), else git's
+    HEAD (``-dirty`` with uncommitted changes), else 'unknown'."""
+    named = os.environ.get("FASTVIT_COMMIT", "").strip()
+    if named:
+        return named
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -148,6 +156,8 @@ def _git_commit() -> str:
             timeout=10,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         )
+        if out.returncode != 0 or not out.stdout.strip():  # git, but no repository here
+            return "unknown"
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"

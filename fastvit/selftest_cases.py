@@ -353,7 +353,9 @@ def _config_text(configs: dict) -> tuple[str, ...]:
 
 
 def _forced(case: OpCase, force) -> OpCase:
-    """``case`` with the fused run inside the ``force`` context (a forced kernel config)."""
+    """``case`` with its runs, forward and backward, inside the ``force`` context (a forced kernel config: the
+    backward kernels launch in ``torch.autograd.grad``, after the forward call returned, so the context must span
+    both; the peer runs inside it too, untouched: forced configs steer only the Triton launchers)."""
     inner = case.fused_context
 
     @contextlib.contextmanager
@@ -361,13 +363,7 @@ def _forced(case: OpCase, force) -> OpCase:
         with force(), inner():
             yield
 
-    fused = case.fused
-    return dataclasses.replace(case, fused=lambda *a: _call_in(both, fused, a), fused_context=inner)
-
-
-def _call_in(context, fn, args):
-    with context():
-        return fn(*args)
+    return dataclasses.replace(case, fused_context=both)
 
 
 def attention_checks(op: str, device: torch.device, quick: bool) -> list[Check]:
@@ -599,6 +595,16 @@ def prologue_attention_checks(device: torch.device, quick: bool) -> list[Check]:
             label = f"prologue {_prologue_text(prologue)}, grid {grid[0]}x{grid[1]}, D=64"
             checks.append(_check(op, "triton", dtype, label + (", key-padding mask" if key_padding else ""), case,
                                  device, seed))  # fmt: skip
+        # on a GPU, every candidate config of prologue launches forced (rotate-half RoPE + RMSNorm q/k norms)
+        for configs in _attention_config_sweep(device, dtype, 64, rope=True, prologue=True):
+            if not configs:  # the interpreter: no configs to force
+                break
+            seed += 1
+            case = _forced(
+                _prologue_qkv_case(grid, 2, 64, prologues[1]), lambda c=configs: attention_triton.forced_configs(c)
+            )
+            label = f"prologue {_prologue_text(prologues[1])}, D=64 " + " ".join(_config_text(configs))
+            checks.append(_check(op, "triton", dtype, label, case, device, seed, _config_text(configs)))
         seed += 1  # RoPE-Mixed: learned per-head tables, their gradient from the kernels
         case = _learned_table_case(grid, 2, 64, prologues[1])
         label = f"prologue {_prologue_text(prologues[1])}, learned per-head tables, grid {grid[0]}x{grid[1]}, D=64"
@@ -649,6 +655,14 @@ def varlen_attention_checks(op: str, device: torch.device, quick: bool) -> list[
             seed += 1
             label = f"lengths {lengths} H=2 D=64 prologue {_prologue_text(prologue)}"
             checks.append(_check(op, "triton", dtype, label, _varlen_case(lengths, 2, 64, prologue), device, seed))
+        lengths, prologue = prologues[-1]  # on a GPU, every candidate config of the prologue launches forced
+        for configs in _attention_config_sweep(device, dtype, 64, rope=True, prologue=True):
+            if not configs:  # the interpreter: no configs to force
+                break
+            seed += 1
+            case = _forced(_varlen_case(lengths, 2, 64, prologue), lambda c=configs: attention_triton.forced_configs(c))
+            label = f"lengths {lengths} H=2 D=64 prologue {_prologue_text(prologue)} " + " ".join(_config_text(configs))
+            checks.append(_check(op, "triton", dtype, label, case, device, seed, _config_text(configs)))
         seed += 1
         case = _varlen_case((20, 0, 45), 2, 64)
         checks.append(
@@ -657,15 +671,18 @@ def varlen_attention_checks(op: str, device: torch.device, quick: bool) -> list[
     return checks
 
 
-def _attention_config_sweep(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[dict]:
+def _attention_config_sweep(
+    device: torch.device, dtype: torch.dtype, head_dim: int, rope: bool = False, prologue: bool = False
+) -> list[dict]:
     """Forced (fwd, dkdv, dq) configs covering every candidate of each kernel on this GPU, the i-th check taking
-    each kernel's i-th candidate (cycling through the shorter lists); ``[{}]`` under the interpreter."""
+    each kernel's i-th candidate (cycling through the shorter lists); ``[{}]`` under the interpreter. ``rope`` /
+    ``prologue``: the candidates of launches with the RoPE / qk-norm prologue (their own lists on sm_90)."""
     like = torch.empty(0, device=device, dtype=dtype)
     if not launch.on_gpu(like):
         return [{}]
     arch, block_d = launch.gpu_arch(like), attention_triton._block_d(head_dim)
     candidates = {
-        kind: attention_triton.candidate_configs(kind, arch, block_d, like.element_size())
+        kind: attention_triton.candidate_configs(kind, arch, block_d, like.element_size(), rope, prologue)
         for kind in ("fwd", "dkdv", "dq")
     }
     count = max(len(c) for c in candidates.values())

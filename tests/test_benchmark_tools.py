@@ -201,3 +201,28 @@ def test_profile_cases_refuse_a_case_the_suite_lacks_and_smoke_mode_keeps_everyt
     monkeypatch.setenv("FASTVIT_BENCH_PROFILE", "everything")
     with pytest.raises(ValueError, match="FASTVIT_BENCH_PROFILE must be one of"):
         harness.bench_profile()
+
+
+def test_the_measured_commit_is_named_without_a_repository(monkeypatch):
+    # The GPU round's device copy has no .git: FASTVIT_COMMIT (exported by gpu_round.sh) names the commit, and git
+    # failing there gives 'unknown', not an empty string.
+    monkeypatch.setenv("FASTVIT_COMMIT", "abc123")
+    assert harness._git_commit() == "abc123"
+    monkeypatch.delenv("FASTVIT_COMMIT")
+    no_repo = subprocess.CompletedProcess([], 128, stdout="", stderr="fatal: not a git repository")
+    monkeypatch.setattr(harness.subprocess, "run", lambda *args, **kwargs: no_repo)
+    assert harness._git_commit() == "unknown"
+
+
+def test_the_rounds_of_the_environment_override_a_suites_own(monkeypatch):
+    timed = []
+
+    class Benchmark:
+        def pedantic(self, fn, rounds, iterations, warmup_rounds):
+            timed.append(rounds)
+
+    monkeypatch.setenv("FASTVIT_BENCH_ROUNDS", "10")
+    harness.run_benchmark(Benchmark(), lambda: None, warmup_rounds=0, rounds=30)
+    monkeypatch.delenv("FASTVIT_BENCH_ROUNDS")
+    harness.run_benchmark(Benchmark(), lambda: None, warmup_rounds=0, rounds=30)
+    assert timed == [10, 30]

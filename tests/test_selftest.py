@@ -9,6 +9,7 @@ launchers can pick.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -17,8 +18,10 @@ import math
 import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -282,8 +285,53 @@ def test_the_plan_covers_every_fused_implementation_with_forced_configs_on_a_gpu
                     assert f"{kind}={config}" in forced
     labels = [c.label for c in checks]
     assert any("tf32" in label for label in labels) and any("(autotuned)" in label for label in labels)
+    # the qk-norm / RoPE prologue's own candidate lists (sm_90), padded and packed: every config forced too
+    varlen = selftest_cases.build_checks("varlen_qkv_attention", "triton", CPU, quick=False)
+    for plan in (checks, varlen):
+        sixteen_bit = {c.dtype for c in plan if "prologue" in c.label} & {torch.float16, torch.bfloat16}
+        assert sixteen_bit
+        for dtype in sixteen_bit:
+            forced = {c for check in plan if check.dtype == dtype and "prologue" in check.label for c in check.configs}
+            for kind in ("fwd", "dkdv", "dq"):
+                for config in attention_triton.candidate_configs(kind, 90, 64, 2, rope=True, prologue=True):
+                    assert f"{kind}={config}" in forced, (kind, config, dtype)
     pe = selftest_cases.build_checks("patch_embed", "triton", CPU, quick=False)
     assert len({c for check in pe for c in check.configs if c.startswith("fwd=")}) == 42  # float16: every config
+
+
+def test_a_forced_config_spans_the_backward_kernels_too():
+    # The backward kernels launch in torch.autograd.grad, after the fused call has returned: a forced config must
+    # still be in force there, else the sweep of dK/dV and dQ configs checks the autotuner's choice instead.
+    forcing, seen = [], []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", bool(forcing)))
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", bool(forcing)))
+            return 2 * grad
+
+    @contextlib.contextmanager
+    def force():
+        forcing.append(True)
+        try:
+            yield
+        finally:
+            forcing.pop()
+
+    case = selftest_cases.OpCase(
+        fused=Probe.apply,
+        peer=lambda x: 2 * x,
+        spec=lambda x: 2 * x,
+        make=lambda gen: [torch.randn(4, generator=gen, dtype=torch.float64)],
+        names=("out", "grad x"),
+    )
+    outcome = selftest_cases.measure(selftest_cases._forced(case, force), torch.float32, CPU, seed=0)
+    assert outcome.ratio <= 1.0 and seen[:2] == [("forward", True), ("backward", True)], (outcome, seen)
 
 
 @pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
@@ -478,6 +526,18 @@ def test_the_families_round_measures_the_goals_within_eight_minutes(tmp_path):
         assert f"\n{step} " in summary, step
     bad = _round(tmp_path, "--profile", "everything")
     assert bad.returncode == 2 and "--profile must be headline or families" in bad.stderr
+
+
+def test_a_step_cut_at_its_limit_is_interrupted_so_that_pytest_can_save_its_results(tmp_path):
+    # SIGINT (pytest ends its session and pytest-benchmark writes the JSON of what finished), not SIGTERM.
+    body = 'case "$*" in *pip*) trap "echo stopped by SIGINT; exit 130" INT; sleep 60 & wait ;; esac'
+    result = _round(tmp_path, "--budget", "65", python_body=body)  # deadline 20 s: the build step is cut there
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert re.search(r"\nbuild +124 ", summary) and int(summary.split("total ")[1].split(" s")[0]) <= 65, summary
+    with tarfile.open(tmp_path / "out" / "round.tar.gz") as packed:
+        log = packed.extractfile("./logs/build.log").read().decode()
+    assert "stopped by SIGINT" in log, log
+    assert result.returncode != 0
 
 
 def test_a_slow_round_is_cut_at_its_deadline(tmp_path):
