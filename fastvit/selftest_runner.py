@@ -120,6 +120,7 @@ def _run_one(check, device: torch.device) -> CheckResult:
 
 _CONTEXT_ERRORS = ("CUDA error", "Triton Error [CUDA]", "AcceleratorError", "illegal memory access", "launch failure")
 NOT_RUN = "not run: "  # the detail of a check skipped after an earlier one broke the CUDA context
+PAST_DEADLINE = "the selftest's deadline passed"
 
 
 def _not_run(check, why: str) -> CheckResult:
@@ -132,13 +133,20 @@ def _broken_context(result: CheckResult) -> bool:
     return any(marker in result.detail for marker in _CONTEXT_ERRORS)
 
 
-def _run_in_process(checks, device: torch.device, bar) -> list[CheckResult]:
+def _past(stop_at: float | None) -> bool:
+    return stop_at is not None and time.monotonic() >= stop_at
+
+
+def _run_in_process(checks, device: torch.device, bar, stop_at: float | None = None) -> list[CheckResult]:
     """Run ``checks`` here, one after the other; after a check breaks the CUDA context the rest cannot run in
-    this process and are reported as not run (``--jobs 2`` and more restart them in a fresh process)."""
+    this process and are reported as not run (``--jobs 2`` and more restart them in a fresh process); so are the
+    checks not started by ``stop_at`` (``time.monotonic()``; see ``selftest``'s ``deadline``)."""
     results, broken = [], None
     for check in checks:
         bar.set_postfix_str(f"{check.op} {str(check.dtype).removeprefix('torch.')}", refresh=False)
-        if broken is None:
+        if _past(stop_at):
+            results.append(_not_run(check, PAST_DEADLINE))
+        elif broken is None:
             results.append(_run_one(check, device))
             if device.type == "cuda" and _broken_context(results[-1]):
                 broken = f"{results[-1].op} [{results[-1].label}]"
@@ -181,8 +189,11 @@ def _worker(args) -> int:
     return 0
 
 
-def _run_in_workers(checks, device: torch.device, quick: bool, ops, jobs: int, bar) -> dict[int, CheckResult]:
-    """Run ``checks`` in ``jobs`` worker processes (round robin), replacing a worker that dies."""
+def _run_in_workers(
+    checks, device: torch.device, quick: bool, ops, jobs: int, bar, stop_at: float | None = None
+) -> dict[int, CheckResult]:
+    """Run ``checks`` in ``jobs`` worker processes (round robin: each walks the plan in order, op by op), replacing
+    a worker that dies. At ``stop_at`` the workers are stopped and what they did not report is not run."""
     results: dict[int, CheckResult] = {}
     with tempfile.TemporaryDirectory(prefix="fastvit-selftest-") as tmp:
         pending = [list(range(start, len(checks), jobs)) for start in range(jobs)]
@@ -207,8 +218,12 @@ def _run_in_workers(checks, device: torch.device, quick: bool, ops, jobs: int, b
                 spawn(indices)
         while running:
             time.sleep(0.2)
+            out_of_time = _past(stop_at)
             for process, indices, out, log in list(running):
-                for line in out.read_text().splitlines():
+                if out_of_time and process.poll() is None:
+                    process.kill()
+                    process.wait()
+                for line in out.read_text().split("\n")[:-1]:  # whole lines: a killed worker may leave half a one
                     index, result = _result_from_json(line)
                     if index not in results:
                         results[index] = result
@@ -217,6 +232,11 @@ def _run_in_workers(checks, device: torch.device, quick: bool, ops, jobs: int, b
                     continue
                 running.remove((process, indices, out, log))
                 left = [i for i in indices if i not in results]
+                if out_of_time:
+                    for index in left:
+                        results[index] = _not_run(checks[index], PAST_DEADLINE)
+                        bar.update(1)
+                    continue
                 if left and process.returncode not in (0, 3):  # died inside a check without reporting it
                     last_line = (log.read_text().strip().splitlines() or [""])[-1][:200]
                     why = f"worker exited with code {process.returncode} during this check ({last_line})"
@@ -278,6 +298,7 @@ def selftest(
     json_path: str | os.PathLike | None = None,
     progress: bool = True,
     stream=sys.stdout,
+    deadline: float | None = None,
 ) -> SelftestReport:
     """Check every fused kernel that can run on ``device`` against the spec, forward and backward, and record it.
 
@@ -293,6 +314,9 @@ def selftest(
         json_path: write the full report (every check) as JSON there.
         progress: show a progress bar (stderr).
         stream: where the table goes (None: print nothing).
+        deadline: seconds after which no further check starts (running workers are stopped): the rest are
+            reported not run, and only the (op, backend, dtype) groups that finished get verdicts, recorded and
+            written as usual (a time-boxed GPU round keeps its evidence instead of losing all of it). None: no limit.
 
     Returns:
         the :class:`SelftestReport`; ``report.passed`` is False when any check failed or nothing could run.
@@ -310,13 +334,16 @@ def selftest(
         jobs = min(8, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 1
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline <= 0):
+        raise ValueError(f"deadline must be a positive number of seconds, got {deadline!r}")
     start = time.perf_counter()
+    stop_at = None if deadline is None else time.monotonic() + deadline
     checks, skipped = plan(device, quick, ops)
     with _progress(len(checks), progress and stream is not None) as bar:
         if jobs == 1 or len(checks) <= 1:
-            results = _run_in_process(checks, device, bar)
+            results = _run_in_process(checks, device, bar, stop_at)
         else:
-            by_index = _run_in_workers(checks, device, quick, ops, min(jobs, len(checks)), bar)
+            by_index = _run_in_workers(checks, device, quick, ops, min(jobs, len(checks)), bar, stop_at)
             results = [by_index[i] for i in range(len(checks))]
     records = _records(results, device, quick)
     report = SelftestReport(
@@ -397,6 +424,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-record", action="store_true", help="do not write the verdicts to the user's cache")
     parser.add_argument("--write-manifest", action="store_true", help="also merge them into fastvit/verified.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--deadline", type=float, default=None, metavar="SECONDS",
+        help="start no check after SECONDS; the finished (op, dtype) groups are still recorded",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--results", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -415,6 +446,7 @@ def main(argv: list[str]) -> int:
         report = selftest(
             args.device, args.quick, ops=args.ops, jobs=args.jobs, record=not args.no_record,
             write_manifest=args.write_manifest, json_path=args.json, progress=not args.no_progress,
+            deadline=args.deadline,
         )  # fmt: skip
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

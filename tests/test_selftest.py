@@ -109,6 +109,33 @@ def test_cli_with_worker_processes_exits_zero_and_writes_the_report(tmp_path):
     assert [(c["op"], c["label"]) for c in report["checks"]] == [(c.op, c.label) for c in checks]
 
 
+def test_a_deadline_keeps_the_verdicts_of_the_groups_that_finished(cache, monkeypatch):
+    # A time-boxed GPU round: past the deadline no check starts; the groups that finished are still recorded.
+    ops = ["layer_norm", "rms_norm"]
+    checks, _ = selftest_runner.plan(CPU, True, ops)
+    first_rms = next(i for i, c in enumerate(checks) if c.op == "rms_norm")
+    started = itertools.count()
+    monkeypatch.setattr(selftest_runner, "_past", lambda stop_at: stop_at is not None and next(started) >= first_rms)
+    report, table = _selftest(ops=ops, deadline=3600)
+    assert not report.passed, table
+    assert {r.op for r in report.records} == {"layer_norm"} and all(r.passed for r in report.records), table
+    cut = [r for r in report.results if r.op == "rms_norm"]
+    assert cut and all(r.detail == selftest_runner.NOT_RUN + selftest_runner.PAST_DEADLINE for r in cut)
+    with pytest.raises(ValueError, match="deadline must be a positive number of seconds"):
+        fastvit.selftest("cpu", quick=True, deadline=0)
+
+
+def test_workers_are_stopped_at_the_deadline(tmp_path):
+    environment = {**os.environ, "FASTVIT_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "fastvit", "selftest", "--quick", "--device", "cpu", "--no-progress", "--jobs"]
+    command += ["2", "--ops", "layer_norm", "--deadline", "0.01", "--json", str(tmp_path / "r.json")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr  # not a pass: checks did not run
+    details = [c["detail"] for c in json.loads((tmp_path / "r.json").read_text())["checks"]]
+    cut = selftest_runner.NOT_RUN + selftest_runner.PAST_DEADLINE
+    assert cut in details and all(d in ("", cut) for d in details), details
+
+
 def test_on_cpu_without_the_interpreter_the_cli_runs_itself_again_with_it(monkeypatch):
     calls = []
     monkeypatch.setattr(dispatch, "triton_interpreter_enabled", lambda: False)
