@@ -11,6 +11,8 @@ interpreter: B <= 4, H <= 2, N <= 40. The ``gpu`` tests add bfloat16 and longer 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_attention import _check_against_reference, _check_qkv_attention, _run
@@ -45,7 +47,19 @@ def _is_power_of_two(n: int) -> bool:
 @pytest.mark.parametrize("head_dim", kernels.HEAD_DIMS)
 def test_split_covers_the_head_dim_with_power_of_two_pieces_and_bounded_waste(head_dim):
     pieces = kernels.split_head_dim(head_dim)
-    assert 1 <= len(pieces) <= kernels.MAX_PIECES and list(pieces) == sorted(pieces, reverse=True)
+    assert 1 <= len(pieces) <= kernels.MAX_PIECES, pieces
+    # the narrowest cover, against a brute force over every multiset of at most MAX_PIECES power-of-two widths
+    widths = [w for w in (16, 32, 64, 128) if w >= kernels.MIN_PIECE]
+    covers = [
+        sum(c)
+        for n in range(1, kernels.MAX_PIECES + 1)
+        for c in itertools.product(widths, repeat=n)
+        if sum(c) >= head_dim
+    ]
+    assert sum(pieces) == min(covers), (pieces, min(covers))
+    expected = {40: (32, 16), 72: (64, 16), 88: (64, 32), 104: (64, 32, 16), 112: (64, 32, 16), 120: (128,)}
+    if head_dim in expected:  # widest first, the fewest pieces among equally narrow ones
+        assert pieces == expected[head_dim]
     assert all(_is_power_of_two(p) and p >= kernels.MIN_PIECE for p in pieces), pieces
     width = sum(pieces)
     assert head_dim <= width and width - head_dim < pieces[-1], pieces  # only the last piece has masked columns
