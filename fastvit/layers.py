@@ -234,10 +234,11 @@ def patch_embed_blockers(embed: PatchEmbed) -> list[str]:
     why = []
     if not plain(embed.proj, nn.Conv2d):
         why.append(f"proj is a {type(embed.proj).__name__} (a wrapper or adapter), not a plain nn.Conv2d")
-    if not plain(embed.norm, nn.Identity) and norm_kind(embed.norm) is None:
-        why.append(f"norm is a {type(embed.norm).__name__}, not a plain LayerNorm / RmsNorm with a weight")
-    elif not plain(embed.norm, nn.Identity) and (mixed := norm_dtype_blocker("norm", embed.norm, embed.proj.weight)):
-        why.append(mixed)
+    if not plain(embed.norm, nn.Identity):
+        if norm_kind(embed.norm) is None:
+            why.append(f"norm is a {type(embed.norm).__name__}, not a plain LayerNorm / RmsNorm with a weight")
+        elif mixed := norm_dtype_blocker("norm", embed.norm, embed.proj.weight):
+            why.append(mixed)
     if _global_hooks():
         why.append("global module hooks are registered")
     return why

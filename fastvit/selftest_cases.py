@@ -596,15 +596,11 @@ def prologue_attention_checks(device: torch.device, quick: bool) -> list[Check]:
             checks.append(_check(op, "triton", dtype, label + (", key-padding mask" if key_padding else ""), case,
                                  device, seed))  # fmt: skip
         # on a GPU, every candidate config of prologue launches forced (rotate-half RoPE + RMSNorm q/k norms)
-        for configs in _attention_config_sweep(device, dtype, 64, rope=True, prologue=True):
-            if not configs:  # the interpreter: no configs to force
-                break
-            seed += 1
-            case = _forced(
-                _prologue_qkv_case(grid, 2, 64, prologues[1]), lambda c=configs: attention_triton.forced_configs(c)
-            )
-            label = f"prologue {_prologue_text(prologues[1])}, D=64 " + " ".join(_config_text(configs))
-            checks.append(_check(op, "triton", dtype, label, case, device, seed, _config_text(configs)))
+        forced = _forced_prologue_checks(
+            op, dtype, f"prologue {_prologue_text(prologues[1])}, D=64",
+            functools.partial(_prologue_qkv_case, grid, 2, 64, prologues[1]), device, seed,
+        )  # fmt: skip
+        checks, seed = checks + forced, seed + len(forced)
         seed += 1  # RoPE-Mixed: learned per-head tables, their gradient from the kernels
         case = _learned_table_case(grid, 2, 64, prologues[1])
         label = f"prologue {_prologue_text(prologues[1])}, learned per-head tables, grid {grid[0]}x{grid[1]}, D=64"
@@ -656,19 +652,37 @@ def varlen_attention_checks(op: str, device: torch.device, quick: bool) -> list[
             label = f"lengths {lengths} H=2 D=64 prologue {_prologue_text(prologue)}"
             checks.append(_check(op, "triton", dtype, label, _varlen_case(lengths, 2, 64, prologue), device, seed))
         lengths, prologue = prologues[-1]  # on a GPU, every candidate config of the prologue launches forced
-        for configs in _attention_config_sweep(device, dtype, 64, rope=True, prologue=True):
-            if not configs:  # the interpreter: no configs to force
-                break
-            seed += 1
-            case = _forced(_varlen_case(lengths, 2, 64, prologue), lambda c=configs: attention_triton.forced_configs(c))
-            label = f"lengths {lengths} H=2 D=64 prologue {_prologue_text(prologue)} " + " ".join(_config_text(configs))
-            checks.append(_check(op, "triton", dtype, label, case, device, seed, _config_text(configs)))
+        forced = _forced_prologue_checks(
+            op, dtype, f"lengths {lengths} H=2 D=64 prologue {_prologue_text(prologue)}",
+            functools.partial(_varlen_case, lengths, 2, 64, prologue), device, seed,
+        )  # fmt: skip
+        checks, seed = checks + forced, seed + len(forced)
         seed += 1
         case = _varlen_case((20, 0, 45), 2, 64)
         checks.append(
             _deterministic_check(op, "triton", dtype, "deterministic mode, bitwise repeat", case, device, seed)
         )
     return checks
+
+
+def _forced_prologue_checks(op, dtype, label: str, make_case: Callable[[], OpCase], device, seed: int) -> list[Check]:
+    """One check of ``make_case()`` (a D = 64 case with a RoPE prologue) per config set of the prologue launches'
+    sweep (``_attention_config_sweep``), each forced; none under the interpreter (no configs to force). Seeds follow
+    ``seed``."""
+    sweep = [c for c in _attention_config_sweep(device, dtype, 64, rope=True, prologue=True) if c]
+    return [
+        _check(
+            op,
+            "triton",
+            dtype,
+            f"{label} " + " ".join(_config_text(configs)),
+            _forced(make_case(), lambda c=configs: attention_triton.forced_configs(c)),
+            device,
+            seed + i,
+            _config_text(configs),
+        )  # fmt: skip
+        for i, configs in enumerate(sweep, 1)
+    ]
 
 
 def _attention_config_sweep(
