@@ -57,7 +57,7 @@ BENCH="$PY -m pytest --benchmark-enable -q -p no:cacheprovider"
 STEPS=(
   "facts|5|20|alone|nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv && $PY -c \"import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)\" && nproc"
   "build|80|200|alone|TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=\${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . && $PY -m fastvit info"
-  "selftest|70|150|alone|$PY -m fastvit selftest --write-manifest --no-progress --deadline \$((STEP_LIMIT - 20)) --json \$WORK/selftest.json"
+  "selftest|70|150|alone|$PY -m fastvit selftest --write-manifest --no-progress --deadline \$((STEP_LIMIT > 40 ? STEP_LIMIT - 20 : STEP_LIMIT / 2)) --json \$WORK/selftest.json"
   "gpu-tests|90|150|with-next|$PY -m pytest tests -m 'gpu and not slow' -q -ra --maxfail=20 -p no:cacheprovider"
   "sanitizer|45|90|alone|if ! command -v compute-sanitizer >/dev/null; then echo 'REFUSED: compute-sanitizer is not on this machine'; else compute-sanitizer --tool memcheck --error-exitcode 86 $PY -m fastvit selftest --quick --no-record --no-progress --jobs 1 --json \$WORK/sanitizer-selftest.json; rc=\$?; grep -q 'Device not supported' \$WORK/logs/sanitizer.log && echo 'REFUSED: the machine refuses compute-sanitizer (Device not supported)'; exit \$rc; fi"
   "bench-ops|80|110|alone|$BENCH_ENV $BENCH benchmarks/test_bench_attention.py benchmarks/test_bench_ln_mlp.py benchmarks/test_bench_patch_embed.py benchmarks/test_bench_varlen.py benchmarks/test_bench_packed.py --benchmark-json=\$WORK/bench-ops.json"
